@@ -1,0 +1,1 @@
+"""Reading datasets: images, FashionIQ-format triplets, the clothing catalog, caption joining."""

@@ -1,0 +1,47 @@
+"""Loading images safely: clear errors for missing, corrupt or oversized files."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+def find_image(folder: Path, image_id: str) -> Path | None:
+    """The file for ``image_id`` in ``folder`` (any known extension), or None."""
+    for ext in IMAGE_EXTENSIONS:
+        candidate = folder / f"{image_id}{ext}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> Image.Image:
+    """Decode an image to RGB. Raises DataError naming the file for missing, corrupt, truncated
+    or decompression-bomb input (``max_pixels`` bounds width*height before decoding)."""
+    label = name or (str(source) if not isinstance(source, bytes) else "uploaded image")
+    if isinstance(source, (str, Path)) and not Path(source).is_file():
+        raise DataError(f"image not found: {source}")
+    try:
+        raw = source if isinstance(source, bytes) else Path(source).read_bytes()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(raw))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise DataError(f"{label}: image is {width}x{height} pixels, more than the limit of {max_pixels}")
+            image.load()
+        return image.convert("RGB")
+    except DataError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"{label}: not a readable image ({exc})") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{label}: corrupt or truncated image ({exc})") from exc

@@ -1,0 +1,1 @@
+"""FashionIQ-protocol evaluation."""

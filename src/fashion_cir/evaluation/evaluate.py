@@ -1,0 +1,106 @@
+"""Evaluate a CIR model on FashionIQ-format triplet sets.
+
+FashionIQ protocol: per category, the gallery is every image of the split and the reference is
+NOT removed; report R@K per category and their average, overall = (avg R@10 + avg R@50) / 2.
+``remove_reference`` gives the CIRR variant."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..data.captions import join_captions_val
+from ..data.triplets import Triplet, TripletSet
+from ..features.cache import FeatureCache
+from ..models.cir import CIRModel, compose_query
+from .metrics import DEFAULT_KS, recall_at_k, target_ranks
+
+
+@dataclass
+class EvalOptions:
+    modes: tuple[str, ...] = ("sum",)
+    ks: tuple[int, ...] = DEFAULT_KS
+    remove_reference: bool = False
+    batch_size: int = 64
+    num_workers: int = 0
+    progress: bool = True
+
+
+def query_texts(model: CIRModel, triplets: list[Triplet], descriptions: dict[str, str] | None = None) -> list[str]:
+    """Validation query text: captions joined "C1 and c2"; with the ``prompt`` template, prefixed
+    by the reference description (the triplet's ``reference_prompt`` or ``descriptions[candidate]``)."""
+    texts = []
+    for triplet in triplets:
+        caption = join_captions_val(list(triplet.captions))
+        prompt = triplet.reference_prompt or (descriptions or {}).get(triplet.candidate)
+        texts.append(model.query_text(caption, prompt))
+    return texts
+
+
+def score_triplet_set(model: CIRModel, triplet_set: TripletSet, cache: FeatureCache, options: EvalOptions,
+                      descriptions: dict[str, str] | None = None) -> dict[str, dict]:
+    """Metrics per query mode for one triplet set (keys R@K, n_queries, n_gallery, missing)."""
+    gallery_paths = {i: triplet_set.image_paths[i] for i in triplet_set.gallery_ids}
+    extra_refs = {t.candidate: triplet_set.image_paths[t.candidate] for t in triplet_set.triplets if t.candidate not in gallery_paths}
+    gallery_ids, gallery = cache.encode(model.backbone, gallery_paths, options.batch_size, options.num_workers,
+                                        on_error="skip", progress=options.progress)
+    failed = cache.last_stats.failed
+    ref_ids, ref_feats = cache.encode(model.backbone, extra_refs, options.batch_size, options.num_workers,
+                                      on_error="skip", progress=options.progress) if extra_refs else ([], gallery[:0])
+    position = {image_id: i for i, image_id in enumerate(gallery_ids)}
+    ref_lookup = {**{i: gallery[position[i]] for i in gallery_ids}, **dict(zip(ref_ids, ref_feats))}
+    triplets = [t for t in triplet_set.triplets if t.candidate in ref_lookup]
+    unusable = len(triplet_set.triplets) - len(triplets)
+    texts = query_texts(model, triplets, descriptions)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        text_feats = model.backbone.embed_texts(texts, batch_size=256)
+        image_feats = torch.from_numpy(np.stack([ref_lookup[t.candidate] for t in triplets])) if triplets else torch.zeros(0, gallery.shape[1])
+        gallery_norm = torch.nn.functional.normalize(torch.from_numpy(gallery), dim=-1)
+        target_index = np.array([position.get(t.target, -1) for t in triplets], dtype=np.int64)
+        reference_index = np.array([position.get(t.candidate, -1) for t in triplets], dtype=np.int64)
+        results = {}
+        for mode in options.modes:
+            queries = compose_query(mode, image_feats, text_feats, model.combiner)
+            scores = (queries @ gallery_norm.T).numpy()
+            ranks = target_ranks(scores, target_index, reference_index if options.remove_reference else None)
+            results[mode] = {
+                **recall_at_k(ranks, options.ks),
+                "n_queries": len(triplets),
+                "n_gallery": len(gallery_ids),
+                "missing": len(triplet_set.missing_images) + failed + unusable,
+                "skipped_triplets": triplet_set.skipped_triplets + unusable,
+            }
+    model.train(was_training)
+    return results
+
+
+def evaluate_sets(model: CIRModel, sets: dict[str, TripletSet], cache: FeatureCache, options: EvalOptions,
+                  descriptions: dict[str, str] | None = None) -> dict[str, dict]:
+    """{mode: {category: metrics, ..., "average": {R@K..., "overall"}}} over several sets."""
+    per_set = {name: score_triplet_set(model, s, cache, options, descriptions) for name, s in sets.items()}
+    report: dict[str, dict] = {}
+    for mode in options.modes:
+        table = {name: per_set[name][mode] for name in sets}
+        average = {f"R@{k}": float(np.mean([m[f"R@{k}"] for m in table.values()])) for k in options.ks}
+        average["n_queries"] = sum(m["n_queries"] for m in table.values())
+        average["n_gallery"] = sum(m["n_gallery"] for m in table.values())
+        average["missing"] = sum(m["missing"] for m in table.values())
+        if "R@10" in average and "R@50" in average:
+            average["overall"] = (average["R@10"] + average["R@50"]) / 2
+        report[mode] = {**table, "average": average}
+    return report
+
+
+def format_table(report: dict[str, dict], ks: tuple[int, ...] = DEFAULT_KS) -> str:
+    """A plain-text table: one row per (mode, category)."""
+    header = f"{'mode':<10}{'set':<14}" + "".join(f"{'R@' + str(k):>8}" for k in ks) + f"{'queries':>9}{'gallery':>9}{'missing':>9}"
+    lines = [header, "-" * len(header)]
+    for mode, table in report.items():
+        for name, metrics in table.items():
+            lines.append(f"{mode:<10}{name:<14}" + "".join(f"{metrics[f'R@{k}']:>8.2f}" for k in ks)
+                         + f"{metrics['n_queries']:>9}{metrics['n_gallery']:>9}{metrics['missing']:>9}")
+    return "\n".join(lines)

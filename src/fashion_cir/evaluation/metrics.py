@@ -1,0 +1,39 @@
+"""Recall@K with deterministic tie-breaking."""
+
+from __future__ import annotations
+
+import numpy as np
+
+DEFAULT_KS = (1, 5, 10, 50)
+
+
+def target_ranks(scores: np.ndarray, target_index: np.ndarray, exclude_index: np.ndarray | None = None) -> np.ndarray:
+    """0-based rank of each query's target in its row of ``scores`` [Q, G].
+
+    Ties are broken by gallery position (as a stable sort of -score would): the rank counts the
+    items scoring strictly higher plus the tied items that come earlier in the gallery. A target
+    index of -1 (target not in the gallery) gets rank G (never retrieved). ``exclude_index``
+    (CIRR-style reference removal) drops that item from the ranking; -1 excludes nothing."""
+    scores = np.asarray(scores, dtype=np.float64)
+    n_queries, n_gallery = scores.shape
+    ranks = np.full(n_queries, n_gallery, dtype=np.int64)
+    positions = np.arange(n_gallery)
+    for q in range(n_queries):
+        t = int(target_index[q])
+        if t < 0:
+            continue
+        row = scores[q]
+        t_score = row[t]
+        ahead = (row > t_score) | ((row == t_score) & (positions < t))
+        if exclude_index is not None and exclude_index[q] >= 0 and exclude_index[q] != t:
+            ahead[exclude_index[q]] = False
+        ranks[q] = int(ahead.sum())
+    return ranks
+
+
+def recall_at_k(ranks: np.ndarray, ks: tuple[int, ...] = DEFAULT_KS) -> dict[str, float]:
+    """Percentage of queries whose target ranks within the top K."""
+    ranks = np.asarray(ranks)
+    if ranks.size == 0:
+        return {f"R@{k}": 0.0 for k in ks}
+    return {f"R@{k}": float(100.0 * (ranks < k).mean()) for k in ks}

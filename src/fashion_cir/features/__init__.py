@@ -1,0 +1,1 @@
+"""Static feature cache: encode images once, reuse everywhere."""

@@ -1,0 +1,160 @@
+"""A content-keyed, resumable on-disk cache of image features.
+
+Layout: ``ROOT/<image fingerprint>/part-NNNNN.npz`` (ids, image sha1s, fp16 features) plus
+``meta.json``. The fingerprint hashes the image encoder's weights and the preprocessing, so a
+changed model or transform never reuses stale features; the per-image sha1 catches edited files.
+Shards are written atomically every ``flush_every`` images, so an interrupted run resumes where
+it stopped and re-computes nothing that was saved."""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ..data.images import open_image
+from ..errors import DataError
+from ..io import atomic_write_bytes, environment_info, file_sha1, write_json
+from ..models.backbone import Backbone
+
+
+class _ImageDataset(Dataset):
+    """Decodes and preprocesses images; returns the error text instead of raising, so the main
+    process can report the file without a worker traceback."""
+
+    def __init__(self, paths: list[Path], transform):
+        self.paths = paths
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            return index, self.transform(open_image(self.paths[index])), ""
+        except DataError as exc:
+            return index, None, str(exc)
+
+
+def _collate(batch):
+    indices = [b[0] for b in batch]
+    errors = [(b[0], b[2]) for b in batch if b[2]]
+    tensors = [b[1] for b in batch if not b[2]]
+    good = [b[0] for b in batch if not b[2]]
+    return indices, good, (torch.stack(tensors) if tensors else None), errors
+
+
+@dataclass
+class CacheStats:
+    requested: int = 0
+    reused: int = 0
+    computed: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.computed / self.seconds if self.seconds else 0.0
+
+
+class FeatureCache:
+    def __init__(self, root: str | Path, flush_every: int = 512):
+        self.root = Path(root)
+        self.flush_every = flush_every
+        self.last_stats = CacheStats()
+
+    def folder(self, backbone: Backbone) -> Path:
+        return self.root / backbone.image_fingerprint()
+
+    def _load_existing(self, folder: Path) -> dict[tuple[str, str], np.ndarray]:
+        stored: dict[tuple[str, str], np.ndarray] = {}
+        for shard in sorted(folder.glob("part-*.npz")):
+            try:
+                with np.load(shard, allow_pickle=False) as data:
+                    for image_id, sha, feature in zip(data["ids"], data["sha1"], data["features"]):
+                        stored[(str(image_id), str(sha))] = feature
+            except Exception:  # a shard torn by a crash outside the atomic rename: recompute its images
+                shard.unlink(missing_ok=True)
+        return stored
+
+    def _write_shard(self, folder: Path, ids: list[str], shas: list[str], features: list[np.ndarray]) -> None:
+        number = len(list(folder.glob("part-*.npz")))
+        while (folder / f"part-{number:05d}.npz").exists():
+            number += 1
+        buffer = io.BytesIO()
+        np.savez(buffer, ids=np.array(ids), sha1=np.array(shas), features=np.stack(features).astype(np.float16))
+        atomic_write_bytes(folder / f"part-{number:05d}.npz", buffer.getvalue())
+
+    @torch.no_grad()
+    def encode(
+        self,
+        backbone: Backbone,
+        image_paths: dict[str, Path],
+        batch_size: int = 64,
+        num_workers: int = 0,
+        on_error: str = "raise",
+        progress: bool = True,
+        device: str | torch.device | None = None,
+    ) -> tuple[list[str], np.ndarray]:
+        """Features for ``image_paths`` (id -> file), in the dict's order, as float32 [N, d].
+        ``on_error='skip'`` leaves unreadable images out (counted in ``last_stats.failed``)."""
+        if on_error not in ("raise", "skip"):
+            raise ValueError("on_error must be 'raise' or 'skip'")
+        folder = self.folder(backbone)
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / "meta.json").exists():
+            write_json(folder / "meta.json", {"backbone": backbone.spec, "preprocess": backbone.preprocess_description,
+                                               "feature_dim": backbone.feature_dim, "versions": environment_info()})
+        ids = list(image_paths)
+        missing = [i for i in ids if not Path(image_paths[i]).is_file()]
+        if missing and on_error == "raise":
+            raise DataError(f"{len(missing)} image files not found, first: {image_paths[missing[0]]}")
+        shas = {i: file_sha1(image_paths[i]) for i in ids if i not in missing}
+        stored = self._load_existing(folder)
+        todo = [i for i in shas if (i, shas[i]) not in stored]
+        stats = CacheStats(requested=len(ids), reused=len(shas) - len(todo), failed=len(missing))
+        start = time.perf_counter()
+        if todo:
+            device = torch.device(device) if device is not None else backbone.device
+            was_training = backbone.training
+            backbone.eval()
+            loader = DataLoader(_ImageDataset([Path(image_paths[i]) for i in todo], backbone.preprocess),
+                                batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+            pending: tuple[list, list, list] = ([], [], [])
+            bar = tqdm(total=len(todo), unit="img", desc="encoding images", disable=not progress, leave=False)
+            try:
+                for _, good, pixels, errors in loader:
+                    for index, message in errors:
+                        if on_error == "raise":
+                            raise DataError(message)
+                        stats.failed += 1
+                    if pixels is not None:
+                        features = backbone.encode_images(pixels.to(device)).float().cpu().numpy()
+                        for index, feature in zip(good, features):
+                            image_id = todo[index]
+                            pending[0].append(image_id)
+                            pending[1].append(shas[image_id])
+                            pending[2].append(feature)
+                            stored[(image_id, shas[image_id])] = feature.astype(np.float16)
+                        stats.computed += len(good)
+                    if len(pending[0]) >= self.flush_every:
+                        self._write_shard(folder, *pending)
+                        pending = ([], [], [])
+                    bar.update(len(good) + len(errors))
+                if pending[0]:
+                    self._write_shard(folder, *pending)
+            finally:
+                bar.close()
+                backbone.train(was_training)
+        stats.seconds = time.perf_counter() - start
+        self.last_stats = stats
+        kept = [i for i in ids if i in shas and (i, shas[i]) in stored]
+        if not kept:
+            return [], np.zeros((0, backbone.feature_dim), dtype=np.float32)
+        return kept, np.stack([stored[(i, shas[i])] for i in kept]).astype(np.float32)

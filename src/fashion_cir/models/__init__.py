@@ -1,0 +1,1 @@
+"""Backbones (dual encoders), the query composition head and the model-folder format."""

@@ -1,0 +1,127 @@
+"""The one interface every dual encoder implements, so that caching, training, evaluation and
+serving work the same for open_clip CLIP and the offline demo backbone."""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from typing import Any, Callable, Iterable
+
+import torch
+from PIL import Image
+from torch import nn
+
+from .preprocess import build_transform, describe_transform
+
+ENCODERS = ("image", "text")
+
+
+class Backbone(nn.Module, ABC):
+    """A dual encoder. Subclasses set ``spec`` (the factory string that rebuilds it),
+    ``feature_dim``, ``context_length`` and the preprocessing, and implement the abstract methods."""
+
+    spec: str
+    feature_dim: int
+    context_length: int
+
+    def __init__(self, image_size: int, preprocess_mode: str, mean, std):
+        super().__init__()
+        self.image_size = image_size
+        self.preprocess_mode = preprocess_mode
+        self._mean, self._std = tuple(mean), tuple(std)
+        self._transform = build_transform(preprocess_mode, image_size, self._mean, self._std)
+
+    # -- preprocessing and tokenisation -------------------------------------------------------
+    def set_preprocess(self, mode: str) -> None:
+        self.preprocess_mode = mode
+        self._transform = build_transform(mode, self.image_size, self._mean, self._std)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return self._transform(image)
+
+    @property
+    def preprocess_description(self) -> str:
+        return describe_transform(self.preprocess_mode, self.image_size)
+
+    @abstractmethod
+    def tokenize(self, texts: list[str]) -> Any:
+        """Texts to whatever ``encode_texts`` takes (a tensor or a dict of tensors)."""
+
+    @abstractmethod
+    def count_tokens(self, text: str) -> int:
+        """Tokens ``text`` takes, special tokens included."""
+
+    # -- encoders ------------------------------------------------------------------------------
+    @abstractmethod
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Unnormalised image features [N, feature_dim]."""
+
+    @abstractmethod
+    def encode_texts(self, tokens: Any) -> torch.Tensor:
+        """Unnormalised text features [N, feature_dim]."""
+
+    @abstractmethod
+    def encoder_prefixes(self, encoder: str) -> list[str]:
+        """State-dict name prefixes of ``encoder`` ('image' or 'text'), projections included."""
+
+    def trainable_prefixes(self, encoder: str, last_n_blocks: int | None) -> list[str]:
+        """Prefixes unfrozen for ``encoder``; backbones with blocks override to honour ``last_n_blocks``."""
+        return self.encoder_prefixes(encoder)
+
+    def encoder_parameters(self, encoder: str) -> Iterable[nn.Parameter]:
+        prefixes = tuple(self.encoder_prefixes(encoder))
+        return (p for n, p in self.named_parameters() if n.startswith(prefixes))
+
+    def set_trainable(self, encoders: Iterable[str], last_n_blocks: int | None = None) -> None:
+        """Freeze everything, then unfreeze ``encoders`` (optionally only their last N blocks)."""
+        prefixes: list[str] = []
+        for encoder in encoders:
+            if encoder not in ENCODERS:
+                raise ValueError(f"unknown encoder {encoder!r}; expected one of {ENCODERS}")
+            prefixes += self.trainable_prefixes(encoder, last_n_blocks)
+        for name, param in self.named_parameters():
+            param.requires_grad_(name.startswith(tuple(prefixes)) if prefixes else False)
+
+    def tokens_to(self, tokens: Any, device: torch.device | str) -> Any:
+        if isinstance(tokens, torch.Tensor):
+            return tokens.to(device)
+        return {k: v.to(device) for k, v in tokens.items()}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # -- convenience -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """Encode many texts in eval mode, batched; returns unnormalised features on CPU."""
+        out = []
+        for start in range(0, len(texts), batch_size):
+            tokens = self.tokens_to(self.tokenize(texts[start : start + batch_size]), self.device)
+            out.append(self.encode_texts(tokens).float().cpu())
+        return torch.cat(out) if out else torch.empty(0, self.feature_dim)
+
+    def fit_query_text(self, prompt: str | None, caption: str, join: Callable[[str | None, str], str]) -> str:
+        """Join prompt and caption; when too long for the context, shorten the prompt word by word,
+        never the caption."""
+        text = join(prompt, caption)
+        if not prompt or self.count_tokens(text) <= self.context_length:
+            return text
+        words = prompt.split()
+        while words:
+            words.pop()
+            text = join(" ".join(words), caption) if words else caption
+            if self.count_tokens(text) <= self.context_length:
+                return text
+        return caption
+
+    def image_fingerprint(self) -> str:
+        """Hash of everything that determines image features: the image encoder's weights and the
+        preprocessing. Part of every feature-cache key."""
+        digest = hashlib.sha1(self.preprocess_description.encode())
+        prefixes = tuple(self.encoder_prefixes("image"))
+        for name, tensor in sorted(self.state_dict().items()):
+            if name.startswith(prefixes):
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
+        return digest.hexdigest()[:16]

@@ -1,0 +1,136 @@
+"""A CIR model: a backbone plus how a query (reference image + text) becomes one vector, and the
+model-folder format every stage writes and every consumer (evaluate, index, serve) loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.captions import sentence_query
+from ..errors import ModelError
+from ..io import environment_info, read_json, write_json
+from .backbone import Backbone
+from .combiner import Combiner
+from .factory import create_backbone
+
+QUERY_MODES = ("image", "text", "sum", "sum_raw", "combiner")
+MODEL_FILE = "model.json"
+WEIGHTS_FILE = "weights.pt"
+
+
+def compose_query(mode: str, image_features: torch.Tensor, text_features: torch.Tensor, combiner: Combiner | None = None) -> torch.Tensor:
+    """Normalised query vectors from unnormalised image and text features.
+
+    ``sum`` normalises each side before adding (the usual zero-shot baseline); ``sum_raw`` adds the
+    raw features and normalises the sum (CLIP4Cir's ``element_wise_sum``)."""
+    if mode == "image":
+        return F.normalize(image_features, dim=-1)
+    if mode == "text":
+        return F.normalize(text_features, dim=-1)
+    if mode == "sum":
+        return F.normalize(F.normalize(image_features, dim=-1) + F.normalize(text_features, dim=-1), dim=-1)
+    if mode == "sum_raw":
+        return F.normalize(image_features + text_features, dim=-1)
+    if mode == "combiner":
+        if combiner is None:
+            raise ModelError("query mode 'combiner' needs a model with a Combiner head")
+        return combiner(image_features, text_features)
+    raise ModelError(f"unknown query mode {mode!r}; choose one of {QUERY_MODES}")
+
+
+class CIRModel(nn.Module):
+    """Backbone + query composition. ``saved_prefixes`` lists the state-dict prefixes that differ
+    from what the backbone spec builds (trained parts); only those are written to disk."""
+
+    def __init__(self, backbone: Backbone, query_mode: str = "sum", combiner: Combiner | None = None,
+                 saved_prefixes: list[str] | None = None, text_template: str = "prompt"):
+        super().__init__()
+        if query_mode not in QUERY_MODES:
+            raise ModelError(f"unknown query mode {query_mode!r}; choose one of {QUERY_MODES}")
+        self.backbone = backbone
+        self.query_mode = query_mode
+        self.combiner = combiner
+        self.text_template = text_template
+        self.saved_prefixes = list(saved_prefixes or [])
+
+    def compose(self, image_features: torch.Tensor, text_features: torch.Tensor, mode: str | None = None) -> torch.Tensor:
+        return compose_query(mode or self.query_mode, image_features, text_features, self.combiner)
+
+    def query_text(self, caption: str, reference_prompt: str | None = None) -> str:
+        """The text side of a query: with the ``prompt`` template, the reference description joined
+        with the caption (the prompt is shortened to fit the context, never the caption)."""
+        if self.text_template == "prompt" and reference_prompt:
+            return self.backbone.fit_query_text(reference_prompt, caption, sentence_query)
+        return caption
+
+    def mark_trained(self, prefixes: list[str]) -> None:
+        for prefix in prefixes:
+            if prefix not in self.saved_prefixes:
+                self.saved_prefixes.append(prefix)
+
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        prefixes = tuple(self.saved_prefixes) + ("combiner.",)
+        return {k: v.detach().cpu() for k, v in self.state_dict().items() if k.startswith(prefixes)}
+
+    def save(self, folder: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+        """Write ``model.json`` (spec, query mode, head config, versions) and ``weights.pt``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        weights_tmp = folder / f".{WEIGHTS_FILE}.tmp"
+        torch.save(self.trained_state_dict(), weights_tmp)
+        weights_tmp.replace(folder / WEIGHTS_FILE)
+        write_json(folder / MODEL_FILE, {
+            "format": "fashion-cir-model/1",
+            "backbone": self.backbone.spec,
+            "preprocess": self.backbone.preprocess_mode,
+            "query_mode": self.query_mode,
+            "text_template": self.text_template,
+            "combiner": self.combiner.config() if self.combiner is not None else None,
+            "saved_prefixes": self.saved_prefixes,
+            "image_fingerprint": self.backbone.image_fingerprint(),
+            "versions": environment_info(),
+            **(metadata or {}),
+        })
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, map_location: str | torch.device = "cpu") -> "CIRModel":
+        folder = Path(folder)
+        if not (folder / MODEL_FILE).is_file():
+            raise ModelError(f"not a fashion-cir model folder (no {MODEL_FILE}): {folder}")
+        meta = read_json(folder / MODEL_FILE, "model file")
+        for key in ("backbone", "query_mode"):
+            if key not in meta:
+                raise ModelError(f"{folder / MODEL_FILE}: missing field {key!r}")
+        backbone = create_backbone(meta["backbone"], preprocess=meta.get("preprocess", "clip"))
+        combiner = Combiner(backbone.feature_dim, **meta["combiner"]) if meta.get("combiner") else None
+        model = cls(backbone, meta["query_mode"], combiner, meta.get("saved_prefixes"), meta.get("text_template", "prompt"))
+        weights_path = folder / WEIGHTS_FILE
+        if weights_path.is_file():
+            try:
+                state = torch.load(weights_path, map_location=map_location, weights_only=True)
+            except Exception as exc:
+                raise ModelError(f"corrupt weights file {weights_path}: {exc}") from exc
+            missing_keys = [k for k in state if k not in model.state_dict()]
+            if missing_keys:
+                raise ModelError(f"{weights_path} does not match backbone {meta['backbone']}: unexpected {missing_keys[:3]}")
+            model.load_state_dict(state, strict=False)
+        expected = meta.get("image_fingerprint")
+        if expected and expected != backbone.image_fingerprint():
+            raise ModelError(f"{folder}: image encoder fingerprint mismatch after loading (expected {expected}); "
+                             "the backbone weights it was trained from are not the ones available here")
+        return model.eval()
+
+
+def load_model(model_dir: str | Path | None = None, backbone: str | None = None, query_mode: str = "sum",
+               preprocess: str = "clip") -> CIRModel:
+    """A trained model folder, or a zero-shot model from a backbone spec."""
+    if model_dir is not None:
+        return CIRModel.load(model_dir)
+    if backbone is None:
+        raise ModelError("give a trained model folder (--model DIR) or a backbone spec (--backbone SPEC)")
+    return CIRModel(create_backbone(backbone, preprocess=preprocess), query_mode).eval()

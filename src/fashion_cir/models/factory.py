@@ -1,0 +1,48 @@
+"""One factory for every backbone, addressed by a spec string:
+
+- ``openclip:MODEL:TAG`` — open_clip model + pretrained tag (``openclip:ViT-B-32:openai``, the default)
+- ``openclip:MODEL:/path/ckpt.pt`` — open_clip model + local checkpoint file
+- ``openclip:hf-hub:ORG/REPO`` — an open_clip model on the Hugging Face hub
+- ``tiny[:SEED]`` — a tiny random open_clip config, for tests
+- ``offline[:DIR]`` — the offline demo dual encoder (EfficientNet-Lite0 + MiniLM), aligned
+  projections loaded from DIR when given
+"""
+
+from __future__ import annotations
+
+from ..errors import ModelError
+from .backbone import Backbone
+
+DEFAULT_BACKBONE = "openclip:ViT-B-32:openai"
+SPEC_HELP = "expected openclip:MODEL[:TAG|:FILE], openclip:hf-hub:ORG/REPO, tiny[:SEED] or offline[:DIR]"
+
+
+def create_backbone(spec: str = DEFAULT_BACKBONE, preprocess: str = "clip") -> Backbone:
+    kind, _, rest = spec.partition(":")
+    if kind == "tiny":
+        from .openclip_backbone import build_tiny
+
+        try:
+            seed = int(rest) if rest else 0
+        except ValueError as exc:
+            raise ModelError(f"bad backbone spec {spec!r}: the tiny seed must be an integer") from exc
+        backbone = build_tiny(seed)
+    elif kind == "openclip":
+        from .openclip_backbone import build_openclip
+
+        if rest.startswith("hf-hub:"):
+            backbone = build_openclip(rest, None)
+        else:
+            model_name, _, pretrained = rest.partition(":")
+            if not model_name:
+                raise ModelError(f"bad backbone spec {spec!r}: {SPEC_HELP}")
+            backbone = build_openclip(model_name, pretrained or None)
+    elif kind == "offline":
+        from .offline_backbone import build_offline
+
+        backbone = build_offline(rest or None)
+    else:
+        raise ModelError(f"unknown backbone {spec!r}: {SPEC_HELP}")
+    if preprocess != backbone.preprocess_mode:
+        backbone.set_preprocess(preprocess)
+    return backbone

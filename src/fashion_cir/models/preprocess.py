@@ -1,0 +1,67 @@
+"""Image preprocessing: CLIP's standard transform and CLIP4Cir's ``targetpad``."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
+
+from ..errors import ModelError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PREPROCESS_MODES = ("clip", "targetpad")
+
+
+class TargetPad:
+    """Pad an image to a max/min side ratio of ``ratio`` (centered, black), only when it is more
+    elongated than that; images already within the ratio pass unchanged."""
+
+    def __init__(self, ratio: float = 1.25):
+        if ratio < 1:
+            raise ValueError(f"targetpad ratio must be >= 1, got {ratio}")
+        self.ratio = ratio
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        long_side, short_side = max(width, height), min(width, height)
+        if long_side / short_side <= self.ratio:
+            return image
+        target_short = int(round(long_side / self.ratio))
+        pad_total = target_short - short_side
+        before, after = pad_total // 2, pad_total - pad_total // 2
+        padding = [before, 0, after, 0] if width < height else [0, before, 0, after]
+        return TF.pad(image, padding, fill=0, padding_mode="constant")
+
+    def __repr__(self) -> str:
+        return f"TargetPad(ratio={self.ratio})"
+
+
+def build_transform(
+    mode: str = "clip",
+    size: int = 224,
+    mean: tuple[float, ...] = CLIP_MEAN,
+    std: tuple[float, ...] = CLIP_STD,
+    targetpad_ratio: float = 1.25,
+) -> Callable[[Image.Image], torch.Tensor]:
+    """``clip``: resize shorter side (bicubic), center crop, normalise. ``targetpad``: pad first."""
+    if mode not in PREPROCESS_MODES:
+        raise ModelError(f"unknown preprocessing {mode!r}; choose one of {PREPROCESS_MODES}")
+    steps: list[Callable] = [TargetPad(targetpad_ratio)] if mode == "targetpad" else []
+    steps += [
+        Resize(size, interpolation=InterpolationMode.BICUBIC),
+        CenterCrop(size),
+        ToTensor(),
+        Normalize(mean, std),
+    ]
+    return Compose(steps)
+
+
+def describe_transform(mode: str, size: int, targetpad_ratio: float = 1.25) -> str:
+    """A stable string naming the preprocessing, part of every feature-cache key."""
+    return f"{mode}:{size}" + (f":ratio={targetpad_ratio}" if mode == "targetpad" else "")
