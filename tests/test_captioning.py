@@ -1,0 +1,160 @@
+"""Captioning: answer repair/validation, precomputed files, vocab overrides, cache, resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fashion_cir.captioning import (DEFAULT_VOCABULARY, InvalidAnswer, build_captioner, load_precomputed,
+                                    load_vocabulary, run_captioning, write_attributes)
+from fashion_cir.captioning.cache import CaptionCache
+from fashion_cir.captioning.parse import parse_answer
+from fashion_cir.captioning.precomputed import PrecomputedCaptioner
+from fashion_cir.errors import DataError, ModelError
+
+CLOTHING = Path("/work/shared/datasets/clothing-dataset")
+ATTRIBUTES = CLOTHING / "attributes.jsonl"
+HELPERS = Path(__file__).parent / "helpers"
+GOOD = {"category": "t-shirt", "color": "red", "secondary_color": None, "pattern": "solid", "sleeves": "short",
+        "neckline": "crew", "length": "hip", "material": "cotton", "closure": "none", "kids": False,
+        "description": "a plain red short-sleeve cotton t-shirt with a crew neck"}
+
+
+def test_repairs_fenced_json_prose_case_and_synonyms():
+    answer = dict(GOOD, Category="Tee", colour="Gray", secondary_color="none", kids="No", neckline="Crew Neck")
+    del answer["category"], answer["color"]
+    raw = "Sure! Here it is:\n```json\n" + json.dumps(answer)[:-1] + ",}\n```\nHope this helps, the shirt is nice."
+    attrs = parse_answer(raw, DEFAULT_VOCABULARY)
+    assert attrs["category"] == "t-shirt" and attrs["color"] == "grey" and attrs["neckline"] == "crew"
+    assert attrs["secondary_color"] is None and attrs.kids is False
+    assert parse_answer("The answer is " + json.dumps(GOOD) + " as requested.", DEFAULT_VOCABULARY)["color"] == "red"
+
+
+@pytest.mark.parametrize("raw, reason", [
+    ("I cannot see a garment.", "no JSON object"),
+    (json.dumps(dict(GOOD, color="teal-ish")), "'color'"),
+    (json.dumps({k: v for k, v in GOOD.items() if k != "pattern"}), "missing 'pattern'"),
+    (json.dumps(dict(GOOD, description="")), "description"),
+])
+def test_rejects_what_cannot_be_repaired(raw, reason):
+    with pytest.raises(InvalidAnswer, match=reason):
+        parse_answer(raw, DEFAULT_VOCABULARY)
+
+
+def test_load_precomputed_clothing_catalog():
+    attrs = load_precomputed(ATTRIBUTES)
+    assert len(attrs) == 5756
+    first = attrs["00003aeb-ace5-43bf-9a0c-dc31a03e9cd2"]
+    assert first["category"] == "t-shirt" and first["secondary_color"] == "multicolor" and not first.kids
+
+
+def test_precomputed_errors_name_file_and_line(tmp_path):
+    with pytest.raises(DataError, match="attributes file not found"):
+        load_precomputed(tmp_path / "missing.jsonl")
+    lines = ATTRIBUTES.read_text().splitlines()[:3]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join([lines[0], "{not json", lines[2]]) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl, line 2"):
+        load_precomputed(bad)
+    record = json.loads(lines[1])
+    record["pattern"] = "paisley swirls"
+    bad.write_text("\n".join([lines[0], "", json.dumps(record)]) + "\n")
+    with pytest.raises(DataError, match=r"line 3 .*'pattern'"):
+        load_precomputed(bad)
+    bad.write_text("\n".join([lines[0], lines[0]]) + "\n")
+    with pytest.raises(DataError, match="line 2: duplicate image id"):
+        load_precomputed(bad)
+
+
+def test_write_attributes_round_trip(tmp_path):
+    attrs = dict(list(load_precomputed(ATTRIBUTES).items())[:20])
+    write_attributes(tmp_path / "a.jsonl", attrs)
+    assert load_precomputed(tmp_path / "a.jsonl") == attrs
+
+
+def test_vocabulary_override_from_json(tmp_path):
+    raw = DEFAULT_VOCABULARY.model_dump(mode="json")
+    raw["attributes"]["color"]["values"].append("teal")
+    raw["attributes"]["color"]["synonyms"]["turquoise"] = "teal"
+    path = tmp_path / "vocab.json"
+    path.write_text(json.dumps(raw))
+    vocab = load_vocabulary(path)
+    assert parse_answer(json.dumps(dict(GOOD, color="Turquoise")), vocab)["color"] == "teal"
+    raw["attributes"]["color"]["synonyms"]["mint"] = "seafoam"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(DataError, match="vocab.json"):
+        load_vocabulary(path)
+
+
+def test_unknown_backend_and_missing_options():
+    with pytest.raises(ModelError, match="unknown captioning backend 'blip'"):
+        build_captioner("blip")
+    with pytest.raises(ModelError, match="needs the path"):
+        build_captioner("precomputed")
+
+
+def test_cache_cuts_torn_last_line(tmp_path):
+    cache = CaptionCache(tmp_path, "m", "v1")
+    cache.append([{"key": "a", "status": "ok"}, {"key": "b", "status": "invalid"}])
+    with cache.path.open("a") as handle:
+        handle.write('{"key": "c", "sta')
+    assert set(cache.load()) == {"a", "b"}
+    cache.append([{"key": "c", "status": "ok"}])
+    assert [json.loads(l)["key"] for l in cache.path.read_text().splitlines()] == ["a", "b", "c"]
+
+
+def _images(n: int) -> dict[str, Path]:
+    ids = json.loads((CLOTHING / "image_splits/split.clothing.train.json").read_text())[:n]
+    return {i: CLOTHING / "images" / f"{i}.jpg" for i in ids}
+
+
+def test_run_captioning_precomputed_records_missing_as_failures(tmp_path):
+    images = _images(40)
+    subset = tmp_path / "subset.jsonl"
+    keep = [l for l in ATTRIBUTES.read_text().splitlines() if json.loads(l)["image"] in list(images)[:30]]
+    subset.write_text("\n".join(keep) + "\n")
+    images["broken"] = tmp_path / "nope.jpg"
+    captioner = PrecomputedCaptioner(subset)
+    result = run_captioning(images, captioner, tmp_path / "cache", progress=False)
+    assert len(result) == 30 and result == {i: a for i, a in load_precomputed(subset).items()}
+    summary = json.loads(next((tmp_path / "cache").glob("*.summary.json")).read_text())
+    assert summary["ok"] == 30 and summary["failed"] == 11
+    assert summary["failures"]["broken"]["status"] == "unreadable"
+    assert {f["status"] for i, f in summary["failures"].items() if i != "broken"} == {"error"}
+
+
+def test_resume_after_sigkill_yields_one_record_per_image(tmp_path):
+    images = _images(240)
+    listing = tmp_path / "images.json"
+    listing.write_text(json.dumps({k: str(v) for k, v in images.items()}))
+    cache_dir = tmp_path / "cache"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
+    worker = subprocess.Popen([sys.executable, str(HELPERS / "caption_worker.py"), str(ATTRIBUTES), str(listing),
+                               str(cache_dir), "0.15"], env=env, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    lines = 0
+    while time.time() < deadline and worker.poll() is None:
+        files = list(cache_dir.glob("*.jsonl"))
+        lines = len(files[0].read_text().splitlines()) if files else 0
+        if lines >= 40:
+            break
+        time.sleep(0.05)
+    assert worker.poll() is None, worker.stderr.read().decode()[-2000:]
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()
+    cache_file = next(cache_dir.glob("*.jsonl"))
+    before = len(cache_file.read_text().splitlines())
+    assert 40 <= before < 240
+    result = run_captioning(images, PrecomputedCaptioner(ATTRIBUTES), cache_dir, progress=False)
+    records = [json.loads(l) for l in cache_file.read_text().splitlines()]
+    keys = [r["key"] for r in records]
+    assert len(keys) == len(set(keys)) == len(images)  # no duplicate content among these images
+    assert sorted(r["image"] for r in records) == sorted(images)
+    assert result == {i: a for i, a in load_precomputed(ATTRIBUTES).items() if i in images}
+    summary = json.loads(next(cache_dir.glob("*.summary.json")).read_text())
+    assert summary["reused_from_cache"] == before and summary["captioned_now"] == len(images) - before

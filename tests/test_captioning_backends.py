@@ -1,0 +1,104 @@
+"""Live backends: an OpenAI-compatible HTTP server in a separate process, and a tiny random LLaVA
+going through the real transformers processor + generate path."""
+
+import base64
+import hashlib
+import importlib.util
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from fashion_cir.captioning import build_captioner, run_captioning
+from fashion_cir.errors import ModelError
+
+HELPERS = Path(__file__).parent / "helpers"
+CLOTHING_IMAGES = Path("/work/shared/datasets/clothing-dataset/images")
+SECRET = "sk-test-never-log-me"
+
+
+@pytest.fixture()
+def images(tmp_path):
+    """Six small distinct JPEGs and the sha1 of their base64 payloads."""
+    paths, keys = {}, {}
+    for index in range(6):
+        path = tmp_path / f"img{index}.jpg"
+        Image.new("RGB", (16, 16), (40 * index, 10, 200 - 30 * index)).save(path)
+        paths[f"img{index}"] = path
+        keys[f"img{index}"] = hashlib.sha1(base64.b64encode(path.read_bytes())).hexdigest()
+    return paths, keys
+
+
+@pytest.fixture()
+def server(tmp_path, images):
+    _, keys = images
+    behaviours = dict(zip(keys.values(), ["ok", "fenced", "slow_once", "error500_once", "garbage", "bad_body"]))
+    (tmp_path / "behaviours.json").write_text(json.dumps(behaviours))
+    log = tmp_path / "requests.jsonl"
+    process = subprocess.Popen([sys.executable, str(HELPERS / "fake_openai_server.py"), str(tmp_path / "behaviours.json"),
+                                SECRET, str(log)], stdout=subprocess.PIPE, text=True)
+    port = int(process.stdout.readline())
+    yield f"http://127.0.0.1:{port}/v1", log
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def test_openai_backend_against_real_http_server(tmp_path, images, server, monkeypatch, caplog):
+    paths, _ = images
+    base_url, log = server
+    monkeypatch.setenv("FCIR_TEST_KEY", SECRET)
+    caplog.set_level(logging.DEBUG)
+    captioner = build_captioner("openai", model="fake-vlm", base_url=base_url, api_key_env="FCIR_TEST_KEY",
+                                concurrency=3, timeout_s=1.0, max_retries=2, backoff_s=0.05)
+    result = run_captioning(paths, captioner, tmp_path / "cache", max_attempts=2, progress=False)
+    assert set(result) == {"img0", "img1", "img2", "img3"}  # ok, fenced (repaired), slow once, 500 once
+    assert result["img1"]["color"] == "grey" and result["img1"]["category"] == "t-shirt"
+    cache_file = next((tmp_path / "cache").glob("openai_fake-vlm.*.jsonl"))
+    records = {r["image"]: r for r in map(json.loads, cache_file.read_text().splitlines())}
+    assert records["img4"]["status"] == "invalid" and records["img4"]["attempts"] == 2
+    assert "cannot describe" in records["img4"]["raw"]
+    assert records["img5"]["status"] == "error" and "malformed response body" in records["img5"]["error"]
+    requests = [json.loads(l) for l in log.read_text().splitlines()]
+    assert all(r["auth_ok"] and r["path"] == "/v1/chat/completions" for r in requests)
+    written = cache_file.read_text() + next((tmp_path / "cache").glob("*.summary.json")).read_text() + caplog.text
+    assert SECRET not in written and SECRET not in repr(captioner)
+    # a rerun retries only the request error (bad_body), reusing every finished answer
+    run_captioning(paths, captioner, tmp_path / "cache", max_attempts=2, progress=False)
+    summary = json.loads(next((tmp_path / "cache").glob("*.summary.json")).read_text())
+    assert summary["captioned_now"] == 1 and summary["reused_from_cache"] == 5
+
+
+def test_tiny_llava_garbage_is_recorded_as_failures(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    spec = importlib.util.spec_from_file_location("tiny_llava", HELPERS / "tiny_llava.py")
+    tiny_llava = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny_llava)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = tiny_llava.build_tiny_llava(tmp_path / "tiny-llava")
+    captioner = build_captioner("llava-hf", model=str(folder), batch_size=2, max_new_tokens=12, device="cpu")
+    paths = {p.stem: p for p in sorted(CLOTHING_IMAGES.iterdir())[:3]}
+    paths["corrupt"] = tmp_path / "corrupt.jpg"
+    paths["corrupt"].write_bytes(b"not a jpeg at all")
+    result = run_captioning(paths, captioner, tmp_path / "cache", max_attempts=2, progress=False)
+    assert result == {}
+    records = [json.loads(l) for l in next((tmp_path / "cache").glob("*.jsonl")).read_text().splitlines()]
+    assert len(records) == 4
+    by_image = {r["image"]: r for r in records}
+    assert by_image["corrupt"]["status"] == "error" and "corrupt.jpg" in by_image["corrupt"]["error"]
+    for image_id in list(paths)[:3]:
+        record = by_image[image_id]
+        assert record["status"] == "invalid" and record["attempts"] == 2 and record["raw"].strip()
+
+
+def test_llava_missing_weights_says_how_to_pass_a_folder(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="pass the folder"):
+        build_captioner("llava-hf", model=str(tmp_path / "no-such-model"), device="cpu")
+    with pytest.raises(ModelError, match="could not be fetched from the Hugging Face hub"):
+        build_captioner("llava-hf", device="cpu")
