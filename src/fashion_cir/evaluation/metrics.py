@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 DEFAULT_KS = (1, 5, 10, 50)
+NOT_RETRIEVED = np.iinfo(np.int64).max  # rank of a target that is not in the gallery
 
 
 def target_ranks(scores: np.ndarray, target_index: np.ndarray, exclude_index: np.ndarray | None = None) -> np.ndarray:
@@ -12,11 +13,12 @@ def target_ranks(scores: np.ndarray, target_index: np.ndarray, exclude_index: np
 
     Ties are broken by gallery position (as a stable sort of -score would): the rank counts the
     items scoring strictly higher plus the tied items that come earlier in the gallery. A target
-    index of -1 (target not in the gallery) gets rank G (never retrieved). ``exclude_index``
+    index of -1 (target not in the gallery) gets rank ``NOT_RETRIEVED`` (never retrieved, at any K,
+    even K > G). ``exclude_index``
     (CIRR-style reference removal) drops that item from the ranking; -1 excludes nothing."""
     scores = np.asarray(scores, dtype=np.float64)
     n_queries, n_gallery = scores.shape
-    ranks = np.full(n_queries, n_gallery, dtype=np.int64)
+    ranks = np.full(n_queries, NOT_RETRIEVED, dtype=np.int64)
     positions = np.arange(n_gallery)
     for q in range(n_queries):
         t = int(target_index[q])

@@ -1,0 +1,118 @@
+"""End-to-end evaluation with the tiny model: the clothing val captions (real photos) and a small
+FashionIQ-format set with missing, corrupt and out-of-gallery images."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fashion_cir.data.triplets import load_triplet_set
+from fashion_cir.evaluation.evaluate import EvalOptions, evaluate_sets, format_table, query_texts, score_triplet_set
+from fashion_cir.features.cache import FeatureCache
+from fashion_cir.models.cir import compose_query
+
+KS = (1, 5, 10, 50)
+
+
+@pytest.fixture(scope="module")
+def clothing(shared_dir):
+    root = shared_dir / "clothing-dataset"
+    return load_triplet_set(root / "captions" / "cap.clothing.val.json",
+                            root / "image_splits" / "split.clothing.val.json", root / "images")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return FeatureCache(tmp_path_factory.mktemp("features"))
+
+
+def _stable_ranks(scores: np.ndarray, target_index: np.ndarray) -> np.ndarray:
+    """Reference implementation: position of the target after a stable sort of -score."""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return np.array([np.where(order[q] == t)[0][0] if t >= 0 else np.iinfo(np.int64).max
+                     for q, t in enumerate(target_index)])
+
+
+def test_clothing_val_end_to_end(tiny_model, clothing, cache):
+    assert clothing.report() == {"triplets": 240, "gallery_images": 563, "missing_images": 0,
+                                 "skipped_triplets": 0, "duplicate_gallery_ids": 0}
+    options = EvalOptions(modes=("image", "text", "sum", "sum_raw"), ks=KS, progress=False)
+    report = evaluate_sets(tiny_model, {"clothing": clothing}, cache, options)
+    assert set(report) == set(options.modes)
+    for mode, table in report.items():
+        metrics = table["clothing"]
+        assert metrics["n_queries"] == 240 and metrics["n_gallery"] == 563 and metrics["missing"] == 0
+        values = [metrics[f"R@{k}"] for k in KS]
+        assert all(0.0 <= v <= 100.0 for v in values), (mode, values)
+        assert values == sorted(values), f"R@K not monotonic in K for {mode}: {values}"
+        for v in values:  # each recall is a count out of 240 queries
+            assert abs(v * 240 / 100 - round(v * 240 / 100)) < 1e-6
+        average = table["average"]
+        assert average["overall"] == pytest.approx((average["R@10"] + average["R@50"]) / 2)
+        assert average["R@10"] == metrics["R@10"]
+    # the reference stays in the FashionIQ gallery: in image-only mode it is found instead of the target
+    assert report["image"]["clothing"]["R@1"] < 10.0
+    text = format_table(report, KS)
+    assert "clothing" in text and "average" in text and len(text.splitlines()) == 2 + 2 * len(options.modes)
+
+
+def test_clothing_ranks_match_a_stable_sort_and_reference_removal_only_helps(tiny_model, clothing, cache):
+    keep = score_triplet_set(tiny_model, clothing, cache, EvalOptions(modes=("image", "sum"), ks=KS, progress=False))
+    assert cache.last_stats.computed == 0  # gallery features reused from the first test (same module)
+    removed = score_triplet_set(tiny_model, clothing, cache,
+                                EvalOptions(modes=("image", "sum"), ks=KS, remove_reference=True, progress=False))
+    # independent recomputation from the cached features
+    ids, gallery = cache.encode(tiny_model.backbone, {i: clothing.image_paths[i] for i in clothing.gallery_ids},
+                                progress=False)
+    position = {i: n for n, i in enumerate(ids)}
+    image = torch.from_numpy(gallery[[position[t.candidate] for t in clothing.triplets]])
+    text = tiny_model.backbone.embed_texts(query_texts(tiny_model, clothing.triplets))
+    gallery_norm = F.normalize(torch.from_numpy(gallery), dim=-1)
+    targets = np.array([position[t.target] for t in clothing.triplets])
+    references = np.array([position[t.candidate] for t in clothing.triplets])
+    for mode in ("image", "sum"):
+        scores = (compose_query(mode, image, text) @ gallery_norm.T).numpy()
+        ranks = _stable_ranks(scores, targets)
+        for k in KS:
+            assert keep[mode][f"R@{k}"] == pytest.approx(100.0 * (ranks < k).mean())
+        without_ref = scores.copy()
+        without_ref[np.arange(len(references)), references] = -np.inf
+        ranks_removed = _stable_ranks(without_ref, targets)
+        for k in KS:
+            assert removed[mode][f"R@{k}"] == pytest.approx(100.0 * (ranks_removed < k).mean())
+            assert removed[mode][f"R@{k}"] >= keep[mode][f"R@{k}"]
+    assert removed["image"]["R@1"] > keep["image"]["R@1"]
+
+
+def test_partial_fashioniq_style_set(tiny_model, tmp_path, make_jpeg, cache):
+    """Missing images are skipped and counted, a corrupt gallery image does not stop the run, and
+    a target that exists outside the split is never retrieved."""
+    images = tmp_path / "images"
+    for n in range(12):
+        make_jpeg(images / f"g{n}.jpg", size=(40 + 4 * n, 60), seed=100 + n)
+    make_jpeg(images / "outside.jpg", seed=7)  # an image that is not in the split
+    (images / "g11.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    triplets = [{"candidate": f"g{n}", "target": f"g{n + 1}", "captions": ["is darker", "has stripes"]} for n in range(8)]
+    triplets += [
+        {"candidate": "g0", "target": "outside", "captions": ["is another one"]},  # target not in gallery
+        {"candidate": "g1", "target": "lost", "captions": ["x"]},  # image file missing -> skipped
+        {"candidate": "g11", "target": "g2", "captions": ["x"]},  # corrupt reference -> unusable
+        {"candidate": "g3", "target": "g11", "captions": ["x"]},  # corrupt target -> never retrieved
+    ]
+    (tmp_path / "cap.json").write_text(json.dumps(triplets))
+    (tmp_path / "split.json").write_text(json.dumps([f"g{n}" for n in range(12)] + ["g3", "absent"]))
+    ts = load_triplet_set(tmp_path / "cap.json", tmp_path / "split.json", images)
+    assert ts.duplicate_gallery_ids == 1 and ts.skipped_triplets == 1 and sorted(ts.missing_images) == ["absent", "lost"]
+    options = EvalOptions(modes=("sum",), ks=(1, 5, 50, 100), progress=False)
+    metrics = score_triplet_set(tiny_model, ts, cache, options)["sum"]
+    assert metrics["n_gallery"] == 11  # g11 failed to decode
+    assert metrics["n_queries"] == 10  # 12 triplets - 1 skipped (missing file) - 1 unusable (corrupt reference)
+    assert metrics["skipped_triplets"] == 2
+    assert metrics["missing"] == 2 + 1 + 1  # missing files + failed decode + unusable triplet
+    # 8 queries have their target in the 11-image gallery; 'outside' and g11 are never retrieved,
+    # even at K = 50 or 100, more than the gallery holds
+    assert metrics["R@50"] == metrics["R@100"] == pytest.approx(80.0)
