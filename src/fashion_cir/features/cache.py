@@ -1,8 +1,10 @@
 """A content-keyed, resumable on-disk cache of image features.
 
-Layout: ``ROOT/<image fingerprint>/part-NNNNN.npz`` (ids, image sha1s, fp16 features) plus
-``meta.json``. The fingerprint hashes the image encoder's weights and the preprocessing, so a
-changed model or transform never reuses stale features; the per-image sha1 catches edited files.
+Layout: ``ROOT/<trunk fingerprint>/part-NNNNN.npz`` (ids, image sha1s, fp16 trunk features) plus
+``meta.json``. The cache stores the backbone's expensive image trunk and applies its cheap head
+(a projection, if any) on the way out, so retraining a projection reuses the cached trunk. The
+fingerprint hashes the trunk's weights and the preprocessing, so a changed model or transform
+never reuses stale features; the per-image sha1 catches edited files.
 Shards are written atomically every ``flush_every`` images, so an interrupted run resumes where
 it stopped and re-computes nothing that was saved."""
 
@@ -70,7 +72,7 @@ class FeatureCache:
         self.last_stats = CacheStats()
 
     def folder(self, backbone: Backbone) -> Path:
-        return self.root / backbone.image_fingerprint()
+        return self.root / backbone.trunk_fingerprint()
 
     def _load_existing(self, folder: Path) -> dict[tuple[str, str], np.ndarray]:
         stored: dict[tuple[str, str], np.ndarray] = {}
@@ -135,7 +137,7 @@ class FeatureCache:
                             raise DataError(message)
                         stats.failed += 1
                     if pixels is not None:
-                        features = backbone.encode_images(pixels.to(device)).float().cpu().numpy()
+                        features = backbone.encode_image_trunk(pixels.to(device)).float().cpu().numpy()
                         for index, feature in zip(good, features):
                             image_id = todo[index]
                             pending[0].append(image_id)
@@ -157,4 +159,8 @@ class FeatureCache:
         kept = [i for i in ids if i in shas and (i, shas[i]) in stored]
         if not kept:
             return [], np.zeros((0, backbone.feature_dim), dtype=np.float32)
-        return kept, np.stack([stored[(i, shas[i])] for i in kept]).astype(np.float32)
+        trunk = torch.from_numpy(np.stack([stored[(i, shas[i])] for i in kept]).astype(np.float32))
+        head_param = next(iter(backbone.parameters()))
+        with torch.no_grad():
+            features = backbone.image_head(trunk.to(head_param.device, head_param.dtype)).float().cpu().numpy()
+        return kept, features

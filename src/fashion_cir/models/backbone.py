@@ -52,9 +52,21 @@ class Backbone(nn.Module, ABC):
         """Tokens ``text`` takes, special tokens included."""
 
     # -- encoders ------------------------------------------------------------------------------
-    @abstractmethod
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Unnormalised image features [N, feature_dim]."""
+        return self.image_head(self.encode_image_trunk(pixels))
+
+    @abstractmethod
+    def encode_image_trunk(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The expensive part of image encoding, whose output the feature cache stores."""
+
+    def image_head(self, trunk_features: torch.Tensor) -> torch.Tensor:
+        """The cheap part applied after the cache (a projection); identity by default."""
+        return trunk_features
+
+    def trunk_prefixes(self) -> list[str]:
+        """State-dict prefixes that determine ``encode_image_trunk``."""
+        return self.encoder_prefixes("image")
 
     @abstractmethod
     def encode_texts(self, tokens: Any) -> torch.Tensor:
@@ -81,6 +93,11 @@ class Backbone(nn.Module, ABC):
             prefixes += self.trainable_prefixes(encoder, last_n_blocks)
         for name, param in self.named_parameters():
             param.requires_grad_(name.startswith(tuple(prefixes)) if prefixes else False)
+
+    def portable_spec(self) -> tuple[str, list[str]]:
+        """The spec a saved model folder records, and the state-dict prefixes it must then store
+        so that the folder alone rebuilds this backbone."""
+        return self.spec, []
 
     def tokens_to(self, tokens: Any, device: torch.device | str) -> Any:
         if isinstance(tokens, torch.Tensor):
@@ -117,9 +134,16 @@ class Backbone(nn.Module, ABC):
 
     def image_fingerprint(self) -> str:
         """Hash of everything that determines image features: the image encoder's weights and the
-        preprocessing. Part of every feature-cache key."""
+        preprocessing. Recorded with models and indexes."""
+        return self._fingerprint(self.encoder_prefixes("image"))
+
+    def trunk_fingerprint(self) -> str:
+        """Hash of what determines the trunk features: the feature-cache key."""
+        return self._fingerprint(self.trunk_prefixes())
+
+    def _fingerprint(self, prefix_list: list[str]) -> str:
         digest = hashlib.sha1(self.preprocess_description.encode())
-        prefixes = tuple(self.encoder_prefixes("image"))
+        prefixes = tuple(prefix_list)
         for name, tensor in sorted(self.state_dict().items()):
             if name.startswith(prefixes):
                 digest.update(name.encode())

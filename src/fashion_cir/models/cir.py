@@ -68,12 +68,15 @@ class CIRModel(nn.Module):
         return caption
 
     def mark_trained(self, prefixes: list[str]) -> None:
+        """Record trained parts as prefixes of this model's state dict, e.g.
+        ``["backbone." + p for p in backbone.encoder_prefixes("text")]``."""
         for prefix in prefixes:
             if prefix not in self.saved_prefixes:
                 self.saved_prefixes.append(prefix)
 
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
-        prefixes = tuple(self.saved_prefixes) + ("combiner.",)
+        portable = ["backbone." + p for p in self.backbone.portable_spec()[1]]
+        prefixes = tuple(self.saved_prefixes + portable) + ("combiner.",)
         return {k: v.detach().cpu() for k, v in self.state_dict().items() if k.startswith(prefixes)}
 
     def save(self, folder: str | Path, metadata: dict[str, Any] | None = None) -> Path:
@@ -85,7 +88,7 @@ class CIRModel(nn.Module):
         weights_tmp.replace(folder / WEIGHTS_FILE)
         write_json(folder / MODEL_FILE, {
             "format": "fashion-cir-model/1",
-            "backbone": self.backbone.spec,
+            "backbone": self.backbone.portable_spec()[0],
             "preprocess": self.backbone.preprocess_mode,
             "query_mode": self.query_mode,
             "text_template": self.text_template,
@@ -115,9 +118,14 @@ class CIRModel(nn.Module):
                 state = torch.load(weights_path, map_location=map_location, weights_only=True)
             except Exception as exc:
                 raise ModelError(f"corrupt weights file {weights_path}: {exc}") from exc
-            missing_keys = [k for k in state if k not in model.state_dict()]
+            own_state = model.state_dict()
+            missing_keys = [k for k in state if k not in own_state]
             if missing_keys:
                 raise ModelError(f"{weights_path} does not match backbone {meta['backbone']}: unexpected {missing_keys[:3]}")
+            wrong_shapes = [f"{k} {tuple(v.shape)} vs {tuple(own_state[k].shape)}" for k, v in state.items()
+                            if tuple(v.shape) != tuple(own_state[k].shape)]
+            if wrong_shapes:
+                raise ModelError(f"{weights_path} does not match backbone {meta['backbone']}: shape mismatch {wrong_shapes[:3]}")
             model.load_state_dict(state, strict=False)
         expected = meta.get("image_fingerprint")
         if expected and expected != backbone.image_fingerprint():

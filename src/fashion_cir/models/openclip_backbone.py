@@ -53,7 +53,7 @@ class OpenClipBackbone(Backbone):
             return int((self.tokenizer([text]) != 0).sum())
         return len(encoder(text)) + 2
 
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_image_trunk(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.clip.encode_image(pixels)
 
     def encode_texts(self, tokens: torch.Tensor) -> torch.Tensor:

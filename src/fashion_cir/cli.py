@@ -1,0 +1,218 @@
+"""The ``fashion-cir`` command line: a thin layer over the library."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+from .errors import FashionCIRError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Composed image retrieval for fashion: triplets, training, evaluation, search.")
+index_app = typer.Typer(no_args_is_help=True, help="Build and grow a searchable catalog index.")
+train_app = typer.Typer(no_args_is_help=True, help="Two-stage fine-tuning.")
+app.add_typer(index_app, name="index")
+app.add_typer(train_app, name="train")
+
+
+def friendly(func: Callable) -> Callable:
+    """Report FashionCIRError as one clear line (no traceback) and exit with status 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except FashionCIRError as exc:
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.secho("interrupted: finished work is saved; re-run the same command to resume", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _dump(path: Optional[Path], obj) -> None:
+    if path is not None:
+        from .io import write_json
+
+        write_json(path, obj)
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
+@friendly
+def evaluate(
+    model: Optional[Path] = typer.Option(None, help="A trained model folder (model.json + weights.pt)."),
+    backbone: Optional[str] = typer.Option(None, help="Zero-shot backbone spec: openclip:ViT-B-32:openai, tiny, offline:DIR."),
+    captions: Optional[Path] = typer.Option(None, help="FashionIQ-format captions JSON of any catalog."),
+    split_file: Optional[Path] = typer.Option(None, help="Image split JSON (the gallery) for --captions."),
+    images: Optional[Path] = typer.Option(None, help="Images folder ({id}.jpg or .png)."),
+    fashioniq: Optional[Path] = typer.Option(None, help="FashionIQ root (captions/, image_splits/); evaluates dress, shirt, toptee."),
+    category: list[str] = typer.Option([], help="FashionIQ categories (default: all three)."),
+    split: str = typer.Option("val", help="FashionIQ split."),
+    mode: list[str] = typer.Option([], help="Query modes: image, text, sum, sum_raw, combiner (default: the model's)."),
+    descriptions: Optional[Path] = typer.Option(None, help="attributes.jsonl whose descriptions give the sentence-level prompt."),
+    remove_reference: bool = typer.Option(False, help="CIRR protocol: drop the reference from its own ranking."),
+    strict: bool = typer.Option(False, help="Fail when images are missing instead of skipping and counting them."),
+    preprocess: str = typer.Option("clip", help="clip or targetpad (zero-shot backbones only)."),
+    cache_dir: Path = typer.Option(Path("runs/cache/features"), help="Static feature cache."),
+    batch_size: int = typer.Option(64),
+    workers: int = typer.Option(0, help="Image decoding worker processes."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write metrics JSON here."),
+):
+    """Recall@1/5/10/50 on FashionIQ (per category, average, overall) or any FashionIQ-format set."""
+    from .data.catalog import read_attributes
+    from .data.triplets import FASHIONIQ_CATEGORIES, load_fashioniq, load_triplet_set
+    from .evaluation.evaluate import EvalOptions, evaluate_sets, format_table
+    from .features.cache import FeatureCache
+    from .models.cir import load_model
+
+    cir = load_model(model, backbone, preprocess=preprocess)
+    if fashioniq is not None:
+        sets = load_fashioniq(fashioniq, split, tuple(category) or FASHIONIQ_CATEGORIES, images, strict)
+    elif captions and split_file and images:
+        sets = {captions.stem: load_triplet_set(captions, split_file, images, strict=strict)}
+    else:
+        raise FashionCIRError("give --fashioniq ROOT, or --captions FILE --split-file FILE --images DIR")
+    for name, triplet_set in sets.items():
+        report = triplet_set.report()
+        typer.echo(f"{name}: {report['triplets']} queries, {report['gallery_images']} gallery images, "
+                   f"{report['missing_images']} images missing, {report['skipped_triplets']} triplets skipped", err=True)
+    described = {i: r["description"] for i, r in read_attributes(descriptions).items() if r.get("description")} if descriptions else None
+    options = EvalOptions(modes=tuple(mode) or (cir.query_mode,), batch_size=batch_size, num_workers=workers,
+                          remove_reference=remove_reference)
+    report = evaluate_sets(cir, sets, FeatureCache(cache_dir), options, described)
+    typer.echo(format_table(report))
+    first = report[options.modes[0]]
+    _dump(json_out, {**first, "query_mode": options.modes[0], "by_mode": report if len(report) > 1 else None,
+                     "protocol": "cirr" if remove_reference else "fashioniq", "model": str(model) if model else backbone})
+
+
+@app.command()
+@friendly
+def align(
+    catalog: Optional[Path] = typer.Option(None, help="Clothing catalog folder (default ../shared/datasets/clothing-dataset)."),
+    out: Path = typer.Option(Path("runs/offline-backbone"), help="Where the aligned projections go."),
+    cache_dir: Path = typer.Option(Path("runs/cache/features")),
+    epochs: int = typer.Option(15),
+    seed: int = typer.Option(0),
+):
+    """Align the offline demo backbone (EfficientNet-Lite0 + MiniLM) on the catalog's train split."""
+    from .data.catalog import load_clothing_catalog
+    from .features.cache import FeatureCache
+    from .training.align import AlignConfig, align_offline_backbone
+
+    _, summary = align_offline_backbone(load_clothing_catalog(catalog), out, FeatureCache(cache_dir), AlignConfig(epochs=epochs, seed=seed))
+    typer.echo(json.dumps({k: v for k, v in summary.items() if k != "versions"}, indent=2))
+    typer.echo(f"use it as --backbone offline:{out}")
+
+
+@app.command()
+@friendly
+def caption(
+    images: Path = typer.Option(..., help="Folder of catalog images."),
+    out: Path = typer.Option(..., help="attributes.jsonl to write."),
+    backend: str = typer.Option("llava-hf", help="llava-hf, openai or precomputed."),
+    model_name: Optional[str] = typer.Option(None, "--model", help="HF id / local folder (llava-hf), served model (openai), JSONL (precomputed)."),
+    split_file: Optional[Path] = typer.Option(None, help="Only caption the ids in this split file."),
+    cache_dir: Path = typer.Option(Path("runs/cache/captions"), help="Resumable answer cache."),
+    vocab: Optional[Path] = typer.Option(None, help="Vocabulary JSON overriding the default fashion attributes."),
+    batch_size: int = typer.Option(8, help="llava-hf batch size."),
+    device: Optional[str] = typer.Option(None, help="llava-hf device (cuda, cpu); default: cuda when available."),
+    base_url: Optional[str] = typer.Option(None, help="openai: e.g. http://127.0.0.1:8000/v1"),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", help="openai: name of the env var holding the key."),
+    concurrency: int = typer.Option(4, help="openai: parallel requests."),
+    timeout: float = typer.Option(60.0, help="openai: seconds per request."),
+    max_attempts: int = typer.Option(3, help="Attempts per image before recording a failure."),
+):
+    """Describe catalog images with a multimodal LLM: attributes + a short description per image."""
+    from .captioning import build_captioner, load_vocabulary, run_captioning, write_attributes
+    from .data.images import find_image
+    from .data.triplets import read_split
+
+    if not images.is_dir():
+        raise FashionCIRError(f"images folder not found: {images}")
+    ids = read_split(split_file) if split_file else sorted(p.stem for p in images.iterdir() if p.is_file())
+    paths = {i: p for i in ids if (p := find_image(images, i)) is not None}
+    options = {"llava-hf": {"batch_size": batch_size, "device": device},
+               "openai": {"base_url": base_url, "api_key_env": api_key_env, "concurrency": concurrency, "timeout_s": timeout}}.get(backend, {})
+    captioner = build_captioner(backend, model_name, load_vocabulary(vocab), **{k: v for k, v in options.items() if v is not None})
+    attributes = run_captioning(paths, captioner, cache_dir, max_attempts=max_attempts)
+    write_attributes(out, attributes)
+    typer.echo(f"captioned {len(attributes)} of {len(paths)} images ({len(ids) - len(paths)} files missing); wrote {out}")
+
+
+@app.command()
+@friendly
+def triplets(
+    attributes: Path = typer.Option(..., help="attributes.jsonl from `fashion-cir caption` (or the precomputed one)."),
+    images: Path = typer.Option(..., help="Images folder."),
+    train_split: Path = typer.Option(..., help="Split file of the training images: pairs are mined only here."),
+    out: Path = typer.Option(..., help="Triplets JSON to write (FashionIQ format + extra keys)."),
+    model: Optional[Path] = typer.Option(None, help="Model folder giving the static image features."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone spec giving the static image features."),
+    cache_dir: Path = typer.Option(Path("runs/cache/features")),
+    seed: int = typer.Option(0),
+    band: tuple[float, float] = typer.Option((0.005, 0.3), help="Similarity band (quantiles or ranks)."),
+    band_unit: str = typer.Option("quantile", help="quantile or rank"),
+    min_changes: int = typer.Option(1),
+    max_changes: int = typer.Option(3),
+    targets_per_reference: int = typer.Option(2),
+    max_triplets: Optional[int] = typer.Option(None),
+    hard_negatives: int = typer.Option(10),
+    vocab: Optional[Path] = typer.Option(None),
+):
+    """Mine attribute-aware triplets with relative captions and hard negatives."""
+    from .captioning import load_precomputed, load_vocabulary
+    from .data.images import find_image
+    from .data.triplets import read_split
+    from .features.cache import FeatureCache
+    from .models.cir import load_model
+    from .triplets import TripletConfig, generate_triplets, write_triplets
+
+    vocabulary = load_vocabulary(vocab)
+    attrs = load_precomputed(attributes, vocabulary)
+    train_ids = read_split(train_split)
+    paths = {i: p for i in train_ids if i in attrs and (p := find_image(images, i)) is not None}
+    cir = load_model(model, backbone or "openclip:ViT-B-32:openai")
+    ids, features = FeatureCache(cache_dir).encode(cir.backbone, paths, on_error="skip")
+    try:
+        config = TripletConfig(seed=seed, band=band, band_unit=band_unit, min_changes=min_changes, max_changes=max_changes,
+                               targets_per_reference=targets_per_reference, max_triplets=max_triplets,
+                               hard_negatives=hard_negatives, vocabulary=vocabulary)
+    except ValueError as exc:
+        raise FashionCIRError(f"bad triplet settings: {exc}") from exc
+    generated, stats = generate_triplets(attrs, features, ids, config, train_ids=ids)
+    write_triplets(out, generated, stats, config)
+    typer.echo(json.dumps({k: v for k, v in stats.items() if not isinstance(v, (dict, list))}, indent=2))
+
+
+@app.command()
+@friendly
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Where every output of the demo goes."),
+    catalog: Optional[Path] = typer.Option(None, help="Clothing catalog folder (default ../shared/datasets/clothing-dataset)."),
+    fast: bool = typer.Option(False, help="A small, quick run (tests, CI)."),
+    serve: bool = typer.Option(True, help="Start the web page at the end (--no-serve for CI)."),
+    port: int = typer.Option(8000),
+):
+    """The whole pipeline on the clothing catalog with the offline backbone; one results table."""
+    from .demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out=out, catalog=catalog, fast=fast, serve=serve, port=port))
+
+
+def main() -> None:  # pragma: no cover
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

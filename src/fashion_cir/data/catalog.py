@@ -1,0 +1,77 @@
+"""The clothing catalog: images, coarse labels, split files and per-image MLLM attributes."""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import DataError
+from ..io import iter_jsonl
+from .images import find_image
+from .triplets import read_split
+
+DEFAULT_CATALOG = Path(os.environ.get(
+    "FASHION_CIR_CATALOG", Path(__file__).resolve().parents[3].parent / "shared" / "datasets" / "clothing-dataset"))
+SPLITS = ("train", "val", "test")
+GET_DATA = ("get the images from the public 'clothing-dataset' repository by Alexey Grigorev "
+            "(images/, images.csv) and pass --catalog DIR")
+
+
+@dataclass
+class ClothingCatalog:
+    """Paths and annotations of a clothing catalog; ``attributes`` maps id -> the MLLM record."""
+
+    root: Path
+    image_paths: dict[str, Path]
+    labels: dict[str, str]
+    attributes: dict[str, dict]
+    splits: dict[str, list[str]]
+
+    def split_paths(self, split: str) -> dict[str, Path]:
+        if split not in self.splits:
+            raise DataError(f"catalog {self.root} has no split {split!r}; available: {sorted(self.splits)}")
+        return {i: self.image_paths[i] for i in self.splits[split] if i in self.image_paths}
+
+    def descriptions(self) -> dict[str, str]:
+        return {i: a["description"] for i, a in self.attributes.items() if a.get("description")}
+
+    def captions_file(self, split: str) -> Path:
+        return self.root / "captions" / f"cap.clothing.{split}.json"
+
+    def split_file(self, split: str) -> Path:
+        return self.root / "image_splits" / f"split.clothing.{split}.json"
+
+
+def read_attributes(path: str | Path) -> dict[str, dict]:
+    """attributes.jsonl: one object per image with at least ``image`` and ``description``."""
+    records: dict[str, dict] = {}
+    for lineno, record in enumerate(iter_jsonl(path, "attributes file"), 1):
+        image_id = record.get("image")
+        if not isinstance(image_id, str) or not image_id:
+            raise DataError(f"attributes file {path}, record {lineno}: field 'image' must be a non-empty string")
+        records[image_id] = record
+    return records
+
+
+def load_clothing_catalog(root: str | Path | None = None, attributes: str | Path | None = None) -> ClothingCatalog:
+    root = Path(root) if root is not None else DEFAULT_CATALOG
+    images = root / "images"
+    if not images.is_dir():
+        raise DataError(f"clothing catalog not found: {images} does not exist; {GET_DATA}")
+    attributes_path = Path(attributes) if attributes is not None else root / "attributes.jsonl"
+    if not attributes_path.is_file():
+        raise DataError(f"attributes file not found: {attributes_path}; run `fashion-cir caption` over the catalog "
+                        "to create it, or pass --attributes FILE")
+    image_paths = {p.stem: p for p in sorted(images.iterdir()) if find_image(images, p.stem) == p}
+    labels: dict[str, str] = {}
+    labels_csv = root / "images.csv"
+    if labels_csv.is_file():
+        with labels_csv.open(newline="", encoding="utf-8") as handle:
+            for row in csv.DictReader(handle):
+                if row.get("image") and row.get("label"):
+                    labels[row["image"]] = row["label"]
+    splits = {s: read_split(root / "image_splits" / f"split.clothing.{s}.json")
+              for s in SPLITS if (root / "image_splits" / f"split.clothing.{s}.json").is_file()}
+    return ClothingCatalog(root, image_paths, labels, read_attributes(attributes_path), splits)

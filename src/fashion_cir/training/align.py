@@ -1,0 +1,146 @@
+"""Aligning the offline backbone's projections CLIP-style (LiT: towers frozen, features cached).
+
+Pairs are (catalog image, its MLLM description) and (image, a short attribute phrase) from the
+**train** split; the symmetric InfoNCE loss has a learnable temperature; the val split picks the
+best epoch (image->text R@10)."""
+
+from __future__ import annotations
+
+import io
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data.catalog import ClothingCatalog
+from ..features.cache import FeatureCache
+from ..io import atomic_write_bytes, environment_info, text_sha1, write_json
+from ..models.offline_backbone import OfflineBackbone, save_projections
+
+ATTRIBUTE_ORDER = ("color", "pattern", "sleeves", "material", "category")
+
+
+@dataclass
+class AlignConfig:
+    dim: int = 256
+    epochs: int = 15
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    seed: int = 0
+    max_train_images: int | None = None
+    max_val_images: int | None = None
+
+
+def attribute_phrase(record: dict) -> str:
+    """A short noun phrase from attributes: "red solid long-sleeve knit sweater"."""
+    words = []
+    for key in ATTRIBUTE_ORDER:
+        value = record.get(key)
+        if not value or value in ("none", "unknown", "other", "solid"):
+            continue
+        words.append(f"{value}-sleeve" if key == "sleeves" and value != "sleeveless" else str(value))
+    return " ".join(words)
+
+
+def symmetric_infonce(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's loss: mean of image->text and text->image cross-entropy over the batch."""
+    logits = logit_scale.exp().clamp(max=100) * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
+    labels = torch.arange(len(image))
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def _text_tower_features(backbone: OfflineBackbone, texts: list[str], cache_dir: Path) -> np.ndarray:
+    """Frozen MiniLM features, cached in one file keyed by the texts and the tower."""
+    key = text_sha1("minilm-mean-pool", *texts)
+    path = cache_dir / f"text-{key[:16]}.npy"
+    if path.is_file():
+        return np.load(path)
+    features = backbone.embed_texts(texts, batch_size=128).numpy().astype(np.float32)
+    buffer = io.BytesIO()
+    np.save(buffer, features)
+    atomic_write_bytes(path, buffer.getvalue())
+    return features
+
+
+def _image_to_text_recall(image: torch.Tensor, text: torch.Tensor, k: int = 10) -> float:
+    scores = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
+    top = scores.topk(min(k, scores.shape[1]), dim=1).indices
+    return float((top == torch.arange(len(image)).unsqueeze(1)).any(1).float().mean() * 100)
+
+
+def align_offline_backbone(catalog: ClothingCatalog, out_dir: str | Path, cache: FeatureCache,
+                           config: AlignConfig = AlignConfig(), progress: bool = True) -> tuple[OfflineBackbone, dict]:
+    """Train the projections, save them to ``out_dir`` (loadable as ``offline:out_dir``) and return
+    the aligned backbone with a summary."""
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    towers = OfflineBackbone(dim=config.dim, seed=config.seed, project=False).eval()
+    splits = {}
+    for split in ("train", "val"):
+        paths = {i: p for i, p in catalog.split_paths(split).items() if catalog.attributes.get(i, {}).get("description")}
+        limit = config.max_train_images if split == "train" else config.max_val_images
+        if limit:
+            paths = dict(list(paths.items())[:limit])
+        ids, image_feats = cache.encode(towers, paths, batch_size=32, on_error="skip", progress=progress)
+        descriptions = [catalog.attributes[i]["description"] for i in ids]
+        phrases = [attribute_phrase(catalog.attributes[i]) or catalog.attributes[i]["description"] for i in ids]
+        text_feats = _text_tower_features(towers, descriptions + phrases, cache.root)
+        splits[split] = (torch.from_numpy(image_feats), torch.from_numpy(text_feats[: len(ids)]),
+                         torch.from_numpy(text_feats[len(ids):]))
+
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    image_proj = towers.image_proj.train()
+    text_proj = towers.text_proj.train()
+    logit_scale = torch.nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
+    params = list(image_proj.parameters()) + list(text_proj.parameters()) + [logit_scale]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    train_img, train_desc, train_phrase = splits["train"]
+    val_img, val_desc, _ = splits["val"]
+    history: list[dict] = []
+    best: tuple[float, dict, int] = (-1.0, {}, 0)
+    n = len(train_img)
+    for epoch in range(config.epochs):
+        order = list(range(n))
+        rng.shuffle(order)
+        losses = []
+        for start in range(0, n, config.batch_size):
+            batch = torch.tensor(order[start:start + config.batch_size])
+            if len(batch) < 2:
+                continue
+            use_phrase = torch.rand(len(batch)) < 0.3
+            text = torch.where(use_phrase.unsqueeze(1), train_phrase[batch], train_desc[batch])
+            loss = symmetric_infonce(image_proj(train_img[batch]), text_proj(text), logit_scale)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        with torch.no_grad():
+            val_r10 = _image_to_text_recall(image_proj(val_img), text_proj(val_desc))
+            towers.logit_scale.copy_(logit_scale)
+        history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_image_to_text_R@10": val_r10,
+                        "temperature": float(1 / logit_scale.detach().exp())})
+        if val_r10 > best[0]:
+            best = (val_r10, {k: v.clone() for k, v in towers.projection_state().items()}, epoch + 1)
+    towers.load_state_dict(best[1], strict=False)
+    towers.project = True
+    summary = {
+        "config": asdict(config),
+        "train_pairs": n,
+        "val_pairs": len(val_img),
+        "best_epoch": best[2],
+        "best_val_image_to_text_R@10": best[0],
+        "first_epoch_loss": history[0]["train_loss"] if history else None,
+        "last_epoch_loss": history[-1]["train_loss"] if history else None,
+        "seconds": time.perf_counter() - started,
+        "versions": environment_info(),
+    }
+    save_projections(towers, out_dir, {"align": summary})
+    write_json(out_dir / "history.json", history)
+    towers.spec = f"offline:{out_dir.resolve()}"
+    return towers.eval(), summary
