@@ -1,0 +1,375 @@
+"""A searchable catalog: image features of every catalog item in a FAISS inner-product index,
+plus ids, metadata, image paths and the fingerprint of the model that encoded them.
+
+Folder layout: ``index.json`` (manifest: config, fingerprint, counts, current data folder) and
+``data-NNNNNN/`` (``ids.json``, ``metadata.json``, ``paths.json``, ``features.npy`` raw float32
+image features, ``faiss.index`` over the L2-normalised features). Every save writes a new data
+folder and then swaps the manifest atomically, so a crash leaves the previous index intact."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import faiss
+import numpy as np
+import torch
+from PIL import Image
+
+from ..data.images import IMAGE_EXTENSIONS
+from ..errors import DataError, ModelError
+from ..features.cache import FeatureCache
+from ..io import environment_info, iter_jsonl, read_json, write_json
+from ..models.cir import CIRModel
+
+INDEX_FILE = "index.json"
+FORMAT = "fashion-cir-index/1"
+DEFAULT_FACTORY = "Flat"
+DATA_FILES = ("ids.json", "metadata.json", "paths.json", "features.npy", "faiss.index")
+
+
+# -- catalog input ------------------------------------------------------------------------------
+def read_metadata(path: str | Path) -> dict[str, dict]:
+    """Per-item metadata from a CSV (``image`` or ``id`` column), a JSONL file (one record per
+    line with ``image`` or ``id``) or a JSON file (a list of such records, or an id -> record map)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"metadata file not found: {path}")
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8") as handle:
+            records: Iterable[dict] = list(csv.DictReader(handle))
+    elif path.suffix.lower() == ".jsonl":
+        records = list(iter_jsonl(path, "metadata file"))
+    elif path.suffix.lower() == ".json":
+        raw = read_json(path, "metadata file")
+        if isinstance(raw, dict):
+            return {str(k): dict(v) for k, v in raw.items() if isinstance(v, dict)}
+        if not isinstance(raw, list):
+            raise DataError(f"metadata file {path}: expected a list of records or an id -> record object")
+        records = [r for r in raw if isinstance(r, dict)]
+    else:
+        raise DataError(f"metadata file {path}: unsupported type {path.suffix!r}; use .csv, .jsonl or .json")
+    out: dict[str, dict] = {}
+    for number, record in enumerate(records, 1):
+        key = record.get("image", record.get("id"))
+        if key in (None, ""):
+            raise DataError(f"metadata file {path}, record {number}: no 'image' or 'id' field")
+        out[str(key)] = {k: v for k, v in record.items() if k not in ("image", "id")}
+    return out
+
+
+def load_catalog(images: str | Path | Mapping[str, str | Path],
+                 metadata: str | Path | Iterable[str | Path] | Mapping[str, dict] | None = None,
+                 ids: Iterable[str] | None = None) -> tuple[dict[str, Path], dict[str, dict]]:
+    """Resolve a catalog to (id -> image path, id -> metadata).
+
+    ``images`` is a folder (ids are file stems of .jpg/.jpeg/.png/.webp files) or an id -> path map;
+    ``metadata`` one or more metadata files (merged, later files win per field) or an id -> record
+    map; ``ids`` restricts the catalog to those ids (e.g. a split file's list)."""
+    if isinstance(images, Mapping):
+        paths = {str(k): Path(v) for k, v in images.items()}
+    else:
+        folder = Path(images)
+        if not folder.is_dir():
+            raise DataError(f"catalog image folder not found: {folder}")
+        paths = {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()}
+        if not paths:
+            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
+    if ids is not None:
+        wanted = list(dict.fromkeys(str(i) for i in ids))
+        unknown = [i for i in wanted if i not in paths]
+        if unknown:
+            raise DataError(f"{len(unknown)} requested ids have no image, first: {unknown[0]!r}")
+        paths = {i: paths[i] for i in wanted}
+    merged: dict[str, dict] = {}
+    if isinstance(metadata, Mapping):
+        merged = {str(k): dict(v) for k, v in metadata.items()}
+    elif metadata is not None:
+        for file in [metadata] if isinstance(metadata, (str, Path)) else metadata:
+            for key, record in read_metadata(file).items():
+                merged.setdefault(key, {}).update(record)
+    return paths, {i: merged.get(i, {}) for i in paths}
+
+
+# -- FAISS helpers ------------------------------------------------------------------------------
+def _normalise(features: np.ndarray) -> np.ndarray:
+    features = np.ascontiguousarray(features, dtype=np.float32)
+    norms = np.linalg.norm(features, axis=1, keepdims=True)
+    return features / np.maximum(norms, 1e-12)
+
+
+def _new_faiss_index(factory: str, vectors: np.ndarray) -> faiss.Index:
+    """An inner-product index from a FAISS factory string, trained on ``vectors`` when it needs it."""
+    try:
+        index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise DataError(f"bad FAISS factory string {factory!r} (e.g. 'Flat', 'IVF256,Flat', 'HNSW32'): "
+                        f"{str(exc).strip().splitlines()[-1]}") from exc
+    if not index.is_trained:
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None and len(vectors) < ivf.nlist:
+            raise DataError(f"index {factory!r} has {ivf.nlist} lists but the catalog has only {len(vectors)} "
+                            f"images to train them; use fewer lists (about sqrt(N), e.g. 'IVF{max(1, int(len(vectors) ** 0.5))},Flat') or 'Flat'")
+        try:
+            index.train(vectors)
+        except RuntimeError as exc:
+            raise DataError(f"could not train FAISS index {factory!r} on {len(vectors)} vectors: {exc}") from exc
+    return index
+
+
+def _set_search_params(index: faiss.Index, nprobe: int, ef_search: int) -> None:
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.nprobe = min(nprobe, ivf.nlist)
+    inner = faiss.downcast_index(index)
+    if hasattr(inner, "hnsw"):
+        inner.hnsw.efSearch = ef_search
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """The ``index.json`` of an index folder (config, fingerprint, backbone spec, counts)."""
+    folder = Path(folder)
+    if not (folder / INDEX_FILE).is_file():
+        raise DataError(f"not a fashion-cir index folder (no {INDEX_FILE}): {folder}; build one with `fashion-cir index build`")
+    config = read_json(folder / INDEX_FILE, "index manifest")
+    if config.get("format") != FORMAT:
+        raise DataError(f"{folder / INDEX_FILE}: unsupported format {config.get('format')!r} (expected {FORMAT})")
+    return config
+
+
+@dataclass
+class SearchHit:
+    id: str
+    score: float
+    metadata: dict[str, Any]
+
+
+class CatalogIndex:
+    """An index folder loaded into memory. Build one with :func:`build_index`, open one with
+    :meth:`CatalogIndex.load`; ``ids[row]`` names FAISS row ``row``."""
+
+    def __init__(self, folder: Path, config: dict[str, Any], ids: list[str], metadata: dict[str, dict],
+                 paths: dict[str, Path], features: np.ndarray, faiss_index: faiss.Index):
+        self.folder = Path(folder)
+        self.config = config
+        self.ids = ids
+        self.metadata = metadata
+        self.paths = paths
+        self.features = features
+        self.faiss_index = faiss_index
+        self.rows = {image_id: row for row, image_id in enumerate(ids)}
+        self.report: dict[str, Any] = {}
+        _set_search_params(faiss_index, config["nprobe"], config["ef_search"])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self.rows
+
+    @property
+    def fingerprint(self) -> str:
+        return self.config["image_fingerprint"]
+
+    def check_model(self, model: CIRModel) -> None:
+        """Refuse a model whose image encoder is not the one that encoded this catalog."""
+        actual = model.backbone.image_fingerprint()
+        if actual != self.fingerprint:
+            raise ModelError(
+                f"index {self.folder} was built with image encoder {self.config['backbone']} (fingerprint "
+                f"{self.fingerprint}) but the model given has {model.backbone.spec} (fingerprint {actual}); "
+                "use the model the index was built with, or rebuild the index with this model")
+
+    @classmethod
+    def load(cls, folder: str | Path, model: CIRModel | None = None) -> "CatalogIndex":
+        """Open an index folder; with ``model``, refuse it unless its image fingerprint matches."""
+        folder = Path(folder)
+        config = read_manifest(folder)
+        data = folder / config["data"]
+        missing = [name for name in DATA_FILES if not (data / name).is_file()]
+        if missing:
+            raise DataError(f"index {folder} is incomplete: {data} lacks {missing}; rebuild it")
+        ids = read_json(data / "ids.json", "index ids")
+        features = np.load(data / "features.npy", allow_pickle=False)
+        try:
+            faiss_index = faiss.read_index(str(data / "faiss.index"))
+        except RuntimeError as exc:
+            raise DataError(f"corrupt FAISS file {data / 'faiss.index'}: {exc}") from exc
+        if not (len(ids) == len(features) == faiss_index.ntotal == config["count"]):
+            raise DataError(f"index {folder} is inconsistent: {len(ids)} ids, {len(features)} features, "
+                            f"{faiss_index.ntotal} FAISS rows, manifest says {config['count']}; rebuild it")
+        paths = {k: Path(v) for k, v in read_json(data / "paths.json", "index paths").items()}
+        index = cls(folder, config, ids, read_json(data / "metadata.json", "index metadata"), paths, features, faiss_index)
+        if model is not None:
+            index.check_model(model)
+        return index
+
+    def save(self) -> None:
+        """Write a new data folder, then point the manifest at it, then drop older data folders."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        previous = self.config.get("data")
+        number = int(previous.rsplit("-", 1)[1]) + 1 if previous else 1
+        name = f"data-{number:06d}"
+        tmp = self.folder / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        (tmp / "ids.json").write_text(json.dumps(self.ids), encoding="utf-8")
+        (tmp / "metadata.json").write_text(json.dumps(self.metadata, default=str), encoding="utf-8")
+        (tmp / "paths.json").write_text(json.dumps({k: str(v) for k, v in self.paths.items()}), encoding="utf-8")
+        np.save(tmp / "features.npy", self.features)
+        faiss.write_index(self.faiss_index, str(tmp / "faiss.index"))
+        for file in tmp.iterdir():
+            with file.open("rb") as handle:
+                os.fsync(handle.fileno())
+        shutil.rmtree(self.folder / name, ignore_errors=True)
+        os.replace(tmp, self.folder / name)
+        self.config.update(data=name, count=len(self.ids), updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        write_json(self.folder / INDEX_FILE, self.config)
+        for old in self.folder.glob("data-*"):
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def add_features(self, ids: list[str], features: np.ndarray, metadata: Mapping[str, dict],
+                     paths: Mapping[str, Path]) -> None:
+        """Append items (raw image features) in memory; call :meth:`save` to persist."""
+        if not ids:
+            return
+        self.faiss_index.add(_normalise(features))
+        for image_id in ids:
+            self.rows[image_id] = len(self.ids)
+            self.ids.append(image_id)
+            self.metadata[image_id] = dict(metadata.get(image_id, {}))
+            self.paths[image_id] = Path(paths[image_id]).resolve()
+        self.features = np.concatenate([self.features, features.astype(np.float32)])
+
+    def search_vectors(self, queries: np.ndarray, k: int, exclude: Iterable[str] = ()) -> list[list[SearchHit]]:
+        """Top ``k`` items per normalised query vector, leaving out ``exclude`` ids."""
+        excluded = set(exclude)
+        k = min(k, len(self.ids) - len(excluded & self.rows.keys()))
+        if k <= 0:
+            return [[] for _ in range(len(queries))]
+        fetch = min(k + len(excluded), len(self.ids))
+        scores, rows = self.faiss_index.search(np.ascontiguousarray(queries, dtype=np.float32), fetch)
+        results = []
+        for score_row, id_row in zip(scores, rows):
+            hits = [SearchHit(self.ids[r], float(s), self.metadata.get(self.ids[r], {}))
+                    for s, r in zip(score_row, id_row) if r >= 0 and self.ids[r] not in excluded]
+            results.append(hits[:k])
+        return results
+
+
+# -- build, add, search --------------------------------------------------------------------------
+def _encode(model: CIRModel, paths: dict[str, Path], cache_dir: Path, batch_size: int, num_workers: int,
+            progress: bool) -> tuple[list[str], np.ndarray, dict[str, Any]]:
+    cache = FeatureCache(cache_dir)
+    ids, features = cache.encode(model.backbone, paths, batch_size=batch_size, num_workers=num_workers,
+                                 on_error="skip", progress=progress)
+    stats = cache.last_stats
+    failed = [i for i in paths if i not in set(ids)]
+    return ids, features, {"requested": stats.requested, "computed": stats.computed, "reused": stats.reused,
+                           "failed": len(failed), "failed_ids": failed[:20], "encode_seconds": round(stats.seconds, 3)}
+
+
+def build_index(folder: str | Path, model: CIRModel, images: str | Path | Mapping[str, str | Path],
+                metadata: str | Path | Iterable[str | Path] | Mapping[str, dict] | None = None, *,
+                ids: Iterable[str] | None = None, factory: str = DEFAULT_FACTORY, nprobe: int = 16,
+                ef_search: int = 64, cache_dir: str | Path | None = None, batch_size: int = 64,
+                num_workers: int = 0, overwrite: bool = False, progress: bool = True) -> CatalogIndex:
+    """Encode a catalog with ``model`` and write a new index folder.
+
+    Images that cannot be decoded are left out and counted in ``index.report``. Encoding goes
+    through a feature cache (default ``folder/feature-cache``), so an interrupted build resumes.
+    ``factory`` is a FAISS factory string; ``nprobe`` / ``ef_search`` tune IVF / HNSW searches."""
+    folder = Path(folder)
+    if (folder / INDEX_FILE).exists() and not overwrite:
+        raise DataError(f"an index already exists in {folder}; add images with `fashion-cir index add`, "
+                        "or rebuild with --overwrite")
+    paths, meta = load_catalog(images, metadata, ids)
+    encoded, features, report = _encode(model, paths, Path(cache_dir or folder / "feature-cache"),
+                                        batch_size, num_workers, progress)
+    if not encoded:
+        raise DataError(f"none of the {len(paths)} catalog images could be read")
+    start = time.perf_counter()
+    faiss_index = _new_faiss_index(factory, _normalise(features))
+    backbone = model.backbone
+    config = {"format": FORMAT, "factory": factory, "metric": "inner_product", "feature_dim": int(features.shape[1]),
+              "nprobe": nprobe, "ef_search": ef_search, "backbone": backbone.spec,
+              "preprocess": backbone.preprocess_description, "image_fingerprint": backbone.image_fingerprint(),
+              "count": 0, "data": None, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": environment_info()}
+    empty = np.zeros((0, features.shape[1]), dtype=np.float32)
+    index = CatalogIndex(folder, config, [], {}, {}, empty, faiss_index)
+    index.add_features(encoded, features, meta, paths)
+    index.save()
+    index.report = {**report, "added": len(encoded), "index_seconds": round(time.perf_counter() - start, 3)}
+    return index
+
+
+def add_to_index(folder: str | Path, model: CIRModel, images: str | Path | Mapping[str, str | Path],
+                 metadata: str | Path | Iterable[str | Path] | Mapping[str, dict] | None = None, *,
+                 ids: Iterable[str] | None = None, cache_dir: str | Path | None = None, batch_size: int = 64,
+                 num_workers: int = 0, progress: bool = True) -> CatalogIndex:
+    """Add the catalog images whose ids are not in the index yet; only those are encoded.
+    Refuses a model whose image fingerprint differs from the index's."""
+    index = CatalogIndex.load(folder, model)
+    paths, meta = load_catalog(images, metadata, ids)
+    new = {i: p for i, p in paths.items() if i not in index}
+    report: dict[str, Any] = {"requested": len(paths), "computed": 0, "reused": 0, "failed": 0, "failed_ids": []}
+    if new:
+        encoded, features, report = _encode(model, new, Path(cache_dir or index.folder / "feature-cache"),
+                                            batch_size, num_workers, progress)
+        index.add_features(encoded, features, meta, new)
+        index.save()
+    index.report = {**report, "requested": len(paths), "already_indexed": len(paths) - len(new),
+                    "added": report["computed"] + report["reused"]}
+    return index
+
+
+@torch.no_grad()
+def encode_reference_image(model: CIRModel, image: Image.Image) -> torch.Tensor:
+    """Raw image features [1, d] of an uploaded reference image."""
+    backbone = model.backbone
+    pixels = backbone.preprocess(image.convert("RGB")).unsqueeze(0).to(backbone.device)
+    return backbone.encode_images(pixels).float().cpu()
+
+
+@torch.no_grad()
+def search(model: CIRModel, index: CatalogIndex, image: Image.Image | None = None, item_id: str | None = None,
+           text: str = "", k: int = 10, exclude_reference: bool = False) -> list[SearchHit]:
+    """Composed search: reference (an uploaded ``image`` or a catalog ``item_id``) + relative ``text``.
+
+    The text side is ``model.query_text(text, description of the reference)`` (the catalog item's
+    ``description`` metadata when there is one), composed with the reference features by
+    ``model.compose``. Without text the query is the reference image alone; without a reference it
+    is the text alone. ``exclude_reference`` drops the reference item from the results."""
+    if image is not None and item_id is not None:
+        raise DataError("give a reference image or a catalog id, not both")
+    if item_id is not None and item_id not in index:
+        raise DataError(f"unknown catalog id {item_id!r}")
+    text = text.strip()
+    if image is None and item_id is None and not text:
+        raise DataError("a query needs a reference (image or catalog id), a text, or both")
+    if image is not None:
+        image_features = encode_reference_image(model, image)
+    elif item_id is not None:
+        image_features = torch.from_numpy(index.features[index.rows[item_id]][None].copy())
+    else:
+        image_features = None
+    if text:
+        description = index.metadata.get(item_id, {}).get("description") if item_id is not None else None
+        text_features = model.backbone.embed_texts([model.query_text(text, description)])
+    else:
+        text_features = None
+    if image_features is None:
+        query = model.compose(text_features, text_features, mode="text")
+    elif text_features is None:
+        query = model.compose(image_features, image_features, mode="image")
+    else:
+        query = model.compose(image_features.to(text_features.device), text_features)
+    exclude = [item_id] if exclude_reference and item_id is not None else []
+    return index.search_vectors(query.float().cpu().numpy(), k, exclude)[0]

@@ -1,0 +1,221 @@
+"""HTTP search service over a catalog index: ``POST /search``, item metadata and images, health,
+OpenAPI docs at ``/docs`` and the web page at ``/``. Every error is JSON ``{"detail": "..."}``."""
+
+from __future__ import annotations
+
+import mimetypes
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import quote
+
+from PIL import Image, UnidentifiedImageError
+
+from ..data.images import DEFAULT_MAX_PIXELS, open_image
+from ..errors import DataError, FashionCIRError
+from ..models.cir import MODEL_FILE, CIRModel, load_model
+from ..retrieval.index import CatalogIndex, SearchHit, read_manifest, search
+
+try:
+    from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, JSONResponse
+    from fastapi.staticfiles import StaticFiles
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise FashionCIRError("serving needs FastAPI and uvicorn: pip install 'fashion-cir[serve]'") from exc
+
+STATIC = Path(__file__).parent / "static"
+MB = 1 << 20
+
+
+def _json_error(status: int, detail: str) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status)
+
+
+class BodyLimit:
+    """ASGI middleware: answer 413 to request bodies over the upload limit (plus room for form
+    fields), by Content-Length up front and by counting bytes for chunked uploads."""
+
+    def __init__(self, app: Callable, upload_limit: int):
+        self.app = app
+        self.upload_limit = upload_limit
+        self.limit = upload_limit + 64 * 1024
+
+    def _message(self) -> str:
+        return f"request is too large: uploads are limited to {self.upload_limit / MB:g} MB"
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            await _json_error(413, self._message())(scope, receive, send)
+            return
+        received = 0
+        exceeded = False
+
+        async def limited_receive() -> dict:
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    exceeded = True
+                    raise _BodyTooLarge()
+            return message
+
+        async def guarded_send(message: dict) -> None:
+            if not exceeded:  # the app's own error for the aborted body is replaced by the 413
+                await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except _BodyTooLarge:
+            pass
+        if exceeded:
+            await _json_error(413, self._message())(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _resolve_model(model: CIRModel | str | Path | None, index_folder: Path) -> CIRModel:
+    """A CIRModel as given; a model folder; a backbone spec; or (None) the index's own backbone."""
+    if isinstance(model, CIRModel):
+        return model.eval()
+    if model is None:
+        return load_model(backbone=read_manifest(index_folder)["backbone"])
+    if (Path(model) / MODEL_FILE).is_file():
+        return load_model(model_dir=model)
+    return load_model(backbone=str(model))
+
+
+def _decode_upload(raw: bytes, max_pixels: int) -> Image.Image:
+    """Decode an uploaded reference image or raise the HTTP error that says what is wrong with it;
+    the pixel limit is checked from the header, before the pixels are decoded."""
+    try:
+        return open_image(raw, max_pixels=max_pixels, name="uploaded image")
+    except DataError as exc:
+        cause = exc.__cause__
+        limit = f"the limit is {max_pixels:,} pixels (width x height)"
+        if isinstance(cause, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+            raise HTTPException(413, f"uploaded image has too many pixels: {limit}") from exc
+        if cause is None:  # open_image's own max_pixels check, which names the size
+            raise HTTPException(413, str(exc)) from exc
+        if isinstance(cause, UnidentifiedImageError):
+            raise HTTPException(415, "the uploaded file is not an image this service reads (JPEG, PNG or WebP)") from exc
+        raise HTTPException(400, f"the uploaded image is corrupt or truncated ({cause})") from exc
+
+
+def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = None, *,
+               max_upload_bytes: int = 10 * MB, max_pixels: int = DEFAULT_MAX_PIXELS, max_k: int = 100,
+               max_text_chars: int = 300, exclude_reference: bool = True) -> FastAPI:
+    """The app for ``index_folder``. ``model``: a CIRModel, a model folder, a backbone spec, or
+    None for the zero-shot backbone the index records; its image fingerprint must match the index.
+    ``exclude_reference`` leaves a catalog reference out of its own results (the UI default)."""
+    cir = _resolve_model(model, Path(index_folder))
+    index = CatalogIndex.load(index_folder, cir)
+    app = FastAPI(title="fashion-cir search", version="1",
+                  description="Composed image retrieval: a reference image (upload or catalog id) plus a "
+                              "relative caption such as 'is red with long sleeves' -> ranked catalog items.")
+    app.add_middleware(BodyLimit, upload_limit=max_upload_bytes)
+    app.state.index, app.state.model = index, cir
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body", "query", "path", "form"))
+            parts.append(f"{where}: {error.get('msg', 'invalid value')}" if where else error.get("msg", "invalid value"))
+        return _json_error(422, "; ".join(parts) or "invalid request")
+
+    def item_view(image_id: str, score: float | None = None, rank: int | None = None) -> dict[str, Any]:
+        view: dict[str, Any] = {"id": image_id, "metadata": index.metadata.get(image_id, {}),
+                                "image_url": f"/images/{quote(image_id, safe='')}"}
+        if score is not None:
+            view.update(rank=rank, score=round(score, 5))
+        return view
+
+    def known(item_id: str) -> str:
+        if item_id not in index:
+            raise HTTPException(404, f"unknown item id {item_id!r}")
+        return item_id
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/health", summary="Service and index status")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "items": len(index), "backbone": index.config["backbone"],
+                "fingerprint": index.fingerprint, "factory": index.config["factory"],
+                "query_mode": cir.query_mode, "limits": {"max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels,
+                                                         "max_k": max_k, "max_text_chars": max_text_chars}}
+
+    @app.get("/items", summary="Browse the catalog: a random sample, optionally filtered by a word")
+    def items(n: int = Query(24, ge=1, le=200), seed: int = Query(0), q: str = Query("", max_length=100)) -> dict[str, Any]:
+        ids = index.ids
+        needle = q.strip().lower()
+        if needle:
+            ids = [i for i in ids if needle in " ".join(str(v) for v in index.metadata.get(i, {}).values()).lower()]
+        chosen = random.Random(seed).sample(ids, min(n, len(ids)))
+        return {"total": len(index), "matched": len(ids), "items": [item_view(i) for i in chosen]}
+
+    @app.get("/items/{item_id:path}", summary="Metadata of one catalog item")
+    def item(item_id: str) -> dict[str, Any]:
+        return item_view(known(item_id))
+
+    @app.get("/images/{item_id:path}", summary="The image of one catalog item", response_class=FileResponse)
+    def image(item_id: str) -> FileResponse:
+        path = index.paths[known(item_id)]
+        if not path.is_file():
+            raise HTTPException(404, f"the image file of item {item_id!r} is missing on the server")
+        media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        return FileResponse(path, media_type=media_type, headers={"Cache-Control": "public, max-age=3600"})
+
+    @app.post("/search", summary="Composed search: reference image (upload or catalog id) + relative caption")
+    def search_endpoint(
+        text: str = Form("", max_length=max_text_chars, description="the change, e.g. 'is red with long sleeves'"),
+        k: int = Form(10, ge=1, le=max_k, description="number of results"),
+        id: str | None = Form(None, description="a catalog item id as the reference"),
+        image: UploadFile | None = File(None, description=f"a reference image (at most {max_upload_bytes // MB} MB)"),
+    ) -> dict[str, Any]:
+        caption = text.strip()
+        if not caption:
+            raise HTTPException(422, f"text must not be empty: describe the change in 1 to {max_text_chars} characters")
+        has_upload = image is not None and bool(image.filename or image.size)
+        if has_upload == bool(id):
+            raise HTTPException(400, "give exactly one reference: an uploaded 'image' file or a catalog 'id'")
+        reference = None
+        if has_upload:
+            raw = image.file.read(max_upload_bytes + 1)
+            if len(raw) > max_upload_bytes:
+                raise HTTPException(413, f"uploaded image is larger than the limit of {max_upload_bytes / MB:.1f} MB")
+            if not raw:
+                raise HTTPException(400, "uploaded image is empty")
+            reference = _decode_upload(raw, max_pixels)
+        else:
+            known(id)
+        start = time.perf_counter()
+        hits: list[SearchHit] = search(cir, index, image=reference, item_id=id if not has_upload else None,
+                                       text=caption, k=k, exclude_reference=exclude_reference)
+        description = index.metadata.get(id, {}).get("description") if not has_upload else None
+        return {"reference": {"id": None, "upload": image.filename} if has_upload else item_view(id),
+                "text": caption, "query_text": cir.query_text(caption, description), "k": k,
+                "took_ms": round((time.perf_counter() - start) * 1000, 2),
+                "results": [item_view(h.id, h.score, rank) for rank, h in enumerate(hits, 1)]}
+
+    return app
+
+
+def serve(index_folder: str | Path, model: CIRModel | str | Path | None = None, host: str = "127.0.0.1",
+          port: int = 8000, **app_options: Any) -> None:
+    """Run the app with uvicorn until interrupted (``app_options`` go to :func:`create_app`)."""
+    import uvicorn
+
+    uvicorn.run(create_app(index_folder, model, **app_options), host=host, port=port, log_level="info")
