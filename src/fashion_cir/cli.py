@@ -194,6 +194,103 @@ def triplets(
     typer.echo(json.dumps({k: v for k, v in stats.items() if not isinstance(v, (dict, list))}, indent=2))
 
 
+def _model(model: Optional[Path], backbone: Optional[str]):
+    from .models.cir import load_model
+
+    return load_model(model, backbone or "openclip:ViT-B-32:openai")
+
+
+@index_app.command("build")
+@friendly
+def index_build(
+    out: Path = typer.Argument(..., help="Index folder to create."),
+    images: Path = typer.Option(..., help="Folder of catalog images (ids are file stems)."),
+    metadata: list[Path] = typer.Option([], help="CSV (image/id column), JSON or JSONL metadata; repeatable."),
+    split: Optional[Path] = typer.Option(None, help="Only index the ids in this split file."),
+    model: Optional[Path] = typer.Option(None, help="Trained model folder."),
+    backbone: Optional[str] = typer.Option(None, help="Zero-shot backbone spec (default openclip:ViT-B-32:openai)."),
+    factory: str = typer.Option("Flat", help="FAISS factory string: Flat (exact), IVF1024,Flat, HNSW32, ..."),
+    nprobe: int = typer.Option(16, help="IVF lists probed per query."),
+    ef_search: int = typer.Option(64, help="HNSW search depth."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Feature cache (default INDEX/feature-cache)."),
+    batch_size: int = typer.Option(64),
+    workers: int = typer.Option(0),
+    overwrite: bool = typer.Option(False, help="Replace an existing index."),
+):
+    """Encode a catalog into a searchable FAISS index (resumable; saved with the model fingerprint)."""
+    from .data.triplets import read_split
+    from .retrieval.index import build_index
+
+    index = build_index(out, _model(model, backbone), images, list(metadata) or None,
+                        ids=read_split(split) if split else None, factory=factory, nprobe=nprobe, ef_search=ef_search,
+                        cache_dir=cache_dir, batch_size=batch_size, num_workers=workers, overwrite=overwrite)
+    typer.echo(f"indexed {len(index)} images into {out}: {json.dumps(index.report)}")
+
+
+@index_app.command("add")
+@friendly
+def index_add(
+    index_dir: Path = typer.Argument(..., help="Existing index folder."),
+    images: Path = typer.Option(..., help="Folder of images; only ids not yet indexed are encoded."),
+    metadata: list[Path] = typer.Option([], help="Metadata files for the new images; repeatable."),
+    split: Optional[Path] = typer.Option(None),
+    model: Optional[Path] = typer.Option(None),
+    backbone: Optional[str] = typer.Option(None),
+    cache_dir: Optional[Path] = typer.Option(None),
+):
+    """Add new catalog images to an index (refuses a model that does not match it)."""
+    from .data.triplets import read_split
+    from .retrieval.index import add_to_index
+
+    index = add_to_index(index_dir, _model(model, backbone), images, list(metadata) or None,
+                         ids=read_split(split) if split else None, cache_dir=cache_dir)
+    typer.echo(f"index now holds {len(index)} images: {json.dumps(index.report)}")
+
+
+@app.command()
+@friendly
+def search(
+    index_dir: Path = typer.Option(..., "--index", help="Index folder."),
+    image: Optional[Path] = typer.Option(None, help="Reference image file."),
+    item_id: Optional[str] = typer.Option(None, "--id", help="Reference catalog id."),
+    text: str = typer.Option("", help='How the target differs, e.g. "is red with long sleeves".'),
+    k: int = typer.Option(10, "-k", min=1, max=1000),
+    model: Optional[Path] = typer.Option(None),
+    backbone: Optional[str] = typer.Option(None),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+):
+    """Composed search: a reference (image or id) plus a relative caption -> ranked ids and scores."""
+    from .data.images import open_image
+    from .retrieval.index import CatalogIndex, read_manifest
+    from .retrieval.index import search as run_search
+
+    cir = _model(model, backbone or read_manifest(index_dir)["backbone"])
+    index = CatalogIndex.load(index_dir, cir)
+    hits = run_search(cir, index, image=open_image(image) if image else None, item_id=item_id, text=text, k=k)
+    if json_out:
+        typer.echo(json.dumps([{"id": h.id, "score": h.score, "metadata": h.metadata} for h in hits], indent=2))
+        return
+    for rank, hit in enumerate(hits, 1):
+        typer.echo(f"{rank:>3}  {hit.score:.4f}  {hit.id}  {hit.metadata.get('description', '')}")
+
+
+@app.command("serve")
+@friendly
+def serve_command(
+    index_dir: Path = typer.Option(..., "--index", help="Index folder."),
+    model: Optional[Path] = typer.Option(None, help="Model folder (default: the backbone the index records)."),
+    backbone: Optional[str] = typer.Option(None),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8000),
+    max_upload_mb: int = typer.Option(10),
+):
+    """Serve the search API and web page."""
+    from .serving.app import serve
+
+    typer.echo(f"serving http://{host}:{port}/")
+    serve(index_dir, model or backbone, host=host, port=port, max_upload_bytes=max_upload_mb * 1024 * 1024)
+
+
 @app.command()
 @friendly
 def demo(

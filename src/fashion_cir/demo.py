@@ -83,6 +83,7 @@ class Demo:
         if self.config.fast:
             allowed = set(catalog.splits["val"])
             annotated.gallery_ids = [i for i in annotated.gallery_ids if i in allowed]
+            annotated.triplets = [t for t in annotated.triplets if t.candidate in allowed and t.target in allowed]
         generated = TripletSet(GENERATED, parse_triplets(generated_val, GENERATED), list(catalog.split_paths("val")),
                                {i: catalog.image_paths[i] for i in catalog.image_paths}, [], 0)
         generated.triplets = [t for t in generated.triplets if t.candidate in catalog.image_paths and t.target in catalog.image_paths]

@@ -67,7 +67,7 @@ class OfflineBackbone(Backbone):
 
     def __init__(self, dim: int = DEFAULT_DIM, seed: int = 0, project: bool = True):
         super().__init__(224, "clip", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-        self.image_tower = _efficientnet()
+        self.image_tower = _efficientnet().to(memory_format=torch.channels_last)  # ~2x faster depthwise convs on CPU
         self.text_tower, self.tokenizer = _minilm()
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
@@ -87,6 +87,7 @@ class OfflineBackbone(Backbone):
         return len(self.tokenizer(text, truncation=False)["input_ids"])
 
     def encode_image_trunk(self, pixels: torch.Tensor) -> torch.Tensor:
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
         return self.image_tower.extract_features(pixels).mean(dim=(2, 3))
 
     def image_head(self, trunk_features: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,145 @@
+"""The demo's training, index, picture and serving steps (see :mod:`fashion_cir.demo`)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from .data.catalog import ClothingCatalog
+from .data.triplets import Triplet, TripletSet, load_triplet_set, parse_triplets
+from .io import read_json
+from .models.cir import CIRModel
+
+
+def _stage_configs(fast: bool) -> dict[str, dict]:
+    """Demo settings. On CPU the image tower stays frozen (its features are cached) and the text
+    tower + projections train; on a GPU the same code trains both towers (``encoders='both'``)."""
+    common = {"seed": 0, "progress": False, "checkpoint_every": 200, "log_every": 20, "warmup_ratio": 0.1,
+              "select_set": "annotated-val", "select_metric": "overall"}
+    stage1 = {**common, "encoders": "text", "epochs": 1 if fast else 2, "batch_size": 32 if fast else 64,
+              "lr": 3e-5, "scale": 30.0, "hard_negatives_per_query": 1, "annotated_ratio": 0.25}
+    stage2 = {**common, "encoders": "text", "epochs": 1 if fast else 2, "batch_size": 32 if fast else 128,
+              "lr": 2e-5, "temperature": 0.02}
+    return {"stage1": stage1, "stage2": stage2}
+
+
+def _train(demo, name: str, stage: str, settings: dict, model: CIRModel, triplets: list[Triplet],
+           image_paths: dict, sets: dict[str, TripletSet], descriptions: dict[str, str]) -> tuple[CIRModel, Path]:
+    """Train one stage into ``out/train/<name>`` and publish its best model as ``out/<name>``;
+    a finished run with the same config is reused, not retrained."""
+    from .training import Stage1Config, Stage2Config, train_stage1, train_stage2
+
+    run_dir = demo.out / "train" / name
+    published = demo.out / name
+    config_cls, train = (Stage1Config, train_stage1) if stage == "stage1" else (Stage2Config, train_stage2)
+    batch = max(2, min(settings["batch_size"], len(triplets) // 2 * 2))  # --fast slices can be smaller than a batch
+    config = config_cls.from_dict({**settings, "batch_size": batch, "cache_dir": str(demo.out / "features")}, f"demo {name}")
+    saved = run_dir / "config.json"
+    done = (published / "model.json").is_file() and saved.is_file() and \
+        {k: v for k, v in read_json(saved).items() if k not in ("progress", "cache_dir")} == \
+        {k: v for k, v in config.model_dump(mode="json").items() if k not in ("progress", "cache_dir")}
+    if done:
+        demo.log(f"reusing trained {name} from {published}")
+        return CIRModel.load(published), published
+    demo.log(f"training {name}: {len(triplets)} triplets, {config.epochs} epochs, batch {config.batch_size}")
+    train(config, model, triplets, image_paths, sets, descriptions, run_dir)
+    best = run_dir / "best" if (run_dir / "best" / "model.json").is_file() else run_dir / "model"
+    if published.exists():
+        shutil.rmtree(published)
+    shutil.copytree(best, published)
+    return CIRModel.load(published), published
+
+
+def run_training_stages(demo, zero_shot: CIRModel, catalog: ClothingCatalog, generated_train: list[dict],
+                        sets: dict[str, TripletSet], descriptions: dict[str, str]) -> dict[str, Path]:
+    """Stage 1 on annotated + generated triplets, the annotated-only and generated-only ablations,
+    then stage 2 from the stage-1 model. Returns {stage name: published model folder}."""
+    settings = _stage_configs(demo.config.fast)
+    annotated_set = load_triplet_set(catalog.captions_file("train"), catalog.split_file("train"), catalog.root / "images")
+    train_ids = set(catalog.splits["train"])
+    annotated = [t for t in annotated_set.triplets if t.candidate in train_ids and t.target in train_ids]
+    generated = parse_triplets(generated_train, "generated train triplets")
+    image_paths = catalog.split_paths("train")
+    published: dict[str, Path] = {}
+    runs = [("stage1-annotated-only", annotated), ("stage1-generated-only", generated), ("stage1", annotated + generated)]
+    stage1_model = None
+    for name, triplets in runs:
+        fresh = CIRModel.load(demo.out / "zero-shot")
+        model, published[name] = _train(demo, name, "stage1", settings["stage1"], fresh, triplets, image_paths, sets, descriptions)
+        demo.evaluate(name, model, sets, descriptions, (model.query_mode,))
+        if name == "stage1":
+            stage1_model = model
+    model, published["stage2"] = _train(demo, "stage2", "stage2", settings["stage2"], stage1_model,
+                                        annotated + generated, image_paths, sets, descriptions)
+    demo.evaluate("stage2", model, sets, descriptions, (model.query_mode,))
+    return published
+
+
+def example_picture(model: CIRModel, triplet_set: TripletSet, descriptions: dict[str, str], out: Path,
+                    n_queries: int = 4, k: int = 5) -> Path:
+    """A PNG: per row the reference, its caption, the top-k results, the target outlined in green."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import torch
+
+    from .data.images import open_image
+    from .evaluation.evaluate import query_texts
+    from .features.cache import FeatureCache
+
+    cache = FeatureCache(out.parent / "features")
+    gallery_ids, gallery = cache.encode(model.backbone, {i: triplet_set.image_paths[i] for i in triplet_set.gallery_ids}, progress=False)
+    position = {i: n for n, i in enumerate(gallery_ids)}
+    triplets = [t for t in triplet_set.triplets if t.candidate in position][:: max(1, len(triplet_set.triplets) // n_queries)][:n_queries]
+    texts = query_texts(model, triplets, descriptions)
+    with torch.no_grad():
+        queries = model.compose(torch.from_numpy(np.stack([gallery[position[t.candidate]] for t in triplets])),
+                                model.backbone.embed_texts(texts))
+        scores = queries @ torch.nn.functional.normalize(torch.from_numpy(gallery), dim=-1).T
+    fig, axes = plt.subplots(len(triplets), k + 1, figsize=(2.2 * (k + 1), 2.9 * len(triplets)))
+    for row, (triplet, score) in enumerate(zip(triplets, scores)):
+        top = torch.argsort(score, descending=True, stable=True)[:k].tolist()
+        cells = [(triplet.candidate, "reference")] + [(gallery_ids[i], f"#{n + 1}  {score[i]:.2f}") for n, i in enumerate(top)]
+        for col, (image_id, label) in enumerate(cells):
+            ax = axes[row][col]
+            ax.imshow(open_image(triplet_set.image_paths[image_id]).resize((160, 213)))
+            ax.set_xticks([]), ax.set_yticks([])
+            is_target = col > 0 and image_id == triplet.target
+            ax.set_title(label + ("  TARGET" if is_target else ""), fontsize=8, color="green" if is_target else "black")
+            for spine in ax.spines.values():
+                spine.set_edgecolor("green" if is_target else "#bbbbbb")
+                spine.set_linewidth(4 if is_target else 1)
+        caption = " / ".join(triplet.captions)
+        axes[row][0].set_xlabel(caption[:60] + ("…" if len(caption) > 60 else ""), fontsize=8)
+    fig.suptitle("Annotated clothing val queries: reference + caption -> top-5 (target in green)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
+
+
+def finish_demo(demo, catalog: ClothingCatalog, sets: dict[str, TripletSet], descriptions: dict[str, str]) -> None:
+    """Picture of example queries, the searchable index of the catalog, then (optionally) the web page."""
+    from .retrieval.index import build_index, search
+
+    best = CIRModel.load(demo.out / "best")
+    picture = example_picture(best, sets["annotated-val"], descriptions, demo.out / "examples.png")
+    demo.log(f"example queries: {picture}")
+    index_dir = demo.out / "index"
+    split_names = ("train", "val") if demo.config.fast else ("train", "val", "test")
+    catalog_paths = {i: p for s in split_names for i, p in catalog.split_paths(s).items()}
+    metadata = {i: {k: v for k, v in catalog.attributes.get(i, {}).items() if k != "image"} | {"label": catalog.labels.get(i)}
+                for i in catalog_paths}
+    index = build_index(index_dir, best, catalog_paths, metadata, cache_dir=demo.out / "features", overwrite=True, progress=False)
+    example = sets["annotated-val"].triplets[0]
+    hits = search(best, index, item_id=example.candidate, text=example.captions[0], k=5, exclude_reference=True)
+    demo.log(f"index: {len(index)} catalog images in {index_dir}; example search "
+             f"'{example.captions[0]}' -> {json.dumps([h.id[:8] for h in hits])}")
+    if demo.config.serve:
+        from .serving.app import serve
+
+        print(f"\nServing the demo catalog at http://127.0.0.1:{demo.config.port}/  (Ctrl+C to stop)", flush=True)
+        serve(index_dir, best, host="127.0.0.1", port=demo.config.port)

@@ -1,0 +1,69 @@
+"""The command line: real commands on real files; errors are one clear line, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from fashion_cir.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def clothing(shared_dir):
+    root = shared_dir / "clothing-dataset"
+    return {"captions": root / "captions" / "cap.clothing.val.json",
+            "split": root / "image_splits" / "split.clothing.val.json", "images": root / "images"}
+
+
+def test_every_command_has_help():
+    for command in (["--help"], ["evaluate", "--help"], ["demo", "--help"], ["caption", "--help"], ["triplets", "--help"],
+                    ["index", "build", "--help"], ["index", "add", "--help"], ["search", "--help"], ["serve", "--help"],
+                    ["align", "--help"], ["train", "--help"]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 0, (command, result.output)
+        assert "Usage" in result.output
+
+
+def test_evaluate_writes_the_documented_json(clothing, tmp_path):
+    out = tmp_path / "metrics.json"
+    result = runner.invoke(app, ["evaluate", "--backbone", "tiny", "--captions", str(clothing["captions"]),
+                                 "--split-file", str(clothing["split"]), "--images", str(clothing["images"]),
+                                 "--mode", "sum", "--mode", "image", "--cache-dir", str(tmp_path / "cache"),
+                                 "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(out.read_text())
+    for key in ("cap.clothing.val", "average"):
+        assert set(metrics[key]) >= {"R@1", "R@5", "R@10", "R@50", "n_queries", "n_gallery", "missing"}
+    assert metrics["cap.clothing.val"]["n_queries"] == 240 and metrics["cap.clothing.val"]["n_gallery"] == 563
+    assert metrics["query_mode"] == "sum" and set(metrics["by_mode"]) == {"sum", "image"}
+    assert "R@10" in result.output
+
+
+def test_unknown_backbone_is_one_clear_line(clothing):
+    result = runner.invoke(app, ["evaluate", "--backbone", "nonsense:x", "--captions", str(clothing["captions"]),
+                                 "--split-file", str(clothing["split"]), "--images", str(clothing["images"])])
+    assert result.exit_code == 2
+    assert "unknown backbone 'nonsense:x'" in result.output and "Traceback" not in result.output
+
+
+def test_malformed_captions_name_file_and_line(clothing, tmp_path):
+    bad = tmp_path / "cap.json"
+    bad.write_text('[{"candidate": "a", "target": "b", "captions": ["x"]},\n  {"candidate": }]')
+    result = subprocess.run([sys.executable, "-m", "fashion_cir.cli", "evaluate", "--backbone", "tiny", "--captions", str(bad),
+                             "--split-file", str(clothing["split"]), "--images", str(clothing["images"])],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert f"malformed captions file {bad}" in result.stderr and "line 2" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_images_folder_is_reported(clothing, tmp_path):
+    result = runner.invoke(app, ["evaluate", "--backbone", "tiny", "--captions", str(clothing["captions"]),
+                                 "--split-file", str(clothing["split"]), "--images", str(tmp_path / "none")])
+    assert result.exit_code == 2 and "images folder not found" in result.output
