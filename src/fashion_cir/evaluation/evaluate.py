@@ -64,7 +64,8 @@ def score_triplet_set(model: CIRModel, triplet_set: TripletSet, cache: FeatureCa
         reference_index = np.array([position.get(t.candidate, -1) for t in triplets], dtype=np.int64)
         results = {}
         for mode in options.modes:
-            queries = compose_query(mode, image_feats, text_feats, model.combiner)
+            device = model.backbone.device  # a Combiner lives with the model, features on the CPU
+            queries = compose_query(mode, image_feats.to(device), text_feats.to(device), model.combiner).float().cpu()
             scores = (queries @ gallery_norm.T).numpy()
             ranks = target_ranks(scores, target_index, reference_index if options.remove_reference else None)
             results[mode] = {

@@ -1,0 +1,12 @@
+"""Two-stage fine-tuning: stage 1 (CLIP4Cir, in-batch + hard negatives) and stage 2 (SPN4CIR,
+static-representation bank negatives); losses, configs, and a torchrun-ready entrypoint
+(``python -m fashion_cir.training.run``)."""
+
+from .config import Stage1Config, Stage2Config, TrainConfig
+from .losses import BankInfoNCELoss, InBatchContrastiveLoss, duplicate_groups
+from .loop import TrainingStopped
+from .stage1 import train_stage1
+from .stage2 import train_stage2
+
+__all__ = ["Stage1Config", "Stage2Config", "TrainConfig", "BankInfoNCELoss", "InBatchContrastiveLoss",
+           "duplicate_groups", "TrainingStopped", "train_stage1", "train_stage2"]

@@ -1,0 +1,302 @@
+"""The training loop both stages share: AdamW + warm-up/cosine, AMP, gradient accumulation and
+clipping, DDP, JSONL metrics, per-epoch validation with best-model keeping, and atomic checkpoints
+(``<out>/checkpoint.pt``) that resume exactly: trained parameters, optimizer, scheduler, grad scaler,
+every rank's RNG states, and the data position (epoch, step)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ..data.triplets import TripletSet
+from ..errors import FashionCIRError
+from ..evaluation.evaluate import EvalOptions, evaluate_sets
+from ..features.cache import FeatureCache
+from ..io import append_jsonl, atomic_write_bytes, write_json
+from ..models.cir import CIRModel
+from .config import RESUMABLE_FIELDS, TrainConfig
+from .distributed import DistContext, mean_over_ranks, setup_distributed
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FORMAT = "fashion-cir-checkpoint/1"
+
+
+class TrainingStopped(FashionCIRError):
+    """Raised after ``stop_after_steps`` (a testing aid that simulates a kill)."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def start_stage(config: TrainConfig, out_dir: str | Path) -> tuple[DistContext, Path]:
+    """Join torchrun's process group (if any), seed this rank, create ``out_dir``, check the batch split."""
+    ctx = setup_distributed(config.device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(config.seed + ctx.rank)
+    micro = config.batch_size // config.grad_accum_steps
+    if micro % ctx.world_size:
+        raise FashionCIRError(f"micro-batch {micro} (batch_size / grad_accum_steps) is not divisible by {ctx.world_size} ranks")
+    return ctx, out_dir
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def warmup_cosine(total_steps: int, warmup_ratio: float, min_lr_ratio: float) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up over ``warmup_ratio`` of the steps, then cosine to ``min_lr_ratio``."""
+    warmup = int(round(warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype: None on CPU or when off; ``auto`` = bf16 where the GPU supports it, else fp16."""
+    if device.type != "cuda" or setting == "off":
+        return None
+    if setting == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if setting == "bf16" else torch.float16
+
+
+@dataclass
+class Progress:
+    epoch: int = 0
+    step: int = 0  # optimizer steps done in ``epoch``
+    global_step: int = 0
+    best_metric: float | None = None
+    history: list = field(default_factory=list)
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
+            if k not in RESUMABLE_FIELDS and saved.get(k) != current.get(k)]
+
+
+@dataclass
+class StageRun:
+    """What a stage hands to :func:`fit`. ``step_module(batch)`` returns (loss to back-propagate,
+    loss to report); ``micro_batches(epoch, start_step)`` yields this rank's micro-batches on device."""
+
+    name: str
+    config: TrainConfig
+    model: CIRModel
+    step_module: nn.Module
+    micro_batches: Callable[[int, int], Iterator[dict]]
+    steps_per_epoch: int
+    val_sets: dict[str, TripletSet]
+    descriptions: dict[str, str] | None
+    out_dir: Path
+    ctx: DistContext
+    image_encoder_trains: bool
+    summary: dict = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, run: StageRun):
+        self.run = run
+        cfg = run.config
+        self.params = [p for p in run.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise FashionCIRError(f"{run.name}: nothing to train (every parameter is frozen)")
+        if cfg.select_set is not None and cfg.select_set not in run.val_sets:
+            raise FashionCIRError(f"select_set {cfg.select_set!r} is not a validation set ({sorted(run.val_sets)})")
+        self.total_steps = cfg.epochs * run.steps_per_epoch
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(self.total_steps, cfg.warmup_ratio, cfg.min_lr_ratio))
+        self.dtype = amp_dtype(cfg.amp, run.ctx.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
+        if run.ctx.world_size > 1:
+            ids = [run.ctx.device.index] if run.ctx.device.type == "cuda" else None
+            self.module = DistributedDataParallel(run.step_module, device_ids=ids, broadcast_buffers=False)
+        else:
+            self.module = run.step_module
+        self.progress = Progress()
+        self.checkpoint_path = run.out_dir / CHECKPOINT_FILE
+        self.metrics_path = run.out_dir / "metrics.jsonl"
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu() for n, p in self.run.model.named_parameters() if p.requires_grad}
+
+    def save_checkpoint(self) -> None:
+        ctx = self.run.ctx
+        states = [None] * ctx.world_size
+        if ctx.world_size > 1:
+            dist.all_gather_object(states, rng_state())
+        else:
+            states = [rng_state()]
+        if ctx.is_main:
+            payload = {
+                "format": CHECKPOINT_FORMAT, "stage": self.run.name,
+                "config": self.run.config.model_dump(mode="json"),
+                "progress": self.progress.__dict__, "params": self.trained_state(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": states,
+            }
+            buffer = io.BytesIO()
+            torch.save(payload, buffer)
+            atomic_write_bytes(self.checkpoint_path, buffer.getvalue())
+        ctx.barrier()
+
+    def load_checkpoint(self) -> bool:
+        if not (self.run.config.resume and self.checkpoint_path.is_file()):
+            return False
+        try:
+            payload = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise FashionCIRError(f"corrupt checkpoint {self.checkpoint_path}: {exc}; delete it to start over") from exc
+        if payload.get("format") != CHECKPOINT_FORMAT or payload.get("stage") != self.run.name:
+            raise FashionCIRError(f"{self.checkpoint_path} is not a {self.run.name} checkpoint; use another output folder")
+        changed = config_differences(payload["config"], self.run.config.model_dump(mode="json"))
+        if changed:
+            raise FashionCIRError(f"{self.checkpoint_path} was written with another config ({'; '.join(changed)}); "
+                                  "use another output folder, restore the config, or set resume=false")
+        names = dict(self.run.model.named_parameters())
+        with torch.no_grad():
+            for name, value in payload["params"].items():
+                names[name].copy_(value)
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.scaler.load_state_dict(payload["scaler"])
+        states = payload["rng"]
+        set_rng_state(states[self.run.ctx.rank % len(states)])
+        self.progress = Progress(**payload["progress"])
+        return True
+
+    # -- logging and validation -----------------------------------------------------------------
+    def log(self, record: dict) -> None:
+        if self.run.ctx.is_main:
+            append_jsonl(self.metrics_path, [{"stage": self.run.name, "time": round(time.time(), 3), **record}])
+
+    def validate(self) -> tuple[dict | None, float | None]:
+        """Rank 0 evaluates the val sets in the model's query mode; returns (report, selection metric)."""
+        run, cfg = self.run, self.run.config
+        if not run.val_sets or not run.ctx.is_main:
+            return None, None
+        if run.image_encoder_trains:  # features of a moving encoder are never reused: a throw-away cache
+            cache = FeatureCache(run.out_dir / ".val_cache")
+        else:
+            cache = FeatureCache(cfg.cache_dir or run.out_dir / "cache")
+        options = EvalOptions(modes=(run.model.query_mode,), batch_size=cfg.eval_batch_size,
+                              num_workers=cfg.num_workers, progress=False)
+        report = evaluate_sets(run.model, run.val_sets, cache, options, run.descriptions)[run.model.query_mode]
+        if run.image_encoder_trains:
+            shutil.rmtree(run.out_dir / ".val_cache", ignore_errors=True)
+        return report, float(report[cfg.select_set or "average"][cfg.select_metric])
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(self) -> CIRModel:
+        run, cfg, ctx = self.run, self.run.config, self.run.ctx
+        resumed = self.load_checkpoint()
+        if ctx.is_main:
+            cfg.to_json(run.out_dir / "config.json")
+        self.log({"event": "resume" if resumed else "start", **self.progress.__dict__, **run.summary,
+                  "world_size": ctx.world_size, "steps_per_epoch": run.steps_per_epoch,
+                  "trainable_parameters": sum(p.numel() for p in self.params),
+                  "amp": str(self.dtype) if self.dtype else "off"})
+        bar = tqdm(total=self.total_steps, initial=self.progress.global_step, desc=run.name, unit="step",
+                   disable=not (cfg.progress and ctx.is_main), dynamic_ncols=True)
+        autocast = (lambda: torch.autocast("cuda", dtype=self.dtype)) if self.dtype else contextlib.nullcontext
+        try:
+            while self.progress.epoch < cfg.epochs:
+                run.model.train()
+                batches = run.micro_batches(self.progress.epoch, self.progress.step)
+                while self.progress.step < run.steps_per_epoch:
+                    loss, grad_norm = self.train_step(batches, autocast)
+                    self.progress.step += 1
+                    self.progress.global_step += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", epoch=self.progress.epoch)
+                    if self.progress.global_step % cfg.log_every == 0 or self.progress.global_step == 1:
+                        self.log({"epoch": self.progress.epoch, "step": self.progress.global_step, "loss": loss,
+                                  "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]})
+                    if self.progress.global_step % cfg.checkpoint_every == 0:
+                        self.save_checkpoint()
+                    if cfg.stop_after_steps == self.progress.global_step:
+                        raise TrainingStopped(f"{run.name}: stopped after step {self.progress.global_step} (stop_after_steps)")
+                self.end_epoch()
+        finally:
+            bar.close()
+        if ctx.is_main:
+            run.model.save(run.out_dir / "model", {"stage": run.name, "config": cfg.model_dump(mode="json"),
+                                                    "global_step": self.progress.global_step,
+                                                    "best_metric": self.progress.best_metric})
+            write_json(run.out_dir / "summary.json", {"stage": run.name, **self.progress.__dict__, **run.summary})
+        ctx.barrier()
+        return run.model.eval()
+
+    def train_step(self, batches: Iterator[dict], autocast) -> tuple[float, float]:
+        cfg, ctx = self.run.config, self.run.ctx
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=ctx.device)
+        for micro in range(cfg.grad_accum_steps):
+            batch = next(batches)
+            last = micro == cfg.grad_accum_steps - 1
+            sync = contextlib.nullcontext() if last or ctx.world_size == 1 else self.module.no_sync()
+            with sync:
+                with autocast():
+                    loss, report = self.module(batch)
+                self.scaler.scale(loss / cfg.grad_accum_steps).backward()
+            total += report.detach().float() / cfg.grad_accum_steps
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf"))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return float(mean_over_ranks(total, ctx)), float(grad_norm)
+
+    def end_epoch(self) -> None:
+        run, cfg = self.run, self.run.config
+        report, metric = self.validate()
+        improved = metric is not None and (self.progress.best_metric is None or metric > self.progress.best_metric)
+        if run.ctx.is_main and (improved or not run.val_sets):
+            run.model.save(run.out_dir / "best", {"stage": run.name, "epoch": self.progress.epoch,
+                                                   "global_step": self.progress.global_step,
+                                                   "selection": {"set": cfg.select_set or "average",
+                                                                 "metric": cfg.select_metric, "value": metric}})
+        if improved:
+            self.progress.best_metric = metric
+        if report is not None:
+            self.log({"epoch": self.progress.epoch, "step": self.progress.global_step, "val": report,
+                      "selection_metric": metric, "best": improved})
+            self.progress.history.append({"epoch": self.progress.epoch, "metric": metric})
+        self.progress.epoch += 1
+        self.progress.step = 0
+        self.save_checkpoint()

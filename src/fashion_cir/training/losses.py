@@ -1,0 +1,75 @@
+"""Contrastive losses for composed retrieval. Inputs are L2-normalised vectors; row ``i`` of the
+queries has exactly one positive, and every column that is a duplicate of that positive (same
+image, or an identical feature row) is removed from the row so it is never counted as a negative."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _masked_cross_entropy(logits: torch.Tensor, positives: torch.Tensor, ignore: torch.Tensor | None) -> torch.Tensor:
+    """Mean cross-entropy of ``logits`` [B, C] with target columns ``positives`` [B]; columns where
+    ``ignore`` [B, C] is True drop out of the softmax (the positive column is always kept)."""
+    logits = logits.float()
+    if ignore is not None:
+        ignore = ignore.clone()
+        ignore[torch.arange(len(positives), device=ignore.device), positives] = False
+        logits = logits.masked_fill(ignore, float("-inf"))
+    return F.cross_entropy(logits, positives)
+
+
+class InBatchContrastiveLoss(nn.Module):
+    """CLIP4Cir stage-1 loss: cross-entropy over ``scale * q @ [t; h].T``.
+
+    Query ``i``'s positive is target ``i``; the other in-batch targets and the optional hard-negative
+    rows ``h`` (extra target-side columns, shared by every query) are its negatives. ``ignore``
+    [B, B+H] marks columns that are duplicates of a row's positive (e.g. two triplets with the same
+    target image, or a hard negative that is the row's own target); they are masked out.
+
+    Example: ``InBatchContrastiveLoss(scale=100)(q, t)`` with ``q, t`` of shape [B, d]."""
+
+    def __init__(self, scale: float = 100.0):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, queries: torch.Tensor, targets: torch.Tensor, hard_negatives: torch.Tensor | None = None,
+                ignore: torch.Tensor | None = None) -> torch.Tensor:
+        columns = targets if hard_negatives is None or len(hard_negatives) == 0 else torch.cat([targets, hard_negatives])
+        logits = self.scale * queries @ columns.T
+        positives = torch.arange(len(queries), device=queries.device)
+        return _masked_cross_entropy(logits, positives, ignore)
+
+    @staticmethod
+    def duplicate_mask(target_ids: torch.Tensor, column_ids: torch.Tensor) -> torch.Tensor:
+        """[B, C] True where column ``j`` shows row ``i``'s target image (integer image ids; use a
+        negative id for padding columns, which are then masked for every row)."""
+        return (column_ids[None, :] == target_ids[:, None]) | (column_ids[None, :] < 0)
+
+
+class BankInfoNCELoss(nn.Module):
+    """SPN4CIR stage-2 loss: InfoNCE of each query against an ENTIRE static bank of target features.
+
+    ``logits = q @ bank.T / temperature``; row ``i``'s positive is bank row ``positives[i]``. With
+    ``groups`` [N] (equal values = identical images, e.g. from :func:`duplicate_groups`), every other
+    bank row in the positive's group is masked, so a duplicate of the positive is never a negative.
+
+    Example: ``BankInfoNCELoss(0.02)(q, bank, positives, groups)`` with q [B, d], bank [N, d]."""
+
+    def __init__(self, temperature: float = 0.02):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.temperature = temperature
+
+    def forward(self, queries: torch.Tensor, bank: torch.Tensor, positives: torch.Tensor,
+                groups: torch.Tensor | None = None) -> torch.Tensor:
+        logits = queries @ bank.T / self.temperature
+        ignore = groups[None, :] == groups[positives][:, None] if groups is not None else None
+        return _masked_cross_entropy(logits, positives, ignore)
+
+
+def duplicate_groups(features: torch.Tensor) -> torch.Tensor:
+    """Group index per row [N]: rows with bit-identical features share a group."""
+    return torch.unique(features, dim=0, return_inverse=True)[1]

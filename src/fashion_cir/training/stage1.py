@@ -1,0 +1,117 @@
+"""Stage 1 (CLIP4Cir): contrastive fine-tuning of CLIP's encoders for composed queries.
+
+query = model.compose(image(reference), text(prompt + caption)), target = normalize(image(target));
+cross-entropy over ``scale * q @ [targets; hard negatives].T`` across the GLOBAL micro-batch (features
+are gathered over ranks, so N GPUs train exactly like one GPU with the same batch). When the image
+encoder is frozen its features come from the FeatureCache instead of being recomputed each step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.triplets import Triplet, TripletSet
+from ..errors import FashionCIRError
+from ..features.cache import FeatureCache
+from ..models.cir import CIRModel
+from .config import Stage1Config
+from .data import Collate, TripletExamples, epoch_batches, epoch_loader, order_pools
+from .distributed import DistContext, gather_with_local_grad, shared_image_features
+from .loop import StageRun, Trainer, start_stage
+from .losses import InBatchContrastiveLoss
+
+ENCODER_CHOICES = {"text": ["text"], "image": ["image"], "both": ["image", "text"]}
+
+
+def set_trainable(model: CIRModel, encoders: list[str], last_n_blocks: int | None, train_combiner: bool) -> None:
+    """Freeze everything but ``encoders`` (optionally their last N blocks) and the Combiner; record
+    the trained backbone prefixes on the model so that ``model.save`` writes those weights. The
+    Combiner trains only when the model composes queries with it."""
+    model.backbone.set_trainable(encoders, last_n_blocks)
+    if model.combiner is not None:
+        model.combiner.requires_grad_(train_combiner and model.query_mode == "combiner")
+    model.mark_trained([f"backbone.{p}" for e in encoders for p in model.backbone.trainable_prefixes(e, last_n_blocks)])
+
+
+class Stage1Step(nn.Module):
+    """One micro-batch -> (loss * world_size for backward, loss). Image features come from
+    ``image_table`` (rows = integer image ids) when given, else from the pixels in the batch."""
+
+    def __init__(self, model: CIRModel, loss: InBatchContrastiveLoss, ctx: DistContext, hard_per_query: int,
+                 image_table: torch.Tensor | None):
+        super().__init__()
+        self.model = model
+        self.loss = loss
+        self.ctx = ctx
+        self.hard_per_query = hard_per_query
+        self.register_buffer("image_table", image_table, persistent=False)
+
+    def image_features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.image_table is not None:
+            table = self.image_table
+            return (table[batch["reference_ids"]], table[batch["target_ids"]], table[batch["hard_ids"].clamp(min=0)])
+        b = len(batch["target_ids"])
+        features = self.model.backbone.encode_images(batch["pixels"])
+        valid = (batch["hard_ids"] >= 0).nonzero().squeeze(1)
+        hard = features.new_zeros(len(batch["hard_ids"]), features.shape[1]).index_copy(0, valid, features[2 * b:])
+        return features[:b], features[b:2 * b], hard
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        reference, target, hard = self.image_features(batch)
+        queries = self.model.compose(reference, self.model.backbone.encode_texts(batch["tokens"]))
+        queries = gather_with_local_grad(queries, self.ctx)
+        targets = gather_with_local_grad(F.normalize(target, dim=-1), self.ctx)
+        target_ids = gather_with_local_grad(batch["target_ids"], self.ctx)
+        columns = target_ids
+        hard_columns = None
+        if self.hard_per_query:
+            hard_columns = gather_with_local_grad(F.normalize(hard, dim=-1), self.ctx)
+            columns = torch.cat([target_ids, gather_with_local_grad(batch["hard_ids"], self.ctx)])
+        ignore = InBatchContrastiveLoss.duplicate_mask(target_ids, columns)
+        loss = self.loss(queries, targets, hard_columns, ignore)
+        return loss * self.ctx.world_size, loss.detach()
+
+
+def train_stage1(config: Stage1Config, model: CIRModel, train_triplets: list[Triplet], image_paths: dict[str, Path],
+                 val_sets: dict[str, TripletSet], descriptions: dict[str, str] | None, out_dir: str | Path) -> CIRModel:
+    """Fine-tune ``model`` on ``train_triplets`` (annotated and generated, told apart by the
+    generator's ``source`` field and mixed per ``config.annotated_ratio``); ``image_paths`` must hold
+    every reference, target and hard-negative image. Validates each epoch on ``val_sets``, keeps
+    ``<out>/best``, checkpoints to ``<out>/checkpoint.pt`` (resumed automatically) and writes the final
+    model to ``<out>/model``. Works under torchrun (DDP). Returns the trained model (final weights)."""
+    ctx, out_dir = start_stage(config, out_dir)
+    usable = [t for t in train_triplets if t.candidate in image_paths and t.target in image_paths]
+    triplets, n_annotated = order_pools(usable)
+    encoders = ENCODER_CHOICES[config.encoders]
+    set_trainable(model, encoders, config.last_n_blocks, config.train_combiner)
+    model.to(ctx.device)
+    image_index = {image_id: i for i, image_id in enumerate(image_paths)}
+    table = None
+    load_pixels = "image" in encoders
+    if not load_pixels:  # frozen image encoder: encode every image the triplets use once
+        needed = {i for t in triplets for i in (t.candidate, t.target, *t.hard_negatives) if i in image_paths}
+        cache = FeatureCache(config.cache_dir or out_dir / "cache")
+        ids, features = shared_image_features(model.backbone, {i: image_paths[i] for i in image_paths if i in needed},
+                                              cache, ctx, config.eval_batch_size, config.num_workers, config.progress)
+        image_index = {image_id: i for i, image_id in enumerate(ids)}
+        table = features
+        triplets, n_annotated = order_pools([t for t in usable if t.candidate in image_index and t.target in image_index])
+    n_generated = len(triplets) - n_annotated
+    steps = len(epoch_batches(n_annotated, n_generated, config.batch_size, config.annotated_ratio, config.seed, 0))
+    if steps == 0:
+        raise FashionCIRError(f"stage1: {len(triplets)} usable training triplets, fewer than one batch of {config.batch_size}")
+    valid_paths = {i: image_paths[i] for i in image_index}
+    dataset = TripletExamples(model, triplets, valid_paths, descriptions, config.seed, config.hard_negatives_per_query, load_pixels)
+    collate = Collate(model, image_index, config.hard_negatives_per_query)
+    step_module = Stage1Step(model, InBatchContrastiveLoss(config.scale), ctx, config.hard_negatives_per_query, table)
+
+    run = StageRun("stage1", config, model, step_module, epoch_loader(dataset, collate, n_annotated, n_generated, config, ctx), steps, val_sets, descriptions, out_dir, ctx,
+                   image_encoder_trains=load_pixels,
+                   summary={"annotated_triplets": n_annotated, "generated_triplets": n_generated,
+                            "skipped_triplets": len(train_triplets) - len(triplets), "query_mode": model.query_mode,
+                            "text_template": model.text_template, "encoders": encoders,
+                            "image_features": "pixels" if load_pixels else "feature cache"})
+    return Trainer(run).fit()

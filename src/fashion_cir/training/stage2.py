@@ -1,0 +1,94 @@
+"""Stage 2 (SPN4CIR static representations): the image encoder is frozen and the whole training
+catalog is encoded ONCE into a bank; the text encoder and/or Combiner are trained with InfoNCE of
+``compose(bank[reference], text)`` against the ENTIRE bank, so each query sees every catalog image
+as a negative for the cost of one matrix product. Every rank holds the same bank and computes its
+own queries' loss; DDP averages the gradients."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.triplets import Triplet, TripletSet
+from ..errors import FashionCIRError
+from ..features.cache import FeatureCache
+from ..models.cir import CIRModel
+from .config import Stage2Config
+from .data import Collate, TripletExamples, epoch_batches, epoch_loader, order_pools
+from .distributed import shared_image_features
+from .loop import StageRun, Trainer, start_stage
+from .losses import BankInfoNCELoss, duplicate_groups
+from .stage1 import set_trainable
+
+
+class StaticBank(nn.Module):
+    """The catalog's image features from the frozen encoder: ``raw`` [N, d] (references are composed
+    from these, as at evaluation), ``normalized`` targets, and duplicate ``groups`` (identical rows)."""
+
+    def __init__(self, ids: list[str], raw: torch.Tensor):
+        super().__init__()
+        self.ids = ids
+        self.index = {image_id: i for i, image_id in enumerate(ids)}
+        self.register_buffer("raw", raw, persistent=False)
+        self.register_buffer("normalized", F.normalize(raw, dim=-1), persistent=False)
+        self.register_buffer("groups", duplicate_groups(raw), persistent=False)
+
+    @property
+    def duplicates(self) -> int:
+        """Rows that are exact copies of an earlier row."""
+        return len(self.ids) - int(self.groups.unique().numel())
+
+
+class Stage2Step(nn.Module):
+    """One micro-batch -> (local InfoNCE loss against the whole bank, the same value to report)."""
+
+    def __init__(self, model: CIRModel, bank: StaticBank, loss: BankInfoNCELoss):
+        super().__init__()
+        self.model = model
+        self.bank = bank
+        self.loss = loss
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        text = self.model.backbone.encode_texts(batch["tokens"])
+        queries = self.model.compose(self.bank.raw[batch["reference_ids"]], text)
+        loss = self.loss(queries, self.bank.normalized, batch["target_ids"], self.bank.groups)
+        return loss, loss.detach()
+
+
+def build_bank(model: CIRModel, image_paths: dict[str, Path], cache: FeatureCache, config: Stage2Config, ctx) -> StaticBank:
+    """Encode (or reuse from the cache) every catalog image with the model's image encoder."""
+    ids, features = shared_image_features(model.backbone, image_paths, cache, ctx, config.eval_batch_size,
+                                          config.num_workers, config.progress)
+    if not ids:
+        raise FashionCIRError("stage2: no catalog image could be encoded for the bank")
+    return StaticBank(ids, features.float())
+
+
+def train_stage2(config: Stage2Config, model: CIRModel, train_triplets: list[Triplet], image_paths: dict[str, Path],
+                 val_sets: dict[str, TripletSet], descriptions: dict[str, str] | None, out_dir: str | Path) -> CIRModel:
+    """Train the text encoder (``encoders='text'``) and/or Combiner of ``model`` (normally the stage-1
+    model) against a static bank of every image in ``image_paths`` (the training catalog). Same
+    outputs, checkpoints, resume and torchrun support as :func:`train_stage1`."""
+    ctx, out_dir = start_stage(config, out_dir)
+    set_trainable(model, ["text"] if config.encoders == "text" else [], config.last_n_blocks, config.train_combiner)
+    model.to(ctx.device)
+    bank = build_bank(model, image_paths, FeatureCache(config.cache_dir or out_dir / "cache"), config, ctx)
+    triplets, n_annotated = order_pools([t for t in train_triplets if t.candidate in bank.index and t.target in bank.index])
+    n_generated = len(triplets) - n_annotated
+    steps = len(epoch_batches(n_annotated, n_generated, config.batch_size, config.annotated_ratio, config.seed, 0))
+    if steps == 0:
+        raise FashionCIRError(f"stage2: {len(triplets)} usable training triplets, fewer than one batch of {config.batch_size}")
+    dataset = TripletExamples(model, triplets, {i: image_paths[i] for i in bank.ids}, descriptions, config.seed)
+    collate = Collate(model, bank.index, 0)
+    step_module = Stage2Step(model, bank, BankInfoNCELoss(config.temperature))
+
+    run = StageRun("stage2", config, model, step_module, epoch_loader(dataset, collate, n_annotated, n_generated, config, ctx), steps, val_sets, descriptions, out_dir, ctx,
+                   image_encoder_trains=False,
+                   summary={"annotated_triplets": n_annotated, "generated_triplets": n_generated,
+                            "skipped_triplets": len(train_triplets) - len(triplets), "bank_size": len(bank.ids),
+                            "bank_duplicate_rows": bank.duplicates, "negatives_per_query": len(bank.ids) - 1,
+                            "query_mode": model.query_mode, "text_template": model.text_template})
+    return Trainer(run).fit()

@@ -1,0 +1,85 @@
+"""Losses against hand-computed values; duplicates of the positive are never negatives; Combiner shapes."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fashion_cir.models.combiner import Combiner
+from fashion_cir.training.losses import BankInfoNCELoss, InBatchContrastiveLoss, duplicate_groups
+
+
+def _nll(logits_row: list[float], positive: int) -> float:
+    return -math.log(math.exp(logits_row[positive]) / sum(math.exp(x) for x in logits_row))
+
+
+def test_in_batch_loss_matches_hand_computation():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    t = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    # logits = 2 * q @ t.T = [[2, 1.2], [0, 1.6]]
+    expected = (_nll([2.0, 1.2], 0) + _nll([0.0, 1.6], 1)) / 2
+    assert math.isclose(InBatchContrastiveLoss(scale=2.0)(q, t).item(), expected, rel_tol=1e-6)
+
+
+def test_in_batch_loss_with_hard_negative_columns():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    t = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    h = torch.tensor([[0.8, 0.6]])
+    # extra column 2 * q @ h.T = [1.6, 1.2], seen by both queries
+    expected = (_nll([2.0, 1.2, 1.6], 0) + _nll([0.0, 1.6, 1.2], 1)) / 2
+    assert math.isclose(InBatchContrastiveLoss(scale=2.0)(q, t, h).item(), expected, rel_tol=1e-6)
+
+
+def test_in_batch_duplicate_target_is_not_a_negative():
+    torch.manual_seed(0)
+    q = F.normalize(torch.randn(3, 4), dim=-1)
+    t = F.normalize(torch.randn(3, 4), dim=-1)
+    t[2] = t[0]  # triplets 0 and 2 share their target image (id 7)
+    hard = F.normalize(torch.randn(2, 4), dim=-1)
+    target_ids = torch.tensor([7, 8, 7])
+    column_ids = torch.cat([target_ids, torch.tensor([8, -1])])  # hard 0 = row 1's own target; hard 1 = padding
+    ignore = InBatchContrastiveLoss.duplicate_mask(target_ids, column_ids)
+    loss = InBatchContrastiveLoss(scale=10.0)(q, t, hard, ignore)
+    logits = 10.0 * q @ torch.cat([t, hard]).T
+    keep = [[0, 1, 3], [0, 1, 2], [1, 2, 3]]  # each row: its positive plus the true negatives only
+    expected = sum(_nll(logits[i, keep[i]].tolist(), keep[i].index(i)) for i in range(3)) / 3
+    assert math.isclose(loss.item(), expected, rel_tol=1e-5)
+
+
+def test_bank_loss_matches_hand_computation():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    positives = torch.tensor([2, 1])
+    # logits = q @ bank.T / 0.5 = [[2, 0, 1.2], [0, 2, 1.6]]
+    expected = (_nll([2.0, 0.0, 1.2], 2) + _nll([0.0, 2.0, 1.6], 1)) / 2
+    assert math.isclose(BankInfoNCELoss(temperature=0.5)(q, bank, positives).item(), expected, rel_tol=1e-6)
+
+
+def test_bank_loss_masks_exact_duplicates_of_the_positive():
+    torch.manual_seed(1)
+    bank = F.normalize(torch.randn(6, 8), dim=-1)
+    bank[4] = bank[1]  # the same image under two ids
+    q = F.normalize(torch.randn(2, 8), dim=-1)
+    positives = torch.tensor([1, 3])
+    groups = duplicate_groups(bank)
+    assert groups[1] == groups[4] and len(set(groups.tolist())) == 5
+    loss = BankInfoNCELoss(0.05)(q, bank, positives, groups)
+    logits = q @ bank.T / 0.05
+    rows = [[0, 1, 2, 3, 5], [0, 1, 2, 3, 4, 5]]  # row 0 drops row 4 (duplicate of its positive); row 1 keeps all
+    expected = (_nll(logits[0, rows[0]].tolist(), 1) + _nll(logits[1, rows[1]].tolist(), 3)) / 2
+    assert math.isclose(loss.item(), expected, rel_tol=1e-5)
+    # same as a bank without the duplicate row
+    without = BankInfoNCELoss(0.05)(q[:1], bank[[0, 1, 2, 3, 5]], torch.tensor([1]))
+    assert torch.allclose(BankInfoNCELoss(0.05)(q[:1], bank, positives[:1], groups), without)
+
+
+def test_combiner_published_shapes():
+    d = 640  # CLIP RN50x4: p = 2560, h = 5120
+    combiner = Combiner(d)
+    shapes = {name: tuple(p.shape) for name, p in combiner.named_parameters()}
+    assert shapes["text_projection.weight"] == (2560, 640) and shapes["image_projection.weight"] == (2560, 640)
+    assert shapes["combiner_layer.weight"] == (5120, 5120)
+    assert shapes["output_layer.weight"] == (640, 5120)
+    assert shapes["dynamic_scalar.0.weight"] == (5120, 5120) and shapes["dynamic_scalar.3.weight"] == (1, 5120)
+    out = Combiner(32).eval()(torch.randn(3, 32), torch.randn(3, 32))
+    assert out.shape == (3, 32) and torch.allclose(out.norm(dim=-1), torch.ones(3), atol=1e-5)

@@ -1,0 +1,171 @@
+"""Two-stage training on a tiny synthetic catalog (tiny random CLIP, CPU): batches, loss goes down,
+static bank negatives, saved models load, exact resume, config checks."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fashion_cir.data.triplets import load_triplet_set
+from fashion_cir.errors import FashionCIRError
+from fashion_cir.models.cir import CIRModel
+from fashion_cir.models.combiner import Combiner
+from fashion_cir.models.factory import create_backbone
+from fashion_cir.training import Stage1Config, Stage2Config, TrainingStopped, train_stage1, train_stage2
+from fashion_cir.training.data import epoch_batches, rank_micro_batches
+from fashion_cir.training.distributed import DistContext
+
+COLORS = ["red", "blue", "green", "black", "white", "yellow", "pink", "grey"]
+
+
+def make_dataset(root: Path, n_train: int = 16, n_val: int = 8, n_annotated: int = 12, n_generated: int = 20) -> dict[str, str]:
+    """Random 40x32 images, FashionIQ-format annotated + generated triplets, splits; returns paths."""
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    ids = [f"img{i:03d}" for i in range(n_train + n_val)]
+    for image_id in ids:
+        Image.fromarray((rng.random((40, 32, 3)) * 255).astype("uint8")).save(images / f"{image_id}.png")
+    train, val = ids[:n_train], ids[n_train:]
+
+    def triplets(pool, n, generated):
+        r = random.Random(int(generated))
+        out = []
+        for _ in range(n):
+            a, b = r.sample(pool, 2)
+            item = {"candidate": a, "target": b, "captions": [f"is {r.choice(COLORS)}", f"has a {r.choice(COLORS)} print"]}
+            if generated:
+                item.update(source="generated", reference_prompt=f"a {r.choice(COLORS)} shirt", hard_negatives=r.sample(pool, 3))
+            out.append(item)
+        return out
+
+    files = {"train": triplets(train, n_annotated, False), "generated": triplets(train, n_generated, True),
+             "val": triplets(val, 6, False), "split_train": train, "split_val": val}
+    paths = {name: str(root / f"{name}.json") for name in files}
+    for name, content in files.items():
+        Path(paths[name]).write_text(json.dumps(content))
+    paths["images"] = str(images)
+    return paths
+
+
+def load_data(paths: dict[str, str]):
+    annotated = load_triplet_set(paths["train"], paths["split_train"], paths["images"])
+    generated = load_triplet_set(paths["generated"], paths["split_train"], paths["images"])
+    val = load_triplet_set(paths["val"], paths["split_val"], paths["images"], name="val")
+    descriptions = {i: f"a photo of item {i}" for i in annotated.image_paths}
+    return annotated.triplets + generated.triplets, annotated.image_paths, {"val": val}, descriptions
+
+
+def run_config(paths: dict[str, str], out: Path, stage1: dict | None = None, stage2: dict | None = None) -> dict:
+    """A RunConfig dict for ``python -m fashion_cir.training.run`` on the synthetic catalog."""
+    source = lambda name, split: {"captions": paths[name], "split": paths[split], "images": paths["images"]}  # noqa: E731
+    return {"out_dir": str(out), "backbone": "tiny", "query_mode": "sum_raw",
+            "train": [source("train", "split_train")], "generated": [source("generated", "split_train")],
+            "val": [{**source("val", "split_val"), "name": "val"}], "stage1": stage1, "stage2": stage2}
+
+
+def final_state(folder: Path) -> dict[str, torch.Tensor]:
+    return torch.load(folder / "weights.pt", weights_only=True)
+
+
+def losses(out: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return load_data(make_dataset(tmp_path_factory.mktemp("catalog")))
+
+
+FAST = dict(batch_size=8, lr=1e-3, progress=False, log_every=1, warmup_ratio=0.1)
+
+
+def test_epoch_batches_mix_annotated_and_generated():
+    batches = epoch_batches(5, 20, 8, 0.25, seed=3, epoch=0)
+    assert len(batches) == 4  # 20 generated / 6 per batch -> 4 batches; annotated (2 per batch) oversampled
+    assert all(sum(i < 5 for i in b) == 2 and len(b) == 8 for b in batches)
+    assert set(i for b in batches for i in b if i >= 5) == set(range(5, 25))
+    assert batches == epoch_batches(5, 20, 8, 0.25, seed=3, epoch=0) != epoch_batches(5, 20, 8, 0.25, seed=3, epoch=1)
+    plain = epoch_batches(5, 20, 8, None, seed=3, epoch=0)
+    assert len(plain) == 3 and len({i for b in plain for i in b}) == 24  # last partial batch dropped
+
+
+def test_rank_micro_batches_partition_the_global_batch():
+    batches = [list(range(8)), list(range(8, 16))]
+    plans = [rank_micro_batches(batches, 1, 0, 2, DistContext(r, 2, r, torch.device("cpu"))) for r in range(2)]
+    assert [len(p) for p in plans] == [2, 2]  # step 1 only (resume position), 2 micro-batches each
+    assert sorted(index for plan in plans for micro in plan for _, _, index in micro) == list(range(8, 16))
+    assert plans[0][0] == [(0, 8, 8), (0, 9, 9)]  # (epoch, position in epoch, example)
+
+
+def test_stage1_text_only_lowers_loss_and_saves_loadable_model(data, tmp_path):
+    triplets, paths, val_sets, descriptions = data
+    model = CIRModel(create_backbone("tiny"), "sum_raw")
+    image_before = {k: v.clone() for k, v in model.backbone.state_dict().items() if k.startswith("clip.visual.")}
+    config = Stage1Config(encoders="text", epochs=3, **FAST)
+    trained = train_stage1(config, model, triplets, paths, val_sets, descriptions, tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["image_features"] == "feature cache" and summary["annotated_triplets"] == 12
+    steps = summary["global_step"] // 3
+    curve = losses(tmp_path)
+    assert np.mean(curve[-steps:]) < np.mean(curve[:steps]) - 0.1
+    assert all(torch.equal(trained.backbone.state_dict()[k].cpu(), v.cpu()) for k, v in image_before.items())
+    loaded = CIRModel.load(tmp_path / "model")
+    for name, value in trained.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value.cpu()), name
+    assert (tmp_path / "best" / "model.json").is_file() and json.loads((tmp_path / "config.json").read_text())["encoders"] == "text"
+    assert any("val" in json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines())
+
+
+def test_stage2_trains_against_the_whole_bank(data, tmp_path):
+    triplets, paths, val_sets, descriptions = data
+    model = CIRModel(create_backbone("tiny"), "sum_raw")
+    image_before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("backbone.clip.visual.")}
+    config = Stage2Config(epochs=3, temperature=0.05, **FAST)
+    trained = train_stage2(config, model, triplets, paths, val_sets, descriptions, tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["bank_size"] == 16 and summary["negatives_per_query"] == 15
+    steps = summary["global_step"] // 3
+    curve = losses(tmp_path)
+    assert np.mean(curve[-steps:]) < np.mean(curve[:steps]) - 0.1
+    loaded = CIRModel.load(tmp_path / "model")
+    assert all(torch.equal(loaded.state_dict()[k], v.cpu()) for k, v in image_before.items())
+    text_key = "backbone.clip.transformer.resblocks.0.mlp.c_fc.weight"
+    assert torch.equal(loaded.state_dict()[text_key], trained.state_dict()[text_key].cpu())
+
+
+def combiner_model() -> CIRModel:
+    torch.manual_seed(0)
+    backbone = create_backbone("tiny")
+    return CIRModel(backbone, "combiner", Combiner(backbone.feature_dim))
+
+
+def test_stage2_resume_after_stop_is_exact(data, tmp_path):
+    """Combiner (dropout: RNG state matters) + text encoder, gradient accumulation, stop after step 3
+    (last checkpoint at step 2), resume in a fresh model: identical final weights."""
+    triplets, paths, val_sets, descriptions = data
+    config = Stage2Config(epochs=2, grad_accum_steps=2, checkpoint_every=2, **{**FAST, "batch_size": 16})
+    train_stage2(config, combiner_model(), triplets, paths, val_sets, descriptions, tmp_path / "full")
+    stopped = config.model_copy(update={"stop_after_steps": 3})
+    with pytest.raises(TrainingStopped):
+        train_stage2(stopped, combiner_model(), triplets, paths, val_sets, descriptions, tmp_path / "resumed")
+    train_stage2(config, combiner_model(), triplets, paths, val_sets, descriptions, tmp_path / "resumed")
+    full, resumed = final_state(tmp_path / "full" / "model"), final_state(tmp_path / "resumed" / "model")
+    assert full.keys() == resumed.keys() and any(k.startswith("combiner.") for k in full)
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["global_step"] == 4
+
+
+def test_resume_refuses_a_changed_config(data, tmp_path):
+    triplets, paths, val_sets, descriptions = data
+    config = Stage2Config(epochs=1, **{**FAST, "batch_size": 16})
+    train_stage2(config, CIRModel(create_backbone("tiny"), "sum"), triplets, paths, {}, descriptions, tmp_path)
+    with pytest.raises(FashionCIRError, match="another config.*lr"):
+        train_stage2(config.model_copy(update={"lr": 0.5}), CIRModel(create_backbone("tiny"), "sum"),
+                     triplets, paths, {}, descriptions, tmp_path)
