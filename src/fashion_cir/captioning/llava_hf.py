@@ -57,6 +57,18 @@ class LlavaHFCaptioner(Captioner):
         self.model.eval()
         self.processor.tokenizer.padding_side = "left"  # generation continues from the right end
 
+    @classmethod
+    def from_components(cls, processor, model, vocab: Vocabulary = DEFAULT_VOCABULARY, batch_size: int = 8,
+                        max_new_tokens: int = 256) -> "LlavaHFCaptioner":
+        """A captioner around an already built processor and model (benchmarks, custom loading)."""
+        captioner = cls.__new__(cls)
+        Captioner.__init__(captioner, vocab)
+        captioner.model_id = getattr(model, "name_or_path", "in-memory")
+        captioner.batch_size, captioner.max_new_tokens = batch_size, max_new_tokens
+        captioner.processor, captioner.model = processor, model.eval()
+        captioner.processor.tokenizer.padding_side = "left"
+        return captioner
+
     def _text(self, request: CaptionRequest) -> str:
         prompt = self.prompt(request)
         if getattr(self.processor, "chat_template", None):

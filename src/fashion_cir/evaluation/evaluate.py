@@ -75,6 +75,8 @@ def score_triplet_set(model: CIRModel, triplet_set: TripletSet, cache: FeatureCa
                 "missing": len(triplet_set.missing_images) + failed + unusable,
                 "skipped_triplets": triplet_set.skipped_triplets + unusable,
             }
+            if "R@10" in results[mode] and "R@50" in results[mode]:
+                results[mode]["overall"] = (results[mode]["R@10"] + results[mode]["R@50"]) / 2
     model.train(was_training)
     return results
 
