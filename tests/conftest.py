@@ -18,7 +18,7 @@ def shared_dir() -> Path:
     """``../shared/datasets`` next to the repository (read-only; never copy it into the repo)."""
     path = (Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets").resolve()
     if not path.is_dir():
-        pytest.skip(f"shared datasets not found at {path}")
+        pytest.fail(f"shared datasets not found at {path}: the tests read the real data from ../shared/datasets")
     return path
 
 

@@ -73,7 +73,6 @@ def test_openai_backend_against_real_http_server(tmp_path, images, server, monke
 
 
 def test_tiny_llava_garbage_is_recorded_as_failures(tmp_path, monkeypatch):
-    pytest.importorskip("transformers")
     spec = importlib.util.spec_from_file_location("tiny_llava", HELPERS / "tiny_llava.py")
     tiny_llava = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tiny_llava)
@@ -96,7 +95,6 @@ def test_tiny_llava_garbage_is_recorded_as_failures(tmp_path, monkeypatch):
 
 
 def test_llava_missing_weights_says_how_to_pass_a_folder(tmp_path, monkeypatch):
-    pytest.importorskip("transformers")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelError, match="pass the folder"):
         build_captioner("llava-hf", model=str(tmp_path / "no-such-model"), device="cpu")

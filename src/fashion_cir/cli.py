@@ -194,6 +194,19 @@ def triplets(
     typer.echo(json.dumps({k: v for k, v in stats.items() if not isinstance(v, (dict, list))}, indent=2))
 
 
+@train_app.command("run")
+def train_run(
+    config: Path = typer.Option(..., help="Run config JSON (see configs/): model, data, stage1 and stage2 settings."),
+    stage: str = typer.Option("all", help="1, 2 or all."),
+    out: Optional[Path] = typer.Option(None, help="Override the config's out_dir."),
+):
+    """Two-stage fine-tuning from a config file; re-running resumes. Multi-GPU:
+    torchrun --nproc_per_node N -m fashion_cir.training.run --config FILE."""
+    from .training.run import main as run_main
+
+    raise typer.Exit(run_main(["--config", str(config), "--stage", stage] + (["--out", str(out)] if out else [])))
+
+
 def _model(model: Optional[Path], backbone: Optional[str]):
     from .models.cir import load_model
 

@@ -100,7 +100,9 @@ class Demo:
         attributes = load_precomputed(catalog.root / "attributes.jsonl")
         paths = {i: p for i, p in catalog.split_paths(split).items() if i in attributes}
         ids, features = self.cache.encode(model.backbone, paths, on_error="skip")
-        config = TripletConfig(seed=self.config.seed, targets_per_reference=2 if split == "train" else 1)
+        # one target per reference; the train cap keeps a cold CPU demo under 15 minutes
+        config = TripletConfig(seed=self.config.seed, targets_per_reference=1,
+                               max_triplets=3600 if split == "train" else None)
         generated, stats = generate_triplets(attributes, features, ids, config, train_ids=ids)
         write_triplets(path, generated, stats, config)
         self.log(f"generated {len(generated)} {split} triplets from {len(ids)} images")

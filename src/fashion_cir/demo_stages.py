@@ -17,9 +17,9 @@ def _stage_configs(fast: bool) -> dict[str, dict]:
     tower + projections train; on a GPU the same code trains both towers (``encoders='both'``)."""
     common = {"seed": 0, "progress": False, "checkpoint_every": 200, "log_every": 20, "warmup_ratio": 0.1,
               "select_set": "annotated-val", "select_metric": "overall"}
-    stage1 = {**common, "encoders": "text", "epochs": 1 if fast else 2, "batch_size": 32 if fast else 64,
+    stage1 = {**common, "encoders": "text", "epochs": 1, "batch_size": 32 if fast else 64,
               "lr": 3e-5, "scale": 30.0, "hard_negatives_per_query": 1, "annotated_ratio": 0.25}
-    stage2 = {**common, "encoders": "text", "epochs": 1 if fast else 2, "batch_size": 32 if fast else 128,
+    stage2 = {**common, "encoders": "text", "epochs": 1, "batch_size": 32 if fast else 128,
               "lr": 2e-5, "temperature": 0.02}
     return {"stage1": stage1, "stage2": stage2}
 
@@ -121,6 +121,31 @@ def example_picture(model: CIRModel, triplet_set: TripletSet, descriptions: dict
     return out
 
 
+def triplet_picture(triplets: list[dict], image_paths: dict[str, Path], out: Path, n: int = 4) -> Path:
+    """A PNG of generated triplets: reference, target, the two captions and the attribute changes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .data.images import open_image
+
+    chosen = triplets[:: max(1, len(triplets) // n)][:n]
+    fig, axes = plt.subplots(1, 2 * len(chosen), figsize=(3.3 * len(chosen), 3.6))
+    for i, triplet in enumerate(chosen):
+        for j, key in enumerate(("candidate", "target")):
+            ax = axes[2 * i + j]
+            ax.imshow(open_image(image_paths[triplet[key]]).resize((150, 200)))
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.set_title("reference" if key == "candidate" else "target", fontsize=8)
+        changes = ", ".join(f"{a}: {v[0]}->{v[1]}" for a, v in triplet.get("changes", {}).items())
+        axes[2 * i].set_xlabel("\n".join([f'"{c}"' for c in triplet["captions"]] + [changes]), fontsize=7, loc="left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
+
+
 def finish_demo(demo, catalog: ClothingCatalog, sets: dict[str, TripletSet], descriptions: dict[str, str]) -> None:
     """Picture of example queries, the searchable index of the catalog, then (optionally) the web page."""
     from .retrieval.index import build_index, search
@@ -128,6 +153,8 @@ def finish_demo(demo, catalog: ClothingCatalog, sets: dict[str, TripletSet], des
     best = CIRModel.load(demo.out / "best")
     picture = example_picture(best, sets["annotated-val"], descriptions, demo.out / "examples.png")
     demo.log(f"example queries: {picture}")
+    generated = read_json(demo.out / "triplets" / "train.json", "generated triplets")
+    demo.log(f"example triplets: {triplet_picture(generated, catalog.image_paths, demo.out / 'triplets.png')}")
     index_dir = demo.out / "index"
     split_names = ("train", "val") if demo.config.fast else ("train", "val", "test")
     catalog_paths = {i: p for s in split_names for i, p in catalog.split_paths(s).items()}

@@ -53,6 +53,12 @@ def read_json(path: str | Path, what: str = "JSON file") -> Any:
 
 def iter_jsonl(path: str | Path, what: str = "JSONL file") -> Iterator[dict]:
     """Yield one object per non-empty line; a malformed line raises DataError with its number."""
+    for _, obj in iter_jsonl_numbered(path, what):
+        yield obj
+
+
+def iter_jsonl_numbered(path: str | Path, what: str = "JSONL file") -> Iterator[tuple[int, dict]]:
+    """Like :func:`iter_jsonl`, yielding ``(line number, object)``."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{what} not found: {path}")
@@ -66,7 +72,7 @@ def iter_jsonl(path: str | Path, what: str = "JSONL file") -> Iterator[dict]:
                 raise DataError(f"malformed {what} {path}, line {lineno}: {exc.msg}") from exc
             if not isinstance(obj, dict):
                 raise DataError(f"malformed {what} {path}, line {lineno}: expected an object")
-            yield obj
+            yield lineno, obj
 
 
 def append_jsonl(path: str | Path, records: Iterable[dict]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..data.catalog import read_attribute_records, read_attributes
 from ..errors import DataError
 from ..io import atomic_write_text, file_sha1
 from .base import Captioner, CaptionRequest, RequestFailed
@@ -13,34 +14,11 @@ from .schema import Attributes, InvalidAnswer, validate_attributes
 from .vocab import DEFAULT_VOCABULARY, Vocabulary
 
 
-def _records(path: Path) -> dict[str, tuple[int, dict]]:
-    """id -> (line number, raw object); DataError naming file and line for bad or duplicate ids."""
-    if not path.is_file():
-        raise DataError(f"attributes file not found: {path}")
-    records: dict[str, tuple[int, dict]] = {}
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"malformed attributes file {path}, line {lineno}: {exc.msg}") from exc
-            image_id = obj.get("image") if isinstance(obj, dict) else None
-            if not isinstance(image_id, str) or not image_id:
-                raise DataError(f"malformed attributes file {path}, line {lineno}: expected an object with a non-empty 'image' id")
-            if image_id in records:
-                raise DataError(f"malformed attributes file {path}, line {lineno}: duplicate image id {image_id!r} "
-                                f"(first on line {records[image_id][0]})")
-            records[image_id] = (lineno, obj)
-    return records
-
-
 def load_precomputed(path: str | Path, vocab: Vocabulary = DEFAULT_VOCABULARY) -> dict[str, Attributes]:
     """Read and validate an attributes JSONL file; any invalid record is a DataError naming file and line."""
     path = Path(path)
     attributes = {}
-    for image_id, (lineno, obj) in _records(path).items():
+    for image_id, (lineno, obj) in read_attribute_records(path).items():
         try:
             attributes[image_id] = validate_attributes(obj, vocab)
         except InvalidAnswer as exc:
@@ -62,7 +40,7 @@ class PrecomputedCaptioner(Captioner):
     def __init__(self, path: str | Path, vocab: Vocabulary = DEFAULT_VOCABULARY):
         super().__init__(vocab)
         self.path = Path(path)
-        self._records = {image_id: obj for image_id, (_, obj) in _records(self.path).items()}
+        self._records = read_attributes(self.path)
         self.model_id = f"precomputed-{file_sha1(self.path)[:12]}"
 
     def answer(self, requests: list[CaptionRequest]) -> list[str | RequestFailed]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError
-from ..io import iter_jsonl
+from ..io import iter_jsonl_numbered
 from .images import find_image
 from .triplets import read_split
 
@@ -44,15 +44,24 @@ class ClothingCatalog:
         return self.root / "image_splits" / f"split.clothing.{split}.json"
 
 
-def read_attributes(path: str | Path) -> dict[str, dict]:
-    """attributes.jsonl: one object per image with at least ``image`` and ``description``."""
-    records: dict[str, dict] = {}
-    for lineno, record in enumerate(iter_jsonl(path, "attributes file"), 1):
+def read_attribute_records(path: str | Path) -> dict[str, tuple[int, dict]]:
+    """attributes.jsonl as id -> (line number, raw record); a record without an ``image`` id or a
+    duplicate id is a DataError naming file and line."""
+    records: dict[str, tuple[int, dict]] = {}
+    for lineno, record in iter_jsonl_numbered(path, "attributes file"):
         image_id = record.get("image")
         if not isinstance(image_id, str) or not image_id:
-            raise DataError(f"attributes file {path}, record {lineno}: field 'image' must be a non-empty string")
-        records[image_id] = record
+            raise DataError(f"malformed attributes file {path}, line {lineno}: expected a non-empty 'image' id")
+        if image_id in records:
+            raise DataError(f"malformed attributes file {path}, line {lineno}: duplicate image id {image_id!r} "
+                            f"(first on line {records[image_id][0]})")
+        records[image_id] = (lineno, record)
     return records
+
+
+def read_attributes(path: str | Path) -> dict[str, dict]:
+    """attributes.jsonl: one object per image with at least ``image`` and ``description``."""
+    return {image_id: record for image_id, (_, record) in read_attribute_records(path).items()}
 
 
 def load_clothing_catalog(root: str | Path | None = None, attributes: str | Path | None = None) -> ClothingCatalog:

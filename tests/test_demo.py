@@ -1,0 +1,61 @@
+"""`fashion-cir demo --fast`: every stage runs on real photos with the real offline backbone, and every
+published model folder loads in `fashion-cir evaluate --model`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+STAGES = ("zero-shot", "stage1-annotated-only", "stage1-generated-only", "stage1", "stage2")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    cmd = [sys.executable, "-m", "fashion_cir.cli", "demo", "--fast", "--no-serve", "--out", str(out)]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    return out, first.stdout, second.stdout
+
+
+def test_every_stage_is_published_and_reported(demo_run):
+    out, stdout, _ = demo_run
+    results = json.loads((out / "results.json").read_text())
+    reported = {row["stage"] for row in results["rows"]}
+    assert reported == {"random", *STAGES}
+    for stage in STAGES:
+        assert (out / stage / "model.json").is_file() and (out / stage / "weights.pt").is_file()
+    selected = json.loads((out / "best" / "selected.json").read_text())
+    assert selected["stage"] in STAGES and selected["stage"] == results["best"]
+    for row in results["rows"]:
+        assert 0 <= row["R@1"] <= row["R@5"] <= row["R@10"] <= row["R@50"] <= 100
+    assert "| stage | mode | set |" in stdout
+    for name in ("examples.png", "triplets.png", "index/index.json", "demo_config.json", "triplets/train.json"):
+        assert (out / name).is_file(), name
+
+
+def test_warm_rerun_reuses_everything(demo_run):
+    _, _, rerun = demo_run
+    assert "reusing aligned offline backbone" in rerun
+    for stage in ("stage1", "stage2"):
+        assert f"reusing trained {stage} " in rerun
+
+
+def test_published_models_load_in_evaluate(demo_run, shared_dir, tmp_path):
+    out, _, _ = demo_run
+    root = shared_dir / "clothing-dataset"
+    metrics = tmp_path / "m.json"
+    result = subprocess.run([sys.executable, "-m", "fashion_cir.cli", "evaluate", "--model", str(out / "stage2"),
+                             "--captions", str(root / "captions" / "cap.clothing.val.json"),
+                             "--split-file", str(root / "image_splits" / "split.clothing.val.json"),
+                             "--images", str(root / "images"), "--cache-dir", str(out / "features"),
+                             "--descriptions", str(root / "attributes.jsonl"), "--json", str(metrics)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(metrics.read_text())
+    assert report["cap.clothing.val"]["n_queries"] == 240 and report["query_mode"] == "sum"
