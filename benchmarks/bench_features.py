@@ -1,7 +1,7 @@
 """Feature extraction: the cached pipeline (read, hash, decode, preprocess, forward, write shards)
 versus the bare model forward on the same, already-preprocessed batches. Target: < 15% overhead.
 
-    .venv/bin/python benchmarks/bench_features.py [--n 256] [--backbones tiny,openclip:ViT-B-32]
+    .venv/bin/python benchmarks/bench_features.py [--n 256] [--backbones tiny,offline,openclip:ViT-B-32:random]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--backbones", default="tiny,openclip:ViT-B-32")
+    parser.add_argument("--backbones", default="tiny,offline,openclip:ViT-B-32:random")
     parser.add_argument("--catalog", type=Path, default=None)
     args = parser.parse_args()
 

@@ -11,10 +11,10 @@ image features come from and how many negatives each query sees:
             bank's negatives would cost without it), estimated as steps x catalog encoding time.
 
     .venv/bin/python benchmarks/bench_stage2.py --backbone tiny --catalog 1024 --triplets 256 --batch-size 32
-    .venv/bin/python benchmarks/bench_stage2.py --backbone random:ViT-B-32 --catalog 256 --triplets 64 --batch-size 16
+    .venv/bin/python benchmarks/bench_stage2.py --backbone openclip:ViT-B-32:random --catalog 256 --triplets 64 --batch-size 16
 
 Data: the clothing dataset's TRAIN split and annotated train captions (never the test split).
-``random:MODEL`` is an open_clip architecture with random weights (no download needed)."""
+``openclip:MODEL:random`` is an open_clip architecture with random weights (no download needed)."""
 
 from __future__ import annotations
 
@@ -30,24 +30,17 @@ from fashion_cir.data.triplets import load_triplet_set
 from fashion_cir.features.cache import FeatureCache
 from fashion_cir.models.cir import CIRModel
 from fashion_cir.models.factory import create_backbone
-from fashion_cir.models.openclip_backbone import OpenClipBackbone
+from fashion_cir.data.catalog import DEFAULT_CATALOG
 from fashion_cir.training.data import Collate, TripletExamples, epoch_batches
 from fashion_cir.training.distributed import DistContext, shared_image_features
 from fashion_cir.training.losses import BankInfoNCELoss, InBatchContrastiveLoss
 from fashion_cir.training.stage2 import Stage2Step, StaticBank
 
-DATA = Path("/work/shared/datasets/clothing-dataset")
+DATA = DEFAULT_CATALOG
 
 
 def build_model(spec: str) -> CIRModel:
-    if spec.startswith("random:"):
-        import open_clip
-
-        name = spec.split(":", 1)[1]
-        backbone = OpenClipBackbone(open_clip.create_model(name, pretrained=None), open_clip.get_tokenizer(name), spec=f"openclip:{name}")
-    else:
-        backbone = create_backbone(spec)
-    model = CIRModel(backbone, "sum_raw")
+    model = CIRModel(create_backbone(spec), "sum_raw")
     model.backbone.set_trainable(["text"])
     return model
 

@@ -35,7 +35,7 @@ def timed(fn, warmup: int = 2, iters: int = 5) -> float:
 def vit_throughput(results: dict) -> None:
     from fashion_cir.models.factory import create_backbone
 
-    backbone = create_backbone("openclip:ViT-B-32").cuda().eval()
+    backbone = create_backbone("openclip:ViT-B-32:random").cuda().eval()
     pixels = torch.randn(256, 3, 224, 224, device="cuda")
     for name, dtype in (("fp32", None), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
         def step():
@@ -111,7 +111,7 @@ def stage1_steps(results: dict) -> None:
     from fashion_cir.models.factory import create_backbone
     from fashion_cir.training.losses import InBatchContrastiveLoss
 
-    model = CIRModel(create_backbone("openclip:ViT-B-32"), "sum_raw").cuda().train()
+    model = CIRModel(create_backbone("openclip:ViT-B-32:random"), "sum_raw").cuda().train()
     model.backbone.set_trainable(["image", "text"])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-6, eps=1e-7)
     loss_fn = InBatchContrastiveLoss(100.0)
@@ -143,7 +143,7 @@ def stage2_throughput(results: dict, bank_size: int = 100_000, batch: int = 256)
     from fashion_cir.models.factory import create_backbone
     from fashion_cir.training.losses import BankInfoNCELoss
 
-    model = CIRModel(create_backbone("openclip:ViT-B-32"), "sum_raw").cuda().train()
+    model = CIRModel(create_backbone("openclip:ViT-B-32:random"), "sum_raw").cuda().train()
     model.backbone.set_trainable(["text"])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5)
     bank = torch.randn(bank_size, 512, device="cuda")

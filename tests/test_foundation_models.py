@@ -31,6 +31,7 @@ def test_tiny_backbone_is_deterministic_per_seed(tiny_model):
     ("openclip:ViT-Nope-99:openai", r"unknown open_clip model 'ViT-Nope-99'"),
     ("openclip:ViT-B-32:no_such_tag", r"unknown pretrained tag 'no_such_tag' for ViT-B-32; known tags: .*openai"),
     ("openclip:ViT-B-32:/no/such/dir/vit-b-32.pt", r"checkpoint file not found: /no/such/dir/vit-b-32\.pt"),
+    ("openclip:ViT-B-32", r"needs a pretrained tag or checkpoint file.*:random"),
 ])
 def test_bad_backbone_specs_raise_model_error(spec, pattern):
     with pytest.raises(ModelError, match=pattern):

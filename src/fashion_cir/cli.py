@@ -134,12 +134,13 @@ def caption(
 ):
     """Describe catalog images with a multimodal LLM: attributes + a short description per image."""
     from .captioning import build_captioner, load_vocabulary, run_captioning, write_attributes
-    from .data.images import find_image
+    from .data.images import IMAGE_EXTENSIONS, find_image
     from .data.triplets import read_split
 
     if not images.is_dir():
         raise FashionCIRError(f"images folder not found: {images}")
-    ids = read_split(split_file) if split_file else sorted(p.stem for p in images.iterdir() if p.is_file())
+    ids = read_split(split_file) if split_file else sorted(
+        {p.stem for p in images.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS})
     paths = {i: p for i in ids if (p := find_image(images, i)) is not None}
     options = {"llava-hf": {"batch_size": batch_size, "device": device},
                "openai": {"base_url": base_url, "api_key_env": api_key_env, "concurrency": concurrency, "timeout_s": timeout}}.get(backend, {})
@@ -189,7 +190,7 @@ def triplets(
                                hard_negatives=hard_negatives, vocabulary=vocabulary)
     except ValueError as exc:
         raise FashionCIRError(f"bad triplet settings: {exc}") from exc
-    generated, stats = generate_triplets(attrs, features, ids, config, train_ids=ids)
+    generated, stats = generate_triplets(attrs, features, ids, config, train_ids=train_ids)
     write_triplets(out, generated, stats, config)
     typer.echo(json.dumps({k: v for k, v in stats.items() if not isinstance(v, (dict, list))}, indent=2))
 
@@ -300,8 +301,11 @@ def serve_command(
     """Serve the search API and web page."""
     from .serving.app import serve
 
+    from .models.cir import load_model
+
+    cir = load_model(model, backbone) if model or backbone else None  # None: the backbone the index records
     typer.echo(f"serving http://{host}:{port}/")
-    serve(index_dir, model or backbone, host=host, port=port, max_upload_bytes=max_upload_mb * 1024 * 1024)
+    serve(index_dir, cir, host=host, port=port, max_upload_bytes=max_upload_mb * 1024 * 1024)
 
 
 @app.command()

@@ -17,7 +17,7 @@ from .data.catalog import ClothingCatalog, load_clothing_catalog
 from .data.triplets import TripletSet, load_triplet_set, parse_triplets
 from .evaluation.evaluate import EvalOptions, evaluate_sets
 from .features.cache import FeatureCache
-from .io import environment_info, read_json, write_json
+from .io import atomic_write_text, environment_info, read_json, text_sha1, write_json
 from .models.cir import CIRModel
 from .models.factory import create_backbone
 
@@ -95,16 +95,20 @@ class Demo:
         from .triplets import TripletConfig, generate_triplets, write_triplets
 
         path = self.out / "triplets" / f"{split}.json"
-        if path.is_file():
+        # one target per reference; the train cap keeps a cold CPU demo under 15 minutes
+        config = TripletConfig(seed=self.config.seed, targets_per_reference=1,
+                               max_triplets=3600 if split == "train" else None)
+        key = text_sha1(str(catalog.root.resolve()), model.backbone.image_fingerprint(), config.model_dump_json(),
+                        *catalog.splits[split])
+        key_file = path.with_suffix(".key")
+        if path.is_file() and key_file.is_file() and key_file.read_text() == key:
             return read_json(path, "generated triplets")
         attributes = load_precomputed(catalog.root / "attributes.jsonl")
         paths = {i: p for i, p in catalog.split_paths(split).items() if i in attributes}
         ids, features = self.cache.encode(model.backbone, paths, on_error="skip")
-        # one target per reference; the train cap keeps a cold CPU demo under 15 minutes
-        config = TripletConfig(seed=self.config.seed, targets_per_reference=1,
-                               max_triplets=3600 if split == "train" else None)
         generated, stats = generate_triplets(attributes, features, ids, config, train_ids=ids)
         write_triplets(path, generated, stats, config)
+        atomic_write_text(key_file, key)
         self.log(f"generated {len(generated)} {split} triplets from {len(ids)} images")
         return generated
 
@@ -177,7 +181,7 @@ def run_demo(config: DemoConfig) -> dict:
     demo.log(f"best on annotated val captions: {best}")
 
     table = demo.table()
-    (out / "results.md").write_text(table + "\n", encoding="utf-8")
+    atomic_write_text(out / "results.md", table + "\n")
     write_json(out / "results.json", {"rows": demo.rows, "best": best, "seconds": time.perf_counter() - demo.started})
     print("\nResults on the clothing val split (annotated captions = free language; generated = our triplets):")
     print(table)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .data.catalog import ClothingCatalog
 from .data.triplets import Triplet, TripletSet, load_triplet_set, parse_triplets
-from .io import read_json
+from .io import read_json, text_sha1, write_json
 from .models.cir import CIRModel
 
 
@@ -35,11 +35,10 @@ def _train(demo, name: str, stage: str, settings: dict, model: CIRModel, triplet
     config_cls, train = (Stage1Config, train_stage1) if stage == "stage1" else (Stage2Config, train_stage2)
     batch = max(2, min(settings["batch_size"], len(triplets) // 2 * 2))  # --fast slices can be smaller than a batch
     config = config_cls.from_dict({**settings, "batch_size": batch, "cache_dir": str(demo.out / "features")}, f"demo {name}")
-    saved = run_dir / "config.json"
-    done = (published / "model.json").is_file() and saved.is_file() and \
-        {k: v for k, v in read_json(saved).items() if k not in ("progress", "cache_dir")} == \
-        {k: v for k, v in config.model_dump(mode="json").items() if k not in ("progress", "cache_dir")}
-    if done:
+    wanted = {k: v for k, v in config.model_dump(mode="json").items() if k not in ("progress", "cache_dir")}
+    wanted["triplets"] = text_sha1(*(f"{t.candidate}>{t.target}:{'|'.join(t.captions)}" for t in triplets))
+    saved = published / "train_config.json"  # written only once the stage is published
+    if (published / "model.json").is_file() and saved.is_file() and read_json(saved) == wanted:
         demo.log(f"reusing trained {name} from {published}")
         return CIRModel.load(published), published
     demo.log(f"training {name}: {len(triplets)} triplets, {config.epochs} epochs, batch {config.batch_size}")
@@ -48,6 +47,7 @@ def _train(demo, name: str, stage: str, settings: dict, model: CIRModel, triplet
     if published.exists():
         shutil.rmtree(published)
     shutil.copytree(best, published)
+    write_json(published / "train_config.json", wanted)
     return CIRModel.load(published), published
 
 
@@ -79,6 +79,8 @@ def run_training_stages(demo, zero_shot: CIRModel, catalog: ClothingCatalog, gen
 def example_picture(model: CIRModel, triplet_set: TripletSet, descriptions: dict[str, str], out: Path,
                     n_queries: int = 4, k: int = 5) -> Path:
     """A PNG: per row the reference, its caption, the top-k results, the target outlined in green."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,7 +93,8 @@ def example_picture(model: CIRModel, triplet_set: TripletSet, descriptions: dict
     from .features.cache import FeatureCache
 
     cache = FeatureCache(out.parent / "features")
-    gallery_ids, gallery = cache.encode(model.backbone, {i: triplet_set.image_paths[i] for i in triplet_set.gallery_ids}, progress=False)
+    gallery_ids, gallery = cache.encode(model.backbone, {i: triplet_set.image_paths[i] for i in triplet_set.gallery_ids},
+                                        on_error="skip", progress=False)
     position = {i: n for n, i in enumerate(gallery_ids)}
     triplets = [t for t in triplet_set.triplets if t.candidate in position][:: max(1, len(triplet_set.triplets) // n_queries)][:n_queries]
     texts = query_texts(model, triplets, descriptions)
@@ -99,8 +102,9 @@ def example_picture(model: CIRModel, triplet_set: TripletSet, descriptions: dict
         queries = model.compose(torch.from_numpy(np.stack([gallery[position[t.candidate]] for t in triplets])),
                                 model.backbone.embed_texts(texts))
         scores = queries @ torch.nn.functional.normalize(torch.from_numpy(gallery), dim=-1).T
-    fig, axes = plt.subplots(len(triplets), k + 1, figsize=(2.2 * (k + 1), 2.9 * len(triplets)))
+    fig, axes = plt.subplots(len(triplets), k + 1, figsize=(2.2 * (k + 1), 3.7 * len(triplets)), squeeze=False)
     for row, (triplet, score) in enumerate(zip(triplets, scores)):
+        score[position[triplet.candidate]] = -float("inf")  # shown on the left; FashionIQ ranks it too
         top = torch.argsort(score, descending=True, stable=True)[:k].tolist()
         cells = [(triplet.candidate, "reference")] + [(gallery_ids[i], f"#{n + 1}  {score[i]:.2f}") for n, i in enumerate(top)]
         for col, (image_id, label) in enumerate(cells):
@@ -112,17 +116,20 @@ def example_picture(model: CIRModel, triplet_set: TripletSet, descriptions: dict
             for spine in ax.spines.values():
                 spine.set_edgecolor("green" if is_target else "#bbbbbb")
                 spine.set_linewidth(4 if is_target else 1)
-        caption = " / ".join(triplet.captions)
-        axes[row][0].set_xlabel(caption[:60] + ("…" if len(caption) > 60 else ""), fontsize=8)
-    fig.suptitle("Annotated clothing val queries: reference + caption -> top-5 (target in green)", fontsize=10)
-    fig.tight_layout()
+        axes[row][0].set_xlabel(textwrap.fill(" / ".join(triplet.captions), 34), fontsize=8)
+    fig.suptitle("Annotated clothing val queries: reference + caption -> top-5, reference itself left out "
+                 "(target in green)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.97), h_pad=2.5)
     fig.savefig(out, dpi=80)
     plt.close(fig)
     return out
 
 
 def triplet_picture(triplets: list[dict], image_paths: dict[str, Path], out: Path, n: int = 4) -> Path:
-    """A PNG of generated triplets: reference, target, the two captions and the attribute changes."""
+    """A PNG of generated triplets: per row the reference, the target, the two captions, the
+    attribute changes and the reference prompt."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,15 +138,21 @@ def triplet_picture(triplets: list[dict], image_paths: dict[str, Path], out: Pat
     from .data.images import open_image
 
     chosen = triplets[:: max(1, len(triplets) // n)][:n]
-    fig, axes = plt.subplots(1, 2 * len(chosen), figsize=(3.3 * len(chosen), 3.6))
-    for i, triplet in enumerate(chosen):
-        for j, key in enumerate(("candidate", "target")):
-            ax = axes[2 * i + j]
+    fig, axes = plt.subplots(len(chosen), 3, figsize=(10, 2.9 * len(chosen)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 1, 2.6]})
+    for row, triplet in enumerate(chosen):
+        for col, key in enumerate(("candidate", "target")):
+            ax = axes[row][col]
             ax.imshow(open_image(image_paths[triplet[key]]).resize((150, 200)))
             ax.set_xticks([]), ax.set_yticks([])
-            ax.set_title("reference" if key == "candidate" else "target", fontsize=8)
-        changes = ", ".join(f"{a}: {v[0]}->{v[1]}" for a, v in triplet.get("changes", {}).items())
-        axes[2 * i].set_xlabel("\n".join([f'"{c}"' for c in triplet["captions"]] + [changes]), fontsize=7, loc="left")
+            ax.set_title("reference" if key == "candidate" else "target", fontsize=9)
+        changes = ", ".join(f"{a}: {v[0]} -> {v[1]}" for a, v in triplet.get("changes", {}).items())
+        lines = [f"caption 1: {triplet['captions'][0]}", f"caption 2: {triplet['captions'][-1]}",
+                 f"changes: {changes}", f"reference prompt: {triplet.get('reference_prompt', '')}"]
+        text = "\n".join(textwrap.fill(line, 62, subsequent_indent="    ") for line in lines)
+        axes[row][2].axis("off")
+        axes[row][2].text(0, 0.5, text, fontsize=9, va="center", family="monospace")
+    fig.suptitle("Generated attribute-aware triplets (clothing train split)", fontsize=11)
     fig.tight_layout()
     fig.savefig(out, dpi=80)
     plt.close(fig)

@@ -62,10 +62,14 @@ def iter_jsonl_numbered(path: str | Path, what: str = "JSONL file") -> Iterator[
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{what} not found: {path}")
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8", errors="surrogateescape") as handle:
         for lineno, line in enumerate(handle, 1):
             if not line.strip():
                 continue
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise DataError(f"{what} {path}, line {lineno}: not UTF-8 text") from exc
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:

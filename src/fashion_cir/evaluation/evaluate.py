@@ -13,6 +13,7 @@ import torch
 
 from ..data.captions import join_captions_val
 from ..data.triplets import Triplet, TripletSet
+from ..errors import DataError
 from ..features.cache import FeatureCache
 from ..models.cir import CIRModel, compose_query
 from .metrics import DEFAULT_KS, recall_at_k, target_ranks
@@ -51,7 +52,10 @@ def score_triplet_set(model: CIRModel, triplet_set: TripletSet, cache: FeatureCa
                                       on_error="skip", progress=options.progress) if extra_refs else ([], gallery[:0])
     position = {image_id: i for i, image_id in enumerate(gallery_ids)}
     ref_lookup = {**{i: gallery[position[i]] for i in gallery_ids}, **dict(zip(ref_ids, ref_feats))}
-    triplets = [t for t in triplet_set.triplets if t.candidate in ref_lookup]
+    # a reference or gallery target that failed to decode drops the query (counted); a target outside
+    # the split stays, as a query that cannot succeed
+    triplets = [t for t in triplet_set.triplets
+                if t.candidate in ref_lookup and (t.target in position or t.target not in gallery_paths)]
     unusable = len(triplet_set.triplets) - len(triplets)
     texts = query_texts(model, triplets, descriptions)
     was_training = model.training
@@ -72,7 +76,7 @@ def score_triplet_set(model: CIRModel, triplet_set: TripletSet, cache: FeatureCa
                 **recall_at_k(ranks, options.ks),
                 "n_queries": len(triplets),
                 "n_gallery": len(gallery_ids),
-                "missing": len(triplet_set.missing_images) + failed + unusable,
+                "missing": len(triplet_set.missing_images) + failed,
                 "skipped_triplets": triplet_set.skipped_triplets + unusable,
             }
             if "R@10" in results[mode] and "R@50" in results[mode]:
@@ -85,15 +89,21 @@ def evaluate_sets(model: CIRModel, sets: dict[str, TripletSet], cache: FeatureCa
                   descriptions: dict[str, str] | None = None) -> dict[str, dict]:
     """{mode: {category: metrics, ..., "average": {R@K..., "overall"}}} over several sets."""
     per_set = {name: score_triplet_set(model, s, cache, options, descriptions) for name, s in sets.items()}
+    empty = [name for name in sets if per_set[name][options.modes[0]]["n_queries"] == 0]
+    if len(empty) == len(sets):
+        raise DataError(f"no usable query in {', '.join(sets)}: every triplet lacks its reference or target image")
     report: dict[str, dict] = {}
     for mode in options.modes:
         table = {name: per_set[name][mode] for name in sets}
-        average = {f"R@{k}": float(np.mean([m[f"R@{k}"] for m in table.values()])) for k in options.ks}
+        scored = [m for name, m in table.items() if name not in empty]  # an empty set is reported, not averaged
+        average = {f"R@{k}": float(np.mean([m[f"R@{k}"] for m in scored])) for k in options.ks}
         average["n_queries"] = sum(m["n_queries"] for m in table.values())
         average["n_gallery"] = sum(m["n_gallery"] for m in table.values())
         average["missing"] = sum(m["missing"] for m in table.values())
         if "R@10" in average and "R@50" in average:
             average["overall"] = (average["R@10"] + average["R@50"]) / 2
+        if empty:
+            average["sets_without_queries"] = empty
         report[mode] = {**table, "average": average}
     return report
 

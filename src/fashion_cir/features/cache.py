@@ -60,10 +60,6 @@ class CacheStats:
     failed: int = 0
     seconds: float = 0.0
 
-    @property
-    def images_per_second(self) -> float:
-        return self.computed / self.seconds if self.seconds else 0.0
-
 
 class FeatureCache:
     def __init__(self, root: str | Path, flush_every: int = 512):
@@ -149,9 +145,9 @@ class FeatureCache:
                         self._write_shard(folder, *pending)
                         pending = ([], [], [])
                     bar.update(len(good) + len(errors))
+            finally:  # keep what was computed, also on Ctrl-C or a bad image, so a re-run resumes
                 if pending[0]:
                     self._write_shard(folder, *pending)
-            finally:
                 bar.close()
                 backbone.train(was_training)
         stats.seconds = time.perf_counter() - start

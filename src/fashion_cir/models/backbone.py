@@ -80,10 +80,6 @@ class Backbone(nn.Module, ABC):
         """Prefixes unfrozen for ``encoder``; backbones with blocks override to honour ``last_n_blocks``."""
         return self.encoder_prefixes(encoder)
 
-    def encoder_parameters(self, encoder: str) -> Iterable[nn.Parameter]:
-        prefixes = tuple(self.encoder_prefixes(encoder))
-        return (p for n, p in self.named_parameters() if n.startswith(prefixes))
-
     def set_trainable(self, encoders: Iterable[str], last_n_blocks: int | None = None) -> None:
         """Freeze everything, then unfreeze ``encoders`` (optionally only their last N blocks)."""
         prefixes: list[str] = []
@@ -111,7 +107,8 @@ class Backbone(nn.Module, ABC):
     # -- convenience -----------------------------------------------------------------------------
     @torch.no_grad()
     def embed_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-        """Encode many texts in eval mode, batched; returns unnormalised features on CPU."""
+        """Encode many texts without gradients, batched; returns unnormalised features on CPU
+        (call ``eval()`` first for deterministic features)."""
         out = []
         for start in range(0, len(texts), batch_size):
             tokens = self.tokens_to(self.tokenize(texts[start : start + batch_size]), self.device)

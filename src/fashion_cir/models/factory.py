@@ -2,6 +2,7 @@
 
 - ``openclip:MODEL:TAG`` — open_clip model + pretrained tag (``openclip:ViT-B-32:openai``, the default)
 - ``openclip:MODEL:/path/ckpt.pt`` — open_clip model + local checkpoint file
+- ``openclip:MODEL:random`` — random weights (speed tests only)
 - ``openclip:hf-hub:ORG/REPO`` — an open_clip model on the Hugging Face hub
 - ``tiny[:SEED]`` — a tiny random open_clip config, for tests
 - ``offline[:DIR]`` — the offline demo dual encoder (EfficientNet-Lite0 + MiniLM), aligned

@@ -106,6 +106,12 @@ def build_openclip(model_name: str, pretrained: str | None) -> OpenClipBackbone:
     """``model_name`` + pretrained tag or local file; ``hf-hub:org/repo`` model names pass through."""
     open_clip = _import_open_clip()
     is_hub = model_name.startswith("hf-hub:")
+    if not is_hub and not pretrained:
+        raise ModelError(f"openclip:{model_name} needs a pretrained tag or checkpoint file, e.g. openclip:{model_name}:openai "
+                         f"(or openclip:{model_name}:random for random weights, useful only for speed tests)")
+    if pretrained == "random":
+        model = open_clip.create_model(model_name, pretrained=None)
+        return OpenClipBackbone(model.eval(), open_clip.get_tokenizer(model_name), spec=f"openclip:{model_name}:random")
     if not is_hub and model_name not in open_clip.list_models():
         raise ModelError(
             f"unknown open_clip model {model_name!r}; see open_clip.list_models() (e.g. ViT-B-32, ViT-B-16, RN50x4)"

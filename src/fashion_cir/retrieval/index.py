@@ -213,8 +213,8 @@ class CatalogIndex:
     def save(self) -> None:
         """Write a new data folder, then point the manifest at it, then drop older data folders."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        previous = self.config.get("data")
-        number = int(previous.rsplit("-", 1)[1]) + 1 if previous else 1
+        existing = [int(p.name.rsplit("-", 1)[1]) for p in self.folder.glob("data-*") if p.name.rsplit("-", 1)[1].isdigit()]
+        number = max(existing, default=0) + 1  # never reuse the folder a live manifest may point to
         name = f"data-{number:06d}"
         tmp = self.folder / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -271,7 +271,8 @@ def _encode(model: CIRModel, paths: dict[str, Path], cache_dir: Path, batch_size
     ids, features = cache.encode(model.backbone, paths, batch_size=batch_size, num_workers=num_workers,
                                  on_error="skip", progress=progress)
     stats = cache.last_stats
-    failed = [i for i in paths if i not in set(ids)]
+    encoded = set(ids)
+    failed = [i for i in paths if i not in encoded]
     return ids, features, {"requested": stats.requested, "computed": stats.computed, "reused": stats.reused,
                            "failed": len(failed), "failed_ids": failed[:20], "encode_seconds": round(stats.seconds, 3)}
 
@@ -370,6 +371,7 @@ def search(model: CIRModel, index: CatalogIndex, image: Image.Image | None = Non
     elif text_features is None:
         query = model.compose(image_features, image_features, mode="image")
     else:
-        query = model.compose(image_features.to(text_features.device), text_features)
+        device = model.backbone.device  # a Combiner lives with the model; features come from the CPU
+        query = model.compose(image_features.to(device), text_features.to(device))
     exclude = [item_id] if exclude_reference and item_id is not None else []
     return index.search_vectors(query.float().cpu().numpy(), k, exclude)[0]

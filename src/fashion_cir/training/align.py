@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.catalog import ClothingCatalog
+from ..errors import DataError
 from ..features.cache import FeatureCache
 from ..io import atomic_write_bytes, environment_info, text_sha1, write_json
 from ..models.offline_backbone import OfflineBackbone, save_projections
@@ -87,6 +88,9 @@ def align_offline_backbone(catalog: ClothingCatalog, out_dir: str | Path, cache:
         if limit:
             paths = dict(list(paths.items())[:limit])
         ids, image_feats = cache.encode(towers, paths, batch_size=32, on_error="skip", progress=progress)
+        if len(ids) < 2:
+            raise DataError(f"alignment needs at least 2 described, readable images in the {split} split of "
+                            f"{catalog.root}; found {len(ids)}")
         descriptions = [catalog.attributes[i]["description"] for i in ids]
         phrases = [attribute_phrase(catalog.attributes[i]) or catalog.attributes[i]["description"] for i in ids]
         text_feats = _text_tower_features(towers, descriptions + phrases, cache.root)

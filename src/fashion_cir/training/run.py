@@ -113,7 +113,13 @@ def run(config: RunConfig, stage: str = "all") -> Path:
         result = out / "stage1" / "model"
     if stage in ("2", "all") and config.stage2 is not None:
         source = out / "stage1" / config.stage2_from
-        model = CIRModel.load(source) if (source / "model.json").is_file() else build_model(config)
+        if (source / "model.json").is_file():
+            model = CIRModel.load(source)
+        elif config.stage1 is not None:
+            raise FashionCIRError(f"stage 2 starts from the stage-1 model in {source}, which does not exist yet: "
+                                  "run stage 1 first (--stage 1 or --stage all)")
+        else:
+            model = build_model(config)
         stage2 = config.stage2.model_copy(update={"cache_dir": config.stage2.cache_dir or str(out / "cache")})
         train_stage2(stage2, model, triplets, image_paths, val_sets, descriptions, out / "stage2")
         result = out / "stage2" / "model"
