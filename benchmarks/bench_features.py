@@ -7,6 +7,7 @@ versus the bare model forward on the same, already-preprocessed batches. Target:
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -34,29 +35,33 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--backbones", default="tiny,offline,openclip:ViT-B-32:random")
     parser.add_argument("--catalog", type=Path, default=None)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs; medians are reported")
     args = parser.parse_args()
 
     catalog = load_clothing_catalog(args.catalog)
     paths = dict(list(catalog.split_paths("train").items())[: args.n])
     print(f"{len(paths)} clothing images, batch {args.batch_size}, {args.workers} decode workers, "
           f"{torch.get_num_threads()} torch threads")
-    print(f"{'backbone':<22}{'bare img/s':>12}{'cached cold img/s':>19}{'overhead':>10}{'warm re-run s':>15}")
+    print(f"medians of {args.repeats} interleaved runs")
+    print(f"{'backbone':<26}{'bare img/s':>12}{'cached cold img/s':>19}{'overhead':>10}{'warm re-run s':>15}")
     for spec in args.backbones.split(","):
         backbone = create_backbone(spec).eval()
         tensors = [backbone.preprocess(open_image(p)) for p in paths.values()]
         bare_forward(backbone, tensors[: args.batch_size], args.batch_size)  # warm-up
-        bare = bare_forward(backbone, tensors, args.batch_size)
-        with tempfile.TemporaryDirectory() as tmp:
-            cache = FeatureCache(tmp)
-            start = time.perf_counter()
-            cache.encode(backbone, paths, args.batch_size, args.workers, progress=False)
-            cold = time.perf_counter() - start
-            start = time.perf_counter()
-            cache.encode(backbone, paths, args.batch_size, args.workers, progress=False)
-            warm = time.perf_counter() - start
+        bare_runs, cold_runs = [], []
+        for _ in range(args.repeats):  # interleaved, so machine noise hits both sides alike
+            bare_runs.append(bare_forward(backbone, tensors, args.batch_size))
+            with tempfile.TemporaryDirectory() as tmp:
+                cache = FeatureCache(tmp)
+                start = time.perf_counter()
+                cache.encode(backbone, paths, args.batch_size, args.workers, progress=False)
+                cold_runs.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                cache.encode(backbone, paths, args.batch_size, args.workers, progress=False)
+                warm = time.perf_counter() - start
+        bare, cold = statistics.median(bare_runs), statistics.median(cold_runs)
         n = len(paths)
-        print(f"{spec:<22}{n / bare:>12.1f}{n / cold:>19.1f}{(cold / bare - 1) * 100:>9.1f}%{warm:>15.2f}")
-
+        print(f"{spec:<26}{n / bare:>12.1f}{n / cold:>19.1f}{(cold / bare - 1) * 100:>9.1f}%{warm:>15.2f}")
 
 if __name__ == "__main__":
     main()

@@ -139,10 +139,16 @@ class Backbone(nn.Module, ABC):
         return self._fingerprint(self.trunk_prefixes())
 
     def _fingerprint(self, prefix_list: list[str]) -> str:
-        digest = hashlib.sha1(self.preprocess_description.encode())
         prefixes = tuple(prefix_list)
-        for name, tensor in sorted(self.state_dict().items()):
-            if name.startswith(prefixes):
+        tensors = sorted((n, t) for n, t in self.state_dict().items() if n.startswith(prefixes))
+        # tensors' version counters change on every in-place update (optimizer steps, load_state_dict),
+        # so an unchanged model is hashed once, not on every cache lookup
+        key = (self.preprocess_description, tuple((n, t.data_ptr(), t._version) for n, t in tensors))
+        memo = self.__dict__.setdefault("_fingerprint_memo", {})
+        if memo.get(prefixes, (None,))[0] != key:
+            digest = hashlib.sha1(self.preprocess_description.encode())
+            for name, tensor in tensors:
                 digest.update(name.encode())
-                digest.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
-        return digest.hexdigest()[:16]
+                digest.update(memoryview(tensor.detach().cpu().float().contiguous().numpy()).cast("B"))
+            memo[prefixes] = (key, digest.hexdigest()[:16])
+        return memo[prefixes][1]
