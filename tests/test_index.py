@@ -195,3 +195,23 @@ def test_catalog_from_folder_and_metadata_files(tmp_path, catalog):
     bad.write_text("name\nx\n", encoding="utf-8")
     with pytest.raises(DataError, match="no 'image' or 'id' field"):
         read_metadata(bad)
+
+
+def test_serving_defaults_to_the_trained_model_the_index_was_built_with(tmp_path, catalog):
+    """An index built from a model folder is served with that model (its trained text side and
+    query mode), not with the zero-shot backbone it shares an image encoder with."""
+    import torch
+
+    from fashion_cir.serving.app import create_app
+
+    trained = load_model(backbone="tiny", query_mode="text")
+    with torch.no_grad():
+        trained.backbone.clip.text_projection.mul_(-1)
+    trained.mark_trained(["backbone.clip.text_projection"])
+    trained.save(tmp_path / "model")
+    model = CIRModel.load(tmp_path / "model")
+    paths, metadata = catalog
+    build_index(tmp_path / "index", model, paths, metadata, progress=False)
+    served = create_app(tmp_path / "index").state.model
+    assert served.source == (tmp_path / "model").resolve() and served.query_mode == "text"
+    torch.testing.assert_close(served.backbone.embed_texts(["a red dress"]), model.backbone.embed_texts(["a red dress"]))

@@ -278,7 +278,10 @@ def search(
     from .retrieval.index import CatalogIndex, read_manifest
     from .retrieval.index import search as run_search
 
-    cir = _model(model, backbone or read_manifest(index_dir)["backbone"])
+    manifest = read_manifest(index_dir)
+    if model is None and backbone is None and manifest.get("model_dir") and (Path(manifest["model_dir"]) / "model.json").is_file():
+        model = Path(manifest["model_dir"])  # default: the model the index was built with
+    cir = _model(model, backbone or manifest["backbone"])
     index = CatalogIndex.load(index_dir, cir)
     hits = run_search(cir, index, image=open_image(image) if image else None, item_id=item_id, text=text, k=k)
     if json_out:
@@ -292,7 +295,7 @@ def search(
 @friendly
 def serve_command(
     index_dir: Path = typer.Option(..., "--index", help="Index folder."),
-    model: Optional[Path] = typer.Option(None, help="Model folder (default: the backbone the index records)."),
+    model: Optional[Path] = typer.Option(None, help="Model folder (default: the model the index was built with)."),
     backbone: Optional[str] = typer.Option(None),
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(8000),

@@ -56,6 +56,7 @@ class CIRModel(nn.Module):
         self.combiner = combiner
         self.text_template = text_template
         self.saved_prefixes = list(saved_prefixes or [])
+        self.source: Path | None = None  # the model folder it was loaded from, if any
 
     def compose(self, image_features: torch.Tensor, text_features: torch.Tensor, mode: str | None = None) -> torch.Tensor:
         return compose_query(mode or self.query_mode, image_features, text_features, self.combiner)
@@ -131,6 +132,7 @@ class CIRModel(nn.Module):
         if expected and expected != backbone.image_fingerprint():
             raise ModelError(f"{folder}: image encoder fingerprint mismatch after loading (expected {expected}); "
                              "the backbone weights it was trained from are not the ones available here")
+        model.source = folder.resolve()
         return model.eval()
 
 

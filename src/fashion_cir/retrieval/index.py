@@ -301,6 +301,7 @@ def build_index(folder: str | Path, model: CIRModel, images: str | Path | Mappin
     backbone = model.backbone
     config = {"format": FORMAT, "factory": factory, "metric": "inner_product", "feature_dim": int(features.shape[1]),
               "nprobe": nprobe, "ef_search": ef_search, "backbone": backbone.spec,
+              "model_dir": str(model.source) if model.source else None,
               "preprocess": backbone.preprocess_description, "image_fingerprint": backbone.image_fingerprint(),
               "count": 0, "data": None, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": environment_info()}
     empty = np.zeros((0, features.shape[1]), dtype=np.float32)

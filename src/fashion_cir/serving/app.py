@@ -86,8 +86,12 @@ def _resolve_model(model: CIRModel | str | Path | None, index_folder: Path) -> C
     """A CIRModel as given; a model folder; a backbone spec; or (None) the index's own backbone."""
     if isinstance(model, CIRModel):
         return model.eval()
-    if model is None:
-        return load_model(backbone=read_manifest(index_folder)["backbone"])
+    if model is None:  # the model the index was built with: its folder when it still exists, else its backbone
+        manifest = read_manifest(index_folder)
+        model_dir = manifest.get("model_dir")
+        if model_dir and (Path(model_dir) / MODEL_FILE).is_file():
+            return load_model(model_dir=model_dir)
+        return load_model(backbone=manifest["backbone"])
     if (Path(model) / MODEL_FILE).is_file():
         return load_model(model_dir=model)
     return load_model(backbone=str(model))

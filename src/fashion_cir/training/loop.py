@@ -153,7 +153,9 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def trained_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu() for n, p in self.run.model.named_parameters() if p.requires_grad}
+        """Trained parameters plus every buffer (BatchNorm running statistics change in training)."""
+        params = {n: p.detach().cpu() for n, p in self.run.model.named_parameters() if p.requires_grad}
+        return {**params, **{n: b.detach().cpu().clone() for n, b in self.run.model.named_buffers()}}
 
     def save_checkpoint(self) -> None:
         ctx = self.run.ctx
@@ -188,7 +190,7 @@ class Trainer:
         if changed:
             raise FashionCIRError(f"{self.checkpoint_path} was written with another config ({'; '.join(changed)}); "
                                   "use another output folder, restore the config, or set resume=false")
-        names = dict(self.run.model.named_parameters())
+        names = {**dict(self.run.model.named_parameters()), **dict(self.run.model.named_buffers())}
         with torch.no_grad():
             for name, value in payload["params"].items():
                 names[name].copy_(value)
