@@ -69,8 +69,12 @@ def test_aligned_space_matches_images_to_their_descriptions(aligned, small_catal
     assert summary["best_val_image_to_text_R@10"] > 100 * 10 / 16 * 0.9
 
 
-def test_missing_projection_folder_is_a_clear_error(tmp_path):
+def test_missing_or_corrupt_projections_are_clear_errors(tmp_path):
     with pytest.raises(ModelError, match="no aligned offline projections"):
+        create_backbone(f"offline:{tmp_path}")
+    (tmp_path / "projection.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "offline_backbone.json").write_text('{"dim": 256}')
+    with pytest.raises(ModelError, match="corrupt or mismatched offline projections.*fashion-cir align"):
         create_backbone(f"offline:{tmp_path}")
 
 

@@ -74,7 +74,8 @@ def evaluate(
     from .features.cache import FeatureCache
     from .models.cir import load_model
 
-    cir = load_model(model, backbone, preprocess=preprocess)
+    if model is not None and backbone is not None:
+        raise FashionCIRError("give --model DIR or --backbone SPEC, not both")
     if fashioniq is not None:
         sets = load_fashioniq(fashioniq, split, tuple(category) or FASHIONIQ_CATEGORIES, images, strict)
     elif captions and split_file and images:
@@ -86,6 +87,7 @@ def evaluate(
         typer.echo(f"{name}: {report['triplets']} queries, {report['gallery_images']} gallery images, "
                    f"{report['missing_images']} images missing, {report['skipped_triplets']} triplets skipped", err=True)
     described = {i: r["description"] for i, r in read_attributes(descriptions).items() if r.get("description")} if descriptions else None
+    cir = load_model(model, backbone, preprocess=preprocess)  # after the data checks: loading may download weights
     options = EvalOptions(modes=tuple(mode) or (cir.query_mode,), batch_size=batch_size, num_workers=workers,
                           remove_reference=remove_reference)
     report = evaluate_sets(cir, sets, FeatureCache(cache_dir), options, described)

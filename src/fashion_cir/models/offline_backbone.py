@@ -150,7 +150,11 @@ def build_offline(folder: str | None = None, project: bool = True) -> OfflineBac
                          "run `fashion-cir demo` or `fashion-cir align` to create them")
     config = read_json(path / PROJECTION_CONFIG, "offline backbone config")
     backbone = OfflineBackbone(dim=int(config.get("dim", DEFAULT_DIM)), project=project)
-    state = torch.load(path / PROJECTION_FILE, map_location="cpu", weights_only=True)
-    backbone.load_state_dict(state, strict=False)
+    try:
+        state = torch.load(path / PROJECTION_FILE, map_location="cpu", weights_only=True)
+        backbone.load_state_dict(state, strict=False)
+    except Exception as exc:
+        raise ModelError(f"corrupt or mismatched offline projections {path / PROJECTION_FILE}: {exc}; "
+                         "re-create them with `fashion-cir align`") from exc
     backbone.spec = f"offline:{path.resolve()}"
     return backbone.eval()
