@@ -74,7 +74,7 @@ def test_missing_or_corrupt_projections_are_clear_errors(tmp_path):
         create_backbone(f"offline:{tmp_path}")
     (tmp_path / "projection.pt").write_bytes(b"not a checkpoint")
     (tmp_path / "offline_backbone.json").write_text('{"dim": 256}')
-    with pytest.raises(ModelError, match="corrupt or mismatched offline projections.*fashion-cir align"):
+    with pytest.raises(ModelError, match="(?s)corrupt or mismatched offline projections.*fashion-cir align"):
         create_backbone(f"offline:{tmp_path}")
 
 
