@@ -169,3 +169,17 @@ def test_resume_refuses_a_changed_config(data, tmp_path):
     with pytest.raises(FashionCIRError, match="another config.*lr"):
         train_stage2(config.model_copy(update={"lr": 0.5}), CIRModel(create_backbone("tiny"), "sum"),
                      triplets, paths, {}, descriptions, tmp_path)
+
+
+def test_stage1_with_pixels_leaves_out_unreadable_images(tmp_path):
+    """An image that does not decode is found before training starts: its triplets are skipped and
+    counted, instead of the loader failing at the same step on every resume."""
+    paths = make_dataset(tmp_path / "catalog")
+    triplets, image_paths, val_sets, descriptions = load_data(paths)
+    broken = triplets[0].candidate
+    Path(image_paths[broken]).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    model = CIRModel(create_backbone("tiny"), "sum_raw")
+    train_stage1(Stage1Config(encoders="image", epochs=1, **FAST), model, triplets, image_paths, val_sets, descriptions, tmp_path / "out")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    referencing = sum(broken in (t.candidate, t.target) for t in triplets)
+    assert summary["unreadable_images"] == 1 and summary["skipped_triplets"] == referencing > 0

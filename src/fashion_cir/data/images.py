@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from pathlib import Path
 
@@ -21,6 +22,24 @@ def find_image(folder: Path, image_id: str) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+def readable_images(paths: dict[str, Path], workers: int | None = None) -> tuple[dict[str, Path], list[str]]:
+    """Split ``paths`` into the images that decode and the ids that do not (decoded in threads;
+    Pillow releases the GIL while decoding)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ok(item: tuple[str, Path]) -> bool:
+        try:
+            open_image(item[1])
+            return True
+        except DataError:
+            return False
+
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+        flags = list(pool.map(ok, paths.items()))
+    good = {i: p for (i, p), flag in zip(paths.items(), flags) if flag}
+    return good, [i for (i, _), flag in zip(paths.items(), flags) if not flag]
 
 
 def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> Image.Image:

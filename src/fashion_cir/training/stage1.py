@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.images import readable_images
 from ..data.triplets import Triplet, TripletSet
 from ..errors import FashionCIRError
 from ..features.cache import FeatureCache
@@ -91,6 +92,13 @@ def train_stage1(config: Stage1Config, model: CIRModel, train_triplets: list[Tri
     image_index = {image_id: i for i, image_id in enumerate(image_paths)}
     table = None
     load_pixels = "image" in encoders
+    unreadable: list[str] = []
+    if load_pixels:  # the loader decodes images at every step: leave out unreadable ones now, not mid-epoch
+        needed = {i for t in triplets for i in (t.candidate, t.target, *t.hard_negatives) if i in image_paths}
+        image_paths, unreadable = readable_images({i: image_paths[i] for i in image_paths if i in needed})
+        usable = [t for t in usable if t.candidate in image_paths and t.target in image_paths]
+        triplets, n_annotated = order_pools(usable)
+        image_index = {image_id: i for i, image_id in enumerate(image_paths)}
     if not load_pixels:  # frozen image encoder: encode every image the triplets use once
         needed = {i for t in triplets for i in (t.candidate, t.target, *t.hard_negatives) if i in image_paths}
         cache = FeatureCache(config.cache_dir or out_dir / "cache")
@@ -111,7 +119,8 @@ def train_stage1(config: Stage1Config, model: CIRModel, train_triplets: list[Tri
     run = StageRun("stage1", config, model, step_module, epoch_loader(dataset, collate, n_annotated, n_generated, config, ctx), steps, val_sets, descriptions, out_dir, ctx,
                    image_encoder_trains=load_pixels,
                    summary={"annotated_triplets": n_annotated, "generated_triplets": n_generated,
-                            "skipped_triplets": len(train_triplets) - len(triplets), "query_mode": model.query_mode,
+                            "skipped_triplets": len(train_triplets) - len(triplets),
+                            "unreadable_images": len(unreadable), "query_mode": model.query_mode,
                             "text_template": model.text_template, "encoders": encoders,
                             "image_features": "pixels" if load_pixels else "feature cache"})
     return Trainer(run).fit()
