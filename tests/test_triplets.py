@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fashion_cir.captioning import load_precomputed
+from fashion_cir.captioning import DEFAULT_VOCABULARY, load_precomputed
 from fashion_cir.data.captions import sentence_query
 from fashion_cir.data.triplets import parse_triplets
 from fashion_cir.errors import DataError
@@ -206,3 +206,26 @@ def test_rejects_bad_inputs(catalog):
         TripletConfig(band=(0.5, 0.2))
     with pytest.raises(ValueError, match="not in the vocabulary"):
         TripletConfig(attributes=("category", "fit"))
+
+
+def test_a_smaller_custom_vocabulary_generates_captions(catalog):
+    """A catalog whose vocabulary has only category, color and sleeves (with an extra sleeve value)
+    still gets triplets and captions: phrasing never assumes the default attribute names."""
+    from fashion_cir.captioning.schema import Attributes
+    from fashion_cir.captioning.vocab import AttributeVocab, Vocabulary
+
+    attributes, train, ids, features = catalog
+    default = DEFAULT_VOCABULARY.attributes
+    vocab = Vocabulary(attributes={"category": default["category"], "color": default["color"],
+                                   "sleeves": AttributeVocab(values=(*default["sleeves"].values, "cap"), wildcards=("none",))},
+                       compatible_categories=DEFAULT_VOCABULARY.compatible_categories)
+    small = {i: Attributes(values={k: a[k] for k in vocab.names}, kids=a.kids, description=a.description)
+             for i, a in attributes.items()}
+    for image_id in list(small)[:300:3]:
+        small[image_id] = small[image_id].model_copy(update={"values": {**small[image_id].values, "sleeves": "cap"}})
+    config = TripletConfig(seed=1, max_triplets=400, band=(5, 800), band_unit="rank", vocabulary=vocab)
+    generated, stats = generate_triplets(small, features, ids, config, train_ids=train)
+    assert len(generated) == 400
+    assert set(stats["changes_histogram"]) <= {"category", "color", "sleeves"}
+    assert any("cap" in t["changes"].get("sleeves", ()) for t in generated)
+    assert all(len(t["captions"]) == 2 and all(c.strip() for c in t["captions"]) for t in generated)

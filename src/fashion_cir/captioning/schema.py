@@ -32,7 +32,8 @@ class Attributes(BaseModel):
     description: str
 
     def __getitem__(self, name: str) -> str | None:
-        return self.values[name]
+        """The value of ``name``; None when it is not described (or not in this catalog's vocabulary)."""
+        return self.values.get(name)
 
     def to_record(self, image_id: str) -> dict[str, Any]:
         """The flat attributes.jsonl layout: ``{"image", <attributes>, "kids", "description"}``."""

@@ -104,9 +104,12 @@ def _clause(name: str, old: str | None, new: str | None, target: Attributes, s: 
             return rng.choice([f"{s.be} sleeveless", f"{s.have} no sleeves"])
         if old == "sleeveless":
             return rng.choice([f"{s.have} {t_noun}", f"{s.have} {t_noun} instead of being sleeveless", f"{s.be} {_pick(SLEEVE_ADJ, new, rng)}"])
-        longer = "longer" if SLEEVE_ORDER.index(new) > SLEEVE_ORDER.index(old) else "shorter"
-        return rng.choice([f"{s.have} {t_noun}", f"{s.be} {_pick(SLEEVE_ADJ, new, rng)}", f"{s.have} {longer} sleeves",
-                           f"{s.have} {t_noun} {contrast} {_pick(SLEEVE_NOUN, old, rng)}"])
+        options = [f"{s.have} {t_noun}", f"{s.be} {_pick(SLEEVE_ADJ, new, rng)}",
+                   f"{s.have} {t_noun} {contrast} {_pick(SLEEVE_NOUN, old, rng)}"]
+        if new in SLEEVE_ORDER and old in SLEEVE_ORDER:  # custom vocabularies may hold other lengths
+            longer = "longer" if SLEEVE_ORDER.index(new) > SLEEVE_ORDER.index(old) else "shorter"
+            options.append(f"{s.have} {longer} sleeves")
+        return rng.choice(options)
     if name == "neckline":
         if new == "strapless":
             return f"{s.be} strapless"
