@@ -68,7 +68,7 @@ def evaluate(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write metrics JSON here."),
 ):
     """Recall@1/5/10/50 on FashionIQ (per category, average, overall) or any FashionIQ-format set."""
-    from .data.catalog import read_attributes
+    from .data.catalog import read_descriptions
     from .data.triplets import FASHIONIQ_CATEGORIES, load_fashioniq, load_triplet_set
     from .evaluation.evaluate import EvalOptions, evaluate_sets, format_table
     from .features.cache import FeatureCache
@@ -86,7 +86,7 @@ def evaluate(
         report = triplet_set.report()
         typer.echo(f"{name}: {report['triplets']} queries, {report['gallery_images']} gallery images, "
                    f"{report['missing_images']} images missing, {report['skipped_triplets']} triplets skipped", err=True)
-    described = {i: r["description"] for i, r in read_attributes(descriptions).items() if r.get("description")} if descriptions else None
+    described = read_descriptions(descriptions) if descriptions else None
     cir = load_model(model, backbone, preprocess=preprocess)  # after the data checks: loading may download weights
     options = EvalOptions(modes=tuple(mode) or (cir.query_mode,), batch_size=batch_size, num_workers=workers,
                           remove_reference=remove_reference)
@@ -136,14 +136,14 @@ def caption(
 ):
     """Describe catalog images with a multimodal LLM: attributes + a short description per image."""
     from .captioning import build_captioner, load_vocabulary, run_captioning, write_attributes
-    from .data.images import IMAGE_EXTENSIONS, find_image
+    from .data.images import scan_images
     from .data.triplets import read_split
 
     if not images.is_dir():
         raise FashionCIRError(f"images folder not found: {images}")
-    ids = read_split(split_file) if split_file else sorted(
-        {p.stem for p in images.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS})
-    paths = {i: p for i in ids if (p := find_image(images, i)) is not None}
+    available = scan_images(images)
+    ids = read_split(split_file) if split_file else sorted(available)
+    paths = {i: available[i] for i in ids if i in available}
     options = {"llava-hf": {"batch_size": batch_size, "device": device},
                "openai": {"base_url": base_url, "api_key_env": api_key_env, "concurrency": concurrency, "timeout_s": timeout}}.get(backend, {})
     captioner = build_captioner(backend, model_name, load_vocabulary(vocab), **{k: v for k, v in options.items() if v is not None})

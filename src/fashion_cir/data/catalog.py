@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import DataError
 from ..io import iter_jsonl_numbered
-from .images import find_image
+from .images import scan_images
 from .triplets import read_split
 
 DEFAULT_CATALOG = Path(os.environ.get(
@@ -35,7 +35,7 @@ class ClothingCatalog:
         return {i: self.image_paths[i] for i in self.splits[split] if i in self.image_paths}
 
     def descriptions(self) -> dict[str, str]:
-        return {i: a["description"] for i, a in self.attributes.items() if a.get("description")}
+        return descriptions_of(self.attributes)
 
     def captions_file(self, split: str) -> Path:
         return self.root / "captions" / f"cap.clothing.{split}.json"
@@ -64,6 +64,16 @@ def read_attributes(path: str | Path) -> dict[str, dict]:
     return {image_id: record for image_id, (_, record) in read_attribute_records(path).items()}
 
 
+def descriptions_of(records: dict[str, dict]) -> dict[str, str]:
+    """id -> description for the attribute records that have a non-empty text description."""
+    return {i: r["description"] for i, r in records.items() if isinstance(r.get("description"), str) and r["description"]}
+
+
+def read_descriptions(path: str | Path) -> dict[str, str]:
+    """id -> MLLM description from an attributes JSONL (the sentence-level prompts' source)."""
+    return descriptions_of(read_attributes(path))
+
+
 def load_clothing_catalog(root: str | Path | None = None, attributes: str | Path | None = None) -> ClothingCatalog:
     root = Path(root) if root is not None else DEFAULT_CATALOG
     images = root / "images"
@@ -73,7 +83,7 @@ def load_clothing_catalog(root: str | Path | None = None, attributes: str | Path
     if not attributes_path.is_file():
         raise DataError(f"attributes file not found: {attributes_path}; run `fashion-cir caption` over the catalog "
                         "to create it, or pass --attributes FILE")
-    image_paths = {p.stem: p for p in sorted(images.iterdir()) if find_image(images, p.stem) == p}
+    image_paths = scan_images(images)
     labels: dict[str, str] = {}
     labels_csv = root / "images.csv"
     if labels_csv.is_file():

@@ -24,6 +24,19 @@ def find_image(folder: Path, image_id: str) -> Path | None:
     return None
 
 
+def scan_images(folder: Path) -> dict[str, Path]:
+    """id (file stem) -> image file for every image in ``folder``; when one id has several files,
+    the extension earlier in IMAGE_EXTENSIONS wins (as in :func:`find_image`)."""
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        suffix = path.suffix.lower()
+        if suffix in IMAGE_EXTENSIONS and path.is_file():
+            current = found.get(path.stem)
+            if current is None or IMAGE_EXTENSIONS.index(suffix) < IMAGE_EXTENSIONS.index(current.suffix.lower()):
+                found[path.stem] = path
+    return found
+
+
 def readable_images(paths: dict[str, Path], workers: int | None = None) -> tuple[dict[str, Path], list[str]]:
     """Split ``paths`` into the images that decode and the ids that do not (decoded in threads;
     Pillow releases the GIL while decoding)."""

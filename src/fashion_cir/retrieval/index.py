@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.images import IMAGE_EXTENSIONS
+from ..data.images import IMAGE_EXTENSIONS, scan_images
 from ..errors import DataError, ModelError
 from ..features.cache import FeatureCache
 from ..io import environment_info, iter_jsonl, read_json, write_json
@@ -78,7 +78,7 @@ def load_catalog(images: str | Path | Mapping[str, str | Path],
         folder = Path(images)
         if not folder.is_dir():
             raise DataError(f"catalog image folder not found: {folder}")
-        paths = {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()}
+        paths = scan_images(folder)
         if not paths:
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
     if ids is not None:

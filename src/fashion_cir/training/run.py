@@ -19,9 +19,9 @@ from typing import Literal
 import torch.distributed as dist
 from pydantic import Field
 
+from ..data.catalog import read_descriptions
 from ..data.triplets import Triplet, TripletSet, load_triplet_set
 from ..errors import FashionCIRError
-from ..io import iter_jsonl
 from ..models.cir import QUERY_MODES, CIRModel
 from ..models.combiner import Combiner
 from ..models.factory import DEFAULT_BACKBONE, create_backbone
@@ -73,13 +73,6 @@ def expand_path(path: str) -> str:
     return expanded
 
 
-def read_descriptions(path: str | None) -> dict[str, str]:
-    if path is None:
-        return {}
-    return {rec["image"]: rec["description"] for rec in iter_jsonl(expand_path(path), "descriptions file")
-            if isinstance(rec.get("image"), str) and isinstance(rec.get("description"), str)}
-
-
 def load_training_data(config: RunConfig) -> tuple[list[Triplet], dict[str, Path], dict[str, TripletSet]]:
     """Training triplets (annotated, then generated), the training catalog's image paths, val sets."""
     triplets: list[Triplet] = []
@@ -105,7 +98,7 @@ def run(config: RunConfig, stage: str = "all") -> Path:
     """Train the configured stages; returns the folder of the last model written."""
     out = Path(config.out_dir)
     triplets, image_paths, val_sets = load_training_data(config)
-    descriptions = read_descriptions(config.descriptions)
+    descriptions = read_descriptions(expand_path(config.descriptions)) if config.descriptions else {}
     result = None
     if stage in ("1", "all") and config.stage1 is not None:
         stage1 = config.stage1.model_copy(update={"cache_dir": config.stage1.cache_dir or str(out / "cache")})
