@@ -23,6 +23,12 @@ def shared_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def clothing_dir(shared_dir) -> Path:
+    """The clothing catalog inside the shared datasets (images/, attributes.jsonl, captions/, image_splits/)."""
+    return shared_dir / "clothing-dataset"
+
+
+@pytest.fixture(scope="session")
 def tiny_model():
     """The zero-shot tiny CIR model (random open_clip config, real tokenizer). Do not modify it."""
     from fashion_cir.models.cir import load_model

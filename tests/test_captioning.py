@@ -17,12 +17,15 @@ from fashion_cir.captioning.parse import parse_answer
 from fashion_cir.captioning.precomputed import PrecomputedCaptioner
 from fashion_cir.errors import DataError, ModelError
 
-CLOTHING = Path("/work/shared/datasets/clothing-dataset")
-ATTRIBUTES = CLOTHING / "attributes.jsonl"
 HELPERS = Path(__file__).parent / "helpers"
 GOOD = {"category": "t-shirt", "color": "red", "secondary_color": None, "pattern": "solid", "sleeves": "short",
         "neckline": "crew", "length": "hip", "material": "cotton", "closure": "none", "kids": False,
         "description": "a plain red short-sleeve cotton t-shirt with a crew neck"}
+
+
+@pytest.fixture(scope="module")
+def attributes_file(clothing_dir) -> Path:
+    return clothing_dir / "attributes.jsonl"
 
 
 def test_repairs_fenced_json_prose_case_and_synonyms():
@@ -46,17 +49,17 @@ def test_rejects_what_cannot_be_repaired(raw, reason):
         parse_answer(raw, DEFAULT_VOCABULARY)
 
 
-def test_load_precomputed_clothing_catalog():
-    attrs = load_precomputed(ATTRIBUTES)
+def test_load_precomputed_clothing_catalog(attributes_file):
+    attrs = load_precomputed(attributes_file)
     assert len(attrs) == 5756
     first = attrs["00003aeb-ace5-43bf-9a0c-dc31a03e9cd2"]
     assert first["category"] == "t-shirt" and first["secondary_color"] == "multicolor" and not first.kids
 
 
-def test_precomputed_errors_name_file_and_line(tmp_path):
+def test_precomputed_errors_name_file_and_line(tmp_path, attributes_file):
     with pytest.raises(DataError, match="attributes file not found"):
         load_precomputed(tmp_path / "missing.jsonl")
-    lines = ATTRIBUTES.read_text().splitlines()[:3]
+    lines = attributes_file.read_text().splitlines()[:3]
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join([lines[0], "{not json", lines[2]]) + "\n")
     with pytest.raises(DataError, match=r"bad.jsonl, line 2"):
@@ -71,8 +74,8 @@ def test_precomputed_errors_name_file_and_line(tmp_path):
         load_precomputed(bad)
 
 
-def test_write_attributes_round_trip(tmp_path):
-    attrs = dict(list(load_precomputed(ATTRIBUTES).items())[:20])
+def test_write_attributes_round_trip(tmp_path, attributes_file):
+    attrs = dict(list(load_precomputed(attributes_file).items())[:20])
     write_attributes(tmp_path / "a.jsonl", attrs)
     assert load_precomputed(tmp_path / "a.jsonl") == attrs
 
@@ -108,15 +111,15 @@ def test_cache_cuts_torn_last_line(tmp_path):
     assert [json.loads(l)["key"] for l in cache.path.read_text().splitlines()] == ["a", "b", "c"]
 
 
-def _images(n: int) -> dict[str, Path]:
-    ids = json.loads((CLOTHING / "image_splits/split.clothing.train.json").read_text())[:n]
-    return {i: CLOTHING / "images" / f"{i}.jpg" for i in ids}
+def _images(clothing_dir: Path, n: int) -> dict[str, Path]:
+    ids = json.loads((clothing_dir / "image_splits/split.clothing.train.json").read_text())[:n]
+    return {i: clothing_dir / "images" / f"{i}.jpg" for i in ids}
 
 
-def test_run_captioning_precomputed_records_missing_as_failures(tmp_path):
-    images = _images(40)
+def test_run_captioning_precomputed_records_missing_as_failures(tmp_path, clothing_dir, attributes_file):
+    images = _images(clothing_dir, 40)
     subset = tmp_path / "subset.jsonl"
-    keep = [l for l in ATTRIBUTES.read_text().splitlines() if json.loads(l)["image"] in list(images)[:30]]
+    keep = [l for l in attributes_file.read_text().splitlines() if json.loads(l)["image"] in list(images)[:30]]
     subset.write_text("\n".join(keep) + "\n")
     images["broken"] = tmp_path / "nope.jpg"
     captioner = PrecomputedCaptioner(subset)
@@ -128,13 +131,13 @@ def test_run_captioning_precomputed_records_missing_as_failures(tmp_path):
     assert {f["status"] for i, f in summary["failures"].items() if i != "broken"} == {"error"}
 
 
-def test_resume_after_sigkill_yields_one_record_per_image(tmp_path):
-    images = _images(240)
+def test_resume_after_sigkill_yields_one_record_per_image(tmp_path, clothing_dir, attributes_file):
+    images = _images(clothing_dir, 240)
     listing = tmp_path / "images.json"
     listing.write_text(json.dumps({k: str(v) for k, v in images.items()}))
     cache_dir = tmp_path / "cache"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
-    worker = subprocess.Popen([sys.executable, str(HELPERS / "caption_worker.py"), str(ATTRIBUTES), str(listing),
+    worker = subprocess.Popen([sys.executable, str(HELPERS / "caption_worker.py"), str(attributes_file), str(listing),
                                str(cache_dir), "0.15"], env=env, stderr=subprocess.PIPE)
     deadline = time.time() + 60
     lines = 0
@@ -150,11 +153,11 @@ def test_resume_after_sigkill_yields_one_record_per_image(tmp_path):
     cache_file = next(cache_dir.glob("*.jsonl"))
     before = len(cache_file.read_text().splitlines())
     assert 40 <= before < 240
-    result = run_captioning(images, PrecomputedCaptioner(ATTRIBUTES), cache_dir, progress=False)
+    result = run_captioning(images, PrecomputedCaptioner(attributes_file), cache_dir, progress=False)
     records = [json.loads(l) for l in cache_file.read_text().splitlines()]
     keys = [r["key"] for r in records]
     assert len(keys) == len(set(keys)) == len(images)  # no duplicate content among these images
     assert sorted(r["image"] for r in records) == sorted(images)
-    assert result == {i: a for i, a in load_precomputed(ATTRIBUTES).items() if i in images}
+    assert result == {i: a for i, a in load_precomputed(attributes_file).items() if i in images}
     summary = json.loads(next(cache_dir.glob("*.summary.json")).read_text())
     assert summary["reused_from_cache"] == before and summary["captioned_now"] == len(images) - before

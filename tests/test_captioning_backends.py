@@ -17,7 +17,6 @@ from fashion_cir.captioning import build_captioner, run_captioning
 from fashion_cir.errors import ModelError
 
 HELPERS = Path(__file__).parent / "helpers"
-CLOTHING_IMAGES = Path("/work/shared/datasets/clothing-dataset/images")
 SECRET = "sk-test-never-log-me"
 
 
@@ -72,7 +71,7 @@ def test_openai_backend_against_real_http_server(tmp_path, images, server, monke
     assert summary["captioned_now"] == 1 and summary["reused_from_cache"] == 5
 
 
-def test_tiny_llava_garbage_is_recorded_as_failures(tmp_path, monkeypatch):
+def test_tiny_llava_garbage_is_recorded_as_failures(tmp_path, monkeypatch, clothing_dir):
     spec = importlib.util.spec_from_file_location("tiny_llava", HELPERS / "tiny_llava.py")
     tiny_llava = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tiny_llava)
@@ -80,7 +79,7 @@ def test_tiny_llava_garbage_is_recorded_as_failures(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     folder = tiny_llava.build_tiny_llava(tmp_path / "tiny-llava")
     captioner = build_captioner("llava-hf", model=str(folder), batch_size=2, max_new_tokens=12, device="cpu")
-    paths = {p.stem: p for p in sorted(CLOTHING_IMAGES.iterdir())[:3]}
+    paths = {p.stem: p for p in sorted((clothing_dir / "images").iterdir())[:3]}
     paths["corrupt"] = tmp_path / "corrupt.jpg"
     paths["corrupt"].write_bytes(b"not a jpeg at all")
     result = run_captioning(paths, captioner, tmp_path / "cache", max_attempts=2, progress=False)

@@ -4,7 +4,6 @@ independent check that EVERY caption agrees with the two images' attributes."""
 
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +15,6 @@ from fashion_cir.errors import DataError
 from fashion_cir.io import read_json
 from fashion_cir.triplets import TripletConfig, generate_triplets, write_triplets
 
-CLOTHING = Path("/work/shared/datasets/clothing-dataset")
 WILDCARDS = {"sleeves": {"none"}, "neckline": {"none"}, "length": {None}, "material": {"unknown"}, "closure": {"unknown"}}
 GROUPS = [{"t-shirt", "longsleeve", "polo", "shirt", "top", "undershirt", "blouse"}, {"pants", "shorts"},
           {"dress", "skirt"}, {"outwear", "blazer", "hoodie", "sweater"}]
@@ -77,9 +75,9 @@ def _features(attributes: dict, ids: list[str], config: TripletConfig, seed: int
 
 
 @pytest.fixture(scope="module")
-def catalog():
-    attributes = load_precomputed(CLOTHING / "attributes.jsonl")
-    train = read_json(CLOTHING / "image_splits/split.clothing.train.json")
+def catalog(clothing_dir):
+    attributes = load_precomputed(clothing_dir / "attributes.jsonl")
+    train = read_json(clothing_dir / "image_splits/split.clothing.train.json")
     ids = sorted(attributes)
     return attributes, train, ids, _features(attributes, ids, TripletConfig())
 

@@ -11,7 +11,6 @@ from fashion_cir.io import read_json
 from fashion_cir.triplets import TripletConfig, generate_triplets
 from fashion_cir.triplets.rewrite import parse_rewrite
 
-CLOTHING = Path("/work/shared/datasets/clothing-dataset")
 HELPERS = Path(__file__).parent / "helpers"
 
 
@@ -22,15 +21,15 @@ def test_parse_rewrite_accepts_two_short_captions_only():
     assert parse_rewrite('["a", "b"]') is None
 
 
-def test_rewrite_through_openai_backend(tmp_path):
+def test_rewrite_through_openai_backend(tmp_path, clothing_dir):
     (tmp_path / "b.json").write_text("{}")
     server = subprocess.Popen([sys.executable, str(HELPERS / "fake_openai_server.py"), str(tmp_path / "b.json"), "k",
                                str(tmp_path / "log.jsonl")], stdout=subprocess.PIPE, text=True)
     try:
         port = int(server.stdout.readline())
         rewriter = build_captioner("openai", model="fake-llm", base_url=f"http://127.0.0.1:{port}/v1", concurrency=4)
-        attributes = load_precomputed(CLOTHING / "attributes.jsonl")
-        train = read_json(CLOTHING / "image_splits/split.clothing.train.json")[:600]
+        attributes = load_precomputed(clothing_dir / "attributes.jsonl")
+        train = read_json(clothing_dir / "image_splits/split.clothing.train.json")[:600]
         ids = sorted(train)
         features = __import__("numpy").random.default_rng(0).normal(size=(len(ids), 16))
         triplets, stats = generate_triplets(attributes, features, ids, TripletConfig(max_triplets=20, band=(0, 0.5)),
