@@ -15,7 +15,7 @@ from .errors import FashionCIRError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Composed image retrieval for fashion: triplets, training, evaluation, search.")
-index_app = typer.Typer(no_args_is_help=True, help="Build and grow a searchable catalog index.")
+index_app = typer.Typer(no_args_is_help=True, help="Build, grow, update and prune a searchable catalog index.")
 train_app = typer.Typer(no_args_is_help=True, help="Two-stage fine-tuning.")
 app.add_typer(index_app, name="index")
 app.add_typer(train_app, name="train")
@@ -225,7 +225,11 @@ def index_build(
     split: Optional[Path] = typer.Option(None, help="Only index the ids in this split file."),
     model: Optional[Path] = typer.Option(None, help="Trained model folder."),
     backbone: Optional[str] = typer.Option(None, help="Zero-shot backbone spec (default openclip:ViT-B-32:openai)."),
+    store: str = typer.Option("faiss", help="faiss (in-process), milvus:PATH.db (embedded milvus-lite) or "
+                                            "milvus:http://host:19530 (a Milvus server or cluster)."),
     factory: str = typer.Option("Flat", help="FAISS factory string: Flat (exact), IVF1024,Flat, HNSW32, ..."),
+    milvus_index: str = typer.Option("FLAT", help="Milvus index: FLAT, IVF_FLAT,nlist=1024, HNSW,M=16,efConstruction=200, ..."),
+    milvus_collection: Optional[str] = typer.Option(None, help="Milvus collection (default fashion_cir_<folder name>)."),
     nprobe: int = typer.Option(16, help="IVF lists probed per query."),
     ef_search: int = typer.Option(64, help="HNSW search depth."),
     cache_dir: Optional[Path] = typer.Option(None, help="Feature cache (default INDEX/feature-cache)."),
@@ -233,14 +237,16 @@ def index_build(
     workers: int = typer.Option(0),
     overwrite: bool = typer.Option(False, help="Replace an existing index."),
 ):
-    """Encode a catalog into a searchable FAISS index (resumable; saved with the model fingerprint)."""
+    """Encode a catalog into a searchable index (resumable; saved with the model fingerprint).
+    Metadata fields become filterable (`search --filter`)."""
     from .data.triplets import read_split
     from .retrieval.index import build_index
 
     index = build_index(out, _model(model, backbone), images, list(metadata) or None,
                         ids=read_split(split) if split else None, factory=factory, nprobe=nprobe, ef_search=ef_search,
-                        cache_dir=cache_dir, batch_size=batch_size, num_workers=workers, overwrite=overwrite)
-    typer.echo(f"indexed {len(index)} images into {out}: {json.dumps(index.report)}")
+                        cache_dir=cache_dir, batch_size=batch_size, num_workers=workers, overwrite=overwrite,
+                        store=store, milvus={"index": milvus_index, "collection": milvus_collection})
+    typer.echo(f"indexed {len(index)} images into {out} ({index.store_kind}): {json.dumps(index.report)}")
 
 
 @index_app.command("add")
@@ -263,6 +269,49 @@ def index_add(
     typer.echo(f"index now holds {len(index)} images: {json.dumps(index.report)}")
 
 
+@index_app.command("upsert")
+@friendly
+def index_upsert(
+    index_dir: Path = typer.Argument(..., help="Existing index folder."),
+    images: Path = typer.Option(..., help="Folder of images to insert or replace (changed files are re-encoded)."),
+    metadata: list[Path] = typer.Option([], help="Metadata of those images (replaces the stored metadata); repeatable."),
+    split: Optional[Path] = typer.Option(None, help="Only the ids in this split file."),
+    model: Optional[Path] = typer.Option(None),
+    backbone: Optional[str] = typer.Option(None),
+    cache_dir: Optional[Path] = typer.Option(None),
+):
+    """Insert or replace catalog items (features, metadata, image path); a running service sees them."""
+    from .data.triplets import read_split
+    from .retrieval.index import read_manifest, upsert_index
+
+    cir = _model(model, backbone or read_manifest(index_dir)["backbone"])
+    index = upsert_index(index_dir, cir, images, list(metadata) or None,
+                         ids=read_split(split) if split else None, cache_dir=cache_dir)
+    typer.echo(f"index now holds {len(index)} images: {json.dumps(index.report)}")
+
+
+@index_app.command("remove")
+@friendly
+def index_remove(
+    index_dir: Path = typer.Argument(..., help="Existing index folder."),
+    ids: list[str] = typer.Argument(None, help="Item ids to delete."),
+    ids_file: Optional[Path] = typer.Option(None, help="A split file (JSON list) or a text file with one id per line."),
+):
+    """Delete catalog items by id; a running service sees the change without a restart."""
+    from .data.triplets import read_split
+    from .retrieval.index import remove_from_index
+
+    wanted = list(ids or [])
+    if ids_file is not None:
+        if not ids_file.is_file():
+            raise FashionCIRError(f"ids file not found: {ids_file}")
+        wanted += read_split(ids_file) if ids_file.suffix == ".json" else \
+            [line.strip() for line in ids_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    index, removed, unknown = remove_from_index(index_dir, wanted)
+    typer.echo(f"removed {len(removed)} items; index now holds {len(index)}"
+               + (f"; {len(unknown)} ids were not in the index, first: {unknown[0]!r}" if unknown else ""))
+
+
 @app.command()
 @friendly
 def search(
@@ -271,21 +320,28 @@ def search(
     item_id: Optional[str] = typer.Option(None, "--id", help="Reference catalog id."),
     text: str = typer.Option("", help='How the target differs, e.g. "is red with long sleeves".'),
     k: int = typer.Option(10, "-k", min=1, max=1000),
+    filter_text: str = typer.Option("", "--filter", help='Metadata filter, e.g. category == "dress" and color not in ["black", "grey"].'),
     model: Optional[Path] = typer.Option(None),
     backbone: Optional[str] = typer.Option(None),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
     """Composed search: a reference (image or id) plus a relative caption -> ranked ids and scores."""
     from .data.images import open_image
-    from .retrieval.index import CatalogIndex, read_manifest
+    from .retrieval.filters import parse_filter
+    from .retrieval.index import read_manifest
     from .retrieval.index import search as run_search
+    from .retrieval.store import open_index
 
     manifest = read_manifest(index_dir)
+    parsed = parse_filter(filter_text, manifest.get("fields")) if filter_text.strip() else None  # before loading a model
     if model is None and backbone is None and manifest.get("model_dir") and (Path(manifest["model_dir"]) / "model.json").is_file():
         model = Path(manifest["model_dir"])  # default: the model the index was built with
     cir = _model(model, backbone or manifest["backbone"])
-    index = CatalogIndex.load(index_dir, cir)
-    hits = run_search(cir, index, image=open_image(image) if image else None, item_id=item_id, text=text, k=k)
+    index = open_index(index_dir, cir)
+    if parsed is not None and "fields" not in manifest:  # an index from before filters: fields from its metadata
+        parsed = parse_filter(filter_text, index.fields)
+    hits = run_search(cir, index, image=open_image(image) if image else None, item_id=item_id, text=text, k=k,
+                      filter=parsed)
     if json_out:
         typer.echo(json.dumps([{"id": h.id, "score": h.score, "metadata": h.metadata} for h in hits], indent=2))
         return

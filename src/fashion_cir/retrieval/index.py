@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -23,10 +22,12 @@ import torch
 from PIL import Image
 
 from ..data.images import IMAGE_EXTENSIONS, scan_images
-from ..errors import DataError, ModelError
+from ..errors import DataError
 from ..features.cache import FeatureCache
 from ..io import environment_info, iter_jsonl, read_json, write_json
 from ..models.cir import CIRModel
+from .filters import Filter, field_text, filterable_fields
+from .store import CatalogStore, SearchHit, StoreSpec, open_index, parse_store_spec
 
 INDEX_FILE = "index.json"
 FORMAT = "fashion-cir-index/1"
@@ -143,16 +144,21 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return config
 
 
-@dataclass
-class SearchHit:
-    id: str
-    score: float
-    metadata: dict[str, Any]
+def _search_parameters(index: faiss.Index, selector: faiss.IDSelector) -> faiss.SearchParameters:
+    """FAISS search parameters restricting a search to ``selector``'s rows, keeping nprobe/efSearch."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        return faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
+    inner = faiss.downcast_index(index)
+    if hasattr(inner, "hnsw"):
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=inner.hnsw.efSearch)
+    return faiss.SearchParameters(sel=selector)
 
 
-class CatalogIndex:
-    """An index folder loaded into memory. Build one with :func:`build_index`, open one with
-    :meth:`CatalogIndex.load`; ``ids[row]`` names FAISS row ``row``."""
+class CatalogIndex(CatalogStore):
+    """The FAISS store: an index folder loaded into memory. Build one with :func:`build_index`, open
+    one with :meth:`CatalogIndex.load`; ``ids[row]`` names FAISS row ``row``. Removing or replacing
+    items re-adds the kept vectors to the (already trained) FAISS index, so rows stay dense."""
 
     def __init__(self, folder: Path, config: dict[str, Any], ids: list[str], metadata: dict[str, dict],
                  paths: dict[str, Path], features: np.ndarray, faiss_index: faiss.Index):
@@ -165,6 +171,8 @@ class CatalogIndex:
         self.faiss_index = faiss_index
         self.rows = {image_id: row for row, image_id in enumerate(ids)}
         self.report: dict[str, Any] = {}
+        self._columns: dict[str, np.ndarray] | None = None
+        self.config.setdefault("fields", filterable_fields(metadata.values()))
         _set_search_params(faiss_index, config["nprobe"], config["ef_search"])
 
     def __len__(self) -> int:
@@ -173,18 +181,8 @@ class CatalogIndex:
     def __contains__(self, image_id: object) -> bool:
         return image_id in self.rows
 
-    @property
-    def fingerprint(self) -> str:
-        return self.config["image_fingerprint"]
-
-    def check_model(self, model: CIRModel) -> None:
-        """Refuse a model whose image encoder is not the one that encoded this catalog."""
-        actual = model.backbone.image_fingerprint()
-        if actual != self.fingerprint:
-            raise ModelError(
-                f"index {self.folder} was built with image encoder {self.config['backbone']} (fingerprint "
-                f"{self.fingerprint}) but the model given has {model.backbone.spec} (fingerprint {actual}); "
-                "use the model the index was built with, or rebuild the index with this model")
+    def vector(self, image_id: str) -> np.ndarray:
+        return self.features[self.rows[image_id]]
 
     @classmethod
     def load(cls, folder: str | Path, model: CIRModel | None = None) -> "CatalogIndex":
@@ -240,6 +238,9 @@ class CatalogIndex:
         """Append items (raw image features) in memory; call :meth:`save` to persist."""
         if not ids:
             return
+        already = [i for i in ids if i in self.rows]
+        if already:
+            raise DataError(f"{len(already)} ids are already in index {self.folder}, first: {already[0]!r}; use upsert")
         self.faiss_index.add(_normalise(features))
         for image_id in ids:
             self.rows[image_id] = len(self.ids)
@@ -247,20 +248,83 @@ class CatalogIndex:
             self.metadata[image_id] = dict(metadata.get(image_id, {}))
             self.paths[image_id] = Path(paths[image_id]).resolve()
         self.features = np.concatenate([self.features, features.astype(np.float32)])
+        self._columns = None
 
-    def search_vectors(self, queries: np.ndarray, k: int, exclude: Iterable[str] = ()) -> list[list[SearchHit]]:
-        """Top ``k`` items per normalised query vector, leaving out ``exclude`` ids."""
-        excluded = set(exclude)
-        k = min(k, len(self.ids) - len(excluded & self.rows.keys()))
+    def _rebuild_vectors(self) -> None:
+        """Re-add every kept vector to the trained FAISS index (after rows were removed or replaced)."""
+        self.faiss_index.reset()
+        if len(self.features):
+            self.faiss_index.add(_normalise(self.features))
+        self.rows = {image_id: row for row, image_id in enumerate(self.ids)}
+        self._columns = None
+
+    def upsert_features(self, ids: list[str], features: np.ndarray, metadata: Mapping[str, dict],
+                        paths: Mapping[str, Path]) -> None:
+        """Replace the features, metadata and path of known ids and append the new ones (in memory)."""
+        features = np.asarray(features, dtype=np.float32)
+        position = {image_id: n for n, image_id in enumerate(ids)}
+        known = [i for i in ids if i in self.rows]
+        for image_id in known:
+            self.features[self.rows[image_id]] = features[position[image_id]]
+            self.metadata[image_id] = dict(metadata.get(image_id, {}))
+            self.paths[image_id] = Path(paths[image_id]).resolve()
+        if known:
+            self._rebuild_vectors()
+        new = [i for i in ids if i not in self.rows]
+        self.add_features(new, features[[position[i] for i in new]], metadata, paths)
+
+    def remove(self, ids: Iterable[str]) -> list[str]:
+        """Drop items in memory (call :meth:`save`); returns the ids that were in the index."""
+        gone = [i for i in dict.fromkeys(ids) if i in self.rows]
+        if gone:
+            keep = np.ones(len(self.ids), dtype=bool)
+            keep[[self.rows[i] for i in gone]] = False
+            self.ids = [i for i, kept in zip(self.ids, keep) if kept]
+            self.features = self.features[keep]
+            for image_id in gone:
+                self.metadata.pop(image_id, None)
+                self.paths.pop(image_id, None)
+            self._rebuild_vectors()
+        return gone
+
+    def _filter_columns(self) -> dict[str, np.ndarray]:
+        """Metadata as text columns (built once per change) for vectorised filter evaluation."""
+        if self._columns is None:
+            self._columns = {field: np.array([field_text(self.metadata.get(i, {}).get(field)) for i in self.ids], dtype=object)
+                             for field in self.fields}
+        return self._columns
+
+    def _hits(self, scores: np.ndarray, rows: np.ndarray) -> list[SearchHit]:
+        return [SearchHit(self.ids[r], float(s), self.metadata.get(self.ids[r], {})) for s, r in zip(scores, rows) if r >= 0]
+
+    def search_vectors(self, queries: np.ndarray, k: int, exclude: Iterable[str] = (),
+                       filter: Filter | None = None) -> list[list[SearchHit]]:
+        """Top ``k`` items per normalised query among the rows that match ``filter`` and are not in
+        ``exclude``: FAISS pre-filters with an id selector; when an approximate index finds fewer
+        than ``k`` of the allowed rows (a selective filter), those are ranked exactly."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        excluded = [self.rows[i] for i in set(exclude) if i in self.rows]
+        if filter is None and not excluded:
+            k = min(k, len(self.ids))
+            if k <= 0:
+                return [[] for _ in range(len(queries))]
+            scores, rows = self.faiss_index.search(queries, k)
+            return [self._hits(s, r) for s, r in zip(scores, rows)]
+        allowed = filter.mask(self._filter_columns(), len(self.ids)) if filter is not None else np.ones(len(self.ids), bool)
+        allowed[excluded] = False
+        allowed_rows = np.flatnonzero(allowed)
+        k = min(k, len(allowed_rows))
         if k <= 0:
             return [[] for _ in range(len(queries))]
-        fetch = min(k + len(excluded), len(self.ids))
-        scores, rows = self.faiss_index.search(np.ascontiguousarray(queries, dtype=np.float32), fetch)
+        selector = faiss.IDSelectorBatch(allowed_rows.astype(np.int64))
+        scores, rows = self.faiss_index.search(queries, k, params=_search_parameters(self.faiss_index, selector))
         results = []
-        for score_row, id_row in zip(scores, rows):
-            hits = [SearchHit(self.ids[r], float(s), self.metadata.get(self.ids[r], {}))
-                    for s, r in zip(score_row, id_row) if r >= 0 and self.ids[r] not in excluded]
-            results.append(hits[:k])
+        for query, score_row, id_row in zip(queries, scores, rows):
+            if (id_row >= 0).sum() < k:  # the ANN probed too few allowed rows: rank them exactly
+                exact = _normalise(self.features[allowed_rows]) @ query
+                top = np.argsort(-exact, kind="stable")[:k]
+                score_row, id_row = exact[top], allowed_rows[top]
+            results.append(self._hits(score_row, id_row))
         return results
 
 
@@ -281,13 +345,17 @@ def build_index(folder: str | Path, model: CIRModel, images: str | Path | Mappin
                 metadata: str | Path | Iterable[str | Path] | Mapping[str, dict] | None = None, *,
                 ids: Iterable[str] | None = None, factory: str = DEFAULT_FACTORY, nprobe: int = 16,
                 ef_search: int = 64, cache_dir: str | Path | None = None, batch_size: int = 64,
-                num_workers: int = 0, overwrite: bool = False, progress: bool = True) -> CatalogIndex:
+                num_workers: int = 0, overwrite: bool = False, progress: bool = True,
+                store: str | StoreSpec = "faiss", milvus: Mapping[str, Any] | None = None) -> CatalogStore:
     """Encode a catalog with ``model`` and write a new index folder.
 
     Images that cannot be decoded are left out and counted in ``index.report``. Encoding goes
     through a feature cache (default ``folder/feature-cache``), so an interrupted build resumes.
-    ``factory`` is a FAISS factory string; ``nprobe`` / ``ef_search`` tune IVF / HNSW searches."""
+    ``factory`` is a FAISS factory string; ``nprobe`` / ``ef_search`` tune IVF / HNSW searches.
+    ``store`` is ``faiss`` or a Milvus spec (``milvus:PATH.db``, ``milvus:http://host:19530``);
+    ``milvus`` holds its options (``collection``, ``index_type``, ``index_params``)."""
     folder = Path(folder)
+    spec = parse_store_spec(store) if isinstance(store, str) else store
     if (folder / INDEX_FILE).exists() and not overwrite:
         raise DataError(f"an index already exists in {folder}; add images with `fashion-cir index add`, "
                         "or rebuild with --overwrite")
@@ -297,15 +365,20 @@ def build_index(folder: str | Path, model: CIRModel, images: str | Path | Mappin
     if not encoded:
         raise DataError(f"none of the {len(paths)} catalog images could be read")
     start = time.perf_counter()
-    faiss_index = _new_faiss_index(factory, _normalise(features))
     backbone = model.backbone
-    config = {"format": FORMAT, "factory": factory, "metric": "inner_product", "feature_dim": int(features.shape[1]),
+    config = {"format": FORMAT, "store": spec.to_config(), "fields": filterable_fields(meta.values()),
+              "factory": factory, "metric": "inner_product", "feature_dim": int(features.shape[1]),
               "nprobe": nprobe, "ef_search": ef_search, "backbone": backbone.spec,
               "model_dir": str(model.source) if model.source else None,
               "preprocess": backbone.preprocess_description, "image_fingerprint": backbone.image_fingerprint(),
               "count": 0, "data": None, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": environment_info()}
-    empty = np.zeros((0, features.shape[1]), dtype=np.float32)
-    index = CatalogIndex(folder, config, [], {}, {}, empty, faiss_index)
+    if spec.kind == "milvus":
+        from .milvus_store import MilvusIndex
+
+        index: CatalogStore = MilvusIndex.create(folder, config, dict(milvus or {}), overwrite=overwrite)
+    else:
+        empty = np.zeros((0, features.shape[1]), dtype=np.float32)
+        index = CatalogIndex(folder, config, [], {}, {}, empty, _new_faiss_index(factory, _normalise(features)))
     index.add_features(encoded, features, meta, paths)
     index.save()
     index.report = {**report, "added": len(encoded), "index_seconds": round(time.perf_counter() - start, 3)}
@@ -315,10 +388,10 @@ def build_index(folder: str | Path, model: CIRModel, images: str | Path | Mappin
 def add_to_index(folder: str | Path, model: CIRModel, images: str | Path | Mapping[str, str | Path],
                  metadata: str | Path | Iterable[str | Path] | Mapping[str, dict] | None = None, *,
                  ids: Iterable[str] | None = None, cache_dir: str | Path | None = None, batch_size: int = 64,
-                 num_workers: int = 0, progress: bool = True) -> CatalogIndex:
+                 num_workers: int = 0, progress: bool = True) -> CatalogStore:
     """Add the catalog images whose ids are not in the index yet; only those are encoded.
     Refuses a model whose image fingerprint differs from the index's."""
-    index = CatalogIndex.load(folder, model)
+    index = open_index(folder, model)
     paths, meta = load_catalog(images, metadata, ids)
     new = {i: p for i, p in paths.items() if i not in index}
     report: dict[str, Any] = {"requested": len(paths), "computed": 0, "reused": 0, "failed": 0, "failed_ids": []}
@@ -332,6 +405,36 @@ def add_to_index(folder: str | Path, model: CIRModel, images: str | Path | Mappi
     return index
 
 
+def upsert_index(folder: str | Path, model: CIRModel, images: str | Path | Mapping[str, str | Path],
+                 metadata: str | Path | Iterable[str | Path] | Mapping[str, dict] | None = None, *,
+                 ids: Iterable[str] | None = None, cache_dir: str | Path | None = None, batch_size: int = 64,
+                 num_workers: int = 0, progress: bool = True) -> CatalogStore:
+    """Insert or replace catalog items: every given image is encoded (the feature cache, keyed by
+    file content, reuses unchanged ones) and its features, metadata and path replace the stored ones."""
+    index = open_index(folder, model)
+    paths, meta = load_catalog(images, metadata, ids)
+    encoded, features, report = _encode(model, paths, Path(cache_dir or index.folder / "feature-cache"),
+                                        batch_size, num_workers, progress)
+    replaced = sum(1 for i in encoded if i in index)
+    index.upsert_features(encoded, features, meta, paths)
+    index.save()
+    index.report = {**report, "replaced": replaced, "added": len(encoded) - replaced}
+    return index
+
+
+def remove_from_index(folder: str | Path, ids: Iterable[str]) -> tuple[CatalogStore, list[str], list[str]]:
+    """Delete items by id; returns (index, removed ids, ids that were not in the index)."""
+    index = open_index(folder)
+    wanted = list(dict.fromkeys(str(i) for i in ids))
+    if not wanted:
+        raise DataError("no ids to remove")
+    removed = index.remove(wanted)
+    if removed:
+        index.save()
+    gone = set(removed)
+    return index, removed, [i for i in wanted if i not in gone]
+
+
 @torch.no_grad()
 def encode_reference_image(model: CIRModel, image: Image.Image) -> torch.Tensor:
     """Raw image features [1, d] of an uploaded reference image."""
@@ -341,14 +444,16 @@ def encode_reference_image(model: CIRModel, image: Image.Image) -> torch.Tensor:
 
 
 @torch.no_grad()
-def search(model: CIRModel, index: CatalogIndex, image: Image.Image | None = None, item_id: str | None = None,
-           text: str = "", k: int = 10, exclude_reference: bool = False) -> list[SearchHit]:
+def search(model: CIRModel, index: CatalogStore, image: Image.Image | None = None, item_id: str | None = None,
+           text: str = "", k: int = 10, exclude_reference: bool = False,
+           filter: Filter | None = None) -> list[SearchHit]:
     """Composed search: reference (an uploaded ``image`` or a catalog ``item_id``) + relative ``text``.
 
     The text side is ``model.query_text(text, description of the reference)`` (the catalog item's
     ``description`` metadata when there is one), composed with the reference features by
     ``model.compose``. Without text the query is the reference image alone; without a reference it
-    is the text alone. ``exclude_reference`` drops the reference item from the results."""
+    is the text alone. ``exclude_reference`` drops the reference item from the results; ``filter``
+    (:func:`~fashion_cir.retrieval.filters.parse_filter`) keeps only matching items."""
     if image is not None and item_id is not None:
         raise DataError("give a reference image or a catalog id, not both")
     if item_id is not None and item_id not in index:
@@ -359,7 +464,7 @@ def search(model: CIRModel, index: CatalogIndex, image: Image.Image | None = Non
     if image is not None:
         image_features = encode_reference_image(model, image)
     elif item_id is not None:
-        image_features = torch.from_numpy(index.features[index.rows[item_id]][None].copy())
+        image_features = torch.from_numpy(np.array(index.vector(item_id), dtype=np.float32)[None])
     else:
         image_features = None
     if text:
@@ -375,4 +480,4 @@ def search(model: CIRModel, index: CatalogIndex, image: Image.Image | None = Non
         device = model.backbone.device  # a Combiner lives with the model; features come from the CPU
         query = model.compose(image_features.to(device), text_features.to(device))
     exclude = [item_id] if exclude_reference and item_id is not None else []
-    return index.search_vectors(query.float().cpu().numpy(), k, exclude)[0]
+    return index.search_vectors(query.float().cpu().numpy(), k, exclude, filter)[0]

@@ -1,0 +1,292 @@
+"""The Milvus store: catalog items in a Milvus collection, through pymilvus (imported lazily).
+
+The same code talks to milvus-lite (``milvus:runs/x/milvus.db``: an embedded server in one local
+file, one process at a time) and to Milvus standalone or a cluster (``milvus:http://host:19530``:
+many writers and readers, live). One row per item: ``id`` (primary key), ``vector`` (the
+L2-normalised image features, inner-product index), ``norm`` (so the raw features are
+``vector * norm``), ``path``, ``meta`` (the metadata as JSON) and one text field ``m_<field>`` per
+filterable metadata field (:func:`~fashion_cir.retrieval.filters.field_text`), which filters compile to."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import numpy as np
+
+from ..errors import DataError, FashionCIRError
+from ..io import write_json
+from .filters import Filter, field_text
+from .store import CatalogStore, SearchHit
+
+FIELD_PREFIX = "m_"
+MAX_TEXT = 65535
+BATCH = 1000
+DEFAULT_INDEX = {"FLAT": {}, "IVF_FLAT": {"nlist": 1024}, "IVF_SQ8": {"nlist": 1024}, "HNSW": {"M": 16, "efConstruction": 200}}
+_clients: dict[str, Any] = {}
+_clients_lock = threading.Lock()
+
+
+def _pymilvus():
+    try:
+        import pymilvus
+    except ImportError as exc:
+        raise FashionCIRError("the milvus store needs pymilvus (and milvus-lite for .db files): "
+                              "pip install 'fashion-cir[milvus]'") from exc
+    return pymilvus
+
+
+def client_for(uri: str):
+    """One MilvusClient per URI in this process (milvus-lite allows one process per file)."""
+    with _clients_lock:
+        if uri not in _clients:
+            pymilvus = _pymilvus()
+            if not uri.startswith(("http://", "https://", "tcp://", "unix:")):
+                Path(uri).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                _clients[uri] = pymilvus.MilvusClient(uri, timeout=30)
+            except pymilvus.exceptions.MilvusException as exc:
+                if uri.endswith(".db"):
+                    raise DataError(f"cannot open the milvus-lite file {uri} ({exc.message}): milvus-lite lets one "
+                                    "process use a file at a time; stop the other one (e.g. `fashion-cir serve`) "
+                                    "or use a Milvus server (milvus:http://host:19530)") from exc
+                raise DataError(f"cannot connect to Milvus at {uri}: {exc.message}") from exc
+        return _clients[uri]
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence milvus-lite's logged tracebacks for the timestamp call it does not implement
+    (pymilvus asks for it while waiting on an index and in query iterators, then carries on)."""
+    loggers = [logging.getLogger(name) for name in ("grpc._server", "pymilvus")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def parse_index_option(text: str) -> dict[str, Any]:
+    """``IVF_FLAT,nlist=256`` / ``HNSW,M=32,efConstruction=200`` / ``FLAT`` -> index config."""
+    kind, *pairs = [part.strip() for part in text.split(",") if part.strip()]
+    kind = kind.upper()
+    params: dict[str, Any] = dict(DEFAULT_INDEX.get(kind, {}))
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if not value.strip().lstrip("-").isdigit():
+            raise DataError(f"bad Milvus index option {pair!r} in {text!r}: expected NAME=INTEGER")
+        params[key.strip()] = int(value)
+    return {"index_type": kind, "index_params": params}
+
+
+class _Lookup(Mapping):
+    """A read-through id -> value view of one stored field (``metadata`` or ``paths``)."""
+
+    def __init__(self, store: "MilvusIndex", field: str):
+        self.store, self.field = store, field
+
+    def __getitem__(self, image_id: str) -> Any:
+        rows = self.store._get([image_id], [self.field])
+        if not rows:
+            raise KeyError(image_id)
+        value = rows[0][self.field]
+        return json.loads(value) if self.field == "meta" else Path(value)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.store.ids)
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+
+class MilvusIndex(CatalogStore):
+    """An index folder whose items live in a Milvus collection (``config['store']`` says where)."""
+
+    def __init__(self, folder: Path, config: dict[str, Any]):
+        self.folder = Path(folder)
+        self.config = config
+        self.report: dict[str, Any] = {}
+        self.milvus = config["store"]
+        self.collection = self.milvus["collection"]
+        self.client = client_for(self.milvus["uri"])
+
+    # -- creation and opening --------------------------------------------------------------------
+    @classmethod
+    def create(cls, folder: Path, config: dict[str, Any], options: Mapping[str, Any], overwrite: bool = False) -> "MilvusIndex":
+        """Create the collection (schema from ``config['fields']``) for a new index folder."""
+        pymilvus = _pymilvus()
+        folder = Path(folder)
+        name = options.get("collection") or "fashion_cir_" + re.sub(r"\W", "_", folder.resolve().name)
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,254}", name):
+            raise DataError(f"bad Milvus collection name {name!r}: letters, digits and underscores, not starting with a digit")
+        index = dict(parse_index_option(options.get("index", "FLAT")))
+        config["store"] = {**config["store"], "collection": name, **index}
+        store = cls(folder, config)
+        client = store.client
+        if client.has_collection(name):
+            if not overwrite:
+                raise DataError(f"Milvus collection {name!r} already exists at {config['store']['uri']}; "
+                                "choose another with --milvus-collection, or rebuild with --overwrite")
+            client.drop_collection(name)
+        schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+        DataType = pymilvus.DataType
+        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=512)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=config["feature_dim"])
+        schema.add_field("norm", DataType.FLOAT)
+        schema.add_field("path", DataType.VARCHAR, max_length=4096)
+        schema.add_field("meta", DataType.VARCHAR, max_length=MAX_TEXT)
+        for field in config["fields"]:
+            schema.add_field(FIELD_PREFIX + field, DataType.VARCHAR, max_length=MAX_TEXT)
+        params = client.prepare_index_params()
+        params.add_index(field_name="vector", index_type=index["index_type"], metric_type="IP", params=index["index_params"])
+        try:
+            with _quiet():
+                client.create_collection(name, schema=schema, index_params=params, consistency_level="Strong")
+        except pymilvus.exceptions.MilvusException as exc:
+            raise DataError(f"cannot create Milvus collection {name!r} with index {index['index_type']} "
+                            f"{index['index_params']}: {exc.message}") from exc
+        return store
+
+    @classmethod
+    def open(cls, folder: Path, config: dict[str, Any]) -> "MilvusIndex":
+        store = cls(folder, config)
+        if not store.client.has_collection(store.collection):
+            raise DataError(f"index {folder}: Milvus collection {store.collection!r} is missing at "
+                            f"{config['store']['uri']}; rebuild the index")
+        store.client.load_collection(store.collection)
+        return store
+
+    # -- reading ---------------------------------------------------------------------------------
+    def _get(self, ids: list[str], fields: list[str]) -> list[dict]:
+        rows: list[dict] = []
+        for start in range(0, len(ids), BATCH):
+            rows.extend(self.client.get(self.collection, ids=ids[start:start + BATCH], output_fields=fields))
+        return rows
+
+    def __len__(self) -> int:
+        return int(self.client.query(self.collection, filter="", output_fields=["count(*)"])[0]["count(*)"])
+
+    def __contains__(self, image_id: object) -> bool:
+        return isinstance(image_id, str) and bool(self._get([image_id], ["id"]))
+
+    def _scan(self, expression: str, fields: list[str]) -> list[dict]:
+        """Every row matching ``expression`` (through a query iterator)."""
+        with _quiet():
+            iterator = self.client.query_iterator(self.collection, batch_size=BATCH, filter=expression, output_fields=fields)
+            rows: list[dict] = []
+            while batch := iterator.next():
+                rows.extend(batch)
+            iterator.close()
+        return rows
+
+    @property
+    def ids(self) -> list[str]:
+        return [row["id"] for row in self._scan("", ["id"])]
+
+    @property
+    def metadata(self) -> Mapping[str, dict]:
+        return _Lookup(self, "meta")
+
+    @property
+    def paths(self) -> Mapping[str, Path]:
+        return _Lookup(self, "path")
+
+    def vector(self, image_id: str) -> np.ndarray:
+        rows = self._get([image_id], ["vector", "norm"])
+        if not rows:
+            raise DataError(f"unknown catalog id {image_id!r}")
+        return np.asarray(rows[0]["vector"], dtype=np.float32) * np.float32(rows[0]["norm"])
+
+    def _search_params(self) -> dict[str, Any]:
+        kind = self.milvus["index_type"]
+        params = {"nprobe": self.config["nprobe"]} if kind.startswith("IVF") else \
+            {"ef": self.config["ef_search"]} if kind == "HNSW" else {}
+        return {"metric_type": "IP", "params": params}
+
+    def search_vectors(self, queries: np.ndarray, k: int, exclude: Iterable[str] = (),
+                       filter: Filter | None = None) -> list[list[SearchHit]]:
+        """Filtered search in Milvus; when an approximate index returns fewer than ``k`` of the
+        allowed items (a selective filter), the allowed items are ranked exactly here."""
+        clauses = [filter.to_milvus(FIELD_PREFIX)] if filter is not None else []
+        excluded = sorted(set(exclude))
+        if excluded:
+            clauses.append(f"(id not in {json.dumps(excluded, ensure_ascii=False)})")
+        expression = " and ".join(clauses)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        answers = self.client.search(self.collection, data=queries.tolist(), filter=expression, limit=k,
+                                     output_fields=["meta"], search_params=self._search_params())
+        results = []
+        allowed: int | None = None
+        for query, answer in zip(queries, answers):
+            hits = [SearchHit(hit["id"], float(hit["distance"]), json.loads(hit["entity"]["meta"])) for hit in answer]
+            if len(hits) < k:
+                if allowed is None:
+                    allowed = int(self.client.query(self.collection, filter=expression, output_fields=["count(*)"])[0]["count(*)"])
+                if allowed > len(hits):
+                    hits = self._exact(query, k, expression)
+            results.append(hits)
+        return results
+
+    def _exact(self, query: np.ndarray, k: int, expression: str) -> list[SearchHit]:
+        rows = self._scan(expression, ["id", "vector", "meta"])
+        scores = np.asarray([row["vector"] for row in rows], dtype=np.float32) @ query
+        top = np.argsort(-scores, kind="stable")[:k]
+        return [SearchHit(rows[i]["id"], float(scores[i]), json.loads(rows[i]["meta"])) for i in top]
+
+    # -- writing ---------------------------------------------------------------------------------
+    def _rows(self, ids: list[str], features: np.ndarray, metadata: Mapping[str, dict],
+              paths: Mapping[str, Path]) -> list[dict]:
+        features = np.asarray(features, dtype=np.float32)
+        norms = np.maximum(np.linalg.norm(features, axis=1), 1e-12)
+        rows = []
+        for image_id, feature, norm in zip(ids, features, norms):
+            meta = dict(metadata.get(image_id, {}))
+            encoded = json.dumps(meta, default=str, ensure_ascii=False)
+            if len(encoded.encode("utf-8")) > MAX_TEXT:
+                raise DataError(f"metadata of item {image_id!r} is {len(encoded)} characters of JSON; the Milvus store keeps at most {MAX_TEXT} bytes")
+            row = {"id": image_id, "vector": (feature / norm).tolist(), "norm": float(norm),
+                   "path": str(Path(paths[image_id]).resolve()), "meta": encoded}
+            row.update({FIELD_PREFIX + f: field_text(meta.get(f))[:MAX_TEXT // 4] for f in self.fields})
+            rows.append(row)
+        return rows
+
+    def add_features(self, ids: list[str], features: np.ndarray, metadata: Mapping[str, dict],
+                     paths: Mapping[str, Path]) -> None:
+        if not ids:
+            return
+        already = [row["id"] for row in self._get(list(ids), ["id"])]
+        if already:
+            raise DataError(f"{len(already)} ids are already in index {self.folder}, first: {already[0]!r}; use upsert")
+        rows = self._rows(ids, features, metadata, paths)
+        for start in range(0, len(rows), BATCH):
+            self.client.insert(self.collection, rows[start:start + BATCH])
+
+    def upsert_features(self, ids: list[str], features: np.ndarray, metadata: Mapping[str, dict],
+                        paths: Mapping[str, Path]) -> None:
+        rows = self._rows(ids, features, metadata, paths)
+        for start in range(0, len(rows), BATCH):
+            self.client.upsert(self.collection, rows[start:start + BATCH])
+
+    def remove(self, ids: Iterable[str]) -> list[str]:
+        wanted = list(dict.fromkeys(ids))
+        present = {row["id"] for row in self._get(wanted, ["id"])}
+        gone = [i for i in wanted if i in present]
+        for start in range(0, len(gone), BATCH):
+            self.client.delete(self.collection, ids=gone[start:start + BATCH])
+        return gone
+
+    def save(self) -> None:
+        """Flush the collection and refresh the manifest's count (Milvus itself is already live)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.client.flush(self.collection)
+        self.config.update(count=len(self), updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        write_json(self.folder / "index.json", self.config)

@@ -1,0 +1,151 @@
+"""The vector-store interface every catalog index implements, the ``--store`` spec, and opening an
+index folder whatever its store.
+
+Two stores: ``faiss`` (the default; :class:`~fashion_cir.retrieval.index.CatalogIndex`, in-process,
+an index folder with atomic swaps) and ``milvus`` (:class:`~fashion_cir.retrieval.milvus_store.MilvusIndex`:
+``milvus:PATH.db`` embeds milvus-lite in a local file, ``milvus:http://host:19530`` talks to a Milvus
+standalone server or cluster). Either way the index folder holds ``index.json`` (config, model
+fingerprint, store), so the fingerprint check and the model defaults work the same."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+import numpy as np
+
+from ..errors import DataError, ModelError
+from .filters import Filter
+
+if TYPE_CHECKING:
+    from ..models.cir import CIRModel
+
+
+@dataclass
+class SearchHit:
+    id: str
+    score: float
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """A parsed ``--store``: ``kind`` is ``faiss`` or ``milvus``; ``uri`` a milvus-lite file or a server URI."""
+
+    kind: str
+    uri: str | None = None
+
+    @property
+    def embedded(self) -> bool:
+        return self.kind == "milvus" and not self.uri.startswith(("http://", "https://", "tcp://", "unix:"))
+
+    def to_config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "uri": self.uri}
+
+
+def parse_store_spec(spec: str) -> StoreSpec:
+    """``faiss`` | ``milvus:runs/x/milvus.db`` | ``milvus:http://host:19530``; a relative ``.db``
+    path is taken from the working directory and recorded absolute."""
+    spec = spec.strip()
+    if spec == "faiss":
+        return StoreSpec("faiss")
+    kind, _, uri = spec.partition(":")
+    if kind == "milvus" and uri:
+        if uri.startswith(("http://", "https://", "tcp://", "unix:")):
+            return StoreSpec("milvus", uri)
+        if not uri.endswith(".db"):
+            raise DataError(f"bad store {spec!r}: a milvus-lite file must end in .db (milvus:runs/x/milvus.db), "
+                            "a server is a URI (milvus:http://host:19530)")
+        return StoreSpec("milvus", str(Path(uri).resolve()))
+    raise DataError(f"unknown store {spec!r}: use faiss, milvus:PATH.db (embedded milvus-lite) or "
+                    "milvus:http://host:19530 (a Milvus server or cluster)")
+
+
+class CatalogStore(ABC):
+    """A catalog index: raw image features, metadata and image paths of every item, searchable by
+    inner product over the L2-normalised features. ``config`` is the folder's manifest."""
+
+    folder: Path
+    config: dict[str, Any]
+    ids: list[str]  # every item id (a full scan on a remote store)
+    metadata: Mapping[str, dict]  # id -> metadata; ``.get`` works for unknown ids
+    paths: Mapping[str, Path]  # id -> image file
+
+    # -- reading ---------------------------------------------------------------------------------
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def __contains__(self, image_id: object) -> bool: ...
+
+    @abstractmethod
+    def vector(self, image_id: str) -> np.ndarray:
+        """The raw (unnormalised) image features of one item."""
+
+    @abstractmethod
+    def search_vectors(self, queries: np.ndarray, k: int, exclude: Iterable[str] = (),
+                       filter: Filter | None = None) -> list[list[SearchHit]]:
+        """Top ``k`` items per normalised query among those that match ``filter`` and are not in
+        ``exclude``; ``k`` of them whenever that many match."""
+
+    # -- writing ---------------------------------------------------------------------------------
+    @abstractmethod
+    def add_features(self, ids: list[str], features: np.ndarray, metadata: Mapping[str, dict],
+                     paths: Mapping[str, Path]) -> None:
+        """Insert new items (their ids must not be in the store)."""
+
+    @abstractmethod
+    def upsert_features(self, ids: list[str], features: np.ndarray, metadata: Mapping[str, dict],
+                        paths: Mapping[str, Path]) -> None:
+        """Insert items, replacing the features, metadata and path of ids already there."""
+
+    @abstractmethod
+    def remove(self, ids: Iterable[str]) -> list[str]:
+        """Delete items; returns the ids that were there (and are gone now)."""
+
+    @abstractmethod
+    def save(self) -> None:
+        """Persist the changes (FAISS: a new data folder and an atomic manifest swap)."""
+
+    # -- shared ----------------------------------------------------------------------------------
+    @property
+    def store_kind(self) -> str:
+        return self.config.get("store", {}).get("kind", "faiss")
+
+    @property
+    def fields(self) -> list[str]:
+        """Metadata fields a filter may name."""
+        return list(self.config.get("fields", []))
+
+    @property
+    def fingerprint(self) -> str:
+        return self.config["image_fingerprint"]
+
+    def check_model(self, model: "CIRModel") -> None:
+        """Refuse a model whose image encoder is not the one that encoded this catalog."""
+        actual = model.backbone.image_fingerprint()
+        if actual != self.fingerprint:
+            raise ModelError(
+                f"index {self.folder} was built with image encoder {self.config['backbone']} (fingerprint "
+                f"{self.fingerprint}) but the model given has {model.backbone.spec} (fingerprint {actual}); "
+                "use the model the index was built with, or rebuild the index with this model")
+
+
+def open_index(folder: str | Path, model: "CIRModel | None" = None) -> CatalogStore:
+    """Open an index folder with the store its manifest names; with ``model``, check its fingerprint."""
+    from .index import CatalogIndex, read_manifest
+
+    config = read_manifest(folder)
+    kind = config.get("store", {}).get("kind", "faiss")
+    if kind == "faiss":
+        return CatalogIndex.load(folder, model)
+    if kind == "milvus":
+        from .milvus_store import MilvusIndex
+
+        index = MilvusIndex.open(Path(folder), config)
+        if model is not None:
+            index.check_model(model)
+        return index
+    raise DataError(f"{Path(folder) / 'index.json'}: unknown store kind {kind!r}")
