@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(VENV)/bin/pip install -q -e '.[demo,llava,serve,dev]'
+	$(VENV)/bin/pip install -q -e '.[demo,llava,serve,milvus,dev]'
 	touch $(STAMP)
 
 # Debian's chromium for the browser tests (Playwright drives it; no browser download).

@@ -9,6 +9,7 @@ fingerprint, store), so the fingerprint check and the model defaults work the sa
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,3 +150,43 @@ def open_index(folder: str | Path, model: "CIRModel | None" = None) -> CatalogSt
             index.check_model(model)
         return index
     raise DataError(f"{Path(folder) / 'index.json'}: unknown store kind {kind!r}")
+
+
+class LiveIndex:
+    """An open index that follows its folder, for a long-running service: a FAISS index is
+    reopened when its manifest changes (``index add/upsert/remove`` swap it atomically); a Milvus
+    index is live already. Attribute access goes to the current index; take :meth:`current`
+    once per request for a consistent view."""
+
+    def __init__(self, folder: str | Path, model: "CIRModel | None" = None):
+        self.folder = Path(folder)
+        self.model = model
+        self._lock = threading.Lock()
+        self._stamp = self._manifest_stamp()
+        self._index = open_index(self.folder, model)
+
+    def _manifest_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            stat = (self.folder / "index.json").stat()
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+    def current(self) -> CatalogStore:
+        if self._index.store_kind == "faiss":
+            stamp = self._manifest_stamp()
+            if stamp is not None and stamp != self._stamp:
+                with self._lock:
+                    if stamp != self._stamp:
+                        self._index = open_index(self.folder, self.model)
+                        self._stamp = stamp
+        return self._index
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.current(), name)
+
+    def __len__(self) -> int:
+        return len(self.current())
+
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self.current()

@@ -15,7 +15,9 @@ from PIL import Image, UnidentifiedImageError
 from ..data.images import DEFAULT_MAX_PIXELS, open_image
 from ..errors import DataError, FashionCIRError
 from ..models.cir import MODEL_FILE, CIRModel, load_model
-from ..retrieval.index import CatalogIndex, SearchHit, read_manifest, search
+from ..retrieval.filters import FilterError, parse_filter
+from ..retrieval.index import SearchHit, read_manifest, search
+from ..retrieval.store import LiveIndex
 
 try:
     from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
@@ -119,9 +121,10 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
                max_text_chars: int = 300, exclude_reference: bool = True) -> FastAPI:
     """The app for ``index_folder``. ``model``: a CIRModel, a model folder, a backbone spec, or
     None for the zero-shot backbone the index records; its image fingerprint must match the index.
-    ``exclude_reference`` leaves a catalog reference out of its own results (the UI default)."""
+    ``exclude_reference`` leaves a catalog reference out of its own results (the UI default).
+    The index is followed live: ``fashion-cir index add/upsert/remove`` show up without a restart."""
     cir = _resolve_model(model, Path(index_folder))
-    index = CatalogIndex.load(index_folder, cir)
+    index = LiveIndex(index_folder, cir)
     app = FastAPI(title="fashion-cir search", version="1",
                   description="Composed image retrieval: a reference image (upload or catalog id) plus a "
                               "relative caption such as 'is red with long sleeves' -> ranked catalog items.")
@@ -156,8 +159,10 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
 
     @app.get("/health", summary="Service and index status")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "items": len(index), "backbone": index.config["backbone"],
-                "fingerprint": index.fingerprint, "factory": index.config["factory"],
+        current = index.current()
+        return {"status": "ok", "items": len(current), "backbone": current.config["backbone"],
+                "fingerprint": current.fingerprint, "store": current.store_kind, "factory": current.config["factory"],
+                "filter_fields": current.fields,
                 "query_mode": cir.query_mode, "limits": {"max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels,
                                                          "max_k": max_k, "max_text_chars": max_text_chars}}
 
@@ -188,10 +193,16 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
         k: int = Form(10, ge=1, le=max_k, description="number of results"),
         id: str | None = Form(None, description="a catalog item id as the reference"),
         image: UploadFile | None = File(None, description=f"a reference image (at most {max_upload_bytes // MB} MB)"),
+        filter: str = Form("", max_length=2000, description='metadata filter, e.g. category == "dress" and color != "black"'),
     ) -> dict[str, Any]:
         caption = text.strip()
         if not caption:
             raise HTTPException(422, f"text must not be empty: describe the change in 1 to {max_text_chars} characters")
+        current = index.current()
+        try:
+            parsed = parse_filter(filter, current.fields) if filter.strip() else None
+        except FilterError as exc:
+            raise HTTPException(422, str(exc)) from exc
         has_upload = image is not None and bool(image.filename or image.size)
         if has_upload == bool(id):
             raise HTTPException(400, "give exactly one reference: an uploaded 'image' file or a catalog 'id'")
@@ -203,14 +214,15 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
             if not raw:
                 raise HTTPException(400, "uploaded image is empty")
             reference = _decode_upload(raw, max_pixels)
-        else:
-            known(id)
+        elif id not in current:
+            raise HTTPException(404, f"unknown item id {id!r}")
         start = time.perf_counter()
-        hits: list[SearchHit] = search(cir, index, image=reference, item_id=id if not has_upload else None,
-                                       text=caption, k=k, exclude_reference=exclude_reference)
-        description = index.metadata.get(id, {}).get("description") if not has_upload else None
+        hits: list[SearchHit] = search(cir, current, image=reference, item_id=id if not has_upload else None,
+                                       text=caption, k=k, exclude_reference=exclude_reference, filter=parsed)
+        description = current.metadata.get(id, {}).get("description") if not has_upload else None
         return {"reference": {"id": None, "upload": image.filename} if has_upload else item_view(id),
                 "text": caption, "query_text": cir.query_text(caption, description), "k": k,
+                "filter": filter.strip() or None,
                 "took_ms": round((time.perf_counter() - start) * 1000, 2),
                 "results": [item_view(h.id, h.score, rank) for rank, h in enumerate(hits, 1)]}
 

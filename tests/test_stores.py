@@ -1,0 +1,179 @@
+"""One store test suite run on both vector stores: FAISS (in-process) and Milvus (milvus-lite, a
+real embedded Milvus in a local .db file). Every answer is checked against brute force over the
+raw features and the metadata, so a store that drops, misfilters or misranks items fails."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest_serving import synthetic_catalog
+from fashion_cir.errors import DataError, ModelError
+from fashion_cir.models.cir import load_model
+from fashion_cir.retrieval import build_index, open_index, parse_filter, remove_from_index, search, upsert_index
+from fashion_cir.retrieval.filters import FilterError
+
+STORES = ["faiss", "milvus"]
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory):
+    paths, metadata = synthetic_catalog(tmp_path_factory.mktemp("catalog") / "images", 60)
+    for number, image_id in enumerate(paths):  # a bool field, and a field some items lack
+        metadata[image_id]["in_stock"] = number % 3 != 0
+        if number % 4:
+            metadata[image_id]["season"] = ["summer", "winter"][number % 2]
+    return paths, metadata
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("stores")
+
+
+_names = iter(range(10**6))
+
+
+def make_index(kind, workdir, model, paths, metadata, **options):
+    """A fresh index on ``kind``: its own folder (and Milvus collection in the module's .db file)."""
+    number = next(_names)
+    store = "faiss" if kind == "faiss" else f"milvus:{workdir / 'milvus.db'}"
+    milvus = {"collection": f"c{number}", **options.pop("milvus", {})}
+    return build_index(workdir / f"index-{number}", model, paths, metadata, progress=False, store=store,
+                       milvus=milvus, cache_dir=workdir / "feature-cache", **options)
+
+
+def brute_force(features: dict[str, np.ndarray], query: np.ndarray, allowed, k: int) -> list[str]:
+    ids = [i for i in features if i in allowed]
+    vectors = np.stack([features[i] / np.linalg.norm(features[i]) for i in ids])
+    order = np.argsort(-(vectors @ query), kind="stable")[:k]
+    return [ids[i] for i in order]
+
+
+@pytest.fixture(scope="module")
+def raw_features(workdir, tiny_model, catalog):
+    """Raw image features of every catalog item, from a FAISS build (the reference)."""
+    index = make_index("faiss", workdir, tiny_model, *catalog)
+    return {i: index.vector(i).copy() for i in index.ids}
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_build_reopen_count_and_lookups(kind, workdir, tiny_model, catalog, raw_features):
+    paths, metadata = catalog
+    built = make_index(kind, workdir, tiny_model, paths, metadata)
+    index = open_index(built.folder, tiny_model)
+    assert index.store_kind == kind and len(index) == 60 and sorted(index.ids) == sorted(paths)
+    assert "item-007" in index and "nope" not in index
+    assert index.metadata["item-007"] == metadata["item-007"] and index.metadata.get("nope", {}) == {}
+    assert index.paths["item-007"] == paths["item-007"].resolve()
+    np.testing.assert_allclose(index.vector("item-007"), raw_features["item-007"], rtol=1e-5, atol=1e-6)
+    assert index.fields == ["category", "color", "description", "in_stock", "season"]
+    query = raw_features["item-011"] / np.linalg.norm(raw_features["item-011"])
+    hits = index.search_vectors(query[None], 10)[0]
+    assert [h.id for h in hits] == brute_force(raw_features, query, paths, 10)
+    assert hits[0].metadata == metadata[hits[0].id]
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_fingerprint_mismatch_is_refused(kind, workdir, tiny_model, catalog):
+    index = make_index(kind, workdir, tiny_model, *catalog)
+    with pytest.raises(ModelError, match="fingerprint .* tiny:1"):
+        open_index(index.folder, load_model(backbone="tiny:1"))
+
+
+FILTERS = [
+    'category == "dress"',
+    'category == "dress" and color != "black"',
+    'color in ["red", "blue", "navy"] and not category == "t-shirt"',
+    '(category == "hat" or category == "shoes") and in_stock == true',
+    'season != "winter"',  # items without a season read as "" and stay
+    'season == "summer" and color not in ["red"]',
+    'in_stock == false or (color == "pink" and category in [\'pants\', "skirt"])',
+]
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_filtered_search_matches_brute_force_and_returns_k(kind, workdir, tiny_model, catalog, raw_features):
+    paths, metadata = catalog
+    index = make_index(kind, workdir, tiny_model, paths, metadata)
+    query = raw_features["item-003"] / np.linalg.norm(raw_features["item-003"])
+    for text in FILTERS:
+        parsed = parse_filter(text, index.fields)
+        allowed = {i for i in paths if parsed.matches(metadata[i])}
+        assert 0 < len(allowed) < 60, text
+        for k in (5, 100):
+            hits = index.search_vectors(query[None], k, filter=parsed)[0]
+            assert [h.id for h in hits] == brute_force(raw_features, query, allowed, k), (text, k)
+            assert len(hits) == min(k, len(allowed))
+    parsed = parse_filter('category == "dress"', index.fields)
+    excluded = brute_force(raw_features, query, {i for i in paths if metadata[i]["category"] == "dress"}, 3)
+    hits = index.search_vectors(query[None], 10, exclude=excluded, filter=parsed)[0]
+    assert not set(excluded) & {h.id for h in hits} and len(hits) == 7  # 10 dresses, 3 excluded
+    composed = search(tiny_model, index, item_id="item-003", text="is green", k=4, filter=parsed, exclude_reference=True)
+    assert len(composed) == 4 and all(h.metadata["category"] == "dress" for h in composed)
+
+
+@pytest.mark.parametrize("kind, options", [("faiss", {"factory": "IVF8,Flat", "nprobe": 1}),
+                                           ("milvus", {"milvus": {"index": "IVF_FLAT,nlist=8"}, "nprobe": 1})])
+def test_selective_filter_on_an_approximate_index_still_returns_k(kind, options, workdir, tiny_model, catalog, raw_features):
+    paths, metadata = catalog
+    index = make_index(kind, workdir, tiny_model, paths, metadata, **options)
+    parsed = parse_filter('category == "shoes" and in_stock == true', index.fields)
+    allowed = {i for i in paths if parsed.matches(metadata[i])}
+    for image_id in ("item-000", "item-030", "item-055"):
+        query = raw_features[image_id] / np.linalg.norm(raw_features[image_id])
+        hits = index.search_vectors(query[None], len(allowed), filter=parsed)[0]
+        assert {h.id for h in hits} == allowed
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_remove_and_upsert_persist(kind, workdir, tiny_model, catalog, raw_features):
+    paths, metadata = catalog
+    first = {i: paths[i] for i in list(paths)[:50]}
+    index = make_index(kind, workdir, tiny_model, first, metadata)
+    folder = index.folder
+    _, removed, unknown = remove_from_index(folder, ["item-001", "item-002", "nope"])
+    assert removed == ["item-001", "item-002"] and unknown == ["nope"]
+    index = open_index(folder, tiny_model)
+    assert len(index) == 48 and "item-001" not in index
+    query = raw_features["item-001"] / np.linalg.norm(raw_features["item-001"])
+    hits = index.search_vectors(query[None], 60)[0]
+    assert len(hits) == 48 and "item-001" not in {h.id for h in hits}
+    # upsert: item-005 now shows item-040's picture and new metadata; items 50-54 are new
+    changed = {"item-005": paths["item-040"], **{i: paths[i] for i in list(paths)[50:55]}}
+    new_meta = {i: metadata[i] for i in changed}
+    new_meta["item-005"] = {**metadata["item-040"], "color": "purple"}
+    updated = upsert_index(folder, tiny_model, changed, new_meta, cache_dir=workdir / "feature-cache", progress=False)
+    assert updated.report["replaced"] == 1 and updated.report["added"] == 5
+    index = open_index(folder, tiny_model)
+    assert len(index) == 53 and index.metadata["item-005"]["color"] == "purple"
+    np.testing.assert_allclose(index.vector("item-005"), raw_features["item-040"], rtol=1e-5, atol=1e-6)
+    parsed = parse_filter('color == "purple"', index.fields)
+    own = raw_features["item-040"] / np.linalg.norm(raw_features["item-040"])
+    assert [h.id for h in index.search_vectors(own[None], 5, filter=parsed)[0]] == ["item-005"]
+    top = index.search_vectors(own[None], 2)[0]
+    assert {h.id for h in top} == {"item-005", "item-040"} and top[0].score == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(DataError, match="already in index .* use upsert"):
+        index.add_features(["item-003"], raw_features["item-003"][None], metadata, paths)
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_unknown_filter_field_is_named(kind, workdir, tiny_model, catalog):
+    index = make_index(kind, workdir, tiny_model, *catalog)
+    with pytest.raises(FilterError, match="unknown field 'colour'"):
+        parse_filter('colour == "red"', index.fields)
+
+
+def test_milvus_store_spec_errors(tmp_path, tiny_model, catalog):
+    with pytest.raises(DataError, match="must end in .db"):
+        build_index(tmp_path / "a", tiny_model, *catalog, store="milvus:somewhere", progress=False)
+    with pytest.raises(DataError, match="unknown store 'pinecone'"):
+        build_index(tmp_path / "b", tiny_model, *catalog, store="pinecone", progress=False)
+    manifest = tmp_path / "c" / "index.json"
+    manifest.parent.mkdir()
+    manifest.write_text(json.dumps({"format": "fashion-cir-index/1", "store": {"kind": "milvus", "uri": str(tmp_path / "x.db"),
+                                                                               "collection": "gone"}}))
+    with pytest.raises(DataError, match="collection 'gone' is missing"):
+        open_index(tmp_path / "c")
