@@ -7,22 +7,23 @@ import json
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
 from fashion_cir.data.triplets import load_triplet_set
-from fashion_cir.evaluation.evaluate import EvalOptions, evaluate_sets, format_table, query_texts, score_triplet_set
+from fashion_cir.evaluation.evaluate import EvalOptions, evaluate_sets, format_table, score_triplet_set
 from fashion_cir.features.cache import FeatureCache
-from fashion_cir.models.cir import compose_query
 
 KS = (1, 5, 10, 50)
 
 
 @pytest.fixture(scope="module")
-def clothing(shared_dir):
-    root = shared_dir / "clothing-dataset"
-    return load_triplet_set(root / "captions" / "cap.clothing.val.json",
-                            root / "image_splits" / "split.clothing.val.json", root / "images")
+def clothing_files(clothing_dir):
+    return {"captions": clothing_dir / "captions" / "cap.clothing.val.json",
+            "split": clothing_dir / "image_splits" / "split.clothing.val.json", "images": clothing_dir / "images"}
+
+
+@pytest.fixture(scope="module")
+def clothing(clothing_files):
+    return load_triplet_set(clothing_files["captions"], clothing_files["split"], clothing_files["images"])
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,16 @@ def _stable_ranks(scores: np.ndarray, target_index: np.ndarray) -> np.ndarray:
     order = np.argsort(-scores, axis=1, kind="stable")
     return np.array([np.where(order[q] == t)[0][0] if t >= 0 else np.iinfo(np.int64).max
                      for q, t in enumerate(target_index)])
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def _hand_query_text(captions: list[str]) -> str:
+    """FashionIQ validation joining, written out here: "C1 and c2" (trailing '.', '?', ',' and spaces cut)."""
+    first, second = (c.strip(".?, ") for c in captions)
+    return f"{first[:1].upper()}{first[1:]} and {second}"
 
 
 def test_clothing_val_end_to_end(tiny_model, clothing, cache):
@@ -60,22 +71,27 @@ def test_clothing_val_end_to_end(tiny_model, clothing, cache):
     assert "clothing" in text and "average" in text and len(text.splitlines()) == 2 + 2 * len(options.modes)
 
 
-def test_clothing_ranks_match_a_stable_sort_and_reference_removal_only_helps(tiny_model, clothing, cache):
+def test_clothing_ranks_match_a_stable_sort_and_reference_removal_only_helps(tiny_model, clothing, clothing_files, cache):
     keep = score_triplet_set(tiny_model, clothing, cache, EvalOptions(modes=("image", "sum"), ks=KS, progress=False))
     assert cache.last_stats.computed == 0  # gallery features reused from the first test (same module)
     removed = score_triplet_set(tiny_model, clothing, cache,
                                 EvalOptions(modes=("image", "sum"), ks=KS, remove_reference=True, progress=False))
-    # independent recomputation from the cached features
+    # independent recomputation from the cached features: query texts joined and queries composed
+    # here, from the captions file itself (no project code besides the encoders)
     ids, gallery = cache.encode(tiny_model.backbone, {i: clothing.image_paths[i] for i in clothing.gallery_ids},
                                 progress=False)
+    raw = json.loads(clothing_files["captions"].read_text())
+    assert [(r["candidate"], r["target"]) for r in raw] == [(t.candidate, t.target) for t in clothing.triplets]
     position = {i: n for n, i in enumerate(ids)}
-    image = torch.from_numpy(gallery[[position[t.candidate] for t in clothing.triplets]])
-    text = tiny_model.backbone.embed_texts(query_texts(tiny_model, clothing.triplets))
-    gallery_norm = F.normalize(torch.from_numpy(gallery), dim=-1)
-    targets = np.array([position[t.target] for t in clothing.triplets])
-    references = np.array([position[t.candidate] for t in clothing.triplets])
+    image = gallery[[position[r["candidate"]] for r in raw]].astype(np.float64)
+    text = tiny_model.backbone.embed_texts([_hand_query_text(r["captions"]) for r in raw]).numpy().astype(np.float64)
+    assert np.linalg.norm(text, axis=1).std() > 1e-3  # text features are not unit length: normalising matters
+    gallery_norm = _unit(gallery.astype(np.float64))
+    targets = np.array([position[r["target"]] for r in raw])
+    references = np.array([position[r["candidate"]] for r in raw])
+    queries = {"image": _unit(image), "sum": _unit(_unit(image) + _unit(text))}
     for mode in ("image", "sum"):
-        scores = (compose_query(mode, image, text) @ gallery_norm.T).numpy()
+        scores = queries[mode] @ gallery_norm.T
         ranks = _stable_ranks(scores, targets)
         for k in KS:
             assert keep[mode][f"R@{k}"] == pytest.approx(100.0 * (ranks < k).mean())

@@ -146,6 +146,15 @@ def test_compose_query_modes():
     assert torch.allclose(compose_query("sum", image, text), torch.tensor([[root_half, root_half], [0.0, 1.0]]))
     # sum_raw adds raw features: the larger vector dominates
     assert torch.allclose(compose_query("sum_raw", image, text), F.normalize(torch.tensor([[3.0, 1.0], [0.0, 12.0]]), dim=-1))
+    # non-unit text vectors that are not parallel to the image ones: both sides must be normalised
+    image3 = torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.0, 0.5]])
+    text3 = torch.tensor([[0.0, 4.0, 3.0], [6.0, 0.0, 8.0]])
+    # by hand: [1, 0, 0] + [0, .8, .6] = [1, .8, .6], norm sqrt(2); [0, 0, 1] + [.6, 0, .8] = [.6, 0, 1.8], norm sqrt(3.6)
+    by_hand = torch.tensor([[1.0, 0.8, 0.6], [0.6, 0.0, 1.8]]) / torch.tensor([[2 ** 0.5], [3.6 ** 0.5]])
+    assert torch.allclose(compose_query("sum", image3, text3), by_hand)
+    assert torch.allclose(compose_query("sum", text3, image3), by_hand)  # symmetric in its two sides
+    assert torch.allclose(compose_query("text", image3, text3), torch.tensor([[0.0, 0.8, 0.6], [0.6, 0.0, 0.8]]))
+    assert torch.allclose(compose_query("image", image3, text3), torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]))
     with pytest.raises(ModelError, match="needs a model with a Combiner"):
         compose_query("combiner", image, text)
     with pytest.raises(ModelError, match="unknown query mode"):
