@@ -20,6 +20,8 @@ from fashion_cir.models.factory import create_backbone
 from fashion_cir.training import Stage1Config, Stage2Config, TrainingStopped, train_stage1, train_stage2
 from fashion_cir.training.data import epoch_batches, rank_micro_batches
 from fashion_cir.training.distributed import DistContext
+from fashion_cir.training.losses import BankInfoNCELoss
+from fashion_cir.training.stage2 import Stage2Step, StaticBank
 
 COLORS = ["red", "blue", "green", "black", "white", "yellow", "pink", "grey"]
 
@@ -138,6 +140,34 @@ def test_stage2_trains_against_the_whole_bank(data, tmp_path):
     assert all(torch.equal(loaded.state_dict()[k], v.cpu()) for k, v in image_before.items())
     text_key = "backbone.clip.transformer.resblocks.0.mlp.c_fc.weight"
     assert torch.equal(loaded.state_dict()[text_key], trained.state_dict()[text_key].cpu())
+
+
+def _unit(rows: torch.Tensor) -> torch.Tensor:
+    return rows / rows.norm(dim=-1, keepdim=True)
+
+
+def test_stage2_step_is_infonce_on_the_target_row_with_its_duplicates_left_out():
+    """One stage-2 step against a bank with duplicate rows, recomputed by hand: the positive is the
+    target's row (not the reference's), and the copies of the target drop out of its softmax."""
+    model = CIRModel(create_backbone("tiny"), "sum").eval()
+    raw = torch.randn(7, 32, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.5, 3.0, 7)[:, None]
+    raw[4], raw[5] = raw[1], raw[3]  # row 4 copies target 1, row 5 copies target 3
+    bank = StaticBank([f"img{n}" for n in range(7)], raw)
+    assert bank.duplicates == 2
+    texts = ["is red with long sleeves", "has a v-neck"]
+    batch = {"tokens": model.backbone.tokenize(texts), "reference_ids": torch.tensor([0, 2]),
+             "target_ids": torch.tensor([1, 3])}
+    temperature = 0.1
+    loss, reported = Stage2Step(model, bank, BankInfoNCELoss(temperature))(batch)
+    with torch.no_grad():
+        text = model.backbone.encode_texts(batch["tokens"])
+        logits = _unit(_unit(raw[[0, 2]]) + _unit(text)) @ _unit(raw).T / temperature
+        by_hand = []
+        for row, (target, copy) in enumerate([(1, 4), (3, 5)]):
+            kept = [j for j in range(7) if j != copy]
+            by_hand.append(torch.logsumexp(logits[row, kept], 0) - logits[row, target])
+    assert torch.allclose(loss.detach(), torch.stack(by_hand).mean(), atol=1e-5), (loss, by_hand)
+    assert torch.equal(reported, loss.detach())
 
 
 def combiner_model() -> CIRModel:
