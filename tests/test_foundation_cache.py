@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from fashion_cir.errors import DataError
 from fashion_cir.features.cache import FeatureCache
@@ -20,8 +21,9 @@ from fashion_cir.models.factory import create_backbone
 
 N_IMAGES = 40
 
-# Encodes the images of a folder into a cache, slowly (the backbone sleeps before each batch), so
-# that the parent can kill it between shards. The cache code itself is untouched.
+# Encodes the images of a folder into a cache, slowly (the backbone's trunk, which the cache calls,
+# sleeps before each batch and counts its calls), so that the parent can kill it between shards.
+# The cache code itself is untouched.
 SLOW_ENCODER = """
 import sys, time
 from pathlib import Path
@@ -31,11 +33,12 @@ from fashion_cir.features.cache import FeatureCache
 from fashion_cir.models.factory import create_backbone
 root, folder = sys.argv[1], Path(sys.argv[2])
 backbone = create_backbone("tiny")
-encode = backbone.encode_images
+encode = backbone.encode_image_trunk
 def slow(pixels):
+    print("BATCH", flush=True)
     time.sleep(0.3)
     return encode(pixels)
-backbone.encode_images = slow
+backbone.encode_image_trunk = slow
 paths = {p.stem: p for p in sorted(folder.glob("*.jpg"))}
 FeatureCache(root, flush_every=4).encode(backbone, paths, batch_size=4, progress=False)
 print("FINISHED")
@@ -110,7 +113,10 @@ def test_resume_after_sigkill_recomputes_only_what_was_not_saved(tiny_model, ima
             proc.kill()
             proc.communicate()
     assert proc.returncode == -signal.SIGKILL and b"FINISHED" not in out
-    folder = root / tiny_model.backbone.image_fingerprint()
+    assert 0 < out.count(b"BATCH") < N_IMAGES // 4  # the slowed trunk is the one the cache called
+    folders = sorted({shard.parent for shard in root.glob("*/part-*.npz")})
+    assert len(folders) == 1 and folders[0] == FeatureCache(root).folder(tiny_model.backbone)
+    folder = folders[0]
     already = _cached_ids(folder)
     assert 0 < len(already) < N_IMAGES and len(already) % 4 == 0
 
@@ -155,6 +161,31 @@ def test_preprocessing_and_weights_are_part_of_the_key(tiny_model, image_dir, tm
     import json
     meta = json.loads((cache.folder(padded) / "meta.json").read_text())
     assert meta["preprocess"].startswith("targetpad") and meta["backbone"] == "tiny:0"
+
+
+def test_same_spec_and_preprocessing_with_other_weights_is_not_reused(tiny_model, image_dir, tmp_path):
+    """Fine-tuned weights under the same backbone spec and transform (what stage 1 with the image
+    tower produces) must not be served the zero-shot model's cached features."""
+    paths = dict(list(_paths(image_dir).items())[:4])
+    cache = FeatureCache(tmp_path)
+    _, before = cache.encode(tiny_model.backbone, paths, progress=False)
+    tuned = create_backbone("tiny").eval()
+    assert tuned.spec == tiny_model.backbone.spec
+    assert tuned.preprocess_description == tiny_model.backbone.preprocess_description
+    with torch.no_grad():
+        for name, param in tuned.named_parameters():
+            if name.startswith(tuple(tuned.trunk_prefixes())):
+                param.mul_(1.5)
+    _, after = cache.encode(tuned, paths, progress=False)
+    assert cache.last_stats.computed == 4 and cache.last_stats.reused == 0
+    pixels = torch.stack([tuned.preprocess(Image.open(p).convert("RGB")) for p in paths.values()])
+    with torch.no_grad():
+        direct = tuned.encode_images(pixels).numpy()
+    np.testing.assert_allclose(after, direct, rtol=2e-3, atol=2e-3)  # the cache stores fp16
+    assert not np.allclose(after, before, rtol=2e-3, atol=2e-3)
+    # and the zero-shot model still gets its own features back, untouched
+    _, again = cache.encode(tiny_model.backbone, paths, progress=False)
+    assert cache.last_stats.reused == 4 and np.array_equal(again, before)
 
 
 def test_unreadable_and_missing_images(tiny_model, image_dir, tmp_path):

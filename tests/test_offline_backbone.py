@@ -17,10 +17,29 @@ from fashion_cir.models.factory import create_backbone
 from fashion_cir.training.align import AlignConfig, align_offline_backbone, attribute_phrase
 
 
+N_TRAIN, N_VAL, N_HELD = 48, 48, 48  # chance image->text R@10 on 48 pairs: 10/48 = 20.8%
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def image_to_text_r10(backbone, catalog, ids: list[str], cache_root) -> float:
+    """Recall@10 of each image's own description among ``ids``' descriptions, computed here."""
+    kept, images = FeatureCache(cache_root).encode(backbone, {i: catalog.image_paths[i] for i in ids}, progress=False)
+    assert kept == ids
+    texts = backbone.embed_texts([catalog.attributes[i]["description"] for i in ids]).numpy()
+    scores = _unit(images.astype(np.float64)) @ _unit(texts.astype(np.float64)).T
+    ranks = (scores > np.diag(scores)[:, None]).sum(axis=1)
+    return 100.0 * float((ranks < 10).mean())
+
+
 @pytest.fixture(scope="module")
 def small_catalog(shared_dir):
     catalog = load_clothing_catalog(shared_dir / "clothing-dataset")
-    catalog.splits = {"train": catalog.splits["train"][:48], "val": catalog.splits["val"][:16]}
+    val = catalog.splits["val"]
+    catalog.held_apart = val[N_VAL:N_VAL + N_HELD]  # never seen by the alignment, not even to pick the epoch
+    catalog.splits = {"train": catalog.splits["train"][:N_TRAIN], "val": val[:N_VAL]}
     return catalog
 
 
@@ -35,7 +54,7 @@ def aligned(small_catalog, tmp_path_factory):
 def test_alignment_lowers_the_loss(aligned):
     _, summary, root = aligned
     history = json.loads((root / "proj" / "history.json").read_text())
-    assert summary["train_pairs"] == 48 and summary["val_pairs"] == 16
+    assert summary["train_pairs"] == N_TRAIN and summary["val_pairs"] == N_VAL
     assert history[-1]["train_loss"] < 0.6 * history[0]["train_loss"]
     assert 1 <= summary["best_epoch"] <= 12
 
@@ -64,9 +83,17 @@ def test_model_folder_is_self_contained(aligned, tmp_path):
 
 
 def test_aligned_space_matches_images_to_their_descriptions(aligned, small_catalog):
-    """Even trained on 48 pairs, matching val images to their own descriptions beats chance."""
-    backbone, summary, _ = aligned
-    assert summary["best_val_image_to_text_R@10"] > 100 * 10 / 16 * 0.9
+    """Trained on 48 pairs, the aligned space finds an image's own description among 48 in the top 10
+    far above chance (20.8%): on the val pairs that picked the epoch (the summary's figure, recomputed
+    here) and on 48 held-apart val pairs. Measured: 77% on val, 73% held apart; with the val pairs
+    shuffled the summary reports 25%."""
+    backbone, summary, root = aligned
+    chance = 100 * 10 / N_VAL
+    val_ids = small_catalog.splits["val"]
+    assert image_to_text_r10(backbone, small_catalog, val_ids, root / "features") == pytest.approx(
+        summary["best_val_image_to_text_R@10"], abs=1e-4)
+    assert summary["best_val_image_to_text_R@10"] >= 2.4 * chance
+    assert image_to_text_r10(backbone, small_catalog, small_catalog.held_apart, root / "features") >= 2.4 * chance
 
 
 def test_missing_or_corrupt_projections_are_clear_errors(tmp_path):
