@@ -9,10 +9,13 @@ import time
 import zlib
 
 import httpx
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest_serving import demo_catalog, running_server
+from fashion_cir.models.cir import CIRModel
 from fashion_cir.retrieval import build_index
 from fashion_cir.serving.app import create_app
 
@@ -23,11 +26,42 @@ def catalog(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def base_url(tmp_path_factory, tiny_model, catalog):
+def index_folder(tmp_path_factory, tiny_model, catalog):
     folder = tmp_path_factory.mktemp("api") / "index"
     build_index(folder, tiny_model, *catalog, progress=False)
-    with running_server(create_app(folder, tiny_model)) as url:
+    return folder
+
+
+@pytest.fixture(scope="module")
+def base_url(index_folder, tiny_model):
+    with running_server(create_app(index_folder, tiny_model)) as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def catalog_features(tiny_model, catalog):
+    """Raw image features of every catalog item, encoded here straight from the files (no cache, no index)."""
+    paths, _ = catalog
+    backbone = tiny_model.backbone
+    with torch.no_grad():
+        pixels = torch.stack([backbone.preprocess(Image.open(p).convert("RGB")) for p in paths.values()])
+        return list(paths), backbone.encode_images(pixels).numpy().astype(np.float64)
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    return rows / np.linalg.norm(rows, axis=-1, keepdims=True)
+
+
+def assert_ranked_by(results: list[dict], ids: list[str], scores: np.ndarray, tolerance: float = 5e-3) -> None:
+    """``results`` are the top of ``scores`` (over ``ids``), best first, with matching scores; the
+    tolerance covers the fp16 feature cache, so near-ties may swap but nothing else."""
+    by_id = dict(zip(ids, scores))
+    got = [r["id"] for r in results]
+    assert len(got) == len(set(got))
+    np.testing.assert_allclose([r["score"] for r in results], [by_id[i] for i in got], atol=tolerance)
+    best_left_out = max((s for i, s in by_id.items() if i not in got), default=-np.inf)
+    assert min(by_id[i] for i in got) >= best_left_out - tolerance
+    assert all(by_id[a] >= by_id[b] - tolerance for a, b in zip(got, got[1:]))
 
 
 @pytest.fixture()
@@ -83,9 +117,44 @@ def test_search_by_catalog_id(client, catalog):
     assert body["reference"]["id"] == image_id
     results = body["results"]
     assert [r["rank"] for r in results] == [1, 2, 3, 4, 5]
-    assert image_id not in {r["id"] for r in results}  # the reference is not its own answer
     assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
     assert all(r["image_url"] == f"/images/{r['id']}" and "metadata" in r for r in results)
+    # the reference is not its own answer: asked for the whole catalog, every other item comes back
+    everything = client.post("/search", data={"id": image_id, "text": "is red with long sleeves", "k": 100}).json()
+    assert len(everything["results"]) == 39 and image_id not in {r["id"] for r in everything["results"]}
+
+
+def test_image_mode_upload_of_a_catalog_image_finds_that_item_first(tiny_model, index_folder, catalog):
+    """A model in `image` mode ignores the text: the upload of a catalog photo is that item (score 1),
+    while a catalog id as reference is left out of its own results."""
+    image_mode = CIRModel(tiny_model.backbone, "image").eval()
+    paths, _ = catalog
+    with running_server(create_app(index_folder, image_mode)) as url, httpx.Client(base_url=url, timeout=30) as http:
+        for image_id in list(paths)[:3]:
+            files = {"image": ("ref.jpg", paths[image_id].read_bytes(), "image/jpeg")}
+            first = http.post("/search", data={"text": "is red", "k": 5}, files=files).json()["results"][0]
+            assert first["id"] == image_id and first["score"] == pytest.approx(1.0, abs=5e-3)
+            by_id = http.post("/search", data={"id": image_id, "text": "is red", "k": 5}).json()["results"]
+            assert image_id not in {r["id"] for r in by_id}
+
+
+def test_upload_search_ranks_by_the_composed_query(client, tiny_model, catalog, catalog_features):
+    """The ranking of an uploaded reference + text is the catalog sorted by cosine with
+    normalise(normalise(image) + normalise(text)), recomputed here; another text gives another ranking."""
+    paths, _ = catalog
+    ids, gallery = catalog_features
+    image_id = ids[7]
+    reference = gallery[ids.index(image_id)]
+    rankings = []
+    for text in ("is darker", "has long sleeves and a floral print"):
+        files = {"image": ("ref.jpg", paths[image_id].read_bytes(), "image/jpeg")}
+        body = client.post("/search", data={"text": text, "k": 10}, files=files).json()
+        assert body["query_text"] == text  # an upload has no description to prefix
+        text_features = tiny_model.backbone.embed_texts([text]).numpy()[0].astype(np.float64)
+        query = _unit(_unit(reference) + _unit(text_features))
+        assert_ranked_by(body["results"], ids, _unit(gallery) @ query)
+        rankings.append([r["id"] for r in body["results"]])
+    assert rankings[0] != rankings[1]
 
 
 def test_search_by_upload(client, catalog):
