@@ -17,7 +17,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Composed image retrieval for fashion: triplets, training, evaluation, search.")
 index_app = typer.Typer(no_args_is_help=True, help="Build, grow, update and prune a searchable catalog index.")
 train_app = typer.Typer(no_args_is_help=True, help="Two-stage fine-tuning.")
+features_app = typer.Typer(no_args_is_help=True, help="Fill a feature cache, split across processes (--shard I/N).")
 app.add_typer(index_app, name="index")
+app.add_typer(features_app, name="features")
 app.add_typer(train_app, name="train")
 
 
@@ -128,7 +130,11 @@ def caption(
     vocab: Optional[Path] = typer.Option(None, help="Vocabulary JSON overriding the default fashion attributes."),
     batch_size: int = typer.Option(8, help="llava-hf batch size."),
     device: Optional[str] = typer.Option(None, help="llava-hf device (cuda, cpu); default: cuda when available."),
-    base_url: Optional[str] = typer.Option(None, help="openai: e.g. http://127.0.0.1:8000/v1"),
+    base_url: list[str] = typer.Option([], help="openai: e.g. http://127.0.0.1:8000/v1; repeat it to spread "
+                                                "requests over several servers (per-server backoff)."),
+    shard: Optional[str] = typer.Option(None, help="I/N: caption every N-th sorted id from the I-th into this shard's "
+                                                   "cache file (default: torchrun's RANK/WORLD_SIZE); then run "
+                                                   "without --shard to merge them into --out."),
     api_key_env: str = typer.Option("OPENAI_API_KEY", help="openai: name of the env var holding the key."),
     concurrency: int = typer.Option(4, help="openai: parallel requests."),
     timeout: float = typer.Option(60.0, help="openai: seconds per request."),
@@ -138,16 +144,22 @@ def caption(
     from .captioning import build_captioner, load_vocabulary, run_captioning, write_attributes
     from .data.images import scan_images
     from .data.triplets import read_split
+    from .sharding import parse_shard, select_shard
 
     if not images.is_dir():
         raise FashionCIRError(f"images folder not found: {images}")
     available = scan_images(images)
     ids = read_split(split_file) if split_file else sorted(available)
     paths = {i: available[i] for i in ids if i in available}
+    index, count = parse_shard(shard)
+    if count > 1:
+        paths = {i: paths[i] for i in select_shard(paths, index, count)}
+        out = out.with_name(f"{out.stem}.shard-{index}-of-{count}{out.suffix}")
+    urls = base_url[0] if len(base_url) == 1 else base_url or None
     options = {"llava-hf": {"batch_size": batch_size, "device": device},
-               "openai": {"base_url": base_url, "api_key_env": api_key_env, "concurrency": concurrency, "timeout_s": timeout}}.get(backend, {})
+               "openai": {"base_url": urls, "api_key_env": api_key_env, "concurrency": concurrency, "timeout_s": timeout}}.get(backend, {})
     captioner = build_captioner(backend, model_name, load_vocabulary(vocab), **{k: v for k, v in options.items() if v is not None})
-    attributes = run_captioning(paths, captioner, cache_dir, max_attempts=max_attempts)
+    attributes = run_captioning(paths, captioner, cache_dir, max_attempts=max_attempts, shard=(index, count))
     write_attributes(out, attributes)
     typer.echo(f"captioned {len(attributes)} of {len(paths)} images ({len(ids) - len(paths)} files missing); wrote {out}")
 
@@ -216,6 +228,54 @@ def _model(model: Optional[Path], backbone: Optional[str]):
     return load_model(model, backbone or "openclip:ViT-B-32:openai")
 
 
+@features_app.command("encode")
+@friendly
+def features_encode(
+    images: Path = typer.Option(..., help="Folder of catalog images."),
+    cache_dir: Path = typer.Option(..., help="The feature cache every shard writes into."),
+    split: Optional[Path] = typer.Option(None, help="Only the ids in this split file."),
+    shard: Optional[str] = typer.Option(None, help="I/N: encode every N-th sorted id from the I-th (default: "
+                                                   "torchrun's RANK/WORLD_SIZE, else everything)."),
+    model: Optional[Path] = typer.Option(None),
+    backbone: Optional[str] = typer.Option(None),
+    batch_size: int = typer.Option(64),
+    workers: int = typer.Option(0),
+):
+    """Encode this process's shard of a catalog into a shared, content-keyed feature cache."""
+    from .data.images import scan_images
+    from .data.triplets import read_split
+    from .features.cache import FeatureCache
+    from .sharding import parse_shard, select_shard
+
+    index, count = parse_shard(shard)
+    if not images.is_dir():
+        raise FashionCIRError(f"images folder not found: {images}")
+    available = scan_images(images)
+    wanted = read_split(split) if split else list(available)
+    mine = select_shard([i for i in wanted if i in available], index, count)
+    cache = FeatureCache(cache_dir)
+    ids, _ = cache.encode(_model(model, backbone).backbone, {i: available[i] for i in mine}, batch_size=batch_size,
+                          num_workers=workers, on_error="skip", progress=False)
+    stats = cache.last_stats
+    typer.echo(f"shard {index}/{count}: {len(mine)} images, {stats.computed} encoded, {stats.reused} reused, "
+               f"{stats.failed} failed")
+
+
+@features_app.command("merge")
+@friendly
+def features_merge(
+    cache_dir: Path = typer.Option(..., help="The feature cache the shards wrote."),
+    model: Optional[Path] = typer.Option(None),
+    backbone: Optional[str] = typer.Option(None),
+):
+    """Merge the cache parts the shards wrote into one (run after every shard has finished)."""
+    from .features.cache import FeatureCache
+    from .sharding import merge_feature_parts
+
+    counts = merge_feature_parts(FeatureCache(cache_dir).folder(_model(model, backbone).backbone))
+    typer.echo(f"merged {counts['parts']} parts: {counts['unique']} features ({counts['rows']} rows)")
+
+
 @index_app.command("build")
 @friendly
 def index_build(
@@ -227,7 +287,8 @@ def index_build(
     backbone: Optional[str] = typer.Option(None, help="Zero-shot backbone spec (default openclip:ViT-B-32:openai)."),
     store: str = typer.Option("faiss", help="faiss (in-process), milvus:PATH.db (embedded milvus-lite) or "
                                             "milvus:http://host:19530 (a Milvus server or cluster)."),
-    factory: str = typer.Option("Flat", help="FAISS factory string: Flat (exact), IVF1024,Flat, HNSW32, ..."),
+    factory: str = typer.Option("auto", help="FAISS factory string: auto (Flat below 200k items, else IVF), "
+                                             "Flat (exact), IVF1024,Flat, HNSW32, ..."),
     milvus_index: str = typer.Option("FLAT", help="Milvus index: FLAT, IVF_FLAT,nlist=1024, HNSW,M=16,efConstruction=200, ..."),
     milvus_collection: Optional[str] = typer.Option(None, help="Milvus collection (default fashion_cir_<folder name>)."),
     nprobe: int = typer.Option(16, help="IVF lists probed per query."),

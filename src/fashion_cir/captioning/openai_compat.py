@@ -1,6 +1,9 @@
 """Backend for any OpenAI-compatible chat-completions endpoint with image input (OpenAI, vLLM,
 llama.cpp server, Ollama, LM Studio, ...): images go as base64 data URLs, requests run in a bounded
-thread pool, timeouts / 429 / 5xx / non-JSON bodies are retried with exponential backoff."""
+thread pool, timeouts / 429 / 5xx / non-JSON bodies are retried with exponential backoff. Several
+base URLs (a vLLM fleet) share the requests: each goes to the least busy endpoint that is not
+backing off, and an endpoint that fails transiently backs off on its own (exponentially, reset by
+a success) while the others carry on."""
 
 from __future__ import annotations
 
@@ -8,8 +11,10 @@ import base64
 import logging
 import mimetypes
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
 
 import httpx
 
@@ -21,6 +26,43 @@ from .vocab import DEFAULT_VOCABULARY, Vocabulary
 log = logging.getLogger(__name__)
 
 
+class Endpoints:
+    """Request routing over several base URLs with per-endpoint backoff."""
+
+    def __init__(self, urls: Sequence[str], backoff_s: float, max_backoff_s: float = 30.0):
+        self.urls = list(urls)
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self.busy = [0] * len(self.urls)
+        self.failures = [0] * len(self.urls)
+        self.ready_at = [0.0] * len(self.urls)
+        self.sent = [0] * len(self.urls)
+        self._lock = threading.Lock()
+
+    def acquire(self) -> int:
+        """The least busy endpoint that is not backing off (waits while all are)."""
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                ready = [i for i, at in enumerate(self.ready_at) if at <= now]
+                if ready:
+                    chosen = min(ready, key=lambda i: (self.busy[i], self.failures[i], self.sent[i]))
+                    self.busy[chosen] += 1
+                    self.sent[chosen] += 1
+                    return chosen
+                wait = min(self.ready_at) - now
+            time.sleep(min(max(wait, 0.001), 1.0))
+
+    def release(self, endpoint: int, transient_failure: bool) -> None:
+        with self._lock:
+            self.busy[endpoint] -= 1
+            if transient_failure:
+                self.failures[endpoint] += 1
+                delay = min(self.backoff_s * 2 ** (self.failures[endpoint] - 1), self.max_backoff_s)
+                self.ready_at[endpoint] = time.monotonic() + delay
+            else:
+                self.failures[endpoint] = 0
+
+
 class OpenAICaptioner(Captioner):
     """Chat-completions client. The API key is read from the environment variable NAMED by
     ``api_key_env`` (the key itself is never stored in configs or logged); without it no
@@ -29,7 +71,7 @@ class OpenAICaptioner(Captioner):
     def __init__(
         self,
         model: str,
-        base_url: str = "https://api.openai.com/v1",
+        base_url: str | Sequence[str] = "https://api.openai.com/v1",
         api_key_env: str = "OPENAI_API_KEY",
         vocab: Vocabulary = DEFAULT_VOCABULARY,
         concurrency: int = 4,
@@ -45,7 +87,12 @@ class OpenAICaptioner(Captioner):
         self.model = model
         self.model_id = f"openai:{model}"
         self.batch_size = 4 * concurrency
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        bases = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not bases:
+            raise ModelError("the openai backend needs at least one --base-url")
+        self.urls = [base.rstrip("/") + "/chat/completions" for base in bases]
+        self.url = self.urls[0]
+        self.endpoints = Endpoints(self.urls, backoff_s)
         self.concurrency, self.max_retries, self.backoff_s = concurrency, max_retries, backoff_s
         self.max_tokens, self.temperature = max_tokens, temperature
         headers = {"Content-Type": "application/json"}
@@ -57,34 +104,42 @@ class OpenAICaptioner(Captioner):
         self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout_s))
 
     def __repr__(self) -> str:
-        return f"OpenAICaptioner(model={self.model!r}, url={self.url!r})"
+        return f"OpenAICaptioner(model={self.model!r}, urls={self.urls!r})"
 
     def complete(self, content: str | list[dict]) -> str:
         """One user message -> the assistant's text. Retries transient failures; raises RequestFailed."""
         payload = {"model": self.model, "messages": [{"role": "user", "content": content}],
                    "max_tokens": self.max_tokens, "temperature": self.temperature}
-        problem = ""
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+        problem, url = "", self.url
+        for _ in range(self.max_retries + 1):
+            endpoint = self.endpoints.acquire()  # waits while every endpoint backs off
+            url = self.urls[endpoint]
             try:
-                response = self._client.post(self.url, json=payload)
-            except httpx.TimeoutException:
-                problem = "timed out"
-                continue
-            except httpx.TransportError as exc:
-                problem = f"connection failed ({type(exc).__name__})"
-                continue
-            if response.status_code == 429 or response.status_code >= 500:
-                problem = f"HTTP {response.status_code}"
-                continue
-            if response.status_code >= 400:
-                raise RequestFailed(f"HTTP {response.status_code} from {self.url}: {response.text[:200]}")
-            try:
-                return response.json()["choices"][0]["message"]["content"] or ""
-            except (ValueError, KeyError, IndexError, TypeError):
-                problem = f"malformed response body: {response.text[:200]!r}"
-        raise RequestFailed(f"{self.url}: {problem} after {self.max_retries + 1} attempts")
+                answer, problem = self._post(url, payload)
+            except RequestFailed:  # the request's own fault (4xx): the endpoint is fine
+                self.endpoints.release(endpoint, transient_failure=False)
+                raise
+            self.endpoints.release(endpoint, transient_failure=answer is None)
+            if answer is not None:
+                return answer
+        raise RequestFailed(f"{url}: {problem} after {self.max_retries + 1} attempts")
+
+    def _post(self, url: str, payload: dict) -> tuple[str | None, str]:
+        """(answer, "") or (None, what went wrong) for a transient failure; RequestFailed otherwise."""
+        try:
+            response = self._client.post(url, json=payload)
+        except httpx.TimeoutException:
+            return None, "timed out"
+        except httpx.TransportError as exc:
+            return None, f"connection failed ({type(exc).__name__})"
+        if response.status_code == 429 or response.status_code >= 500:
+            return None, f"HTTP {response.status_code}"
+        if response.status_code >= 400:
+            raise RequestFailed(f"HTTP {response.status_code} from {url}: {response.text[:200]}")
+        try:
+            return response.json()["choices"][0]["message"]["content"] or "", ""
+        except (ValueError, KeyError, IndexError, TypeError):
+            return None, f"malformed response body: {response.text[:200]!r}"
 
     def complete_texts(self, prompts: list[str]) -> list[str | RequestFailed]:
         """Text-only completions, ``concurrency`` at a time (used to rewrite captions)."""

@@ -50,14 +50,16 @@ def run_captioning(
     cache_dir: str | Path,
     max_attempts: int = 3,
     progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
 ) -> dict[str, Attributes]:
     """Caption every image (id -> path) and return id -> ``Attributes`` for the valid answers.
 
     Results are appended to a JSONL cache in ``cache_dir`` after every batch, so a killed run resumes
     where it stopped; images with identical content are captioned once. Unreadable images, request
     failures and answers still invalid after ``max_attempts`` are recorded (with the raw answer) and
-    left out of the result. A summary (counts, failures, images/s) is written to ``<cache>.summary.json``."""
-    cache = CaptionCache(cache_dir, captioner.model_id, captioner.prompt_version)
+    left out of the result. A summary (counts, failures, images/s) is written to ``<cache>.summary.json``.
+    ``shard`` (I, N) names this writer's cache file when several processes share the cache."""
+    cache = CaptionCache(cache_dir, captioner.model_id, captioner.prompt_version, shard)
     keys: dict[str, str] = {}
     unreadable: dict[str, str] = {}
     for image_id, path in image_paths.items():

@@ -5,13 +5,16 @@ Layout: ``ROOT/<trunk fingerprint>/part-NNNNN.npz`` (ids, image sha1s, fp16 trun
 (a projection, if any) on the way out, so retraining a projection reuses the cached trunk. The
 fingerprint hashes the trunk's weights and the preprocessing, so a changed model or transform
 never reuses stale features; the per-image sha1 catches edited files.
-Shards are written atomically every ``flush_every`` images, so an interrupted run resumes where
-it stopped and re-computes nothing that was saved."""
+Shards are written atomically every ``flush_every`` images under names unique to the writer
+(``part-<time>-<pid>-<random>.npz``), so an interrupted run resumes where it stopped, and several
+processes filling one cache (``fashion-cir features encode --shard I/N``) never overwrite each other."""
 
 from __future__ import annotations
 
 import io
+import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,12 +85,10 @@ class FeatureCache:
         return stored
 
     def _write_shard(self, folder: Path, ids: list[str], shas: list[str], features: list[np.ndarray]) -> None:
-        number = len(list(folder.glob("part-*.npz")))
-        while (folder / f"part-{number:05d}.npz").exists():
-            number += 1
+        name = f"part-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.npz"
         buffer = io.BytesIO()
         np.savez(buffer, ids=np.array(ids), sha1=np.array(shas), features=np.stack(features).astype(np.float16))
-        atomic_write_bytes(folder / f"part-{number:05d}.npz", buffer.getvalue())
+        atomic_write_bytes(folder / name, buffer.getvalue())
 
     @torch.no_grad()
     def encode(

@@ -31,7 +31,8 @@ from .store import CatalogStore, SearchHit, StoreSpec, open_index, parse_store_s
 
 INDEX_FILE = "index.json"
 FORMAT = "fashion-cir-index/1"
-DEFAULT_FACTORY = "Flat"
+DEFAULT_FACTORY = "auto"
+AUTO_EXACT_BELOW = 200_000  # BENCHMARKS.md, ANN section: exact search stays fast enough below this
 DATA_FILES = ("ids.json", "metadata.json", "paths.json", "features.npy", "faiss.index")
 
 
@@ -103,6 +104,16 @@ def _normalise(features: np.ndarray) -> np.ndarray:
     features = np.ascontiguousarray(features, dtype=np.float32)
     norms = np.linalg.norm(features, axis=1, keepdims=True)
     return features / np.maximum(norms, 1e-12)
+
+
+def resolve_factory(factory: str, count: int) -> str:
+    """``auto``: exact (``Flat``) below :data:`AUTO_EXACT_BELOW` items, else ``IVF<4 sqrt(N)>,Flat``
+    (lists rounded to a power of two); any other factory string is returned as it is."""
+    if factory != "auto":
+        return factory
+    if count < AUTO_EXACT_BELOW:
+        return "Flat"
+    return f"IVF{2 ** round(np.log2(4 * np.sqrt(count)))},Flat"
 
 
 def _new_faiss_index(factory: str, vectors: np.ndarray) -> faiss.Index:
@@ -366,6 +377,7 @@ def build_index(folder: str | Path, model: CIRModel, images: str | Path | Mappin
         raise DataError(f"none of the {len(paths)} catalog images could be read")
     start = time.perf_counter()
     backbone = model.backbone
+    factory = resolve_factory(factory, len(encoded))
     config = {"format": FORMAT, "store": spec.to_config(), "fields": filterable_fields(meta.values()),
               "factory": factory, "metric": "inner_product", "feature_dim": int(features.shape[1]),
               "nprobe": nprobe, "ef_search": ef_search, "backbone": backbone.spec,
