@@ -14,6 +14,7 @@ from fashion_cir.errors import DataError, ModelError
 from fashion_cir.models.cir import load_model
 from fashion_cir.retrieval import build_index, open_index, parse_filter, remove_from_index, search, upsert_index
 from fashion_cir.retrieval.filters import FilterError
+from fashion_cir.retrieval.index import resolve_factory
 
 STORES = ["faiss", "milvus"]
 
@@ -177,3 +178,10 @@ def test_milvus_store_spec_errors(tmp_path, tiny_model, catalog):
                                                                                "collection": "gone"}}))
     with pytest.raises(DataError, match="collection 'gone' is missing"):
         open_index(tmp_path / "c")
+
+
+def test_auto_factory_is_exact_for_small_catalogs_and_ivf_for_large(workdir, tiny_model, catalog):
+    assert resolve_factory("auto", 60) == "Flat" and resolve_factory("auto", 199_999) == "Flat"
+    assert resolve_factory("auto", 250_000) == "IVF2048,Flat" and resolve_factory("auto", 1_000_000) == "IVF4096,Flat"
+    assert resolve_factory("HNSW32", 10) == "HNSW32"
+    assert make_index("faiss", workdir, tiny_model, *catalog).config["factory"] == "Flat"
