@@ -23,7 +23,7 @@ def test_tall_image_padded_horizontally_centred_with_black_bars():
 
 def test_wide_image_padded_vertically():
     out = TargetPad(1.25)(Image.new("RGB", (301, 100), WHITE))
-    assert out.size == (301, 241)  # round(301 / 1.25) = 241, 141 px of padding: 70 above, 71 below
+    assert out.size == (301, 240)  # CLIP4Cir: int((301 / 1.25 - 100) / 2) = int(70.4) = 70 above and below
     pixels = np.asarray(out)
     assert (pixels[:70] == 0).all() and (pixels[170:] == 0).all()
     assert (pixels[70:170] == 255).all()

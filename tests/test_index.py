@@ -123,7 +123,8 @@ def test_unreadable_images_are_skipped_and_reported(tmp_path, tiny_model, catalo
     paths["broken"] = broken
     index = build_index(tmp_path / "index", tiny_model, paths, progress=False)
     assert len(index) == 10 and "broken" not in index
-    assert index.report["failed"] == 1 and index.report["failed_ids"] == ["broken"]
+    assert index.report["failed"] == 1 and list(index.report["failures"]) == ["broken"]
+    assert "broken.jpg: corrupt or truncated image" in index.report["failures"]["broken"]
 
 
 @pytest.mark.parametrize("factory, min_recall", [("IVF4,Flat", 1.0), ("HNSW16", 0.9)])

@@ -40,6 +40,14 @@ def friendly(func: Callable) -> Callable:
     return wrapper
 
 
+def _report_failures(failures: dict[str, str], where: str = "", limit: int = 50) -> None:
+    """One line per failed item (id and reason) on stderr; past ``limit``, a count and where the rest are."""
+    for item_id, reason in list(failures.items())[:limit]:
+        typer.secho(f"failed: {item_id}: {reason}", fg=typer.colors.YELLOW, err=True)
+    if len(failures) > limit:
+        typer.secho(f"... and {len(failures) - limit} more failures{f' (all in {where})' if where else ''}", err=True)
+
+
 def _dump(path: Optional[Path], obj) -> None:
     if path is not None:
         from .io import write_json
@@ -139,12 +147,18 @@ def caption(
     concurrency: int = typer.Option(4, help="openai: parallel requests."),
     timeout: float = typer.Option(60.0, help="openai: seconds per request."),
     max_attempts: int = typer.Option(3, help="Attempts per image before recording a failure."),
+    max_failed_share: float = typer.Option(0.2, help="Exit with an error when more than this share of the images fail."),
 ):
-    """Describe catalog images with a multimodal LLM: attributes + a short description per image."""
+    """Describe catalog images with a multimodal LLM: attributes + a short description per image.
+    Every failed image is listed with its reason; the run exits 2 when all of them, or more than
+    --max-failed-share, failed."""
     from .captioning import build_captioner, load_vocabulary, run_captioning, write_attributes
+    from .captioning.runner import summary_path
     from .data.images import scan_images
     from .data.triplets import read_split
     from .sharding import parse_shard, select_shard
+    from .errors import check_failures
+    from .io import read_json
 
     if not images.is_dir():
         raise FashionCIRError(f"images folder not found: {images}")
@@ -161,7 +175,13 @@ def caption(
     captioner = build_captioner(backend, model_name, load_vocabulary(vocab), **{k: v for k, v in options.items() if v is not None})
     attributes = run_captioning(paths, captioner, cache_dir, max_attempts=max_attempts, shard=(index, count))
     write_attributes(out, attributes)
+    summary = summary_path(cache_dir, captioner, (index, count))
+    failures = {i: f"image file not found in {images}" for i in ids if i not in available}
+    failures.update({i: record.get("error") or record.get("status", "failed")
+                     for i, record in read_json(summary, "captioning summary").get("failures", {}).items()})
+    _report_failures(failures, str(summary))
     typer.echo(f"captioned {len(attributes)} of {len(paths)} images ({len(ids) - len(paths)} files missing); wrote {out}")
+    check_failures(failures, len(ids), max_failed_share, "images")
 
 
 @app.command()
@@ -297,16 +317,20 @@ def index_build(
     batch_size: int = typer.Option(64),
     workers: int = typer.Option(0),
     overwrite: bool = typer.Option(False, help="Replace an existing index."),
+    max_failed_share: float = typer.Option(0.2, help="Fail (write nothing) when more than this share of the images cannot be read."),
 ):
     """Encode a catalog into a searchable index (resumable; saved with the model fingerprint).
-    Metadata fields become filterable (`search --filter`)."""
+    Metadata fields become filterable (`search --filter`). Unreadable images are left out and
+    listed with their reasons."""
     from .data.triplets import read_split
     from .retrieval.index import build_index
 
     index = build_index(out, _model(model, backbone), images, list(metadata) or None,
                         ids=read_split(split) if split else None, factory=factory, nprobe=nprobe, ef_search=ef_search,
                         cache_dir=cache_dir, batch_size=batch_size, num_workers=workers, overwrite=overwrite,
-                        store=store, milvus={"index": milvus_index, "collection": milvus_collection})
+                        store=store, milvus={"index": milvus_index, "collection": milvus_collection},
+                        max_failed_share=max_failed_share)
+    _report_failures(index.report["failures"])
     typer.echo(f"indexed {len(index)} images into {out} ({index.store_kind}): {json.dumps(index.report)}")
 
 
@@ -320,13 +344,16 @@ def index_add(
     model: Optional[Path] = typer.Option(None),
     backbone: Optional[str] = typer.Option(None),
     cache_dir: Optional[Path] = typer.Option(None),
+    max_failed_share: float = typer.Option(0.2, help="Fail (add nothing) when more than this share of the new images cannot be read."),
 ):
-    """Add new catalog images to an index (refuses a model that does not match it)."""
+    """Add new catalog images to an index (refuses a model that does not match it; concurrent adds
+    take turns). Unreadable images are left out and listed with their reasons."""
     from .data.triplets import read_split
     from .retrieval.index import add_to_index
 
     index = add_to_index(index_dir, _model(model, backbone), images, list(metadata) or None,
-                         ids=read_split(split) if split else None, cache_dir=cache_dir)
+                         ids=read_split(split) if split else None, cache_dir=cache_dir, max_failed_share=max_failed_share)
+    _report_failures(index.report["failures"])
     typer.echo(f"index now holds {len(index)} images: {json.dumps(index.report)}")
 
 
@@ -340,14 +367,17 @@ def index_upsert(
     model: Optional[Path] = typer.Option(None),
     backbone: Optional[str] = typer.Option(None),
     cache_dir: Optional[Path] = typer.Option(None),
+    max_failed_share: float = typer.Option(0.2, help="Fail (change nothing) when more than this share of the images cannot be read."),
 ):
-    """Insert or replace catalog items (features, metadata, image path); a running service sees them."""
+    """Insert or replace catalog items (features, metadata, image path); a running service sees them.
+    Unreadable images are left out and listed with their reasons."""
     from .data.triplets import read_split
     from .retrieval.index import read_manifest, upsert_index
 
     cir = _model(model, backbone or read_manifest(index_dir)["backbone"])
     index = upsert_index(index_dir, cir, images, list(metadata) or None,
-                         ids=read_split(split) if split else None, cache_dir=cache_dir)
+                         ids=read_split(split) if split else None, cache_dir=cache_dir, max_failed_share=max_failed_share)
+    _report_failures(index.report["failures"])
     typer.echo(f"index now holds {len(index)} images: {json.dumps(index.report)}")
 
 

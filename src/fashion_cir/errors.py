@@ -1,5 +1,9 @@
 """User-facing errors: the CLI prints their message (no traceback) and exits non-zero."""
 
+from __future__ import annotations
+
+from typing import Mapping
+
 
 class FashionCIRError(Exception):
     """An error caused by input or environment, with a message that says what to do."""
@@ -11,3 +15,12 @@ class DataError(FashionCIRError):
 
 class ModelError(FashionCIRError):
     """A model cannot be built or loaded (unknown spec, missing weights, mismatched checkpoint)."""
+
+
+def check_failures(failures: Mapping[str, str], requested: int, max_share: float, what: str) -> None:
+    """Raise DataError naming the first reasons when every one of ``requested`` items, or more than
+    ``max_share`` of them, failed (``failures``: id -> reason)."""
+    if failures and (len(failures) >= requested or len(failures) > max_share * requested):
+        first = "; ".join(f"{key}: {reason}" for key, reason in list(failures.items())[:3])
+        raise DataError(f"{len(failures)} of {requested} {what} failed (more than the allowed "
+                        f"{max_share:.0%}); first: {first}")

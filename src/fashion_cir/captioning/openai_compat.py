@@ -3,7 +3,9 @@ llama.cpp server, Ollama, LM Studio, ...): images go as base64 data URLs, reques
 thread pool, timeouts / 429 / 5xx / non-JSON bodies are retried with exponential backoff. Several
 base URLs (a vLLM fleet) share the requests: each goes to the least busy endpoint that is not
 backing off, and an endpoint that fails transiently backs off on its own (exponentially, reset by
-a success) while the others carry on."""
+a success) while the others carry on. Secrets are never stored: credentials in a base URL are
+sent as HTTP basic auth and left out of every message, and error bodies kept in failure records
+are scrubbed of the key and of anything that looks like a token."""
 
 from __future__ import annotations
 
@@ -11,10 +13,12 @@ import base64
 import logging
 import mimetypes
 import os
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import httpx
 
@@ -24,6 +28,32 @@ from .base import Captioner, CaptionRequest, RequestFailed
 from .vocab import DEFAULT_VOCABULARY, Vocabulary
 
 log = logging.getLogger(__name__)
+# API keys (sk-..., key_...) and bearer / basic credentials, wherever a server echoes them
+TOKEN = re.compile(r"\b(?:sk|pk|rk|key|tok|token|api[-_]?key)[-_][A-Za-z0-9_\-]{8,}|\b(?:bearer|basic)\s+[A-Za-z0-9._~+/=\-]{8,}",
+                   re.IGNORECASE)
+
+
+def split_credentials(base_url: str) -> tuple[str, str, tuple[str, str] | None]:
+    """``base_url`` as (root without ``user:password@`` or query, query, those credentials)."""
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ModelError(f"--base-url must be an http(s) URL such as http://127.0.0.1:8000/v1, got {redact_url(base_url)!r}")
+    credentials = (unquote(parts.username or ""), unquote(parts.password or "")) if parts.username or parts.password else None
+    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", "")), parts.query, credentials
+
+
+def redact_url(url: str) -> str:
+    return re.sub(r"//[^/@]*@", "//***@", url.split("?", 1)[0])
+
+
+def scrub(text: str, secrets: tuple[str, ...] = ()) -> str:
+    """``text`` with every known secret and anything shaped like an API key or bearer token masked."""
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return TOKEN.sub("***", text)
 
 
 class Endpoints:
@@ -71,7 +101,7 @@ class OpenAICaptioner(Captioner):
     def __init__(
         self,
         model: str,
-        base_url: str | Sequence[str] = "https://api.openai.com/v1",
+        base_url: str | Sequence[str] | None = None,
         api_key_env: str = "OPENAI_API_KEY",
         vocab: Vocabulary = DEFAULT_VOCABULARY,
         concurrency: int = 4,
@@ -82,25 +112,35 @@ class OpenAICaptioner(Captioner):
         temperature: float = 0.0,
     ):
         super().__init__(vocab)
+        if not base_url:
+            raise ModelError("the openai backend needs --base-url, the server's API root: e.g. http://127.0.0.1:8000/v1 "
+                             "for a local server, https://api.openai.com/v1 for OpenAI (no endpoint is assumed)")
         if concurrency < 1 or max_retries < 0:
             raise ModelError("concurrency must be >= 1 and max_retries >= 0")
         self.model = model
         self.model_id = f"openai:{model}"
         self.batch_size = 4 * concurrency
-        bases = [base_url] if isinstance(base_url, str) else list(base_url)
+        bases = [base_url] if isinstance(base_url, str) else list(base_url or [])
         if not bases:
-            raise ModelError("the openai backend needs at least one --base-url")
-        self.urls = [base.rstrip("/") + "/chat/completions" for base in bases]
+            raise ModelError("the openai backend needs --base-url, the server's API root: e.g. http://127.0.0.1:8000/v1 "
+                             "for a local server, https://api.openai.com/v1 for OpenAI (no endpoint is assumed)")
+        parsed = [split_credentials(base) for base in bases]
+        self.urls = [root + "/chat/completions" for root, _, _ in parsed]  # what messages show: no credentials, no query
+        self._request_urls = {url: url + (f"?{query}" if query else "") for url, (_, query, _) in zip(self.urls, parsed)}
         self.url = self.urls[0]
         self.endpoints = Endpoints(self.urls, backoff_s)
         self.concurrency, self.max_retries, self.backoff_s = concurrency, max_retries, backoff_s
         self.max_tokens, self.temperature = max_tokens, temperature
         headers = {"Content-Type": "application/json"}
         api_key = os.environ.get(api_key_env)
+        self._secrets = tuple(s for s in (api_key, *(part for _, _, c in parsed for part in c or ())) if s)
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         else:
             log.warning("environment variable %s is not set: sending requests without an API key", api_key_env)
+        # credentials in a base URL go as basic auth to that endpoint (the API key, when set, wins)
+        self._auth = {url: httpx.BasicAuth(*c) if c and not api_key else httpx.USE_CLIENT_DEFAULT
+                      for url, (_, _, c) in zip(self.urls, parsed)}
         self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout_s))
 
     def __repr__(self) -> str:
@@ -127,7 +167,7 @@ class OpenAICaptioner(Captioner):
     def _post(self, url: str, payload: dict) -> tuple[str | None, str]:
         """(answer, "") or (None, what went wrong) for a transient failure; RequestFailed otherwise."""
         try:
-            response = self._client.post(url, json=payload)
+            response = self._client.post(self._request_urls[url], json=payload, auth=self._auth[url])
         except httpx.TimeoutException:
             return None, "timed out"
         except httpx.TransportError as exc:
@@ -135,11 +175,14 @@ class OpenAICaptioner(Captioner):
         if response.status_code == 429 or response.status_code >= 500:
             return None, f"HTTP {response.status_code}"
         if response.status_code >= 400:
-            raise RequestFailed(f"HTTP {response.status_code} from {url}: {response.text[:200]}")
+            raise RequestFailed(f"HTTP {response.status_code} from {url}: {self._scrub(response.text[:200])}")
         try:
             return response.json()["choices"][0]["message"]["content"] or "", ""
         except (ValueError, KeyError, IndexError, TypeError):
-            return None, f"malformed response body: {response.text[:200]!r}"
+            return None, f"malformed response body: {self._scrub(response.text[:200])!r}"
+
+    def _scrub(self, text: str) -> str:
+        return scrub(text, self._secrets)
 
     def complete_texts(self, prompts: list[str]) -> list[str | RequestFailed]:
         """Text-only completions, ``concurrency`` at a time (used to rewrite captions)."""

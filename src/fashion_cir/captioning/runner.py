@@ -44,6 +44,11 @@ def _attempt_all(captioner: Captioner, pending: list[CaptionRequest], max_attemp
     return results
 
 
+def summary_path(cache_dir: str | Path, captioner: Captioner, shard: tuple[int, int] = (0, 1)) -> Path:
+    """Where :func:`run_captioning` writes its summary (counts, and every failure with its reason)."""
+    return CaptionCache(cache_dir, captioner.model_id, captioner.prompt_version, shard).path.with_suffix(".summary.json")
+
+
 def run_captioning(
     image_paths: dict[str, Path],
     captioner: Captioner,
@@ -102,6 +107,6 @@ def run_captioning(
         "seconds": round(elapsed, 3), "images_per_second": round(len(queue) / elapsed, 3) if elapsed > 0 else None,
         "failures": failures,
     }
-    write_json(cache.path.with_suffix(".summary.json"), summary)
+    write_json(summary_path(cache_dir, captioner, shard), summary)
     log.info("captioned %d images (%d from cache): %d ok, %d failed", len(image_paths), reused, len(attributes), len(failures))
     return attributes

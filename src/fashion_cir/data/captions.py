@@ -10,21 +10,20 @@ def clean_caption(caption: str) -> str:
 
 
 def join_captions_val(captions: list[str]) -> str:
-    """CLIP4Cir's validation joining: "C1 and c2"."""
-    cleaned = [clean_caption(c) for c in captions if clean_caption(c)]
-    if not cleaned:
-        return ""
-    if len(cleaned) == 1:
-        return cleaned[0][:1].upper() + cleaned[0][1:]
-    first, second = cleaned[0], cleaned[1]
-    return f"{first[:1].upper()}{first[1:]} and {second}"
+    """CLIP4Cir's validation joining, character for character (the published FashionIQ protocol):
+    ``c1.strip('.?, ').capitalize() + " and " + c2.strip('.?, ')``, an empty first caption
+    included; a single caption is just cleaned and capitalised."""
+    if len(captions) < 2:
+        return clean_caption(captions[0]).capitalize() if captions else ""
+    return f"{clean_caption(captions[0]).capitalize()} and {clean_caption(captions[1])}"
 
 
 def join_captions_train(captions: list[str], rng: random.Random) -> str:
-    """CLIP4Cir's training joining: one of "c1 and c2", "c2 and c1", "c1", "c2" (p=0.25 each)."""
+    """CLIP4Cir's training joining: one of "c1 and c2", "c2 and c1", "c1", "c2" (p=0.25 each);
+    empty captions are left out."""
     cleaned = [clean_caption(c) for c in captions if clean_caption(c)]
     if len(cleaned) < 2:
-        return join_captions_val(cleaned)
+        return cleaned[0][:1].upper() + cleaned[0][1:] if cleaned else ""
     first, second = cleaned[0], cleaned[1]
     choice = rng.random()
     if choice < 0.25:

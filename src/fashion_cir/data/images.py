@@ -1,4 +1,5 @@
-"""Loading images safely: clear errors for missing, corrupt or oversized files."""
+"""Loading images safely: only the JPEG, PNG and WebP decoders, clear errors naming the file for
+missing, corrupt or oversized input, reduced-size decoding for uploads, 16-bit greys scaled."""
 
 from __future__ import annotations
 
@@ -12,11 +13,23 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+DECODERS = ("JPEG", "PNG", "WEBP")  # never EPS (runs Ghostscript), TIFF, BMP, ... on untrusted files
 DEFAULT_MAX_PIXELS = 40_000_000
 
 
+def check_image_id(image_id: str, source: str = "") -> str:
+    """``image_id`` if it is a plain file name stem (no folder part, not hidden, no NUL), else DataError."""
+    where = f"{source}: " if source else ""
+    if (not isinstance(image_id, str) or not image_id or image_id.startswith(".") or "/" in image_id
+            or "\\" in image_id or "\0" in image_id or os.path.isabs(image_id)):
+        raise DataError(f"{where}invalid image id {image_id!r}: an id is a file name without folders")
+    return image_id
+
+
 def find_image(folder: Path, image_id: str) -> Path | None:
-    """The file for ``image_id`` in ``folder`` (any known extension), or None."""
+    """The file for ``image_id`` in ``folder`` (any known extension), or None; an id that is not a
+    plain file name (``../x``, ``/etc/x``) raises DataError instead of resolving outside ``folder``."""
+    check_image_id(image_id)
     for ext in IMAGE_EXTENSIONS:
         candidate = folder / f"{image_id}{ext}"
         if candidate.is_file():
@@ -55,9 +68,34 @@ def readable_images(paths: dict[str, Path], workers: int | None = None) -> tuple
     return good, [i for (i, _), flag in zip(paths.items(), flags) if not flag]
 
 
-def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> Image.Image:
-    """Decode an image to RGB. Raises DataError naming the file for missing, corrupt, truncated
-    or decompression-bomb input (``max_pixels`` bounds width*height before decoding)."""
+def upload_pixel_limit(input_size: int, factor: int = 16) -> int:
+    """Pixel limit for uploads to a model whose input is ``input_size`` px: ``factor`` times the
+    input on each side (224 px -> 3584 x 3584 = 12.8 MP decoded). JPEGs larger than that still pass
+    when they can be decoded at a reduced scale (see :func:`open_image`'s ``target_size``)."""
+    return (input_size * factor) ** 2
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, scaling 16/32-bit greys (PNG ``I;16``/``I``) to 8 bits instead of clipping them."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        import numpy as np
+
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) <= 65535 else float(values.max())
+        grey = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    return image.convert("RGB")
+
+
+def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None,
+               target_size: int | None = None) -> Image.Image:
+    """Decode a JPEG, PNG or WebP image to RGB. Raises DataError naming the file for missing,
+    corrupt, truncated, other-format or decompression-bomb input.
+
+    ``max_pixels`` bounds the pixels actually decoded, checked from the header before decoding.
+    With ``target_size`` (an upload for a model of that input size), a JPEG is decoded at the
+    smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides >= ``target_size``, and any image is
+    then box-reduced by the integer factor that keeps its short side >= ``target_size``."""
     label = name or (str(source) if not isinstance(source, bytes) else "uploaded image")
     if isinstance(source, (str, Path)) and not Path(source).is_file():
         raise DataError(f"image not found: {source}")
@@ -65,15 +103,22 @@ def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
         raw = source if isinstance(source, bytes) else Path(source).read_bytes()
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(raw))
+            image = Image.open(io.BytesIO(raw), formats=DECODERS)
+            if target_size and image.format == "JPEG":
+                image.draft("RGB", (target_size, target_size))
             width, height = image.size
             if width * height > max_pixels:
                 raise DataError(f"{label}: image is {width}x{height} pixels, more than the limit of {max_pixels}")
             image.load()
-        return image.convert("RGB")
+        image = _to_rgb(image)
+        if target_size and min(image.size) >= 2 * target_size:
+            image = image.reduce(min(image.size) // target_size)
+        return image
     except DataError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except UnidentifiedImageError as exc:
+        raise DataError(f"{label}: not a readable image (JPEG, PNG or WebP expected)") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DataError(f"{label}: not a readable image ({exc})") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{label}: corrupt or truncated image ({exc})") from exc

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import DataError
 from ..io import read_json
-from .images import find_image
+from .images import check_image_id, find_image
 
 FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
 
@@ -103,6 +103,12 @@ def load_triplet_set(
     triplets = parse_triplets(read_json(captions, "captions file"), str(captions))
     split_ids = read_split(split_file)
     unique_ids = list(dict.fromkeys(split_ids))
+    for image_id in unique_ids:
+        check_image_id(image_id, str(split_file))
+    for t in triplets:
+        for image_id in (t.candidate, t.target):
+            if image_id:
+                check_image_id(image_id, str(captions))
     wanted = dict.fromkeys(unique_ids + [i for t in triplets for i in (t.candidate, t.target) if i])
     paths: dict[str, Path] = {}
     missing: list[str] = []

@@ -7,15 +7,20 @@ fingerprint hashes the trunk's weights and the preprocessing, so a changed model
 never reuses stale features; the per-image sha1 catches edited files.
 Shards are written atomically every ``flush_every`` images under names unique to the writer
 (``part-<time>-<pid>-<random>.npz``), so an interrupted run resumes where it stopped, and several
-processes filling one cache (``fashion-cir features encode --shard I/N``) never overwrite each other."""
+processes filling one cache (``fashion-cir features encode --shard I/N``) never overwrite each other.
+A shard that cannot be parsed is moved aside (``*.corrupt``) and its images recomputed; any other
+read error is raised."""
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass
+import zipfile
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +32,8 @@ from ..data.images import open_image
 from ..errors import DataError
 from ..io import atomic_write_bytes, environment_info, file_sha1, write_json
 from ..models.backbone import Backbone
+
+log = logging.getLogger(__name__)
 
 
 class _ImageDataset(Dataset):
@@ -62,6 +69,7 @@ class CacheStats:
     computed: int = 0
     failed: int = 0
     seconds: float = 0.0
+    errors: dict[str, str] = field(default_factory=dict)  # id -> why it could not be encoded
 
 
 class FeatureCache:
@@ -78,10 +86,20 @@ class FeatureCache:
         for shard in sorted(folder.glob("part-*.npz")):
             try:
                 with np.load(shard, allow_pickle=False) as data:
-                    for image_id, sha, feature in zip(data["ids"], data["sha1"], data["features"]):
-                        stored[(str(image_id), str(sha))] = feature
-            except Exception:  # a shard torn by a crash outside the atomic rename: recompute its images
-                shard.unlink(missing_ok=True)
+                    entries = list(zip(data["ids"], data["sha1"], data["features"]))
+            except FileNotFoundError:  # another process moved it aside meanwhile
+                continue
+            except (zipfile.BadZipFile, zlib.error, EOFError, KeyError, ValueError) as exc:
+                # torn or garbled (e.g. copied half-way): keep it for inspection, recompute its images
+                aside = shard.with_name(f"{shard.name}.{os.getpid()}.corrupt")
+                shard.replace(aside)
+                log.warning("feature cache shard %s is corrupt (%s): moved to %s; its images are recomputed",
+                            shard, exc, aside.name)
+                continue
+            except OSError as exc:
+                raise DataError(f"cannot read feature cache shard {shard}: {exc.strerror or exc}") from exc
+            for image_id, sha, feature in entries:
+                stored[(str(image_id), str(sha))] = feature
         return stored
 
     def _write_shard(self, folder: Path, ids: list[str], shas: list[str], features: list[np.ndarray]) -> None:
@@ -114,10 +132,11 @@ class FeatureCache:
         missing = [i for i in ids if not Path(image_paths[i]).is_file()]
         if missing and on_error == "raise":
             raise DataError(f"{len(missing)} image files not found, first: {image_paths[missing[0]]}")
+        not_found = {i: f"image not found: {image_paths[i]}" for i in missing}
         shas = {i: file_sha1(image_paths[i]) for i in ids if i not in missing}
         stored = self._load_existing(folder)
         todo = [i for i in shas if (i, shas[i]) not in stored]
-        stats = CacheStats(requested=len(ids), reused=len(shas) - len(todo), failed=len(missing))
+        stats = CacheStats(requested=len(ids), reused=len(shas) - len(todo), failed=len(missing), errors=not_found)
         start = time.perf_counter()
         if todo:
             device = torch.device(device) if device is not None else backbone.device
@@ -133,6 +152,7 @@ class FeatureCache:
                         if on_error == "raise":
                             raise DataError(message)
                         stats.failed += 1
+                        stats.errors[todo[index]] = message
                     if pixels is not None:
                         features = backbone.encode_image_trunk(pixels.to(device)).float().cpu().numpy()
                         for index, feature in zip(good, features):

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..data.captions import sentence_query
 from ..errors import ModelError
-from ..io import environment_info, read_json, write_json
+from ..io import environment_info, file_sha1, fsync_dir, fsync_file, read_json, write_json
 from .backbone import Backbone
 from .combiner import Combiner
 from .factory import create_backbone
@@ -81,12 +81,15 @@ class CIRModel(nn.Module):
         return {k: v.detach().cpu() for k, v in self.state_dict().items() if k.startswith(prefixes)}
 
     def save(self, folder: str | Path, metadata: dict[str, Any] | None = None) -> Path:
-        """Write ``model.json`` (spec, query mode, head config, versions) and ``weights.pt``."""
+        """Write ``model.json`` (spec, query mode, head config, versions, sha1 of the weights) and
+        ``weights.pt``. Order: new weights to a temporary file (fsynced), then ``model.json``
+        (atomic), then the weights renamed into place; a crash at any point leaves a folder that
+        loads as the old model or the new one (see :meth:`load`), never a mismatched pair."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         weights_tmp = folder / f".{WEIGHTS_FILE}.tmp"
         torch.save(self.trained_state_dict(), weights_tmp)
-        weights_tmp.replace(folder / WEIGHTS_FILE)
+        fsync_file(weights_tmp)
         write_json(folder / MODEL_FILE, {
             "format": "fashion-cir-model/1",
             "backbone": self.backbone.portable_spec()[0],
@@ -97,8 +100,11 @@ class CIRModel(nn.Module):
             "saved_prefixes": self.saved_prefixes,
             "image_fingerprint": self.backbone.image_fingerprint(),
             "versions": environment_info(),
+            "weights_sha1": file_sha1(weights_tmp),
             **(metadata or {}),
         })
+        weights_tmp.replace(folder / WEIGHTS_FILE)
+        fsync_dir(folder)
         return folder
 
     @classmethod
@@ -113,8 +119,8 @@ class CIRModel(nn.Module):
         backbone = create_backbone(meta["backbone"], preprocess=meta.get("preprocess", "clip"))
         combiner = Combiner(backbone.feature_dim, **meta["combiner"]) if meta.get("combiner") else None
         model = cls(backbone, meta["query_mode"], combiner, meta.get("saved_prefixes"), meta.get("text_template", "prompt"))
-        weights_path = folder / WEIGHTS_FILE
-        if weights_path.is_file():
+        weights_path = _weights_file(folder, meta.get("weights_sha1"))
+        if weights_path is not None:
             try:
                 state = torch.load(weights_path, map_location=map_location, weights_only=True)
             except Exception as exc:
@@ -134,6 +140,25 @@ class CIRModel(nn.Module):
                              "the backbone weights it was trained from are not the ones available here")
         model.source = folder.resolve()
         return model.eval()
+
+
+def _weights_file(folder: Path, expected_sha1: str | None) -> Path | None:
+    """The weights that belong to ``model.json``: ``weights.pt``, or, after a save interrupted
+    between writing ``model.json`` and renaming the weights, the finished temporary file (the
+    rename is completed when the folder is writable). ModelError when neither matches."""
+    path, pending = folder / WEIGHTS_FILE, folder / f".{WEIGHTS_FILE}.tmp"
+    if expected_sha1 is None:  # written before weights were hashed
+        return path if path.is_file() else None
+    if path.is_file() and file_sha1(path) == expected_sha1:
+        return path
+    if pending.is_file() and file_sha1(pending) == expected_sha1:
+        try:
+            pending.replace(path)
+            return path
+        except OSError:
+            return pending
+    raise ModelError(f"{path} does not match {folder / MODEL_FILE} (sha1 {expected_sha1}): a save was interrupted "
+                     "or the files were mixed up; re-run the step that wrote the model")
 
 
 def load_model(model_dir: str | Path | None = None, backbone: str | None = None, query_mode: str = "sum",

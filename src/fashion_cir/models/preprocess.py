@@ -17,8 +17,9 @@ PREPROCESS_MODES = ("clip", "targetpad")
 
 
 class TargetPad:
-    """Pad an image to a max/min side ratio of ``ratio`` (centered, black), only when it is more
-    elongated than that; images already within the ratio pass unchanged."""
+    """CLIP4Cir's ``TargetPad``: an image more elongated than ``ratio`` (long / short side) gets
+    ``int((long / ratio - short) / 2)`` black pixels on each side of its short dimension (so the
+    result may stay a pixel short of the ratio, exactly as in CLIP4Cir); others pass unchanged."""
 
     def __init__(self, ratio: float = 1.25):
         if ratio < 1:
@@ -28,13 +29,11 @@ class TargetPad:
     def __call__(self, image: Image.Image) -> Image.Image:
         width, height = image.size
         long_side, short_side = max(width, height), min(width, height)
-        if long_side / short_side <= self.ratio:
+        if long_side / short_side <= self.ratio:  # CLIP4Cir pads these by int(0 / 2) = 0 px
             return image
-        target_short = int(round(long_side / self.ratio))
-        pad_total = target_short - short_side
-        before, after = pad_total // 2, pad_total - pad_total // 2
-        padding = [before, 0, after, 0] if width < height else [0, before, 0, after]
-        return TF.pad(image, padding, fill=0, padding_mode="constant")
+        scaled = long_side / self.ratio
+        horizontal, vertical = max(int((scaled - width) / 2), 0), max(int((scaled - height) / 2), 0)
+        return TF.pad(image, [horizontal, vertical, horizontal, vertical], fill=0, padding_mode="constant")
 
     def __repr__(self) -> str:
         return f"TargetPad(ratio={self.ratio})"

@@ -4,13 +4,17 @@ plus ids, metadata, image paths and the fingerprint of the model that encoded th
 Folder layout: ``index.json`` (manifest: config, fingerprint, counts, current data folder) and
 ``data-NNNNNN/`` (``ids.json``, ``metadata.json``, ``paths.json``, ``features.npy`` raw float32
 image features, ``faiss.index`` over the L2-normalised features). Every save writes a new data
-folder and then swaps the manifest atomically, so a crash leaves the previous index intact."""
+folder and then swaps the manifest atomically, so a crash leaves the previous index intact; writers
+(build, add, upsert, remove) hold a lock on the folder. Image paths are stored relative to the
+catalog root the manifest records, and loading refuses any path outside it; a corrupt folder is a
+one-line DataError naming the file."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -22,9 +26,9 @@ import torch
 from PIL import Image
 
 from ..data.images import IMAGE_EXTENSIONS, scan_images
-from ..errors import DataError
+from ..errors import DataError, ModelError, check_failures
 from ..features.cache import FeatureCache
-from ..io import environment_info, iter_jsonl, read_json, write_json
+from ..io import environment_info, folder_lock, fsync_dir, fsync_file, iter_jsonl, read_json, write_json
 from ..models.cir import CIRModel
 from .filters import Filter, field_text, filterable_fields
 from .store import CatalogStore, SearchHit, StoreSpec, open_index, parse_store_spec
@@ -34,6 +38,10 @@ FORMAT = "fashion-cir-index/1"
 DEFAULT_FACTORY = "auto"
 AUTO_EXACT_BELOW = 200_000  # BENCHMARKS.md, ANN section: exact search stays fast enough below this
 DATA_FILES = ("ids.json", "metadata.json", "paths.json", "features.npy", "faiss.index")
+DATA_NAME = re.compile(r"data-\d{6,}")
+DEFAULT_MAX_FAILED_SHARE = 0.2
+MANIFEST_FIELDS = {"feature_dim": int, "backbone": str, "image_fingerprint": str, "root": str}
+FAISS_FIELDS = {"data": str, "count": int, "nprobe": int, "ef_search": int, "factory": str}
 
 
 # -- catalog input ------------------------------------------------------------------------------
@@ -149,10 +157,57 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     if not (folder / INDEX_FILE).is_file():
         raise DataError(f"not a fashion-cir index folder (no {INDEX_FILE}): {folder}; build one with `fashion-cir index build`")
-    config = read_json(folder / INDEX_FILE, "index manifest")
+    path = folder / INDEX_FILE
+    config = read_json(path, "index manifest")
+    if not isinstance(config, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(config).__name__}")
     if config.get("format") != FORMAT:
-        raise DataError(f"{folder / INDEX_FILE}: unsupported format {config.get('format')!r} (expected {FORMAT})")
+        raise DataError(f"{path}: unsupported format {config.get('format')!r} (expected {FORMAT})")
+    store = config.get("store", {"kind": "faiss"})
+    faiss_store = isinstance(store, dict) and store.get("kind", "faiss") == "faiss"
+    for key, kind in {**MANIFEST_FIELDS, **(FAISS_FIELDS if faiss_store else {})}.items():
+        value = config.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            hint = "; it was written by an older fashion-cir, rebuild it with --overwrite" if key == "root" else "; rebuild the index"
+            raise DataError(f"{path}: field {key!r} must be {kind.__name__}, got {value!r}{hint}")
+    if not os.path.isabs(config["root"]):
+        raise DataError(f"{path}: field 'root' must be an absolute folder, got {config['root']!r}")
+    if faiss_store:
+        if not DATA_NAME.fullmatch(config["data"]):
+            raise DataError(f"{path}: field 'data' must name a data-NNNNNN folder inside the index, got {config['data']!r}")
+        if config["count"] < 0 or config["feature_dim"] < 1 or config["nprobe"] < 1 or config["ef_search"] < 1:
+            raise DataError(f"{path}: count, feature_dim, nprobe and ef_search must be positive; rebuild the index")
     return config
+
+
+def _within(path: str, root: str) -> bool:
+    path, root = os.path.normpath(path), os.path.normpath(root)
+    return os.path.commonpath([path, root]) == root
+
+
+def catalog_root(paths: Iterable[str | Path], root: str | None = None) -> str:
+    """The deepest folder holding every image (and the current ``root``, when given)."""
+    folders = [str(Path(p).resolve().parent) for p in paths] + ([root] if root else [])
+    return os.path.commonpath(folders) if folders else (root or "/")
+
+
+def _read_data_json(path: Path, what: str, kind: type) -> Any:
+    value = read_json(path, what)
+    if not isinstance(value, kind):
+        raise DataError(f"{path}: expected a JSON {'list' if kind is list else 'object'}, got {type(value).__name__}; rebuild the index")
+    return value
+
+
+def _load_features(path: Path, count: int, dim: int) -> np.ndarray:
+    try:
+        features = np.load(path, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"corrupt feature file {path}: {reason}; rebuild the index") from exc
+    if not isinstance(features, np.ndarray) or features.dtype.kind != "f" or features.shape != (count, dim):
+        raise DataError(f"{path}: expected {count} x {dim} float features, got shape {getattr(features, 'shape', None)} "
+                        f"({getattr(features, 'dtype', '?')}); rebuild the index")
+    return features.astype(np.float32, copy=False)
 
 
 def _search_parameters(index: faiss.Index, selector: faiss.IDSelector) -> faiss.SearchParameters:
@@ -200,44 +255,66 @@ class CatalogIndex(CatalogStore):
         """Open an index folder; with ``model``, refuse it unless its image fingerprint matches."""
         folder = Path(folder)
         config = read_manifest(folder)
+        if config.get("store", {}).get("kind", "faiss") != "faiss":
+            raise DataError(f"{folder / INDEX_FILE}: a {config['store'].get('kind')!r} index; open it with open_index")
         data = folder / config["data"]
         missing = [name for name in DATA_FILES if not (data / name).is_file()]
         if missing:
             raise DataError(f"index {folder} is incomplete: {data} lacks {missing}; rebuild it")
-        ids = read_json(data / "ids.json", "index ids")
-        features = np.load(data / "features.npy", allow_pickle=False)
+        count, dim, root = config["count"], config["feature_dim"], config["root"]
+        ids = _read_data_json(data / "ids.json", "index ids", list)
+        if len(ids) != count or not all(isinstance(i, str) for i in ids) or len(set(ids)) != len(ids):
+            raise DataError(f"{data / 'ids.json'}: expected {count} distinct id strings (the manifest's count), "
+                            f"got {len(ids)} entries; rebuild the index")
+        raw_paths = _read_data_json(data / "paths.json", "index paths", dict)
+        paths: dict[str, Path] = {}
+        for image_id in ids:
+            value = raw_paths.get(image_id)
+            full = value if isinstance(value, str) and os.path.isabs(value) else os.path.join(root, str(value))
+            if not isinstance(value, str) or not value or not _within(full, root):
+                raise DataError(f"{data / 'paths.json'}: the path of {image_id!r} ({value!r}) is not inside the "
+                                f"catalog root {root}; rebuild the index")
+            paths[image_id] = Path(os.path.normpath(full))
+        metadata = _read_data_json(data / "metadata.json", "index metadata", dict)
+        features = _load_features(data / "features.npy", count, dim)
         try:
             faiss_index = faiss.read_index(str(data / "faiss.index"))
         except RuntimeError as exc:
-            raise DataError(f"corrupt FAISS file {data / 'faiss.index'}: {exc}") from exc
-        if not (len(ids) == len(features) == faiss_index.ntotal == config["count"]):
-            raise DataError(f"index {folder} is inconsistent: {len(ids)} ids, {len(features)} features, "
-                            f"{faiss_index.ntotal} FAISS rows, manifest says {config['count']}; rebuild it")
-        paths = {k: Path(v) for k, v in read_json(data / "paths.json", "index paths").items()}
-        index = cls(folder, config, ids, read_json(data / "metadata.json", "index metadata"), paths, features, faiss_index)
+            raise DataError(f"corrupt FAISS file {data / 'faiss.index'}: {str(exc).strip().splitlines()[-1]}") from exc
+        if faiss_index.ntotal != count or faiss_index.d != dim:
+            raise DataError(f"{data / 'faiss.index'}: {faiss_index.ntotal} vectors of dimension {faiss_index.d}, "
+                            f"but the manifest says {count} of dimension {dim}; rebuild the index")
+        index = cls(folder, config, ids, metadata, paths, features, faiss_index)
+        if model is not None and model.backbone.feature_dim != dim:
+            raise ModelError(f"index {folder} holds {dim}-d features but the model {model.backbone.spec} makes "
+                             f"{model.backbone.feature_dim}-d ones; use the model it was built with")
         if model is not None:
             index.check_model(model)
         return index
 
     def save(self) -> None:
-        """Write a new data folder, then point the manifest at it, then drop older data folders."""
+        """Write a new data folder (files and folder fsynced), then point the manifest at it, then
+        drop older data folders and leftovers of killed saves. Callers hold :func:`folder_lock`."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        existing = [int(p.name.rsplit("-", 1)[1]) for p in self.folder.glob("data-*") if p.name.rsplit("-", 1)[1].isdigit()]
+        for stale in self.folder.glob(".data-*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        existing = [int(p.name[5:]) for p in self.folder.glob("data-*") if DATA_NAME.fullmatch(p.name)]
         number = max(existing, default=0) + 1  # never reuse the folder a live manifest may point to
         name = f"data-{number:06d}"
         tmp = self.folder / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
+        root = self.config["root"] = catalog_root(self.paths.values(), self.config.get("root"))
         (tmp / "ids.json").write_text(json.dumps(self.ids), encoding="utf-8")
         (tmp / "metadata.json").write_text(json.dumps(self.metadata, default=str), encoding="utf-8")
-        (tmp / "paths.json").write_text(json.dumps({k: str(v) for k, v in self.paths.items()}), encoding="utf-8")
+        (tmp / "paths.json").write_text(json.dumps({k: os.path.relpath(v, root) for k, v in self.paths.items()}),
+                                        encoding="utf-8")
         np.save(tmp / "features.npy", self.features)
         faiss.write_index(self.faiss_index, str(tmp / "faiss.index"))
         for file in tmp.iterdir():
-            with file.open("rb") as handle:
-                os.fsync(handle.fileno())
-        shutil.rmtree(self.folder / name, ignore_errors=True)
+            fsync_file(file)
+        fsync_dir(tmp)
         os.replace(tmp, self.folder / name)
+        fsync_dir(self.folder)
         self.config.update(data=name, count=len(self.ids), updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
         write_json(self.folder / INDEX_FILE, self.config)
         for old in self.folder.glob("data-*"):
@@ -347,9 +424,9 @@ def _encode(model: CIRModel, paths: dict[str, Path], cache_dir: Path, batch_size
                                  on_error="skip", progress=progress)
     stats = cache.last_stats
     encoded = set(ids)
-    failed = [i for i in paths if i not in encoded]
+    failures = {i: stats.errors.get(i, "not encoded") for i in paths if i not in encoded}
     return ids, features, {"requested": stats.requested, "computed": stats.computed, "reused": stats.reused,
-                           "failed": len(failed), "failed_ids": failed[:20], "encode_seconds": round(stats.seconds, 3)}
+                           "failed": len(failures), "failures": failures, "encode_seconds": round(stats.seconds, 3)}
 
 
 def build_index(folder: str | Path, model: CIRModel, images: str | Path | Mapping[str, str | Path],
@@ -357,42 +434,46 @@ def build_index(folder: str | Path, model: CIRModel, images: str | Path | Mappin
                 ids: Iterable[str] | None = None, factory: str = DEFAULT_FACTORY, nprobe: int = 16,
                 ef_search: int = 64, cache_dir: str | Path | None = None, batch_size: int = 64,
                 num_workers: int = 0, overwrite: bool = False, progress: bool = True,
-                store: str | StoreSpec = "faiss", milvus: Mapping[str, Any] | None = None) -> CatalogStore:
+                store: str | StoreSpec = "faiss", milvus: Mapping[str, Any] | None = None,
+                max_failed_share: float = DEFAULT_MAX_FAILED_SHARE) -> CatalogStore:
     """Encode a catalog with ``model`` and write a new index folder.
 
-    Images that cannot be decoded are left out and counted in ``index.report``. Encoding goes
-    through a feature cache (default ``folder/feature-cache``), so an interrupted build resumes.
+    Images that cannot be decoded are left out and listed with their reasons in
+    ``index.report["failures"]``; when all of them, or more than ``max_failed_share``, fail, nothing
+    is written and DataError names the first reasons. Encoding goes through a feature cache
+    (default ``folder/feature-cache``), so an interrupted build resumes.
     ``factory`` is a FAISS factory string; ``nprobe`` / ``ef_search`` tune IVF / HNSW searches.
     ``store`` is ``faiss`` or a Milvus spec (``milvus:PATH.db``, ``milvus:http://host:19530``);
     ``milvus`` holds its options (``collection``, ``index_type``, ``index_params``)."""
     folder = Path(folder)
     spec = parse_store_spec(store) if isinstance(store, str) else store
-    if (folder / INDEX_FILE).exists() and not overwrite:
-        raise DataError(f"an index already exists in {folder}; add images with `fashion-cir index add`, "
-                        "or rebuild with --overwrite")
-    paths, meta = load_catalog(images, metadata, ids)
-    encoded, features, report = _encode(model, paths, Path(cache_dir or folder / "feature-cache"),
-                                        batch_size, num_workers, progress)
-    if not encoded:
-        raise DataError(f"none of the {len(paths)} catalog images could be read")
-    start = time.perf_counter()
-    backbone = model.backbone
-    factory = resolve_factory(factory, len(encoded))
-    config = {"format": FORMAT, "store": spec.to_config(), "fields": filterable_fields(meta.values()),
-              "factory": factory, "metric": "inner_product", "feature_dim": int(features.shape[1]),
-              "nprobe": nprobe, "ef_search": ef_search, "backbone": backbone.spec,
-              "model_dir": str(model.source) if model.source else None,
-              "preprocess": backbone.preprocess_description, "image_fingerprint": backbone.image_fingerprint(),
-              "count": 0, "data": None, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": environment_info()}
-    if spec.kind == "milvus":
-        from .milvus_store import MilvusIndex
+    with folder_lock(folder):
+        if (folder / INDEX_FILE).exists() and not overwrite:
+            raise DataError(f"an index already exists in {folder}; add images with `fashion-cir index add`, "
+                            "or rebuild with --overwrite")
+        paths, meta = load_catalog(images, metadata, ids)
+        encoded, features, report = _encode(model, paths, Path(cache_dir or folder / "feature-cache"),
+                                            batch_size, num_workers, progress)
+        check_failures(report["failures"], len(paths), max_failed_share, "catalog images")
+        start = time.perf_counter()
+        backbone = model.backbone
+        factory = resolve_factory(factory, len(encoded))
+        config = {"format": FORMAT, "store": spec.to_config(), "fields": filterable_fields(meta.values()),
+                  "factory": factory, "metric": "inner_product", "feature_dim": int(features.shape[1]),
+                  "nprobe": nprobe, "ef_search": ef_search, "backbone": backbone.spec,
+                  "model_dir": str(model.source) if model.source else None,
+                  "preprocess": backbone.preprocess_description, "image_fingerprint": backbone.image_fingerprint(),
+                  "count": 0, "data": None, "root": catalog_root(paths[i] for i in encoded),
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": environment_info()}
+        if spec.kind == "milvus":
+            from .milvus_store import MilvusIndex
 
-        index: CatalogStore = MilvusIndex.create(folder, config, dict(milvus or {}), overwrite=overwrite)
-    else:
-        empty = np.zeros((0, features.shape[1]), dtype=np.float32)
-        index = CatalogIndex(folder, config, [], {}, {}, empty, _new_faiss_index(factory, _normalise(features)))
-    index.add_features(encoded, features, meta, paths)
-    index.save()
+            index: CatalogStore = MilvusIndex.create(folder, config, dict(milvus or {}), overwrite=overwrite)
+        else:
+            empty = np.zeros((0, features.shape[1]), dtype=np.float32)
+            index = CatalogIndex(folder, config, [], {}, {}, empty, _new_faiss_index(factory, _normalise(features)))
+        index.add_features(encoded, features, meta, paths)
+        index.save()
     index.report = {**report, "added": len(encoded), "index_seconds": round(time.perf_counter() - start, 3)}
     return index
 
@@ -400,18 +481,24 @@ def build_index(folder: str | Path, model: CIRModel, images: str | Path | Mappin
 def add_to_index(folder: str | Path, model: CIRModel, images: str | Path | Mapping[str, str | Path],
                  metadata: str | Path | Iterable[str | Path] | Mapping[str, dict] | None = None, *,
                  ids: Iterable[str] | None = None, cache_dir: str | Path | None = None, batch_size: int = 64,
-                 num_workers: int = 0, progress: bool = True) -> CatalogStore:
+                 num_workers: int = 0, progress: bool = True,
+                 max_failed_share: float = DEFAULT_MAX_FAILED_SHARE) -> CatalogStore:
     """Add the catalog images whose ids are not in the index yet; only those are encoded.
-    Refuses a model whose image fingerprint differs from the index's."""
-    index = open_index(folder, model)
-    paths, meta = load_catalog(images, metadata, ids)
-    new = {i: p for i, p in paths.items() if i not in index}
-    report: dict[str, Any] = {"requested": len(paths), "computed": 0, "reused": 0, "failed": 0, "failed_ids": []}
-    if new:
-        encoded, features, report = _encode(model, new, Path(cache_dir or index.folder / "feature-cache"),
-                                            batch_size, num_workers, progress)
-        index.add_features(encoded, features, meta, new)
-        index.save()
+    Refuses a model whose image fingerprint differs from the index's. Concurrent writers take
+    turns (a lock on the folder), so none loses the other's items."""
+    read_manifest(folder)
+    with folder_lock(folder):
+        index = open_index(folder, model)
+        paths, meta = load_catalog(images, metadata, ids)
+        new = {i: p for i, p in paths.items() if i not in index}
+        report: dict[str, Any] = {"requested": len(paths), "computed": 0, "reused": 0, "failed": 0, "failures": {}}
+        if new:
+            encoded, features, report = _encode(model, new, Path(cache_dir or index.folder / "feature-cache"),
+                                                batch_size, num_workers, progress)
+            check_failures(report["failures"], len(new), max_failed_share, "new catalog images")
+            index.config["root"] = catalog_root((new[i] for i in encoded), index.config.get("root"))
+            index.add_features(encoded, features, meta, new)
+            index.save()
     index.report = {**report, "requested": len(paths), "already_indexed": len(paths) - len(new),
                     "added": report["computed"] + report["reused"]}
     return index
@@ -420,29 +507,36 @@ def add_to_index(folder: str | Path, model: CIRModel, images: str | Path | Mappi
 def upsert_index(folder: str | Path, model: CIRModel, images: str | Path | Mapping[str, str | Path],
                  metadata: str | Path | Iterable[str | Path] | Mapping[str, dict] | None = None, *,
                  ids: Iterable[str] | None = None, cache_dir: str | Path | None = None, batch_size: int = 64,
-                 num_workers: int = 0, progress: bool = True) -> CatalogStore:
+                 num_workers: int = 0, progress: bool = True,
+                 max_failed_share: float = DEFAULT_MAX_FAILED_SHARE) -> CatalogStore:
     """Insert or replace catalog items: every given image is encoded (the feature cache, keyed by
     file content, reuses unchanged ones) and its features, metadata and path replace the stored ones."""
-    index = open_index(folder, model)
-    paths, meta = load_catalog(images, metadata, ids)
-    encoded, features, report = _encode(model, paths, Path(cache_dir or index.folder / "feature-cache"),
-                                        batch_size, num_workers, progress)
-    replaced = sum(1 for i in encoded if i in index)
-    index.upsert_features(encoded, features, meta, paths)
-    index.save()
+    read_manifest(folder)
+    with folder_lock(folder):
+        index = open_index(folder, model)
+        paths, meta = load_catalog(images, metadata, ids)
+        encoded, features, report = _encode(model, paths, Path(cache_dir or index.folder / "feature-cache"),
+                                            batch_size, num_workers, progress)
+        check_failures(report["failures"], len(paths), max_failed_share, "catalog images")
+        replaced = sum(1 for i in encoded if i in index)
+        index.config["root"] = catalog_root((paths[i] for i in encoded), index.config.get("root"))
+        index.upsert_features(encoded, features, meta, paths)
+        index.save()
     index.report = {**report, "replaced": replaced, "added": len(encoded) - replaced}
     return index
 
 
 def remove_from_index(folder: str | Path, ids: Iterable[str]) -> tuple[CatalogStore, list[str], list[str]]:
     """Delete items by id; returns (index, removed ids, ids that were not in the index)."""
-    index = open_index(folder)
     wanted = list(dict.fromkeys(str(i) for i in ids))
     if not wanted:
         raise DataError("no ids to remove")
-    removed = index.remove(wanted)
-    if removed:
-        index.save()
+    read_manifest(folder)
+    with folder_lock(folder):
+        index = open_index(folder)
+        removed = index.remove(wanted)
+        if removed:
+            index.save()
     gone = set(removed)
     return index, removed, [i for i in wanted if i not in gone]
 

@@ -1,9 +1,15 @@
 """HTTP search service over a catalog index: ``POST /search``, item metadata and images, health,
-OpenAPI docs at ``/docs`` and the web page at ``/``. Every error is JSON ``{"detail": "..."}``."""
+OpenAPI docs at ``/docs`` and the web page at ``/``. Every error is JSON ``{"detail": "..."}``, an
+unexpected one too (500, logged with its traceback). Uploads are decoded at reduced size within a
+pixel limit sized to the model's input, and at most a few decode and encode at once (503 +
+Retry-After beyond that); ``/images`` serves only image files inside the index's catalog root."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import mimetypes
+import os
 import random
 import time
 from pathlib import Path
@@ -12,12 +18,13 @@ from urllib.parse import quote
 
 from PIL import Image, UnidentifiedImageError
 
-from ..data.images import DEFAULT_MAX_PIXELS, open_image
+from ..data.images import IMAGE_EXTENSIONS, open_image, upload_pixel_limit
 from ..errors import DataError, FashionCIRError
 from ..models.cir import MODEL_FILE, CIRModel, load_model
 from ..retrieval.filters import FilterError, parse_filter
 from ..retrieval.index import SearchHit, read_manifest, search
 from ..retrieval.store import LiveIndex
+from .limits import Busy, ConcurrencyLimit
 
 try:
     from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
@@ -29,6 +36,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 STATIC = Path(__file__).parent / "static"
 MB = 1 << 20
+log = logging.getLogger(__name__)
 
 
 def _json_error(status: int, detail: str) -> JSONResponse:
@@ -99,11 +107,11 @@ def _resolve_model(model: CIRModel | str | Path | None, index_folder: Path) -> C
     return load_model(backbone=str(model))
 
 
-def _decode_upload(raw: bytes, max_pixels: int) -> Image.Image:
+def _decode_upload(raw: bytes, max_pixels: int, target_size: int | None = None) -> Image.Image:
     """Decode an uploaded reference image or raise the HTTP error that says what is wrong with it;
     the pixel limit is checked from the header, before the pixels are decoded."""
     try:
-        return open_image(raw, max_pixels=max_pixels, name="uploaded image")
+        return open_image(raw, max_pixels=max_pixels, name="uploaded image", target_size=target_size)
     except DataError as exc:
         cause = exc.__cause__
         limit = f"the limit is {max_pixels:,} pixels (width x height)"
@@ -117,14 +125,21 @@ def _decode_upload(raw: bytes, max_pixels: int) -> Image.Image:
 
 
 def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = None, *,
-               max_upload_bytes: int = 10 * MB, max_pixels: int = DEFAULT_MAX_PIXELS, max_k: int = 100,
-               max_text_chars: int = 300, exclude_reference: bool = True) -> FastAPI:
+               max_upload_bytes: int = 10 * MB, max_pixels: int | None = None, max_k: int = 100,
+               max_text_chars: int = 300, exclude_reference: bool = True, upload_workers: int = 2,
+               upload_queue: int = 4) -> FastAPI:
     """The app for ``index_folder``. ``model``: a CIRModel, a model folder, a backbone spec, or
     None for the zero-shot backbone the index records; its image fingerprint must match the index.
     ``exclude_reference`` leaves a catalog reference out of its own results (the UI default).
-    The index is followed live: ``fashion-cir index add/upsert/remove`` show up without a restart."""
+    The index is followed live: ``fashion-cir index add/upsert/remove`` show up without a restart.
+    ``max_pixels`` (default: 16x the model's input on each side) bounds the pixels an upload
+    decodes to; ``upload_workers`` uploads decode and encode at once, ``upload_queue`` more wait
+    (holding only their raw bytes), and further uploads get 503 + Retry-After."""
     cir = _resolve_model(model, Path(index_folder))
     index = LiveIndex(index_folder, cir)
+    input_size = cir.backbone.image_size
+    max_pixels = max_pixels or upload_pixel_limit(input_size)
+    uploads = ConcurrencyLimit(upload_workers, upload_queue)
     app = FastAPI(title="fashion-cir search", version="1",
                   description="Composed image retrieval: a reference image (upload or catalog id) plus a "
                               "relative caption such as 'is red with long sleeves' -> ranked catalog items.")
@@ -138,6 +153,15 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
             where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body", "query", "path", "form"))
             parts.append(f"{where}: {error.get('msg', 'invalid value')}" if where else error.get("msg", "invalid value"))
         return _json_error(422, "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(FashionCIRError)
+    async def input_error(request: Request, exc: FashionCIRError) -> JSONResponse:
+        return _json_error(400, str(exc))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return _json_error(500, f"internal error ({type(exc).__name__}); the server log has the details")
 
     def item_view(image_id: str, score: float | None = None, rank: int | None = None) -> dict[str, Any]:
         view: dict[str, Any] = {"id": image_id, "metadata": index.metadata.get(image_id, {}),
@@ -181,7 +205,11 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
 
     @app.get("/images/{item_id:path}", summary="The image of one catalog item", response_class=FileResponse)
     def image(item_id: str) -> FileResponse:
-        path = index.paths[known(item_id)]
+        current = index.current()
+        path = Path(current.paths[known(item_id)])
+        root = os.path.normpath(current.config.get("root") or "/nonexistent")
+        if path.suffix.lower() not in IMAGE_EXTENSIONS or not os.path.normpath(path).startswith(root.rstrip(os.sep) + os.sep):
+            raise HTTPException(404, f"item {item_id!r} has no image file inside the catalog")
         if not path.is_file():
             raise HTTPException(404, f"the image file of item {item_id!r} is missing on the server")
         media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
@@ -213,12 +241,19 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
                 raise HTTPException(413, f"uploaded image is larger than the limit of {max_upload_bytes / MB:.1f} MB")
             if not raw:
                 raise HTTPException(400, "uploaded image is empty")
-            reference = _decode_upload(raw, max_pixels)
         elif id not in current:
             raise HTTPException(404, f"unknown item id {id!r}")
         start = time.perf_counter()
-        hits: list[SearchHit] = search(cir, current, image=reference, item_id=id if not has_upload else None,
-                                       text=caption, k=k, exclude_reference=exclude_reference, filter=parsed)
+        try:
+            with uploads.slot() if has_upload else contextlib.nullcontext():
+                if has_upload:
+                    reference = _decode_upload(raw, max_pixels, input_size)
+                hits: list[SearchHit] = search(cir, current, image=reference, item_id=id if not has_upload else None,
+                                               text=caption, k=k, exclude_reference=exclude_reference, filter=parsed)
+        except Busy:
+            raise HTTPException(503, f"too many uploads are being processed ({uploads.workers} at once, "
+                                     f"{uploads.queue} waiting); retry in a moment",
+                                headers={"Retry-After": "1"}) from None
         description = current.metadata.get(id, {}).get("description") if not has_upload else None
         return {"reference": {"id": None, "upload": image.filename} if has_upload else item_view(id),
                 "text": caption, "query_text": cir.query_text(caption, description), "k": k,

@@ -58,7 +58,11 @@ def start_stage(config: TrainConfig, out_dir: str | Path) -> tuple[DistContext, 
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state in types ``torch.load(weights_only=True)`` reads (no pickled numpy arrays)."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(position),
+                                                      int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -66,7 +70,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -181,9 +186,14 @@ class Trainer:
         if not (self.run.config.resume and self.checkpoint_path.is_file()):
             return False
         try:
-            payload = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+            # weights_only: a checkpoint is data (tensors, numbers, strings); a crafted one cannot run code
+            payload = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise FashionCIRError(f"corrupt checkpoint {self.checkpoint_path}: {exc}; delete it to start over") from exc
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise FashionCIRError(f"corrupt or unsafe checkpoint {self.checkpoint_path}: {reason}; "
+                                  "delete it to start over") from exc
+        if not isinstance(payload, dict):
+            raise FashionCIRError(f"{self.checkpoint_path} is not a fashion-cir checkpoint; delete it to start over")
         if payload.get("format") != CHECKPOINT_FORMAT or payload.get("stage") != self.run.name:
             raise FashionCIRError(f"{self.checkpoint_path} is not a {self.run.name} checkpoint; use another output folder")
         changed = config_differences(payload["config"], self.run.config.model_dump(mode="json"))

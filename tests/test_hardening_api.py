@@ -1,0 +1,126 @@
+"""Hardening of the search service (issue 12) against a real uvicorn server on 127.0.0.1: decoder
+allow-list, an upload pixel limit sized to the model, a bounded decode+encode pool (503 +
+Retry-After), JSON 500s that are logged, and /images confined to the catalog root."""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from conftest_serving import running_server, synthetic_catalog
+from fashion_cir.models.cir import load_model
+from fashion_cir.retrieval import build_index
+from fashion_cir.serving.app import create_app
+
+
+def encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def index_folder(tmp_path_factory, tiny_model):
+    paths, metadata = synthetic_catalog(tmp_path_factory.mktemp("catalog") / "images", 12)
+    return build_index(tmp_path_factory.mktemp("api") / "index", tiny_model, paths, metadata, progress=False).folder
+
+
+@pytest.fixture()
+def served(index_folder):
+    """A fresh tiny model (tests patch it) served with one upload worker and no queue."""
+    model = load_model(backbone="tiny")
+    app = create_app(index_folder, model, upload_workers=1, upload_queue=0)
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        yield client, model, app
+
+
+def upload(client: httpx.Client, data: bytes, name: str = "photo.jpg", mime: str = "image/jpeg") -> httpx.Response:
+    return client.post("/search", data={"text": "is red"}, files={"image": (name, data, mime)})
+
+
+def test_other_formats_are_415(served):
+    """Item 1: TIFF, BMP and EPS uploads were decoded (EPS by running Ghostscript)."""
+    client, _, _ = served
+    for fmt in ("TIFF", "BMP", "EPS"):
+        response = upload(client, encoded(Image.new("RGB", (64, 64), (9, 9, 200)), fmt), f"a.{fmt.lower()}")
+        assert response.status_code == 415, (fmt, response.text)
+        assert "JPEG, PNG or WebP" in response.json()["detail"]
+
+
+def test_the_pixel_limit_is_sized_to_the_model_and_jpegs_decode_reduced(served):
+    """Item 2: the limit was 40 megapixels whatever the model (a 35 KB PNG decoded to ~265 MB)."""
+    client, _, _ = served
+    limit = client.get("/health").json()["limits"]["max_pixels"]
+    assert limit == (64 * 16) ** 2  # the tiny model's 64 px input, 16x on each side
+    png = encoded(Image.new("RGB", (1100, 1000), (200, 30, 30)), "PNG")
+    response = upload(client, png, "big.png", "image/png")
+    assert response.status_code == 413 and "1100x1000" in response.json()["detail"]
+    photo = encoded(Image.new("RGB", (3000, 2000), (200, 30, 30)), "JPEG")  # 6 MP, decoded at 1/8 scale
+    response = upload(client, photo)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["results"]) == 10
+
+
+def test_uploads_beyond_the_pool_get_503_with_retry_after(served):
+    """Item 2: nothing bounded how many uploads decode and encode at once."""
+    client, model, _ = served
+    inside, release = threading.Event(), threading.Event()
+    encode = model.backbone.encode_images
+
+    def slow(pixels):
+        inside.set()
+        release.wait(10)
+        return encode(pixels)
+
+    model.backbone.encode_images = slow
+    photo = encoded(Image.new("RGB", (80, 100), (200, 30, 30)), "JPEG")
+    first: list[httpx.Response] = []
+    worker = threading.Thread(target=lambda: first.append(upload(client, photo)))
+    worker.start()
+    try:
+        assert inside.wait(10)
+        busy = upload(client, photo)
+        by_id = client.post("/search", data={"text": "is red", "id": "item-001"})  # id searches are not queued
+    finally:
+        release.set()
+        worker.join(20)
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+    assert busy.headers["content-type"].startswith("application/json") and "retry" in busy.json()["detail"]
+    assert by_id.status_code == 200 and first[0].status_code == 200
+
+
+def test_unexpected_errors_are_logged_json_500s(served, caplog):
+    """Item 6: 500s were text/plain and no handler logged them."""
+    client, model, _ = served
+
+    def broken(texts):
+        raise RuntimeError("tokenizer exploded")
+
+    model.backbone.embed_texts = broken
+    with caplog.at_level(logging.ERROR, logger="fashion_cir.serving.app"):
+        response = client.post("/search", data={"text": "is red", "id": "item-001"})
+    assert response.status_code == 500
+    assert response.headers["content-type"].startswith("application/json")
+    assert "internal error (RuntimeError)" in response.json()["detail"]
+    assert "tokenizer exploded" not in response.text  # details stay in the log
+    records = [r for r in caplog.records if r.name == "fashion_cir.serving.app"]
+    assert records and records[0].exc_info and "POST /search" in records[0].getMessage()
+
+
+def test_images_are_served_only_from_inside_the_catalog(served, tmp_path):
+    """Item 7: /images served whatever path the index held, /etc/passwd included."""
+    client, _, app = served
+    assert client.get("/images/item-002").status_code == 200
+    index = app.state.index
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes(b"\xff\xd8 not in the catalog")
+    for path in (Path("/etc/passwd"), outside, Path(index.config["root"]) / ".." / "x.jpg"):
+        index.paths["item-002"] = path
+        response = client.get("/images/item-002")
+        assert response.status_code == 404 and "inside the catalog" in response.json()["detail"], path
