@@ -510,3 +510,19 @@ def test_index_build_lists_each_failure_with_its_reason_and_fails_past_the_share
     assert result.exit_code == 2, result.output
     assert "3 of 8 catalog images failed (more than the allowed 20%); first: bad0: " in result.output
     assert not (tmp_path / "index2" / "index.json").exists()
+
+
+def test_a_resumed_training_logs_each_step_once(training_data, tmp_path):
+    """Kill loop finding: steps logged after the last checkpoint were logged again on resume."""
+    from fashion_cir.training import Stage2Config, TrainingStopped, train_stage2
+
+    triplets, paths, _, descriptions = training_data
+    config = Stage2Config(epochs=2, batch_size=4, lr=1e-3, progress=False, log_every=1, checkpoint_every=2)
+    with pytest.raises(TrainingStopped):  # logs step 3, last checkpoint at step 2: like a kill after step 3
+        train_stage2(config.model_copy(update={"stop_after_steps": 3}), CIRModel(create_backbone("tiny"), "sum"),
+                     triplets, paths, {}, descriptions, tmp_path)
+    train_stage2(config, CIRModel(create_backbone("tiny"), "sum"), triplets, paths, {}, descriptions, tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert steps == list(range(1, summary["global_step"] + 1))

@@ -449,6 +449,8 @@ def serve_command(
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(8000),
     max_upload_mb: int = typer.Option(10),
+    upload_workers: int = typer.Option(2, help="Uploads decoded and encoded at once."),
+    upload_queue: int = typer.Option(16, help="Uploads that may wait for a worker; beyond that: 503 + Retry-After."),
 ):
     """Serve the search API and web page."""
     from .serving.app import serve
@@ -457,7 +459,8 @@ def serve_command(
 
     cir = load_model(model, backbone) if model or backbone else None  # None: the backbone the index records
     typer.echo(f"serving http://{host}:{port}/")
-    serve(index_dir, cir, host=host, port=port, max_upload_bytes=max_upload_mb * 1024 * 1024)
+    serve(index_dir, cir, host=host, port=port, max_upload_bytes=max_upload_mb * 1024 * 1024,
+          upload_workers=upload_workers, upload_queue=upload_queue)
 
 
 @app.command()

@@ -127,7 +127,7 @@ def _decode_upload(raw: bytes, max_pixels: int, target_size: int | None = None) 
 def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = None, *,
                max_upload_bytes: int = 10 * MB, max_pixels: int | None = None, max_k: int = 100,
                max_text_chars: int = 300, exclude_reference: bool = True, upload_workers: int = 2,
-               upload_queue: int = 4) -> FastAPI:
+               upload_queue: int = 16) -> FastAPI:
     """The app for ``index_folder``. ``model``: a CIRModel, a model folder, a backbone spec, or
     None for the zero-shot backbone the index records; its image fingerprint must match the index.
     ``exclude_reference`` leaves a catalog reference out of its own results (the UI default).

@@ -14,7 +14,7 @@ class Busy(Exception):
 
 
 class ConcurrencyLimit:
-    def __init__(self, workers: int = 2, queue: int = 4):
+    def __init__(self, workers: int = 2, queue: int = 16):
         if workers < 1 or queue < 0:
             raise ValueError("workers must be >= 1 and queue >= 0")
         self.workers, self.queue = workers, queue

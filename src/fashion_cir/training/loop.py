@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import random
 import shutil
@@ -26,7 +27,7 @@ from ..data.triplets import TripletSet
 from ..errors import FashionCIRError
 from ..evaluation.evaluate import EvalOptions, evaluate_sets
 from ..features.cache import FeatureCache
-from ..io import append_jsonl, atomic_write_bytes, write_json
+from ..io import append_jsonl, atomic_write_bytes, atomic_write_text, write_json
 from ..models.cir import CIRModel
 from .config import RESUMABLE_FIELDS, TrainConfig
 from .distributed import DistContext, mean_over_ranks, setup_distributed
@@ -97,6 +98,14 @@ def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     if setting == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if setting == "bf16" else torch.float16
+
+
+def _step_of(line: str) -> int:
+    """The global step a metrics.jsonl line records (0 for events without one; torn lines: past all)."""
+    try:
+        return int(json.loads(line).get("step") or 0)
+    except (ValueError, AttributeError):
+        return 1 << 62
 
 
 @dataclass
@@ -213,6 +222,16 @@ class Trainer:
         return True
 
     # -- logging and validation -----------------------------------------------------------------
+    def drop_metrics_after(self, step: int) -> None:
+        """Forget metric records of steps after ``step``: a killed run logged them, and the resumed
+        run (which restarts from the checkpoint at ``step``) logs them again."""
+        if not (self.run.ctx.is_main and self.metrics_path.is_file()):
+            return
+        lines = self.metrics_path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and _step_of(line) <= step]
+        if len(kept) != len(lines):
+            atomic_write_text(self.metrics_path, "".join(kept))
+
     def log(self, record: dict) -> None:
         if self.run.ctx.is_main:
             append_jsonl(self.metrics_path, [{"stage": self.run.name, "time": round(time.time(), 3), **record}])
@@ -237,6 +256,7 @@ class Trainer:
     def fit(self) -> CIRModel:
         run, cfg, ctx = self.run, self.run.config, self.run.ctx
         resumed = self.load_checkpoint()
+        self.drop_metrics_after(self.progress.global_step)
         if ctx.is_main:
             cfg.to_json(run.out_dir / "config.json")
         self.log({"event": "resume" if resumed else "start", **self.progress.__dict__, **run.summary,
