@@ -40,8 +40,8 @@ AUTO_EXACT_BELOW = 200_000  # BENCHMARKS.md, ANN section: exact search stays fas
 DATA_FILES = ("ids.json", "metadata.json", "paths.json", "features.npy", "faiss.index")
 DATA_NAME = re.compile(r"data-\d{6,}")
 DEFAULT_MAX_FAILED_SHARE = 0.2
-MANIFEST_FIELDS = {"feature_dim": int, "backbone": str, "image_fingerprint": str, "root": str}
-FAISS_FIELDS = {"data": str, "count": int, "nprobe": int, "ef_search": int, "factory": str}
+MANIFEST_FIELDS = {"feature_dim": int, "backbone": str, "image_fingerprint": str, "root": str, "data": str,
+                   "count": int, "nprobe": int, "ef_search": int, "factory": str}  # of a FAISS index
 
 
 # -- catalog input ------------------------------------------------------------------------------
@@ -164,19 +164,19 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     if config.get("format") != FORMAT:
         raise DataError(f"{path}: unsupported format {config.get('format')!r} (expected {FORMAT})")
     store = config.get("store", {"kind": "faiss"})
-    faiss_store = isinstance(store, dict) and store.get("kind", "faiss") == "faiss"
-    for key, kind in {**MANIFEST_FIELDS, **(FAISS_FIELDS if faiss_store else {})}.items():
+    if not isinstance(store, dict) or store.get("kind", "faiss") != "faiss":
+        return config  # the Milvus store checks its own fields when it opens
+    for key, kind in MANIFEST_FIELDS.items():
         value = config.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
             hint = "; it was written by an older fashion-cir, rebuild it with --overwrite" if key == "root" else "; rebuild the index"
             raise DataError(f"{path}: field {key!r} must be {kind.__name__}, got {value!r}{hint}")
     if not os.path.isabs(config["root"]):
         raise DataError(f"{path}: field 'root' must be an absolute folder, got {config['root']!r}")
-    if faiss_store:
-        if not DATA_NAME.fullmatch(config["data"]):
-            raise DataError(f"{path}: field 'data' must name a data-NNNNNN folder inside the index, got {config['data']!r}")
-        if config["count"] < 0 or config["feature_dim"] < 1 or config["nprobe"] < 1 or config["ef_search"] < 1:
-            raise DataError(f"{path}: count, feature_dim, nprobe and ef_search must be positive; rebuild the index")
+    if not DATA_NAME.fullmatch(config["data"]):
+        raise DataError(f"{path}: field 'data' must name a data-NNNNNN folder inside the index, got {config['data']!r}")
+    if config["count"] < 0 or config["feature_dim"] < 1 or config["nprobe"] < 1 or config["ef_search"] < 1:
+        raise DataError(f"{path}: count, feature_dim, nprobe and ef_search must be positive; rebuild the index")
     return config
 
 
