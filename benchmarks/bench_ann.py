@@ -32,8 +32,26 @@ CATALOG = (REPO / ".." / "shared" / "datasets" / "clothing-dataset").resolve()
 K = 10
 
 
+def cached_features(backbone, folders: list[Path]) -> np.ndarray:
+    """The catalog features already in feature-cache folders (``ROOT/<trunk fingerprint>``, read
+    only): their image-trunk rows, one per image id, through the backbone's head."""
+    import torch
+
+    trunks: dict[str, np.ndarray] = {}
+    for folder in folders:
+        for part in sorted(Path(folder).glob("part-*.npz")):
+            try:
+                with np.load(part, allow_pickle=False) as data:
+                    trunks.update({str(i): f for i, f in zip(data["ids"], data["features"])})
+            except (OSError, ValueError, KeyError):
+                continue  # a part being written by its owner right now
+    trunk = torch.from_numpy(np.stack(list(trunks.values())).astype(np.float32))
+    with torch.no_grad():
+        return backbone.image_head(trunk).numpy()
+
+
 def real_features(args: argparse.Namespace) -> np.ndarray:
-    """Offline-backbone features of every catalog image (cached in ``runs/bench-ann``)."""
+    """Offline-backbone features of the catalog images, L2-normalised (cached in ``runs/bench-ann``)."""
     out = REPO / "runs" / "bench-ann" / "catalog-features.npy"
     if out.is_file():
         return np.load(out)
@@ -42,6 +60,13 @@ def real_features(args: argparse.Namespace) -> np.ndarray:
     from fashion_cir.models.factory import create_backbone
 
     backbone = create_backbone(args.backbone)
+    if args.cached_only:
+        fingerprint = backbone.trunk_fingerprint()
+        folders = [REPO / "runs" / "bench-ann" / "cache" / fingerprint] + [Path(c) / fingerprint for c in args.trunk_cache]
+        features = cached_features(backbone, folders)
+        print(f"{len(features)} catalog images already encoded in {len(folders)} caches (--cached-only)")
+        features = features / np.linalg.norm(features, axis=1, keepdims=True)
+        return features.astype(np.float32)
     paths = scan_images(CATALOG / "images")
     start = time.perf_counter()
     ids, features = FeatureCache(REPO / "runs" / "bench-ann" / "cache").encode(backbone, paths, batch_size=64,
@@ -79,8 +104,10 @@ def sample(mixture, n: int, rng: np.random.Generator, chunk: int = 100_000) -> n
     for start in range(0, n, chunk):
         size = min(chunk, n - start)
         comp = rng.choice(len(weights), size=size, p=weights)
-        noise = rng.standard_normal((size, means.shape[1]))
-        block = means[comp] + np.einsum("nij,nj->ni", factors[comp], noise)
+        block = np.empty((size, means.shape[1]))
+        for c in np.unique(comp):
+            rows = np.flatnonzero(comp == c)
+            block[rows] = means[c] + rng.standard_normal((len(rows), means.shape[1])) @ factors[c].T
         out[start:start + size] = block / np.linalg.norm(block, axis=1, keepdims=True)
     return out
 
@@ -109,6 +136,8 @@ def time_batch(index, queries: np.ndarray, threads: int, params=None) -> float:
 def build(factory: str, base: np.ndarray, train_cap: int) -> tuple[faiss.Index, float]:
     faiss.omp_set_num_threads(faiss.omp_get_max_threads())
     index = faiss.index_factory(base.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    if ",PQ" in factory:  # polysemous code training takes minutes and is not used by IP search
+        faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
     start = time.perf_counter()
     if not index.is_trained:
         index.train(base[np.random.default_rng(0).permutation(len(base))[:train_cap]])
@@ -198,6 +227,51 @@ def bench_milvus(base: np.ndarray, queries: np.ndarray, exact: np.ndarray, args:
     return rows
 
 
+def bench_service(mixture, args: argparse.Namespace) -> list[dict]:
+    """p50/p95 of ``POST /search`` by catalog id (query composition included: text embedding +
+    compose + search) with ``--clients`` concurrent clients, on an index of ``--serve`` items:
+    200 real catalog images (encoded, from the cache) plus sampled vectors standing for more items."""
+    import asyncio
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_search import free_port, load_test, start_server
+
+    from fashion_cir.data.images import scan_images
+    from fashion_cir.models.cir import load_model
+    from fashion_cir.retrieval import build_index
+
+    model = load_model(backbone=args.backbone)
+    paths = dict(list(scan_images(CATALOG / "images").items())[:200])
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-ann-serve-") as tmp:
+        folder = Path(tmp) / "index"
+        index = build_index(folder, model, paths, CATALOG / "attributes.jsonl", factory="Flat",
+                            cache_dir=REPO / "runs" / "bench-ann" / "cache", progress=False)
+        real_ids = list(index.ids)
+        extra = args.serve - len(real_ids)
+        ids = [f"sampled-{n:07d}" for n in range(extra)]
+        vectors = sample(mixture, extra, np.random.default_rng(1))
+        image_of = {i: index.paths[real_ids[n % len(real_ids)]] for n, i in enumerate(ids)}
+        meta = {i: index.metadata[real_ids[n % len(real_ids)]] for n, i in enumerate(ids)}
+        index.add_features(ids, vectors, meta, image_of)
+        index.save()
+        print(f"service index: {len(index):,} items (Flat), {len(real_ids)} real", flush=True)
+        port = free_port()
+        server = start_server(folder, args.backbone, port)
+        try:
+            for clients in args.clients:
+                row = asyncio.run(load_test(f"http://127.0.0.1:{port}", real_ids + ids[:5000], [], clients,
+                                            args.requests, "id"))
+                row["items"] = len(index)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=100_000, help="base vectors (sampled + the real ones)")
@@ -211,10 +285,17 @@ def main() -> None:
     parser.add_argument("--train-cap", type=int, default=100_000, help="training sample for IVF/PQ")
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--skip-hnsw-at", type=int, default=10**9)
+    parser.add_argument("--cached-only", action="store_true",
+                        help="use only catalog images already in feature caches (no encoding)")
+    parser.add_argument("--trunk-cache", nargs="*", default=[], help="more feature-cache roots to read (read only)")
     parser.add_argument("--milvus", action="store_true")
     parser.add_argument("--milvus-nlist", type=int, default=256)
     parser.add_argument("--milvus-nprobe", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--milvus-queries", type=int, default=50)
+    parser.add_argument("--serve", type=int, default=0, help="also measure the service on an index of this many items")
+    parser.add_argument("--clients", type=int, nargs="+", default=[4])
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--skip-ann", action="store_true", help="only the service measurement")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -241,9 +322,11 @@ def main() -> None:
     sample_sims = real_index.search(queries[:500], 1)[0][:, 0].mean()
     print(f"mean top-1 cosine to the real catalog: real items (excluding self) {real_sims:.3f}, samples {sample_sims:.3f}")
     del flat
-    rows = bench_faiss(base, queries, exact, args)
-    if args.milvus:
+    rows = [] if args.skip_ann else bench_faiss(base, queries, exact, args)
+    if args.milvus and not args.skip_ann:
         rows += bench_milvus(base, queries, exact, args)
+    if args.serve:
+        rows += bench_service(mixture, args)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -106,3 +106,9 @@ def test_api_filter_and_live_changes(store, catalog, tiny_model, tmp_path):
         assert http.get("/items/item-005").json()["metadata"]["color"] == "gold"
         gold = http.post("/search", data={"id": "item-001", "text": "x", "k": "3", "filter": 'color == "gold"'}).json()
         assert [h["id"] for h in gold["results"]] == ["item-005"]
+
+
+def test_new_commands_have_help():
+    for command in (["index", "remove"], ["index", "upsert"], ["features", "encode"], ["features", "merge"]):
+        result = runner.invoke(app, [*command, "--help"])
+        assert result.exit_code == 0 and "Usage" in result.output, (command, result.output)
