@@ -210,20 +210,26 @@ def triplets(
     from .data.triplets import read_split
     from .features.cache import FeatureCache
     from .models.cir import load_model
+    from pydantic import ValidationError
+
     from .triplets import TripletConfig, generate_triplets, write_triplets
 
     vocabulary = load_vocabulary(vocab)
     attrs = load_precomputed(attributes, vocabulary)
     train_ids = read_split(train_split)
     paths = {i: p for i in train_ids if i in attrs and (p := find_image(images, i)) is not None}
-    cir = load_model(model, backbone or "openclip:ViT-B-32:openai")
-    ids, features = FeatureCache(cache_dir).encode(cir.backbone, paths, on_error="skip")
-    try:
+    try:  # settings first: a typo must not cost a model load and an encoding pass
         config = TripletConfig(seed=seed, band=band, band_unit=band_unit, min_changes=min_changes, max_changes=max_changes,
                                targets_per_reference=targets_per_reference, max_triplets=max_triplets,
                                hard_negatives=hard_negatives, vocabulary=vocabulary)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']} (got {e.get('input')!r})"
+                             for e in exc.errors())
+        raise FashionCIRError(f"bad triplet settings: {problems}") from None
     except ValueError as exc:
         raise FashionCIRError(f"bad triplet settings: {exc}") from exc
+    cir = load_model(model, backbone or "openclip:ViT-B-32:openai")
+    ids, features = FeatureCache(cache_dir).encode(cir.backbone, paths, on_error="skip")
     generated, stats = generate_triplets(attrs, features, ids, config, train_ids=train_ids)
     write_triplets(out, generated, stats, config)
     typer.echo(json.dumps({k: v for k, v in stats.items() if not isinstance(v, (dict, list))}, indent=2))
