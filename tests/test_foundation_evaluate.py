@@ -43,9 +43,10 @@ def _unit(rows: np.ndarray) -> np.ndarray:
 
 
 def _hand_query_text(captions: list[str]) -> str:
-    """FashionIQ validation joining, written out here: "C1 and c2" (trailing '.', '?', ',' and spaces cut)."""
+    """CLIP4Cir's FashionIQ validation joining, written out here: c1 stripped of '.?, ' and
+    capitalised (str.capitalize), " and ", c2 stripped."""
     first, second = (c.strip(".?, ") for c in captions)
-    return f"{first[:1].upper()}{first[1:]} and {second}"
+    return f"{first.capitalize()} and {second}"
 
 
 def test_clothing_val_end_to_end(tiny_model, clothing, cache):
