@@ -31,7 +31,7 @@ def cli(*args: str, env: dict | None = None) -> subprocess.Popen:
 
 
 def finish(process: subprocess.Popen) -> str:
-    out, err = process.communicate(timeout=300)
+    out, err = process.communicate(timeout=900)
     assert process.returncode == 0, err
     return out
 
