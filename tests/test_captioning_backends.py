@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from transformers import LogitsProcessorList
 
 from fashion_cir.captioning import build_captioner, run_captioning
 from fashion_cir.errors import ModelError
@@ -91,6 +92,65 @@ def test_tiny_llava_garbage_is_recorded_as_failures(tmp_path, monkeypatch, cloth
     for image_id in list(paths)[:3]:
         record = by_image[image_id]
         assert record["status"] == "invalid" and record["attempts"] == 2 and record["raw"].strip()
+
+
+class ForcedAnswers:
+    """A LogitsProcessor that makes row ``i`` of a batch generate ``answers[i]`` then end: every
+    other token's score is set to -inf. Only the choice of the next token changes; the prompt, the
+    image features and the model's forward passes are the real ones."""
+
+    def __init__(self, token_ids: list[list[int]], eos_id: int):
+        self.token_ids, self.eos_id, self.start = token_ids, eos_id, None
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        self.start = input_ids.shape[1] if self.start is None else self.start
+        step = input_ids.shape[1] - self.start
+        forced = torch.full_like(scores, float("-inf"))
+        for row, ids in enumerate(self.token_ids):
+            forced[row, ids[step] if step < len(ids) else self.eos_id] = 0.0
+        return forced
+
+
+def test_tiny_llava_valid_answers_become_attributes(tmp_path, monkeypatch, clothing_dir):
+    """Two images in one batch, each forced (at the sampling step only) to its own valid JSON answer:
+    the decoded text goes through the real processor and parser into the right image's attributes."""
+    spec = importlib.util.spec_from_file_location("tiny_llava", HELPERS / "tiny_llava.py")
+    tiny_llava = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny_llava)
+    records = [
+        {"category": "t-shirt", "color": "red", "secondary_color": None, "pattern": "solid", "sleeves": "short",
+         "neckline": "crew", "length": "hip", "material": "cotton", "closure": "none", "kids": False,
+         "description": "a plain red short-sleeve cotton t-shirt"},
+        {"category": "dress", "color": "black", "secondary_color": "white", "pattern": "striped", "sleeves": "long",
+         "neckline": "v-neck", "length": "knee", "material": "knit", "closure": "zip", "kids": False,
+         "description": "a black knee-length striped knit dress with a v-neck"},
+    ]
+    answers = [json.dumps(r) for r in records]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = tiny_llava.build_tiny_llava(tmp_path / "tiny-llava", answers=answers)
+    captioner = build_captioner("llava-hf", model=str(folder), batch_size=2, max_new_tokens=40, device="cpu")
+    tokenizer = captioner.processor.tokenizer
+    token_ids = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
+    assert tokenizer.unk_token_id not in sum(token_ids, []) and max(map(len, token_ids)) < 40
+    generate = captioner.model.generate
+    forced: list[ForcedAnswers] = []
+
+    def generate_forced(*args, **kwargs):
+        forced.append(ForcedAnswers(token_ids, tokenizer.eos_token_id))
+        return generate(*args, logits_processor=LogitsProcessorList([forced[-1]]), **kwargs)
+
+    monkeypatch.setattr(captioner.model, "generate", generate_forced)
+    paths = {p.stem: p for p in sorted((clothing_dir / "images").iterdir())[:2]}
+    result = run_captioning(paths, captioner, tmp_path / "cache", max_attempts=1, progress=False)
+    assert len(forced) == 1  # one batch of two, through the real generate loop
+    assert set(result) == set(paths)
+    for image_id, record in zip(paths, records):
+        assert result[image_id].to_record(image_id) == {"image": image_id, **record}
+    stored = [json.loads(line) for line in next((tmp_path / "cache").glob("*.jsonl")).read_text().splitlines()]
+    assert {r["image"]: r["status"] for r in stored} == {i: "ok" for i in paths}
+    assert [json.loads(r["raw"]) for r in sorted(stored, key=lambda r: list(paths).index(r["image"]))] == records
 
 
 def test_llava_missing_weights_says_how_to_pass_a_folder(tmp_path, monkeypatch):

@@ -3,18 +3,26 @@
 from pathlib import Path
 
 
-def build_tiny_llava(folder: Path) -> Path:
-    """Save model + processor into ``folder`` (loadable by AutoModelForImageTextToText/AutoProcessor)."""
+def build_tiny_llava(folder: Path, answers: list[str] | None = None) -> Path:
+    """Save model + processor into ``folder`` (loadable by AutoModelForImageTextToText/AutoProcessor).
+
+    With ``answers``, the tokenizer splits on spaces only and decodes back exactly (Metaspace), and
+    every word of the answers is in its vocabulary, so those answers can be generated token by token."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
 
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    corpus = ["USER: describe the clothing item as JSON ASSISTANT:", '{"category": "t-shirt", "color": "red", "kids": false}']
+    if answers:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        corpus += answers
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<s>", "</s>", "<image>"])
-    tok.train_from_iterator(["USER: describe the clothing item as JSON ASSISTANT:",
-                             '{"category": "t-shirt", "color": "red", "kids": false}'], trainer)
+    tok.train_from_iterator(corpus, trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
                                         eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
     image_processor = CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30})
