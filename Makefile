@@ -6,8 +6,9 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 DEMO_ARGS ?=
+MUTANTS_ARGS ?=
 
-.PHONY: demo test venv browser bench clean
+.PHONY: demo test venv browser bench mutants clean
 
 venv: $(STAMP)
 
@@ -34,6 +35,10 @@ bench: venv
 	$(VENV)/bin/python benchmarks/bench_features.py
 	$(VENV)/bin/python benchmarks/bench_stage2.py
 	$(VENV)/bin/python benchmarks/bench_search.py
+
+# Mutation testing of the core modules (mutmut), each against its few fast unit-test files; slow.
+mutants: venv
+	nice -n 10 $(VENV)/bin/python benchmarks/mutation.py $(MUTANTS_ARGS)
 
 clean:
 	rm -rf runs test-artifacts

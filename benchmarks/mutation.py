@@ -1,0 +1,108 @@
+"""Mutation testing of the core modules with mutmut, one module at a time, each against the few fast
+unit-test files that cover it (the full suite is far too slow to run once per mutant).
+
+    python benchmarks/mutation.py [MODULE ...]      # default: every module in MODULES
+
+Each module runs in a scratch copy of src/ and tests/ (mutmut writes its mutants/ folder there, never
+in the checkout) with its own [tool.mutmut] section. Prints one line per module: mutants, killed,
+survived, timeouts, mutants no selected test reaches, and the killed share; with --survivors, the
+diff of every survivor (what BENCHMARKS.md explains)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "src/fashion_cir"
+
+# module (relative to src/fashion_cir) -> the fast tests that exercise it
+MODULES: dict[str, list[str]] = {
+    "evaluation/metrics.py": ["tests/test_foundation_metrics.py"],
+    "models/combiner.py": ["tests/test_foundation_models.py"],
+    "models/cir.py": ["tests/test_foundation_models.py"],
+    "training/losses.py": ["tests/test_losses.py",
+                           "tests/test_training.py::test_stage2_step_is_infonce_on_the_target_row_with_its_duplicates_left_out"],
+    "training/stage2.py": ["tests/test_training.py::test_stage2_step_is_infonce_on_the_target_row_with_its_duplicates_left_out",
+                           "tests/test_training.py::test_stage2_trains_against_the_whole_bank"],
+    "triplets/negatives.py": ["tests/test_triplets.py"],
+    "triplets/mining.py": ["tests/test_triplets.py"],
+    "retrieval/index.py": ["tests/test_index.py"],
+}
+
+
+def mutmut_section(module: str, tests: list[str]) -> str:
+    quoted = lambda items: "[" + ", ".join(f'"{i}"' for i in items) + "]"  # noqa: E731
+    return ("\n[tool.mutmut]\n"
+            f'source_paths = ["src/"]\n'
+            f"only_mutate = {quoted([f'{PACKAGE}/{module}'])}\n"
+            f"pytest_add_cli_args_test_selection = {quoted(tests)}\n"
+            'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x"]\n'
+            "also_copy = [\"tests/\"]\n")
+
+
+def run_module(module: str, tests: list[str], children: int, show_survivors: bool) -> dict:
+    outer = Path(tempfile.mkdtemp(prefix="mutmut-"))
+    scratch = outer / "repo"
+    try:
+        # tests find the datasets at ../shared from the repository root and from mutmut's mutants/ copy
+        for parent in (outer, scratch):
+            parent.mkdir(exist_ok=True)
+            (parent / "shared").symlink_to(ROOT.parent / "shared")
+        shutil.copytree(ROOT / "src", scratch / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        shutil.copytree(ROOT / "tests", scratch / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+        pyproject = (ROOT / "pyproject.toml").read_text()
+        pyproject = re.sub(r"\n\[tool\.mutmut\][^\[]*", "\n", pyproject)
+        (scratch / "pyproject.toml").write_text(pyproject + mutmut_section(module, tests))
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env["HF_HUB_OFFLINE"] = "1"
+        start = time.perf_counter()
+        run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children)], cwd=scratch,
+                             env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        listing = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=scratch, env=env,
+                                 capture_output=True, text=True).stdout
+        status = dict(re.findall(r"^\s*(\S+): (\w[\w ]*)$", listing, flags=re.M))
+        counts = {"mutants": len(status)}
+        for name in ("killed", "survived", "timeout", "no tests", "suspicious", "skipped"):
+            counts[name] = sum(1 for s in status.values() if s == name)
+        if not status:
+            counts["error"] = (run.stdout + run.stderr)[-1500:]
+        if show_survivors:
+            for name, state in status.items():
+                if state in ("survived", "no tests"):
+                    diff = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=scratch, env=env,
+                                          capture_output=True, text=True).stdout
+                    print(f"--- {state}: {name}\n{diff}")
+        counts["seconds"] = round(seconds)
+        return counts
+    finally:
+        shutil.rmtree(outer, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("modules", nargs="*", default=list(MODULES), help="keys of MODULES, e.g. evaluation/metrics.py")
+    parser.add_argument("--children", type=int, default=1, help="mutants tested in parallel")
+    parser.add_argument("--survivors", action="store_true", help="print the diff of every surviving mutant")
+    args = parser.parse_args()
+    print(f"{'module':<24}{'mutants':>8}{'killed':>8}{'survived':>9}{'timeout':>8}{'no tests':>9}{'killed %':>9}{'s':>6}")
+    for module in args.modules:
+        c = run_module(module, MODULES[module], args.children, args.survivors)
+        if "error" in c:
+            print(f"{module:<24} mutmut produced no results:\n{c['error']}")
+            continue
+        share = 100.0 * c["killed"] / max(1, c["mutants"])
+        print(f"{module:<24}{c['mutants']:>8}{c['killed']:>8}{c['survived']:>9}{c['timeout']:>8}{c['no tests']:>9}"
+              f"{share:>9.1f}{c['seconds']:>6}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
