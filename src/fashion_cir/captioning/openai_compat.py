@@ -112,9 +112,6 @@ class OpenAICaptioner(Captioner):
         temperature: float = 0.0,
     ):
         super().__init__(vocab)
-        if not base_url:
-            raise ModelError("the openai backend needs --base-url, the server's API root: e.g. http://127.0.0.1:8000/v1 "
-                             "for a local server, https://api.openai.com/v1 for OpenAI (no endpoint is assumed)")
         if concurrency < 1 or max_retries < 0:
             raise ModelError("concurrency must be >= 1 and max_retries >= 0")
         self.model = model
