@@ -13,14 +13,17 @@ import typer
 
 from .errors import FashionCIRError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+PLAIN_HELP = {"rich_markup_mode": None}  # click's help: wraps at 80 columns and never cuts a spec example
+app = typer.Typer(add_completion=False, no_args_is_help=True, **PLAIN_HELP,
                   help="Composed image retrieval for fashion: triplets, training, evaluation, search.")
-index_app = typer.Typer(no_args_is_help=True, help="Build, grow, update and prune a searchable catalog index.")
-train_app = typer.Typer(no_args_is_help=True, help="Two-stage fine-tuning.")
-features_app = typer.Typer(no_args_is_help=True, help="Fill a feature cache, split across processes (--shard I/N).")
+index_app = typer.Typer(no_args_is_help=True, **PLAIN_HELP, help="Build, grow, update and prune a searchable catalog index.")
+train_app = typer.Typer(no_args_is_help=True, **PLAIN_HELP, help="Two-stage fine-tuning.")
+features_app = typer.Typer(no_args_is_help=True, **PLAIN_HELP, help="Fill a feature cache, split across processes (--shard I/N).")
 app.add_typer(index_app, name="index")
 app.add_typer(features_app, name="features")
+attributes_app = typer.Typer(no_args_is_help=True, **PLAIN_HELP, help="Attribute heads: describe images that have no description.")
 app.add_typer(train_app, name="train")
+app.add_typer(attributes_app, name="attributes")
 
 
 def friendly(func: Callable) -> Callable:
@@ -68,12 +71,13 @@ def evaluate(
     category: list[str] = typer.Option([], help="FashionIQ categories (default: all three)."),
     split: str = typer.Option("val", help="FashionIQ split."),
     mode: list[str] = typer.Option([], help="Query modes: image, text, sum, sum_raw, combiner (default: the model's)."),
-    descriptions: Optional[Path] = typer.Option(None, help="attributes.jsonl whose descriptions give the sentence-level prompt."),
+    descriptions: Optional[Path] = typer.Option(None, help="attributes.jsonl whose descriptions give the sentence-level prompt (--describe catalog)."),
+    describe: Optional[str] = typer.Option(None, help="Reference descriptions in the prompt: catalog (--descriptions FILE), predicted (the model's attribute heads) or none; default: what the model folder records (a backbone: catalog with --descriptions, else none)."),
     remove_reference: bool = typer.Option(False, help="CIRR protocol: drop the reference from its own ranking."),
     strict: bool = typer.Option(False, help="Fail when images are missing instead of skipping and counting them."),
     preprocess: str = typer.Option("clip", help="clip or targetpad (zero-shot backbones only)."),
     cache_dir: Path = typer.Option(Path("runs/cache/features"), help="Static feature cache."),
-    batch_size: int = typer.Option(64),
+    batch_size: int = typer.Option(64, help="Images per encoding batch."),
     workers: int = typer.Option(0, help="Image decoding worker processes."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write metrics JSON here."),
 ):
@@ -96,15 +100,29 @@ def evaluate(
         report = triplet_set.report()
         typer.echo(f"{name}: {report['triplets']} queries, {report['gallery_images']} gallery images, "
                    f"{report['missing_images']} images missing, {report['skipped_triplets']} triplets skipped", err=True)
+    from .models.cir import PROMPT_SOURCES
+
+    if describe is not None and describe not in PROMPT_SOURCES:
+        raise FashionCIRError(f"--describe must be one of {', '.join(PROMPT_SOURCES)}, got {describe!r}")
     described = read_descriptions(descriptions) if descriptions else None
     cir = load_model(model, backbone, preprocess=preprocess)  # after the data checks: loading may download weights
+    if describe is None:  # a model folder: the prompt source it was trained with; a bare backbone: what is given
+        recorded = cir.prompt_source if model is not None else ("catalog" if described else "none")
+        describe = recorded if cir.text_template == "prompt" else "none"
+    if describe == "catalog" and described is None:
+        raise FashionCIRError("the prompts take catalog descriptions (--describe catalog, the model's default): pass "
+                              "--descriptions attributes.jsonl, or choose --describe predicted or --describe none")
+    if describe == "predicted" and cir.attribute_heads is None:
+        raise FashionCIRError("--describe predicted needs a model folder with attribute heads: "
+                              "run `fashion-cir attributes train --model DIR` first")
     options = EvalOptions(modes=tuple(mode) or (cir.query_mode,), batch_size=batch_size, num_workers=workers,
-                          remove_reference=remove_reference)
+                          remove_reference=remove_reference, describe=describe)
     report = evaluate_sets(cir, sets, FeatureCache(cache_dir), options, described)
     typer.echo(format_table(report))
     first = report[options.modes[0]]
     _dump(json_out, {**first, "query_mode": options.modes[0], "by_mode": report if len(report) > 1 else None,
-                     "protocol": "cirr" if remove_reference else "fashioniq", "model": str(model) if model else backbone})
+                     "protocol": "cirr" if remove_reference else "fashioniq", "model": str(model) if model else backbone,
+                     "describe": describe, "descriptions": str(descriptions) if describe == "catalog" else None})
 
 
 @app.command()
@@ -112,9 +130,9 @@ def evaluate(
 def align(
     catalog: Optional[Path] = typer.Option(None, help="Clothing catalog folder (default ../shared/datasets/clothing-dataset)."),
     out: Path = typer.Option(Path("runs/offline-backbone"), help="Where the aligned projections go."),
-    cache_dir: Path = typer.Option(Path("runs/cache/features")),
-    epochs: int = typer.Option(15),
-    seed: int = typer.Option(0),
+    cache_dir: Path = typer.Option(Path("runs/cache/features"), help="Static feature cache."),
+    epochs: int = typer.Option(15, help="Alignment epochs (val picks the best)."),
+    seed: int = typer.Option(0, help="Random seed."),
 ):
     """Align the offline demo backbone (EfficientNet-Lite0 + MiniLM) on the catalog's train split."""
     from .data.catalog import load_clothing_catalog
@@ -193,16 +211,16 @@ def triplets(
     out: Path = typer.Option(..., help="Triplets JSON to write (FashionIQ format + extra keys)."),
     model: Optional[Path] = typer.Option(None, help="Model folder giving the static image features."),
     backbone: Optional[str] = typer.Option(None, help="Backbone spec giving the static image features."),
-    cache_dir: Path = typer.Option(Path("runs/cache/features")),
-    seed: int = typer.Option(0),
+    cache_dir: Path = typer.Option(Path("runs/cache/features"), help="Static feature cache."),
+    seed: int = typer.Option(0, help="Random seed."),
     band: tuple[float, float] = typer.Option((0.005, 0.3), help="Similarity band (quantiles or ranks)."),
     band_unit: str = typer.Option("quantile", help="quantile or rank"),
-    min_changes: int = typer.Option(1),
-    max_changes: int = typer.Option(3),
-    targets_per_reference: int = typer.Option(2),
-    max_triplets: Optional[int] = typer.Option(None),
-    hard_negatives: int = typer.Option(10),
-    vocab: Optional[Path] = typer.Option(None),
+    min_changes: int = typer.Option(1, help="Fewest attribute changes per triplet."),
+    max_changes: int = typer.Option(3, help="Most attribute changes per triplet."),
+    targets_per_reference: int = typer.Option(2, help="Targets mined per reference image."),
+    max_triplets: Optional[int] = typer.Option(None, help="Cap on the number of triplets (default: no cap)."),
+    hard_negatives: int = typer.Option(10, help="Hard negatives per triplet."),
+    vocab: Optional[Path] = typer.Option(None, help="Vocabulary JSON overriding the default fashion attributes."),
 ):
     """Mine attribute-aware triplets with relative captions and hard negatives."""
     from .captioning import load_precomputed, load_vocabulary
@@ -320,8 +338,8 @@ def index_build(
     nprobe: int = typer.Option(16, help="IVF lists probed per query."),
     ef_search: int = typer.Option(64, help="HNSW search depth."),
     cache_dir: Optional[Path] = typer.Option(None, help="Feature cache (default INDEX/feature-cache)."),
-    batch_size: int = typer.Option(64),
-    workers: int = typer.Option(0),
+    batch_size: int = typer.Option(64, help="Images per encoding batch."),
+    workers: int = typer.Option(0, help="Image decoding worker processes."),
     overwrite: bool = typer.Option(False, help="Replace an existing index."),
     max_failed_share: float = typer.Option(0.2, help="Fail (write nothing) when more than this share of the images cannot be read."),
 ):
@@ -346,10 +364,10 @@ def index_add(
     index_dir: Path = typer.Argument(..., help="Existing index folder."),
     images: Path = typer.Option(..., help="Folder of images; only ids not yet indexed are encoded."),
     metadata: list[Path] = typer.Option([], help="Metadata files for the new images; repeatable."),
-    split: Optional[Path] = typer.Option(None),
-    model: Optional[Path] = typer.Option(None),
-    backbone: Optional[str] = typer.Option(None),
-    cache_dir: Optional[Path] = typer.Option(None),
+    split: Optional[Path] = typer.Option(None, help="Only add the ids in this split file."),
+    model: Optional[Path] = typer.Option(None, help="Model folder the index was built with."),
+    backbone: Optional[str] = typer.Option(None, help="Zero-shot backbone spec the index was built with."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Feature cache (default INDEX/feature-cache)."),
     max_failed_share: float = typer.Option(0.2, help="Fail (add nothing) when more than this share of the new images cannot be read."),
 ):
     """Add new catalog images to an index (refuses a model that does not match it; concurrent adds
@@ -370,9 +388,9 @@ def index_upsert(
     images: Path = typer.Option(..., help="Folder of images to insert or replace (changed files are re-encoded)."),
     metadata: list[Path] = typer.Option([], help="Metadata of those images (replaces the stored metadata); repeatable."),
     split: Optional[Path] = typer.Option(None, help="Only the ids in this split file."),
-    model: Optional[Path] = typer.Option(None),
-    backbone: Optional[str] = typer.Option(None),
-    cache_dir: Optional[Path] = typer.Option(None),
+    model: Optional[Path] = typer.Option(None, help="Model folder the index was built with."),
+    backbone: Optional[str] = typer.Option(None, help="Zero-shot backbone spec the index was built with."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Feature cache (default INDEX/feature-cache)."),
     max_failed_share: float = typer.Option(0.2, help="Fail (change nothing) when more than this share of the images cannot be read."),
 ):
     """Insert or replace catalog items (features, metadata, image path); a running service sees them.
@@ -413,22 +431,27 @@ def index_remove(
 @friendly
 def search(
     index_dir: Path = typer.Option(..., "--index", help="Index folder."),
-    image: Optional[Path] = typer.Option(None, help="Reference image file."),
-    item_id: Optional[str] = typer.Option(None, "--id", help="Reference catalog id."),
+    image: Optional[Path] = typer.Option(None, help="Reference image file (its description is predicted)."),
+    item_id: Optional[str] = typer.Option(None, "--id", help="Reference catalog id (left out of the results)."),
     text: str = typer.Option("", help='How the target differs, e.g. "is red with long sleeves".'),
-    k: int = typer.Option(10, "-k", min=1, max=1000),
+    k: int = typer.Option(10, "-k", min=1, max=1000, help="Number of results."),
     filter_text: str = typer.Option("", "--filter", help='Metadata filter, e.g. category == "dress" and color not in ["black", "grey"].'),
-    model: Optional[Path] = typer.Option(None),
-    backbone: Optional[str] = typer.Option(None),
+    category: list[str] = typer.Option([], help="Keep only this category (repeatable)."),
+    color: list[str] = typer.Option([], help="Keep only this colour (repeatable)."),
+    same_type: bool = typer.Option(False, help="Keep only the reference's category (predicted for an image)."),
+    model: Optional[Path] = typer.Option(None, help="Model folder (default: the index's)."),
+    backbone: Optional[str] = typer.Option(None, help="Zero-shot backbone spec instead of a model."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
     """Composed search: a reference (image or id) plus a relative caption -> ranked ids and scores."""
     from .data.images import open_image
     from .retrieval.filters import parse_filter
     from .retrieval.index import read_manifest
-    from .retrieval.index import search as run_search
+    from .retrieval.query import composed_search
     from .retrieval.store import open_index
 
+    if image is not None and item_id is not None:
+        raise FashionCIRError("give --image FILE or --id ID, not both")
     manifest = read_manifest(index_dir)
     parsed = parse_filter(filter_text, manifest.get("fields")) if filter_text.strip() else None  # before loading a model
     if model is None and backbone is None and manifest.get("model_dir") and (Path(manifest["model_dir"]) / "model.json").is_file():
@@ -437,13 +460,59 @@ def search(
     index = open_index(index_dir, cir)
     if parsed is not None and "fields" not in manifest:  # an index from before filters: fields from its metadata
         parsed = parse_filter(filter_text, index.fields)
-    hits = run_search(cir, index, image=open_image(image) if image else None, item_id=item_id, text=text, k=k,
-                      filter=parsed)
+    result = composed_search(cir, index, image=open_image(image) if image else None, item_id=item_id, text=text, k=k,
+                             exclude_reference=True, filters={"category": category, "color": color}, same_type=same_type,
+                             filter=parsed)
+    typer.echo(f"query: {result.query_text or '(the reference image alone)'}  [prompt: {result.prompt_source}]", err=True)
     if json_out:
-        typer.echo(json.dumps([{"id": h.id, "score": h.score, "metadata": h.metadata} for h in hits], indent=2))
+        typer.echo(json.dumps([{"id": h.id, "score": h.score, "metadata": h.metadata} for h in result.hits], indent=2))
         return
-    for rank, hit in enumerate(hits, 1):
+    for rank, hit in enumerate(result.hits, 1):
         typer.echo(f"{rank:>3}  {hit.score:.4f}  {hit.id}  {hit.metadata.get('description', '')}")
+
+
+@attributes_app.command("train")
+@friendly
+def attributes_train(
+    model: Path = typer.Option(..., help="Model folder; the heads are saved into it."),
+    catalog: Optional[Path] = typer.Option(None, help="Clothing catalog folder (default ../shared/datasets/clothing-dataset)."),
+    attributes: Optional[Path] = typer.Option(None, help="MLLM attributes JSONL (default: the catalog's)."),
+    cache_dir: Path = typer.Option(Path("runs/cache/features"), help="Static feature cache."),
+    report: Optional[Path] = typer.Option(None, help="Write the val report (markdown table) here."),
+):
+    """Train one classifier per attribute on the train split's image features, select on val."""
+    from .data.catalog import load_clothing_catalog
+    from .features.cache import FeatureCache
+    from .models.cir import load_model
+    from .training.attribute_heads import fit_attribute_heads, format_report
+
+    cir = load_model(model)
+    heads = fit_attribute_heads(cir, load_clothing_catalog(catalog, attributes), FeatureCache(cache_dir), progress=True)
+    heads.save(model)
+    table = format_report(heads)
+    typer.echo(table)
+    if report is not None:
+        from .io import atomic_write_text
+
+        atomic_write_text(report, table + "\n")
+    typer.echo(f"saved attribute heads into {model}")
+
+
+@attributes_app.command("predict")
+@friendly
+def attributes_predict(
+    model: Path = typer.Option(..., help="Model folder with attribute heads."),
+    image: Path = typer.Option(..., help="Image file to describe."),
+):
+    """Predicted attributes (with confidences) and the description an upload of IMAGE gets."""
+    from .data.images import open_image
+    from .models.attributes import describe
+    from .models.cir import load_model
+    from .retrieval.index import encode_reference_image
+
+    cir = load_model(model)
+    predicted = cir.predict_attributes(encode_reference_image(cir, open_image(image)))[0]
+    typer.echo(json.dumps({"description": describe(predicted), "attributes": predicted}, indent=2))
 
 
 @app.command("serve")
@@ -451,12 +520,13 @@ def search(
 def serve_command(
     index_dir: Path = typer.Option(..., "--index", help="Index folder."),
     model: Optional[Path] = typer.Option(None, help="Model folder (default: the model the index was built with)."),
-    backbone: Optional[str] = typer.Option(None),
-    host: str = typer.Option("127.0.0.1"),
-    port: int = typer.Option(8000),
-    max_upload_mb: int = typer.Option(10),
+    backbone: Optional[str] = typer.Option(None, help="Zero-shot backbone spec instead of a model."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    max_upload_mb: int = typer.Option(10, help="Largest accepted upload, in MB."),
     upload_workers: int = typer.Option(2, help="Uploads decoded and encoded at once."),
     upload_queue: int = typer.Option(16, help="Uploads that may wait for a worker; beyond that: 503 + Retry-After."),
+    search_timeout: float = typer.Option(15.0, help="Seconds the page waits for a search before offering a retry."),
 ):
     """Serve the search API and web page."""
     from .serving.app import serve
@@ -466,7 +536,7 @@ def serve_command(
     cir = load_model(model, backbone) if model or backbone else None  # None: the backbone the index records
     typer.echo(f"serving http://{host}:{port}/")
     serve(index_dir, cir, host=host, port=port, max_upload_bytes=max_upload_mb * 1024 * 1024,
-          upload_workers=upload_workers, upload_queue=upload_queue)
+          upload_workers=upload_workers, upload_queue=upload_queue, search_timeout_s=search_timeout)
 
 
 @app.command()
@@ -476,7 +546,7 @@ def demo(
     catalog: Optional[Path] = typer.Option(None, help="Clothing catalog folder (default ../shared/datasets/clothing-dataset)."),
     fast: bool = typer.Option(False, help="A small, quick run (tests, CI)."),
     serve: bool = typer.Option(True, help="Start the web page at the end (--no-serve for CI)."),
-    port: int = typer.Option(8000),
+    port: int = typer.Option(8000, help="Port of the web page."),
 ):
     """The whole pipeline on the clothing catalog with the offline backbone; one results table."""
     from .demo import DemoConfig, run_demo

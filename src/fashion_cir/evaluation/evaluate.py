@@ -27,17 +27,37 @@ class EvalOptions:
     batch_size: int = 64
     num_workers: int = 0
     progress: bool = True
+    describe: str = "catalog"  # reference descriptions in prompts: catalog, predicted (attribute heads) or none
 
 
-def query_texts(model: CIRModel, triplets: list[Triplet], descriptions: dict[str, str] | None = None) -> list[str]:
+def query_texts(model: CIRModel, triplets: list[Triplet], descriptions: dict[str, str] | None = None,
+                describe: str = "catalog") -> list[str]:
     """Validation query text: captions joined "C1 and c2"; with the ``prompt`` template, prefixed
-    by the reference description (the triplet's ``reference_prompt`` or ``descriptions[candidate]``)."""
+    by the reference description: ``catalog``: the triplet's ``reference_prompt`` or
+    ``descriptions[candidate]``; ``predicted``: ``descriptions[candidate]`` only (the attribute
+    heads' phrases); ``none``: no description."""
     texts = []
     for triplet in triplets:
         caption = join_captions_val(list(triplet.captions))
-        prompt = triplet.reference_prompt or (descriptions or {}).get(triplet.candidate)
+        if describe == "none":
+            prompt = None
+        elif describe == "predicted":
+            prompt = (descriptions or {}).get(triplet.candidate)
+        else:
+            prompt = triplet.reference_prompt or (descriptions or {}).get(triplet.candidate)
         texts.append(model.query_text(caption, prompt))
     return texts
+
+
+def predicted_descriptions(model: CIRModel, features: dict[str, np.ndarray]) -> dict[str, str]:
+    """id -> description from the model's attribute heads over raw image features."""
+    from ..models.attributes import describe
+
+    ids = list(features)
+    if not ids:
+        return {}
+    predicted = model.predict_attributes(torch.from_numpy(np.stack([features[i] for i in ids])))
+    return {i: describe(p) for i, p in zip(ids, predicted)}
 
 
 def score_triplet_set(model: CIRModel, triplet_set: TripletSet, cache: FeatureCache, options: EvalOptions,
@@ -57,7 +77,9 @@ def score_triplet_set(model: CIRModel, triplet_set: TripletSet, cache: FeatureCa
     triplets = [t for t in triplet_set.triplets
                 if t.candidate in ref_lookup and (t.target in position or t.target not in gallery_paths)]
     unusable = len(triplet_set.triplets) - len(triplets)
-    texts = query_texts(model, triplets, descriptions)
+    if options.describe == "predicted":
+        descriptions = predicted_descriptions(model, {t.candidate: ref_lookup[t.candidate] for t in triplets})
+    texts = query_texts(model, triplets, descriptions, options.describe)
     was_training = model.training
     model.eval()
     with torch.no_grad():

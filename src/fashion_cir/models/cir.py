@@ -13,11 +13,13 @@ from torch import nn
 from ..data.captions import sentence_query
 from ..errors import ModelError
 from ..io import environment_info, file_sha1, fsync_dir, fsync_file, read_json, write_json
+from .attributes import AttributeHeads, load_heads
 from .backbone import Backbone
 from .combiner import Combiner
 from .factory import create_backbone
 
 QUERY_MODES = ("image", "text", "sum", "sum_raw", "combiner")
+PROMPT_SOURCES = ("catalog", "predicted", "none")
 MODEL_FILE = "model.json"
 WEIGHTS_FILE = "weights.pt"
 
@@ -47,7 +49,7 @@ class CIRModel(nn.Module):
     from what the backbone spec builds (trained parts); only those are written to disk."""
 
     def __init__(self, backbone: Backbone, query_mode: str = "sum", combiner: Combiner | None = None,
-                 saved_prefixes: list[str] | None = None, text_template: str = "prompt"):
+                 saved_prefixes: list[str] | None = None, text_template: str = "prompt", prompt_source: str = "catalog"):
         super().__init__()
         if query_mode not in QUERY_MODES:
             raise ModelError(f"unknown query mode {query_mode!r}; choose one of {QUERY_MODES}")
@@ -55,6 +57,10 @@ class CIRModel(nn.Module):
         self.query_mode = query_mode
         self.combiner = combiner
         self.text_template = text_template
+        if prompt_source not in PROMPT_SOURCES:
+            raise ModelError(f"unknown prompt source {prompt_source!r}; choose one of {PROMPT_SOURCES}")
+        self.prompt_source = prompt_source  # where the reference descriptions of its training prompts came from
+        self.attribute_heads: AttributeHeads | None = None  # set by attach_heads / load when the folder has them
         self.saved_prefixes = list(saved_prefixes or [])
         self.source: Path | None = None  # the model folder it was loaded from, if any
 
@@ -67,6 +73,19 @@ class CIRModel(nn.Module):
         if self.text_template == "prompt" and reference_prompt:
             return self.backbone.fit_query_text(reference_prompt, caption, sentence_query)
         return caption
+
+    def attach_heads(self, heads: AttributeHeads | None) -> None:
+        """Attribute heads predicting descriptions of images that have none (uploads)."""
+        if heads is not None and heads.feature_dim != self.backbone.feature_dim:
+            raise ModelError(f"attribute heads take {heads.feature_dim}-d features but the model's image features "
+                             f"are {self.backbone.feature_dim}-d")
+        self.attribute_heads = heads
+
+    def predict_attributes(self, image_features: torch.Tensor) -> list[dict[str, dict[str, Any]]]:
+        """Predicted attributes (value + confidence) per row of raw image features."""
+        if self.attribute_heads is None:
+            raise ModelError("this model has no attribute heads: train them with `fashion-cir attributes train --model DIR`")
+        return self.attribute_heads.predict(image_features)
 
     def mark_trained(self, prefixes: list[str]) -> None:
         """Record trained parts as prefixes of this model's state dict, e.g.
@@ -81,10 +100,11 @@ class CIRModel(nn.Module):
         return {k: v.detach().cpu() for k, v in self.state_dict().items() if k.startswith(prefixes)}
 
     def save(self, folder: str | Path, metadata: dict[str, Any] | None = None) -> Path:
-        """Write ``model.json`` (spec, query mode, head config, versions, sha1 of the weights) and
-        ``weights.pt``. Order: new weights to a temporary file (fsynced), then ``model.json``
-        (atomic), then the weights renamed into place; a crash at any point leaves a folder that
-        loads as the old model or the new one (see :meth:`load`), never a mismatched pair."""
+        """Write ``model.json`` (spec, query mode, text template, prompt source, head config,
+        versions, sha1 of the weights), ``weights.pt`` and, when attached, the attribute heads.
+        Order: new weights to a temporary file (fsynced), then ``model.json`` (atomic), then the
+        weights renamed into place; a crash at any point leaves a folder that loads as the old
+        model or the new one (see :meth:`load`), never a mismatched pair."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         weights_tmp = folder / f".{WEIGHTS_FILE}.tmp"
@@ -96,6 +116,7 @@ class CIRModel(nn.Module):
             "preprocess": self.backbone.preprocess_mode,
             "query_mode": self.query_mode,
             "text_template": self.text_template,
+            "prompt_source": self.prompt_source,
             "combiner": self.combiner.config() if self.combiner is not None else None,
             "saved_prefixes": self.saved_prefixes,
             "image_fingerprint": self.backbone.image_fingerprint(),
@@ -105,6 +126,8 @@ class CIRModel(nn.Module):
         })
         weights_tmp.replace(folder / WEIGHTS_FILE)
         fsync_dir(folder)
+        if self.attribute_heads is not None:
+            self.attribute_heads.save(folder)
         return folder
 
     @classmethod
@@ -118,7 +141,8 @@ class CIRModel(nn.Module):
                 raise ModelError(f"{folder / MODEL_FILE}: missing field {key!r}")
         backbone = create_backbone(meta["backbone"], preprocess=meta.get("preprocess", "clip"))
         combiner = Combiner(backbone.feature_dim, **meta["combiner"]) if meta.get("combiner") else None
-        model = cls(backbone, meta["query_mode"], combiner, meta.get("saved_prefixes"), meta.get("text_template", "prompt"))
+        model = cls(backbone, meta["query_mode"], combiner, meta.get("saved_prefixes"), meta.get("text_template", "prompt"),
+                    meta.get("prompt_source", "catalog"))
         weights_path = _weights_file(folder, meta.get("weights_sha1"))
         if weights_path is not None:
             try:
@@ -138,6 +162,7 @@ class CIRModel(nn.Module):
         if expected and expected != backbone.image_fingerprint():
             raise ModelError(f"{folder}: image encoder fingerprint mismatch after loading (expected {expected}); "
                              "the backbone weights it was trained from are not the ones available here")
+        model.attach_heads(load_heads(folder))
         model.source = folder.resolve()
         return model.eval()
 

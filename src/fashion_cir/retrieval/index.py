@@ -549,41 +549,17 @@ def encode_reference_image(model: CIRModel, image: Image.Image) -> torch.Tensor:
     return backbone.encode_images(pixels).float().cpu()
 
 
-@torch.no_grad()
 def search(model: CIRModel, index: CatalogStore, image: Image.Image | None = None, item_id: str | None = None,
            text: str = "", k: int = 10, exclude_reference: bool = False,
            filter: Filter | None = None) -> list[SearchHit]:
-    """Composed search: reference (an uploaded ``image`` or a catalog ``item_id``) + relative ``text``.
+    """Composed search: reference (an uploaded ``image`` or a catalog ``item_id``) + relative ``text``
+    -> the top ``k`` hits (see :func:`fashion_cir.retrieval.query.composed_search`, which also
+    pages, applies attribute filters and reports the prompt used). The text side is
+    ``model.query_text(text, the reference description)``: the catalog item's ``description``, or
+    for an upload the one its attribute heads predict. ``exclude_reference`` drops the reference
+    item from the results; ``filter`` (:func:`~fashion_cir.retrieval.filters.parse_filter`) keeps
+    only matching items."""
+    from .query import composed_search
 
-    The text side is ``model.query_text(text, description of the reference)`` (the catalog item's
-    ``description`` metadata when there is one), composed with the reference features by
-    ``model.compose``. Without text the query is the reference image alone; without a reference it
-    is the text alone. ``exclude_reference`` drops the reference item from the results; ``filter``
-    (:func:`~fashion_cir.retrieval.filters.parse_filter`) keeps only matching items."""
-    if image is not None and item_id is not None:
-        raise DataError("give a reference image or a catalog id, not both")
-    if item_id is not None and item_id not in index:
-        raise DataError(f"unknown catalog id {item_id!r}")
-    text = text.strip()
-    if image is None and item_id is None and not text:
-        raise DataError("a query needs a reference (image or catalog id), a text, or both")
-    if image is not None:
-        image_features = encode_reference_image(model, image)
-    elif item_id is not None:
-        image_features = torch.from_numpy(np.array(index.vector(item_id), dtype=np.float32)[None])
-    else:
-        image_features = None
-    if text:
-        description = index.metadata.get(item_id, {}).get("description") if item_id is not None else None
-        text_features = model.backbone.embed_texts([model.query_text(text, description)])
-    else:
-        text_features = None
-    if image_features is None:
-        query = model.compose(text_features, text_features, mode="text")
-    elif text_features is None:
-        query = model.compose(image_features, image_features, mode="image")
-    else:
-        device = model.backbone.device  # a Combiner lives with the model; features come from the CPU
-        query = model.compose(image_features.to(device), text_features.to(device))
-    exclude = [item_id] if exclude_reference and item_id is not None else []
-    return index.search_vectors(query.float().cpu().numpy(), k, exclude, filter)[0]
+    return composed_search(model, index, image, item_id, text, k, exclude_reference=exclude_reference,
+                           filter=filter).hits

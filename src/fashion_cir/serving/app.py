@@ -21,8 +21,10 @@ from PIL import Image, UnidentifiedImageError
 from ..data.images import IMAGE_EXTENSIONS, open_image, upload_pixel_limit
 from ..errors import DataError, FashionCIRError
 from ..models.cir import MODEL_FILE, CIRModel, load_model
+from ..retrieval.explain import attribute_values, explain, phrase, requested_changes
 from ..retrieval.filters import FilterError, parse_filter
-from ..retrieval.index import SearchHit, read_manifest, search
+from ..retrieval.index import read_manifest
+from ..retrieval.query import composed_search
 from ..retrieval.store import LiveIndex
 from .limits import Busy, ConcurrencyLimit
 
@@ -127,14 +129,15 @@ def _decode_upload(raw: bytes, max_pixels: int, target_size: int | None = None) 
 def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = None, *,
                max_upload_bytes: int = 10 * MB, max_pixels: int | None = None, max_k: int = 100,
                max_text_chars: int = 300, exclude_reference: bool = True, upload_workers: int = 2,
-               upload_queue: int = 16) -> FastAPI:
+               upload_queue: int = 16, search_timeout_s: float = 15.0) -> FastAPI:
     """The app for ``index_folder``. ``model``: a CIRModel, a model folder, a backbone spec, or
     None for the zero-shot backbone the index records; its image fingerprint must match the index.
     ``exclude_reference`` leaves a catalog reference out of its own results (the UI default).
     The index is followed live: ``fashion-cir index add/upsert/remove`` show up without a restart.
     ``max_pixels`` (default: 16x the model's input on each side) bounds the pixels an upload
     decodes to; ``upload_workers`` uploads decode and encode at once, ``upload_queue`` more wait
-    (holding only their raw bytes), and further uploads get 503 + Retry-After."""
+    (holding only their raw bytes), and further uploads get 503 + Retry-After.
+    ``search_timeout_s`` is how long the page waits for a search before offering a retry."""
     cir = _resolve_model(model, Path(index_folder))
     index = LiveIndex(index_folder, cir)
     input_size = cir.backbone.image_size
@@ -170,6 +173,9 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
             view.update(rank=rank, score=round(score, 5))
         return view
 
+    def catalog_text(image_id: str) -> str:
+        return " ".join(str(v) for v in index.metadata.get(image_id, {}).values()).lower()
+
     def known(item_id: str) -> str:
         if item_id not in index:
             raise HTTPException(404, f"unknown item id {item_id!r}")
@@ -187,15 +193,17 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
         return {"status": "ok", "items": len(current), "backbone": current.config["backbone"],
                 "fingerprint": current.fingerprint, "store": current.store_kind, "factory": current.config["factory"],
                 "filter_fields": current.fields,
-                "query_mode": cir.query_mode, "limits": {"max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels,
-                                                         "max_k": max_k, "max_text_chars": max_text_chars}}
+                "query_mode": cir.query_mode, "attribute_heads": cir.attribute_heads is not None,
+                "page": {"search_timeout_ms": int(search_timeout_s * 1000)},
+                "limits": {"max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels,
+                           "max_k": max_k, "max_text_chars": max_text_chars}}
 
-    @app.get("/items", summary="Browse the catalog: a random sample, optionally filtered by a word")
+    @app.get("/items", summary="Browse the catalog: a random sample, optionally filtered by words (any order)")
     def items(n: int = Query(24, ge=1, le=200), seed: int = Query(0), q: str = Query("", max_length=100)) -> dict[str, Any]:
         ids = index.ids
-        needle = q.strip().lower()
-        if needle:
-            ids = [i for i in ids if needle in " ".join(str(v) for v in index.metadata.get(i, {}).values()).lower()]
+        words = q.lower().split()
+        if words:
+            ids = [i for i in ids if all(word in catalog_text(i) for word in words)]
         chosen = random.Random(seed).sample(ids, min(n, len(ids)))
         return {"total": len(index), "matched": len(ids), "items": [item_view(i) for i in chosen]}
 
@@ -219,12 +227,17 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
     def search_endpoint(
         text: str = Form("", max_length=max_text_chars, description="the change, e.g. 'is red with long sleeves'"),
         k: int = Form(10, ge=1, le=max_k, description="number of results"),
+        offset: int = Form(0, ge=0, le=10_000, description="results to skip (load more)"),
         id: str | None = Form(None, description="a catalog item id as the reference"),
         image: UploadFile | None = File(None, description=f"a reference image (at most {max_upload_bytes // MB} MB)"),
         filter: str = Form("", max_length=2000, description='metadata filter, e.g. category == "dress" and color != "black"'),
+        category: list[str] = Form([], description="keep only these categories (repeatable)"),
+        color: list[str] = Form([], description="keep only these colours (repeatable)"),
+        same_type: bool = Form(False, description="keep only the reference's category (predicted for an upload)"),
+        similar: bool = Form(False, description="more like this: the reference image alone, no text"),
     ) -> dict[str, Any]:
         caption = text.strip()
-        if not caption:
+        if not caption and not similar:
             raise HTTPException(422, f"text must not be empty: describe the change in 1 to {max_text_chars} characters")
         current = index.current()
         try:
@@ -248,18 +261,29 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
             with uploads.slot() if has_upload else contextlib.nullcontext():
                 if has_upload:
                     reference = _decode_upload(raw, max_pixels, input_size)
-                hits: list[SearchHit] = search(cir, current, image=reference, item_id=id if not has_upload else None,
-                                               text=caption, k=k, exclude_reference=exclude_reference, filter=parsed)
+                result = composed_search(cir, current, image=reference, item_id=id if not has_upload else None,
+                                         text="" if similar else caption, k=k, offset=offset,
+                                         exclude_reference=exclude_reference, filters={"category": category, "color": color},
+                                         same_type=same_type, filter=parsed)
         except Busy:
             raise HTTPException(503, f"too many uploads are being processed ({uploads.workers} at once, "
                                      f"{uploads.queue} waiting); retry in a moment",
                                 headers={"Retry-After": "1"}) from None
-        description = current.metadata.get(id, {}).get("description") if not has_upload else None
+        took = round((time.perf_counter() - start) * 1000, 2)
+        requested = requested_changes(result.query_text and caption)
+        reference_values = attribute_values(result.reference_attributes)
+        results = []
+        for rank, hit in enumerate(result.hits, offset + 1):
+            view = item_view(hit.id, hit.score, rank)
+            view["match"] = explain(requested, reference_values, hit.metadata)
+            results.append(view)
         return {"reference": {"id": None, "upload": image.filename} if has_upload else item_view(id),
-                "text": caption, "query_text": cir.query_text(caption, description), "k": k,
-                "filter": filter.strip() or None,
-                "took_ms": round((time.perf_counter() - start) * 1000, 2),
-                "results": [item_view(h.id, h.score, rank) for rank, h in enumerate(hits, 1)]}
+                "reference_attributes": result.reference_attributes,
+                "prompt": {"source": result.prompt_source, "description": result.description},
+                "text": "" if similar else caption, "query_text": result.query_text,
+                "requested": {name: phrase(name, value) for name, value in requested.items()},
+                "filter": filter.strip() or None, "filters": result.filters,
+                "k": k, "offset": offset, "more": result.more, "took_ms": took, "results": results}
 
     return app
 

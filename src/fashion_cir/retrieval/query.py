@@ -1,0 +1,106 @@
+"""One composed search, end to end: the reference's features and description (the catalog's for
+an item, predicted by the model's attribute heads for an upload), the sentence-level query text,
+the query vector, attribute filters (incl. "same type as the reference", combined with a filter
+expression) run by the store, and one page of results with an exact "more" flag."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import DataError
+from ..models.attributes import describe
+from ..models.cir import CIRModel
+from .filters import BoolOp, Compare, Filter
+from .index import encode_reference_image
+from .store import CatalogStore, SearchHit
+
+
+@dataclass
+class SearchResult:
+    hits: list[SearchHit]
+    query_text: str
+    description: str | None  # the reference description in the prompt (None: no prompt)
+    prompt_source: str  # catalog | predicted | none
+    reference_attributes: dict[str, Any]  # catalog values, or predicted {"value", "confidence"}
+    filters: dict[str, list[str]] = field(default_factory=dict)
+    offset: int = 0
+    more: bool = False
+
+
+def attribute_filter(values: Mapping[str, list[str]], base: Filter | None = None) -> Filter | None:
+    """``base`` and, per attribute, "one of these values" (e.g. {"category": ["dress"]})."""
+    parts = [Compare(name, False, tuple(dict.fromkeys(str(v) for v in vals))) for name, vals in values.items() if vals]
+    if base is not None:
+        parts.insert(0, base.root)
+    if not parts:
+        return None
+    words = [f"{name} in {json.dumps(list(vals))}" for name, vals in values.items() if vals]
+    text = " and ".join(([f"({base.text})"] if base is not None else []) + words)
+    return Filter(text, parts[0] if len(parts) == 1 else BoolOp("and", tuple(parts)))
+
+
+def reference_description(model: CIRModel, index: CatalogStore, item_id: str | None,
+                          image_features: torch.Tensor | None) -> tuple[str | None, str, dict[str, Any]]:
+    """(description, source, attributes) of a reference: a catalog item's own description and
+    metadata; otherwise (an upload, or an item without a description) the attribute heads'."""
+    metadata = index.metadata.get(item_id, {}) if item_id is not None else {}
+    if isinstance(metadata.get("description"), str) and metadata["description"]:
+        return metadata["description"], "catalog", dict(metadata)
+    if model.attribute_heads is not None and image_features is not None:
+        predicted = model.predict_attributes(image_features)[0]
+        return describe(predicted), "predicted", predicted
+    return None, "none", dict(metadata)
+
+
+def composed_search(model: CIRModel, index: CatalogStore, image: Image.Image | None = None, item_id: str | None = None,
+                    text: str = "", k: int = 10, offset: int = 0, exclude_reference: bool = False,
+                    filters: Mapping[str, list[str]] | None = None, same_type: bool = False,
+                    filter: Filter | None = None) -> SearchResult:
+    """Reference (an uploaded ``image`` or a catalog ``item_id``) + relative ``text`` -> results
+    ``offset`` .. ``offset + k`` that pass ``filter`` (a parsed expression), ``filters``
+    (attribute -> allowed values) and, with ``same_type``, share the reference's category (the
+    catalog's, or the predicted one for an upload). Without text the query is the reference image
+    alone ("more like this"); without a reference, the text alone."""
+    if image is not None and item_id is not None:
+        raise DataError("give a reference image or a catalog id, not both")
+    if item_id is not None and item_id not in index:
+        raise DataError(f"unknown catalog id {item_id!r}")
+    text = text.strip()
+    if image is None and item_id is None and not text:
+        raise DataError("a query needs a reference (image or catalog id), a text, or both")
+    if image is not None:
+        image_features = encode_reference_image(model, image)
+    elif item_id is not None:
+        image_features = torch.from_numpy(np.array(index.vector(item_id), dtype=np.float32)[None])
+    else:
+        image_features = None
+    description, source, attributes = reference_description(model, index, item_id, image_features)
+    if model.text_template != "prompt":
+        description, source = None, "none"
+    query_text = model.query_text(text, description) if text else ""
+    with torch.no_grad():
+        text_features = model.backbone.embed_texts([query_text]) if text else None
+        if image_features is None:
+            query = model.compose(text_features, text_features, mode="text")
+        elif text_features is None:
+            query = model.compose(image_features, image_features, mode="image")
+        else:
+            device = model.backbone.device  # a Combiner lives with the model; features come from the CPU
+            query = model.compose(image_features.to(device), text_features.to(device))
+    wanted = {name: [v for v in vals if v] for name, vals in (filters or {}).items() if any(vals)}
+    if same_type:
+        category = attributes.get("category")
+        category = category.get("value") if isinstance(category, Mapping) else category
+        if category:
+            wanted["category"] = [str(category)]
+    exclude = [item_id] if exclude_reference and item_id is not None else []
+    # one extra hit says whether a further page exists
+    hits = index.search_vectors(query.float().cpu().numpy(), offset + k + 1, exclude, attribute_filter(wanted, filter))[0]
+    return SearchResult(hits[offset:offset + k], query_text, description, source, attributes, wanted, offset,
+                        len(hits) > offset + k)
