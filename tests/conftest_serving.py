@@ -84,3 +84,20 @@ def running_server(app) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+def model_with_heads(folder: Path, catalog: tuple[dict[str, Path], dict[str, dict]], cache: Path):
+    """The tiny model with attribute heads trained on ``catalog``'s labels (first 3/4 train, rest
+    val), saved as a model folder and loaded back from it."""
+    from fashion_cir.features.cache import FeatureCache
+    from fashion_cir.models.attributes import HeadsConfig, train_heads
+    from fashion_cir.models.cir import load_model
+
+    paths, metadata = catalog
+    model = load_model(backbone="tiny")
+    ids, features = FeatureCache(cache).encode(model.backbone, paths, progress=False)
+    cut = len(ids) * 3 // 4
+    model.attach_heads(train_heads(features[:cut], [metadata[i] for i in ids[:cut]], features[cut:],
+                                   [metadata[i] for i in ids[cut:]], config=HeadsConfig(steps=50)))
+    model.save(folder)
+    return load_model(folder)

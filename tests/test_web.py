@@ -1,13 +1,17 @@
-"""The web page in a real browser (Debian chromium driven by Playwright, no browser download):
-upload a reference, describe a change, see results, click one to refine, see new results."""
+"""The web page in a real browser (Debian chromium driven by Playwright, no browser download) over
+a real server whose model has attribute heads: uploads, a refinement chain kept in the URL, facet
+chips, the same-type switch, a phone-sized screen, keyboard-only use, and a server too slow to answer."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from conftest_serving import demo_catalog, running_server
+from conftest_serving import demo_catalog, model_with_heads, running_server
 from fashion_cir.retrieval import build_index
 from fashion_cir.serving.app import create_app
 
@@ -22,69 +26,269 @@ if not CHROMIUM.is_file():  # a missing browser fails the run (`make test` insta
 
 
 @pytest.fixture(scope="module")
-def base_url(tmp_path_factory, tiny_model):
-    folder = tmp_path_factory.mktemp("web") / "index"
-    build_index(folder, tiny_model, *demo_catalog(tmp_path_factory.mktemp("catalog"), 60), progress=False)
-    with running_server(create_app(folder, tiny_model)) as url:
+def site(tmp_path_factory):
+    root = tmp_path_factory.mktemp("web")
+    catalog = demo_catalog(root / "catalog", 60)
+    model = model_with_heads(root / "model", catalog, root / "cache")
+    build_index(root / "index", model, *catalog, progress=False)
+    return root, catalog, model
+
+
+@pytest.fixture(scope="module")
+def base_url(site):
+    root, _, model = site
+    with running_server(create_app(root / "index", model)) as url:
         yield url
 
 
-@pytest.fixture()
-def page(base_url):
+@pytest.fixture(scope="module")
+def slow_url(site):
+    """The same service with a 1 s page timeout and a search handler that takes 3 s."""
+    root, _, model = site
+    app = create_app(root / "index", model, search_timeout_s=1.0)
+
+    @app.middleware("http")
+    async def delay(request, call_next):
+        if request.url.path == "/search":
+            await asyncio.sleep(3)
+        return await call_next(request)
+
+    with running_server(app) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
     from playwright import sync_api
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1360, "height": 960})
-            page.set_default_timeout(15_000)
-            yield page
+            yield browser
         finally:
             browser.close()
 
 
-def test_upload_search_and_refine(page, base_url, tmp_path):
+def open_page(browser, width=1360, height=960):
+    context = browser.new_context(viewport={"width": width, "height": height})
+    page = context.new_page()
+    page.set_default_timeout(20_000)
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    return context, page, errors
+
+
+@pytest.fixture()
+def page(browser):
+    context, page, errors = open_page(browser)
+    yield page
+    context.close()
+    assert errors == []
+
+
+def result_ids(page) -> list[str]:
+    return page.locator("#results-grid .item").evaluate_all("cards => cards.map(c => c.dataset.id)")
+
+
+def search(page, text: str):
+    """Type a change and search; waits for the new results."""
+    page.fill("#change-text", text)
+    with page.expect_response(lambda r: r.url.endswith("/search")) as response:
+        page.click("#search-btn")
+    page.wait_for_function("!document.querySelector('#results-grid').classList.contains('stale')")
+    return response.value.json()
+
+
+def pick_catalog_item(page, n: int = 0) -> str:
+    page.wait_for_selector("#catalog-grid .item img")
+    item = page.locator("#catalog-grid .item").nth(n)
+    item_id = item.get_attribute("data-id")
+    item.locator(".choose").click()
+    return item_id
+
+
+def query_of(page) -> dict[str, list[str]]:
+    return parse_qs(urlparse(page.url).query)
+
+
+def test_upload_search_carries_predicted_attributes_and_prompt(page, base_url, site, tmp_path):
+    _, (paths, _), _ = site
     page.goto(base_url)
     page.wait_for_selector("#catalog-grid .item img")
-    assert page.locator("#catalog-grid .item").count() == 48
-    assert "60 items" in page.inner_text("#status")
-
-    # turn 1: an uploaded reference (a catalog photo saved under another name)
-    first = page.locator("#catalog-grid .item").first
+    assert page.locator("h1").count() == 1 and page.inner_text("#status") == "60 items"  # no jargon in the header
     upload = tmp_path / "my-photo.jpg"
-    upload.write_bytes(page.request.get(base_url + first.locator("img").get_attribute("src")).body())
+    upload.write_bytes(paths[sorted(paths)[0]].read_bytes())
     page.set_input_files("#upload-input", str(upload))
     assert "my-photo.jpg" in page.inner_text("#reference-caption")
-    page.fill("#change-text", "is red with long sleeves")
-    page.click("#search-btn")
-    page.wait_for_selector("#results-grid .item")
+    page.uncheck("#same-type")  # all types, so that there is more than one page
+    body = search(page, "is red with long sleeves")
+    assert body["prompt"]["source"] == "predicted" and body["prompt"]["description"]
+    assert {"category", "color"} <= set(body["reference_attributes"])
+    assert body["query_text"] == f"{body['prompt']['description']}, but is red with long sleeves"
     assert page.locator("#results-grid .item").count() == 24
-    assert "is red with long sleeves" in page.inner_text("#results-summary")
-    first_results = page.locator("#results-grid .item").evaluate_all("cards => cards.map(c => c.dataset.id)")
+    assert body["query_text"] in page.inner_text("#results-summary")
+    predicted_category = body["reference_attributes"]["category"]["value"]
+    assert predicted_category in page.inner_text("#reference-attributes")
+    # why it matches: key attributes and the requested changes per result; scores only in details
+    card = page.locator("#results-grid .item").first
+    assert card.locator(".attrs").inner_text() and card.locator(".why").count() == 1
+    assert not card.locator(".score").is_visible()
+    card.locator("summary").click()
+    assert card.locator(".score").inner_text().startswith("Similarity ")
+    assert "upload" in query_of(page) and page.locator("#uploads .upload-thumb").count() == 1
+    # load more instead of a fixed number; "more like this" searches by the image alone
+    page.click("#load-more")
+    page.wait_for_function("document.querySelectorAll('#results-grid .item').length === 48")
+    with page.expect_response(lambda r: r.url.endswith("/search")):
+        page.locator("#results-grid .item").nth(1).locator(".more-like").click()
+    page.wait_for_function("document.querySelector('#results-summary').innerText.includes('look like the reference')")
+    assert query_of(page)["similar"] == ["1"]
 
-    # turn 2: click a result to make it the reference, then refine
-    chosen = page.locator("#results-grid .item").nth(2)
-    chosen_id = chosen.get_attribute("data-id")
-    chosen.click()
-    assert page.get_attribute("#reference-img", "src").endswith(f"/images/{chosen_id}")
-    page.fill("#change-text", "is shorter and darker")
-    page.click("#search-btn")
-    page.wait_for_function("document.querySelectorAll('#history li img').length === 2")
-    page.wait_for_function("document.querySelector('#results-summary').innerText.includes('is shorter and darker')")
-    second_results = page.locator("#results-grid .item").evaluate_all("cards => cards.map(c => c.dataset.id)")
-    assert len(second_results) == 24 and chosen_id not in second_results
-    assert second_results != first_results
-    assert page.locator("#results-grid .item .score").first.inner_text().startswith("0.")
 
-    # a query without text is explained on the page, not sent
-    page.fill("#change-text", "")
-    page.click("#search-btn")
-    assert "Describe the change" in page.inner_text("#error")
-    page.fill("#change-text", "is shorter and darker")
-    page.evaluate("document.getElementById('error').hidden = true")
-    page.evaluate("window.scrollTo(0, 0)")
+def test_refinement_chain_back_and_reload(page, base_url):
+    page.goto(base_url)
+    first_ref = pick_catalog_item(page, 2)
+    page.uncheck("#same-type")  # any type, so that every step has results to click
+    search(page, "is black")
+    assert query_of(page)["ref"] == [first_ref] and query_of(page)["text"] == ["is black"]
+    step1_results = result_ids(page)
+    second_ref = step1_results[1]
+    page.locator(f'#results-grid .item[data-id="{second_ref}"] .choose').click()
+    search(page, "has long sleeves")
+    third_ref = result_ids(page)[0]
+    page.locator(f'#results-grid .item[data-id="{third_ref}"] .choose').click()
+    search(page, "is shorter")
+    assert page.locator("#history .step").count() == 3
+    assert query_of(page)["ref"] == [third_ref] and query_of(page)["text"] == ["is shorter"]
 
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "web.png"))
+    with page.expect_response(lambda r: r.url.endswith("/search")):
+        page.locator("#history .step").first.click()
+    page.wait_for_function("document.querySelector('#history .step').getAttribute('aria-current') === 'step'")
+    page.wait_for_function("!document.querySelector('#results-grid').classList.contains('stale')")
+    assert query_of(page)["ref"] == [first_ref] and query_of(page)["text"] == ["is black"]
+    assert page.input_value("#change-text") == "is black" and result_ids(page) == step1_results
+
+    page.reload()
+    page.wait_for_function(f"document.querySelectorAll('#results-grid .item').length === {len(step1_results)}")
+    assert page.get_attribute("#reference-img", "src").endswith(f"/images/{first_ref}")
+    assert page.input_value("#change-text") == "is black" and result_ids(page) == step1_results
+    assert page.locator("#history .step").count() == 3  # the chain survives the reload
+    assert page.locator("#history .step").first.get_attribute("aria-current") == "step"
+
+    page.click("#start-over")
+    assert page.locator("#history .step").count() == 0 and query_of(page) == {}
+
+
+def test_facet_chip_narrows_to_one_category(page, base_url):
+    page.goto(base_url)
+    pick_catalog_item(page, 0)
+    page.uncheck("#same-type")
+    search(page, "is blue")
+    categories = page.locator("#results-grid .item").evaluate_all(
+        "cards => cards.map(c => c.querySelector('.attrs').innerText.split(' · ')[0])")
+    assert len(set(categories)) > 1
+    chip = page.locator('#facets .chip[data-facet="category"]').nth(1)
+    wanted, label = chip.get_attribute("data-value"), chip.inner_text()
+    assert label == f"{wanted} ({categories.count(wanted)})"
+    with page.expect_response(lambda r: r.url.endswith("/search")) as response:
+        chip.click()
+    body = response.value.json()
+    page.wait_for_function("!document.querySelector('#results-grid').classList.contains('stale')")
+    assert body["filters"] == {"category": [wanted]} and body["results"]
+    assert {r["metadata"]["category"] for r in body["results"]} == {wanted}
+    assert query_of(page)["category"] == [wanted] and wanted in page.inner_text("#active-filters")
+    assert result_ids(page) == [r["id"] for r in body["results"]]
+
+
+def test_same_type_switch(page, base_url, site):
+    _, (_, metadata), _ = site
+    page.goto(base_url)
+    reference = pick_catalog_item(page, 4)
+    assert page.is_checked("#same-type")  # on by default in the page
+    body = search(page, "is red")
+    category = metadata[reference]["category"]
+    assert body["filters"] == {"category": [category]}
+    assert {metadata[i]["category"] for i in result_ids(page)} == {category}
+    with page.expect_response(lambda r: r.url.endswith("/search")) as response:
+        page.uncheck("#same-type")
+    page.wait_for_function("!document.querySelector('#results-grid').classList.contains('stale')")
+    assert response.value.json()["filters"] == {} and query_of(page)["same"] == ["0"]
+    assert len({metadata[i]["category"] for i in result_ids(page)}) > 1
+
+
+def test_phone_screen_has_no_horizontal_overflow(browser, base_url):
+    context, page, errors = open_page(browser, 390, 844)
+    try:
+        page.goto(base_url)
+        page.wait_for_selector("#catalog-grid .item img")
+        overflow = "document.documentElement.scrollWidth - window.innerWidth"
+        assert page.evaluate(overflow) <= 0
+        # reference and change come first, and the catalog starts within the first screen
+        assert page.locator("#change-text").bounding_box()["y"] < page.locator("#catalog-grid").bounding_box()["y"] < 844 * 1.2
+        pick_catalog_item(page, 0)
+        search(page, "is red with long sleeves and a hood")
+        assert page.evaluate(overflow) <= 0
+        top = page.evaluate("document.getElementById('view-results').getBoundingClientRect().top")
+        assert -2 <= top < 300  # the results were scrolled into view
+        page.locator("#results-grid .item").first.locator("summary").click()
+        assert page.evaluate(overflow) <= 0
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "web-phone.png"))
+    finally:
+        context.close()
     assert errors == []
+
+
+def test_keyboard_only_upload_and_search(page, base_url, site, tmp_path):
+    _, (paths, _), _ = site
+    upload = tmp_path / "kb.jpg"
+    upload.write_bytes(paths[sorted(paths)[7]].read_bytes())
+    page.goto(base_url)
+    page.wait_for_selector("#catalog-grid .item img")
+    for _ in range(12):
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.id") == "upload-input":
+            break
+    assert page.evaluate("document.activeElement.id") == "upload-input"
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Space")
+    chooser.value.set_files(str(upload))
+    page.wait_for_function("document.activeElement.id === 'change-text'")
+    assert "kb.jpg" in page.inner_text("#reference-caption")
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url) if r.url.endswith("/search") else None)
+    page.keyboard.type("is black")
+    with page.expect_response(lambda r: r.url.endswith("/search")):
+        page.keyboard.press("Enter")
+        page.keyboard.press("Enter")  # a second Enter while the search runs is ignored
+    page.wait_for_selector("#results-grid .item")
+    assert len(requests) == 1
+    assert page.get_attribute("#tab-results", "aria-selected") == "true"
+    assert page.get_attribute("#tab-catalog", "role") == "tab" and page.locator("[role=tablist]").count() == 1
+    assert page.locator("label[for=filter]").count() == 1
+
+
+def test_slow_server_shows_the_timeout_and_a_retry(page, slow_url):
+    page.goto(slow_url)
+    pick_catalog_item(page, 1)
+    page.fill("#change-text", "is red")
+    page.click("#search-btn")
+    page.wait_for_selector("#retry-btn:not([hidden])", timeout=10_000)
+    message = page.inner_text("#error-text")
+    assert message.startswith("The search took longer than 1 second and was stopped.")
+    assert page.inner_text("#search-btn") == "Search"
+    assert page.locator("#history .step").count() == 0  # a failed search is no step
+
+
+def test_word_filter_matches_words_in_any_order(page, base_url, site):
+    _, (_, metadata), _ = site
+    record = next(m for m in metadata.values() if m["category"] == "t-shirt") if any(
+        m["category"] == "t-shirt" for m in metadata.values()) else next(iter(metadata.values()))
+    page.goto(base_url)
+    page.wait_for_selector("#catalog-grid .item img")
+    counts = []
+    for words in (f"{record['color']} {record['category']}", f"{record['category']} {record['color']}"):
+        with page.expect_response(lambda r: "/items?" in r.url):
+            page.fill("#filter", words)
+        page.wait_for_function(f"document.querySelector('#catalog-count').innerText.length > 0")
+        counts.append(json.loads(page.evaluate("JSON.stringify(document.querySelector('#catalog-count').innerText)")))
+    assert counts[0] == counts[1] and not counts[0].endswith(" 0 items")

@@ -479,6 +479,7 @@ def attributes_train(
     attributes: Optional[Path] = typer.Option(None, help="MLLM attributes JSONL (default: the catalog's)."),
     cache_dir: Path = typer.Option(Path("runs/cache/features"), help="Static feature cache."),
     report: Optional[Path] = typer.Option(None, help="Write the val report (markdown table) here."),
+    max_train_images: Optional[int] = typer.Option(None, min=1, help="Train on the first N train images only."),
 ):
     """Train one classifier per attribute on the train split's image features, select on val."""
     from .data.catalog import load_clothing_catalog
@@ -487,7 +488,8 @@ def attributes_train(
     from .training.attribute_heads import fit_attribute_heads, format_report
 
     cir = load_model(model)
-    heads = fit_attribute_heads(cir, load_clothing_catalog(catalog, attributes), FeatureCache(cache_dir), progress=True)
+    heads = fit_attribute_heads(cir, load_clothing_catalog(catalog, attributes), FeatureCache(cache_dir), progress=True,
+                                max_train_images=max_train_images)
     heads.save(model)
     table = format_report(heads)
     typer.echo(table)

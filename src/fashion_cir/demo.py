@@ -113,8 +113,8 @@ class Demo:
         return generated
 
     def evaluate(self, name: str, model: CIRModel, sets: dict[str, TripletSet], descriptions: dict[str, str],
-                 modes: tuple[str, ...]) -> dict:
-        report = evaluate_sets(model, sets, self.cache, EvalOptions(modes=modes, progress=False), descriptions)
+                 modes: tuple[str, ...], describe: str = "catalog") -> dict:
+        report = evaluate_sets(model, sets, self.cache, EvalOptions(modes=modes, progress=False, describe=describe), descriptions)
         for mode, table in report.items():
             for set_name in sets:
                 self.rows.append({"stage": name, "mode": mode, "set": set_name,
@@ -141,6 +141,22 @@ class Demo:
 
 def _selection_score(row: dict) -> float:
     return (row["R@10"] + row["R@50"]) / 2
+
+
+def attribute_heads(demo: Demo, catalog: ClothingCatalog, sets: dict[str, TripletSet], descriptions: dict[str, str]) -> None:
+    """Attribute heads for ``best`` (uploads get a predicted description), and ``best`` evaluated
+    with predicted instead of catalog descriptions in its prompts."""
+    from .training.attribute_heads import fit_attribute_heads, format_report
+
+    best = CIRModel.load(demo.out / "best")
+    heads = fit_attribute_heads(best, catalog, demo.cache)
+    heads.save(demo.out / "best")
+    atomic_write_text(demo.out / "attributes.md", format_report(heads) + "\n")
+    val = heads.info["val"]
+    demo.log("attribute heads on val: mean accuracy "
+             f"{sum(r['accuracy'] for r in val.values()) / len(val):.1f}% (majority class "
+             f"{sum(r['majority_accuracy'] for r in val.values()) / len(val):.1f}%); table in attributes.md")
+    demo.evaluate("best, predicted prompt", best, {ANNOTATED: sets[ANNOTATED]}, descriptions, (best.query_mode,), "predicted")
 
 
 def run_demo(config: DemoConfig) -> dict:
@@ -179,6 +195,7 @@ def run_demo(config: DemoConfig) -> dict:
     write_json(out / "best" / "selected.json", {"stage": best, "selection": "mean of R@10 and R@50 on annotated val captions",
                                                  "scores": scores})
     demo.log(f"best on annotated val captions: {best}")
+    attribute_heads(demo, catalog, sets, descriptions)
 
     table = demo.table()
     atomic_write_text(out / "results.md", table + "\n")

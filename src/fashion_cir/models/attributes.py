@@ -225,7 +225,7 @@ def describe(attributes: Mapping[str, Any], min_confidence: float = DESCRIBE_MIN
     if value("closure") in CLOSURE_WORD and category in {"outwear", "hoodie", "sweater", "shirt", "blazer"}:
         words.append(CLOSURE_WORD[value("closure")])
     colors = color or ""
-    if color and second and second != color and pattern not in (None, "solid"):
+    if color and second and second not in (color, "multicolor") and pattern in PATTERN_WORD:  # "navy and white striped"
         colors = f"{color} and {second}"
     if colors:
         words.append(colors)

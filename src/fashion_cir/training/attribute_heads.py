@@ -3,7 +3,6 @@ splits (through the feature cache), labels from the MLLM attributes, heads saved
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from ..data.catalog import ClothingCatalog
@@ -14,12 +13,15 @@ from ..models.cir import CIRModel
 
 
 def fit_attribute_heads(model: CIRModel, catalog: ClothingCatalog, cache: FeatureCache,
-                        config: HeadsConfig | None = None, progress: bool = False) -> AttributeHeads:
-    """Heads trained on ``catalog``'s train split and selected on its val split (never test),
-    attached to ``model``; save them with :func:`save_heads` or ``model.save``."""
+                        config: HeadsConfig | None = None, progress: bool = False,
+                        max_train_images: int | None = None) -> AttributeHeads:
+    """Heads trained on ``catalog``'s train split (its first ``max_train_images`` images when
+    given) and selected on its val split (never test), attached to ``model``."""
     features = {}
     for split in ("train", "val"):
         paths = {i: p for i, p in catalog.split_paths(split).items() if i in catalog.attributes}
+        if split == "train" and max_train_images is not None:
+            paths = dict(list(paths.items())[:max_train_images])
         if not paths:
             raise DataError(f"catalog {catalog.root}: no {split} image has MLLM attributes to learn from")
         ids, feats = cache.encode(model.backbone, paths, on_error="skip", progress=progress)
@@ -30,12 +32,6 @@ def fit_attribute_heads(model: CIRModel, catalog: ClothingCatalog, cache: Featur
     heads.info["trained_on"] = {"catalog": catalog.root.name, "train_images": len(train_ids), "val_images": len(val_ids)}
     model.attach_heads(heads)
     return heads
-
-
-def save_heads(model: CIRModel, folder: str | Path) -> None:
-    """Write the model's heads beside an existing ``model.json``."""
-    assert model.attribute_heads is not None
-    model.attribute_heads.save(folder)
 
 
 def format_report(heads: AttributeHeads) -> str:

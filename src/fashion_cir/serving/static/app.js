@@ -45,6 +45,11 @@ function sentence(text) {
   return /[.!?]$/.test(capital) ? capital : `${capital}.`;
 }
 
+function seconds(ms) {
+  const n = Math.round(ms / 1000);
+  return `${n} second${n === 1 ? "" : "s"}`;
+}
+
 function el(tag, className, text) {
   const node = document.createElement(tag);
   if (className) node.className = className;
@@ -431,7 +436,7 @@ async function runStep(step, { push, record, offset = 0 }) {
     showResults(step, data, offset);
   } catch (error) {
     const message = error instanceof Timeout
-      ? `The search took longer than ${Math.round(state.timeoutMs / 1000)} seconds and was stopped. The service may be busy; please try again.`
+      ? `The search took longer than ${seconds(state.timeoutMs)} and was stopped. The service may be busy; please try again.`
       : error.message;
     showError(message, true);
   } finally {

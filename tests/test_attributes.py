@@ -1,0 +1,151 @@
+"""Attribute heads: trained on real labels they beat the majority class, survive a save/load of
+the model folder, describe an image the way attributes.jsonl reads; requested changes and match
+explanations; ``evaluate --describe`` picks the prompt source and records it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fashion_cir.cli import app
+from fashion_cir.data.triplets import Triplet
+from fashion_cir.evaluation.evaluate import query_texts
+from fashion_cir.errors import ModelError
+from fashion_cir.models.attributes import HEADS_FILE, HeadsConfig, attribute_classes, describe, train_heads
+from fashion_cir.models.cir import CIRModel, load_model
+from fashion_cir.retrieval.explain import explain, requested_changes
+
+runner = CliRunner()
+COLORS = ["red", "blue", "black", "white"]
+CATEGORIES = ["dress", "pants", "t-shirt"]
+
+
+def record(i: int) -> dict:
+    return {"category": CATEGORIES[i % 3], "color": COLORS[(i // 3) % 4], "secondary_color": None, "pattern": "solid",
+            "sleeves": "none", "neckline": "none", "length": None, "material": "cotton", "closure": "none",
+            "kids": False, "description": "x"}
+
+
+def separable(n: int, dim: int = 16, seed: int = 0) -> tuple[np.ndarray, list[dict]]:
+    """Features in which category and colour are linearly readable (plus noise)."""
+    rng = np.random.default_rng(seed)
+    records = [record(i) for i in range(n)]
+    features = rng.normal(0, 0.3, (n, dim)).astype(np.float32)
+    for row, r in enumerate(records):
+        features[row, CATEGORIES.index(r["category"])] += 2.0
+        features[row, 8 + COLORS.index(r["color"])] += 2.0
+    return features, records
+
+
+@pytest.fixture(scope="module")
+def heads():
+    x, records = separable(240)
+    return train_heads(x[:180], records[:180], x[180:], records[180:], config=HeadsConfig(steps=150))
+
+
+def test_heads_learn_what_the_features_carry(heads):
+    val = heads.info["val"]
+    assert set(val) == set(attribute_classes())
+    for name in ("category", "color"):
+        assert val[name]["accuracy"] > 95 and val[name]["accuracy"] > val[name]["majority_accuracy"] + 40
+        assert val[name]["macro_f1"] > 90
+    assert val["category"]["n_val"] == 60 and val["length"]["majority"] is None  # null is a class of its own
+    x, records = separable(12, seed=1)
+    predicted = heads.predict(x)
+    assert [p["color"]["value"] for p in predicted] == [r["color"] for r in records]
+    assert all(0.5 < p["category"]["confidence"] <= 1 for p in predicted)
+
+
+def test_heads_live_in_the_model_folder(heads, tmp_path):
+    model = CIRModel(load_model(backbone="tiny").backbone)
+    with pytest.raises(ModelError, match="take 16-d features"):
+        model.attach_heads(heads)
+    x, records = separable(120, dim=model.backbone.feature_dim)
+    model.attach_heads(train_heads(x[:90], records[:90], x[90:], records[90:], config=HeadsConfig(steps=50)))
+    model.save(tmp_path / "m")
+    assert (tmp_path / "m" / HEADS_FILE).is_file()
+    loaded = load_model(tmp_path / "m")
+    assert loaded.predict_attributes(torch.from_numpy(x[:5])) == model.predict_attributes(torch.from_numpy(x[:5]))
+    assert json.loads((tmp_path / "m" / "model.json").read_text())["prompt_source"] == "catalog"
+    (tmp_path / "m" / "attributes.pt").write_bytes(b"garbage")
+    with pytest.raises(ModelError, match="attributes.pt"):
+        load_model(tmp_path / "m")
+    assert load_model(backbone="tiny").attribute_heads is None
+
+
+def test_descriptions_read_like_the_catalog():
+    plain = {"category": "t-shirt", "color": "white", "secondary_color": "multicolor", "pattern": "graphic print",
+             "sleeves": "short", "neckline": "crew", "length": "hip", "material": "cotton", "closure": "none", "kids": False}
+    assert describe(plain) == "a white short-sleeve cotton t-shirt with a graphic print"
+    assert describe({**plain, "category": "pants", "color": "grey", "pattern": "solid", "sleeves": "none"}) == "a pair of grey cotton pants"
+    assert describe({**plain, "category": "shirt", "color": "navy", "secondary_color": "white", "pattern": "striped",
+                     "sleeves": "long", "neckline": "collar"}) == "a navy and white striped long-sleeve cotton shirt with a collar"
+    unsure = {name: {"value": value, "confidence": 0.3} for name, value in plain.items()}
+    assert describe(unsure) == "a white t-shirt"  # uncertain attributes are left out, never category and colour
+
+
+def test_query_texts_follow_the_prompt_source():
+    model = load_model(backbone="tiny")
+    triplets = [Triplet("a", "b", ("is red", "has long sleeves")),
+                Triplet("c", "d", ("is blue",), {"reference_prompt": "a generated prompt"})]
+    described = {"a": "a white t-shirt", "c": "a black dress"}
+    assert query_texts(model, triplets, described, "catalog") == [
+        "a white t-shirt, but is red and has long sleeves", "a generated prompt, but is blue"]
+    assert query_texts(model, triplets, described, "predicted") == [
+        "a white t-shirt, but is red and has long sleeves", "a black dress, but is blue"]
+    assert query_texts(model, triplets, described, "none") == ["Is red and has long sleeves", "Is blue"]
+
+
+def test_requested_changes_and_why_a_result_matches():
+    assert requested_changes("is red with long sleeves") == {"color": "red", "sleeves": "long"}
+    assert requested_changes("is blue, not white") == {"color": "blue"}
+    assert requested_changes("is beige instead of black and has a hood") == {"color": "beige", "neckline": "hood"}
+    assert requested_changes("is red and much shorter") == {"color": "red", "length": "<"}
+    reference = {"category": "skirt", "color": "black", "length": "knee", "pattern": "solid"}
+    why = explain(requested_changes("is red and much shorter"), reference,
+                  {"category": "skirt", "color": "red", "length": "thigh", "pattern": "solid"})
+    assert why == {"satisfied": ["red", "shorter"], "missed": [], "kept": ["skirt", "solid"]}
+    why = explain({"color": "red"}, reference, {"category": "pants", "color": "black", "length": "full"})
+    assert why == {"satisfied": [], "missed": ["red"], "kept": []}
+
+
+@pytest.fixture(scope="module")
+def small_val(shared_dir, tmp_path_factory):
+    """20 annotated val captions and their images as a FashionIQ-format set."""
+    root = shared_dir / "clothing-dataset"
+    captions = json.loads((root / "captions" / "cap.clothing.val.json").read_text())[:20]
+    folder = tmp_path_factory.mktemp("val")
+    ids = sorted({c["candidate"] for c in captions} | {c["target"] for c in captions})
+    (folder / "cap.json").write_text(json.dumps(captions))
+    (folder / "split.json").write_text(json.dumps(ids))
+    return root, folder
+
+
+def test_evaluate_describe_choice_is_explicit_and_recorded(small_val, tmp_path):
+    root, folder = small_val
+    model = load_model(backbone="tiny")
+    x, records = separable(60, dim=model.backbone.feature_dim)
+    model.attach_heads(train_heads(x[:40], records[:40], x[40:], records[40:], config=HeadsConfig(steps=25)))
+    model.save(tmp_path / "m")
+    base = ["evaluate", "--model", str(tmp_path / "m"), "--captions", str(folder / "cap.json"), "--split-file",
+            str(folder / "split.json"), "--images", str(root / "images"), "--cache-dir", str(tmp_path / "cache")]
+    result = runner.invoke(app, base)  # the folder says "catalog" but no descriptions were given
+    assert result.exit_code == 2 and "--descriptions" in result.output and "Traceback" not in result.output
+    reports = {}
+    for describe_as in ("catalog", "predicted", "none"):
+        out = tmp_path / f"{describe_as}.json"
+        args = base + ["--describe", describe_as, "--json", str(out)]
+        if describe_as == "catalog":
+            args += ["--descriptions", str(root / "attributes.jsonl")]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        reports[describe_as] = json.loads(out.read_text())
+        assert reports[describe_as]["describe"] == describe_as
+    assert reports["catalog"]["descriptions"].endswith("attributes.jsonl")
+    assert reports["none"]["cap"]["n_queries"] == 20
+    result = runner.invoke(app, base + ["--describe", "maybe"])
+    assert result.exit_code == 2 and "--describe must be one of" in result.output
