@@ -463,10 +463,10 @@ def search(
     result = composed_search(cir, index, image=open_image(image) if image else None, item_id=item_id, text=text, k=k,
                              exclude_reference=True, filters={"category": category, "color": color}, same_type=same_type,
                              filter=parsed)
-    typer.echo(f"query: {result.query_text or '(the reference image alone)'}  [prompt: {result.prompt_source}]", err=True)
     if json_out:
         typer.echo(json.dumps([{"id": h.id, "score": h.score, "metadata": h.metadata} for h in result.hits], indent=2))
         return
+    typer.echo(f"query: {result.query_text or '(the reference image alone)'}  [prompt: {result.prompt_source}]")
     for rank, hit in enumerate(result.hits, 1):
         typer.echo(f"{rank:>3}  {hit.score:.4f}  {hit.id}  {hit.metadata.get('description', '')}")
 
