@@ -280,10 +280,10 @@ def features_encode(
     split: Optional[Path] = typer.Option(None, help="Only the ids in this split file."),
     shard: Optional[str] = typer.Option(None, help="I/N: encode every N-th sorted id from the I-th (default: "
                                                    "torchrun's RANK/WORLD_SIZE, else everything)."),
-    model: Optional[Path] = typer.Option(None),
-    backbone: Optional[str] = typer.Option(None),
-    batch_size: int = typer.Option(64),
-    workers: int = typer.Option(0),
+    model: Optional[Path] = typer.Option(None, help="Model folder giving the image features."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone spec giving the image features."),
+    batch_size: int = typer.Option(64, help="Images per encoding batch."),
+    workers: int = typer.Option(0, help="Image decoding worker processes."),
 ):
     """Encode this process's shard of a catalog into a shared, content-keyed feature cache."""
     from .data.images import scan_images
@@ -309,8 +309,8 @@ def features_encode(
 @friendly
 def features_merge(
     cache_dir: Path = typer.Option(..., help="The feature cache the shards wrote."),
-    model: Optional[Path] = typer.Option(None),
-    backbone: Optional[str] = typer.Option(None),
+    model: Optional[Path] = typer.Option(None, help="Model folder the cache was filled with."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone spec the cache was filled with."),
 ):
     """Merge the cache parts the shards wrote into one (run after every shard has finished)."""
     from .features.cache import FeatureCache
