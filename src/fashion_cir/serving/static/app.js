@@ -473,7 +473,7 @@ function showResults(step, data, offset) {
   $("load-more").hidden = !data.more;
   $("tab-results").disabled = false;
   switchTab("results");
-  if (!offset && window.innerWidth < 760) $("view-results").scrollIntoView({ block: "start" });
+  if (!offset && window.innerWidth < 760) requestAnimationFrame(() => $("view-results").scrollIntoView({ block: "start" }));
 }
 
 function renderFacets() {
