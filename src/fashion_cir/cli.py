@@ -466,7 +466,7 @@ def search(
     if json_out:
         typer.echo(json.dumps([{"id": h.id, "score": h.score, "metadata": h.metadata} for h in result.hits], indent=2))
         return
-    typer.echo(f"query: {result.query_text or '(the reference image alone)'}  [prompt: {result.prompt_source}]")
+    typer.echo(f"query: {result.query_text or '(the reference image alone)'}  [prompt: {result.prompt_source}]", err=True)
     for rank, hit in enumerate(result.hits, 1):
         typer.echo(f"{rank:>3}  {hit.score:.4f}  {hit.id}  {hit.metadata.get('description', '')}")
 
