@@ -223,12 +223,13 @@ def test_evaluate_a_trained_model_on_the_val_captions(trained, mini, work):
     out, _ = trained
     metrics_file = work / "metrics.json"
     result = ok(["evaluate", "--model", out / "stage2" / "model", "--captions", mini["val_captions"], "--split-file",
-                 mini["val_split"], "--images", mini["images"], "--cache-dir", work / "features", "--json", metrics_file])
+                 mini["val_split"], "--images", mini["images"], "--cache-dir", work / "features", "--json", metrics_file,
+                 "--descriptions", mini["root"] / "attributes.jsonl"])  # the prompts the model was trained with
     metrics = json.loads(metrics_file.read_text())
     row = metrics["cap.clothing.val"]
     assert row["n_queries"] == N_VAL and row["n_gallery"] == N_VAL and row["missing"] == 0
     assert row["R@50"] == 100.0 and row["R@1"] <= row["R@5"] <= row["R@10"] <= 100.0  # 12 items: all within 50
-    assert metrics["query_mode"] == "sum" and "R@10" in result.output
+    assert metrics["query_mode"] == "sum" and "R@10" in result.output and metrics["describe"] == "catalog"
 
 
 # -- index build / add, search ------------------------------------------------------------------
