@@ -67,3 +67,37 @@ def test_missing_images_folder_is_reported(clothing, tmp_path):
     result = runner.invoke(app, ["evaluate", "--backbone", "tiny", "--captions", str(clothing["captions"]),
                                  "--split-file", str(clothing["split"]), "--images", str(tmp_path / "none")])
     assert result.exit_code == 2 and "images folder not found" in result.output
+
+
+def test_evaluate_catalog_protocol_unions_gallery_files_and_leaves_the_reference_out(clothing, tiny_model, tmp_path):
+    import numpy as np
+
+    from fashion_cir.features.cache import FeatureCache
+
+    val_ids = json.loads(clothing["split"].read_text())
+    extra_ids = json.loads((clothing["split"].parent / "split.clothing.test.json").read_text())[:25]
+    (tmp_path / "extra.json").write_text(json.dumps(extra_ids))
+    cache = FeatureCache(tmp_path / "cache")
+    ids, features = cache.encode(tiny_model.backbone, {i: clothing["images"] / f"{i}.jpg" for i in val_ids + extra_ids},
+                                 progress=False)
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    similarity = unit @ unit.T
+    np.fill_diagonal(similarity, -np.inf)
+    # each query's target is its reference's nearest other image: image-only search finds it first
+    captions = [{"candidate": ids[q], "target": ids[int(similarity[q].argmax())], "captions": ["is similar", "same"]}
+                for q in range(0, 400, 20)]
+    (tmp_path / "cap.json").write_text(json.dumps(captions))
+    common = ["evaluate", "--backbone", "tiny", "--captions", str(tmp_path / "cap.json"), "--images", str(clothing["images"]),
+              "--mode", "image", "--cache-dir", str(tmp_path / "cache")]
+    split = runner.invoke(app, common + ["--split-file", str(clothing["split"]), "--json", str(tmp_path / "split.json")])
+    catalog = runner.invoke(app, common + ["--gallery-split-file", str(clothing["split"]), "--gallery-split-file",
+                                           str(tmp_path / "extra.json"), "--json", str(tmp_path / "catalog.json")])
+    assert split.exit_code == 0 and catalog.exit_code == 0, split.output + catalog.output
+    split_metrics = json.loads((tmp_path / "split.json").read_text())
+    catalog_metrics = json.loads((tmp_path / "catalog.json").read_text())
+    assert catalog_metrics["protocol"] == "catalog" and split_metrics["protocol"] == "fashioniq"
+    assert catalog_metrics["cap"]["n_gallery"] == 563 + 25 and split_metrics["cap"]["n_gallery"] == 563
+    assert catalog_metrics["descriptions"].endswith("attributes.jsonl")
+    # the reference kept, it ranks first and its nearest neighbour second; left out, the target is first
+    assert split_metrics["cap"]["R@1"] == 0.0
+    assert catalog_metrics["cap"]["R@1"] >= 90.0  # (exact duplicate photos in the catalog can tie)

@@ -66,12 +66,17 @@ def evaluate(
     backbone: Optional[str] = typer.Option(None, help="Zero-shot backbone spec: openclip:ViT-B-32:openai, tiny, offline:DIR."),
     captions: Optional[Path] = typer.Option(None, help="FashionIQ-format captions JSON of any catalog."),
     split_file: Optional[Path] = typer.Option(None, help="Image split JSON (the gallery) for --captions."),
+    gallery_split_file: list[Path] = typer.Option(
+        [], help="Catalog protocol: the gallery is the union of these id lists (repeat the option, e.g. "
+                 "train, val and test for the whole catalog), the reference is left out of its own ranking."),
     images: Optional[Path] = typer.Option(None, help="Images folder ({id}.jpg or .png)."),
     fashioniq: Optional[Path] = typer.Option(None, help="FashionIQ root (captions/, image_splits/); evaluates dress, shirt, toptee."),
     category: list[str] = typer.Option([], help="FashionIQ categories (default: all three)."),
     split: str = typer.Option("val", help="FashionIQ split."),
     mode: list[str] = typer.Option([], help="Query modes: image, text, sum, sum_raw, combiner (default: the model's)."),
-    descriptions: Optional[Path] = typer.Option(None, help="attributes.jsonl whose descriptions give the sentence-level prompt (--describe catalog)."),
+    descriptions: Optional[Path] = typer.Option(
+        None, help="attributes.jsonl: reference prompts (--describe catalog) and gallery descriptions (default: "
+                   "the file the model was trained with, else attributes.jsonl beside the images folder)."),
     describe: Optional[str] = typer.Option(None, help="Reference descriptions in the prompt: catalog (--descriptions FILE), predicted (the model's attribute heads) or none; default: what the model folder records (a backbone: catalog with --descriptions, else none)."),
     remove_reference: bool = typer.Option(False, help="CIRR protocol: drop the reference from its own ranking."),
     strict: bool = typer.Option(False, help="Fail when images are missing instead of skipping and counting them."),
@@ -84,7 +89,7 @@ def evaluate(
     """Recall@1/5/10/50 on FashionIQ (per category, average, overall) or any FashionIQ-format set."""
     from .data.catalog import read_descriptions
     from .data.triplets import FASHIONIQ_CATEGORIES, load_fashioniq, load_triplet_set
-    from .evaluation.evaluate import EvalOptions, evaluate_sets, format_table
+    from .evaluation.evaluate import EvalOptions, default_descriptions, evaluate_sets, format_table
     from .features.cache import FeatureCache
     from .models.cir import load_model
 
@@ -92,10 +97,12 @@ def evaluate(
         raise FashionCIRError("give --model DIR or --backbone SPEC, not both")
     if fashioniq is not None:
         sets = load_fashioniq(fashioniq, split, tuple(category) or FASHIONIQ_CATEGORIES, images, strict)
-    elif captions and split_file and images:
-        sets = {captions.stem: load_triplet_set(captions, split_file, images, strict=strict)}
+    elif captions and (split_file or gallery_split_file) and images:
+        gallery_files = list(gallery_split_file) or [split_file]
+        sets = {captions.stem: load_triplet_set(captions, gallery_files, images, strict=strict)}
+        remove_reference = remove_reference or bool(gallery_split_file)
     else:
-        raise FashionCIRError("give --fashioniq ROOT, or --captions FILE --split-file FILE --images DIR")
+        raise FashionCIRError("give --fashioniq ROOT, or --captions FILE --split-file FILE (or --gallery-split-file) --images DIR")
     for name, triplet_set in sets.items():
         report = triplet_set.report()
         typer.echo(f"{name}: {report['triplets']} queries, {report['gallery_images']} gallery images, "
@@ -104,8 +111,11 @@ def evaluate(
 
     if describe is not None and describe not in PROMPT_SOURCES:
         raise FashionCIRError(f"--describe must be one of {', '.join(PROMPT_SOURCES)}, got {describe!r}")
-    described = read_descriptions(descriptions) if descriptions else None
     cir = load_model(model, backbone, preprocess=preprocess)  # after the data checks: loading may download weights
+    if model is not None:
+        descriptions = descriptions or default_descriptions(cir, images)
+    described = read_descriptions(descriptions) if descriptions else None
+    typer.echo(f"descriptions (reference prompts, gallery items): {descriptions or 'none'}", err=True)
     if describe is None:  # a model folder: the prompt source it was trained with; a bare backbone: what is given
         recorded = cir.prompt_source if model is not None else ("catalog" if described else "none")
         describe = recorded if cir.text_template == "prompt" else "none"
@@ -115,14 +125,19 @@ def evaluate(
     if describe == "predicted" and cir.attribute_heads is None:
         raise FashionCIRError("--describe predicted needs a model folder with attribute heads: "
                               "run `fashion-cir attributes train --model DIR` first")
+    if cir.matcher is not None and not described:
+        raise FashionCIRError("this model scores gallery descriptions: pass --descriptions attributes.jsonl")
     options = EvalOptions(modes=tuple(mode) or (cir.query_mode,), batch_size=batch_size, num_workers=workers,
                           remove_reference=remove_reference, describe=describe)
     report = evaluate_sets(cir, sets, FeatureCache(cache_dir), options, described)
     typer.echo(format_table(report))
     first = report[options.modes[0]]
     _dump(json_out, {**first, "query_mode": options.modes[0], "by_mode": report if len(report) > 1 else None,
-                     "protocol": "cirr" if remove_reference else "fashioniq", "model": str(model) if model else backbone,
-                     "describe": describe, "descriptions": str(descriptions) if describe == "catalog" else None})
+                     "protocol": ("catalog" if gallery_split_file else "cirr") if remove_reference else "fashioniq",
+                     "gallery_files": [str(f) for f in gallery_split_file] or None,
+                     "describe": describe, "descriptions": str(descriptions) if descriptions else None,
+                     "matcher": cir.matcher.config() if cir.matcher is not None else None,
+                     "model": str(model) if model else backbone})
 
 
 @app.command()

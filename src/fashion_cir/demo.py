@@ -20,10 +20,13 @@ from .features.cache import FeatureCache
 from .io import atomic_write_text, environment_info, read_json, text_sha1, write_json
 from .models.cir import CIRModel
 from .models.factory import create_backbone
+from .models.matcher import DescriptionMatcher
 
 ANNOTATED = "annotated-val"
 GENERATED = "generated-val"
 KS = (1, 5, 10, 50)
+PROTOCOLS = ("split", "catalog")  # gallery = the val split (reference kept, FashionIQ) / the whole catalog (reference removed)
+WEIGHT_GRID = tuple(round(0.1 * i, 1) for i in range(11))
 
 
 @dataclass
@@ -35,6 +38,8 @@ class DemoConfig:
     port: int = 8000
     seed: int = 0
     align_epochs: int = 15
+    matcher: str | None = "minilm"  # the description matcher's encoder (None: image-only catalog items)
+    matcher_template: str = "caption"
     stages: list[str] = field(default_factory=lambda: ["zero-shot", "stage1", "stage2"])
 
     def scaled(self) -> "DemoConfig":
@@ -50,6 +55,7 @@ class Demo:
         self.out = Path(config.out)
         self.cache = FeatureCache(self.out / "features")
         self.rows: list[dict] = []
+        self.ranks: dict[tuple[str, str, str], list[int]] = {}  # (stage, protocol, set) -> per-query target ranks
         self.started = time.perf_counter()
 
     def log(self, message: str) -> None:
@@ -112,30 +118,81 @@ class Demo:
         self.log(f"generated {len(generated)} {split} triplets from {len(ids)} images")
         return generated
 
-    def evaluate(self, name: str, model: CIRModel, sets: dict[str, TripletSet], descriptions: dict[str, str],
-                 modes: tuple[str, ...], describe: str = "catalog") -> dict:
-        report = evaluate_sets(model, sets, self.cache, EvalOptions(modes=modes, progress=False, describe=describe), descriptions)
-        for mode, table in report.items():
-            for set_name in sets:
-                self.rows.append({"stage": name, "mode": mode, "set": set_name,
-                                  **{f"R@{k}": table[set_name][f"R@{k}"] for k in KS},
-                                  "n_queries": table[set_name]["n_queries"], "n_gallery": table[set_name]["n_gallery"]})
-        return report
+    def catalog_sets(self, catalog: ClothingCatalog, sets: dict[str, TripletSet]) -> dict[str, TripletSet]:
+        """The same queries with the whole catalog (every split) as the gallery."""
+        everything = [i for s in ("train", "val", "test") for i in catalog.splits.get(s, []) if i in catalog.image_paths]
+        return {name: TripletSet(name, s.triplets, everything, catalog.image_paths, [], s.skipped_triplets)
+                for name, s in sets.items()}
 
-    def random_rows(self, sets: dict[str, TripletSet]) -> None:
-        """Expected recall of a random ranking: K / gallery size."""
-        for set_name, triplet_set in sets.items():
-            g = len(triplet_set.gallery_ids)
-            self.rows.append({"stage": "random", "mode": "-", "set": set_name,
-                              **{f"R@{k}": 100.0 * min(k, g) / g for k in KS},
-                              "n_queries": len(triplet_set.triplets), "n_gallery": g})
+    def evaluate(self, name: str, model: CIRModel, sets: dict[str, dict[str, TripletSet]], descriptions: dict[str, str],
+                 modes: tuple[str, ...], label: str | None = None, describe: str = "catalog") -> dict:
+        """Score ``model`` under each protocol; rows carry 95% bootstrap intervals of R@10 and R@50."""
+        from .evaluation.stats import recall_interval
+
+        reports = {}
+        for protocol, protocol_sets in sets.items():
+            options = EvalOptions(modes=modes, progress=False, keep_ranks=True, remove_reference=protocol == "catalog",
+                                  describe=describe)
+            report = evaluate_sets(model, protocol_sets, self.cache, options, descriptions)
+            reports[protocol] = report
+            for mode, table in report.items():
+                for set_name in protocol_sets:
+                    metrics = table[set_name]
+                    stage = label or name
+                    self.ranks[(f"{stage}/{mode}", protocol, set_name)] = metrics["ranks"]
+                    intervals = {f"R@{k}_ci": recall_interval(metrics["ranks"], k)[1:] for k in (10, 50)}
+                    self.rows.append({"stage": stage, "mode": mode, "protocol": protocol, "set": set_name,
+                                      **{f"R@{k}": metrics[f"R@{k}"] for k in KS}, **intervals,
+                                      "n_queries": metrics["n_queries"], "n_gallery": metrics["n_gallery"]})
+        return reports
+
+    def calibrate(self, model: CIRModel, sets: dict[str, TripletSet], descriptions: dict[str, str]) -> float:
+        """Choose the matcher's fusion weight on the annotated val captions (split protocol, mean of
+        R@10 and R@50); returns the chosen weight, which stays set on the model."""
+        if model.matcher is None:
+            return 0.0
+        options = EvalOptions(modes=(model.query_mode,), progress=False)
+        scores = {}
+        for weight in WEIGHT_GRID:
+            model.matcher.weight = weight
+            report = evaluate_sets(model, {ANNOTATED: sets[ANNOTATED]}, self.cache, options, descriptions)
+            scores[weight] = report[model.query_mode][ANNOTATED]["overall"]
+        model.matcher.weight = max(scores, key=lambda w: (scores[w], -abs(w - 0.5)))
+        self.log(f"matcher weight {model.matcher.weight} (annotated val overall by weight: "
+                 + ", ".join(f"{w}: {v:.1f}" for w, v in scores.items()) + ")")
+        return model.matcher.weight
+
+    def random_rows(self, sets: dict[str, dict[str, TripletSet]]) -> None:
+        """Expected recall of a random ranking: K / gallery size (one fewer with the reference removed)."""
+        for protocol, protocol_sets in sets.items():
+            for set_name, triplet_set in protocol_sets.items():
+                g = len(triplet_set.gallery_ids) - (protocol == "catalog")
+                self.rows.append({"stage": "random", "mode": "-", "protocol": protocol, "set": set_name,
+                                  **{f"R@{k}": 100.0 * min(k, g) / g for k in KS},
+                                  "n_queries": len(triplet_set.triplets), "n_gallery": g})
 
     def table(self) -> str:
-        header = "| stage | mode | set | " + " | ".join(f"R@{k}" for k in KS) + " | queries | gallery |"
-        lines = [header, "|" + "---|" * (len(KS) + 5)]
-        for row in self.rows:
-            lines.append(f"| {row['stage']} | {row['mode']} | {row['set']} | "
-                         + " | ".join(f"{row[f'R@{k}']:.2f}" for k in KS) + f" | {row['n_queries']} | {row['n_gallery']} |")
+        header = "| stage | mode | protocol | set | " + " | ".join(f"R@{k}" for k in KS) + " | R@10 95% CI | R@50 95% CI | queries | gallery |"
+        lines = [header, "|" + "---|" * (len(KS) + 8)]
+        for row in sorted(self.rows, key=lambda r: (r["protocol"] != "split", r["set"] != ANNOTATED)):
+            ci = [f"{row[f'R@{k}_ci'][0]:.1f}-{row[f'R@{k}_ci'][1]:.1f}" if f"R@{k}_ci" in row else "-" for k in (10, 50)]
+            lines.append(f"| {row['stage']} | {row['mode']} | {row['protocol']} | {row['set']} | "
+                         + " | ".join(f"{row[f'R@{k}']:.2f}" for k in KS)
+                         + f" | {ci[0]} | {ci[1]} | {row['n_queries']} | {row['n_gallery']} |")
+        return "\n".join(lines)
+
+    def differences(self, pairs: list[tuple[str, str]]) -> str:
+        """Paired bootstrap differences (R@10, R@50) between stages on the same annotated val queries."""
+        from .evaluation.stats import paired_difference
+
+        lines = ["| comparison | protocol | R@10 diff (95% CI) | R@50 diff (95% CI) |", "|---|---|---|---|"]
+        for a, b in pairs:
+            for protocol in PROTOCOLS:
+                ra, rb = self.ranks.get((a, protocol, ANNOTATED)), self.ranks.get((b, protocol, ANNOTATED))
+                if ra is None or rb is None:
+                    continue
+                cells = [paired_difference(ra, rb, k) for k in (10, 50)]
+                lines.append(f"| {a} - {b} | {protocol} | " + " | ".join(f"{d:+.1f} ({lo:+.1f} to {hi:+.1f})" for d, lo, hi in cells) + " |")
         return "\n".join(lines)
 
 
@@ -143,7 +200,7 @@ def _selection_score(row: dict) -> float:
     return (row["R@10"] + row["R@50"]) / 2
 
 
-def attribute_heads(demo: Demo, catalog: ClothingCatalog, sets: dict[str, TripletSet], descriptions: dict[str, str]) -> None:
+def attribute_heads(demo: Demo, catalog: ClothingCatalog, sets: dict[str, dict[str, TripletSet]], descriptions: dict[str, str]) -> None:
     """Attribute heads for ``best`` (uploads get a predicted description), and ``best`` evaluated
     with predicted instead of catalog descriptions in its prompts."""
     from .training.attribute_heads import fit_attribute_heads, format_report
@@ -156,7 +213,17 @@ def attribute_heads(demo: Demo, catalog: ClothingCatalog, sets: dict[str, Triple
     demo.log("attribute heads on val: mean accuracy "
              f"{sum(r['accuracy'] for r in val.values()) / len(val):.1f}% (majority class "
              f"{sum(r['majority_accuracy'] for r in val.values()) / len(val):.1f}%); table in attributes.md")
-    demo.evaluate("best, predicted prompt", best, {ANNOTATED: sets[ANNOTATED]}, descriptions, (best.query_mode,), "predicted")
+    demo.evaluate("best-predicted-prompt", best, {protocol: {ANNOTATED: s[ANNOTATED]} for protocol, s in sets.items()},
+                  descriptions, (best.query_mode,), describe="predicted")
+
+
+def publish_model(source: Path, destination: Path) -> None:
+    """Copy a model folder to ``destination``, replacing what was there (via a temporary folder)."""
+    staging = destination.with_name(f".{destination.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    shutil.rmtree(destination, ignore_errors=True)
+    staging.replace(destination)
 
 
 def run_demo(config: DemoConfig) -> dict:
@@ -168,41 +235,70 @@ def run_demo(config: DemoConfig) -> dict:
     descriptions = catalog.descriptions()
     backbone = demo.aligned_backbone(catalog)
 
-    zero_shot = CIRModel(backbone, query_mode="sum")
-    zero_shot.save(out / "zero-shot", {"stage": "zero-shot"})
-    train_triplets = demo.triplets(zero_shot, catalog, "train")
-    val_triplets = demo.triplets(zero_shot, catalog, "val")
-    sets = demo.val_sets(catalog, val_triplets)
+    plain = CIRModel(backbone, query_mode="sum")  # catalog items are their image features alone
+    plain.descriptions_source = str((catalog.root / "attributes.jsonl").resolve())
+    train_triplets = demo.triplets(plain, catalog, "train")
+    val_triplets = demo.triplets(plain, catalog, "val")
+    split_sets = demo.val_sets(catalog, val_triplets)
+    sets = {"split": split_sets, "catalog": demo.catalog_sets(catalog, split_sets)}
     demo.random_rows(sets)
-    demo.log("evaluating zero-shot (image, text, sum)")
-    demo.evaluate("zero-shot", zero_shot, sets, descriptions, ("image", "text", "sum"))
+    demo.log("evaluating zero-shot (image, text, sum; with and without the sentence-level prompt)")
+    zero_shot_scores = {}
+    for template, modes in (("prompt", ("image", "text", "sum")), ("caption", ("text", "sum"))):
+        plain.text_template = template
+        label = "zero-shot" if template == "prompt" else "zero-shot-no-prompt"
+        report = demo.evaluate(label, plain, sets, descriptions, modes)
+        zero_shot_scores.update({(template, mode): report["split"][mode][ANNOTATED]["overall"] for mode in modes})
+    template, mode = max(zero_shot_scores, key=zero_shot_scores.get)
+    demo.log(f"best zero-shot without descriptions: {mode} ({'with' if template == 'prompt' else 'without'} prompt)")
+    plain.text_template, plain.query_mode = template, mode
+    plain.save(out / "zero-shot", {"stage": "zero-shot"})
     candidates = {"zero-shot": out / "zero-shot"}
+    references = {"zero-shot": f"{'zero-shot' if template == 'prompt' else 'zero-shot-no-prompt'}/{mode}"}
+    if demo.config.matcher:
+        described = CIRModel(backbone, query_mode="sum", text_template="prompt",
+                             matcher=DescriptionMatcher(demo.config.matcher, demo.config.matcher_template))
+        described.descriptions_source = plain.descriptions_source
+        demo.calibrate(described, split_sets, descriptions)
+        demo.evaluate("zero-shot-described", described, sets, descriptions, ("sum",))
+        described.save(out / "zero-shot-described", {"stage": "zero-shot-described"})
+        candidates["zero-shot-described"] = out / "zero-shot-described"
+        references["zero-shot-described"] = "zero-shot-described/sum"
 
     from .demo_stages import run_training_stages
 
-    candidates.update(run_training_stages(demo, zero_shot, catalog, train_triplets, sets, descriptions))
+    start_from = candidates.get("zero-shot-described", candidates["zero-shot"])
+    candidates.update(run_training_stages(demo, start_from, catalog, train_triplets, sets, descriptions))
+    references.update({name: f"{name}/{read_json(folder / 'model.json')['query_mode']}" for name, folder in candidates.items()
+                       if name not in references})
 
     scores = {}
-    for stage in candidates:
-        rows = [r for r in demo.rows if r["stage"] == stage and r["set"] == ANNOTATED]
-        model_mode = read_json(candidates[stage] / "model.json")["query_mode"]
-        rows = [r for r in rows if r["mode"] == model_mode] or rows
-        scores[stage] = max(_selection_score(r) for r in rows)
+    for stage, key in references.items():
+        stage_name, mode = key.split("/")
+        rows = [r for r in demo.rows if r["stage"] == stage_name and r["mode"] == mode
+                and r["set"] == ANNOTATED and r["protocol"] == "split"]
+        scores[stage] = _selection_score(rows[0])
     best = max(scores, key=scores.get)
-    if (out / "best").exists():
-        shutil.rmtree(out / "best")
-    shutil.copytree(candidates[best], out / "best")
-    write_json(out / "best" / "selected.json", {"stage": best, "selection": "mean of R@10 and R@50 on annotated val captions",
-                                                 "scores": scores})
+    publish_model(candidates[best], out / "best")
+    write_json(out / "best" / "selected.json", {"stage": best, "selection": "mean of R@10 and R@50 on annotated val captions "
+                                                 "(split protocol)", "scores": scores})
     demo.log(f"best on annotated val captions: {best}")
     attribute_heads(demo, catalog, sets, descriptions)
+    zero_best = max(("zero-shot", "zero-shot-described"), key=lambda s: scores.get(s, -1))
+    pairs = [("stage1", zero_best), ("stage2", "stage1"), ("stage1", "stage1-annotated-only"),
+             ("stage1", "stage1-generated-only"), ("zero-shot-described", "zero-shot")]
+    differences = demo.differences([(references[a], references[b]) for a, b in pairs
+                                    if a in references and b in references])
 
     table = demo.table()
-    atomic_write_text(out / "results.md", table + "\n")
-    write_json(out / "results.json", {"rows": demo.rows, "best": best, "seconds": time.perf_counter() - demo.started})
+    atomic_write_text(out / "results.md", table + "\n\nPaired differences on the annotated val captions:\n\n" + differences + "\n")
+    write_json(out / "results.json", {"rows": demo.rows, "best": best, "seconds": time.perf_counter() - demo.started,
+                                      "ranks": {"|".join(k): v for k, v in demo.ranks.items()}})
     print("\nResults on the clothing val split (annotated captions = free language; generated = our triplets):")
     print(table)
+    print("\nPaired differences (annotated val):")
+    print(differences)
     from .demo_stages import finish_demo
 
-    finish_demo(demo, catalog, sets, descriptions)
+    finish_demo(demo, catalog, split_sets, descriptions)
     return {"rows": demo.rows, "best": best}

@@ -12,6 +12,9 @@ from .io import read_json, text_sha1, write_json
 from .models.cir import CIRModel
 
 
+TRAIN_MATCHER_WEIGHT = 0.5  # the fusion weight while training; calibrated on val afterwards
+
+
 def _stage_configs(fast: bool) -> dict[str, dict]:
     """Demo settings. On CPU the image tower stays frozen (its features are cached) and the text
     tower + projections train; on a GPU the same code trains both towers (``encoders='both'``)."""
@@ -36,23 +39,32 @@ def _train(demo, name: str, stage: str, settings: dict, model: CIRModel, triplet
     batch = max(2, min(settings["batch_size"], len(triplets) // 2 * 2))  # --fast slices can be smaller than a batch
     config = config_cls.from_dict({**settings, "batch_size": batch, "cache_dir": str(demo.out / "features")}, f"demo {name}")
     wanted = {k: v for k, v in config.model_dump(mode="json").items() if k not in ("progress", "cache_dir")}
+    wanted["model"] = {"query_mode": model.query_mode, "text_template": model.text_template,
+                       "matcher": {k: v for k, v in model.matcher.config().items() if k != "weight"} if model.matcher else None}
     wanted["triplets"] = text_sha1(*(f"{t.candidate}>{t.target}:{'|'.join(t.captions)}" for t in triplets))
     saved = published / "train_config.json"  # written only once the stage is published
     if (published / "model.json").is_file() and saved.is_file() and read_json(saved) == wanted:
         demo.log(f"reusing trained {name} from {published}")
         return CIRModel.load(published), published
     demo.log(f"training {name}: {len(triplets)} triplets, {config.epochs} epochs, batch {config.batch_size}")
-    train(config, model, triplets, image_paths, sets, descriptions, run_dir)
+    if model.matcher is not None:
+        model.matcher.weight = TRAIN_MATCHER_WEIGHT
+    train(config, model, triplets, image_paths, sets["split"], descriptions, run_dir)
     best = run_dir / "best" if (run_dir / "best" / "model.json").is_file() else run_dir / "model"
-    if published.exists():
-        shutil.rmtree(published)
-    shutil.copytree(best, published)
-    write_json(published / "train_config.json", wanted)
+    trained = CIRModel.load(best)
+    if trained.matcher is not None:  # the fusion weight is chosen on val once the stage is trained
+        demo.calibrate(trained, sets["split"], descriptions)
+    staging = published.with_name(f".{published.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    trained.save(staging, {"stage": name})
+    write_json(staging / "train_config.json", wanted)
+    shutil.rmtree(published, ignore_errors=True)
+    staging.replace(published)
     return CIRModel.load(published), published
 
 
-def run_training_stages(demo, zero_shot: CIRModel, catalog: ClothingCatalog, generated_train: list[dict],
-                        sets: dict[str, TripletSet], descriptions: dict[str, str]) -> dict[str, Path]:
+def run_training_stages(demo, start_from: Path, catalog: ClothingCatalog, generated_train: list[dict],
+                        sets: dict[str, dict[str, TripletSet]], descriptions: dict[str, str]) -> dict[str, Path]:
     """Stage 1 on annotated + generated triplets, the annotated-only and generated-only ablations,
     then stage 2 from the stage-1 model. Returns {stage name: published model folder}."""
     settings = _stage_configs(demo.config.fast)
@@ -65,7 +77,7 @@ def run_training_stages(demo, zero_shot: CIRModel, catalog: ClothingCatalog, gen
     runs = [("stage1-annotated-only", annotated), ("stage1-generated-only", generated), ("stage1", annotated + generated)]
     stage1_model = None
     for name, triplets in runs:
-        fresh = CIRModel.load(demo.out / "zero-shot")
+        fresh = CIRModel.load(start_from)
         model, published[name] = _train(demo, name, "stage1", settings["stage1"], fresh, triplets, image_paths, sets, descriptions)
         demo.evaluate(name, model, sets, descriptions, (model.query_mode,))
         if name == "stage1":
@@ -89,7 +101,7 @@ def example_picture(model: CIRModel, triplet_set: TripletSet, descriptions: dict
     import torch
 
     from .data.images import open_image
-    from .evaluation.evaluate import query_texts
+    from .evaluation.evaluate import gallery_vectors, matcher_texts, query_texts
     from .features.cache import FeatureCache
 
     cache = FeatureCache(out.parent / "features")
@@ -97,11 +109,11 @@ def example_picture(model: CIRModel, triplet_set: TripletSet, descriptions: dict
                                         on_error="skip", progress=False)
     position = {i: n for n, i in enumerate(gallery_ids)}
     triplets = [t for t in triplet_set.triplets if t.candidate in position][:: max(1, len(triplet_set.triplets) // n_queries)][:n_queries]
-    texts = query_texts(model, triplets, descriptions)
     with torch.no_grad():
-        queries = model.compose(torch.from_numpy(np.stack([gallery[position[t.candidate]] for t in triplets])),
-                                model.backbone.embed_texts(texts))
-        scores = queries @ torch.nn.functional.normalize(torch.from_numpy(gallery), dim=-1).T
+        matched = model.matcher.embed(matcher_texts(model, triplets, descriptions), side="query") if model.matcher else None
+        queries = model.query_vectors(torch.from_numpy(np.stack([gallery[position[t.candidate]] for t in triplets])),
+                                      model.backbone.embed_texts(query_texts(model, triplets, descriptions)), matched)
+        scores = queries @ gallery_vectors(model, torch.from_numpy(gallery), gallery_ids, descriptions, cache).T
     fig, axes = plt.subplots(len(triplets), k + 1, figsize=(2.2 * (k + 1), 3.7 * len(triplets)), squeeze=False)
     for row, (triplet, score) in enumerate(zip(triplets, scores)):
         score[position[triplet.candidate]] = -float("inf")  # shown on the left; FashionIQ ranks it too

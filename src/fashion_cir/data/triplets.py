@@ -90,18 +90,20 @@ def read_split(path: str | Path) -> list[str]:
 
 def load_triplet_set(
     captions: str | Path,
-    split_file: str | Path,
+    split_file: str | Path | list[str | Path],
     images: str | Path,
     strict: bool = False,
     name: str | None = None,
 ) -> TripletSet:
     """Read captions + split + images folder. Triplets whose reference or target image is missing
-    are skipped and counted (or, with ``strict``, raise). The gallery is the split's images that exist."""
+    are skipped and counted (or, with ``strict``, raise). The gallery is the split's images that exist
+    (with several split files, their union in order)."""
     images = Path(images)
     if not images.is_dir():
         raise DataError(f"images folder not found: {images}")
     triplets = parse_triplets(read_json(captions, "captions file"), str(captions))
-    split_ids = read_split(split_file)
+    split_files = split_file if isinstance(split_file, list) else [split_file]
+    split_ids = [i for f in split_files for i in read_split(f)]
     unique_ids = list(dict.fromkeys(split_ids))
     for image_id in unique_ids:
         check_image_id(image_id, str(split_file))

@@ -7,6 +7,7 @@ NOT removed; report R@K per category and their average, overall = (avg R@10 + av
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,7 +16,8 @@ from ..data.captions import join_captions_val
 from ..data.triplets import Triplet, TripletSet
 from ..errors import DataError
 from ..features.cache import FeatureCache
-from ..models.cir import CIRModel, compose_query
+from ..models.cir import CIRModel
+from ..models.matcher import DescriptionBank
 from .metrics import DEFAULT_KS, recall_at_k, target_ranks
 
 
@@ -28,6 +30,14 @@ class EvalOptions:
     num_workers: int = 0
     progress: bool = True
     describe: str = "catalog"  # reference descriptions in prompts: catalog, predicted (attribute heads) or none
+    keep_ranks: bool = False  # add each query's 0-based target rank (for intervals and paired tests)
+
+
+def default_descriptions(model: CIRModel, images: Path | None) -> Path | None:
+    """Where descriptions come from when none are given: the file the model was trained with, else
+    the catalog's ``attributes.jsonl`` beside its images folder, else none."""
+    candidates = [model.descriptions_source, images.parent / "attributes.jsonl" if images is not None else None]
+    return next((Path(c) for c in candidates if c is not None and Path(c).is_file()), None)
 
 
 def query_texts(model: CIRModel, triplets: list[Triplet], descriptions: dict[str, str] | None = None,
@@ -58,6 +68,21 @@ def predicted_descriptions(model: CIRModel, features: dict[str, np.ndarray]) -> 
         return {}
     predicted = model.predict_attributes(torch.from_numpy(np.stack([features[i] for i in ids])))
     return {i: describe(p) for i, p in zip(ids, predicted)}
+def matcher_texts(model: CIRModel, triplets: list[Triplet], descriptions: dict[str, str] | None = None) -> list[str]:
+    """The matcher's query text of each triplet (its template decides whether the reference
+    description is part of it)."""
+    return [model.matcher.query_text(join_captions_val(list(t.captions)),
+                                      t.reference_prompt or (descriptions or {}).get(t.candidate)) for t in triplets]
+
+
+def gallery_vectors(model: CIRModel, image_features: torch.Tensor, ids: list[str], descriptions: dict[str, str] | None,
+                    cache: FeatureCache) -> torch.Tensor:
+    """Item vectors of a gallery: image features, plus each item's description when the model has a
+    matcher (its description features are cached beside the image features)."""
+    if model.matcher is None:
+        return model.item_vectors(image_features)
+    bank = DescriptionBank(cache.root)
+    return model.item_vectors(image_features, bank.features(model.matcher, [(descriptions or {}).get(i) for i in ids]))
 
 
 def score_triplet_set(model: CIRModel, triplet_set: TripletSet, cache: FeatureCache, options: EvalOptions,
@@ -77,22 +102,25 @@ def score_triplet_set(model: CIRModel, triplet_set: TripletSet, cache: FeatureCa
     triplets = [t for t in triplet_set.triplets
                 if t.candidate in ref_lookup and (t.target in position or t.target not in gallery_paths)]
     unusable = len(triplet_set.triplets) - len(triplets)
+    prompts = descriptions  # reference descriptions in prompts; gallery items keep the catalog's
     if options.describe == "predicted":
-        descriptions = predicted_descriptions(model, {t.candidate: ref_lookup[t.candidate] for t in triplets})
-    texts = query_texts(model, triplets, descriptions, options.describe)
+        prompts = predicted_descriptions(model, {t.candidate: ref_lookup[t.candidate] for t in triplets})
+    texts = query_texts(model, triplets, prompts, options.describe)
     was_training = model.training
     model.eval()
     with torch.no_grad():
         text_feats = model.backbone.embed_texts(texts, batch_size=256)
+        matcher_feats = model.matcher.embed(matcher_texts(model, triplets, None if options.describe == "none" else prompts),
+                                            side="query") if model.matcher else None
         image_feats = torch.from_numpy(np.stack([ref_lookup[t.candidate] for t in triplets])) if triplets else torch.zeros(0, gallery.shape[1])
-        gallery_norm = torch.nn.functional.normalize(torch.from_numpy(gallery), dim=-1)
+        items = gallery_vectors(model, torch.from_numpy(gallery), gallery_ids, descriptions, cache)
         target_index = np.array([position.get(t.target, -1) for t in triplets], dtype=np.int64)
         reference_index = np.array([position.get(t.candidate, -1) for t in triplets], dtype=np.int64)
         results = {}
         for mode in options.modes:
             device = model.backbone.device  # a Combiner lives with the model, features on the CPU
-            queries = compose_query(mode, image_feats.to(device), text_feats.to(device), model.combiner).float().cpu()
-            scores = (queries @ gallery_norm.T).numpy()
+            queries = model.query_vectors(image_feats.to(device), text_feats.to(device), matcher_feats, mode).float().cpu()
+            scores = (queries @ items.T).numpy()
             ranks = target_ranks(scores, target_index, reference_index if options.remove_reference else None)
             results[mode] = {
                 **recall_at_k(ranks, options.ks),
@@ -103,6 +131,8 @@ def score_triplet_set(model: CIRModel, triplet_set: TripletSet, cache: FeatureCa
             }
             if "R@10" in results[mode] and "R@50" in results[mode]:
                 results[mode]["overall"] = (results[mode]["R@10"] + results[mode]["R@50"]) / 2
+            if options.keep_ranks:
+                results[mode]["ranks"] = [int(r) for r in ranks]
     model.train(was_training)
     return results
 

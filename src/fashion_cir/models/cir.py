@@ -17,11 +17,13 @@ from .attributes import AttributeHeads, load_heads
 from .backbone import Backbone
 from .combiner import Combiner
 from .factory import create_backbone
+from .matcher import DescriptionMatcher
 
 QUERY_MODES = ("image", "text", "sum", "sum_raw", "combiner")
 PROMPT_SOURCES = ("catalog", "predicted", "none")
 MODEL_FILE = "model.json"
 WEIGHTS_FILE = "weights.pt"
+MATCHER_WEIGHTS_FILE = "matcher.pt"
 
 
 def compose_query(mode: str, image_features: torch.Tensor, text_features: torch.Tensor, combiner: Combiner | None = None) -> torch.Tensor:
@@ -45,11 +47,13 @@ def compose_query(mode: str, image_features: torch.Tensor, text_features: torch.
 
 
 class CIRModel(nn.Module):
-    """Backbone + query composition. ``saved_prefixes`` lists the state-dict prefixes that differ
-    from what the backbone spec builds (trained parts); only those are written to disk."""
+    """Backbone + query composition, optionally with a :class:`DescriptionMatcher` that scores the
+    query text against each item's description too. ``saved_prefixes`` lists the state-dict prefixes
+    that differ from what the backbone spec builds (trained parts); only those are written to disk."""
 
     def __init__(self, backbone: Backbone, query_mode: str = "sum", combiner: Combiner | None = None,
-                 saved_prefixes: list[str] | None = None, text_template: str = "prompt", prompt_source: str = "catalog"):
+                 saved_prefixes: list[str] | None = None, text_template: str = "prompt", prompt_source: str = "catalog",
+                 matcher: DescriptionMatcher | None = None):
         super().__init__()
         if query_mode not in QUERY_MODES:
             raise ModelError(f"unknown query mode {query_mode!r}; choose one of {QUERY_MODES}")
@@ -61,11 +65,43 @@ class CIRModel(nn.Module):
             raise ModelError(f"unknown prompt source {prompt_source!r}; choose one of {PROMPT_SOURCES}")
         self.prompt_source = prompt_source  # where the reference descriptions of its training prompts came from
         self.attribute_heads: AttributeHeads | None = None  # set by attach_heads / load when the folder has them
+        self.matcher = matcher
+        self.matcher_trained = False
         self.saved_prefixes = list(saved_prefixes or [])
         self.source: Path | None = None  # the model folder it was loaded from, if any
+        self.descriptions_source: str | None = None  # the attributes file its prompts/descriptions came from
 
     def compose(self, image_features: torch.Tensor, text_features: torch.Tensor, mode: str | None = None) -> torch.Tensor:
         return compose_query(mode or self.query_mode, image_features, text_features, self.combiner)
+
+    # -- the vectors a query and a catalog item become; their inner product is the score ----------
+    def item_vectors(self, image_features: torch.Tensor, description_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Catalog items: normalised image features, joined with description features [N, m] (zero
+        rows for items without one) when the model has a matcher."""
+        images = F.normalize(image_features.float(), dim=-1)
+        if self.matcher is None:
+            return images
+        if description_features is None:
+            description_features = images.new_zeros(len(images), self.matcher.dim)
+        return self.matcher.join(images, description_features.to(images))
+
+    def query_vectors(self, image_features: torch.Tensor | None, text_features: torch.Tensor | None,
+                      matcher_features: torch.Tensor | None = None, mode: str | None = None) -> torch.Tensor:
+        """Queries: the composed reference + text (the image alone, or the text alone, when the other
+        is missing), joined with the matcher's query features when the model has a matcher."""
+        if image_features is None and text_features is None:
+            raise ModelError("a query needs a reference image, a text, or both")
+        if image_features is None:
+            composed = self.compose(text_features, text_features, mode="text")
+        elif text_features is None:
+            composed = self.compose(image_features, image_features, mode="image")
+        else:
+            composed = self.compose(image_features, text_features, mode)
+        if self.matcher is None:
+            return composed
+        if matcher_features is None:
+            matcher_features = composed.new_zeros(len(composed), self.matcher.dim)
+        return self.matcher.join(composed, matcher_features.to(composed))
 
     def query_text(self, caption: str, reference_prompt: str | None = None) -> str:
         """The text side of a query: with the ``prompt`` template, the reference description joined
@@ -97,6 +133,7 @@ class CIRModel(nn.Module):
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
         portable = ["backbone." + p for p in self.backbone.portable_spec()[1]]
         prefixes = tuple(self.saved_prefixes + portable) + ("combiner.",)
+        # the matcher is saved on its own (matcher.pt: its trained query encoder only)
         return {k: v.detach().cpu() for k, v in self.state_dict().items() if k.startswith(prefixes)}
 
     def save(self, folder: str | Path, metadata: dict[str, Any] | None = None) -> Path:
@@ -110,6 +147,11 @@ class CIRModel(nn.Module):
         weights_tmp = folder / f".{WEIGHTS_FILE}.tmp"
         torch.save(self.trained_state_dict(), weights_tmp)
         fsync_file(weights_tmp)
+        matcher_tmp = folder / f".{MATCHER_WEIGHTS_FILE}.tmp"
+        matcher_saved = self.matcher is not None and self.matcher_trained
+        if matcher_saved:
+            torch.save(self.matcher.trained_state(), matcher_tmp)
+            fsync_file(matcher_tmp)
         write_json(folder / MODEL_FILE, {
             "format": "fashion-cir-model/1",
             "backbone": self.backbone.portable_spec()[0],
@@ -118,6 +160,10 @@ class CIRModel(nn.Module):
             "text_template": self.text_template,
             "prompt_source": self.prompt_source,
             "combiner": self.combiner.config() if self.combiner is not None else None,
+            "matcher": ({**self.matcher.config(), "trained": self.matcher_trained}
+                        if self.matcher is not None else None),
+            "matcher_sha1": file_sha1(matcher_tmp) if matcher_saved else None,
+            "descriptions": self.descriptions_source,
             "saved_prefixes": self.saved_prefixes,
             "image_fingerprint": self.backbone.image_fingerprint(),
             "versions": environment_info(),
@@ -125,6 +171,10 @@ class CIRModel(nn.Module):
             **(metadata or {}),
         })
         weights_tmp.replace(folder / WEIGHTS_FILE)
+        if matcher_saved:
+            matcher_tmp.replace(folder / MATCHER_WEIGHTS_FILE)
+        else:
+            (folder / MATCHER_WEIGHTS_FILE).unlink(missing_ok=True)
         fsync_dir(folder)
         if self.attribute_heads is not None:
             self.attribute_heads.save(folder)
@@ -141,8 +191,20 @@ class CIRModel(nn.Module):
                 raise ModelError(f"{folder / MODEL_FILE}: missing field {key!r}")
         backbone = create_backbone(meta["backbone"], preprocess=meta.get("preprocess", "clip"))
         combiner = Combiner(backbone.feature_dim, **meta["combiner"]) if meta.get("combiner") else None
+        matcher_meta = meta.get("matcher")
+        matcher = None
+        if matcher_meta:
+            matcher = DescriptionMatcher(matcher_meta.get("spec", "minilm"), matcher_meta.get("template", "caption"),
+                                         float(matcher_meta.get("weight", 0.5)))
         model = cls(backbone, meta["query_mode"], combiner, meta.get("saved_prefixes"), meta.get("text_template", "prompt"),
-                    meta.get("prompt_source", "catalog"))
+                    meta.get("prompt_source", "catalog"), matcher=matcher)
+        if matcher is not None and matcher_meta.get("trained"):
+            matcher_path = _weights_file(folder, meta.get("matcher_sha1"), MATCHER_WEIGHTS_FILE)
+            try:
+                matcher.query_encoder.load_state_dict(torch.load(matcher_path, map_location=map_location, weights_only=True))
+            except Exception as exc:
+                raise ModelError(f"missing or corrupt matcher weights {matcher_path}: {exc}") from exc
+            model.matcher_trained = True
         weights_path = _weights_file(folder, meta.get("weights_sha1"))
         if weights_path is not None:
             try:
@@ -164,14 +226,15 @@ class CIRModel(nn.Module):
                              "the backbone weights it was trained from are not the ones available here")
         model.attach_heads(load_heads(folder))
         model.source = folder.resolve()
+        model.descriptions_source = meta.get("descriptions")
         return model.eval()
 
 
-def _weights_file(folder: Path, expected_sha1: str | None) -> Path | None:
-    """The weights that belong to ``model.json``: ``weights.pt``, or, after a save interrupted
+def _weights_file(folder: Path, expected_sha1: str | None, name: str = WEIGHTS_FILE) -> Path | None:
+    """The weights file ``name`` that belongs to ``model.json``, or, after a save interrupted
     between writing ``model.json`` and renaming the weights, the finished temporary file (the
     rename is completed when the folder is writable). ModelError when neither matches."""
-    path, pending = folder / WEIGHTS_FILE, folder / f".{WEIGHTS_FILE}.tmp"
+    path, pending = folder / name, folder / f".{name}.tmp"
     if expected_sha1 is None:  # written before weights were hashed
         return path if path.is_file() else None
     if path.is_file() and file_sha1(path) == expected_sha1:

@@ -30,8 +30,9 @@ from ..errors import DataError, ModelError, check_failures
 from ..features.cache import FeatureCache
 from ..io import environment_info, folder_lock, fsync_dir, fsync_file, iter_jsonl, read_json, write_json
 from ..models.cir import CIRModel
+from ..models.matcher import DescriptionBank
 from .filters import Filter, field_text, filterable_fields
-from .store import CatalogStore, SearchHit, StoreSpec, open_index, parse_store_spec
+from .store import CatalogStore, SearchHit, StoreSpec, item_vectors, open_index, parse_store_spec
 
 INDEX_FILE = "index.json"
 FORMAT = "fashion-cir-index/1"
@@ -108,12 +109,6 @@ def load_catalog(images: str | Path | Mapping[str, str | Path],
 
 
 # -- FAISS helpers ------------------------------------------------------------------------------
-def _normalise(features: np.ndarray) -> np.ndarray:
-    features = np.ascontiguousarray(features, dtype=np.float32)
-    norms = np.linalg.norm(features, axis=1, keepdims=True)
-    return features / np.maximum(norms, 1e-12)
-
-
 def resolve_factory(factory: str, count: int) -> str:
     """``auto``: exact (``Flat``) below :data:`AUTO_EXACT_BELOW` items, else ``IVF<4 sqrt(N)>,Flat``
     (lists rounded to a power of two); any other factory string is returned as it is."""
@@ -276,14 +271,15 @@ class CatalogIndex(CatalogStore):
                                 f"catalog root {root}; rebuild the index")
             paths[image_id] = Path(os.path.normpath(full))
         metadata = _read_data_json(data / "metadata.json", "index metadata", dict)
-        features = _load_features(data / "features.npy", count, dim)
+        row_dim = dim + int((config.get("matcher") or {}).get("dim", 0))
+        features = _load_features(data / "features.npy", count, row_dim)
         try:
             faiss_index = faiss.read_index(str(data / "faiss.index"))
         except RuntimeError as exc:
             raise DataError(f"corrupt FAISS file {data / 'faiss.index'}: {str(exc).strip().splitlines()[-1]}") from exc
-        if faiss_index.ntotal != count or faiss_index.d != dim:
+        if faiss_index.ntotal != count or faiss_index.d != row_dim:
             raise DataError(f"{data / 'faiss.index'}: {faiss_index.ntotal} vectors of dimension {faiss_index.d}, "
-                            f"but the manifest says {count} of dimension {dim}; rebuild the index")
+                            f"but the manifest says {count} of dimension {row_dim}; rebuild the index")
         index = cls(folder, config, ids, metadata, paths, features, faiss_index)
         if model is not None and model.backbone.feature_dim != dim:
             raise ModelError(f"index {folder} holds {dim}-d features but the model {model.backbone.spec} makes "
@@ -329,7 +325,7 @@ class CatalogIndex(CatalogStore):
         already = [i for i in ids if i in self.rows]
         if already:
             raise DataError(f"{len(already)} ids are already in index {self.folder}, first: {already[0]!r}; use upsert")
-        self.faiss_index.add(_normalise(features))
+        self.faiss_index.add(item_vectors(features, self.config))
         for image_id in ids:
             self.rows[image_id] = len(self.ids)
             self.ids.append(image_id)
@@ -342,7 +338,7 @@ class CatalogIndex(CatalogStore):
         """Re-add every kept vector to the trained FAISS index (after rows were removed or replaced)."""
         self.faiss_index.reset()
         if len(self.features):
-            self.faiss_index.add(_normalise(self.features))
+            self.faiss_index.add(item_vectors(self.features, self.config))
         self.rows = {image_id: row for row, image_id in enumerate(self.ids)}
         self._columns = None
 
@@ -409,7 +405,7 @@ class CatalogIndex(CatalogStore):
         results = []
         for query, score_row, id_row in zip(queries, scores, rows):
             if (id_row >= 0).sum() < k:  # the ANN probed too few allowed rows: rank them exactly
-                exact = _normalise(self.features[allowed_rows]) @ query
+                exact = item_vectors(self.features[allowed_rows], self.config) @ query
                 top = np.argsort(-exact, kind="stable")[:k]
                 score_row, id_row = exact[top], allowed_rows[top]
             results.append(self._hits(score_row, id_row))
@@ -427,6 +423,16 @@ def _encode(model: CIRModel, paths: dict[str, Path], cache_dir: Path, batch_size
     failures = {i: stats.errors.get(i, "not encoded") for i in paths if i not in encoded}
     return ids, features, {"requested": stats.requested, "computed": stats.computed, "reused": stats.reused,
                            "failed": len(failures), "failures": failures, "encode_seconds": round(stats.seconds, 3)}
+
+
+def _stored_rows(model: CIRModel, ids: list[str], features: np.ndarray, metadata: Mapping[str, dict],
+                 cache_dir: Path) -> np.ndarray:
+    """The rows an index stores (see :func:`~fashion_cir.retrieval.store.item_vectors`): raw image
+    features, followed with a description matcher by each item's ``description`` features."""
+    if model.matcher is None:
+        return features
+    described = DescriptionBank(cache_dir).features(model.matcher, [metadata.get(i, {}).get("description") for i in ids])
+    return np.concatenate([features.astype(np.float32), described.numpy()], axis=1)
 
 
 def build_index(folder: str | Path, model: CIRModel, images: str | Path | Mapping[str, str | Path],
@@ -456,10 +462,12 @@ def build_index(folder: str | Path, model: CIRModel, images: str | Path | Mappin
                                             batch_size, num_workers, progress)
         check_failures(report["failures"], len(paths), max_failed_share, "catalog images")
         start = time.perf_counter()
+        rows = _stored_rows(model, encoded, features, meta, Path(cache_dir or folder / "feature-cache"))
         backbone = model.backbone
         factory = resolve_factory(factory, len(encoded))
         config = {"format": FORMAT, "store": spec.to_config(), "fields": filterable_fields(meta.values()),
                   "factory": factory, "metric": "inner_product", "feature_dim": int(features.shape[1]),
+                  "matcher": {**model.matcher.config(), "dim": model.matcher.dim} if model.matcher is not None else None,
                   "nprobe": nprobe, "ef_search": ef_search, "backbone": backbone.spec,
                   "model_dir": str(model.source) if model.source else None,
                   "preprocess": backbone.preprocess_description, "image_fingerprint": backbone.image_fingerprint(),
@@ -468,11 +476,14 @@ def build_index(folder: str | Path, model: CIRModel, images: str | Path | Mappin
         if spec.kind == "milvus":
             from .milvus_store import MilvusIndex
 
+            if model.matcher is not None:
+                raise DataError("the Milvus store does not hold description-matcher items yet; build this model's "
+                                "index with --store faiss, or use a model without a matcher")
             index: CatalogStore = MilvusIndex.create(folder, config, dict(milvus or {}), overwrite=overwrite)
         else:
-            empty = np.zeros((0, features.shape[1]), dtype=np.float32)
-            index = CatalogIndex(folder, config, [], {}, {}, empty, _new_faiss_index(factory, _normalise(features)))
-        index.add_features(encoded, features, meta, paths)
+            empty = np.zeros((0, rows.shape[1]), dtype=np.float32)
+            index = CatalogIndex(folder, config, [], {}, {}, empty, _new_faiss_index(factory, item_vectors(rows, config)))
+        index.add_features(encoded, rows, meta, paths)
         index.save()
     index.report = {**report, "added": len(encoded), "index_seconds": round(time.perf_counter() - start, 3)}
     return index
@@ -493,11 +504,11 @@ def add_to_index(folder: str | Path, model: CIRModel, images: str | Path | Mappi
         new = {i: p for i, p in paths.items() if i not in index}
         report: dict[str, Any] = {"requested": len(paths), "computed": 0, "reused": 0, "failed": 0, "failures": {}}
         if new:
-            encoded, features, report = _encode(model, new, Path(cache_dir or index.folder / "feature-cache"),
-                                                batch_size, num_workers, progress)
+            cache = Path(cache_dir or index.folder / "feature-cache")
+            encoded, features, report = _encode(model, new, cache, batch_size, num_workers, progress)
             check_failures(report["failures"], len(new), max_failed_share, "new catalog images")
             index.config["root"] = catalog_root((new[i] for i in encoded), index.config.get("root"))
-            index.add_features(encoded, features, meta, new)
+            index.add_features(encoded, _stored_rows(model, encoded, features, meta, cache), meta, new)
             index.save()
     index.report = {**report, "requested": len(paths), "already_indexed": len(paths) - len(new),
                     "added": report["computed"] + report["reused"]}
@@ -515,12 +526,12 @@ def upsert_index(folder: str | Path, model: CIRModel, images: str | Path | Mappi
     with folder_lock(folder):
         index = open_index(folder, model)
         paths, meta = load_catalog(images, metadata, ids)
-        encoded, features, report = _encode(model, paths, Path(cache_dir or index.folder / "feature-cache"),
-                                            batch_size, num_workers, progress)
+        cache = Path(cache_dir or index.folder / "feature-cache")
+        encoded, features, report = _encode(model, paths, cache, batch_size, num_workers, progress)
         check_failures(report["failures"], len(paths), max_failed_share, "catalog images")
         replaced = sum(1 for i in encoded if i in index)
         index.config["root"] = catalog_root((paths[i] for i in encoded), index.config.get("root"))
-        index.upsert_features(encoded, features, meta, paths)
+        index.upsert_features(encoded, _stored_rows(model, encoded, features, meta, cache), meta, paths)
         index.save()
     index.report = {**report, "replaced": replaced, "added": len(encoded) - replaced}
     return index

@@ -77,7 +77,8 @@ def composed_search(model: CIRModel, index: CatalogStore, image: Image.Image | N
     if image is not None:
         image_features = encode_reference_image(model, image)
     elif item_id is not None:
-        image_features = torch.from_numpy(np.array(index.vector(item_id), dtype=np.float32)[None])
+        row = np.array(index.vector(item_id), dtype=np.float32)[: int(index.config["feature_dim"])]
+        image_features = torch.from_numpy(row[None])
     else:
         image_features = None
     description, source, attributes = reference_description(model, index, item_id, image_features)
@@ -86,13 +87,11 @@ def composed_search(model: CIRModel, index: CatalogStore, image: Image.Image | N
     query_text = model.query_text(text, description) if text else ""
     with torch.no_grad():
         text_features = model.backbone.embed_texts([query_text]) if text else None
-        if image_features is None:
-            query = model.compose(text_features, text_features, mode="text")
-        elif text_features is None:
-            query = model.compose(image_features, image_features, mode="image")
-        else:
-            device = model.backbone.device  # a Combiner lives with the model; features come from the CPU
-            query = model.compose(image_features.to(device), text_features.to(device))
+        matched = (model.matcher.embed([model.matcher.query_text(text, description)], side="query")
+                   if text and model.matcher is not None else None)
+        device = model.backbone.device  # a Combiner lives with the model; features come from the CPU
+        query = model.query_vectors(None if image_features is None else image_features.to(device),
+                                    None if text_features is None else text_features.to(device), matched)
     wanted = {name: [v for v in vals if v] for name, vals in (filters or {}).items() if any(vals)}
     if same_type:
         category = attributes.get("category")

@@ -83,7 +83,8 @@ class CatalogStore(ABC):
 
     @abstractmethod
     def vector(self, image_id: str) -> np.ndarray:
-        """The raw (unnormalised) image features of one item."""
+        """The stored row of one item: its raw (unnormalised) image features (``config["feature_dim"]``
+        values), then its description features when the index was built with a matcher."""
 
     @abstractmethod
     def search_vectors(self, queries: np.ndarray, k: int, exclude: Iterable[str] = (),
@@ -132,6 +133,26 @@ class CatalogStore(ABC):
                 f"index {self.folder} was built with image encoder {self.config['backbone']} (fingerprint "
                 f"{self.fingerprint}) but the model given has {model.backbone.spec} (fingerprint {actual}); "
                 "use the model the index was built with, or rebuild the index with this model")
+        wanted = model.matcher.config() if model.matcher is not None else None
+        built = self.config.get("matcher")
+        if (wanted or {}).get("spec") != (built or {}).get("spec") or (wanted or {}).get("weight") != (built or {}).get("weight"):
+            raise ModelError(f"index {self.folder} holds items for description matcher {built} but the model has "
+                             f"{wanted}; use the model the index was built with, or rebuild the index")
+
+
+def item_vectors(rows: np.ndarray, config: dict[str, Any]) -> np.ndarray:
+    """What an index searches for its stored rows. A row is an item's raw image features, followed,
+    for a model with a description matcher (``config["matcher"]``), by its description features
+    (zero when it has none): the item vector is then ``[sqrt(1 - w) * image / |image|, sqrt(w) *
+    description]`` (see :class:`~fashion_cir.models.matcher.DescriptionMatcher`), else ``image / |image|``."""
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    dim = int(config["feature_dim"])
+    image = rows[:, :dim] / np.maximum(np.linalg.norm(rows[:, :dim], axis=1, keepdims=True), 1e-12)
+    matcher = config.get("matcher")
+    if not matcher:
+        return image
+    weight = float(matcher["weight"])
+    return np.ascontiguousarray(np.concatenate([image * (1 - weight) ** 0.5, rows[:, dim:] * weight ** 0.5], axis=1))
 
 
 def open_index(folder: str | Path, model: "CIRModel | None" = None) -> CatalogStore:

@@ -54,6 +54,7 @@ class TrainConfig(_Config):
         description="share of each batch drawn from annotated triplets (the smaller pool is oversampled); "
                     "None = one shuffled pool")
     train_combiner: bool = Field(True, description="train the Combiner head when the model has one")
+    train_matcher: bool = Field(True, description="train the description matcher's query encoder when the model has one")
     last_n_blocks: int | None = Field(None, ge=1, description="unfreeze only the last N transformer blocks of each trained encoder")
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints (also written at each epoch end)")
     select_set: str | None = Field(None, description="validation set to select on; None = average over the val sets")

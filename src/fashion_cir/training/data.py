@@ -106,6 +106,8 @@ class TripletExamples(Dataset):
         hard = rng.sample(pool, min(self.hard_negatives, len(pool)))
         example = {"text": self.model.query_text(caption, prompt), "reference": triplet.candidate,
                    "target": triplet.target, "hard": hard}
+        if self.model.matcher is not None:
+            example["matcher_text"] = self.model.matcher.query_text(caption, prompt)
         if self.load_pixels:
             preprocess = self.model.backbone.preprocess
             example["pixels"] = [preprocess(open_image(self.image_paths[i])) for i in [triplet.candidate, triplet.target, *hard]]
@@ -119,6 +121,7 @@ class Collate:
 
     def __init__(self, model: CIRModel, image_index: dict[str, int], hard_negatives: int):
         self.tokenize = model.backbone.tokenize
+        self.matcher_tokenize = model.matcher.tokenize if model.matcher is not None else None
         self.image_index = image_index
         self.hard_negatives = hard_negatives
 
@@ -134,6 +137,8 @@ class Collate:
             "target_ids": torch.tensor([self.image_index[ex["target"]] for ex in examples]),
             "hard_ids": hard_ids,
         }
+        if self.matcher_tokenize is not None:
+            batch["matcher_tokens"] = self.matcher_tokenize([ex["matcher_text"] for ex in examples])
         if examples and "pixels" in examples[0]:
             batch["pixels"] = torch.stack([ex["pixels"][0] for ex in examples] + [ex["pixels"][1] for ex in examples]
                                           + [p for ex in examples for p in ex["pixels"][2:]])
@@ -141,8 +146,10 @@ class Collate:
 
 
 def to_device(batch: dict, model: CIRModel, device: torch.device) -> dict:
-    moved = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "tokens"}
+    moved = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in ("tokens", "matcher_tokens")}
     moved["tokens"] = model.backbone.tokens_to(batch["tokens"], device)
+    if "matcher_tokens" in batch:
+        moved["matcher_tokens"] = {k: v.to(device, non_blocking=True) for k, v in batch["matcher_tokens"].items()}
     return moved
 
 

@@ -18,6 +18,7 @@ from ..data.triplets import Triplet, TripletSet
 from ..errors import FashionCIRError
 from ..features.cache import FeatureCache
 from ..models.cir import CIRModel
+from ..models.matcher import DescriptionBank
 from .config import Stage1Config
 from .data import Collate, TripletExamples, epoch_batches, epoch_loader, order_pools
 from .distributed import DistContext, gather_with_local_grad, shared_image_features
@@ -27,13 +28,17 @@ from .losses import InBatchContrastiveLoss
 ENCODER_CHOICES = {"text": ["text"], "image": ["image"], "both": ["image", "text"]}
 
 
-def set_trainable(model: CIRModel, encoders: list[str], last_n_blocks: int | None, train_combiner: bool) -> None:
-    """Freeze everything but ``encoders`` (optionally their last N blocks) and the Combiner; record
-    the trained backbone prefixes on the model so that ``model.save`` writes those weights. The
-    Combiner trains only when the model composes queries with it."""
+def set_trainable(model: CIRModel, encoders: list[str], last_n_blocks: int | None, train_combiner: bool,
+                  train_matcher: bool = True) -> None:
+    """Freeze everything but ``encoders`` (optionally their last N blocks), the Combiner and the
+    matcher's query encoder; record the trained backbone prefixes on the model so that ``model.save``
+    writes those weights. The Combiner trains only when the model composes queries with it."""
     model.backbone.set_trainable(encoders, last_n_blocks)
     if model.combiner is not None:
         model.combiner.requires_grad_(train_combiner and model.query_mode == "combiner")
+    if model.matcher is not None:
+        model.matcher.query_encoder.requires_grad_(train_matcher)
+        model.matcher_trained = model.matcher_trained or train_matcher
     model.mark_trained([f"backbone.{p}" for e in encoders for p in model.backbone.trainable_prefixes(e, last_n_blocks)])
 
 
@@ -42,13 +47,20 @@ class Stage1Step(nn.Module):
     ``image_table`` (rows = integer image ids) when given, else from the pixels in the batch."""
 
     def __init__(self, model: CIRModel, loss: InBatchContrastiveLoss, ctx: DistContext, hard_per_query: int,
-                 image_table: torch.Tensor | None):
+                 image_table: torch.Tensor | None, description_table: torch.Tensor | None = None):
         super().__init__()
         self.model = model
         self.loss = loss
         self.ctx = ctx
         self.hard_per_query = hard_per_query
         self.register_buffer("image_table", image_table, persistent=False)
+        self.register_buffer("description_table", description_table, persistent=False)
+
+    def items(self, image_features: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Item vectors of target-side images (integer ids; -1 = padding)."""
+        if self.description_table is None:
+            return self.model.item_vectors(image_features)
+        return self.model.item_vectors(image_features, self.description_table[ids.clamp(min=0)])
 
     def image_features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.image_table is not None:
@@ -62,14 +74,15 @@ class Stage1Step(nn.Module):
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         reference, target, hard = self.image_features(batch)
-        queries = self.model.compose(reference, self.model.backbone.encode_texts(batch["tokens"]))
+        matcher = self.model.matcher.encode_queries(batch["matcher_tokens"]) if "matcher_tokens" in batch else None
+        queries = self.model.query_vectors(reference, self.model.backbone.encode_texts(batch["tokens"]), matcher)
         queries = gather_with_local_grad(queries, self.ctx)
-        targets = gather_with_local_grad(F.normalize(target, dim=-1), self.ctx)
+        targets = gather_with_local_grad(self.items(target, batch["target_ids"]), self.ctx)
         target_ids = gather_with_local_grad(batch["target_ids"], self.ctx)
         columns = target_ids
         hard_columns = None
         if self.hard_per_query:
-            hard_columns = gather_with_local_grad(F.normalize(hard, dim=-1), self.ctx)
+            hard_columns = gather_with_local_grad(self.items(hard, batch["hard_ids"]), self.ctx)
             columns = torch.cat([target_ids, gather_with_local_grad(batch["hard_ids"], self.ctx)])
         ignore = InBatchContrastiveLoss.duplicate_mask(target_ids, columns)
         loss = self.loss(queries, targets, hard_columns, ignore)
@@ -87,7 +100,7 @@ def train_stage1(config: Stage1Config, model: CIRModel, train_triplets: list[Tri
     usable = [t for t in train_triplets if t.candidate in image_paths and t.target in image_paths]
     triplets, n_annotated = order_pools(usable)
     encoders = ENCODER_CHOICES[config.encoders]
-    set_trainable(model, encoders, config.last_n_blocks, config.train_combiner)
+    set_trainable(model, encoders, config.last_n_blocks, config.train_combiner, config.train_matcher)
     model.to(ctx.device)
     image_index = {image_id: i for i, image_id in enumerate(image_paths)}
     table = None
@@ -114,7 +127,10 @@ def train_stage1(config: Stage1Config, model: CIRModel, train_triplets: list[Tri
     valid_paths = {i: image_paths[i] for i in image_index}
     dataset = TripletExamples(model, triplets, valid_paths, descriptions, config.seed, config.hard_negatives_per_query, load_pixels)
     collate = Collate(model, image_index, config.hard_negatives_per_query)
-    step_module = Stage1Step(model, InBatchContrastiveLoss(config.scale), ctx, config.hard_negatives_per_query, table)
+    descriptions_table = (DescriptionBank(config.cache_dir or out_dir / "cache").features(
+        model.matcher, [(descriptions or {}).get(i) for i in image_index]) if model.matcher is not None else None)
+    step_module = Stage1Step(model, InBatchContrastiveLoss(config.scale), ctx, config.hard_negatives_per_query, table,
+                             descriptions_table)
 
     run = StageRun("stage1", config, model, step_module, epoch_loader(dataset, collate, n_annotated, n_generated, config, ctx), steps, val_sets, descriptions, out_dir, ctx,
                    image_encoder_trains=load_pixels,

