@@ -193,3 +193,17 @@ def _mean_target_rank(model: CIRModel, triplets: list[Triplet], ids: list[str], 
     reference = np.array([ids.index(t.candidate) for t in triplets])
     scores[np.arange(len(triplets)), reference] = -np.inf
     return float(((scores > scores[np.arange(len(triplets)), target][:, None]).sum(1)).mean())
+
+
+def test_stored_index_rows_give_the_models_item_vectors(model):
+    from fashion_cir.retrieval.store import item_vectors
+
+    torch.manual_seed(3)
+    image = torch.randn(4, 64) * 4
+    described = F.normalize(torch.randn(4, model.matcher.dim), dim=-1)
+    described[2] = 0
+    rows = torch.cat([image, described], dim=1).numpy()
+    config = {"feature_dim": 64, "matcher": model.matcher.config()}
+    assert np.allclose(item_vectors(rows, config), model.item_vectors(image, described).numpy(), atol=1e-6)
+    plain = item_vectors(image.numpy(), {"feature_dim": 64, "matcher": None})
+    assert np.allclose(plain, F.normalize(image, dim=-1).numpy(), atol=1e-6)

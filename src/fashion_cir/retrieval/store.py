@@ -143,16 +143,19 @@ class CatalogStore(ABC):
 def item_vectors(rows: np.ndarray, config: dict[str, Any]) -> np.ndarray:
     """What an index searches for its stored rows. A row is an item's raw image features, followed,
     for a model with a description matcher (``config["matcher"]``), by its description features
-    (zero when it has none): the item vector is then ``[sqrt(1 - w) * image / |image|, sqrt(w) *
-    description]`` (see :class:`~fashion_cir.models.matcher.DescriptionMatcher`), else ``image / |image|``."""
-    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    (zero when it has none); the item vector is the model's
+    (:meth:`~fashion_cir.models.cir.CIRModel.item_vectors`)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..models.matcher import fuse
+
+    rows = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
     dim = int(config["feature_dim"])
-    image = rows[:, :dim] / np.maximum(np.linalg.norm(rows[:, :dim], axis=1, keepdims=True), 1e-12)
+    image = F.normalize(rows[:, :dim], dim=-1)
     matcher = config.get("matcher")
-    if not matcher:
-        return image
-    weight = float(matcher["weight"])
-    return np.ascontiguousarray(np.concatenate([image * (1 - weight) ** 0.5, rows[:, dim:] * weight ** 0.5], axis=1))
+    vectors = fuse(image, rows[:, dim:], float(matcher["weight"])) if matcher else image
+    return np.ascontiguousarray(vectors.numpy())
 
 
 def open_index(folder: str | Path, model: "CIRModel | None" = None) -> CatalogStore:
