@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-STAGES = ("zero-shot", "stage1-annotated-only", "stage1-generated-only", "stage1", "stage2")
+STAGES = ("zero-shot", "zero-shot-described", "stage1-annotated-only", "stage1-generated-only", "stage1", "stage2")
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +27,15 @@ def test_every_stage_is_published_and_reported(demo_run):
     out, stdout, _ = demo_run
     results = json.loads((out / "results.json").read_text())
     reported = {row["stage"] for row in results["rows"]}
-    assert reported == {"random", *STAGES}
+    assert reported == {"random", "zero-shot-no-prompt", *STAGES}
+    assert {row["protocol"] for row in results["rows"]} == {"split", "catalog"}
     for stage in STAGES:
         assert (out / stage / "model.json").is_file() and (out / stage / "weights.pt").is_file()
     selected = json.loads((out / "best" / "selected.json").read_text())
     assert selected["stage"] in STAGES and selected["stage"] == results["best"]
     for row in results["rows"]:
         assert 0 <= row["R@1"] <= row["R@5"] <= row["R@10"] <= row["R@50"] <= 100
-    assert "| stage | mode | set |" in stdout
+    assert "| stage | mode | protocol | set |" in stdout and "Paired differences" in stdout
     for name in ("examples.png", "triplets.png", "index/index.json", "demo_config.json", "triplets/train.json"):
         assert (out / name).is_file(), name
 

@@ -259,7 +259,13 @@ def run_demo(config: DemoConfig) -> dict:
         described = CIRModel(backbone, query_mode="sum", text_template="prompt",
                              matcher=DescriptionMatcher(demo.config.matcher, demo.config.matcher_template))
         described.descriptions_source = plain.descriptions_source
-        demo.calibrate(described, split_sets, descriptions)
+        saved = out / "zero-shot-described" / "model.json"
+        previous = (read_json(saved).get("matcher") or {}) if saved.is_file() else {}
+        if {k: previous.get(k) for k in ("spec", "template")} == {k: described.matcher.config()[k] for k in ("spec", "template")}:
+            described.matcher.weight = float(previous["weight"])
+            demo.log(f"reusing the calibrated matcher weight {described.matcher.weight} of {saved.parent}")
+        else:
+            demo.calibrate(described, split_sets, descriptions)
         demo.evaluate("zero-shot-described", described, sets, descriptions, ("sum",))
         described.save(out / "zero-shot-described", {"stage": "zero-shot-described"})
         candidates["zero-shot-described"] = out / "zero-shot-described"

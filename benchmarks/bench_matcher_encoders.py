@@ -1,0 +1,67 @@
+"""Zero-shot description matching on the clothing val captions, per sentence encoder.
+
+For each encoder (``minilm``; ``mpnet:DIR`` when given) and each query template (the caption alone,
+or the reference description joined with it), ranks catalog items by the cosine between the
+query text and each item's MLLM description, under the split protocol (gallery = val images,
+reference kept) and the catalog protocol (gallery = every image, reference left out). Prints
+R@10 / R@50 with 95% bootstrap intervals and the encoding speed.
+
+    python benchmarks/bench_matcher_encoders.py [--mpnet DIR] [--catalog DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fashion_cir.data.captions import join_captions_val
+from fashion_cir.data.catalog import load_clothing_catalog
+from fashion_cir.evaluation.metrics import target_ranks
+from fashion_cir.evaluation.stats import recall_interval
+from fashion_cir.io import read_json
+from fashion_cir.models.matcher import DescriptionMatcher
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mpnet", type=Path, help="all-mpnet-base-v2 folder (see README)")
+    parser.add_argument("--catalog", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    catalog = load_clothing_catalog(args.catalog)
+    descriptions = catalog.descriptions()
+    captions = read_json(catalog.captions_file("val"))
+    everything = [i for s in ("train", "val", "test") for i in catalog.splits[s] if i in descriptions]
+    galleries = {"split": [i for i in catalog.splits["val"] if i in descriptions], "catalog": everything}
+    specs = ["minilm"] + ([f"mpnet:{args.mpnet}"] if args.mpnet else [])
+    print(f"{'encoder':<10}{'template':<10}{'protocol':<9}{'R@10 (95% CI)':>22}{'R@50 (95% CI)':>22}{'items/s':>9}")
+    for spec in specs:
+        matcher = DescriptionMatcher(spec)
+        start = time.perf_counter()
+        items = matcher.embed([descriptions[i] for i in everything], side="item")
+        speed = len(everything) / (time.perf_counter() - start)
+        row = {image_id: n for n, image_id in enumerate(everything)}
+        for template in ("caption", "prompt"):
+            matcher.template = template
+            queries = matcher.embed([matcher.query_text(join_captions_val(c["captions"]), descriptions.get(c["candidate"]))
+                                     for c in captions], side="query")
+            for protocol, gallery in galleries.items():
+                columns = np.array([row[i] for i in gallery])
+                scores = (queries @ items[columns].T).numpy()
+                position = {image_id: n for n, image_id in enumerate(gallery)}
+                target = np.array([position.get(c["target"], -1) for c in captions])
+                reference = np.array([position.get(c["candidate"], -1) for c in captions]) if protocol == "catalog" else None
+                ranks = target_ranks(scores, target, reference)
+                cells = []
+                for k in (10, 50):
+                    recall, low, high = recall_interval(ranks, k)
+                    cells.append(f"{recall:5.1f} ({low:4.1f}-{high:5.1f})")
+                print(f"{spec.split(':')[0]:<10}{template:<10}{protocol:<9}{cells[0]:>22}{cells[1]:>22}{speed:>9.0f}")
+
+
+if __name__ == "__main__":
+    main()
