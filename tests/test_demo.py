@@ -27,7 +27,7 @@ def test_every_stage_is_published_and_reported(demo_run):
     out, stdout, _ = demo_run
     results = json.loads((out / "results.json").read_text())
     reported = {row["stage"] for row in results["rows"]}
-    assert reported == {"random", "zero-shot-no-prompt", *STAGES}
+    assert reported == {"random", "zero-shot-no-prompt", "best-predicted-prompt", *STAGES}
     assert {row["protocol"] for row in results["rows"]} == {"split", "catalog"}
     for stage in STAGES:
         assert (out / stage / "model.json").is_file() and (out / stage / "weights.pt").is_file()
