@@ -5,6 +5,7 @@ explanations; ``evaluate --describe`` picks the prompt source and records it."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -133,7 +134,17 @@ def test_evaluate_describe_choice_is_explicit_and_recorded(small_val, tmp_path):
     model.save(tmp_path / "m")
     base = ["evaluate", "--model", str(tmp_path / "m"), "--captions", str(folder / "cap.json"), "--split-file",
             str(folder / "split.json"), "--images", str(root / "images"), "--cache-dir", str(tmp_path / "cache")]
-    result = runner.invoke(app, base)  # the folder says "catalog" but no descriptions were given
+    # the folder says "catalog" and no descriptions are given: the catalog's attributes.jsonl beside the images
+    # folder is used, and said; an images folder without one is a one-line error asking for --descriptions
+    result = runner.invoke(app, base + ["--json", str(tmp_path / "default.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "default.json").read_text())["descriptions"] == str(root / "attributes.jsonl")
+    assert f"descriptions (reference prompts, gallery items): {root / 'attributes.jsonl'}" in result.output
+    bare = tmp_path / "bare-images"
+    bare.mkdir()
+    for name in json.loads((folder / "split.json").read_text()):
+        shutil.copy(root / "images" / f"{name}.jpg", bare / f"{name}.jpg")
+    result = runner.invoke(app, [bare if a == str(root / "images") else a for a in base])
     assert result.exit_code == 2 and "--descriptions" in result.output and "Traceback" not in result.output
     reports = {}
     for describe_as in ("catalog", "predicted", "none"):
