@@ -60,3 +60,18 @@ def test_published_models_load_in_evaluate(demo_run, shared_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(metrics.read_text())
     assert report["cap.clothing.val"]["n_queries"] == 240 and report["query_mode"] == "sum"
+
+
+def test_training_beats_the_untrained_model_on_val(demo_run):
+    """Stage 1 ranks the generated val targets first clearly more often than the untrained
+    described model it starts from: a paired interval above 0 (measured: +12.6 R@1, [+7.1, +18.6],
+    183 queries). With the training step disabled the two rank identically and the interval is 0."""
+    from fashion_cir.evaluation.stats import paired_difference
+
+    out, _, _ = demo_run
+    ranks = json.loads((out / "results.json").read_text())["ranks"]
+    trained, untrained = ranks["stage1/sum|split|generated-val"], ranks["zero-shot-described/sum|split|generated-val"]
+    diff, low, _ = paired_difference(trained, untrained, 1)
+    assert low > 0, (diff, low)
+    zero_shot_sum = ranks["zero-shot/sum|split|annotated-val"]
+    assert paired_difference(ranks["stage1/sum|split|annotated-val"], zero_shot_sum, 10)[1] > 0
