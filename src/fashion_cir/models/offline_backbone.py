@@ -59,6 +59,13 @@ def _minilm() -> tuple[nn.Module, Any]:
     return AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path)
 
 
+def mean_pool(encoder: nn.Module, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A sentence-transformers embedding: the encoder's last hidden states averaged over real tokens."""
+    hidden = encoder(**tokens).last_hidden_state
+    mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-6)
+
+
 class OfflineBackbone(Backbone):
     """EfficientNet-Lite0 + MiniLM with linear projections to ``dim``. With ``project=False`` the
     encoders return the frozen towers' pooled features (used to cache them for alignment)."""
@@ -97,9 +104,7 @@ class OfflineBackbone(Backbone):
         return ["image_tower."]
 
     def text_tower_features(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
-        hidden = self.text_tower(**tokens).last_hidden_state
-        mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-6)
+        return mean_pool(self.text_tower, tokens)
 
     def encode_texts(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         features = self.text_tower_features(tokens)
