@@ -25,16 +25,16 @@ PACKAGE = "src/fashion_cir"
 
 # module (relative to src/fashion_cir) -> the fast tests that exercise it
 MODULES: dict[str, list[str]] = {
-    "evaluation/metrics.py": ["tests/test_foundation_metrics.py"],
-    "models/combiner.py": ["tests/test_foundation_models.py"],
-    "models/cir.py": ["tests/test_foundation_models.py"],
-    "training/losses.py": ["tests/test_losses.py",
-                           "tests/test_training.py::test_stage2_step_is_infonce_on_the_target_row_with_its_duplicates_left_out"],
-    "training/stage2.py": ["tests/test_training.py::test_stage2_step_is_infonce_on_the_target_row_with_its_duplicates_left_out",
-                           "tests/test_training.py::test_stage2_trains_against_the_whole_bank"],
-    "triplets/negatives.py": ["tests/test_triplets.py"],
-    "triplets/mining.py": ["tests/test_triplets.py"],
-    "retrieval/index.py": ["tests/test_index.py"],
+    "evaluation/metrics.py": ["tests/evaluation/test_metrics.py"],
+    "models/combiner.py": ["tests/models/test_cir.py"],
+    "models/cir.py": ["tests/models/test_cir.py"],
+    "training/losses.py": ["tests/training/test_losses.py",
+                           "tests/training/test_stages.py::test_stage2_step_is_infonce_on_the_target_row_with_its_duplicates_left_out"],
+    "training/stage2.py": ["tests/training/test_stages.py::test_stage2_step_is_infonce_on_the_target_row_with_its_duplicates_left_out",
+                           "tests/training/test_stages.py::test_stage2_trains_against_the_whole_bank"],
+    "triplets/negatives.py": ["tests/triplets/test_triplets.py"],
+    "triplets/mining.py": ["tests/triplets/test_triplets.py"],
+    "retrieval/index.py": ["tests/retrieval/test_index.py"],
 }
 
 

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 import fashion_cir.features.cache as cache_module
 import fashion_cir.models.cir as cir_module
-from conftest_serving import synthetic_catalog
+from support.serving import synthetic_catalog
 from fashion_cir.cli import app
 from fashion_cir.data.images import find_image, open_image
 from fashion_cir.data.triplets import load_triplet_set

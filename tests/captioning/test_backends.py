@@ -17,7 +17,7 @@ from transformers import LogitsProcessorList
 from fashion_cir.captioning import build_captioner, run_captioning
 from fashion_cir.errors import ModelError
 
-HELPERS = Path(__file__).parent / "helpers"
+HELPERS = Path(__file__).resolve().parents[1] / "support"
 SECRET = "sk-test-never-log-me"
 
 

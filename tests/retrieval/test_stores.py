@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest_serving import synthetic_catalog
+from support.serving import synthetic_catalog
 from fashion_cir.errors import DataError, ModelError
 from fashion_cir.models.cir import load_model
 from fashion_cir.retrieval import build_index, open_index, parse_filter, remove_from_index, search, upsert_index

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest_serving import synthetic_catalog
+from support.serving import synthetic_catalog
 from fashion_cir.errors import DataError, ModelError
 from fashion_cir.models.cir import CIRModel, load_model
 from fashion_cir.retrieval import CatalogIndex, add_to_index, build_index, load_catalog, search

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from conftest_serving import running_server, synthetic_catalog
+from support.serving import running_server, synthetic_catalog
 from fashion_cir.models.cir import load_model
 from fashion_cir.retrieval import build_index
 from fashion_cir.serving.app import create_app

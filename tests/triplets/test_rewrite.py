@@ -11,7 +11,7 @@ from fashion_cir.io import read_json
 from fashion_cir.triplets import TripletConfig, generate_triplets
 from fashion_cir.triplets.rewrite import parse_rewrite
 
-HELPERS = Path(__file__).parent / "helpers"
+HELPERS = Path(__file__).resolve().parents[1] / "support"
 
 
 def test_parse_rewrite_accepts_two_short_captions_only():

@@ -17,7 +17,7 @@ from fashion_cir.captioning.parse import parse_answer
 from fashion_cir.captioning.precomputed import PrecomputedCaptioner
 from fashion_cir.errors import DataError, ModelError
 
-HELPERS = Path(__file__).parent / "helpers"
+HELPERS = Path(__file__).resolve().parents[1] / "support"
 GOOD = {"category": "t-shirt", "color": "red", "secondary_color": None, "pattern": "solid", "sleeves": "short",
         "neckline": "crew", "length": "hip", "material": "cotton", "closure": "none", "kids": False,
         "description": "a plain red short-sleeve cotton t-shirt with a crew neck"}
@@ -136,7 +136,7 @@ def test_resume_after_sigkill_yields_one_record_per_image(tmp_path, clothing_dir
     listing = tmp_path / "images.json"
     listing.write_text(json.dumps({k: str(v) for k, v in images.items()}))
     cache_dir = tmp_path / "cache"
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"))
     worker = subprocess.Popen([sys.executable, str(HELPERS / "caption_worker.py"), str(attributes_file), str(listing),
                                str(cache_dir), "0.15"], env=env, stderr=subprocess.PIPE)
     deadline = time.time() + 60

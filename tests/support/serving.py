@@ -13,7 +13,7 @@ from typing import Iterator
 
 from PIL import Image, ImageDraw
 
-CLOTHING = (Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "clothing-dataset").resolve()
+CLOTHING = (Path(__file__).resolve().parents[2] / ".." / "shared" / "datasets" / "clothing-dataset").resolve()
 COLORS = {"red": (200, 40, 40), "blue": (40, 70, 190), "green": (40, 150, 70), "black": (25, 25, 25),
           "yellow": (235, 200, 40), "pink": (235, 130, 170), "grey": (140, 140, 140), "beige": (215, 195, 160),
           "navy": (25, 35, 90), "orange": (240, 130, 30)}

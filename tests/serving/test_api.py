@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest_serving import demo_catalog, running_server
+from support.serving import demo_catalog, running_server
 from fashion_cir.models.cir import CIRModel
 from fashion_cir.retrieval import build_index
 from fashion_cir.serving.app import create_app

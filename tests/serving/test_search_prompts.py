@@ -15,7 +15,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from conftest_serving import demo_catalog, model_with_heads, running_server
+from support.serving import demo_catalog, model_with_heads, running_server
 from fashion_cir.cli import app as cli_app
 from fashion_cir.models.attributes import describe
 from fashion_cir.retrieval import build_index

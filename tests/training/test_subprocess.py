@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fashion_cir.training.run import RunConfig, run
-from test_training import final_state, make_dataset, run_config
+from support.training import final_state, make_dataset, run_config
 
 RUN = [sys.executable, "-m", "fashion_cir.training.run"]
 TINY = dict(batch_size=8, lr=1e-3, progress=False, log_every=1, num_workers=0)

@@ -1,0 +1,70 @@
+"""A synthetic FashionIQ-shaped training catalog (random images, annotated + generated triplets)
+shared by the training tests."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fashion_cir.data.triplets import load_triplet_set
+
+COLORS = ["red", "blue", "green", "black", "white", "yellow", "pink", "grey"]
+
+
+def make_dataset(root: Path, n_train: int = 16, n_val: int = 8, n_annotated: int = 12, n_generated: int = 20) -> dict[str, str]:
+    """Random 40x32 images, FashionIQ-format annotated + generated triplets, splits; returns paths."""
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    ids = [f"img{i:03d}" for i in range(n_train + n_val)]
+    for image_id in ids:
+        Image.fromarray((rng.random((40, 32, 3)) * 255).astype("uint8")).save(images / f"{image_id}.png")
+    train, val = ids[:n_train], ids[n_train:]
+
+    def triplets(pool, n, generated):
+        r = random.Random(int(generated))
+        out = []
+        for _ in range(n):
+            a, b = r.sample(pool, 2)
+            item = {"candidate": a, "target": b, "captions": [f"is {r.choice(COLORS)}", f"has a {r.choice(COLORS)} print"]}
+            if generated:
+                item.update(source="generated", reference_prompt=f"a {r.choice(COLORS)} shirt", hard_negatives=r.sample(pool, 3))
+            out.append(item)
+        return out
+
+    files = {"train": triplets(train, n_annotated, False), "generated": triplets(train, n_generated, True),
+             "val": triplets(val, 6, False), "split_train": train, "split_val": val}
+    paths = {name: str(root / f"{name}.json") for name in files}
+    for name, content in files.items():
+        Path(paths[name]).write_text(json.dumps(content))
+    paths["images"] = str(images)
+    return paths
+
+
+def load_data(paths: dict[str, str]):
+    annotated = load_triplet_set(paths["train"], paths["split_train"], paths["images"])
+    generated = load_triplet_set(paths["generated"], paths["split_train"], paths["images"])
+    val = load_triplet_set(paths["val"], paths["split_val"], paths["images"], name="val")
+    descriptions = {i: f"a photo of item {i}" for i in annotated.image_paths}
+    return annotated.triplets + generated.triplets, annotated.image_paths, {"val": val}, descriptions
+
+
+def run_config(paths: dict[str, str], out: Path, stage1: dict | None = None, stage2: dict | None = None) -> dict:
+    """A RunConfig dict for ``python -m fashion_cir.training.run`` on the synthetic catalog."""
+    source = lambda name, split: {"captions": paths[name], "split": paths[split], "images": paths["images"]}  # noqa: E731
+    return {"out_dir": str(out), "backbone": "tiny", "query_mode": "sum_raw",
+            "train": [source("train", "split_train")], "generated": [source("generated", "split_train")],
+            "val": [{**source("val", "split_val"), "name": "val"}], "stage1": stage1, "stage2": stage2}
+
+
+def final_state(folder: Path) -> dict[str, torch.Tensor]:
+    return torch.load(folder / "weights.pt", weights_only=True)
+
+
+def losses(out: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
