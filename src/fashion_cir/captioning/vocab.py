@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from ..config import describe_validation_error
 from ..errors import DataError
 from ..io import read_json
 
@@ -57,20 +58,6 @@ class AttributeVocab(BaseModel):
 
 _NULL_WORDS = {"", "null", "none", "n/a", "na", "no"}
 
-_COLORS = (
-    "black", "white", "grey", "beige", "brown", "red", "pink", "orange", "yellow", "green", "olive",
-    "blue", "navy", "light blue", "purple", "multicolor",
-)
-_COLOR_SYNONYMS = {
-    "gray": "grey", "charcoal": "grey", "silver": "grey", "cream": "beige", "tan": "beige", "khaki": "beige",
-    "off white": "white", "ivory": "white", "maroon": "red", "burgundy": "red", "coral": "red",
-    "magenta": "pink", "fuchsia": "pink", "mustard": "yellow", "gold": "yellow", "olive green": "olive",
-    "navy blue": "navy", "dark blue": "navy", "sky blue": "light blue", "baby blue": "light blue",
-    "violet": "purple", "lilac": "purple", "multicolored": "multicolor", "multi": "multicolor",
-    "multicolour": "multicolor", "colorful": "multicolor",
-}
-
-
 class Vocabulary(BaseModel):
     """All attribute vocabularies of a catalog plus the category-compatibility groups used in mining."""
 
@@ -108,80 +95,8 @@ class Vocabulary(BaseModel):
         return value in self.attributes[attribute].wildcards
 
 
-DEFAULT_VOCABULARY = Vocabulary(
-    attributes={
-        "category": AttributeVocab(
-            values=(
-                "t-shirt", "longsleeve", "shirt", "polo", "blouse", "top", "undershirt", "dress", "skirt",
-                "pants", "shorts", "outwear", "blazer", "hoodie", "sweater", "hat", "shoes", "body", "bag",
-                "other",
-            ),
-            synonyms={
-                "tee": "t-shirt", "tshirt": "t-shirt", "t shirt": "t-shirt", "long sleeve": "longsleeve",
-                "long sleeve shirt": "longsleeve", "polo shirt": "polo", "button down": "shirt",
-                "tank top": "top", "tank": "undershirt", "trousers": "pants", "jeans": "pants",
-                "leggings": "pants", "jacket": "outwear", "coat": "outwear", "outerwear": "outwear",
-                "jumper": "sweater", "pullover": "sweater", "cardigan": "sweater", "sneakers": "shoes",
-                "boots": "shoes", "cap": "hat", "bodysuit": "body", "onesie": "body", "romper": "body",
-            },
-        ),
-        "color": AttributeVocab(values=_COLORS, synonyms=_COLOR_SYNONYMS),
-        "secondary_color": AttributeVocab(values=_COLORS, nullable=True, synonyms=_COLOR_SYNONYMS),
-        "pattern": AttributeVocab(
-            values=(
-                "solid", "striped", "checked", "floral", "dotted", "graphic print", "text print", "camouflage",
-                "animal print", "other",
-            ),
-            synonyms={
-                "plain": "solid", "stripes": "striped", "plaid": "checked", "check": "checked",
-                "gingham": "checked", "tartan": "checked", "flowers": "floral", "polka dot": "dotted",
-                "polka dots": "dotted", "dots": "dotted", "graphic": "graphic print", "print": "graphic print",
-                "text": "text print", "lettering": "text print", "logo": "text print", "camo": "camouflage",
-                "leopard": "animal print", "zebra": "animal print",
-            },
-        ),
-        "sleeves": AttributeVocab(
-            values=("sleeveless", "short", "three-quarter", "long", "none"),
-            synonyms={"short sleeves": "short", "long sleeves": "long", "3/4": "three-quarter", "no sleeves": "sleeveless"},
-            wildcards=("none",),
-        ),
-        "neckline": AttributeVocab(
-            values=("crew", "v-neck", "collar", "hood", "turtleneck", "scoop", "strapless", "none"),
-            synonyms={
-                "round": "crew", "crew neck": "crew", "crewneck": "crew", "round neck": "crew", "v": "v-neck",
-                "collared": "collar", "hooded": "hood", "mock neck": "turtleneck", "high neck": "turtleneck",
-                "scoop neck": "scoop",
-            },
-            wildcards=("none",),
-        ),
-        "length": AttributeVocab(
-            values=("cropped", "hip", "thigh", "knee", "midi", "ankle", "full"),
-            nullable=True,
-            synonyms={"mini": "thigh", "maxi": "full", "floor": "full", "waist": "hip", "long": "full"},
-            wildcards=(None,),
-        ),
-        "material": AttributeVocab(
-            values=("denim", "knit", "cotton", "leather", "fleece", "wool", "puffer", "lace", "satin", "synthetic", "unknown"),
-            synonyms={
-                "jean": "denim", "knitted": "knit", "jersey": "cotton", "suede": "leather", "woolen": "wool",
-                "quilted": "puffer", "down": "puffer", "silk": "satin", "polyester": "synthetic",
-                "nylon": "synthetic",
-            },
-            wildcards=("unknown",),
-        ),
-        "closure": AttributeVocab(
-            values=("zip", "buttons", "laces", "none", "unknown"),
-            synonyms={"zipper": "zip", "zip-up": "zip", "button": "buttons", "button-up": "buttons", "lace-up": "laces"},
-            wildcards=("unknown",),
-        ),
-    },
-    compatible_categories=(
-        ("t-shirt", "longsleeve", "polo", "shirt", "top", "undershirt", "blouse"),
-        ("pants", "shorts"),
-        ("dress", "skirt"),
-        ("outwear", "blazer", "hoodie", "sweater"),
-    ),
-)
+DEFAULT_VOCABULARY = Vocabulary.model_validate_json((Path(__file__).parent / "fashion_vocabulary.json").read_text("utf-8"))
+"""The fashion vocabulary of the clothing catalog and FashionIQ (data: ``fashion_vocabulary.json``)."""
 
 
 def load_vocabulary(path: str | Path | None = None) -> Vocabulary:
@@ -192,4 +107,4 @@ def load_vocabulary(path: str | Path | None = None) -> Vocabulary:
     try:
         return Vocabulary.model_validate(raw)
     except ValidationError as exc:
-        raise DataError(f"invalid vocabulary file {path}: {exc}") from exc
+        raise DataError(describe_validation_error(exc, str(path), "vocabulary file")) from None

@@ -9,24 +9,25 @@ from __future__ import annotations
 import io
 import random
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import Config
 from ..data.catalog import ClothingCatalog
 from ..errors import DataError
 from ..features.cache import FeatureCache
-from ..io import atomic_write_bytes, environment_info, text_sha1, write_json
+from ..io import atomic_write_bytes, environment_info, read_json, text_sha1, write_json
 from ..models.offline_backbone import OfflineBackbone, save_projections
 
 ATTRIBUTE_ORDER = ("color", "pattern", "sleeves", "material", "category")
 
 
-@dataclass
-class AlignConfig:
+class AlignConfig(Config):
+    """Projection width, epochs and optimiser of the alignment; train/val image caps for smoke runs."""
+
     dim: int = 256
     epochs: int = 15
     batch_size: int = 256
@@ -74,11 +75,25 @@ def _image_to_text_recall(image: torch.Tensor, text: torch.Tensor, k: int = 10) 
     return float((top == torch.arange(len(image)).unsqueeze(1)).any(1).float().mean() * 100)
 
 
+def catalog_key(catalog: ClothingCatalog) -> str:
+    """What an alignment learns from: the train and val ids with their descriptions."""
+    return text_sha1(*(f"{i}:{catalog.attributes.get(i, {}).get('description', '')}"
+                       for split in ("train", "val") for i in catalog.splits.get(split, [])))
+
+
 def align_offline_backbone(catalog: ClothingCatalog, out_dir: str | Path, cache: FeatureCache,
                            config: AlignConfig = AlignConfig(), progress: bool = True) -> tuple[OfflineBackbone, dict]:
     """Train the projections, save them to ``out_dir`` (loadable as ``offline:out_dir``) and return
-    the aligned backbone with a summary."""
+    the aligned backbone with a summary. A finished alignment of the same catalog with the same
+    config in ``out_dir`` is loaded instead (summary ``reused: true``)."""
     out_dir = Path(out_dir)
+    saved = out_dir / "offline_backbone.json"
+    if saved.is_file():
+        previous = read_json(saved, "aligned offline backbone").get("align", {})
+        if previous.get("config") == config.model_dump(mode="json") and previous.get("catalog") == catalog_key(catalog):
+            from ..models.factory import create_backbone
+
+            return create_backbone(f"offline:{out_dir}"), {**previous, "reused": True}
     started = time.perf_counter()
     towers = OfflineBackbone(dim=config.dim, seed=config.seed, project=False).eval()
     splits = {}
@@ -134,7 +149,8 @@ def align_offline_backbone(catalog: ClothingCatalog, out_dir: str | Path, cache:
     towers.load_state_dict(best[1], strict=False)
     towers.project = True
     summary = {
-        "config": asdict(config),
+        "config": config.model_dump(mode="json"),
+        "catalog": catalog_key(catalog),
         "train_pairs": n,
         "val_pairs": len(val_img),
         "best_epoch": best[2],

@@ -2,39 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from ..errors import DataError
-from ..io import read_json, write_json
+from ..config import Config
 
 # Fields that may change between a run and its resumption (they do not change the result).
 RESUMABLE_FIELDS = frozenset({"stop_after_steps", "progress", "num_workers", "log_every", "resume", "device",
                               "eval_batch_size", "cache_dir", "checkpoint_every"})
 
 
-class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    @classmethod
-    def from_json(cls, path: str | Path):
-        """Read a config file; unknown or mistyped fields raise DataError naming them."""
-        return cls.from_dict(read_json(path, f"{cls.__name__} file"), str(path))
-
-    @classmethod
-    def from_dict(cls, raw: dict, source: str = "config"):
-        try:
-            return cls.model_validate(raw)
-        except ValidationError as exc:
-            raise DataError(f"{source}: invalid {cls.__name__}: {exc}") from exc
-
-    def to_json(self, path: str | Path) -> None:
-        write_json(path, self.model_dump(mode="json"))
-
-
-class TrainConfig(_Config):
+class TrainConfig(Config):
     """What both stages share: optimisation, data mixing, checkpoints, validation, logging."""
 
     seed: int = 0

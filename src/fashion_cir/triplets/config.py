@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import ConfigDict, model_validator
 
+from ..config import Config
 from ..captioning.vocab import DEFAULT_VOCABULARY, Vocabulary
 
 
-class TripletConfig(BaseModel):
+class TripletConfig(Config):
     """Pair mining, caption and hard-negative settings.
 
     ``band``: targets of a reference come from this band of its static-feature neighbours, in

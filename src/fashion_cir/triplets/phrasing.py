@@ -54,6 +54,10 @@ def _bare(noun: str) -> str:
     return noun
 
 
+def _have_instead(s, new: str, old: str, contrast: str, rng, *more: str) -> str:
+    """ "has a hood", "has a hood instead of a collar", or one of ``more``."""
+    return rng.choice([f"{s.have} {new}", f"{s.have} {new} {contrast} {old}", *more])
+
 def _article(phrase: str) -> str:
     return ("an " if phrase[:1] in "aeiou" else "a ") + phrase
 
@@ -117,7 +121,7 @@ def _clause(name: str, old: str | None, new: str | None, target: Attributes, s: 
         if old == "strapless":
             return rng.choice([f"{s.have} {t}", f"{s.have} {t} instead of being strapless"])
         f = _pick(NECK_NOUN, old, rng)
-        return rng.choice([f"{s.have} {t}", f"{s.have} {t} {contrast} {f}", f"{s.have} {t} and no {_bare(f)}"])
+        return _have_instead(s, t, f, contrast, rng, f"{s.have} {t} and no {_bare(f)}")
     if name == "length":
         if new in LENGTH_ORDER and old in LENGTH_ORDER:
             longer = "longer" if LENGTH_ORDER.index(new) > LENGTH_ORDER.index(old) else "shorter"
@@ -134,9 +138,7 @@ def _clause(name: str, old: str | None, new: str | None, target: Attributes, s: 
         if new == "none":
             return f"{s.have} no {_bare(_pick(CLOSURE_NOUN, old, rng))}"
         t = _pick(CLOSURE_NOUN, new, rng)
-        if old == "none":
-            return f"{s.have} {t}"
-        return rng.choice([f"{s.have} {t}", f"{s.have} {t} {contrast} {_pick(CLOSURE_NOUN, old, rng)}"])
+        return f"{s.have} {t}" if old == "none" else _have_instead(s, t, _pick(CLOSURE_NOUN, old, rng), contrast, rng)
     if name == "category":
         t = _pick(NOUNS, new, rng)
         f = _pick(NOUNS, old, rng)
