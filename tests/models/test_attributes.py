@@ -14,7 +14,9 @@ from typer.testing import CliRunner
 
 from fashion_cir.cli import app
 from fashion_cir.data.triplets import Triplet
-from fashion_cir.evaluation.evaluate import query_texts
+from fashion_cir.data.captions import join_captions_val
+from fashion_cir.evaluation.evaluate import reference_descriptions
+from fashion_cir.retrieval.scorer import compose_queries
 from fashion_cir.errors import ModelError
 from fashion_cir.models.attributes import HEADS_FILE, HeadsConfig, attribute_classes, describe, train_heads
 from fashion_cir.models.cir import CIRModel, load_model
@@ -94,6 +96,11 @@ def test_query_texts_follow_the_prompt_source():
     triplets = [Triplet("a", "b", ("is red", "has long sleeves")),
                 Triplet("c", "d", ("is blue",), {"reference_prompt": "a generated prompt"})]
     described = {"a": "a white t-shirt", "c": "a black dress"}
+
+    def query_texts(model, triplets, descriptions, describe):
+        captions = [join_captions_val(list(t.captions)) for t in triplets]
+        return compose_queries(model, None, captions, reference_descriptions(triplets, descriptions, describe)).texts
+
     assert query_texts(model, triplets, described, "catalog") == [
         "a white t-shirt, but is red and has long sleeves", "a generated prompt, but is blue"]
     assert query_texts(model, triplets, described, "predicted") == [

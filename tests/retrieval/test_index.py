@@ -14,7 +14,7 @@ from support.serving import synthetic_catalog
 from fashion_cir.errors import DataError, ModelError
 from fashion_cir.models.cir import CIRModel, load_model
 from fashion_cir.retrieval import CatalogIndex, add_to_index, build_index, load_catalog, search
-from fashion_cir.retrieval.index import read_metadata
+from fashion_cir.data.metadata import read_metadata
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +166,7 @@ def test_search_with_own_features_ranks_the_item_first(flat_index, tiny_model, c
 def test_search_composes_with_the_reference_description(flat_index, tiny_model, monkeypatch):
     seen: list[str] = []
     embed = tiny_model.backbone.embed_texts
-    monkeypatch.setattr(tiny_model.backbone, "embed_texts", lambda texts: seen.extend(texts) or embed(texts))
+    monkeypatch.setattr(tiny_model.backbone, "embed_texts", lambda texts, **kw: seen.extend(texts) or embed(texts, **kw))
     hits = search(tiny_model, flat_index, item_id="item-001", text="Is green", k=3)
     assert seen == ["a blue t-shirt, but is green"]
     assert len(hits) == 3 and hits[0].metadata == flat_index.metadata[hits[0].id]

@@ -39,3 +39,15 @@ def recall_at_k(ranks: np.ndarray, ks: tuple[int, ...] = DEFAULT_KS) -> dict[str
     if ranks.size == 0:
         return {f"R@{k}": 0.0 for k in ks}
     return {f"R@{k}": float(100.0 * (ranks < k).mean()) for k in ks}
+
+
+def overall(metrics: dict[str, float]) -> float:
+    """FashionIQ's summary figure: the mean of R@10 and R@50."""
+    return (metrics["R@10"] + metrics["R@50"]) / 2
+
+
+def add_overall(metrics: dict) -> dict:
+    """``metrics`` with ``overall`` added when it has R@10 and R@50."""
+    if "R@10" in metrics and "R@50" in metrics:
+        metrics["overall"] = overall(metrics)
+    return metrics

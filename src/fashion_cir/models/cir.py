@@ -3,6 +3,9 @@ model-folder format every stage writes and every consumer (evaluate, index, serv
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +139,19 @@ class CIRModel(nn.Module):
         # the matcher is saved on its own (matcher.pt: its trained query encoder only)
         return {k: v.detach().cpu() for k, v in self.state_dict().items() if k.startswith(prefixes)}
 
+    def fingerprint(self) -> str:
+        """sha1 of everything that decides this model's scores: its settings and trained weights."""
+        digest = hashlib.sha1(json.dumps({"backbone": self.backbone.portable_spec()[0], "image": self.backbone.image_fingerprint(),
+                                          "query_mode": self.query_mode, "text_template": self.text_template,
+                                          "matcher": self.matcher.config() if self.matcher is not None else None},
+                                         sort_keys=True).encode())
+        states = [self.trained_state_dict()] + ([self.matcher.trained_state()] if self.matcher is not None else [])
+        for state in states:
+            for name in sorted(state):
+                digest.update(name.encode())
+                digest.update(state[name].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
     def save(self, folder: str | Path, metadata: dict[str, Any] | None = None) -> Path:
         """Write ``model.json`` (spec, query mode, text template, prompt source, head config,
         versions, sha1 of the weights), ``weights.pt`` and, when attached, the attribute heads.
@@ -257,3 +273,16 @@ def load_model(model_dir: str | Path | None = None, backbone: str | None = None,
     if backbone is None:
         raise ModelError("give a trained model folder (--model DIR) or a backbone spec (--backbone SPEC)")
     return CIRModel(create_backbone(backbone, preprocess=preprocess), query_mode).eval()
+
+
+def publish_model(source: str | Path, destination: str | Path) -> Path:
+    """Copy a model folder to ``destination``, replacing what was there (via a temporary folder)."""
+    import shutil
+
+    destination = Path(destination)
+    staging = destination.with_name(f".{destination.name}.publishing")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    shutil.rmtree(destination, ignore_errors=True)
+    staging.replace(destination)
+    return destination

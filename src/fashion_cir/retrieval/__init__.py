@@ -2,7 +2,8 @@
 features, a metadata filter grammar, and composed-query search."""
 
 from .filters import Filter, FilterError, parse_filter
-from .index import (CatalogIndex, add_to_index, build_index, load_catalog, remove_from_index, search,
+from ..data.metadata import load_catalog
+from .index import (CatalogIndex, add_to_index, build_index, remove_from_index, search,
                     upsert_index)
 from .store import CatalogStore, SearchHit, open_index, parse_store_spec
 

@@ -11,7 +11,6 @@ one-line DataError naming the file."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -25,13 +24,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.images import IMAGE_EXTENSIONS, scan_images
+from ..data.metadata import load_catalog
 from ..errors import DataError, ModelError, check_failures
 from ..features.cache import FeatureCache
-from ..io import environment_info, folder_lock, fsync_dir, fsync_file, iter_jsonl, read_json, write_json
+from ..io import environment_info, folder_lock, fsync_dir, fsync_file, read_json, write_json
 from ..models.cir import CIRModel
 from ..models.matcher import DescriptionBank
 from .filters import Filter, field_text, filterable_fields
+from .scorer import DenseGallery
 from .store import CatalogStore, SearchHit, StoreSpec, item_vectors, open_index, parse_store_spec
 
 INDEX_FILE = "index.json"
@@ -43,69 +43,6 @@ DATA_NAME = re.compile(r"data-\d{6,}")
 DEFAULT_MAX_FAILED_SHARE = 0.2
 MANIFEST_FIELDS = {"feature_dim": int, "backbone": str, "image_fingerprint": str, "root": str, "data": str,
                    "count": int, "nprobe": int, "ef_search": int, "factory": str}  # of a FAISS index
-
-
-# -- catalog input ------------------------------------------------------------------------------
-def read_metadata(path: str | Path) -> dict[str, dict]:
-    """Per-item metadata from a CSV (``image`` or ``id`` column), a JSONL file (one record per
-    line with ``image`` or ``id``) or a JSON file (a list of such records, or an id -> record map)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"metadata file not found: {path}")
-    if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            records: Iterable[dict] = list(csv.DictReader(handle))
-    elif path.suffix.lower() == ".jsonl":
-        records = list(iter_jsonl(path, "metadata file"))
-    elif path.suffix.lower() == ".json":
-        raw = read_json(path, "metadata file")
-        if isinstance(raw, dict):
-            return {str(k): dict(v) for k, v in raw.items() if isinstance(v, dict)}
-        if not isinstance(raw, list):
-            raise DataError(f"metadata file {path}: expected a list of records or an id -> record object")
-        records = [r for r in raw if isinstance(r, dict)]
-    else:
-        raise DataError(f"metadata file {path}: unsupported type {path.suffix!r}; use .csv, .jsonl or .json")
-    out: dict[str, dict] = {}
-    for number, record in enumerate(records, 1):
-        key = record.get("image", record.get("id"))
-        if key in (None, ""):
-            raise DataError(f"metadata file {path}, record {number}: no 'image' or 'id' field")
-        out[str(key)] = {k: v for k, v in record.items() if k not in ("image", "id")}
-    return out
-
-
-def load_catalog(images: str | Path | Mapping[str, str | Path],
-                 metadata: str | Path | Iterable[str | Path] | Mapping[str, dict] | None = None,
-                 ids: Iterable[str] | None = None) -> tuple[dict[str, Path], dict[str, dict]]:
-    """Resolve a catalog to (id -> image path, id -> metadata).
-
-    ``images`` is a folder (ids are file stems of .jpg/.jpeg/.png/.webp files) or an id -> path map;
-    ``metadata`` one or more metadata files (merged, later files win per field) or an id -> record
-    map; ``ids`` restricts the catalog to those ids (e.g. a split file's list)."""
-    if isinstance(images, Mapping):
-        paths = {str(k): Path(v) for k, v in images.items()}
-    else:
-        folder = Path(images)
-        if not folder.is_dir():
-            raise DataError(f"catalog image folder not found: {folder}")
-        paths = scan_images(folder)
-        if not paths:
-            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
-    if ids is not None:
-        wanted = list(dict.fromkeys(str(i) for i in ids))
-        unknown = [i for i in wanted if i not in paths]
-        if unknown:
-            raise DataError(f"{len(unknown)} requested ids have no image, first: {unknown[0]!r}")
-        paths = {i: paths[i] for i in wanted}
-    merged: dict[str, dict] = {}
-    if isinstance(metadata, Mapping):
-        merged = {str(k): dict(v) for k, v in metadata.items()}
-    elif metadata is not None:
-        for file in [metadata] if isinstance(metadata, (str, Path)) else metadata:
-            for key, record in read_metadata(file).items():
-                merged.setdefault(key, {}).update(record)
-    return paths, {i: merged.get(i, {}) for i in paths}
 
 
 # -- FAISS helpers ------------------------------------------------------------------------------
@@ -405,9 +342,9 @@ class CatalogIndex(CatalogStore):
         results = []
         for query, score_row, id_row in zip(queries, scores, rows):
             if (id_row >= 0).sum() < k:  # the ANN probed too few allowed rows: rank them exactly
-                exact = item_vectors(self.features[allowed_rows], self.config) @ query
-                top = np.argsort(-exact, kind="stable")[:k]
-                score_row, id_row = exact[top], allowed_rows[top]
+                gallery = DenseGallery(allowed_rows, item_vectors(self.features[allowed_rows], self.config))
+                ranked = gallery.search(query[None], k)[0]
+                score_row, id_row = np.array([s for _, s in ranked]), np.array([r for r, _ in ranked])
             results.append(self._hits(score_row, id_row))
         return results
 

@@ -18,6 +18,7 @@ from ..models.attributes import describe
 from ..models.cir import CIRModel
 from .filters import BoolOp, Compare, Filter
 from .index import encode_reference_image
+from .scorer import compose_queries
 from .store import CatalogStore, SearchHit
 
 
@@ -84,14 +85,9 @@ def composed_search(model: CIRModel, index: CatalogStore, image: Image.Image | N
     description, source, attributes = reference_description(model, index, item_id, image_features)
     if model.text_template != "prompt":
         description, source = None, "none"
-    query_text = model.query_text(text, description) if text else ""
-    with torch.no_grad():
-        text_features = model.backbone.embed_texts([query_text]) if text else None
-        matched = (model.matcher.embed([model.matcher.query_text(text, description)], side="query")
-                   if text and model.matcher is not None else None)
-        device = model.backbone.device  # a Combiner lives with the model; features come from the CPU
-        query = model.query_vectors(None if image_features is None else image_features.to(device),
-                                    None if text_features is None else text_features.to(device), matched)
+    queries = compose_queries(model, image_features, [text], [description])
+    query = queries.vectors()
+    query_text = queries.texts[0] if text else ""
     wanted = {name: [v for v in vals if v] for name, vals in (filters or {}).items() if any(vals)}
     if same_type:
         category = attributes.get("category")

@@ -176,6 +176,25 @@ def open_index(folder: str | Path, model: "CIRModel | None" = None) -> CatalogSt
     raise DataError(f"{Path(folder) / 'index.json'}: unknown store kind {kind!r}")
 
 
+def index_model(folder: str | Path, model: "CIRModel | str | Path | None" = None) -> "CIRModel":
+    """The model to search an index with: a CIRModel as given, a model folder, a backbone spec, or
+    (None) the model the index was built with: its folder when it still exists, else its backbone."""
+    from ..models.cir import MODEL_FILE, CIRModel, load_model
+    from .index import read_manifest
+
+    if isinstance(model, CIRModel):
+        return model.eval()
+    if model is None:
+        manifest = read_manifest(folder)
+        model_dir = manifest.get("model_dir")
+        if model_dir and (Path(model_dir) / MODEL_FILE).is_file():
+            return load_model(model_dir=model_dir)
+        return load_model(backbone=manifest["backbone"])
+    if (Path(model) / MODEL_FILE).is_file():
+        return load_model(model_dir=model)
+    return load_model(backbone=str(model))
+
+
 class LiveIndex:
     """An open index that follows its folder, for a long-running service: a FAISS index is
     reopened when its manifest changes (``index add/upsert/remove`` swap it atomically); a Milvus

@@ -20,12 +20,11 @@ from PIL import Image, UnidentifiedImageError
 
 from ..data.images import IMAGE_EXTENSIONS, open_image, upload_pixel_limit
 from ..errors import DataError, FashionCIRError
-from ..models.cir import MODEL_FILE, CIRModel, load_model
+from ..models.cir import CIRModel
 from ..retrieval.explain import attribute_values, explain, phrase, requested_changes
 from ..retrieval.filters import FilterError, parse_filter
-from ..retrieval.index import read_manifest
 from ..retrieval.query import composed_search
-from ..retrieval.store import LiveIndex
+from ..retrieval.store import LiveIndex, index_model
 from .limits import Busy, ConcurrencyLimit
 
 try:
@@ -94,21 +93,6 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def _resolve_model(model: CIRModel | str | Path | None, index_folder: Path) -> CIRModel:
-    """A CIRModel as given; a model folder; a backbone spec; or (None) the index's own backbone."""
-    if isinstance(model, CIRModel):
-        return model.eval()
-    if model is None:  # the model the index was built with: its folder when it still exists, else its backbone
-        manifest = read_manifest(index_folder)
-        model_dir = manifest.get("model_dir")
-        if model_dir and (Path(model_dir) / MODEL_FILE).is_file():
-            return load_model(model_dir=model_dir)
-        return load_model(backbone=manifest["backbone"])
-    if (Path(model) / MODEL_FILE).is_file():
-        return load_model(model_dir=model)
-    return load_model(backbone=str(model))
-
-
 def _decode_upload(raw: bytes, max_pixels: int, target_size: int | None = None) -> Image.Image:
     """Decode an uploaded reference image or raise the HTTP error that says what is wrong with it;
     the pixel limit is checked from the header, before the pixels are decoded."""
@@ -138,7 +122,7 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
     decodes to; ``upload_workers`` uploads decode and encode at once, ``upload_queue`` more wait
     (holding only their raw bytes), and further uploads get 503 + Retry-After.
     ``search_timeout_s`` is how long the page waits for a search before offering a retry."""
-    cir = _resolve_model(model, Path(index_folder))
+    cir = index_model(index_folder, model)
     index = LiveIndex(index_folder, cir)
     input_size = cir.backbone.image_size
     max_pixels = max_pixels or upload_pixel_limit(input_size)

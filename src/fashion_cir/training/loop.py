@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from ..data.triplets import TripletSet
 from ..errors import FashionCIRError
-from ..evaluation.evaluate import EvalOptions, evaluate_sets
+from ..evaluation.evaluate import EvalOptions
+from ..evaluation.evaluator import Evaluator, Selection
 from ..features.cache import FeatureCache
 from ..io import append_jsonl, atomic_write_bytes, atomic_write_text, write_json
 from ..models.cir import CIRModel
@@ -148,6 +149,7 @@ class Trainer:
         self.params = [p for p in run.model.parameters() if p.requires_grad]
         if not self.params:
             raise FashionCIRError(f"{run.name}: nothing to train (every parameter is frozen)")
+        self.selection = Selection(set=cfg.select_set, metric=cfg.select_metric)
         if cfg.select_set is not None and cfg.select_set not in run.val_sets:
             raise FashionCIRError(f"select_set {cfg.select_set!r} is not a validation set ({sorted(run.val_sets)})")
         self.total_steps = cfg.epochs * run.steps_per_epoch
@@ -245,12 +247,12 @@ class Trainer:
             cache = FeatureCache(run.out_dir / ".val_cache")
         else:
             cache = FeatureCache(cfg.cache_dir or run.out_dir / "cache")
-        options = EvalOptions(modes=(run.model.query_mode,), batch_size=cfg.eval_batch_size,
-                              num_workers=cfg.num_workers, progress=False)
-        report = evaluate_sets(run.model, run.val_sets, cache, options, run.descriptions)[run.model.query_mode]
+        options = EvalOptions(batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers, progress=False)
+        evaluator = Evaluator(run.val_sets, cache, run.descriptions, options, self.selection)
+        report = evaluator(run.model)[run.model.query_mode]
         if run.image_encoder_trains:
             shutil.rmtree(run.out_dir / ".val_cache", ignore_errors=True)
-        return report, float(report[cfg.select_set or "average"][cfg.select_metric])
+        return report, evaluator.primary(report)
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self) -> CIRModel:
@@ -328,6 +330,10 @@ class Trainer:
         if report is not None:
             self.log({"epoch": self.progress.epoch, "step": self.progress.global_step, "val": report,
                       "selection_metric": metric, "best": improved})
+            average = report["average"]
+            print(f"{run.out_dir.name} epoch {self.progress.epoch + 1}/{cfg.epochs}: val R@10 {average['R@10']:.1f} "
+                  f"R@50 {average['R@50']:.1f}, {self.selection.metric} of {self.selection.set or 'average'} "
+                  f"{metric:.2f}{' (best so far)' if improved else ''}", flush=True)
             self.progress.history.append({"epoch": self.progress.epoch, "metric": metric})
         self.progress.epoch += 1
         self.progress.step = 0
