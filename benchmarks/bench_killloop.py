@@ -59,10 +59,6 @@ def _child(cmd: list[str]) -> int:
             from fashion_cir.cli import app
 
             app(args=args, prog_name="fashion-cir", standalone_mode=True)
-        elif kind == "train":
-            from fashion_cir.training.run import main as train_main
-
-            return train_main(args) or 0
         else:
             worker_cache(*args)
     except SystemExit as exc:
@@ -231,13 +227,17 @@ def make_training_data(folder: Path, images: Path, ids: list[str]) -> Path:
 
     for name, content in {"train": triplets(train, 32), "val": triplets(val, 8), "split_train": train, "split_val": val}.items():
         (folder / f"{name}.json").write_text(json.dumps(content))
-    source = lambda name, split: {"captions": str(folder / f"{name}.json"), "split": str(folder / f"{split}.json"),  # noqa: E731
-                                  "images": str(images)}
-    config = {"out_dir": str(folder / "run"), "backbone": "tiny", "query_mode": "sum", "train": [source("train", "split_train")],
-              "val": [{**source("val", "split_val"), "name": "val"}],
-              "stage1": {"epochs": 2, "batch_size": 8, "lr": 1e-3, "encoders": "text", "checkpoint_every": 1,
-                         "log_every": 1, "progress": False, "num_workers": 0},
-              "stage2": None}
+    source = lambda name, split: {"captions": str(folder / f"{name}.json"), "split": str(folder / f"{split}.json")}  # noqa: E731
+    stage1 = {"epochs": 2, "batch_size": 8, "lr": 1e-3, "encoders": "text", "checkpoint_every": 1, "log_every": 1,
+              "num_workers": 0}
+    config = {"name": "killloop", "out": str(folder / "run"), "pictures": False,
+              "catalog": {"images": str(images), "splits": {"train": [str(folder / "split_train.json")],
+                                                            "val": [str(folder / "split_val.json")]}},
+              "towers": {"backbone": "tiny"}, "model": {"query_mode": "sum", "text_template": "prompt"},
+              "annotated": [source("train", "split_train")],
+              "baselines": [{"name": "zero-shot", "variants": [{"label": "zero-shot", "text_template": "prompt", "modes": ["sum"]}]}],
+              "stages": [{"name": "stage1", "kind": "stage1", "start": "zero-shot", "data": ["annotated"], "config": stage1}],
+              "evaluation": {"val": [{**source("val", "split_val"), "name": "val"}]}}
     (folder / "config.json").write_text(json.dumps(config))
     return folder / "config.json"
 
@@ -253,10 +253,10 @@ class Train(Op):
         shutil.rmtree(self.work / "run", ignore_errors=True)
 
     def command(self) -> list[str]:
-        return ["train", "--config", str(self.config), "--stage", "1"]
+        return ["cli", "run", str(self.config)]
 
     def state(self) -> str:
-        stage = self.work / "run" / "stage1"
+        stage = self.work / "run" / "train" / "stage1"
         if (stage / "summary.json").exists():
             return "finished"
         if (stage / "checkpoint.pt").exists():
@@ -268,7 +268,7 @@ class Train(Op):
     def check(self) -> None:
         import torch
 
-        stage = self.work / "run" / "stage1"
+        stage = self.work / "run" / "train" / "stage1"
         weights = torch.load(stage / "model" / "weights.pt", weights_only=True)
         assert weights.keys() == self.reference.keys() and all(torch.equal(weights[k], self.reference[k]) for k in weights), \
             "final weights differ from the uninterrupted run"
@@ -284,7 +284,7 @@ def reference(op: Op) -> float:
     if isinstance(op, Train):
         import torch
 
-        op.reference = torch.load(op.work / "run" / "stage1" / "model" / "weights.pt", weights_only=True)
+        op.reference = torch.load(op.work / "run" / "train" / "stage1" / "model" / "weights.pt", weights_only=True)
     elif isinstance(op, Cache):
         from fashion_cir.features.cache import FeatureCache
         from fashion_cir.models.factory import create_backbone
@@ -321,7 +321,7 @@ def main() -> int:
     sys.path.insert(0, str(REPO / "src"))
     start = time.perf_counter()
     import fashion_cir.cli  # noqa: F401 - imported once here, inherited by every forked run
-    import fashion_cir.training.run  # noqa: F401
+    import fashion_cir.pipeline  # noqa: F401
     from fashion_cir.models.factory import create_backbone
 
     import torch

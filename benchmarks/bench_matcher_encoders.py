@@ -29,12 +29,12 @@ from fashion_cir.models.matcher import DescriptionMatcher
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mpnet", type=Path, help="all-mpnet-base-v2 folder (see README)")
-    parser.add_argument("--catalog", type=Path, default=None)
+    parser.add_argument("--catalog", type=Path, default=Path("../shared/datasets/clothing-dataset"))
     args = parser.parse_args()
     torch.set_num_threads(2)
     catalog = load_clothing_catalog(args.catalog)
     descriptions = catalog.descriptions()
-    captions = read_json(catalog.captions_file("val"))
+    captions = read_json(args.catalog / "captions" / "cap.clothing.val.json")
     everything = [i for s in ("train", "val", "test") for i in catalog.splits[s] if i in descriptions]
     galleries = {"split": [i for i in catalog.splits["val"] if i in descriptions], "catalog": everything}
     specs = ["minilm"] + ([f"mpnet:{args.mpnet}"] if args.mpnet else [])

@@ -1,5 +1,6 @@
-"""`fashion-cir demo --fast`: every stage runs on real photos with the real offline backbone, and every
-published model folder loads in `fashion-cir evaluate --model`."""
+"""`fashion-cir demo --fast` (the demo recipe's fast profile through `fashion-cir run`): every step
+runs on real photos with the real offline backbone, a re-run repeats no work, and every published
+model folder loads in `fashion-cir evaluate --model`."""
 
 from __future__ import annotations
 
@@ -35,16 +36,20 @@ def test_every_stage_is_published_and_reported(demo_run):
     assert selected["stage"] in STAGES and selected["stage"] == results["best"]
     for row in results["rows"]:
         assert 0 <= row["R@1"] <= row["R@5"] <= row["R@10"] <= row["R@50"] <= 100
-    assert "| stage | mode | protocol | set |" in stdout and "Paired differences" in stdout
-    for name in ("examples.png", "triplets.png", "index/index.json", "demo_config.json", "triplets/train.json"):
+    assert "| model | mode | protocol | set |" in stdout and "Paired differences" in stdout
+    for name in ("examples.png", "triplets.png", "training.png", "index/index.json", "run.json", "triplets/train.json",
+                 "train/stage2/curve.png"):
         assert (out / name).is_file(), name
 
 
 def test_warm_rerun_reuses_everything(demo_run):
-    _, _, rerun = demo_run
-    assert "reusing aligned offline backbone" in rerun
-    for stage in ("stage1", "stage2"):
-        assert f"reusing trained {stage} " in rerun
+    out, first, rerun = demo_run
+    assert "reusing the aligned offline backbone" in rerun and "triplets from" not in rerun
+    for stage in STAGES[2:]:  # every training run started once; the re-run found them finished
+        events = [line for line in (out / "train" / stage / "metrics.jsonl").read_text().splitlines() if '"event"' in line]
+        assert sum('"event": "start"' in line for line in events) == 1, stage
+        assert f"{stage} epoch 1/1: val R@10" in first and f"{stage} epoch 1/1" not in rerun
+    assert first.split("Results (val):")[1].split("\n[")[0] == rerun.split("Results (val):")[1].split("\n[")[0]
 
 
 def test_published_models_load_in_evaluate(demo_run, shared_dir, tmp_path):

@@ -17,12 +17,10 @@ PLAIN_HELP = {"rich_markup_mode": None}  # click's help: wraps at 80 columns and
 app = typer.Typer(add_completion=False, no_args_is_help=True, **PLAIN_HELP,
                   help="Composed image retrieval for fashion: triplets, training, evaluation, search.")
 index_app = typer.Typer(no_args_is_help=True, **PLAIN_HELP, help="Build, grow, update and prune a searchable catalog index.")
-train_app = typer.Typer(no_args_is_help=True, **PLAIN_HELP, help="Two-stage fine-tuning.")
 features_app = typer.Typer(no_args_is_help=True, **PLAIN_HELP, help="Fill a feature cache, split across processes (--shard I/N).")
 app.add_typer(index_app, name="index")
 app.add_typer(features_app, name="features")
 attributes_app = typer.Typer(no_args_is_help=True, **PLAIN_HELP, help="Attribute heads: describe images that have no description.")
-app.add_typer(train_app, name="train")
 app.add_typer(attributes_app, name="attributes")
 
 
@@ -143,7 +141,7 @@ def evaluate(
 @app.command()
 @friendly
 def align(
-    catalog: Optional[Path] = typer.Option(None, help="Clothing catalog folder (default ../shared/datasets/clothing-dataset)."),
+    catalog: Path = typer.Option(Path("../shared/datasets/clothing-dataset"), help="Clothing catalog folder."),
     out: Path = typer.Option(Path("runs/offline-backbone"), help="Where the aligned projections go."),
     cache_dir: Path = typer.Option(Path("runs/cache/features"), help="Static feature cache."),
     epochs: int = typer.Option(15, help="Alignment epochs (val picks the best)."),
@@ -243,42 +241,22 @@ def triplets(
     from .data.triplets import read_split
     from .features.cache import FeatureCache
     from .models.cir import load_model
-    from pydantic import ValidationError
-
     from .triplets import TripletConfig, generate_triplets, write_triplets
 
     vocabulary = load_vocabulary(vocab)
     attrs = load_precomputed(attributes, vocabulary)
     train_ids = read_split(train_split)
     paths = {i: p for i in train_ids if i in attrs and (p := find_image(images, i)) is not None}
-    try:  # settings first: a typo must not cost a model load and an encoding pass
-        config = TripletConfig(seed=seed, band=band, band_unit=band_unit, min_changes=min_changes, max_changes=max_changes,
-                               targets_per_reference=targets_per_reference, max_triplets=max_triplets,
-                               hard_negatives=hard_negatives, vocabulary=vocabulary)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']} (got {e.get('input')!r})"
-                             for e in exc.errors())
-        raise FashionCIRError(f"bad triplet settings: {problems}") from None
-    except ValueError as exc:
-        raise FashionCIRError(f"bad triplet settings: {exc}") from exc
+    # settings first: a typo must not cost a model load and an encoding pass
+    config = TripletConfig.from_dict(dict(seed=seed, band=band, band_unit=band_unit, min_changes=min_changes,
+                                          max_changes=max_changes, targets_per_reference=targets_per_reference,
+                                          max_triplets=max_triplets, hard_negatives=hard_negatives, vocabulary=vocabulary),
+                                     "bad triplet settings")
     cir = load_model(model, backbone or "openclip:ViT-B-32:openai")
     ids, features = FeatureCache(cache_dir).encode(cir.backbone, paths, on_error="skip")
     generated, stats = generate_triplets(attrs, features, ids, config, train_ids=train_ids)
     write_triplets(out, generated, stats, config)
     typer.echo(json.dumps({k: v for k, v in stats.items() if not isinstance(v, (dict, list))}, indent=2))
-
-
-@train_app.command("run")
-def train_run(
-    config: Path = typer.Option(..., help="Run config JSON (see configs/): model, data, stage1 and stage2 settings."),
-    stage: str = typer.Option("all", help="1, 2 or all."),
-    out: Optional[Path] = typer.Option(None, help="Override the config's out_dir."),
-):
-    """Two-stage fine-tuning from a config file; re-running resumes. Multi-GPU:
-    torchrun --nproc_per_node N -m fashion_cir.training.run --config FILE."""
-    from .training.run import main as run_main
-
-    raise typer.Exit(run_main(["--config", str(config), "--stage", stage] + (["--out", str(out)] if out else [])))
 
 
 def _model(model: Optional[Path], backbone: Optional[str]):
@@ -463,15 +441,13 @@ def search(
     from .retrieval.filters import parse_filter
     from .retrieval.index import read_manifest
     from .retrieval.query import composed_search
-    from .retrieval.store import open_index
+    from .retrieval.store import index_model, open_index
 
     if image is not None and item_id is not None:
         raise FashionCIRError("give --image FILE or --id ID, not both")
     manifest = read_manifest(index_dir)
     parsed = parse_filter(filter_text, manifest.get("fields")) if filter_text.strip() else None  # before loading a model
-    if model is None and backbone is None and manifest.get("model_dir") and (Path(manifest["model_dir"]) / "model.json").is_file():
-        model = Path(manifest["model_dir"])  # default: the model the index was built with
-    cir = _model(model, backbone or manifest["backbone"])
+    cir = index_model(index_dir, model or backbone)  # default: the model the index was built with
     index = open_index(index_dir, cir)
     if parsed is not None and "fields" not in manifest:  # an index from before filters: fields from its metadata
         parsed = parse_filter(filter_text, index.fields)
@@ -490,7 +466,7 @@ def search(
 @friendly
 def attributes_train(
     model: Path = typer.Option(..., help="Model folder; the heads are saved into it."),
-    catalog: Optional[Path] = typer.Option(None, help="Clothing catalog folder (default ../shared/datasets/clothing-dataset)."),
+    catalog: Path = typer.Option(Path("../shared/datasets/clothing-dataset"), help="Clothing catalog folder."),
     attributes: Optional[Path] = typer.Option(None, help="MLLM attributes JSONL (default: the catalog's)."),
     cache_dir: Path = typer.Option(Path("runs/cache/features"), help="Static feature cache."),
     report: Optional[Path] = typer.Option(None, help="Write the val report (markdown table) here."),
@@ -556,19 +532,47 @@ def serve_command(
           upload_workers=upload_workers, upload_queue=upload_queue, search_timeout_s=search_timeout)
 
 
+EXIT_STOPPED = 75  # a training run stopped on purpose (stop_after_steps); re-running resumes it
+DEMO_RECIPE = Path(__file__).resolve().parents[2] / "configs" / "demo_clothing.json"
+
+
+def _run(recipe: Path, profile: Optional[str], overrides: list[str], serve: bool, port: int) -> None:
+    from .pipeline import load_recipe, run_recipe
+    from .training.loop import TrainingStopped
+
+    loaded = load_recipe(recipe, profile, overrides)
+    try:
+        run_recipe(loaded, f"{recipe}" + (f" --profile {profile}" if profile else ""), serve=serve, port=port)
+    except TrainingStopped as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(EXIT_STOPPED) from None
+
+
+@app.command("run")
+@friendly
+def run_command(
+    recipe: Path = typer.Argument(..., help="Recipe JSON (see configs/): catalog, towers, triplets, stages, evaluation."),
+    profile: Optional[str] = typer.Option(None, help="A named override set of the recipe, e.g. fast."),
+    override: list[str] = typer.Option([], "--set", help="KEY=VALUE override (JSON value), e.g. out=runs/x or "
+                                                         "stages.0.config.epochs=2; repeatable."),
+    serve: bool = typer.Option(False, help="Serve the index at the end."),
+    port: int = typer.Option(8000, help="Port of the web page."),
+):
+    """Run a recipe's steps in order; a re-run reuses every finished step. Several GPUs:
+    torchrun --nproc_per_node N -m fashion_cir.cli run RECIPE."""
+    _run(recipe, profile, override, serve, port)
+
+
 @app.command()
 @friendly
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Where every output of the demo goes."),
-    catalog: Optional[Path] = typer.Option(None, help="Clothing catalog folder (default ../shared/datasets/clothing-dataset)."),
-    fast: bool = typer.Option(False, help="A small, quick run (tests, CI)."),
+    fast: bool = typer.Option(False, help="A small, quick run (tests, CI): the recipe's 'fast' profile."),
     serve: bool = typer.Option(True, help="Start the web page at the end (--no-serve for CI)."),
     port: int = typer.Option(8000, help="Port of the web page."),
 ):
-    """The whole pipeline on the clothing catalog with the offline backbone; one results table."""
-    from .demo import DemoConfig, run_demo
-
-    run_demo(DemoConfig(out=out, catalog=catalog, fast=fast, serve=serve, port=port))
+    """The demo recipe (configs/demo_clothing.json) on the clothing catalog, then the web page."""
+    _run(DEMO_RECIPE, "fast" if fast else None, [f"out={out}"], serve, port)
 
 
 def main() -> None:  # pragma: no cover

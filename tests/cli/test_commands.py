@@ -105,16 +105,21 @@ def triplets_file(mini, captioned, work):
 @pytest.fixture(scope="module")
 def trained(mini, triplets_file, work):
     generated, _ = triplets_file
-    source = lambda captions, split: {"captions": str(captions), "split": str(split), "images": str(mini["images"])}  # noqa: E731
-    config = {"out_dir": str(work / "train"), "backbone": "tiny", "query_mode": "sum",
-              "descriptions": str(mini["root"] / "attributes.jsonl"),
-              "train": [source(mini["train_captions"], mini["train_split"])],
+    source = lambda captions, split: {"captions": str(captions), "split": str(split)}  # noqa: E731
+    recipe = {"name": "mini", "out": str(work / "train"), "pictures": False,
+              "catalog": {"images": str(mini["images"]), "attributes": str(mini["root"] / "attributes.jsonl"),
+                          "splits": {"train": [str(mini["train_split"])], "val": [str(mini["val_split"])]}},
+              "towers": {"backbone": "tiny"}, "model": {"query_mode": "sum"},
+              "annotated": [source(mini["train_captions"], mini["train_split"])],
               "generated": [source(generated, mini["train_split"])],
-              "val": [{**source(mini["val_captions"], mini["val_split"]), "name": "val"}],
-              "stage1": {"epochs": 1, "batch_size": 4, "encoders": "text", "progress": False},
-              "stage2": {"epochs": 1, "batch_size": 4, "progress": False}}
-    (work / "run.json").write_text(json.dumps(config))
-    result = ok(["train", "run", "--config", work / "run.json"])
+              "baselines": [{"name": "zero-shot", "variants": [{"label": "zero-shot", "text_template": "prompt",
+                                                                "modes": ["sum"]}]}],
+              "stages": [{"name": "stage1", "kind": "stage1", "start": "zero-shot",
+                          "config": {"epochs": 1, "batch_size": 4, "encoders": "text"}},
+                         {"name": "stage2", "kind": "stage2", "start": "stage1", "config": {"epochs": 1, "batch_size": 4}}],
+              "evaluation": {"val": [{**source(mini["val_captions"], mini["val_split"]), "name": "val"}]}}
+    (work / "recipe.json").write_text(json.dumps(recipe))
+    result = ok(["run", work / "recipe.json"])
     return work / "train", result.output
 
 
@@ -196,33 +201,39 @@ def test_align_bad_inputs(tmp_path):
     one_line_error(["align", "--catalog", tmp_path / "cat", "--out", tmp_path / "o"], "attributes file not found")
 
 
-# -- train run, evaluate ------------------------------------------------------------------------
+# -- run (a recipe), evaluate ----------------------------------------------------------------------
 
-def test_train_run_writes_both_stages(trained, mini):
+def test_run_trains_both_stages_and_selects(trained, mini):
     out, output = trained
-    assert f"trained model: {out / 'stage2' / 'model'}" in output
-    stage1, stage2 = CIRModel.load(out / "stage1" / "model"), CIRModel.load(out / "stage2" / "model")
+    assert "best on val:" in output and "| stage2 | sum | split | val |" in output
+    stage1, stage2 = CIRModel.load(out / "stage1"), CIRModel.load(out / "stage2")
     zero_shot = create_backbone("tiny")
     text = ["is red with long sleeves"]
     assert not np.allclose(stage1.backbone.embed_texts(text), zero_shot.embed_texts(text))  # the text side trained
     assert stage1.backbone.image_fingerprint() == zero_shot.image_fingerprint()  # the image side did not
-    summary = json.loads((out / "stage2" / "summary.json").read_text())
+    summary = json.loads((out / "train" / "stage2" / "summary.json").read_text())
     assert summary["bank_size"] == N_TRAIN and summary["annotated_triplets"] == N_TRAIN
     assert stage2.query_mode == "sum"
+    selected = json.loads((out / "best" / "selected.json").read_text())
+    assert selected["stage"] == max(selected["scores"], key=selected["scores"].get)
 
 
-def test_train_run_bad_config(tmp_path):
-    config = tmp_path / "run.json"
-    config.write_text(json.dumps({"backbone": "tiny", "train": [{"captions": "${NO_SUCH_VAR_13}/c.json", "split": "s",
-                                                                   "images": "i"}], "stage1": {"epochs": 1}}))
-    result = runner.invoke(app, ["train", "run", "--config", str(config)])
+def test_run_bad_recipe(tmp_path):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"name": "x", "out": str(tmp_path / "out"),
+                                  "catalog": {"images": "${NO_SUCH_VAR_13}/images", "splits": {"train": ["s"]}}}))
+    result = runner.invoke(app, ["run", str(recipe)])
     assert result.exit_code == 2 and "NO_SUCH_VAR_13" in result.output and "Traceback" not in result.output
+    recipe.write_text(json.dumps({"name": "x", "out": "o", "catalog": {"images": "i", "splits": {}}, "stages": [
+        {"name": "s1", "kind": "stage1", "start": "zero-shot", "config": {"batch_size": "big"}}]}))
+    result = runner.invoke(app, ["run", str(recipe)])
+    assert result.exit_code == 2 and "batch_size" in result.output and "'big'" in result.output
 
 
 def test_evaluate_a_trained_model_on_the_val_captions(trained, mini, work):
     out, _ = trained
     metrics_file = work / "metrics.json"
-    result = ok(["evaluate", "--model", out / "stage2" / "model", "--captions", mini["val_captions"], "--split-file",
+    result = ok(["evaluate", "--model", out / "stage2", "--captions", mini["val_captions"], "--split-file",
                  mini["val_split"], "--images", mini["images"], "--cache-dir", work / "features", "--json", metrics_file,
                  "--descriptions", mini["root"] / "attributes.jsonl"])  # the prompts the model was trained with
     metrics = json.loads(metrics_file.read_text())

@@ -24,7 +24,7 @@ def clothing(shared_dir):
 def test_every_command_has_help():
     for command in (["--help"], ["evaluate", "--help"], ["demo", "--help"], ["caption", "--help"], ["triplets", "--help"],
                     ["index", "build", "--help"], ["index", "add", "--help"], ["search", "--help"], ["serve", "--help"],
-                    ["align", "--help"], ["train", "--help"]):
+                    ["align", "--help"], ["run", "--help"]):
         result = runner.invoke(app, command)
         assert result.exit_code == 0, (command, result.output)
         assert "Usage" in result.output

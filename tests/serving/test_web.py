@@ -289,6 +289,6 @@ def test_word_filter_matches_words_in_any_order(page, base_url, site):
     for words in (f"{record['color']} {record['category']}", f"{record['category']} {record['color']}"):
         with page.expect_response(lambda r: "/items?" in r.url):
             page.fill("#filter", words)
-        page.wait_for_function(f"document.querySelector('#catalog-count').innerText.length > 0")
+        page.wait_for_function("document.querySelector('#catalog-count').innerText.length > 0")
         counts.append(json.loads(page.evaluate("JSON.stringify(document.querySelector('#catalog-count').innerText)")))
     assert counts[0] == counts[1] and not counts[0].endswith(" 0 items")

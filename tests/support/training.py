@@ -54,12 +54,23 @@ def load_data(paths: dict[str, str]):
     return annotated.triplets + generated.triplets, annotated.image_paths, {"val": val}, descriptions
 
 
-def run_config(paths: dict[str, str], out: Path, stage1: dict | None = None, stage2: dict | None = None) -> dict:
-    """A RunConfig dict for ``python -m fashion_cir.training.run`` on the synthetic catalog."""
-    source = lambda name, split: {"captions": paths[name], "split": paths[split], "images": paths["images"]}  # noqa: E731
-    return {"out_dir": str(out), "backbone": "tiny", "query_mode": "sum_raw",
-            "train": [source("train", "split_train")], "generated": [source("generated", "split_train")],
-            "val": [{**source("val", "split_val"), "name": "val"}], "stage1": stage1, "stage2": stage2}
+def recipe(paths: dict[str, str], out: Path, stage1: dict | None = None, stage2: dict | None = None) -> dict:
+    """A recipe for ``fashion-cir run`` on the synthetic catalog: zero-shot, then the given stages."""
+    stages = []
+    if stage1 is not None:
+        stages.append({"name": "stage1", "kind": "stage1", "start": "zero-shot", "config": stage1})
+    if stage2 is not None:
+        stages.append({"name": "stage2", "kind": "stage2", "start": stages[-1]["name"] if stages else "zero-shot",
+                       "config": stage2})
+    return {"name": "synthetic", "out": str(out), "pictures": False,
+            "catalog": {"images": paths["images"], "splits": {"train": [paths["split_train"]], "val": [paths["split_val"]]}},
+            "towers": {"backbone": "tiny"}, "model": {"query_mode": "sum_raw", "text_template": "prompt"},
+            "annotated": [{"captions": paths["train"], "split": paths["split_train"]}],
+            "generated": [{"captions": paths["generated"], "split": paths["split_train"]}],
+            "baselines": [{"name": "zero-shot", "variants": [{"label": "zero-shot", "text_template": "prompt",
+                                                              "modes": ["sum_raw"]}]}],
+            "stages": stages,
+            "evaluation": {"val": [{"captions": paths["val"], "split": paths["split_val"], "name": "val"}]}}
 
 
 def final_state(folder: Path) -> dict[str, torch.Tensor]:

@@ -1,7 +1,6 @@
 """LLM rewrite of template captions through the openai backend (text-only chat completions) against
 a real HTTP server process; invalid rewrites keep the template captions."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path

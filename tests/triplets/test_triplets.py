@@ -2,7 +2,6 @@
 seeded random projection of one-hot attributes + noise): volume, FashionIQ compatibility, and an
 independent check that EVERY caption agrees with the two images' attributes."""
 
-import json
 import re
 
 import numpy as np

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,8 +11,6 @@ from ..io import iter_jsonl_numbered
 from .images import scan_images
 from .triplets import read_split
 
-DEFAULT_CATALOG = Path(os.environ.get(
-    "FASHION_CIR_CATALOG", Path(__file__).resolve().parents[3].parent / "shared" / "datasets" / "clothing-dataset"))
 SPLITS = ("train", "val", "test")
 GET_DATA = ("get the images from the public 'clothing-dataset' repository by Alexey Grigorev "
             "(images/, images.csv) and pass --catalog DIR")
@@ -28,6 +25,7 @@ class ClothingCatalog:
     labels: dict[str, str]
     attributes: dict[str, dict]
     splits: dict[str, list[str]]
+    attributes_file: Path | None = None
 
     def split_paths(self, split: str) -> dict[str, Path]:
         if split not in self.splits:
@@ -36,12 +34,6 @@ class ClothingCatalog:
 
     def descriptions(self) -> dict[str, str]:
         return descriptions_of(self.attributes)
-
-    def captions_file(self, split: str) -> Path:
-        return self.root / "captions" / f"cap.clothing.{split}.json"
-
-    def split_file(self, split: str) -> Path:
-        return self.root / "image_splits" / f"split.clothing.{split}.json"
 
 
 def read_attribute_records(path: str | Path) -> dict[str, tuple[int, dict]]:
@@ -74,8 +66,18 @@ def read_descriptions(path: str | Path) -> dict[str, str]:
     return descriptions_of(read_attributes(path))
 
 
-def load_clothing_catalog(root: str | Path | None = None, attributes: str | Path | None = None) -> ClothingCatalog:
-    root = Path(root) if root is not None else DEFAULT_CATALOG
+def read_labels(path: str | Path) -> dict[str, str]:
+    """id -> label from a CSV with ``image`` and ``label`` columns (images.csv)."""
+    labels: dict[str, str] = {}
+    with Path(path).open(newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            if row.get("image") and row.get("label"):
+                labels[row["image"]] = row["label"]
+    return labels
+
+
+def load_clothing_catalog(root: str | Path, attributes: str | Path | None = None) -> ClothingCatalog:
+    root = Path(root)
     images = root / "images"
     if not images.is_dir():
         raise DataError(f"clothing catalog not found: {images} does not exist; {GET_DATA}")
@@ -84,13 +86,7 @@ def load_clothing_catalog(root: str | Path | None = None, attributes: str | Path
         raise DataError(f"attributes file not found: {attributes_path}; run `fashion-cir caption` over the catalog "
                         "to create it, or pass --attributes FILE")
     image_paths = scan_images(images)
-    labels: dict[str, str] = {}
-    labels_csv = root / "images.csv"
-    if labels_csv.is_file():
-        with labels_csv.open(newline="", encoding="utf-8") as handle:
-            for row in csv.DictReader(handle):
-                if row.get("image") and row.get("label"):
-                    labels[row["image"]] = row["label"]
+    labels = read_labels(root / "images.csv") if (root / "images.csv").is_file() else {}
     splits = {s: read_split(root / "image_splits" / f"split.clothing.{s}.json")
               for s in SPLITS if (root / "image_splits" / f"split.clothing.{s}.json").is_file()}
-    return ClothingCatalog(root, image_paths, labels, read_attributes(attributes_path), splits)
+    return ClothingCatalog(root, image_paths, labels, read_attributes(attributes_path), splits, attributes_path)

@@ -140,12 +140,12 @@ class CIRModel(nn.Module):
         return {k: v.detach().cpu() for k, v in self.state_dict().items() if k.startswith(prefixes)}
 
     def fingerprint(self) -> str:
-        """sha1 of everything that decides this model's scores: its settings and trained weights."""
+        """sha1 of everything that decides this model's scores: its settings and all its weights."""
         digest = hashlib.sha1(json.dumps({"backbone": self.backbone.portable_spec()[0], "image": self.backbone.image_fingerprint(),
                                           "query_mode": self.query_mode, "text_template": self.text_template,
                                           "matcher": self.matcher.config() if self.matcher is not None else None},
                                          sort_keys=True).encode())
-        states = [self.trained_state_dict()] + ([self.matcher.trained_state()] if self.matcher is not None else [])
+        states = [self.state_dict()] + ([self.matcher.trained_state()] if self.matcher is not None else [])
         for state in states:
             for name in sorted(state):
                 digest.update(name.encode())

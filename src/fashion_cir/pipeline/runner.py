@@ -1,0 +1,453 @@
+"""``fashion-cir run RECIPE``: the recipe's steps in order, each content-keyed and resumable with the
+library's own machinery (the FeatureCache, the caption cache, the alignment and triplet files that
+record their settings, the training checkpoints, the evaluator's results cache):
+
+    catalog (+ caption) -> towers (align) -> triplets -> baselines -> stages -> select -> heads
+    -> results -> pictures -> index (-> serve)
+
+Under torchrun the training stages run on every rank; every other step runs on rank 0."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+from ..data.catalog import ClothingCatalog, read_attributes, read_labels
+from ..data.images import scan_images
+from ..data.triplets import Triplet, TripletSet, load_triplet_set, parse_triplets, read_split
+from ..errors import DataError
+from ..evaluation.evaluate import EvalOptions
+from ..evaluation.evaluator import Evaluator
+from ..evaluation.stats import paired_difference, recall_interval
+from ..features.cache import FeatureCache
+from ..io import atomic_write_text, environment_info, file_sha1, read_json, text_sha1, write_json
+from ..models.cir import CIRModel, publish_model
+from ..models.factory import create_backbone
+from ..models.matcher import DescriptionMatcher
+from .recipe import Recipe, StageSpec, TripletSource, expand_path
+
+KS = (1, 5, 10, 50)
+GENERATED_VAL = "generated-val"
+
+
+def git_commit() -> str | None:
+    """The commit of the code that runs (with ``-dirty`` for uncommitted changes), when it is a checkout."""
+    root = Path(__file__).resolve().parents[3]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+class Runner:
+    def __init__(self, recipe: Recipe, source: str = "recipe", serve: bool = False, port: int = 8000):
+        self.recipe = recipe
+        self.source = source
+        self.serve = serve
+        self.port = port
+        self.out = Path(expand_path(recipe.out))
+        self.cache = FeatureCache(self.out / "features")
+        self.rows: list[dict] = []
+        self.ranks: dict[str, list[int]] = {}  # "model/mode|protocol|set" -> per-query 0-based target ranks
+        self.started = time.perf_counter()
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def log(self, message: str) -> None:
+        if self.is_main:
+            print(f"[{time.perf_counter() - self.started:6.0f}s] {message}", flush=True)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            if not dist.is_initialized():
+                from ..training.distributed import setup_distributed
+
+                setup_distributed()
+            dist.barrier()
+
+    # -- steps before training ------------------------------------------------------------------
+    def record_run(self) -> None:
+        """run.json: the resolved recipe, every input file with its sha1, versions, the git commit."""
+        spec = self.recipe.catalog
+        files = [*(f for files in spec.splits.values() for f in files), spec.attributes, spec.labels,
+                 *(s.captions for s in self.recipe.annotated), *(s.captions for s in self.recipe.evaluation.val)]
+        inputs = {}
+        for name in files:
+            if name is not None and Path(expand_path(name)).is_file():
+                inputs[name] = file_sha1(Path(expand_path(name)))
+        write_json(self.out / "run.json", {"source": self.source, "recipe": self.recipe.model_dump(mode="json"),
+                                           "inputs": inputs, "versions": environment_info(), "git_commit": git_commit()})
+
+    def catalog(self) -> ClothingCatalog:
+        spec = self.recipe.catalog
+        images = Path(expand_path(spec.images))
+        if not images.is_dir():
+            raise DataError(f"recipe catalog.images: {images} is not a folder of images")
+        splits = {name: [i for f in files for i in read_split(expand_path(f))] for name, files in spec.splits.items()}
+        if spec.slice:
+            splits = {name: ids[: spec.slice.get(name, len(ids))] for name, ids in splits.items()}
+        image_paths = scan_images(images)
+        attributes_file = self.attributes_file(images, image_paths, splits)
+        attributes = read_attributes(attributes_file) if attributes_file is not None else {}
+        labels = read_labels(expand_path(spec.labels)) if spec.labels else {}
+        return ClothingCatalog(images.parent, image_paths, labels, attributes, splits, attributes_file)
+
+    def attributes_file(self, images: Path, image_paths: dict[str, Path], splits: dict[str, list[str]]) -> Path | None:
+        """The catalog's attributes: the recipe's file, else the caption step's (cached per image)."""
+        spec, caption = self.recipe.catalog, self.recipe.caption
+        if spec.attributes and Path(expand_path(spec.attributes)).is_file():
+            return Path(expand_path(spec.attributes))
+        if caption is None:
+            return None
+        from ..captioning import build_captioner, load_vocabulary, run_captioning, write_attributes
+
+        out = self.out / "attributes.jsonl"
+        wanted = {i: image_paths[i] for ids in splits.values() for i in ids if i in image_paths}
+        self.log(f"captioning {len(wanted)} images with {caption.backend} {caption.model or ''}")
+        try:
+            model = expand_path(caption.model) if caption.model and "$" in caption.model else caption.model
+            captioner = build_captioner(caption.backend, model, load_vocabulary(None), **caption.options)
+        except TypeError as exc:
+            raise DataError(f"recipe caption.options {caption.options} do not fit the {caption.backend} backend: {exc}") from None
+        attributes = run_captioning(wanted, captioner, self.out / "captions", max_attempts=caption.max_attempts)
+        write_attributes(out, attributes)
+        return out
+
+    def towers(self, catalog: ClothingCatalog):
+        spec = self.recipe.towers
+        if spec.align is None:
+            return create_backbone(spec.backbone, preprocess=spec.preprocess)
+        from ..training.align import align_offline_backbone
+
+        backbone, summary = align_offline_backbone(catalog, self.out / "offline-backbone", self.cache, spec.align, progress=False)
+        self.log(("reusing the aligned offline backbone" if summary.get("reused") else "aligned the offline backbone")
+                 + f" (val image->text R@10 {summary['best_val_image_to_text_R@10']:.1f})")
+        return backbone
+
+    def generated_triplets(self, model: CIRModel, catalog: ClothingCatalog, split: str) -> list[dict]:
+        """Triplets mined within ``split`` from the MLLM attributes; the file records its settings and
+        inputs and is reused while they stay the same."""
+        from ..triplets import generate_triplets, write_triplets
+
+        config = self.recipe.generate[split]
+        path = self.out / "triplets" / f"{split}.json"
+        key = text_sha1(model.backbone.image_fingerprint(), config.model_dump_json(),
+                        *(f"{i}:{catalog.attributes.get(i, {}).get('description', '')}" for i in catalog.splits[split]))
+        stats_file = path.with_suffix(".stats.json")
+        if path.is_file() and stats_file.is_file() and read_json(stats_file, "triplet stats").get("inputs_sha1") == key:
+            return read_json(path, "generated triplets")
+        if not catalog.attributes:
+            raise DataError("recipe 'generate' needs the catalog's MLLM attributes: set catalog.attributes or a caption step")
+        from ..captioning import load_precomputed
+
+        attributes = load_precomputed(catalog.attributes_file)
+        paths = {i: p for i, p in catalog.split_paths(split).items() if i in attributes}
+        ids, features = self.cache.encode(model.backbone, paths, on_error="skip", progress=False)
+        generated, stats = generate_triplets(attributes, features, ids, config, train_ids=ids)
+        write_triplets(path, generated, {**stats, "inputs_sha1": key}, config)
+        self.log(f"generated {len(generated)} {split} triplets from {len(ids)} images")
+        return read_json(path, "generated triplets")
+
+    def load_source(self, source: TripletSource, catalog: ClothingCatalog, split: str) -> TripletSet:
+        """An annotated set restricted to the (possibly sliced) catalog split."""
+        loaded = load_triplet_set(expand_path(source.captions), expand_path(source.split),
+                                  Path(expand_path(self.recipe.catalog.images)), name=source.name)
+        allowed = set(catalog.splits.get(split, []))
+        loaded.gallery_ids = [i for i in loaded.gallery_ids if i in allowed]
+        loaded.triplets = [t for t in loaded.triplets if t.candidate in allowed and t.target in allowed]
+        return loaded
+
+    def evaluators(self, catalog: ClothingCatalog, generated_val: list[dict] | None) -> dict[str, Evaluator]:
+        """One evaluator per protocol: ``split`` (gallery = the val split, reference kept, as
+        FashionIQ) and ``catalog`` (gallery = every split, reference removed, as the service)."""
+        spec = self.recipe.evaluation
+        sets = {s.name or Path(s.captions).stem: self.load_source(s, catalog, "val") for s in spec.val}
+        if spec.generated_val and generated_val is not None:
+            triplets = [t for t in parse_triplets(generated_val, GENERATED_VAL)
+                        if t.candidate in catalog.image_paths and t.target in catalog.image_paths]
+            sets[GENERATED_VAL] = TripletSet(GENERATED_VAL, triplets, list(catalog.split_paths("val")),
+                                             dict(catalog.image_paths), [], 0)
+        everything = [i for ids in catalog.splits.values() for i in ids if i in catalog.image_paths]
+        descriptions = catalog.descriptions()
+        evaluators = {}
+        for protocol in spec.protocols:
+            protocol_sets = sets if protocol == "split" else {
+                name: TripletSet(name, s.triplets, everything, dict(catalog.image_paths), [], s.skipped_triplets)
+                for name, s in sets.items()}
+            options = EvalOptions(ks=KS, progress=False, keep_ranks=True, remove_reference=protocol == "catalog")
+            evaluators[protocol] = Evaluator(protocol_sets, self.cache, descriptions, options, spec.selection,
+                                             self.out / "evaluations")
+        return evaluators
+
+    # -- scoring ----------------------------------------------------------------------------------
+    def score(self, label: str, model: CIRModel, modes: tuple[str, ...] | None = None, describe: str = "catalog") -> dict:
+        """Rows (with 95% intervals) for ``model`` under every protocol; returns {protocol: report}."""
+        reports = {}
+        for protocol, evaluator in self.evaluators_.items():
+            report = evaluator(model, modes, describe)
+            reports[protocol] = report
+            for mode, table in report.items():
+                for set_name, metrics in table.items():
+                    if set_name == "average":
+                        continue
+                    self.ranks[f"{label}/{mode}|{protocol}|{set_name}"] = metrics["ranks"]
+                    intervals = {f"R@{k}_ci": recall_interval(metrics["ranks"], k)[1:] for k in (10, 50)}
+                    self.rows.append({"stage": label, "mode": mode, "protocol": protocol, "set": set_name,
+                                      **{f"R@{k}": metrics[f"R@{k}"] for k in KS}, **intervals,
+                                      "n_queries": metrics["n_queries"], "n_gallery": metrics["n_gallery"]})
+        return reports
+
+    def selection_score(self, model: CIRModel, modes: tuple[str, ...] | None = None) -> dict[str, float]:
+        """The selection figure per mode (split protocol when scored, else the first)."""
+        evaluator = self.evaluators_.get("split") or next(iter(self.evaluators_.values()))
+        return {mode: evaluator.primary(table) for mode, table in evaluator(model, modes).items()}
+
+    def calibrate(self, model: CIRModel) -> None:
+        """The matcher's fusion weight with the best selection figure on val (ties: nearer 0.5)."""
+        if model.matcher is None:
+            return
+        evaluator = self.evaluators_.get("split") or next(iter(self.evaluators_.values()))
+        scores = evaluator.calibrate(model, self.recipe.model.matcher.weight_grid)
+        model.matcher.weight = max(scores, key=lambda w: (scores[w], -abs(w - 0.5)))
+        self.log(f"matcher weight {model.matcher.weight} (" + ", ".join(f"{w}: {v:.1f}" for w, v in scores.items()) + ")")
+
+    def random_rows(self) -> None:
+        """Expected recall of a random ranking: K / gallery size (one fewer with the reference removed)."""
+        for protocol, evaluator in self.evaluators_.items():
+            for set_name, triplet_set in evaluator.sets.items():
+                g = len(triplet_set.gallery_ids) - (protocol == "catalog")
+                self.rows.append({"stage": "random", "mode": "-", "protocol": protocol, "set": set_name,
+                                  **{f"R@{k}": 100.0 * min(k, g) / max(g, 1) for k in KS},
+                                  "n_queries": len(triplet_set.triplets), "n_gallery": g})
+
+    # -- models -----------------------------------------------------------------------------------
+    def new_model(self, backbone, text_template: str, with_matcher: bool) -> CIRModel:
+        spec = self.recipe.model
+        combiner = None
+        if spec.combiner:
+            from ..models.combiner import Combiner
+
+            combiner = Combiner(backbone.feature_dim)
+        matcher = DescriptionMatcher(spec.matcher.spec, spec.matcher.template) if with_matcher and spec.matcher else None
+        model = CIRModel(backbone, spec.query_mode, combiner, text_template=text_template, matcher=matcher)
+        model.descriptions_source = str(self.catalog_.attributes_file.resolve()) if self.catalog_.attributes_file else None
+        return model
+
+    def baseline(self, spec, backbone) -> Path:
+        """Every variant x mode scored; the best (on the selection figure) is published."""
+        best = None  # (score, variant, mode, matcher weight)
+        for variant in spec.variants:
+            model = self.new_model(backbone, variant.text_template, spec.matcher)
+            if model.matcher is not None:
+                self.calibrate(model)
+            self.score(variant.label, model, tuple(variant.modes))
+            for mode, value in self.selection_score(model, tuple(variant.modes)).items():
+                if best is None or value > best[0]:
+                    best = (value, variant, mode, model.matcher.weight if model.matcher else None)
+        _, variant, mode, weight = best
+        model = self.new_model(backbone, variant.text_template, spec.matcher)
+        model.query_mode = mode
+        if weight is not None:
+            model.matcher.weight = weight
+        self.labels[spec.name] = f"{variant.label}/{mode}"
+        self.log(f"{spec.name}: best variant {self.labels[spec.name]}")
+        folder = self.out / spec.name
+        model.save(folder, {"stage": spec.name})
+        return folder
+
+    def stage_triplets(self, stage: StageSpec) -> list[Triplet]:
+        triplets: list[Triplet] = []
+        train_ids = set(self.catalog_.splits.get("train", []))
+        if "annotated" in stage.data:
+            for source in self.recipe.annotated:
+                triplets += self.load_source(source, self.catalog_, "train").triplets
+        if "generated" in stage.data:
+            for source in self.recipe.generated:
+                triplets += self.load_source(source, self.catalog_, "train").triplets
+            if "train" in self.generated:
+                triplets += parse_triplets(self.generated["train"], "generated train triplets")
+        return [t for t in triplets if t.candidate in train_ids and t.target in train_ids]
+
+    def train_stage(self, stage: StageSpec, start: Path) -> Path:
+        """Train ``stage`` from the published model ``start`` into ``train/<name>`` (the training
+        checkpoint resumes it; other inputs start it over), then calibrate and publish it."""
+        from ..training import train_stage1, train_stage2
+
+        triplets = self.stage_triplets(stage)
+        model = CIRModel.load(start)
+        if model.matcher is not None:
+            model.matcher.weight = self.recipe.model.matcher.train_weight
+        batch = max(2, min(stage.train_config().batch_size, len(triplets) // 2 * 2))  # small slices
+        config = stage.train_config(batch_size=batch, cache_dir=str(self.out / "features"), progress=False)
+        run_dir = self.out / "train" / stage.name
+        inputs = {"start": model.fingerprint(), "triplets": text_sha1(*(f"{t.candidate}>{t.target}:{'|'.join(t.captions)}"
+                                                                         for t in triplets))}
+        inputs_file = run_dir / "inputs.json"
+        if self.is_main and inputs_file.is_file() and read_json(inputs_file, "stage inputs") != inputs:
+            self.log(f"{stage.name}: its start model or triplets changed; training it again")
+            shutil.rmtree(run_dir)
+        self.barrier()
+        if self.is_main:
+            write_json(inputs_file, inputs)
+        self.log(f"{stage.name}: {len(triplets)} triplets, {config.epochs} epoch(s), batch {config.batch_size}")
+        train = train_stage1 if stage.kind == "stage1" else train_stage2
+        train(config, model, triplets, self.catalog_.split_paths("train"), self.evaluators_["split"].sets if
+              "split" in self.evaluators_ else {}, self.catalog_.descriptions(), run_dir)
+        if self.is_main:
+            best = run_dir / "best" if (run_dir / "best" / "model.json").is_file() else run_dir / "model"
+            trained = CIRModel.load(best)
+            self.calibrate(trained)
+            staging = self.out / f".{stage.name}.tmp"
+            trained.save(staging, {"stage": stage.name})
+            publish_model(staging, self.out / stage.name)
+            shutil.rmtree(staging, ignore_errors=True)
+            from .pictures import stage_curves
+
+            stage_curves([run_dir / "metrics.jsonl"], run_dir / "curve.png")
+            self.labels[stage.name] = f"{stage.name}/{trained.query_mode}"
+        self.barrier()  # the next stage may start from this one on every rank
+        return self.out / stage.name
+
+    # -- the run ----------------------------------------------------------------------------------
+    def run(self) -> dict:
+        recipe = self.recipe
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.labels: dict[str, str] = {}  # model name -> "row label/mode" of its selected scores
+        if self.is_main:
+            self.record_run()
+            self.catalog_ = self.catalog()
+        self.barrier()
+        if not self.is_main:
+            self.catalog_ = self.catalog()
+        backbone = self.towers(self.catalog_)
+        plain = CIRModel(backbone, query_mode=recipe.model.query_mode)
+        self.generated = {split: self.generated_triplets(plain, self.catalog_, split) for split in recipe.generate}
+        self.evaluators_ = self.evaluators(self.catalog_, self.generated.get("val"))
+        published: dict[str, Path] = {}
+        if self.is_main:
+            self.random_rows()
+            for spec in recipe.baselines:
+                published[spec.name] = self.baseline(spec, backbone)
+        self.barrier()
+        published.update({spec.name: self.out / spec.name for spec in recipe.baselines})
+        for stage in recipe.stages:
+            published[stage.name] = self.train_stage(stage, published[stage.start])
+            if self.is_main:
+                self.score(stage.name, CIRModel.load(published[stage.name]))
+        if not self.is_main:
+            return {}
+        return self.finish(published)
+
+    def finish(self, published: dict[str, Path]) -> dict:
+        recipe = self.recipe
+        scores = {}
+        for name, folder in published.items():
+            model = CIRModel.load(folder)
+            scores[name] = self.selection_score(model)[model.query_mode]
+        best = Evaluator.select(scores)
+        publish_model(published[best], self.out / "best")
+        selection = recipe.evaluation.selection
+        write_json(self.out / "best" / "selected.json", {"stage": best, "scores": scores, "selection": {
+            "set": selection.set or "average", "metric": selection.metric, "protocol": "split"}})
+        self.log(f"best on val: {best} ({selection.metric} {scores[best]:.2f})")
+        if recipe.attribute_heads:
+            self.attribute_heads()
+        baselines = [b.name for b in recipe.baselines]
+        best_baseline = max(baselines, key=lambda b: scores[b]) if baselines else None
+        pairs = [(best_baseline if a == "best-baseline" else a, best_baseline if b == "best-baseline" else b)
+                 for a, b in recipe.evaluation.compare]
+        table, differences = self.table(), self.differences([(self.labels[a], self.labels[b]) for a, b in pairs
+                                                             if a in self.labels and b in self.labels])
+        atomic_write_text(self.out / "results.md", table + "\n\nPaired differences on the first val set:\n\n" + differences + "\n")
+        write_json(self.out / "results.json", {"rows": self.rows, "best": best, "labels": self.labels,
+                                               "seconds": time.perf_counter() - self.started, "ranks": self.ranks})
+        print("\nResults (val):\n" + table + "\n\nPaired differences:\n" + differences, flush=True)
+        if recipe.pictures:
+            self.pictures()
+        if recipe.index is not None:
+            self.build_index()
+        return {"rows": self.rows, "best": best}
+
+    def attribute_heads(self) -> None:
+        from ..training.attribute_heads import fit_attribute_heads, format_report
+
+        best = CIRModel.load(self.out / "best")
+        heads = fit_attribute_heads(best, self.catalog_, self.cache)
+        heads.save(self.out / "best")
+        atomic_write_text(self.out / "attributes.md", format_report(heads) + "\n")
+        val = heads.info["val"]
+        self.log("attribute heads on val: mean accuracy "
+                 f"{sum(r['accuracy'] for r in val.values()) / len(val):.1f}% (majority class "
+                 f"{sum(r['majority_accuracy'] for r in val.values()) / len(val):.1f}%); table in attributes.md")
+        self.score("best-predicted-prompt", best, (best.query_mode,), describe="predicted")
+
+    def table(self) -> str:
+        header = "| model | mode | protocol | set | " + " | ".join(f"R@{k}" for k in KS) + " | R@10 95% CI | R@50 95% CI | queries | gallery |"
+        lines = [header, "|" + "---|" * (len(KS) + 8)]
+        first_set = next(iter(next(iter(self.evaluators_.values())).sets), None)
+        for row in sorted(self.rows, key=lambda r: (r["protocol"] != "split", r["set"] != first_set)):
+            ci = [f"{row[f'R@{k}_ci'][0]:.1f}-{row[f'R@{k}_ci'][1]:.1f}" if f"R@{k}_ci" in row else "-" for k in (10, 50)]
+            lines.append(f"| {row['stage']} | {row['mode']} | {row['protocol']} | {row['set']} | "
+                         + " | ".join(f"{row[f'R@{k}']:.2f}" for k in KS)
+                         + f" | {ci[0]} | {ci[1]} | {row['n_queries']} | {row['n_gallery']} |")
+        return "\n".join(lines)
+
+    def differences(self, pairs: list[tuple[str, str]]) -> str:
+        """Paired bootstrap differences (R@10, R@50) on the same queries of the first val set."""
+        first_set = next(iter(next(iter(self.evaluators_.values())).sets), None)
+        lines = ["| comparison | protocol | R@10 diff (95% CI) | R@50 diff (95% CI) |", "|---|---|---|---|"]
+        for a, b in pairs:
+            for protocol in self.evaluators_:
+                ra, rb = self.ranks.get(f"{a}|{protocol}|{first_set}"), self.ranks.get(f"{b}|{protocol}|{first_set}")
+                if ra is None or rb is None:
+                    continue
+                cells = [paired_difference(ra, rb, k) for k in (10, 50)]
+                lines.append(f"| {a} - {b} | {protocol} | " + " | ".join(f"{d:+.1f} ({lo:+.1f} to {hi:+.1f})" for d, lo, hi in cells) + " |")
+        return "\n".join(lines)
+
+    def pictures(self) -> None:
+        from .pictures import example_picture, stage_curves, triplet_picture
+
+        best = CIRModel.load(self.out / "best")
+        first = next(iter(next(iter(self.evaluators_.values())).sets.values()))
+        self.log(f"example queries: {example_picture(best, first, self.catalog_.descriptions(), self.cache, self.out / 'examples.png')}")
+        if "train" in self.generated and self.generated["train"]:
+            self.log(f"example triplets: {triplet_picture(self.generated['train'], self.catalog_.image_paths, self.out / 'triplets.png')}")
+        curves = [self.out / "train" / s.name / "metrics.jsonl" for s in self.recipe.stages]
+        if any(c.is_file() for c in curves):
+            self.log(f"training curves: {stage_curves(curves, self.out / 'training.png')}")
+
+    def build_index(self) -> None:
+        from ..retrieval.index import build_index
+
+        spec = self.recipe.index
+        paths = {i: p for s in spec.splits for i, p in self.catalog_.split_paths(s).items()}
+        metadata = {i: {k: v for k, v in self.catalog_.attributes.get(i, {}).items() if k != "image"}
+                    | ({"label": self.catalog_.labels[i]} if i in self.catalog_.labels else {}) for i in paths}
+        best = CIRModel.load(self.out / "best")
+        index = build_index(self.out / "index", best, paths, metadata, factory=spec.factory, cache_dir=self.out / "features",
+                            overwrite=True, progress=False)
+        self.log(f"index: {len(index)} catalog images in {self.out / 'index'}")
+        if self.serve:
+            from ..serving.app import serve
+
+            print(f"\nServing the catalog at http://127.0.0.1:{self.port}/  (Ctrl+C to stop)", flush=True)
+            serve(self.out / "index", best, host="127.0.0.1", port=self.port)
+
+
+def run_recipe(recipe: Recipe, source: str = "recipe", serve: bool = False, port: int = 8000) -> dict:
+    return Runner(recipe, source, serve, port).run()
