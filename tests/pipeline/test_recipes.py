@@ -109,7 +109,11 @@ def test_changed_training_data_trains_again(paper_run, tmp_path):
     result = run_cli(["run", "configs/fashioniq_vitb32.json", "--profile", "tiny", "--set", f"out={copy}",
                       "--set", "generate.train.seed=1"], env)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "stage1: its start model or triplets changed; training it again" in result.stdout
+    assert "stage1: its start model, triplets or settings changed; training it again" in result.stdout
+    result = run_cli(["run", "configs/fashioniq_vitb32.json", "--profile", "tiny", "--set", f"out={copy}",
+                      "--set", "generate.train.seed=1", "--set", "stages.1.config.lr=0.0003"], env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "stage1: its start" not in result.stdout and "stage2: its start model, triplets or settings changed" in result.stdout
 
 
 def test_recipe_errors_name_the_field(tmp_path):

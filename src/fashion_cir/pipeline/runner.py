@@ -29,6 +29,7 @@ from ..io import atomic_write_text, environment_info, file_sha1, read_json, text
 from ..models.cir import CIRModel, publish_model
 from ..models.factory import create_backbone
 from ..models.matcher import DescriptionMatcher
+from ..training.config import RESUMABLE_FIELDS
 from .recipe import Recipe, StageSpec, TripletSource, expand_path
 
 KS = (1, 5, 10, 50)
@@ -294,11 +295,12 @@ class Runner:
         batch = max(2, min(stage.train_config().batch_size, len(triplets) // 2 * 2))  # small slices
         config = stage.train_config(batch_size=batch, cache_dir=str(self.out / "features"), progress=False)
         run_dir = self.out / "train" / stage.name
-        inputs = {"start": model.fingerprint(), "triplets": text_sha1(*(f"{t.candidate}>{t.target}:{'|'.join(t.captions)}"
-                                                                         for t in triplets))}
+        inputs = {"start": model.fingerprint(),
+                  "triplets": text_sha1(*(f"{t.candidate}>{t.target}:{'|'.join(t.captions)}" for t in triplets)),
+                  "config": {k: v for k, v in config.model_dump(mode="json").items() if k not in RESUMABLE_FIELDS}}
         inputs_file = run_dir / "inputs.json"
         if self.is_main and inputs_file.is_file() and read_json(inputs_file, "stage inputs") != inputs:
-            self.log(f"{stage.name}: its start model or triplets changed; training it again")
+            self.log(f"{stage.name}: its start model, triplets or settings changed; training it again")
             shutil.rmtree(run_dir)
         self.barrier()
         if self.is_main:
