@@ -45,6 +45,7 @@ def test_every_stage_is_published_and_reported(demo_run):
 def test_warm_rerun_reuses_everything(demo_run):
     out, first, rerun = demo_run
     assert "reusing the aligned offline backbone" in rerun and "triplets from" not in rerun
+    assert "attribute heads (trained)" in first and "attribute heads (reused)" in rerun
     for stage in STAGES[2:]:  # every training run started once; the re-run found them finished
         events = [line for line in (out / "train" / stage / "metrics.jsonl").read_text().splitlines() if '"event"' in line]
         assert sum('"event": "start"' in line for line in events) == 1, stage

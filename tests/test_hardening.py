@@ -209,7 +209,7 @@ class _Payload:
 
 @pytest.fixture(scope="module")
 def training_data(tmp_path_factory):
-    from test_training import load_data, make_dataset
+    from support.training import load_data, make_dataset
 
     return load_data(make_dataset(tmp_path_factory.mktemp("train-catalog"), n_train=8, n_val=4, n_annotated=8, n_generated=8))
 

@@ -99,7 +99,7 @@ def test_unexpected_errors_are_logged_json_500s(served, caplog):
     """Item 6: 500s were text/plain and no handler logged them."""
     client, model, _ = served
 
-    def broken(texts):
+    def broken(texts, **options):
         raise RuntimeError("tokenizer exploded")
 
     model.backbone.embed_texts = broken

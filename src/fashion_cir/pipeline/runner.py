@@ -9,6 +9,7 @@ Under torchrun the training stages run on every rank; every other step runs on r
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -250,21 +251,21 @@ class Runner:
 
     def baseline(self, spec, backbone) -> Path:
         """Every variant x mode scored; the best (on the selection figure) is published."""
-        best = None  # (score, variant, mode, matcher weight)
+        scores, choices = {}, {}
         for variant in spec.variants:
             model = self.new_model(backbone, variant.text_template, spec.matcher)
             if model.matcher is not None:
                 self.calibrate(model)
             self.score(variant.label, model, tuple(variant.modes))
             for mode, value in self.selection_score(model, tuple(variant.modes)).items():
-                if best is None or value > best[0]:
-                    best = (value, variant, mode, model.matcher.weight if model.matcher else None)
-        _, variant, mode, weight = best
+                scores[f"{variant.label}/{mode}"] = value
+                choices[f"{variant.label}/{mode}"] = (variant, mode, model.matcher.weight if model.matcher else None)
+        self.labels[spec.name] = Evaluator.select(scores)
+        variant, mode, weight = choices[self.labels[spec.name]]
         model = self.new_model(backbone, variant.text_template, spec.matcher)
         model.query_mode = mode
         if weight is not None:
             model.matcher.weight = weight
-        self.labels[spec.name] = f"{variant.label}/{mode}"
         self.log(f"{spec.name}: best variant {self.labels[spec.name]}")
         folder = self.out / spec.name
         model.save(folder, {"stage": spec.name})
@@ -385,14 +386,24 @@ class Runner:
         return {"rows": self.rows, "best": best}
 
     def attribute_heads(self) -> None:
+        from ..models.attributes import load_heads
         from ..training.attribute_heads import fit_attribute_heads, format_report
 
         best = CIRModel.load(self.out / "best")
-        heads = fit_attribute_heads(best, self.catalog_, self.cache)
+        # heads see image features only: reused while the image tower and the train/val attributes stay
+        key = text_sha1(best.backbone.image_fingerprint(), *(json.dumps(self.catalog_.attributes.get(i), sort_keys=True)
+                                                              for s in ("train", "val") for i in self.catalog_.splits.get(s, [])))
+        heads = load_heads(self.out / "attribute-heads")
+        reused = heads is not None and heads.info.get("inputs_sha1") == key
+        if not reused:
+            heads = fit_attribute_heads(best, self.catalog_, self.cache)
+            heads.info["inputs_sha1"] = key
+            heads.save(self.out / "attribute-heads")
+        best.attach_heads(heads)
         heads.save(self.out / "best")
         atomic_write_text(self.out / "attributes.md", format_report(heads) + "\n")
         val = heads.info["val"]
-        self.log("attribute heads on val: mean accuracy "
+        self.log(f"attribute heads ({'reused' if reused else 'trained'}) on val: mean accuracy "
                  f"{sum(r['accuracy'] for r in val.values()) / len(val):.1f}% (majority class "
                  f"{sum(r['majority_accuracy'] for r in val.values()) / len(val):.1f}%); table in attributes.md")
         self.score("best-predicted-prompt", best, (best.query_mode,), describe="predicted")
