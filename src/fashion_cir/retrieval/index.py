@@ -428,50 +428,43 @@ def build_index(folder: str | Path, model: CIRModel, images: str | Path | Mappin
 
 def add_to_index(folder: str | Path, model: CIRModel, images: str | Path | Mapping[str, str | Path],
                  metadata: str | Path | Iterable[str | Path] | Mapping[str, dict] | None = None, *,
-                 ids: Iterable[str] | None = None, cache_dir: str | Path | None = None, batch_size: int = 64,
-                 num_workers: int = 0, progress: bool = True,
+                 replace: bool = False, ids: Iterable[str] | None = None, cache_dir: str | Path | None = None,
+                 batch_size: int = 64, num_workers: int = 0, progress: bool = True,
                  max_failed_share: float = DEFAULT_MAX_FAILED_SHARE) -> CatalogStore:
-    """Add the catalog images whose ids are not in the index yet; only those are encoded.
-    Refuses a model whose image fingerprint differs from the index's. Concurrent writers take
-    turns (a lock on the folder), so none loses the other's items."""
+    """Add catalog images to an index: the ids not in it yet (only those are encoded), or with
+    ``replace`` every given image, whose features, metadata and path then replace the stored ones
+    (the feature cache, keyed by file content, reuses unchanged images). Refuses a model whose
+    image fingerprint differs from the index's. Concurrent writers take turns (a lock on the
+    folder), so none loses the other's items."""
     read_manifest(folder)
     with folder_lock(folder):
         index = open_index(folder, model)
         paths, meta = load_catalog(images, metadata, ids)
-        new = {i: p for i, p in paths.items() if i not in index}
+        todo = paths if replace else {i: p for i, p in paths.items() if i not in index}
         report: dict[str, Any] = {"requested": len(paths), "computed": 0, "reused": 0, "failed": 0, "failures": {}}
-        if new:
+        encoded: list[str] = []
+        replaced = 0
+        if todo:
             cache = Path(cache_dir or index.folder / "feature-cache")
-            encoded, features, report = _encode(model, new, cache, batch_size, num_workers, progress)
-            check_failures(report["failures"], len(new), max_failed_share, "new catalog images")
-            index.config["root"] = catalog_root((new[i] for i in encoded), index.config.get("root"))
-            index.add_features(encoded, _stored_rows(model, encoded, features, meta, cache), meta, new)
+            encoded, features, report = _encode(model, todo, cache, batch_size, num_workers, progress)
+            check_failures(report["failures"], len(todo), max_failed_share, "catalog images" if replace else "new catalog images")
+            index.config["root"] = catalog_root((todo[i] for i in encoded), index.config.get("root"))
+            replaced = sum(1 for i in encoded if i in index)
+            write = index.upsert_features if replace else index.add_features
+            write(encoded, _stored_rows(model, encoded, features, meta, cache), meta, todo)
             index.save()
-    index.report = {**report, "requested": len(paths), "already_indexed": len(paths) - len(new),
-                    "added": report["computed"] + report["reused"]}
+    if replace:
+        index.report = {**report, "replaced": replaced, "added": len(encoded) - replaced}
+    else:
+        index.report = {**report, "requested": len(paths), "already_indexed": len(paths) - len(todo),
+                        "added": report["computed"] + report["reused"]}
     return index
 
 
 def upsert_index(folder: str | Path, model: CIRModel, images: str | Path | Mapping[str, str | Path],
-                 metadata: str | Path | Iterable[str | Path] | Mapping[str, dict] | None = None, *,
-                 ids: Iterable[str] | None = None, cache_dir: str | Path | None = None, batch_size: int = 64,
-                 num_workers: int = 0, progress: bool = True,
-                 max_failed_share: float = DEFAULT_MAX_FAILED_SHARE) -> CatalogStore:
-    """Insert or replace catalog items: every given image is encoded (the feature cache, keyed by
-    file content, reuses unchanged ones) and its features, metadata and path replace the stored ones."""
-    read_manifest(folder)
-    with folder_lock(folder):
-        index = open_index(folder, model)
-        paths, meta = load_catalog(images, metadata, ids)
-        cache = Path(cache_dir or index.folder / "feature-cache")
-        encoded, features, report = _encode(model, paths, cache, batch_size, num_workers, progress)
-        check_failures(report["failures"], len(paths), max_failed_share, "catalog images")
-        replaced = sum(1 for i in encoded if i in index)
-        index.config["root"] = catalog_root((paths[i] for i in encoded), index.config.get("root"))
-        index.upsert_features(encoded, _stored_rows(model, encoded, features, meta, cache), meta, paths)
-        index.save()
-    index.report = {**report, "replaced": replaced, "added": len(encoded) - replaced}
-    return index
+                 metadata: str | Path | Iterable[str | Path] | Mapping[str, dict] | None = None, **options: Any) -> CatalogStore:
+    """Insert or replace catalog items: :func:`add_to_index` with ``replace=True``."""
+    return add_to_index(folder, model, images, metadata, replace=True, **options)
 
 
 def remove_from_index(folder: str | Path, ids: Iterable[str]) -> tuple[CatalogStore, list[str], list[str]]:
