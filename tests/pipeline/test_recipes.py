@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
@@ -35,7 +36,8 @@ def fashioniq_catalog(root: Path, n_train: int = 10, n_val: int = 6) -> dict[str
             ids = [f"{category}-{split}-{i:02d}" for i in range(n)]
             for image_id in ids:
                 color = rng.choice(COLORS)
-                image = Image.new("RGB", (32, 40), (128, 128, 128))
+                noise = np.random.default_rng(len(records)).integers(100, 156, size=(40, 32, 3), dtype=np.uint8)
+                image = Image.fromarray(noise)  # a distinct photo each (the caption cache keys by content)
                 ImageDraw.Draw(image).rectangle([6, 6, 26, 34], fill=RGB[color])
                 image.save(root / "images" / f"{image_id}.png")
                 records.append({"image": image_id, "category": label, "color": color, "secondary_color": None,
@@ -126,3 +128,12 @@ def test_recipe_errors_name_the_field(tmp_path):
     assert "no profile 'nope'" in fails("--profile", "nope")
     assert "stage9" in fails("--set", "stages.1.start=stage9")
     assert "FASHIONIQ_ROOT" in fails(env={"FASHIONIQ_IMAGES": str(tmp_path)})
+
+
+def test_a_caption_step_that_fails_for_most_images_stops_the_run(tmp_path):
+    env = fashioniq_catalog(tmp_path / "data")
+    attributes = Path(env["FASHIONIQ_ATTRIBUTES"])
+    attributes.write_text("".join(attributes.read_text().splitlines(keepends=True)[:10]))  # 10 of 48 images described
+    result = run_cli(["run", "configs/fashioniq_vitb32.json", "--profile", "tiny", "--set", f"out={tmp_path / 'out'}"], env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "38 of 48 images failed" in result.stderr and "captioning: 38 images without attributes" in result.stdout

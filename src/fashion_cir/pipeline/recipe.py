@@ -59,6 +59,7 @@ class CaptionSpec(Config):
     model: str | None = None
     options: dict[str, Any] = Field(default_factory=dict, description="backend options (batch_size, base_url, ...)")
     max_attempts: int = Field(3, ge=1)
+    max_failed_share: float = Field(0.2, ge=0, le=1, description="stop when more than this share of the images fail")
 
 
 class TowerSpec(Config):

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from ..data.catalog import ClothingCatalog, read_attributes, read_labels
 from ..data.images import scan_images
 from ..data.triplets import Triplet, TripletSet, load_triplet_set, parse_triplets, read_split
-from ..errors import DataError
+from ..errors import DataError, check_failures
 from ..evaluation.evaluate import EvalOptions
 from ..evaluation.evaluator import Evaluator
 from ..evaluation.stats import paired_difference, recall_interval
@@ -116,8 +116,11 @@ class Runner:
         if caption is None:
             return None
         from ..captioning import build_captioner, load_vocabulary, run_captioning, write_attributes
+        from ..captioning.runner import summary_path
 
         out = self.out / "attributes.jsonl"
+        if not self.is_main and out.is_file():  # rank 0 captioned before the barrier
+            return out
         wanted = {i: image_paths[i] for ids in splits.values() for i in ids if i in image_paths}
         self.log(f"captioning {len(wanted)} images with {caption.backend} {caption.model or ''}")
         try:
@@ -127,6 +130,15 @@ class Runner:
             raise DataError(f"recipe caption.options {caption.options} do not fit the {caption.backend} backend: {exc}") from None
         attributes = run_captioning(wanted, captioner, self.out / "captions", max_attempts=caption.max_attempts)
         write_attributes(out, attributes)
+        failures = {i: f"image file not found in {images}" for ids in splits.values() for i in ids if i not in image_paths}
+        failures.update({i: record.get("error") or record.get("status", "failed") for i, record in
+                         read_json(summary_path(self.out / "captions", captioner), "captioning summary").get("failures", {}).items()})
+        if failures:
+            first = next(iter(failures.items()))
+            self.log(f"captioning: {len(failures)} images without attributes (first: {first[0]}: {first[1]}); "
+                     f"the list is in {summary_path(self.out / 'captions', captioner)}")
+        check_failures(failures, len(wanted) + sum(i not in image_paths for ids in splits.values() for i in ids),
+                       caption.max_failed_share, "images")
         return out
 
     def towers(self, catalog: ClothingCatalog):
