@@ -18,7 +18,7 @@ from ..io import atomic_write_text, text_sha1
 from ..models.cir import CIRModel
 from .evaluate import EvalOptions, PreparedSet, evaluate_sets
 
-METRICS = ("overall", "R@1", "R@5", "R@10", "R@50")
+RESULTS_FORMAT = "fashion-cir-eval/2"  # part of every cache key: one mode's table per file
 
 
 class Selection(Config):
@@ -49,21 +49,30 @@ class Evaluator:
         self._descriptions_key = text_sha1(*(f"{k}={v}" for k, v in sorted((descriptions or {}).items())))
 
     def __call__(self, model: CIRModel, modes: tuple[str, ...] | None = None, describe: str | None = None) -> dict[str, dict]:
-        """{mode: {set: metrics, ..., "average": metrics}} (default: the model's query mode)."""
+        """{mode: {set: metrics, ..., "average": metrics}} (default: the model's query mode). Each
+        mode's table is cached on its own; the modes not cached yet are scored together."""
         options = self.options.model_copy(update={"modes": tuple(modes or (model.query_mode,)),
                                                    **({"describe": describe} if describe else {})})
-        path = None
+        paths: dict[str, Path] = {}
+        report: dict[str, dict] = {}
         if self.results_dir is not None:
-            key = text_sha1(model.fingerprint(), self._sets_key, self._descriptions_key,
-                            options.model_dump_json(exclude={"progress", "num_workers", "batch_size"}))
-            path = self.results_dir / f"{key}.json"
-            if path.is_file():
-                return json.loads(path.read_text(encoding="utf-8"))
-        report = evaluate_sets(model, self.sets, self.cache, options, self.descriptions)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, json.dumps(report))
-        return report
+            fingerprint = model.fingerprint()
+            for mode in options.modes:
+                single = options.model_copy(update={"modes": (mode,)})
+                key = text_sha1(RESULTS_FORMAT, fingerprint, self._sets_key, self._descriptions_key,
+                                single.model_dump_json(exclude={"progress", "num_workers", "batch_size"}))
+                paths[mode] = self.results_dir / f"{key}.json"
+                if paths[mode].is_file():
+                    report[mode] = json.loads(paths[mode].read_text(encoding="utf-8"))
+        missing = tuple(m for m in options.modes if m not in report)
+        if missing:
+            fresh = evaluate_sets(model, self.sets, self.cache, options.model_copy(update={"modes": missing}), self.descriptions)
+            for mode, table in fresh.items():
+                report[mode] = table
+                if mode in paths:
+                    paths[mode].parent.mkdir(parents=True, exist_ok=True)
+                    atomic_write_text(paths[mode], json.dumps(table))
+        return {mode: report[mode] for mode in options.modes}
 
     def primary(self, table: dict[str, dict]) -> float:
         """The selection figure of one mode's table ({set: metrics, "average": ...})."""
