@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--backbones", default="tiny,offline,openclip:ViT-B-32:random")
-    parser.add_argument("--catalog", type=Path, default=None)
+    parser.add_argument("--catalog", type=Path, default=Path("../shared/datasets/clothing-dataset"))
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs; medians are reported")
     args = parser.parse_args()
 
