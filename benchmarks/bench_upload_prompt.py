@@ -5,7 +5,9 @@ is what the predicted prompt adds to an upload: heads forward + description + fi
 the text context + encoding the longer text. Target: < 10 ms on CPU.
 
 Also times those parts alone on the same uploads, so the added cost can be read part by part, and
-prints the load average before and after (the figures are only as quiet as the machine).
+prints the load average before and after. Each time is taken on two clocks: wall clock (what a user
+waits; on a loaded machine it includes waiting for a core) and this process's CPU time (what the
+work costs; with several torch threads it adds up their time, spinning included).
 
     .venv/bin/python benchmarks/bench_upload_prompt.py --model runs/demo/best --cache-dir runs/demo/features [--n 200]
 """
