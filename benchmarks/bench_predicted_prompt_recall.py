@@ -38,7 +38,7 @@ KS = (10, 50)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="model folder with attribute heads")
-    parser.add_argument("--catalog", type=Path, default=None, help="clothing catalog (default ../shared/datasets/...)")
+    parser.add_argument("--catalog", type=Path, default=Path("../shared/datasets/clothing-dataset"), help="clothing catalog folder")
     parser.add_argument("--cache-dir", type=Path, default=Path("runs/cache/features"), help="feature cache")
     parser.add_argument("--mode", default=None, help="query mode (default: the model's)")
     args = parser.parse_args()
@@ -48,9 +48,9 @@ def main() -> None:
     catalog = load_clothing_catalog(args.catalog)
     descriptions = catalog.descriptions()
     mode = args.mode or model.query_mode
-    captions, images = catalog.captions_file("val"), catalog.root / "images"
-    galleries = {"split": [catalog.split_file("val")],
-                 "catalog": [catalog.split_file(s) for s in ("train", "val", "test")]}
+    captions, images = catalog.root / "captions" / "cap.clothing.val.json", catalog.root / "images"
+    split_files = {s: catalog.root / "image_splits" / f"split.clothing.{s}.json" for s in ("train", "val", "test")}
+    galleries = {"split": [split_files["val"]], "catalog": list(split_files.values())}
     cache = FeatureCache(args.cache_dir)
     matcher = model.matcher.config() if model.matcher is not None else None
     print(f"model: {args.model}, query mode: {mode}, text template: {model.text_template}, matcher: {matcher}")

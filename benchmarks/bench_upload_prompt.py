@@ -51,7 +51,7 @@ def quartiles(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="model folder with attribute heads")
-    parser.add_argument("--catalog", type=Path, default=None, help="clothing catalog (default ../shared/datasets/...)")
+    parser.add_argument("--catalog", type=Path, default=Path("../shared/datasets/clothing-dataset"), help="clothing catalog folder")
     parser.add_argument("--cache-dir", type=Path, default=Path("runs/cache/features"), help="feature cache")
     parser.add_argument("--n", type=int, default=200, help="uploads (val images, repeated if fewer), each timed both ways")
     parser.add_argument("--gallery", type=int, default=563, help="indexed val images")
