@@ -84,7 +84,9 @@ def test_the_paper_recipe_runs_every_step(paper_run):
     for stage in ("stage1", "stage2"):  # the trainer's files and the curve beside them
         for name in ("metrics.jsonl", "checkpoint.pt", "config.json", "curve.png"):
             assert (out / "train" / stage / name).is_file(), (stage, name)
-    assert "stage1 epoch 2/2: val R@10" in stdout  # per-epoch validation on the console
+    assert "stage1 before training: val R@10" in stdout and "stage1 epoch 2/2: val R@10" in stdout  # on the console
+    records = [json.loads(line) for line in (out / "train" / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "val" in r] == [-1, 0, 1]  # the curve's start, then each epoch
     generated = json.loads((out / "triplets" / "train.json").read_text())
     assert generated and all(t["candidate"].split("-")[1] == "train" for t in generated)
     run = json.loads((out / "run.json").read_text())

@@ -103,7 +103,8 @@ def read_curve(metrics_file: Path) -> tuple[list[tuple[int, float]], list[tuple[
 
 
 def stage_curves(metrics_files: list[Path], out: Path) -> Path:
-    """One column per stage: training loss over steps (top) and val R@10 / R@50 per epoch (bottom)."""
+    """One column per stage: training loss over steps (top) and val R@10 / R@50 before training and
+    after each epoch (bottom)."""
     plt = _pyplot()
     files = [f for f in metrics_files if f.is_file()]
     fig, axes = plt.subplots(2, len(files), figsize=(3.6 * len(files), 5.2), squeeze=False)
@@ -111,7 +112,7 @@ def stage_curves(metrics_files: list[Path], out: Path) -> Path:
         losses, val = read_curve(metrics_file)
         top, bottom = axes[0][col], axes[1][col]
         if losses:
-            top.plot(*zip(*losses), color="#444444", linewidth=1)
+            top.plot(*zip(*losses), color="#444444", linewidth=1, marker=".")
         top.set_title(metrics_file.parent.name, fontsize=9)
         top.set_xlabel("step", fontsize=8), top.set_ylabel("loss", fontsize=8)
         if val:
@@ -119,7 +120,8 @@ def stage_curves(metrics_files: list[Path], out: Path) -> Path:
             bottom.plot(steps, r10, "o-", label="val R@10")
             bottom.plot(steps, r50, "s-", label="val R@50")
             bottom.legend(fontsize=7)
-        bottom.set_xlabel("step (one point per epoch)", fontsize=8), bottom.set_ylabel("recall %", fontsize=8)
+        bottom.set_xlabel("step (before training, then each epoch)", fontsize=8)
+        bottom.set_ylabel("val recall % (mean over sets)", fontsize=8)
         for ax in (top, bottom):
             ax.tick_params(labelsize=7)
     fig.tight_layout()

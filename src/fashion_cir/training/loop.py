@@ -265,6 +265,11 @@ class Trainer:
                   "world_size": ctx.world_size, "steps_per_epoch": run.steps_per_epoch,
                   "trainable_parameters": sum(p.numel() for p in self.params),
                   "amp": str(self.dtype) if self.dtype else "off"})
+        if not resumed:  # the starting point of the validation curve
+            report, metric = self.validate()
+            if report is not None:
+                self.log({"epoch": -1, "step": 0, "val": report, "selection_metric": metric, "before_training": True})
+                self.report_validation("before training", report, metric, False)
         bar = tqdm(total=self.total_steps, initial=self.progress.global_step, desc=run.name, unit="step",
                    disable=not (cfg.progress and ctx.is_main), dynamic_ncols=True)
         autocast = (lambda: torch.autocast("cuda", dtype=self.dtype)) if self.dtype else contextlib.nullcontext
@@ -316,6 +321,13 @@ class Trainer:
         self.scheduler.step()
         return float(mean_over_ranks(total, ctx)), float(grad_norm)
 
+    def report_validation(self, when: str, report: dict, metric: float, improved: bool) -> None:
+        """One console line per validation, as the training runs."""
+        average = report["average"]
+        print(f"{self.run.out_dir.name} {when}: val R@10 {average['R@10']:.1f} R@50 {average['R@50']:.1f}, "
+              f"{self.selection.metric} of {self.selection.set or 'average'} {metric:.2f}"
+              f"{' (best so far)' if improved else ''}", flush=True)
+
     def end_epoch(self) -> None:
         run, cfg = self.run, self.run.config
         report, metric = self.validate()
@@ -330,10 +342,7 @@ class Trainer:
         if report is not None:
             self.log({"epoch": self.progress.epoch, "step": self.progress.global_step, "val": report,
                       "selection_metric": metric, "best": improved})
-            average = report["average"]
-            print(f"{run.out_dir.name} epoch {self.progress.epoch + 1}/{cfg.epochs}: val R@10 {average['R@10']:.1f} "
-                  f"R@50 {average['R@50']:.1f}, {self.selection.metric} of {self.selection.set or 'average'} "
-                  f"{metric:.2f}{' (best so far)' if improved else ''}", flush=True)
+            self.report_validation(f"epoch {self.progress.epoch + 1}/{cfg.epochs}", report, metric, improved)
             self.progress.history.append({"epoch": self.progress.epoch, "metric": metric})
         self.progress.epoch += 1
         self.progress.step = 0
