@@ -38,17 +38,20 @@ MODULES: dict[str, list[str]] = {
 }
 
 
-def mutmut_section(module: str, tests: list[str]) -> str:
+def mutmut_section(module: str, tests: list[str], timeout_constant: float, timeout_multiplier: float) -> str:
     quoted = lambda items: "[" + ", ".join(f'"{i}"' for i in items) + "]"  # noqa: E731
     return ("\n[tool.mutmut]\n"
             f'source_paths = ["src/"]\n'
             f"only_mutate = {quoted([f'{PACKAGE}/{module}'])}\n"
             f"pytest_add_cli_args_test_selection = {quoted(tests)}\n"
             'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x"]\n'
-            "also_copy = [\"tests/\"]\n")
+            "also_copy = [\"tests/\"]\n"
+            f"timeout_constant = {timeout_constant}\n"
+            f"timeout_multiplier = {timeout_multiplier}\n")
 
 
-def run_module(module: str, tests: list[str], children: int, show_survivors: bool) -> dict:
+def run_module(module: str, tests: list[str], children: int, show_survivors: bool, timeout_constant: float,
+               timeout_multiplier: float) -> dict:
     outer = Path(tempfile.mkdtemp(prefix="mutmut-"))
     scratch = outer / "repo"
     try:
@@ -60,7 +63,8 @@ def run_module(module: str, tests: list[str], children: int, show_survivors: boo
         shutil.copytree(ROOT / "tests", scratch / "tests", ignore=shutil.ignore_patterns("__pycache__"))
         pyproject = (ROOT / "pyproject.toml").read_text()
         pyproject = re.sub(r"\n\[tool\.mutmut\][^\[]*", "\n", pyproject)
-        (scratch / "pyproject.toml").write_text(pyproject + mutmut_section(module, tests))
+        section = mutmut_section(module, tests, timeout_constant, timeout_multiplier)
+        (scratch / "pyproject.toml").write_text(pyproject + section)
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         env["HF_HUB_OFFLINE"] = "1"
         start = time.perf_counter()
@@ -92,10 +96,16 @@ def main() -> None:
     parser.add_argument("modules", nargs="*", default=list(MODULES), help="keys of MODULES, e.g. evaluation/metrics.py")
     parser.add_argument("--children", type=int, default=1, help="mutants tested in parallel")
     parser.add_argument("--survivors", action="store_true", help="print the diff of every surviving mutant")
+    parser.add_argument("--timeout-constant", type=float, default=10.0,
+                        help="seconds added to a mutant's test time before scaling (mutmut's default, 1, leaves no "
+                             "room for pytest start-up and fixture setup, which its estimate does not count)")
+    parser.add_argument("--timeout-multiplier", type=float, default=5.0,
+                        help="wall limit = (test time + constant) x multiplier; CPU limit = twice that")
     args = parser.parse_args()
     print(f"{'module':<24}{'mutants':>8}{'killed':>8}{'survived':>9}{'timeout':>8}{'no tests':>9}{'killed %':>9}{'s':>6}")
     for module in args.modules:
-        c = run_module(module, MODULES[module], args.children, args.survivors)
+        c = run_module(module, MODULES[module], args.children, args.survivors, args.timeout_constant,
+                       args.timeout_multiplier)
         if "error" in c:
             print(f"{module:<24} mutmut produced no results:\n{c['error']}")
             continue
