@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -83,3 +84,36 @@ def test_combiner_published_shapes():
     assert shapes["dynamic_scalar.0.weight"] == (5120, 5120) and shapes["dynamic_scalar.3.weight"] == (1, 5120)
     out = Combiner(32).eval()(torch.randn(3, 32), torch.randn(3, 32))
     assert out.shape == (3, 32) and torch.allclose(out.norm(dim=-1), torch.ones(3), atol=1e-5)
+
+
+def test_default_scale_and_temperature_are_the_published_ones():
+    # CLIP4Cir stage 1 scales cosine logits by 100; SPN4CIR stage 2 divides them by a temperature of 0.02
+    q = torch.tensor([[1.0, 0.0], [0.96, 0.28]])
+    t = torch.tensor([[1.0, 0.0], [0.96, 0.28]])  # cosines: q0 -> [1, 0.96], q1 -> [0.96, 1]
+    expected = (_nll([100.0, 96.0], 0) + _nll([96.0, 100.0], 1)) / 2
+    assert math.isclose(InBatchContrastiveLoss()(q, t).item(), expected, rel_tol=1e-3)
+    bank = t.flip(0)
+    expected = (_nll([48.0, 50.0], 1) + _nll([50.0, 48.0], 0)) / 2
+    assert math.isclose(BankInfoNCELoss()(q, bank, torch.tensor([1, 0])).item(), expected, rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -0.5])
+def test_bank_loss_refuses_a_temperature_that_is_not_positive(temperature):
+    with pytest.raises(ValueError, match=rf"^temperature must be positive, got {temperature}$"):
+        BankInfoNCELoss(temperature)
+
+
+def test_image_id_zero_is_an_image_and_only_negative_ids_are_padding():
+    mask = InBatchContrastiveLoss.duplicate_mask(torch.tensor([0, 3]), torch.tensor([0, 3, 1, 0, -1]))
+    assert mask.tolist() == [[True, False, False, True, True], [False, True, False, False, True]]
+
+
+def test_losses_stay_on_the_device_of_their_inputs():
+    # the meta device checks device placement without a GPU: mixing a CPU tensor into meta inputs raises
+    q, t = torch.randn(3, 4, device="meta"), torch.randn(3, 4, device="meta")
+    ids = torch.tensor([5, 6, 5], device="meta")
+    columns = torch.cat([ids, torch.tensor([6], device="meta")])  # 3 targets + 1 hard negative
+    ignore = InBatchContrastiveLoss.duplicate_mask(ids, columns)
+    assert InBatchContrastiveLoss()(q, t, t[:1], ignore).device.type == "meta"
+    groups = torch.tensor([0, 1, 0], device="meta")
+    assert BankInfoNCELoss()(q, t, torch.tensor([0, 1, 2], device="meta"), groups).device.type == "meta"
