@@ -26,7 +26,8 @@ PACKAGE = "src/fashion_cir"
 # module (relative to src/fashion_cir) -> the fast tests that exercise it
 MODULES: dict[str, list[str]] = {
     "evaluation/metrics.py": ["tests/evaluation/test_metrics.py"],
-    "models/combiner.py": ["tests/models/test_cir.py"],
+    "models/combiner.py": ["tests/models/test_combiner.py",
+                           "tests/training/test_losses.py::test_combiner_published_shapes"],
     "models/cir.py": ["tests/models/test_cir.py"],
     "training/losses.py": ["tests/training/test_losses.py",
                            "tests/training/test_stages.py::test_stage2_step_is_infonce_on_the_target_row_with_its_duplicates_left_out"],
