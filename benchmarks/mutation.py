@@ -33,8 +33,8 @@ MODULES: dict[str, list[str]] = {
                            "tests/training/test_stages.py::test_stage2_step_is_infonce_on_the_target_row_with_its_duplicates_left_out"],
     "training/stage2.py": ["tests/training/test_stages.py::test_stage2_step_is_infonce_on_the_target_row_with_its_duplicates_left_out",
                            "tests/training/test_stages.py::test_stage2_trains_against_the_whole_bank"],
-    "triplets/negatives.py": ["tests/triplets/test_triplets.py"],
-    "triplets/mining.py": ["tests/triplets/test_triplets.py"],
+    "triplets/negatives.py": ["tests/triplets/test_negatives.py"],
+    "triplets/mining.py": ["tests/triplets/test_mining.py"],
     "retrieval/index.py": ["tests/retrieval/test_index.py"],
 }
 
