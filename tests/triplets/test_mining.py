@@ -165,3 +165,17 @@ def test_picks_balance_the_changed_attributes_and_the_number_of_changes():
     assert max(uses.values()) < 1.25 * min(uses.values()), uses
     assert by_availability[1] > uniform_draw[1] + 40  # the two rules are far apart on this pool
     assert all(abs(sizes[k] - uniform_draw[k]) < 20 for k in sizes), (sizes, uniform_draw)
+
+
+def test_ties_between_equally_used_targets_are_broken_at_random():
+    # the first pick of a run has every attribute unused: all targets with the drawn number of changes tie
+    features, table = _pool(30, 8, wildcard_share=0.0)
+    config = TripletConfig(band=(0, 29), band_unit="rank", targets_per_reference=1, max_triplets=1)
+    lowest_index = 0
+    for seed in range(20):
+        (pair,), _ = mine_pairs(features, table, config.model_copy(update={"seed": seed}))
+        same_size = [j for j in _eligible(features, table, config, pair.reference)
+                     if len(_differs(table, pair.reference, j)) == len(pair.changed)]
+        assert pair.target in same_size
+        lowest_index += pair.target == min(same_size)
+    assert lowest_index < 10
