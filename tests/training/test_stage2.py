@@ -1,0 +1,166 @@
+"""Stage 2 pieces on the synthetic catalog: the static bank, the step with a description matcher
+(a tiny random BERT, no download), and what train_stage2 freezes, skips, caches and reports."""
+
+from __future__ import annotations
+
+import json
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from fashion_cir.errors import FashionCIRError
+from fashion_cir.features.cache import FeatureCache
+from fashion_cir.models.cir import CIRModel
+from fashion_cir.models.combiner import Combiner
+from fashion_cir.models.factory import create_backbone
+from fashion_cir.models.matcher import DescriptionMatcher, resolve_encoder_path
+from fashion_cir.training import Stage2Config, train_stage2
+from fashion_cir.training.distributed import DistContext
+from fashion_cir.training.losses import BankInfoNCELoss
+from fashion_cir.training.stage2 import Stage2Step, StaticBank, build_bank
+
+from support.training import load_data, make_dataset
+
+FAST = dict(batch_size=8, lr=1e-2, progress=False, log_every=1, warmup_ratio=0.0, epochs=1)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return load_data(make_dataset(tmp_path_factory.mktemp("catalog")))
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory) -> str:
+    """A 1-layer, 16-wide random BERT with MiniLM's tokenizer, saved as an ``hf:`` folder."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_encoder_path("minilm"))
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=128)
+    BertModel(config).save_pretrained(folder)
+    return f"hf:{folder}"
+
+
+def _model(encoder: str, mode: str = "sum") -> CIRModel:
+    torch.manual_seed(0)
+    backbone = create_backbone("tiny")
+    model = CIRModel(backbone, mode, Combiner(backbone.feature_dim) if mode == "combiner" else None)
+    model.matcher = DescriptionMatcher(encoder, "caption", 0.4)
+    return model
+
+
+def test_static_bank_rows_groups_and_nothing_saved():
+    raw = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 2.0], [1.0, 0.0]])
+    bank = StaticBank(["a", "b", "c", "d"], raw)
+    assert bank.index == {"a": 0, "b": 1, "c": 2, "d": 3} and torch.equal(bank.raw, raw)
+    assert torch.allclose(bank.items, torch.tensor([[0.6, 0.8], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]))
+    groups = bank.groups.tolist()
+    assert groups[1] == groups[3] and len({groups[0], groups[1], groups[2]}) == 3 and bank.duplicates == 1
+    joined = torch.randn(4, 5)
+    assert torch.equal(StaticBank(["a", "b", "c", "d"], raw, joined).items, joined)
+    # the bank is rebuilt from the frozen encoder on every start: never written into checkpoints
+    assert StaticBank(["a", "b", "c", "d"], raw, joined).state_dict() == {}
+
+
+def test_step_joins_the_matchers_query_features(tiny_encoder):
+    model = _model(tiny_encoder).eval()
+    raw = torch.randn(5, 32, generator=torch.Generator().manual_seed(1))
+    described = model.matcher.embed(["a red shirt", "a blue dress", "green trousers", "a black coat", "a hat"], "item")
+    bank = StaticBank([f"i{n}" for n in range(5)], raw, model.item_vectors(raw, described))
+    captions = ["is red", "has long sleeves"]
+    batch = {"tokens": model.backbone.tokenize(captions), "matcher_tokens": model.matcher.tokenize(captions),
+             "reference_ids": torch.tensor([1, 3]), "target_ids": torch.tensor([0, 2])}
+    loss, _ = Stage2Step(model, bank, BankInfoNCELoss(0.1))(batch)
+    with torch.no_grad():
+        text = model.backbone.encode_texts(batch["tokens"])
+        image_side = F.normalize(F.normalize(raw[[1, 3]], dim=-1) + F.normalize(text, dim=-1), dim=-1)
+        text_side = model.matcher.embed(captions, "query")
+        queries = torch.cat([image_side * 0.6 ** 0.5, text_side * 0.4 ** 0.5], dim=1)  # fused: 0.6 image + 0.4 text
+        logits = queries @ bank.items.T / 0.1
+        by_hand = (torch.logsumexp(logits, dim=1) - logits[[0, 1], [0, 2]]).mean()
+    assert torch.allclose(loss.detach(), by_hand, atol=1e-5)
+
+
+def test_build_bank_joins_each_items_description(tiny_encoder, data, tmp_path):
+    _, paths, _, descriptions = data
+    model = _model(tiny_encoder).eval()
+    ids = sorted(paths)[:6]
+    known = {i: descriptions[i] for i in ids[:4]}  # the last two have no description
+    config = Stage2Config(**FAST)
+    bank = build_bank(model, {i: paths[i] for i in ids}, FeatureCache(tmp_path), config,
+                      DistContext(0, 1, 0, torch.device("cpu")), known)
+    assert bank.ids == ids
+    with torch.no_grad():
+        images = model.backbone.encode_images(torch.stack([model.backbone.preprocess(Image.open(paths[i]).convert("RGB"))
+                                                           for i in ids]))
+    assert torch.allclose(bank.raw, images, rtol=2e-3, atol=2e-3)  # the cache stores float16
+    text_side = torch.cat([model.matcher.embed([known[i] for i in ids[:4]], "item"), torch.zeros(2, 16)])
+    expected = torch.cat([F.normalize(images, dim=-1) * 0.6 ** 0.5, text_side * 0.4 ** 0.5], dim=1)
+    assert torch.allclose(bank.items, expected, rtol=2e-3, atol=2e-3)
+
+
+def _weights(model: CIRModel, prefix: str) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(prefix)}
+
+
+def _changed(before: dict[str, torch.Tensor], model: CIRModel) -> bool:
+    after = model.state_dict()
+    return any(not torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_train_stage2_freezes_skips_caches_and_reports(tiny_encoder, data, tmp_path):
+    triplets, paths, val_sets, descriptions = data
+    dropped = triplets[0].target
+    catalog = {i: p for i, p in paths.items() if i != dropped}
+    usable = [t for t in triplets if dropped not in (t.candidate, t.target)]
+    model = _model(tiny_encoder, "combiner")
+    last = f"backbone.clip.transformer.resblocks.{len(model.backbone.clip.transformer.resblocks) - 1}."
+    before = {part: _weights(model, prefix) for part, prefix in [
+        ("first block", "backbone.clip.transformer.resblocks.0."), ("last block", last), ("image", "backbone.clip.visual."),
+        ("combiner", "combiner."), ("matcher", "matcher.query_encoder.")]}
+    config = Stage2Config(encoders="text", last_n_blocks=1, train_combiner=False, train_matcher=True, **FAST)
+    trained = train_stage2(config, model, triplets, catalog, val_sets, descriptions, tmp_path)
+    changed = {part: _changed(weights, trained) for part, weights in before.items()}
+    assert changed == {"first block": False, "last block": True, "image": False, "combiner": False, "matcher": True}
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    annotated = sum(t.extra.get("source") != "generated" for t in usable)
+    assert {k: summary[k] for k in ("annotated_triplets", "generated_triplets", "skipped_triplets", "bank_size",
+                                    "bank_duplicate_rows", "negatives_per_query", "query_mode", "text_template")} == {
+        "annotated_triplets": annotated, "generated_triplets": len(usable) - annotated,
+        "skipped_triplets": len(triplets) - len(usable), "bank_size": 15, "bank_duplicate_rows": 0,
+        "negatives_per_query": 14, "query_mode": "combiner", "text_template": model.text_template}
+    assert len(triplets) > len(usable) > annotated > 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in records} == {"stage2"}
+    assert any("val" in json.dumps(r) and "R@" in json.dumps(r) for r in records)  # the val set was evaluated
+    # the frozen image encoder's features are cached under <out>/cache and reused: train and val images
+    cache = FeatureCache(tmp_path / "cache")
+    cache.encode(trained.backbone, {**catalog, **val_sets["val"].image_paths}, progress=False)
+    assert cache.last_stats.computed == 0 and cache.last_stats.reused == len(catalog) + len(val_sets["val"].image_paths)
+
+
+def test_train_stage2_trains_only_the_combiner_when_the_encoders_are_frozen(tiny_encoder, data, tmp_path):
+    triplets, paths, _, descriptions = data
+    model = _model(tiny_encoder, "combiner")
+    before = {part: _weights(model, prefix) for part, prefix in [
+        ("text", "backbone.clip.transformer."), ("combiner", "combiner."), ("matcher", "matcher.query_encoder.")]}
+    config = Stage2Config(encoders="none", train_combiner=True, train_matcher=False, **FAST)
+    trained = train_stage2(config, model, triplets, paths, {}, descriptions, tmp_path)
+    assert {part: _changed(w, trained) for part, w in before.items()} == {"text": False, "combiner": True, "matcher": False}
+
+
+def test_train_stage2_needs_a_bank_and_one_batch(data, tmp_path):
+    triplets, paths, _, descriptions = data
+    model = CIRModel(create_backbone("tiny"), "sum")
+    with pytest.raises(FashionCIRError, match=r"^stage2: no catalog image could be encoded for the bank$"):
+        train_stage2(Stage2Config(**FAST), model, triplets, {}, {}, descriptions, tmp_path / "empty")
+    annotated = [t for t in triplets if t.extra.get("source") != "generated"][:8]
+    with pytest.raises(FashionCIRError, match=r"^stage2: 7 usable training triplets, fewer than one batch of 8$"):
+        train_stage2(Stage2Config(**FAST), model, annotated[:7], paths, {}, descriptions, tmp_path / "seven")
+    train_stage2(Stage2Config(**FAST), model, annotated, paths, {}, descriptions, tmp_path / "eight")  # one step
+    assert json.loads((tmp_path / "eight" / "summary.json").read_text())["global_step"] == 1
