@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,7 @@ from PIL import Image
 
 from fashion_cir.errors import FashionCIRError
 from fashion_cir.features.cache import FeatureCache
+from fashion_cir.io import text_sha1
 from fashion_cir.models.cir import CIRModel
 from fashion_cir.models.combiner import Combiner
 from fashion_cir.models.factory import create_backbone
@@ -117,6 +119,7 @@ def test_train_stage2_freezes_skips_caches_and_reports(tiny_encoder, data, tmp_p
     dropped = triplets[0].target
     catalog = {i: p for i, p in paths.items() if i != dropped}
     usable = [t for t in triplets if dropped not in (t.candidate, t.target)]
+    descriptions = {**descriptions, **{i: f"a photo of val item {i}" for i in val_sets["val"].image_paths}}
     model = _model(tiny_encoder, "combiner")
     last = f"backbone.clip.transformer.resblocks.{len(model.backbone.clip.transformer.resblocks) - 1}."
     before = {part: _weights(model, prefix) for part, prefix in [
@@ -142,6 +145,11 @@ def test_train_stage2_freezes_skips_caches_and_reports(tiny_encoder, data, tmp_p
     cache = FeatureCache(tmp_path / "cache")
     cache.encode(trained.backbone, {**catalog, **val_sets["val"].image_paths}, progress=False)
     assert cache.last_stats.computed == 0 and cache.last_stats.reused == len(catalog) + len(val_sets["val"].image_paths)
+    # and so are the description features of the bank's items and of the val catalog
+    (stored,) = (tmp_path / "cache").glob("descriptions-*.npz")
+    with np.load(stored) as saved:
+        keys = set(saved["keys"].tolist())
+    assert {text_sha1(descriptions[i]) for i in [*catalog, *val_sets["val"].image_paths]} <= keys
 
 
 def test_train_stage2_trains_only_the_combiner_when_the_encoders_are_frozen(tiny_encoder, data, tmp_path):
