@@ -53,7 +53,7 @@ def mutmut_section(module: str, tests: list[str], timeout_constant: float, timeo
 
 
 def run_module(module: str, tests: list[str], children: int, show_survivors: bool, timeout_constant: float,
-               timeout_multiplier: float) -> dict:
+               timeout_multiplier: float, only: list[str]) -> dict:
     outer = Path(tempfile.mkdtemp(prefix="mutmut-"))
     scratch = outer / "repo"
     try:
@@ -70,12 +70,15 @@ def run_module(module: str, tests: list[str], children: int, show_survivors: boo
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         env["HF_HUB_OFFLINE"] = "1"
         start = time.perf_counter()
-        run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children)], cwd=scratch,
+        command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *only]
+        run = subprocess.run(command, cwd=scratch,
                              env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - start
         listing = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=scratch, env=env,
                                  capture_output=True, text=True).stdout
         status = dict(re.findall(r"^\s*(\S+): (\w[\w ]*)$", listing, flags=re.M))
+        if only:  # a re-check of named mutants: the others were not run
+            status = {name: state for name, state in status.items() if name in only}
         counts = {"mutants": len(status)}
         for name in ("killed", "survived", "timeout", "no tests", "suspicious", "skipped"):
             counts[name] = sum(1 for s in status.values() if s == name)
@@ -101,13 +104,15 @@ def main() -> None:
     parser.add_argument("--timeout-constant", type=float, default=10.0,
                         help="seconds added to a mutant's test time before scaling (mutmut's default, 1, leaves no "
                              "room for pytest start-up and fixture setup, which its estimate does not count)")
+    parser.add_argument("--mutants", nargs="+", default=[], metavar="NAME",
+                        help="run only these mutants (names as --survivors prints them), e.g. to re-check survivors")
     parser.add_argument("--timeout-multiplier", type=float, default=5.0,
                         help="wall limit = (test time + constant) x multiplier; CPU limit = twice that")
     args = parser.parse_args()
     print(f"{'module':<24}{'mutants':>8}{'killed':>8}{'survived':>9}{'timeout':>8}{'no tests':>9}{'killed %':>9}{'s':>6}")
     for module in args.modules:
         c = run_module(module, MODULES[module], args.children, args.survivors, args.timeout_constant,
-                       args.timeout_multiplier)
+                       args.timeout_multiplier, args.mutants)
         if "error" in c:
             print(f"{module:<24} mutmut produced no results:\n{c['error']}")
             continue

@@ -97,8 +97,8 @@ def test_build_bank_joins_each_items_description(tiny_encoder, data, tmp_path):
                       DistContext(0, 1, 0, torch.device("cpu")), known)
     assert bank.ids == ids
     with torch.no_grad():
-        images = model.backbone.encode_images(torch.stack([model.backbone.preprocess(Image.open(paths[i]).convert("RGB"))
-                                                           for i in ids]))
+        pixels = [model.backbone.preprocess(Image.open(paths[i]).convert("RGB")) for i in ids]
+        images = model.backbone.encode_images(torch.stack(pixels))
     assert torch.allclose(bank.raw, images, rtol=2e-3, atol=2e-3)  # the cache stores float16
     text_side = torch.cat([model.matcher.embed([known[i] for i in ids[:4]], "item"), torch.zeros(2, 16)])
     expected = torch.cat([F.normalize(images, dim=-1) * 0.6 ** 0.5, text_side * 0.4 ** 0.5], dim=1)
@@ -123,7 +123,8 @@ def test_train_stage2_freezes_skips_caches_and_reports(tiny_encoder, data, tmp_p
     model = _model(tiny_encoder, "combiner")
     last = f"backbone.clip.transformer.resblocks.{len(model.backbone.clip.transformer.resblocks) - 1}."
     before = {part: _weights(model, prefix) for part, prefix in [
-        ("first block", "backbone.clip.transformer.resblocks.0."), ("last block", last), ("image", "backbone.clip.visual."),
+        ("first block", "backbone.clip.transformer.resblocks.0."), ("last block", last),
+        ("image", "backbone.clip.visual."),
         ("combiner", "combiner."), ("matcher", "matcher.query_encoder.")]}
     config = Stage2Config(encoders="text", last_n_blocks=1, train_combiner=False, train_matcher=True, **FAST)
     trained = train_stage2(config, model, triplets, catalog, val_sets, descriptions, tmp_path)
@@ -159,7 +160,8 @@ def test_train_stage2_trains_only_the_combiner_when_the_encoders_are_frozen(tiny
         ("text", "backbone.clip.transformer."), ("combiner", "combiner."), ("matcher", "matcher.query_encoder.")]}
     config = Stage2Config(encoders="none", train_combiner=True, train_matcher=False, **FAST)
     trained = train_stage2(config, model, triplets, paths, {}, descriptions, tmp_path)
-    assert {part: _changed(w, trained) for part, w in before.items()} == {"text": False, "combiner": True, "matcher": False}
+    changed = {part: _changed(w, trained) for part, w in before.items()}
+    assert changed == {"text": False, "combiner": True, "matcher": False}
 
 
 def test_train_stage2_needs_a_bank_and_one_batch(data, tmp_path):
