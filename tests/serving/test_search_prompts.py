@@ -15,20 +15,17 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from support.serving import demo_catalog, model_with_heads, running_server
+from support.serving import indexed_demo_catalog, running_server
 from fashion_cir.cli import app as cli_app
 from fashion_cir.models.attributes import describe
-from fashion_cir.retrieval import build_index
 from fashion_cir.serving.app import create_app
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("prompts")
-    catalog = demo_catalog(root / "catalog", 60)
-    model = model_with_heads(root / "model", catalog, root / "cache")
-    build_index(root / "index", model, *catalog, progress=False)
-    with running_server(create_app(root / "index", model)) as url:
+    catalog, model, index = indexed_demo_catalog(root)
+    with running_server(create_app(index, model)) as url:
         yield url, catalog, model, root
 
 

@@ -11,8 +11,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from support.serving import demo_catalog, model_with_heads, running_server
-from fashion_cir.retrieval import build_index
+from support.serving import indexed_demo_catalog, running_server
 from fashion_cir.serving.app import create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -28,9 +27,7 @@ if not CHROMIUM.is_file():  # a missing browser fails the run (`make test` insta
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     root = tmp_path_factory.mktemp("web")
-    catalog = demo_catalog(root / "catalog", 60)
-    model = model_with_heads(root / "model", catalog, root / "cache")
-    build_index(root / "index", model, *catalog, progress=False)
+    catalog, model, _ = indexed_demo_catalog(root)
     return root, catalog, model
 
 

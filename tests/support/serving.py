@@ -101,3 +101,13 @@ def model_with_heads(folder: Path, catalog: tuple[dict[str, Path], dict[str, dic
                                    [metadata[i] for i in ids[cut:]], config=HeadsConfig(steps=50)))
     model.save(folder)
     return load_model(folder)
+
+
+def indexed_demo_catalog(root: Path, n: int = 60):
+    """(catalog, model with heads, index folder): :func:`demo_catalog` indexed by :func:`model_with_heads`."""
+    from fashion_cir.retrieval import build_index
+
+    catalog = demo_catalog(root / "catalog", n)
+    model = model_with_heads(root / "model", catalog, root / "cache")
+    build_index(root / "index", model, *catalog, progress=False)
+    return catalog, model, root / "index"
