@@ -115,9 +115,9 @@ def _clause(name: str, old: str | None, new: str | None, target: Attributes, s: 
             options.append(f"{s.have} {longer} sleeves")
         return rng.choice(options)
     if name == "neckline":
-        if new == "strapless":
+        t = None if new == "strapless" else _pick(NECK_NOUN, new, rng)
+        if t is None:
             return f"{s.be} strapless"
-        t = _pick(NECK_NOUN, new, rng)
         if old == "strapless":
             return rng.choice([f"{s.have} {t}", f"{s.have} {t} instead of being strapless"])
         f = _pick(NECK_NOUN, old, rng)
