@@ -52,6 +52,7 @@ def train(args, demo: Demo, catalog, sets: dict, descriptions: dict, run_dir: Pa
 
     settings = {**_stage_configs(False)["stage2"], "epochs": args.epochs, "lr": args.lr, "temperature": args.temperature,
                 "batch_size": args.batch_size, "encoders": args.encoders, "annotated_ratio": args.annotated_ratio,
+                "hard_negatives_per_query": args.hard_negatives, "hard_negative_weight": args.hard_weight,
                 "seed": args.seed, "cache_dir": str(demo.out / "features")}
     config = Stage2Config.from_dict(settings, f"sweep {args.name}")
     annotated_set = load_triplet_set(catalog.captions_file("train"), catalog.split_file("train"), catalog.root / "images")
@@ -79,6 +80,8 @@ def main() -> None:
     parser.add_argument("--encoders", choices=("text", "none"), default="text",
                         help="text: text tower + matcher query encoder; none: the matcher query encoder only")
     parser.add_argument("--annotated-ratio", type=float, default=None, help="share of annotated triplets per batch")
+    parser.add_argument("--hard-negatives", type=int, default=0, help="each triplet's hard negatives weighted in")
+    parser.add_argument("--hard-weight", type=float, default=1.0, help="how many times a hard negative counts")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
