@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fashion_cir.data.catalog import load_clothing_catalog
 from fashion_cir.data.triplets import load_triplet_set, parse_triplets
-from fashion_cir.demo import ANNOTATED, Demo, DemoConfig
+from fashion_cir.demo import ANNOTATED, GENERATED, Demo, DemoConfig
 from fashion_cir.demo_stages import TRAIN_MATCHER_WEIGHT, _stage_configs
 from fashion_cir.evaluation.stats import paired_difference
 from fashion_cir.io import read_json, write_json
@@ -45,6 +45,14 @@ def score(demo: Demo, name: str, model: CIRModel, sets: dict, descriptions: dict
         metrics = reports[protocol][model.query_mode][ANNOTATED]
         out[protocol] = {"R@10": metrics["R@10"], "R@50": metrics["R@50"], "ranks": metrics["ranks"]}
     return out
+
+
+def generated_catalog_ranks(demo: Demo, name: str, model: CIRModel, catalog, descriptions: dict) -> list[int]:
+    """Per-query ranks of the generated val triplets (queries never used for any choice here),
+    catalog protocol, at the model's current matcher weight."""
+    split = demo.val_sets(catalog, read_json(demo.out / "triplets" / "val.json", "generated val triplets"))
+    sets = {"catalog": demo.catalog_sets(catalog, {GENERATED: split[GENERATED]})}
+    return demo.evaluate(name, model, sets, descriptions, (model.query_mode,))["catalog"][model.query_mode][GENERATED]["ranks"]
 
 
 def train(args, demo: Demo, catalog, sets: dict, descriptions: dict, run_dir: Path) -> CIRModel:
@@ -83,6 +91,8 @@ def main() -> None:
     parser.add_argument("--hard-negatives", type=int, default=0, help="each triplet's hard negatives weighted in")
     parser.add_argument("--hard-weight", type=float, default=1.0, help="how many times a hard negative counts")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--confirm", action="store_true",
+                        help="also score the generated val triplets (catalog protocol) against stage 1: held-out queries")
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -108,6 +118,15 @@ def main() -> None:
         lines.append(f"  {protocol:8s} R@10 {result[protocol]['R@10']:5.1f} (stage1 {baseline[protocol]['R@10']:5.1f}) "
                      f"R@50 {result[protocol]['R@50']:5.1f} (stage1 {baseline[protocol]['R@50']:5.1f}) | paired "
                      + "  ".join(f"R@{k} {d:+.1f} [{lo:+.1f},{hi:+.1f}]" for k, (d, lo, hi) in diffs.items()))
+    if args.confirm:
+        confirm_file = args.out / "stage1-generated.json"
+        if not confirm_file.is_file():
+            write_json(confirm_file, generated_catalog_ranks(demo, "stage1", CIRModel.load(args.demo / "stage1"), catalog, descriptions))
+        before, after = read_json(confirm_file), generated_catalog_ranks(demo, args.name, model, catalog, descriptions)
+        diffs = {k: paired_difference(after, before, k) for k in (10, 50)}
+        result["generated_catalog"] = {"ranks": after, "vs_stage1": {f"R@{k}": list(d) for k, d in diffs.items()}}
+        lines.append("  generated val, catalog: paired " + "  ".join(f"R@{k} {d:+.1f} [{lo:+.1f},{hi:+.1f}]"
+                                                                   for k, (d, lo, hi) in diffs.items()))
     write_json(args.out / args.name / "result.json", result)
     print("\n".join(lines), flush=True)
 
