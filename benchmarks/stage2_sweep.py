@@ -81,6 +81,8 @@ def main() -> None:
     parser.add_argument("--demo", type=Path, default=Path("runs/demo"), help="finished demo folder (stage1, features, triplets)")
     parser.add_argument("--out", type=Path, default=Path("runs/stage2-sweep"))
     parser.add_argument("--model", type=Path, help="score this model folder instead of training one")
+    parser.add_argument("--text-from", type=Path,
+                        help="with --model: use this model folder's backbone (text tower) instead, keeping --model's matcher")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--temperature", type=float, default=0.02)
@@ -108,6 +110,8 @@ def main() -> None:
         baseline = score(demo, "stage1", CIRModel.load(args.demo / "stage1"), sets, descriptions)
         write_json(baseline_file, baseline)
     model = CIRModel.load(args.model) if args.model else train(args, demo, catalog, sets, descriptions, args.out / args.name / "train")
+    if args.text_from:  # attribution: which trained part carries a stage's gain
+        model.backbone.load_state_dict(CIRModel.load(args.text_from).backbone.state_dict())
     result = score(demo, args.name, model, sets, descriptions)
     result["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     result["seconds"] = round(time.perf_counter() - started, 1)
