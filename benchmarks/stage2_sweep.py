@@ -1,137 +1,107 @@
 """Stage-2 settings sweep (issue 9): does stage 2 measurably improve on the demo's stage-1 model?
 
-Starts from the demo's published ``stage1`` model, trains stage 2 with the given settings exactly as
-the demo does (matcher weight 0.5 while training, best epoch on annotated val), chooses the matcher
-weight on annotated val (``Demo.calibrate``), then scores the annotated val captions under both
-protocols (split: the val split's 563 images; catalog: all 5,756 images, reference removed) and
-prints the paired bootstrap difference against stage 1 on the same queries.
+Trains the demo recipe's stage 2 with some of its settings changed, from the recipe's published
+``stage1`` model, exactly as ``fashion-cir run`` does (the runner's ``train_stage``: matcher weight
+0.5 while training, best epoch on annotated val, then the fusion weight calibrated on annotated val),
+then scores the annotated val captions under both protocols (split: the val split's 563 images;
+catalog: all 5,756 images, reference removed) and prints the paired bootstrap difference against
+stage 1 on the same queries.
 
-    nice -n 15 .venv/bin/python benchmarks/stage2_sweep.py --name e3 --epochs 3
+    nice -n 15 .venv/bin/python benchmarks/stage2_sweep.py --name t01 --set encoders=none --set temperature=0.01
     nice -n 15 .venv/bin/python benchmarks/stage2_sweep.py --name demo-stage2 --model runs/demo/stage2   # score only
 
-Needs a finished demo in ``--demo`` (``fashion-cir demo``: its stage1 folder, feature cache and
-generated train triplets). Every choice is made on the clothing val split; the test split's images
-appear only in the catalog-protocol gallery. Results: ``<out>/<name>/result.json``."""
+Needs a finished run of the recipe (default configs/demo_clothing.json in runs/demo: its stage1
+folder, feature cache and generated triplets). The trained model is published as
+``<out>/sweep-<name>`` and the figures written to ``<out>/sweep-<name>.json``. Every choice is made
+on the clothing val split; the test split's images appear only in the catalog-protocol gallery.
+``--confirm`` also scores the generated val triplets (catalog protocol), queries that no setting
+was chosen on."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
-from fashion_cir.data.catalog import load_clothing_catalog
-from fashion_cir.data.triplets import load_triplet_set, parse_triplets
-from fashion_cir.demo import ANNOTATED, GENERATED, Demo, DemoConfig
-from fashion_cir.demo_stages import TRAIN_MATCHER_WEIGHT, _stage_configs
+from fashion_cir.evaluation.evaluator import Evaluator
 from fashion_cir.evaluation.stats import paired_difference
 from fashion_cir.io import read_json, write_json
 from fashion_cir.models.cir import CIRModel
+from fashion_cir.pipeline.recipe import StageSpec, load_recipe
+from fashion_cir.pipeline.runner import GENERATED_VAL, Runner
 
-PROTOCOLS = ("split", "catalog")
-
-
-def annotated_sets(demo: Demo, catalog) -> dict[str, dict]:
-    """{protocol: {annotated-val: TripletSet}} as the demo builds them."""
-    split = load_triplet_set(catalog.captions_file("val"), catalog.split_file("val"), catalog.root / "images", name=ANNOTATED)
-    return {"split": {ANNOTATED: split}, "catalog": demo.catalog_sets(catalog, {ANNOTATED: split})}
+ANNOTATED = "annotated-val"
 
 
-def score(demo: Demo, name: str, model: CIRModel, sets: dict, descriptions: dict) -> dict:
-    """Calibrate the matcher weight on annotated val (split protocol), then per-query ranks per protocol."""
-    weight = demo.calibrate(model, sets["split"], descriptions)
-    reports = demo.evaluate(name, model, sets, descriptions, (model.query_mode,))
-    out = {"weight": weight}
-    for protocol in PROTOCOLS:
-        metrics = reports[protocol][model.query_mode][ANNOTATED]
-        out[protocol] = {"R@10": metrics["R@10"], "R@50": metrics["R@50"], "ranks": metrics["ranks"]}
-    return out
+def setting(text: str) -> tuple[str, object]:
+    """``FIELD=VALUE`` (VALUE as JSON, else a string) for one Stage2Config field."""
+    key, _, raw = text.partition("=")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
 
 
-def generated_catalog_ranks(demo: Demo, name: str, model: CIRModel, catalog, descriptions: dict) -> list[int]:
-    """Per-query ranks of the generated val triplets (queries never used for any choice here),
-    catalog protocol, at the model's current matcher weight."""
-    split = demo.val_sets(catalog, read_json(demo.out / "triplets" / "val.json", "generated val triplets"))
-    sets = {"catalog": demo.catalog_sets(catalog, {GENERATED: split[GENERATED]})}
-    return demo.evaluate(name, model, sets, descriptions, (model.query_mode,))["catalog"][model.query_mode][GENERATED]["ranks"]
-
-
-def train(args, demo: Demo, catalog, sets: dict, descriptions: dict, run_dir: Path) -> CIRModel:
-    from fashion_cir.training import Stage2Config, train_stage2
-
-    settings = {**_stage_configs(False)["stage2"], "epochs": args.epochs, "lr": args.lr, "temperature": args.temperature,
-                "batch_size": args.batch_size, "encoders": args.encoders, "annotated_ratio": args.annotated_ratio,
-                "hard_negatives_per_query": args.hard_negatives, "hard_negative_weight": args.hard_weight,
-                "seed": args.seed, "cache_dir": str(demo.out / "features")}
-    config = Stage2Config.from_dict(settings, f"sweep {args.name}")
-    annotated_set = load_triplet_set(catalog.captions_file("train"), catalog.split_file("train"), catalog.root / "images")
-    train_ids = set(catalog.splits["train"])
-    annotated = [t for t in annotated_set.triplets if t.candidate in train_ids and t.target in train_ids]
-    generated = parse_triplets(read_json(demo.out / "triplets" / "train.json", "generated triplets"), "generated train triplets")
-    model = CIRModel.load(demo.out / "stage1")
-    model.matcher.weight = TRAIN_MATCHER_WEIGHT
-    print(f"training {args.name}: {config.model_dump(exclude={'progress', 'cache_dir'})}", flush=True)
-    train_stage2(config, model, annotated + generated, catalog.split_paths("train"), sets["split"], descriptions, run_dir)
-    best = run_dir / "best" if (run_dir / "best" / "model.json").is_file() else run_dir / "model"
-    return CIRModel.load(best)
+def paired(after: list[int], before: list[int]) -> dict[str, list[float]]:
+    return {f"R@{k}": list(paired_difference(after, before, k)) for k in (10, 50)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--name", required=True, help="this setting's folder under --out")
-    parser.add_argument("--demo", type=Path, default=Path("runs/demo"), help="finished demo folder (stage1, features, triplets)")
-    parser.add_argument("--out", type=Path, default=Path("runs/stage2-sweep"))
-    parser.add_argument("--model", type=Path, help="score this model folder instead of training one")
+    parser.add_argument("--name", required=True, help="this setting's name (model folder <out>/sweep-NAME)")
+    parser.add_argument("--recipe", default="configs/demo_clothing.json")
+    parser.add_argument("--set", dest="settings", action="append", type=setting, default=[], metavar="FIELD=VALUE",
+                        help="a Stage2Config field changed from the recipe's stage 2 (repeatable), e.g. epochs=3")
+    parser.add_argument("--model", type=Path, help="score this model folder (calibrated again) instead of training one")
     parser.add_argument("--text-from", type=Path,
-                        help="with --model: use this model folder's backbone (text tower) instead, keeping --model's matcher")
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=2e-5)
-    parser.add_argument("--temperature", type=float, default=0.02)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--encoders", choices=("text", "none"), default="text",
-                        help="text: text tower + matcher query encoder; none: the matcher query encoder only")
-    parser.add_argument("--annotated-ratio", type=float, default=None, help="share of annotated triplets per batch")
-    parser.add_argument("--hard-negatives", type=int, default=0, help="each triplet's hard negatives weighted in")
-    parser.add_argument("--hard-weight", type=float, default=1.0, help="how many times a hard negative counts")
-    parser.add_argument("--seed", type=int, default=0)
+                        help="with --model: use this model folder's backbone (text tower), keeping --model's matcher")
     parser.add_argument("--confirm", action="store_true",
-                        help="also score the generated val triplets (catalog protocol) against stage 1: held-out queries")
+                        help="also score the generated val triplets (catalog protocol) against stage 1")
     args = parser.parse_args()
 
     started = time.perf_counter()
-    demo = Demo(DemoConfig(out=args.demo, serve=False))
-    catalog = load_clothing_catalog()
-    descriptions = catalog.descriptions()
-    sets = annotated_sets(demo, catalog)
-
-    baseline_file = args.out / "stage1.json"
-    if baseline_file.is_file():
-        baseline = read_json(baseline_file)
+    recipe = load_recipe(args.recipe)
+    runner = Runner(recipe, source=args.recipe)
+    runner.labels = {}
+    runner.catalog_ = runner.catalog()
+    runner.generated = {"train": read_json(runner.out / "triplets" / "train.json", "generated train triplets")}
+    runner.evaluators_ = runner.evaluators(runner.catalog_, None)  # annotated val only, both protocols
+    stage1 = CIRModel.load(runner.out / "stage1")  # published: already calibrated
+    if args.model:
+        model = CIRModel.load(args.model)
+        if args.text_from:  # attribution: which trained part carries a stage's gain
+            model.backbone.load_state_dict(CIRModel.load(args.text_from).backbone.state_dict())
+        runner.calibrate(model)
     else:
-        baseline = score(demo, "stage1", CIRModel.load(args.demo / "stage1"), sets, descriptions)
-        write_json(baseline_file, baseline)
-    model = CIRModel.load(args.model) if args.model else train(args, demo, catalog, sets, descriptions, args.out / args.name / "train")
-    if args.text_from:  # attribution: which trained part carries a stage's gain
-        model.backbone.load_state_dict(CIRModel.load(args.text_from).backbone.state_dict())
-    result = score(demo, args.name, model, sets, descriptions)
-    result["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    result["seconds"] = round(time.perf_counter() - started, 1)
-    lines = [f"{args.name}: matcher weight {result['weight']} (stage1 {baseline['weight']}), {result['seconds']:.0f}s"]
-    for protocol in PROTOCOLS:
-        diffs = {k: paired_difference(result[protocol]["ranks"], baseline[protocol]["ranks"], k) for k in (10, 50)}
-        result[protocol]["vs_stage1"] = {f"R@{k}": list(d) for k, d in diffs.items()}
-        lines.append(f"  {protocol:8s} R@10 {result[protocol]['R@10']:5.1f} (stage1 {baseline[protocol]['R@10']:5.1f}) "
-                     f"R@50 {result[protocol]['R@50']:5.1f} (stage1 {baseline[protocol]['R@50']:5.1f}) | paired "
-                     + "  ".join(f"R@{k} {d:+.1f} [{lo:+.1f},{hi:+.1f}]" for k, (d, lo, hi) in diffs.items()))
+        base = next(s for s in recipe.stages if s.kind == "stage2")
+        stage = StageSpec(name=f"sweep-{args.name}", kind="stage2", start=base.start, data=base.data,
+                          config={**base.config, **dict(args.settings)})
+        runner.log(f"training {stage.name}: {stage.train_config().model_dump(exclude={'progress', 'cache_dir'})}")
+        model = CIRModel.load(runner.train_stage(stage, runner.out / base.start))
+
+    before, after = runner.score("stage1", stage1), runner.score(args.name, model)
+    result = {"settings": dict(args.settings), "model": str(args.model or runner.out / f"sweep-{args.name}"),
+              "weight": model.matcher.weight, "stage1_weight": stage1.matcher.weight}
+    lines = [f"{args.name}: matcher weight {model.matcher.weight} (stage1 {stage1.matcher.weight})"]
+    for protocol in before:
+        a, b = after[protocol][model.query_mode][ANNOTATED], before[protocol][stage1.query_mode][ANNOTATED]
+        result[protocol] = {"R@10": a["R@10"], "R@50": a["R@50"], "stage1": {"R@10": b["R@10"], "R@50": b["R@50"]},
+                            "vs_stage1": paired(a["ranks"], b["ranks"]), "ranks": a["ranks"]}
+        lines.append(f"  {protocol:8s} R@10 {a['R@10']:5.1f} (stage1 {b['R@10']:5.1f}) R@50 {a['R@50']:5.1f} "
+                     f"(stage1 {b['R@50']:5.1f}) | paired " + "  ".join(
+                         f"{k} {d:+.1f} [{lo:+.1f},{hi:+.1f}]" for k, (d, lo, hi) in result[protocol]["vs_stage1"].items()))
     if args.confirm:
-        confirm_file = args.out / "stage1-generated.json"
-        if not confirm_file.is_file():
-            write_json(confirm_file, generated_catalog_ranks(demo, "stage1", CIRModel.load(args.demo / "stage1"), catalog, descriptions))
-        before, after = read_json(confirm_file), generated_catalog_ranks(demo, args.name, model, catalog, descriptions)
-        diffs = {k: paired_difference(after, before, k) for k in (10, 50)}
-        result["generated_catalog"] = {"ranks": after, "vs_stage1": {f"R@{k}": list(d) for k, d in diffs.items()}}
-        lines.append("  generated val, catalog: paired " + "  ".join(f"R@{k} {d:+.1f} [{lo:+.1f},{hi:+.1f}]"
-                                                                   for k, (d, lo, hi) in diffs.items()))
-    write_json(args.out / args.name / "result.json", result)
+        generated = runner.evaluators(runner.catalog_, read_json(runner.out / "triplets" / "val.json", "generated val triplets"))
+        catalog = generated["catalog"]
+        held_out = Evaluator({GENERATED_VAL: catalog.sets[GENERATED_VAL]}, catalog.cache, catalog.descriptions,
+                             catalog.options, None, catalog.results_dir)
+        a, b = (held_out(m)[m.query_mode][GENERATED_VAL]["ranks"] for m in (model, stage1))
+        result["generated_catalog"] = {"vs_stage1": paired(a, b), "ranks": a}
+        lines.append("  generated val, catalog: paired " + "  ".join(
+            f"{k} {d:+.1f} [{lo:+.1f},{hi:+.1f}]" for k, (d, lo, hi) in result["generated_catalog"]["vs_stage1"].items()))
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    write_json(runner.out / f"sweep-{args.name}.json", result)
     print("\n".join(lines), flush=True)
 
 
