@@ -56,6 +56,20 @@ def test_bank_loss_matches_hand_computation():
     assert math.isclose(BankInfoNCELoss(temperature=0.5)(q, bank, positives).item(), expected, rel_tol=1e-6)
 
 
+def test_bank_loss_counts_each_hard_negative_weight_times():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    positives = torch.tensor([2, 1])
+    hard_ids = torch.tensor([[0, -1], [-1, -1]])  # row 0: bank row 0 is a hard negative; row 1: padding only
+    # logits as above; row 0's hard negative counts 4 times in its denominator
+    row0 = -math.log(math.exp(1.2) / (4 * math.exp(2.0) + math.exp(0.0) + math.exp(1.2)))
+    expected = (row0 + _nll([0.0, 2.0, 1.6], 1)) / 2
+    loss = BankInfoNCELoss(temperature=0.5, hard_weight=4.0)(q, bank, positives, hard_ids=hard_ids)
+    assert math.isclose(loss.item(), expected, rel_tol=1e-6)
+    plain = BankInfoNCELoss(temperature=0.5)(q, bank, positives)
+    assert torch.equal(BankInfoNCELoss(temperature=0.5, hard_weight=1.0)(q, bank, positives, hard_ids=hard_ids), plain)
+
+
 def test_bank_loss_masks_exact_duplicates_of_the_positive():
     torch.manual_seed(1)
     bank = F.normalize(torch.randn(6, 8), dim=-1)

@@ -85,6 +85,23 @@ def test_stage2_trains_against_the_whole_bank(data, tmp_path):
     assert torch.equal(loaded.state_dict()[text_key], trained.state_dict()[text_key].cpu())
 
 
+def test_stage2_weights_in_the_triplets_hard_negatives(data, tmp_path):
+    """The triplets' hard negatives reach the bank loss: weighting them up raises the first step's
+    loss (same model, same batch), and without hard negatives the weight changes nothing."""
+    triplets, paths, val_sets, descriptions = data
+
+    def first_loss(name: str, **settings) -> float:
+        config = Stage2Config(epochs=1, stop_after_steps=1, **FAST, **settings)
+        torch.manual_seed(0)
+        with pytest.raises(TrainingStopped):
+            train_stage2(config, CIRModel(create_backbone("tiny"), "sum"), triplets, paths, {}, descriptions, tmp_path / name)
+        return losses(tmp_path / name)[0]
+
+    plain = first_loss("plain")
+    assert first_loss("unused-weight", hard_negative_weight=20.0) == plain
+    assert first_loss("weighted", hard_negatives_per_query=3, hard_negative_weight=20.0) > plain + 0.05
+
+
 def _unit(rows: torch.Tensor) -> torch.Tensor:
     return rows / rows.norm(dim=-1, keepdim=True)
 

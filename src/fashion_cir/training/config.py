@@ -69,6 +69,8 @@ class Stage2Config(TrainConfig):
 
     encoders: Literal["text", "none"] = "text"
     temperature: float = Field(0.02, gt=0)
+    hard_negatives_per_query: int = Field(0, ge=0, description="each triplet's hard negatives weighted in (bank rows)")
+    hard_negative_weight: float = Field(1.0, gt=0, description="how many times a hard negative counts in the softmax")
     lr: float = 2e-5
     batch_size: int = Field(256, ge=1)
     epochs: int = Field(3, ge=1)

@@ -4,6 +4,8 @@ image, or an identical feature row) is removed from the row so it is never count
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -55,17 +57,28 @@ class BankInfoNCELoss(nn.Module):
     ``groups`` [N] (equal values = identical images, e.g. from :func:`duplicate_groups`), every other
     bank row in the positive's group is masked, so a duplicate of the positive is never a negative.
 
+    With ``hard_ids`` [B, k] (bank rows, ``-1`` = none) and ``hard_weight`` w, each row's hard
+    negatives count w times in its softmax denominator (their logits shift by log w).
+
     Example: ``BankInfoNCELoss(0.02)(q, bank, positives, groups)`` with q [B, d], bank [N, d]."""
 
-    def __init__(self, temperature: float = 0.02):
+    def __init__(self, temperature: float = 0.02, hard_weight: float = 1.0):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
+        if hard_weight <= 0:
+            raise ValueError(f"hard_weight must be positive, got {hard_weight}")
         self.temperature = temperature
+        self.hard_weight = hard_weight
 
     def forward(self, queries: torch.Tensor, bank: torch.Tensor, positives: torch.Tensor,
-                groups: torch.Tensor | None = None) -> torch.Tensor:
+                groups: torch.Tensor | None = None, hard_ids: torch.Tensor | None = None) -> torch.Tensor:
         logits = queries @ bank.T / self.temperature
+        if hard_ids is not None and hard_ids.numel() and self.hard_weight != 1.0:
+            n = logits.shape[1]  # padding (-1) goes to an extra column that is dropped
+            columns = torch.where(hard_ids < 0, torch.full_like(hard_ids, n), hard_ids)
+            shift = logits.new_zeros(len(logits), n + 1).scatter_(1, columns, math.log(self.hard_weight))
+            logits = logits + shift[:, :n]
         ignore = groups[None, :] == groups[positives][:, None] if groups is not None else None
         return _masked_cross_entropy(logits, positives, ignore)
 

@@ -58,7 +58,9 @@ class Stage2Step(nn.Module):
         text = self.model.backbone.encode_texts(batch["tokens"])
         matcher = self.model.matcher.encode_queries(batch["matcher_tokens"]) if "matcher_tokens" in batch else None
         queries = self.model.query_vectors(self.bank.raw[batch["reference_ids"]], text, matcher)
-        loss = self.loss(queries, self.bank.items, batch["target_ids"], self.bank.groups)
+        hard = batch.get("hard_ids")
+        hard = hard.view(len(queries), -1) if hard is not None and hard.numel() else None
+        loss = self.loss(queries, self.bank.items, batch["target_ids"], self.bank.groups, hard)
         return loss, loss.detach()
 
 
@@ -92,9 +94,10 @@ def train_stage2(config: Stage2Config, model: CIRModel, train_triplets: list[Tri
     steps = len(epoch_batches(n_annotated, n_generated, config.batch_size, config.annotated_ratio, config.seed, 0))
     if steps == 0:
         raise FashionCIRError(f"stage2: {len(triplets)} usable training triplets, fewer than one batch of {config.batch_size}")
-    dataset = TripletExamples(model, triplets, {i: image_paths[i] for i in bank.ids}, descriptions, config.seed)
-    collate = Collate(model, bank.index, 0)
-    step_module = Stage2Step(model, bank, BankInfoNCELoss(config.temperature))
+    hard = config.hard_negatives_per_query
+    dataset = TripletExamples(model, triplets, {i: image_paths[i] for i in bank.ids}, descriptions, config.seed, hard)
+    collate = Collate(model, bank.index, hard)
+    step_module = Stage2Step(model, bank, BankInfoNCELoss(config.temperature, config.hard_negative_weight))
 
     run = StageRun("stage2", config, model, step_module, epoch_loader(dataset, collate, n_annotated, n_generated, config, ctx), steps, val_sets, descriptions, out_dir, ctx,
                    image_encoder_trains=False,

@@ -1,0 +1,109 @@
+"""Stage-2 settings sweep (issue 9): does stage 2 measurably improve on the demo's stage-1 model?
+
+Trains the demo recipe's stage 2 with some of its settings changed, from the recipe's published
+``stage1`` model, exactly as ``fashion-cir run`` does (the runner's ``train_stage``: matcher weight
+0.5 while training, best epoch on annotated val, then the fusion weight calibrated on annotated val),
+then scores the annotated val captions under both protocols (split: the val split's 563 images;
+catalog: all 5,756 images, reference removed) and prints the paired bootstrap difference against
+stage 1 on the same queries.
+
+    nice -n 15 .venv/bin/python benchmarks/stage2_sweep.py --name t01 --set encoders=none --set temperature=0.01
+    nice -n 15 .venv/bin/python benchmarks/stage2_sweep.py --name demo-stage2 --model runs/demo/stage2   # score only
+
+Needs a finished run of the recipe (default configs/demo_clothing.json in runs/demo: its stage1
+folder, feature cache and generated triplets). The trained model is published as
+``<out>/sweep-<name>`` and the figures written to ``<out>/sweep-<name>.json``. Every choice is made
+on the clothing val split; the test split's images appear only in the catalog-protocol gallery.
+``--confirm`` also scores the generated val triplets (catalog protocol), queries that no setting
+was chosen on."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from fashion_cir.evaluation.evaluator import Evaluator
+from fashion_cir.evaluation.stats import paired_difference
+from fashion_cir.io import read_json, write_json
+from fashion_cir.models.cir import CIRModel
+from fashion_cir.pipeline.recipe import StageSpec, load_recipe
+from fashion_cir.pipeline.runner import GENERATED_VAL, Runner
+
+ANNOTATED = "annotated-val"
+
+
+def setting(text: str) -> tuple[str, object]:
+    """``FIELD=VALUE`` (VALUE as JSON, else a string) for one Stage2Config field."""
+    key, _, raw = text.partition("=")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
+def paired(after: list[int], before: list[int]) -> dict[str, list[float]]:
+    return {f"R@{k}": list(paired_difference(after, before, k)) for k in (10, 50)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--name", required=True, help="this setting's name (model folder <out>/sweep-NAME)")
+    parser.add_argument("--recipe", default="configs/demo_clothing.json")
+    parser.add_argument("--set", dest="settings", action="append", type=setting, default=[], metavar="FIELD=VALUE",
+                        help="a Stage2Config field changed from the recipe's stage 2 (repeatable), e.g. epochs=3")
+    parser.add_argument("--model", type=Path, help="score this model folder (calibrated again) instead of training one")
+    parser.add_argument("--text-from", type=Path,
+                        help="with --model: use this model folder's backbone (text tower), keeping --model's matcher")
+    parser.add_argument("--confirm", action="store_true",
+                        help="also score the generated val triplets (catalog protocol) against stage 1")
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    recipe = load_recipe(args.recipe)
+    runner = Runner(recipe, source=args.recipe)
+    runner.labels = {}
+    runner.catalog_ = runner.catalog()
+    runner.generated = {"train": read_json(runner.out / "triplets" / "train.json", "generated train triplets")}
+    runner.evaluators_ = runner.evaluators(runner.catalog_, None)  # annotated val only, both protocols
+    stage1 = CIRModel.load(runner.out / "stage1")  # published: already calibrated
+    if args.model:
+        model = CIRModel.load(args.model)
+        if args.text_from:  # attribution: which trained part carries a stage's gain
+            model.backbone.load_state_dict(CIRModel.load(args.text_from).backbone.state_dict())
+        runner.calibrate(model)
+    else:
+        base = next(s for s in recipe.stages if s.kind == "stage2")
+        stage = StageSpec(name=f"sweep-{args.name}", kind="stage2", start=base.start, data=base.data,
+                          config={**base.config, **dict(args.settings)})
+        runner.log(f"training {stage.name}: {stage.train_config().model_dump(exclude={'progress', 'cache_dir'})}")
+        model = CIRModel.load(runner.train_stage(stage, runner.out / base.start))
+
+    before, after = runner.score("stage1", stage1), runner.score(args.name, model)
+    result = {"settings": dict(args.settings), "model": str(args.model or runner.out / f"sweep-{args.name}"),
+              "weight": model.matcher.weight, "stage1_weight": stage1.matcher.weight}
+    lines = [f"{args.name}: matcher weight {model.matcher.weight} (stage1 {stage1.matcher.weight})"]
+    for protocol in before:
+        a, b = after[protocol][model.query_mode][ANNOTATED], before[protocol][stage1.query_mode][ANNOTATED]
+        result[protocol] = {"R@10": a["R@10"], "R@50": a["R@50"], "stage1": {"R@10": b["R@10"], "R@50": b["R@50"]},
+                            "vs_stage1": paired(a["ranks"], b["ranks"]), "ranks": a["ranks"]}
+        lines.append(f"  {protocol:8s} R@10 {a['R@10']:5.1f} (stage1 {b['R@10']:5.1f}) R@50 {a['R@50']:5.1f} "
+                     f"(stage1 {b['R@50']:5.1f}) | paired " + "  ".join(
+                         f"{k} {d:+.1f} [{lo:+.1f},{hi:+.1f}]" for k, (d, lo, hi) in result[protocol]["vs_stage1"].items()))
+    if args.confirm:
+        generated = runner.evaluators(runner.catalog_, read_json(runner.out / "triplets" / "val.json", "generated val triplets"))
+        catalog = generated["catalog"]
+        held_out = Evaluator({GENERATED_VAL: catalog.sets[GENERATED_VAL]}, catalog.cache, catalog.descriptions,
+                             catalog.options, None, catalog.results_dir)
+        a, b = (held_out(m)[m.query_mode][GENERATED_VAL]["ranks"] for m in (model, stage1))
+        result["generated_catalog"] = {"vs_stage1": paired(a, b), "ranks": a}
+        lines.append("  generated val, catalog: paired " + "  ".join(
+            f"{k} {d:+.1f} [{lo:+.1f},{hi:+.1f}]" for k, (d, lo, hi) in result["generated_catalog"]["vs_stage1"].items()))
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    write_json(runner.out / f"sweep-{args.name}.json", result)
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    main()
