@@ -473,7 +473,21 @@ function showResults(step, data, offset) {
   $("load-more").hidden = !data.more;
   $("tab-results").disabled = false;
   switchTab("results");
-  if (!offset && window.innerWidth < 760) requestAnimationFrame(() => $("view-results").scrollIntoView({ block: "start" }));
+  if (!offset && window.innerWidth < 760) scrollToResults();
+}
+
+// On a phone the results go to the top of the screen, again whenever an image above them finishes
+// loading in the next few seconds (its height moves them down).
+function scrollToResults() {
+  const results = $("view-results");
+  const until = Date.now() + 4000;
+  const go = () => { if (Date.now() < until) results.scrollIntoView({ block: "start" }); };
+  requestAnimationFrame(go);
+  for (const img of document.querySelectorAll("img")) {
+    if (!img.complete && img.compareDocumentPosition(results) & Node.DOCUMENT_POSITION_FOLLOWING) {
+      img.addEventListener("load", go, { once: true });
+    }
+  }
 }
 
 function renderFacets() {
