@@ -9,7 +9,6 @@ training settings, val metrics); :meth:`CIRModel.load` picks them up when presen
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import Config
 from ..captioning.vocab import DEFAULT_VOCABULARY, Vocabulary
 from ..errors import ModelError
 from ..io import read_json, write_json
@@ -101,8 +101,9 @@ def load_heads(folder: str | Path) -> AttributeHeads | None:
 
 
 # -- training ------------------------------------------------------------------------------------
-@dataclass
-class HeadsConfig:
+class HeadsConfig(Config):
+    """Attribute-head training: weight decays tried (selected on val), steps, validation interval."""
+
     weight_decays: tuple[float, ...] = (0.0, 1e-4, 1e-3)
     steps: int = 300
     check_every: int = 25
@@ -188,7 +189,7 @@ def train_heads(train_features: np.ndarray, train_records: list[Mapping[str, Any
         baseline = scores(known_val, np.full_like(known_val, majority), len(classes[n]))
         report[n] = {**best[n][2], "majority": classes[n][majority], "majority_accuracy": baseline["accuracy"],
                      "majority_macro_f1": baseline["macro_f1"], "n_train": len(known_train), "n_val": len(known_val)}
-    heads.info = {"config": asdict(config), "val": report}
+    heads.info = {"config": config.model_dump(mode="json"), "val": report}
     return heads.eval()
 
 
