@@ -37,6 +37,7 @@ MODULES: dict[str, list[str]] = {
     "triplets/negatives.py": ["tests/triplets/test_negatives.py"],
     "triplets/mining.py": ["tests/triplets/test_mining.py"],
     "retrieval/index.py": ["tests/retrieval/test_index.py"],
+    "retrieval/scorer.py": ["tests/retrieval/test_scorer.py"],
 }
 
 

@@ -41,3 +41,29 @@ def test_compose_queries_texts_and_image_only(tiny_model):
     torch.testing.assert_close(more_like_this.vectors(), torch.nn.functional.normalize(image, dim=-1), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="2 captions but 1 descriptions"):
         compose_queries(tiny_model, image, ["a", "b"], ["x"])
+
+
+def test_compose_queries_with_a_description_matcher_keeps_the_training_mode():
+    from fashion_cir.models.cir import CIRModel
+    from fashion_cir.models.factory import create_backbone
+    from fashion_cir.models.matcher import DescriptionMatcher
+
+    model = CIRModel(create_backbone("tiny:4"), query_mode="sum", matcher=DescriptionMatcher("minilm", "prompt"))
+    model.matcher.weight = 0.5
+    model.train()
+    image = torch.randn(2, model.backbone.feature_dim)
+    composed = compose_queries(model, image, ["is red", "is blue"], ["a white t-shirt", None])
+    assert model.training  # composing queries leaves a training model in training mode
+    model.eval()
+    matched = model.matcher.embed(["a white t-shirt, but is red", "is blue"], side="query")  # the matcher's own prompt
+    torch.testing.assert_close(composed.matched, matched, atol=1e-5, rtol=0)
+    text = model.backbone.embed_texts(composed.texts)
+    by_hand = model.query_vectors(image, text, matched, "sum")
+    torch.testing.assert_close(composed.vectors("sum"), by_hand, atol=1e-5, rtol=0)
+    assert composed.vectors("sum").shape[1] == model.backbone.feature_dim + model.matcher.dim
+
+
+def test_search_keeps_gallery_order_among_many_ties():
+    gallery = DenseGallery([f"item{i:03d}" for i in range(200)], np.ones((200, 2), dtype=np.float32) / np.sqrt(2))
+    top = gallery.search(np.array([[1.0, 0.0]], dtype=np.float32), 200)[0]
+    assert [i for i, _ in top] == [f"item{i:03d}" for i in range(200)]
