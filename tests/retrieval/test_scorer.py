@@ -67,3 +67,9 @@ def test_search_keeps_gallery_order_among_many_ties():
     gallery = DenseGallery([f"item{i:03d}" for i in range(200)], np.ones((200, 2), dtype=np.float32) / np.sqrt(2))
     top = gallery.search(np.array([[1.0, 0.0]], dtype=np.float32), 200)[0]
     assert [i for i, _ in top] == [f"item{i:03d}" for i in range(200)]
+
+
+def test_an_exclusion_that_is_none_or_outside_the_gallery_excludes_nothing():
+    gallery = DenseGallery(["a", "b", "c"], np.array([[0.0, 1.0], [1.0, 0.0], [0.9, 0.1]], dtype=np.float32))
+    queries = np.array([[1.0, 0.0]] * 3, dtype=np.float32)
+    assert gallery.target_ranks(queries, ["c", "c", "c"], exclude=[None, "not-in-gallery", "b"]).tolist() == [1, 1, 0]
