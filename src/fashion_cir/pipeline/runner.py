@@ -326,10 +326,7 @@ class Runner:
             best = run_dir / "best" if (run_dir / "best" / "model.json").is_file() else run_dir / "model"
             trained = CIRModel.load(best)
             self.calibrate(trained)
-            staging = self.out / f".{stage.name}.tmp"
-            trained.save(staging, {"stage": stage.name})
-            publish_model(staging, self.out / stage.name)
-            shutil.rmtree(staging, ignore_errors=True)
+            trained.save(self.out / stage.name, {"stage": stage.name})  # crash-consistent in place
             from .pictures import stage_curves
 
             stage_curves([run_dir / "metrics.jsonl"], run_dir / "curve.png")
