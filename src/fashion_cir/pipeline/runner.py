@@ -225,17 +225,21 @@ class Runner:
                                       "n_queries": metrics["n_queries"], "n_gallery": metrics["n_gallery"]})
         return reports
 
+    @property
+    def selection_evaluator(self) -> Evaluator:
+        """The protocol models are selected and calibrated on: split when scored, else the first."""
+        return self.evaluators_.get("split") or next(iter(self.evaluators_.values()))
+
     def selection_score(self, model: CIRModel, modes: tuple[str, ...] | None = None) -> dict[str, float]:
         """The selection figure per mode (split protocol when scored, else the first)."""
-        evaluator = self.evaluators_.get("split") or next(iter(self.evaluators_.values()))
+        evaluator = self.selection_evaluator
         return {mode: evaluator.primary(table) for mode, table in evaluator(model, modes).items()}
 
     def calibrate(self, model: CIRModel) -> None:
         """The matcher's fusion weight with the best selection figure on val (ties: nearer 0.5)."""
         if model.matcher is None:
             return
-        evaluator = self.evaluators_.get("split") or next(iter(self.evaluators_.values()))
-        scores = evaluator.calibrate(model, self.recipe.model.matcher.weight_grid)
+        scores = self.selection_evaluator.calibrate(model, self.recipe.model.matcher.weight_grid)
         model.matcher.weight = max(scores, key=lambda w: (scores[w], -abs(w - 0.5)))
         self.log(f"matcher weight {model.matcher.weight} (" + ", ".join(f"{w}: {v:.1f}" for w, v in scores.items()) + ")")
 
