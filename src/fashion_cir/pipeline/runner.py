@@ -147,7 +147,8 @@ class Runner:
             return create_backbone(spec.backbone, preprocess=spec.preprocess)
         from ..training.align import align_offline_backbone
 
-        backbone, summary = align_offline_backbone(catalog, self.out / "offline-backbone", self.cache, spec.align, progress=False)
+        backbone, summary = align_offline_backbone(catalog, self.out / "offline-backbone", self.cache, spec.align,
+                                                   progress=False, towers_spec=spec.backbone)
         self.log(("reusing the aligned offline backbone" if summary.get("reused") else "aligned the offline backbone")
                  + f" (val image->text R@10 {summary['best_val_image_to_text_R@10']:.1f})")
         return backbone

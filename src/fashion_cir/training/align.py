@@ -20,7 +20,7 @@ from ..data.catalog import ClothingCatalog
 from ..errors import DataError
 from ..features.cache import FeatureCache
 from ..io import atomic_write_bytes, environment_info, read_json, text_sha1, write_json
-from ..models.offline_backbone import OfflineBackbone, save_projections
+from ..models.offline_backbone import OfflineBackbone, Towers, save_projections
 
 ATTRIBUTE_ORDER = ("color", "pattern", "sleeves", "material", "category")
 
@@ -57,8 +57,8 @@ def symmetric_infonce(image: torch.Tensor, text: torch.Tensor, logit_scale: torc
 
 
 def _text_tower_features(backbone: OfflineBackbone, texts: list[str], cache_dir: Path) -> np.ndarray:
-    """Frozen MiniLM features, cached in one file keyed by the texts and the tower."""
-    key = text_sha1("minilm-mean-pool", *texts)
+    """Frozen text-tower features, cached in one file keyed by the texts and the tower."""
+    key = text_sha1(f"{backbone.towers.text}-mean-pool" if backbone.towers.text != "minilm" else "minilm-mean-pool", *texts)
     path = cache_dir / f"text-{key[:16]}.npy"
     if path.is_file():
         return np.load(path)
@@ -82,20 +82,25 @@ def catalog_key(catalog: ClothingCatalog) -> str:
 
 
 def align_offline_backbone(catalog: ClothingCatalog, out_dir: str | Path, cache: FeatureCache,
-                           config: AlignConfig = AlignConfig(), progress: bool = True) -> tuple[OfflineBackbone, dict]:
-    """Train the projections, save them to ``out_dir`` (loadable as ``offline:out_dir``) and return
-    the aligned backbone with a summary. A finished alignment of the same catalog with the same
-    config in ``out_dir`` is loaded instead (summary ``reused: true``)."""
+                           config: AlignConfig = AlignConfig(), progress: bool = True,
+                           towers_spec: str = "offline") -> tuple[OfflineBackbone, dict]:
+    """Train the projections of the ``towers_spec`` backbone (``offline[+OPTION...]``), save them to
+    ``out_dir`` (loadable as ``offline:out_dir``) and return the aligned backbone with a summary. A
+    finished alignment of the same towers and catalog with the same config in ``out_dir`` is loaded
+    instead (summary ``reused: true``)."""
     out_dir = Path(out_dir)
+    choice = Towers.parse(towers_spec.removeprefix("offline"))
     saved = out_dir / "offline_backbone.json"
     if saved.is_file():
-        previous = read_json(saved, "aligned offline backbone").get("align", {})
-        if previous.get("config") == config.model_dump(mode="json") and previous.get("catalog") == catalog_key(catalog):
+        recorded = read_json(saved, "aligned offline backbone")
+        previous = recorded.get("align", {})
+        if (previous.get("config") == config.model_dump(mode="json") and previous.get("catalog") == catalog_key(catalog)
+                and recorded.get("towers", "offline") == choice.spec):
             from ..models.factory import create_backbone
 
             return create_backbone(f"offline:{out_dir}"), {**previous, "reused": True}
     started = time.perf_counter()
-    towers = OfflineBackbone(dim=config.dim, seed=config.seed, project=False).eval()
+    towers = OfflineBackbone(dim=config.dim, seed=config.seed, project=False, towers=choice).eval()
     splits = {}
     for split in ("train", "val"):
         paths = {i: p for i, p in catalog.split_paths(split).items() if catalog.attributes.get(i, {}).get("description")}
@@ -162,5 +167,5 @@ def align_offline_backbone(catalog: ClothingCatalog, out_dir: str | Path, cache:
     }
     save_projections(towers, out_dir, {"align": summary})
     write_json(out_dir / "history.json", history)
-    towers.spec = f"offline:{out_dir.resolve()}"
+    towers.spec = f"{choice.spec}:{out_dir.resolve()}"
     return towers.eval(), summary

@@ -66,21 +66,22 @@ def mean_over_ranks(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
 
 
 def shared_image_features(backbone: Backbone, image_paths: dict[str, Path], cache: FeatureCache, ctx: DistContext,
-                          batch_size: int = 64, num_workers: int = 0, progress: bool = True) -> tuple[list[str], torch.Tensor]:
-    """Unnormalised image features [N, d] on ``ctx.device``, identical on every rank: rank 0 encodes
-    (or reuses) them through the FeatureCache and broadcasts ids and features. Unreadable images are
-    skipped (they are absent from the returned ids)."""
+                          batch_size: int = 64, num_workers: int = 0, progress: bool = True,
+                          head: bool = True) -> tuple[list[str], torch.Tensor]:
+    """Unnormalised image features [N, d] (with ``head=False`` the cached trunk features) on
+    ``ctx.device``, identical on every rank: rank 0 encodes (or reuses) them through the FeatureCache
+    and broadcasts ids and features. Unreadable images are skipped (absent from the returned ids)."""
     if ctx.is_main:
         ids, features = cache.encode(backbone, image_paths, batch_size, num_workers, on_error="skip",
-                                     progress=progress, device=ctx.device)
+                                     progress=progress, device=ctx.device, head=head)
         table = torch.from_numpy(features).to(ctx.device)
     else:
         ids, table = [], None
     if ctx.world_size > 1:
-        box = [ids]
+        box = [(ids, None if table is None else table.shape[1])]
         dist.broadcast_object_list(box, src=0)
-        ids = box[0]
+        ids, width = box[0]
         if table is None:
-            table = torch.empty(len(ids), backbone.feature_dim, device=ctx.device)
+            table = torch.empty(len(ids), width, device=ctx.device)
         dist.broadcast(table, src=0)
     return ids, table

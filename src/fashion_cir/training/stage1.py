@@ -3,7 +3,8 @@
 query = model.compose(image(reference), text(prompt + caption)), target = normalize(image(target));
 cross-entropy over ``scale * q @ [targets; hard negatives].T`` across the GLOBAL micro-batch (features
 are gathered over ranks, so N GPUs train exactly like one GPU with the same batch). When the image
-encoder is frozen its features come from the FeatureCache instead of being recomputed each step."""
+encoder is frozen its features come from the FeatureCache instead of being recomputed each step; when
+only its head trains (``offline+blocksN``), the cached trunk features go through the head each step."""
 
 from __future__ import annotations
 
@@ -46,12 +47,14 @@ class Stage1Step(nn.Module):
     ``image_table`` (rows = integer image ids) when given, else from the pixels in the batch."""
 
     def __init__(self, model: CIRModel, loss: InBatchContrastiveLoss, ctx: DistContext, hard_per_query: int,
-                 image_table: torch.Tensor | None, description_table: torch.Tensor | None = None):
+                 image_table: torch.Tensor | None, description_table: torch.Tensor | None = None,
+                 table_is_trunk: bool = False):
         super().__init__()
         self.model = model
         self.loss = loss
         self.ctx = ctx
         self.hard_per_query = hard_per_query
+        self.table_is_trunk = table_is_trunk  # rows are cached trunk features: the (trained) head runs each step
         self.register_buffer("image_table", image_table, persistent=False)
         self.register_buffer("description_table", description_table, persistent=False)
 
@@ -63,8 +66,11 @@ class Stage1Step(nn.Module):
 
     def image_features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.image_table is not None:
-            table = self.image_table
-            return (table[batch["reference_ids"]], table[batch["target_ids"]], table[batch["hard_ids"].clamp(min=0)])
+            ids = [batch["reference_ids"], batch["target_ids"], batch["hard_ids"].clamp(min=0)]
+            if not self.table_is_trunk:
+                return tuple(self.image_table[i] for i in ids)
+            features = self.model.backbone.image_head(self.image_table[torch.cat(ids)])
+            return tuple(features.split([len(i) for i in ids]))
         b = len(batch["target_ids"])
         features = self.model.backbone.encode_images(batch["pixels"])
         valid = (batch["hard_ids"] >= 0).nonzero().squeeze(1)
@@ -103,7 +109,8 @@ def train_stage1(config: Stage1Config, model: CIRModel, train_triplets: list[Tri
     model.to(ctx.device)
     image_index = {image_id: i for i, image_id in enumerate(image_paths)}
     table = None
-    load_pixels = "image" in encoders
+    from_trunk = "image" in encoders and model.backbone.trains_from_cache(config.last_n_blocks)
+    load_pixels = "image" in encoders and not from_trunk
     unreadable: list[str] = []
     if load_pixels:  # the loader decodes images at every step: leave out unreadable ones now, not mid-epoch
         needed = {i for t in triplets for i in (t.candidate, t.target, *t.hard_negatives) if i in image_paths}
@@ -111,11 +118,12 @@ def train_stage1(config: Stage1Config, model: CIRModel, train_triplets: list[Tri
         usable = [t for t in usable if t.candidate in image_paths and t.target in image_paths]
         triplets, n_annotated = order_pools(usable)
         image_index = {image_id: i for i, image_id in enumerate(image_paths)}
-    if not load_pixels:  # frozen image encoder: encode every image the triplets use once
+    if not load_pixels:  # frozen image encoder (or only its head trains): encode every image the triplets use once
         needed = {i for t in triplets for i in (t.candidate, t.target, *t.hard_negatives) if i in image_paths}
         cache = FeatureCache(config.cache_dir or out_dir / "cache")
         ids, features = shared_image_features(model.backbone, {i: image_paths[i] for i in image_paths if i in needed},
-                                              cache, ctx, config.eval_batch_size, config.num_workers, config.progress)
+                                              cache, ctx, config.eval_batch_size, config.num_workers, config.progress,
+                                              head=not from_trunk)
         image_index = {image_id: i for i, image_id in enumerate(ids)}
         table = features
         triplets, n_annotated = order_pools([t for t in usable if t.candidate in image_index and t.target in image_index])
@@ -129,7 +137,7 @@ def train_stage1(config: Stage1Config, model: CIRModel, train_triplets: list[Tri
     descriptions_table = (DescriptionBank(config.cache_dir or out_dir / "cache").features(
         model.matcher, [(descriptions or {}).get(i) for i in image_index]) if model.matcher is not None else None)
     step_module = Stage1Step(model, InBatchContrastiveLoss(config.scale), ctx, config.hard_negatives_per_query, table,
-                             descriptions_table)
+                             descriptions_table, table_is_trunk=from_trunk)
 
     run = StageRun("stage1", config, model, step_module, epoch_loader(dataset, collate, n_annotated, n_generated, config, ctx), steps, val_sets, descriptions, out_dir, ctx,
                    image_encoder_trains=load_pixels,
@@ -137,5 +145,6 @@ def train_stage1(config: Stage1Config, model: CIRModel, train_triplets: list[Tri
                             "skipped_triplets": len(train_triplets) - len(triplets),
                             "unreadable_images": len(unreadable), "query_mode": model.query_mode,
                             "text_template": model.text_template, "encoders": encoders,
-                            "image_features": "pixels" if load_pixels else "feature cache"})
+                            "image_features": ("pixels" if load_pixels else
+                                               "feature cache (trunk; head trained)" if from_trunk else "feature cache")})
     return Trainer(run).fit()
