@@ -195,6 +195,18 @@ def test_align_writes_loadable_projections(mini, work):
     assert backbone.embed_texts(["a red dress"]).shape == (1, backbone.feature_dim)
 
 
+def test_align_other_towers(mini, work):
+    """``--towers`` picks the towers; the folder records them, so ``offline:DIR`` rebuilds the same."""
+    out = work / "offline-hsv"
+    result = ok(["align", "--catalog", mini["root"], "--out", out, "--cache-dir", work / "align-features",
+                 "--epochs", "2", "--towers", "offline+blocks1+hsv"])
+    assert f"use it as --backbone offline+hsv+blocks1:{out.resolve()}" in result.output
+    backbone = create_backbone(f"offline:{out}")
+    assert backbone.spec.startswith("offline+hsv+blocks1:") and backbone.image_proj.in_features == 1280 + 192
+    one_line_error(["align", "--catalog", mini["root"], "--out", out, "--towers", "offline+lite9"],
+                   "unknown offline backbone option 'lite9'")
+
+
 def test_align_bad_inputs(tmp_path):
     one_line_error(["align", "--catalog", tmp_path / "nowhere", "--out", tmp_path / "o"], "clothing catalog not found")
     (tmp_path / "cat" / "images").mkdir(parents=True)
