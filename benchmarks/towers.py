@@ -155,15 +155,16 @@ def paired_against(result: dict, baseline: dict, key: str) -> str:
 
 
 def table(baseline_spec: str = "offline") -> str:
+    """One row per finished spec: alignment, colour probes, and per model R@10 split / catalog
+    (colour-change queries, split) with the paired differences against ``baseline_spec``."""
     results = [read_json(p, "tower result") for p in sorted(OUT.glob("offline*.json"))]
     base = next((r for r in results if r["spec"] == baseline_spec), None)
-    columns = [("image-only zero-shot", "zero-shot/image"), ("best zero-shot text", "zero-shot-no-prompt/text"),
-               ("zero-shot sum", "zero-shot/sum"), ("described zero-shot", "zero-shot-described/sum"),
-               ("stage 1", "stage1/sum")]
-    head = ["towers", "align i2t R@10", "colour kNN / probe (pooled)", "colour kNN / probe (aligned)"]
+    columns = [("text-only zero-shot (text -> image)", "zero-shot-no-prompt/text"),
+               ("described zero-shot", "zero-shot-described/sum"), ("stage 1", "stage1/sum")]
+    head = ["towers", "align i2t R@10", "colour kNN / probe: pooled", "colour kNN / probe: aligned"]
     for title, _ in columns:
-        head += [f"{title} split R@10 / catalog R@10 (colour queries split R@10)"]
-    head += ["vs offline, image-only catalog R@10 (paired)", "vs offline, stage 1 catalog R@10 (paired)", "seconds"]
+        head += [f"{title}: split / catalog R@10 (colour changes, split)", "split / catalog vs offline (paired R@10)"]
+    head += ["seconds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         probe = r["colour_probe"]
@@ -173,12 +174,12 @@ def table(baseline_spec: str = "offline") -> str:
         for _, key in columns:
             split, catalog = r["rows"].get(f"{key}|split"), r["rows"].get(f"{key}|catalog")
             cells.append(f"{split['R@10']:.1f} / {catalog['R@10']:.1f} ({split['colour R@10']:.1f})" if split and catalog else "-")
-        cells += [paired_against(r, base, "zero-shot/image|catalog") if base else "-",
-                  paired_against(r, base, "stage1/sum|catalog") if base else "-",
-                  ", ".join(f"{k} {v:.0f}" for k, v in r["seconds"].items())]
+            cells.append(" / ".join(paired_against(r, base, f"{key}|{protocol}") for protocol in ("split", "catalog"))
+                         if base and r is not base else "-")
+        cells.append(", ".join(f"{k} {v:.0f}" for k, v in r["seconds"].items()))
         lines.append("| " + " | ".join(cells) + " |")
     n = results[0]["colour_queries"] if results else 0
-    return "\n".join(lines) + f"\n\n(colour queries: the {n} of the 240 val queries whose target has another colour than the reference)"
+    return "\n".join(lines) + f"\n\n(colour changes: the {n} of the 240 val queries whose target has another colour than the reference)"
 
 
 def main() -> None:

@@ -196,3 +196,21 @@ def test_training_more_blocks_than_the_cache_leaves_is_an_error():
     assert not create_backbone("offline").trains_from_cache(None)
     with pytest.raises(ModelError, match="use offline\\+blocks2"):
         backbone.trainable_prefixes("image", 2)
+
+
+def test_clip_blocks_option_caches_tokens_before_the_last_vision_blocks():
+    """``openclip+blocksN`` / ``tiny+blocksN``: same features as without the option, token sequences
+    in the cache, a ResNet tower or too many blocks refused in one line."""
+    plain, split = create_backbone("tiny"), create_backbone("tiny+blocks1")
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(split.encode_images(pixels), plain.encode_images(pixels))
+        assert split.encode_image_trunk(pixels).shape == (2, 17 * 64)  # 4x4 patches + class token, width 64
+    assert split.trunk_fingerprint() != plain.trunk_fingerprint()
+    assert create_backbone("openclip+blocks2:ViT-B-32:random").token_shape == (50, 768)
+    with pytest.raises(ModelError, match="needs a ViT image tower"):
+        create_backbone("openclip+blocks1:RN50:random")
+    with pytest.raises(ModelError, match="the image tower has 2 blocks"):
+        create_backbone("tiny+blocks2")
+    with pytest.raises(ModelError, match="the only option of a CLIP backbone is \\+blocksN"):
+        create_backbone("tiny+hsv")

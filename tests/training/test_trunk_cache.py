@@ -98,3 +98,33 @@ def test_stage2_builds_its_bank_from_the_stage1_image_side(trained):
     assert bank.ids == list(paths)
     np.testing.assert_allclose(bank.raw.numpy(), expected, rtol=1e-5, atol=1e-5)
     assert np.abs(bank.raw.numpy() - untrained).max() > 1e-3
+
+
+def test_a_tiny_clip_trains_its_last_vision_block_from_cached_tokens(tmp_path, monkeypatch):
+    """The same path for open_clip towers (``tiny+blocks1``, the tiny ViT): cached token sequences
+    stand in for pixels (the trunk never runs while training), only the last block + ln_post + proj
+    of the vision side train, and the saved folder rebuilds the trained model."""
+    triplets, paths, val_sets, descriptions = load_data(make_dataset(tmp_path / "catalog"))
+    model = CIRModel(create_backbone("tiny+blocks1"), "sum_raw")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cache = FeatureCache(tmp_path / "features")
+    cache.encode(model.backbone, {**paths, **val_sets["val"].image_paths}, progress=False)  # fill the trunk cache first
+
+    def no_trunk(*args, **kwargs):
+        raise AssertionError("the image trunk ran during training")
+
+    monkeypatch.setattr(model.backbone, "encode_image_trunk", no_trunk)
+    config = Stage1Config(encoders="both", epochs=2, cache_dir=str(tmp_path / "features"), **FAST)
+    trained = train_stage1(config, model, triplets, paths, val_sets, descriptions, tmp_path / "stage1")
+    monkeypatch.undo()
+    changed = {k for k, v in trained.state_dict().items() if not torch.equal(before[k], v)}
+    visual = {k for k in changed if k.startswith("backbone.clip.visual.")}
+    assert visual and all(k.startswith(("backbone.clip.visual.transformer.resblocks.1.", "backbone.clip.visual.ln_post.",
+                                        "backbone.clip.visual.proj")) for k in visual)
+    assert any(k.startswith("backbone.clip.transformer.") for k in changed)  # the text side trains too ("both")
+    assert json.loads((tmp_path / "stage1" / "summary.json").read_text())["image_features"] == "feature cache (trunk; head trained)"
+    loaded = CIRModel.load(tmp_path / "stage1" / "model")
+    assert loaded.backbone.spec == "tiny+blocks1:0"
+    _, ours = cache.encode(trained.backbone.eval(), paths, progress=False)
+    _, theirs = cache.encode(loaded.backbone, paths, progress=False)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
