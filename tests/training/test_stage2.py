@@ -16,12 +16,13 @@ from fashion_cir.io import text_sha1
 from fashion_cir.models.cir import CIRModel
 from fashion_cir.models.combiner import Combiner
 from fashion_cir.models.factory import create_backbone
-from fashion_cir.models.matcher import DescriptionMatcher, resolve_encoder_path
+from fashion_cir.models.matcher import DescriptionMatcher
 from fashion_cir.training import Stage2Config, train_stage2
 from fashion_cir.training.distributed import DistContext
 from fashion_cir.training.losses import BankInfoNCELoss
 from fashion_cir.training.stage2 import Stage2Step, StaticBank, build_bank
 
+from support.matcher import tiny_encoder as tiny_encoder_folder
 from support.training import load_data, make_dataset
 
 FAST = dict(batch_size=8, lr=1e-2, progress=False, log_every=1, warmup_ratio=0.0, epochs=1)
@@ -35,16 +36,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_encoder(tmp_path_factory) -> str:
     """A 1-layer, 16-wide random BERT with MiniLM's tokenizer, saved as an ``hf:`` folder."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_encoder_path("minilm"))
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=128)
-    BertModel(config).save_pretrained(folder)
-    return f"hf:{folder}"
+    return tiny_encoder_folder(tmp_path_factory.mktemp("tiny-bert"))
 
 
 def _model(encoder: str, mode: str = "sum") -> CIRModel:
