@@ -189,3 +189,461 @@ def test_fit_query_text_truncates_the_prompt_never_the_caption(tiny_model):
     # through the model: the prompt template uses it, other templates ignore the prompt
     assert tiny_model.query_text(caption, prompt) == text
     assert CIRModel(backbone, text_template="caption").query_text(caption, prompt) == caption
+
+
+# -- model construction, vectors, fingerprint, save/load, publish, attributes ---------------------
+# Expectations below are computed by hand or by the plain helpers here, never by the functions under test.
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / (x * x).sum(-1, keepdim=True).sqrt()
+
+
+def _message(info) -> str:
+    message = str(info.value)
+    assert "\n" not in message  # one line, as the CLI prints it
+    return message
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory) -> str:
+    from support.matcher import tiny_encoder
+
+    return tiny_encoder(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def _matcher(encoder: str, template: str = "caption", weight: float = 0.36):
+    from fashion_cir.models.matcher import DescriptionMatcher
+
+    return DescriptionMatcher(encoder, template, weight)
+
+
+def test_construction_defaults_and_bad_settings():
+    backbone = create_backbone("tiny")
+    model = CIRModel(backbone)
+    assert (model.query_mode, model.text_template, model.prompt_source) == ("sum", "prompt", "catalog")
+    assert model.combiner is None and model.matcher is None and model.attribute_heads is None
+    assert model.matcher_trained is False and model.saved_prefixes == []
+    assert model.source is None and model.descriptions_source is None
+    with pytest.raises(ModelError) as info:
+        CIRModel(backbone, "avg")
+    assert _message(info) == "unknown query mode 'avg'; choose one of ('image', 'text', 'sum', 'sum_raw', 'combiner')"
+    with pytest.raises(ModelError) as info:
+        CIRModel(backbone, prompt_source="guessed")
+    assert _message(info) == "unknown prompt source 'guessed'; choose one of ('catalog', 'predicted', 'none')"
+    # the caller's prefix list is copied, and marking a prefix twice lists it once
+    prefixes = ["backbone.clip.visual."]
+    model = CIRModel(backbone, saved_prefixes=prefixes)
+    model.mark_trained(["combiner.", "backbone.clip.visual.", "combiner.", "backbone.clip.transformer."])
+    assert model.saved_prefixes == ["backbone.clip.visual.", "combiner.", "backbone.clip.transformer."]
+    assert prefixes == ["backbone.clip.visual."]
+
+
+def test_compose_query_error_messages_and_leading_batch_dimensions():
+    image = torch.tensor([[[3.0, 0.0, 4.0], [0.0, 2.0, 0.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, -5.0]]])  # [2, 2, 3]
+    text = torch.tensor([[[0.0, 6.0, 8.0], [1.0, 0.0, 0.0]], [[0.0, 0.0, 2.0], [3.0, 4.0, 0.0]]])
+    # each [.., 3] row normalised on its own (the last dimension, not dim 1)
+    assert torch.allclose(compose_query("image", image, text), image / image.norm(dim=2, keepdim=True))
+    assert torch.allclose(compose_query("text", image, text), text / text.norm(dim=2, keepdim=True))
+    summed = image / image.norm(dim=2, keepdim=True) + text / text.norm(dim=2, keepdim=True)
+    assert torch.allclose(compose_query("sum", image, text), summed / summed.norm(dim=2, keepdim=True))
+    raw = image + text
+    assert torch.allclose(compose_query("sum_raw", image, text), raw / raw.norm(dim=2, keepdim=True))
+    with pytest.raises(ModelError) as info:
+        compose_query("combiner", image, text)
+    assert _message(info) == "query mode 'combiner' needs a model with a Combiner head"
+    with pytest.raises(ModelError) as info:
+        compose_query("max", image, text)
+    assert _message(info) == "unknown query mode 'max'; choose one of ('image', 'text', 'sum', 'sum_raw', 'combiner')"
+    # the model's mode unless one is given
+    model = CIRModel(create_backbone("tiny"), "sum_raw")
+    assert torch.allclose(model.compose(image, text), raw / raw.norm(dim=2, keepdim=True))
+    assert torch.allclose(model.compose(image, text, mode="text"), text / text.norm(dim=2, keepdim=True))
+
+
+def test_item_vectors_with_and_without_a_matcher(encoder):
+    gen = torch.Generator().manual_seed(2)
+    raw = (torch.randn(3, 32, generator=gen) * torch.tensor([[0.5], [3.0], [7.0]])).double()  # non-unit, float64
+    described = torch.randn(3, 16, generator=gen, dtype=torch.float64)
+    plain = CIRModel(create_backbone("tiny"))
+    vectors = plain.item_vectors(raw, described)  # no matcher: descriptions are not used
+    assert vectors.dtype == torch.float32 and vectors.shape == (3, 32)
+    assert torch.allclose(vectors, _unit(raw).float(), atol=1e-6)
+    matched = CIRModel(create_backbone("tiny"), matcher=_matcher(encoder, weight=0.36))  # sqrt(0.64) = 0.8, sqrt(0.36) = 0.6
+    vectors = matched.item_vectors(raw, described)
+    assert vectors.dtype == torch.float32 and vectors.shape == (3, 48)
+    assert torch.allclose(vectors[:, :32], 0.8 * _unit(raw).float(), atol=1e-6)
+    assert torch.allclose(vectors[:, 32:], 0.6 * described.float(), atol=1e-6)
+    undescribed = matched.item_vectors(raw)  # no descriptions: zero rows on the description side
+    assert undescribed.shape == (3, 48) and torch.equal(undescribed[:, 32:], torch.zeros(3, 16))
+    assert torch.allclose(undescribed[:, :32], 0.8 * _unit(raw).float(), atol=1e-6)
+
+
+def test_query_vectors_compose_the_sides_there_are_and_join_the_matcher(encoder):
+    gen = torch.Generator().manual_seed(3)
+    image = torch.randn(2, 32, generator=gen) * torch.tensor([[4.0], [0.3]])
+    text = torch.randn(2, 32, generator=gen) * torch.tensor([[0.2], [9.0]])
+    torch.manual_seed(0)
+    model = CIRModel(create_backbone("tiny"), "combiner", Combiner(32, 64, 128)).eval()
+    with pytest.raises(ModelError) as info:
+        model.query_vectors(None, None)
+    assert _message(info) == "a query needs a reference image, a text, or both"
+    # a missing side: the other alone, whatever the model's mode (here combiner)
+    assert torch.allclose(model.query_vectors(None, text), _unit(text), atol=1e-6)
+    assert torch.allclose(model.query_vectors(image, None), _unit(image), atol=1e-6)
+    by_hand = _unit(_unit(image) + _unit(text))
+    assert torch.allclose(model.query_vectors(image, text, mode="sum"), by_hand, atol=1e-6)
+    assert torch.allclose(model.query_vectors(image, text, mode="sum_raw"), _unit(image + text), atol=1e-6)
+    with torch.no_grad():
+        combined = model.query_vectors(image, text)  # the model's own mode
+        assert torch.allclose(combined, model.combiner(image, text), atol=1e-6)
+    assert not torch.allclose(combined, by_hand, atol=1e-2)
+
+    model.matcher = _matcher(encoder, weight=0.36)
+    matched = torch.randn(2, 16, generator=gen, dtype=torch.float64)
+    vectors = model.query_vectors(image, text, matched, mode="sum")
+    assert vectors.dtype == torch.float32 and vectors.shape == (2, 48)
+    assert torch.allclose(vectors[:, :32], 0.8 * by_hand, atol=1e-6)
+    assert torch.allclose(vectors[:, 32:], 0.6 * matched.float(), atol=1e-6)
+    image_only = model.query_vectors(image, None)  # no matcher features: zeros on the matcher side
+    assert torch.allclose(image_only[:, :32], 0.8 * _unit(image), atol=1e-6)
+    assert torch.equal(image_only[:, 32:], torch.zeros(2, 16))
+    text_only = model.query_vectors(None, text, matched)
+    assert torch.allclose(text_only, torch.cat([0.8 * _unit(text), 0.6 * matched.float()], dim=1), atol=1e-6)
+
+
+def test_trained_state_dict_holds_the_trained_portable_and_combiner_weights(encoder):
+    backbone = create_backbone("tiny")
+    own = CIRModel(backbone, matcher=_matcher(encoder))
+    assert own.trained_state_dict() == {}  # nothing trained, nothing the spec cannot rebuild, no matcher weights
+    own.mark_trained(["backbone.clip.ln_final."])
+    assert sorted(own.trained_state_dict()) == ["backbone.clip.ln_final.bias", "backbone.clip.ln_final.weight"]
+    # a backbone whose spec alone does not rebuild it names the parts a folder must hold
+    backbone.portable_spec = lambda: ("tiny:0", ["clip.logit_scale"])
+    model = CIRModel(backbone, "combiner", Combiner(32, 8, 16))
+    state = model.trained_state_dict()
+    expected = ["backbone.clip.logit_scale"] + [f"combiner.{k}" for k in Combiner(32, 8, 16).state_dict()]
+    assert sorted(state) == sorted(expected)
+    assert torch.equal(state["backbone.clip.logit_scale"], backbone.clip.logit_scale.detach())
+
+
+def _fingerprint_by_hand(model: CIRModel) -> str:
+    """The documented definition: sha1 of the settings as JSON with sorted keys, then each state
+    tensor's name and raw bytes in name order (the model's state, then the matcher's query encoder)."""
+    import hashlib
+
+    matcher = model.matcher
+    settings = [("backbone", model.backbone.spec), ("image", model.backbone.image_fingerprint()),
+                ("matcher", None if matcher is None else dict(sorted(matcher.config().items()))),
+                ("query_mode", model.query_mode), ("text_template", model.text_template)]
+    blob = json.dumps(dict(settings)).encode()
+    states = [model.state_dict()]
+    if matcher is not None:
+        states.append(matcher.query_encoder.state_dict())
+    for state in states:
+        for name in sorted(state):
+            blob += name.encode() + state[name].numpy().tobytes()
+    return hashlib.sha1(blob).hexdigest()
+
+
+def test_fingerprint_is_the_settings_and_every_weight(encoder):
+    torch.manual_seed(0)
+    model = CIRModel(create_backbone("tiny"), "combiner", Combiner(32, 8, 16), matcher=_matcher(encoder, weight=0.4))
+    first = model.fingerprint()
+    assert first == _fingerprint_by_hand(model) and len(first) == 40
+    assert model.fingerprint() == first  # nothing changed
+    plain = CIRModel(create_backbone("tiny"))
+    assert plain.fingerprint() == _fingerprint_by_hand(plain)
+
+    def changed() -> bool:
+        return model.fingerprint() != first
+
+    # every weight counts, trained or not (nothing is marked trained here)
+    for tensor in [model.backbone.clip.visual.conv1.weight, model.backbone.clip.token_embedding.weight, model.backbone.clip.logit_scale,
+                   next(model.combiner.parameters()), model.matcher.query_encoder.embeddings.word_embeddings.weight,
+                   model.matcher.item_encoder.embeddings.word_embeddings.weight]:
+        with torch.no_grad():
+            before = tensor.detach().clone()
+            tensor.view(-1)[0] += 1e-3
+            assert changed()
+            tensor.copy_(before)
+        assert not changed()
+    # every setting that decides scores counts; settings that do not, do not
+    for owner, name, value in [(model, "query_mode", "sum"), (model, "text_template", "caption"),
+                               (model.matcher, "weight", 0.5), (model.matcher, "template", "prompt")]:
+        old = getattr(owner, name)
+        setattr(owner, name, value)
+        assert changed(), name
+        setattr(owner, name, old)
+    model.backbone.set_preprocess("targetpad")
+    assert changed()
+    model.backbone.set_preprocess("clip")
+    model.prompt_source, model.saved_prefixes = "predicted", ["combiner."]
+    assert not changed()
+    matcher, model.matcher = model.matcher, None
+    assert changed()
+    model.matcher = matcher
+    assert not changed()
+
+
+def _sha1(path) -> str:
+    import hashlib
+
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+def _heads():
+    """Attribute heads whose predictions are known by hand: colour follows the sign of the first
+    normalised feature (logits +-10 u0), kids is True at 0.75 (bias log 3, no weights)."""
+    from fashion_cir.models.attributes import AttributeHeads
+
+    heads = AttributeHeads(32, {"colour": ["red", "blue"], "kids": [False, True]}, info={"trained_on": "test"})
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.zero_()
+        heads.heads["colour"].weight[0, 0], heads.heads["colour"].weight[1, 0] = 10.0, -10.0
+        heads.heads["kids"].bias[1] = torch.log(torch.tensor(3.0))
+    return heads
+
+
+@pytest.fixture(scope="module")
+def saved(encoder, tmp_path_factory):
+    """A model with every saved field set: trained image tower and text blocks, an untrained token
+    embedding that was changed anyway (not saved), a combiner, a trained matcher, attribute heads."""
+    torch.manual_seed(2)
+    backbone = create_backbone("tiny")
+    backbone.set_preprocess("targetpad")
+    model = CIRModel(backbone, "combiner", Combiner(32, 8, 16), ["backbone.clip.visual."], "caption", "predicted",
+                     matcher=_matcher(encoder, "prompt", 0.25))
+    model.mark_trained(["backbone.clip.transformer."])
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith(("backbone.clip.visual.", "backbone.clip.transformer.", "backbone.clip.token_embedding.",
+                                "matcher.query_encoder.")):
+                param.add_(0.05 * torch.randn_like(param))
+    model.matcher_trained = True
+    model.descriptions_source = "attributes.jsonl"
+    model.attach_heads(_heads())
+    folder = tmp_path_factory.mktemp("saved") / "model"
+    assert model.save(folder, metadata={"stage": "stage2", "epochs": 3}) == folder
+    return model, folder
+
+
+def test_save_writes_every_field_and_only_trained_weights(saved):
+    model, folder = saved
+    assert sorted(p.name for p in folder.iterdir()) == ["attributes.json", "attributes.pt", "matcher.pt", "model.json",
+                                                          "weights.pt"]  # no temporary file left
+    meta = json.loads((folder / "model.json").read_text())
+    versions = meta.pop("versions")
+    assert isinstance(versions, dict) and versions
+    assert meta == {
+        "format": "fashion-cir-model/1", "backbone": "tiny:0", "preprocess": "targetpad", "query_mode": "combiner",
+        "text_template": "caption", "prompt_source": "predicted", "combiner": {"projection_dim": 8, "hidden_dim": 16},
+        "matcher": {"spec": model.matcher.spec, "template": "prompt", "weight": 0.25, "trained": True},
+        "matcher_sha1": _sha1(folder / "matcher.pt"), "descriptions": "attributes.jsonl",
+        "saved_prefixes": ["backbone.clip.visual.", "backbone.clip.transformer."],
+        "image_fingerprint": model.backbone.image_fingerprint(), "weights_sha1": _sha1(folder / "weights.pt"),
+        "stage": "stage2", "epochs": 3}
+    weights = torch.load(folder / "weights.pt", weights_only=True)
+    state = model.state_dict()
+    wanted = [k for k in state if k.split(".")[0] == "combiner" or k.startswith(("backbone.clip.visual.", "backbone.clip.transformer."))]
+    assert sorted(weights) == sorted(wanted)
+    assert all(torch.equal(weights[k], state[k]) for k in wanted)
+    matcher = torch.load(folder / "matcher.pt", weights_only=True)
+    query_state = model.matcher.query_encoder.state_dict()
+    assert sorted(matcher) == sorted(query_state) and all(torch.equal(matcher[k], query_state[k]) for k in query_state)
+
+
+def test_load_restores_every_field_and_weight(saved):
+    model, folder = saved
+    loaded = CIRModel.load(folder)
+    assert not loaded.training and loaded.source == folder.resolve()
+    assert (loaded.query_mode, loaded.text_template, loaded.prompt_source) == ("combiner", "caption", "predicted")
+    assert loaded.backbone.preprocess_mode == "targetpad" and loaded.combiner.config() == {"projection_dim": 8, "hidden_dim": 16}
+    assert loaded.matcher.config() == {"spec": model.matcher.spec, "template": "prompt", "weight": 0.25}
+    assert loaded.matcher_trained is True and loaded.descriptions_source == "attributes.jsonl"
+    assert loaded.saved_prefixes == ["backbone.clip.visual.", "backbone.clip.transformer."]
+    fresh = create_backbone("tiny").state_dict()
+    original, restored = model.state_dict(), loaded.state_dict()
+    assert sorted(original) == sorted(restored)
+    for name in original:
+        if name.startswith("backbone.clip.token_embedding."):  # changed but not trained: rebuilt from the spec
+            assert torch.equal(restored[name], fresh[name.removeprefix("backbone.")])
+            assert not torch.equal(restored[name], original[name])
+        else:
+            assert torch.equal(restored[name], original[name]), name
+    assert loaded.attribute_heads.info == {"trained_on": "test"}
+    features = torch.tensor([[2.0] + [0.0] * 31, [-1.0] + [1.0] * 31])
+    assert loaded.predict_attributes(features) == model.predict_attributes(features)
+
+
+def test_predict_attributes_and_attach_heads():
+    model = CIRModel(create_backbone("tiny"))
+    with pytest.raises(ModelError) as info:
+        model.predict_attributes(torch.zeros(1, 32))
+    assert _message(info) == "this model has no attribute heads: train them with `fashion-cir attributes train --model DIR`"
+    from fashion_cir.models.attributes import AttributeHeads
+
+    with pytest.raises(ModelError) as info:
+        model.attach_heads(AttributeHeads(16, {"kids": [False, True]}))
+    assert _message(info) == "attribute heads take 16-d features but the model's image features are 32-d"
+    assert model.attribute_heads is None
+    model.attach_heads(_heads())
+    # first row: u0 = 3/5 -> red with p = 1 / (1 + e^-12); second: u0 = -1/sqrt(2) -> blue, p = 1 / (1 + e^(-20/sqrt(2)))
+    features = torch.tensor([[3.0, 4.0] + [0.0] * 30, [-1.0, 1.0] + [0.0] * 30])
+    red = 1 / (1 + torch.exp(torch.tensor(-12.0))).item()
+    blue = 1 / (1 + torch.exp(torch.tensor(-20 / 2 ** 0.5))).item()
+    assert model.predict_attributes(features) == [
+        {"colour": {"value": "red", "confidence": round(red, 4)}, "kids": {"value": True, "confidence": 0.75}},
+        {"colour": {"value": "blue", "confidence": round(blue, 4)}, "kids": {"value": True, "confidence": 0.75}}]
+    model.attach_heads(None)
+    assert model.attribute_heads is None
+
+
+def _copy(folder, destination):
+    import shutil
+
+    shutil.copytree(folder, destination)
+    return destination
+
+
+def test_resave_without_a_trained_matcher_removes_its_weights(saved, encoder, tmp_path):
+    model, folder = saved
+    copy = _copy(folder, tmp_path / "copy")
+    model.matcher_trained = False
+    try:
+        model.save(copy)
+    finally:
+        model.matcher_trained = True
+    assert not (copy / "matcher.pt").exists() and not (copy / ".matcher.pt.tmp").exists()
+    meta = json.loads((copy / "model.json").read_text())
+    assert meta["matcher"]["trained"] is False and meta["matcher_sha1"] is None and "stage" not in meta
+    loaded = CIRModel.load(copy)
+    assert loaded.matcher_trained is False
+    pretrained = _matcher(encoder).query_encoder.state_dict()
+    assert all(torch.equal(v, pretrained[k]) for k, v in loaded.matcher.query_encoder.state_dict().items())
+
+
+def test_an_interrupted_save_loads_as_the_new_model(saved, tmp_path):
+    model, folder = saved
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.backbone.encode_images(pixels)
+    # crash after model.json, before the renames: the finished temporary files are the model's
+    copy = _copy(folder, tmp_path / "pending")
+    (copy / "weights.pt").rename(copy / ".weights.pt.tmp")
+    (copy / "matcher.pt").rename(copy / ".matcher.pt.tmp")
+    loaded = CIRModel.load(copy)
+    assert (copy / "weights.pt").is_file() and not (copy / ".weights.pt.tmp").exists()  # the rename is completed
+    assert (copy / "matcher.pt").is_file() and not (copy / ".matcher.pt.tmp").exists()
+    with torch.no_grad():
+        assert torch.equal(loaded.backbone.encode_images(pixels), expected)
+    # the rename cannot be completed (something else is in the way): the temporary file is read
+    blocked = _copy(folder, tmp_path / "blocked")
+    (blocked / "weights.pt").rename(blocked / ".weights.pt.tmp")
+    (blocked / "weights.pt").mkdir()
+    (blocked / "weights.pt" / "in-the-way").write_text("x")
+    loaded = CIRModel.load(blocked)
+    assert (blocked / ".weights.pt.tmp").is_file()
+    with torch.no_grad():
+        assert torch.equal(loaded.backbone.encode_images(pixels), expected)
+
+
+def test_mismatched_missing_or_corrupt_weights_are_one_line_errors(saved, tmp_path):
+    from fashion_cir.errors import DataError
+
+    model, folder = saved
+    meta = json.loads((folder / "model.json").read_text())
+    for name, key in [("weights.pt", "weights_sha1"), ("matcher.pt", "matcher_sha1")]:
+        for damage in ("missing", "other bytes"):
+            copy = _copy(folder, tmp_path / f"{name}-{damage}")
+            if damage == "missing":
+                (copy / name).unlink()
+            else:
+                (copy / name).write_bytes(b"other bytes")
+            with pytest.raises(ModelError) as info:
+                CIRModel.load(copy)
+            assert _message(info) == (f"{copy / name} does not match {copy / 'model.json'} (sha1 {meta[key]}): a save "
+                                      "was interrupted or the files were mixed up; re-run the step that wrote the model")
+    # folders written before weights were hashed: the files are read as they are
+    older = _copy(folder, tmp_path / "older")
+    (older / "model.json").write_text(json.dumps({k: v for k, v in meta.items() if not k.endswith("sha1")}))
+    (older / "matcher.pt").write_bytes(b"torn")
+    with pytest.raises(ModelError) as info:
+        CIRModel.load(older)
+    assert _message(info).startswith(f"missing or corrupt matcher weights {older / 'matcher.pt'}: ")
+    (older / "matcher.pt").unlink()
+    with pytest.raises(ModelError) as info:
+        CIRModel.load(older)
+    assert _message(info).startswith(f"missing or corrupt matcher weights {older / 'matcher.pt'}: ")
+    (older / "matcher.pt").write_bytes((folder / "matcher.pt").read_bytes())
+    (older / "weights.pt").write_bytes(b"torn")
+    with pytest.raises(ModelError) as info:
+        CIRModel.load(older)
+    assert _message(info).startswith(f"corrupt weights file {older / 'weights.pt'}: ")
+    (older / "weights.pt").unlink()  # no weights at all: the backbone as its spec builds it, which is not the trained one
+    with pytest.raises(ModelError) as info:
+        CIRModel.load(older)
+    assert _message(info) == (f"{older}: image encoder fingerprint mismatch after loading (expected "
+                              f"{meta['image_fingerprint']}); the backbone weights it was trained from are not the ones "
+                              "available here")
+    (older / "model.json").write_text("{\n  \"backbone\": \"tiny\",,\n}")
+    with pytest.raises(DataError) as info:
+        CIRModel.load(older)
+    assert _message(info).startswith(f"malformed model file {older / 'model.json'}: ")
+    (older / "model.json").write_text('{"query_mode": "sum"}')
+    with pytest.raises(ModelError) as info:
+        CIRModel.load(older)
+    assert _message(info) == f"{older / 'model.json'}: missing field 'backbone'"
+    (older / "model.json").unlink()
+    with pytest.raises(ModelError) as info:
+        CIRModel.load(older)
+    assert _message(info) == f"not a fashion-cir model folder (no model.json): {older}"
+
+
+def test_foreign_weights_name_at_most_three_keys(tmp_path):
+    (tmp_path / "model.json").write_text(json.dumps({"backbone": "tiny", "query_mode": "sum"}))
+    torch.save({f"backbone.extra.{i}": torch.zeros(1) for i in range(5)}, tmp_path / "weights.pt")
+    with pytest.raises(ModelError) as info:
+        CIRModel.load(tmp_path)
+    assert _message(info) == (f"{tmp_path / 'weights.pt'} does not match backbone tiny: unexpected "
+                              "['backbone.extra.0', 'backbone.extra.1', 'backbone.extra.2']")
+    state = create_backbone("tiny").state_dict()
+    wrong = {f"backbone.{k}": torch.zeros(3, 3, 3) for k in list(state)[:5]}
+    torch.save(wrong, tmp_path / "weights.pt")
+    with pytest.raises(ModelError) as info:
+        CIRModel.load(tmp_path)
+    shapes = ", ".join(f"'backbone.{k} (3, 3, 3) vs {tuple(state[k].shape)}'" for k in list(state)[:3])
+    assert _message(info) == f"{tmp_path / 'weights.pt'} does not match backbone tiny: shape mismatch [{shapes}]"
+
+
+def test_missing_optional_fields_load_their_defaults(encoder, tmp_path):
+    (tmp_path / "model.json").write_text(json.dumps({"backbone": "tiny", "query_mode": "image", "matcher": {"spec": encoder}}))
+    model = CIRModel.load(tmp_path)
+    assert (model.query_mode, model.text_template, model.prompt_source) == ("image", "prompt", "catalog")
+    assert model.backbone.preprocess_mode == "clip" and model.combiner is None and model.saved_prefixes == []
+    assert model.matcher.config() == {"spec": encoder, "template": "caption", "weight": 0.5}
+    assert model.matcher_trained is False and model.descriptions_source is None and model.attribute_heads is None
+    assert model.backbone.image_fingerprint() == create_backbone("tiny").image_fingerprint()
+    zero_shot = load_model(backbone="tiny:1", query_mode="text", preprocess="targetpad")
+    assert (zero_shot.query_mode, zero_shot.backbone.spec, zero_shot.backbone.preprocess_mode) == ("text", "tiny:1", "targetpad")
+    assert not zero_shot.training and load_model(backbone="tiny").query_mode == "sum"
+    assert load_model(backbone="tiny").backbone.preprocess_mode == "clip"
+
+
+def test_publish_model_replaces_the_destination(saved, tmp_path):
+    from fashion_cir.models.cir import publish_model
+
+    _, folder = saved
+    destination = tmp_path / "best"
+    assert publish_model(folder, destination) == destination
+    assert sorted(p.name for p in destination.iterdir()) == sorted(p.name for p in folder.iterdir())
+    assert all((destination / p.name).read_bytes() == p.read_bytes() for p in folder.iterdir())
+    # again, over an older model and a staging folder left by a crash: nothing of either survives
+    (destination / "old-file").write_text("old")
+    staging = tmp_path / ".best.publishing"
+    staging.mkdir()
+    (staging / "half-copied").write_text("x")
+    assert publish_model(folder, destination) == destination
+    assert sorted(p.name for p in destination.iterdir()) == sorted(p.name for p in folder.iterdir())
+    assert not staging.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+    assert CIRModel.load(destination).query_mode == "combiner"

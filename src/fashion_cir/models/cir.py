@@ -215,7 +215,8 @@ class CIRModel(nn.Module):
         model = cls(backbone, meta["query_mode"], combiner, meta.get("saved_prefixes"), meta.get("text_template", "prompt"),
                     meta.get("prompt_source", "catalog"), matcher=matcher)
         if matcher is not None and matcher_meta.get("trained"):
-            matcher_path = _weights_file(folder, meta.get("matcher_sha1"), MATCHER_WEIGHTS_FILE)
+            # a folder older than weight hashes names the file even when it is missing
+            matcher_path = _weights_file(folder, meta.get("matcher_sha1"), MATCHER_WEIGHTS_FILE) or folder / MATCHER_WEIGHTS_FILE
             try:
                 matcher.query_encoder.load_state_dict(torch.load(matcher_path, map_location=map_location, weights_only=True))
             except Exception as exc:
