@@ -140,7 +140,9 @@ class CIRModel(nn.Module):
         return {k: v.detach().cpu() for k, v in self.state_dict().items() if k.startswith(prefixes)}
 
     def fingerprint(self) -> str:
-        """sha1 of everything that decides this model's scores: its settings and all its weights."""
+        """sha1 of everything that decides this model's scores: its settings (JSON, sorted keys),
+        then each weight's name and bytes in name order (the matcher's query encoder once more).
+        Results caches key on it, so the definition is pinned by a test."""
         digest = hashlib.sha1(json.dumps({"backbone": self.backbone.portable_spec()[0], "image": self.backbone.image_fingerprint(),
                                           "query_mode": self.query_mode, "text_template": self.text_template,
                                           "matcher": self.matcher.config() if self.matcher is not None else None},
