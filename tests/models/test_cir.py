@@ -131,8 +131,9 @@ def test_load_errors(tmp_path):
     (tmp_path / "model.json").write_text('{"backbone": "tiny"}')
     with pytest.raises(ModelError, match="missing field 'query_mode'"):
         CIRModel.load(tmp_path)
-    with pytest.raises(ModelError, match="--backbone"):
+    with pytest.raises(ModelError) as info:
         load_model()
+    assert _message(info) == "give a trained model folder (--model DIR) or a backbone spec (--backbone SPEC)"
     with pytest.raises(ModelError, match="unknown query mode 'avg'"):
         load_model(backbone="tiny", query_mode="avg")
 
@@ -196,6 +197,9 @@ def test_fit_query_text_truncates_the_prompt_never_the_caption(tiny_model):
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / (x * x).sum(-1, keepdim=True).sqrt()
+
+
+REFUSED = "not a tensor file torch.load can read safely (weights_only=True)"  # what torch.load refuses, in short
 
 
 def _message(info) -> str:
@@ -273,6 +277,8 @@ def test_item_vectors_with_and_without_a_matcher(encoder):
     assert vectors.dtype == torch.float32 and vectors.shape == (3, 48)
     assert torch.allclose(vectors[:, :32], 0.8 * _unit(raw).float(), atol=1e-6)
     assert torch.allclose(vectors[:, 32:], 0.6 * described.float(), atol=1e-6)
+    batched = plain.item_vectors(raw.view(3, 4, 8))  # leading dimensions: each last-dimension row normalised
+    assert torch.allclose(batched, _unit(raw.view(3, 4, 8)).float(), atol=1e-6)
     undescribed = matched.item_vectors(raw)  # no descriptions: zero rows on the description side
     assert undescribed.shape == (3, 48) and torch.equal(undescribed[:, 32:], torch.zeros(3, 16))
     assert torch.allclose(undescribed[:, :32], 0.8 * _unit(raw).float(), atol=1e-6)
@@ -423,7 +429,7 @@ def saved(encoder, tmp_path_factory):
     model.matcher_trained = True
     model.descriptions_source = "attributes.jsonl"
     model.attach_heads(_heads())
-    folder = tmp_path_factory.mktemp("saved") / "model"
+    folder = tmp_path_factory.mktemp("saved") / "runs" / "model"  # parents are created
     assert model.save(folder, metadata={"stage": "stage2", "epochs": 3}) == folder
     return model, folder
 
@@ -567,19 +573,25 @@ def test_mismatched_missing_or_corrupt_weights_are_one_line_errors(saved, tmp_pa
     # folders written before weights were hashed: the files are read as they are
     older = _copy(folder, tmp_path / "older")
     (older / "model.json").write_text(json.dumps({k: v for k, v in meta.items() if not k.endswith("sha1")}))
-    (older / "matcher.pt").write_bytes(b"torn")
+    (older / "matcher.pt").write_bytes(b"garbage")
     with pytest.raises(ModelError) as info:
         CIRModel.load(older)
-    assert _message(info).startswith(f"missing or corrupt matcher weights {older / 'matcher.pt'}: ")
+    assert _message(info) == f"missing or corrupt matcher weights {older / 'matcher.pt'}: " + REFUSED
+    torch.save({"not.a.bert.key": torch.zeros(2)}, older / "matcher.pt")  # torch's reason spans lines: one line here
+    with pytest.raises(ModelError) as info:
+        CIRModel.load(older)
+    assert _message(info).startswith(f"missing or corrupt matcher weights {older / 'matcher.pt'}: Error(s) in loading "
+                                     "state_dict for BertModel: Missing key(s) in state_dict: ")
     (older / "matcher.pt").unlink()
     with pytest.raises(ModelError) as info:
         CIRModel.load(older)
-    assert _message(info).startswith(f"missing or corrupt matcher weights {older / 'matcher.pt'}: ")
+    assert _message(info) == (f"missing or corrupt matcher weights {older / 'matcher.pt'}: [Errno 2] No such file or "
+                              f"directory: '{older / 'matcher.pt'}'")
     (older / "matcher.pt").write_bytes((folder / "matcher.pt").read_bytes())
-    (older / "weights.pt").write_bytes(b"torn")
+    (older / "weights.pt").write_bytes(b"garbage")
     with pytest.raises(ModelError) as info:
         CIRModel.load(older)
-    assert _message(info).startswith(f"corrupt weights file {older / 'weights.pt'}: ")
+    assert _message(info) == f"corrupt weights file {older / 'weights.pt'}: " + REFUSED
     (older / "weights.pt").unlink()  # no weights at all: the backbone as its spec builds it, which is not the trained one
     with pytest.raises(ModelError) as info:
         CIRModel.load(older)
@@ -624,10 +636,26 @@ def test_missing_optional_fields_load_their_defaults(encoder, tmp_path):
     assert model.matcher.config() == {"spec": encoder, "template": "caption", "weight": 0.5}
     assert model.matcher_trained is False and model.descriptions_source is None and model.attribute_heads is None
     assert model.backbone.image_fingerprint() == create_backbone("tiny").image_fingerprint()
+    # a matcher entry without a spec is the default encoder, all-MiniLM-L6-v2
+    (tmp_path / "model.json").write_text(json.dumps({"backbone": "tiny", "query_mode": "sum", "matcher": {"template": "prompt"}}))
+    minilm = CIRModel.load(tmp_path).matcher
+    assert minilm.config() == {"spec": "minilm", "template": "prompt", "weight": 0.5} and minilm.dim == 384
     zero_shot = load_model(backbone="tiny:1", query_mode="text", preprocess="targetpad")
     assert (zero_shot.query_mode, zero_shot.backbone.spec, zero_shot.backbone.preprocess_mode) == ("text", "tiny:1", "targetpad")
     assert not zero_shot.training and load_model(backbone="tiny").query_mode == "sum"
     assert load_model(backbone="tiny").backbone.preprocess_mode == "clip"
+
+
+def test_a_zero_shot_model_saves_no_weights_and_no_optional_parts(tmp_path):
+    model = CIRModel(create_backbone("tiny"), "sum_raw")
+    model.save(tmp_path / "zero-shot")
+    meta = json.loads((tmp_path / "zero-shot" / "model.json").read_text())
+    assert {k: meta[k] for k in ("combiner", "matcher", "matcher_sha1", "descriptions", "saved_prefixes")} == {
+        "combiner": None, "matcher": None, "matcher_sha1": None, "descriptions": None, "saved_prefixes": []}
+    assert torch.load(tmp_path / "zero-shot" / "weights.pt", weights_only=True) == {}
+    assert sorted(p.name for p in (tmp_path / "zero-shot").iterdir()) == ["model.json", "weights.pt"]
+    loaded = CIRModel.load(tmp_path / "zero-shot")
+    assert loaded.query_mode == "sum_raw" and loaded.combiner is None and loaded.matcher is None
 
 
 def test_publish_model_replaces_the_destination(saved, tmp_path):
@@ -647,3 +675,36 @@ def test_publish_model_replaces_the_destination(saved, tmp_path):
     assert sorted(p.name for p in destination.iterdir()) == sorted(p.name for p in folder.iterdir())
     assert not staging.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["best"]
     assert CIRModel.load(destination).query_mode == "combiner"
+
+
+class _TouchOnLoad:
+    """Unpickling this calls ``Path.touch``: what loading weights must never do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return Path.touch, (self.path,)
+
+
+def test_weights_files_that_would_run_code_are_refused(saved, tmp_path):
+    """Weights load with ``weights_only``: a pickle that calls a function is a corrupt file, and the call never happens."""
+    _, folder = saved
+    meta = json.loads((folder / "model.json").read_text())
+    older = _copy(folder, tmp_path / "older")
+    (older / "model.json").write_text(json.dumps({k: v for k, v in meta.items() if not k.endswith("sha1")}))
+    weights = torch.load(folder / "weights.pt", weights_only=True)
+    torch.save({**weights, "payload": _TouchOnLoad(tmp_path / "ran")}, older / "weights.pt")
+    with pytest.raises(ModelError) as info:
+        CIRModel.load(older)
+    assert _message(info) == f"corrupt weights file {older / 'weights.pt'}: " + REFUSED
+    assert not (tmp_path / "ran").exists()
+    (older / "weights.pt").write_bytes((folder / "weights.pt").read_bytes())
+    matcher = torch.load(folder / "matcher.pt", weights_only=True)
+    torch.save({**matcher, "payload": _TouchOnLoad(tmp_path / "ran")}, older / "matcher.pt")
+    with pytest.raises(ModelError) as info:
+        CIRModel.load(older)
+    assert _message(info) == f"missing or corrupt matcher weights {older / 'matcher.pt'}: " + REFUSED
+    assert not (tmp_path / "ran").exists()
