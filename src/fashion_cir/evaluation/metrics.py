@@ -16,9 +16,9 @@ def target_ranks(scores: np.ndarray, target_index: np.ndarray, exclude_index: np
     index of -1 (target not in the gallery) gets rank ``NOT_RETRIEVED`` (never retrieved, at any K,
     even K > G). ``exclude_index``
     (CIRR-style reference removal) drops that item from the ranking; -1 excludes nothing."""
-    scores = np.asarray(scores, dtype=np.float64)
+    scores = np.asarray(scores)  # comparisons only: exact in the scores' own dtype
     n_queries, n_gallery = scores.shape
-    ranks = np.full(n_queries, NOT_RETRIEVED, dtype=np.int64)
+    ranks = np.full(n_queries, NOT_RETRIEVED)  # int64, like NOT_RETRIEVED
     positions = np.arange(n_gallery)
     for q in range(n_queries):
         t = int(target_index[q])
