@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fashion_cir.evaluation.metrics import recall_at_k, target_ranks
+from fashion_cir.evaluation.metrics import add_overall, overall, recall_at_k, target_ranks
 
 
 def test_ranks_by_hand_with_ties_and_missing_target():
@@ -68,3 +68,12 @@ def test_recall_values_and_empty_input():
     assert recall_at_k(ranks, ks=(1, 5, 10, 50)) == pytest.approx(
         {"R@1": 12.5, "R@5": 37.5, "R@10": 50.0, "R@50": 75.0})
     assert recall_at_k(np.array([], dtype=np.int64), ks=(1, 10)) == {"R@1": 0.0, "R@10": 0.0}
+
+
+def test_overall_is_the_mean_of_recall_at_10_and_50():
+    assert overall({"R@1": 5.0, "R@10": 30.0, "R@50": 70.0}) == 50.0
+    assert overall({"R@10": 12.5, "R@50": 40.0}) == 26.25
+    with_both = add_overall({"R@10": 20.0, "R@50": 60.0, "n_queries": 3})
+    assert with_both == {"R@10": 20.0, "R@50": 60.0, "n_queries": 3, "overall": 40.0}
+    assert add_overall({"R@10": 20.0}) == {"R@10": 20.0}  # no R@50: nothing to average
+    assert add_overall({"R@50": 20.0}) == {"R@50": 20.0}
