@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import json
+import random
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +21,7 @@ from fashion_cir.models.combiner import Combiner
 from fashion_cir.models.factory import create_backbone
 from fashion_cir.models.matcher import DescriptionMatcher
 from fashion_cir.training import Stage2Config, train_stage2
+from fashion_cir.training.data import epoch_batches
 from fashion_cir.training.distributed import DistContext
 from fashion_cir.training.losses import BankInfoNCELoss
 from fashion_cir.training.stage2 import Stage2Step, StaticBank, build_bank
@@ -166,3 +170,46 @@ def test_train_stage2_needs_a_bank_and_one_batch(data, tmp_path):
         train_stage2(Stage2Config(**FAST), model, annotated[:7], paths, {}, descriptions, tmp_path / "seven")
     train_stage2(Stage2Config(**FAST), model, annotated, paths, {}, descriptions, tmp_path / "eight")  # one step
     assert json.loads((tmp_path / "eight" / "summary.json").read_text())["global_step"] == 1
+
+
+def _joined_by_hand(captions: list[str], rng: random.Random) -> str:
+    """CLIP4Cir's training joining as documented (data/captions.py, training/data.py): one draw of
+    ``random.Random(f"{seed}/{epoch}/{position}")`` picks "c1 and c2", "c2 and c1", "c1" or "c2"."""
+    first, second = (c.strip(".?, ") for c in captions)
+    choice = rng.random()
+    text = (f"{first} and {second}" if choice < 0.25 else f"{second} and {first}" if choice < 0.5
+            else first if choice < 0.75 else second)
+    return text[:1].upper() + text[1:]
+
+
+def test_train_stage2_queries_carry_the_reference_description_and_the_seeded_caption_join(data, tmp_path, monkeypatch):
+    """The texts the text encoder is trained on: every annotated triplet's query is its reference's
+    description + ", but " + its two captions joined by the configured seed's draw for its epoch and
+    position in the epoch (rebuilt here by hand, not through the training code)."""
+    triplets, paths, _, _ = data
+    annotated = [t for t in triplets if t.extra.get("source") != "generated"][:8]
+    assert all(t.reference_prompt is None and len(t.captions) == 2 for t in annotated)
+    descriptions = {i: f"a zq{i} garment" for i in paths}  # one marker word per image
+    model = CIRModel(create_backbone("tiny"), "sum")
+    assert model.text_template == "prompt"
+    seen: list[list[str]] = []
+    tokenize = model.backbone.tokenize
+    monkeypatch.setattr(model.backbone, "tokenize", lambda texts: seen.append(list(texts)) or tokenize(texts))
+    config = Stage2Config(**{**FAST, "seed": 3})
+    train_stage2(config, model, annotated, paths, {}, descriptions, tmp_path)  # one step: the 8 triplets, shuffled
+
+    (texts,) = seen
+    (batch,) = epoch_batches(8, 0, 8, None, 3, 0)  # position in the epoch -> triplet (the order is tested elsewhere)
+    queried = [annotated[n] for n in batch]
+    # (1) every query holds its own reference's description (the only marker word in it)
+    assert [re.findall(r"zq\w+", text) for text in texts] == [[f"zq{t.candidate}"] for t in queried]
+
+    def expected(seed) -> list[str]:
+        out = []
+        for position, triplet in enumerate(queried):
+            caption = _joined_by_hand(list(triplet.captions), random.Random(f"{seed}/0/{position}"))
+            out.append(f"a zq{triplet.candidate} garment, but {caption[:1].lower() + caption[1:]}")
+        return out
+
+    assert texts == expected(3)  # (2) the caption join follows the configured seed
+    assert expected(None) != expected(3)  # a join seeded "None/epoch/position" reads differently
