@@ -695,16 +695,11 @@ def test_weights_files_that_would_run_code_are_refused(saved, tmp_path):
     meta = json.loads((folder / "model.json").read_text())
     older = _copy(folder, tmp_path / "older")
     (older / "model.json").write_text(json.dumps({k: v for k, v in meta.items() if not k.endswith("sha1")}))
-    weights = torch.load(folder / "weights.pt", weights_only=True)
-    torch.save({**weights, "payload": _TouchOnLoad(tmp_path / "ran")}, older / "weights.pt")
-    with pytest.raises(ModelError) as info:
-        CIRModel.load(older)
-    assert _message(info) == f"corrupt weights file {older / 'weights.pt'}: " + REFUSED
-    assert not (tmp_path / "ran").exists()
-    (older / "weights.pt").write_bytes((folder / "weights.pt").read_bytes())
-    matcher = torch.load(folder / "matcher.pt", weights_only=True)
-    torch.save({**matcher, "payload": _TouchOnLoad(tmp_path / "ran")}, older / "matcher.pt")
-    with pytest.raises(ModelError) as info:
-        CIRModel.load(older)
-    assert _message(info) == f"missing or corrupt matcher weights {older / 'matcher.pt'}: " + REFUSED
-    assert not (tmp_path / "ran").exists()
+    for name, error in [("weights.pt", "corrupt weights file"), ("matcher.pt", "missing or corrupt matcher weights")]:
+        state = torch.load(folder / name, weights_only=True)
+        torch.save({**state, "payload": _TouchOnLoad(tmp_path / "ran")}, older / name)
+        with pytest.raises(ModelError) as info:
+            CIRModel.load(older)
+        assert _message(info) == f"{error} {older / name}: " + REFUSED
+        assert not (tmp_path / "ran").exists()
+        (older / name).write_bytes((folder / name).read_bytes())
