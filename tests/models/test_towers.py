@@ -120,8 +120,8 @@ def test_bad_options_are_one_line_errors(spec, message):
 
 
 def test_options_parse_in_any_order_to_one_spec():
-    assert Towers.parse("blocks1+hsv+lite2").spec == Towers.parse("lite2+hsv+blocks1").spec == "offline+lite2+hsv+blocks1"
-    assert Towers.parse("").spec == "offline" and Towers.parse("lite0+minilm").spec == "offline"
+    assert Towers.parse("offline+blocks1+hsv+lite2").spec == Towers.parse("offline+lite2+hsv+blocks1").spec == "offline+lite2+hsv+blocks1"
+    assert Towers.parse("offline").spec == "offline" and Towers.parse("offline+lite0+minilm").spec == "offline"
 
 
 def _histogram_by_hand(rgb: np.ndarray) -> np.ndarray:

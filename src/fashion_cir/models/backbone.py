@@ -4,6 +4,7 @@ serving work the same for open_clip CLIP and the offline demo backbone."""
 from __future__ import annotations
 
 import hashlib
+import re
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Iterable
 
@@ -14,6 +15,12 @@ from torch import nn
 from .preprocess import build_transform, describe_transform
 
 ENCODERS = ("image", "text")
+
+
+def blocks_option(option: str) -> int | None:
+    """N from a spec option ``blocksN`` (N >= 1: the trunk cache stops before the last N blocks), else None."""
+    match = re.fullmatch(r"blocks(\d+)", option)
+    return int(match.group(1)) if match and int(match.group(1)) >= 1 else None
 
 
 class Backbone(nn.Module, ABC):

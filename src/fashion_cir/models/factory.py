@@ -14,10 +14,8 @@
 
 from __future__ import annotations
 
-import re
-
 from ..errors import ModelError
-from .backbone import Backbone
+from .backbone import Backbone, blocks_option
 
 DEFAULT_BACKBONE = "openclip:ViT-B-32:openai"
 SPEC_HELP = "expected openclip:MODEL[:TAG|:FILE], openclip:hf-hub:ORG/REPO, tiny[:SEED] or offline[+OPTION...][:DIR]"
@@ -25,10 +23,10 @@ SPEC_HELP = "expected openclip:MODEL[:TAG|:FILE], openclip:hf-hub:ORG/REPO, tiny
 
 def _head_blocks(spec: str, options: str) -> int:
     """``blocksN`` (N >= 1) from a CLIP spec's options; nothing else is an option there."""
-    match = re.fullmatch(r"blocks(\d+)", options) if options else None
-    if options and (match is None or int(match.group(1)) < 1):
+    head_blocks = blocks_option(options)
+    if head_blocks is None:
         raise ModelError(f"bad backbone spec {spec!r}: the only option of a CLIP backbone is +blocksN (N >= 1)")
-    return int(match.group(1)) if match else 0
+    return head_blocks
 
 
 def create_backbone(spec: str = DEFAULT_BACKBONE, preprocess: str = "clip") -> Backbone:
@@ -59,7 +57,7 @@ def create_backbone(spec: str = DEFAULT_BACKBONE, preprocess: str = "clip") -> B
     elif kind == "offline" or kind.startswith("offline+"):
         from .offline_backbone import build_offline
 
-        backbone = build_offline(kind.removeprefix("offline").lstrip("+"), rest or None)
+        backbone = build_offline(kind, rest or None)
     else:
         raise ModelError(f"unknown backbone {spec!r}: {SPEC_HELP}")
     if preprocess != backbone.preprocess_mode:

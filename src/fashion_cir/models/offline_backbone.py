@@ -22,7 +22,6 @@ import contextlib
 import importlib
 import io
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from torch import nn
 
 from ..errors import ModelError
 from ..io import read_json
-from .backbone import Backbone
+from .backbone import Backbone, blocks_option
 
 IMAGE_TOWERS = {"lite0": 224, "lite1": 240, "lite2": 260}  # name -> input size
 TEXT_TOWERS = {"minilm": 384, "mpnet": 768}  # name -> width
@@ -57,19 +56,22 @@ class Towers:
     head_blocks: int = 0
 
     @classmethod
-    def parse(cls, options: str) -> "Towers":
-        """``"lite2+hsv+blocks1"`` (the spec's options after ``offline+``) -> Towers."""
+    def parse(cls, spec: str) -> "Towers":
+        """``"offline+lite2+hsv+blocks1"`` (a spec without its folder) -> Towers."""
+        kind, *options = spec.split("+")
+        if kind != "offline":
+            raise ModelError(f"not an offline backbone spec: {spec!r} (expected offline[+OPTION...])")
         fields: dict[str, Any] = {}
-        for option in filter(None, options.split("+")):
-            blocks = re.fullmatch(r"blocks(\d+)", option)
+        for option in options:
+            blocks = blocks_option(option)
             if option in IMAGE_TOWERS:
                 fields["image"] = option
             elif option in TEXT_TOWERS:
                 fields["text"] = option
             elif option == "hsv":
                 fields["hsv"] = True
-            elif blocks and int(blocks.group(1)) > 0:
-                fields["head_blocks"] = int(blocks.group(1))
+            elif blocks is not None:
+                fields["head_blocks"] = blocks
             else:
                 raise ModelError(f"unknown offline backbone option {option!r}: expected one of "
                                  f"{', '.join([*IMAGE_TOWERS, *TEXT_TOWERS, 'hsv', 'blocksN (N >= 1)'])}")
@@ -299,10 +301,10 @@ def save_projections(backbone: OfflineBackbone, folder: str | Path, metadata: di
     return folder
 
 
-def build_offline(options: str = "", folder: str | None = None, project: bool = True) -> OfflineBackbone:
+def build_offline(kind: str = "offline", folder: str | None = None, project: bool = True) -> OfflineBackbone:
     """``offline[+OPTION...]`` (random projections) or ``offline[+OPTION...]:DIR`` (aligned
     projections from DIR, whose recorded towers the options must match when given)."""
-    towers = Towers.parse(options)
+    towers = Towers.parse(kind)
     if folder is None:
         return OfflineBackbone(project=project, towers=towers)
     path = Path(folder)
@@ -310,8 +312,8 @@ def build_offline(options: str = "", folder: str | None = None, project: bool = 
         raise ModelError(f"no aligned offline projections in {path} (expected {PROJECTION_FILE}); "
                          "run `fashion-cir demo` or `fashion-cir align` to create them")
     config = read_json(path / PROJECTION_CONFIG, "offline backbone config")
-    saved = Towers.parse(str(config.get("towers", "offline")).removeprefix("offline"))
-    if options and saved != towers:
+    saved = Towers.parse(str(config.get("towers", "offline")))
+    if kind != "offline" and saved != towers:
         raise ModelError(f"{path / PROJECTION_CONFIG} holds projections for {saved.spec}, not {towers.spec}")
     backbone = OfflineBackbone(dim=int(config.get("dim", DEFAULT_DIM)), project=project, towers=saved)
     try:

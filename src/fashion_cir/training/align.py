@@ -58,7 +58,7 @@ def symmetric_infonce(image: torch.Tensor, text: torch.Tensor, logit_scale: torc
 
 def _text_tower_features(backbone: OfflineBackbone, texts: list[str], cache_dir: Path) -> np.ndarray:
     """Frozen text-tower features, cached in one file keyed by the texts and the tower."""
-    key = text_sha1(f"{backbone.towers.text}-mean-pool" if backbone.towers.text != "minilm" else "minilm-mean-pool", *texts)
+    key = text_sha1(f"{backbone.towers.text}-mean-pool", *texts)
     path = cache_dir / f"text-{key[:16]}.npy"
     if path.is_file():
         return np.load(path)
@@ -89,7 +89,7 @@ def align_offline_backbone(catalog: ClothingCatalog, out_dir: str | Path, cache:
     finished alignment of the same towers and catalog with the same config in ``out_dir`` is loaded
     instead (summary ``reused: true``)."""
     out_dir = Path(out_dir)
-    choice = Towers.parse(towers_spec.removeprefix("offline"))
+    choice = Towers.parse(towers_spec)
     saved = out_dir / "offline_backbone.json"
     if saved.is_file():
         recorded = read_json(saved, "aligned offline backbone")
