@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -15,14 +16,33 @@ from ..errors import DataError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 DECODERS = ("JPEG", "PNG", "WEBP")  # never EPS (runs Ghostscript), TIFF, BMP, ... on untrusted files
 DEFAULT_MAX_PIXELS = 40_000_000
+MAX_ID_BYTES = 255  # a file name's limit on common file systems (a Milvus key holds 512)
+_ID_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def id_problem(image_id: object) -> str | None:
+    """Why ``image_id`` is not a catalog id, or None when it is one. The one id grammar (catalogs,
+    splits, index build/add/remove, the API): a file name stem of at most :data:`MAX_ID_BYTES`
+    bytes of UTF-8, without folder parts, a leading dot or control characters."""
+    if not isinstance(image_id, str) or not image_id:
+        return "an id is a non-empty text"
+    if image_id.startswith(".") or "/" in image_id or "\\" in image_id or os.path.isabs(image_id):
+        return "an id is a file name without folders"
+    if _ID_CONTROL.search(image_id):
+        return "an id has no control characters"
+    try:
+        size = len(image_id.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "an id is UTF-8 text"
+    return f"an id is at most {MAX_ID_BYTES} bytes of UTF-8" if size > MAX_ID_BYTES else None
 
 
 def check_image_id(image_id: str, source: str = "") -> str:
-    """``image_id`` if it is a plain file name stem (no folder part, not hidden, no NUL), else DataError."""
-    where = f"{source}: " if source else ""
-    if (not isinstance(image_id, str) or not image_id or image_id.startswith(".") or "/" in image_id
-            or "\\" in image_id or "\0" in image_id or os.path.isabs(image_id)):
-        raise DataError(f"{where}invalid image id {image_id!r}: an id is a file name without folders")
+    """``image_id`` if it is a catalog id (:func:`id_problem`), else DataError naming ``source``."""
+    problem = id_problem(image_id)
+    if problem:
+        where = f"{source}: " if source else ""
+        raise DataError(f"{where}invalid image id {image_id!r}: {problem}")
     return image_id
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..data.images import check_image_id
 from ..data.metadata import load_catalog
 from ..errors import DataError, ModelError, check_failures
 from ..features.cache import FeatureCache
@@ -420,8 +421,12 @@ def build_index(folder: str | Path, model: CIRModel, images: str | Path | Mappin
         else:
             empty = np.zeros((0, rows.shape[1]), dtype=np.float32)
             index = CatalogIndex(folder, config, [], {}, {}, empty, _new_faiss_index(factory, item_vectors(rows, config)))
-        index.add_features(encoded, rows, meta, paths)
-        index.save()
+        try:
+            index.add_features(encoded, rows, meta, paths)
+            index.save()
+        except BaseException:
+            index.discard()
+            raise
     index.report = {**report, "added": len(encoded), "index_seconds": round(time.perf_counter() - start, 3)}
     return index
 
@@ -469,7 +474,7 @@ def upsert_index(folder: str | Path, model: CIRModel, images: str | Path | Mappi
 
 def remove_from_index(folder: str | Path, ids: Iterable[str]) -> tuple[CatalogStore, list[str], list[str]]:
     """Delete items by id; returns (index, removed ids, ids that were not in the index)."""
-    wanted = list(dict.fromkeys(str(i) for i in ids))
+    wanted = [check_image_id(i) for i in dict.fromkeys(str(i) for i in ids)]
     if not wanted:
         raise DataError("no ids to remove")
     read_manifest(folder)

@@ -22,12 +22,13 @@ import numpy as np
 
 from ..errors import DataError, FashionCIRError
 from ..io import write_json
-from .filters import Filter, field_text
+from .filters import Filter, field_text, milvus_list
 from .store import CatalogStore, SearchHit
 
 FIELD_PREFIX = "m_"
 MAX_TEXT = 65535
 BATCH = 1000
+PENDING = ".milvus-build.json"  # names the collection of a build that has not written index.json yet
 DEFAULT_INDEX = {"FLAT": {}, "IVF_FLAT": {"nlist": 1024}, "IVF_SQ8": {"nlist": 1024}, "HNSW": {"M": 16, "efConstruction": 200}}
 _clients: dict[str, Any] = {}
 _clients_lock = threading.Lock()
@@ -88,6 +89,23 @@ def parse_index_option(text: str) -> dict[str, Any]:
     return {"index_type": kind, "index_params": params}
 
 
+def _interrupted_build(folder: Path, uri: str, name: str) -> bool:
+    """Whether collection ``name`` at ``uri`` was created by a build of ``folder`` that never wrote
+    its manifest (killed): a re-run may drop it and start again."""
+    marker = folder / PENDING
+    if (folder / "index.json").exists() or not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text(encoding="utf-8")) == {"uri": uri, "collection": name}
+    except (OSError, ValueError):
+        return False
+
+
+def _id_in(ids: list[str]) -> str:
+    """The expression selecting rows by primary key."""
+    return f"id in {milvus_list(ids)}"
+
+
 class _Lookup(Mapping):
     """A read-through id -> value view of one stored field (``metadata`` or ``paths``)."""
 
@@ -132,11 +150,13 @@ class MilvusIndex(CatalogStore):
         config["store"] = {**config["store"], "collection": name, **index}
         store = cls(folder, config)
         client = store.client
+        uri = config["store"]["uri"]
         if client.has_collection(name):
-            if not overwrite:
-                raise DataError(f"Milvus collection {name!r} already exists at {config['store']['uri']}; "
+            if not (overwrite or _interrupted_build(folder, uri, name)):
+                raise DataError(f"Milvus collection {name!r} already exists at {uri}; "
                                 "choose another with --milvus-collection, or rebuild with --overwrite")
             client.drop_collection(name)
+        write_json(folder / PENDING, {"uri": uri, "collection": name})
         schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
         DataType = pymilvus.DataType
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=512)
@@ -152,6 +172,7 @@ class MilvusIndex(CatalogStore):
             with _quiet():
                 client.create_collection(name, schema=schema, index_params=params, consistency_level="Strong")
         except pymilvus.exceptions.MilvusException as exc:
+            (folder / PENDING).unlink(missing_ok=True)
             raise DataError(f"cannot create Milvus collection {name!r} with index {index['index_type']} "
                             f"{index['index_params']}: {exc.message}") from exc
         return store
@@ -167,9 +188,11 @@ class MilvusIndex(CatalogStore):
 
     # -- reading ---------------------------------------------------------------------------------
     def _get(self, ids: list[str], fields: list[str]) -> list[dict]:
+        """The rows of these ids, by a primary-key expression of escaped literals (pymilvus's own
+        ``get``/``delete`` by ids quote them without escaping)."""
         rows: list[dict] = []
         for start in range(0, len(ids), BATCH):
-            rows.extend(self.client.get(self.collection, ids=ids[start:start + BATCH], output_fields=fields))
+            rows.extend(self.client.query(self.collection, filter=_id_in(ids[start:start + BATCH]), output_fields=fields))
         return rows
 
     def __len__(self) -> int:
@@ -219,7 +242,7 @@ class MilvusIndex(CatalogStore):
         clauses = [filter.to_milvus(FIELD_PREFIX)] if filter is not None else []
         excluded = sorted(set(exclude))
         if excluded:
-            clauses.append(f"(id not in {json.dumps(excluded, ensure_ascii=False)})")
+            clauses.append(f"(id not in {milvus_list(excluded)})")
         expression = " and ".join(clauses)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         answers = self.client.search(self.collection, data=queries.tolist(), filter=expression, limit=k,
@@ -281,7 +304,7 @@ class MilvusIndex(CatalogStore):
         present = {row["id"] for row in self._get(wanted, ["id"])}
         gone = [i for i in wanted if i in present]
         for start in range(0, len(gone), BATCH):
-            self.client.delete(self.collection, ids=gone[start:start + BATCH])
+            self.client.delete(self.collection, filter=_id_in(gone[start:start + BATCH]))
         return gone
 
     def save(self) -> None:
@@ -290,3 +313,9 @@ class MilvusIndex(CatalogStore):
         self.client.flush(self.collection)
         self.config.update(count=len(self), updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
         write_json(self.folder / "index.json", self.config)
+        (self.folder / PENDING).unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        """Drop the collection of a build that failed before writing its manifest."""
+        self.client.drop_collection(self.collection)
+        (self.folder / PENDING).unlink(missing_ok=True)

@@ -111,6 +111,9 @@ class CatalogStore(ABC):
     def save(self) -> None:
         """Persist the changes (FAISS: a new data folder and an atomic manifest swap)."""
 
+    def discard(self) -> None:
+        """Undo a build that failed before :meth:`save` wrote its manifest (FAISS: nothing to undo)."""
+
     # -- shared ----------------------------------------------------------------------------------
     @property
     def store_kind(self) -> str:

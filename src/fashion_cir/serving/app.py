@@ -18,13 +18,13 @@ from urllib.parse import quote
 
 from PIL import Image, UnidentifiedImageError
 
-from ..data.images import IMAGE_EXTENSIONS, open_image, upload_pixel_limit
+from ..data.images import IMAGE_EXTENSIONS, id_problem, open_image, upload_pixel_limit
 from ..errors import DataError, FashionCIRError
 from ..models.cir import CIRModel
 from ..retrieval.explain import attribute_values, explain, phrase, requested_changes
 from ..retrieval.filters import FilterError, parse_filter
 from ..retrieval.query import composed_search
-from ..retrieval.store import LiveIndex, index_model
+from ..retrieval.store import CatalogStore, LiveIndex, index_model
 from .limits import Busy, ConcurrencyLimit
 
 try:
@@ -160,9 +160,11 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
     def catalog_text(image_id: str) -> str:
         return " ".join(str(v) for v in index.metadata.get(image_id, {}).values()).lower()
 
-    def known(item_id: str) -> str:
-        if item_id not in index:
-            raise HTTPException(404, f"unknown item id {item_id!r}")
+    def known(current: CatalogStore, item_id: str) -> str:
+        """``item_id`` when it is in ``current``; ids outside the id grammar never reach the store."""
+        problem = id_problem(item_id)
+        if problem or item_id not in current:
+            raise HTTPException(404, f"unknown item id {item_id!r}" + (f" ({problem})" if problem else ""))
         return item_id
 
     @app.get("/", include_in_schema=False)
@@ -193,12 +195,12 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
 
     @app.get("/items/{item_id:path}", summary="Metadata of one catalog item")
     def item(item_id: str) -> dict[str, Any]:
-        return item_view(known(item_id))
+        return item_view(known(index.current(), item_id))
 
     @app.get("/images/{item_id:path}", summary="The image of one catalog item", response_class=FileResponse)
     def image(item_id: str) -> FileResponse:
         current = index.current()
-        path = Path(current.paths[known(item_id)])
+        path = Path(current.paths[known(current, item_id)])
         root = os.path.normpath(current.config.get("root") or "/nonexistent")
         if path.suffix.lower() not in IMAGE_EXTENSIONS or not os.path.normpath(path).startswith(root.rstrip(os.sep) + os.sep):
             raise HTTPException(404, f"item {item_id!r} has no image file inside the catalog")
@@ -238,8 +240,8 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
                 raise HTTPException(413, f"uploaded image is larger than the limit of {max_upload_bytes / MB:.1f} MB")
             if not raw:
                 raise HTTPException(400, "uploaded image is empty")
-        elif id not in current:
-            raise HTTPException(404, f"unknown item id {id!r}")
+        else:
+            known(current, id)
         start = time.perf_counter()
         try:
             with uploads.slot() if has_upload else contextlib.nullcontext():
