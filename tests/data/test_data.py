@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from fashion_cir.data.images import open_image
+from fashion_cir.data.images import id_problem, open_image
+from fashion_cir.data.metadata import load_catalog
 from fashion_cir.data.triplets import fashioniq_files, load_fashioniq, load_triplet_set, parse_triplets
 from fashion_cir.errors import DataError
 from fashion_cir.io import atomic_write_text, file_sha1, iter_jsonl, read_json
@@ -198,6 +199,31 @@ def test_open_image_converts_to_rgb(tmp_path):
     path = tmp_path / "alpha.png"
     Image.new("RGBA", (8, 8), (255, 0, 0, 128)).save(path)
     assert open_image(path).mode == "RGB"
+
+
+# -- ids ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("image_id, problem", [
+    ("a'b", None), ('x"] or id not in ["', None), ("robe été", None), ("x" * 255, None),
+    ("", "an id is a non-empty text"), ("../x", "an id is a file name without folders"),
+    ("x\\", "an id is a file name without folders"), (".hidden", "an id is a file name without folders"),
+    ("a\bb", "an id has no control characters"), ("a\0b", "an id has no control characters"),
+    ("a\x85", "an id has no control characters"), ("é" * 128, "an id is at most 255 bytes of UTF-8"),
+    ("bad\udcff", "an id is UTF-8 text"),
+])
+def test_one_id_grammar(image_id, problem):
+    """Issue 22 item 2: one grammar for ids (build, add, remove, the API), control characters refused."""
+    assert id_problem(image_id) == problem
+
+
+def test_catalog_files_outside_the_id_grammar_are_named(tmp_path, make_jpeg):
+    make_jpeg(tmp_path / "images" / "ok.jpg")
+    bad = make_jpeg(tmp_path / "images" / "bad\x1bid.jpg")
+    with pytest.raises(DataError) as error:
+        load_catalog(tmp_path / "images")
+    assert str(error.value) == f"{bad}: invalid image id 'bad\\x1bid': an id has no control characters"
+    with pytest.raises(DataError, match="catalog: invalid image id 'a/b'"):
+        load_catalog({"a/b": tmp_path / "images" / "ok.jpg"})
 
 
 # -- io -----------------------------------------------------------------------------------------
