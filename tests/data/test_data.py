@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fashion_cir.data.images import id_problem, open_image
+from fashion_cir.data.images import ImageTooLarge, ImageTooThin, id_problem, open_image
 from fashion_cir.data.metadata import load_catalog
 from fashion_cir.data.triplets import fashioniq_files, load_fashioniq, load_triplet_set, parse_triplets
 from fashion_cir.errors import DataError
@@ -199,6 +199,29 @@ def test_open_image_converts_to_rgb(tmp_path):
     path = tmp_path / "alpha.png"
     Image.new("RGBA", (8, 8), (255, 0, 0, 128)).save(path)
     assert open_image(path).mode == "RGB"
+
+
+def test_thin_uploads_are_refused_from_the_header():
+    """Issue 22 item 1: a 100000x1 PNG (375 bytes) passed the pixel limit, and resizing its short side
+    to the model's input made a 6.4M x 64 image (+1.85 GB, 7 s) per request."""
+    import io
+
+    from PIL import Image
+
+    def png(width: int, height: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (width, height), (200, 30, 30)).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    for width, height in ((100_000, 1), (1, 100_000), (1_048_576, 1), (641, 80)):
+        with pytest.raises(ImageTooThin) as error:
+            open_image(png(width, height), max_pixels=1 << 20, target_size=64, max_aspect=8)
+        assert str(error.value) == (f"uploaded image: image is {width}x{height} pixels, more elongated than 8:1 "
+                                    "(long side over short side); crop it")
+    assert open_image(png(640, 80), max_pixels=1 << 20, target_size=64, max_aspect=8).size == (640, 80)
+    assert open_image(png(100_000, 1)).size == (100_000, 1)  # catalog files: no aspect limit unless asked
+    with pytest.raises(ImageTooLarge, match="2000x1000 pixels, more than the limit of 1000000"):
+        open_image(png(2000, 1000), max_pixels=1_000_000, max_aspect=8)
 
 
 # -- ids ----------------------------------------------------------------------------------------

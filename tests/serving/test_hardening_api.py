@@ -124,3 +124,19 @@ def test_images_are_served_only_from_inside_the_catalog(served, tmp_path):
         index.paths["item-002"] = path
         response = client.get("/images/item-002")
         assert response.status_code == 404 and "inside the catalog" in response.json()["detail"], path
+
+
+def png_of(width: int, height: int) -> bytes:
+    return encoded(Image.new("RGB", (width, height), (200, 30, 30)), "PNG")
+
+
+def test_thin_uploads_are_422_before_any_resize(served):
+    """Issue 22 item 1: a 100000x1 PNG passed the pixel limit; the model's resize of its short side
+    took seconds and gigabytes per request (1048576x1, inside the limit, would need ~20 GB)."""
+    client, _, _ = served
+    for width, height in ((20_000, 1), (1, 100_000), (1_048_576, 1), (513, 64)):
+        response = upload(client, png_of(width, height), "thin.png", "image/png")
+        assert response.status_code == 422, (width, height, response.text)
+        assert response.json()["detail"] == (f"uploaded image: image is {width}x{height} pixels, more elongated than "
+                                             "8:1 (long side over short side); crop it")
+    assert upload(client, png_of(512, 64), "wide.png", "image/png").status_code == 200

@@ -16,8 +16,17 @@ from ..errors import DataError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 DECODERS = ("JPEG", "PNG", "WEBP")  # never EPS (runs Ghostscript), TIFF, BMP, ... on untrusted files
 DEFAULT_MAX_PIXELS = 40_000_000
+MAX_ASPECT = 8  # long side / short side of an upload: thinner ones would blow up in the model's resize
 MAX_ID_BYTES = 255  # a file name's limit on common file systems (a Milvus key holds 512)
 _ID_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+class ImageTooLarge(DataError):
+    """An image with more pixels than allowed (checked from its header, before decoding)."""
+
+
+class ImageTooThin(DataError):
+    """An upload more elongated than allowed (checked from its header, before decoding)."""
 
 
 def id_problem(image_id: object) -> str | None:
@@ -108,14 +117,17 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None,
-               target_size: int | None = None) -> Image.Image:
+               target_size: int | None = None, max_aspect: float | None = None) -> Image.Image:
     """Decode a JPEG, PNG or WebP image to RGB. Raises DataError naming the file for missing,
     corrupt, truncated, other-format or decompression-bomb input.
 
-    ``max_pixels`` bounds the pixels actually decoded, checked from the header before decoding.
-    With ``target_size`` (an upload for a model of that input size), a JPEG is decoded at the
-    smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides >= ``target_size``, and any image is
-    then box-reduced by the integer factor that keeps its short side >= ``target_size``."""
+    ``max_pixels`` bounds the pixels actually decoded (else ImageTooLarge) and ``max_aspect`` the
+    long side over the short side (else ImageTooThin), both checked from the header before
+    decoding. With ``target_size`` (an upload for a model of that input size), a JPEG is decoded at
+    the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides >= ``target_size``, and any image
+    is then box-reduced by the integer factor that keeps its short side >= ``target_size``: what
+    reaches the model's resize has a short side below ``2 * target_size`` and, with ``max_aspect``,
+    a long side below ``2 * max_aspect * target_size``."""
     label = name or (str(source) if not isinstance(source, bytes) else "uploaded image")
     if isinstance(source, (str, Path)) and not Path(source).is_file():
         raise DataError(f"image not found: {source}")
@@ -128,7 +140,10 @@ def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
                 image.draft("RGB", (target_size, target_size))
             width, height = image.size
             if width * height > max_pixels:
-                raise DataError(f"{label}: image is {width}x{height} pixels, more than the limit of {max_pixels}")
+                raise ImageTooLarge(f"{label}: image is {width}x{height} pixels, more than the limit of {max_pixels}")
+            if max_aspect and max(width, height) > max_aspect * min(width, height):
+                raise ImageTooThin(f"{label}: image is {width}x{height} pixels, more elongated than {max_aspect:g}:1 "
+                                   "(long side over short side); crop it")
             image.load()
         image = _to_rgb(image)
         if target_size and min(image.size) >= 2 * target_size:

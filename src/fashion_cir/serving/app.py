@@ -1,7 +1,7 @@
 """HTTP search service over a catalog index: ``POST /search``, item metadata and images, health,
 OpenAPI docs at ``/docs`` and the web page at ``/``. Every error is JSON ``{"detail": "..."}``, an
 unexpected one too (500, logged with its traceback). Uploads are decoded at reduced size within a
-pixel limit sized to the model's input, and at most a few decode and encode at once (503 +
+pixel limit sized to the model's input and an aspect ratio of at most 8:1, and at most a few decode and encode at once (503 +
 Retry-After beyond that); ``/images`` serves only image files inside the index's catalog root."""
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from urllib.parse import quote
 
 from PIL import Image, UnidentifiedImageError
 
-from ..data.images import IMAGE_EXTENSIONS, id_problem, open_image, upload_pixel_limit
+from ..data.images import (IMAGE_EXTENSIONS, MAX_ASPECT, ImageTooLarge, ImageTooThin, id_problem, open_image,
+                           upload_pixel_limit)
 from ..errors import DataError, FashionCIRError
 from ..models.cir import CIRModel
 from ..retrieval.explain import attribute_values, explain, phrase, requested_changes
@@ -93,18 +94,21 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def _decode_upload(raw: bytes, max_pixels: int, target_size: int | None = None) -> Image.Image:
+def _decode_upload(raw: bytes, max_pixels: int, target_size: int) -> Image.Image:
     """Decode an uploaded reference image or raise the HTTP error that says what is wrong with it;
-    the pixel limit is checked from the header, before the pixels are decoded."""
+    the pixel limit and the aspect ratio are checked from the header, before the pixels are decoded."""
     try:
-        return open_image(raw, max_pixels=max_pixels, name="uploaded image", target_size=target_size)
+        return open_image(raw, max_pixels=max_pixels, name="uploaded image", target_size=target_size,
+                          max_aspect=MAX_ASPECT)
+    except ImageTooLarge as exc:
+        raise HTTPException(413, str(exc)) from exc
+    except ImageTooThin as exc:
+        raise HTTPException(422, str(exc)) from exc
     except DataError as exc:
         cause = exc.__cause__
-        limit = f"the limit is {max_pixels:,} pixels (width x height)"
         if isinstance(cause, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-            raise HTTPException(413, f"uploaded image has too many pixels: {limit}") from exc
-        if cause is None:  # open_image's own max_pixels check, which names the size
-            raise HTTPException(413, str(exc)) from exc
+            raise HTTPException(413, f"uploaded image has too many pixels: the limit is {max_pixels:,} pixels "
+                                     "(width x height)") from exc
         if isinstance(cause, UnidentifiedImageError):
             raise HTTPException(415, "the uploaded file is not an image this service reads (JPEG, PNG or WebP)") from exc
         raise HTTPException(400, f"the uploaded image is corrupt or truncated ({cause})") from exc
