@@ -5,7 +5,9 @@ Retry-After), JSON 500s that are logged, and /images confined to the catalog roo
 from __future__ import annotations
 
 import io
+import json
 import logging
+import socket
 import threading
 from pathlib import Path
 
@@ -140,3 +142,40 @@ def test_thin_uploads_are_422_before_any_resize(served):
         assert response.json()["detail"] == (f"uploaded image: image is {width}x{height} pixels, more elongated than "
                                              "8:1 (long side over short side); crop it")
     assert upload(client, png_of(512, 64), "wide.png", "image/png").status_code == 200
+
+
+def raw_exchange(base_url: str, request: bytes) -> bytes:
+    """Send one raw HTTP/1.1 request on a new connection and read until the server closes it."""
+    host, port = base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(request)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+def test_a_500_says_connection_close_and_the_client_carries_on(served, caplog):
+    """Issue 22 item 4: after a 500 the server reset the keep-alive connection without
+    ``Connection: close``, so the client's next request on it failed."""
+    client, model, _ = served
+
+    def broken(texts, **options):
+        raise RuntimeError("tokenizer exploded")
+
+    embed = model.backbone.embed_texts
+    model.backbone.embed_texts = broken
+    body = b"text=is+red&id=item-001"
+    request = (b"POST /search HTTP/1.1\r\nHost: test\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    with caplog.at_level(logging.ERROR):
+        answer = raw_exchange(str(client.base_url), request)
+        assert client.post("/search", data={"text": "is red", "id": "item-001"}).status_code == 500
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 500") and b"connection: close" in head.lower(), head
+    assert json.loads(payload)["detail"] == "internal error (RuntimeError); the server log has the details"
+    model.backbone.embed_texts = embed
+    assert client.get("/health").status_code == 200  # the same client, on a new connection
+    assert client.post("/search", data={"text": "is red", "id": "item-001"}).status_code == 200
+    logged = [r for r in caplog.records if r.exc_info]
+    assert [r.name for r in logged] == ["fashion_cir.serving.app"] * 2  # ours, once per request; none from uvicorn

@@ -94,6 +94,36 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class InternalErrors:
+    """ASGI middleware: an unexpected exception becomes a logged JSON 500 that says ``Connection:
+    close`` and closes the connection. Left to the server, the exception reset the keep-alive
+    connection without saying so, and the client's next request on it failed."""
+
+    def __init__(self, app: Callable):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        except Exception as exc:
+            if started:  # a response cut short: only the server can end it (by closing the connection)
+                raise
+            log.error("%s %s failed", scope["method"], scope["path"], exc_info=exc)
+            response = _json_error(500, f"internal error ({type(exc).__name__}); the server log has the details")
+            response.headers["Connection"] = "close"
+            await response(scope, receive, send)
+
+
 def _decode_upload(raw: bytes, max_pixels: int, target_size: int) -> Image.Image:
     """Decode an uploaded reference image or raise the HTTP error that says what is wrong with it;
     the pixel limit and the aspect ratio are checked from the header, before the pixels are decoded."""
@@ -135,6 +165,7 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
                   description="Composed image retrieval: a reference image (upload or catalog id) plus a "
                               "relative caption such as 'is red with long sleeves' -> ranked catalog items.")
     app.add_middleware(BodyLimit, upload_limit=max_upload_bytes)
+    app.add_middleware(InternalErrors)  # outside BodyLimit, whose own exception ends inside it
     app.state.index, app.state.model = index, cir
 
     @app.exception_handler(RequestValidationError)
@@ -148,11 +179,6 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
     @app.exception_handler(FashionCIRError)
     async def input_error(request: Request, exc: FashionCIRError) -> JSONResponse:
         return _json_error(400, str(exc))
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-        return _json_error(500, f"internal error ({type(exc).__name__}); the server log has the details")
 
     def item_view(image_id: str, score: float | None = None, rank: int | None = None) -> dict[str, Any]:
         view: dict[str, Any] = {"id": image_id, "metadata": index.metadata.get(image_id, {}),
