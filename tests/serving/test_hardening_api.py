@@ -179,3 +179,18 @@ def test_a_500_says_connection_close_and_the_client_carries_on(served, caplog):
     assert client.post("/search", data={"text": "is red", "id": "item-001"}).status_code == 200
     logged = [r for r in caplog.records if r.exc_info]
     assert [r.name for r in logged] == ["fashion_cir.serving.app"] * 2  # ours, once per request; none from uvicorn
+
+
+def test_security_headers_on_every_answer(served):
+    """Issue 22 item 10: no X-Content-Type-Options, X-Frame-Options/frame-ancestors or CSP on the page."""
+    client, _, _ = served
+    answers = [client.get("/"), client.get("/static/app.js"), client.get("/health"), client.get("/items/nope"),
+               client.get("/images/item-002"), upload(client, b"not an image"), client.get("/docs")]
+    assert [a.status_code for a in answers] == [200, 200, 200, 404, 200, 415, 200]
+    for answer in answers:
+        assert answer.headers["x-content-type-options"] == "nosniff", answer.url
+        assert answer.headers["x-frame-options"] == "DENY", answer.url
+        assert "frame-ancestors 'none'" in answer.headers["content-security-policy"], answer.url
+    policy = answers[0].headers["content-security-policy"]
+    assert "default-src 'self'" in policy and "img-src 'self' blob: data:" in policy and "object-src 'none'" in policy
+    assert answers[-1].headers["content-security-policy"] == "frame-ancestors 'none'"  # Swagger UI loads from a CDN

@@ -33,10 +33,15 @@ try:
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse
     from fastapi.staticfiles import StaticFiles
+    from starlette.datastructures import MutableHeaders
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise FashionCIRError("serving needs FastAPI and uvicorn: pip install 'fashion-cir[serve]'") from exc
 
 STATIC = Path(__file__).parent / "static"
+PAGE_POLICY = ("default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; "
+               "form-action 'self'; frame-ancestors 'none'")
+DOCS_POLICY = "frame-ancestors 'none'"
+DOCS_PATHS = ("/docs", "/redoc")
 MB = 1 << 20
 log = logging.getLogger(__name__)
 
@@ -92,6 +97,31 @@ class BodyLimit:
 
 class _BodyTooLarge(Exception):
     pass
+
+
+class SecurityHeaders:
+    """ASGI middleware: every response says ``nosniff`` and may not be framed; all but the API docs
+    (Swagger UI and ReDoc come from a CDN) get a content security policy that allows only this
+    site's scripts, styles and images, plus ``blob:`` images for upload previews."""
+
+    def __init__(self, app: Callable):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        policy = DOCS_POLICY if scope["path"].startswith(DOCS_PATHS) else PAGE_POLICY
+
+        async def with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers["X-Content-Type-Options"] = "nosniff"
+                headers["X-Frame-Options"] = "DENY"
+                headers["Content-Security-Policy"] = policy
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
 
 
 class InternalErrors:
@@ -166,6 +196,7 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
                               "relative caption such as 'is red with long sleeves' -> ranked catalog items.")
     app.add_middleware(BodyLimit, upload_limit=max_upload_bytes)
     app.add_middleware(InternalErrors)  # outside BodyLimit, whose own exception ends inside it
+    app.add_middleware(SecurityHeaders)  # outermost: on every answer, 413s and 500s included
     app.state.index, app.state.model = index, cir
 
     @app.exception_handler(RequestValidationError)
