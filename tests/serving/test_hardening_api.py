@@ -17,7 +17,7 @@ from PIL import Image
 
 from support.serving import running_server, synthetic_catalog
 from fashion_cir.models.cir import load_model
-from fashion_cir.retrieval import build_index
+from fashion_cir.retrieval import build_index, remove_from_index
 from fashion_cir.serving.app import create_app
 
 
@@ -194,3 +194,25 @@ def test_security_headers_on_every_answer(served):
     policy = answers[0].headers["content-security-policy"]
     assert "default-src 'self'" in policy and "img-src 'self' blob: data:" in policy and "object-src 'none'" in policy
     assert answers[-1].headers["content-security-policy"] == "frame-ancestors 'none'"  # Swagger UI loads from a CDN
+
+
+def test_a_search_answers_from_one_index_version(tmp_path, tiny_model):
+    """Issue 22 item 7: during `index remove`, a response had 9 removed items with metadata {}
+    (results from the old index, metadata from the new one)."""
+    paths, metadata = synthetic_catalog(tmp_path / "images", 12)
+    folder = build_index(tmp_path / "index", tiny_model, paths, metadata, progress=False).folder
+    model = load_model(backbone="tiny")
+    embed, removed = model.backbone.embed_texts, []
+
+    def remove_midway(texts, **options):  # the catalog changes while the search runs
+        if not removed:
+            removed.extend(remove_from_index(folder, list(paths)[:9])[1])
+        return embed(texts, **options)
+
+    model.backbone.embed_texts = remove_midway
+    with running_server(create_app(folder, model)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        body = client.post("/search", data={"id": "item-011", "text": "is red", "k": 12}).json()
+        assert len(removed) == 9 and len(body["results"]) == 11  # the version the search started on
+        assert [r["metadata"] for r in body["results"]] == [metadata[r["id"]] for r in body["results"]]
+        assert body["reference"]["metadata"] == metadata["item-011"]
+        assert client.get("/health").json()["items"] == 3  # the next request sees the new version

@@ -211,15 +211,16 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
     async def input_error(request: Request, exc: FashionCIRError) -> JSONResponse:
         return _json_error(400, str(exc))
 
-    def item_view(image_id: str, score: float | None = None, rank: int | None = None) -> dict[str, Any]:
-        view: dict[str, Any] = {"id": image_id, "metadata": index.metadata.get(image_id, {}),
-                                "image_url": f"/images/{quote(image_id, safe='')}"}
+    def item_view(image_id: str, metadata: dict[str, Any], score: float | None = None,
+                  rank: int | None = None) -> dict[str, Any]:
+        """An item as the API shows it; ``metadata`` comes from the same index version as the id."""
+        view: dict[str, Any] = {"id": image_id, "metadata": metadata, "image_url": f"/images/{quote(image_id, safe='')}"}
         if score is not None:
             view.update(rank=rank, score=round(score, 5))
         return view
 
-    def catalog_text(image_id: str) -> str:
-        return " ".join(str(v) for v in index.metadata.get(image_id, {}).values()).lower()
+    def catalog_text(metadata: dict[str, Any]) -> str:
+        return " ".join(str(v) for v in metadata.values()).lower()
 
     def known(current: CatalogStore, item_id: str) -> str:
         """``item_id`` when it is in ``current``; ids outside the id grammar never reach the store."""
@@ -247,16 +248,19 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
 
     @app.get("/items", summary="Browse the catalog: a random sample, optionally filtered by words (any order)")
     def items(n: int = Query(24, ge=1, le=200), seed: int = Query(0), q: str = Query("", max_length=100)) -> dict[str, Any]:
-        ids = index.ids
+        current = index.current()
+        ids = current.ids
         words = q.lower().split()
         if words:
-            ids = [i for i in ids if all(word in catalog_text(i) for word in words)]
+            ids = [i for i in ids if all(word in catalog_text(current.metadata.get(i, {})) for word in words)]
         chosen = random.Random(seed).sample(ids, min(n, len(ids)))
-        return {"total": len(index), "matched": len(ids), "items": [item_view(i) for i in chosen]}
+        return {"total": len(current), "matched": len(ids),
+                "items": [item_view(i, current.metadata.get(i, {})) for i in chosen]}
 
     @app.get("/items/{item_id:path}", summary="Metadata of one catalog item")
     def item(item_id: str) -> dict[str, Any]:
-        return item_view(known(index.current(), item_id))
+        current = index.current()
+        return item_view(known(current, item_id), current.metadata.get(item_id, {}))
 
     @app.get("/images/{item_id:path}", summary="The image of one catalog item", response_class=FileResponse)
     def image(item_id: str) -> FileResponse:
@@ -321,10 +325,14 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
         reference_values = attribute_values(result.reference_attributes)
         results = []
         for rank, hit in enumerate(result.hits, offset + 1):
-            view = item_view(hit.id, hit.score, rank)
+            view = item_view(hit.id, hit.metadata, hit.score, rank)  # not the live index's: it may have changed
             view["match"] = explain(requested, reference_values, hit.metadata)
             results.append(view)
-        return {"reference": {"id": None, "upload": image.filename} if has_upload else item_view(id),
+        if has_upload:
+            reference_view: dict[str, Any] = {"id": None, "upload": image.filename}
+        else:
+            reference_view = item_view(id, current.metadata.get(id, {}))
+        return {"reference": reference_view,
                 "reference_attributes": result.reference_attributes,
                 "prompt": {"source": result.prompt_source, "description": result.description},
                 "text": "" if similar else caption, "query_text": result.query_text,
