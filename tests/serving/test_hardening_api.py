@@ -10,6 +10,7 @@ import logging
 import socket
 import threading
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -216,3 +217,55 @@ def test_a_search_answers_from_one_index_version(tmp_path, tiny_model):
         assert [r["metadata"] for r in body["results"]] == [metadata[r["id"]] for r in body["results"]]
         assert body["reference"]["metadata"] == metadata["item-011"]
         assert client.get("/health").json()["items"] == 3  # the next request sees the new version
+
+
+@pytest.fixture(scope="module")
+def milvus_served(tmp_path_factory, tiny_model):
+    """40 drawings (4 red ones) in a milvus-lite index, served."""
+    root = tmp_path_factory.mktemp("milvus")
+    paths, metadata = synthetic_catalog(root / "images", 40)
+    folder = build_index(root / "index", tiny_model, paths, metadata, store=f"milvus:{root / 'm.db'}", progress=False).folder
+    app = create_app(folder, tiny_model)
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        yield client, app, metadata
+
+
+def test_browsing_a_milvus_catalog_reads_it_once(milvus_served):
+    """Issue 22 item 5: GET /items?q=red made one Milvus query per item (0.8 s against 0.03 s on
+    FAISS at 304 items), and the page asks on every keystroke."""
+    client, app, metadata = milvus_served
+    milvus, calls = app.state.index.current().client, []
+    for name in ("query", "query_iterator", "get", "search"):
+        method = getattr(milvus, name)
+        setattr(milvus, name, lambda *args, _method=method, _name=name, **options: calls.append(_name) or _method(*args, **options))
+    try:
+        red = client.get("/items", params={"q": "RED", "n": 200}).json()
+        sample = client.get("/items", params={"n": 5, "seed": 2}).json()
+    finally:
+        for name in ("query", "query_iterator", "get", "search"):
+            delattr(milvus, name)
+    assert calls == ["query_iterator", "query_iterator"]  # one scan per request, whatever the catalog size
+    assert red["total"] == 40 and red["matched"] == 4
+    assert sorted((i["id"], i["metadata"]["color"]) for i in red["items"]) == sorted(
+        (i, "red") for i, m in metadata.items() if m["color"] == "red")
+    assert len(sample["items"]) == 5 and all(i["metadata"] == metadata[i["id"]] for i in sample["items"])
+
+
+INJECTED_IDS = ["x'] or id not in ['", "x'] or path like '/%' and id not in ['", "x'", 'x"', "item-001' or 'a'=='a"]
+
+
+@pytest.mark.parametrize("store", ["faiss", "milvus"])
+def test_ids_from_the_api_are_never_expression_text(store, request):
+    """Issue 22 item 2: GET /items/x'%5D%20or%20id%20not%20in%20%5B' returned another item and its
+    photo, path probes answered 200 vs 404, and x' or x\\ were 500s."""
+    client = request.getfixturevalue("milvus_served" if store == "milvus" else "served")[0]
+    for item_id in INJECTED_IDS:
+        quoted = quote(item_id, safe="")
+        for response in (client.get(f"/items/{quoted}"), client.get(f"/images/{quoted}"),
+                         client.post("/search", data={"id": item_id, "text": "is red"})):
+            assert response.status_code == 404, (item_id, response.text)
+            assert response.json()["detail"].startswith(f"unknown item id {item_id!r}")  # '/' adds the reason
+    for item_id, problem in (("x\\", "an id is a file name without folders"), ("a\x08b", "an id has no control characters")):
+        response = client.get(f"/items/{quote(item_id, safe='')}")
+        assert response.status_code == 404 and response.json()["detail"] == f"unknown item id {item_id!r} ({problem})"
+    assert client.get("/items/item-001").status_code == 200

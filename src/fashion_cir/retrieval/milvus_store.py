@@ -116,8 +116,14 @@ class _Lookup(Mapping):
         rows = self.store._get([image_id], [self.field])
         if not rows:
             raise KeyError(image_id)
-        value = rows[0][self.field]
-        return json.loads(value) if self.field == "meta" else Path(value)
+        return self._value(rows[0][self.field])
+
+    def items(self) -> list[tuple[str, Any]]:  # type: ignore[override]
+        """Every (id, value) from one scan, not one query per id."""
+        return [(row["id"], self._value(row[self.field])) for row in self.store._scan("", ["id", self.field])]
+
+    def _value(self, stored: str) -> Any:
+        return json.loads(stored) if self.field == "meta" else Path(stored)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.store.ids)

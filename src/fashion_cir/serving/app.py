@@ -248,14 +248,11 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
 
     @app.get("/items", summary="Browse the catalog: a random sample, optionally filtered by words (any order)")
     def items(n: int = Query(24, ge=1, le=200), seed: int = Query(0), q: str = Query("", max_length=100)) -> dict[str, Any]:
-        current = index.current()
-        ids = current.ids
+        records = list(index.current().metadata.items())  # one read of the store, whatever the catalog size
         words = q.lower().split()
-        if words:
-            ids = [i for i in ids if all(word in catalog_text(current.metadata.get(i, {})) for word in words)]
-        chosen = random.Random(seed).sample(ids, min(n, len(ids)))
-        return {"total": len(current), "matched": len(ids),
-                "items": [item_view(i, current.metadata.get(i, {})) for i in chosen]}
+        matched = [(i, m) for i, m in records if all(word in catalog_text(m) for word in words)]
+        chosen = random.Random(seed).sample(matched, min(n, len(matched)))
+        return {"total": len(records), "matched": len(matched), "items": [item_view(i, m) for i, m in chosen]}
 
     @app.get("/items/{item_id:path}", summary="Metadata of one catalog item")
     def item(item_id: str) -> dict[str, Any]:
