@@ -269,3 +269,18 @@ def test_ids_from_the_api_are_never_expression_text(store, request):
         response = client.get(f"/items/{quote(item_id, safe='')}")
         assert response.status_code == 404 and response.json()["detail"] == f"unknown item id {item_id!r} ({problem})"
     assert client.get("/items/item-001").status_code == 200
+
+
+def test_same_type_and_an_explicit_category_are_refused_together(served):
+    """Issue 22 item 8: same_type=true silently replaced an explicit category (asked dress, got
+    {"category": ["shirt"]})."""
+    client, _, _ = served
+    form = {"id": "item-001", "text": "is red", "k": "12"}
+    response = client.post("/search", data={**form, "same_type": "true", "category": ["dress", "pants"]})
+    assert response.status_code == 422
+    assert response.json()["detail"] == ("same type as the reference cannot be combined with category ['dress', 'pants']: "
+                                         "it keeps only the reference's own category; choose one of the two")
+    same = client.post("/search", data={**form, "same_type": "true"}).json()
+    assert same["filters"] == {"category": ["t-shirt"]} and {r["metadata"]["category"] for r in same["results"]} == {"t-shirt"}
+    dresses = client.post("/search", data={**form, "category": "dress"}).json()
+    assert dresses["filters"] == {"category": ["dress"]} and {r["metadata"]["category"] for r in dresses["results"]} == {"dress"}

@@ -211,6 +211,10 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
     async def input_error(request: Request, exc: FashionCIRError) -> JSONResponse:
         return _json_error(400, str(exc))
 
+    @app.exception_handler(FilterError)
+    async def filter_error(request: Request, exc: FilterError) -> JSONResponse:
+        return _json_error(422, str(exc))
+
     def item_view(image_id: str, metadata: dict[str, Any], score: float | None = None,
                   rank: int | None = None) -> dict[str, Any]:
         """An item as the API shows it; ``metadata`` comes from the same index version as the id."""
@@ -288,10 +292,7 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
         if not caption and not similar:
             raise HTTPException(422, f"text must not be empty: describe the change in 1 to {max_text_chars} characters")
         current = index.current()
-        try:
-            parsed = parse_filter(filter, current.fields) if filter.strip() else None
-        except FilterError as exc:
-            raise HTTPException(422, str(exc)) from exc
+        parsed = parse_filter(filter, current.fields) if filter.strip() else None
         has_upload = image is not None and bool(image.filename or image.size)
         if has_upload == bool(id):
             raise HTTPException(400, "give exactly one reference: an uploaded 'image' file or a catalog 'id'")
