@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import socket
 import threading
 from pathlib import Path
@@ -284,3 +285,42 @@ def test_same_type_and_an_explicit_category_are_refused_together(served):
     assert same["filters"] == {"category": ["t-shirt"]} and {r["metadata"]["category"] for r in same["results"]} == {"t-shirt"}
     dresses = client.post("/search", data={**form, "category": "dress"}).json()
     assert dresses["filters"] == {"category": ["dress"]} and {r["metadata"]["category"] for r in dresses["results"]} == {"dress"}
+
+
+def swap_manifest(folder: Path, text: str) -> None:
+    """Replace index.json the way a writer does (a new file renamed over it)."""
+    (folder / "index.json.new").write_text(text)
+    os.replace(folder / "index.json.new", folder / "index.json")
+
+
+def test_a_bad_new_manifest_leaves_the_last_good_index_serving(tmp_path, tiny_model, caplog):
+    """Issue 22 item 6: a broken index.json swapped into a served folder made every endpoint,
+    /health included, answer 400 with server paths in the message (deeply nested JSON: 500)."""
+    paths, metadata = synthetic_catalog(tmp_path / "images", 12)
+    folder = build_index(tmp_path / "index", tiny_model, paths, metadata, progress=False).folder
+    good = (folder / "index.json").read_text()
+    broken = {"not JSON": "{", "nested": "[" * 100_000 + "]" * 100_000,
+              "bad field": good.replace('"nprobe": 16', '"nprobe": -1'), "another store": good.replace('"faiss"', '"pinecone"')}
+    reasons = {"not JSON": "malformed index manifest <index>/index.json: Expecting property name enclosed in double quotes",
+               "nested": "malformed index manifest <index>/index.json: nested too deeply",
+               "bad field": "count, feature_dim, nprobe and ef_search must be positive",
+               "another store": "unknown store kind 'pinecone'"}
+    with running_server(create_app(folder, tiny_model)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        assert client.get("/health").json()["status"] == "ok"
+        for name, text in broken.items():
+            swap_manifest(folder, text)
+            caplog.clear()
+            with caplog.at_level(logging.ERROR, logger="fashion_cir.retrieval.store"):
+                health = [client.get("/health") for _ in range(3)]
+                search = client.post("/search", data={"id": "item-001", "text": "is red", "k": 12})
+                answers = [client.get("/items"), client.get("/items/item-002"), client.get("/images/item-002")]
+            assert [r.status_code for r in health + [search] + answers] == [200] * 7, name
+            body = health[0].json()
+            assert body["status"] == "degraded" and body["items"] == 12, name
+            assert body["problem"].startswith("the index changed but cannot be opened, the previous version is served: ")
+            assert reasons[name] in body["problem"] and str(tmp_path) not in body["problem"], body["problem"]
+            assert "\n" not in body["problem"] and len(search.json()["results"]) == 11
+            assert len(caplog.records) == 1  # logged once per change, not per request
+        swap_manifest(folder, good)
+        health = client.get("/health").json()
+        assert health["status"] == "ok" and "problem" not in health

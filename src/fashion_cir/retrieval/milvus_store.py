@@ -97,7 +97,7 @@ def _interrupted_build(folder: Path, uri: str, name: str) -> bool:
         return False
     try:
         return json.loads(marker.read_text(encoding="utf-8")) == {"uri": uri, "collection": name}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
 
 

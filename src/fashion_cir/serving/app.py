@@ -11,6 +11,7 @@ import logging
 import mimetypes
 import os
 import random
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -42,6 +43,7 @@ PAGE_POLICY = ("default-src 'self'; img-src 'self' blob: data:; object-src 'none
                "form-action 'self'; frame-ancestors 'none'")
 DOCS_POLICY = "frame-ancestors 'none'"
 DOCS_PATHS = ("/docs", "/redoc")
+_SERVER_PATH = re.compile(r"(?<![\w.~<>-])/[^\s'\"/:,;()]+(?:/[^\s'\"/:,;()]+)*/?")
 MB = 1 << 20
 log = logging.getLogger(__name__)
 
@@ -209,11 +211,17 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
 
     @app.exception_handler(FashionCIRError)
     async def input_error(request: Request, exc: FashionCIRError) -> JSONResponse:
-        return _json_error(400, str(exc))
+        return _json_error(400, public(str(exc)))
 
     @app.exception_handler(FilterError)
     async def filter_error(request: Request, exc: FilterError) -> JSONResponse:
         return _json_error(422, str(exc))
+
+    def public(message: str) -> str:
+        """``message`` without server paths: the index folder reads ``<index>``, any other ``<path>``."""
+        for folder in sorted({str(index.folder), str(index.folder.resolve())}, key=len, reverse=True):
+            message = message.replace(folder, "<index>")
+        return _SERVER_PATH.sub("<path>", message)
 
     def item_view(image_id: str, metadata: dict[str, Any], score: float | None = None,
                   rank: int | None = None) -> dict[str, Any]:
@@ -242,7 +250,8 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
     @app.get("/health", summary="Service and index status")
     def health() -> dict[str, Any]:
         current = index.current()
-        return {"status": "ok", "items": len(current), "backbone": current.config["backbone"],
+        problem = {"status": "degraded", "problem": public(index.problem)} if index.problem else {"status": "ok"}
+        return {**problem, "items": len(current), "backbone": current.config["backbone"],
                 "fingerprint": current.fingerprint, "store": current.store_kind, "factory": current.config["factory"],
                 "filter_fields": current.fields,
                 "query_mode": cir.query_mode, "attribute_heads": cir.attribute_heads is not None,
