@@ -142,3 +142,25 @@ def test_filter_values_with_every_escape_round_trip(tmp_path, catalog, tiny_mode
         parsed = parse_filter(text, index.fields)
         expected = {i for i, m in odd.items() if parsed.matches(m)}
         assert {h.id for h in index.search_vectors(query[None], 12, filter=parsed)[0]} == expected
+
+
+def test_a_manifest_cannot_make_milvus_create_files(tmp_path, catalog, tiny_model):
+    """Issue 22 item 9: opening an index created folders and a milvus-lite .db wherever its
+    manifest's uri said."""
+    paths, metadata = catalog
+    folder = build_index(tmp_path / "index", tiny_model, paths, metadata, store=f"milvus:{tmp_path / 'm.db'}",
+                         progress=False).folder
+    good = json.loads((folder / "index.json").read_text())
+    elsewhere = tmp_path / "elsewhere" / "deeper" / "new.db"
+    for change, message in [({"uri": str(elsewhere)}, f"names the milvus-lite file {elsewhere}, which does not exist"),
+                            ({"uri": "m.db"}, "names 'm.db': not an absolute .db path or a server URI"),
+                            ({"uri": str(tmp_path / "x" / ".." / "m.db")}, "not an absolute .db path"),
+                            ({"uri": 7}, "lacks the text 'uri'"),
+                            ({"collection": "a; drop"}, "names a bad collection 'a; drop'")]:
+        (folder / "index.json").write_text(json.dumps({**good, "store": {**good["store"], **change}}))
+        with pytest.raises(DataError) as error:
+            open_index(folder)
+        assert f"{folder / 'index.json'}: field 'store' " in str(error.value) and message in str(error.value)
+    assert not (tmp_path / "elsewhere").exists()
+    (folder / "index.json").write_text(json.dumps(good))
+    assert len(open_index(folder)) == 12

@@ -172,12 +172,12 @@ def test_milvus_store_spec_errors(tmp_path, tiny_model, catalog):
         build_index(tmp_path / "a", tiny_model, *catalog, store="milvus:somewhere", progress=False)
     with pytest.raises(DataError, match="unknown store 'pinecone'"):
         build_index(tmp_path / "b", tiny_model, *catalog, store="pinecone", progress=False)
-    manifest = tmp_path / "c" / "index.json"
-    manifest.parent.mkdir()
-    manifest.write_text(json.dumps({"format": "fashion-cir-index/1", "store": {"kind": "milvus", "uri": str(tmp_path / "x.db"),
-                                                                               "collection": "gone"}}))
+    folder = build_index(tmp_path / "c", tiny_model, *catalog, store=f"milvus:{tmp_path / 'x.db'}", progress=False).folder
+    manifest = json.loads((folder / "index.json").read_text())
+    manifest["store"]["collection"] = "gone"
+    (folder / "index.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="collection 'gone' is missing"):
-        open_index(tmp_path / "c")
+        open_index(folder)
 
 
 def test_auto_factory_is_exact_for_small_catalogs_and_ivf_for_large(workdir, tiny_model, catalog):

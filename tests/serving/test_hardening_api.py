@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import socket
 import threading
 from pathlib import Path
@@ -324,3 +325,24 @@ def test_a_bad_new_manifest_leaves_the_last_good_index_serving(tmp_path, tiny_mo
         swap_manifest(folder, good)
         health = client.get("/health").json()
         assert health["status"] == "ok" and "problem" not in health
+
+
+def test_a_tampered_root_cannot_widen_what_images_serves(tmp_path, tiny_model):
+    """Issue 22 item 9: root "/" in index.json plus a tampered paths.json let /images serve any
+    .jpg/.png/.webp on disk."""
+    paths, metadata = synthetic_catalog(tmp_path / "catalog" / "images", 12)
+    folder = build_index(tmp_path / "index", tiny_model, paths, metadata, progress=False).folder
+    secret = tmp_path / "elsewhere" / "secret.jpg"
+    secret.parent.mkdir()
+    secret.write_bytes(encoded(Image.new("RGB", (20, 20), (1, 2, 3)), "JPEG"))
+    manifest = json.loads((folder / "index.json").read_text())
+    tampered = folder / "data-999999"
+    shutil.copytree(folder / manifest["data"], tampered)
+    relative = {i: os.path.relpath(p, "/") for i, p in paths.items()} | {"item-002": os.path.relpath(secret, "/")}
+    (tampered / "paths.json").write_text(json.dumps(relative))
+    with running_server(create_app(folder, tiny_model)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        swap_manifest(folder, json.dumps({**manifest, "root": "/", "data": tampered.name}))
+        image = client.get("/images/item-002")
+        assert image.status_code == 200 and image.content == paths["item-002"].read_bytes()  # the last good index
+        health = client.get("/health").json()
+        assert health["status"] == "degraded" and "field 'root' must be the absolute folder" in health["problem"]

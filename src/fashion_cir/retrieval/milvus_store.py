@@ -23,11 +23,12 @@ import numpy as np
 from ..errors import DataError, FashionCIRError
 from ..io import write_json
 from .filters import Filter, field_text, milvus_list
-from .store import CatalogStore, SearchHit
+from .store import CatalogStore, SearchHit, parse_store_spec
 
 FIELD_PREFIX = "m_"
 MAX_TEXT = 65535
 BATCH = 1000
+COLLECTION = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 PENDING = ".milvus-build.json"  # names the collection of a build that has not written index.json yet
 DEFAULT_INDEX = {"FLAT": {}, "IVF_FLAT": {"nlist": 1024}, "IVF_SQ8": {"nlist": 1024}, "HNSW": {"M": 16, "efConstruction": 200}}
 _clients: dict[str, Any] = {}
@@ -87,6 +88,22 @@ def parse_index_option(text: str) -> dict[str, Any]:
             raise DataError(f"bad Milvus index option {pair!r} in {text!r}: expected NAME=INTEGER")
         params[key.strip()] = int(value)
     return {"index_type": kind, "index_params": params}
+
+
+def _check_store(folder: Path, store: dict[str, Any]) -> None:
+    """Refuse a manifest's Milvus fields unless they are what a build writes: an absolute .db path
+    that exists (or a server URI), a collection name and an index type."""
+    where = f"{folder / 'index.json'}: field 'store'"
+    for key in ("uri", "collection", "index_type"):
+        if not isinstance(store.get(key), str):
+            raise DataError(f"{where} lacks the text {key!r}; rebuild the index")
+    if not COLLECTION.fullmatch(store["collection"]):
+        raise DataError(f"{where} names a bad collection {store['collection']!r}; rebuild the index")
+    spec = parse_store_spec("milvus:" + store["uri"])
+    if spec.uri != store["uri"]:
+        raise DataError(f"{where} names {store['uri']!r}: not an absolute .db path or a server URI; rebuild the index")
+    if spec.embedded and not Path(spec.uri).exists():
+        raise DataError(f"{where} names the milvus-lite file {spec.uri}, which does not exist; rebuild the index")
 
 
 def _interrupted_build(folder: Path, uri: str, name: str) -> bool:
@@ -150,7 +167,7 @@ class MilvusIndex(CatalogStore):
         pymilvus = _pymilvus()
         folder = Path(folder)
         name = options.get("collection") or "fashion_cir_" + re.sub(r"\W", "_", folder.resolve().name)
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,254}", name):
+        if not COLLECTION.fullmatch(name):
             raise DataError(f"bad Milvus collection name {name!r}: letters, digits and underscores, not starting with a digit")
         index = dict(parse_index_option(options.get("index", "FLAT")))
         config["store"] = {**config["store"], "collection": name, **index}
@@ -185,6 +202,9 @@ class MilvusIndex(CatalogStore):
 
     @classmethod
     def open(cls, folder: Path, config: dict[str, Any]) -> "MilvusIndex":
+        """Open the collection an index folder's manifest names (checked first: opening a
+        milvus-lite file that is not there would create it, and its folders, wherever it says)."""
+        _check_store(folder, config["store"])
         store = cls(folder, config)
         if not store.client.has_collection(store.collection):
             raise DataError(f"index {folder}: Milvus collection {store.collection!r} is missing at "
