@@ -185,3 +185,14 @@ def test_auto_factory_is_exact_for_small_catalogs_and_ivf_for_large(workdir, tin
     assert resolve_factory("auto", 250_000) == "IVF2048,Flat" and resolve_factory("auto", 1_000_000) == "IVF4096,Flat"
     assert resolve_factory("HNSW32", 10) == "HNSW32"
     assert make_index("faiss", workdir, tiny_model, *catalog).config["factory"] == "Flat"
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_a_killed_manifest_write_leaves_nothing_behind(kind, workdir, tiny_model, catalog):
+    """Issue 22 item 10: a kill -9 during the manifest write left .index.json.*.tmp forever."""
+    index = make_index(kind, workdir, tiny_model, *catalog)
+    leftover = index.folder / ".index.json.k9x_2ab.tmp"  # what atomic_write_bytes' temporary file is called
+    leftover.write_text('{"format": "half a manif')
+    _, removed, _ = remove_from_index(index.folder, ["item-001"])
+    assert removed == ["item-001"] and not leftover.exists()
+    assert not list(index.folder.glob(".index.json.*")) and len(open_index(index.folder)) == 59

@@ -28,7 +28,7 @@ from ..data.images import check_image_id
 from ..data.metadata import load_catalog
 from ..errors import DataError, ModelError, check_failures
 from ..features.cache import FeatureCache
-from ..io import environment_info, folder_lock, fsync_dir, fsync_file, read_json, write_json
+from ..io import environment_info, folder_lock, fsync_dir, fsync_file, read_json
 from ..models.cir import CIRModel
 from ..models.matcher import DescriptionBank
 from .filters import FIELD_PATTERN, Filter, field_text, filterable_fields
@@ -265,7 +265,7 @@ class CatalogIndex(CatalogStore):
         os.replace(tmp, self.folder / name)
         fsync_dir(self.folder)
         self.config.update(data=name, count=len(self.ids), updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        write_json(self.folder / INDEX_FILE, self.config)
+        self.write_manifest()
         for old in self.folder.glob("data-*"):
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)

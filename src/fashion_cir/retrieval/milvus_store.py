@@ -338,7 +338,7 @@ class MilvusIndex(CatalogStore):
         self.folder.mkdir(parents=True, exist_ok=True)
         self.client.flush(self.collection)
         self.config.update(count=len(self), updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        write_json(self.folder / "index.json", self.config)
+        self.write_manifest()
         (self.folder / PENDING).unlink(missing_ok=True)
 
     def discard(self) -> None:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 import numpy as np
 
 from ..errors import DataError, FashionCIRError, ModelError, one_line
+from ..io import write_json
 from .filters import Filter
 
 if TYPE_CHECKING:
@@ -113,6 +114,13 @@ class CatalogStore(ABC):
     @abstractmethod
     def save(self) -> None:
         """Persist the changes (FAISS: a new data folder and an atomic manifest swap)."""
+
+    def write_manifest(self) -> None:
+        """Swap in ``index.json`` atomically, first deleting the temporary manifests of writers killed
+        mid-write (callers hold the folder lock, so no other writer's is in flight)."""
+        for stale in self.folder.glob(".index.json.*.tmp"):
+            stale.unlink(missing_ok=True)
+        write_json(self.folder / "index.json", self.config)
 
     def discard(self) -> None:
         """Undo a build that failed before :meth:`save` wrote its manifest (FAISS: nothing to undo)."""
