@@ -346,3 +346,18 @@ def test_a_tampered_root_cannot_widen_what_images_serves(tmp_path, tiny_model):
         assert image.status_code == 200 and image.content == paths["item-002"].read_bytes()  # the last good index
         health = client.get("/health").json()
         assert health["status"] == "degraded" and "field 'root' must be the absolute folder" in health["problem"]
+
+
+def test_a_repeated_search_field_is_refused(served):
+    """Issue 22 item 10: a repeated id field silently took the last one."""
+    client, _, _ = served
+    photo = encoded(Image.new("RGB", (80, 100), (200, 30, 30)), "JPEG")
+    for form, files, name, times in [({"id": ["item-001", "item-002"], "text": "is red"}, None, "id", 2),
+                                     ({"id": "item-001", "text": ["is red", "is blue", "x"]}, None, "text", 3),
+                                     ({"id": "item-001", "text": "x", "k": ["5", "6"]}, None, "k", 2),
+                                     ({"text": "x"}, [("image", ("a.jpg", photo, "image/jpeg"))] * 2, "image", 2)]:
+        response = client.post("/search", data=form, files=files)
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"] == f"field {name!r} is given {times} times; give it once"
+    both = client.post("/search", data={"id": "item-001", "text": "x", "category": ["dress", "hat"]})
+    assert both.status_code == 200 and both.json()["filters"] == {"category": ["dress", "hat"]}  # repeatable

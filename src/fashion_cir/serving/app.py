@@ -30,7 +30,7 @@ from ..retrieval.store import CatalogStore, LiveIndex, index_model
 from .limits import Busy, ConcurrencyLimit
 
 try:
-    from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+    from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse
     from fastapi.staticfiles import StaticFiles
@@ -43,6 +43,7 @@ PAGE_POLICY = ("default-src 'self'; img-src 'self' blob: data:; object-src 'none
                "form-action 'self'; frame-ancestors 'none'")
 DOCS_POLICY = "frame-ancestors 'none'"
 DOCS_PATHS = ("/docs", "/redoc")
+SEARCH_FIELDS = ("text", "k", "offset", "id", "image", "filter", "same_type", "similar")  # one value each
 _SERVER_PATH = re.compile(r"(?<![\w.~<>-])/[^\s'\"/:,;()]+(?:/[^\s'\"/:,;()]+)*/?")
 MB = 1 << 20
 log = logging.getLogger(__name__)
@@ -284,7 +285,17 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
         media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         return FileResponse(path, media_type=media_type, headers={"Cache-Control": "public, max-age=3600"})
 
-    @app.post("/search", summary="Composed search: reference image (upload or catalog id) + relative caption")
+    async def given_once(request: Request) -> None:
+        """Refuse a search field given more than once (the form would keep the last, silently),
+        except the repeatable category and color."""
+        form = await request.form()
+        for name in SEARCH_FIELDS:
+            times = len(form.getlist(name))
+            if times > 1:
+                raise HTTPException(422, f"field {name!r} is given {times} times; give it once")
+
+    @app.post("/search", summary="Composed search: reference image (upload or catalog id) + relative caption",
+              dependencies=[Depends(given_once)])
     def search_endpoint(
         text: str = Form("", max_length=max_text_chars, description="the change, e.g. 'is red with long sleeves'"),
         k: int = Form(10, ge=1, le=max_k, description="number of results"),
