@@ -361,3 +361,22 @@ def test_a_repeated_search_field_is_refused(served):
         assert response.json()["detail"] == f"field {name!r} is given {times} times; give it once"
     both = client.post("/search", data={"id": "item-001", "text": "x", "category": ["dress", "hat"]})
     assert both.status_code == 200 and both.json()["filters"] == {"category": ["dress", "hat"]}  # repeatable
+
+
+@pytest.mark.parametrize("store", ["faiss", "milvus"])
+def test_filters_that_crashed_are_422(store, request, caplog):
+    """Issue 22 item 3: `size == 042` and ~330 nested parentheses (500s, the latter with ~3,000 log
+    lines), control characters and >~200 nested `not` on Milvus (500s)."""
+    client = request.getfixturevalue("milvus_served" if store == "milvus" else "served")[0]
+    cases = [("color == 042", "bad number '042'"), ("color in [00]", "bad number '00'"),
+             ("(" * 330 + 'color == "red"' + ")" * 330, "nested more than 32 levels deep"),
+             ("not " * 250 + 'color == "red"', "nested more than 32 levels deep"),
+             ('color == "re\bd"', "control character U+0008"), ('color == "re\fd"', "control character U+000C"),
+             ('color == "re\0d"', "control character U+0000")]
+    with caplog.at_level(logging.ERROR):
+        for text, message in cases:
+            response = client.post("/search", data={"id": "item-001", "text": "is red", "filter": text})
+            assert response.status_code == 422 and message in response.json()["detail"], (text, response.text)
+    assert not caplog.records
+    deepest = "not (" * 16 + 'color == "red"' + ")" * 16  # 32 levels: allowed, and run by the store
+    assert client.post("/search", data={"id": "item-001", "text": "is red", "filter": deepest}).status_code == 200
