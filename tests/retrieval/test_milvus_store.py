@@ -44,7 +44,8 @@ def test_ids_are_data_not_expressions(tmp_path, catalog, tiny_model):
     """Issue 22 item 2: get(ids=...) quoted ids without escaping: ``x'] or id not in ['`` found
     another item, ``x'`` was a 500, and a catalog file named a'b.jpg crashed the build."""
     paths, metadata = catalog
-    index = build_index(tmp_path / "index", tiny_model, paths, metadata, store=f"milvus:{tmp_path / 'm.db'}", progress=False)
+    index = build_index(tmp_path / "index", tiny_model, paths, metadata, store=f"milvus:{tmp_path / 'm.db'}",
+                        progress=False)
     assert sorted(index.ids) == sorted(paths)
     for odd in ODD_IDS:
         assert odd in index and index.metadata[odd] == metadata[odd] and index.paths[odd] == paths[odd].resolve()
@@ -84,10 +85,12 @@ def test_a_failed_build_drops_its_collection(tmp_path, catalog, tiny_model):
     folder, uri = tmp_path / "index", str(tmp_path / "m.db")
     too_big = {**metadata, "item-005": {**metadata["item-005"], "description": "x" * 70_000}}
     with pytest.raises(DataError, match="metadata of item 'item-005' is 70"):
-        build_index(folder, tiny_model, paths, too_big, store=f"milvus:{uri}", milvus={"collection": "shop"}, progress=False)
+        build_index(folder, tiny_model, paths, too_big, store=f"milvus:{uri}", milvus={"collection": "shop"},
+                    progress=False)
     assert not client_for(uri).has_collection("shop")
     assert not (folder / "index.json").exists() and not (folder / PENDING).exists()
-    index = build_index(folder, tiny_model, paths, metadata, store=f"milvus:{uri}", milvus={"collection": "shop"}, progress=False)
+    index = build_index(folder, tiny_model, paths, metadata, store=f"milvus:{uri}", milvus={"collection": "shop"},
+                        progress=False)
     assert len(index) == 12 and not (folder / PENDING).exists()
 
 
@@ -121,7 +124,8 @@ def test_a_killed_build_is_resumed_by_the_rerun(tmp_path, catalog, tiny_model):
     (other / "index.json").unlink()
     (other / PENDING).write_text(json.dumps({"uri": uri, "collection": "someone_else"}))
     with pytest.raises(DataError, match="already exists"):
-        build_index(other, tiny_model, images, store=f"milvus:{uri}", milvus={"collection": index.collection}, progress=False)
+        build_index(other, tiny_model, images, store=f"milvus:{uri}", milvus={"collection": index.collection},
+                    progress=False)
     assert len(open_index(folder)) == 12
 
 
@@ -135,7 +139,8 @@ def test_filter_values_with_every_escape_round_trip(tmp_path, catalog, tiny_mode
     for value in values:
         text = 'color == "' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'  # the grammar's escapes
         expected = {i for i, m in odd.items() if m["color"] == value}
-        assert {h.id for h in index.search_vectors(query[None], 12, filter=parse_filter(text, index.fields))[0]} == expected
+        hits = index.search_vectors(query[None], 12, filter=parse_filter(text, index.fields))[0]
+        assert {h.id for h in hits} == expected
     comparison = 'color == "it\'s"'
     for text in ("not " * MAX_DEPTH + comparison, "(" * MAX_DEPTH + comparison + ")" * MAX_DEPTH,
                  "not (" * (MAX_DEPTH // 2) + comparison + ")" * (MAX_DEPTH // 2)):

@@ -172,7 +172,8 @@ def test_milvus_store_spec_errors(tmp_path, tiny_model, catalog):
         build_index(tmp_path / "a", tiny_model, *catalog, store="milvus:somewhere", progress=False)
     with pytest.raises(DataError, match="unknown store 'pinecone'"):
         build_index(tmp_path / "b", tiny_model, *catalog, store="pinecone", progress=False)
-    folder = build_index(tmp_path / "c", tiny_model, *catalog, store=f"milvus:{tmp_path / 'x.db'}", progress=False).folder
+    folder = build_index(tmp_path / "c", tiny_model, *catalog, store=f"milvus:{tmp_path / 'x.db'}",
+                         progress=False).folder
     manifest = json.loads((folder / "index.json").read_text())
     manifest["store"]["collection"] = "gone"
     (folder / "index.json").write_text(json.dumps(manifest))

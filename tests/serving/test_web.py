@@ -302,7 +302,7 @@ def test_the_page_works_under_its_policy(browser, base_url, site, tmp_path):
     context = browser.new_context(viewport={"width": 1360, "height": 960})
     page = context.new_page()
     refused: list[str] = []
-    page.on("console", lambda message: refused.append(message.text) if "Content Security Policy" in message.text else None)
+    page.on("console", lambda line: refused.append(line.text) if "Content Security Policy" in line.text else None)
     page.on("pageerror", lambda exc: refused.append(str(exc)))
     with page.expect_response(lambda r: r.url.rstrip("/") == base_url) as response:
         page.goto(base_url)

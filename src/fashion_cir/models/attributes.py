@@ -91,7 +91,8 @@ class AttributeHeads(nn.Module):
         except FileNotFoundError as exc:
             raise ModelError(f"{folder}: {HEADS_FILE} without its weights file {HEADS_WEIGHTS}") from exc
         except Exception as exc:
-            raise ModelError(f"corrupt or mismatched attribute weights {folder / HEADS_WEIGHTS}: {one_line(exc)}") from exc
+            raise ModelError(f"corrupt or mismatched attribute weights {folder / HEADS_WEIGHTS}: "
+                             f"{one_line(exc)}") from exc
         return heads.eval()
 
 

@@ -174,7 +174,8 @@ class _Parser:
         self.position = 0
 
     def fail(self, message: str, at: int | None = None) -> NoReturn:
-        raise FilterError(f"bad filter {_shown(self.text)!r}: {message}" + (f" at position {at + 1}" if at is not None else ""))
+        where = f" at position {at + 1}" if at is not None else ""
+        raise FilterError(f"bad filter {_shown(self.text)!r}: {message}{where}")
 
     def peek(self) -> tuple[str, str, int] | None:
         return self.tokens[self.position] if self.position < len(self.tokens) else None

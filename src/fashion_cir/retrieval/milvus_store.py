@@ -218,7 +218,8 @@ class MilvusIndex(CatalogStore):
         ``get``/``delete`` by ids quote them without escaping)."""
         rows: list[dict] = []
         for start in range(0, len(ids), BATCH):
-            rows.extend(self.client.query(self.collection, filter=_id_in(ids[start:start + BATCH]), output_fields=fields))
+            batch = ids[start:start + BATCH]
+            rows.extend(self.client.query(self.collection, filter=_id_in(batch), output_fields=fields))
         return rows
 
     def __len__(self) -> int:

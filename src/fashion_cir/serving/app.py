@@ -1,8 +1,10 @@
 """HTTP search service over a catalog index: ``POST /search``, item metadata and images, health,
 OpenAPI docs at ``/docs`` and the web page at ``/``. Every error is JSON ``{"detail": "..."}``, an
-unexpected one too (500, logged with its traceback). Uploads are decoded at reduced size within a
-pixel limit sized to the model's input and an aspect ratio of at most 8:1, and at most a few decode and encode at once (503 +
-Retry-After beyond that); ``/images`` serves only image files inside the index's catalog root."""
+unexpected one too (500, logged once, answered with ``Connection: close``). Uploads are decoded at
+reduced size within a pixel limit sized to the model's input and an aspect ratio of at most 8:1,
+and at most a few decode and encode at once (503 + Retry-After beyond that); ``/images`` serves
+only image files inside the index's catalog root. Every answer carries nosniff, no-framing and
+content-security-policy headers; a request is answered from one version of the index."""
 
 from __future__ import annotations
 
@@ -227,7 +229,8 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
     def item_view(image_id: str, metadata: dict[str, Any], score: float | None = None,
                   rank: int | None = None) -> dict[str, Any]:
         """An item as the API shows it; ``metadata`` comes from the same index version as the id."""
-        view: dict[str, Any] = {"id": image_id, "metadata": metadata, "image_url": f"/images/{quote(image_id, safe='')}"}
+        view: dict[str, Any] = {"id": image_id, "metadata": metadata,
+                                "image_url": f"/images/{quote(image_id, safe='')}"}
         if score is not None:
             view.update(rank=rank, score=round(score, 5))
         return view
