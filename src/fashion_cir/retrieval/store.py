@@ -241,7 +241,8 @@ class LiveIndex:
         return self._index
 
     def _reopen(self, stamp: tuple[int, int, int] | None) -> None:
-        self._stamp = stamp
+        """Open the changed folder (under the lock); the stamp moves last, so that a request that
+        sees it also sees the new index or the new problem."""
         try:
             if stamp is None:
                 raise DataError(f"{self.folder / 'index.json'} is missing")
@@ -250,6 +251,7 @@ class LiveIndex:
         except Exception as exc:  # whatever is wrong with the new version, the last good one still answers
             self.problem = f"the index changed but cannot be opened, the previous version is served: {one_line(exc)}"
             log.error("%s", self.problem, exc_info=None if isinstance(exc, FashionCIRError) else exc)
+        self._stamp = stamp
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.current(), name)

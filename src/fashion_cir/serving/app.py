@@ -253,9 +253,9 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
 
     @app.get("/health", summary="Service and index status")
     def health() -> dict[str, Any]:
-        current = index.current()
-        problem = {"status": "degraded", "problem": public(index.problem)} if index.problem else {"status": "ok"}
-        return {**problem, "items": len(current), "backbone": current.config["backbone"],
+        current, problem = index.current(), index.problem  # (read once: another request may change it)
+        state = {"status": "degraded", "problem": public(problem)} if problem else {"status": "ok"}
+        return {**state, "items": len(current), "backbone": current.config["backbone"],
                 "fingerprint": current.fingerprint, "store": current.store_kind, "factory": current.config["factory"],
                 "filter_fields": current.fields,
                 "query_mode": cir.query_mode, "attribute_heads": cir.attribute_heads is not None,
