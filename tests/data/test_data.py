@@ -224,6 +224,28 @@ def test_thin_uploads_are_refused_from_the_header():
         open_image(png(2000, 1000), max_pixels=1_000_000, max_aspect=8)
 
 
+def test_sixteen_bit_greys_convert_in_about_six_bytes_a_pixel():
+    """Issue 22 item 1 (the stated bound): a 16-bit grey PNG at the pixel limit was converted through
+    three float64 arrays (~26 bytes a pixel, 340 MB for a 224 px model's limit); now the 16-bit
+    values, one float32 array scaled in place and the 8-bit result."""
+    import tracemalloc
+
+    import numpy as np
+    from PIL import Image
+
+    from fashion_cir.data.images import _to_rgb
+
+    grey = Image.fromarray((np.arange(1_000_000, dtype=np.uint32) % 65536).astype(np.uint16).reshape(1000, 1000))
+    tracemalloc.start()
+    try:
+        rgb = _to_rgb(grey)
+        peak = tracemalloc.get_traced_memory()[1]  # numpy's buffers (Pillow's own are not traced)
+    finally:
+        tracemalloc.stop()
+    assert peak < 7 * 1_000_000, peak  # the float64 path peaked at 24 bytes a pixel
+    assert np.asarray(rgb)[0, :3].tolist() == [[0, 0, 0], [0, 0, 0], [0, 0, 0]] and rgb.getpixel((535, 65)) == (255,) * 3
+
+
 # -- ids ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("image_id, problem", [

@@ -109,9 +109,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         import numpy as np
 
-        values = np.asarray(image, dtype=np.float64)
+        values = np.array(image, dtype=np.float32)  # 4 bytes a pixel, scaled in place (float32 is exact here)
         top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) <= 65535 else float(values.max())
-        grey = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
+        values *= np.float32(255.0 / top)
+        grey = np.clip(np.rint(values, out=values), 0, 255, out=values).astype(np.uint8)
+        del values
         return Image.fromarray(grey, "L").convert("RGB")
     return image.convert("RGB")
 
