@@ -111,7 +111,8 @@ def png_claiming(width: int, height: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    pixels = zlib.compress(b"\0" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
 
 
 def probe(http: httpx.Client, rng: random.Random, ids: list[str]) -> tuple[str, httpx.Response]:
@@ -252,7 +253,8 @@ def main() -> int:
         deadline = time.monotonic() + args.duration
         threads = [threading.Thread(target=client, args=(base, ids, payloads, deadline, seed, log)) for seed in range(args.clients)]
         if args.live_every:
-            threads.append(threading.Thread(target=live_writer, args=(args.index, ids[0], deadline, args.live_every, log)))
+            threads.append(threading.Thread(target=live_writer,
+                                            args=(args.index, ids[0], deadline, args.live_every, log)))
         if args.fault_every:
             threads.append(threading.Thread(target=manifest_faults,
                                             args=(args.index, base, ids, deadline, args.fault_every, log)))
