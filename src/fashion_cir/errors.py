@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from typing import Mapping
 
 
@@ -15,6 +16,13 @@ class DataError(FashionCIRError):
 
 class ModelError(FashionCIRError):
     """A model cannot be built or loaded (unknown spec, missing weights, mismatched checkpoint)."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An error's reason on one line (torch's refusals of pickled code run to paragraphs)."""
+    if isinstance(exc, pickle.UnpicklingError):
+        return "not a tensor file torch.load can read safely (weights_only=True)"
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def check_failures(failures: Mapping[str, str], requested: int, max_share: float, what: str) -> None:

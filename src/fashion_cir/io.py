@@ -109,6 +109,8 @@ def read_json(path: str | Path, what: str = "JSON file") -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise DataError(f"malformed {what} {path}: {exc.msg} at line {exc.lineno}, column {exc.colno}") from exc
+    except RecursionError as exc:
+        raise DataError(f"malformed {what} {path}: nested too deeply") from exc
     except UnicodeDecodeError as exc:
         raise DataError(f"{what} {path} is not UTF-8 text: {exc}") from exc
 
@@ -136,6 +138,8 @@ def iter_jsonl_numbered(path: str | Path, what: str = "JSONL file") -> Iterator[
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"malformed {what} {path}, line {lineno}: {exc.msg}") from exc
+            except RecursionError as exc:
+                raise DataError(f"malformed {what} {path}, line {lineno}: nested too deeply") from exc
             if not isinstance(obj, dict):
                 raise DataError(f"malformed {what} {path}, line {lineno}: expected an object")
             yield lineno, obj

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from fashion_cir.data.images import open_image
+from fashion_cir.data.images import ImageTooLarge, ImageTooThin, id_problem, open_image
+from fashion_cir.data.metadata import load_catalog
 from fashion_cir.data.triplets import fashioniq_files, load_fashioniq, load_triplet_set, parse_triplets
 from fashion_cir.errors import DataError
 from fashion_cir.io import atomic_write_text, file_sha1, iter_jsonl, read_json
@@ -198,6 +199,77 @@ def test_open_image_converts_to_rgb(tmp_path):
     path = tmp_path / "alpha.png"
     Image.new("RGBA", (8, 8), (255, 0, 0, 128)).save(path)
     assert open_image(path).mode == "RGB"
+
+
+def test_thin_uploads_are_refused_from_the_header():
+    """Issue 22 item 1: a 100000x1 PNG (375 bytes) passed the pixel limit, and resizing its short side
+    to the model's input made a 6.4M x 64 image (+1.85 GB, 7 s) per request."""
+    import io
+
+    from PIL import Image
+
+    def png(width: int, height: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (width, height), (200, 30, 30)).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    for width, height in ((100_000, 1), (1, 100_000), (1_048_576, 1), (641, 80)):
+        with pytest.raises(ImageTooThin) as error:
+            open_image(png(width, height), max_pixels=1 << 20, target_size=64, max_aspect=8)
+        assert str(error.value) == (f"uploaded image: image is {width}x{height} pixels, more elongated than 8:1 "
+                                    "(long side over short side); crop it")
+    assert open_image(png(640, 80), max_pixels=1 << 20, target_size=64, max_aspect=8).size == (640, 80)
+    assert open_image(png(100_000, 1)).size == (100_000, 1)  # catalog files: no aspect limit unless asked
+    with pytest.raises(ImageTooLarge, match="2000x1000 pixels, more than the limit of 1000000"):
+        open_image(png(2000, 1000), max_pixels=1_000_000, max_aspect=8)
+
+
+def test_sixteen_bit_greys_convert_in_about_six_bytes_a_pixel():
+    """Issue 22 item 1 (the stated bound): a 16-bit grey PNG at the pixel limit was converted through
+    three float64 arrays (~26 bytes a pixel, 340 MB for a 224 px model's limit); now the 16-bit
+    values, one float32 array scaled in place and the 8-bit result."""
+    import tracemalloc
+
+    import numpy as np
+    from PIL import Image
+
+    from fashion_cir.data.images import _to_rgb
+
+    values = (np.arange(1_000_000, dtype=np.uint32) % 65536).astype(np.uint16)
+    grey = Image.fromarray(values.reshape(1000, 1000))
+    tracemalloc.start()
+    try:
+        rgb = _to_rgb(grey)
+        peak = tracemalloc.get_traced_memory()[1]  # numpy's buffers (Pillow's own are not traced)
+    finally:
+        tracemalloc.stop()
+    assert peak < 7 * 1_000_000, peak  # the float64 path peaked at 24 bytes a pixel
+    assert rgb.getpixel((0, 0)) == (0, 0, 0) and rgb.getpixel((535, 65)) == (255, 255, 255)  # 0 and 65535
+
+
+# -- ids ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("image_id, problem", [
+    ("a'b", None), ('x"] or id not in ["', None), ("robe été", None), ("x" * 255, None),
+    ("", "an id is a non-empty text"), ("../x", "an id is a file name without folders"),
+    ("x\\", "an id is a file name without folders"), (".hidden", "an id is a file name without folders"),
+    ("a\bb", "an id has no control characters"), ("a\0b", "an id has no control characters"),
+    ("a\x85", "an id has no control characters"), ("é" * 128, "an id is at most 255 bytes of UTF-8"),
+    ("bad\udcff", "an id is UTF-8 text"),
+])
+def test_one_id_grammar(image_id, problem):
+    """Issue 22 item 2: one grammar for ids (build, add, remove, the API), control characters refused."""
+    assert id_problem(image_id) == problem
+
+
+def test_catalog_files_outside_the_id_grammar_are_named(tmp_path, make_jpeg):
+    make_jpeg(tmp_path / "images" / "ok.jpg")
+    bad = make_jpeg(tmp_path / "images" / "bad\x1bid.jpg")
+    with pytest.raises(DataError) as error:
+        load_catalog(tmp_path / "images")
+    assert str(error.value) == f"{bad}: invalid image id 'bad\\x1bid': an id has no control characters"
+    with pytest.raises(DataError, match="catalog: invalid image id 'a/b'"):
+        load_catalog({"a/b": tmp_path / "images" / "ok.jpg"})
 
 
 # -- io -----------------------------------------------------------------------------------------

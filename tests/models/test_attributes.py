@@ -21,6 +21,7 @@ from fashion_cir.errors import ModelError
 from fashion_cir.models.attributes import HEADS_FILE, HeadsConfig, attribute_classes, describe, train_heads
 from fashion_cir.models.cir import CIRModel, load_model
 from fashion_cir.retrieval.explain import explain, requested_changes
+from support.pickles import REFUSED, crafted_checkpoint
 
 runner = CliRunner()
 COLORS = ["red", "blue", "black", "white"]
@@ -167,3 +168,16 @@ def test_evaluate_describe_choice_is_explicit_and_recorded(small_val, tmp_path):
     assert reports["none"]["cap"]["n_queries"] == 20
     result = runner.invoke(app, base + ["--describe", "maybe"])
     assert result.exit_code == 2 and "--describe must be one of" in result.output
+
+
+def test_refused_attribute_weights_are_one_line(tmp_path):
+    """Issue 22 item 10: a refused pickle in attributes.pt printed torch's multi-paragraph explanation."""
+    model = CIRModel(load_model(backbone="tiny").backbone)
+    x, records = separable(120, dim=model.backbone.feature_dim)
+    model.attach_heads(train_heads(x[:90], records[:90], x[90:], records[90:], config=HeadsConfig(steps=50)))
+    model.save(tmp_path / "m")
+    weights = crafted_checkpoint(tmp_path / "m" / "attributes.pt", tmp_path / "ran")
+    with pytest.raises(ModelError) as error:
+        load_model(tmp_path / "m")
+    assert str(error.value) == f"corrupt or mismatched attribute weights {weights}: {REFUSED}"
+    assert not (tmp_path / "ran").exists()

@@ -703,3 +703,15 @@ def test_weights_files_that_would_run_code_are_refused(saved, tmp_path):
         assert _message(info) == f"{error} {older / name}: " + REFUSED
         assert not (tmp_path / "ran").exists()
         (older / name).write_bytes((folder / name).read_bytes())
+
+
+def test_a_refused_open_clip_checkpoint_is_one_line(tmp_path):
+    """Issue 22 item 10: a refused pickle in an open_clip checkpoint printed torch's paragraphs and
+    then the advice for downloading weights, which does not apply to a local file."""
+    from support.pickles import crafted_checkpoint
+
+    checkpoint = crafted_checkpoint(tmp_path / "vit-s-32.pt", tmp_path / "ran")
+    with pytest.raises(ModelError) as info:
+        create_backbone(f"openclip:ViT-S-32:{checkpoint}")
+    assert _message(info) == f"cannot load checkpoint file {checkpoint} into ViT-S-32: " + REFUSED
+    assert not (tmp_path / "ran").exists()

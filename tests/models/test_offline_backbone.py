@@ -15,6 +15,7 @@ from fashion_cir.features.cache import FeatureCache
 from fashion_cir.models.cir import CIRModel
 from fashion_cir.models.factory import create_backbone
 from fashion_cir.training.align import AlignConfig, align_offline_backbone, attribute_phrase
+from support.pickles import REFUSED, crafted_checkpoint
 
 
 N_TRAIN, N_VAL, N_HELD = 48, 48, 48  # chance image->text R@10 on 48 pairs: 10/48 = 20.8%
@@ -120,3 +121,14 @@ def test_attribute_phrase_reads_like_a_product_title():
     record = {"color": "red", "pattern": "striped", "sleeves": "long", "material": "knit", "category": "sweater"}
     assert attribute_phrase(record) == "red striped long-sleeve knit sweater"
     assert attribute_phrase({"color": "black", "pattern": "solid", "sleeves": "none", "category": "pants"}) == "black pants"
+
+
+def test_refused_projection_pickles_are_one_line(tmp_path):
+    """Issue 22 item 10: a refused pickle in projection.pt printed torch's multi-paragraph explanation."""
+    (tmp_path / "offline_backbone.json").write_text('{"dim": 256}')
+    weights = crafted_checkpoint(tmp_path / "projection.pt", tmp_path / "ran")
+    with pytest.raises(ModelError) as error:
+        create_backbone(f"offline:{tmp_path}")
+    assert str(error.value) == (f"corrupt or mismatched offline projections {weights}: {REFUSED}; "
+                                "re-create them with `fashion-cir align`")
+    assert not (tmp_path / "ran").exists()

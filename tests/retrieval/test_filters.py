@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fashion_cir.retrieval.filters import FilterError, field_text, filterable_fields, parse_filter
+from fashion_cir.retrieval.filters import (MAX_DEPTH, FilterError, field_text, filterable_fields, milvus_list,
+                                           milvus_literal, parse_filter)
 
 RECORDS = [
     {"category": "dress", "color": "red", "kids": False, "size": 38},
@@ -68,3 +69,47 @@ def test_fields_are_checked_and_listed():
     assert filterable_fields([{"category": 1, "secondary color": 2}, {"in_stock": True}]) == ["category", "in_stock"]
     with pytest.raises(FilterError, match="too long"):
         parse_filter('a == "' + "x" * 3000 + '"')
+
+
+@pytest.mark.parametrize("text, message", [
+    ("size == 042", "bad number '042' (write 42, -7 or 0.5: no leading zeros) at position 9"),
+    ("size == 00", "bad number '00'"),
+    ("size in [1, -01.5]", "bad number '-01.5' (write 42, -7 or 0.5: no leading zeros) at position 13"),
+])
+def test_numbers_are_parsed_by_the_grammar(text, message):
+    """Issue 22 item 3: ``042`` reached json.loads, whose JSONDecodeError was a 500."""
+    with pytest.raises(FilterError) as error:
+        parse_filter(text)
+    assert message in str(error.value)
+    assert parse_filter("size in [0, -0, 0.50, -7, 38]").root.values == ("0", "0.5", "-7", "38")
+
+
+def test_nesting_is_limited_with_a_one_line_error():
+    """Issue 22 item 3: ~330 nested parentheses (or ~200 ``not``) were a RecursionError, a 500."""
+    for opening, closing, levels in (("(", ")", 1), ("not (", ")", 2), ("not ", "", 1)):
+        repeats = MAX_DEPTH // levels  # exactly the limit: fine
+        deep = opening * repeats + 'color == "red"' + closing * repeats
+        assert parse_filter(deep).matches({"color": "red"}) == (opening.count("not") * repeats % 2 == 0)
+        for repeats in (repeats + 1, 330 // levels, (2000 - 14) // (len(opening) + len(closing))):
+            text = opening * repeats + 'color == "red"' + closing * repeats  # inside the 2,000-character limit
+            with pytest.raises(FilterError) as error:
+                parse_filter(text)
+            message = str(error.value)
+            assert f"nested more than {MAX_DEPTH} levels deep (parentheses and 'not')" in message, message
+            assert "\n" not in message and len(message) < 250
+
+
+@pytest.mark.parametrize("character", ["\b", "\f", "\0", "\x1b", "\x7f", "\x85"])
+def test_control_characters_are_refused(character):
+    """Issue 22 item 3: raw control characters in a value became escapes Milvus cannot read (a 500)."""
+    with pytest.raises(FilterError) as error:
+        parse_filter(f'color == "re{character}d"')
+    assert f"control character U+{ord(character):04X} at position 13; a filter is plain text" in str(error.value)
+    assert parse_filter('color == "a\tb"\n and\r\n size == 1').matches({"color": "a\tb", "size": 1})
+
+
+def test_milvus_literals_escape_what_milvus_reads():
+    """Issue 22 item 2: ids and values are quoted with the escapes milvus-lite and Milvus both read."""
+    assert milvus_literal("x'] or id not in ['") == '"x\'] or id not in [\'"'
+    assert milvus_literal('a\\"b\n\r\t\0') == '"a\\\\\\"b\\n\\r\\t\0"'
+    assert milvus_list(["a", 'b"']) == '["a", "b\\""]'

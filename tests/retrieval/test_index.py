@@ -4,6 +4,7 @@ atomic saves and composed search."""
 from __future__ import annotations
 
 import json
+import re
 
 import faiss
 import numpy as np
@@ -216,3 +217,32 @@ def test_serving_defaults_to_the_trained_model_the_index_was_built_with(tmp_path
     served = create_app(tmp_path / "index").state.model
     assert served.source == (tmp_path / "model").resolve() and served.query_mode == "text"
     torch.testing.assert_close(served.backbone.embed_texts(["a red dress"]), model.backbone.embed_texts(["a red dress"]))
+
+
+def test_manifest_and_data_fields_are_checked_on_open(tmp_path, flat_index):
+    """Issue 22 item 9: manifest fields were trusted on open (root "/" let a tampered paths.json
+    reach any image on disk), and nested JSON in index.json or metadata.json was a traceback."""
+    import shutil
+
+    from fashion_cir.retrieval.index import catalog_root
+
+    folder = tmp_path / "index"
+    shutil.copytree(flat_index.folder, folder)
+    good = json.loads((folder / "index.json").read_text())
+    bad_manifests = [({"root": "/"}, "field 'root' must be the absolute folder of the catalog images, not '/'"),
+                     ({"root": "//"}, "not '//'"), ({"root": "catalog"}, "not 'catalog'"),
+                     ({"fields": ["color", "a) or (b"]}, "field 'fields' must list metadata field names"),
+                     ({"store": ["faiss"]}, "field 'store' must be an object naming its kind")]
+    for change, message in bad_manifests:
+        (folder / "index.json").write_text(json.dumps({**good, **change}))
+        with pytest.raises(DataError, match=re.escape(message)):
+            CatalogIndex.load(folder)
+    (folder / "index.json").write_text(json.dumps(good))
+    metadata = folder / good["data"] / "metadata.json"
+    metadata.write_text('{"item-000": ' + "[" * 50_000 + "]" * 50_000 + "}")
+    with pytest.raises(DataError) as error:
+        CatalogIndex.load(folder)
+    assert str(error.value) == f"malformed index metadata {metadata}: nested too deeply"
+    with pytest.raises(DataError, match=r"share no folder below the filesystem root \(/a and /b\)"):
+        catalog_root(["/a/x.jpg", "/b/y.jpg"])
+    assert catalog_root(["/a/b/x.jpg", "/a/c/y.jpg"]) == "/a"

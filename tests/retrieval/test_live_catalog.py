@@ -49,6 +49,9 @@ def test_cli_build_filter_remove_upsert(store, catalog, tmp_path):
     assert bad.exit_code == 2 and "unexpected character '='" in bad.output and "Traceback" not in bad.output
     bad = runner.invoke(app, ["search", "--index", str(folder), "--id", "item-004", "--filter", 'colour == "red"'])
     assert bad.exit_code == 2 and "unknown field 'colour'" in bad.output
+    deep = "(" * 330 + 'color == "red"' + ")" * 330  # issue 22 item 3: a RecursionError traceback, exit 1
+    bad = runner.invoke(app, ["search", "--index", str(folder), "--id", "item-004", "--filter", deep])
+    assert bad.exit_code == 2 and "nested more than 32 levels deep" in bad.output and "Traceback" not in bad.output
 
     assert "removed 2 items; index now holds 38; 1 ids were not in the index, first: 'nope'" in \
         cli("index", "remove", str(folder), "item-010", "item-011", "nope")

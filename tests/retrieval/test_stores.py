@@ -172,12 +172,13 @@ def test_milvus_store_spec_errors(tmp_path, tiny_model, catalog):
         build_index(tmp_path / "a", tiny_model, *catalog, store="milvus:somewhere", progress=False)
     with pytest.raises(DataError, match="unknown store 'pinecone'"):
         build_index(tmp_path / "b", tiny_model, *catalog, store="pinecone", progress=False)
-    manifest = tmp_path / "c" / "index.json"
-    manifest.parent.mkdir()
-    manifest.write_text(json.dumps({"format": "fashion-cir-index/1", "store": {"kind": "milvus", "uri": str(tmp_path / "x.db"),
-                                                                               "collection": "gone"}}))
+    folder = build_index(tmp_path / "c", tiny_model, *catalog, store=f"milvus:{tmp_path / 'x.db'}",
+                         progress=False).folder
+    manifest = json.loads((folder / "index.json").read_text())
+    manifest["store"]["collection"] = "gone"
+    (folder / "index.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="collection 'gone' is missing"):
-        open_index(tmp_path / "c")
+        open_index(folder)
 
 
 def test_auto_factory_is_exact_for_small_catalogs_and_ivf_for_large(workdir, tiny_model, catalog):
@@ -185,3 +186,14 @@ def test_auto_factory_is_exact_for_small_catalogs_and_ivf_for_large(workdir, tin
     assert resolve_factory("auto", 250_000) == "IVF2048,Flat" and resolve_factory("auto", 1_000_000) == "IVF4096,Flat"
     assert resolve_factory("HNSW32", 10) == "HNSW32"
     assert make_index("faiss", workdir, tiny_model, *catalog).config["factory"] == "Flat"
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_a_killed_manifest_write_leaves_nothing_behind(kind, workdir, tiny_model, catalog):
+    """Issue 22 item 10: a kill -9 during the manifest write left .index.json.*.tmp forever."""
+    index = make_index(kind, workdir, tiny_model, *catalog)
+    leftover = index.folder / ".index.json.k9x_2ab.tmp"  # what atomic_write_bytes' temporary file is called
+    leftover.write_text('{"format": "half a manif')
+    _, removed, _ = remove_from_index(index.folder, ["item-001"])
+    assert removed == ["item-001"] and not leftover.exists()
+    assert not list(index.folder.glob(".index.json.*")) and len(open_index(index.folder)) == 59

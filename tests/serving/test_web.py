@@ -66,7 +66,9 @@ def browser():
 
 
 def open_page(browser, width=1360, height=960):
-    context = browser.new_context(viewport={"width": width, "height": height})
+    """A page that bypasses the site's content security policy: wait_for_function compiles its
+    predicate with eval, which the policy forbids (test_the_page_works_under_its_policy checks it)."""
+    context = browser.new_context(viewport={"width": width, "height": height}, bypass_csp=True)
     page = context.new_page()
     page.set_default_timeout(20_000)
     errors: list[str] = []
@@ -284,8 +286,39 @@ def test_word_filter_matches_words_in_any_order(page, base_url, site):
     page.wait_for_selector("#catalog-grid .item img")
     counts = []
     for words in (f"{record['color']} {record['category']}", f"{record['category']} {record['color']}"):
-        with page.expect_response(lambda r: "/items?" in r.url):
+        with page.expect_response(lambda r: "/items?" in r.url) as response:
             page.fill("#filter", words)
-        page.wait_for_function("document.querySelector('#catalog-count').innerText.length > 0")
-        counts.append(json.loads(page.evaluate("JSON.stringify(document.querySelector('#catalog-count').innerText)")))
+        answer = response.value.json()
+        count = f"{len(answer['items'])} of {answer['matched']:,} items"
+        page.wait_for_function(f"document.querySelector('#catalog-count').innerText === {json.dumps(count)}")
+        counts.append(count)  # (reading the count when the response arrived raced with the page drawing it)
     assert counts[0] == counts[1] and not counts[0].endswith(" 0 items")
+
+
+def test_the_page_works_under_its_policy(browser, base_url, site, tmp_path):
+    """Issue 22 item 10: the page's content security policy (this site's scripts, styles and images;
+    blob: upload previews; no framing) blocks nothing the page uses."""
+    _, (paths, _), _ = site
+    context = browser.new_context(viewport={"width": 1360, "height": 960})
+    page = context.new_page()
+    refused: list[str] = []
+    page.on("console", lambda line: refused.append(line.text) if "Content Security Policy" in line.text else None)
+    page.on("pageerror", lambda exc: refused.append(str(exc)))
+    with page.expect_response(lambda r: r.url.rstrip("/") == base_url) as response:
+        page.goto(base_url)
+    assert "frame-ancestors 'none'" in response.value.headers["content-security-policy"]
+    page.wait_for_selector("#catalog-grid .item img")
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(paths[sorted(paths)[3]].read_bytes())
+    page.set_input_files("#upload-input", str(photo))
+    page.wait_for_selector("#reference-img[src^='blob:']")
+    page.uncheck("#same-type")
+    page.fill("#change-text", "is red")
+    with page.expect_response(lambda r: r.url.endswith("/search")) as response:
+        page.click("#search-btn")
+    assert response.value.status == 200
+    page.wait_for_selector("#results-grid .item img")
+    shown = "[...document.images].filter(i => i.complete && i.src).map(i => i.naturalWidth > 0)"
+    assert all(page.evaluate(shown))  # (page.evaluate goes through the debugger, outside the policy)
+    context.close()
+    assert refused == []

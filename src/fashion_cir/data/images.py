@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -15,14 +16,42 @@ from ..errors import DataError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 DECODERS = ("JPEG", "PNG", "WEBP")  # never EPS (runs Ghostscript), TIFF, BMP, ... on untrusted files
 DEFAULT_MAX_PIXELS = 40_000_000
+MAX_ASPECT = 8  # long side / short side of an upload: thinner ones would blow up in the model's resize
+MAX_ID_BYTES = 255  # a file name's limit on common file systems (a Milvus key holds 512)
+_ID_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+class ImageTooLarge(DataError):
+    """An image with more pixels than allowed (checked from its header, before decoding)."""
+
+
+class ImageTooThin(DataError):
+    """An upload more elongated than allowed (checked from its header, before decoding)."""
+
+
+def id_problem(image_id: object) -> str | None:
+    """Why ``image_id`` is not a catalog id, or None when it is one. The one id grammar (catalogs,
+    splits, index build/add/remove, the API): a file name stem of at most :data:`MAX_ID_BYTES`
+    bytes of UTF-8, without folder parts, a leading dot or control characters."""
+    if not isinstance(image_id, str) or not image_id:
+        return "an id is a non-empty text"
+    if image_id.startswith(".") or "/" in image_id or "\\" in image_id or os.path.isabs(image_id):
+        return "an id is a file name without folders"
+    if _ID_CONTROL.search(image_id):
+        return "an id has no control characters"
+    try:
+        size = len(image_id.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "an id is UTF-8 text"
+    return f"an id is at most {MAX_ID_BYTES} bytes of UTF-8" if size > MAX_ID_BYTES else None
 
 
 def check_image_id(image_id: str, source: str = "") -> str:
-    """``image_id`` if it is a plain file name stem (no folder part, not hidden, no NUL), else DataError."""
-    where = f"{source}: " if source else ""
-    if (not isinstance(image_id, str) or not image_id or image_id.startswith(".") or "/" in image_id
-            or "\\" in image_id or "\0" in image_id or os.path.isabs(image_id)):
-        raise DataError(f"{where}invalid image id {image_id!r}: an id is a file name without folders")
+    """``image_id`` if it is a catalog id (:func:`id_problem`), else DataError naming ``source``."""
+    problem = id_problem(image_id)
+    if problem:
+        where = f"{source}: " if source else ""
+        raise DataError(f"{where}invalid image id {image_id!r}: {problem}")
     return image_id
 
 
@@ -80,22 +109,27 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         import numpy as np
 
-        values = np.asarray(image, dtype=np.float64)
+        values = np.array(image, dtype=np.float32)  # 4 bytes a pixel, scaled in place (float32 is exact here)
         top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) <= 65535 else float(values.max())
-        grey = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
+        values *= np.float32(255.0 / top)
+        grey = np.clip(np.rint(values, out=values), 0, 255, out=values).astype(np.uint8)
+        del values
         return Image.fromarray(grey, "L").convert("RGB")
     return image.convert("RGB")
 
 
 def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None,
-               target_size: int | None = None) -> Image.Image:
+               target_size: int | None = None, max_aspect: float | None = None) -> Image.Image:
     """Decode a JPEG, PNG or WebP image to RGB. Raises DataError naming the file for missing,
     corrupt, truncated, other-format or decompression-bomb input.
 
-    ``max_pixels`` bounds the pixels actually decoded, checked from the header before decoding.
-    With ``target_size`` (an upload for a model of that input size), a JPEG is decoded at the
-    smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides >= ``target_size``, and any image is
-    then box-reduced by the integer factor that keeps its short side >= ``target_size``."""
+    ``max_pixels`` bounds the pixels actually decoded (else ImageTooLarge) and ``max_aspect`` the
+    long side over the short side (else ImageTooThin), both checked from the header before
+    decoding. With ``target_size`` (an upload for a model of that input size), a JPEG is decoded at
+    the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides >= ``target_size``, and any image
+    is then box-reduced by the integer factor that keeps its short side >= ``target_size``: what
+    reaches the model's resize has a short side below ``2 * target_size`` and, with ``max_aspect``,
+    a long side below ``2 * max_aspect * target_size``."""
     label = name or (str(source) if not isinstance(source, bytes) else "uploaded image")
     if isinstance(source, (str, Path)) and not Path(source).is_file():
         raise DataError(f"image not found: {source}")
@@ -108,7 +142,10 @@ def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
                 image.draft("RGB", (target_size, target_size))
             width, height = image.size
             if width * height > max_pixels:
-                raise DataError(f"{label}: image is {width}x{height} pixels, more than the limit of {max_pixels}")
+                raise ImageTooLarge(f"{label}: image is {width}x{height} pixels, more than the limit of {max_pixels}")
+            if max_aspect and max(width, height) > max_aspect * min(width, height):
+                raise ImageTooThin(f"{label}: image is {width}x{height} pixels, more elongated than {max_aspect:g}:1 "
+                                   "(long side over short side); crop it")
             image.load()
         image = _to_rgb(image)
         if target_size and min(image.size) >= 2 * target_size:

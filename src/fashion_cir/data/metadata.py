@@ -9,7 +9,7 @@ from typing import Iterable, Mapping
 
 from ..errors import DataError
 from ..io import iter_jsonl, read_json
-from .images import IMAGE_EXTENSIONS, scan_images
+from .images import IMAGE_EXTENSIONS, check_image_id, scan_images
 
 
 def read_metadata(path: str | Path) -> dict[str, dict]:
@@ -50,7 +50,7 @@ def load_catalog(images: str | Path | Mapping[str, str | Path],
     ``metadata`` one or more metadata files (merged, later files win per field) or an id -> record
     map; ``ids`` restricts the catalog to those ids (e.g. a split file's list)."""
     if isinstance(images, Mapping):
-        paths = {str(k): Path(v) for k, v in images.items()}
+        paths = {check_image_id(str(k), "catalog"): Path(v) for k, v in images.items()}
     else:
         folder = Path(images)
         if not folder.is_dir():
@@ -58,6 +58,8 @@ def load_catalog(images: str | Path | Mapping[str, str | Path],
         paths = scan_images(folder)
         if not paths:
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
+        for image_id, path in paths.items():
+            check_image_id(image_id, str(path))
     if ids is not None:
         wanted = list(dict.fromkeys(str(i) for i in ids))
         unknown = [i for i in wanted if i not in paths]

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import Config
 from ..captioning.vocab import DEFAULT_VOCABULARY, Vocabulary
-from ..errors import ModelError
+from ..errors import ModelError, one_line
 from ..io import read_json, write_json
 
 HEADS_WEIGHTS = "attributes.pt"
@@ -91,7 +91,8 @@ class AttributeHeads(nn.Module):
         except FileNotFoundError as exc:
             raise ModelError(f"{folder}: {HEADS_FILE} without its weights file {HEADS_WEIGHTS}") from exc
         except Exception as exc:
-            raise ModelError(f"corrupt or mismatched attribute weights {folder / HEADS_WEIGHTS}: {exc}") from exc
+            raise ModelError(f"corrupt or mismatched attribute weights {folder / HEADS_WEIGHTS}: "
+                             f"{one_line(exc)}") from exc
         return heads.eval()
 
 

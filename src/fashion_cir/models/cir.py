@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.captions import sentence_query
-from ..errors import ModelError
+from ..errors import ModelError, one_line
 from ..io import environment_info, file_sha1, fsync_dir, fsync_file, read_json, write_json
 from .attributes import AttributeHeads, load_heads
 from .backbone import Backbone
@@ -223,14 +222,14 @@ class CIRModel(nn.Module):
             try:
                 matcher.query_encoder.load_state_dict(torch.load(matcher_path, map_location=map_location, weights_only=True))
             except Exception as exc:
-                raise ModelError(f"missing or corrupt matcher weights {matcher_path}: {_one_line(exc)}") from exc
+                raise ModelError(f"missing or corrupt matcher weights {matcher_path}: {one_line(exc)}") from exc
             model.matcher_trained = True
         weights_path = _weights_file(folder, meta.get("weights_sha1"))
         if weights_path is not None:
             try:
                 state = torch.load(weights_path, map_location=map_location, weights_only=True)
             except Exception as exc:
-                raise ModelError(f"corrupt weights file {weights_path}: {_one_line(exc)}") from exc
+                raise ModelError(f"corrupt weights file {weights_path}: {one_line(exc)}") from exc
             own_state = model.state_dict()
             missing_keys = [k for k in state if k not in own_state]
             if missing_keys:
@@ -248,13 +247,6 @@ class CIRModel(nn.Module):
         model.source = folder.resolve()
         model.descriptions_source = meta.get("descriptions")
         return model.eval()
-
-
-def _one_line(exc: Exception) -> str:
-    """A loading error's reason on one line (torch's weights-only refusals run to paragraphs)."""
-    if isinstance(exc, pickle.UnpicklingError):
-        return "not a tensor file torch.load can read safely (weights_only=True)"
-    return " ".join(str(exc).split())
 
 
 def _weights_file(folder: Path, expected_sha1: str | None, name: str = WEIGHTS_FILE) -> Path | None:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ModelError
+from ..errors import ModelError, one_line
 from ..io import read_json
 from .backbone import Backbone, blocks_option
 
@@ -320,7 +320,7 @@ def build_offline(kind: str = "offline", folder: str | None = None, project: boo
         state = torch.load(path / PROJECTION_FILE, map_location="cpu", weights_only=True)
         backbone.load_state_dict(state, strict=False)
     except Exception as exc:
-        raise ModelError(f"corrupt or mismatched offline projections {path / PROJECTION_FILE}: {exc}; "
+        raise ModelError(f"corrupt or mismatched offline projections {path / PROJECTION_FILE}: {one_line(exc)}; "
                          "re-create them with `fashion-cir align`") from exc
     backbone.spec = f"{saved.spec}:{path.resolve()}"
     return backbone.eval()

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ModelError
+from ..errors import ModelError, one_line
 from .backbone import Backbone
 from .preprocess import CLIP_MEAN, CLIP_STD
 
@@ -189,7 +189,10 @@ def build_openclip(model_name: str, pretrained: str | None, head_blocks: int = 0
     except ModelError:
         raise
     except Exception as exc:  # network, hub or file errors all mean: weights unavailable
-        raise ModelError(f"could not load weights for {model_name} ({pretrained or 'hf-hub'}): {exc}. {WEIGHTS_HELP}") from exc
+        if pretrained and not is_hub and Path(pretrained).is_file():
+            raise ModelError(f"cannot load checkpoint file {pretrained} into {model_name}: {one_line(exc)}") from exc
+        raise ModelError(f"could not load weights for {model_name} ({pretrained or 'hf-hub'}): {one_line(exc)}. "
+                         f"{WEIGHTS_HELP}") from exc
     tokenizer = open_clip.get_tokenizer(model_name)
     spec = f"{kind}:{model_name}" + (f":{pretrained}" if pretrained else "")
     return OpenClipBackbone(model.eval(), tokenizer, spec=spec, head_blocks=head_blocks)

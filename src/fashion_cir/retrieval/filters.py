@@ -4,8 +4,11 @@
     term       := factor ("and" factor)*
     factor     := "not" factor | "(" expr ")" | comparison
     comparison := FIELD ("==" | "!=") VALUE | FIELD ["not"] "in" "[" VALUE ("," VALUE)* "]"
-    VALUE      := "text" | 'text' | number | true | false
+    VALUE      := "text" | 'text' | NUMBER | true | false
+    NUMBER     := ["-"] ("0" | [1-9][0-9]*) ["." [0-9]+]
 
+Nesting (parentheses and ``not``) is limited to :data:`MAX_DEPTH` levels and control characters
+(other than tab and line breaks) are refused, so a filter never reaches a store it could crash.
 Values are compared as text (:func:`field_text`): ``kids == false`` matches a JSON ``false``, and a
 missing or null field reads as ``""`` (so ``color != "black"`` keeps items without a colour).
 A :class:`Filter` evaluates on one record (:meth:`Filter.matches`), on metadata columns at once
@@ -26,8 +29,13 @@ from ..errors import DataError
 FIELD_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _TOKEN = re.compile(r"""\s*(?:(?P<string>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')|(?P<number>-?\d+(?:\.\d+)?)|"""
                     r"""(?P<op>==|!=|\(|\)|\[|\]|,)|(?P<word>[A-Za-z_][A-Za-z0-9_]*)|(?P<bad>\S))""")
+NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?\Z")
+CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 KEYWORDS = {"and", "or", "not", "in", "true", "false"}
 MAX_FILTER_CHARS = 2000
+MAX_DEPTH = 32  # levels of parentheses and ``not``
+SHOWN_CHARS = 100  # of the filter text, in error messages
+_MILVUS_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"})
 
 
 class FilterError(DataError):
@@ -122,17 +130,24 @@ def _mask(node: Node, columns: Mapping[str, np.ndarray], size: int) -> np.ndarra
     return np.logical_and.reduce(masks) if node.op == "and" else np.logical_or.reduce(masks)
 
 
-def _milvus_string(value: str) -> str:
-    return json.dumps(value, ensure_ascii=False)
+def milvus_literal(value: str) -> str:
+    """``value`` as a double-quoted Milvus string literal. Only the escapes that both milvus-lite
+    and the Milvus server read are used (backslash, quote, newline, carriage return, tab); every
+    other character stands as it is, so any string is quoted safely."""
+    return '"' + value.translate(_MILVUS_ESCAPES) + '"'
+
+
+def milvus_list(values: Iterable[str]) -> str:
+    """A Milvus list literal of strings (``["a", "b"]``)."""
+    return "[" + ", ".join(milvus_literal(v) for v in values) + "]"
 
 
 def _milvus(node: Node, prefix: str) -> str:
     if isinstance(node, Compare):
         name = prefix + node.field
         if len(node.values) == 1:
-            return f"({name} {'!=' if node.negate else '=='} {_milvus_string(node.values[0])})"
-        listed = ", ".join(_milvus_string(v) for v in node.values)
-        return f"({name} {'not in' if node.negate else 'in'} [{listed}])"
+            return f"({name} {'!=' if node.negate else '=='} {milvus_literal(node.values[0])})"
+        return f"({name} {'not in' if node.negate else 'in'} {milvus_list(node.values)})"
     if isinstance(node, Not):
         return f"(not {_milvus(node.item, prefix)})"
     return "(" + f" {node.op} ".join(_milvus(item, prefix) for item in node.items) + ")"
@@ -159,7 +174,8 @@ class _Parser:
         self.position = 0
 
     def fail(self, message: str, at: int | None = None) -> NoReturn:
-        raise FilterError(f"bad filter {self.text!r}: {message}" + (f" at position {at + 1}" if at is not None else ""))
+        where = f" at position {at + 1}" if at is not None else ""
+        raise FilterError(f"bad filter {_shown(self.text)!r}: {message}{where}")
 
     def peek(self) -> tuple[str, str, int] | None:
         return self.tokens[self.position] if self.position < len(self.tokens) else None
@@ -186,29 +202,32 @@ class _Parser:
     def parse(self) -> Node:
         if not self.tokens:
             self.fail("it is empty")
-        node = self.expr()
+        node = self.expr(0)
         token = self.peek()
         if token is not None:
             self.fail(f"unexpected token {token[1]!r}, expected 'and', 'or' or the end", token[2])
         return node
 
-    def expr(self) -> Node:
-        items = [self.term()]
+    def expr(self, depth: int) -> Node:
+        items = [self.term(depth)]
         while self.accept("keyword", "or"):
-            items.append(self.term())
+            items.append(self.term(depth))
         return items[0] if len(items) == 1 else BoolOp("or", tuple(items))
 
-    def term(self) -> Node:
-        items = [self.factor()]
+    def term(self, depth: int) -> Node:
+        items = [self.factor(depth)]
         while self.accept("keyword", "and"):
-            items.append(self.factor())
+            items.append(self.factor(depth))
         return items[0] if len(items) == 1 else BoolOp("and", tuple(items))
 
-    def factor(self) -> Node:
+    def factor(self, depth: int) -> Node:
+        token = self.peek()
+        if token is not None and token[:2] in (("keyword", "not"), ("op", "(")) and depth == MAX_DEPTH:
+            self.fail(f"nested more than {MAX_DEPTH} levels deep (parentheses and 'not')", token[2])
         if self.accept("keyword", "not"):
-            return Not(self.factor())
+            return Not(self.factor(depth + 1))
         if self.accept("op", "("):
-            node = self.expr()
+            node = self.expr(depth + 1)
             self.expect("op", ")")
             return node
         return self.comparison()
@@ -237,7 +256,9 @@ class _Parser:
         if kind == "string":
             return re.sub(r"\\(.)", r"\1", value[1:-1])  # \" \' \\ escapes
         if kind == "number":
-            return field_text(json.loads(value))
+            if not NUMBER.match(value):
+                self.fail(f"bad number {value!r} (write 42, -7 or 0.5: no leading zeros)", at)
+            return field_text(float(value) if "." in value else int(value))
         if kind == "keyword" and value in ("true", "false"):
             return value
         self.fail(f"unexpected token {value!r}, expected a quoted text, a number, true or false", at)
@@ -247,14 +268,23 @@ def parse_filter(text: str, fields: Iterable[str] | None = None) -> Filter:
     """Parse ``text``; with ``fields``, refuse a field that is not one of them (naming it)."""
     if len(text) > MAX_FILTER_CHARS:
         raise FilterError(f"filter is too long ({len(text)} characters; at most {MAX_FILTER_CHARS})")
+    control = CONTROL.search(text)
+    if control:
+        raise FilterError(f"bad filter {_shown(text)!r}: control character U+{ord(control.group()):04X} at position "
+                          f"{control.start() + 1}; a filter is plain text")
     parsed = Filter(text, _Parser(text).parse())
     if fields is not None:
         known = set(fields)
         unknown = sorted(parsed.fields - known)
         if unknown:
-            raise FilterError(f"bad filter {text!r}: unknown field {unknown[0]!r} (filterable fields: "
+            raise FilterError(f"bad filter {_shown(text)!r}: unknown field {unknown[0]!r} (filterable fields: "
                               f"{', '.join(sorted(known)) or 'none'})")
     return parsed
+
+
+def _shown(text: str) -> str:
+    """The filter as error messages quote it: its first :data:`SHOWN_CHARS` characters."""
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."
 
 
 def filterable_fields(metadata: Iterable[Mapping[str, Any]]) -> list[str]:

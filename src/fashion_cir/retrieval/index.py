@@ -24,13 +24,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..data.images import check_image_id
 from ..data.metadata import load_catalog
 from ..errors import DataError, ModelError, check_failures
 from ..features.cache import FeatureCache
-from ..io import environment_info, folder_lock, fsync_dir, fsync_file, read_json, write_json
+from ..io import environment_info, folder_lock, fsync_dir, fsync_file, read_json
 from ..models.cir import CIRModel
 from ..models.matcher import DescriptionBank
-from .filters import Filter, field_text, filterable_fields
+from .filters import FIELD_PATTERN, Filter, field_text, filterable_fields
 from .scorer import DenseGallery
 from .store import CatalogStore, SearchHit, StoreSpec, item_vectors, open_index, parse_store_spec
 
@@ -41,8 +42,9 @@ AUTO_EXACT_BELOW = 200_000  # BENCHMARKS.md, ANN section: exact search stays fas
 DATA_FILES = ("ids.json", "metadata.json", "paths.json", "features.npy", "faiss.index")
 DATA_NAME = re.compile(r"data-\d{6,}")
 DEFAULT_MAX_FAILED_SHARE = 0.2
-MANIFEST_FIELDS = {"feature_dim": int, "backbone": str, "image_fingerprint": str, "root": str, "data": str,
-                   "count": int, "nprobe": int, "ef_search": int, "factory": str}  # of a FAISS index
+MANIFEST_FIELDS = {"feature_dim": int, "backbone": str, "image_fingerprint": str, "root": str,
+                   "count": int, "nprobe": int, "ef_search": int, "factory": str}  # of any index
+FAISS_FIELDS = {"data": str}
 
 
 # -- FAISS helpers ------------------------------------------------------------------------------
@@ -96,20 +98,29 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     if config.get("format") != FORMAT:
         raise DataError(f"{path}: unsupported format {config.get('format')!r} (expected {FORMAT})")
     store = config.get("store", {"kind": "faiss"})
-    if not isinstance(store, dict) or store.get("kind", "faiss") != "faiss":
-        return config  # the Milvus store checks its own fields when it opens
-    for key, kind in MANIFEST_FIELDS.items():
+    if not isinstance(store, dict) or not isinstance(store.get("kind", "faiss"), str):
+        raise DataError(f"{path}: field 'store' must be an object naming its kind; rebuild the index")
+    faiss_index = store.get("kind", "faiss") == "faiss"  # the Milvus store checks its own fields when it opens
+    for key, kind in {**MANIFEST_FIELDS, **(FAISS_FIELDS if faiss_index else {})}.items():
         value = config.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
             hint = "; it was written by an older fashion-cir, rebuild it with --overwrite" if key == "root" else "; rebuild the index"
             raise DataError(f"{path}: field {key!r} must be {kind.__name__}, got {value!r}{hint}")
-    if not os.path.isabs(config["root"]):
-        raise DataError(f"{path}: field 'root' must be an absolute folder, got {config['root']!r}")
-    if not DATA_NAME.fullmatch(config["data"]):
+    if not os.path.isabs(config["root"]) or _filesystem_root(config["root"]):
+        raise DataError(f"{path}: field 'root' must be the absolute folder of the catalog images, not "
+                        f"{config['root']!r}; rebuild the index")
+    fields = config.get("fields", [])
+    if not isinstance(fields, list) or not all(isinstance(f, str) and FIELD_PATTERN.match(f) for f in fields):
+        raise DataError(f"{path}: field 'fields' must list metadata field names (identifiers); rebuild the index")
+    if faiss_index and not DATA_NAME.fullmatch(config["data"]):
         raise DataError(f"{path}: field 'data' must name a data-NNNNNN folder inside the index, got {config['data']!r}")
     if config["count"] < 0 or config["feature_dim"] < 1 or config["nprobe"] < 1 or config["ef_search"] < 1:
         raise DataError(f"{path}: count, feature_dim, nprobe and ef_search must be positive; rebuild the index")
     return config
+
+
+def _filesystem_root(folder: str) -> bool:
+    return os.path.normpath(folder).strip(os.sep) == ""
 
 
 def _within(path: str, root: str) -> bool:
@@ -118,9 +129,14 @@ def _within(path: str, root: str) -> bool:
 
 
 def catalog_root(paths: Iterable[str | Path], root: str | None = None) -> str:
-    """The deepest folder holding every image (and the current ``root``, when given)."""
-    folders = [str(Path(p).resolve().parent) for p in paths] + ([root] if root else [])
-    return os.path.commonpath(folders) if folders else (root or "/")
+    """The deepest folder holding every image (and the current ``root``, when given); DataError
+    when that is the filesystem root (the service serves images from inside the root only)."""
+    folders = sorted({str(Path(p).resolve().parent) for p in paths} | ({root} if root else set()))
+    common = os.path.commonpath(folders) if folders else os.sep
+    if _filesystem_root(common):
+        raise DataError(f"the catalog images share no folder below the filesystem root ({' and '.join(folders[:2])}); "
+                        "keep a catalog's images under one folder")
+    return common
 
 
 def _read_data_json(path: Path, what: str, kind: type) -> Any:
@@ -249,7 +265,7 @@ class CatalogIndex(CatalogStore):
         os.replace(tmp, self.folder / name)
         fsync_dir(self.folder)
         self.config.update(data=name, count=len(self.ids), updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        write_json(self.folder / INDEX_FILE, self.config)
+        self.write_manifest()
         for old in self.folder.glob("data-*"):
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
@@ -420,8 +436,12 @@ def build_index(folder: str | Path, model: CIRModel, images: str | Path | Mappin
         else:
             empty = np.zeros((0, rows.shape[1]), dtype=np.float32)
             index = CatalogIndex(folder, config, [], {}, {}, empty, _new_faiss_index(factory, item_vectors(rows, config)))
-        index.add_features(encoded, rows, meta, paths)
-        index.save()
+        try:
+            index.add_features(encoded, rows, meta, paths)
+            index.save()
+        except BaseException:
+            index.discard()
+            raise
     index.report = {**report, "added": len(encoded), "index_seconds": round(time.perf_counter() - start, 3)}
     return index
 
@@ -469,7 +489,7 @@ def upsert_index(folder: str | Path, model: CIRModel, images: str | Path | Mappi
 
 def remove_from_index(folder: str | Path, ids: Iterable[str]) -> tuple[CatalogStore, list[str], list[str]]:
     """Delete items by id; returns (index, removed ids, ids that were not in the index)."""
-    wanted = list(dict.fromkeys(str(i) for i in ids))
+    wanted = [check_image_id(i) for i in dict.fromkeys(str(i) for i in ids)]
     if not wanted:
         raise DataError("no ids to remove")
     read_manifest(folder)

@@ -22,12 +22,14 @@ import numpy as np
 
 from ..errors import DataError, FashionCIRError
 from ..io import write_json
-from .filters import Filter, field_text
-from .store import CatalogStore, SearchHit
+from .filters import Filter, field_text, milvus_list
+from .store import CatalogStore, SearchHit, parse_store_spec
 
 FIELD_PREFIX = "m_"
 MAX_TEXT = 65535
 BATCH = 1000
+COLLECTION = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
+PENDING = ".milvus-build.json"  # names the collection of a build that has not written index.json yet
 DEFAULT_INDEX = {"FLAT": {}, "IVF_FLAT": {"nlist": 1024}, "IVF_SQ8": {"nlist": 1024}, "HNSW": {"M": 16, "efConstruction": 200}}
 _clients: dict[str, Any] = {}
 _clients_lock = threading.Lock()
@@ -88,6 +90,39 @@ def parse_index_option(text: str) -> dict[str, Any]:
     return {"index_type": kind, "index_params": params}
 
 
+def _check_store(folder: Path, store: dict[str, Any]) -> None:
+    """Refuse a manifest's Milvus fields unless they are what a build writes: an absolute .db path
+    that exists (or a server URI), a collection name and an index type."""
+    where = f"{folder / 'index.json'}: field 'store'"
+    for key in ("uri", "collection", "index_type"):
+        if not isinstance(store.get(key), str):
+            raise DataError(f"{where} lacks the text {key!r}; rebuild the index")
+    if not COLLECTION.fullmatch(store["collection"]):
+        raise DataError(f"{where} names a bad collection {store['collection']!r}; rebuild the index")
+    spec = parse_store_spec("milvus:" + store["uri"])
+    if spec.uri != store["uri"]:
+        raise DataError(f"{where} names {store['uri']!r}: not an absolute .db path or a server URI; rebuild the index")
+    if spec.embedded and not Path(spec.uri).exists():
+        raise DataError(f"{where} names the milvus-lite file {spec.uri}, which does not exist; rebuild the index")
+
+
+def _interrupted_build(folder: Path, uri: str, name: str) -> bool:
+    """Whether collection ``name`` at ``uri`` was created by a build of ``folder`` that never wrote
+    its manifest (killed): a re-run may drop it and start again."""
+    marker = folder / PENDING
+    if (folder / "index.json").exists() or not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text(encoding="utf-8")) == {"uri": uri, "collection": name}
+    except (OSError, ValueError, RecursionError):
+        return False
+
+
+def _id_in(ids: list[str]) -> str:
+    """The expression selecting rows by primary key."""
+    return f"id in {milvus_list(ids)}"
+
+
 class _Lookup(Mapping):
     """A read-through id -> value view of one stored field (``metadata`` or ``paths``)."""
 
@@ -98,8 +133,14 @@ class _Lookup(Mapping):
         rows = self.store._get([image_id], [self.field])
         if not rows:
             raise KeyError(image_id)
-        value = rows[0][self.field]
-        return json.loads(value) if self.field == "meta" else Path(value)
+        return self._value(rows[0][self.field])
+
+    def items(self) -> list[tuple[str, Any]]:  # type: ignore[override]
+        """Every (id, value) from one scan, not one query per id."""
+        return [(row["id"], self._value(row[self.field])) for row in self.store._scan("", ["id", self.field])]
+
+    def _value(self, stored: str) -> Any:
+        return json.loads(stored) if self.field == "meta" else Path(stored)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.store.ids)
@@ -126,17 +167,19 @@ class MilvusIndex(CatalogStore):
         pymilvus = _pymilvus()
         folder = Path(folder)
         name = options.get("collection") or "fashion_cir_" + re.sub(r"\W", "_", folder.resolve().name)
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,254}", name):
+        if not COLLECTION.fullmatch(name):
             raise DataError(f"bad Milvus collection name {name!r}: letters, digits and underscores, not starting with a digit")
         index = dict(parse_index_option(options.get("index", "FLAT")))
         config["store"] = {**config["store"], "collection": name, **index}
         store = cls(folder, config)
         client = store.client
+        uri = config["store"]["uri"]
         if client.has_collection(name):
-            if not overwrite:
-                raise DataError(f"Milvus collection {name!r} already exists at {config['store']['uri']}; "
+            if not (overwrite or _interrupted_build(folder, uri, name)):
+                raise DataError(f"Milvus collection {name!r} already exists at {uri}; "
                                 "choose another with --milvus-collection, or rebuild with --overwrite")
             client.drop_collection(name)
+        write_json(folder / PENDING, {"uri": uri, "collection": name})
         schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
         DataType = pymilvus.DataType
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=512)
@@ -152,12 +195,16 @@ class MilvusIndex(CatalogStore):
             with _quiet():
                 client.create_collection(name, schema=schema, index_params=params, consistency_level="Strong")
         except pymilvus.exceptions.MilvusException as exc:
+            (folder / PENDING).unlink(missing_ok=True)
             raise DataError(f"cannot create Milvus collection {name!r} with index {index['index_type']} "
                             f"{index['index_params']}: {exc.message}") from exc
         return store
 
     @classmethod
     def open(cls, folder: Path, config: dict[str, Any]) -> "MilvusIndex":
+        """Open the collection an index folder's manifest names (checked first: opening a
+        milvus-lite file that is not there would create it, and its folders, wherever it says)."""
+        _check_store(folder, config["store"])
         store = cls(folder, config)
         if not store.client.has_collection(store.collection):
             raise DataError(f"index {folder}: Milvus collection {store.collection!r} is missing at "
@@ -167,9 +214,12 @@ class MilvusIndex(CatalogStore):
 
     # -- reading ---------------------------------------------------------------------------------
     def _get(self, ids: list[str], fields: list[str]) -> list[dict]:
+        """The rows of these ids, by a primary-key expression of escaped literals (pymilvus's own
+        ``get``/``delete`` by ids quote them without escaping)."""
         rows: list[dict] = []
         for start in range(0, len(ids), BATCH):
-            rows.extend(self.client.get(self.collection, ids=ids[start:start + BATCH], output_fields=fields))
+            batch = ids[start:start + BATCH]
+            rows.extend(self.client.query(self.collection, filter=_id_in(batch), output_fields=fields))
         return rows
 
     def __len__(self) -> int:
@@ -219,7 +269,7 @@ class MilvusIndex(CatalogStore):
         clauses = [filter.to_milvus(FIELD_PREFIX)] if filter is not None else []
         excluded = sorted(set(exclude))
         if excluded:
-            clauses.append(f"(id not in {json.dumps(excluded, ensure_ascii=False)})")
+            clauses.append(f"(id not in {milvus_list(excluded)})")
         expression = " and ".join(clauses)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         answers = self.client.search(self.collection, data=queries.tolist(), filter=expression, limit=k,
@@ -281,7 +331,7 @@ class MilvusIndex(CatalogStore):
         present = {row["id"] for row in self._get(wanted, ["id"])}
         gone = [i for i in wanted if i in present]
         for start in range(0, len(gone), BATCH):
-            self.client.delete(self.collection, ids=gone[start:start + BATCH])
+            self.client.delete(self.collection, filter=_id_in(gone[start:start + BATCH]))
         return gone
 
     def save(self) -> None:
@@ -289,4 +339,10 @@ class MilvusIndex(CatalogStore):
         self.folder.mkdir(parents=True, exist_ok=True)
         self.client.flush(self.collection)
         self.config.update(count=len(self), updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        write_json(self.folder / "index.json", self.config)
+        self.write_manifest()
+        (self.folder / PENDING).unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        """Drop the collection of a build that failed before writing its manifest."""
+        self.client.drop_collection(self.collection)
+        (self.folder / PENDING).unlink(missing_ok=True)

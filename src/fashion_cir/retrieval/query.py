@@ -16,7 +16,7 @@ from PIL import Image
 from ..errors import DataError
 from ..models.attributes import describe
 from ..models.cir import CIRModel
-from .filters import BoolOp, Compare, Filter
+from .filters import BoolOp, Compare, Filter, FilterError
 from .index import encode_reference_image
 from .scorer import compose_queries
 from .store import CatalogStore, SearchHit
@@ -67,7 +67,12 @@ def composed_search(model: CIRModel, index: CatalogStore, image: Image.Image | N
     ``offset`` .. ``offset + k`` that pass ``filter`` (a parsed expression), ``filters``
     (attribute -> allowed values) and, with ``same_type``, share the reference's category (the
     catalog's, or the predicted one for an upload). Without text the query is the reference image
-    alone ("more like this"); without a reference, the text alone."""
+    alone ("more like this"); without a reference, the text alone. ``same_type`` with explicit
+    categories is refused (FilterError): one of the two would silently override the other."""
+    categories = [v for v in (filters or {}).get("category", []) if v]
+    if same_type and categories:
+        raise FilterError(f"same type as the reference cannot be combined with category {categories}: "
+                          "it keeps only the reference's own category; choose one of the two")
     if image is not None and item_id is not None:
         raise DataError("give a reference image or a catalog id, not both")
     if item_id is not None and item_id not in index:

@@ -9,6 +9,7 @@ fingerprint, store), so the fingerprint check and the model defaults work the sa
 
 from __future__ import annotations
 
+import logging
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -17,11 +18,14 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import numpy as np
 
-from ..errors import DataError, ModelError
+from ..errors import DataError, FashionCIRError, ModelError, one_line
+from ..io import write_json
 from .filters import Filter
 
 if TYPE_CHECKING:
     from ..models.cir import CIRModel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -111,6 +115,16 @@ class CatalogStore(ABC):
     def save(self) -> None:
         """Persist the changes (FAISS: a new data folder and an atomic manifest swap)."""
 
+    def write_manifest(self) -> None:
+        """Swap in ``index.json`` atomically, first deleting the temporary manifests of writers killed
+        mid-write (callers hold the folder lock, so no other writer's is in flight)."""
+        for stale in self.folder.glob(".index.json.*.tmp"):
+            stale.unlink(missing_ok=True)
+        write_json(self.folder / "index.json", self.config)
+
+    def discard(self) -> None:
+        """Undo a build that failed before :meth:`save` wrote its manifest (FAISS: nothing to undo)."""
+
     # -- shared ----------------------------------------------------------------------------------
     @property
     def store_kind(self) -> str:
@@ -198,12 +212,14 @@ def index_model(folder: str | Path, model: "CIRModel | str | Path | None" = None
 class LiveIndex:
     """An open index that follows its folder, for a long-running service: a FAISS index is
     reopened when its manifest changes (``index add/upsert/remove`` swap it atomically); a Milvus
-    index is live already. Attribute access goes to the current index; take :meth:`current`
-    once per request for a consistent view."""
+    index is live already. When the changed folder cannot be opened, the last good version keeps
+    answering and :attr:`problem` says why (logged once per change). Attribute access goes to the
+    current index; take :meth:`current` once per request for a consistent view."""
 
     def __init__(self, folder: str | Path, model: "CIRModel | None" = None):
         self.folder = Path(folder)
         self.model = model
+        self.problem: str | None = None
         self._lock = threading.Lock()
         self._stamp = self._manifest_stamp()
         self._index = open_index(self.folder, model)
@@ -218,12 +234,24 @@ class LiveIndex:
     def current(self) -> CatalogStore:
         if self._index.store_kind == "faiss":
             stamp = self._manifest_stamp()
-            if stamp is not None and stamp != self._stamp:
+            if stamp != self._stamp:
                 with self._lock:
                     if stamp != self._stamp:
-                        self._index = open_index(self.folder, self.model)
-                        self._stamp = stamp
+                        self._reopen(stamp)
         return self._index
+
+    def _reopen(self, stamp: tuple[int, int, int] | None) -> None:
+        """Open the changed folder (under the lock); the stamp moves last, so that a request that
+        sees it also sees the new index or the new problem."""
+        try:
+            if stamp is None:
+                raise DataError(f"{self.folder / 'index.json'} is missing")
+            self._index = open_index(self.folder, self.model)
+            self.problem = None
+        except Exception as exc:  # whatever is wrong with the new version, the last good one still answers
+            self.problem = f"the index changed but cannot be opened, the previous version is served: {one_line(exc)}"
+            log.error("%s", self.problem, exc_info=None if isinstance(exc, FashionCIRError) else exc)
+        self._stamp = stamp
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.current(), name)

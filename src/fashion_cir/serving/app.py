@@ -1,8 +1,10 @@
 """HTTP search service over a catalog index: ``POST /search``, item metadata and images, health,
 OpenAPI docs at ``/docs`` and the web page at ``/``. Every error is JSON ``{"detail": "..."}``, an
-unexpected one too (500, logged with its traceback). Uploads are decoded at reduced size within a
-pixel limit sized to the model's input, and at most a few decode and encode at once (503 +
-Retry-After beyond that); ``/images`` serves only image files inside the index's catalog root."""
+unexpected one too (500, logged once, answered with ``Connection: close``). Uploads are decoded at
+reduced size within a pixel limit sized to the model's input and an aspect ratio of at most 8:1,
+and at most a few decode and encode at once (503 + Retry-After beyond that); ``/images`` serves
+only image files inside the index's catalog root. Every answer carries nosniff, no-framing and
+content-security-policy headers; a request is answered from one version of the index."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import logging
 import mimetypes
 import os
 import random
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -18,24 +21,32 @@ from urllib.parse import quote
 
 from PIL import Image, UnidentifiedImageError
 
-from ..data.images import IMAGE_EXTENSIONS, open_image, upload_pixel_limit
+from ..data.images import (IMAGE_EXTENSIONS, MAX_ASPECT, ImageTooLarge, ImageTooThin, id_problem, open_image,
+                           upload_pixel_limit)
 from ..errors import DataError, FashionCIRError
 from ..models.cir import CIRModel
 from ..retrieval.explain import attribute_values, explain, phrase, requested_changes
 from ..retrieval.filters import FilterError, parse_filter
 from ..retrieval.query import composed_search
-from ..retrieval.store import LiveIndex, index_model
+from ..retrieval.store import CatalogStore, LiveIndex, index_model
 from .limits import Busy, ConcurrencyLimit
 
 try:
-    from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+    from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse
     from fastapi.staticfiles import StaticFiles
+    from starlette.datastructures import MutableHeaders
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise FashionCIRError("serving needs FastAPI and uvicorn: pip install 'fashion-cir[serve]'") from exc
 
 STATIC = Path(__file__).parent / "static"
+PAGE_POLICY = ("default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; "
+               "form-action 'self'; frame-ancestors 'none'")
+DOCS_POLICY = "frame-ancestors 'none'"
+DOCS_PATHS = ("/docs", "/redoc")
+SEARCH_FIELDS = ("text", "k", "offset", "id", "image", "filter", "same_type", "similar")  # one value each
+_SERVER_PATH = re.compile(r"(?<![\w.~<>-])/[^\s'\"/:,;()]+(?:/[^\s'\"/:,;()]+)*/?")
 MB = 1 << 20
 log = logging.getLogger(__name__)
 
@@ -93,18 +104,76 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def _decode_upload(raw: bytes, max_pixels: int, target_size: int | None = None) -> Image.Image:
+class SecurityHeaders:
+    """ASGI middleware: every response says ``nosniff`` and may not be framed; all but the API docs
+    (Swagger UI and ReDoc come from a CDN) get a content security policy that allows only this
+    site's scripts, styles and images, plus ``blob:`` images for upload previews."""
+
+    def __init__(self, app: Callable):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        policy = DOCS_POLICY if scope["path"].startswith(DOCS_PATHS) else PAGE_POLICY
+
+        async def with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers["X-Content-Type-Options"] = "nosniff"
+                headers["X-Frame-Options"] = "DENY"
+                headers["Content-Security-Policy"] = policy
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+class InternalErrors:
+    """ASGI middleware: an unexpected exception becomes a logged JSON 500 that says ``Connection:
+    close`` and closes the connection. Left to the server, the exception reset the keep-alive
+    connection without saying so, and the client's next request on it failed."""
+
+    def __init__(self, app: Callable):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        except Exception as exc:
+            if started:  # a response cut short: only the server can end it (by closing the connection)
+                raise
+            log.error("%s %s failed", scope["method"], scope["path"], exc_info=exc)
+            response = _json_error(500, f"internal error ({type(exc).__name__}); the server log has the details")
+            response.headers["Connection"] = "close"
+            await response(scope, receive, send)
+
+
+def _decode_upload(raw: bytes, max_pixels: int, target_size: int) -> Image.Image:
     """Decode an uploaded reference image or raise the HTTP error that says what is wrong with it;
-    the pixel limit is checked from the header, before the pixels are decoded."""
+    the pixel limit and the aspect ratio are checked from the header, before the pixels are decoded."""
     try:
-        return open_image(raw, max_pixels=max_pixels, name="uploaded image", target_size=target_size)
+        return open_image(raw, max_pixels=max_pixels, name="uploaded image", target_size=target_size,
+                          max_aspect=MAX_ASPECT)
+    except ImageTooLarge as exc:
+        raise HTTPException(413, str(exc)) from exc
+    except ImageTooThin as exc:
+        raise HTTPException(422, str(exc)) from exc
     except DataError as exc:
         cause = exc.__cause__
-        limit = f"the limit is {max_pixels:,} pixels (width x height)"
         if isinstance(cause, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-            raise HTTPException(413, f"uploaded image has too many pixels: {limit}") from exc
-        if cause is None:  # open_image's own max_pixels check, which names the size
-            raise HTTPException(413, str(exc)) from exc
+            raise HTTPException(413, f"uploaded image has too many pixels: the limit is {max_pixels:,} pixels "
+                                     "(width x height)") from exc
         if isinstance(cause, UnidentifiedImageError):
             raise HTTPException(415, "the uploaded file is not an image this service reads (JPEG, PNG or WebP)") from exc
         raise HTTPException(400, f"the uploaded image is corrupt or truncated ({cause})") from exc
@@ -131,6 +200,8 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
                   description="Composed image retrieval: a reference image (upload or catalog id) plus a "
                               "relative caption such as 'is red with long sleeves' -> ranked catalog items.")
     app.add_middleware(BodyLimit, upload_limit=max_upload_bytes)
+    app.add_middleware(InternalErrors)  # outside BodyLimit, whose own exception ends inside it
+    app.add_middleware(SecurityHeaders)  # outermost: on every answer, 413s and 500s included
     app.state.index, app.state.model = index, cir
 
     @app.exception_handler(RequestValidationError)
@@ -143,26 +214,35 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
 
     @app.exception_handler(FashionCIRError)
     async def input_error(request: Request, exc: FashionCIRError) -> JSONResponse:
-        return _json_error(400, str(exc))
+        return _json_error(400, public(str(exc)))
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-        return _json_error(500, f"internal error ({type(exc).__name__}); the server log has the details")
+    @app.exception_handler(FilterError)
+    async def filter_error(request: Request, exc: FilterError) -> JSONResponse:
+        return _json_error(422, str(exc))
 
-    def item_view(image_id: str, score: float | None = None, rank: int | None = None) -> dict[str, Any]:
-        view: dict[str, Any] = {"id": image_id, "metadata": index.metadata.get(image_id, {}),
+    def public(message: str) -> str:
+        """``message`` without server paths: the index folder reads ``<index>``, any other ``<path>``."""
+        for folder in sorted({str(index.folder), str(index.folder.resolve())}, key=len, reverse=True):
+            message = message.replace(folder, "<index>")
+        return _SERVER_PATH.sub("<path>", message)
+
+    def item_view(image_id: str, metadata: dict[str, Any], score: float | None = None,
+                  rank: int | None = None) -> dict[str, Any]:
+        """An item as the API shows it; ``metadata`` comes from the same index version as the id."""
+        view: dict[str, Any] = {"id": image_id, "metadata": metadata,
                                 "image_url": f"/images/{quote(image_id, safe='')}"}
         if score is not None:
             view.update(rank=rank, score=round(score, 5))
         return view
 
-    def catalog_text(image_id: str) -> str:
-        return " ".join(str(v) for v in index.metadata.get(image_id, {}).values()).lower()
+    def catalog_text(metadata: dict[str, Any]) -> str:
+        return " ".join(str(v) for v in metadata.values()).lower()
 
-    def known(item_id: str) -> str:
-        if item_id not in index:
-            raise HTTPException(404, f"unknown item id {item_id!r}")
+    def known(current: CatalogStore, item_id: str) -> str:
+        """``item_id`` when it is in ``current``; ids outside the id grammar never reach the store."""
+        problem = id_problem(item_id)
+        if problem or item_id not in current:
+            raise HTTPException(404, f"unknown item id {item_id!r}" + (f" ({problem})" if problem else ""))
         return item_id
 
     @app.get("/", include_in_schema=False)
@@ -173,8 +253,9 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
 
     @app.get("/health", summary="Service and index status")
     def health() -> dict[str, Any]:
-        current = index.current()
-        return {"status": "ok", "items": len(current), "backbone": current.config["backbone"],
+        current, problem = index.current(), index.problem  # (read once: another request may change it)
+        state = {"status": "degraded", "problem": public(problem)} if problem else {"status": "ok"}
+        return {**state, "items": len(current), "backbone": current.config["backbone"],
                 "fingerprint": current.fingerprint, "store": current.store_kind, "factory": current.config["factory"],
                 "filter_fields": current.fields,
                 "query_mode": cir.query_mode, "attribute_heads": cir.attribute_heads is not None,
@@ -184,21 +265,21 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
 
     @app.get("/items", summary="Browse the catalog: a random sample, optionally filtered by words (any order)")
     def items(n: int = Query(24, ge=1, le=200), seed: int = Query(0), q: str = Query("", max_length=100)) -> dict[str, Any]:
-        ids = index.ids
+        records = list(index.current().metadata.items())  # one read of the store, whatever the catalog size
         words = q.lower().split()
-        if words:
-            ids = [i for i in ids if all(word in catalog_text(i) for word in words)]
-        chosen = random.Random(seed).sample(ids, min(n, len(ids)))
-        return {"total": len(index), "matched": len(ids), "items": [item_view(i) for i in chosen]}
+        matched = [(i, m) for i, m in records if all(word in catalog_text(m) for word in words)]
+        chosen = random.Random(seed).sample(matched, min(n, len(matched)))
+        return {"total": len(records), "matched": len(matched), "items": [item_view(i, m) for i, m in chosen]}
 
     @app.get("/items/{item_id:path}", summary="Metadata of one catalog item")
     def item(item_id: str) -> dict[str, Any]:
-        return item_view(known(item_id))
+        current = index.current()
+        return item_view(known(current, item_id), current.metadata.get(item_id, {}))
 
     @app.get("/images/{item_id:path}", summary="The image of one catalog item", response_class=FileResponse)
     def image(item_id: str) -> FileResponse:
         current = index.current()
-        path = Path(current.paths[known(item_id)])
+        path = Path(current.paths[known(current, item_id)])
         root = os.path.normpath(current.config.get("root") or "/nonexistent")
         if path.suffix.lower() not in IMAGE_EXTENSIONS or not os.path.normpath(path).startswith(root.rstrip(os.sep) + os.sep):
             raise HTTPException(404, f"item {item_id!r} has no image file inside the catalog")
@@ -207,7 +288,17 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
         media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         return FileResponse(path, media_type=media_type, headers={"Cache-Control": "public, max-age=3600"})
 
-    @app.post("/search", summary="Composed search: reference image (upload or catalog id) + relative caption")
+    async def given_once(request: Request) -> None:
+        """Refuse a search field given more than once (the form would keep the last, silently),
+        except the repeatable category and color."""
+        form = await request.form()
+        for name in SEARCH_FIELDS:
+            times = len(form.getlist(name))
+            if times > 1:
+                raise HTTPException(422, f"field {name!r} is given {times} times; give it once")
+
+    @app.post("/search", summary="Composed search: reference image (upload or catalog id) + relative caption",
+              dependencies=[Depends(given_once)])
     def search_endpoint(
         text: str = Form("", max_length=max_text_chars, description="the change, e.g. 'is red with long sleeves'"),
         k: int = Form(10, ge=1, le=max_k, description="number of results"),
@@ -224,10 +315,7 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
         if not caption and not similar:
             raise HTTPException(422, f"text must not be empty: describe the change in 1 to {max_text_chars} characters")
         current = index.current()
-        try:
-            parsed = parse_filter(filter, current.fields) if filter.strip() else None
-        except FilterError as exc:
-            raise HTTPException(422, str(exc)) from exc
+        parsed = parse_filter(filter, current.fields) if filter.strip() else None
         has_upload = image is not None and bool(image.filename or image.size)
         if has_upload == bool(id):
             raise HTTPException(400, "give exactly one reference: an uploaded 'image' file or a catalog 'id'")
@@ -238,8 +326,8 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
                 raise HTTPException(413, f"uploaded image is larger than the limit of {max_upload_bytes / MB:.1f} MB")
             if not raw:
                 raise HTTPException(400, "uploaded image is empty")
-        elif id not in current:
-            raise HTTPException(404, f"unknown item id {id!r}")
+        else:
+            known(current, id)
         start = time.perf_counter()
         try:
             with uploads.slot() if has_upload else contextlib.nullcontext():
@@ -258,10 +346,14 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
         reference_values = attribute_values(result.reference_attributes)
         results = []
         for rank, hit in enumerate(result.hits, offset + 1):
-            view = item_view(hit.id, hit.score, rank)
+            view = item_view(hit.id, hit.metadata, hit.score, rank)  # not the live index's: it may have changed
             view["match"] = explain(requested, reference_values, hit.metadata)
             results.append(view)
-        return {"reference": {"id": None, "upload": image.filename} if has_upload else item_view(id),
+        if has_upload:
+            reference_view: dict[str, Any] = {"id": None, "upload": image.filename}
+        else:
+            reference_view = item_view(id, current.metadata.get(id, {}))
+        return {"reference": reference_view,
                 "reference_attributes": result.reference_attributes,
                 "prompt": {"source": result.prompt_source, "description": result.description},
                 "text": "" if similar else caption, "query_text": result.query_text,
