@@ -17,7 +17,8 @@ from fashion_cir.errors import ModelError
 from fashion_cir.evaluation.evaluate import EvalOptions, score_triplet_set
 from fashion_cir.features.cache import FeatureCache
 from fashion_cir.models.cir import CIRModel, load_model
-from fashion_cir.models.matcher import DescriptionBank, DescriptionMatcher, resolve_encoder_path
+from fashion_cir.models.matcher import DescriptionBank, DescriptionMatcher
+from fashion_cir.models.sentence_encoder import resolve_encoder_path
 
 
 @pytest.fixture(scope="module")

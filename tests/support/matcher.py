@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from fashion_cir.models.matcher import resolve_encoder_path
+from fashion_cir.models.sentence_encoder import resolve_encoder_path
 
 
 def tiny_encoder(folder: Path) -> str:

@@ -6,9 +6,9 @@ import logging
 import time
 from pathlib import Path
 
-from tqdm import tqdm
 
 from ..io import file_sha1, write_json
+from ..progress import Progress
 from .base import Captioner, CaptionRequest, RequestFailed
 from .cache import DONE_STATUSES, CaptionCache
 from .parse import parse_answer
@@ -79,7 +79,7 @@ def run_captioning(
             todo[key] = image_id
     started, reused = time.perf_counter(), len(set(keys.values())) - len(todo)
     queue = list(todo.items())
-    with tqdm(total=len(queue), unit="img", desc=f"captioning ({captioner.model_id})", disable=not progress) as bar:
+    with Progress(len(queue), f"captioning ({captioner.model_id})", "img", enabled=progress) as bar:
         for start in range(0, len(queue), captioner.batch_size):
             chunk = queue[start : start + captioner.batch_size]
             requests = [CaptionRequest(image_id, Path(image_paths[image_id])) for _, image_id in chunk]

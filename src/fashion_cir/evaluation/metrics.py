@@ -33,12 +33,17 @@ def target_ranks(scores: np.ndarray, target_index: np.ndarray, exclude_index: np
     return ranks
 
 
+def hits_at_k(ranks, k: int) -> np.ndarray:
+    """1.0 for each query whose target ranks within the top K (0-based ranks), else 0.0."""
+    return (np.asarray(ranks, dtype=np.int64) < k).astype(np.float64)
+
+
 def recall_at_k(ranks: np.ndarray, ks: tuple[int, ...] = DEFAULT_KS) -> dict[str, float]:
     """Percentage of queries whose target ranks within the top K."""
     ranks = np.asarray(ranks)
     if ranks.size == 0:
         return {f"R@{k}": 0.0 for k in ks}
-    return {f"R@{k}": float(100.0 * (ranks < k).mean()) for k in ks}
+    return {f"R@{k}": float(100.0 * hits_at_k(ranks, k).mean()) for k in ks}
 
 
 def overall(metrics: dict[str, float]) -> float:

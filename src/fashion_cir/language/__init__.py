@@ -1,0 +1,1 @@
+"""Words for attributes: the lexicon, and reading a caption's requested changes."""
