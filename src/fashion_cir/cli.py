@@ -77,6 +77,8 @@ def evaluate(
                    "the file the model was trained with, else attributes.jsonl beside the images folder)."),
     describe: Optional[str] = typer.Option(None, help="Reference descriptions in the prompt: catalog (--descriptions FILE), predicted (the model's attribute heads) or none; default: what the model folder records (a backbone: catalog with --descriptions, else none)."),
     remove_reference: bool = typer.Option(False, help="CIRR protocol: drop the reference from its own ranking."),
+    reliance: bool = typer.Option(False, help="Also rank with shuffled references and report the drop in R@10 "
+                                              "(how much the reference counts)."),
     strict: bool = typer.Option(False, help="Fail when images are missing instead of skipping and counting them."),
     preprocess: str = typer.Option("clip", help="clip or targetpad (zero-shot backbones only)."),
     cache_dir: Path = typer.Option(Path("runs/cache/features"), help="Static feature cache."),
@@ -85,56 +87,57 @@ def evaluate(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write metrics JSON here."),
 ):
     """Recall@1/5/10/50 on FashionIQ (per category, average, overall) or any FashionIQ-format set."""
-    from .data.catalog import read_descriptions
-    from .data.triplets import FASHIONIQ_CATEGORIES, load_fashioniq, load_triplet_set
-    from .evaluation.evaluate import EvalOptions, default_descriptions, evaluate_sets, format_table
+    from .data.catalog import read_attributes
+    from .data.triplets import FASHIONIQ_CATEGORIES, load_fashioniq, load_triplet_set, read_split
+    from .evaluation.evaluate import SPLIT, EvalOptions, Protocol, evaluate_sets, format_table
     from .features.cache import FeatureCache
     from .models.cir import load_model
+    from .retrieval.policy import SOURCES
 
     if model is not None and backbone is not None:
         raise FashionCIRError("give --model DIR or --backbone SPEC, not both")
+    protocol = Protocol("cirr", remove_reference=True) if remove_reference else SPLIT
     if fashioniq is not None:
         sets = load_fashioniq(fashioniq, split, tuple(category) or FASHIONIQ_CATEGORIES, images, strict)
     elif captions and (split_file or gallery_split_file) and images:
         gallery_files = list(gallery_split_file) or [split_file]
         sets = {captions.stem: load_triplet_set(captions, gallery_files, images, strict=strict)}
-        remove_reference = remove_reference or bool(gallery_split_file)
+        if gallery_split_file:
+            protocol = Protocol("catalog", tuple(dict.fromkeys(i for f in gallery_split_file for i in read_split(f))), True)
     else:
         raise FashionCIRError("give --fashioniq ROOT, or --captions FILE --split-file FILE (or --gallery-split-file) --images DIR")
     for name, triplet_set in sets.items():
         report = triplet_set.report()
         typer.echo(f"{name}: {report['triplets']} queries, {report['gallery_images']} gallery images, "
                    f"{report['missing_images']} images missing, {report['skipped_triplets']} triplets skipped", err=True)
-    from .models.cir import PROMPT_SOURCES
-
-    if describe is not None and describe not in PROMPT_SOURCES:
-        raise FashionCIRError(f"--describe must be one of {', '.join(PROMPT_SOURCES)}, got {describe!r}")
+    if describe is not None and describe not in SOURCES:
+        raise FashionCIRError(f"--describe must be one of {', '.join(SOURCES)}, got {describe!r}")
     cir = load_model(model, backbone, preprocess=preprocess)  # after the data checks: loading may download weights
-    if model is not None:
-        descriptions = descriptions or default_descriptions(cir, images)
-    described = read_descriptions(descriptions) if descriptions else None
+    if model is not None and descriptions is None:  # the file it was trained with, else the catalog's beside the images
+        candidates = [cir.descriptions_source, images.parent / "attributes.jsonl" if images is not None else None]
+        descriptions = next((Path(c) for c in candidates if c is not None and Path(c).is_file()), None)
+    records = read_attributes(descriptions) if descriptions else None
     typer.echo(f"descriptions (reference prompts, gallery items): {descriptions or 'none'}", err=True)
-    if describe is None:  # a model folder: the prompt source it was trained with; a bare backbone: what is given
-        recorded = cir.prompt_source if model is not None else ("catalog" if described else "none")
-        describe = recorded if cir.text_template == "prompt" else "none"
-    if describe == "catalog" and described is None:
+    if describe is None:  # a model folder: the source it was trained with; a bare backbone: what is given
+        describe = cir.prompt_source if model is not None else ("catalog" if records else "none")
+    if describe == "catalog" and records is None:
         raise FashionCIRError("the prompts take catalog descriptions (--describe catalog, the model's default): pass "
                               "--descriptions attributes.jsonl, or choose --describe predicted or --describe none")
     if describe == "predicted" and cir.attribute_heads is None:
         raise FashionCIRError("--describe predicted needs a model folder with attribute heads: "
                               "run `fashion-cir attributes train --model DIR` first")
-    if cir.matcher is not None and not described:
-        raise FashionCIRError("this model scores gallery descriptions: pass --descriptions attributes.jsonl")
+    if (cir.matcher is not None or cir.attribute_space is not None) and not records:
+        raise FashionCIRError("this model reads gallery descriptions and attributes: pass --descriptions attributes.jsonl")
     options = EvalOptions(modes=tuple(mode) or (cir.query_mode,), batch_size=batch_size, num_workers=workers,
-                          remove_reference=remove_reference, describe=describe)
-    report = evaluate_sets(cir, sets, FeatureCache(cache_dir), options, described)
+                          describe=describe, reliance=reliance, keep_ranks=False)
+    report = evaluate_sets(cir, sets, FeatureCache(cache_dir), options, records, [protocol])
     typer.echo(format_table(report))
-    first = report[options.modes[0]]
-    _dump(json_out, {**first, "query_mode": options.modes[0], "by_mode": report if len(report) > 1 else None,
-                     "protocol": ("catalog" if gallery_split_file else "cirr") if remove_reference else "fashioniq",
-                     "gallery_files": [str(f) for f in gallery_split_file] or None,
+    first = report[protocol.name][options.modes[0]]
+    _dump(json_out, {**first, "query_mode": options.modes[0], "by_mode": report[protocol.name] if len(options.modes) > 1 else None,
+                     "protocol": protocol.name, "gallery_files": [str(f) for f in gallery_split_file] or None,
                      "describe": describe, "descriptions": str(descriptions) if descriptions else None,
                      "matcher": cir.matcher.config() if cir.matcher is not None else None,
+                     "fusion": cir.fusion.model_dump(mode="json"),
                      "model": str(model) if model else backbone})
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from fashion_cir.data.triplets import load_triplet_set
-from fashion_cir.evaluation.evaluate import EvalOptions, evaluate_sets, format_table, score_triplet_set
+from fashion_cir.evaluation.evaluate import (SPLIT, EvalOptions, Protocol, catalog_protocol, evaluate_sets, format_table,
+                                             shuffled_order)
 from fashion_cir.features.cache import FeatureCache
 
 KS = (1, 5, 10, 50)
@@ -53,7 +54,9 @@ def test_clothing_val_end_to_end(tiny_model, clothing, cache):
     assert clothing.report() == {"triplets": 240, "gallery_images": 563, "missing_images": 0,
                                  "skipped_triplets": 0, "duplicate_gallery_ids": 0}
     options = EvalOptions(modes=("image", "text", "sum", "sum_raw"), ks=KS, progress=False)
-    report = evaluate_sets(tiny_model, {"clothing": clothing}, cache, options)
+    full = evaluate_sets(tiny_model, {"clothing": clothing}, cache, options)
+    assert list(full) == ["split"]
+    report = full["split"]
     assert set(report) == set(options.modes)
     for mode, table in report.items():
         metrics = table["clothing"]
@@ -68,15 +71,19 @@ def test_clothing_val_end_to_end(tiny_model, clothing, cache):
         assert average["R@10"] == metrics["R@10"]
     # the reference stays in the FashionIQ gallery: in image-only mode it is found instead of the target
     assert report["image"]["clothing"]["R@1"] < 10.0
-    text = format_table(report, KS)
+    text = format_table(full, KS)
     assert "clothing" in text and "average" in text and len(text.splitlines()) == 2 + 2 * len(options.modes)
 
 
 def test_clothing_ranks_match_a_stable_sort_and_reference_removal_only_helps(tiny_model, clothing, clothing_files, cache):
-    keep = score_triplet_set(tiny_model, clothing, cache, EvalOptions(modes=("image", "sum"), ks=KS, progress=False))
+    options = EvalOptions(modes=("image", "sum"), ks=KS, progress=False)
+    cirr = Protocol("cirr", remove_reference=True)
+    both = evaluate_sets(tiny_model, {"c": clothing}, cache, options, protocols=[SPLIT, cirr])
     assert cache.last_stats.computed == 0  # gallery features reused from the first test (same module)
-    removed = score_triplet_set(tiny_model, clothing, cache,
-                                EvalOptions(modes=("image", "sum"), ks=KS, remove_reference=True, progress=False))
+    keep = {mode: table["c"] for mode, table in both["split"].items()}
+    removed = {mode: table["c"] for mode, table in both["cirr"].items()}
+    alone = evaluate_sets(tiny_model, {"c": clothing}, cache, options, protocols=[cirr])["cirr"]
+    assert {mode: table["c"] for mode, table in alone.items()} == removed  # one pass for two protocols changes nothing
     # independent recomputation from the cached features: query texts joined and queries composed
     # here, from the captions file itself (no project code besides the encoders)
     ids, gallery = cache.encode(tiny_model.backbone, {i: clothing.image_paths[i] for i in clothing.gallery_ids},
@@ -125,7 +132,7 @@ def test_partial_fashioniq_style_set(tiny_model, tmp_path, make_jpeg, cache):
     ts = load_triplet_set(tmp_path / "cap.json", tmp_path / "split.json", images)
     assert ts.duplicate_gallery_ids == 1 and ts.skipped_triplets == 1 and sorted(ts.missing_images) == ["absent", "lost"]
     options = EvalOptions(modes=("sum",), ks=(1, 5, 50, 100), progress=False)
-    metrics = score_triplet_set(tiny_model, ts, cache, options)["sum"]
+    metrics = evaluate_sets(tiny_model, {"ts": ts}, cache, options)["split"]["sum"]["ts"]
     assert metrics["n_gallery"] == 11  # g11 failed to decode
     assert metrics["n_queries"] == 9  # 12 triplets - 1 skipped (missing file) - 2 unusable (corrupt reference, target)
     assert metrics["skipped_triplets"] == 3
@@ -133,3 +140,30 @@ def test_partial_fashioniq_style_set(tiny_model, tmp_path, make_jpeg, cache):
     # 8 queries have their target in the 11-image gallery; 'outside' is never retrieved,
     # even at K = 50 or 100, more than the gallery holds
     assert metrics["R@50"] == metrics["R@100"] == pytest.approx(800 / 9)
+
+
+def test_catalog_protocol_and_reliance_by_hand(tiny_model, clothing, clothing_files, cache):
+    """The catalog protocol ranks a larger gallery with the reference removed; reliance ranks the
+    same captions and targets with the references of a fixed permutation."""
+    extra = json.loads((clothing_files["split"].parent / "split.clothing.train.json").read_text())[:300]
+    gallery = tuple(clothing.gallery_ids) + tuple(extra)
+    clothing_all = load_triplet_set(clothing_files["captions"], clothing_files["split"], clothing_files["images"])
+    clothing_all.image_paths.update({i: clothing_files["images"] / f"{i}.jpg" for i in extra})
+    options = EvalOptions(modes=("image",), ks=KS, progress=False, keep_ranks=True, reliance=True)
+    metrics = evaluate_sets(tiny_model, {"c": clothing_all}, cache, options, protocols=[catalog_protocol(gallery)])
+    metrics = metrics["catalog"]["image"]["c"]
+    ids, features = cache.encode(tiny_model.backbone, {i: clothing_all.image_paths[i] for i in gallery}, progress=False)
+    assert ids == list(gallery) and metrics["n_gallery"] == len(gallery)
+    position = {i: n for n, i in enumerate(ids)}
+    unit = _unit(features.astype(np.float64))
+    raw = json.loads(clothing_files["captions"].read_text())
+    order = shuffled_order(len(raw))
+    assert sorted(order) == list(range(len(raw))) and not any(order == np.arange(len(raw)))
+    for shown, key in (([r["candidate"] for r in raw], "ranks"), ([raw[i]["candidate"] for i in order], "ranks_shuffled")):
+        scores = unit[[position[i] for i in shown]] @ unit.T
+        for row, (reference, r) in enumerate(zip(shown, raw)):
+            if reference != r["target"]:
+                scores[row, position[reference]] = -np.inf  # the shown reference leaves the gallery
+        ranks = _stable_ranks(scores, np.array([position[r["target"]] for r in raw]))
+        assert metrics[key] == ranks.tolist()
+    assert metrics["reliance"] == pytest.approx(metrics["R@10"] - metrics["R@10_shuffled"])

@@ -1,5 +1,5 @@
-"""The evaluator: its selection figure, its results cache (keyed by the model's weights, the sets
-and the options) and the matcher-weight calibration that composes queries once."""
+"""The evaluator: its selection rule and figure, and its results cache (keyed by the model's
+weights, the sets, the records and the options), one table per protocol and mode."""
 
 from __future__ import annotations
 
@@ -8,42 +8,52 @@ import json
 import pytest
 import torch
 
+from fashion_cir.data.catalog import read_attributes
 from fashion_cir.data.triplets import load_triplet_set
 from fashion_cir.errors import FashionCIRError
-from fashion_cir.evaluation.evaluate import EvalOptions, evaluate_sets
+from fashion_cir.evaluation.evaluate import SPLIT, EvalOptions, Protocol, evaluate_sets
 from fashion_cir.evaluation.evaluator import Evaluator, Selection
 from fashion_cir.features.cache import FeatureCache
 from fashion_cir.models.cir import CIRModel
 from fashion_cir.models.factory import create_backbone
-from fashion_cir.models.matcher import DescriptionMatcher
 
 
 @pytest.fixture(scope="module")
 def setup(clothing_dir, tmp_path_factory):
-    val = load_triplet_set(clothing_dir / "captions" / "cap.clothing.val.json",
-                           clothing_dir / "image_splits" / "split.clothing.val.json", clothing_dir / "images", name="val")
-    val.triplets = val.triplets[:40]
-    from fashion_cir.data.catalog import read_descriptions
+    sets = {}
+    for name in ("val", "other"):
+        s = load_triplet_set(clothing_dir / "captions" / "cap.clothing.val.json",
+                             clothing_dir / "image_splits" / "split.clothing.val.json", clothing_dir / "images", name=name)
+        s.triplets = s.triplets[:40] if name == "val" else s.triplets[40:70]
+        sets[name] = s
+    return sets, FeatureCache(tmp_path_factory.mktemp("features")), read_attributes(clothing_dir / "attributes.jsonl")
 
-    descriptions = read_descriptions(clothing_dir / "attributes.jsonl")
-    return {"val": val}, FeatureCache(tmp_path_factory.mktemp("features")), descriptions
 
-
-def test_primary_figure_and_selection(setup):
-    sets, cache, descriptions = setup
-    evaluator = Evaluator(sets, cache, descriptions, EvalOptions(progress=False), Selection(set="val", metric="R@10"))
-    table = evaluator(CIRModel(create_backbone("tiny:1"), query_mode="sum"))["sum"]
-    assert evaluator.primary(table) == table["val"]["R@10"]
-    assert Evaluator(sets, cache, descriptions, EvalOptions(progress=False)).primary(table) == table["average"]["overall"]
-    assert table["val"]["overall"] == (table["val"]["R@10"] + table["val"]["R@50"]) / 2
-    assert Evaluator.select({"a": 1.0, "b": 3.0, "c": 3.0}) == "b"  # the earlier one on a tie
-    with pytest.raises(FashionCIRError, match="selection set 'nope'"):
-        Evaluator(sets, cache, descriptions, selection=Selection(set="nope"))
+def test_selection_figure_and_rule(setup):
+    sets, cache, records = setup
+    cirr = Protocol("cirr", remove_reference=True)
+    evaluator = Evaluator(sets, cache, records, EvalOptions(progress=False), Selection(sets=["val"], metric="R@10"),
+                          protocols=[SPLIT, cirr])
+    report = evaluator(CIRModel(create_backbone("tiny:1"), query_mode="sum"))
+    assert evaluator.figure(report, "sum") == pytest.approx((report["split"]["sum"]["val"]["R@10"]
+                                                             + report["cirr"]["sum"]["val"]["R@10"]) / 2)
+    everything = Evaluator(sets, cache, records, EvalOptions(progress=False), protocols=[SPLIT, cirr])
+    expected = sum(report[p]["sum"][s]["overall"] for p in ("split", "cirr") for s in ("val", "other")) / 4
+    assert everything.figure(report, "sum") == pytest.approx(expected)  # a mean over sets and protocols
+    only_split = Evaluator(sets, cache, records, EvalOptions(progress=False), Selection(protocols=["split"]),
+                           protocols=[SPLIT, cirr])
+    assert only_split.figure(report, "sum") == pytest.approx(
+        (report["split"]["sum"]["val"]["overall"] + report["split"]["sum"]["other"]["overall"]) / 2)
+    assert Selection.best({"a": 1.0, "b": 3.0, "c": 3.0}) == "b"  # the earlier one on a tie
+    assert Selection.improves(3.0, None) and Selection.improves(3.1, 3.0) and not Selection.improves(3.0, 3.0)
+    with pytest.raises(FashionCIRError, match="selection names \\['nope'\\]"):
+        Evaluator(sets, cache, records, selection=Selection(sets=["nope"]))
 
 
 def test_results_cache_follows_the_weights(setup, tmp_path):
-    sets, cache, descriptions = setup
-    evaluator = Evaluator(sets, cache, descriptions, EvalOptions(progress=False, keep_ranks=True), results_dir=tmp_path)
+    sets, cache, records = setup
+    sets = {"val": sets["val"]}
+    evaluator = Evaluator(sets, cache, records, EvalOptions(progress=False, keep_ranks=True), results_dir=tmp_path)
     model = CIRModel(create_backbone("tiny:2"), query_mode="sum")
     first = evaluator(model)
     assert len(list(tmp_path.glob("*.json"))) == 1
@@ -52,22 +62,12 @@ def test_results_cache_follows_the_weights(setup, tmp_path):
         model.backbone.clip.text_projection.mul_(-1.0)
     changed = evaluator(model)
     assert len(list(tmp_path.glob("*.json"))) == 2
-    assert changed == evaluate_sets(model, sets, cache, EvalOptions(progress=False, keep_ranks=True), descriptions)
-    assert changed["sum"]["val"]["ranks"] != first["sum"]["val"]["ranks"]
-    assert any(json.loads(p.read_text()) == first["sum"] for p in tmp_path.glob("*.json"))  # one table per file
+    assert changed == evaluate_sets(model, sets, cache, EvalOptions(progress=False, keep_ranks=True), records)
+    assert changed["split"]["sum"]["val"]["ranks"] != first["split"]["sum"]["val"]["ranks"]
+    assert any(json.loads(p.read_text()) == first["split"]["sum"] for p in tmp_path.glob("*.json"))  # one table per file
     both = evaluator(model, ("image", "sum"))  # "sum" cached, "image" scored: one more file
-    assert len(list(tmp_path.glob("*.json"))) == 3 and both["sum"] == changed["sum"]
-    assert evaluator(model, ("image",)) == {"image": both["image"]} and len(list(tmp_path.glob("*.json"))) == 3
-
-
-def test_calibration_matches_scoring_each_weight(setup):
-    sets, cache, descriptions = setup
-    model = CIRModel(create_backbone("tiny:3"), query_mode="sum", text_template="prompt", matcher=DescriptionMatcher("minilm"))
-    evaluator = Evaluator(sets, cache, descriptions, EvalOptions(progress=False), Selection(set="val"))
-    weights = [0.0, 0.5, 0.9, 1.0]
-    scores = evaluator.calibrate(model, weights)
-    assert model.matcher.weight == 0.5  # left as it was
-    for weight in weights:
-        model.matcher.weight = weight
-        assert scores[weight] == pytest.approx(evaluator.primary(evaluator(model)["sum"]))
-    assert scores[1.0] > scores[0.0]  # the descriptions carry the caption's words; the random tiny image side does not
+    assert len(list(tmp_path.glob("*.json"))) == 3 and both["split"]["sum"] == changed["split"]["sum"]
+    assert evaluator(model, ("image",)) == {"split": {"image": both["split"]["image"]}}
+    assert len(list(tmp_path.glob("*.json"))) == 3
+    evaluator(model, ("image",), reliance=True)  # another option, another result
+    assert len(list(tmp_path.glob("*.json"))) == 4

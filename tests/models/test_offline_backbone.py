@@ -132,3 +132,25 @@ def test_refused_projection_pickles_are_one_line(tmp_path):
     assert str(error.value) == (f"corrupt or mismatched offline projections {weights}: {REFUSED}; "
                                 "re-create them with `fashion-cir align`")
     assert not (tmp_path / "ran").exists()
+
+
+def test_onnx_trunk_gives_the_pytorch_features(small_catalog, tmp_path, monkeypatch):
+    """The feature cache's engine (ONNX Runtime for the CNN, PyTorch for the colour histogram) and
+    PyTorch give the same trunk features on real photos; FASHION_CIR_ONNX=0 keeps PyTorch."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    backbone = create_backbone("offline+hsv").eval()
+    images = [small_catalog.image_paths[i] for i in small_catalog.splits["val"][:6]]
+    from fashion_cir.data.images import open_image
+
+    pixels = torch.stack([backbone.preprocess(open_image(p)) for p in images])
+    engine = backbone.trunk_engine()
+    assert engine != backbone.encode_image_trunk
+    with torch.no_grad():
+        expected = backbone.encode_image_trunk(pixels)
+    got = engine(pixels)
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=1e-4 * float(expected.abs().max()), rtol=0)
+    assert len(list((tmp_path / "xdg" / "fashion-cir" / "onnx").glob("trunk-*.onnx"))) == 1  # exported once
+    assert not any(m.training for m in backbone.modules())  # the export left the tower in eval mode
+    monkeypatch.setenv("FASHION_CIR_ONNX", "0")
+    assert backbone.trunk_engine() == backbone.encode_image_trunk

@@ -1,147 +1,207 @@
-"""Evaluate a CIR model on FashionIQ-format triplet sets.
+"""Evaluate a CIR model on FashionIQ-format triplet sets, under one or more protocols at once.
 
-FashionIQ protocol: per category, the gallery is every image of the split and the reference is
-NOT removed; report R@K per category and their average, overall = (avg R@10 + avg R@50) / 2.
-``remove_reference`` gives the CIRR variant."""
+A protocol says what the gallery is and whether the reference leaves it: FashionIQ's ``split``
+protocol ranks each set's own gallery with the reference kept; the ``catalog`` protocol ranks the
+whole catalog with the reference removed (what the service does); CIRR removes the reference from
+the set's gallery. A set's queries are composed once and scored against the union of its
+protocols' galleries, so a second protocol costs one matrix product. Per set: R@K, overall =
+(R@10 + R@50) / 2 and, with ``reliance``, the same queries with their references shuffled (a fixed
+permutation) and the drop in R@10 that causes."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from ..config import Config
 from ..data.captions import join_captions_val
-from ..data.triplets import Triplet, TripletSet
+from ..data.triplets import TripletSet
 from ..errors import DataError
 from ..features.cache import FeatureCache
 from ..models.cir import CIRModel
-from ..retrieval.scorer import DenseGallery, catalog_item_vectors, compose_queries
-from .metrics import DEFAULT_KS, add_overall, recall_at_k
+from ..models.fusion import Fusion, term_block
+from ..retrieval.policy import ReferencePolicy, catalog_items, references
+from .metrics import DEFAULT_KS, add_overall, recall_at_k, target_ranks
+
+SHUFFLE_SEED = 0
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """``gallery_ids`` None: each set's own gallery."""
+
+    name: str
+    gallery_ids: tuple[str, ...] | None = None
+    remove_reference: bool = False
+
+
+SPLIT = Protocol("split")
+
+
+def catalog_protocol(ids: Sequence[str]) -> Protocol:
+    return Protocol("catalog", tuple(ids), remove_reference=True)
 
 
 class EvalOptions(Config):
-    """How a set is scored: query modes, K values, reference removal, batching, prompt source."""
+    """How sets are scored: query modes, K values, batching, where reference descriptions come
+    from, whether to keep per-query ranks and to measure reliance on the reference."""
 
     modes: tuple[str, ...] = ("sum",)
     ks: tuple[int, ...] = DEFAULT_KS
-    remove_reference: bool = False
     batch_size: int = 64
     num_workers: int = 0
     progress: bool = True
-    describe: Literal["catalog", "predicted", "none"] = "catalog"  # reference descriptions in prompts: catalog, predicted (attribute heads) or none
-    keep_ranks: bool = False  # add each query's 0-based target rank (for intervals and paired tests)
+    describe: Literal["catalog", "predicted", "none"] = "catalog"
+    keep_ranks: bool = False  # each query's 0-based target rank (for intervals and paired tests)
+    reliance: bool = False  # also rank with shuffled references; report R@10 true - shuffled
 
 
-def default_descriptions(model: CIRModel, images: Path | None) -> Path | None:
-    """Where descriptions come from when none are given: the file the model was trained with, else
-    the catalog's ``attributes.jsonl`` beside its images folder, else none."""
-    candidates = [model.descriptions_source, images.parent / "attributes.jsonl" if images is not None else None]
-    return next((Path(c) for c in candidates if c is not None and Path(c).is_file()), None)
-
-
-def predicted_descriptions(model: CIRModel, features: dict[str, np.ndarray]) -> dict[str, str]:
-    """id -> description from the model's attribute heads over raw image features."""
-    from ..models.attributes import describe
-
-    ids = list(features)
-    if not ids:
-        return {}
-    predicted = model.predict_attributes(torch.from_numpy(np.stack([features[i] for i in ids])))
-    return {i: describe(p) for i, p in zip(ids, predicted)}
-
-
-def reference_descriptions(triplets: list[Triplet], descriptions: dict[str, str] | None, describe: str) -> list[str | None]:
-    """Each query's reference description: ``catalog``: the triplet's ``reference_prompt`` or
-    ``descriptions[candidate]``; ``predicted``: ``descriptions[candidate]`` only (the attribute
-    heads' phrases); ``none``: no description."""
-    if describe == "none":
-        return [None] * len(triplets)
-    if describe == "predicted":
-        return [(descriptions or {}).get(t.candidate) for t in triplets]
-    return [t.reference_prompt or (descriptions or {}).get(t.candidate) for t in triplets]
+def shuffled_order(n: int, seed: int = SHUFFLE_SEED) -> np.ndarray:
+    """A fixed permutation of ``n`` queries in which none keeps its own place (one random cycle),
+    so every query is shown another query's reference."""
+    cycle = np.random.default_rng(seed).permutation(n)
+    order = np.empty(n, dtype=np.int64)
+    order[cycle] = np.roll(cycle, -1)
+    return order
 
 
 class PreparedSet:
-    """One set's queries composed and gallery encoded once; :meth:`metrics` ranks them in a query
-    mode with the model as it is then (e.g. a matcher fusion weight changed in between)."""
+    """One set's queries composed and its galleries encoded once; :meth:`ranks` scores them under a
+    protocol in a query mode with a fusion (the model's by default)."""
 
     def __init__(self, model: CIRModel, triplet_set: TripletSet, cache: FeatureCache, options: EvalOptions,
-                 descriptions: dict[str, str] | None = None):
-        gallery_paths = {i: triplet_set.image_paths[i] for i in triplet_set.gallery_ids}
-        extra_refs = {t.candidate: triplet_set.image_paths[t.candidate] for t in triplet_set.triplets if t.candidate not in gallery_paths}
-        gallery_ids, gallery = cache.encode(model.backbone, gallery_paths, options.batch_size, options.num_workers,
-                                            on_error="skip", progress=options.progress)
+                 records: Mapping[str, Mapping[str, Any]] | None = None, protocols: Sequence[Protocol] = (SPLIT,),
+                 all_terms: bool = False, image_paths: Mapping[str, Any] | None = None):
+        paths = {**triplet_set.image_paths, **(image_paths or {})}
+        wanted = list(dict.fromkeys([*triplet_set.gallery_ids, *(i for p in protocols for i in p.gallery_ids or ()),
+                                     *(t.candidate for t in triplet_set.triplets)]))
+        ids, features = cache.encode(model.backbone, {i: paths[i] for i in wanted if i in paths}, options.batch_size,
+                                     options.num_workers, on_error="skip", progress=options.progress)
         failed = cache.last_stats.failed
-        ref_ids, ref_feats = cache.encode(model.backbone, extra_refs, options.batch_size, options.num_workers,
-                                          on_error="skip", progress=options.progress) if extra_refs else ([], gallery[:0])
-        position = {image_id: i for i, image_id in enumerate(gallery_ids)}
-        ref_lookup = {**{i: gallery[position[i]] for i in gallery_ids}, **dict(zip(ref_ids, ref_feats))}
-        # a reference or gallery target that failed to decode drops the query (counted); a target outside
-        # the split stays, as a query that cannot succeed
-        triplets = [t for t in triplet_set.triplets
-                    if t.candidate in ref_lookup and (t.target in position or t.target not in gallery_paths)]
-        prompts = descriptions  # reference descriptions in prompts; gallery items keep the catalog's
-        if options.describe == "predicted":
-            prompts = predicted_descriptions(model, {t.candidate: ref_lookup[t.candidate] for t in triplets})
-        image_feats = torch.from_numpy(np.stack([ref_lookup[t.candidate] for t in triplets])) if triplets else torch.zeros(0, gallery.shape[1])
-        self.model, self.options, self.descriptions, self.cache_root = model, options, descriptions, cache.root
-        self.queries = compose_queries(model, image_feats, [join_captions_val(list(t.captions)) for t in triplets],
-                                       reference_descriptions(triplets, prompts, options.describe))
-        self.gallery_ids, self.gallery = gallery_ids, torch.from_numpy(gallery)
-        self.targets = [t.target for t in triplets]
-        self.exclude = [t.candidate for t in triplets] if options.remove_reference else None
-        self.counts = {"n_queries": len(triplets), "n_gallery": len(gallery_ids),
-                       "missing": len(triplet_set.missing_images) + failed,
-                       "skipped_triplets": triplet_set.skipped_triplets + len(triplet_set.triplets) - len(triplets)}
+        self.ids = ids
+        self.position = {image_id: row for row, image_id in enumerate(ids)}
+        gallery_of = {p.name: [i for i in (p.gallery_ids or triplet_set.gallery_ids) if i in self.position]
+                      for p in protocols}
+        own_gallery = set(triplet_set.gallery_ids)
+        # a reference that failed to decode drops its query (counted); so does a target of the set's own
+        # gallery that failed; a target outside the gallery stays, as a query that cannot succeed
+        self.triplets = [t for t in triplet_set.triplets
+                         if t.candidate in self.position and (t.target in self.position or t.target not in own_gallery)]
+        self.model, self.options, self.protocols = model, options, {p.name: p for p in protocols}
+        self.columns = {name: np.array([self.position[i] for i in gallery], dtype=np.int64) for name, gallery in gallery_of.items()}
+        self.items = catalog_items(model, torch.from_numpy(features), ids, records, cache.root)
+        self.queries = self._compose(features, records, None, all_terms)
+        self.shuffle = shuffled_order(len(self.triplets)) if options.reliance else None
+        self.shuffled = self._compose(features, records, self.shuffle, all_terms) if options.reliance else None
+        self.counts = {"n_queries": len(self.triplets), "missing": len(triplet_set.missing_images) + failed,
+                       "skipped_triplets": triplet_set.skipped_triplets + len(triplet_set.triplets) - len(self.triplets)}
 
-    def metrics(self, mode: str) -> dict:
-        items = DenseGallery(self.gallery_ids, catalog_item_vectors(self.model, self.gallery, self.gallery_ids,
-                                                                    self.descriptions, self.cache_root))
-        ranks = items.target_ranks(self.queries.vectors(mode), self.targets, self.exclude)
-        result = add_overall({**recall_at_k(ranks, self.options.ks), **self.counts})
+    def _compose(self, features: np.ndarray, records, order: np.ndarray | None, all_terms: bool):
+        shown = [t.candidate for t in self.triplets]
+        if order is not None:
+            shown = [shown[i] for i in order]
+        rows = [self.position[i] for i in shown]
+        image = torch.from_numpy(features[rows]) if rows else torch.zeros(0, features.shape[1])
+        prompts = [t.reference_prompt for t in self.triplets] if order is None else None
+        described, attributes = references(self.model, ReferencePolicy(self.options.describe), shown, image, records,
+                                           prompts)
+        return self.model.encode_queries(image, [join_captions_val(list(t.captions)) for t in self.triplets],
+                                         described, attributes, all_terms=all_terms)
+
+    def _exclude(self, protocol: Protocol, shuffled: bool) -> np.ndarray | None:
+        if not protocol.remove_reference:
+            return None
+        shown = [t.candidate for t in self.triplets]
+        if shuffled:
+            shown = [shown[i] for i in self.shuffle]
+        column = {row: c for c, row in enumerate(self.columns[protocol.name])}
+        return np.array([column.get(self.position[i], -1) for i in shown], dtype=np.int64)
+
+    def scores(self, protocol: str, mode: str | None = None, fusion: Fusion | None = None,
+               shuffled: bool = False) -> np.ndarray:
+        """[queries, gallery] fused scores under ``protocol``."""
+        queries = self.shuffled if shuffled else self.queries
+        with torch.no_grad():
+            vectors = self.model.query_vectors(queries, mode, fusion) if len(self.triplets) else torch.zeros(0, 1)
+            items = self.items[torch.from_numpy(self.columns[protocol])]
+            return (vectors.float() @ items.float().T).numpy() if len(self.triplets) else np.zeros((0, len(items)))
+
+    def term_scores(self, protocol: str, mode: str | None = None) -> dict[str, torch.Tensor]:
+        """[queries, gallery] scores of each unweighted query term (see :mod:`~fashion_cir.models.fusion`)."""
+        items = self.items[torch.from_numpy(self.columns[protocol])]
+        blocks, start = {}, 0
+        for name, dim in self.model.block_dims().items():
+            blocks[name], start = items[:, start:start + dim], start + dim
+        with torch.no_grad():
+            return {term: vector.float() @ blocks[term_block(term)].T
+                    for term, vector in self.model.query_terms(self.queries, mode).items()}
+
+    def reference_columns(self, protocol: str) -> np.ndarray | None:
+        """Each query's reference column in ``protocol``'s gallery when the protocol removes it (-1: none)."""
+        return self._exclude(self.protocols[protocol], shuffled=False)
+
+    def target_columns(self, protocol: str) -> np.ndarray:
+        column = {row: c for c, row in enumerate(self.columns[protocol])}
+        return np.array([column.get(self.position.get(t.target, -1), -1) for t in self.triplets], dtype=np.int64)
+
+    def ranks(self, protocol: str, mode: str | None = None, fusion: Fusion | None = None,
+              shuffled: bool = False) -> np.ndarray:
+        """0-based rank of each query's target (``NOT_RETRIEVED`` when it is outside the gallery)."""
+        return target_ranks(self.scores(protocol, mode, fusion, shuffled), self.target_columns(protocol),
+                            self._exclude(self.protocols[protocol], shuffled))
+
+    def metrics(self, protocol: str, mode: str | None = None, fusion: Fusion | None = None) -> dict:
+        ranks = self.ranks(protocol, mode, fusion)
+        result = add_overall({**recall_at_k(ranks, self.options.ks), **self.counts,
+                              "n_gallery": len(self.columns[protocol])})
         if self.options.keep_ranks:
             result["ranks"] = [int(r) for r in ranks]
+        if self.shuffled is not None:
+            shuffled = self.ranks(protocol, mode, fusion, shuffled=True)
+            result["R@10_shuffled"] = recall_at_k(shuffled, (10,))["R@10"]
+            result["reliance"] = result["R@10"] - result["R@10_shuffled"] if "R@10" in result else None
+            if self.options.keep_ranks:
+                result["ranks_shuffled"] = [int(r) for r in shuffled]
         return result
 
 
-def score_triplet_set(model: CIRModel, triplet_set: TripletSet, cache: FeatureCache, options: EvalOptions,
-                      descriptions: dict[str, str] | None = None) -> dict[str, dict]:
-    """Metrics per query mode for one triplet set (keys R@K, overall, n_queries, n_gallery, missing)."""
-    prepared = PreparedSet(model, triplet_set, cache, options, descriptions)
-    return {mode: prepared.metrics(mode) for mode in options.modes}
+def average_table(table: dict[str, dict], ks: Sequence[int]) -> dict:
+    """The per-set metrics of one protocol and mode, with their ``average`` (sets without a
+    query are reported, not averaged)."""
+    scored = [m for m in table.values() if m["n_queries"]]
+    average: dict[str, Any] = {f"R@{k}": float(np.mean([m[f"R@{k}"] for m in scored])) for k in ks}
+    for key in ("n_queries", "n_gallery", "missing"):
+        average[key] = sum(m[key] for m in table.values())
+    if scored and all("reliance" in m for m in scored):
+        average["reliance"] = float(np.mean([m["reliance"] for m in scored]))
+    empty = [name for name, m in table.items() if not m["n_queries"]]
+    if empty:
+        average["sets_without_queries"] = empty
+    return {**table, "average": add_overall(average)}
 
 
-def evaluate_sets(model: CIRModel, sets: dict[str, TripletSet], cache: FeatureCache, options: EvalOptions,
-                  descriptions: dict[str, str] | None = None) -> dict[str, dict]:
-    """{mode: {category: metrics, ..., "average": {R@K..., "overall"}}} over several sets."""
-    per_set = {name: score_triplet_set(model, s, cache, options, descriptions) for name, s in sets.items()}
-    empty = [name for name in sets if per_set[name][options.modes[0]]["n_queries"] == 0]
-    if len(empty) == len(sets):
+def evaluate_sets(model: CIRModel, sets: Mapping[str, TripletSet], cache: FeatureCache, options: EvalOptions,
+                  records: Mapping[str, Mapping[str, Any]] | None = None,
+                  protocols: Sequence[Protocol] = (SPLIT,)) -> dict[str, dict[str, dict]]:
+    """{protocol: {mode: {set: metrics, ..., "average": metrics}}}."""
+    prepared = {name: PreparedSet(model, s, cache, options, records, protocols) for name, s in sets.items()}
+    if not any(p.counts["n_queries"] for p in prepared.values()):
         raise DataError(f"no usable query in {', '.join(sets)}: every triplet lacks its reference or target image")
-    report: dict[str, dict] = {}
-    for mode in options.modes:
-        table = {name: per_set[name][mode] for name in sets}
-        scored = [m for name, m in table.items() if name not in empty]  # an empty set is reported, not averaged
-        average = {f"R@{k}": float(np.mean([m[f"R@{k}"] for m in scored])) for k in options.ks}
-        average["n_queries"] = sum(m["n_queries"] for m in table.values())
-        average["n_gallery"] = sum(m["n_gallery"] for m in table.values())
-        average["missing"] = sum(m["missing"] for m in table.values())
-        add_overall(average)
-        if empty:
-            average["sets_without_queries"] = empty
-        report[mode] = {**table, "average": average}
-    return report
+    return {p.name: {mode: average_table({name: ps.metrics(p.name, mode) for name, ps in prepared.items()}, options.ks)
+                     for mode in options.modes} for p in protocols}
 
 
-def format_table(report: dict[str, dict], ks: tuple[int, ...] = DEFAULT_KS) -> str:
-    """A plain-text table: one row per (mode, category)."""
-    header = f"{'mode':<10}{'set':<14}" + "".join(f"{'R@' + str(k):>8}" for k in ks) + f"{'queries':>9}{'gallery':>9}{'missing':>9}"
+def format_table(report: dict[str, dict[str, dict]], ks: Sequence[int] = DEFAULT_KS) -> str:
+    """A plain-text table: one row per (protocol, mode, set)."""
+    header = (f"{'protocol':<10}{'mode':<10}{'set':<16}" + "".join(f"{'R@' + str(k):>8}" for k in ks)
+              + f"{'queries':>9}{'gallery':>9}{'missing':>9}")
     lines = [header, "-" * len(header)]
-    for mode, table in report.items():
-        for name, metrics in table.items():
-            lines.append(f"{mode:<10}{name:<14}" + "".join(f"{metrics[f'R@{k}']:>8.2f}" for k in ks)
-                         + f"{metrics['n_queries']:>9}{metrics['n_gallery']:>9}{metrics['missing']:>9}")
+    for protocol, by_mode in report.items():
+        for mode, table in by_mode.items():
+            for name, metrics in table.items():
+                lines.append(f"{protocol:<10}{mode:<10}{name:<16}" + "".join(f"{metrics[f'R@{k}']:>8.2f}" for k in ks)
+                             + f"{metrics['n_queries']:>9}{metrics['n_gallery']:>9}{metrics['missing']:>9}")
     return "\n".join(lines)

@@ -18,10 +18,12 @@ import logging
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -60,6 +62,22 @@ def _collate(batch):
     tensors = [b[1] for b in batch if not b[2]]
     good = [b[0] for b in batch if not b[2]]
     return indices, good, (torch.stack(tensors) if tensors else None), errors
+
+
+def _prefetched(dataset: _ImageDataset, batch_size: int) -> Iterator[tuple]:
+    """Collated batches, each decoded in a thread while the previous one is encoded (decoding
+    releases the GIL), so decoding and the forward pass share the two cores."""
+    starts = range(0, len(dataset), batch_size)
+
+    def load(start: int) -> tuple:
+        return _collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(load, starts[0]) if starts else None
+        for following in [*starts[1:], None]:
+            batch = pending.result()
+            pending = pool.submit(load, following) if following is not None else None
+            yield batch
 
 
 @dataclass
@@ -144,8 +162,10 @@ class FeatureCache:
             device = torch.device(device) if device is not None else backbone.device
             was_training = backbone.training
             backbone.eval()
-            loader = DataLoader(_ImageDataset([Path(image_paths[i]) for i in todo], backbone.preprocess),
-                                batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+            dataset = _ImageDataset([Path(image_paths[i]) for i in todo], backbone.preprocess)
+            loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate) \
+                if num_workers else _prefetched(dataset, batch_size)
+            engine = backbone.trunk_engine()
             pending: tuple[list, list, list] = ([], [], [])
             bar = Progress(len(todo), "encoding images", "img", enabled=progress)
             try:
@@ -156,7 +176,7 @@ class FeatureCache:
                         stats.failed += 1
                         stats.errors[todo[index]] = message
                     if pixels is not None:
-                        features = backbone.encode_image_trunk(pixels.to(device)).float().cpu().numpy()
+                        features = engine(pixels.to(device)).float().cpu().numpy()
                         for index, feature in zip(good, features):
                             image_id = todo[index]
                             pending[0].append(image_id)

@@ -68,6 +68,11 @@ class Backbone(nn.Module, ABC):
     def encode_image_trunk(self, pixels: torch.Tensor) -> torch.Tensor:
         """The expensive part of image encoding, whose output the feature cache stores."""
 
+    def trunk_engine(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What the feature cache runs on pixels: ``encode_image_trunk``, or a faster engine giving
+        the same features."""
+        return self.encode_image_trunk
+
     def image_head(self, trunk_features: torch.Tensor) -> torch.Tensor:
         """The cheap part applied after the cache (a projection); identity by default."""
         return trunk_features

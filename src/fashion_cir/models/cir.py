@@ -7,19 +7,21 @@ import hashlib
 import json
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..data.captions import sentence_query
+from ..language.changes import read_changes
 from ..errors import ModelError, one_line
 from ..io import environment_info, file_sha1, fsync_dir, fsync_file, read_json, write_json
 from .attributes import AttributeHeads, load_heads
 from .backbone import Backbone
 from .combiner import Combiner
 from .factory import create_backbone
+from .fusion import DESCRIPTION_TERMS, AttributeSpace, Fusion, QueryParts, fuse_terms, item_blocks
 from .matcher import DescriptionMatcher
 
 QUERY_MODES = ("image", "text", "sum", "sum_raw", "combiner")
@@ -50,13 +52,16 @@ def compose_query(mode: str, image_features: torch.Tensor, text_features: torch.
 
 
 class CIRModel(nn.Module):
-    """Backbone + query composition, optionally with a :class:`DescriptionMatcher` that scores the
-    query text against each item's description too. ``saved_prefixes`` lists the state-dict prefixes
-    that differ from what the backbone spec builds (trained parts); only those are written to disk."""
+    """Backbone + query composition, optionally with a :class:`DescriptionMatcher` (items are read
+    by their descriptions too) and an :class:`~.fusion.AttributeSpace` (items are matched on their
+    attributes); :class:`~.fusion.Fusion` weighs the terms of a query (see :mod:`.fusion`).
+    ``saved_prefixes`` lists the state-dict prefixes that differ from what the backbone spec builds
+    (trained parts); only those are written to disk."""
 
     def __init__(self, backbone: Backbone, query_mode: str = "sum", combiner: Combiner | None = None,
                  saved_prefixes: list[str] | None = None, text_template: str = "prompt", prompt_source: str = "catalog",
-                 matcher: DescriptionMatcher | None = None):
+                 matcher: DescriptionMatcher | None = None, fusion: Fusion | None = None,
+                 attribute_space: AttributeSpace | None = None):
         super().__init__()
         if query_mode not in QUERY_MODES:
             raise ModelError(f"unknown query mode {query_mode!r}; choose one of {QUERY_MODES}")
@@ -70,6 +75,8 @@ class CIRModel(nn.Module):
         self.attribute_heads: AttributeHeads | None = None  # set by attach_heads / load when the folder has them
         self.matcher = matcher
         self.matcher_trained = False
+        self.attribute_space = attribute_space
+        self.fusion = fusion or (Fusion(composed=0.5, caption=0.5) if matcher is not None else Fusion())
         self.saved_prefixes = list(saved_prefixes or [])
         self.source: Path | None = None  # the model folder it was loaded from, if any
         self.descriptions_source: str | None = None  # the attributes file its prompts/descriptions came from
@@ -78,40 +85,105 @@ class CIRModel(nn.Module):
         return compose_query(mode or self.query_mode, image_features, text_features, self.combiner)
 
     # -- the vectors a query and a catalog item become; their inner product is the score ----------
-    def item_vectors(self, image_features: torch.Tensor, description_features: torch.Tensor | None = None) -> torch.Tensor:
-        """Catalog items: normalised image features, joined with description features [N, m] (zero
-        rows for items without one) when the model has a matcher."""
-        images = F.normalize(image_features.float(), dim=-1)
-        if self.matcher is None:
-            return images
-        if description_features is None:
-            description_features = images.new_zeros(len(images), self.matcher.dim)
-        return self.matcher.join(images, description_features.to(images))
+    def block_dims(self) -> dict[str, int]:
+        """The blocks of this model's item vectors and their widths."""
+        dims = {"image": self.backbone.feature_dim}
+        if self.matcher is not None:
+            dims["description"] = self.matcher.dim
+        if self.attribute_space is not None:
+            dims["attributes"] = self.attribute_space.dim
+        return dims
 
-    def query_vectors(self, image_features: torch.Tensor | None, text_features: torch.Tensor | None,
-                      matcher_features: torch.Tensor | None = None, mode: str | None = None) -> torch.Tensor:
-        """Queries: the composed reference + text (the image alone, or the text alone, when the other
-        is missing), joined with the matcher's query features when the model has a matcher."""
-        if image_features is None and text_features is None:
+    def item_vectors(self, image_features: torch.Tensor, description_features: torch.Tensor | None = None,
+                     attributes: torch.Tensor | None = None) -> torch.Tensor:
+        """Catalog items: their blocks joined (a block the model has but the items lack is zero)."""
+        blocks = item_blocks(image_features, description_features, attributes)
+        return torch.cat([blocks.get(name, blocks["image"].new_zeros(len(image_features), dim))
+                          for name, dim in self.block_dims().items()], dim=-1)
+
+    def query_terms(self, parts: QueryParts, mode: str | None = None) -> dict[str, torch.Tensor]:
+        """Each term of the queries (unweighted), as a vector in its block (see :mod:`.fusion`)."""
+        reference, text = parts.reference, parts.text
+        if reference is None and text is None and parts.caption is None:
             raise ModelError("a query needs a reference image, a text, or both")
-        if image_features is None:
-            composed = self.compose(text_features, text_features, mode="text")
-        elif text_features is None:
-            composed = self.compose(image_features, image_features, mode="image")
-        else:
-            composed = self.compose(image_features, text_features, mode)
-        if self.matcher is None:
-            return composed
-        if matcher_features is None:
-            matcher_features = composed.new_zeros(len(composed), self.matcher.dim)
-        return self.matcher.join(composed, matcher_features.to(composed))
+        terms: dict[str, torch.Tensor] = {}
+        if reference is not None and text is not None:
+            terms["composed"] = self.compose(reference, text, mode)
+        elif reference is not None or text is not None:
+            terms["composed"] = F.normalize(reference if reference is not None else text, dim=-1)
+        if reference is not None:
+            terms["reference"] = F.normalize(reference, dim=-1)
+        if self.matcher is not None:
+            for name in DESCRIPTION_TERMS:
+                if getattr(parts, name) is not None:
+                    terms[name] = getattr(parts, name)
+        if self.attribute_space is not None and parts.attributes:
+            terms.update(parts.attributes)
+        return terms
+
+    def query_vectors(self, parts: QueryParts, mode: str | None = None, fusion: Fusion | None = None) -> torch.Tensor:
+        """Queries as vectors whose inner product with :meth:`item_vectors` is the fused score;
+        ``fusion`` overrides the model's weights (e.g. while fitting them)."""
+        terms = self.query_terms(parts, mode)
+        like = next(iter(terms.values()))
+        return fuse_terms(terms, fusion or self.fusion, self.block_dims(), len(like), like.float())
 
     def query_text(self, caption: str, reference_prompt: str | None = None) -> str:
-        """The text side of a query: with the ``prompt`` template, the reference description joined
-        with the caption (the prompt is shortened to fit the context, never the caption)."""
+        """The text tower's side of a query: with the ``prompt`` template, the reference description
+        joined with the caption (the prompt is shortened to fit the context, never the caption)."""
         if self.text_template == "prompt" and reference_prompt:
             return self.backbone.fit_query_text(reference_prompt, caption, sentence_query)
         return caption
+
+    @property
+    def shares_text(self) -> bool:
+        """Whether the text tower's pass over the query text also gives the ``prompt`` term (a
+        matcher sharing the text tower, and the prompt template: one pass, both sides)."""
+        return self.matcher is not None and self.matcher.shared and self.text_template == "prompt"
+
+    def needs(self, term: str, fusion: Fusion | None = None) -> bool:
+        """Whether queries must compute ``term`` (its weight is not zero, or ``fusion`` is None:
+        every term, e.g. to fit the weights)."""
+        return fusion is None or fusion.weight(term) != 0.0
+
+    @torch.no_grad()
+    def encode_queries(self, reference_features: torch.Tensor | None, captions: Sequence[str],
+                       descriptions: Sequence[str | None] | None = None,
+                       reference_attributes: Sequence[Mapping[str, Any] | None] | None = None,
+                       batch_size: int = 256, all_terms: bool = False) -> QueryParts:
+        """The parts of queries made of reference image features [n, d] (or None), captions (all
+        empty: the reference alone, "more like this"), each reference's description and attributes
+        (None: none). Only the terms the model's fusion weighs are computed unless ``all_terms``."""
+        n = len(captions)
+        descriptions = list(descriptions) if descriptions is not None else [None] * n
+        attributes = list(reference_attributes) if reference_attributes is not None else [None] * n
+        if len(descriptions) != n or len(attributes) != n:
+            raise ValueError(f"{n} captions but {len(descriptions)} descriptions and {len(attributes)} attribute records")
+        fusion = None if all_terms else self.fusion
+        was_training = self.training
+        self.eval()
+        has_text = any(c.strip() for c in captions)
+        texts = tuple(self.query_text(c, d) for c, d in zip(captions, descriptions)) if has_text else ()
+        parts = QueryParts(reference_features, None, texts=texts)
+        if has_text and self.shares_text:
+            pooled = self.matcher.pool(list(texts), batch_size)
+            parts.text, parts.prompt = self.backbone.project_text(pooled), F.normalize(pooled, dim=-1)
+        elif has_text:
+            parts.text = self.backbone.embed_texts(list(texts), batch_size)
+        if self.matcher is not None:
+            if has_text and self.needs("caption", fusion):
+                parts.caption = self.matcher.embed(list(captions), side="query")
+            if has_text and self.needs("prompt", fusion) and parts.prompt is None:
+                parts.prompt = self.matcher.embed([sentence_query(d, c) for c, d in zip(captions, descriptions)],
+                                                  side="query")
+            if reference_features is not None and self.needs("reference_description", fusion):
+                parts.reference_description = self.matcher.embed_optional(descriptions, side="item")
+        if self.attribute_space is not None:
+            rows = [self.attribute_space.query_rows(a if reference_features is not None else None, read_changes(c))
+                    for c, a in zip(captions, attributes)]
+            parts.attributes = {term: torch.stack([r[term] for r in rows]) for term in self.attribute_space.terms()}
+        self.train(was_training)
+        return parts
 
     def attach_heads(self, heads: AttributeHeads | None) -> None:
         """Attribute heads predicting descriptions of images that have none (uploads)."""
@@ -145,7 +217,9 @@ class CIRModel(nn.Module):
         Results caches key on it, so the definition is pinned by a test."""
         digest = hashlib.sha1(json.dumps({"backbone": self.backbone.portable_spec()[0], "image": self.backbone.image_fingerprint(),
                                           "query_mode": self.query_mode, "text_template": self.text_template,
-                                          "matcher": self.matcher.config() if self.matcher is not None else None},
+                                          "matcher": self.matcher.config() if self.matcher is not None else None,
+                                          "fusion": self.fusion.model_dump(mode="json"),
+                                          "attributes": self.attribute_space.names if self.attribute_space else None},
                                          sort_keys=True).encode())
         states = [self.state_dict()] + ([self.matcher.trained_state()] if self.matcher is not None else [])
         for state in states:
@@ -181,6 +255,8 @@ class CIRModel(nn.Module):
             "matcher": ({**self.matcher.config(), "trained": self.matcher_trained}
                         if self.matcher is not None else None),
             "matcher_sha1": file_sha1(matcher_tmp) if matcher_saved else None,
+            "fusion": self.fusion.model_dump(mode="json"),
+            "attributes": {"names": self.attribute_space.names} if self.attribute_space is not None else None,
             "descriptions": self.descriptions_source,
             "saved_prefixes": self.saved_prefixes,
             "image_fingerprint": self.backbone.image_fingerprint(),
@@ -212,10 +288,12 @@ class CIRModel(nn.Module):
         matcher_meta = meta.get("matcher")
         matcher = None
         if matcher_meta:
-            matcher = DescriptionMatcher(matcher_meta.get("spec", "minilm"), matcher_meta.get("template", "caption"),
-                                         float(matcher_meta.get("weight", 0.5)))
+            shared = backbone.text_tower if matcher_meta.get("shared") else None
+            matcher = DescriptionMatcher(matcher_meta.get("spec", "minilm"), query_encoder=shared)
+        space = AttributeSpace(names=meta["attributes"]["names"]) if meta.get("attributes") else None
         model = cls(backbone, meta["query_mode"], combiner, meta.get("saved_prefixes"), meta.get("text_template", "prompt"),
-                    meta.get("prompt_source", "catalog"), matcher=matcher)
+                    meta.get("prompt_source", "catalog"), matcher=matcher, fusion=_recorded_fusion(meta, folder),
+                    attribute_space=space)
         if matcher is not None and matcher_meta.get("trained"):
             # a folder older than weight hashes names the file even when it is missing
             matcher_path = _weights_file(folder, meta.get("matcher_sha1"), MATCHER_WEIGHTS_FILE) or folder / MATCHER_WEIGHTS_FILE
@@ -247,6 +325,18 @@ class CIRModel(nn.Module):
         model.source = folder.resolve()
         model.descriptions_source = meta.get("descriptions")
         return model.eval()
+
+
+def _recorded_fusion(meta: dict[str, Any], folder: Path) -> Fusion | None:
+    """The fusion ``model.json`` records; a folder from before fusions records a matcher weight
+    (caption or prompt template) instead, which is the same score."""
+    if meta.get("fusion") is not None:
+        return Fusion.from_dict(meta["fusion"], f"{folder / MODEL_FILE} field fusion")
+    matcher = meta.get("matcher")
+    if not matcher:
+        return None
+    weight = float(matcher.get("weight", 0.5))
+    return Fusion.from_weights({"composed": 1.0 - weight, matcher.get("template", "caption"): weight})
 
 
 def _weights_file(folder: Path, expected_sha1: str | None, name: str = WEIGHTS_FILE) -> Path | None:

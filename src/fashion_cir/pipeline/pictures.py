@@ -6,16 +6,15 @@ from __future__ import annotations
 import json
 import textwrap
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
-import torch
 
-from ..data.captions import join_captions_val
 from ..data.images import open_image
 from ..data.triplets import TripletSet
 from ..features.cache import FeatureCache
 from ..models.cir import CIRModel
-from ..retrieval.scorer import DenseGallery, catalog_item_vectors, compose_queries
+from ..evaluation.evaluate import EvalOptions, PreparedSet
 
 
 def _pyplot():
@@ -27,21 +26,20 @@ def _pyplot():
     return plt
 
 
-def example_picture(model: CIRModel, triplet_set: TripletSet, descriptions: dict[str, str], cache: FeatureCache,
-                    out: Path, n_queries: int = 4, k: int = 5) -> Path:
+def example_picture(model: CIRModel, triplet_set: TripletSet, records: Mapping[str, Mapping[str, Any]],
+                    cache: FeatureCache, out: Path, n_queries: int = 4, k: int = 5) -> Path:
     """A PNG: per row the reference, its caption, the top-k results (reference left out), the
     target outlined in green."""
     plt = _pyplot()
-    gallery_ids, gallery = cache.encode(model.backbone, {i: triplet_set.image_paths[i] for i in triplet_set.gallery_ids},
-                                        on_error="skip", progress=False)
-    position = {i: n for n, i in enumerate(gallery_ids)}
-    usable = [t for t in triplet_set.triplets if t.candidate in position]
-    triplets = usable[:: max(1, len(usable) // n_queries)][:n_queries]
-    queries = compose_queries(model, torch.from_numpy(np.stack([gallery[position[t.candidate]] for t in triplets])),
-                              [join_captions_val(list(t.captions)) for t in triplets],
-                              [t.reference_prompt or descriptions.get(t.candidate) for t in triplets])
-    items = DenseGallery(gallery_ids, catalog_item_vectors(model, torch.from_numpy(gallery), gallery_ids, descriptions, cache.root))
-    results = items.search(queries.vectors(), k, exclude=[[t.candidate] for t in triplets])
+    prepared = PreparedSet(model, triplet_set, cache, EvalOptions(progress=False), records)
+    rows = list(range(0, len(prepared.triplets), max(1, len(prepared.triplets) // n_queries)))[:n_queries]
+    triplets = [prepared.triplets[r] for r in rows]
+    scores = prepared.scores("split")[rows]
+    gallery_ids = [prepared.ids[c] for c in prepared.columns["split"]]
+    results = []
+    for triplet, row in zip(triplets, scores):
+        order = [c for c in np.argsort(-row, kind="stable") if gallery_ids[c] != triplet.candidate][:k]
+        results.append([(gallery_ids[c], float(row[c])) for c in order])
     fig, axes = plt.subplots(len(triplets), k + 1, figsize=(2.2 * (k + 1), 3.7 * len(triplets)), squeeze=False)
     for row, (triplet, hits) in enumerate(zip(triplets, results)):
         cells = [(triplet.candidate, "reference")] + [(image_id, f"#{n + 1}  {score:.2f}") for n, (image_id, score) in enumerate(hits)]
@@ -96,8 +94,8 @@ def read_curve(metrics_file: Path) -> tuple[list[tuple[int, float]], list[tuple[
         record = json.loads(line)
         if "loss" in record:
             losses.append((record["step"], record["loss"]))
-        if "val" in record:
-            average = record["val"]["average"]
+        if "val" in record:  # {protocol: {set: metrics, "average": ...}}: the first protocol's average
+            average = next(iter(record["val"].values()))["average"]
             val.append((record["step"], average["R@10"], average["R@50"]))
     return losses, val
 

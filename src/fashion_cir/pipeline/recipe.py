@@ -18,6 +18,7 @@ from pydantic import Field, model_validator
 from ..config import Config
 from ..errors import DataError, FashionCIRError
 from ..evaluation.evaluator import Selection
+from ..training.fusion import FusionConfig
 from ..io import read_json
 from ..training.align import AlignConfig
 from ..training.config import Stage1Config, Stage2Config
@@ -73,17 +74,25 @@ class TowerSpec(Config):
 
 class MatcherSpec(Config):
     spec: str = "minilm"
-    template: Literal["caption", "prompt"] = "caption"
-    weight_grid: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)],
-                                     description="fusion weights tried on val after each model is made")
-    train_weight: float = Field(0.5, ge=0, le=1, description="fusion weight while training")
 
 
 class ModelSpec(Config):
+    """What models read: the query mode of the image side, the text tower's template, a Combiner,
+    the description matcher (items read by their descriptions too) and attribute matching."""
+
     query_mode: str = "sum"
     text_template: Literal["prompt", "caption"] = "prompt"
     combiner: bool = False
     matcher: MatcherSpec | None = None
+    attributes: bool = Field(False, description="match items' attributes against the caption's changes")
+
+
+class FusionSpec(Config):
+    """Fitting the fusion weights of the baselines marked ``fused`` on annotated training captions
+    (gallery: the train split, reference left out); stages keep their start model's weights."""
+
+    sets: list[str] | None = Field(None, description="annotated training sources to fit on (None: all)")
+    config: FusionConfig = Field(default_factory=FusionConfig)
 
 
 class Variant(Config):
@@ -96,7 +105,8 @@ class BaselineSpec(Config):
     """An untrained model: its best variant x mode on the selection figure is published."""
 
     name: str
-    matcher: bool = Field(False, description="with the recipe's description matcher")
+    matcher: bool = Field(False, description="with the recipe's description matcher and attribute matching")
+    fused: bool = Field(False, description="fusion weights fitted on the training captions (see FusionSpec)")
     variants: list[Variant]
 
 
@@ -105,6 +115,8 @@ class StageSpec(Config):
     kind: Literal["stage1", "stage2"]
     start: str = Field(description="the published model it starts from (a baseline or an earlier stage)")
     data: list[Literal["annotated", "generated"]] = Field(default_factory=lambda: ["annotated", "generated"])
+    refit_fusion: bool = Field(False, description="fit the trained model's fusion weights again (on the annotated "
+                                                  "training captions: train on generated data alone then)")
     config: dict[str, Any] = Field(default_factory=dict, description="Stage1Config / Stage2Config fields")
 
     @model_validator(mode="after")
@@ -125,6 +137,7 @@ class EvaluationSpec(Config):
     generated_val: bool = Field(False, description="also score the generated val triplets (set 'generated-val')")
     protocols: list[Literal["split", "catalog"]] = Field(default_factory=lambda: ["split"])
     selection: Selection = Field(default_factory=Selection)
+    reliance: bool = Field(False, description="also score every model with shuffled references (reference reliance)")
     compare: list[tuple[str, str]] = Field(default_factory=list, description="paired differences (a - b); "
                                            "'best-baseline' names the best untrained model")
 
@@ -146,12 +159,35 @@ class Recipe(Config):
     generate: dict[str, TripletConfig] = Field(default_factory=dict, description="split -> triplet generation settings")
     generated: list[TripletSource] = Field(default_factory=list, description="generated training triplets made elsewhere")
     baselines: list[BaselineSpec] = Field(default_factory=list)
+    stage_defaults: dict[str, Any] = Field(default_factory=dict, description="config fields every stage shares")
     stages: list[StageSpec] = Field(default_factory=list)
+    fusion: FusionSpec = Field(default_factory=FusionSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     attribute_heads: bool = False
     index: IndexSpec | None = None
     pictures: bool = True
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict, description="named overrides")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, raw: Any) -> Any:
+        """``stage_defaults`` under every stage's config, and the recipe's ``seed`` wherever a
+        step's settings name none (stages, triplet generation, alignment)."""
+        if not isinstance(raw, dict):
+            return raw
+        raw = copy.deepcopy(raw)
+        seed = raw.get("seed", 0)
+        shared = {"seed": seed, **(raw.get("stage_defaults") or {})}
+        for stage in raw.get("stages") or []:
+            if isinstance(stage, dict):
+                stage["config"] = {**shared, **(stage.get("config") or {})}
+        for settings in (raw.get("generate") or {}).values():
+            if isinstance(settings, dict):
+                settings.setdefault("seed", seed)
+        towers = raw.get("towers")
+        if isinstance(towers, dict) and isinstance(towers.get("align"), dict):
+            towers["align"].setdefault("seed", seed)
+        return raw
 
     @model_validator(mode="after")
     def _check_names(self):

@@ -2,19 +2,24 @@
 library's own machinery (the FeatureCache, the caption cache, the alignment and triplet files that
 record their settings, the training checkpoints, the evaluator's results cache):
 
-    catalog (+ caption) -> towers (align) -> triplets -> baselines -> stages -> select -> heads
-    -> results -> pictures -> index (-> serve)
+    catalog (+ caption) -> towers (align) -> triplets -> baselines (+ fusion) -> stages -> select
+    -> heads -> results -> pictures -> index (-> serve)
 
-Under torchrun the training stages run on every rank; every other step runs on rank 0."""
+Every step prints a line with its elapsed time (progress lines inside the long ones) and the run
+ends with the time per step, also written to ``timings.json``. Under torchrun the training stages
+run on every rank; every other step runs on rank 0."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import resource
 import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch.distributed as dist
 
@@ -22,16 +27,17 @@ from ..data.catalog import ClothingCatalog, read_attributes, read_labels
 from ..data.images import scan_images
 from ..data.triplets import Triplet, TripletSet, load_triplet_set, parse_triplets, read_split
 from ..errors import DataError, check_failures
-from ..evaluation.evaluate import EvalOptions
-from ..evaluation.evaluator import Evaluator
+from ..evaluation.evaluate import SPLIT, EvalOptions, Protocol, catalog_protocol
+from ..evaluation.evaluator import Evaluator, Selection
 from ..evaluation.stats import paired_difference, recall_interval
 from ..features.cache import FeatureCache
 from ..io import atomic_write_text, environment_info, file_sha1, read_json, text_sha1, write_json
 from ..models.cir import CIRModel, publish_model
 from ..models.factory import create_backbone
+from ..models.fusion import AttributeSpace
 from ..models.matcher import DescriptionMatcher
 from ..training.config import RESUMABLE_FIELDS
-from .recipe import Recipe, StageSpec, TripletSource, expand_path
+from .recipe import BaselineSpec, Recipe, StageSpec, TripletSource, expand_path
 
 KS = (1, 5, 10, 50)
 GENERATED_VAL = "generated-val"
@@ -51,6 +57,10 @@ def git_commit() -> str | None:
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class Runner:
     def __init__(self, recipe: Recipe, source: str = "recipe", serve: bool = False, port: int = 8000):
         self.recipe = recipe
@@ -61,6 +71,8 @@ class Runner:
         self.cache = FeatureCache(self.out / "features")
         self.rows: list[dict] = []
         self.ranks: dict[str, list[int]] = {}  # "model/mode|protocol|set" -> per-query 0-based target ranks
+        self.labels: dict[str, str] = {}  # model name -> "row label/mode" of its published scores
+        self.timings: list[dict] = []
         self.started = time.perf_counter()
         self.rank = int(os.environ.get("RANK", "0"))
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -72,6 +84,16 @@ class Runner:
     def log(self, message: str) -> None:
         if self.is_main:
             print(f"[{time.perf_counter() - self.started:6.0f}s] {message}", flush=True)
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        """A timed step: a line when it starts and one with its seconds when it ends."""
+        self.log(f"{name} ...")
+        start = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - start
+        self.timings.append({"step": name, "seconds": round(seconds, 1), "peak_rss_mb": round(peak_rss_mb())})
+        self.log(f"{name}: {seconds:.0f} s")
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -148,7 +170,7 @@ class Runner:
         from ..training.align import align_offline_backbone
 
         backbone, summary = align_offline_backbone(catalog, self.out / "offline-backbone", self.cache, spec.align,
-                                                   progress=False, towers_spec=spec.backbone)
+                                                   progress=True, towers_spec=spec.backbone)
         self.log(("reusing the aligned offline backbone" if summary.get("reused") else "aligned the offline backbone")
                  + f" (val image->text R@10 {summary['best_val_image_to_text_R@10']:.1f})")
         return backbone
@@ -171,118 +193,140 @@ class Runner:
 
         attributes = load_precomputed(catalog.attributes_file)
         paths = {i: p for i, p in catalog.split_paths(split).items() if i in attributes}
-        ids, features = self.cache.encode(model.backbone, paths, on_error="skip", progress=False)
+        ids, features = self.cache.encode(model.backbone, paths, on_error="skip", progress=True)
         generated, stats = generate_triplets(attributes, features, ids, config, train_ids=ids)
         write_triplets(path, generated, {**stats, "inputs_sha1": key}, config)
         self.log(f"generated {len(generated)} {split} triplets from {len(ids)} images")
         return read_json(path, "generated triplets")
 
-    def load_source(self, source: TripletSource, catalog: ClothingCatalog, split: str) -> TripletSet:
+    def load_source(self, source: TripletSource, split: str) -> TripletSet:
         """An annotated set restricted to the (possibly sliced) catalog split."""
         loaded = load_triplet_set(expand_path(source.captions), expand_path(source.split),
-                                  Path(expand_path(self.recipe.catalog.images)), name=source.name)
-        allowed = set(catalog.splits.get(split, []))
+                                  Path(expand_path(self.recipe.catalog.images)), name=source_name(source))
+        allowed = set(self.catalog_.splits.get(split, []))
+        loaded.image_paths = {**self.catalog_.image_paths, **loaded.image_paths}  # for whole-catalog galleries
         loaded.gallery_ids = [i for i in loaded.gallery_ids if i in allowed]
         loaded.triplets = [t for t in loaded.triplets if t.candidate in allowed and t.target in allowed]
         return loaded
 
-    def evaluators(self, catalog: ClothingCatalog, generated_val: list[dict] | None) -> dict[str, Evaluator]:
-        """One evaluator per protocol: ``split`` (gallery = the val split, reference kept, as
-        FashionIQ) and ``catalog`` (gallery = every split, reference removed, as the service)."""
+    def all_ids(self) -> list[str]:
+        return [i for ids in self.catalog_.splits.values() for i in ids if i in self.catalog_.image_paths]
+
+    def evaluator(self) -> Evaluator:
+        """The val sets under the recipe's protocols: ``split`` (gallery = the val split, reference
+        kept, as FashionIQ) and ``catalog`` (gallery = every split, reference removed, as the service)."""
         spec = self.recipe.evaluation
-        sets = {s.name or Path(s.captions).stem: self.load_source(s, catalog, "val") for s in spec.val}
-        if spec.generated_val and generated_val is not None:
-            triplets = [t for t in parse_triplets(generated_val, GENERATED_VAL)
-                        if t.candidate in catalog.image_paths and t.target in catalog.image_paths]
-            sets[GENERATED_VAL] = TripletSet(GENERATED_VAL, triplets, list(catalog.split_paths("val")),
-                                             dict(catalog.image_paths), [], 0)
-        everything = [i for ids in catalog.splits.values() for i in ids if i in catalog.image_paths]
-        descriptions = catalog.descriptions()
-        evaluators = {}
-        for protocol in spec.protocols:
-            protocol_sets = sets if protocol == "split" else {
-                name: TripletSet(name, s.triplets, everything, dict(catalog.image_paths), [], s.skipped_triplets)
-                for name, s in sets.items()}
-            options = EvalOptions(ks=KS, progress=False, keep_ranks=True, remove_reference=protocol == "catalog")
-            evaluators[protocol] = Evaluator(protocol_sets, self.cache, descriptions, options, spec.selection,
-                                             self.out / "evaluations")
-        return evaluators
+        sets = {source_name(s): self.load_source(s, "val") for s in spec.val}
+        if spec.generated_val and "val" in self.generated:
+            triplets = [t for t in parse_triplets(self.generated["val"], GENERATED_VAL)
+                        if t.candidate in self.catalog_.image_paths and t.target in self.catalog_.image_paths]
+            sets[GENERATED_VAL] = TripletSet(GENERATED_VAL, triplets, list(self.catalog_.split_paths("val")),
+                                             dict(self.catalog_.image_paths), [], 0)
+        protocols = [SPLIT if p == "split" else catalog_protocol(self.all_ids()) for p in spec.protocols]
+        options = EvalOptions(ks=KS, progress=False, keep_ranks=True)
+        return Evaluator(sets, self.cache, self.catalog_.attributes, options, spec.selection, self.out / "evaluations",
+                         protocols)
 
     # -- scoring ----------------------------------------------------------------------------------
-    def score(self, label: str, model: CIRModel, modes: tuple[str, ...] | None = None, describe: str = "catalog") -> dict:
-        """Rows (with 95% intervals) for ``model`` under every protocol; returns {protocol: report}."""
-        reports = {}
-        for protocol, evaluator in self.evaluators_.items():
-            report = evaluator(model, modes, describe)
-            reports[protocol] = report
-            for mode, table in report.items():
+    def score(self, label: str, model: CIRModel, modes: tuple[str, ...] | None = None, describe: str = "catalog",
+              reliance: bool | None = None) -> dict:
+        """Rows (with 95% intervals and, with reliance, the drop with shuffled references) for
+        ``model`` under every protocol; returns the evaluator's report."""
+        reliance = self.recipe.evaluation.reliance if reliance is None else reliance
+        report = self.evaluator_(model, modes, describe, reliance=reliance)
+        for protocol, by_mode in report.items():
+            for mode, table in by_mode.items():
                 for set_name, metrics in table.items():
                     if set_name == "average":
                         continue
-                    self.ranks[f"{label}/{mode}|{protocol}|{set_name}"] = metrics["ranks"]
-                    intervals = {f"R@{k}_ci": recall_interval(metrics["ranks"], k)[1:] for k in (10, 50)}
-                    self.rows.append({"stage": label, "mode": mode, "protocol": protocol, "set": set_name,
-                                      **{f"R@{k}": metrics[f"R@{k}"] for k in KS}, **intervals,
-                                      "n_queries": metrics["n_queries"], "n_gallery": metrics["n_gallery"]})
-        return reports
+                    key = f"{label}/{mode}|{protocol}|{set_name}"
+                    self.ranks[key] = metrics["ranks"]
+                    row = {"stage": label, "mode": mode, "protocol": protocol, "set": set_name,
+                           **{f"R@{k}": metrics[f"R@{k}"] for k in KS},
+                           **{f"R@{k}_ci": recall_interval(metrics["ranks"], k)[1:] for k in (10, 50)},
+                           "n_queries": metrics["n_queries"], "n_gallery": metrics["n_gallery"]}
+                    if "ranks_shuffled" in metrics:
+                        self.ranks[key + "|shuffled"] = metrics["ranks_shuffled"]
+                        row["reliance"], *row["reliance_ci"] = paired_difference(metrics["ranks"],
+                                                                                 metrics["ranks_shuffled"], 10)
+                    self.rows.append(row)
+        return report
 
-    @property
-    def selection_evaluator(self) -> Evaluator:
-        """The protocol models are selected and calibrated on: split when scored, else the first."""
-        return self.evaluators_.get("split") or next(iter(self.evaluators_.values()))
-
-    def selection_score(self, model: CIRModel, modes: tuple[str, ...] | None = None) -> dict[str, float]:
-        """The selection figure per mode (split protocol when scored, else the first)."""
-        evaluator = self.selection_evaluator
-        return {mode: evaluator.primary(table) for mode, table in evaluator(model, modes).items()}
-
-    def calibrate(self, model: CIRModel) -> None:
-        """The matcher's fusion weight with the best selection figure on val (ties: nearer 0.5)."""
-        if model.matcher is None:
-            return
-        scores = self.selection_evaluator.calibrate(model, self.recipe.model.matcher.weight_grid)
-        model.matcher.weight = max(scores, key=lambda w: (scores[w], -abs(w - 0.5)))
-        self.log(f"matcher weight {model.matcher.weight} (" + ", ".join(f"{w}: {v:.1f}" for w, v in scores.items()) + ")")
+    def selection_figure(self, model: CIRModel, mode: str | None = None) -> float:
+        """The selection figure of ``model`` in ``mode`` (default: its own)."""
+        mode = mode or model.query_mode
+        return self.evaluator_.figure(self.evaluator_(model, (mode,)), mode)
 
     def random_rows(self) -> None:
         """Expected recall of a random ranking: K / gallery size (one fewer with the reference removed)."""
-        for protocol, evaluator in self.evaluators_.items():
-            for set_name, triplet_set in evaluator.sets.items():
-                g = len(triplet_set.gallery_ids) - (protocol == "catalog")
-                self.rows.append({"stage": "random", "mode": "-", "protocol": protocol, "set": set_name,
+        for protocol in self.evaluator_.protocols:
+            for set_name, triplet_set in self.evaluator_.sets.items():
+                g = len(protocol.gallery_ids or triplet_set.gallery_ids) - protocol.remove_reference
+                self.rows.append({"stage": "random", "mode": "-", "protocol": protocol.name, "set": set_name,
                                   **{f"R@{k}": 100.0 * min(k, g) / max(g, 1) for k in KS},
                                   "n_queries": len(triplet_set.triplets), "n_gallery": g})
 
     # -- models -----------------------------------------------------------------------------------
-    def new_model(self, backbone, text_template: str, with_matcher: bool) -> CIRModel:
+    def new_model(self, backbone, text_template: str, reads_items: bool) -> CIRModel:
         spec = self.recipe.model
         combiner = None
         if spec.combiner:
             from ..models.combiner import Combiner
 
             combiner = Combiner(backbone.feature_dim)
-        matcher = DescriptionMatcher(spec.matcher.spec, spec.matcher.template) if with_matcher and spec.matcher else None
-        model = CIRModel(backbone, spec.query_mode, combiner, text_template=text_template, matcher=matcher)
+        matcher = None
+        if reads_items and spec.matcher and spec.matcher.spec == "backbone":
+            if not hasattr(backbone, "text_tower"):
+                raise DataError("recipe model.matcher.spec 'backbone' shares the offline towers' text tower; "
+                                f"{backbone.spec} has none: name a sentence encoder (minilm, mpnet, hf:DIR)")
+            matcher = DescriptionMatcher(backbone.towers.text, query_encoder=backbone.text_tower)
+        elif reads_items and spec.matcher:
+            matcher = DescriptionMatcher(spec.matcher.spec)
+        space = AttributeSpace() if reads_items and spec.attributes else None
+        model = CIRModel(backbone, spec.query_mode, combiner, text_template=text_template, matcher=matcher,
+                         attribute_space=space)
         model.descriptions_source = str(self.catalog_.attributes_file.resolve()) if self.catalog_.attributes_file else None
         return model
 
-    def baseline(self, spec, backbone) -> Path:
+    def fit_fusion(self, model: CIRModel) -> None:
+        """The model's fusion weights, fitted on the annotated training captions (gallery: the train
+        split, reference left out) and kept in ``fusion/<fingerprint>.json``."""
+        from ..training.fusion import fit_fusion
+
+        spec = self.recipe.fusion
+        sources = [s for s in self.recipe.annotated if spec.sets is None or source_name(s) in spec.sets]
+        if not sources:
+            raise DataError("recipe: a fused baseline needs annotated training captions to fit on")
+        sets = {source_name(s): self.load_source(s, "train") for s in sources}
+        train = Protocol("train", tuple(self.catalog_.splits.get("train", [])), remove_reference=True)
+        fitter = Evaluator(sets, self.cache, self.catalog_.attributes, EvalOptions(progress=False), None, None, [train])
+        key = text_sha1(model.fingerprint(), fitter.key, spec.config.model_dump_json())
+        path = self.out / "fusion" / f"{key}.json"
+        if path.is_file():
+            from ..models.fusion import Fusion
+
+            model.fusion = Fusion.from_dict(read_json(path, "fitted fusion")["fusion"], str(path))
+            return
+        fusion, summary = fit_fusion(fitter.prepare(model, all_terms=True), "train", spec.config)
+        model.fusion = fusion
+        write_json(path, {"fusion": fusion.model_dump(mode="json"), **summary})
+        self.log(f"fusion fitted on {summary['queries']} training captions ({summary['terms']} terms): "
+                 f"loss {summary['loss_plain_composed']} -> {summary['loss']}")
+
+    def baseline(self, spec: BaselineSpec, backbone) -> Path:
         """Every variant x mode scored; the best (on the selection figure) is published."""
         scores, choices = {}, {}
         for variant in spec.variants:
             model = self.new_model(backbone, variant.text_template, spec.matcher)
-            if model.matcher is not None:
-                self.calibrate(model)
+            if spec.fused:
+                self.fit_fusion(model)
             self.score(variant.label, model, tuple(variant.modes))
-            for mode, value in self.selection_score(model, tuple(variant.modes)).items():
-                scores[f"{variant.label}/{mode}"] = value
-                choices[f"{variant.label}/{mode}"] = (variant, mode, model.matcher.weight if model.matcher else None)
-        self.labels[spec.name] = Evaluator.select(scores)
-        variant, mode, weight = choices[self.labels[spec.name]]
-        model = self.new_model(backbone, variant.text_template, spec.matcher)
+            for mode in variant.modes:
+                scores[f"{variant.label}/{mode}"] = self.selection_figure(model, mode)
+                choices[f"{variant.label}/{mode}"] = (model, mode)
+        self.labels[spec.name] = Selection.best(scores)
+        model, mode = choices[self.labels[spec.name]]
         model.query_mode = mode
-        if weight is not None:
-            model.matcher.weight = weight
         self.log(f"{spec.name}: best variant {self.labels[spec.name]}")
         folder = self.out / spec.name
         model.save(folder, {"stage": spec.name})
@@ -293,29 +337,28 @@ class Runner:
         train_ids = set(self.catalog_.splits.get("train", []))
         if "annotated" in stage.data:
             for source in self.recipe.annotated:
-                triplets += self.load_source(source, self.catalog_, "train").triplets
+                triplets += self.load_source(source, "train").triplets
         if "generated" in stage.data:
             for source in self.recipe.generated:
-                triplets += self.load_source(source, self.catalog_, "train").triplets
+                triplets += self.load_source(source, "train").triplets
             if "train" in self.generated:
                 triplets += parse_triplets(self.generated["train"], "generated train triplets")
         return [t for t in triplets if t.candidate in train_ids and t.target in train_ids]
 
     def train_stage(self, stage: StageSpec, start: Path) -> Path:
         """Train ``stage`` from the published model ``start`` into ``train/<name>`` (the training
-        checkpoint resumes it; other inputs start it over), then calibrate and publish it."""
+        checkpoint resumes it; other inputs start it over), then publish it."""
         from ..training import train_stage1, train_stage2
 
         triplets = self.stage_triplets(stage)
         model = CIRModel.load(start)
-        if model.matcher is not None:
-            model.matcher.weight = self.recipe.model.matcher.train_weight
         batch = max(2, min(stage.train_config().batch_size, len(triplets) // 2 * 2))  # small slices
-        config = stage.train_config(batch_size=batch, cache_dir=str(self.out / "features"), progress=False)
+        config = stage.train_config(batch_size=batch, cache_dir=str(self.out / "features"), progress=True)
         run_dir = self.out / "train" / stage.name
         inputs = {"start": model.fingerprint(),
                   "triplets": text_sha1(*(f"{t.candidate}>{t.target}:{'|'.join(t.captions)}" for t in triplets)),
-                  "config": {k: v for k, v in config.model_dump(mode="json").items() if k not in RESUMABLE_FIELDS}}
+                  "config": {k: v for k, v in config.model_dump(mode="json").items() if k not in RESUMABLE_FIELDS},
+                  "selection": self.recipe.evaluation.selection.model_dump(mode="json")}
         inputs_file = run_dir / "inputs.json"
         if self.is_main and inputs_file.is_file() and read_json(inputs_file, "stage inputs") != inputs:
             self.log(f"{stage.name}: its start model, triplets or settings changed; training it again")
@@ -325,17 +368,19 @@ class Runner:
             write_json(inputs_file, inputs)
         self.log(f"{stage.name}: {len(triplets)} triplets, {config.epochs} epoch(s), batch {config.batch_size}")
         train = train_stage1 if stage.kind == "stage1" else train_stage2
-        train(config, model, triplets, self.catalog_.split_paths("train"), self.evaluators_["split"].sets if
-              "split" in self.evaluators_ else {}, self.catalog_.descriptions(), run_dir)
+        train(config, model, triplets, self.catalog_.split_paths("train"), self.evaluator_ if self.is_main else None,
+              self.catalog_.attributes, run_dir)
         if self.is_main:
             best = run_dir / "best" if (run_dir / "best" / "model.json").is_file() else run_dir / "model"
-            trained = CIRModel.load(best)
-            self.calibrate(trained)
-            trained.save(self.out / stage.name, {"stage": stage.name})  # crash-consistent in place
+            publish_model(best, self.out / stage.name)
+            if stage.refit_fusion:
+                trained = CIRModel.load(self.out / stage.name)
+                self.fit_fusion(trained)
+                trained.save(self.out / stage.name, {"stage": stage.name})
             from .pictures import stage_curves
 
             stage_curves([run_dir / "metrics.jsonl"], run_dir / "curve.png")
-            self.labels[stage.name] = f"{stage.name}/{trained.query_mode}"
+            self.labels[stage.name] = f"{stage.name}/{model.query_mode}"
         self.barrier()  # the next stage may start from this one on every rank
         return self.out / stage.name
 
@@ -343,61 +388,83 @@ class Runner:
     def run(self) -> dict:
         recipe = self.recipe
         self.out.mkdir(parents=True, exist_ok=True)
-        self.labels: dict[str, str] = {}  # model name -> "row label/mode" of its selected scores
-        if self.is_main:
-            self.record_run()
-            self.catalog_ = self.catalog()
-        self.barrier()
-        if not self.is_main:
-            self.catalog_ = self.catalog()
-        backbone = self.towers(self.catalog_)
-        plain = CIRModel(backbone, query_mode=recipe.model.query_mode)
-        self.generated = {split: self.generated_triplets(plain, self.catalog_, split) for split in recipe.generate}
-        self.evaluators_ = self.evaluators(self.catalog_, self.generated.get("val"))
+        with self.step("catalog"):
+            if self.is_main:
+                self.record_run()
+                self.catalog_ = self.catalog()
+            self.barrier()
+            if not self.is_main:
+                self.catalog_ = self.catalog()
+        with self.step("image features and towers"):
+            backbone = self.towers(self.catalog_)
+            self.cache.encode(backbone, {i: self.catalog_.image_paths[i] for i in self.all_ids()}, on_error="skip",
+                              progress=True)
+        with self.step("triplets"):
+            plain = CIRModel(backbone, query_mode=recipe.model.query_mode)
+            self.generated = {split: self.generated_triplets(plain, self.catalog_, split) for split in recipe.generate}
+        self.evaluator_ = self.evaluator()
         published: dict[str, Path] = {}
         if self.is_main:
             self.random_rows()
             for spec in recipe.baselines:
-                published[spec.name] = self.baseline(spec, backbone)
+                with self.step(f"baseline {spec.name}"):
+                    published[spec.name] = self.baseline(spec, backbone)
         self.barrier()
         published.update({spec.name: self.out / spec.name for spec in recipe.baselines})
         for stage in recipe.stages:
-            published[stage.name] = self.train_stage(stage, published[stage.start])
+            with self.step(f"train {stage.name}"):
+                published[stage.name] = self.train_stage(stage, published[stage.start])
             if self.is_main:
-                self.score(stage.name, CIRModel.load(published[stage.name]))
+                with self.step(f"score {stage.name}"):
+                    self.score(stage.name, CIRModel.load(published[stage.name]))
         if not self.is_main:
             return {}
         return self.finish(published)
 
     def finish(self, published: dict[str, Path]) -> dict:
         recipe = self.recipe
-        scores = {}
-        for name, folder in published.items():
-            model = CIRModel.load(folder)
-            scores[name] = self.selection_score(model)[model.query_mode]
-        best = Evaluator.select(scores)
-        publish_model(published[best], self.out / "best")
-        selection = recipe.evaluation.selection
-        write_json(self.out / "best" / "selected.json", {"stage": best, "scores": scores, "selection": {
-            "set": selection.set or "average", "metric": selection.metric, "protocol": "split"}})
-        self.log(f"best on val: {best} ({selection.metric} {scores[best]:.2f})")
+        with self.step("select"):
+            scores = {name: self.selection_figure(CIRModel.load(folder)) for name, folder in published.items()}
+            best = Selection.best(scores)
+            publish_model(published[best], self.out / "best")
+            write_json(self.out / "best" / "selected.json", {"stage": best, "scores": scores,
+                                                             "selection": recipe.evaluation.selection.model_dump(mode="json")})
+            self.log(f"best on val: {best} ({recipe.evaluation.selection.metric} {scores[best]:.2f})")
         if recipe.attribute_heads:
-            self.attribute_heads()
+            with self.step("attribute heads"):
+                self.attribute_heads()
         baselines = [b.name for b in recipe.baselines]
-        best_baseline = max(baselines, key=lambda b: scores[b]) if baselines else None
+        best_baseline = Selection.best({b: scores[b] for b in baselines}) if baselines else None
         pairs = [(best_baseline if a == "best-baseline" else a, best_baseline if b == "best-baseline" else b)
                  for a, b in recipe.evaluation.compare]
-        table, differences = self.table(), self.differences([(self.labels[a], self.labels[b]) for a, b in pairs
-                                                             if a in self.labels and b in self.labels])
-        atomic_write_text(self.out / "results.md", table + "\n\nPaired differences on the first val set:\n\n" + differences + "\n")
+        table = self.table()
+        differences = self.differences([(self.labels[a], self.labels[b]) for a, b in pairs
+                                        if a in self.labels and b in self.labels])
+        atomic_write_text(self.out / "results.md", table + "\n\nPaired differences (R@10, R@50):\n\n" + differences + "\n")
         write_json(self.out / "results.json", {"rows": self.rows, "best": best, "labels": self.labels,
                                                "seconds": time.perf_counter() - self.started, "ranks": self.ranks})
         print("\nResults (val):\n" + table + "\n\nPaired differences:\n" + differences, flush=True)
         if recipe.pictures:
-            self.pictures()
+            with self.step("pictures"):
+                self.pictures()
         if recipe.index is not None:
-            self.build_index()
+            with self.step("index"):
+                self.build_index()
+        self.write_timings()
+        if self.serve and recipe.index is not None:
+            from ..serving.app import serve
+
+            print(f"\nServing the catalog at http://127.0.0.1:{self.port}/  (Ctrl+C to stop)", flush=True)
+            serve(self.out / "index", CIRModel.load(self.out / "best"), host="127.0.0.1", port=self.port)
         return {"rows": self.rows, "best": best}
+
+    def write_timings(self) -> None:
+        total = time.perf_counter() - self.started
+        write_json(self.out / "timings.json", {"steps": self.timings, "total_seconds": round(total, 1),
+                                               "peak_rss_mb": round(peak_rss_mb())})
+        lines = [f"  {t['step']:<40}{t['seconds']:>8.0f} s" for t in self.timings]
+        print("\nTime per step:\n" + "\n".join(lines) + f"\n  {'total':<40}{total:>8.0f} s  (peak RSS "
+              f"{peak_rss_mb():.0f} MB; timings.json)", flush=True)
 
     def attribute_heads(self) -> None:
         from ..models.attributes import load_heads
@@ -423,35 +490,42 @@ class Runner:
         self.score("best-predicted-prompt", best, (best.query_mode,), describe="predicted")
 
     def table(self) -> str:
-        header = "| model | mode | protocol | set | " + " | ".join(f"R@{k}" for k in KS) + " | R@10 95% CI | R@50 95% CI | queries | gallery |"
-        lines = [header, "|" + "---|" * (len(KS) + 8)]
-        first_set = next(iter(next(iter(self.evaluators_.values())).sets), None)
-        for row in sorted(self.rows, key=lambda r: (r["protocol"] != "split", r["set"] != first_set)):
+        header = ("| model | mode | protocol | set | " + " | ".join(f"R@{k}" for k in KS)
+                  + " | R@10 95% CI | R@50 95% CI | reliance (R@10 true - shuffled, 95% CI) | queries | gallery |")
+        lines = [header, "|" + "---|" * (len(KS) + 9)]
+        order = list(self.evaluator_.sets)
+        protocols = [p.name for p in self.evaluator_.protocols]
+        for row in sorted(self.rows, key=lambda r: (protocols.index(r["protocol"]), order.index(r["set"]))):
             ci = [f"{row[f'R@{k}_ci'][0]:.1f}-{row[f'R@{k}_ci'][1]:.1f}" if f"R@{k}_ci" in row else "-" for k in (10, 50)]
+            reliance = (f"{row['reliance']:+.1f} ({row['reliance_ci'][0]:+.1f} to {row['reliance_ci'][1]:+.1f})"
+                        if "reliance" in row else "-")
             lines.append(f"| {row['stage']} | {row['mode']} | {row['protocol']} | {row['set']} | "
                          + " | ".join(f"{row[f'R@{k}']:.2f}" for k in KS)
-                         + f" | {ci[0]} | {ci[1]} | {row['n_queries']} | {row['n_gallery']} |")
+                         + f" | {ci[0]} | {ci[1]} | {reliance} | {row['n_queries']} | {row['n_gallery']} |")
         return "\n".join(lines)
 
     def differences(self, pairs: list[tuple[str, str]]) -> str:
-        """Paired bootstrap differences (R@10, R@50) on the same queries of the first val set."""
-        first_set = next(iter(next(iter(self.evaluators_.values())).sets), None)
-        lines = ["| comparison | protocol | R@10 diff (95% CI) | R@50 diff (95% CI) |", "|---|---|---|---|"]
+        """Paired bootstrap differences (R@10, R@50) on the same queries, per protocol and val set."""
+        lines = ["| comparison | protocol | set | R@10 diff (95% CI) | R@50 diff (95% CI) |", "|---|---|---|---|---|"]
         for a, b in pairs:
-            for protocol in self.evaluators_:
-                ra, rb = self.ranks.get(f"{a}|{protocol}|{first_set}"), self.ranks.get(f"{b}|{protocol}|{first_set}")
-                if ra is None or rb is None:
-                    continue
-                cells = [paired_difference(ra, rb, k) for k in (10, 50)]
-                lines.append(f"| {a} - {b} | {protocol} | " + " | ".join(f"{d:+.1f} ({lo:+.1f} to {hi:+.1f})" for d, lo, hi in cells) + " |")
+            for protocol in self.evaluator_.protocols:
+                for set_name in self.evaluator_.sets:
+                    ra = self.ranks.get(f"{a}|{protocol.name}|{set_name}")
+                    rb = self.ranks.get(f"{b}|{protocol.name}|{set_name}")
+                    if ra is None or rb is None:
+                        continue
+                    cells = [paired_difference(ra, rb, k) for k in (10, 50)]
+                    lines.append(f"| {a} - {b} | {protocol.name} | {set_name} | "
+                                 + " | ".join(f"{d:+.1f} ({lo:+.1f} to {hi:+.1f})" for d, lo, hi in cells) + " |")
         return "\n".join(lines)
 
     def pictures(self) -> None:
         from .pictures import example_picture, stage_curves, triplet_picture
 
         best = CIRModel.load(self.out / "best")
-        first = next(iter(next(iter(self.evaluators_.values())).sets.values()))
-        self.log(f"example queries: {example_picture(best, first, self.catalog_.descriptions(), self.cache, self.out / 'examples.png')}")
+        for name, triplet_set in self.evaluator_.sets.items():
+            out = self.out / f"examples-{name}.png"
+            self.log(f"example queries: {example_picture(best, triplet_set, self.catalog_.attributes, self.cache, out)}")
         if "train" in self.generated and self.generated["train"]:
             self.log(f"example triplets: {triplet_picture(self.generated['train'], self.catalog_.image_paths, self.out / 'triplets.png')}")
         curves = [self.out / "train" / s.name / "metrics.jsonl" for s in self.recipe.stages]
@@ -467,13 +541,12 @@ class Runner:
                     | ({"label": self.catalog_.labels[i]} if i in self.catalog_.labels else {}) for i in paths}
         best = CIRModel.load(self.out / "best")
         index = build_index(self.out / "index", best, paths, metadata, factory=spec.factory, cache_dir=self.out / "features",
-                            overwrite=True, progress=False)
+                            overwrite=True, progress=True)
         self.log(f"index: {len(index)} catalog images in {self.out / 'index'}")
-        if self.serve:
-            from ..serving.app import serve
 
-            print(f"\nServing the catalog at http://127.0.0.1:{self.port}/  (Ctrl+C to stop)", flush=True)
-            serve(self.out / "index", best, host="127.0.0.1", port=self.port)
+
+def source_name(source: TripletSource) -> str:
+    return source.name or Path(source.captions).stem
 
 
 def run_recipe(recipe: Recipe, source: str = "recipe", serve: bool = False, port: int = 8000) -> dict:

@@ -30,10 +30,10 @@ from ..errors import DataError, ModelError, check_failures
 from ..features.cache import FeatureCache
 from ..io import environment_info, folder_lock, fsync_dir, fsync_file, read_json
 from ..models.cir import CIRModel
-from ..models.matcher import DescriptionBank
 from .filters import FIELD_PATTERN, Filter, field_text, filterable_fields
-from .scorer import DenseGallery
-from .store import CatalogStore, SearchHit, StoreSpec, item_vectors, open_index, parse_store_spec
+from .dense import DenseGallery
+from .policy import item_parts
+from .store import CatalogStore, SearchHit, StoreSpec, item_vectors, open_index, parse_store_spec, row_width
 
 INDEX_FILE = "index.json"
 FORMAT = "fashion-cir-index/1"
@@ -116,6 +116,11 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         raise DataError(f"{path}: field 'data' must name a data-NNNNNN folder inside the index, got {config['data']!r}")
     if config["count"] < 0 or config["feature_dim"] < 1 or config["nprobe"] < 1 or config["ef_search"] < 1:
         raise DataError(f"{path}: count, feature_dim, nprobe and ef_search must be positive; rebuild the index")
+    blocks = config.get("blocks")
+    if blocks is not None and not (isinstance(blocks, dict) and blocks.get("image") == config["feature_dim"] and all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in blocks.values())):
+        raise DataError(f"{path}: field 'blocks' must map block names to widths, the image block's being "
+                        f"feature_dim; rebuild the index")
     return config
 
 
@@ -224,7 +229,7 @@ class CatalogIndex(CatalogStore):
                                 f"catalog root {root}; rebuild the index")
             paths[image_id] = Path(os.path.normpath(full))
         metadata = _read_data_json(data / "metadata.json", "index metadata", dict)
-        row_dim = dim + int((config.get("matcher") or {}).get("dim", 0))
+        row_dim = row_width(config)
         features = _load_features(data / "features.npy", count, row_dim)
         try:
             faiss_index = faiss.read_index(str(data / "faiss.index"))
@@ -381,11 +386,9 @@ def _encode(model: CIRModel, paths: dict[str, Path], cache_dir: Path, batch_size
 def _stored_rows(model: CIRModel, ids: list[str], features: np.ndarray, metadata: Mapping[str, dict],
                  cache_dir: Path) -> np.ndarray:
     """The rows an index stores (see :func:`~fashion_cir.retrieval.store.item_vectors`): raw image
-    features, followed with a description matcher by each item's ``description`` features."""
-    if model.matcher is None:
-        return features
-    described = DescriptionBank(cache_dir).features(model.matcher, [metadata.get(i, {}).get("description") for i in ids])
-    return np.concatenate([features.astype(np.float32), described.numpy()], axis=1)
+    features, then the item's description features and attributes where the model reads them."""
+    parts = [p.numpy() for p in item_parts(model, ids, metadata, cache_dir) if p is not None]
+    return np.concatenate([features.astype(np.float32), *parts], axis=1) if parts else features
 
 
 def build_index(folder: str | Path, model: CIRModel, images: str | Path | Mapping[str, str | Path],
@@ -420,7 +423,9 @@ def build_index(folder: str | Path, model: CIRModel, images: str | Path | Mappin
         factory = resolve_factory(factory, len(encoded))
         config = {"format": FORMAT, "store": spec.to_config(), "fields": filterable_fields(meta.values()),
                   "factory": factory, "metric": "inner_product", "feature_dim": int(features.shape[1]),
-                  "matcher": {**model.matcher.config(), "dim": model.matcher.dim} if model.matcher is not None else None,
+                  "matcher": model.matcher.config() if model.matcher is not None else None,
+                  "attributes": model.attribute_space.names if model.attribute_space is not None else None,
+                  "blocks": model.block_dims(),
                   "nprobe": nprobe, "ef_search": ef_search, "backbone": backbone.spec,
                   "model_dir": str(model.source) if model.source else None,
                   "preprocess": backbone.preprocess_description, "image_fingerprint": backbone.image_fingerprint(),
@@ -429,9 +434,9 @@ def build_index(folder: str | Path, model: CIRModel, images: str | Path | Mappin
         if spec.kind == "milvus":
             from .milvus_store import MilvusIndex
 
-            if model.matcher is not None:
-                raise DataError("the Milvus store does not hold description-matcher items yet; build this model's "
-                                "index with --store faiss, or use a model without a matcher")
+            if len(model.block_dims()) > 1:
+                raise DataError("the Milvus store holds image-only items so far; build the index of a model that reads "
+                                "descriptions or attributes with --store faiss")
             index: CatalogStore = MilvusIndex.create(folder, config, dict(milvus or {}), overwrite=overwrite)
         else:
             empty = np.zeros((0, rows.shape[1]), dtype=np.float32)

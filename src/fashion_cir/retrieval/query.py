@@ -14,11 +14,10 @@ import torch
 from PIL import Image
 
 from ..errors import DataError
-from ..models.attributes import describe
 from ..models.cir import CIRModel
 from .filters import BoolOp, Compare, Filter, FilterError
 from .index import encode_reference_image
-from .scorer import compose_queries
+from .policy import ReferencePolicy, resolve_references
 from .store import CatalogStore, SearchHit
 
 
@@ -44,19 +43,6 @@ def attribute_filter(values: Mapping[str, list[str]], base: Filter | None = None
     words = [f"{name} in {json.dumps(list(vals))}" for name, vals in values.items() if vals]
     text = " and ".join(([f"({base.text})"] if base is not None else []) + words)
     return Filter(text, parts[0] if len(parts) == 1 else BoolOp("and", tuple(parts)))
-
-
-def reference_description(model: CIRModel, index: CatalogStore, item_id: str | None,
-                          image_features: torch.Tensor | None) -> tuple[str | None, str, dict[str, Any]]:
-    """(description, source, attributes) of a reference: a catalog item's own description and
-    metadata; otherwise (an upload, or an item without a description) the attribute heads'."""
-    metadata = index.metadata.get(item_id, {}) if item_id is not None else {}
-    if isinstance(metadata.get("description"), str) and metadata["description"]:
-        return metadata["description"], "catalog", dict(metadata)
-    if model.attribute_heads is not None and image_features is not None:
-        predicted = model.predict_attributes(image_features)[0]
-        return describe(predicted), "predicted", predicted
-    return None, "none", dict(metadata)
 
 
 def composed_search(model: CIRModel, index: CatalogStore, image: Image.Image | None = None, item_id: str | None = None,
@@ -87,12 +73,12 @@ def composed_search(model: CIRModel, index: CatalogStore, image: Image.Image | N
         image_features = torch.from_numpy(row[None])
     else:
         image_features = None
-    description, source, attributes = reference_description(model, index, item_id, image_features)
-    if model.text_template != "prompt":
-        description, source = None, "none"
-    queries = compose_queries(model, image_features, [text], [description])
-    query = queries.vectors()
-    query_text = queries.texts[0] if text else ""
+    reference = resolve_references(model, ReferencePolicy("catalog"), [item_id], image_features, index.metadata)[0]
+    attributes = reference.attributes or dict(index.metadata.get(item_id, {}) if item_id is not None else {})
+    parts = model.encode_queries(image_features, [text], [reference.description], [reference.attributes])
+    with torch.no_grad():
+        query = model.query_vectors(parts)
+    query_text = parts.texts[0] if text else ""
     wanted = {name: [v for v in vals if v] for name, vals in (filters or {}).items() if any(vals)}
     if same_type:
         category = attributes.get("category")
@@ -102,5 +88,5 @@ def composed_search(model: CIRModel, index: CatalogStore, image: Image.Image | N
     exclude = [item_id] if exclude_reference and item_id is not None else []
     # one extra hit says whether a further page exists
     hits = index.search_vectors(query.float().cpu().numpy(), offset + k + 1, exclude, attribute_filter(wanted, filter))[0]
-    return SearchResult(hits[offset:offset + k], query_text, description, source, attributes, wanted, offset,
+    return SearchResult(hits[offset:offset + k], query_text, reference.description, reference.source, attributes, wanted, offset,
                         len(hits) > offset + k)

@@ -147,29 +147,29 @@ class CatalogStore(ABC):
                 f"index {self.folder} was built with image encoder {self.config['backbone']} (fingerprint "
                 f"{self.fingerprint}) but the model given has {model.backbone.spec} (fingerprint {actual}); "
                 "use the model the index was built with, or rebuild the index with this model")
-        wanted = model.matcher.config() if model.matcher is not None else None
-        built = self.config.get("matcher")
-        if (wanted or {}).get("spec") != (built or {}).get("spec") or (wanted or {}).get("weight") != (built or {}).get("weight"):
-            raise ModelError(f"index {self.folder} holds items for description matcher {built} but the model has "
-                             f"{wanted}; use the model the index was built with, or rebuild the index")
+        wanted = {"matcher": (model.matcher.config() if model.matcher is not None else {}).get("spec"),
+                  "attributes": model.attribute_space.names if model.attribute_space is not None else None}
+        built = {"matcher": (self.config.get("matcher") or {}).get("spec"), "attributes": self.config.get("attributes")}
+        if wanted != built:
+            raise ModelError(f"index {self.folder} holds items for {built} but the model reads {wanted}; use the "
+                             "model the index was built with, or rebuild the index")
 
 
-def item_vectors(rows: np.ndarray, config: dict[str, Any]) -> np.ndarray:
-    """What an index searches for its stored rows. A row is an item's raw image features, followed,
-    for a model with a description matcher (``config["matcher"]``), by its description features
-    (zero when it has none); the item vector is the model's
-    (:meth:`~fashion_cir.models.cir.CIRModel.item_vectors`)."""
-    import torch
-    import torch.nn.functional as F
+def row_width(config: Mapping[str, Any]) -> int:
+    """Width of an index's stored rows: its blocks (raw image features, then description features
+    and attributes where the model reads them; a manifest from before blocks: image + matcher)."""
+    if config.get("blocks"):
+        return int(sum(config["blocks"].values()))
+    return int(config["feature_dim"]) + int((config.get("matcher") or {}).get("dim", 0))
 
-    from ..models.matcher import fuse
 
-    rows = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+def item_vectors(rows: np.ndarray, config: Mapping[str, Any]) -> np.ndarray:
+    """What an index searches for its stored rows: the image block normalised, the other blocks as
+    stored (:meth:`~fashion_cir.models.cir.CIRModel.item_vectors`)."""
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
     dim = int(config["feature_dim"])
-    image = F.normalize(rows[:, :dim], dim=-1)
-    matcher = config.get("matcher")
-    vectors = fuse(image, rows[:, dim:], float(matcher["weight"])) if matcher else image
-    return np.ascontiguousarray(vectors.numpy())
+    image = rows[:, :dim] / np.maximum(np.linalg.norm(rows[:, :dim], axis=1, keepdims=True), 1e-12)
+    return np.ascontiguousarray(np.concatenate([image, rows[:, dim:]], axis=1))
 
 
 def open_index(folder: str | Path, model: "CIRModel | None" = None) -> CatalogStore:

@@ -36,8 +36,6 @@ class TrainConfig(Config):
     train_matcher: bool = Field(True, description="train the description matcher's query encoder when the model has one")
     last_n_blocks: int | None = Field(None, ge=1, description="unfreeze only the last N transformer blocks of each trained encoder")
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints (also written at each epoch end)")
-    select_set: str | None = Field(None, description="validation set to select on; None = average over the val sets")
-    select_metric: Literal["overall", "R@1", "R@5", "R@10", "R@50"] = Field("overall", description="metric of that set: overall = (R@10 + R@50) / 2, or R@K")
     eval_batch_size: int = 64
     num_workers: int = 0
     log_every: int = 10

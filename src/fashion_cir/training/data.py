@@ -8,15 +8,16 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.captions import join_captions_train
+from ..data.captions import join_captions_train, sentence_query
 from ..data.images import open_image
 from ..data.triplets import Triplet
+from ..language.changes import read_changes
 from ..models.cir import CIRModel
 from .distributed import DistContext
 
@@ -79,16 +80,19 @@ def sample_rng(seed: int, epoch: int, position: int) -> random.Random:
 
 
 class TripletExamples(Dataset):
-    """Items (epoch, position, index) -> one training example: the query text (CLIP4Cir training
-    caption joining + the model's text template), reference, target, up to ``hard_negatives``
-    hard-negative image ids, and with ``load_pixels`` the preprocessed images."""
+    """Items (epoch, position, index) -> one training example: the query's texts (CLIP4Cir training
+    caption joining; the text tower's input per the model's text template, and the matcher's
+    caption and prompt), the attribute terms of the caption's changes from the reference's record,
+    reference, target, up to ``hard_negatives`` hard-negative image ids, and with ``load_pixels``
+    the preprocessed images."""
 
     def __init__(self, model: CIRModel, triplets: list[Triplet], image_paths: dict[str, Path],
-                 descriptions: dict[str, str] | None, seed: int, hard_negatives: int = 0, load_pixels: bool = False):
+                 records: Mapping[str, Mapping[str, Any]] | None, seed: int, hard_negatives: int = 0,
+                 load_pixels: bool = False):
         self.model = model
         self.triplets = triplets
         self.image_paths = image_paths
-        self.descriptions = descriptions or {}
+        self.records = records or {}
         self.seed = seed
         self.hard_negatives = hard_negatives
         self.load_pixels = load_pixels
@@ -101,13 +105,14 @@ class TripletExamples(Dataset):
         triplet = self.triplets[index]
         rng = sample_rng(self.seed, epoch, position)
         caption = join_captions_train(list(triplet.captions), rng)
-        prompt = triplet.reference_prompt or self.descriptions.get(triplet.candidate)
+        record = self.records.get(triplet.candidate)
+        prompt = triplet.reference_prompt or (record or {}).get("description")
         pool = [h for h in dict.fromkeys(triplet.hard_negatives) if h in self.image_paths and h != triplet.target]
         hard = rng.sample(pool, min(self.hard_negatives, len(pool)))
         example = {"text": self.model.query_text(caption, prompt), "reference": triplet.candidate,
-                   "target": triplet.target, "hard": hard}
-        if self.model.matcher is not None:
-            example["matcher_text"] = self.model.matcher.query_text(caption, prompt)
+                   "target": triplet.target, "hard": hard, "caption": caption, "prompt": sentence_query(prompt, caption)}
+        if self.model.attribute_space is not None:
+            example["attributes"] = self.model.attribute_space.query_rows(record, read_changes(caption))
         if self.load_pixels:
             preprocess = self.model.backbone.preprocess
             example["pixels"] = [preprocess(open_image(self.image_paths[i])) for i in [triplet.candidate, triplet.target, *hard]]
@@ -115,13 +120,13 @@ class TripletExamples(Dataset):
 
 
 class Collate:
-    """Examples -> a batch: tokens, integer image ids (``-1`` pads the hard-negative slots to a fixed
-    ``hard_negatives`` per example, so every rank gathers equal shapes) and, with pixels, the images
-    stacked as [references; targets; real hard negatives]."""
+    """Examples -> a batch: tokens (the text tower's; the matcher's for the caption and the prompt
+    when the model's fusion weighs them), attribute term rows, integer image ids (``-1`` pads the
+    hard-negative slots to a fixed ``hard_negatives`` per example, so every rank gathers equal
+    shapes) and, with pixels, the images stacked as [references; targets; real hard negatives]."""
 
     def __init__(self, model: CIRModel, image_index: dict[str, int], hard_negatives: int):
-        self.tokenize = model.backbone.tokenize
-        self.matcher_tokenize = model.matcher.tokenize if model.matcher is not None else None
+        self.model = model
         self.image_index = image_index
         self.hard_negatives = hard_negatives
 
@@ -132,13 +137,17 @@ class Collate:
             for j, h in enumerate(ex["hard"]):
                 hard_ids[i * k + j] = self.image_index[h]
         batch = {
-            "tokens": self.tokenize([ex["text"] for ex in examples]),
+            "tokens": self.model.backbone.tokenize([ex["text"] for ex in examples]),
             "reference_ids": torch.tensor([self.image_index[ex["reference"]] for ex in examples]),
             "target_ids": torch.tensor([self.image_index[ex["target"]] for ex in examples]),
             "hard_ids": hard_ids,
         }
-        if self.matcher_tokenize is not None:
-            batch["matcher_tokens"] = self.matcher_tokenize([ex["matcher_text"] for ex in examples])
+        matcher = self.model.matcher
+        for term in ("caption",) if self.model.shares_text else ("caption", "prompt"):  # shared: the text tower's pass
+            if matcher is not None and self.model.needs(term, self.model.fusion):
+                batch[f"{term}_tokens"] = matcher.tokenize([ex[term] for ex in examples])
+        if examples and "attributes" in examples[0]:
+            batch["attributes"] = {t: torch.stack([ex["attributes"][t] for ex in examples]) for t in examples[0]["attributes"]}
         if examples and "pixels" in examples[0]:
             batch["pixels"] = torch.stack([ex["pixels"][0] for ex in examples] + [ex["pixels"][1] for ex in examples]
                                           + [p for ex in examples for p in ex["pixels"][2:]])
@@ -146,10 +155,13 @@ class Collate:
 
 
 def to_device(batch: dict, model: CIRModel, device: torch.device) -> dict:
-    moved = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in ("tokens", "matcher_tokens")}
+    def move(value):
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        return value.to(device, non_blocking=True)
+
+    moved = {k: move(v) for k, v in batch.items() if k != "tokens"}
     moved["tokens"] = model.backbone.tokens_to(batch["tokens"], device)
-    if "matcher_tokens" in batch:
-        moved["matcher_tokens"] = {k: v.to(device, non_blocking=True) for k, v in batch["matcher_tokens"].items()}
     return moved
 
 

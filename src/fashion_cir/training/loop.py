@@ -22,9 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..data.triplets import TripletSet
 from ..errors import FashionCIRError
-from ..evaluation.evaluate import EvalOptions
 from ..evaluation.evaluator import Evaluator, Selection
 from ..features.cache import FeatureCache
 from ..io import append_jsonl, atomic_write_bytes, atomic_write_text, write_json
@@ -134,8 +132,7 @@ class StageRun:
     step_module: nn.Module
     micro_batches: Callable[[int, int], Iterator[dict]]
     steps_per_epoch: int
-    val_sets: dict[str, TripletSet]
-    descriptions: dict[str, str] | None
+    evaluator: Evaluator | None  # validation each epoch and the selection rule (None: the last epoch is kept)
     out_dir: Path
     ctx: DistContext
     image_encoder_trains: bool
@@ -149,9 +146,6 @@ class Trainer:
         self.params = [p for p in run.model.parameters() if p.requires_grad]
         if not self.params:
             raise FashionCIRError(f"{run.name}: nothing to train (every parameter is frozen)")
-        self.selection = Selection(set=cfg.select_set, metric=cfg.select_metric)
-        if cfg.select_set is not None and cfg.select_set not in run.val_sets:
-            raise FashionCIRError(f"select_set {cfg.select_set!r} is not a validation set ({sorted(run.val_sets)})")
         self.total_steps = cfg.epochs * run.steps_per_epoch
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -239,20 +233,20 @@ class Trainer:
             append_jsonl(self.metrics_path, [{"stage": self.run.name, "time": round(time.time(), 3), **record}])
 
     def validate(self) -> tuple[dict | None, float | None]:
-        """Rank 0 evaluates the val sets in the model's query mode; returns (report, selection metric)."""
-        run, cfg = self.run, self.run.config
-        if not run.val_sets or not run.ctx.is_main:
+        """Rank 0 scores the model in its query mode with the stage's evaluator; returns (the report,
+        the selection figure). While the image encoder trains its features go to a throw-away cache."""
+        run = self.run
+        if run.evaluator is None or not run.ctx.is_main:
             return None, None
-        if run.image_encoder_trains:  # features of a moving encoder are never reused: a throw-away cache
-            cache = FeatureCache(run.out_dir / ".val_cache")
-        else:
-            cache = FeatureCache(cfg.cache_dir or run.out_dir / "cache")
-        options = EvalOptions(batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers, progress=False)
-        evaluator = Evaluator(run.val_sets, cache, run.descriptions, options, self.selection)
-        report = evaluator(run.model)[run.model.query_mode]
+        evaluator = run.evaluator
+        if run.image_encoder_trains:  # features of a moving encoder are never reused
+            evaluator = Evaluator(evaluator.sets, FeatureCache(run.out_dir / ".val_cache"), evaluator.records,
+                                  evaluator.options, evaluator.selection, None, evaluator.protocols)
+        report = evaluator(run.model)
         if run.image_encoder_trains:
             shutil.rmtree(run.out_dir / ".val_cache", ignore_errors=True)
-        return report, evaluator.primary(report)
+        mode = run.model.query_mode
+        return {protocol: by_mode[mode] for protocol, by_mode in report.items()}, evaluator.figure(report, mode)
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self) -> CIRModel:
@@ -265,7 +259,7 @@ class Trainer:
                   "world_size": ctx.world_size, "steps_per_epoch": run.steps_per_epoch,
                   "trainable_parameters": sum(p.numel() for p in self.params),
                   "amp": str(self.dtype) if self.dtype else "off"})
-        if not resumed:  # the starting point of the validation curve
+        if not resumed:  # the starting point of the validation curve (the start model's scores: cached)
             report, metric = self.validate()
             if report is not None:
                 self.log({"epoch": -1, "step": 0, "val": report, "selection_metric": metric, "before_training": True})
@@ -321,21 +315,20 @@ class Trainer:
         return float(mean_over_ranks(total, ctx)), float(grad_norm)
 
     def report_validation(self, when: str, report: dict, metric: float, improved: bool) -> None:
-        """One console line per validation, as the training runs."""
-        average = report["average"]
-        print(f"{self.run.out_dir.name} {when}: val R@10 {average['R@10']:.1f} R@50 {average['R@50']:.1f}, "
-              f"{self.selection.metric} of {self.selection.set or 'average'} {metric:.2f}"
+        """One console line per validation, as the training runs (R@10 averaged over the val sets)."""
+        recalls = ", ".join(f"{protocol} {table['average']['R@10']:.1f}" for protocol, table in report.items())
+        print(f"{self.run.out_dir.name} {when}: val R@10 {recalls}; selection figure {metric:.2f}"
               f"{' (best so far)' if improved else ''}", flush=True)
 
     def end_epoch(self) -> None:
         run, cfg = self.run, self.run.config
         report, metric = self.validate()
-        improved = metric is not None and (self.progress.best_metric is None or metric > self.progress.best_metric)
-        if run.ctx.is_main and (improved or not run.val_sets):
+        improved = metric is not None and Selection.improves(metric, self.progress.best_metric)
+        if run.ctx.is_main and (improved or run.evaluator is None):
             run.model.save(run.out_dir / "best", {"stage": run.name, "epoch": self.progress.epoch,
                                                    "global_step": self.progress.global_step,
-                                                   "selection": {"set": cfg.select_set or "average",
-                                                                 "metric": cfg.select_metric, "value": metric}})
+                                                   "selection": {**(run.evaluator.selection.model_dump(mode="json")
+                                                                    if run.evaluator else {}), "value": metric}})
         if improved:
             self.progress.best_metric = metric
         if report is not None:

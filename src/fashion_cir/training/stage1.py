@@ -9,16 +9,21 @@ only its head trains (``offline+blocksN``), the cached trunk features go through
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..data.images import readable_images
-from ..data.triplets import Triplet, TripletSet
+from ..data.triplets import Triplet
+from ..evaluation.evaluator import Evaluator
 from ..errors import FashionCIRError
 from ..features.cache import FeatureCache
 from ..models.cir import CIRModel
-from ..models.matcher import DescriptionBank
+from ..models.fusion import QueryParts
+from ..models.sentence_encoder import mean_pool
+from ..retrieval.policy import item_parts
 from .config import Stage1Config
 from .data import Collate, TripletExamples, epoch_batches, epoch_loader, order_pools
 from .distributed import DistContext, gather_with_local_grad, shared_image_features
@@ -36,10 +41,45 @@ def set_trainable(model: CIRModel, encoders: list[str], last_n_blocks: int | Non
     model.backbone.set_trainable(encoders, last_n_blocks)
     if model.combiner is not None:
         model.combiner.requires_grad_(train_combiner and model.query_mode == "combiner")
-    if model.matcher is not None:
-        model.matcher.query_encoder.requires_grad_(train_matcher)
+    if model.matcher is not None and not model.matcher.shared:  # a shared one trains as the text tower
+        model.matcher.set_trainable(train_matcher, last_n_blocks)
         model.matcher_trained = model.matcher_trained or train_matcher
     model.mark_trained([f"backbone.{p}" for e in encoders for p in model.backbone.trainable_prefixes(e, last_n_blocks)])
+
+
+def query_parts(model: CIRModel, batch: dict, reference: torch.Tensor,
+                description_table: torch.Tensor | None) -> QueryParts:
+    """A training batch's query parts, with gradients through the text encoders that train."""
+    matcher = model.matcher
+    parts = QueryParts(reference, None, attributes=batch.get("attributes"))
+    if model.shares_text:
+        pooled = mean_pool(model.backbone.text_tower, batch["tokens"])
+        parts.text, parts.prompt = model.backbone.project_text(pooled), F.normalize(pooled, dim=-1)
+    else:
+        parts.text = model.backbone.encode_texts(batch["tokens"])
+    if matcher is not None:
+        for term in ("caption", "prompt"):
+            if f"{term}_tokens" in batch:
+                setattr(parts, term, matcher.encode_queries(batch[f"{term}_tokens"]))
+        if description_table is not None and model.needs("reference_description", model.fusion):
+            parts.reference_description = description_table[batch["reference_ids"]]
+    return parts
+
+
+class ItemTables(nn.Module):
+    """The item side of the images training touches (rows = integer image ids): description
+    features and attribute one-hots, as the model reads items."""
+
+    def __init__(self, descriptions: torch.Tensor | None, attributes: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("descriptions", descriptions, persistent=False)
+        self.register_buffer("attributes", attributes, persistent=False)
+
+    def items(self, model: CIRModel, image_features: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Item vectors of images with integer ids (-1 = padding: any row, masked by the loss)."""
+        rows = ids.clamp(min=0)
+        pick = (lambda table: None if table is None else table[rows])
+        return model.item_vectors(image_features, pick(self.descriptions), pick(self.attributes))
 
 
 class Stage1Step(nn.Module):
@@ -47,8 +87,7 @@ class Stage1Step(nn.Module):
     ``image_table`` (rows = integer image ids) when given, else from the pixels in the batch."""
 
     def __init__(self, model: CIRModel, loss: InBatchContrastiveLoss, ctx: DistContext, hard_per_query: int,
-                 image_table: torch.Tensor | None, description_table: torch.Tensor | None = None,
-                 table_is_trunk: bool = False):
+                 image_table: torch.Tensor | None, tables: ItemTables, table_is_trunk: bool = False):
         super().__init__()
         self.model = model
         self.loss = loss
@@ -56,13 +95,7 @@ class Stage1Step(nn.Module):
         self.hard_per_query = hard_per_query
         self.table_is_trunk = table_is_trunk  # rows are cached trunk features: the (trained) head runs each step
         self.register_buffer("image_table", image_table, persistent=False)
-        self.register_buffer("description_table", description_table, persistent=False)
-
-    def items(self, image_features: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Item vectors of target-side images (integer ids; -1 = padding)."""
-        if self.description_table is None:
-            return self.model.item_vectors(image_features)
-        return self.model.item_vectors(image_features, self.description_table[ids.clamp(min=0)])
+        self.tables = tables
 
     def image_features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.image_table is not None:
@@ -79,15 +112,14 @@ class Stage1Step(nn.Module):
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         reference, target, hard = self.image_features(batch)
-        matcher = self.model.matcher.encode_queries(batch["matcher_tokens"]) if "matcher_tokens" in batch else None
-        queries = self.model.query_vectors(reference, self.model.backbone.encode_texts(batch["tokens"]), matcher)
+        queries = self.model.query_vectors(query_parts(self.model, batch, reference, self.tables.descriptions))
         queries = gather_with_local_grad(queries, self.ctx)
-        targets = gather_with_local_grad(self.items(target, batch["target_ids"]), self.ctx)
+        targets = gather_with_local_grad(self.tables.items(self.model, target, batch["target_ids"]), self.ctx)
         target_ids = gather_with_local_grad(batch["target_ids"], self.ctx)
         columns = target_ids
         hard_columns = None
         if self.hard_per_query:
-            hard_columns = gather_with_local_grad(self.items(hard, batch["hard_ids"]), self.ctx)
+            hard_columns = gather_with_local_grad(self.tables.items(self.model, hard, batch["hard_ids"]), self.ctx)
             columns = torch.cat([target_ids, gather_with_local_grad(batch["hard_ids"], self.ctx)])
         ignore = InBatchContrastiveLoss.duplicate_mask(target_ids, columns)
         loss = self.loss(queries, targets, hard_columns, ignore)
@@ -95,7 +127,8 @@ class Stage1Step(nn.Module):
 
 
 def train_stage1(config: Stage1Config, model: CIRModel, train_triplets: list[Triplet], image_paths: dict[str, Path],
-                 val_sets: dict[str, TripletSet], descriptions: dict[str, str] | None, out_dir: str | Path) -> CIRModel:
+                 evaluator: Evaluator | None, records: Mapping[str, Mapping[str, Any]] | None,
+                 out_dir: str | Path) -> CIRModel:
     """Fine-tune ``model`` on ``train_triplets`` (annotated and generated, told apart by the
     generator's ``source`` field and mixed per ``config.annotated_ratio``); ``image_paths`` must hold
     every reference, target and hard-negative image. Validates each epoch on ``val_sets``, keeps
@@ -132,14 +165,14 @@ def train_stage1(config: Stage1Config, model: CIRModel, train_triplets: list[Tri
     if steps == 0:
         raise FashionCIRError(f"stage1: {len(triplets)} usable training triplets, fewer than one batch of {config.batch_size}")
     valid_paths = {i: image_paths[i] for i in image_index}
-    dataset = TripletExamples(model, triplets, valid_paths, descriptions, config.seed, config.hard_negatives_per_query, load_pixels)
+    dataset = TripletExamples(model, triplets, valid_paths, records, config.seed, config.hard_negatives_per_query, load_pixels)
     collate = Collate(model, image_index, config.hard_negatives_per_query)
-    descriptions_table = (DescriptionBank(config.cache_dir or out_dir / "cache").features(
-        model.matcher, [(descriptions or {}).get(i) for i in image_index]) if model.matcher is not None else None)
+    tables = ItemTables(*item_parts(model, list(image_index), records, config.cache_dir or out_dir / "cache"))
     step_module = Stage1Step(model, InBatchContrastiveLoss(config.scale), ctx, config.hard_negatives_per_query, table,
-                             descriptions_table, table_is_trunk=from_trunk)
+                             tables, table_is_trunk=from_trunk)
 
-    run = StageRun("stage1", config, model, step_module, epoch_loader(dataset, collate, n_annotated, n_generated, config, ctx), steps, val_sets, descriptions, out_dir, ctx,
+    run = StageRun("stage1", config, model, step_module, epoch_loader(dataset, collate, n_annotated, n_generated, config, ctx),
+                   steps, evaluator, out_dir, ctx,
                    image_encoder_trains=load_pixels,
                    summary={"annotated_triplets": n_annotated, "generated_triplets": n_generated,
                             "skipped_triplets": len(train_triplets) - len(triplets),

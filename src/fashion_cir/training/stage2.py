@@ -7,36 +7,39 @@ own queries' loss; DDP averages the gradients."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..data.triplets import Triplet, TripletSet
+from ..data.triplets import Triplet
+from ..evaluation.evaluator import Evaluator
 from ..errors import FashionCIRError
 from ..features.cache import FeatureCache
 from ..models.cir import CIRModel
-from ..models.matcher import DescriptionBank
+from ..retrieval.policy import item_parts
 from .config import Stage2Config
 from .data import Collate, TripletExamples, epoch_batches, epoch_loader, order_pools
 from .distributed import shared_image_features
 from .loop import StageRun, Trainer, start_stage
 from .losses import BankInfoNCELoss, duplicate_groups
-from .stage1 import set_trainable
+from .stage1 import ItemTables, query_parts, set_trainable
 
 
 class StaticBank(nn.Module):
     """The catalog from the frozen encoders: image features ``raw`` [N, d] (references are composed
-    from these, as at evaluation), the target side ``items`` (normalised image features, joined with
-    each item's description features when the model has a matcher), and duplicate ``groups``
-    (identical image rows)."""
+    from these, as at evaluation), the item side ``tables`` (descriptions, attributes), the item
+    vectors ``items`` and duplicate ``groups`` (identical image rows)."""
 
-    def __init__(self, ids: list[str], raw: torch.Tensor, items: torch.Tensor | None = None):
+    def __init__(self, model: CIRModel, ids: list[str], raw: torch.Tensor, tables: ItemTables | None = None):
         super().__init__()
         self.ids = ids
         self.index = {image_id: i for i, image_id in enumerate(ids)}
+        self.tables = tables or ItemTables(None, None)
         self.register_buffer("raw", raw, persistent=False)
-        self.register_buffer("items", F.normalize(raw, dim=-1) if items is None else items, persistent=False)
+        with torch.no_grad():
+            items = self.tables.items(model, raw, torch.arange(len(ids)))
+        self.register_buffer("items", items, persistent=False)
         self.register_buffer("groups", duplicate_groups(raw), persistent=False)
 
     @property
@@ -55,9 +58,8 @@ class Stage2Step(nn.Module):
         self.loss = loss
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        text = self.model.backbone.encode_texts(batch["tokens"])
-        matcher = self.model.matcher.encode_queries(batch["matcher_tokens"]) if "matcher_tokens" in batch else None
-        queries = self.model.query_vectors(self.bank.raw[batch["reference_ids"]], text, matcher)
+        parts = query_parts(self.model, batch, self.bank.raw[batch["reference_ids"]], self.bank.tables.descriptions)
+        queries = self.model.query_vectors(parts)
         hard = batch.get("hard_ids")
         hard = hard.view(len(queries), -1) if hard is not None and hard.numel() else None
         loss = self.loss(queries, self.bank.items, batch["target_ids"], self.bank.groups, hard)
@@ -65,22 +67,19 @@ class Stage2Step(nn.Module):
 
 
 def build_bank(model: CIRModel, image_paths: dict[str, Path], cache: FeatureCache, config: Stage2Config, ctx,
-               descriptions: dict[str, str] | None = None) -> StaticBank:
-    """Encode (or reuse from the cache) every catalog image with the model's image encoder, and with
-    a matcher every item's description with its frozen item encoder."""
+               records: Mapping[str, Mapping[str, Any]] | None = None) -> StaticBank:
+    """Encode (or reuse from the cache) every catalog image with the model's image encoder, and
+    each item's description and attributes as the model reads them."""
     ids, features = shared_image_features(model.backbone, image_paths, cache, ctx, config.eval_batch_size,
                                           config.num_workers, config.progress)
     if not ids:
         raise FashionCIRError("stage2: no catalog image could be encoded for the bank")
-    raw = features.float()
-    if model.matcher is None:
-        return StaticBank(ids, raw)
-    described = DescriptionBank(cache.root).features(model.matcher, [(descriptions or {}).get(i) for i in ids])
-    return StaticBank(ids, raw, model.item_vectors(raw, described))
+    return StaticBank(model, ids, features.float(), ItemTables(*item_parts(model, ids, records, cache.root)))
 
 
 def train_stage2(config: Stage2Config, model: CIRModel, train_triplets: list[Triplet], image_paths: dict[str, Path],
-                 val_sets: dict[str, TripletSet], descriptions: dict[str, str] | None, out_dir: str | Path) -> CIRModel:
+                 evaluator: Evaluator | None, records: Mapping[str, Mapping[str, Any]] | None,
+                 out_dir: str | Path) -> CIRModel:
     """Train the text encoder (``encoders='text'``) and/or Combiner of ``model`` (normally the stage-1
     model) against a static bank of every image in ``image_paths`` (the training catalog). Same
     outputs, checkpoints, resume and torchrun support as :func:`train_stage1`."""
@@ -88,18 +87,19 @@ def train_stage2(config: Stage2Config, model: CIRModel, train_triplets: list[Tri
     set_trainable(model, ["text"] if config.encoders == "text" else [], config.last_n_blocks, config.train_combiner,
                   config.train_matcher)
     model.to(ctx.device)
-    bank = build_bank(model, image_paths, FeatureCache(config.cache_dir or out_dir / "cache"), config, ctx, descriptions)
+    bank = build_bank(model, image_paths, FeatureCache(config.cache_dir or out_dir / "cache"), config, ctx, records)
     triplets, n_annotated = order_pools([t for t in train_triplets if t.candidate in bank.index and t.target in bank.index])
     n_generated = len(triplets) - n_annotated
     steps = len(epoch_batches(n_annotated, n_generated, config.batch_size, config.annotated_ratio, config.seed, 0))
     if steps == 0:
         raise FashionCIRError(f"stage2: {len(triplets)} usable training triplets, fewer than one batch of {config.batch_size}")
     hard = config.hard_negatives_per_query
-    dataset = TripletExamples(model, triplets, {i: image_paths[i] for i in bank.ids}, descriptions, config.seed, hard)
+    dataset = TripletExamples(model, triplets, {i: image_paths[i] for i in bank.ids}, records, config.seed, hard)
     collate = Collate(model, bank.index, hard)
     step_module = Stage2Step(model, bank, BankInfoNCELoss(config.temperature, config.hard_negative_weight))
 
-    run = StageRun("stage2", config, model, step_module, epoch_loader(dataset, collate, n_annotated, n_generated, config, ctx), steps, val_sets, descriptions, out_dir, ctx,
+    run = StageRun("stage2", config, model, step_module, epoch_loader(dataset, collate, n_annotated, n_generated, config, ctx),
+                   steps, evaluator, out_dir, ctx,
                    image_encoder_trains=False,
                    summary={"annotated_triplets": n_annotated, "generated_triplets": n_generated,
                             "skipped_triplets": len(train_triplets) - len(triplets), "bank_size": len(bank.ids),
