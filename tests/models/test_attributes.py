@@ -15,8 +15,7 @@ from typer.testing import CliRunner
 from fashion_cir.cli import app
 from fashion_cir.data.triplets import Triplet
 from fashion_cir.data.captions import join_captions_val
-from fashion_cir.evaluation.evaluate import reference_descriptions
-from fashion_cir.retrieval.scorer import compose_queries
+from fashion_cir.retrieval.policy import ReferencePolicy, references
 from fashion_cir.errors import ModelError
 from fashion_cir.models.attributes import HEADS_FILE, HeadsConfig, attribute_classes, describe, train_heads
 from fashion_cir.models.cir import CIRModel, load_model
@@ -93,20 +92,35 @@ def test_descriptions_read_like_the_catalog():
 
 
 def test_query_texts_follow_the_prompt_source():
+    """catalog: the triplet's own prompt, else the catalog record's description, else (an item
+    without a record) the attribute heads'; predicted: always the heads'; none: the caption alone."""
     model = load_model(backbone="tiny")
+    x, labels = separable(150, dim=model.backbone.feature_dim)
+    model.attach_heads(train_heads(x[:120], labels[:120], x[120:], labels[120:], config=HeadsConfig(steps=100)))
     triplets = [Triplet("a", "b", ("is red", "has long sleeves")),
-                Triplet("c", "d", ("is blue",), {"reference_prompt": "a generated prompt"})]
-    described = {"a": "a white t-shirt", "c": "a black dress"}
+                Triplet("c", "d", ("is blue",), {"reference_prompt": "a generated prompt"}),
+                Triplet("e", "f", ("is green",))]
+    records = {"a": {"category": "t-shirt", "color": "white", "description": "a white t-shirt"},
+               "c": {"category": "dress", "color": "black", "description": "a black dress"}}  # "e" has no record
+    image = torch.from_numpy(x[:3])
+    predicted = [describe(p) for p in model.predict_attributes(image)]
+    assert all(p.startswith("a ") for p in predicted)
 
-    def query_texts(model, triplets, descriptions, describe):
+    def query_texts(describe_as):
         captions = [join_captions_val(list(t.captions)) for t in triplets]
-        return compose_queries(model, None, captions, reference_descriptions(triplets, descriptions, describe)).texts
+        described, attributes = references(model, ReferencePolicy(describe_as), [t.candidate for t in triplets], image,
+                                           records, [t.reference_prompt for t in triplets])
+        return list(model.encode_queries(image, captions, described, attributes).texts)
 
-    assert query_texts(model, triplets, described, "catalog") == [
-        "a white t-shirt, but is red and has long sleeves", "a generated prompt, but is blue"]
-    assert query_texts(model, triplets, described, "predicted") == [
-        "a white t-shirt, but is red and has long sleeves", "a black dress, but is blue"]
-    assert query_texts(model, triplets, described, "none") == ["Is red and has long sleeves", "Is blue"]
+    assert query_texts("catalog") == ["a white t-shirt, but is red and has long sleeves", "a generated prompt, but is blue",
+                                      f"{predicted[2]}, but is green"]
+    assert query_texts("predicted") == [f"{predicted[0]}, but is red and has long sleeves", f"{predicted[1]}, but is blue",
+                                        f"{predicted[2]}, but is green"]
+    assert query_texts("none") == ["Is red and has long sleeves", "Is blue", "Is green"]
+    # without heads, a reference without a record has no description
+    plain = load_model(backbone="tiny")
+    described, attributes = references(plain, ReferencePolicy("catalog"), ["a", "e"], image[:2], records)
+    assert described == ["a white t-shirt", None] and attributes == [records["a"], None]
 
 
 def test_requested_changes_and_why_a_result_matches():

