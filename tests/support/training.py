@@ -47,11 +47,23 @@ def make_dataset(root: Path, n_train: int = 16, n_val: int = 8, n_annotated: int
 
 
 def load_data(paths: dict[str, str]):
+    """(triplets, image paths, val sets, records): records are the catalog's attribute records by
+    id (here a description each), as ``read_attributes`` gives them."""
     annotated = load_triplet_set(paths["train"], paths["split_train"], paths["images"])
     generated = load_triplet_set(paths["generated"], paths["split_train"], paths["images"])
     val = load_triplet_set(paths["val"], paths["split_val"], paths["images"], name="val")
-    descriptions = {i: f"a photo of item {i}" for i in annotated.image_paths}
-    return annotated.triplets + generated.triplets, annotated.image_paths, {"val": val}, descriptions
+    records = {i: {"description": f"a photo of item {i}"} for i in annotated.image_paths}
+    return annotated.triplets + generated.triplets, annotated.image_paths, {"val": val}, records
+
+
+def val_evaluator(val_sets: dict, records: dict | None, cache_dir: Path, selection=None):
+    """The evaluator a stage validates with each epoch (as the runner makes it): the val sets, a
+    feature cache, the records; ``selection`` None: the mean overall of every set."""
+    from fashion_cir.evaluation.evaluate import EvalOptions
+    from fashion_cir.evaluation.evaluator import Evaluator
+    from fashion_cir.features.cache import FeatureCache
+
+    return Evaluator(val_sets, FeatureCache(cache_dir), records, EvalOptions(progress=False), selection)
 
 
 def recipe(paths: dict[str, str], out: Path, stage1: dict | None = None, stage2: dict | None = None) -> dict:

@@ -19,15 +19,17 @@ from fashion_cir.io import text_sha1
 from fashion_cir.models.cir import CIRModel
 from fashion_cir.models.combiner import Combiner
 from fashion_cir.models.factory import create_backbone
+from fashion_cir.models.fusion import Fusion
 from fashion_cir.models.matcher import DescriptionMatcher
 from fashion_cir.training import Stage2Config, train_stage2
 from fashion_cir.training.data import epoch_batches
 from fashion_cir.training.distributed import DistContext
 from fashion_cir.training.losses import BankInfoNCELoss
+from fashion_cir.training.stage1 import ItemTables
 from fashion_cir.training.stage2 import Stage2Step, StaticBank, build_bank
 
 from support.matcher import tiny_encoder as tiny_encoder_folder
-from support.training import load_data, make_dataset
+from support.training import load_data, make_dataset, val_evaluator
 
 FAST = dict(batch_size=8, lr=1e-2, progress=False, log_every=1, warmup_ratio=0.0, epochs=1)
 
@@ -47,47 +49,52 @@ def _model(encoder: str, mode: str = "sum") -> CIRModel:
     torch.manual_seed(0)
     backbone = create_backbone("tiny")
     model = CIRModel(backbone, mode, Combiner(backbone.feature_dim) if mode == "combiner" else None)
-    model.matcher = DescriptionMatcher(encoder, "caption", 0.4)
+    model.matcher = DescriptionMatcher(encoder)
+    model.fusion = Fusion(composed=0.6, caption=0.4)
     return model
 
 
-def test_static_bank_rows_groups_and_nothing_saved():
+def test_static_bank_rows_groups_and_nothing_saved(tiny_encoder):
     raw = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 2.0], [1.0, 0.0]])
-    bank = StaticBank(["a", "b", "c", "d"], raw)
+    bank = StaticBank(CIRModel(create_backbone("tiny")), ["a", "b", "c", "d"], raw)
     assert bank.index == {"a": 0, "b": 1, "c": 2, "d": 3} and torch.equal(bank.raw, raw)
     assert torch.allclose(bank.items, torch.tensor([[0.6, 0.8], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]))
     groups = bank.groups.tolist()
     assert groups[1] == groups[3] and len({groups[0], groups[1], groups[2]}) == 3 and bank.duplicates == 1
-    joined = torch.randn(4, 5)
-    assert torch.equal(StaticBank(["a", "b", "c", "d"], raw, joined).items, joined)
+    # with a matcher, the items are the normalised image rows joined with the description table's rows
+    described = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    joined = StaticBank(_model(tiny_encoder), ["a", "b", "c", "d"], raw, ItemTables(described, None))
+    expected = torch.cat([torch.tensor([[0.6, 0.8], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), described], dim=1)
+    assert torch.allclose(joined.items, expected, atol=1e-6)
     # the bank is rebuilt from the frozen encoder on every start: never written into checkpoints
-    assert StaticBank(["a", "b", "c", "d"], raw, joined).state_dict() == {}
+    assert joined.state_dict() == {} and bank.state_dict() == {}
 
 
 def test_step_joins_the_matchers_query_features(tiny_encoder):
     model = _model(tiny_encoder).eval()
     raw = torch.randn(5, 32, generator=torch.Generator().manual_seed(1))
     described = model.matcher.embed(["a red shirt", "a blue dress", "green trousers", "a black coat", "a hat"], "item")
-    bank = StaticBank([f"i{n}" for n in range(5)], raw, model.item_vectors(raw, described))
+    bank = StaticBank(model, [f"i{n}" for n in range(5)], raw, ItemTables(described, None))
     captions = ["is red", "has long sleeves"]
-    batch = {"tokens": model.backbone.tokenize(captions), "matcher_tokens": model.matcher.tokenize(captions),
+    batch = {"tokens": model.backbone.tokenize(captions), "caption_tokens": model.matcher.tokenize(captions),
              "reference_ids": torch.tensor([1, 3]), "target_ids": torch.tensor([0, 2])}
     loss, _ = Stage2Step(model, bank, BankInfoNCELoss(0.1))(batch)
     with torch.no_grad():
         text = model.backbone.encode_texts(batch["tokens"])
         image_side = F.normalize(F.normalize(raw[[1, 3]], dim=-1) + F.normalize(text, dim=-1), dim=-1)
         text_side = model.matcher.embed(captions, "query")
-        queries = torch.cat([image_side * 0.6 ** 0.5, text_side * 0.4 ** 0.5], dim=1)  # fused: 0.6 image + 0.4 text
-        logits = queries @ bank.items.T / 0.1
+        queries = torch.cat([image_side * 0.6, text_side * 0.4], dim=1)  # fused: 0.6 image + 0.4 caption
+        items = torch.cat([F.normalize(raw, dim=-1), described], dim=1)
+        logits = queries @ items.T / 0.1
         by_hand = (torch.logsumexp(logits, dim=1) - logits[[0, 1], [0, 2]]).mean()
     assert torch.allclose(loss.detach(), by_hand, atol=1e-5)
 
 
 def test_build_bank_joins_each_items_description(tiny_encoder, data, tmp_path):
-    _, paths, _, descriptions = data
+    _, paths, _, records = data
     model = _model(tiny_encoder).eval()
     ids = sorted(paths)[:6]
-    known = {i: descriptions[i] for i in ids[:4]}  # the last two have no description
+    known = {i: records[i] for i in ids[:4]}  # the last two have no description
     config = Stage2Config(**FAST)
     bank = build_bank(model, {i: paths[i] for i in ids}, FeatureCache(tmp_path), config,
                       DistContext(0, 1, 0, torch.device("cpu")), known)
@@ -96,8 +103,8 @@ def test_build_bank_joins_each_items_description(tiny_encoder, data, tmp_path):
         pixels = [model.backbone.preprocess(Image.open(paths[i]).convert("RGB")) for i in ids]
         images = model.backbone.encode_images(torch.stack(pixels))
     assert torch.allclose(bank.raw, images, rtol=2e-3, atol=2e-3)  # the cache stores float16
-    text_side = torch.cat([model.matcher.embed([known[i] for i in ids[:4]], "item"), torch.zeros(2, 16)])
-    expected = torch.cat([F.normalize(images, dim=-1) * 0.6 ** 0.5, text_side * 0.4 ** 0.5], dim=1)
+    text_side = torch.cat([model.matcher.embed([known[i]["description"] for i in ids[:4]], "item"), torch.zeros(2, 16)])
+    expected = torch.cat([F.normalize(images, dim=-1), text_side], dim=1)  # the weights are on the query side
     assert torch.allclose(bank.items, expected, rtol=2e-3, atol=2e-3)
 
 
@@ -111,11 +118,11 @@ def _changed(before: dict[str, torch.Tensor], model: CIRModel) -> bool:
 
 
 def test_train_stage2_freezes_skips_caches_and_reports(tiny_encoder, data, tmp_path):
-    triplets, paths, val_sets, descriptions = data
+    triplets, paths, val_sets, records = data
     dropped = triplets[0].target
     catalog = {i: p for i, p in paths.items() if i != dropped}
     usable = [t for t in triplets if dropped not in (t.candidate, t.target)]
-    descriptions = {**descriptions, **{i: f"a photo of val item {i}" for i in val_sets["val"].image_paths}}
+    records = {**records, **{i: {"description": f"a photo of val item {i}"} for i in val_sets["val"].image_paths}}
     model = _model(tiny_encoder, "combiner")
     last = f"backbone.clip.transformer.resblocks.{len(model.backbone.clip.transformer.resblocks) - 1}."
     before = {part: _weights(model, prefix) for part, prefix in [
@@ -123,7 +130,8 @@ def test_train_stage2_freezes_skips_caches_and_reports(tiny_encoder, data, tmp_p
         ("image", "backbone.clip.visual."),
         ("combiner", "combiner."), ("matcher", "matcher.query_encoder.")]}
     config = Stage2Config(encoders="text", last_n_blocks=1, train_combiner=False, train_matcher=True, **FAST)
-    trained = train_stage2(config, model, triplets, catalog, val_sets, descriptions, tmp_path)
+    trained = train_stage2(config, model, triplets, catalog, val_evaluator(val_sets, records, tmp_path / "cache"), records,
+                           tmp_path)
     changed = {part: _changed(weights, trained) for part, weights in before.items()}
     assert changed == {"first block": False, "last block": True, "image": False, "combiner": False, "matcher": True}
 
@@ -135,9 +143,10 @@ def test_train_stage2_freezes_skips_caches_and_reports(tiny_encoder, data, tmp_p
         "skipped_triplets": len(triplets) - len(usable), "bank_size": 15, "bank_duplicate_rows": 0,
         "negatives_per_query": 14, "query_mode": "combiner", "text_template": model.text_template}
     assert len(triplets) > len(usable) > annotated > 0
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert {r["stage"] for r in records} == {"stage2"}
-    assert any("val" in json.dumps(r) and "R@" in json.dumps(r) for r in records)  # the val set was evaluated
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in logged} == {"stage2"}
+    validated = [r for r in logged if "val" in r]  # {protocol: {set: metrics, "average": ...}}
+    assert validated and all("R@10" in r["val"]["split"]["val"] for r in validated)  # the val set was evaluated
     # the frozen image encoder's features are cached under <out>/cache and reused: train and val images
     cache = FeatureCache(tmp_path / "cache")
     cache.encode(trained.backbone, {**catalog, **val_sets["val"].image_paths}, progress=False)
@@ -146,29 +155,29 @@ def test_train_stage2_freezes_skips_caches_and_reports(tiny_encoder, data, tmp_p
     (stored,) = (tmp_path / "cache").glob("descriptions-*.npz")
     with np.load(stored) as saved:
         keys = set(saved["keys"].tolist())
-    assert {text_sha1(descriptions[i]) for i in [*catalog, *val_sets["val"].image_paths]} <= keys
+    assert {text_sha1(records[i]["description"]) for i in [*catalog, *val_sets["val"].image_paths]} <= keys
 
 
 def test_train_stage2_trains_only_the_combiner_when_the_encoders_are_frozen(tiny_encoder, data, tmp_path):
-    triplets, paths, _, descriptions = data
+    triplets, paths, _, records = data
     model = _model(tiny_encoder, "combiner")
     before = {part: _weights(model, prefix) for part, prefix in [
         ("text", "backbone.clip.transformer."), ("combiner", "combiner."), ("matcher", "matcher.query_encoder.")]}
     config = Stage2Config(encoders="none", train_combiner=True, train_matcher=False, **FAST)
-    trained = train_stage2(config, model, triplets, paths, {}, descriptions, tmp_path)
+    trained = train_stage2(config, model, triplets, paths, None, records, tmp_path)
     changed = {part: _changed(w, trained) for part, w in before.items()}
     assert changed == {"text": False, "combiner": True, "matcher": False}
 
 
 def test_train_stage2_needs_a_bank_and_one_batch(data, tmp_path):
-    triplets, paths, _, descriptions = data
+    triplets, paths, _, records = data
     model = CIRModel(create_backbone("tiny"), "sum")
     with pytest.raises(FashionCIRError, match=r"^stage2: no catalog image could be encoded for the bank$"):
-        train_stage2(Stage2Config(**FAST), model, triplets, {}, {}, descriptions, tmp_path / "empty")
+        train_stage2(Stage2Config(**FAST), model, triplets, {}, None, records, tmp_path / "empty")
     annotated = [t for t in triplets if t.extra.get("source") != "generated"][:8]
     with pytest.raises(FashionCIRError, match=r"^stage2: 7 usable training triplets, fewer than one batch of 8$"):
-        train_stage2(Stage2Config(**FAST), model, annotated[:7], paths, {}, descriptions, tmp_path / "seven")
-    train_stage2(Stage2Config(**FAST), model, annotated, paths, {}, descriptions, tmp_path / "eight")  # one step
+        train_stage2(Stage2Config(**FAST), model, annotated[:7], paths, None, records, tmp_path / "seven")
+    train_stage2(Stage2Config(**FAST), model, annotated, paths, None, records, tmp_path / "eight")  # one step
     assert json.loads((tmp_path / "eight" / "summary.json").read_text())["global_step"] == 1
 
 
@@ -189,14 +198,14 @@ def test_train_stage2_queries_carry_the_reference_description_and_the_seeded_cap
     triplets, paths, _, _ = data
     annotated = [t for t in triplets if t.extra.get("source") != "generated"][:8]
     assert all(t.reference_prompt is None and len(t.captions) == 2 for t in annotated)
-    descriptions = {i: f"a zq{i} garment" for i in paths}  # one marker word per image
+    records = {i: {"description": f"a zq{i} garment"} for i in paths}  # one marker word per image
     model = CIRModel(create_backbone("tiny"), "sum")
     assert model.text_template == "prompt"
     seen: list[list[str]] = []
     tokenize = model.backbone.tokenize
     monkeypatch.setattr(model.backbone, "tokenize", lambda texts: seen.append(list(texts)) or tokenize(texts))
     config = Stage2Config(**{**FAST, "seed": 3})
-    train_stage2(config, model, annotated, paths, {}, descriptions, tmp_path)  # one step: the 8 triplets, shuffled
+    train_stage2(config, model, annotated, paths, None, records, tmp_path)  # one step: the 8 triplets, shuffled
 
     (texts,) = seen
     (batch,) = epoch_batches(8, 0, 8, None, 3, 0)  # position in the epoch -> triplet (the order is tested elsewhere)

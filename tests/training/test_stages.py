@@ -20,7 +20,7 @@ from fashion_cir.training.distributed import DistContext
 from fashion_cir.training.losses import BankInfoNCELoss
 from fashion_cir.training.stage2 import Stage2Step, StaticBank
 
-from support.training import final_state, load_data, losses, make_dataset
+from support.training import final_state, load_data, losses, make_dataset, val_evaluator
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +50,12 @@ def test_rank_micro_batches_partition_the_global_batch():
 
 
 def test_stage1_text_only_lowers_loss_and_saves_loadable_model(data, tmp_path):
-    triplets, paths, val_sets, descriptions = data
+    triplets, paths, val_sets, records = data
     model = CIRModel(create_backbone("tiny"), "sum_raw")
     image_before = {k: v.clone() for k, v in model.backbone.state_dict().items() if k.startswith("clip.visual.")}
     config = Stage1Config(encoders="text", epochs=3, **FAST)
-    trained = train_stage1(config, model, triplets, paths, val_sets, descriptions, tmp_path)
+    trained = train_stage1(config, model, triplets, paths, val_evaluator(val_sets, records, tmp_path / "cache"), records,
+                           tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["image_features"] == "feature cache" and summary["annotated_triplets"] == 12
     steps = summary["global_step"] // 3
@@ -65,15 +66,21 @@ def test_stage1_text_only_lowers_loss_and_saves_loadable_model(data, tmp_path):
     for name, value in trained.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value.cpu()), name
     assert (tmp_path / "best" / "model.json").is_file() and json.loads((tmp_path / "config.json").read_text())["encoders"] == "text"
-    assert any("val" in json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines())
+    validated = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "val" in r]
+    assert len(validated) == 4  # before training and after each of the 3 epochs, {protocol: {set: metrics}}
+    assert all(set(r["val"]) == {"split"} and r["val"]["split"]["val"]["n_queries"] == 6 for r in validated)
+    best = json.loads((tmp_path / "best" / "model.json").read_text())
+    assert best["selection"]["metric"] == "overall"  # the evaluator's selection rule, and its figure
+    assert best["selection"]["value"] == max(r["selection_metric"] for r in validated if not r.get("before_training"))
 
 
 def test_stage2_trains_against_the_whole_bank(data, tmp_path):
-    triplets, paths, val_sets, descriptions = data
+    triplets, paths, val_sets, records = data
     model = CIRModel(create_backbone("tiny"), "sum_raw")
     image_before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("backbone.clip.visual.")}
     config = Stage2Config(epochs=3, temperature=0.05, **FAST)
-    trained = train_stage2(config, model, triplets, paths, val_sets, descriptions, tmp_path)
+    trained = train_stage2(config, model, triplets, paths, val_evaluator(val_sets, records, tmp_path / "cache"), records,
+                           tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["bank_size"] == 16 and summary["negatives_per_query"] == 15
     steps = summary["global_step"] // 3
@@ -88,13 +95,13 @@ def test_stage2_trains_against_the_whole_bank(data, tmp_path):
 def test_stage2_weights_in_the_triplets_hard_negatives(data, tmp_path):
     """The triplets' hard negatives reach the bank loss: weighting them up raises the first step's
     loss (same model, same batch), and without hard negatives the weight changes nothing."""
-    triplets, paths, val_sets, descriptions = data
+    triplets, paths, val_sets, records = data
 
     def first_loss(name: str, **settings) -> float:
         config = Stage2Config(epochs=1, stop_after_steps=1, **FAST, **settings)
         torch.manual_seed(0)
         with pytest.raises(TrainingStopped):
-            train_stage2(config, CIRModel(create_backbone("tiny"), "sum"), triplets, paths, {}, descriptions, tmp_path / name)
+            train_stage2(config, CIRModel(create_backbone("tiny"), "sum"), triplets, paths, None, records, tmp_path / name)
         return losses(tmp_path / name)[0]
 
     plain = first_loss("plain")
@@ -112,7 +119,7 @@ def test_stage2_step_is_infonce_on_the_target_row_with_its_duplicates_left_out()
     model = CIRModel(create_backbone("tiny"), "sum").eval()
     raw = torch.randn(7, 32, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.5, 3.0, 7)[:, None]
     raw[4], raw[5] = raw[1], raw[3]  # row 4 copies target 1, row 5 copies target 3
-    bank = StaticBank([f"img{n}" for n in range(7)], raw)
+    bank = StaticBank(model, [f"img{n}" for n in range(7)], raw)
     assert bank.duplicates == 2
     texts = ["is red with long sleeves", "has a v-neck"]
     batch = {"tokens": model.backbone.tokenize(texts), "reference_ids": torch.tensor([0, 2]),
@@ -139,13 +146,17 @@ def combiner_model() -> CIRModel:
 def test_stage2_resume_after_stop_is_exact(data, tmp_path):
     """Combiner (dropout: RNG state matters) + text encoder, gradient accumulation, stop after step 3
     (last checkpoint at step 2), resume in a fresh model: identical final weights."""
-    triplets, paths, val_sets, descriptions = data
+    triplets, paths, val_sets, records = data
     config = Stage2Config(epochs=2, grad_accum_steps=2, checkpoint_every=2, **{**FAST, "batch_size": 16})
-    train_stage2(config, combiner_model(), triplets, paths, val_sets, descriptions, tmp_path / "full")
+
+    def evaluator(out):
+        return val_evaluator(val_sets, records, out / "cache")
+
+    train_stage2(config, combiner_model(), triplets, paths, evaluator(tmp_path / "full"), records, tmp_path / "full")
     stopped = config.model_copy(update={"stop_after_steps": 3})
     with pytest.raises(TrainingStopped):
-        train_stage2(stopped, combiner_model(), triplets, paths, val_sets, descriptions, tmp_path / "resumed")
-    train_stage2(config, combiner_model(), triplets, paths, val_sets, descriptions, tmp_path / "resumed")
+        train_stage2(stopped, combiner_model(), triplets, paths, evaluator(tmp_path / "resumed"), records, tmp_path / "resumed")
+    train_stage2(config, combiner_model(), triplets, paths, evaluator(tmp_path / "resumed"), records, tmp_path / "resumed")
     full, resumed = final_state(tmp_path / "full" / "model"), final_state(tmp_path / "resumed" / "model")
     assert full.keys() == resumed.keys() and any(k.startswith("combiner.") for k in full)
     assert all(torch.equal(full[k], resumed[k]) for k in full)
@@ -153,23 +164,24 @@ def test_stage2_resume_after_stop_is_exact(data, tmp_path):
 
 
 def test_resume_refuses_a_changed_config(data, tmp_path):
-    triplets, paths, val_sets, descriptions = data
+    triplets, paths, val_sets, records = data
     config = Stage2Config(epochs=1, **{**FAST, "batch_size": 16})
-    train_stage2(config, CIRModel(create_backbone("tiny"), "sum"), triplets, paths, {}, descriptions, tmp_path)
+    train_stage2(config, CIRModel(create_backbone("tiny"), "sum"), triplets, paths, None, records, tmp_path)
     with pytest.raises(FashionCIRError, match="another config.*lr"):
         train_stage2(config.model_copy(update={"lr": 0.5}), CIRModel(create_backbone("tiny"), "sum"),
-                     triplets, paths, {}, descriptions, tmp_path)
+                     triplets, paths, None, records, tmp_path)
 
 
 def test_stage1_with_pixels_leaves_out_unreadable_images(tmp_path):
     """An image that does not decode is found before training starts: its triplets are skipped and
     counted, instead of the loader failing at the same step on every resume."""
     paths = make_dataset(tmp_path / "catalog")
-    triplets, image_paths, val_sets, descriptions = load_data(paths)
+    triplets, image_paths, val_sets, records = load_data(paths)
     broken = triplets[0].candidate
     Path(image_paths[broken]).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     model = CIRModel(create_backbone("tiny"), "sum_raw")
-    train_stage1(Stage1Config(encoders="image", epochs=1, **FAST), model, triplets, image_paths, val_sets, descriptions, tmp_path / "out")
+    train_stage1(Stage1Config(encoders="image", epochs=1, **FAST), model, triplets, image_paths,
+                 val_evaluator(val_sets, records, tmp_path / "out" / "cache"), records, tmp_path / "out")
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     referencing = sum(broken in (t.candidate, t.target) for t in triplets)
     assert summary["unreadable_images"] == 1 and summary["skipped_triplets"] == referencing > 0

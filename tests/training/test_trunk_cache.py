@@ -17,7 +17,7 @@ from fashion_cir.training import Stage1Config, Stage2Config, train_stage1
 from fashion_cir.training.distributed import DistContext
 from fashion_cir.training.stage2 import build_bank
 
-from support.training import load_data, losses, make_dataset
+from support.training import load_data, losses, make_dataset, val_evaluator
 
 FAST = dict(batch_size=8, lr=1e-3, progress=False, log_every=1, warmup_ratio=0.1)
 
@@ -25,13 +25,13 @@ FAST = dict(batch_size=8, lr=1e-3, progress=False, log_every=1, warmup_ratio=0.1
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("trunk")
-    triplets, paths, val_sets, descriptions = load_data(make_dataset(root / "catalog"))
+    triplets, paths, val_sets, records = load_data(make_dataset(root / "catalog"))
     model = CIRModel(create_backbone("offline+blocks1"), "sum_raw")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cache = root / "features"
     config = Stage1Config(encoders="image", epochs=3, cache_dir=str(cache), **FAST)
-    out = train_stage1(config, model, triplets, paths, val_sets, descriptions, root / "stage1")
-    return out, before, root, (triplets, paths, val_sets, descriptions)
+    out = train_stage1(config, model, triplets, paths, val_evaluator(val_sets, records, cache), records, root / "stage1")
+    return out, before, root, (triplets, paths, val_sets, records)
 
 
 def test_only_the_blocks_after_the_cache_train(trained):
@@ -55,7 +55,7 @@ def test_only_the_blocks_after_the_cache_train(trained):
 def test_training_reads_token_maps_from_the_cache_not_pixels(trained, monkeypatch):
     """A second run over the same images finds every token map in the cache: the trunk is never
     run again (a trunk call fails the test), yet the head trains."""
-    model, _, root, (triplets, paths, val_sets, descriptions) = trained
+    model, _, root, (triplets, paths, val_sets, records) = trained
     fresh = CIRModel(create_backbone("offline+blocks1"), "sum_raw")
     folder = FeatureCache(root / "features").folder(fresh.backbone)
     shard = next(folder.glob("part-*.npz"))
@@ -66,8 +66,10 @@ def test_training_reads_token_maps_from_the_cache_not_pixels(trained, monkeypatc
         raise AssertionError("the image trunk ran during training; the cache should have answered")
 
     monkeypatch.setattr(fresh.backbone, "encode_image_trunk", no_trunk)
+    monkeypatch.setattr(fresh.backbone, "trunk_engine", lambda: no_trunk)  # what the feature cache runs (ONNX or torch)
     config = Stage1Config(encoders="image", epochs=1, cache_dir=str(root / "features"), **FAST)
-    out = train_stage1(config, fresh, triplets, paths, val_sets, descriptions, root / "again")
+    out = train_stage1(config, fresh, triplets, paths, val_evaluator(val_sets, records, root / "features"), records,
+                       root / "again")
     block = "backbone.image_tower._blocks.15._project_conv.weight"
     assert not torch.equal(out.state_dict()[block], CIRModel(create_backbone("offline+blocks1")).state_dict()[block])
 
@@ -88,11 +90,11 @@ def test_the_saved_model_carries_the_trained_blocks(trained):
 
 
 def test_stage2_builds_its_bank_from_the_stage1_image_side(trained):
-    model, _, root, (_, paths, _, descriptions) = trained
+    model, _, root, (_, paths, _, records) = trained
     stage1 = CIRModel.load(root / "stage1" / "model")
     cache = FeatureCache(root / "features")
     config = Stage2Config(epochs=1, encoders="text", cache_dir=str(root / "features"), **FAST)
-    bank = build_bank(stage1, paths, cache, config, DistContext(0, 1, 0, torch.device("cpu")), descriptions)
+    bank = build_bank(stage1, paths, cache, config, DistContext(0, 1, 0, torch.device("cpu")), records)
     _, expected = cache.encode(model.backbone.eval(), {i: paths[i] for i in bank.ids}, progress=False)
     _, untrained = cache.encode(create_backbone("offline+blocks1"), {i: paths[i] for i in bank.ids}, progress=False)
     assert bank.ids == list(paths)
@@ -104,7 +106,7 @@ def test_a_tiny_clip_trains_its_last_vision_block_from_cached_tokens(tmp_path, m
     """The same path for open_clip towers (``tiny+blocks1``, the tiny ViT): cached token sequences
     stand in for pixels (the trunk never runs while training), only the last block + ln_post + proj
     of the vision side train, and the saved folder rebuilds the trained model."""
-    triplets, paths, val_sets, descriptions = load_data(make_dataset(tmp_path / "catalog"))
+    triplets, paths, val_sets, records = load_data(make_dataset(tmp_path / "catalog"))
     model = CIRModel(create_backbone("tiny+blocks1"), "sum_raw")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cache = FeatureCache(tmp_path / "features")
@@ -114,8 +116,10 @@ def test_a_tiny_clip_trains_its_last_vision_block_from_cached_tokens(tmp_path, m
         raise AssertionError("the image trunk ran during training")
 
     monkeypatch.setattr(model.backbone, "encode_image_trunk", no_trunk)
+    monkeypatch.setattr(model.backbone, "trunk_engine", lambda: no_trunk)
     config = Stage1Config(encoders="both", epochs=2, cache_dir=str(tmp_path / "features"), **FAST)
-    trained = train_stage1(config, model, triplets, paths, val_sets, descriptions, tmp_path / "stage1")
+    trained = train_stage1(config, model, triplets, paths, val_evaluator(val_sets, records, tmp_path / "features"), records,
+                           tmp_path / "stage1")
     monkeypatch.undo()
     changed = {k for k, v in trained.state_dict().items() if not torch.equal(before[k], v)}
     visual = {k for k in changed if k.startswith("backbone.clip.visual.")}
