@@ -39,6 +39,13 @@ def _stable_ranks(scores: np.ndarray, target_index: np.ndarray) -> np.ndarray:
                      for q, t in enumerate(target_index)])
 
 
+def _near_ties(scores: np.ndarray, target_index: np.ndarray, tolerance: float = 1e-5) -> np.ndarray:
+    """Per query, how many other items score within ``tolerance`` of its target (but not exactly
+    the same): where float32 scoring (the evaluation's) may order them otherwise than float64."""
+    target = scores[np.arange(len(scores)), target_index][:, None]
+    return ((np.abs(scores - target) < tolerance) & (scores != target)).sum(1)
+
+
 def _unit(rows: np.ndarray) -> np.ndarray:
     return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
@@ -164,6 +171,10 @@ def test_catalog_protocol_and_reliance_by_hand(tiny_model, clothing, clothing_fi
         for row, (reference, r) in enumerate(zip(shown, raw)):
             if reference != r["target"]:
                 scores[row, position[reference]] = -np.inf  # the shown reference leaves the gallery
-        ranks = _stable_ranks(scores, np.array([position[r["target"]] for r in raw]))
-        assert metrics[key] == ranks.tolist()
+        targets = np.array([position[r["target"]] for r in raw])
+        ranks = _stable_ranks(scores, targets)
+        # equal, except that an item within float32 rounding of the target may fall on either side of it
+        slack = _near_ties(scores, targets)
+        assert all(abs(ours - theirs) <= near for ours, theirs, near in zip(metrics[key], ranks.tolist(), slack)), key
+        assert sum(ours != theirs for ours, theirs in zip(metrics[key], ranks.tolist())) <= 2, key
     assert metrics["reliance"] == pytest.approx(metrics["R@10"] - metrics["R@10_shuffled"])

@@ -50,7 +50,7 @@ def test_selection_figure_and_rule(setup):
         Evaluator(sets, cache, records, selection=Selection(sets=["nope"]))
 
 
-def test_results_cache_follows_the_weights(setup, tmp_path):
+def test_results_cache_follows_the_weights(setup, tmp_path, monkeypatch):
     sets, cache, records = setup
     sets = {"val": sets["val"]}
     evaluator = Evaluator(sets, cache, records, EvalOptions(progress=False, keep_ranks=True), results_dir=tmp_path)
@@ -69,5 +69,21 @@ def test_results_cache_follows_the_weights(setup, tmp_path):
     assert len(list(tmp_path.glob("*.json"))) == 3 and both["split"]["sum"] == changed["split"]["sum"]
     assert evaluator(model, ("image",)) == {"split": {"image": both["split"]["image"]}}
     assert len(list(tmp_path.glob("*.json"))) == 3
-    evaluator(model, ("image",), reliance=True)  # another option, another result
-    assert len(list(tmp_path.glob("*.json"))) == 4
+    # a request for reliance is not served by a table without it: scored again, in the same file
+    relied = evaluator(model, ("image",), reliance=True)
+    assert len(list(tmp_path.glob("*.json"))) == 3
+    table = relied["split"]["image"]
+    assert "reliance" in table["average"] and table["val"]["ranks"] == both["split"]["image"]["val"]["ranks"]
+    assert table["val"]["reliance"] == pytest.approx(table["val"]["R@10"] - table["val"]["R@10_shuffled"])
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scored again; the cached table should have answered")
+
+    monkeypatch.setattr(evaluator, "prepare", no_scoring)
+    assert evaluator(model, ("image",)) == relied  # a table with reliance serves a request without it
+    assert evaluator(model, ("image",), reliance=True) == relied
+    other = Evaluator(sets, cache, records, EvalOptions(progress=False), results_dir=tmp_path)
+    monkeypatch.setattr(other, "prepare", no_scoring)
+    with pytest.raises(AssertionError, match="scored again"):  # another option (no ranks kept): another result
+        other(model, ("image",))
+    assert len(list(tmp_path.glob("*.json"))) == 3
