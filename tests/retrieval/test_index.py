@@ -167,7 +167,7 @@ def test_search_with_own_features_ranks_the_item_first(flat_index, tiny_model, c
 def test_search_composes_with_the_reference_description(flat_index, tiny_model, monkeypatch):
     seen: list[str] = []
     embed = tiny_model.backbone.embed_texts
-    monkeypatch.setattr(tiny_model.backbone, "embed_texts", lambda texts, **kw: seen.extend(texts) or embed(texts, **kw))
+    monkeypatch.setattr(tiny_model.backbone, "embed_texts", lambda texts, *args, **kw: seen.extend(texts) or embed(texts, *args, **kw))
     hits = search(tiny_model, flat_index, item_id="item-001", text="Is green", k=3)
     assert seen == ["a blue t-shirt, but is green"]
     assert len(hits) == 3 and hits[0].metadata == flat_index.metadata[hits[0].id]
