@@ -104,7 +104,7 @@ def test_unexpected_errors_are_logged_json_500s(served, caplog):
     """Item 6: 500s were text/plain and no handler logged them."""
     client, model, _ = served
 
-    def broken(texts, **options):
+    def broken(texts, *args, **options):
         raise RuntimeError("tokenizer exploded")
 
     model.backbone.embed_texts = broken
@@ -163,7 +163,7 @@ def test_a_500_says_connection_close_and_the_client_carries_on(served, caplog):
     ``Connection: close``, so the client's next request on it failed."""
     client, model, _ = served
 
-    def broken(texts, **options):
+    def broken(texts, *args, **options):
         raise RuntimeError("tokenizer exploded")
 
     embed = model.backbone.embed_texts
@@ -207,10 +207,10 @@ def test_a_search_answers_from_one_index_version(tmp_path, tiny_model):
     model = load_model(backbone="tiny")
     embed, removed = model.backbone.embed_texts, []
 
-    def remove_midway(texts, **options):  # the catalog changes while the search runs
+    def remove_midway(texts, *args, **options):  # the catalog changes while the search runs
         if not removed:
             removed.extend(remove_from_index(folder, list(paths)[:9])[1])
-        return embed(texts, **options)
+        return embed(texts, *args, **options)
 
     model.backbone.embed_texts = remove_midway
     with running_server(create_app(folder, model)) as url, httpx.Client(base_url=url, timeout=60) as client:
