@@ -89,13 +89,23 @@ def test_evaluate_catalog_protocol_unions_gallery_files_and_leaves_the_reference
     (tmp_path / "cap.json").write_text(json.dumps(captions))
     common = ["evaluate", "--backbone", "tiny", "--captions", str(tmp_path / "cap.json"), "--images", str(clothing["images"]),
               "--mode", "image", "--cache-dir", str(tmp_path / "cache")]
-    split = runner.invoke(app, common + ["--split-file", str(clothing["split"]), "--json", str(tmp_path / "split.json")])
+    split = runner.invoke(app, common + ["--split-file", str(clothing["split"]), "--reliance",
+                                         "--json", str(tmp_path / "split.json")])
+    cirr = runner.invoke(app, common + ["--split-file", str(clothing["split"]), "--remove-reference",
+                                        "--json", str(tmp_path / "cirr.json")])
     catalog = runner.invoke(app, common + ["--gallery-split-file", str(clothing["split"]), "--gallery-split-file",
                                            str(tmp_path / "extra.json"), "--json", str(tmp_path / "catalog.json")])
-    assert split.exit_code == 0 and catalog.exit_code == 0, split.output + catalog.output
+    assert split.exit_code == 0 and catalog.exit_code == 0 and cirr.exit_code == 0, split.output + catalog.output + cirr.output
     split_metrics = json.loads((tmp_path / "split.json").read_text())
     catalog_metrics = json.loads((tmp_path / "catalog.json").read_text())
-    assert catalog_metrics["protocol"] == "catalog" and split_metrics["protocol"] == "fashioniq"
+    cirr_metrics = json.loads((tmp_path / "cirr.json").read_text())
+    assert (split_metrics["protocol"], catalog_metrics["protocol"], cirr_metrics["protocol"]) == ("split", "catalog", "cirr")
+    # the split's gallery with the reference left out: a target inside it is first (duplicate photos can tie)
+    in_split = 100.0 * sum(c["target"] in set(val_ids) for c in captions) / len(captions)
+    assert cirr_metrics["cap"]["n_gallery"] == 563 and in_split - 10.0 <= cirr_metrics["cap"]["R@1"] <= in_split
+    # --reliance: the same queries with shuffled references, and the drop in R@10
+    assert split_metrics["cap"]["reliance"] == pytest.approx(split_metrics["cap"]["R@10"] - split_metrics["cap"]["R@10_shuffled"])
+    assert "reliance" not in catalog_metrics["cap"] and "R@10_shuffled" not in catalog_metrics["cap"]
     assert catalog_metrics["cap"]["n_gallery"] == 563 + 25 and split_metrics["cap"]["n_gallery"] == 563
     # the reference kept, it ranks first and its nearest neighbour second; left out, the target is first
     assert split_metrics["cap"]["R@1"] == 0.0
