@@ -17,10 +17,18 @@ REPO = Path(__file__).resolve().parents[2]
 def test_the_shipped_recipes_load_with_their_profiles():
     demo = load_recipe(REPO / "configs" / "demo_clothing.json")
     fast = load_recipe(REPO / "configs" / "demo_clothing.json", "fast")
-    assert [s.name for s in demo.stages] == ["stage1-annotated-only", "stage1-generated-only", "stage1", "stage2"]
+    full = load_recipe(REPO / "configs" / "demo_clothing.json", "full")
+    assert [s.name for s in demo.stages] == ["stage1", "stage2"]
+    assert [s.name for s in full.stages] == ["stage1", "stage2", "stage1-annotated-only", "stage1-annotated-and-generated"]
+    assert [s.refit_fusion for s in full.stages] == [True, True, False, False]
     assert demo.catalog.slice is None and fast.catalog.slice == {"train": 600, "val": 200, "test": 0}
-    assert demo.stages[3].train_config().batch_size == 128 and fast.stages[3].train_config().batch_size == 32
-    assert fast.stages[3].train_config().temperature == demo.stages[3].train_config().temperature == 0.02
+    assert demo.stages[1].train_config().batch_size == 128 and fast.stages[1].train_config().batch_size == 32
+    assert fast.stages[1].train_config().temperature == demo.stages[1].train_config().temperature == 0.02
+    for recipe in (demo, fast, full):  # the shared stage settings and the recipe's seed reach every stage
+        for stage in recipe.stages:
+            config = stage.train_config()
+            assert (config.encoders, config.last_n_blocks, config.epochs, config.seed) == ("text", 2, 1, 0), stage.name
+    assert demo.model.attributes and [b.fused for b in demo.baselines] == [False, True] and demo.evaluation.reliance
     paper = load_recipe(REPO / "configs" / "fashioniq_vitb32.json")
     assert paper.towers.backbone == "openclip:ViT-B-32:openai" and paper.stages[0].train_config().encoders == "both"
     assert load_recipe(REPO / "configs" / "fashioniq_vitb32.json", "tiny").towers.backbone == "tiny"
@@ -36,6 +44,21 @@ def test_overrides_reach_nested_fields_and_list_items():
     assert recipe.out == "elsewhere" and recipe.catalog.slice == {"train": 600, "val": 50, "test": 0}
     with pytest.raises(DataError, match="not KEY=VALUE"):
         parse_override("epochs")
+
+
+def test_stage_defaults_and_the_recipe_seed_fill_what_a_step_leaves_unset(tmp_path):
+    raw = json.loads((REPO / "configs" / "demo_clothing.json").read_text())
+    raw["seed"] = 7
+    raw["stage_defaults"] = {**raw["stage_defaults"], "lr": 0.5}
+    raw["stages"][1]["config"]["seed"] = 3  # a stage's own setting wins over the defaults and the recipe's seed
+    raw["towers"]["align"] = {"epochs": 2}
+    recipe = load_recipe(write(tmp_path, **raw))
+    first, second = (s.train_config() for s in recipe.stages)
+    assert (first.seed, first.lr, first.batch_size) == (7, 3e-5, 64)  # the stage's lr, the defaults' absent
+    assert (second.seed, second.lr, second.epochs) == (3, 2e-5, 1)
+    assert recipe.generate["train"].seed == 7 and recipe.towers.align.seed == 7
+    raw["stages"][0]["config"].pop("lr")
+    assert load_recipe(write(tmp_path, **raw)).stages[0].train_config().lr == 0.5  # a default where the stage names none
 
 
 def write(tmp_path: Path, **change) -> Path:

@@ -93,8 +93,14 @@ def test_the_paper_recipe_runs_every_step(paper_run):
     assert run["recipe"]["towers"]["backbone"] == "tiny" and run["git_commit"]
     assert any(name.endswith("cap.dress.train.json") for name in run["inputs"])
     assert all(len(sha) == 40 for sha in run["inputs"].values())
-    for picture in ("examples.png", "triplets.png", "training.png"):
+    for picture in [f"examples-{name}.png" for name in CATEGORIES] + ["triplets.png", "training.png"]:  # one per val set
         assert (out / picture).stat().st_size > 1000, picture
+    timings = json.loads((out / "timings.json").read_text())  # each step timed, in the order it ran
+    steps = [t["step"] for t in timings["steps"]]
+    assert steps.index("baseline zero-shot") < steps.index("train stage1") < steps.index("train stage2") < steps.index("pictures")
+    assert all(t["seconds"] >= 0 and t["peak_rss_mb"] > 0 for t in timings["steps"])
+    assert timings["total_seconds"] >= sum(t["seconds"] for t in timings["steps"]) - 0.1 * len(steps)  # rounding
+    assert "Time per step:" in stdout
 
 
 def test_a_rerun_repeats_no_work(paper_run):
