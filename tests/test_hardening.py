@@ -218,9 +218,9 @@ def test_checkpoints_load_with_weights_only_and_a_crafted_one_runs_nothing(train
     """Item 3: resume used torch.load(weights_only=False), so a crafted checkpoint.pt ran code."""
     from fashion_cir.training import Stage2Config, train_stage2
 
-    triplets, paths, _, descriptions = training_data
+    triplets, paths, _, records = training_data
     config = Stage2Config(epochs=1, batch_size=8, lr=1e-3, progress=False)
-    train_stage2(config, CIRModel(create_backbone("tiny"), "sum"), triplets, paths, {}, descriptions, tmp_path / "ok")
+    train_stage2(config, CIRModel(create_backbone("tiny"), "sum"), triplets, paths, None, records, tmp_path / "ok")
     saved = torch.load(tmp_path / "ok" / "checkpoint.pt", weights_only=True)  # every state is plain data
     assert saved["format"] == "fashion-cir-checkpoint/1" and saved["progress"]["epoch"] == 1
 
@@ -229,7 +229,7 @@ def test_checkpoints_load_with_weights_only_and_a_crafted_one_runs_nothing(train
     torch.save({"format": "fashion-cir-checkpoint/1", "stage": "stage2", "x": _Payload(marker)},
                tmp_path / "evil" / "checkpoint.pt")
     with pytest.raises(FashionCIRError, match="corrupt or unsafe checkpoint"):
-        train_stage2(config, CIRModel(create_backbone("tiny"), "sum"), triplets, paths, {}, descriptions, tmp_path / "evil")
+        train_stage2(config, CIRModel(create_backbone("tiny"), "sum"), triplets, paths, None, records, tmp_path / "evil")
     assert not marker.exists()
 
 
@@ -265,7 +265,10 @@ CORRUPTIONS = {
     "features.npy of the wrong length": (lambda f: np.save(_data(f) / "features.npy", np.zeros((7, 32), np.float32)), "features.npy"),
     "manifest without count": (lambda f: _set_manifest(f, count=KeyError), "index.json"),
     "manifest without nprobe": (lambda f: _set_manifest(f, nprobe=KeyError), "index.json"),
-    "manifest with feature_dim wrong": (lambda f: _set_manifest(f, feature_dim=64), "features.npy"),
+    "manifest with feature_dim wrong": (lambda f: _set_manifest(f, feature_dim=64, blocks={"image": 64}), "features.npy"),
+    "manifest whose blocks disagree with feature_dim": (lambda f: _set_manifest(f, feature_dim=64), "index.json"),
+    "manifest with a block of no width": (lambda f: _set_manifest(f, blocks={"image": 32, "description": 0}), "index.json"),
+    "manifest with blocks as a list": (lambda f: _set_manifest(f, blocks=[32]), "index.json"),
     "data: null": (lambda f: _set_manifest(f, data=None), "index.json"),
     "manifest as a list": (lambda f: (f / "index.json").write_text("[]"), "index.json"),
     "paths.json as a list": (lambda f: (_data(f) / "paths.json").write_text("[]"), "paths.json"),
@@ -516,12 +519,12 @@ def test_a_resumed_training_logs_each_step_once(training_data, tmp_path):
     """Kill loop finding: steps logged after the last checkpoint were logged again on resume."""
     from fashion_cir.training import Stage2Config, TrainingStopped, train_stage2
 
-    triplets, paths, _, descriptions = training_data
+    triplets, paths, _, records = training_data
     config = Stage2Config(epochs=2, batch_size=4, lr=1e-3, progress=False, log_every=1, checkpoint_every=2)
     with pytest.raises(TrainingStopped):  # logs step 3, last checkpoint at step 2: like a kill after step 3
         train_stage2(config.model_copy(update={"stop_after_steps": 3}), CIRModel(create_backbone("tiny"), "sum"),
-                     triplets, paths, {}, descriptions, tmp_path)
-    train_stage2(config, CIRModel(create_backbone("tiny"), "sum"), triplets, paths, {}, descriptions, tmp_path)
+                     triplets, paths, None, records, tmp_path)
+    train_stage2(config, CIRModel(create_backbone("tiny"), "sum"), triplets, paths, None, records, tmp_path)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if "loss" in r]
     summary = json.loads((tmp_path / "summary.json").read_text())
