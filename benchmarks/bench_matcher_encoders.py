@@ -1,7 +1,7 @@
 """Zero-shot description matching on the clothing val captions, per sentence encoder.
 
-For each encoder (``minilm``; with ``--mpnet`` also all-mpnet-base-v2) and each query template (the caption alone,
-or the reference description joined with it), ranks catalog items by the cosine between the
+For each encoder (``minilm``; with ``--mpnet`` also all-mpnet-base-v2) and each description term of a
+query (``caption``: the caption alone; ``prompt``: the reference description joined with it), ranks catalog items by the cosine between the
 query text and each item's MLLM description, under the split protocol (gallery = val images,
 reference kept) and the catalog protocol (gallery = every image, reference left out). Prints
 R@10 / R@50 with 95% bootstrap intervals and the encoding speed.
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fashion_cir.data.captions import join_captions_val
+from fashion_cir.data.captions import join_captions_val, sentence_query
 from fashion_cir.data.catalog import load_clothing_catalog
 from fashion_cir.evaluation.metrics import target_ranks
 from fashion_cir.evaluation.stats import paired_difference, recall_interval
@@ -48,10 +48,11 @@ def main() -> None:
         items = matcher.embed([descriptions[i] for i in everything], side="item")
         speed = len(everything) / (time.perf_counter() - start)
         row = {image_id: n for n, image_id in enumerate(everything)}
-        for template in ("caption", "prompt"):
-            matcher.template = template
-            queries = matcher.embed([matcher.query_text(join_captions_val(c["captions"]), descriptions.get(c["candidate"]))
-                                     for c in captions], side="query")
+        for template in ("caption", "prompt"):  # the fusion's caption and prompt terms
+            texts = [join_captions_val(c["captions"]) for c in captions]
+            if template == "prompt":
+                texts = [sentence_query(descriptions.get(c["candidate"]), text) for c, text in zip(captions, texts)]
+            queries = matcher.embed(texts, side="query")
             for protocol, gallery in galleries.items():
                 columns = np.array([row[i] for i in gallery])
                 scores = (queries @ items[columns].T).numpy()

@@ -30,13 +30,12 @@ from fashion_cir.data.triplets import load_triplet_set
 from fashion_cir.features.cache import FeatureCache
 from fashion_cir.models.cir import CIRModel
 from fashion_cir.models.factory import create_backbone
-from fashion_cir.data.catalog import DEFAULT_CATALOG
 from fashion_cir.training.data import Collate, TripletExamples, epoch_batches
 from fashion_cir.training.distributed import DistContext, shared_image_features
 from fashion_cir.training.losses import BankInfoNCELoss, InBatchContrastiveLoss
 from fashion_cir.training.stage2 import Stage2Step, StaticBank
 
-DATA = DEFAULT_CATALOG
+DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "clothing-dataset"  # ../shared from the repository
 
 
 def build_model(spec: str) -> CIRModel:
@@ -83,7 +82,7 @@ def main() -> None:
         start = time.perf_counter()
         ids, features = shared_image_features(model.backbone, catalog, FeatureCache(cache_dir), ctx, progress=False)
         bank_seconds = time.perf_counter() - start
-    bank = StaticBank(ids, features)
+    bank = StaticBank(model, ids, features)
     batches = epoch_batches(len(triplets), 0, args.batch_size, None, seed=0, epoch=0)
 
     static_data = TripletExamples(model, triplets, catalog, None, seed=0)

@@ -37,7 +37,10 @@ MODULES: dict[str, list[str]] = {
     "triplets/negatives.py": ["tests/triplets/test_negatives.py"],
     "triplets/mining.py": ["tests/triplets/test_mining.py"],
     "retrieval/index.py": ["tests/retrieval/test_index.py"],
-    "retrieval/scorer.py": ["tests/retrieval/test_scorer.py"],
+    "retrieval/dense.py": ["tests/retrieval/test_dense.py"],
+    "retrieval/policy.py": ["tests/retrieval/test_policy.py"],
+    "models/fusion.py": ["tests/models/test_fusion.py", "tests/models/test_queries.py"],
+    "training/fusion.py": ["tests/training/test_fusion_fit.py"],
 }
 
 

@@ -1,8 +1,9 @@
 """Stage-2 settings sweep (issue 9): does stage 2 measurably improve on the demo's stage-1 model?
 
 Trains the demo recipe's stage 2 with some of its settings changed, from the recipe's published
-``stage1`` model, exactly as ``fashion-cir run`` does (the runner's ``train_stage``: matcher weight
-0.5 while training, best epoch on annotated val, then the fusion weight calibrated on annotated val),
+``stage1`` model, exactly as ``fashion-cir run`` does (the runner's ``train_stage``: the start model's
+fusion weights while training, the best epoch by the recipe's selection on val, then the fusion
+weights fitted again on the annotated training captions when the stage says ``refit_fusion``),
 then scores the annotated val captions under both protocols (split: the val split's 563 images;
 catalog: all 5,756 images, reference removed) and prints the paired bootstrap difference against
 stage 1 on the same queries.
@@ -24,12 +25,14 @@ import json
 import time
 from pathlib import Path
 
+from fashion_cir.data.triplets import TripletSet, parse_triplets
+from fashion_cir.evaluation.evaluate import EvalOptions, catalog_protocol
 from fashion_cir.evaluation.evaluator import Evaluator
 from fashion_cir.evaluation.stats import paired_difference
 from fashion_cir.io import read_json, write_json
 from fashion_cir.models.cir import CIRModel
 from fashion_cir.pipeline.recipe import StageSpec, load_recipe
-from fashion_cir.pipeline.runner import GENERATED_VAL, Runner
+from fashion_cir.pipeline.runner import GENERATED_VAL, KS, Runner
 
 ANNOTATED = "annotated-val"
 
@@ -53,7 +56,7 @@ def main() -> None:
     parser.add_argument("--recipe", default="configs/demo_clothing.json")
     parser.add_argument("--set", dest="settings", action="append", type=setting, default=[], metavar="FIELD=VALUE",
                         help="a Stage2Config field changed from the recipe's stage 2 (repeatable), e.g. epochs=3")
-    parser.add_argument("--model", type=Path, help="score this model folder (calibrated again) instead of training one")
+    parser.add_argument("--model", type=Path, help="score this model folder (its fusion fitted again) instead of training one")
     parser.add_argument("--text-from", type=Path,
                         help="with --model: use this model folder's backbone (text tower), keeping --model's matcher")
     parser.add_argument("--confirm", action="store_true",
@@ -66,24 +69,25 @@ def main() -> None:
     runner.labels = {}
     runner.catalog_ = runner.catalog()
     runner.generated = {"train": read_json(runner.out / "triplets" / "train.json", "generated train triplets")}
-    runner.evaluators_ = runner.evaluators(runner.catalog_, None)  # annotated val only, both protocols
-    stage1 = CIRModel.load(runner.out / "stage1")  # published: already calibrated
+    runner.evaluator_ = runner.evaluator()  # the recipe's val sets and protocols (no generated val: not loaded)
+    stage1 = CIRModel.load(runner.out / "stage1")  # published: its fusion already fitted
     if args.model:
         model = CIRModel.load(args.model)
         if args.text_from:  # attribution: which trained part carries a stage's gain
             model.backbone.load_state_dict(CIRModel.load(args.text_from).backbone.state_dict())
-        runner.calibrate(model)
+        runner.fit_fusion(model)
     else:
         base = next(s for s in recipe.stages if s.kind == "stage2")
         stage = StageSpec(name=f"sweep-{args.name}", kind="stage2", start=base.start, data=base.data,
-                          config={**base.config, **dict(args.settings)})
+                          refit_fusion=base.refit_fusion, config={**base.config, **dict(args.settings)})
         runner.log(f"training {stage.name}: {stage.train_config().model_dump(exclude={'progress', 'cache_dir'})}")
         model = CIRModel.load(runner.train_stage(stage, runner.out / base.start))
 
     before, after = runner.score("stage1", stage1), runner.score(args.name, model)
     result = {"settings": dict(args.settings), "model": str(args.model or runner.out / f"sweep-{args.name}"),
-              "weight": model.matcher.weight, "stage1_weight": stage1.matcher.weight}
-    lines = [f"{args.name}: matcher weight {model.matcher.weight} (stage1 {stage1.matcher.weight})"]
+              "fusion": model.fusion.model_dump(mode="json"), "stage1_fusion": stage1.fusion.model_dump(mode="json")}
+    weights = lambda m: {t: w for t, w in m.fusion.weights().items() if w}  # noqa: E731
+    lines = [f"{args.name}: fusion {weights(model)} (stage1 {weights(stage1)})"]
     for protocol in before:
         a, b = after[protocol][model.query_mode][ANNOTATED], before[protocol][stage1.query_mode][ANNOTATED]
         result[protocol] = {"R@10": a["R@10"], "R@50": a["R@50"], "stage1": {"R@10": b["R@10"], "R@50": b["R@50"]},
@@ -92,11 +96,15 @@ def main() -> None:
                      f"(stage1 {b['R@50']:5.1f}) | paired " + "  ".join(
                          f"{k} {d:+.1f} [{lo:+.1f},{hi:+.1f}]" for k, (d, lo, hi) in result[protocol]["vs_stage1"].items()))
     if args.confirm:
-        generated = runner.evaluators(runner.catalog_, read_json(runner.out / "triplets" / "val.json", "generated val triplets"))
-        catalog = generated["catalog"]
-        held_out = Evaluator({GENERATED_VAL: catalog.sets[GENERATED_VAL]}, catalog.cache, catalog.descriptions,
-                             catalog.options, None, catalog.results_dir)
-        a, b = (held_out(m)[m.query_mode][GENERATED_VAL]["ranks"] for m in (model, stage1))
+        catalog = runner.catalog_
+        triplets = [t for t in parse_triplets(read_json(runner.out / "triplets" / "val.json", "generated val triplets"),
+                                              GENERATED_VAL)
+                    if t.candidate in catalog.image_paths and t.target in catalog.image_paths]
+        generated = TripletSet(GENERATED_VAL, triplets, list(catalog.split_paths("val")), dict(catalog.image_paths), [], 0)
+        held_out = Evaluator({GENERATED_VAL: generated}, runner.cache, catalog.attributes,
+                             EvalOptions(ks=KS, progress=False, keep_ranks=True), None, runner.out / "evaluations",
+                             [catalog_protocol(runner.all_ids())])
+        a, b = (held_out(m)["catalog"][m.query_mode][GENERATED_VAL]["ranks"] for m in (model, stage1))
         result["generated_catalog"] = {"vs_stage1": paired(a, b), "ranks": a}
         lines.append("  generated val, catalog: paired " + "  ".join(
             f"{k} {d:+.1f} [{lo:+.1f},{hi:+.1f}]" for k, (d, lo, hi) in result["generated_catalog"]["vs_stage1"].items()))

@@ -1,8 +1,8 @@
 """Tower comparison (issue 9): the demo recipe with another offline tower choice, side by side.
 
 For each ``offline[+OPTION...]`` spec: align the projections on the train split, score the demo's
-zero-shot baselines (image / text / sum, prompt on and off, and the described zero-shot with the
-description matcher) on the 240 annotated val captions under both protocols, optionally train stage 1
+zero-shot baselines (image / text / sum, prompt on and off, and the fused zero-shot: description
+matcher and attributes, fusion weights fitted on the training captions) on the 240 annotated val captions under both protocols, optionally train stage 1
 (``--stage1``), and measure how much colour the image side carries (the colour attribute of the val
 images from their train-split neighbours: 10-NN vote and a linear probe, on the pooled tower
 features and on the aligned image vectors), plus R@10 on the val queries whose target has another
@@ -39,7 +39,7 @@ ANNOTATED = "annotated-val"
 
 
 def tower_recipe(spec: str, stage1: bool, encoders: str) -> Recipe:
-    """The demo recipe with ``spec`` as towers; stage 1 only (from the described zero-shot) when asked."""
+    """The demo recipe with ``spec`` as towers; stage 1 only (from the fused zero-shot) when asked."""
     data = json.loads((ROOT / "configs" / "demo_clothing.json").read_text())
     data.update(name=f"towers-{spec}", out=str(OUT / spec), attribute_heads=False, pictures=False, index=None)
     data["towers"]["backbone"] = spec
@@ -49,8 +49,8 @@ def tower_recipe(spec: str, stage1: bool, encoders: str) -> Recipe:
     stage = next(s for s in data["stages"] if s["name"] == "stage1")
     stage["config"]["encoders"] = encoders
     data["stages"] = [stage] if stage1 else []
-    data["evaluation"]["compare"] = [["zero-shot-described", "zero-shot"]] + (
-        [["stage1", "zero-shot-described"]] if stage1 else [])
+    data["evaluation"]["compare"] = [["zero-shot-fused", "zero-shot"]] + (
+        [["stage1", "zero-shot-fused"]] if stage1 else [])
     return Recipe.model_validate(data)
 
 
@@ -106,12 +106,12 @@ def run_tower(spec: str, stage1: bool, encoders: str) -> dict:
     backbone = runner.towers(catalog)
     lap("features + alignment")
     runner.generated = {s: runner.generated_triplets(CIRModel(backbone), catalog, s) for s in recipe.generate}
-    runner.evaluators_ = runner.evaluators(catalog, None)
+    runner.evaluator_ = runner.evaluator()
     published = {b.name: runner.baseline(b, backbone) for b in recipe.baselines}
     lap("zero-shot baselines (both protocols)")
     for stage in recipe.stages:
         published[stage.name] = runner.train_stage(stage, published[stage.start])
-        lap(f"{stage.name} (train + calibrate)")
+        lap(f"{stage.name} (train + fusion refit)")
         runner.score(stage.name, CIRModel.load(published[stage.name]))
         lap(f"{stage.name} (score)")
     runner.finish(published)
@@ -125,7 +125,7 @@ def run_tower(spec: str, stage1: bool, encoders: str) -> dict:
             result["rows"][key] = {"R@10": round(row["R@10"], 2), "R@50": round(row["R@50"], 2)}
     # colour changes: val queries whose target's colour (MLLM attribute) differs from the reference's
     colour_of = {i: a.get("color") for i, a in catalog.attributes.items()}
-    triplets = runner.evaluators_["split"].sets[ANNOTATED].triplets
+    triplets = runner.evaluator_.sets[ANNOTATED].triplets
     asks = [colour_of.get(t.candidate) != colour_of.get(t.target) for t in triplets]
     result["colour_queries"] = int(sum(asks))
     for key, ranks in runner.ranks.items():
@@ -160,7 +160,7 @@ def table(baseline_spec: str = "offline") -> str:
     results = [read_json(p, "tower result") for p in sorted(OUT.glob("offline*.json"))]
     base = next((r for r in results if r["spec"] == baseline_spec), None)
     columns = [("text-only zero-shot (text -> image)", "zero-shot-no-prompt/text"),
-               ("described zero-shot", "zero-shot-described/sum"), ("stage 1", "stage1/sum")]
+               ("fused zero-shot", "zero-shot-fused/sum"), ("stage 1", "stage1/sum")]
     head = ["towers", "align i2t R@10", "colour kNN / probe: pooled", "colour kNN / probe: aligned"]
     for title, _ in columns:
         head += [f"{title}: split / catalog R@10 (colour changes, split)", "split / catalog vs offline (paired R@10)"]
