@@ -5,6 +5,8 @@
    LLaVA-1.5 (CLIP ViT-L/14-336 + Llama-7B shapes) in bf16, batch 16.
 3. Stage-1 step time and peak memory, ViT-B/32 both encoders trained, bf16, batch 128 and 512.
 4. Stage-2 throughput: text encoder trained against a 100k-entry static bank, batch 256.
+5. Queries of a model on the GPU from features on the CPU (what evaluation, validation and the
+   service pass): a Combiner model, and a matcher sharing the offline text tower.
 
     PYTHONPATH=src python benchmarks/gpu_checks.py --out results.json
 """
@@ -171,15 +173,45 @@ def stage2_throughput(results: dict, bank_size: int = 100_000, batch: int = 256)
           f"{batch / seconds:,.0f} queries/s, {bank_size - 1:,} negatives per query", flush=True)
 
 
+def queries_on_gpu(results: dict) -> None:
+    """encode_queries / query_vectors of models on cuda, given CPU reference features (the feature
+    cache's); the CPU results are the reference."""
+    from fashion_cir.models.cir import CIRModel
+    from fashion_cir.models.combiner import Combiner
+    from fashion_cir.models.factory import create_backbone
+    from fashion_cir.models.matcher import DescriptionMatcher
+
+    captions, descriptions = ["is red with long sleeves", "is shorter"], ["a white t-shirt", None]
+    torch.manual_seed(0)
+    backbone = create_backbone("tiny")
+    combined = CIRModel(backbone, "combiner", Combiner(backbone.feature_dim)).eval()
+    offline = create_backbone("offline")
+    shared = CIRModel(offline, "sum", matcher=DescriptionMatcher(offline.towers.text, query_encoder=offline.text_tower)).eval()
+    for name, model in (("combiner", combined), ("shared_matcher", shared)):
+        reference = torch.randn(2, model.backbone.feature_dim)
+        with torch.no_grad():
+            on_cpu = model.query_vectors(model.encode_queries(reference, captions, descriptions))
+            try:
+                model.cuda()
+                on_gpu = model.query_vectors(model.encode_queries(reference, captions, descriptions)).cpu()
+                results[f"queries_{name}_max_abs_diff"] = float((on_gpu - on_cpu).abs().max())
+            except Exception as exc:  # noqa: BLE001 (the point of the check)
+                results[f"queries_{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            finally:
+                model.cpu()
+        print(f"queries on the GPU ({name}): {results.get(f'queries_{name}_error') or 'ok'}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("gpu_results.json"))
-    parser.add_argument("--skip", default="", help="comma list of: vit,llava,stage1,stage2")
+    parser.add_argument("--skip", default="", help="comma list of: vit,llava,stage1,stage2,queries")
     args = parser.parse_args()
     results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     print(results, flush=True)
     skip = set(args.skip.split(","))
-    for name, fn in (("vit", vit_throughput), ("stage1", stage1_steps), ("stage2", stage2_throughput), ("llava", llava_throughput)):
+    for name, fn in (("vit", vit_throughput), ("stage1", stage1_steps), ("stage2", stage2_throughput),
+                     ("queries", queries_on_gpu), ("llava", llava_throughput)):
         if name in skip:
             continue
         try:
