@@ -93,11 +93,22 @@ class PreparedSet:
         self.model, self.options, self.protocols = model, options, {p.name: p for p in protocols}
         self.columns = {name: np.array([self.position[i] for i in gallery], dtype=np.int64) for name, gallery in gallery_of.items()}
         self.items = catalog_items(model, torch.from_numpy(features), ids, records, cache.root)
+        self.described = self._described(records)
         self.queries = self._compose(features, records, None, all_terms)
         self.shuffle = shuffled_order(len(self.triplets)) if options.reliance else None
         self.shuffled = self._compose(features, records, self.shuffle, all_terms) if options.reliance else None
         self.counts = {"n_queries": len(self.triplets), "missing": len(triplet_set.missing_images) + failed,
                        "skipped_triplets": triplet_set.skipped_triplets + len(triplet_set.triplets) - len(self.triplets)}
+
+    def _described(self, records) -> dict[str, torch.Tensor]:
+        """Catalog descriptions of the encoded images -> their item-side features (the description
+        block of the items), so queries need not encode their references' descriptions again."""
+        if "description" not in self.model.block_dims():
+            return {}
+        start = self.model.backbone.feature_dim
+        block = self.items[:, start:start + self.model.block_dims()["description"]]
+        texts = {row: (records or {}).get(i, {}).get("description") for i, row in self.position.items()}
+        return {text: block[row] for row, text in texts.items() if isinstance(text, str) and text}
 
     def _compose(self, features: np.ndarray, records, order: np.ndarray | None, all_terms: bool):
         shown = [t.candidate for t in self.triplets]
@@ -106,10 +117,11 @@ class PreparedSet:
         rows = [self.position[i] for i in shown]
         image = torch.from_numpy(features[rows]) if rows else torch.zeros(0, features.shape[1])
         prompts = [t.reference_prompt for t in self.triplets] if order is None else None
-        described, attributes = references(self.model, ReferencePolicy(self.options.describe), shown, image, records,
-                                           prompts)
+        descriptions, attributes = references(self.model, ReferencePolicy(self.options.describe), shown, image,
+                                              records, prompts)
         return self.model.encode_queries(image, [join_captions_val(list(t.captions)) for t in self.triplets],
-                                         described, attributes, all_terms=all_terms)
+                                         descriptions, attributes, all_terms=all_terms, described=self.described,
+                                         captions_encoded=None if order is None else self.queries.caption)
 
     def _exclude(self, protocol: Protocol, shuffled: bool) -> np.ndarray | None:
         if not protocol.remove_reference:
@@ -125,7 +137,7 @@ class PreparedSet:
         """[queries, gallery] fused scores under ``protocol``."""
         queries = self.shuffled if shuffled else self.queries
         with torch.no_grad():
-            vectors = self.model.query_vectors(queries, mode, fusion) if len(self.triplets) else torch.zeros(0, 1)
+            vectors = self.model.query_vectors(queries, mode, fusion).cpu() if len(self.triplets) else torch.zeros(0, 1)
             items = self.items[torch.from_numpy(self.columns[protocol])]
             return (vectors.float() @ items.float().T).numpy() if len(self.triplets) else np.zeros((0, len(items)))
 
@@ -136,8 +148,8 @@ class PreparedSet:
         for name, dim in self.model.block_dims().items():
             blocks[name], start = items[:, start:start + dim], start + dim
         with torch.no_grad():
-            return {term: vector.float() @ blocks[term_block(term)].T
-                    for term, vector in self.model.query_terms(self.queries, mode).items()}
+            terms = self.model.query_terms(self.queries.to(self.model.backbone.device), mode)
+            return {term: vector.float().cpu() @ blocks[term_block(term)].T for term, vector in terms.items()}
 
     def reference_columns(self, protocol: str) -> np.ndarray | None:
         """Each query's reference column in ``protocol``'s gallery when the protocol removes it (-1: none)."""

@@ -92,13 +92,16 @@ class Evaluator:
         report: dict[str, dict[str, dict]] = {p.name: {} for p in self.protocols}
         if self.results_dir is not None:
             fingerprint = model.fingerprint()
-            settings = options.model_dump_json(exclude={"progress", "num_workers", "batch_size", "modes"})
+            # a table scored with reliance also serves a request without it
+            settings = options.model_dump_json(exclude={"progress", "num_workers", "batch_size", "modes", "reliance"})
             for protocol in self.protocols:
                 for mode in options.modes:
                     key = text_sha1(RESULTS_FORMAT, fingerprint, self.key, settings, protocol.name, mode)
                     paths[protocol.name, mode] = path = self.results_dir / f"{key}.json"
                     if path.is_file():
-                        report[protocol.name][mode] = json.loads(path.read_text(encoding="utf-8"))
+                        table = json.loads(path.read_text(encoding="utf-8"))
+                        if not options.reliance or "reliance" in table["average"]:
+                            report[protocol.name][mode] = table
         if any(mode not in report[p.name] for p in self.protocols for mode in options.modes):
             prepared = self.prepare(model, options)
             for protocol in self.protocols:

@@ -124,7 +124,7 @@ class CIRModel(nn.Module):
     def query_vectors(self, parts: QueryParts, mode: str | None = None, fusion: Fusion | None = None) -> torch.Tensor:
         """Queries as vectors whose inner product with :meth:`item_vectors` is the fused score;
         ``fusion`` overrides the model's weights (e.g. while fitting them)."""
-        terms = self.query_terms(parts, mode)
+        terms = self.query_terms(parts.to(self.backbone.device), mode)
         like = next(iter(terms.values()))
         return fuse_terms(terms, fusion or self.fusion, self.block_dims(), len(like), like.float())
 
@@ -150,10 +150,14 @@ class CIRModel(nn.Module):
     def encode_queries(self, reference_features: torch.Tensor | None, captions: Sequence[str],
                        descriptions: Sequence[str | None] | None = None,
                        reference_attributes: Sequence[Mapping[str, Any] | None] | None = None,
-                       batch_size: int = 256, all_terms: bool = False) -> QueryParts:
+                       batch_size: int = 256, all_terms: bool = False,
+                       described: Mapping[str, torch.Tensor] | None = None,
+                       captions_encoded: torch.Tensor | None = None) -> QueryParts:
         """The parts of queries made of reference image features [n, d] (or None), captions (all
         empty: the reference alone, "more like this"), each reference's description and attributes
-        (None: none). Only the terms the model's fusion weighs are computed unless ``all_terms``."""
+        (None: none). Only the terms the model's fusion weighs are computed unless ``all_terms``.
+        Work already done is passed in: ``described`` maps descriptions to their item-side features
+        (the catalog's description bank), ``captions_encoded`` are these captions' caption term."""
         n = len(captions)
         descriptions = list(descriptions) if descriptions is not None else [None] * n
         attributes = list(reference_attributes) if reference_attributes is not None else [None] * n
@@ -167,17 +171,24 @@ class CIRModel(nn.Module):
         parts = QueryParts(reference_features, None, texts=texts)
         if has_text and self.shares_text:
             pooled = self.matcher.pool(list(texts), batch_size)
-            parts.text, parts.prompt = self.backbone.project_text(pooled), F.normalize(pooled, dim=-1)
+            text = self.backbone.project_text(pooled.to(self.backbone.device)).float().cpu()
+            parts.text, parts.prompt = text, F.normalize(pooled, dim=-1)
         elif has_text:
             parts.text = self.backbone.embed_texts(list(texts), batch_size)
         if self.matcher is not None:
             if has_text and self.needs("caption", fusion):
-                parts.caption = self.matcher.embed(list(captions), side="query")
+                parts.caption = captions_encoded if captions_encoded is not None else \
+                    self.matcher.embed(list(captions), side="query")
             if has_text and self.needs("prompt", fusion) and parts.prompt is None:
                 parts.prompt = self.matcher.embed([sentence_query(d, c) for c, d in zip(captions, descriptions)],
                                                   side="query")
             if reference_features is not None and self.needs("reference_description", fusion):
-                parts.reference_description = self.matcher.embed_optional(descriptions, side="item")
+                known = described or {}
+                parts.reference_description = self.matcher.embed_optional(
+                    [d if d not in known else None for d in descriptions], side="item")
+                for row, description in enumerate(descriptions):
+                    if description in known:
+                        parts.reference_description[row] = known[description]
         if self.attribute_space is not None:
             rows = [self.attribute_space.query_rows(a if reference_features is not None else None, read_changes(c))
                     for c, a in zip(captions, attributes)]

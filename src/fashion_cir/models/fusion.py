@@ -161,6 +161,14 @@ class QueryParts:
                 return len(part)
         return 0
 
+    def to(self, device: torch.device | str) -> "QueryParts":
+        """The parts on ``device`` (where the model composes them)."""
+        move = (lambda t: None if t is None else t.to(device))
+        return QueryParts(move(self.reference), move(self.text), move(self.caption), move(self.prompt),
+                          move(self.reference_description),
+                          None if self.attributes is None else {k: v.to(device) for k, v in self.attributes.items()},
+                          self.texts)
+
     def select(self, rows: torch.Tensor | list[int]) -> "QueryParts":
         """The parts of a subset of the queries."""
         index = torch.as_tensor(rows, dtype=torch.long)

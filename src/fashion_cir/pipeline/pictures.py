@@ -3,6 +3,7 @@ training curves (loss and val R@10 / R@50 per epoch, per stage)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import textwrap
 from pathlib import Path
@@ -31,10 +32,11 @@ def example_picture(model: CIRModel, triplet_set: TripletSet, records: Mapping[s
     """A PNG: per row the reference, its caption, the top-k results (reference left out), the
     target outlined in green."""
     plt = _pyplot()
-    prepared = PreparedSet(model, triplet_set, cache, EvalOptions(progress=False), records)
-    rows = list(range(0, len(prepared.triplets), max(1, len(prepared.triplets) // n_queries)))[:n_queries]
-    triplets = [prepared.triplets[r] for r in rows]
-    scores = prepared.scores("split")[rows]
+    chosen = triplet_set.triplets[:: max(1, len(triplet_set.triplets) // n_queries)][:n_queries]
+    prepared = PreparedSet(model, dataclasses.replace(triplet_set, triplets=chosen), cache, EvalOptions(progress=False),
+                           records)
+    triplets = prepared.triplets
+    scores = prepared.scores("split")
     gallery_ids = [prepared.ids[c] for c in prepared.columns["split"]]
     results = []
     for triplet, row in zip(triplets, scores):

@@ -320,7 +320,7 @@ class Runner:
             model = self.new_model(backbone, variant.text_template, spec.matcher)
             if spec.fused:
                 self.fit_fusion(model)
-            self.score(variant.label, model, tuple(variant.modes))
+            self.score(variant.label, model, tuple(variant.modes), reliance=spec.matcher and self.recipe.evaluation.reliance)
             for mode in variant.modes:
                 scores[f"{variant.label}/{mode}"] = self.selection_figure(model, mode)
                 choices[f"{variant.label}/{mode}"] = (model, mode)
@@ -368,8 +368,10 @@ class Runner:
             write_json(inputs_file, inputs)
         self.log(f"{stage.name}: {len(triplets)} triplets, {config.epochs} epoch(s), batch {config.batch_size}")
         train = train_stage1 if stage.kind == "stage1" else train_stage2
-        train(config, model, triplets, self.catalog_.split_paths("train"), self.evaluator_ if self.is_main else None,
-              self.catalog_.attributes, run_dir)
+        # a stage whose fusion is fitted again afterwards keeps its last epoch: scores under the start
+        # model's fusion would pick nothing the published model has
+        evaluator = self.evaluator_ if self.is_main and not stage.refit_fusion else None
+        train(config, model, triplets, self.catalog_.split_paths("train"), evaluator, self.catalog_.attributes, run_dir)
         if self.is_main:
             best = run_dir / "best" if (run_dir / "best" / "model.json").is_file() else run_dir / "model"
             publish_model(best, self.out / stage.name)

@@ -4,66 +4,20 @@ them it satisfies and which attributes of the reference it kept."""
 
 from __future__ import annotations
 
-import re
 from typing import Any, Mapping
 
-from ..captioning.vocab import DEFAULT_VOCABULARY, Vocabulary, canonical
+from ..language.changes import read_changes
+from ..language.lexicon import LENGTH_ORDER
 
 KEY_ATTRIBUTES = ("category", "color", "pattern", "sleeves", "neckline", "length", "material")
-LENGTH_ORDER = ["cropped", "hip", "thigh", "knee", "midi", "ankle", "full"]
-RELATIVE = {"shorter": ("length", "<"), "longer": ("length", ">")}
-# phrases beyond the vocabulary's values and synonyms
-EXTRA_PHRASES = {
-    "sleeves": {"long sleeves": "long", "long sleeved": "long", "long sleeve": "long", "short sleeves": "short",
-                "short sleeved": "short", "short sleeve": "short", "sleeveless": "sleeveless", "no sleeves": "sleeveless",
-                "three quarter sleeves": "three-quarter"},
-    "neckline": {"v neck": "v-neck", "hood": "hood", "hooded": "hood", "collar": "collar", "turtleneck": "turtleneck",
-                 "crew neck": "crew", "round neck": "crew", "scoop neck": "scoop", "strapless": "strapless"},
-    "length": {"cropped": "cropped", "knee length": "knee", "midi": "midi", "maxi": "full", "mini": "thigh",
-               "ankle length": "ankle", "floor length": "full"},
-    "pattern": {"plain": "solid", "solid": "solid", "stripes": "striped", "polka dots": "dotted", "checked": "checked",
-                "floral": "floral", "flowers": "floral"},
-}
-CONTRAST = re.compile(r"\b(?:instead of|rather than|not|unlike|no longer|than)\s+(?:the\s+|a\s+|an\s+)?[\w ]*?(?=,|\.|;| and | with |$)")
 PHRASE_NAMES = {"sleeves": "{} sleeves", "length": "{} length", "neckline": "{}", "pattern": "{}", "material": "{}"}
 
 
-def _phrases(vocab: Vocabulary) -> list[tuple[str, str, str]]:
-    """(canonical phrase, attribute, value), longest phrases first."""
-    table: dict[str, tuple[str, str]] = {}
-    for name in ("category", "color", "pattern", "material"):
-        spec = vocab.attributes.get(name)
-        if spec is None:
-            continue
-        for value in spec.values:
-            if not spec.wildcards or value not in spec.wildcards:
-                table.setdefault(canonical(value), (name, value))
-        for word, value in spec.synonyms.items():
-            table.setdefault(canonical(word), (name, value))
-    for name, phrases in EXTRA_PHRASES.items():
-        for word, value in phrases.items():
-            table[canonical(word)] = (name, value)
-    table.pop("other", None)
-    return sorted(((p, n, v) for p, (n, v) in table.items()), key=lambda t: -len(t[0]))
-
-
-_TABLE = _phrases(DEFAULT_VOCABULARY)
-
-
 def requested_changes(text: str) -> dict[str, str]:
-    """Attribute -> value (or "<"/">" for a relative length) that ``text`` asks for. Values named
-    after a contrast word ("instead of white", "not red") are what the shopper does not want."""
-    clean = re.sub(r"[^\w\s]", " ", CONTRAST.sub(" ", canonical(text)))
-    padded = f" {clean} "
-    out: dict[str, str] = {}
-    for phrase, name, value in _TABLE:
-        if f" {phrase} " in padded and name not in out:
-            out[name] = value
-            padded = padded.replace(f" {phrase} ", " | ")
-    for word, (name, relation) in RELATIVE.items():
-        if re.search(rf"\b{word}\b", clean) and name not in out:
-            out[name] = relation
-    return out
+    """Attribute -> value (or "<"/">" for a relative length) that ``text`` asks for: the first value
+    :func:`~fashion_cir.language.changes.read_changes` reads for each attribute."""
+    changes = read_changes(text)
+    return {**{name: values[0] for name, values in changes.wanted.items()}, **changes.relative}
 
 
 def _satisfied(name: str, wanted: str, item: Mapping[str, Any], reference: Mapping[str, Any]) -> bool:

@@ -73,4 +73,4 @@ def fit_fusion(prepared: Mapping[str, PreparedSet], protocol: str, config: Fusio
     with torch.no_grad():
         final = float(loss())
     return Fusion.from_weights(fitted), {"queries": count, "terms": len(names), "loss_plain_composed": round(start, 4),
-                                         "loss": round(final, 4), "scale": round(float(log_scale.exp()), 3)}
+                                         "loss": round(final, 4), "scale": round(float(log_scale.detach().exp()), 3)}
