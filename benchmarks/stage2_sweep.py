@@ -4,9 +4,9 @@ Trains the demo recipe's stage 2 with some of its settings changed, from the rec
 ``stage1`` model, exactly as ``fashion-cir run`` does (the runner's ``train_stage``: the start model's
 fusion weights while training, the best epoch by the recipe's selection on val, then the fusion
 weights fitted again on the annotated training captions when the stage says ``refit_fusion``),
-then scores the annotated val captions under both protocols (split: the val split's 563 images;
-catalog: all 5,756 images, reference removed) and prints the paired bootstrap difference against
-stage 1 on the same queries.
+then scores every val set of the recipe under each of its protocols (split: the val split's 563
+images; catalog: all 5,756 images, reference removed) and prints the paired bootstrap difference
+against stage 1 (or ``--against``, another published model of the run) on the same queries.
 
     nice -n 15 .venv/bin/python benchmarks/stage2_sweep.py --name t01 --set encoders=none --set temperature=0.01
     nice -n 15 .venv/bin/python benchmarks/stage2_sweep.py --name demo-stage2 --model runs/demo/stage2   # score only
@@ -34,9 +34,6 @@ from fashion_cir.models.cir import CIRModel
 from fashion_cir.pipeline.recipe import StageSpec, load_recipe
 from fashion_cir.pipeline.runner import GENERATED_VAL, KS, Runner
 
-ANNOTATED = "annotated-val"
-
-
 def setting(text: str) -> tuple[str, object]:
     """``FIELD=VALUE`` (VALUE as JSON, else a string) for one Stage2Config field."""
     key, _, raw = text.partition("=")
@@ -54,9 +51,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", required=True, help="this setting's name (model folder <out>/sweep-NAME)")
     parser.add_argument("--recipe", default="configs/demo_clothing.json")
+    parser.add_argument("--out", type=Path, help="the recipe's run folder (default: the recipe's out)")
+    parser.add_argument("--against", default="stage1", help="the run's published model every figure is paired with")
     parser.add_argument("--set", dest="settings", action="append", type=setting, default=[], metavar="FIELD=VALUE",
                         help="a Stage2Config field changed from the recipe's stage 2 (repeatable), e.g. epochs=3")
     parser.add_argument("--model", type=Path, help="score this model folder (its fusion fitted again) instead of training one")
+    parser.add_argument("--as-is", action="store_true", help="with --model: keep its own fusion (no refit)")
     parser.add_argument("--text-from", type=Path,
                         help="with --model: use this model folder's backbone (text tower), keeping --model's matcher")
     parser.add_argument("--confirm", action="store_true",
@@ -64,18 +64,19 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, overrides=[f"out={args.out}"] if args.out else ())
     runner = Runner(recipe, source=args.recipe)
     runner.labels = {}
     runner.catalog_ = runner.catalog()
     runner.generated = {"train": read_json(runner.out / "triplets" / "train.json", "generated train triplets")}
     runner.evaluator_ = runner.evaluator()  # the recipe's val sets and protocols (no generated val: not loaded)
-    stage1 = CIRModel.load(runner.out / "stage1")  # published: its fusion already fitted
+    stage1 = CIRModel.load(runner.out / args.against)  # published: its fusion already fitted
     if args.model:
         model = CIRModel.load(args.model)
         if args.text_from:  # attribution: which trained part carries a stage's gain
             model.backbone.load_state_dict(CIRModel.load(args.text_from).backbone.state_dict())
-        runner.fit_fusion(model)
+        if not args.as_is:
+            runner.fit_fusion(model)
     else:
         base = next(s for s in recipe.stages if s.kind == "stage2")
         stage = StageSpec(name=f"sweep-{args.name}", kind="stage2", start=base.start, data=base.data,
@@ -83,18 +84,22 @@ def main() -> None:
         runner.log(f"training {stage.name}: {stage.train_config().model_dump(exclude={'progress', 'cache_dir'})}")
         model = CIRModel.load(runner.train_stage(stage, runner.out / base.start))
 
-    before, after = runner.score("stage1", stage1), runner.score(args.name, model)
+    before, after = runner.score(args.against, stage1), runner.score(args.name, model)
     result = {"settings": dict(args.settings), "model": str(args.model or runner.out / f"sweep-{args.name}"),
-              "fusion": model.fusion.model_dump(mode="json"), "stage1_fusion": stage1.fusion.model_dump(mode="json")}
+              "against": args.against, "fusion": model.fusion.model_dump(mode="json"),
+              "against_fusion": stage1.fusion.model_dump(mode="json")}
     weights = lambda m: {t: w for t, w in m.fusion.weights().items() if w}  # noqa: E731
-    lines = [f"{args.name}: fusion {weights(model)} (stage1 {weights(stage1)})"]
+    lines = [f"{args.name}: fusion {weights(model)} ({args.against} {weights(stage1)})"]
     for protocol in before:
-        a, b = after[protocol][model.query_mode][ANNOTATED], before[protocol][stage1.query_mode][ANNOTATED]
-        result[protocol] = {"R@10": a["R@10"], "R@50": a["R@50"], "stage1": {"R@10": b["R@10"], "R@50": b["R@50"]},
-                            "vs_stage1": paired(a["ranks"], b["ranks"]), "ranks": a["ranks"]}
-        lines.append(f"  {protocol:8s} R@10 {a['R@10']:5.1f} (stage1 {b['R@10']:5.1f}) R@50 {a['R@50']:5.1f} "
-                     f"(stage1 {b['R@50']:5.1f}) | paired " + "  ".join(
-                         f"{k} {d:+.1f} [{lo:+.1f},{hi:+.1f}]" for k, (d, lo, hi) in result[protocol]["vs_stage1"].items()))
+        for name, a in after[protocol][model.query_mode].items():
+            b = before[protocol][stage1.query_mode][name]
+            result.setdefault(protocol, {})[name] = {
+                "R@10": a["R@10"], "R@50": a["R@50"], args.against: {"R@10": b["R@10"], "R@50": b["R@50"]},
+                "paired": paired(a["ranks"], b["ranks"]), "ranks": a["ranks"]}
+            lines.append(f"  {protocol:8s} {name:14s} R@10 {a['R@10']:5.1f} ({args.against} {b['R@10']:5.1f}) "
+                         f"R@50 {a['R@50']:5.1f} ({args.against} {b['R@50']:5.1f}) | paired " + "  ".join(
+                             f"{k} {d:+.1f} [{lo:+.1f},{hi:+.1f}]"
+                             for k, (d, lo, hi) in result[protocol][name]["paired"].items()))
     if args.confirm:
         catalog = runner.catalog_
         triplets = [t for t in parse_triplets(read_json(runner.out / "triplets" / "val.json", "generated val triplets"),
@@ -105,9 +110,9 @@ def main() -> None:
                              EvalOptions(ks=KS, progress=False, keep_ranks=True), None, runner.out / "evaluations",
                              [catalog_protocol(runner.all_ids())])
         a, b = (held_out(m)["catalog"][m.query_mode][GENERATED_VAL]["ranks"] for m in (model, stage1))
-        result["generated_catalog"] = {"vs_stage1": paired(a, b), "ranks": a}
+        result["generated_catalog"] = {"paired": paired(a, b), "ranks": a}
         lines.append("  generated val, catalog: paired " + "  ".join(
-            f"{k} {d:+.1f} [{lo:+.1f},{hi:+.1f}]" for k, (d, lo, hi) in result["generated_catalog"]["vs_stage1"].items()))
+            f"{k} {d:+.1f} [{lo:+.1f},{hi:+.1f}]" for k, (d, lo, hi) in result["generated_catalog"]["paired"].items()))
     result["seconds"] = round(time.perf_counter() - started, 1)
     write_json(runner.out / f"sweep-{args.name}.json", result)
     print("\n".join(lines), flush=True)
