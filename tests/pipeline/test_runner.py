@@ -1,5 +1,6 @@
 """Pieces of the recipe runner (pipeline/runner.py) without a whole run: the catalog protocol's
-gallery. The clothing catalog is read from ../shared (a small slice)."""
+gallery and the key that decides whether a stage trains again. The clothing catalog is read from
+../shared (a small slice); training is replaced by a stub that shifts the start model's text weights."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
+import fashion_cir.training
+from fashion_cir.models.cir import load_model
 from fashion_cir.pipeline.recipe import load_recipe
 from fashion_cir.pipeline.runner import Runner
 
@@ -47,3 +51,44 @@ def test_the_catalog_protocol_ranks_every_split(in_repo, clothing_dir, tmp_path)
     assert protocols["split"].gallery_ids is None and not protocols["split"].remove_reference
     for name, triplet_set in evaluator.sets.items():
         assert triplet_set.gallery_ids == splits["val"], name
+
+
+def fake_train(config, model, triplets, paths, evaluator, records, run_dir):
+    """A training stub: the start model's text projection shifted by the stage's learning rate (the
+    image encoder stays as it is, like the recipes' text-only training)."""
+    with torch.no_grad():
+        model.backbone.clip.text_projection.add_(config.lr)
+    model.mark_trained(["backbone.clip.text_projection"])
+    model.save(Path(run_dir) / "model", {"stage": "fake"})
+
+
+def test_a_changed_start_model_trains_the_next_stage_again(in_repo, tmp_path, monkeypatch, capsys):
+    """Issue 24 item 6: stage 2's retrain key holds its start model's content, not its folder:
+    training stage 1 again (a new learning rate) retrains stage 2 from the same
+    folder, and an unchanged re-run retrains neither."""
+    monkeypatch.setattr(fashion_cir.training, "train_stage1", fake_train)
+    monkeypatch.setattr(fashion_cir.training, "train_stage2", fake_train)
+    monkeypatch.setattr("fashion_cir.pipeline.pictures.stage_curves", lambda files, out: out)
+    out = tmp_path / "run"
+    zero = load_model(backbone="tiny").save(out / "zero-shot")
+    fixed = ["stages.0.refit_fusion=false", "stages.1.refit_fusion=false"]  # no fusion fit (no evaluation)
+
+    def run_stages(*overrides: str) -> tuple[str, dict]:
+        runner = demo_runner(out, *fixed, *overrides)
+        runner.evaluator_ = None
+        stage1, stage2 = runner.recipe.stages
+        capsys.readouterr()
+        published = runner.train_stage(stage1, zero)
+        assert published == out / "stage1"
+        runner.train_stage(stage2, published)
+        inputs = json.loads((out / "train" / "stage2" / "inputs.json").read_text())
+        return capsys.readouterr().out, inputs
+
+    _, first = run_stages()
+    log, again = run_stages()
+    assert "training it again" not in log and again == first
+    log, changed = run_stages("stages.0.config.lr=0.001")
+    assert "stage1: its start model, triplets or settings changed; training it again" in log
+    assert "stage2: its start model, triplets or settings changed; training it again" in log
+    assert changed["start"] != first["start"] and {k: v for k, v in changed.items() if k != "start"} == \
+        {k: v for k, v in first.items() if k != "start"}
