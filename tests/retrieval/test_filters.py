@@ -160,9 +160,9 @@ def test_random_filters_follow_the_precedence_of_not_and_or():
         milvus = parsed.to_milvus()
         for number, record in enumerate(records):
             names = {"true": "true", "false": "false", **{f: columns[f][number] for f in columns}}
-            expected = eval(text, {"__builtins__": {}}, names)  # noqa: S307 (our own generated text)
+            expected = eval(text, {"__builtins__": {}}, names)  # our own generated text, as Python
             assert parsed.matches(record) == expected, (text, record)
-            assert eval(milvus, {"__builtins__": {}}, names) == expected, (text, milvus, record)  # noqa: S307
+            assert eval(milvus, {"__builtins__": {}}, names) == expected, (text, milvus, record)
         expected_rows = [n for n in range(len(records)) if parsed.matches(records[n])]
         assert np.flatnonzero(parsed.mask(columns, len(records))).tolist() == expected_rows, text
     hand = parse_filter(texts[0])
