@@ -3,6 +3,8 @@ against the normal approximation."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -49,6 +51,31 @@ def test_a_tie_on_average_has_an_interval_around_zero():
     b[20:40] = 0  # b wins 20 others
     diff, low, high = paired_difference(a, b, 10)
     assert diff == 0 and low < 0 < high
+
+
+def _binomial_coverage(low: float, high: float, n: int, p: float) -> float:
+    """P(low <= X / n * 100 <= high) for X ~ Binomial(n, p), summed exactly."""
+    return sum(math.comb(n, x) * p**x * (1 - p) ** (n - x) for x in range(n + 1)
+               if low - 1e-9 <= 100 * x / n <= high + 1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_95_percent_interval_covers_95_percent_of_the_bootstrap_distribution(seed):
+    """Issue 24 item 4: a "95%" paired interval computed at 90%. Model a finds the target in its
+    top 10 on 100 of 1,000 queries where b never does, so a resampled difference is Binomial(1000,
+    0.1) / 1000: its exact 2.5% and 97.5% quantiles are 82 and 119 queries (8.2 and 11.9 points), the
+    5% and 95% ones 85 and 116. The interval must hold about 95% of that distribution, not 90%."""
+    b = np.full(1000, 30)
+    a = b.copy()
+    a[:100] = 0
+    diff, low, high = paired_difference(a, b, 10, seed=seed)
+    assert diff == pytest.approx(10.0)
+    assert 0.94 <= _binomial_coverage(low, high, 1000, 0.1) <= 0.965
+    assert low == pytest.approx(8.2, abs=0.15) and high == pytest.approx(11.9, abs=0.15)
+    _, low90, high90 = paired_difference(a, b, 10, seed=seed, level=0.90)
+    assert 0.885 <= _binomial_coverage(low90, high90, 1000, 0.1) <= 0.93
+    recall, low, high = recall_interval(a, 10, seed=seed)  # the same distribution, unpaired
+    assert recall == pytest.approx(10.0) and 0.94 <= _binomial_coverage(low, high, 1000, 0.1) <= 0.965
 
 
 def test_paired_difference_needs_the_same_queries():

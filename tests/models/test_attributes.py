@@ -91,6 +91,21 @@ def test_descriptions_read_like_the_catalog():
     assert describe(unsure) == "a white t-shirt"  # uncertain attributes are left out, never category and colour
 
 
+def test_an_unsure_kids_prediction_is_left_out_of_the_description():
+    """Issue 24 item 8: a predicted ``kids=True`` below the confidence bar writes neither "child's"
+    nor the child's article into an upload's description; at or above the bar it does both."""
+    def predicted(category: str, color: str, kids: bool, confidence: float) -> dict:
+        return {"category": {"value": category, "confidence": 0.9}, "color": {"value": color, "confidence": 0.9},
+                "kids": {"value": kids, "confidence": confidence}}
+
+    assert describe(predicted("t-shirt", "white", True, 0.3)) == "a white t-shirt"
+    assert describe(predicted("pants", "grey", True, 0.49)) == "a pair of grey pants"
+    assert describe(predicted("t-shirt", "white", True, 0.5)) == "a child's white t-shirt"
+    assert describe(predicted("pants", "grey", True, 0.8)) == "a child's grey pants"
+    assert describe(predicted("pants", "grey", False, 0.95)) == "a pair of grey pants"
+    assert describe(predicted("pants", "grey", True, 0.3), min_confidence=0.2) == "a child's grey pants"
+
+
 def test_query_texts_follow_the_prompt_source():
     """catalog: the triplet's own prompt, else the catalog record's description, else (an item
     without a record) the attribute heads'; predicted: always the heads'; none: the caption alone."""

@@ -149,6 +149,23 @@ def test_the_colour_histogram_matches_a_pixel_by_pixel_count():
     assert ours[1].argmax() == (0 * HSV_BINS[1] + 3) * HSV_BINS[2] + 3 and ours[1].max() == pytest.approx(1.0)
 
 
+def test_the_trunk_histogram_is_of_the_photo_not_of_its_normalised_pixels():
+    """Issue 24 item 7: the colour part of the trunk features (preprocess, then encode_image_trunk)
+    is the histogram of the photo's own colours, not of the CLIP-normalised pixels clamped to [0, 1].
+    A solid photo fills one bin; worked out by hand: (150, 60, 30) has hue 0.042 (the red hue bin 0),
+    saturation 0.8 (bin 3), value 0.59 (bin 2): bin (0 * 4 + 3) * 4 + 2 = 14; (30, 45, 110) hue 0.635
+    (bin 7), saturation 0.73 (bin 2), value 0.43 (bin 1): bin 121; (220, 200, 160) hue 0.11 (bin 1),
+    saturation 0.27 (bin 1), value 0.86 (bin 3): bin 23. Normalised, they would fall in 12, 0 and 26."""
+    backbone = create_backbone("offline+hsv")
+    for colour, bin_ in (((150, 60, 30), 14), ((30, 45, 110), 121), ((220, 200, 160), 23)):
+        pixels = backbone.preprocess(Image.new("RGB", (120, 160), colour))[None]
+        with torch.no_grad():
+            histogram = backbone.encode_image_trunk(pixels)[0, 1280:] / HSV_SCALE
+        expected = _histogram_by_hand(np.full((8, 8, 3), np.array(colour) / 255))
+        assert expected.argmax() == bin_ and expected.max() == 1.0
+        np.testing.assert_allclose(histogram.numpy(), expected, atol=1e-5, err_msg=str(colour))
+
+
 def test_hsv_features_see_colour_that_the_cnn_features_do_not_separate(shared_dir):
     """On a real photo recoloured (hue rotated), the histogram part of the trunk moves far more than
     its own norm's share, while the photo's shape stays: the colour signal issue 9 asked for."""

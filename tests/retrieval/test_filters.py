@@ -113,3 +113,58 @@ def test_milvus_literals_escape_what_milvus_reads():
     assert milvus_literal("x'] or id not in ['") == '"x\'] or id not in [\'"'
     assert milvus_literal('a\\"b\n\r\t\0') == '"a\\\\\\"b\\n\\r\\t\0"'
     assert milvus_list(["a", 'b"']) == '["a", "b\\""]'
+
+
+def _random_filter(rng, depth: int) -> tuple[str, str | None]:
+    """A random filter text with as few parentheses as the precedence (not > and > or) allows, plus
+    some redundant ones; returns the text and its top operator ("and", "or", or None)."""
+    if depth == 0 or rng.random() < 0.3:
+        field = rng.choice(["category", "color", "kids"])
+        values = {"category": ["dress", "pants"], "color": ["red", "black", ""], "kids": ["true", "false"]}[field]
+        quote = '"%s"' if rng.random() < 0.5 else "'%s'"
+        literal = (lambda v: v) if field == "kids" else (lambda v: quote % v)
+        op = rng.choice(["==", "!=", "in", "not in"])
+        if op in ("==", "!="):
+            return f"{field} {op} {literal(rng.choice(values))}", None
+        chosen = rng.sample(values, rng.randint(1, len(values)))
+        return f"{field} {op} [{', '.join(literal(v) for v in chosen)}]", None
+    if rng.random() < 0.2:
+        text, inner = _random_filter(rng, depth - 1)
+        return f"not ({text})" if inner or rng.random() < 0.2 else f"not {text}", None
+    op = rng.choice(["and", "or"])
+    parts = []
+    for _ in range(rng.randint(2, 3)):
+        text, inner = _random_filter(rng, depth - 1)
+        needed = op == "and" and inner == "or"
+        parts.append(f"({text})" if needed or rng.random() < 0.1 else text)
+    return f" {op} ".join(parts), op
+
+
+def test_random_filters_follow_the_precedence_of_not_and_or():
+    """Issue 24 item 1: ``a and b or c`` is ``(a and b) or c``. The filter text and its Milvus
+    translation are evaluated by Python's own ``not``/``and``/``or`` (same precedence as the grammar)
+    on records of text fields, and compared with :meth:`Filter.matches` and :meth:`Filter.mask`."""
+    import random
+
+    rng = random.Random(24)
+    records = [{f: rng.choice(vs) for f, vs in (("category", ["dress", "pants", "hat"]),
+                                                  ("color", ["red", "black", "blue", None]),
+                                                  ("kids", [True, False])) if rng.random() < 0.9}
+               for _ in range(40)]
+    columns = {f: np.array([field_text(r.get(f)) for r in records], dtype=object) for f in ("category", "color", "kids")}
+    texts = ['category == "dress" and color == "red" or kids == true',  # the hand-made cases first
+             'kids == true or category == "dress" and color == "red"']
+    texts += [_random_filter(rng, 3)[0] for _ in range(300)]
+    for text in texts:
+        parsed = parse_filter(text)
+        milvus = parsed.to_milvus()
+        for number, record in enumerate(records):
+            names = {"true": "true", "false": "false", **{f: columns[f][number] for f in columns}}
+            expected = eval(text, {"__builtins__": {}}, names)  # our own generated text, as Python
+            assert parsed.matches(record) == expected, (text, record)
+            assert eval(milvus, {"__builtins__": {}}, names) == expected, (text, milvus, record)
+        expected_rows = [n for n in range(len(records)) if parsed.matches(records[n])]
+        assert np.flatnonzero(parsed.mask(columns, len(records))).tolist() == expected_rows, text
+    hand = parse_filter(texts[0])
+    assert [hand.matches(r) for r in ({"category": "hat", "kids": True}, {"category": "dress", "color": "red"},
+                                      {"category": "dress", "color": "blue", "kids": False})] == [True, True, False]

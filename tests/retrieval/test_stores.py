@@ -148,8 +148,11 @@ def test_remove_and_upsert_persist(kind, workdir, tiny_model, catalog, raw_featu
     new_meta["item-005"] = {**metadata["item-040"], "color": "purple"}
     updated = upsert_index(folder, tiny_model, changed, new_meta, cache_dir=workdir / "feature-cache", progress=False)
     assert updated.report["replaced"] == 1 and updated.report["added"] == 5
+    assert updated.paths["item-005"] == paths["item-040"].resolve()  # issue 24 item 2: /images served the old photo
     index = open_index(folder, tiny_model)
     assert len(index) == 53 and index.metadata["item-005"]["color"] == "purple"
+    assert {i: index.paths[i] for i in changed} == {i: p.resolve() for i, p in changed.items()}
+    assert index.paths["item-006"] == paths["item-006"].resolve()  # an item left alone keeps its photo
     np.testing.assert_allclose(index.vector("item-005"), raw_features["item-040"], rtol=1e-5, atol=1e-6)
     parsed = parse_filter('color == "purple"', index.fields)
     own = raw_features["item-040"] / np.linalg.norm(raw_features["item-040"])

@@ -212,6 +212,39 @@ def test_oversized_bodies(client):
     assert_error(response, 413, "limited to 10 MB")
 
 
+def jpeg_of_size(jpeg: bytes, size: int) -> bytes:
+    """``jpeg`` grown to exactly ``size`` bytes by comment segments after its start marker, so the
+    whole file is one valid JPEG and cutting any of its end off truncates the picture."""
+    pad, segments = size - len(jpeg), []
+    assert pad >= 4
+    while pad:
+        take = min(pad, 65537)  # marker (2) + length (2) + at most 65533 bytes of comment
+        if 0 < pad - take < 4:
+            take -= 4
+        segments.append(b"\xff\xfe" + struct.pack(">H", take - 2) + b"x" * (take - 4))
+        pad -= take
+    grown = jpeg[:2] + b"".join(segments) + jpeg[2:]
+    assert len(grown) == size
+    return grown
+
+
+def test_uploads_at_the_size_limit(client, catalog):
+    """Issue 24 item 10: an upload of exactly the limit is searched; one byte or 2 KB over it is
+    refused with 413 (under the body limit's room for form fields, so the endpoint's own check
+    answers), not read up to the limit and answered 400 as a truncated picture."""
+    limit = client.get("/health").json()["limits"]["max_upload_bytes"]
+    assert limit == 10 << 20
+    jpeg = catalog[0][first_id(catalog)].read_bytes()
+    response = client.post("/search", data={"text": "is darker", "k": 3},
+                           files={"image": ("ref.jpg", jpeg_of_size(jpeg, limit), "image/jpeg")})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["results"]) == 3
+    for over in (1, 2048):
+        response = client.post("/search", data={"text": "is darker"},
+                               files={"image": ("ref.jpg", jpeg_of_size(jpeg, limit + over), "image/jpeg")})
+        assert_error(response, 413, "uploaded image is larger than the limit of 10.0 MB")
+
+
 @pytest.mark.parametrize("form, status, words", [
     ({"text": ""}, 422, ["text must not be empty"]),
     ({"text": "   "}, 422, ["text must not be empty"]),
