@@ -336,6 +336,9 @@ class Trainer:
                       "selection_metric": metric, "best": improved})
             self.report_validation(f"epoch {self.progress.epoch + 1}/{cfg.epochs}", report, metric, improved)
             self.progress.history.append({"epoch": self.progress.epoch, "metric": metric})
+        elif run.ctx.is_main:
+            print(f"{run.out_dir.name} epoch {self.progress.epoch + 1}/{cfg.epochs}: done at step "
+                  f"{self.progress.global_step} (no validation: the last epoch is kept)", flush=True)
         self.progress.epoch += 1
         self.progress.step = 0
         self.save_checkpoint()
