@@ -320,11 +320,11 @@ def main() -> int:
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "src"))
     start = time.perf_counter()
+    import torch
+
     import fashion_cir.cli  # noqa: F401 - imported once here, inherited by every forked run
     import fashion_cir.pipeline  # noqa: F401
     from fashion_cir.models.factory import create_backbone
-
-    import torch
 
     torch.set_num_threads(1)
     create_backbone("tiny")  # warms open_clip's config and tokenizer files too

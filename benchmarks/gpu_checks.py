@@ -53,8 +53,15 @@ def vit_throughput(results: dict) -> None:
 def llava_throughput(results: dict, batch: int = 16, new_tokens: int = 128) -> None:
     from PIL import Image
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
 
     from fashion_cir.captioning.base import CaptionRequest
     from fashion_cir.captioning.llava_hf import LlavaHFCaptioner

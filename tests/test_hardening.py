@@ -22,7 +22,6 @@ from typer.testing import CliRunner
 
 import fashion_cir.features.cache as cache_module
 import fashion_cir.models.cir as cir_module
-from support.serving import synthetic_catalog
 from fashion_cir.cli import app
 from fashion_cir.data.images import find_image, open_image
 from fashion_cir.data.triplets import load_triplet_set
@@ -33,6 +32,7 @@ from fashion_cir.models.cir import CIRModel, load_model
 from fashion_cir.models.combiner import Combiner
 from fashion_cir.models.factory import create_backbone
 from fashion_cir.retrieval import CatalogIndex, add_to_index, build_index
+from support.serving import synthetic_catalog
 
 runner = CliRunner()
 

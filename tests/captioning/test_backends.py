@@ -149,7 +149,7 @@ def test_tiny_llava_valid_answers_become_attributes(tmp_path, monkeypatch, cloth
     for image_id, record in zip(paths, records):
         assert result[image_id].to_record(image_id) == {"image": image_id, **record}
     stored = [json.loads(line) for line in next((tmp_path / "cache").glob("*.jsonl")).read_text().splitlines()]
-    assert {r["image"]: r["status"] for r in stored} == {i: "ok" for i in paths}
+    assert {r["image"]: r["status"] for r in stored} == dict.fromkeys(paths, "ok")
     assert [json.loads(r["raw"]) for r in sorted(stored, key=lambda r: list(paths).index(r["image"]))] == records
 
 

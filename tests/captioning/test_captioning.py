@@ -10,8 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from fashion_cir.captioning import (DEFAULT_VOCABULARY, InvalidAnswer, build_captioner, load_precomputed,
-                                    load_vocabulary, run_captioning, write_attributes)
+from fashion_cir.captioning import (
+    DEFAULT_VOCABULARY,
+    InvalidAnswer,
+    build_captioner,
+    load_precomputed,
+    load_vocabulary,
+    run_captioning,
+    write_attributes,
+)
 from fashion_cir.captioning.cache import CaptionCache
 from fashion_cir.captioning.parse import parse_answer
 from fashion_cir.captioning.precomputed import PrecomputedCaptioner

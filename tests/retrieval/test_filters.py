@@ -6,8 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fashion_cir.retrieval.filters import (MAX_DEPTH, FilterError, field_text, filterable_fields, milvus_list,
-                                           milvus_literal, parse_filter)
+from fashion_cir.retrieval.filters import (
+    MAX_DEPTH,
+    FilterError,
+    field_text,
+    filterable_fields,
+    milvus_list,
+    milvus_literal,
+    parse_filter,
+)
 
 RECORDS = [
     {"category": "dress", "color": "red", "kids": False, "size": 38},

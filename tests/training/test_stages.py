@@ -19,7 +19,6 @@ from fashion_cir.training.data import epoch_batches, rank_micro_batches
 from fashion_cir.training.distributed import DistContext
 from fashion_cir.training.losses import BankInfoNCELoss
 from fashion_cir.training.stage2 import Stage2Step, StaticBank
-
 from support.training import final_state, load_data, losses, make_dataset, val_evaluator
 
 

@@ -9,16 +9,17 @@ training settings, val metrics); :meth:`CIRModel.load` picks them up when presen
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config
 from ..captioning.vocab import DEFAULT_VOCABULARY, Vocabulary
+from ..config import Config
 from ..errors import ModelError, one_line
 from ..io import read_json, write_json
 
@@ -77,7 +78,7 @@ class AttributeHeads(nn.Module):
                                          "classes": self.classes, **self.info})
 
     @classmethod
-    def load(cls, folder: str | Path) -> "AttributeHeads":
+    def load(cls, folder: str | Path) -> AttributeHeads:
         folder = Path(folder)
         meta = read_json(folder / HEADS_FILE, "attribute heads file")
         for key in ("feature_dim", "classes"):

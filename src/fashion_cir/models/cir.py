@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..data.captions import sentence_query
-from ..language.changes import read_changes
 from ..errors import ModelError, one_line
 from ..io import environment_info, file_sha1, fsync_dir, fsync_file, read_json, write_json
+from ..language.changes import read_changes
 from .attributes import AttributeHeads, load_heads
 from .backbone import Backbone
 from .combiner import Combiner
@@ -286,7 +286,7 @@ class CIRModel(nn.Module):
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path, map_location: str | torch.device = "cpu") -> "CIRModel":
+    def load(cls, folder: str | Path, map_location: str | torch.device = "cpu") -> CIRModel:
         folder = Path(folder)
         if not (folder / MODEL_FILE).is_file():
             raise ModelError(f"not a fashion-cir model folder (no {MODEL_FILE}): {folder}")

@@ -18,8 +18,9 @@ in one of those blocks:
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,7 @@ class Fusion(Config):
         return self.attributes.get(term, 0.0) if ":" in term else float(getattr(self, term))
 
     @classmethod
-    def from_weights(cls, weights: Mapping[str, float]) -> "Fusion":
+    def from_weights(cls, weights: Mapping[str, float]) -> Fusion:
         """A fusion from term -> weight (terms not named weigh 0)."""
         plain = {t: float(weights.get(t, 0.0)) for t in IMAGE_TERMS + DESCRIPTION_TERMS}
         return cls(**plain, attributes={t: float(w) for t, w in weights.items() if ":" in t})
@@ -161,7 +162,7 @@ class QueryParts:
                 return len(part)
         return 0
 
-    def to(self, device: torch.device | str) -> "QueryParts":
+    def to(self, device: torch.device | str) -> QueryParts:
         """The parts on ``device`` (where the model composes them)."""
         move = (lambda t: None if t is None else t.to(device))
         return QueryParts(move(self.reference), move(self.text), move(self.caption), move(self.prompt),
@@ -169,7 +170,7 @@ class QueryParts:
                           None if self.attributes is None else {k: v.to(device) for k, v in self.attributes.items()},
                           self.texts)
 
-    def select(self, rows: torch.Tensor | list[int]) -> "QueryParts":
+    def select(self, rows: torch.Tensor | list[int]) -> QueryParts:
         """The parts of a subset of the queries."""
         index = torch.as_tensor(rows, dtype=torch.long)
         pick = (lambda t: None if t is None else t[index])

@@ -25,6 +25,7 @@ from torch import nn
 from ..io import atomic_write_bytes, text_sha1
 from .sentence_encoder import load_encoder, mean_pool
 
+
 class DescriptionMatcher(nn.Module):
     """A frozen item encoder and a trainable query encoder: copies of one sentence encoder. With
     ``query_encoder`` the query side is that module, shared (the offline backbone's text tower,

@@ -21,9 +21,10 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -55,7 +56,7 @@ class Towers:
     head_blocks: int = 0
 
     @classmethod
-    def parse(cls, spec: str) -> "Towers":
+    def parse(cls, spec: str) -> Towers:
         """``"offline+lite2+hsv+blocks1"`` (a spec without its folder) -> Towers."""
         kind, *options = spec.split("+")
         if kind != "offline":
@@ -227,7 +228,7 @@ class OfflineBackbone(Backbone):
             return ["image_tower."]
         return ["image_tower._conv_stem.", "image_tower._bn0."] + [f"image_tower._blocks.{i}." for i in range(self._split)]
 
-    def train(self, mode: bool = True) -> "OfflineBackbone":
+    def train(self, mode: bool = True) -> OfflineBackbone:
         """Batch norm in the towers keeps its ImageNet statistics, also while training."""
         super().train(mode)
         for module in self.image_tower.modules():

@@ -3,7 +3,7 @@ store uses it for filtered searches over few items."""
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch

@@ -16,8 +16,9 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import faiss
 import numpy as np
@@ -30,8 +31,8 @@ from ..errors import DataError, ModelError, check_failures
 from ..features.cache import FeatureCache
 from ..io import environment_info, folder_lock, fsync_dir, fsync_file, read_json
 from ..models.cir import CIRModel
-from .filters import FIELD_PATTERN, Filter, field_text, filterable_fields
 from .dense import DenseGallery
+from .filters import FIELD_PATTERN, Filter, field_text, filterable_fields
 from .policy import item_parts
 from .store import CatalogStore, SearchHit, StoreSpec, item_vectors, open_index, parse_store_spec, row_width
 
@@ -204,7 +205,7 @@ class CatalogIndex(CatalogStore):
         return self.features[self.rows[image_id]]
 
     @classmethod
-    def load(cls, folder: str | Path, model: CIRModel | None = None) -> "CatalogIndex":
+    def load(cls, folder: str | Path, model: CIRModel | None = None) -> CatalogIndex:
         """Open an index folder; with ``model``, refuse it unless its image fingerprint matches."""
         folder = Path(folder)
         config = read_manifest(folder)

@@ -8,9 +8,10 @@ without one, or an upload, falls back to the model's attribute heads when it has
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence, get_args
+from typing import Any, Literal, get_args
 
 import torch
 

@@ -6,8 +6,9 @@ expression) run by the store, and one page of results with an exact "more" flag.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch

@@ -15,14 +15,22 @@ import os
 import random
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import quote
 
 from PIL import Image, UnidentifiedImageError
 
-from ..data.images import (IMAGE_EXTENSIONS, MAX_ASPECT, ImageTooLarge, ImageTooThin, id_problem, open_image,
-                           upload_pixel_limit)
+from ..data.images import (
+    IMAGE_EXTENSIONS,
+    MAX_ASPECT,
+    ImageTooLarge,
+    ImageTooThin,
+    id_problem,
+    open_image,
+    upload_pixel_limit,
+)
 from ..errors import DataError, FashionCIRError
 from ..models.cir import CIRModel
 from ..retrieval.explain import attribute_values, explain, phrase, requested_changes

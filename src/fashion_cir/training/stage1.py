@@ -8,8 +8,9 @@ only its head trains (``offline+blocksN``), the cached trunk features go through
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +18,8 @@ from torch import nn
 
 from ..data.images import readable_images
 from ..data.triplets import Triplet
-from ..evaluation.evaluator import Evaluator
 from ..errors import FashionCIRError
+from ..evaluation.evaluator import Evaluator
 from ..features.cache import FeatureCache
 from ..models.cir import CIRModel
 from ..models.fusion import QueryParts
