@@ -5,6 +5,7 @@ and secrets. Each test names the item it guards; each fails with that fix revert
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -410,10 +411,8 @@ def test_concurrent_index_adds_take_turns_and_lose_nothing(tmp_path, catalog):
     encode = model.backbone.encode_image_trunk
 
     def meeting(pixels):
-        try:
+        with contextlib.suppress(threading.BrokenBarrierError):  # the other add waits for the lock: it never comes
             together.wait()
-        except threading.BrokenBarrierError:  # the other add waits for the lock: it never comes
-            pass
         return encode(pixels)
 
     model.backbone.encode_image_trunk = meeting

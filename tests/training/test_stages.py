@@ -34,7 +34,7 @@ def test_epoch_batches_mix_annotated_and_generated():
     batches = epoch_batches(5, 20, 8, 0.25, seed=3, epoch=0)
     assert len(batches) == 4  # 20 generated / 6 per batch -> 4 batches; annotated (2 per batch) oversampled
     assert all(sum(i < 5 for i in b) == 2 and len(b) == 8 for b in batches)
-    assert set(i for b in batches for i in b if i >= 5) == set(range(5, 25))
+    assert {i for b in batches for i in b if i >= 5} == set(range(5, 25))
     assert batches == epoch_batches(5, 20, 8, 0.25, seed=3, epoch=0) != epoch_batches(5, 20, 8, 0.25, seed=3, epoch=1)
     plain = epoch_batches(5, 20, 8, None, seed=3, epoch=0)
     assert len(plain) == 3 and len({i for b in plain for i in b}) == 24  # last partial batch dropped

@@ -164,7 +164,9 @@ class QueryParts:
 
     def to(self, device: torch.device | str) -> QueryParts:
         """The parts on ``device`` (where the model composes them)."""
-        move = (lambda t: None if t is None else t.to(device))
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
         return QueryParts(move(self.reference), move(self.text), move(self.caption), move(self.prompt),
                           move(self.reference_description),
                           None if self.attributes is None else {k: v.to(device) for k, v in self.attributes.items()},
@@ -173,7 +175,10 @@ class QueryParts:
     def select(self, rows: torch.Tensor | list[int]) -> QueryParts:
         """The parts of a subset of the queries."""
         index = torch.as_tensor(rows, dtype=torch.long)
-        pick = (lambda t: None if t is None else t[index])
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[index]
+
         return QueryParts(pick(self.reference), pick(self.text), pick(self.caption), pick(self.prompt),
                           pick(self.reference_description),
                           None if self.attributes is None else {k: v[index] for k, v in self.attributes.items()},

@@ -123,7 +123,7 @@ class CatalogStore(ABC):
             stale.unlink(missing_ok=True)
         write_json(self.folder / "index.json", self.config)
 
-    def discard(self) -> None:
+    def discard(self) -> None:  # noqa: B027 -- a hook with a no-op default (FAISS), not an abstract method
         """Undo a build that failed before :meth:`save` wrote its manifest (FAISS: nothing to undo)."""
 
     # -- shared ----------------------------------------------------------------------------------

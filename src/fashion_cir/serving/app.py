@@ -100,10 +100,8 @@ class BodyLimit:
             if not exceeded:  # the app's own error for the aborted body is replaced by the 413
                 await send(message)
 
-        try:
+        with contextlib.suppress(_BodyTooLarge):
             await self.app(scope, limited_receive, guarded_send)
-        except _BodyTooLarge:
-            pass
         if exceeded:
             await _json_error(413, self._message())(scope, receive, send)
 

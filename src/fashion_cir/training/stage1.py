@@ -79,7 +79,10 @@ class ItemTables(nn.Module):
     def items(self, model: CIRModel, image_features: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Item vectors of images with integer ids (-1 = padding: any row, masked by the loss)."""
         rows = ids.clamp(min=0)
-        pick = (lambda table: None if table is None else table[rows])
+
+        def pick(table: torch.Tensor | None) -> torch.Tensor | None:
+            return None if table is None else table[rows]
+
         return model.item_vectors(image_features, pick(self.descriptions), pick(self.attributes))
 
 
