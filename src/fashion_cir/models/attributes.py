@@ -166,7 +166,8 @@ def train_heads(train_features: np.ndarray, train_records: list[Mapping[str, Any
             for step in range(1, config.steps + 1):
                 optimiser.zero_grad()
                 logits = layer(x_train) * 10.0  # normalised features are small; a fixed scale speeds convergence
-                loss = sum(F.cross_entropy(logits[:, slices[n]], y_train[n], ignore_index=-1) for n in names)
+                losses = [F.cross_entropy(logits[:, slices[n]], y_train[n], ignore_index=-1) for n in names]
+                loss = sum(losses[1:], losses[0])
                 loss.backward()
                 optimiser.step()
                 if step % config.check_every:

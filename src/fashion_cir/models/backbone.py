@@ -120,6 +120,11 @@ class Backbone(nn.Module, ABC):
         so that the folder alone rebuilds this backbone."""
         return self.spec, []
 
+    def project_text(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Text features from the pooled output of a text tower a description matcher shares;
+        backbones with such a tower (the offline one) implement it."""
+        raise NotImplementedError(f"{self.spec}: no text tower a description matcher can share")
+
     def tokens_to(self, tokens: Any, device: torch.device | str) -> Any:
         if isinstance(tokens, torch.Tensor):
             return tokens.to(device)

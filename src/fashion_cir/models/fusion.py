@@ -92,8 +92,8 @@ class AttributeSpace:
         """Items' attribute block [N, dim]: 1 at the value of each attribute the record has."""
         out = torch.zeros(len(records), self.dim)
         for row, record in enumerate(records):
-            for name in (n for n in self.names if n in record) if record else ():
-                slot = self._slot(name, plain_value(record[name]))
+            for name in self.names:
+                slot = self._slot(name, plain_value(record[name])) if record and name in record else None
                 if slot is not None:
                     out[row, slot] = 1.0
         return out

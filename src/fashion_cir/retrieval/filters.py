@@ -164,6 +164,7 @@ class _Parser:
             if match is None:  # only trailing whitespace is left
                 break
             kind = match.lastgroup
+            assert kind is not None  # every alternative of _TOKEN is a named group
             value = match.group(kind)
             start = match.start(kind)
             if kind == "bad":

@@ -166,19 +166,24 @@ def _load_features(path: Path, count: int, dim: int) -> np.ndarray:
 
 def _search_parameters(index: faiss.Index, selector: faiss.IDSelector) -> faiss.SearchParameters:
     """FAISS search parameters restricting a search to ``selector``'s rows, keeping nprobe/efSearch."""
+    # faiss's stubs lack the keyword constructors its Python wrapper adds (which also keep ``selector``
+    # alive with the parameters, in every faiss version) and SearchParametersHNSW
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
-        return faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
+        return faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)  # type: ignore[call-arg]
     inner = faiss.downcast_index(index)
     if hasattr(inner, "hnsw"):
-        return faiss.SearchParametersHNSW(sel=selector, efSearch=inner.hnsw.efSearch)
-    return faiss.SearchParameters(sel=selector)
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=inner.hnsw.efSearch)  # type: ignore[attr-defined]
+    return faiss.SearchParameters(sel=selector)  # type: ignore[call-arg]
 
 
 class CatalogIndex(CatalogStore):
     """The FAISS store: an index folder loaded into memory. Build one with :func:`build_index`, open
     one with :meth:`CatalogIndex.load`; ``ids[row]`` names FAISS row ``row``. Removing or replacing
     items re-adds the kept vectors to the (already trained) FAISS index, so rows stay dense."""
+
+    metadata: dict[str, dict]  # the base's read-only mappings, held (and changed) in memory here
+    paths: dict[str, Path]
 
     def __init__(self, folder: Path, config: dict[str, Any], ids: list[str], metadata: dict[str, dict],
                  paths: dict[str, Path], features: np.ndarray, faiss_index: faiss.Index):

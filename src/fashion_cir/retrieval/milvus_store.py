@@ -103,7 +103,7 @@ def _check_store(folder: Path, store: dict[str, Any]) -> None:
     spec = parse_store_spec("milvus:" + store["uri"])
     if spec.uri != store["uri"]:
         raise DataError(f"{where} names {store['uri']!r}: not an absolute .db path or a server URI; rebuild the index")
-    if spec.embedded and not Path(spec.uri).exists():
+    if spec.embedded and spec.uri is not None and not Path(spec.uri).exists():
         raise DataError(f"{where} names the milvus-lite file {spec.uri}, which does not exist; rebuild the index")
 
 
@@ -239,16 +239,16 @@ class MilvusIndex(CatalogStore):
             iterator.close()
         return rows
 
-    @property
-    def ids(self) -> list[str]:
+    @property  # the base declares an attribute (the FAISS store's); here a read on demand
+    def ids(self) -> list[str]:  # type: ignore[override]
         return [row["id"] for row in self._scan("", ["id"])]
 
-    @property
-    def metadata(self) -> Mapping[str, dict]:
+    @property  # the base declares an attribute (the FAISS store's); here a read on demand
+    def metadata(self) -> Mapping[str, dict]:  # type: ignore[override]
         return _Lookup(self, "meta")
 
-    @property
-    def paths(self) -> Mapping[str, Path]:
+    @property  # the base declares an attribute (the FAISS store's); here a read on demand
+    def paths(self) -> Mapping[str, Path]:  # type: ignore[override]
         return _Lookup(self, "path")
 
     def vector(self, image_id: str) -> np.ndarray:

@@ -61,7 +61,7 @@ def resolve_references(model: CIRModel, policy: ReferencePolicy, ids: Sequence[s
             predict.append(row)
         else:
             out[row] = Reference(None, None, "none")
-    if predict:
+    if predict and image_features is not None:
         predicted = model.predict_attributes(image_features[predict])
         for row, attributes in zip(predict, predicted):
             out[row] = Reference(describe(attributes), attributes, "predicted")

@@ -45,7 +45,7 @@ class StoreSpec:
 
     @property
     def embedded(self) -> bool:
-        return self.kind == "milvus" and not self.uri.startswith(("http://", "https://", "tcp://", "unix:"))
+        return self.kind == "milvus" and self.uri is not None and not self.uri.startswith(("http://", "https://", "tcp://", "unix:"))
 
     def to_config(self) -> dict[str, Any]:
         return {"kind": self.kind, "uri": self.uri}
@@ -78,6 +78,7 @@ class CatalogStore(ABC):
     ids: list[str]  # every item id (a full scan on a remote store)
     metadata: Mapping[str, dict]  # id -> metadata; ``.get`` works for unknown ids
     paths: Mapping[str, Path]  # id -> image file
+    report: dict[str, Any]  # what the last build or add did (counts, failures, seconds)
 
     # -- reading ---------------------------------------------------------------------------------
     @abstractmethod
