@@ -301,10 +301,12 @@ class CIRModel(nn.Module):
         matcher_meta = meta.get("matcher")
         matcher = None
         if matcher_meta:
-            shared = getattr(backbone, "text_tower", None) if matcher_meta.get("shared") else None
-            if matcher_meta.get("shared") and not isinstance(shared, nn.Module):
-                raise ModelError(f"{folder / MODEL_FILE}: a shared description matcher needs a backbone with a text "
-                                 f"tower; {backbone.spec} has none")
+            shared = None
+            if matcher_meta.get("shared"):
+                shared = getattr(backbone, "text_tower", None)
+                if not isinstance(shared, nn.Module):
+                    raise ModelError(f"{folder / MODEL_FILE}: a shared description matcher needs a backbone with a text "
+                                     f"tower; {backbone.spec} has none")
             matcher = DescriptionMatcher(matcher_meta.get("spec", "minilm"), query_encoder=shared)
         space = AttributeSpace(names=meta["attributes"]["names"]) if meta.get("attributes") else None
         model = cls(backbone, meta["query_mode"], combiner, meta.get("saved_prefixes"), meta.get("text_template", "prompt"),
