@@ -236,7 +236,6 @@ def bench_service(mixture, args: argparse.Namespace) -> list[dict]:
 
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_search import free_port, load_test, start_server
-
     from fashion_cir.data.images import scan_images
     from fashion_cir.models.cir import load_model
     from fashion_cir.retrieval import build_index

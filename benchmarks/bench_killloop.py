@@ -70,17 +70,16 @@ def run(cmd: list[str], kill_after: float | None = None) -> tuple[int | None, fl
     """Run ``cmd`` in a forked child; with ``kill_after``, SIGKILL it then (None when it finished
     first). Returns (exit status or None when killed, seconds)."""
     start = time.perf_counter()
-    log = open(REPO / "runs" / "killloop-child.log", "ab")
-    pid = os.fork()
-    if pid == 0:
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
-        code = 1
-        try:
-            code = _child(cmd)
-        finally:
-            os._exit(code)
-    log.close()
+    with open(REPO / "runs" / "killloop-child.log", "ab") as log:
+        pid = os.fork()
+        if pid == 0:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            code = 1
+            try:
+                code = _child(cmd)
+            finally:
+                os._exit(code)
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
@@ -320,11 +319,11 @@ def main() -> int:
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "src"))
     start = time.perf_counter()
+    import torch
+
     import fashion_cir.cli  # noqa: F401 - imported once here, inherited by every forked run
     import fashion_cir.pipeline  # noqa: F401
     from fashion_cir.models.factory import create_backbone
-
-    import torch
 
     torch.set_num_threads(1)
     create_backbone("tiny")  # warms open_clip's config and tokenizer files too

@@ -239,7 +239,7 @@ def main() -> int:
                 break
             except httpx.HTTPError:
                 if server.poll() is not None:
-                    raise RuntimeError(server.stderr.read().decode()[-2000:])
+                    raise RuntimeError(server.stderr.read().decode()[-2000:]) from None
                 time.sleep(0.5)
         else:
             raise RuntimeError("the server did not start")

@@ -46,15 +46,20 @@ def vit_throughput(results: dict) -> None:
         seconds = timed(step, 3, 10)
         results[f"vit_b32_encode_{name}_img_per_s"] = round(256 / seconds, 1)
         print(f"ViT-B/32 encode {name} batch 256: {256 / seconds:,.0f} img/s", flush=True)
-    del backbone
-    torch.cuda.empty_cache()
 
 
 def llava_throughput(results: dict, batch: int = 16, new_tokens: int = 128) -> None:
     from PIL import Image
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
 
     from fashion_cir.captioning.base import CaptionRequest
     from fashion_cir.captioning.llava_hf import LlavaHFCaptioner
@@ -136,8 +141,6 @@ def stage1_steps(results: dict) -> None:
         results[f"stage1_vitb32_bf16_b{batch}_ms_per_step"] = round(seconds * 1000, 1)
         results[f"stage1_vitb32_bf16_b{batch}_peak_gib"] = round(peak, 2)
         print(f"stage 1 ViT-B/32 bf16 batch {batch}: {seconds * 1000:.0f} ms/step, peak {peak:.1f} GiB", flush=True)
-    del model, optimizer
-    torch.cuda.empty_cache()
 
 
 def stage2_throughput(results: dict, bank_size: int = 100_000, batch: int = 256) -> None:
@@ -219,6 +222,7 @@ def main() -> None:
         except Exception as exc:  # report and go on: one failing check must not lose the others
             results[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:500]
             print(f"{name} failed: {exc}", flush=True)
+        torch.cuda.empty_cache()  # the check's models and tensors went with its frame
         args.out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 

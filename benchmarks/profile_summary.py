@@ -34,12 +34,13 @@ RULES = [
 
 def summarise(path: str, rate: float) -> list[tuple[str, float]]:
     seconds: Counter[str] = Counter()
-    for line in open(path, encoding="utf-8"):
-        stack, _, count = line.rstrip().rpartition(" ")
-        functions = {frame.split(" (")[0] for frame in stack.split(";")}
-        short = functions | {f.rsplit(".", 1)[-1] for f in functions}  # "CIRModel.encode_queries" -> "encode_queries"
-        centre = next((name for name, marks in RULES if short & set(marks)), "other")
-        seconds[centre] += int(count) / rate
+    with open(path, encoding="utf-8") as lines:
+        for line in lines:
+            stack, _, count = line.rstrip().rpartition(" ")
+            functions = {frame.split(" (")[0] for frame in stack.split(";")}
+            short = functions | {f.rsplit(".", 1)[-1] for f in functions}  # "CIRModel.encode_queries" -> "encode_queries"
+            centre = next((name for name, marks in RULES if short & set(marks)), "other")
+            seconds[centre] += int(count) / rate
     return seconds.most_common()
 
 

@@ -5,6 +5,7 @@ and secrets. Each test names the item it guards; each fails with that fix revert
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -22,7 +23,6 @@ from typer.testing import CliRunner
 
 import fashion_cir.features.cache as cache_module
 import fashion_cir.models.cir as cir_module
-from support.serving import synthetic_catalog
 from fashion_cir.cli import app
 from fashion_cir.data.images import find_image, open_image
 from fashion_cir.data.triplets import load_triplet_set
@@ -33,6 +33,7 @@ from fashion_cir.models.cir import CIRModel, load_model
 from fashion_cir.models.combiner import Combiner
 from fashion_cir.models.factory import create_backbone
 from fashion_cir.retrieval import CatalogIndex, add_to_index, build_index
+from support.serving import synthetic_catalog
 
 runner = CliRunner()
 
@@ -410,10 +411,8 @@ def test_concurrent_index_adds_take_turns_and_lose_nothing(tmp_path, catalog):
     encode = model.backbone.encode_image_trunk
 
     def meeting(pixels):
-        try:
+        with contextlib.suppress(threading.BrokenBarrierError):  # the other add waits for the lock: it never comes
             together.wait()
-        except threading.BrokenBarrierError:  # the other add waits for the lock: it never comes
-            pass
         return encode(pixels)
 
     model.backbone.encode_image_trunk = meeting

@@ -6,8 +6,8 @@ import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import typer
 
@@ -49,7 +49,7 @@ def _report_failures(failures: dict[str, str], where: str = "", limit: int = 50)
         typer.secho(f"... and {len(failures) - limit} more failures{f' (all in {where})' if where else ''}", err=True)
 
 
-def _dump(path: Optional[Path], obj) -> None:
+def _dump(path: Path | None, obj) -> None:
     if path is not None:
         from .io import write_json
 
@@ -60,22 +60,22 @@ def _dump(path: Optional[Path], obj) -> None:
 @app.command()
 @friendly
 def evaluate(
-    model: Optional[Path] = typer.Option(None, help="A trained model folder (model.json + weights.pt)."),
-    backbone: Optional[str] = typer.Option(None, help="Zero-shot backbone spec: openclip:ViT-B-32:openai, tiny, offline:DIR."),
-    captions: Optional[Path] = typer.Option(None, help="FashionIQ-format captions JSON of any catalog."),
-    split_file: Optional[Path] = typer.Option(None, help="Image split JSON (the gallery) for --captions."),
+    model: Path | None = typer.Option(None, help="A trained model folder (model.json + weights.pt)."),
+    backbone: str | None = typer.Option(None, help="Zero-shot backbone spec: openclip:ViT-B-32:openai, tiny, offline:DIR."),
+    captions: Path | None = typer.Option(None, help="FashionIQ-format captions JSON of any catalog."),
+    split_file: Path | None = typer.Option(None, help="Image split JSON (the gallery) for --captions."),
     gallery_split_file: list[Path] = typer.Option(
         [], help="Catalog protocol: the gallery is the union of these id lists (repeat the option, e.g. "
                  "train, val and test for the whole catalog), the reference is left out of its own ranking."),
-    images: Optional[Path] = typer.Option(None, help="Images folder ({id}.jpg or .png)."),
-    fashioniq: Optional[Path] = typer.Option(None, help="FashionIQ root (captions/, image_splits/); evaluates dress, shirt, toptee."),
+    images: Path | None = typer.Option(None, help="Images folder ({id}.jpg or .png)."),
+    fashioniq: Path | None = typer.Option(None, help="FashionIQ root (captions/, image_splits/); evaluates dress, shirt, toptee."),
     category: list[str] = typer.Option([], help="FashionIQ categories (default: all three)."),
     split: str = typer.Option("val", help="FashionIQ split."),
     mode: list[str] = typer.Option([], help="Query modes: image, text, sum, sum_raw, combiner (default: the model's)."),
-    descriptions: Optional[Path] = typer.Option(
+    descriptions: Path | None = typer.Option(
         None, help="attributes.jsonl: reference prompts (--describe catalog) and gallery descriptions (default: "
                    "the file the model was trained with, else attributes.jsonl beside the images folder)."),
-    describe: Optional[str] = typer.Option(None, help="Reference descriptions in the prompt: catalog (--descriptions FILE), predicted (the model's attribute heads) or none; default: what the model folder records (a backbone: catalog with --descriptions, else none)."),
+    describe: str | None = typer.Option(None, help="Reference descriptions in the prompt: catalog (--descriptions FILE), predicted (the model's attribute heads) or none; default: what the model folder records (a backbone: catalog with --descriptions, else none)."),
     remove_reference: bool = typer.Option(False, help="CIRR protocol: drop the reference from its own ranking."),
     reliance: bool = typer.Option(False, help="Also rank with shuffled references and report the drop in R@10 "
                                               "(how much the reference counts)."),
@@ -84,7 +84,7 @@ def evaluate(
     cache_dir: Path = typer.Option(Path("runs/cache/features"), help="Static feature cache."),
     batch_size: int = typer.Option(64, help="Images per encoding batch."),
     workers: int = typer.Option(0, help="Image decoding worker processes."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write metrics JSON here."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write metrics JSON here."),
 ):
     """Recall@1/5/10/50 on FashionIQ (per category, average, overall) or any FashionIQ-format set."""
     from .data.catalog import read_attributes
@@ -168,15 +168,15 @@ def caption(
     images: Path = typer.Option(..., help="Folder of catalog images."),
     out: Path = typer.Option(..., help="attributes.jsonl to write."),
     backend: str = typer.Option("llava-hf", help="llava-hf, openai or precomputed."),
-    model_name: Optional[str] = typer.Option(None, "--model", help="HF id / local folder (llava-hf), served model (openai), JSONL (precomputed)."),
-    split_file: Optional[Path] = typer.Option(None, help="Only caption the ids in this split file."),
+    model_name: str | None = typer.Option(None, "--model", help="HF id / local folder (llava-hf), served model (openai), JSONL (precomputed)."),
+    split_file: Path | None = typer.Option(None, help="Only caption the ids in this split file."),
     cache_dir: Path = typer.Option(Path("runs/cache/captions"), help="Resumable answer cache."),
-    vocab: Optional[Path] = typer.Option(None, help="Vocabulary JSON overriding the default fashion attributes."),
+    vocab: Path | None = typer.Option(None, help="Vocabulary JSON overriding the default fashion attributes."),
     batch_size: int = typer.Option(8, help="llava-hf batch size."),
-    device: Optional[str] = typer.Option(None, help="llava-hf device (cuda, cpu); default: cuda when available."),
+    device: str | None = typer.Option(None, help="llava-hf device (cuda, cpu); default: cuda when available."),
     base_url: list[str] = typer.Option([], help="openai: e.g. http://127.0.0.1:8000/v1; repeat it to spread "
                                                 "requests over several servers (per-server backoff)."),
-    shard: Optional[str] = typer.Option(None, help="I/N: caption every N-th sorted id from the I-th into this shard's "
+    shard: str | None = typer.Option(None, help="I/N: caption every N-th sorted id from the I-th into this shard's "
                                                    "cache file (default: torchrun's RANK/WORLD_SIZE); then run "
                                                    "without --shard to merge them into --out."),
     api_key_env: str = typer.Option("OPENAI_API_KEY", help="openai: name of the env var holding the key."),
@@ -192,9 +192,9 @@ def caption(
     from .captioning.runner import summary_path
     from .data.images import scan_images
     from .data.triplets import read_split
-    from .sharding import parse_shard, select_shard
     from .errors import check_failures
     from .io import read_json
+    from .sharding import parse_shard, select_shard
 
     if not images.is_dir():
         raise FashionCIRError(f"images folder not found: {images}")
@@ -227,8 +227,8 @@ def triplets(
     images: Path = typer.Option(..., help="Images folder."),
     train_split: Path = typer.Option(..., help="Split file of the training images: pairs are mined only here."),
     out: Path = typer.Option(..., help="Triplets JSON to write (FashionIQ format + extra keys)."),
-    model: Optional[Path] = typer.Option(None, help="Model folder giving the static image features."),
-    backbone: Optional[str] = typer.Option(None, help="Backbone spec giving the static image features."),
+    model: Path | None = typer.Option(None, help="Model folder giving the static image features."),
+    backbone: str | None = typer.Option(None, help="Backbone spec giving the static image features."),
     cache_dir: Path = typer.Option(Path("runs/cache/features"), help="Static feature cache."),
     seed: int = typer.Option(0, help="Random seed."),
     band: tuple[float, float] = typer.Option((0.005, 0.3), help="Similarity band (quantiles or ranks)."),
@@ -236,9 +236,9 @@ def triplets(
     min_changes: int = typer.Option(1, help="Fewest attribute changes per triplet."),
     max_changes: int = typer.Option(3, help="Most attribute changes per triplet."),
     targets_per_reference: int = typer.Option(2, help="Targets mined per reference image."),
-    max_triplets: Optional[int] = typer.Option(None, help="Cap on the number of triplets (default: no cap)."),
+    max_triplets: int | None = typer.Option(None, help="Cap on the number of triplets (default: no cap)."),
     hard_negatives: int = typer.Option(10, help="Hard negatives per triplet."),
-    vocab: Optional[Path] = typer.Option(None, help="Vocabulary JSON overriding the default fashion attributes."),
+    vocab: Path | None = typer.Option(None, help="Vocabulary JSON overriding the default fashion attributes."),
 ):
     """Mine attribute-aware triplets with relative captions and hard negatives."""
     from .captioning import load_precomputed, load_vocabulary
@@ -264,7 +264,7 @@ def triplets(
     typer.echo(json.dumps({k: v for k, v in stats.items() if not isinstance(v, (dict, list))}, indent=2))
 
 
-def _model(model: Optional[Path], backbone: Optional[str]):
+def _model(model: Path | None, backbone: str | None):
     from .models.cir import load_model
 
     return load_model(model, backbone or "openclip:ViT-B-32:openai")
@@ -275,11 +275,11 @@ def _model(model: Optional[Path], backbone: Optional[str]):
 def features_encode(
     images: Path = typer.Option(..., help="Folder of catalog images."),
     cache_dir: Path = typer.Option(..., help="The feature cache every shard writes into."),
-    split: Optional[Path] = typer.Option(None, help="Only the ids in this split file."),
-    shard: Optional[str] = typer.Option(None, help="I/N: encode every N-th sorted id from the I-th (default: "
+    split: Path | None = typer.Option(None, help="Only the ids in this split file."),
+    shard: str | None = typer.Option(None, help="I/N: encode every N-th sorted id from the I-th (default: "
                                                    "torchrun's RANK/WORLD_SIZE, else everything)."),
-    model: Optional[Path] = typer.Option(None, help="Model folder giving the image features."),
-    backbone: Optional[str] = typer.Option(None, help="Backbone spec giving the image features."),
+    model: Path | None = typer.Option(None, help="Model folder giving the image features."),
+    backbone: str | None = typer.Option(None, help="Backbone spec giving the image features."),
     batch_size: int = typer.Option(64, help="Images per encoding batch."),
     workers: int = typer.Option(0, help="Image decoding worker processes."),
 ):
@@ -307,8 +307,8 @@ def features_encode(
 @friendly
 def features_merge(
     cache_dir: Path = typer.Option(..., help="The feature cache the shards wrote."),
-    model: Optional[Path] = typer.Option(None, help="Model folder the cache was filled with."),
-    backbone: Optional[str] = typer.Option(None, help="Backbone spec the cache was filled with."),
+    model: Path | None = typer.Option(None, help="Model folder the cache was filled with."),
+    backbone: str | None = typer.Option(None, help="Backbone spec the cache was filled with."),
 ):
     """Merge the cache parts the shards wrote into one (run after every shard has finished)."""
     from .features.cache import FeatureCache
@@ -324,18 +324,18 @@ def index_build(
     out: Path = typer.Argument(..., help="Index folder to create."),
     images: Path = typer.Option(..., help="Folder of catalog images (ids are file stems)."),
     metadata: list[Path] = typer.Option([], help="CSV (image/id column), JSON or JSONL metadata; repeatable."),
-    split: Optional[Path] = typer.Option(None, help="Only index the ids in this split file."),
-    model: Optional[Path] = typer.Option(None, help="Trained model folder."),
-    backbone: Optional[str] = typer.Option(None, help="Zero-shot backbone spec (default openclip:ViT-B-32:openai)."),
+    split: Path | None = typer.Option(None, help="Only index the ids in this split file."),
+    model: Path | None = typer.Option(None, help="Trained model folder."),
+    backbone: str | None = typer.Option(None, help="Zero-shot backbone spec (default openclip:ViT-B-32:openai)."),
     store: str = typer.Option("faiss", help="faiss (in-process), milvus:PATH.db (embedded milvus-lite) or "
                                             "milvus:http://host:19530 (a Milvus server or cluster)."),
     factory: str = typer.Option("auto", help="FAISS factory string: auto (Flat below 200k items, else IVF), "
                                              "Flat (exact), IVF1024,Flat, HNSW32, ..."),
     milvus_index: str = typer.Option("FLAT", help="Milvus index: FLAT, IVF_FLAT,nlist=1024, HNSW,M=16,efConstruction=200, ..."),
-    milvus_collection: Optional[str] = typer.Option(None, help="Milvus collection (default fashion_cir_<folder name>)."),
+    milvus_collection: str | None = typer.Option(None, help="Milvus collection (default fashion_cir_<folder name>)."),
     nprobe: int = typer.Option(16, help="IVF lists probed per query."),
     ef_search: int = typer.Option(64, help="HNSW search depth."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Feature cache (default INDEX/feature-cache)."),
+    cache_dir: Path | None = typer.Option(None, help="Feature cache (default INDEX/feature-cache)."),
     batch_size: int = typer.Option(64, help="Images per encoding batch."),
     workers: int = typer.Option(0, help="Image decoding worker processes."),
     overwrite: bool = typer.Option(False, help="Replace an existing index."),
@@ -362,10 +362,10 @@ def index_add(
     index_dir: Path = typer.Argument(..., help="Existing index folder."),
     images: Path = typer.Option(..., help="Folder of images; only ids not yet indexed are encoded."),
     metadata: list[Path] = typer.Option([], help="Metadata files for the new images; repeatable."),
-    split: Optional[Path] = typer.Option(None, help="Only add the ids in this split file."),
-    model: Optional[Path] = typer.Option(None, help="Model folder the index was built with."),
-    backbone: Optional[str] = typer.Option(None, help="Zero-shot backbone spec the index was built with."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Feature cache (default INDEX/feature-cache)."),
+    split: Path | None = typer.Option(None, help="Only add the ids in this split file."),
+    model: Path | None = typer.Option(None, help="Model folder the index was built with."),
+    backbone: str | None = typer.Option(None, help="Zero-shot backbone spec the index was built with."),
+    cache_dir: Path | None = typer.Option(None, help="Feature cache (default INDEX/feature-cache)."),
     max_failed_share: float = typer.Option(0.2, help="Fail (add nothing) when more than this share of the new images cannot be read."),
 ):
     """Add new catalog images to an index (refuses a model that does not match it; concurrent adds
@@ -385,10 +385,10 @@ def index_upsert(
     index_dir: Path = typer.Argument(..., help="Existing index folder."),
     images: Path = typer.Option(..., help="Folder of images to insert or replace (changed files are re-encoded)."),
     metadata: list[Path] = typer.Option([], help="Metadata of those images (replaces the stored metadata); repeatable."),
-    split: Optional[Path] = typer.Option(None, help="Only the ids in this split file."),
-    model: Optional[Path] = typer.Option(None, help="Model folder the index was built with."),
-    backbone: Optional[str] = typer.Option(None, help="Zero-shot backbone spec the index was built with."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Feature cache (default INDEX/feature-cache)."),
+    split: Path | None = typer.Option(None, help="Only the ids in this split file."),
+    model: Path | None = typer.Option(None, help="Model folder the index was built with."),
+    backbone: str | None = typer.Option(None, help="Zero-shot backbone spec the index was built with."),
+    cache_dir: Path | None = typer.Option(None, help="Feature cache (default INDEX/feature-cache)."),
     max_failed_share: float = typer.Option(0.2, help="Fail (change nothing) when more than this share of the images cannot be read."),
 ):
     """Insert or replace catalog items (features, metadata, image path); a running service sees them.
@@ -408,7 +408,7 @@ def index_upsert(
 def index_remove(
     index_dir: Path = typer.Argument(..., help="Existing index folder."),
     ids: list[str] = typer.Argument(None, help="Item ids to delete."),
-    ids_file: Optional[Path] = typer.Option(None, help="A split file (JSON list) or a text file with one id per line."),
+    ids_file: Path | None = typer.Option(None, help="A split file (JSON list) or a text file with one id per line."),
 ):
     """Delete catalog items by id; a running service sees the change without a restart."""
     from .data.triplets import read_split
@@ -429,16 +429,16 @@ def index_remove(
 @friendly
 def search(
     index_dir: Path = typer.Option(..., "--index", help="Index folder."),
-    image: Optional[Path] = typer.Option(None, help="Reference image file (its description is predicted)."),
-    item_id: Optional[str] = typer.Option(None, "--id", help="Reference catalog id (left out of the results)."),
+    image: Path | None = typer.Option(None, help="Reference image file (its description is predicted)."),
+    item_id: str | None = typer.Option(None, "--id", help="Reference catalog id (left out of the results)."),
     text: str = typer.Option("", help='How the target differs, e.g. "is red with long sleeves".'),
     k: int = typer.Option(10, "-k", min=1, max=1000, help="Number of results."),
     filter_text: str = typer.Option("", "--filter", help='Metadata filter, e.g. category == "dress" and color not in ["black", "grey"].'),
     category: list[str] = typer.Option([], help="Keep only this category (repeatable)."),
     color: list[str] = typer.Option([], help="Keep only this colour (repeatable)."),
     same_type: bool = typer.Option(False, help="Keep only the reference's category (predicted for an image)."),
-    model: Optional[Path] = typer.Option(None, help="Model folder (default: the index's)."),
-    backbone: Optional[str] = typer.Option(None, help="Zero-shot backbone spec instead of a model."),
+    model: Path | None = typer.Option(None, help="Model folder (default: the index's)."),
+    backbone: str | None = typer.Option(None, help="Zero-shot backbone spec instead of a model."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
     """Composed search: a reference (image or id) plus a relative caption -> ranked ids and scores."""
@@ -472,10 +472,10 @@ def search(
 def attributes_train(
     model: Path = typer.Option(..., help="Model folder; the heads are saved into it."),
     catalog: Path = typer.Option(Path("../shared/datasets/clothing-dataset"), help="Clothing catalog folder."),
-    attributes: Optional[Path] = typer.Option(None, help="MLLM attributes JSONL (default: the catalog's)."),
+    attributes: Path | None = typer.Option(None, help="MLLM attributes JSONL (default: the catalog's)."),
     cache_dir: Path = typer.Option(Path("runs/cache/features"), help="Static feature cache."),
-    report: Optional[Path] = typer.Option(None, help="Write the val report (markdown table) here."),
-    max_train_images: Optional[int] = typer.Option(None, min=1, help="Train on the first N train images only."),
+    report: Path | None = typer.Option(None, help="Write the val report (markdown table) here."),
+    max_train_images: int | None = typer.Option(None, min=1, help="Train on the first N train images only."),
 ):
     """Train one classifier per attribute on the train split's image features, select on val."""
     from .data.catalog import load_clothing_catalog
@@ -517,8 +517,8 @@ def attributes_predict(
 @friendly
 def serve_command(
     index_dir: Path = typer.Option(..., "--index", help="Index folder."),
-    model: Optional[Path] = typer.Option(None, help="Model folder (default: the model the index was built with)."),
-    backbone: Optional[str] = typer.Option(None, help="Zero-shot backbone spec instead of a model."),
+    model: Path | None = typer.Option(None, help="Model folder (default: the model the index was built with)."),
+    backbone: str | None = typer.Option(None, help="Zero-shot backbone spec instead of a model."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="Port to listen on."),
     max_upload_mb: int = typer.Option(10, help="Largest accepted upload, in MB."),
@@ -527,9 +527,8 @@ def serve_command(
     search_timeout: float = typer.Option(15.0, help="Seconds the page waits for a search before offering a retry."),
 ):
     """Serve the search API and web page."""
-    from .serving.app import serve
-
     from .models.cir import load_model
+    from .serving.app import serve
 
     cir = load_model(model, backbone) if model or backbone else None  # None: the backbone the index records
     typer.echo(f"serving http://{host}:{port}/")
@@ -541,7 +540,7 @@ EXIT_STOPPED = 75  # a training run stopped on purpose (stop_after_steps); re-ru
 DEMO_RECIPE = Path(__file__).resolve().parents[2] / "configs" / "demo_clothing.json"
 
 
-def _run(recipe: Path, profile: Optional[str], overrides: list[str], serve: bool, port: int) -> None:
+def _run(recipe: Path, profile: str | None, overrides: list[str], serve: bool, port: int) -> None:
     from .pipeline import load_recipe, run_recipe
     from .training.loop import TrainingStopped
 
@@ -557,7 +556,7 @@ def _run(recipe: Path, profile: Optional[str], overrides: list[str], serve: bool
 @friendly
 def run_command(
     recipe: Path = typer.Argument(..., help="Recipe JSON (see configs/): catalog, towers, triplets, stages, evaluation."),
-    profile: Optional[str] = typer.Option(None, help="A named override set of the recipe, e.g. fast."),
+    profile: str | None = typer.Option(None, help="A named override set of the recipe, e.g. fast."),
     override: list[str] = typer.Option([], "--set", help="KEY=VALUE override (JSON value), e.g. out=runs/x or "
                                                          "stages.0.config.epochs=2; repeatable."),
     serve: bool = typer.Option(False, help="Serve the index at the end."),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pickle
-from typing import Mapping
+from collections.abc import Mapping
 
 
 class FashionCIRError(Exception):

@@ -9,12 +9,12 @@ import platform
 import sys
 import tempfile
 import threading
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from .errors import DataError
-
 
 _UMASK_LOCK = threading.Lock()
 

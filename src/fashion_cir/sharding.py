@@ -12,15 +12,13 @@ import io
 import os
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, TypeVar
 
 import numpy as np
 
 from .errors import DataError
 from .io import atomic_write_bytes
-
-T = TypeVar("T")
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -39,7 +37,7 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return index_number, count_number
 
 
-def select_shard(ids: Iterable[T], index: int, count: int) -> list[T]:
+def select_shard(ids: Iterable[str], index: int, count: int) -> list[str]:
     """The ids of shard ``index`` of ``count``: every ``count``-th of the sorted ids."""
     return sorted(ids)[index::count]
 

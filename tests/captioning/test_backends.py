@@ -62,7 +62,7 @@ def test_openai_backend_against_real_http_server(tmp_path, images, server, monke
     assert records["img4"]["status"] == "invalid" and records["img4"]["attempts"] == 2
     assert "cannot describe" in records["img4"]["raw"]
     assert records["img5"]["status"] == "error" and "malformed response body" in records["img5"]["error"]
-    requests = [json.loads(l) for l in log.read_text().splitlines()]
+    requests = [json.loads(line) for line in log.read_text().splitlines()]
     assert all(r["auth_ok"] and r["path"] == "/v1/chat/completions" for r in requests)
     written = cache_file.read_text() + next((tmp_path / "cache").glob("*.summary.json")).read_text() + caplog.text
     assert SECRET not in written and SECRET not in repr(captioner)
@@ -85,7 +85,7 @@ def test_tiny_llava_garbage_is_recorded_as_failures(tmp_path, monkeypatch, cloth
     paths["corrupt"].write_bytes(b"not a jpeg at all")
     result = run_captioning(paths, captioner, tmp_path / "cache", max_attempts=2, progress=False)
     assert result == {}
-    records = [json.loads(l) for l in next((tmp_path / "cache").glob("*.jsonl")).read_text().splitlines()]
+    records = [json.loads(line) for line in next((tmp_path / "cache").glob("*.jsonl")).read_text().splitlines()]
     assert len(records) == 4
     by_image = {r["image"]: r for r in records}
     assert by_image["corrupt"]["status"] == "error" and "corrupt.jpg" in by_image["corrupt"]["error"]
@@ -149,7 +149,7 @@ def test_tiny_llava_valid_answers_become_attributes(tmp_path, monkeypatch, cloth
     for image_id, record in zip(paths, records):
         assert result[image_id].to_record(image_id) == {"image": image_id, **record}
     stored = [json.loads(line) for line in next((tmp_path / "cache").glob("*.jsonl")).read_text().splitlines()]
-    assert {r["image"]: r["status"] for r in stored} == {i: "ok" for i in paths}
+    assert {r["image"]: r["status"] for r in stored} == dict.fromkeys(paths, "ok")
     assert [json.loads(r["raw"]) for r in sorted(stored, key=lambda r: list(paths).index(r["image"]))] == records
 
 

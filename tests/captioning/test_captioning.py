@@ -10,8 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from fashion_cir.captioning import (DEFAULT_VOCABULARY, InvalidAnswer, build_captioner, load_precomputed,
-                                    load_vocabulary, run_captioning, write_attributes)
+from fashion_cir.captioning import (
+    DEFAULT_VOCABULARY,
+    InvalidAnswer,
+    build_captioner,
+    load_precomputed,
+    load_vocabulary,
+    run_captioning,
+    write_attributes,
+)
 from fashion_cir.captioning.cache import CaptionCache
 from fashion_cir.captioning.parse import parse_answer
 from fashion_cir.captioning.precomputed import PrecomputedCaptioner
@@ -108,7 +115,7 @@ def test_cache_cuts_torn_last_line(tmp_path):
         handle.write('{"key": "c", "sta')
     assert set(cache.load()) == {"a", "b"}
     cache.append([{"key": "c", "status": "ok"}])
-    assert [json.loads(l)["key"] for l in cache.path.read_text().splitlines()] == ["a", "b", "c"]
+    assert [json.loads(line)["key"] for line in cache.path.read_text().splitlines()] == ["a", "b", "c"]
 
 
 def _images(clothing_dir: Path, n: int) -> dict[str, Path]:
@@ -119,12 +126,12 @@ def _images(clothing_dir: Path, n: int) -> dict[str, Path]:
 def test_run_captioning_precomputed_records_missing_as_failures(tmp_path, clothing_dir, attributes_file):
     images = _images(clothing_dir, 40)
     subset = tmp_path / "subset.jsonl"
-    keep = [l for l in attributes_file.read_text().splitlines() if json.loads(l)["image"] in list(images)[:30]]
+    keep = [line for line in attributes_file.read_text().splitlines() if json.loads(line)["image"] in list(images)[:30]]
     subset.write_text("\n".join(keep) + "\n")
     images["broken"] = tmp_path / "nope.jpg"
     captioner = PrecomputedCaptioner(subset)
     result = run_captioning(images, captioner, tmp_path / "cache", progress=False)
-    assert len(result) == 30 and result == {i: a for i, a in load_precomputed(subset).items()}
+    assert len(result) == 30 and result == load_precomputed(subset)
     summary = json.loads(next((tmp_path / "cache").glob("*.summary.json")).read_text())
     assert summary["ok"] == 30 and summary["failed"] == 11
     assert summary["failures"]["broken"]["status"] == "unreadable"
@@ -154,7 +161,7 @@ def test_resume_after_sigkill_yields_one_record_per_image(tmp_path, clothing_dir
     before = len(cache_file.read_text().splitlines())
     assert 40 <= before < 240
     result = run_captioning(images, PrecomputedCaptioner(attributes_file), cache_dir, progress=False)
-    records = [json.loads(l) for l in cache_file.read_text().splitlines()]
+    records = [json.loads(line) for line in cache_file.read_text().splitlines()]
     keys = [r["key"] for r in records]
     assert len(keys) == len(set(keys)) == len(images)  # no duplicate content among these images
     assert sorted(r["image"] for r in records) == sorted(images)

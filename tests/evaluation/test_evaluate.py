@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 
 from fashion_cir.data.triplets import load_triplet_set
-from fashion_cir.evaluation.evaluate import (SPLIT, EvalOptions, Protocol, catalog_protocol, evaluate_sets, format_table,
-                                             shuffled_order)
+from fashion_cir.evaluation.evaluate import (
+    SPLIT,
+    EvalOptions,
+    Protocol,
+    catalog_protocol,
+    evaluate_sets,
+    format_table,
+    shuffled_order,
+)
 from fashion_cir.features.cache import FeatureCache
 
 KS = (1, 5, 10, 50)

@@ -13,13 +13,13 @@ import torch
 from typer.testing import CliRunner
 
 from fashion_cir.cli import app
-from fashion_cir.data.triplets import Triplet
 from fashion_cir.data.captions import join_captions_val
-from fashion_cir.retrieval.policy import ReferencePolicy, references
+from fashion_cir.data.triplets import Triplet
 from fashion_cir.errors import ModelError
 from fashion_cir.models.attributes import HEADS_FILE, HeadsConfig, attribute_classes, describe, train_heads
 from fashion_cir.models.cir import CIRModel, load_model
 from fashion_cir.retrieval.explain import explain, requested_changes
+from fashion_cir.retrieval.policy import ReferencePolicy, references
 from support.pickles import REFUSED, crafted_checkpoint
 
 runner = CliRunner()

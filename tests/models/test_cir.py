@@ -16,7 +16,6 @@ from fashion_cir.models.combiner import Combiner
 from fashion_cir.models.factory import create_backbone
 from fashion_cir.models.fusion import AttributeSpace, Fusion, QueryParts
 
-
 # -- factory ------------------------------------------------------------------------------------
 
 def test_tiny_backbone_is_deterministic_per_seed(tiny_model):

@@ -17,7 +17,6 @@ from fashion_cir.models.factory import create_backbone
 from fashion_cir.training.align import AlignConfig, align_offline_backbone, attribute_phrase
 from support.pickles import REFUSED, crafted_checkpoint
 
-
 N_TRAIN, N_VAL, N_HELD = 48, 48, 48  # chance image->text R@10 on 48 pairs: 10/48 = 20.8%
 
 

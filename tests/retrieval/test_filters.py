@@ -6,8 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fashion_cir.retrieval.filters import (MAX_DEPTH, FilterError, field_text, filterable_fields, milvus_list,
-                                           milvus_literal, parse_filter)
+from fashion_cir.retrieval.filters import (
+    MAX_DEPTH,
+    FilterError,
+    field_text,
+    filterable_fields,
+    milvus_list,
+    milvus_literal,
+    parse_filter,
+)
 
 RECORDS = [
     {"category": "dress", "color": "red", "kids": False, "size": 38},
@@ -90,8 +97,8 @@ def test_nesting_is_limited_with_a_one_line_error():
         repeats = MAX_DEPTH // levels  # exactly the limit: fine
         deep = opening * repeats + 'color == "red"' + closing * repeats
         assert parse_filter(deep).matches({"color": "red"}) == (opening.count("not") * repeats % 2 == 0)
-        for repeats in (repeats + 1, 330 // levels, (2000 - 14) // (len(opening) + len(closing))):
-            text = opening * repeats + 'color == "red"' + closing * repeats  # inside the 2,000-character limit
+        for too_deep in (repeats + 1, 330 // levels, (2000 - 14) // (len(opening) + len(closing))):
+            text = opening * too_deep + 'color == "red"' + closing * too_deep  # inside the 2,000-character limit
             with pytest.raises(FilterError) as error:
                 parse_filter(text)
             message = str(error.value)

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from support.serving import synthetic_catalog
+from fashion_cir.data.metadata import read_metadata
 from fashion_cir.errors import DataError, ModelError
 from fashion_cir.models.cir import CIRModel, load_model
 from fashion_cir.retrieval import CatalogIndex, add_to_index, build_index, load_catalog, search
-from fashion_cir.data.metadata import read_metadata
+from support.serving import synthetic_catalog
 
 
 @pytest.fixture(scope="module")

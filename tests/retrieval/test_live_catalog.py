@@ -11,10 +11,10 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from support.serving import running_server, synthetic_catalog
 from fashion_cir.cli import app
 from fashion_cir.retrieval import build_index, open_index, remove_from_index
 from fashion_cir.serving.app import create_app
+from support.serving import running_server, synthetic_catalog
 
 runner = CliRunner()
 

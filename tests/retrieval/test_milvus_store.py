@@ -10,18 +10,17 @@ import shutil
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from support.serving import synthetic_catalog
 from fashion_cir.cli import app
 from fashion_cir.errors import DataError
 from fashion_cir.retrieval import build_index, open_index, parse_filter, remove_from_index
 from fashion_cir.retrieval.filters import MAX_DEPTH
 from fashion_cir.retrieval.milvus_store import PENDING, client_for
+from support.serving import synthetic_catalog
 
 runner = CliRunner()
 ODD_IDS = ["a'b", 'c"d', "e] or id not in [", "f'] or id not in ['"]

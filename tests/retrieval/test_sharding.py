@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from support.serving import synthetic_catalog
 from fashion_cir.captioning import build_captioner, run_captioning
 from fashion_cir.errors import DataError
 from fashion_cir.features.cache import FeatureCache
 from fashion_cir.models.cir import load_model
 from fashion_cir.sharding import parse_shard, select_shard
+from support.serving import synthetic_catalog
 
 HELPERS = Path(__file__).resolve().parents[1] / "support"
 REPO = Path(__file__).resolve().parents[2]

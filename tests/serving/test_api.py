@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from support.serving import demo_catalog, running_server
 from fashion_cir.models.cir import CIRModel
 from fashion_cir.retrieval import build_index
 from fashion_cir.serving.app import create_app
+from support.serving import demo_catalog, running_server
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,10 @@ import httpx
 import pytest
 from PIL import Image
 
-from support.serving import running_server, synthetic_catalog
 from fashion_cir.models.cir import load_model
 from fashion_cir.retrieval import build_index, remove_from_index
 from fashion_cir.serving.app import create_app
+from support.serving import running_server, synthetic_catalog
 
 
 def encoded(image: Image.Image, fmt: str) -> bytes:

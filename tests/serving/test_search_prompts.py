@@ -15,10 +15,10 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from support.serving import indexed_demo_catalog, running_server
 from fashion_cir.cli import app as cli_app
 from fashion_cir.models.attributes import describe
 from fashion_cir.serving.app import create_app
+from support.serving import indexed_demo_catalog, running_server
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from support.serving import indexed_demo_catalog, running_server
 from fashion_cir.serving.app import create_app
+from support.serving import indexed_demo_catalog, running_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"

@@ -10,7 +10,8 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-BEHAVIOURS = json.load(open(sys.argv[1]))
+with open(sys.argv[1]) as behaviours:
+    BEHAVIOURS = json.load(behaviours)
 EXPECTED_KEY = sys.argv[2]
 LOG = sys.argv[3]
 SEEN: dict[str, int] = {}

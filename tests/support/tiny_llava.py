@@ -10,8 +10,15 @@ def build_tiny_llava(folder: Path, answers: list[str] | None = None) -> Path:
     every word of the answers is in its vocabulary, so those answers can be generated token by token."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
 
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     corpus = ["USER: describe the clothing item as JSON ASSISTANT:", '{"category": "t-shirt", "color": "red", "kids": false}']

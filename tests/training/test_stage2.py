@@ -27,7 +27,6 @@ from fashion_cir.training.distributed import DistContext
 from fashion_cir.training.losses import BankInfoNCELoss
 from fashion_cir.training.stage1 import ItemTables
 from fashion_cir.training.stage2 import Stage2Step, StaticBank, build_bank
-
 from support.matcher import tiny_encoder as tiny_encoder_folder
 from support.training import load_data, make_dataset, val_evaluator
 

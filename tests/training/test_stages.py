@@ -19,7 +19,6 @@ from fashion_cir.training.data import epoch_batches, rank_micro_batches
 from fashion_cir.training.distributed import DistContext
 from fashion_cir.training.losses import BankInfoNCELoss
 from fashion_cir.training.stage2 import Stage2Step, StaticBank
-
 from support.training import final_state, load_data, losses, make_dataset, val_evaluator
 
 
@@ -35,7 +34,7 @@ def test_epoch_batches_mix_annotated_and_generated():
     batches = epoch_batches(5, 20, 8, 0.25, seed=3, epoch=0)
     assert len(batches) == 4  # 20 generated / 6 per batch -> 4 batches; annotated (2 per batch) oversampled
     assert all(sum(i < 5 for i in b) == 2 and len(b) == 8 for b in batches)
-    assert set(i for b in batches for i in b if i >= 5) == set(range(5, 25))
+    assert {i for b in batches for i in b if i >= 5} == set(range(5, 25))
     assert batches == epoch_batches(5, 20, 8, 0.25, seed=3, epoch=0) != epoch_batches(5, 20, 8, 0.25, seed=3, epoch=1)
     plain = epoch_batches(5, 20, 8, None, seed=3, epoch=0)
     assert len(plain) == 3 and len({i for b in plain for i in b}) == 24  # last partial batch dropped

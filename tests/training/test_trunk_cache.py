@@ -16,7 +16,6 @@ from fashion_cir.models.factory import create_backbone
 from fashion_cir.training import Stage1Config, Stage2Config, train_stage1
 from fashion_cir.training.distributed import DistContext
 from fashion_cir.training.stage2 import build_bank
-
 from support.training import load_data, losses, make_dataset, val_evaluator
 
 FAST = dict(batch_size=8, lr=1e-3, progress=False, log_every=1, warmup_ratio=0.1)

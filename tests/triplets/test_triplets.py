@@ -45,7 +45,7 @@ LEXICON = {
     **{w: ("neckline", n) for n, ws in {
         "crew": ["crew neck", "round neck"], "v-neck": ["v-neck", "v neck"], "collar": ["collar"], "hood": ["hood"],
         "turtleneck": ["turtleneck", "high neck"], "scoop": ["scoop neck"], "strapless": ["strapless", "no straps"]}.items() for w in ws},
-    **{f"{w} length": ("length", l) for l, w in [("hip", "hip"), ("thigh", "thigh"), ("thigh", "mini"), ("knee", "knee"),
+    **{f"{w} length": ("length", length) for length, w in [("hip", "hip"), ("thigh", "thigh"), ("thigh", "mini"), ("knee", "knee"),
                                                   ("midi", "midi"), ("ankle", "ankle"), ("full", "full"), ("full", "floor")]},
     "cropped": ("length", "cropped"),
     **{w: ("material", m) for m, ws in {

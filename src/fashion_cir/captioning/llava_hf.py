@@ -59,7 +59,7 @@ class LlavaHFCaptioner(Captioner):
 
     @classmethod
     def from_components(cls, processor, model, vocab: Vocabulary = DEFAULT_VOCABULARY, batch_size: int = 8,
-                        max_new_tokens: int = 256) -> "LlavaHFCaptioner":
+                        max_new_tokens: int = 256) -> LlavaHFCaptioner:
         """A captioner around an already built processor and model (benchmarks, custom loading)."""
         captioner = cls.__new__(cls)
         Captioner.__init__(captioner, vocab)

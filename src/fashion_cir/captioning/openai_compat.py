@@ -16,8 +16,8 @@ import os
 import re
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import httpx

@@ -6,7 +6,6 @@ import logging
 import time
 from pathlib import Path
 
-
 from ..io import file_sha1, write_json
 from ..progress import Progress
 from .base import Captioner, CaptionRequest, RequestFailed

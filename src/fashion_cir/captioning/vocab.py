@@ -33,7 +33,7 @@ class AttributeVocab(BaseModel):
     wildcards: tuple[str | None, ...] = ()
 
     @model_validator(mode="after")
-    def _check(self) -> "AttributeVocab":
+    def _check(self) -> AttributeVocab:
         unknown = [v for v in self.synonyms.values() if v not in self.values]
         if unknown:
             raise ValueError(f"synonyms point to values not in the vocabulary: {unknown}")
@@ -68,7 +68,7 @@ class Vocabulary(BaseModel):
     description_words: tuple[int, int] = (6, 16)
 
     @model_validator(mode="after")
-    def _check(self) -> "Vocabulary":
+    def _check(self) -> Vocabulary:
         if "category" not in self.attributes:
             raise ValueError("the vocabulary needs a 'category' attribute")
         if "kids" in self.attributes or "description" in self.attributes:

@@ -137,7 +137,7 @@ def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
         raw = source if isinstance(source, bytes) else Path(source).read_bytes()
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(raw), formats=DECODERS)
+            image: Image.Image = Image.open(io.BytesIO(raw), formats=DECODERS)
             if target_size and image.format == "JPEG":
                 image.draft("RGB", (target_size, target_size))
             width, height = image.size

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from ..errors import DataError
 from ..io import iter_jsonl, read_json

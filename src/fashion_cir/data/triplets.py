@@ -108,9 +108,9 @@ def load_triplet_set(
     for image_id in unique_ids:
         check_image_id(image_id, str(split_file))
     for t in triplets:
-        for image_id in (t.candidate, t.target):
-            if image_id:
-                check_image_id(image_id, str(captions))
+        for triplet_image in (t.candidate, t.target):
+            if triplet_image:
+                check_image_id(triplet_image, str(captions))
     wanted = dict.fromkeys(unique_ids + [i for t in triplets for i in (t.candidate, t.target) if i])
     paths: dict[str, Path] = {}
     missing: list[str] = []

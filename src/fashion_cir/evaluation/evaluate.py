@@ -10,8 +10,9 @@ permutation) and the drop in R@10 that causes."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -127,7 +128,7 @@ class PreparedSet:
         if not protocol.remove_reference:
             return None
         shown = [t.candidate for t in self.triplets]
-        if shuffled:
+        if shuffled and self.shuffle is not None:
             shown = [shown[i] for i in self.shuffle]
         column = {row: c for c, row in enumerate(self.columns[protocol.name])}
         return np.array([column.get(self.position[i], -1) for i in shown], dtype=np.int64)
@@ -136,6 +137,8 @@ class PreparedSet:
                shuffled: bool = False) -> np.ndarray:
         """[queries, gallery] fused scores under ``protocol``."""
         queries = self.shuffled if shuffled else self.queries
+        if queries is None:
+            raise ValueError("scores with shuffled references need EvalOptions(reliance=True)")
         with torch.no_grad():
             vectors = self.model.query_vectors(queries, mode, fusion).cpu() if len(self.triplets) else torch.zeros(0, 1)
             items = self.items[torch.from_numpy(self.columns[protocol])]
@@ -157,7 +160,8 @@ class PreparedSet:
 
     def target_columns(self, protocol: str) -> np.ndarray:
         column = {row: c for c, row in enumerate(self.columns[protocol])}
-        return np.array([column.get(self.position.get(t.target, -1), -1) for t in self.triplets], dtype=np.int64)
+        rows = [self.position.get(t.target, -1) if t.target is not None else -1 for t in self.triplets]
+        return np.array([column.get(row, -1) for row in rows], dtype=np.int64)
 
     def ranks(self, protocol: str, mode: str | None = None, fusion: Fusion | None = None,
               shuffled: bool = False) -> np.ndarray:

@@ -5,8 +5,9 @@ content-keyed cache so that scoring the same model on the same sets twice is fre
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field

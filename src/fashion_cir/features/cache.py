@@ -18,12 +18,12 @@ import logging
 import os
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 import zipfile
 import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -72,12 +72,15 @@ def _prefetched(dataset: _ImageDataset, batch_size: int) -> Iterator[tuple]:
     def load(start: int) -> tuple:
         return _collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
 
+    if not starts:
+        return
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(load, starts[0]) if starts else None
-        for following in [*starts[1:], None]:
+        pending = pool.submit(load, starts[0])
+        for following in starts[1:]:
             batch = pending.result()
-            pending = pool.submit(load, following) if following is not None else None
+            pending = pool.submit(load, following)
             yield batch
+        yield pending.result()
 
 
 @dataclass

@@ -92,7 +92,7 @@ DETAIL_NOUNS = {
     "trim", "trims", "detail", "details", "detailing", "band", "bands", "panel", "panels", "sole", "soles",
     "collar", "cuffs", "cuff", "piping", "graphic", "graphics", "pattern", "dots", "flowers", "yoke", "shoulders",
     "sleeves", "straps", "strap", "laces", "buttons", "zip", "zipper", "pocket", "pockets", "hood", "lining",
-    "design", "checks", "letter", "words", "border", "edges", "edging", "print", "stitching", "toe", "heel",
+    "design", "checks", "letter", "words", "border", "edges", "edging", "stitching", "toe", "heel",
 }
 # words that put the values after them out of the wanted target ("no hood", "instead of white")
 NEGATIONS = ("instead of", "rather than", "no longer", "unlike", "without", "not", "no", "minus", "less")

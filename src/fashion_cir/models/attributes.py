@@ -9,16 +9,17 @@ training settings, val metrics); :meth:`CIRModel.load` picks them up when presen
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config
 from ..captioning.vocab import DEFAULT_VOCABULARY, Vocabulary
+from ..config import Config
 from ..errors import ModelError, one_line
 from ..io import read_json, write_json
 
@@ -77,7 +78,7 @@ class AttributeHeads(nn.Module):
                                          "classes": self.classes, **self.info})
 
     @classmethod
-    def load(cls, folder: str | Path) -> "AttributeHeads":
+    def load(cls, folder: str | Path) -> AttributeHeads:
         folder = Path(folder)
         meta = read_json(folder / HEADS_FILE, "attribute heads file")
         for key in ("feature_dim", "classes"):
@@ -165,7 +166,8 @@ def train_heads(train_features: np.ndarray, train_records: list[Mapping[str, Any
             for step in range(1, config.steps + 1):
                 optimiser.zero_grad()
                 logits = layer(x_train) * 10.0  # normalised features are small; a fixed scale speeds convergence
-                loss = sum(F.cross_entropy(logits[:, slices[n]], y_train[n], ignore_index=-1) for n in names)
+                losses = [F.cross_entropy(logits[:, slices[n]], y_train[n], ignore_index=-1) for n in names]
+                loss = sum(losses[1:], losses[0])
                 loss.backward()
                 optimiser.step()
                 if step % config.check_every:

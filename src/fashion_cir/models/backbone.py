@@ -6,7 +6,8 @@ from __future__ import annotations
 import hashlib
 import re
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from PIL import Image
@@ -118,6 +119,11 @@ class Backbone(nn.Module, ABC):
         """The spec a saved model folder records, and the state-dict prefixes it must then store
         so that the folder alone rebuilds this backbone."""
         return self.spec, []
+
+    def project_text(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Text features from the pooled output of a text tower a description matcher shares;
+        backbones with such a tower (the offline one) implement it."""
+        raise NotImplementedError(f"{self.spec}: no text tower a description matcher can share")
 
     def tokens_to(self, tokens: Any, device: torch.device | str) -> Any:
         if isinstance(tokens, torch.Tensor):

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..data.captions import sentence_query
-from ..language.changes import read_changes
 from ..errors import ModelError, one_line
 from ..io import environment_info, file_sha1, fsync_dir, fsync_file, read_json, write_json
+from ..language.changes import read_changes
 from .attributes import AttributeHeads, load_heads
 from .backbone import Backbone
 from .combiner import Combiner
@@ -109,8 +109,10 @@ class CIRModel(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         if reference is not None and text is not None:
             terms["composed"] = self.compose(reference, text, mode)
-        elif reference is not None or text is not None:
-            terms["composed"] = F.normalize(reference if reference is not None else text, dim=-1)
+        elif reference is not None:
+            terms["composed"] = F.normalize(reference, dim=-1)
+        elif text is not None:
+            terms["composed"] = F.normalize(text, dim=-1)
         if reference is not None:
             terms["reference"] = F.normalize(reference, dim=-1)
         if self.matcher is not None:
@@ -169,7 +171,7 @@ class CIRModel(nn.Module):
         has_text = any(c.strip() for c in captions)
         texts = tuple(self.query_text(c, d) for c, d in zip(captions, descriptions)) if has_text else ()
         parts = QueryParts(reference_features, None, texts=texts)
-        if has_text and self.shares_text:
+        if has_text and self.shares_text and self.matcher is not None:
             pooled = self.matcher.pool(list(texts), batch_size)
             text = self.backbone.project_text(pooled.to(self.backbone.device)).float().cpu()
             parts.text, parts.prompt = text, F.normalize(pooled, dim=-1)
@@ -187,7 +189,7 @@ class CIRModel(nn.Module):
                 parts.reference_description = self.matcher.embed_optional(
                     [d if d not in known else None for d in descriptions], side="item")
                 for row, description in enumerate(descriptions):
-                    if description in known:
+                    if description is not None and description in known:
                         parts.reference_description[row] = known[description]
         if self.attribute_space is not None:
             rows = [self.attribute_space.query_rows(a if reference_features is not None else None, read_changes(c))
@@ -252,7 +254,7 @@ class CIRModel(nn.Module):
         fsync_file(weights_tmp)
         matcher_tmp = folder / f".{MATCHER_WEIGHTS_FILE}.tmp"
         matcher_saved = self.matcher is not None and self.matcher_trained
-        if matcher_saved:
+        if self.matcher is not None and matcher_saved:
             torch.save(self.matcher.trained_state(), matcher_tmp)
             fsync_file(matcher_tmp)
         write_json(folder / MODEL_FILE, {
@@ -286,7 +288,7 @@ class CIRModel(nn.Module):
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path, map_location: str | torch.device = "cpu") -> "CIRModel":
+    def load(cls, folder: str | Path, map_location: str | torch.device = "cpu") -> CIRModel:
         folder = Path(folder)
         if not (folder / MODEL_FILE).is_file():
             raise ModelError(f"not a fashion-cir model folder (no {MODEL_FILE}): {folder}")
@@ -299,7 +301,12 @@ class CIRModel(nn.Module):
         matcher_meta = meta.get("matcher")
         matcher = None
         if matcher_meta:
-            shared = backbone.text_tower if matcher_meta.get("shared") else None
+            shared = None
+            if matcher_meta.get("shared"):
+                shared = getattr(backbone, "text_tower", None)
+                if not isinstance(shared, nn.Module):
+                    raise ModelError(f"{folder / MODEL_FILE}: a shared description matcher needs a backbone with a text "
+                                     f"tower; {backbone.spec} has none")
             matcher = DescriptionMatcher(matcher_meta.get("spec", "minilm"), query_encoder=shared)
         space = AttributeSpace(names=meta["attributes"]["names"]) if meta.get("attributes") else None
         model = cls(backbone, meta["query_mode"], combiner, meta.get("saved_prefixes"), meta.get("text_template", "prompt"),

@@ -36,6 +36,7 @@ def create_backbone(spec: str = DEFAULT_BACKBONE, preprocess: str = "clip") -> B
         head_blocks = _head_blocks(spec, options)
     else:
         head_blocks = 0
+    backbone: Backbone
     if kind == "tiny":
         from .openclip_backbone import build_tiny
 

@@ -18,8 +18,9 @@ in one of those blocks:
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,7 @@ class Fusion(Config):
         return self.attributes.get(term, 0.0) if ":" in term else float(getattr(self, term))
 
     @classmethod
-    def from_weights(cls, weights: Mapping[str, float]) -> "Fusion":
+    def from_weights(cls, weights: Mapping[str, float]) -> Fusion:
         """A fusion from term -> weight (terms not named weigh 0)."""
         plain = {t: float(weights.get(t, 0.0)) for t in IMAGE_TERMS + DESCRIPTION_TERMS}
         return cls(**plain, attributes={t: float(w) for t, w in weights.items() if ":" in t})
@@ -91,8 +92,8 @@ class AttributeSpace:
         """Items' attribute block [N, dim]: 1 at the value of each attribute the record has."""
         out = torch.zeros(len(records), self.dim)
         for row, record in enumerate(records):
-            for name in (n for n in self.names if n in record) if record else ():
-                slot = self._slot(name, plain_value(record[name]))
+            for name in self.names:
+                slot = self._slot(name, plain_value(record[name])) if record and name in record else None
                 if slot is not None:
                     out[row, slot] = 1.0
         return out
@@ -161,18 +162,23 @@ class QueryParts:
                 return len(part)
         return 0
 
-    def to(self, device: torch.device | str) -> "QueryParts":
+    def to(self, device: torch.device | str) -> QueryParts:
         """The parts on ``device`` (where the model composes them)."""
-        move = (lambda t: None if t is None else t.to(device))
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
         return QueryParts(move(self.reference), move(self.text), move(self.caption), move(self.prompt),
                           move(self.reference_description),
                           None if self.attributes is None else {k: v.to(device) for k, v in self.attributes.items()},
                           self.texts)
 
-    def select(self, rows: torch.Tensor | list[int]) -> "QueryParts":
+    def select(self, rows: torch.Tensor | list[int]) -> QueryParts:
         """The parts of a subset of the queries."""
         index = torch.as_tensor(rows, dtype=torch.long)
-        pick = (lambda t: None if t is None else t[index])
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[index]
+
         return QueryParts(pick(self.reference), pick(self.text), pick(self.caption), pick(self.prompt),
                           pick(self.reference_description),
                           None if self.attributes is None else {k: v[index] for k, v in self.attributes.items()},

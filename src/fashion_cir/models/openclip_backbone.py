@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..errors import ModelError, one_line
 from .backbone import Backbone
@@ -34,7 +33,9 @@ class OpenClipBackbone(Backbone):
     sequence before the vision transformer's last N blocks, and :meth:`image_head` runs those blocks,
     the pooling and the projection: trainable from the cache, on CPU."""
 
-    def __init__(self, model: nn.Module, tokenizer, spec: str, preprocess_mode: str = "clip", head_blocks: int = 0):
+    clip: Any  # an open_clip CLIP (untyped; its towers differ by architecture and are read by attribute)
+
+    def __init__(self, model: Any, tokenizer, spec: str, preprocess_mode: str = "clip", head_blocks: int = 0):
         image_size = model.visual.image_size
         image_size = image_size[0] if isinstance(image_size, (tuple, list)) else int(image_size)
         mean = getattr(model.visual, "image_mean", None) or CLIP_MEAN

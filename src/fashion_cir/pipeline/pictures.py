@@ -6,16 +6,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import textwrap
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
 from ..data.images import open_image
 from ..data.triplets import TripletSet
+from ..evaluation.evaluate import EvalOptions, PreparedSet
 from ..features.cache import FeatureCache
 from ..models.cir import CIRModel
-from ..evaluation.evaluate import EvalOptions, PreparedSet
 
 
 def _pyplot():

@@ -18,10 +18,10 @@ from pydantic import Field, model_validator
 from ..config import Config
 from ..errors import DataError, FashionCIRError
 from ..evaluation.evaluator import Selection
-from ..training.fusion import FusionConfig
 from ..io import read_json
 from ..training.align import AlignConfig
 from ..training.config import Stage1Config, Stage2Config
+from ..training.fusion import FusionConfig
 from ..triplets.config import TripletConfig
 
 

@@ -18,8 +18,8 @@ import resource
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch.distributed as dist
 

@@ -4,7 +4,8 @@ them it satisfies and which attributes of the reference it kept."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ..language.changes import read_changes
 from ..language.lexicon import LENGTH_ORDER

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -66,12 +67,12 @@ class Compare:
 @dataclass(frozen=True)
 class BoolOp:
     op: str  # "and" | "or"
-    items: tuple["Node", ...]
+    items: tuple[Node, ...]
 
 
 @dataclass(frozen=True)
 class Not:
-    item: "Node"
+    item: Node
 
 
 Node = Compare | BoolOp | Not
@@ -163,6 +164,7 @@ class _Parser:
             if match is None:  # only trailing whitespace is left
                 break
             kind = match.lastgroup
+            assert kind is not None  # every alternative of _TOKEN is a named group
             value = match.group(kind)
             start = match.start(kind)
             if kind == "bad":

@@ -16,8 +16,9 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import faiss
 import numpy as np
@@ -30,8 +31,8 @@ from ..errors import DataError, ModelError, check_failures
 from ..features.cache import FeatureCache
 from ..io import environment_info, folder_lock, fsync_dir, fsync_file, read_json
 from ..models.cir import CIRModel
-from .filters import FIELD_PATTERN, Filter, field_text, filterable_fields
 from .dense import DenseGallery
+from .filters import FIELD_PATTERN, Filter, field_text, filterable_fields
 from .policy import item_parts
 from .store import CatalogStore, SearchHit, StoreSpec, item_vectors, open_index, parse_store_spec, row_width
 
@@ -165,19 +166,24 @@ def _load_features(path: Path, count: int, dim: int) -> np.ndarray:
 
 def _search_parameters(index: faiss.Index, selector: faiss.IDSelector) -> faiss.SearchParameters:
     """FAISS search parameters restricting a search to ``selector``'s rows, keeping nprobe/efSearch."""
+    # faiss's stubs lack the keyword constructors its Python wrapper adds (which also keep ``selector``
+    # alive with the parameters, in every faiss version) and SearchParametersHNSW
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
-        return faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
+        return faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)  # type: ignore[call-arg]
     inner = faiss.downcast_index(index)
     if hasattr(inner, "hnsw"):
-        return faiss.SearchParametersHNSW(sel=selector, efSearch=inner.hnsw.efSearch)
-    return faiss.SearchParameters(sel=selector)
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=inner.hnsw.efSearch)  # type: ignore[attr-defined]
+    return faiss.SearchParameters(sel=selector)  # type: ignore[call-arg]
 
 
 class CatalogIndex(CatalogStore):
     """The FAISS store: an index folder loaded into memory. Build one with :func:`build_index`, open
     one with :meth:`CatalogIndex.load`; ``ids[row]`` names FAISS row ``row``. Removing or replacing
     items re-adds the kept vectors to the (already trained) FAISS index, so rows stay dense."""
+
+    metadata: dict[str, dict]  # the base's read-only mappings, held (and changed) in memory here
+    paths: dict[str, Path]
 
     def __init__(self, folder: Path, config: dict[str, Any], ids: list[str], metadata: dict[str, dict],
                  paths: dict[str, Path], features: np.ndarray, faiss_index: faiss.Index):
@@ -204,7 +210,7 @@ class CatalogIndex(CatalogStore):
         return self.features[self.rows[image_id]]
 
     @classmethod
-    def load(cls, folder: str | Path, model: CIRModel | None = None) -> "CatalogIndex":
+    def load(cls, folder: str | Path, model: CIRModel | None = None) -> CatalogIndex:
         """Open an index folder; with ``model``, refuse it unless its image fingerprint matches."""
         folder = Path(folder)
         config = read_manifest(folder)

@@ -14,9 +14,10 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -102,7 +103,7 @@ def _check_store(folder: Path, store: dict[str, Any]) -> None:
     spec = parse_store_spec("milvus:" + store["uri"])
     if spec.uri != store["uri"]:
         raise DataError(f"{where} names {store['uri']!r}: not an absolute .db path or a server URI; rebuild the index")
-    if spec.embedded and not Path(spec.uri).exists():
+    if spec.embedded and spec.uri is not None and not Path(spec.uri).exists():
         raise DataError(f"{where} names the milvus-lite file {spec.uri}, which does not exist; rebuild the index")
 
 
@@ -126,7 +127,7 @@ def _id_in(ids: list[str]) -> str:
 class _Lookup(Mapping):
     """A read-through id -> value view of one stored field (``metadata`` or ``paths``)."""
 
-    def __init__(self, store: "MilvusIndex", field: str):
+    def __init__(self, store: MilvusIndex, field: str):
         self.store, self.field = store, field
 
     def __getitem__(self, image_id: str) -> Any:
@@ -162,7 +163,7 @@ class MilvusIndex(CatalogStore):
 
     # -- creation and opening --------------------------------------------------------------------
     @classmethod
-    def create(cls, folder: Path, config: dict[str, Any], options: Mapping[str, Any], overwrite: bool = False) -> "MilvusIndex":
+    def create(cls, folder: Path, config: dict[str, Any], options: Mapping[str, Any], overwrite: bool = False) -> MilvusIndex:
         """Create the collection (schema from ``config['fields']``) for a new index folder."""
         pymilvus = _pymilvus()
         folder = Path(folder)
@@ -201,7 +202,7 @@ class MilvusIndex(CatalogStore):
         return store
 
     @classmethod
-    def open(cls, folder: Path, config: dict[str, Any]) -> "MilvusIndex":
+    def open(cls, folder: Path, config: dict[str, Any]) -> MilvusIndex:
         """Open the collection an index folder's manifest names (checked first: opening a
         milvus-lite file that is not there would create it, and its folders, wherever it says)."""
         _check_store(folder, config["store"])
@@ -238,16 +239,16 @@ class MilvusIndex(CatalogStore):
             iterator.close()
         return rows
 
-    @property
-    def ids(self) -> list[str]:
+    @property  # the base declares an attribute (the FAISS store's); here a read on demand
+    def ids(self) -> list[str]:  # type: ignore[override]
         return [row["id"] for row in self._scan("", ["id"])]
 
-    @property
-    def metadata(self) -> Mapping[str, dict]:
+    @property  # the base declares an attribute (the FAISS store's); here a read on demand
+    def metadata(self) -> Mapping[str, dict]:  # type: ignore[override]
         return _Lookup(self, "meta")
 
-    @property
-    def paths(self) -> Mapping[str, Path]:
+    @property  # the base declares an attribute (the FAISS store's); here a read on demand
+    def paths(self) -> Mapping[str, Path]:  # type: ignore[override]
         return _Lookup(self, "path")
 
     def vector(self, image_id: str) -> np.ndarray:

@@ -8,9 +8,10 @@ without one, or an upload, falls back to the model's attribute heads when it has
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence, get_args
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -60,7 +61,7 @@ def resolve_references(model: CIRModel, policy: ReferencePolicy, ids: Sequence[s
             predict.append(row)
         else:
             out[row] = Reference(None, None, "none")
-    if predict:
+    if predict and image_features is not None:
         predicted = model.predict_attributes(image_features[predict])
         for row, attributes in zip(predict, predicted):
             out[row] = Reference(describe(attributes), attributes, "predicted")

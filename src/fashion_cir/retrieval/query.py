@@ -6,8 +6,9 @@ expression) run by the store, and one page of results with an exact "more" flag.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ from PIL import Image
 
 from ..errors import DataError
 from ..models.cir import CIRModel
-from .filters import BoolOp, Compare, Filter, FilterError
+from .filters import BoolOp, Compare, Filter, FilterError, Node
 from .index import encode_reference_image
 from .policy import ReferencePolicy, resolve_references
 from .store import CatalogStore, SearchHit
@@ -35,7 +36,7 @@ class SearchResult:
 
 def attribute_filter(values: Mapping[str, list[str]], base: Filter | None = None) -> Filter | None:
     """``base`` and, per attribute, "one of these values" (e.g. {"category": ["dress"]})."""
-    parts = [Compare(name, False, tuple(dict.fromkeys(str(v) for v in vals))) for name, vals in values.items() if vals]
+    parts: list[Node] = [Compare(name, False, tuple(dict.fromkeys(str(v) for v in vals))) for name, vals in values.items() if vals]
     if base is not None:
         parts.insert(0, base.root)
     if not parts:

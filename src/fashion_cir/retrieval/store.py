@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -44,7 +45,7 @@ class StoreSpec:
 
     @property
     def embedded(self) -> bool:
-        return self.kind == "milvus" and not self.uri.startswith(("http://", "https://", "tcp://", "unix:"))
+        return self.kind == "milvus" and self.uri is not None and not self.uri.startswith(("http://", "https://", "tcp://", "unix:"))
 
     def to_config(self) -> dict[str, Any]:
         return {"kind": self.kind, "uri": self.uri}
@@ -77,6 +78,7 @@ class CatalogStore(ABC):
     ids: list[str]  # every item id (a full scan on a remote store)
     metadata: Mapping[str, dict]  # id -> metadata; ``.get`` works for unknown ids
     paths: Mapping[str, Path]  # id -> image file
+    report: dict[str, Any]  # what the last build or add did (counts, failures, seconds)
 
     # -- reading ---------------------------------------------------------------------------------
     @abstractmethod
@@ -122,7 +124,7 @@ class CatalogStore(ABC):
             stale.unlink(missing_ok=True)
         write_json(self.folder / "index.json", self.config)
 
-    def discard(self) -> None:
+    def discard(self) -> None:  # noqa: B027 -- a hook with a no-op default (FAISS), not an abstract method
         """Undo a build that failed before :meth:`save` wrote its manifest (FAISS: nothing to undo)."""
 
     # -- shared ----------------------------------------------------------------------------------
@@ -139,7 +141,7 @@ class CatalogStore(ABC):
     def fingerprint(self) -> str:
         return self.config["image_fingerprint"]
 
-    def check_model(self, model: "CIRModel") -> None:
+    def check_model(self, model: CIRModel) -> None:
         """Refuse a model whose image encoder is not the one that encoded this catalog."""
         actual = model.backbone.image_fingerprint()
         if actual != self.fingerprint:
@@ -172,7 +174,7 @@ def item_vectors(rows: np.ndarray, config: Mapping[str, Any]) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([image, rows[:, dim:]], axis=1))
 
 
-def open_index(folder: str | Path, model: "CIRModel | None" = None) -> CatalogStore:
+def open_index(folder: str | Path, model: CIRModel | None = None) -> CatalogStore:
     """Open an index folder with the store its manifest names; with ``model``, check its fingerprint."""
     from .index import CatalogIndex, read_manifest
 
@@ -190,7 +192,7 @@ def open_index(folder: str | Path, model: "CIRModel | None" = None) -> CatalogSt
     raise DataError(f"{Path(folder) / 'index.json'}: unknown store kind {kind!r}")
 
 
-def index_model(folder: str | Path, model: "CIRModel | str | Path | None" = None) -> "CIRModel":
+def index_model(folder: str | Path, model: CIRModel | str | Path | None = None) -> CIRModel:
     """The model to search an index with: a CIRModel as given, a model folder, a backbone spec, or
     (None) the model the index was built with: its folder when it still exists, else its backbone."""
     from ..models.cir import MODEL_FILE, CIRModel, load_model
@@ -216,7 +218,7 @@ class LiveIndex:
     answering and :attr:`problem` says why (logged once per change). Attribute access goes to the
     current index; take :meth:`current` once per request for a consistent view."""
 
-    def __init__(self, folder: str | Path, model: "CIRModel | None" = None):
+    def __init__(self, folder: str | Path, model: CIRModel | None = None):
         self.folder = Path(folder)
         self.model = model
         self.problem: str | None = None

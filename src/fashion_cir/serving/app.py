@@ -15,14 +15,22 @@ import os
 import random
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import quote
 
 from PIL import Image, UnidentifiedImageError
 
-from ..data.images import (IMAGE_EXTENSIONS, MAX_ASPECT, ImageTooLarge, ImageTooThin, id_problem, open_image,
-                           upload_pixel_limit)
+from ..data.images import (
+    IMAGE_EXTENSIONS,
+    MAX_ASPECT,
+    ImageTooLarge,
+    ImageTooThin,
+    id_problem,
+    open_image,
+    upload_pixel_limit,
+)
 from ..errors import DataError, FashionCIRError
 from ..models.cir import CIRModel
 from ..retrieval.explain import attribute_values, explain, phrase, requested_changes
@@ -92,10 +100,8 @@ class BodyLimit:
             if not exceeded:  # the app's own error for the aborted body is replaced by the 413
                 await send(message)
 
-        try:
+        with contextlib.suppress(_BodyTooLarge):
             await self.app(scope, limited_receive, guarded_send)
-        except _BodyTooLarge:
-            pass
         if exceeded:
             await _json_error(413, self._message())(scope, receive, send)
 

@@ -5,8 +5,8 @@ run at once, at most ``queue`` more wait, and the rest are refused at once (the 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 
 class Busy(Exception):

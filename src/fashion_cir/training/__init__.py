@@ -3,8 +3,8 @@ static-representation bank negatives), their losses and configs; recipes run the
 ``torchrun --nproc_per_node N -m fashion_cir.cli run RECIPE``)."""
 
 from .config import Stage1Config, Stage2Config, TrainConfig
-from .losses import BankInfoNCELoss, InBatchContrastiveLoss, duplicate_groups
 from .loop import TrainingStopped
+from .losses import BankInfoNCELoss, InBatchContrastiveLoss, duplicate_groups
 from .stage1 import train_stage1
 from .stage2 import train_stage2
 

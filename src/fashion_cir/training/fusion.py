@@ -4,7 +4,7 @@ gallery, from term score matrices computed once (the fused score is linear in th
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch

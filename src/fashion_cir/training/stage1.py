@@ -8,8 +8,9 @@ only its head trains (``offline+blocksN``), the cached trunk features go through
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +18,8 @@ from torch import nn
 
 from ..data.images import readable_images
 from ..data.triplets import Triplet
-from ..evaluation.evaluator import Evaluator
 from ..errors import FashionCIRError
+from ..evaluation.evaluator import Evaluator
 from ..features.cache import FeatureCache
 from ..models.cir import CIRModel
 from ..models.fusion import QueryParts
@@ -78,7 +79,10 @@ class ItemTables(nn.Module):
     def items(self, model: CIRModel, image_features: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Item vectors of images with integer ids (-1 = padding: any row, masked by the loss)."""
         rows = ids.clamp(min=0)
-        pick = (lambda table: None if table is None else table[rows])
+
+        def pick(table: torch.Tensor | None) -> torch.Tensor | None:
+            return None if table is None else table[rows]
+
         return model.item_vectors(image_features, pick(self.descriptions), pick(self.attributes))
 
 

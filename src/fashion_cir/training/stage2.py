@@ -6,15 +6,16 @@ own queries' loss; DDP averages the gradients."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..data.triplets import Triplet
-from ..evaluation.evaluator import Evaluator
 from ..errors import FashionCIRError
+from ..evaluation.evaluator import Evaluator
 from ..features.cache import FeatureCache
 from ..models.cir import CIRModel
 from ..retrieval.policy import item_parts

@@ -6,8 +6,8 @@ from typing import Literal
 
 from pydantic import ConfigDict, model_validator
 
-from ..config import Config
 from ..captioning.vocab import DEFAULT_VOCABULARY, Vocabulary
+from ..config import Config
 
 
 class TripletConfig(Config):
@@ -33,7 +33,7 @@ class TripletConfig(Config):
     vocabulary: Vocabulary = DEFAULT_VOCABULARY
 
     @model_validator(mode="after")
-    def _check(self) -> "TripletConfig":
+    def _check(self) -> TripletConfig:
         low, high = self.band
         if not 0 <= low < high or (self.band_unit == "quantile" and high > 1):
             raise ValueError(f"band must be 0 <= low < high (<= 1 for quantiles), got {self.band}")

@@ -22,7 +22,7 @@ class AttributeTable:
     groups: np.ndarray
 
     @classmethod
-    def build(cls, records: list[Attributes], attributes: tuple[str, ...], vocab: Vocabulary) -> "AttributeTable":
+    def build(cls, records: list[Attributes], attributes: tuple[str, ...], vocab: Vocabulary) -> AttributeTable:
         codes = np.full((len(records), len(attributes)), WILDCARD, dtype=np.int16)
         for a, name in enumerate(attributes):
             spec = vocab.attributes[name]
