@@ -34,6 +34,7 @@ from fashion_cir.models.cir import CIRModel
 from fashion_cir.pipeline.recipe import StageSpec, load_recipe
 from fashion_cir.pipeline.runner import GENERATED_VAL, KS, Runner
 
+
 def setting(text: str) -> tuple[str, object]:
     """``FIELD=VALUE`` (VALUE as JSON, else a string) for one Stage2Config field."""
     key, _, raw = text.partition("=")

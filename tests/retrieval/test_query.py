@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from support.serving import synthetic_catalog
 from fashion_cir.retrieval import build_index, parse_filter
 from fashion_cir.retrieval.query import composed_search
+from support.serving import synthetic_catalog
 
 
 @pytest.fixture(scope="module")
