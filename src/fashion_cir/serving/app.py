@@ -63,22 +63,35 @@ def _json_error(status: int, detail: str) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status)
 
 
-class BodyLimit:
-    """ASGI middleware: answer 413 to request bodies over the upload limit (plus room for form
+class HTTPMiddleware:
+    """An ASGI middleware that handles HTTP requests (:meth:`http`) and passes anything else through."""
+
+    def __init__(self, app: Callable):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http":
+            await self.http(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def http(self, scope: dict, receive: Callable, send: Callable) -> None:
+        raise NotImplementedError
+
+
+class BodyLimit(HTTPMiddleware):
+    """Answer 413 to request bodies over the upload limit (plus room for form
     fields), by Content-Length up front and by counting bytes for chunked uploads."""
 
     def __init__(self, app: Callable, upload_limit: int):
-        self.app = app
+        super().__init__(app)
         self.upload_limit = upload_limit
         self.limit = upload_limit + 64 * 1024
 
     def _message(self) -> str:
         return f"request is too large: uploads are limited to {self.upload_limit / MB:g} MB"
 
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: dict, receive: Callable, send: Callable) -> None:
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.limit:
             await _json_error(413, self._message())(scope, receive, send)
@@ -110,18 +123,12 @@ class _BodyTooLarge(Exception):
     pass
 
 
-class SecurityHeaders:
-    """ASGI middleware: every response says ``nosniff`` and may not be framed; all but the API docs
-    (Swagger UI and ReDoc come from a CDN) get a content security policy that allows only this
-    site's scripts, styles and images, plus ``blob:`` images for upload previews."""
+class SecurityHeaders(HTTPMiddleware):
+    """Every response says ``nosniff`` and may not be framed; all but the API docs (Swagger UI and
+    ReDoc come from a CDN) get a content security policy that allows only this site's scripts, styles
+    and images, plus ``blob:`` images for upload previews."""
 
-    def __init__(self, app: Callable):
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: dict, receive: Callable, send: Callable) -> None:
         policy = DOCS_POLICY if scope["path"].startswith(DOCS_PATHS) else PAGE_POLICY
 
         async def with_headers(message: dict) -> None:
@@ -135,18 +142,12 @@ class SecurityHeaders:
         await self.app(scope, receive, with_headers)
 
 
-class InternalErrors:
-    """ASGI middleware: an unexpected exception becomes a logged JSON 500 that says ``Connection:
-    close`` and closes the connection. Left to the server, the exception reset the keep-alive
-    connection without saying so, and the client's next request on it failed."""
+class InternalErrors(HTTPMiddleware):
+    """An unexpected exception becomes a logged JSON 500 that says ``Connection: close`` and closes the
+    connection. Left to the server, the exception reset the keep-alive connection without saying so,
+    and the client's next request on it failed."""
 
-    def __init__(self, app: Callable):
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: dict, receive: Callable, send: Callable) -> None:
         started = False
 
         async def tracked_send(message: dict) -> None:
