@@ -363,3 +363,24 @@ def test_serve_answers_searches(index_dir, mini):
 def test_serve_bad_index(tmp_path):
     one_line_error(["serve", "--index", tmp_path, "--backbone", "tiny", "--port", "0"],
                    "not a fashion-cir index folder")
+
+
+# -- index build failures (issue 12) --
+def test_index_build_lists_each_failure_with_its_reason_and_fails_past_the_share(tmp_path, make_jpeg):
+    """Issue 12 item 14: a non-image x.jpg gave exit 0 and ``"failed_ids": ["x"]`` with no reason anywhere."""
+    images = tmp_path / "images"
+    for i in range(5):
+        make_jpeg(images / f"good{i}.jpg", seed=i)
+    (images / "x.jpg").write_text("not an image")
+    result = runner.invoke(app, ["index", "build", str(tmp_path / "index"), "--images", str(images), "--backbone", "tiny"])
+    assert result.exit_code == 0, result.output
+    assert f"failed: x: {images / 'x.jpg'}: not a readable image" in result.output and "BytesIO" not in result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    assert report["failures"] == {"x": f"{images / 'x.jpg'}: not a readable image (JPEG, PNG or WebP expected)"}
+
+    for i in range(2):
+        (images / f"bad{i}.jpg").write_bytes(b"\xff\xd8 truncated")
+    result = runner.invoke(app, ["index", "build", str(tmp_path / "index2"), "--images", str(images), "--backbone", "tiny"])
+    assert result.exit_code == 2, result.output
+    assert "3 of 8 catalog images failed (more than the allowed 20%); first: bad0: " in result.output
+    assert not (tmp_path / "index2" / "index.json").exists()
