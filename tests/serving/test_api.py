@@ -349,7 +349,7 @@ def test_uploads_beyond_the_pool_get_503_with_retry_after(served):
 
     def slow(pixels):
         inside.set()
-        release.wait(10)
+        release.wait(60)
         return encode(pixels)
 
     model.backbone.encode_images = slow
@@ -358,12 +358,12 @@ def test_uploads_beyond_the_pool_get_503_with_retry_after(served):
     worker = threading.Thread(target=lambda: first.append(upload(client, photo)))
     worker.start()
     try:
-        assert inside.wait(10)
+        assert inside.wait(60)
         busy = upload(client, photo)
         by_id = client.post("/search", data={"text": "is red", "id": "item-001"})  # id searches are not queued
     finally:
         release.set()
-        worker.join(20)
+        worker.join(60)
     assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
     assert busy.headers["content-type"].startswith("application/json") and "retry" in busy.json()["detail"]
     assert by_id.status_code == 200 and first[0].status_code == 200
