@@ -1,4 +1,5 @@
-"""Shared fixtures: the read-only datasets folder, a session-wide tiny model, small JPEG writers."""
+"""Shared fixtures: the read-only datasets folder, a session-wide tiny model, 30 synthetic drawings,
+small JPEG writers."""
 
 from __future__ import annotations
 
@@ -26,6 +27,15 @@ def shared_dir() -> Path:
 def clothing_dir(shared_dir) -> Path:
     """The clothing catalog inside the shared datasets (images/, attributes.jsonl, captions/, image_splits/)."""
     return shared_dir / "clothing-dataset"
+
+
+@pytest.fixture(scope="session")
+def drawings(tmp_path_factory):
+    """30 synthetic garment drawings with metadata, ``(paths, metadata)`` (ids item-000 to item-029),
+    written once per session (per test worker). Read-only: copy before changing a file."""
+    from support.serving import synthetic_catalog
+
+    return synthetic_catalog(tmp_path_factory.mktemp("drawings") / "images", 30)
 
 
 @pytest.fixture(scope="session")

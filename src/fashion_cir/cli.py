@@ -525,6 +525,9 @@ def serve_command(
     upload_workers: int = typer.Option(2, help="Uploads decoded and encoded at once."),
     upload_queue: int = typer.Option(16, help="Uploads that may wait for a worker; beyond that: 503 + Retry-After."),
     search_timeout: float = typer.Option(15.0, help="Seconds the page waits for a search before offering a retry."),
+    sample_seed: int | None = typer.Option(None, min=0, max=999_999_999,
+                                              help="Seed of the page's catalog sample (default: a random sample "
+                                                   "on each visit; ?seed=N in the page's address wins)."),
 ):
     """Serve the search API and web page."""
     from .models.cir import load_model
@@ -533,7 +536,8 @@ def serve_command(
     cir = load_model(model, backbone) if model or backbone else None  # None: the backbone the index records
     typer.echo(f"serving http://{host}:{port}/")
     serve(index_dir, cir, host=host, port=port, max_upload_bytes=max_upload_mb * 1024 * 1024,
-          upload_workers=upload_workers, upload_queue=upload_queue, search_timeout_s=search_timeout)
+          upload_workers=upload_workers, upload_queue=upload_queue, search_timeout_s=search_timeout,
+          sample_seed=sample_seed)
 
 
 EXIT_STOPPED = 75  # a training run stopped on purpose (stop_after_steps); re-running resumes it

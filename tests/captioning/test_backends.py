@@ -1,5 +1,6 @@
 """Live backends: an OpenAI-compatible HTTP server in a separate process, and a tiny random LLaVA
-going through the real transformers processor + generate path."""
+going through the real transformers processor + generate path; a server that echoes the API key
+in its 401s leaves it in no output or file, and the openai backend needs a base URL."""
 
 import base64
 import hashlib
@@ -8,17 +9,22 @@ import json
 import logging
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from PIL import Image
 from transformers import LogitsProcessorList
+from typer.testing import CliRunner
 
 from fashion_cir.captioning import build_captioner, run_captioning
+from fashion_cir.cli import app
 from fashion_cir.errors import ModelError
 
 HELPERS = Path(__file__).resolve().parents[1] / "support"
 SECRET = "sk-test-never-log-me"
+runner = CliRunner()
 
 
 @pytest.fixture()
@@ -159,3 +165,62 @@ def test_llava_missing_weights_says_how_to_pass_a_folder(tmp_path, monkeypatch):
         build_captioner("llava-hf", model=str(tmp_path / "no-such-model"), device="cpu")
     with pytest.raises(ModelError, match="could not be fetched from the Hugging Face hub"):
         build_captioner("llava-hf", device="cpu")
+
+
+# -- failures that said nothing, and secrets (issue 12) --
+class _EchoingUnauthorized(BaseHTTPRequestHandler):
+    """A server that rejects every request with a 401 whose body echoes the Authorization header."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = json.dumps({"error": {"message": f"Incorrect API key provided: {self.headers.get('Authorization')}"}}).encode()
+        self.send_response(401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture()
+def unauthorized_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _EchoingUnauthorized)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def test_secrets_are_never_stored_and_a_run_where_all_failed_exits_2(tmp_path, make_jpeg, monkeypatch, unauthorized_server):
+    """Issue 12 items 13 and 14: a 401 body echoing the key was stored verbatim, credentials in base_url were
+    kept, and a run where every image failed printed "captioned 0 of N" and exited 0."""
+    key, password = "sk-test-0123456789abcdefXYZ", "hunter2-very-secret"
+    monkeypatch.setenv("FCIR_HARDEN_KEY", key)
+    for i in range(3):
+        make_jpeg(tmp_path / "images" / f"img{i}.jpg", seed=i)
+    result = runner.invoke(app, ["caption", "--images", str(tmp_path / "images"), "--out", str(tmp_path / "attributes.jsonl"),
+                                 "--backend", "openai", "--model", "gpt", "--api-key-env", "FCIR_HARDEN_KEY",
+                                 "--base-url", f"http://alice:{password}@127.0.0.1:{unauthorized_server}/v1",
+                                 "--cache-dir", str(tmp_path / "cache"), "--max-attempts", "1"])
+    assert result.exit_code == 2, result.output
+    assert "3 of 3 images failed" in result.output and "HTTP 401" in result.output
+    for i in range(3):
+        assert f"failed: img{i}: HTTP 401 from http://127.0.0.1:{unauthorized_server}/v1/chat/completions" in result.output
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and "images" not in p.parts]
+    assert written and any(p.name.endswith(".summary.json") for p in written)
+    summary = json.loads(next(p for p in written if p.name.endswith(".summary.json")).read_text())
+    assert set(summary["failures"]) == {"img0", "img1", "img2"}
+    assert all("HTTP 401" in f["error"] for f in summary["failures"].values())
+    for text in [result.output] + [p.read_text(errors="replace") for p in written]:
+        assert key not in text and password not in text and "alice:" not in text
+
+
+def test_the_openai_backend_needs_a_base_url(tmp_path, make_jpeg):
+    """Issue 12 item 14: without --base-url it silently called the public OpenAI endpoint."""
+    make_jpeg(tmp_path / "images" / "a.jpg")
+    result = runner.invoke(app, ["caption", "--images", str(tmp_path / "images"), "--out", str(tmp_path / "a.jsonl"),
+                                 "--backend", "openai", "--model", "gpt", "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 2 and "needs --base-url" in result.output and "Traceback" not in result.output

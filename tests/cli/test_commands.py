@@ -1,13 +1,16 @@
 """Every command end to end on two dozen real catalog photos (a dozen train, a dozen val), with the
 tiny backbone (or the offline one for `align`): outputs checked against the inputs, exit codes, and
-the one-line error of a bad input. `serve` runs as a real process on a free loopback port."""
+the one-line error of a bad input. `serve` runs as a real process on a loopback port of the
+system's choosing (`--port 0`)."""
 
 from __future__ import annotations
 
 import json
-import socket
+import queue
+import re
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -312,35 +315,45 @@ def test_search_bad_inputs(index_dir, tmp_path):
 
 # -- serve --------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def listening_url(process: subprocess.Popen, limit_s: float = 300) -> str:
+    """The address a `serve --port 0` process says it listens on ("Uvicorn running on http://..."),
+    read from its output as it comes; the output goes on being drained while the process runs."""
+    lines: queue.Queue = queue.Queue()
+
+    def drain() -> None:
+        for line in process.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=drain, daemon=True).start()
+    seen: list[str] = []
+    deadline = time.monotonic() + limit_s  # a cold interpreter loading torch on a busy machine
+    while True:
+        try:
+            line = lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+        except queue.Empty:
+            pytest.fail(f"serve did not start listening within {limit_s:g} s: {''.join(seen)[-2000:]}")
+        if line is None:
+            pytest.fail(f"serve exited with {process.wait()}: {''.join(seen)[-2000:]}")
+        seen.append(line)
+        if found := re.search(r"Uvicorn running on (http://[\w.:]+)", line):
+            return found.group(1)
 
 
 def test_serve_answers_searches(index_dir, mini):
-    port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "fashion_cir.cli", "serve", "--index", str(index_dir),
-                                "--backbone", "tiny", "--host", "127.0.0.1", "--port", str(port)],
+                                "--backbone", "tiny", "--host", "127.0.0.1", "--port", "0", "--sample-seed", "5"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 300  # a cold interpreter loading torch on a busy machine
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"serve exited with {process.returncode}: {process.stdout.read()[-2000:]}")
-            try:
-                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "serve did not answer within 300 s"
-                time.sleep(0.3)
+        url = listening_url(process)
+        health = httpx.get(f"{url}/health", timeout=30).json()
         index = open_index(index_dir)
         assert health["items"] == len(index) and health["backbone"] == "tiny:0"
+        assert health["page"]["sample_seed"] == 5
         reference = mini["train"][0]
-        body = httpx.post(f"http://127.0.0.1:{port}/search", data={"id": reference, "text": "is red", "k": 100},
-                          timeout=30).json()
+        body = httpx.post(f"{url}/search", data={"id": reference, "text": "is red", "k": 100}, timeout=30).json()
         assert {r["id"] for r in body["results"]} == set(index.ids) - {reference}
-        image = httpx.get(f"http://127.0.0.1:{port}/images/{reference}", timeout=30)
+        image = httpx.get(f"{url}/images/{reference}", timeout=30)
         assert image.content == (mini["images"] / f"{reference}.jpg").read_bytes()
     finally:
         process.terminate()
@@ -348,5 +361,26 @@ def test_serve_answers_searches(index_dir, mini):
 
 
 def test_serve_bad_index(tmp_path):
-    one_line_error(["serve", "--index", tmp_path, "--backbone", "tiny", "--port", str(free_port())],
+    one_line_error(["serve", "--index", tmp_path, "--backbone", "tiny", "--port", "0"],
                    "not a fashion-cir index folder")
+
+
+# -- index build failures (issue 12) --
+def test_index_build_lists_each_failure_with_its_reason_and_fails_past_the_share(tmp_path, make_jpeg):
+    """Issue 12 item 14: a non-image x.jpg gave exit 0 and ``"failed_ids": ["x"]`` with no reason anywhere."""
+    images = tmp_path / "images"
+    for i in range(5):
+        make_jpeg(images / f"good{i}.jpg", seed=i)
+    (images / "x.jpg").write_text("not an image")
+    result = runner.invoke(app, ["index", "build", str(tmp_path / "index"), "--images", str(images), "--backbone", "tiny"])
+    assert result.exit_code == 0, result.output
+    assert f"failed: x: {images / 'x.jpg'}: not a readable image" in result.output and "BytesIO" not in result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    assert report["failures"] == {"x": f"{images / 'x.jpg'}: not a readable image (JPEG, PNG or WebP expected)"}
+
+    for i in range(2):
+        (images / f"bad{i}.jpg").write_bytes(b"\xff\xd8 truncated")
+    result = runner.invoke(app, ["index", "build", str(tmp_path / "index2"), "--images", str(images), "--backbone", "tiny"])
+    assert result.exit_code == 2, result.output
+    assert "3 of 8 catalog images failed (more than the allowed 20%); first: bad0: " in result.output
+    assert not (tmp_path / "index2" / "index.json").exists()

@@ -1,5 +1,6 @@
-"""Triplet loaders (real FashionIQ JSON, partial image folders), image decoding and JSON helpers:
-what is kept, what is skipped and counted, and the errors a user sees."""
+"""Triplet loaders (real FashionIQ JSON, partial image folders), image decoding (JPEG, PNG and WebP
+only; 16-bit greys; reduced-size decoding), image ids and JSON helpers: what is kept, what is
+skipped and counted, and the errors a user sees."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from fashion_cir.data.images import ImageTooLarge, ImageTooThin, id_problem, open_image
+from fashion_cir.data.images import ImageTooLarge, ImageTooThin, find_image, id_problem, open_image
 from fashion_cir.data.metadata import load_catalog
 from fashion_cir.data.triplets import fashioniq_files, load_fashioniq, load_triplet_set, parse_triplets
 from fashion_cir.errors import DataError
 from fashion_cir.io import atomic_write_text, file_sha1, iter_jsonl, read_json
+from support.images import encoded
 
 CATEGORIES = ("dress", "shirt", "toptee")
 VAL_COUNTS = {"dress": 2017, "shirt": 2038, "toptee": 1961}
@@ -293,3 +297,71 @@ def test_io_helpers(tmp_path):
     bad_utf8.write_bytes(b'["\xe9"]')
     with pytest.raises(DataError, match="not UTF-8"):
         read_json(bad_utf8)
+
+
+# -- decoding: allowed formats, names in errors, 16-bit greys, reduced size; ids (issue 12) --
+@pytest.mark.parametrize("fmt", ["TIFF", "BMP", "EPS", "GIF", "PPM"])
+def test_only_jpeg_png_webp_decoders_run(tmp_path, fmt):
+    """Issue 12 item 1: other formats (EPS would start Ghostscript) are refused, with the file named."""
+    path = tmp_path / f"upload.{fmt.lower()}"
+    path.write_bytes(encoded(Image.new("RGB", (16, 12), (200, 10, 10)), fmt))
+    with pytest.raises(DataError, match=rf"{path}: not a readable image \(JPEG, PNG or WebP expected\)"):
+        open_image(path)
+    with pytest.raises(DataError, match="photo.bin: not a readable image"):
+        open_image(path.read_bytes(), name="photo.bin")
+
+
+def test_every_accepted_format_still_decodes(tmp_path):
+    picture = Image.new("RGB", (16, 12), (200, 10, 10))
+    for fmt in ("JPEG", "PNG", "WEBP"):
+        assert open_image(encoded(picture, fmt)).size == (16, 12)
+
+
+def test_image_errors_name_the_file_never_a_buffer(tmp_path):
+    """Issue 12 item 14: the corrupt-image message showed ``<_io.BytesIO object at 0x...>``."""
+    path = tmp_path / "x.jpg"
+    path.write_text("this is not an image")
+    with pytest.raises(DataError) as error:
+        open_image(path)
+    assert str(path) in str(error.value) and "BytesIO" not in str(error.value)
+    with pytest.raises(DataError) as error:
+        open_image(b"not an image either")
+    assert "uploaded image" in str(error.value) and "BytesIO" not in str(error.value)
+
+
+def test_sixteen_bit_greys_are_scaled_not_clipped():
+    """Issue 12 item 9: a 16-bit mid-grey PNG is mid-grey (128), not white."""
+    grey = Image.fromarray(np.array([[0, 32768, 65535]], dtype=np.uint16))
+    assert grey.mode == "I;16"
+    image = open_image(encoded(grey, "PNG"))
+    assert [image.getpixel((x, 0)) for x in range(3)] == [(0, 0, 0), (128, 128, 128), (255, 255, 255)]
+
+
+def test_large_jpeg_uploads_decode_at_reduced_scale():
+    """Issue 12 item 2: with a target size, a 4000x3000 JPEG is decoded at 1/8 scale (500x375) and a PNG is
+    box-reduced, keeping the short side >= the target."""
+    photo = encoded(Image.new("RGB", (4000, 3000), (20, 120, 200)), "JPEG")
+    assert open_image(photo, target_size=224).size == (500, 375)
+    assert open_image(photo, max_pixels=200_000, target_size=224).size == (500, 375)  # limit applies to decoded pixels
+    with pytest.raises(DataError, match="4000x3000 pixels, more than the limit"):
+        open_image(photo, max_pixels=200_000)
+    png = encoded(Image.new("RGB", (1000, 700), (20, 120, 200)), "PNG")
+    assert open_image(png, target_size=224).size == (334, 234)  # reduce(3), rounding up
+    assert open_image(png).size == (1000, 700)
+
+
+def test_ids_cannot_leave_the_images_folder(tmp_path, make_jpeg):
+    """Issue 12 item 8: ``../x`` and absolute ids resolved outside the images folder."""
+    images = tmp_path / "images"
+    make_jpeg(images / "a.jpg")
+    make_jpeg(tmp_path / "secret.jpg")
+    assert find_image(images, "a") == images / "a.jpg"
+    for bad in ("../secret", str(tmp_path / "secret"), "sub/a", ".hidden", ""):
+        with pytest.raises(DataError, match="invalid image id"):
+            find_image(images, bad)
+    captions = tmp_path / "cap.json"
+    captions.write_text(json.dumps([{"candidate": "../secret", "target": "a", "captions": ["x", "y"]}]))
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps(["a"]))
+    with pytest.raises(DataError, match=rf"{captions}: invalid image id '../secret'"):
+        load_triplet_set(captions, split, images)

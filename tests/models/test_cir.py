@@ -1,14 +1,17 @@
-"""Backbone factory errors, CIRModel save/load, query composition and prompt fitting."""
+"""Backbone factory errors, CIRModel save/load (a crash mid-save leaves the old or the new model),
+query composition and prompt fitting."""
 
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import fashion_cir.models.cir as cir_module
 from fashion_cir.data.captions import sentence_query
 from fashion_cir.errors import ModelError
 from fashion_cir.models.cir import CIRModel, compose_query, load_model
@@ -764,3 +767,43 @@ def test_a_refused_open_clip_checkpoint_is_one_line(tmp_path):
         create_backbone(f"openclip:ViT-S-32:{checkpoint}")
     assert _message(info) == f"cannot load checkpoint file {checkpoint} into ViT-S-32: " + REFUSED
     assert not (tmp_path / "ran").exists()
+
+
+# -- a crash while saving (issue 12) --
+def combiner_model(seed: int) -> CIRModel:
+    torch.manual_seed(seed)
+    backbone = create_backbone("tiny")
+    return CIRModel(backbone, "combiner", Combiner(backbone.feature_dim, 64, 128))
+
+
+def combiner_state(model: CIRModel) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if k.startswith("combiner.")}
+
+
+def test_a_crash_while_saving_a_model_leaves_the_old_or_the_new_pair(tmp_path, monkeypatch):
+    """Issue 12 item 11: weights.pt was swapped before model.json, so a crash between left a mismatched pair."""
+    old, new = combiner_model(0), combiner_model(1)
+    old.save(tmp_path / "m")
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    with monkeypatch.context() as patch:  # killed before model.json is replaced: the old model, whole
+        patch.setattr(cir_module, "write_json", crash)
+        with pytest.raises(RuntimeError):
+            new.save(tmp_path / "m")
+    loaded = CIRModel.load(tmp_path / "m")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in combiner_state(old).items())
+
+    real_replace = Path.replace
+    with monkeypatch.context() as patch:  # killed after model.json, before the weights' rename: the new one
+        patch.setattr(Path, "replace", lambda self, target: crash() if self.name.endswith(".tmp") else real_replace(self, target))
+        with pytest.raises(RuntimeError):
+            new.save(tmp_path / "m")
+    loaded = CIRModel.load(tmp_path / "m")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in combiner_state(new).items())
+    assert not (tmp_path / "m" / ".weights.pt.tmp").exists()  # the interrupted rename was completed
+
+    torch.save(combiner_state(old), tmp_path / "m" / "weights.pt")  # a pair mixed up by hand
+    with pytest.raises(ModelError, match="does not match .*model.json"):
+        CIRModel.load(tmp_path / "m")

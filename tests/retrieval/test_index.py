@@ -1,21 +1,32 @@
 """The catalog index: build/save/load, fingerprint checks, incremental add, FAISS factories,
-atomic saves and composed search."""
+atomic saves and composed search; file modes, corrupt and hostile index folders (one line naming
+the file), paths confined to the catalog root, and concurrent adds that take turns."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import shutil
+import stat
+import threading
+from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
+from fashion_cir.cli import app
 from fashion_cir.data.metadata import read_metadata
 from fashion_cir.errors import DataError, ModelError
 from fashion_cir.models.cir import CIRModel, load_model
 from fashion_cir.retrieval import CatalogIndex, add_to_index, build_index, load_catalog, search
 from support.serving import synthetic_catalog
+
+runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
@@ -246,3 +257,158 @@ def test_manifest_and_data_fields_are_checked_on_open(tmp_path, flat_index):
     with pytest.raises(DataError, match=r"share no folder below the filesystem root \(/a and /b\)"):
         catalog_root(["/a/x.jpg", "/b/y.jpg"])
     assert catalog_root(["/a/b/x.jpg", "/a/c/y.jpg"]) == "/a"
+
+
+# -- file modes, corrupt and hostile index folders, concurrent adds (issue 12) --
+def test_index_files_are_readable_by_others_under_a_022_umask(tmp_path, tiny_model, drawings):
+    old = os.umask(0o022)
+    try:
+        index = build_index(tmp_path / "index", tiny_model, dict(list(drawings[0].items())[:4]), progress=False)
+    finally:
+        os.umask(old)
+    files = [index.folder / "index.json", *(index.folder / index.config["data"]).iterdir()]
+    assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o644}
+
+
+@pytest.fixture(scope="module")
+def small_index(tmp_path_factory, tiny_model, drawings):
+    return build_index(tmp_path_factory.mktemp("small") / "index", tiny_model,
+                       dict(list(drawings[0].items())[:8]), drawings[1], progress=False).folder
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / "index.json").read_text())
+
+
+def _set_manifest(folder: Path, **changes) -> None:
+    manifest = _manifest(folder)
+    for key, value in changes.items():
+        if value is KeyError:
+            manifest.pop(key)
+        else:
+            manifest[key] = value
+    (folder / "index.json").write_text(json.dumps(manifest))
+
+
+def _data(folder: Path) -> Path:
+    return folder / _manifest(folder)["data"]
+
+
+CORRUPTIONS = {
+    "truncated features.npy": (lambda f: (_data(f) / "features.npy").write_bytes((_data(f) / "features.npy").read_bytes()[:150]), "features.npy"),
+    "empty features.npy": (lambda f: (_data(f) / "features.npy").write_bytes(b""), "features.npy"),
+    "features.npy of the wrong dimension": (lambda f: np.save(_data(f) / "features.npy", np.zeros((8, 33), np.float32)), "features.npy"),
+    "features.npy of the wrong length": (lambda f: np.save(_data(f) / "features.npy", np.zeros((7, 32), np.float32)), "features.npy"),
+    "manifest without count": (lambda f: _set_manifest(f, count=KeyError), "index.json"),
+    "manifest without nprobe": (lambda f: _set_manifest(f, nprobe=KeyError), "index.json"),
+    "manifest with feature_dim wrong": (lambda f: _set_manifest(f, feature_dim=64, blocks={"image": 64}), "features.npy"),
+    "manifest whose blocks disagree with feature_dim": (lambda f: _set_manifest(f, feature_dim=64), "index.json"),
+    "manifest with a block of no width": (lambda f: _set_manifest(f, blocks={"image": 32, "description": 0}), "index.json"),
+    "manifest with blocks as a list": (lambda f: _set_manifest(f, blocks=[32]), "index.json"),
+    "data: null": (lambda f: _set_manifest(f, data=None), "index.json"),
+    "manifest as a list": (lambda f: (f / "index.json").write_text("[]"), "index.json"),
+    "paths.json as a list": (lambda f: (_data(f) / "paths.json").write_text("[]"), "paths.json"),
+    "ids.json as an object": (lambda f: (_data(f) / "ids.json").write_text("{}"), "ids.json"),
+    "ids.json with a duplicate": (lambda f: (_data(f) / "ids.json").write_text(json.dumps(["item-000"] * 8)), "ids.json"),
+    "metadata.json as a list": (lambda f: (_data(f) / "metadata.json").write_text("[]"), "metadata.json"),
+    "garbage faiss.index": (lambda f: (_data(f) / "faiss.index").write_bytes(b"junk"), "faiss.index"),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_corrupt_index_folders_are_one_line_naming_the_file(small_index, tmp_path, tiny_model, case):
+    """Issue 12 item 5: these escaped as raw ValueError/EOFError/KeyError/TypeError, or loaded and then every
+    search failed."""
+    corrupt, file_name = CORRUPTIONS[case]
+    folder = tmp_path / "index"
+    shutil.copytree(small_index, folder)
+    corrupt(folder)
+    with pytest.raises(DataError) as error:
+        CatalogIndex.load(folder, tiny_model)
+    message = str(error.value)
+    assert file_name in message and "\n" not in message, message
+
+
+def test_a_corrupt_index_is_exit_2_on_the_command_line(small_index, tmp_path):
+    folder = tmp_path / "index"
+    shutil.copytree(small_index, folder)
+    (_data(folder) / "features.npy").write_bytes(b"")
+    result = runner.invoke(app, ["search", "--index", str(folder), "--id", "item-001", "--text", "is red", "--backbone", "tiny"])
+    assert result.exit_code == 2, result.output
+    assert "corrupt feature file" in result.output and "features.npy" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("entry", ["/etc/passwd", "../../../../../../etc/passwd", "sub/../../outside.jpg"])
+def test_image_paths_outside_the_catalog_root_are_refused(small_index, tmp_path, tiny_model, entry):
+    """Issue 12 item 7: /images served whatever paths.json named (/etc/passwd)."""
+    folder = tmp_path / "index"
+    shutil.copytree(small_index, folder)
+    paths = json.loads((_data(folder) / "paths.json").read_text())
+    assert not any(os.path.isabs(p) for p in paths.values())  # stored relative to the recorded root
+    paths["item-003"] = entry
+    (_data(folder) / "paths.json").write_text(json.dumps(paths))
+    with pytest.raises(DataError, match=r"paths\.json: the path of 'item-003' .* is not inside the catalog root"):
+        CatalogIndex.load(folder, tiny_model)
+
+
+@pytest.mark.parametrize("data", ["../elsewhere", "/tmp", "data-000001/../../x", "."])
+def test_the_manifest_data_folder_stays_inside_the_index(small_index, tmp_path, tiny_model, data):
+    folder = tmp_path / "index"
+    shutil.copytree(small_index, folder)
+    _set_manifest(folder, data=data)
+    with pytest.raises(DataError, match="field 'data' must name a data-NNNNNN folder"):
+        CatalogIndex.load(folder, tiny_model)
+
+
+def test_an_index_without_a_catalog_root_asks_for_a_rebuild(small_index, tmp_path, tiny_model):
+    folder = tmp_path / "index"
+    shutil.copytree(small_index, folder)
+    _set_manifest(folder, root=KeyError)
+    with pytest.raises(DataError, match="field 'root'.*older fashion-cir, rebuild it"):
+        CatalogIndex.load(folder, tiny_model)
+
+
+def test_adding_images_from_another_folder_widens_the_recorded_root(tmp_path, tiny_model, make_jpeg):
+    first = {f"a{i}": make_jpeg(tmp_path / "shop" / "summer" / f"a{i}.jpg", seed=i) for i in range(3)}
+    second = {f"b{i}": make_jpeg(tmp_path / "shop" / "winter" / f"b{i}.jpg", seed=10 + i) for i in range(2)}
+    build_index(tmp_path / "index", tiny_model, first, progress=False)
+    assert _manifest(tmp_path / "index")["root"] == str((tmp_path / "shop" / "summer").resolve())
+    index = add_to_index(tmp_path / "index", tiny_model, second, progress=False)
+    assert index.config["root"] == str((tmp_path / "shop").resolve())
+    loaded = CatalogIndex.load(tmp_path / "index", tiny_model)
+    assert loaded.paths == {i: p.resolve() for i, p in {**first, **second}.items()}
+
+
+def test_concurrent_index_adds_take_turns_and_lose_nothing(tmp_path, drawings):
+    """Issue 12 item 12: two concurrent ``index add`` runs loaded the same index and the last save won (or
+    picked the same data-N). Both adds are made to encode at the same moment unless one waits."""
+    items = list(drawings[0].items())
+    base, batch_a, batch_b = dict(items[:10]), dict(items[10:20]), dict(items[20:30])
+    model = load_model(backbone="tiny")
+    build_index(tmp_path / "index", model, base, progress=False)
+    together = threading.Barrier(2, timeout=3)
+    encode = model.backbone.encode_image_trunk
+
+    def meeting(pixels):
+        with contextlib.suppress(threading.BrokenBarrierError):  # the other add waits for the lock: it never comes
+            together.wait()
+        return encode(pixels)
+
+    model.backbone.encode_image_trunk = meeting
+    errors: list[BaseException] = []
+
+    def add(batch):
+        try:
+            add_to_index(tmp_path / "index", model, batch, progress=False)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=add, args=(batch,)) for batch in (batch_a, batch_b)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors
+    loaded = CatalogIndex.load(tmp_path / "index", model)
+    assert sorted(loaded.ids) == sorted(items_id for items_id, _ in items) and len(set(loaded.ids)) == 30
+    assert [p.name for p in (tmp_path / "index").glob("data-*")] == [loaded.config["data"]]

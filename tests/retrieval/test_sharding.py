@@ -104,13 +104,13 @@ def test_requests_spread_over_two_servers_and_avoid_a_dead_one(images, servers, 
     assert requests_in(first_log) >= 10 and requests_in(second_log) >= 10
     assert requests_in(first_log) + requests_in(second_log) == 30
 
-    with socket.socket() as sock:  # a port nobody listens on
+    with socket.socket() as sock:  # bound and never listening: refused, and no other test worker can take the port
         sock.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    captioner = build_captioner("openai", model="fake-vlm", base_url=[dead, second], api_key_env="FCIR_TEST_KEY",
-                                concurrency=4, timeout_s=5.0, max_retries=2, backoff_s=0.5)
-    before = requests_in(second_log)
-    result = run_captioning(images, captioner, tmp_path / "cache-2", progress=False)
+        captioner = build_captioner("openai", model="fake-vlm", base_url=[dead, second], api_key_env="FCIR_TEST_KEY",
+                                    concurrency=4, timeout_s=5.0, max_retries=2, backoff_s=0.5)
+        before = requests_in(second_log)
+        result = run_captioning(images, captioner, tmp_path / "cache-2", progress=False)
     assert len(result) == 30 and requests_in(second_log) - before == 30
     sent_to_dead = captioner.endpoints.sent[0]
     assert 1 <= sent_to_dead <= 8, sent_to_dead  # it backs off, exponentially, while the live one works

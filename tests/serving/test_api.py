@@ -1,12 +1,24 @@
 """The search API against a real uvicorn server on 127.0.0.1: success paths and bad inputs, each
-answered with a clear JSON ``{"detail": ...}`` and the right 4xx status."""
+answered with a clear JSON ``{"detail": ...}`` and the right 4xx status. Hardening on a small
+catalog of drawings: decoder allow-list, an upload pixel limit sized to the model, a bounded
+decode+encode pool (503 + Retry-After), logged JSON 500s that close the connection, /images
+confined to the catalog root, security headers, one index version per search and the last good
+one when a new manifest is bad, ids and filters that are never expression text (FAISS and Milvus)."""
 
 from __future__ import annotations
 
 import io
+import json
+import logging
+import os
+import shutil
+import socket
 import struct
+import threading
 import time
 import zlib
+from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import numpy as np
@@ -14,10 +26,11 @@ import pytest
 import torch
 from PIL import Image
 
-from fashion_cir.models.cir import CIRModel
-from fashion_cir.retrieval import build_index
+from fashion_cir.models.cir import CIRModel, load_model
+from fashion_cir.retrieval import build_index, remove_from_index
 from fashion_cir.serving.app import create_app
-from support.serving import demo_catalog, running_server
+from support.images import encoded
+from support.serving import demo_catalog, running_server, synthetic_catalog
 
 
 @pytest.fixture(scope="module")
@@ -283,3 +296,365 @@ def test_bad_browse_parameters(client):
     assert_error(client.get("/items", params={"n": 0}), 422, "n")
     assert_error(client.get("/items", params={"n": 1000}), 422, "n")
     assert_error(client.get("/nowhere"), 404)
+
+
+# -- hardening (issues 12 and 22) on a small catalog of drawings --
+@pytest.fixture(scope="module")
+def drawings_index(tmp_path_factory, tiny_model):
+    paths, metadata = synthetic_catalog(tmp_path_factory.mktemp("catalog") / "images", 12)
+    return build_index(tmp_path_factory.mktemp("api") / "index", tiny_model, paths, metadata, progress=False).folder
+
+
+@pytest.fixture()
+def served(drawings_index):
+    """A fresh tiny model (tests patch it) served with one upload worker and no queue."""
+    model = load_model(backbone="tiny")
+    app = create_app(drawings_index, model, upload_workers=1, upload_queue=0)
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        yield client, model, app
+
+
+def upload(client: httpx.Client, data: bytes, name: str = "photo.jpg", mime: str = "image/jpeg") -> httpx.Response:
+    return client.post("/search", data={"text": "is red"}, files={"image": (name, data, mime)})
+
+
+def test_other_formats_are_415(served):
+    """Issue 12 item 1: TIFF, BMP and EPS uploads were decoded (EPS by running Ghostscript)."""
+    client, _, _ = served
+    for fmt in ("TIFF", "BMP", "EPS"):
+        response = upload(client, encoded(Image.new("RGB", (64, 64), (9, 9, 200)), fmt), f"a.{fmt.lower()}")
+        assert response.status_code == 415, (fmt, response.text)
+        assert "JPEG, PNG or WebP" in response.json()["detail"]
+
+
+def test_the_pixel_limit_is_sized_to_the_model_and_jpegs_decode_reduced(served):
+    """Issue 12 item 2: the limit was 40 megapixels whatever the model (a 35 KB PNG decoded to ~265 MB)."""
+    client, _, _ = served
+    limit = client.get("/health").json()["limits"]["max_pixels"]
+    assert limit == (64 * 16) ** 2  # the tiny model's 64 px input, 16x on each side
+    png = encoded(Image.new("RGB", (1100, 1000), (200, 30, 30)), "PNG")
+    response = upload(client, png, "big.png", "image/png")
+    assert response.status_code == 413 and "1100x1000" in response.json()["detail"]
+    photo = encoded(Image.new("RGB", (3000, 2000), (200, 30, 30)), "JPEG")  # 6 MP, decoded at 1/8 scale
+    response = upload(client, photo)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["results"]) == 10
+
+
+def test_uploads_beyond_the_pool_get_503_with_retry_after(served):
+    """Issue 12 item 2: nothing bounded how many uploads decode and encode at once."""
+    client, model, _ = served
+    inside, release = threading.Event(), threading.Event()
+    encode = model.backbone.encode_images
+
+    def slow(pixels):
+        inside.set()
+        release.wait(60)
+        return encode(pixels)
+
+    model.backbone.encode_images = slow
+    photo = encoded(Image.new("RGB", (80, 100), (200, 30, 30)), "JPEG")
+    first: list[httpx.Response] = []
+    worker = threading.Thread(target=lambda: first.append(upload(client, photo)))
+    worker.start()
+    try:
+        assert inside.wait(60)
+        busy = upload(client, photo)
+        by_id = client.post("/search", data={"text": "is red", "id": "item-001"})  # id searches are not queued
+    finally:
+        release.set()
+        worker.join(60)
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+    assert busy.headers["content-type"].startswith("application/json") and "retry" in busy.json()["detail"]
+    assert by_id.status_code == 200 and first[0].status_code == 200
+
+
+def test_unexpected_errors_are_logged_json_500s(served, caplog):
+    """Issue 12 item 6: 500s were text/plain and no handler logged them."""
+    client, model, _ = served
+
+    def broken(texts, *args, **options):
+        raise RuntimeError("tokenizer exploded")
+
+    model.backbone.embed_texts = broken
+    with caplog.at_level(logging.ERROR, logger="fashion_cir.serving.app"):
+        response = client.post("/search", data={"text": "is red", "id": "item-001"})
+    assert response.status_code == 500
+    assert response.headers["content-type"].startswith("application/json")
+    assert "internal error (RuntimeError)" in response.json()["detail"]
+    assert "tokenizer exploded" not in response.text  # details stay in the log
+    records = [r for r in caplog.records if r.name == "fashion_cir.serving.app"]
+    assert records and records[0].exc_info and "POST /search" in records[0].getMessage()
+
+
+def test_images_are_served_only_from_inside_the_catalog(served, tmp_path):
+    """Issue 12 item 7: /images served whatever path the index held, /etc/passwd included."""
+    client, _, app = served
+    assert client.get("/images/item-002").status_code == 200
+    index = app.state.index
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes(b"\xff\xd8 not in the catalog")
+    for path in (Path("/etc/passwd"), outside, Path(index.config["root"]) / ".." / "x.jpg"):
+        index.paths["item-002"] = path
+        response = client.get("/images/item-002")
+        assert response.status_code == 404 and "inside the catalog" in response.json()["detail"], path
+
+
+def png_of(width: int, height: int) -> bytes:
+    return encoded(Image.new("RGB", (width, height), (200, 30, 30)), "PNG")
+
+
+def test_thin_uploads_are_422_before_any_resize(served):
+    """Issue 22 item 1: a 100000x1 PNG passed the pixel limit; the model's resize of its short side
+    took seconds and gigabytes per request (1048576x1, inside the limit, would need ~20 GB)."""
+    client, _, _ = served
+    for width, height in ((20_000, 1), (1, 100_000), (1_048_576, 1), (513, 64)):
+        response = upload(client, png_of(width, height), "thin.png", "image/png")
+        assert response.status_code == 422, (width, height, response.text)
+        assert response.json()["detail"] == (f"uploaded image: image is {width}x{height} pixels, more elongated than "
+                                             "8:1 (long side over short side); crop it")
+    assert upload(client, png_of(512, 64), "wide.png", "image/png").status_code == 200
+
+
+def raw_exchange(base_url: str, request: bytes) -> bytes:
+    """Send one raw HTTP/1.1 request on a new connection and read until the server closes it."""
+    host, port = base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(request)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+def test_a_500_says_connection_close_and_the_client_carries_on(served, caplog):
+    """Issue 22 item 4: after a 500 the server reset the keep-alive connection without
+    ``Connection: close``, so the client's next request on it failed."""
+    client, model, _ = served
+
+    def broken(texts, *args, **options):
+        raise RuntimeError("tokenizer exploded")
+
+    embed = model.backbone.embed_texts
+    model.backbone.embed_texts = broken
+    body = b"text=is+red&id=item-001"
+    request = (b"POST /search HTTP/1.1\r\nHost: test\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    with caplog.at_level(logging.ERROR):
+        answer = raw_exchange(str(client.base_url), request)
+        assert client.post("/search", data={"text": "is red", "id": "item-001"}).status_code == 500
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 500") and b"connection: close" in head.lower(), head
+    assert json.loads(payload)["detail"] == "internal error (RuntimeError); the server log has the details"
+    model.backbone.embed_texts = embed
+    assert client.get("/health").status_code == 200  # the same client, on a new connection
+    assert client.post("/search", data={"text": "is red", "id": "item-001"}).status_code == 200
+    logged = [r for r in caplog.records if r.exc_info]
+    assert [r.name for r in logged] == ["fashion_cir.serving.app"] * 2  # ours, once per request; none from uvicorn
+
+
+def test_security_headers_on_every_answer(served):
+    """Issue 22 item 10: no X-Content-Type-Options, X-Frame-Options/frame-ancestors or CSP on the page."""
+    client, _, _ = served
+    answers = [client.get("/"), client.get("/static/app.js"), client.get("/health"), client.get("/items/nope"),
+               client.get("/images/item-002"), upload(client, b"not an image"), client.get("/docs")]
+    assert [a.status_code for a in answers] == [200, 200, 200, 404, 200, 415, 200]
+    for answer in answers:
+        assert answer.headers["x-content-type-options"] == "nosniff", answer.url
+        assert answer.headers["x-frame-options"] == "DENY", answer.url
+        assert "frame-ancestors 'none'" in answer.headers["content-security-policy"], answer.url
+    policy = answers[0].headers["content-security-policy"]
+    assert "default-src 'self'" in policy and "img-src 'self' blob: data:" in policy and "object-src 'none'" in policy
+    assert answers[-1].headers["content-security-policy"] == "frame-ancestors 'none'"  # Swagger UI loads from a CDN
+
+
+def test_a_search_answers_from_one_index_version(tmp_path, tiny_model):
+    """Issue 22 item 7: during `index remove`, a response had 9 removed items with metadata {}
+    (results from the old index, metadata from the new one)."""
+    paths, metadata = synthetic_catalog(tmp_path / "images", 12)
+    folder = build_index(tmp_path / "index", tiny_model, paths, metadata, progress=False).folder
+    model = load_model(backbone="tiny")
+    embed, removed = model.backbone.embed_texts, []
+
+    def remove_midway(texts, *args, **options):  # the catalog changes while the search runs
+        if not removed:
+            removed.extend(remove_from_index(folder, list(paths)[:9])[1])
+        return embed(texts, *args, **options)
+
+    model.backbone.embed_texts = remove_midway
+    with running_server(create_app(folder, model)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        body = client.post("/search", data={"id": "item-011", "text": "is red", "k": 12}).json()
+        assert len(removed) == 9 and len(body["results"]) == 11  # the version the search started on
+        assert [r["metadata"] for r in body["results"]] == [metadata[r["id"]] for r in body["results"]]
+        assert body["reference"]["metadata"] == metadata["item-011"]
+        assert client.get("/health").json()["items"] == 3  # the next request sees the new version
+
+
+@pytest.fixture(scope="module")
+def milvus_served(tmp_path_factory, tiny_model):
+    """40 drawings (4 red ones) in a milvus-lite index, served."""
+    root = tmp_path_factory.mktemp("milvus")
+    paths, metadata = synthetic_catalog(root / "images", 40)
+    store = f"milvus:{root / 'm.db'}"
+    folder = build_index(root / "index", tiny_model, paths, metadata, store=store, progress=False).folder
+    app = create_app(folder, tiny_model)
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        yield client, app, metadata
+
+
+def test_browsing_a_milvus_catalog_reads_it_once(milvus_served):
+    """Issue 22 item 5: GET /items?q=red made one Milvus query per item (0.8 s against 0.03 s on
+    FAISS at 304 items), and the page asks on every keystroke."""
+    client, app, metadata = milvus_served
+    milvus, calls = app.state.index.current().client, []
+
+    def counted(name: str):
+        method = getattr(milvus, name)
+        return lambda *args, **options: calls.append(name) or method(*args, **options)
+
+    for name in ("query", "query_iterator", "get", "search"):
+        setattr(milvus, name, counted(name))
+    try:
+        red = client.get("/items", params={"q": "RED", "n": 200}).json()
+        sample = client.get("/items", params={"n": 5, "seed": 2}).json()
+    finally:
+        for name in ("query", "query_iterator", "get", "search"):
+            delattr(milvus, name)
+    assert calls == ["query_iterator", "query_iterator"]  # one scan per request, whatever the catalog size
+    assert red["total"] == 40 and red["matched"] == 4
+    assert sorted((i["id"], i["metadata"]["color"]) for i in red["items"]) == sorted(
+        (i, "red") for i, m in metadata.items() if m["color"] == "red")
+    assert len(sample["items"]) == 5 and all(i["metadata"] == metadata[i["id"]] for i in sample["items"])
+
+
+INJECTED_IDS = ["x'] or id not in ['", "x'] or path like '/%' and id not in ['", "x'", 'x"', "item-001' or 'a'=='a"]
+
+
+@pytest.mark.parametrize("store", ["faiss", "milvus"])
+def test_ids_from_the_api_are_never_expression_text(store, request):
+    """Issue 22 item 2: GET /items/x'%5D%20or%20id%20not%20in%20%5B' returned another item and its
+    photo, path probes answered 200 vs 404, and x' or x\\ were 500s."""
+    client = request.getfixturevalue("milvus_served" if store == "milvus" else "served")[0]
+    for item_id in INJECTED_IDS:
+        quoted = quote(item_id, safe="")
+        for response in (client.get(f"/items/{quoted}"), client.get(f"/images/{quoted}"),
+                         client.post("/search", data={"id": item_id, "text": "is red"})):
+            assert response.status_code == 404, (item_id, response.text)
+            assert response.json()["detail"].startswith(f"unknown item id {item_id!r}")  # '/' adds the reason
+    for item_id, problem in (("x\\", "an id is a file name without folders"),
+                             ("a\x08b", "an id has no control characters")):
+        response = client.get(f"/items/{quote(item_id, safe='')}")
+        assert response.status_code == 404 and response.json()["detail"] == f"unknown item id {item_id!r} ({problem})"
+    assert client.get("/items/item-001").status_code == 200
+
+
+def test_same_type_and_an_explicit_category_are_refused_together(served):
+    """Issue 22 item 8: same_type=true silently replaced an explicit category (asked dress, got
+    {"category": ["shirt"]})."""
+    client, _, _ = served
+    form = {"id": "item-001", "text": "is red", "k": "12"}
+    response = client.post("/search", data={**form, "same_type": "true", "category": ["dress", "pants"]})
+    assert response.status_code == 422
+    assert response.json()["detail"] == ("same type as the reference cannot be combined with category "
+                                         "['dress', 'pants']: it keeps only the reference's own category; "
+                                         "choose one of the two")
+    for extra, category in (({"same_type": "true"}, "t-shirt"), ({"category": "dress"}, "dress")):
+        body = client.post("/search", data={**form, **extra}).json()
+        assert body["filters"] == {"category": [category]}
+        assert {r["metadata"]["category"] for r in body["results"]} == {category}
+
+
+def swap_manifest(folder: Path, text: str) -> None:
+    """Replace index.json the way a writer does (a new file renamed over it)."""
+    (folder / "index.json.new").write_text(text)
+    os.replace(folder / "index.json.new", folder / "index.json")
+
+
+def test_a_bad_new_manifest_leaves_the_last_good_index_serving(tmp_path, tiny_model, caplog):
+    """Issue 22 item 6: a broken index.json swapped into a served folder made every endpoint,
+    /health included, answer 400 with server paths in the message (deeply nested JSON: 500)."""
+    paths, metadata = synthetic_catalog(tmp_path / "images", 12)
+    folder = build_index(tmp_path / "index", tiny_model, paths, metadata, progress=False).folder
+    good = (folder / "index.json").read_text()
+    broken = {"not JSON": "{", "nested": "[" * 100_000 + "]" * 100_000,
+              "bad field": good.replace('"nprobe": 16', '"nprobe": -1'),
+              "another store": good.replace('"faiss"', '"pinecone"')}
+    reasons = {"not JSON": "malformed index manifest <index>/index.json: Expecting property name enclosed in double",
+               "nested": "malformed index manifest <index>/index.json: nested too deeply",
+               "bad field": "count, feature_dim, nprobe and ef_search must be positive",
+               "another store": "unknown store kind 'pinecone'"}
+    with running_server(create_app(folder, tiny_model)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        assert client.get("/health").json()["status"] == "ok"
+        for name, text in broken.items():
+            swap_manifest(folder, text)
+            caplog.clear()
+            with caplog.at_level(logging.ERROR, logger="fashion_cir.retrieval.store"):
+                health = [client.get("/health") for _ in range(3)]
+                search = client.post("/search", data={"id": "item-001", "text": "is red", "k": 12})
+                answers = [client.get("/items"), client.get("/items/item-002"), client.get("/images/item-002")]
+            assert [r.status_code for r in health + [search] + answers] == [200] * 7, name
+            body = health[0].json()
+            assert body["status"] == "degraded" and body["items"] == 12, name
+            prefix = "the index changed but cannot be opened, the previous version is served: "
+            assert body["problem"].startswith(prefix)
+            assert reasons[name] in body["problem"] and str(tmp_path) not in body["problem"], body["problem"]
+            assert "\n" not in body["problem"] and len(search.json()["results"]) == 11
+            assert len(caplog.records) == 1  # logged once per change, not per request
+        swap_manifest(folder, good)
+        health = client.get("/health").json()
+        assert health["status"] == "ok" and "problem" not in health
+
+
+def test_a_tampered_root_cannot_widen_what_images_serves(tmp_path, tiny_model):
+    """Issue 22 item 9: root "/" in index.json plus a tampered paths.json let /images serve any
+    .jpg/.png/.webp on disk."""
+    paths, metadata = synthetic_catalog(tmp_path / "catalog" / "images", 12)
+    folder = build_index(tmp_path / "index", tiny_model, paths, metadata, progress=False).folder
+    secret = tmp_path / "elsewhere" / "secret.jpg"
+    secret.parent.mkdir()
+    secret.write_bytes(encoded(Image.new("RGB", (20, 20), (1, 2, 3)), "JPEG"))
+    manifest = json.loads((folder / "index.json").read_text())
+    tampered = folder / "data-999999"
+    shutil.copytree(folder / manifest["data"], tampered)
+    relative = {i: os.path.relpath(p, "/") for i, p in paths.items()} | {"item-002": os.path.relpath(secret, "/")}
+    (tampered / "paths.json").write_text(json.dumps(relative))
+    with running_server(create_app(folder, tiny_model)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        swap_manifest(folder, json.dumps({**manifest, "root": "/", "data": tampered.name}))
+        image = client.get("/images/item-002")
+        assert image.status_code == 200 and image.content == paths["item-002"].read_bytes()  # the last good index
+        health = client.get("/health").json()
+        assert health["status"] == "degraded" and "field 'root' must be the absolute folder" in health["problem"]
+
+
+def test_a_repeated_search_field_is_refused(served):
+    """Issue 22 item 10: a repeated id field silently took the last one."""
+    client, _, _ = served
+    photo = encoded(Image.new("RGB", (80, 100), (200, 30, 30)), "JPEG")
+    for form, files, name, times in [({"id": ["item-001", "item-002"], "text": "is red"}, None, "id", 2),
+                                     ({"id": "item-001", "text": ["is red", "is blue", "x"]}, None, "text", 3),
+                                     ({"id": "item-001", "text": "x", "k": ["5", "6"]}, None, "k", 2),
+                                     ({"text": "x"}, [("image", ("a.jpg", photo, "image/jpeg"))] * 2, "image", 2)]:
+        response = client.post("/search", data=form, files=files)
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"] == f"field {name!r} is given {times} times; give it once"
+    both = client.post("/search", data={"id": "item-001", "text": "x", "category": ["dress", "hat"]})
+    assert both.status_code == 200 and both.json()["filters"] == {"category": ["dress", "hat"]}  # repeatable
+
+
+@pytest.mark.parametrize("store", ["faiss", "milvus"])
+def test_filters_that_crashed_are_422(store, request, caplog):
+    """Issue 22 item 3: `size == 042` and ~330 nested parentheses (500s, the latter with ~3,000 log
+    lines), control characters and >~200 nested `not` on Milvus (500s)."""
+    client = request.getfixturevalue("milvus_served" if store == "milvus" else "served")[0]
+    cases = [("color == 042", "bad number '042'"), ("color in [00]", "bad number '00'"),
+             ("(" * 330 + 'color == "red"' + ")" * 330, "nested more than 32 levels deep"),
+             ("not " * 250 + 'color == "red"', "nested more than 32 levels deep"),
+             ('color == "re\bd"', "control character U+0008"), ('color == "re\fd"', "control character U+000C"),
+             ('color == "re\0d"', "control character U+0000")]
+    with caplog.at_level(logging.ERROR):
+        for text, message in cases:
+            response = client.post("/search", data={"id": "item-001", "text": "is red", "filter": text})
+            assert response.status_code == 422 and message in response.json()["detail"], (text, response.text)
+    assert not caplog.records
+    deepest = "not (" * 16 + 'color == "red"' + ")" * 16  # 32 levels: allowed, and run by the store
+    assert client.post("/search", data={"id": "item-001", "text": "is red", "filter": deepest}).status_code == 200

@@ -73,10 +73,10 @@ def running_server(app) -> Iterator[str]:
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 120  # generous: a busy machine, two test workers
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
+            raise RuntimeError("uvicorn did not start" + ("" if thread.is_alive() else " (its thread ended)"))
         time.sleep(0.02)
     try:
         yield f"http://127.0.0.1:{port}"

@@ -189,7 +189,7 @@ def _decode_upload(raw: bytes, max_pixels: int, target_size: int) -> Image.Image
 def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = None, *,
                max_upload_bytes: int = 10 * MB, max_pixels: int | None = None, max_k: int = 100,
                max_text_chars: int = 300, exclude_reference: bool = True, upload_workers: int = 2,
-               upload_queue: int = 16, search_timeout_s: float = 15.0) -> FastAPI:
+               upload_queue: int = 16, search_timeout_s: float = 15.0, sample_seed: int | None = None) -> FastAPI:
     """The app for ``index_folder``. ``model``: a CIRModel, a model folder, a backbone spec, or
     None for the zero-shot backbone the index records; its image fingerprint must match the index.
     ``exclude_reference`` leaves a catalog reference out of its own results (the UI default).
@@ -197,7 +197,9 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
     ``max_pixels`` (default: 16x the model's input on each side) bounds the pixels an upload
     decodes to; ``upload_workers`` uploads decode and encode at once, ``upload_queue`` more wait
     (holding only their raw bytes), and further uploads get 503 + Retry-After.
-    ``search_timeout_s`` is how long the page waits for a search before offering a retry."""
+    ``search_timeout_s`` is how long the page waits for a search before offering a retry.
+    ``sample_seed`` fixes the page's catalog sample (a ``?seed=N`` in the page's address wins;
+    None: a random sample on each visit)."""
     cir = index_model(index_folder, model)
     index = LiveIndex(index_folder, cir)
     input_size = cir.backbone.image_size
@@ -266,7 +268,7 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
                 "fingerprint": current.fingerprint, "store": current.store_kind, "factory": current.config["factory"],
                 "filter_fields": current.fields,
                 "query_mode": cir.query_mode, "attribute_heads": cir.attribute_heads is not None,
-                "page": {"search_timeout_ms": int(search_timeout_s * 1000)},
+                "page": {"search_timeout_ms": int(search_timeout_s * 1000), "sample_seed": sample_seed},
                 "limits": {"max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels,
                            "max_k": max_k, "max_text_chars": max_text_chars}}
 

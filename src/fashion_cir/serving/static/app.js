@@ -19,7 +19,8 @@ const state = {
   lastRequest: null,
   uploads: new Map(), // key -> {file, url, name}
   timeoutMs: 15000,
-  seed: Math.floor(Math.random() * 1e6),
+  seed: 0, // the catalog sample's seed (Shuffle adds one); chosen in init
+  linkSeed: null, // a ?seed=N the page was opened with: kept in the address as the page changes it
 };
 
 // -- helpers -------------------------------------------------------------------------------------
@@ -116,6 +117,18 @@ function stepFromQuery(query) {
   const filters = {};
   for (const [name] of FACETS) if (query.getAll(name).length) filters[name] = query.getAll(name);
   return { ref, text: query.get("text") || "", filters, sameType: query.get("same") !== "0", similar: query.get("similar") === "1" };
+}
+
+// The catalog sample is drawn by the server from a seed: ?seed=N in the address, else the server's
+// `serve --sample-seed`, else a random one (a new sample on each visit).
+function parseSeed(text) {
+  return /^\d{1,9}$/.test(String(text ?? "")) ? Number(text) : null;
+}
+
+function pageUrl(query) {
+  if (state.linkSeed !== null) query.set("seed", String(state.linkSeed));
+  const search = query.toString();
+  return search ? `${location.pathname}?${search}` : location.pathname;
 }
 
 function sameStep(a, b) {
@@ -313,7 +326,7 @@ function startOver({ keepReference = false } = {}) {
   saveSession();
   renderHistory();
   renderActiveFilters({});
-  history.pushState(null, "", location.pathname);
+  history.pushState(null, "", pageUrl(new URLSearchParams()));
   if (!keepReference) {
     state.reference = null;
     $("reference-img").hidden = true;
@@ -428,7 +441,7 @@ async function runStep(step, { push, record, offset = 0 }) {
         state.current = state.steps.length - 1;
       }
     }
-    const url = `${location.pathname}?${stepToQuery(step)}`;
+    const url = pageUrl(stepToQuery(step));
     if (push && `${location.pathname}${location.search}` !== url) history.pushState(null, "", url);
     else history.replaceState(null, "", url);
     saveSession();
@@ -544,13 +557,17 @@ async function restoreFromUrl() {
 }
 
 async function init() {
+  state.linkSeed = parseSeed(new URLSearchParams(location.search).get("seed"));
+  let serverSeed = null;
   try {
     const health = await api("/health", {}, 15000);
     $("status").textContent = `${health.items.toLocaleString()} items`;
     if (health.page && health.page.search_timeout_ms) state.timeoutMs = health.page.search_timeout_ms;
+    if (health.page) serverSeed = parseSeed(health.page.sample_seed);
   } catch (error) {
     $("status").textContent = "search service unavailable";
   }
+  state.seed = state.linkSeed ?? serverSeed ?? Math.floor(Math.random() * 1e6);
   $("search-form").addEventListener("submit", runSearch);
   $("change-text").addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey) runSearch(event);
