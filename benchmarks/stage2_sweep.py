@@ -93,6 +93,8 @@ def main() -> None:
     lines = [f"{args.name}: fusion {weights(model)} ({args.against} {weights(stage1)})"]
     for protocol in before:
         for name, a in after[protocol][model.query_mode].items():
+            if "ranks" not in a:  # the average over the sets
+                continue
             b = before[protocol][stage1.query_mode][name]
             result.setdefault(protocol, {})[name] = {
                 "R@10": a["R@10"], "R@50": a["R@50"], args.against: {"R@10": b["R@10"], "R@50": b["R@50"]},
