@@ -394,7 +394,8 @@ def index_upsert(
     """Insert or replace catalog items (features, metadata, image path); a running service sees them.
     Unreadable images are left out and listed with their reasons."""
     from .data.triplets import read_split
-    from .retrieval.index import read_manifest, upsert_index
+    from .retrieval.index import upsert_index
+    from .retrieval.manifest import read_manifest
 
     cir = _model(model, backbone or read_manifest(index_dir)["backbone"])
     index = upsert_index(index_dir, cir, images, list(metadata) or None,
@@ -444,9 +445,9 @@ def search(
     """Composed search: a reference (image or id) plus a relative caption -> ranked ids and scores."""
     from .data.images import open_image
     from .retrieval.filters import parse_filter
-    from .retrieval.index import read_manifest
+    from .retrieval.folder import index_model, open_index
+    from .retrieval.manifest import read_manifest
     from .retrieval.query import composed_search
-    from .retrieval.store import index_model, open_index
 
     if image is not None and item_id is not None:
         raise FashionCIRError("give --image FILE or --id ID, not both")
@@ -506,7 +507,7 @@ def attributes_predict(
     from .data.images import open_image
     from .models.attributes import describe
     from .models.cir import load_model
-    from .retrieval.index import encode_reference_image
+    from .retrieval.query import encode_reference_image
 
     cir = load_model(model)
     predicted = cir.predict_attributes(encode_reference_image(cir, open_image(image)))[0]

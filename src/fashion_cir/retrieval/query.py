@@ -17,7 +17,6 @@ from PIL import Image
 from ..errors import DataError
 from ..models.cir import CIRModel
 from .filters import BoolOp, Compare, Filter, FilterError, Node
-from .index import encode_reference_image
 from .policy import ReferencePolicy, resolve_references
 from .store import CatalogStore, SearchHit
 
@@ -32,6 +31,14 @@ class SearchResult:
     filters: dict[str, list[str]] = field(default_factory=dict)
     offset: int = 0
     more: bool = False
+
+
+@torch.no_grad()
+def encode_reference_image(model: CIRModel, image: Image.Image) -> torch.Tensor:
+    """Raw image features [1, d] of an uploaded reference image."""
+    backbone = model.backbone
+    pixels = backbone.preprocess(image.convert("RGB")).unsqueeze(0).to(backbone.device)
+    return backbone.encode_images(pixels).float().cpu()
 
 
 def attribute_filter(values: Mapping[str, list[str]], base: Filter | None = None) -> Filter | None:
@@ -91,3 +98,17 @@ def composed_search(model: CIRModel, index: CatalogStore, image: Image.Image | N
     hits = index.search_vectors(query.float().cpu().numpy(), offset + k + 1, exclude, attribute_filter(wanted, filter))[0]
     return SearchResult(hits[offset:offset + k], query_text, reference.description, reference.source, attributes, wanted, offset,
                         len(hits) > offset + k)
+
+
+def search(model: CIRModel, index: CatalogStore, image: Image.Image | None = None, item_id: str | None = None,
+           text: str = "", k: int = 10, exclude_reference: bool = False,
+           filter: Filter | None = None) -> list[SearchHit]:
+    """Composed search: reference (an uploaded ``image`` or a catalog ``item_id``) + relative ``text``
+    -> the top ``k`` hits (see :func:`fashion_cir.retrieval.query.composed_search`, which also
+    pages, applies attribute filters and reports the prompt used). The text side is
+    ``model.query_text(text, the reference description)``: the catalog item's ``description``, or
+    for an upload the one its attribute heads predict. ``exclude_reference`` drops the reference
+    item from the results; ``filter`` (:func:`~fashion_cir.retrieval.filters.parse_filter`) keeps
+    only matching items."""
+    return composed_search(model, index, image, item_id, text, k, exclude_reference=exclude_reference,
+                           filter=filter).hits

@@ -35,8 +35,9 @@ from ..errors import DataError, FashionCIRError
 from ..models.cir import CIRModel
 from ..retrieval.explain import attribute_values, explain, phrase, requested_changes
 from ..retrieval.filters import FilterError, parse_filter
+from ..retrieval.folder import LiveIndex, index_model
 from ..retrieval.query import composed_search
-from ..retrieval.store import CatalogStore, LiveIndex, index_model
+from ..retrieval.store import CatalogStore
 from .limits import Busy, ConcurrencyLimit
 
 try:
