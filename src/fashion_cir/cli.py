@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from .errors import FashionCIRError
+from .errors import DEFAULT_MAX_FAILED_SHARE, FashionCIRError
 
 PLAIN_HELP = {"rich_markup_mode": None}  # click's help: wraps at 80 columns and never cuts a spec example
 app = typer.Typer(add_completion=False, no_args_is_help=True, **PLAIN_HELP,
@@ -183,7 +183,7 @@ def caption(
     concurrency: int = typer.Option(4, help="openai: parallel requests."),
     timeout: float = typer.Option(60.0, help="openai: seconds per request."),
     max_attempts: int = typer.Option(3, help="Attempts per image before recording a failure."),
-    max_failed_share: float = typer.Option(0.2, help="Exit with an error when more than this share of the images fail."),
+    max_failed_share: float = typer.Option(DEFAULT_MAX_FAILED_SHARE, help="Exit with an error when more than this share of the images fail."),
 ):
     """Describe catalog images with a multimodal LLM: attributes + a short description per image.
     Every failed image is listed with its reason; the run exits 2 when all of them, or more than
@@ -339,7 +339,7 @@ def index_build(
     batch_size: int = typer.Option(64, help="Images per encoding batch."),
     workers: int = typer.Option(0, help="Image decoding worker processes."),
     overwrite: bool = typer.Option(False, help="Replace an existing index."),
-    max_failed_share: float = typer.Option(0.2, help="Fail (write nothing) when more than this share of the images cannot be read."),
+    max_failed_share: float = typer.Option(DEFAULT_MAX_FAILED_SHARE, help="Fail (write nothing) when more than this share of the images cannot be read."),
 ):
     """Encode a catalog into a searchable index (resumable; saved with the model fingerprint).
     Metadata fields become filterable (`search --filter`). Unreadable images are left out and
@@ -366,7 +366,7 @@ def index_add(
     model: Path | None = typer.Option(None, help="Model folder the index was built with."),
     backbone: str | None = typer.Option(None, help="Zero-shot backbone spec the index was built with."),
     cache_dir: Path | None = typer.Option(None, help="Feature cache (default INDEX/feature-cache)."),
-    max_failed_share: float = typer.Option(0.2, help="Fail (add nothing) when more than this share of the new images cannot be read."),
+    max_failed_share: float = typer.Option(DEFAULT_MAX_FAILED_SHARE, help="Fail (add nothing) when more than this share of the new images cannot be read."),
 ):
     """Add new catalog images to an index (refuses a model that does not match it; concurrent adds
     take turns). Unreadable images are left out and listed with their reasons."""
@@ -389,7 +389,7 @@ def index_upsert(
     model: Path | None = typer.Option(None, help="Model folder the index was built with."),
     backbone: str | None = typer.Option(None, help="Zero-shot backbone spec the index was built with."),
     cache_dir: Path | None = typer.Option(None, help="Feature cache (default INDEX/feature-cache)."),
-    max_failed_share: float = typer.Option(0.2, help="Fail (change nothing) when more than this share of the images cannot be read."),
+    max_failed_share: float = typer.Option(DEFAULT_MAX_FAILED_SHARE, help="Fail (change nothing) when more than this share of the images cannot be read."),
 ):
     """Insert or replace catalog items (features, metadata, image path); a running service sees them.
     Unreadable images are left out and listed with their reasons."""

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..data.images import check_image_id
 from ..data.metadata import load_catalog
-from ..errors import DataError, check_failures
+from ..errors import DEFAULT_MAX_FAILED_SHARE, DataError, check_failures
 from ..features.cache import FeatureCache
 from ..io import environment_info, folder_lock
 from ..models.cir import CIRModel
@@ -25,8 +25,6 @@ from .manifest import FORMAT, INDEX_FILE, catalog_root, read_manifest
 from .milvus_store import MilvusIndex
 from .policy import item_parts
 from .store import CatalogStore, StoreSpec, parse_store_spec
-
-DEFAULT_MAX_FAILED_SHARE = 0.2
 
 
 def _encode(model: CIRModel, paths: dict[str, Path], cache_dir: Path, batch_size: int, num_workers: int,
