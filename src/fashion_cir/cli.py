@@ -444,22 +444,19 @@ def search(
 ):
     """Composed search: a reference (image or id) plus a relative caption -> ranked ids and scores."""
     from .data.images import open_image
-    from .retrieval.filters import parse_filter
     from .retrieval.folder import index_model, open_index
     from .retrieval.manifest import read_manifest
-    from .retrieval.query import composed_search
+    from .retrieval.query import SearchRequest
 
-    if image is not None and item_id is not None:
-        raise FashionCIRError("give --image FILE or --id ID, not both")
+    request = SearchRequest(text=text, k=k, item_id=item_id, image=image is not None, filter=filter_text,
+                            category=category, color=color, same_type=same_type)
     manifest = read_manifest(index_dir)
-    parsed = parse_filter(filter_text, manifest.get("fields")) if filter_text.strip() else None  # before loading a model
+    parsed = request.parsed_filter(manifest.get("fields"))  # before loading a model
     cir = index_model(index_dir, model or backbone)  # default: the model the index was built with
     index = open_index(index_dir, cir)
     if parsed is not None and "fields" not in manifest:  # an index from before filters: fields from its metadata
-        parsed = parse_filter(filter_text, index.fields)
-    result = composed_search(cir, index, image=open_image(image) if image else None, item_id=item_id, text=text, k=k,
-                             exclude_reference=True, filters={"category": category, "color": color}, same_type=same_type,
-                             filter=parsed)
+        parsed = request.parsed_filter(index.fields)
+    result = request.run(cir, index, open_image(image) if image else None, parsed)
     if json_out:
         typer.echo(json.dumps([{"id": h.id, "score": h.score, "metadata": h.metadata} for h in result.hits], indent=2))
         return
