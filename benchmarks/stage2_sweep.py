@@ -97,7 +97,8 @@ def main() -> None:
                 continue
             b = before[protocol][stage1.query_mode][name]
             result.setdefault(protocol, {})[name] = {
-                "R@10": a["R@10"], "R@50": a["R@50"], args.against: {"R@10": b["R@10"], "R@50": b["R@50"]},
+                "R@10": a["R@10"], "R@50": a["R@50"], "reliance": a.get("reliance"),
+                args.against: {"R@10": b["R@10"], "R@50": b["R@50"]},
                 "paired": paired(a["ranks"], b["ranks"]), "ranks": a["ranks"]}
             lines.append(f"  {protocol:8s} {name:14s} R@10 {a['R@10']:5.1f} ({args.against} {b['R@10']:5.1f}) "
                          f"R@50 {a['R@50']:5.1f} ({args.against} {b['R@50']:5.1f}) | paired " + "  ".join(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from .errors import FashionCIRError
+from .errors import DEFAULT_MAX_FAILED_SHARE, FashionCIRError
 
 PLAIN_HELP = {"rich_markup_mode": None}  # click's help: wraps at 80 columns and never cuts a spec example
 app = typer.Typer(add_completion=False, no_args_is_help=True, **PLAIN_HELP,
@@ -183,7 +183,7 @@ def caption(
     concurrency: int = typer.Option(4, help="openai: parallel requests."),
     timeout: float = typer.Option(60.0, help="openai: seconds per request."),
     max_attempts: int = typer.Option(3, help="Attempts per image before recording a failure."),
-    max_failed_share: float = typer.Option(0.2, help="Exit with an error when more than this share of the images fail."),
+    max_failed_share: float = typer.Option(DEFAULT_MAX_FAILED_SHARE, help="Exit with an error when more than this share of the images fail."),
 ):
     """Describe catalog images with a multimodal LLM: attributes + a short description per image.
     Every failed image is listed with its reason; the run exits 2 when all of them, or more than
@@ -339,7 +339,7 @@ def index_build(
     batch_size: int = typer.Option(64, help="Images per encoding batch."),
     workers: int = typer.Option(0, help="Image decoding worker processes."),
     overwrite: bool = typer.Option(False, help="Replace an existing index."),
-    max_failed_share: float = typer.Option(0.2, help="Fail (write nothing) when more than this share of the images cannot be read."),
+    max_failed_share: float = typer.Option(DEFAULT_MAX_FAILED_SHARE, help="Fail (write nothing) when more than this share of the images cannot be read."),
 ):
     """Encode a catalog into a searchable index (resumable; saved with the model fingerprint).
     Metadata fields become filterable (`search --filter`). Unreadable images are left out and
@@ -366,7 +366,7 @@ def index_add(
     model: Path | None = typer.Option(None, help="Model folder the index was built with."),
     backbone: str | None = typer.Option(None, help="Zero-shot backbone spec the index was built with."),
     cache_dir: Path | None = typer.Option(None, help="Feature cache (default INDEX/feature-cache)."),
-    max_failed_share: float = typer.Option(0.2, help="Fail (add nothing) when more than this share of the new images cannot be read."),
+    max_failed_share: float = typer.Option(DEFAULT_MAX_FAILED_SHARE, help="Fail (add nothing) when more than this share of the new images cannot be read."),
 ):
     """Add new catalog images to an index (refuses a model that does not match it; concurrent adds
     take turns). Unreadable images are left out and listed with their reasons."""
@@ -389,12 +389,13 @@ def index_upsert(
     model: Path | None = typer.Option(None, help="Model folder the index was built with."),
     backbone: str | None = typer.Option(None, help="Zero-shot backbone spec the index was built with."),
     cache_dir: Path | None = typer.Option(None, help="Feature cache (default INDEX/feature-cache)."),
-    max_failed_share: float = typer.Option(0.2, help="Fail (change nothing) when more than this share of the images cannot be read."),
+    max_failed_share: float = typer.Option(DEFAULT_MAX_FAILED_SHARE, help="Fail (change nothing) when more than this share of the images cannot be read."),
 ):
     """Insert or replace catalog items (features, metadata, image path); a running service sees them.
     Unreadable images are left out and listed with their reasons."""
     from .data.triplets import read_split
-    from .retrieval.index import read_manifest, upsert_index
+    from .retrieval.index import upsert_index
+    from .retrieval.manifest import read_manifest
 
     cir = _model(model, backbone or read_manifest(index_dir)["backbone"])
     index = upsert_index(index_dir, cir, images, list(metadata) or None,
@@ -443,22 +444,19 @@ def search(
 ):
     """Composed search: a reference (image or id) plus a relative caption -> ranked ids and scores."""
     from .data.images import open_image
-    from .retrieval.filters import parse_filter
-    from .retrieval.index import read_manifest
-    from .retrieval.query import composed_search
-    from .retrieval.store import index_model, open_index
+    from .retrieval.folder import index_model, open_index
+    from .retrieval.manifest import read_manifest
+    from .retrieval.query import SearchRequest
 
-    if image is not None and item_id is not None:
-        raise FashionCIRError("give --image FILE or --id ID, not both")
+    request = SearchRequest(text=text, k=k, item_id=item_id, image=image is not None, filter=filter_text,
+                            category=category, color=color, same_type=same_type)
     manifest = read_manifest(index_dir)
-    parsed = parse_filter(filter_text, manifest.get("fields")) if filter_text.strip() else None  # before loading a model
+    parsed = request.parsed_filter(manifest.get("fields"))  # before loading a model
     cir = index_model(index_dir, model or backbone)  # default: the model the index was built with
     index = open_index(index_dir, cir)
     if parsed is not None and "fields" not in manifest:  # an index from before filters: fields from its metadata
-        parsed = parse_filter(filter_text, index.fields)
-    result = composed_search(cir, index, image=open_image(image) if image else None, item_id=item_id, text=text, k=k,
-                             exclude_reference=True, filters={"category": category, "color": color}, same_type=same_type,
-                             filter=parsed)
+        parsed = request.parsed_filter(index.fields)
+    result = request.run(cir, index, open_image(image) if image else None, parsed)
     if json_out:
         typer.echo(json.dumps([{"id": h.id, "score": h.score, "metadata": h.metadata} for h in result.hits], indent=2))
         return
@@ -506,7 +504,7 @@ def attributes_predict(
     from .data.images import open_image
     from .models.attributes import describe
     from .models.cir import load_model
-    from .retrieval.index import encode_reference_image
+    from .retrieval.query import encode_reference_image
 
     cir = load_model(model)
     predicted = cir.predict_attributes(encode_reference_image(cir, open_image(image)))[0]

@@ -25,6 +25,9 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+DEFAULT_MAX_FAILED_SHARE = 0.2  # the share of unreadable images a caption run, an index build or add tolerates
+
+
 def check_failures(failures: Mapping[str, str], requested: int, max_share: float, what: str) -> None:
     """Raise DataError naming the first reasons when every one of ``requested`` items, or more than
     ``max_share`` of them, failed (``failures``: id -> reason)."""

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from fashion_cir.cli import app
 from fashion_cir.models.cir import CIRModel
 from fashion_cir.models.factory import create_backbone
-from fashion_cir.retrieval.store import open_index
+from fashion_cir.retrieval.folder import open_index
 
 N_TRAIN, N_VAL = 12, 12
 runner = CliRunner()

@@ -154,7 +154,7 @@ def test_evaluation_ranks_the_described_target_first(model, tmp_path):
 def test_index_search_uses_descriptions_fuses_at_query_time_and_refuses_other_items(model, tmp_path):
     """The index stores items' blocks, not a weighting: another fusion searches the same index (the
     weights live on the query side); a model that reads items otherwise is refused."""
-    from fashion_cir.retrieval.index import CatalogIndex, build_index, search
+    from fashion_cir.retrieval import CatalogIndex, build_index, search
 
     images = {i: _jpeg(tmp_path / f"{i}.jpg", c) for i, c in
               [("a", (200, 10, 10)), ("b", (10, 10, 200)), ("c", (10, 200, 10))]}

@@ -235,7 +235,7 @@ def test_manifest_and_data_fields_are_checked_on_open(tmp_path, flat_index):
     reach any image on disk), and nested JSON in index.json or metadata.json was a traceback."""
     import shutil
 
-    from fashion_cir.retrieval.index import catalog_root
+    from fashion_cir.retrieval.manifest import catalog_root
 
     folder = tmp_path / "index"
     shutil.copytree(flat_index.folder, folder)

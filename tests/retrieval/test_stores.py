@@ -12,8 +12,8 @@ import pytest
 from fashion_cir.errors import DataError, ModelError
 from fashion_cir.models.cir import load_model
 from fashion_cir.retrieval import build_index, open_index, parse_filter, remove_from_index, search, upsert_index
+from fashion_cir.retrieval.faiss_store import resolve_factory
 from fashion_cir.retrieval.filters import FilterError
-from fashion_cir.retrieval.index import resolve_factory
 from support.serving import synthetic_catalog
 
 STORES = ["faiss", "milvus"]

@@ -588,7 +588,7 @@ def test_a_bad_new_manifest_leaves_the_last_good_index_serving(tmp_path, tiny_mo
         for name, text in broken.items():
             swap_manifest(folder, text)
             caplog.clear()
-            with caplog.at_level(logging.ERROR, logger="fashion_cir.retrieval.store"):
+            with caplog.at_level(logging.ERROR, logger="fashion_cir.retrieval.folder"):
                 health = [client.get("/health") for _ in range(3)]
                 search = client.post("/search", data={"id": "item-001", "text": "is red", "k": 12})
                 answers = [client.get("/items"), client.get("/items/item-002"), client.get("/images/item-002")]

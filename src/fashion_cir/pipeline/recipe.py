@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from ..config import Config
-from ..errors import DataError, FashionCIRError
+from ..errors import DEFAULT_MAX_FAILED_SHARE, DataError, FashionCIRError
 from ..evaluation.evaluator import Selection
 from ..io import read_json
 from ..training.align import AlignConfig
@@ -60,7 +60,7 @@ class CaptionSpec(Config):
     model: str | None = None
     options: dict[str, Any] = Field(default_factory=dict, description="backend options (batch_size, base_url, ...)")
     max_attempts: int = Field(3, ge=1)
-    max_failed_share: float = Field(0.2, ge=0, le=1, description="stop when more than this share of the images fail")
+    max_failed_share: float = Field(DEFAULT_MAX_FAILED_SHARE, ge=0, le=1, description="stop when more than this share of the images fail")
 
 
 class TowerSpec(Config):

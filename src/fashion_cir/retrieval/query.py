@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..errors import DataError
 from ..models.cir import CIRModel
-from .filters import BoolOp, Compare, Filter, FilterError, Node
-from .index import encode_reference_image
+from .filters import BoolOp, Compare, Filter, FilterError, Node, parse_filter
 from .policy import ReferencePolicy, resolve_references
 from .store import CatalogStore, SearchHit
 
@@ -32,6 +32,14 @@ class SearchResult:
     filters: dict[str, list[str]] = field(default_factory=dict)
     offset: int = 0
     more: bool = False
+
+
+@torch.no_grad()
+def encode_reference_image(model: CIRModel, image: Image.Image) -> torch.Tensor:
+    """Raw image features [1, d] of an uploaded reference image."""
+    backbone = model.backbone
+    pixels = backbone.preprocess(image.convert("RGB")).unsqueeze(0).to(backbone.device)
+    return backbone.encode_images(pixels).float().cpu()
 
 
 def attribute_filter(values: Mapping[str, list[str]], base: Filter | None = None) -> Filter | None:
@@ -91,3 +99,90 @@ def composed_search(model: CIRModel, index: CatalogStore, image: Image.Image | N
     hits = index.search_vectors(query.float().cpu().numpy(), offset + k + 1, exclude, attribute_filter(wanted, filter))[0]
     return SearchResult(hits[offset:offset + k], query_text, reference.description, reference.source, attributes, wanted, offset,
                         len(hits) > offset + k)
+
+
+def search(model: CIRModel, index: CatalogStore, image: Image.Image | None = None, item_id: str | None = None,
+           text: str = "", k: int = 10, exclude_reference: bool = False,
+           filter: Filter | None = None) -> list[SearchHit]:
+    """Composed search: reference (an uploaded ``image`` or a catalog ``item_id``) + relative ``text``
+    -> the top ``k`` hits (see :func:`fashion_cir.retrieval.query.composed_search`, which also
+    pages, applies attribute filters and reports the prompt used). The text side is
+    ``model.query_text(text, the reference description)``: the catalog item's ``description``, or
+    for an upload the one its attribute heads predict. ``exclude_reference`` drops the reference
+    item from the results; ``filter`` (:func:`~fashion_cir.retrieval.filters.parse_filter`) keeps
+    only matching items."""
+    return composed_search(model, index, image, item_id, text, k, exclude_reference=exclude_reference,
+                           filter=filter).hits
+
+
+class RequestError(DataError):
+    """A search request refused before any search runs; ``status`` is the HTTP status the API answers."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+class SearchRequest(BaseModel):
+    """One composed search as the API's ``/search`` and the CLI's ``search`` take it, validated
+    here once: the text stripped, two references refused, and a request with neither a
+    reference nor a text. A front end that needs more says so: ``reference_required`` (exactly one
+    reference, the API) and ``text_required`` (a text unless ``similar``, the API; its message
+    names ``max_text_chars``). The reference image's pixels travel apart from the request
+    (``image`` says there is one); refusals are :class:`RequestError`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = ""
+    k: int = Field(10, ge=1)
+    offset: int = Field(0, ge=0)
+    item_id: str | None = None  # a catalog item as the reference
+    image: bool = False  # an image is the reference
+    filter: str = ""  # a filter expression (parse_filter; blank: none)
+    category: list[str] = Field(default_factory=list)
+    color: list[str] = Field(default_factory=list)
+    same_type: bool = False
+    similar: bool = False  # more like this: the reference alone, the text is not used
+    exclude_reference: bool = True
+    reference_required: bool = False
+    text_required: bool = False
+    max_text_chars: int | None = None
+
+    @field_validator("text")
+    @classmethod
+    def _stripped(cls, value: str) -> str:
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _references_and_text(self) -> SearchRequest:
+        if self.text_required and not self.text and not self.similar:
+            limit = f" in 1 to {self.max_text_chars} characters" if self.max_text_chars else ""
+            raise RequestError(f"text must not be empty: describe the change{limit}", 422)
+        if self.max_text_chars is not None and len(self.text) > self.max_text_chars:
+            raise RequestError(f"text is longer than {self.max_text_chars} characters", 422)
+        if self.reference_required and self.image == (self.item_id is not None):
+            raise RequestError("give exactly one reference: an uploaded 'image' file or a catalog 'id'")
+        if self.image and self.item_id is not None:
+            raise RequestError("give a reference image or a catalog id, not both")
+        if not self.image and self.item_id is None and not self.text:
+            raise RequestError("a query needs a reference (image or catalog id), a text, or both")
+        return self
+
+    @property
+    def query_text(self) -> str:
+        """The caption the search composes with (none for "more like this")."""
+        return "" if self.similar else self.text
+
+    def parsed_filter(self, fields: list[str] | None) -> Filter | None:
+        """The filter expression parsed against ``fields`` (FilterError names what is wrong)."""
+        return parse_filter(self.filter, fields) if self.filter.strip() else None
+
+    def run(self, model: CIRModel, index: CatalogStore, image: Image.Image | None = None,
+            filter: Filter | None = None) -> SearchResult:
+        """:func:`composed_search` for this request; ``image`` is the reference image when
+        :attr:`image` says there is one, ``filter`` the parsed :attr:`filter`."""
+        return composed_search(model, index, image=image if self.image else None, item_id=self.item_id,
+                               text=self.query_text, k=self.k, offset=self.offset,
+                               exclude_reference=self.exclude_reference,
+                               filters={"category": self.category, "color": self.color}, same_type=self.same_type,
+                               filter=filter)

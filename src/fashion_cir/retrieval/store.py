@@ -1,7 +1,7 @@
-"""The vector-store interface every catalog index implements, the ``--store`` spec, and opening an
-index folder whatever its store.
+"""The vector-store interface every catalog index implements, the ``--store`` spec, and the rows a
+store keeps and searches (opening a folder whatever its store: :mod:`~fashion_cir.retrieval.folder`).
 
-Two stores: ``faiss`` (the default; :class:`~fashion_cir.retrieval.index.CatalogIndex`, in-process,
+Two stores: ``faiss`` (the default; :class:`~fashion_cir.retrieval.faiss_store.CatalogIndex`, in-process,
 an index folder with atomic swaps) and ``milvus`` (:class:`~fashion_cir.retrieval.milvus_store.MilvusIndex`:
 ``milvus:PATH.db`` embeds milvus-lite in a local file, ``milvus:http://host:19530`` talks to a Milvus
 standalone server or cluster). Either way the index folder holds ``index.json`` (config, model
@@ -9,8 +9,6 @@ fingerprint, store), so the fingerprint check and the model defaults work the sa
 
 from __future__ import annotations
 
-import logging
-import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -19,15 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import DataError, FashionCIRError, ModelError, one_line
+from ..errors import DataError, ModelError
 from ..io import write_json
 from .filters import Filter
 
 if TYPE_CHECKING:
     from ..models.cir import CIRModel
-
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class SearchHit:
@@ -172,94 +167,3 @@ def item_vectors(rows: np.ndarray, config: Mapping[str, Any]) -> np.ndarray:
     dim = int(config["feature_dim"])
     image = rows[:, :dim] / np.maximum(np.linalg.norm(rows[:, :dim], axis=1, keepdims=True), 1e-12)
     return np.ascontiguousarray(np.concatenate([image, rows[:, dim:]], axis=1))
-
-
-def open_index(folder: str | Path, model: CIRModel | None = None) -> CatalogStore:
-    """Open an index folder with the store its manifest names; with ``model``, check its fingerprint."""
-    from .index import CatalogIndex, read_manifest
-
-    config = read_manifest(folder)
-    kind = config.get("store", {}).get("kind", "faiss")
-    if kind == "faiss":
-        return CatalogIndex.load(folder, model)
-    if kind == "milvus":
-        from .milvus_store import MilvusIndex
-
-        index = MilvusIndex.open(Path(folder), config)
-        if model is not None:
-            index.check_model(model)
-        return index
-    raise DataError(f"{Path(folder) / 'index.json'}: unknown store kind {kind!r}")
-
-
-def index_model(folder: str | Path, model: CIRModel | str | Path | None = None) -> CIRModel:
-    """The model to search an index with: a CIRModel as given, a model folder, a backbone spec, or
-    (None) the model the index was built with: its folder when it still exists, else its backbone."""
-    from ..models.cir import MODEL_FILE, CIRModel, load_model
-    from .index import read_manifest
-
-    if isinstance(model, CIRModel):
-        return model.eval()
-    if model is None:
-        manifest = read_manifest(folder)
-        model_dir = manifest.get("model_dir")
-        if model_dir and (Path(model_dir) / MODEL_FILE).is_file():
-            return load_model(model_dir=model_dir)
-        return load_model(backbone=manifest["backbone"])
-    if (Path(model) / MODEL_FILE).is_file():
-        return load_model(model_dir=model)
-    return load_model(backbone=str(model))
-
-
-class LiveIndex:
-    """An open index that follows its folder, for a long-running service: a FAISS index is
-    reopened when its manifest changes (``index add/upsert/remove`` swap it atomically); a Milvus
-    index is live already. When the changed folder cannot be opened, the last good version keeps
-    answering and :attr:`problem` says why (logged once per change). Attribute access goes to the
-    current index; take :meth:`current` once per request for a consistent view."""
-
-    def __init__(self, folder: str | Path, model: CIRModel | None = None):
-        self.folder = Path(folder)
-        self.model = model
-        self.problem: str | None = None
-        self._lock = threading.Lock()
-        self._stamp = self._manifest_stamp()
-        self._index = open_index(self.folder, model)
-
-    def _manifest_stamp(self) -> tuple[int, int, int] | None:
-        try:
-            stat = (self.folder / "index.json").stat()
-        except OSError:
-            return None
-        return stat.st_mtime_ns, stat.st_size, stat.st_ino
-
-    def current(self) -> CatalogStore:
-        if self._index.store_kind == "faiss":
-            stamp = self._manifest_stamp()
-            if stamp != self._stamp:
-                with self._lock:
-                    if stamp != self._stamp:
-                        self._reopen(stamp)
-        return self._index
-
-    def _reopen(self, stamp: tuple[int, int, int] | None) -> None:
-        """Open the changed folder (under the lock); the stamp moves last, so that a request that
-        sees it also sees the new index or the new problem."""
-        try:
-            if stamp is None:
-                raise DataError(f"{self.folder / 'index.json'} is missing")
-            self._index = open_index(self.folder, self.model)
-            self.problem = None
-        except Exception as exc:  # whatever is wrong with the new version, the last good one still answers
-            self.problem = f"the index changed but cannot be opened, the previous version is served: {one_line(exc)}"
-            log.error("%s", self.problem, exc_info=None if isinstance(exc, FashionCIRError) else exc)
-        self._stamp = stamp
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.current(), name)
-
-    def __len__(self) -> int:
-        return len(self.current())
-
-    def __contains__(self, image_id: object) -> bool:
-        return image_id in self.current()

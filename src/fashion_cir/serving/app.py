@@ -34,9 +34,10 @@ from ..data.images import (
 from ..errors import DataError, FashionCIRError
 from ..models.cir import CIRModel
 from ..retrieval.explain import attribute_values, explain, phrase, requested_changes
-from ..retrieval.filters import FilterError, parse_filter
-from ..retrieval.query import composed_search
-from ..retrieval.store import CatalogStore, LiveIndex, index_model
+from ..retrieval.filters import FilterError
+from ..retrieval.folder import LiveIndex, index_model
+from ..retrieval.query import RequestError, SearchRequest
+from ..retrieval.store import CatalogStore
 from .limits import Busy, ConcurrencyLimit
 
 try:
@@ -225,6 +226,10 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
     async def input_error(request: Request, exc: FashionCIRError) -> JSONResponse:
         return _json_error(400, public(str(exc)))
 
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, exc: RequestError) -> JSONResponse:
+        return _json_error(exc.status, public(str(exc)))
+
     @app.exception_handler(FilterError)
     async def filter_error(request: Request, exc: FilterError) -> JSONResponse:
         return _json_error(422, str(exc))
@@ -320,14 +325,13 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
         same_type: bool = Form(False, description="keep only the reference's category (predicted for an upload)"),
         similar: bool = Form(False, description="more like this: the reference image alone, no text"),
     ) -> dict[str, Any]:
-        caption = text.strip()
-        if not caption and not similar:
-            raise HTTPException(422, f"text must not be empty: describe the change in 1 to {max_text_chars} characters")
-        current = index.current()
-        parsed = parse_filter(filter, current.fields) if filter.strip() else None
         has_upload = image is not None and bool(image.filename or image.size)
-        if has_upload == bool(id):
-            raise HTTPException(400, "give exactly one reference: an uploaded 'image' file or a catalog 'id'")
+        request = SearchRequest(text=text, k=k, offset=offset, item_id=id or None, image=has_upload, filter=filter,
+                                category=category, color=color, same_type=same_type, similar=similar,
+                                exclude_reference=exclude_reference, reference_required=True, text_required=True,
+                                max_text_chars=max_text_chars)
+        current = index.current()
+        parsed = request.parsed_filter(current.fields)
         reference = None
         if has_upload:
             raw = image.file.read(max_upload_bytes + 1)
@@ -336,22 +340,19 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
             if not raw:
                 raise HTTPException(400, "uploaded image is empty")
         else:
-            known(current, id)
+            known(current, request.item_id)
         start = time.perf_counter()
         try:
             with uploads.slot() if has_upload else contextlib.nullcontext():
                 if has_upload:
                     reference = _decode_upload(raw, max_pixels, input_size)
-                result = composed_search(cir, current, image=reference, item_id=id if not has_upload else None,
-                                         text="" if similar else caption, k=k, offset=offset,
-                                         exclude_reference=exclude_reference, filters={"category": category, "color": color},
-                                         same_type=same_type, filter=parsed)
+                result = request.run(cir, current, reference, parsed)
         except Busy:
             raise HTTPException(503, f"too many uploads are being processed ({uploads.workers} at once, "
                                      f"{uploads.queue} waiting); retry in a moment",
                                 headers={"Retry-After": "1"}) from None
         took = round((time.perf_counter() - start) * 1000, 2)
-        requested = requested_changes(result.query_text and caption)
+        requested = requested_changes(result.query_text and request.text)
         reference_values = attribute_values(result.reference_attributes)
         results = []
         for rank, hit in enumerate(result.hits, offset + 1):
@@ -361,11 +362,11 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
         if has_upload:
             reference_view: dict[str, Any] = {"id": None, "upload": image.filename}
         else:
-            reference_view = item_view(id, current.metadata.get(id, {}))
+            reference_view = item_view(request.item_id, current.metadata.get(request.item_id, {}))
         return {"reference": reference_view,
                 "reference_attributes": result.reference_attributes,
                 "prompt": {"source": result.prompt_source, "description": result.description},
-                "text": "" if similar else caption, "query_text": result.query_text,
+                "text": request.query_text, "query_text": result.query_text,
                 "requested": {name: phrase(name, value) for name, value in requested.items()},
                 "filter": filter.strip() or None, "filters": result.filters,
                 "k": k, "offset": offset, "more": result.more, "took_ms": took, "results": results}
