@@ -440,9 +440,6 @@ def build_index(folder: str | Path, model: CIRModel, images: str | Path | Mappin
         if spec.kind == "milvus":
             from .milvus_store import MilvusIndex
 
-            if len(model.block_dims()) > 1:
-                raise DataError("the Milvus store holds image-only items so far; build the index of a model that reads "
-                                "descriptions or attributes with --store faiss")
             index: CatalogStore = MilvusIndex.create(folder, config, dict(milvus or {}), overwrite=overwrite)
         else:
             empty = np.zeros((0, rows.shape[1]), dtype=np.float32)
