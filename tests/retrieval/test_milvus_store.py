@@ -168,3 +168,21 @@ def test_a_manifest_cannot_make_milvus_create_files(tmp_path, catalog, tiny_mode
     assert not (tmp_path / "elsewhere").exists()
     (folder / "index.json").write_text(json.dumps(good))
     assert len(open_index(folder)) == 12
+
+
+def test_a_manifest_whose_blocks_the_collection_does_not_hold_is_refused(tmp_path, catalog, tiny_model):
+    """A collection holds vectors of its build's full item width; a manifest naming other blocks
+    (edited, or pointed at another build's collection) is refused when it opens, not at the first search."""
+    folder = build_index(tmp_path / "index", tiny_model, *catalog, store=f"milvus:{tmp_path / 'm.db'}", progress=False).folder
+    manifest = json.loads((folder / "index.json").read_text())
+    assert manifest["blocks"] == {"image": 32}
+    manifest["blocks"] = {"image": 32, "attributes": 36}
+    (folder / "index.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="holds 32-value vectors but the manifest's blocks .* make 68; rebuild the index"):
+        open_index(folder)
+    manifest["blocks"] = {"image": 32}
+    (folder / "index.json").write_text(json.dumps(manifest))
+    index = open_index(folder)
+    with pytest.raises(DataError, match="stores rows of 32 values .* got 48"):  # a writer given rows of another width
+        index.add_features(["x"], np.ones((1, 48), np.float32), {}, {"x": catalog[0]["item-004"]})
+    assert len(index) == 12

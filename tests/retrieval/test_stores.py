@@ -1,6 +1,7 @@
 """One store test suite run on both vector stores: FAISS (in-process) and Milvus (milvus-lite, a
 real embedded Milvus in a local .db file). Every answer is checked against brute force over the
-raw features and the metadata, so a store that drops, misfilters or misranks items fails."""
+raw features and the metadata, so a store that drops, misfilters or misranks items fails; a model
+whose items are three blocks [image | description | attributes] answers alike on both."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ from fashion_cir.models.cir import load_model
 from fashion_cir.retrieval import build_index, open_index, parse_filter, remove_from_index, search, upsert_index
 from fashion_cir.retrieval.faiss_store import resolve_factory
 from fashion_cir.retrieval.filters import FilterError
+from fashion_cir.retrieval.index import add_to_index
+from fashion_cir.retrieval.query import composed_search
+from fashion_cir.retrieval.store import item_vectors, row_width
+from support.matcher import multi_block_model
 from support.serving import synthetic_catalog
 
 STORES = ["faiss", "milvus"]
@@ -200,3 +205,98 @@ def test_a_killed_manifest_write_leaves_nothing_behind(kind, workdir, tiny_model
     _, removed, _ = remove_from_index(index.folder, ["item-001"])
     assert removed == ["item-001"] and not leftover.exists()
     assert not list(index.folder.glob(".index.json.*")) and len(open_index(index.folder)) == 59
+
+
+# -- a model whose items are [image | description | attributes] (issue 23 item 1) -----------------
+@pytest.fixture(scope="module")
+def blocks_model(tmp_path_factory):
+    return multi_block_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+# reference id, caption, filter, exclude the reference: image+text, text alone, image alone, filtered
+COMPOSED = [("item-003", "is red", None, False), ("item-011", "is a blue skirt", "in_stock == true", True),
+            ("item-020", "", None, False), (None, "a green hat", None, False),
+            ("item-033", "is black and longer", 'category in ["dress", "skirt", "pants"]', True),
+            ("item-044", "not pink", 'season != "winter"', True), ("item-005", "is purple", None, True)]
+
+
+def assert_same_hits(faiss_hits, milvus_hits, what) -> None:
+    assert [h.id for h in milvus_hits] == [h.id for h in faiss_hits], what
+    np.testing.assert_allclose([h.score for h in milvus_hits], [h.score for h in faiss_hits], rtol=0, atol=1e-5, err_msg=str(what))
+    assert [h.metadata for h in milvus_hits] == [h.metadata for h in faiss_hits], what
+
+
+def assert_stores_agree(model, faiss_index, milvus_index, metadata) -> None:
+    """Both stores hold the same raw rows and answer every composed search (with and without
+    filters), and random full-width queries, with the same ids and scores; FAISS's answers are
+    brute force over its raw rows."""
+    assert sorted(milvus_index.ids) == sorted(faiss_index.ids) and len(milvus_index) == len(faiss_index)
+    ids = sorted(faiss_index.ids)
+    faiss_rows = np.stack([faiss_index.vector(i) for i in ids])
+    milvus_rows = np.stack([milvus_index.vector(i) for i in ids])
+    assert milvus_rows.shape == faiss_rows.shape == (len(ids), row_width(faiss_index.config))
+    np.testing.assert_allclose(milvus_rows, faiss_rows, rtol=1e-5, atol=1e-6)
+    for reference, text, expression, exclude in COMPOSED:
+        for k in (10, 60):
+            parsed = parse_filter(expression, faiss_index.fields) if expression else None
+            answers = [composed_search(model, index, item_id=reference, text=text, k=k, filter=parsed,
+                                       exclude_reference=exclude).hits for index in (faiss_index, milvus_index)]
+            allowed = {i for i in ids if (parsed is None or parsed.matches(metadata[i])) and not (exclude and i == reference)}
+            assert len(answers[0]) == min(k, len(allowed)), (reference, text, expression, k)
+            assert_same_hits(*answers, (reference, text, expression, k))
+    vectors = item_vectors(faiss_rows, faiss_index.config)
+    queries = np.random.default_rng(3).standard_normal((4, vectors.shape[1])).astype(np.float32)
+    parsed = parse_filter('color != "red" and in_stock == true', faiss_index.fields)
+    allowed = np.array([parsed.matches(metadata[i]) for i in ids])
+    for query, faiss_hits, milvus_hits in zip(queries, faiss_index.search_vectors(queries, 8, filter=parsed),
+                                              milvus_index.search_vectors(queries, 8, filter=parsed)):
+        scores = np.where(allowed, vectors @ query, -np.inf)
+        assert [h.id for h in faiss_hits] == [ids[i] for i in np.argsort(-scores, kind="stable")[:8]]
+        assert_same_hits(faiss_hits, milvus_hits, "random full-width query")
+
+
+def test_a_multi_block_model_builds_searches_and_changes_alike_on_both_stores(workdir, blocks_model, tiny_model, catalog):
+    """Issue 23 item 1: the Milvus store refused models that read descriptions or attributes. Built,
+    searched (composed, filtered, excluded), added to, upserted, removed from and reopened, a
+    three-block index answers on Milvus (FLAT) exactly as on FAISS (Flat)."""
+    paths, metadata = catalog
+    first = {i: paths[i] for i in list(paths)[:45]}
+    built = {kind: make_index(kind, workdir, blocks_model, first, metadata) for kind in STORES}
+    assert built["faiss"].config["factory"] == "Flat" and built["milvus"].config["store"]["index_type"] == "FLAT"
+    for index in built.values():
+        assert index.config["blocks"] == blocks_model.block_dims() and len(index.config["blocks"]) == 3
+    stored = built["milvus"].client.describe_collection(built["milvus"].collection)["fields"]
+    assert {f["name"]: f for f in stored}["vector"]["params"]["dim"] == row_width(built["faiss"].config) == 32 + 16 + 36
+    assert_stores_agree(blocks_model, built["faiss"], built["milvus"], metadata)
+
+    changed = dict(metadata)
+    changed["item-005"] = {**metadata["item-040"], "color": "purple", "description": "a purple dress"}
+    for kind, index in built.items():
+        folder = index.folder
+        added = add_to_index(folder, blocks_model, {i: paths[i] for i in list(paths)[45:52]}, metadata,
+                             cache_dir=workdir / "feature-cache", progress=False)
+        assert added.report["added"] == 7, kind
+        upserted = upsert_index(folder, blocks_model, {"item-005": paths["item-040"], "item-055": paths["item-055"]},
+                                changed, cache_dir=workdir / "feature-cache", progress=False)
+        assert (upserted.report["replaced"], upserted.report["added"]) == (1, 1), kind
+        _, removed, _ = remove_from_index(folder, ["item-001", "item-002"])
+        assert removed == ["item-001", "item-002"], kind
+    reopened = {kind: open_index(index.folder, blocks_model) for kind, index in built.items()}
+    assert len(reopened["milvus"]) == 45 + 7 + 1 - 2 and reopened["milvus"].metadata["item-005"]["color"] == "purple"
+    np.testing.assert_allclose(reopened["milvus"].vector("item-005")[:32], reopened["faiss"].vector("item-040")[:32], rtol=1e-5, atol=1e-6)
+    assert_stores_agree(blocks_model, reopened["faiss"], reopened["milvus"], changed)
+    purple = parse_filter('color == "purple"', reopened["milvus"].fields)
+    for index in reopened.values():
+        assert [h.id for h in search(blocks_model, index, item_id="item-040", text="is purple", k=3, filter=purple)] == ["item-005"]
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_a_multi_block_index_refuses_other_models(kind, workdir, blocks_model, tiny_model, catalog):
+    """The fingerprint and block checks work on a three-block index on either store: another image
+    encoder, or the same one without the matcher and attribute space, is refused."""
+    index = make_index(kind, workdir, blocks_model, *catalog)
+    assert len(open_index(index.folder, blocks_model)) == 60
+    with pytest.raises(ModelError, match="fingerprint .* tiny:1"):
+        open_index(index.folder, load_model(backbone="tiny:1"))
+    with pytest.raises(ModelError, match="holds items for"):
+        open_index(index.folder, tiny_model)

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from fashion_cir.models.cir import CIRModel, load_model
-from fashion_cir.retrieval import build_index, remove_from_index
+from fashion_cir.retrieval import build_index, parse_filter, remove_from_index
 from fashion_cir.serving.app import create_app
 from support.images import encoded
 from support.serving import demo_catalog, running_server, synthetic_catalog
@@ -525,6 +525,34 @@ def test_browsing_a_milvus_catalog_reads_it_once(milvus_served):
     assert sorted((i["id"], i["metadata"]["color"]) for i in red["items"]) == sorted(
         (i, "red") for i, m in metadata.items() if m["color"] == "red")
     assert len(sample["items"]) == 5 and all(i["metadata"] == metadata[i["id"]] for i in sample["items"])
+
+
+def test_a_three_block_milvus_index_serves_what_faiss_finds(tmp_path_factory):
+    """Issue 23 item 1: a model that reads descriptions and attributes could not be indexed on
+    Milvus. Its manifest (with blocks) reopens in the service, and /search answers with the ids and
+    scores a FAISS index of the same model finds (filters, categories and the reference left out)."""
+    from fashion_cir.retrieval.query import composed_search
+    from fashion_cir.retrieval.store import open_index
+    from support.matcher import multi_block_model
+
+    root = tmp_path_factory.mktemp("milvus-blocks")
+    model = multi_block_model(root / "tiny-bert")
+    paths, metadata = synthetic_catalog(root / "images", 40)
+    options = {"progress": False, "cache_dir": root / "cache"}
+    folder = build_index(root / "milvus", model, paths, metadata, store=f"milvus:{root / 'm.db'}", **options).folder
+    faiss_index = open_index(build_index(root / "faiss", model, paths, metadata, **options).folder, model)
+    with running_server(create_app(folder, model)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        assert client.get("/health").json()["items"] == 40
+        for form, expression, categories in (({"id": "item-003", "text": "is red"}, "", []),
+                                              ({"id": "item-011", "text": "is a blue skirt"}, 'color != "black"', []),
+                                              ({"id": "item-020", "text": "is green", "category": ["dress", "hat"]}, "",
+                                               ["dress", "hat"])):
+            body = client.post("/search", data={**form, "k": 8, "filter": expression}).json()
+            expected = composed_search(model, faiss_index, item_id=form["id"], text=form["text"], k=8, exclude_reference=True,
+                                       filters={"category": categories},
+                                       filter=parse_filter(expression, faiss_index.fields) if expression else None).hits
+            assert [r["id"] for r in body["results"]] == [h.id for h in expected], form
+            np.testing.assert_allclose([r["score"] for r in body["results"]], [h.score for h in expected], atol=2e-5)
 
 
 INJECTED_IDS = ["x'] or id not in ['", "x'] or path like '/%' and id not in ['", "x'", 'x"', "item-001' or 'a'=='a"]

@@ -21,3 +21,18 @@ def tiny_encoder(folder: Path) -> str:
                         intermediate_size=32, max_position_embeddings=128)
     BertModel(config).save_pretrained(folder)
     return f"hf:{folder}"
+
+
+def multi_block_model(folder: Path):
+    """A tiny CIR model whose items are all three blocks [image | description | attributes]: the
+    tiny backbone, the tiny matcher encoder (written into ``folder``), category and colour
+    attributes, and a fusion that weighs image, description and attribute terms."""
+    from fashion_cir.models.cir import CIRModel
+    from fashion_cir.models.factory import create_backbone
+    from fashion_cir.models.fusion import AttributeSpace, Fusion
+    from fashion_cir.models.matcher import DescriptionMatcher
+
+    fusion = Fusion(composed=0.5, reference=0.1, caption=0.3, reference_description=0.2,
+                    attributes={"want:color": 0.4, "keep:category": 0.3, "away:color": 0.2})
+    return CIRModel(create_backbone("tiny"), matcher=DescriptionMatcher(tiny_encoder(folder)), fusion=fusion,
+                    attribute_space=AttributeSpace(names=["category", "color"])).eval()

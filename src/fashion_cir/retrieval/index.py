@@ -88,9 +88,6 @@ def build_index(folder: str | Path, model: CIRModel, images: str | Path | Mappin
                   "count": 0, "data": None, "root": catalog_root(paths[i] for i in encoded),
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": environment_info()}
         if spec.kind == "milvus":
-            if len(model.block_dims()) > 1:
-                raise DataError("the Milvus store holds image-only items so far; build the index of a model that reads "
-                                "descriptions or attributes with --store faiss")
             index: CatalogStore = MilvusIndex.create(folder, config, dict(milvus or {}), overwrite=overwrite)
         else:
             index = CatalogIndex.create(folder, config, rows)

@@ -2,10 +2,13 @@
 
 The same code talks to milvus-lite (``milvus:runs/x/milvus.db``: an embedded server in one local
 file, one process at a time) and to Milvus standalone or a cluster (``milvus:http://host:19530``:
-many writers and readers, live). One row per item: ``id`` (primary key), ``vector`` (the
-L2-normalised image features, inner-product index), ``norm`` (so the raw features are
-``vector * norm``), ``path``, ``meta`` (the metadata as JSON) and one text field ``m_<field>`` per
-filterable metadata field (:func:`~fashion_cir.retrieval.filters.field_text`), which filters compile to."""
+many writers and readers, live). One row per item: ``id`` (primary key), ``vector`` (the item
+vector the index searches by inner product, :func:`~fashion_cir.retrieval.store.item_vectors` of
+the stored row: the L2-normalised image block, then the description and attribute blocks of a
+model that reads them; ``row_width(config)`` values), ``norm`` (the image block's norm, so the raw
+row is ``vector`` with its image block times ``norm``), ``path``, ``meta`` (the metadata as JSON)
+and one text field ``m_<field>`` per filterable metadata field
+(:func:`~fashion_cir.retrieval.filters.field_text`), which filters compile to."""
 
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import numpy as np
 from ..errors import DataError, FashionCIRError
 from ..io import write_json
 from .filters import Filter, field_text, milvus_list
-from .store import CatalogStore, SearchHit, parse_store_spec
+from .store import CatalogStore, SearchHit, item_vectors, parse_store_spec, row_width
 
 FIELD_PREFIX = "m_"
 MAX_TEXT = 65535
@@ -184,7 +187,7 @@ class MilvusIndex(CatalogStore):
         schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
         DataType = pymilvus.DataType
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=512)
-        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=config["feature_dim"])
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=row_width(config))
         schema.add_field("norm", DataType.FLOAT)
         schema.add_field("path", DataType.VARCHAR, max_length=4096)
         schema.add_field("meta", DataType.VARCHAR, max_length=MAX_TEXT)
@@ -210,6 +213,11 @@ class MilvusIndex(CatalogStore):
         if not store.client.has_collection(store.collection):
             raise DataError(f"index {folder}: Milvus collection {store.collection!r} is missing at "
                             f"{config['store']['uri']}; rebuild the index")
+        fields = {f["name"]: f for f in store.client.describe_collection(store.collection)["fields"]}
+        dim = int((fields.get("vector") or {}).get("params", {}).get("dim", -1))
+        if dim != row_width(config):
+            raise DataError(f"index {folder}: Milvus collection {store.collection!r} holds {dim}-value vectors but the "
+                            f"manifest's blocks {config.get('blocks')} make {row_width(config)}; rebuild the index")
         store.client.load_collection(store.collection)
         return store
 
@@ -255,7 +263,9 @@ class MilvusIndex(CatalogStore):
         rows = self._get([image_id], ["vector", "norm"])
         if not rows:
             raise DataError(f"unknown catalog id {image_id!r}")
-        return np.asarray(rows[0]["vector"], dtype=np.float32) * np.float32(rows[0]["norm"])
+        row = np.array(rows[0]["vector"], dtype=np.float32)
+        row[: int(self.config["feature_dim"])] *= np.float32(rows[0]["norm"])  # the other blocks are stored raw
+        return row
 
     def _search_params(self) -> dict[str, Any]:
         kind = self.milvus["index_type"]
@@ -297,14 +307,20 @@ class MilvusIndex(CatalogStore):
     def _rows(self, ids: list[str], features: np.ndarray, metadata: Mapping[str, dict],
               paths: Mapping[str, Path]) -> list[dict]:
         features = np.asarray(features, dtype=np.float32)
-        norms = np.maximum(np.linalg.norm(features, axis=1), 1e-12)
+        width = row_width(self.config)
+        if features.ndim != 2 or features.shape[1] != width:
+            raise DataError(f"index {self.folder} stores rows of {width} values ({self.config.get('blocks')}), "
+                            f"got {features.shape[-1] if features.ndim else 0}; use the model the index was built with")
+        dim = int(self.config["feature_dim"])
+        norms = np.maximum(np.linalg.norm(features[:, :dim], axis=1), 1e-12)
+        vectors = item_vectors(features, self.config)
         rows = []
-        for image_id, feature, norm in zip(ids, features, norms):
+        for image_id, feature, norm in zip(ids, vectors, norms):
             meta = dict(metadata.get(image_id, {}))
             encoded = json.dumps(meta, default=str, ensure_ascii=False)
             if len(encoded.encode("utf-8")) > MAX_TEXT:
                 raise DataError(f"metadata of item {image_id!r} is {len(encoded)} characters of JSON; the Milvus store keeps at most {MAX_TEXT} bytes")
-            row = {"id": image_id, "vector": (feature / norm).tolist(), "norm": float(norm),
+            row = {"id": image_id, "vector": feature.tolist(), "norm": float(norm),
                    "path": str(Path(paths[image_id]).resolve()), "meta": encoded}
             row.update({FIELD_PREFIX + f: field_text(meta.get(f))[:MAX_TEXT // 4] for f in self.fields})
             rows.append(row)
