@@ -98,7 +98,7 @@ def run(cmd: list[str], kill_after: float | None = None) -> tuple[int | None, fl
 # -- checks -------------------------------------------------------------------------------------------
 def index_state(folder: Path) -> str:
     """What a kill left in an index folder; raises when a manifest exists but does not load."""
-    from fashion_cir.retrieval.index import CatalogIndex
+    from fashion_cir.retrieval.faiss_store import CatalogIndex
 
     if not (folder / "index.json").exists():
         return "no index yet"
@@ -109,7 +109,7 @@ def index_state(folder: Path) -> str:
 
 
 def check_index(folder: Path, reference: dict[str, np.ndarray]) -> None:
-    from fashion_cir.retrieval.index import CatalogIndex
+    from fashion_cir.retrieval.faiss_store import CatalogIndex
 
     index = CatalogIndex.load(folder)
     assert len(index.ids) == len(set(index.ids)), "duplicate ids"
@@ -292,7 +292,7 @@ def reference(op: Op) -> float:
                                                                progress=False)
         op.reference = dict(zip(ids, features))
     else:
-        from fashion_cir.retrieval.index import CatalogIndex
+        from fashion_cir.retrieval.faiss_store import CatalogIndex
 
         index = CatalogIndex.load(op.work / "index")
         op.reference = {i: index.features[r] for r, i in enumerate(index.ids)}

@@ -159,7 +159,7 @@ def live_writer(folder: Path, keep: str, deadline: float, every: float, log: lis
     """Every ``every`` seconds remove 5 random items (never ``keep``) and add them back (their cached
     features are reused), through the library, under the index folder's writer lock, as the CLI does."""
     from fashion_cir.retrieval import add_to_index, open_index, remove_from_index
-    from fashion_cir.retrieval.store import index_model
+    from fashion_cir.retrieval.folder import index_model
 
     model = index_model(folder)
     index = open_index(folder)

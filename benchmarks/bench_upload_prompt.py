@@ -29,7 +29,7 @@ from fashion_cir.data.images import open_image
 from fashion_cir.models.attributes import describe
 from fashion_cir.models.cir import load_model
 from fashion_cir.retrieval import build_index
-from fashion_cir.retrieval.index import encode_reference_image
+from fashion_cir.retrieval.query import encode_reference_image
 from fashion_cir.retrieval.query import composed_search
 
 CAPTIONS = ["is red with long sleeves", "is black and sleeveless", "is shorter and has a floral print", "is blue denim"]

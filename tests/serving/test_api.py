@@ -532,7 +532,7 @@ def test_a_three_block_milvus_index_serves_what_faiss_finds(tmp_path_factory):
     Milvus. Its manifest (with blocks) reopens in the service, and /search answers with the ids and
     scores a FAISS index of the same model finds (filters, categories and the reference left out)."""
     from fashion_cir.retrieval.query import composed_search
-    from fashion_cir.retrieval.store import open_index
+    from fashion_cir.retrieval.folder import open_index
     from support.matcher import multi_block_model
 
     root = tmp_path_factory.mktemp("milvus-blocks")
