@@ -62,15 +62,18 @@ def real_features(args: argparse.Namespace) -> np.ndarray:
     backbone = create_backbone(args.backbone)
     if args.cached_only:
         fingerprint = backbone.trunk_fingerprint()
-        folders = [REPO / "runs" / "bench-ann" / "cache" / fingerprint] + [Path(c) / fingerprint for c in args.trunk_cache]
+        folders = [REPO / "runs" / "bench-ann" / "cache" / fingerprint] + [
+            Path(c) / fingerprint for c in args.trunk_cache
+        ]
         features = cached_features(backbone, folders)
         print(f"{len(features)} catalog images already encoded in {len(folders)} caches (--cached-only)")
         features = features / np.linalg.norm(features, axis=1, keepdims=True)
         return features.astype(np.float32)
     paths = scan_images(CATALOG / "images")
     start = time.perf_counter()
-    ids, features = FeatureCache(REPO / "runs" / "bench-ann" / "cache").encode(backbone, paths, batch_size=64,
-                                                                             on_error="skip", progress=True)
+    ids, features = FeatureCache(REPO / "runs" / "bench-ann" / "cache").encode(
+        backbone, paths, batch_size=64, on_error="skip", progress=True
+    )
     print(f"encoded {len(ids)} of {len(paths)} catalog images in {time.perf_counter() - start:.0f} s")
     features = features / np.linalg.norm(features, axis=1, keepdims=True)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -108,7 +111,7 @@ def sample(mixture, n: int, rng: np.random.Generator, chunk: int = 100_000) -> n
         for c in np.unique(comp):
             rows = np.flatnonzero(comp == c)
             block[rows] = means[c] + rng.standard_normal((len(rows), means.shape[1])) @ factors[c].T
-        out[start:start + size] = block / np.linalg.norm(block, axis=1, keepdims=True)
+        out[start : start + size] = block / np.linalg.norm(block, axis=1, keepdims=True)
     return out
 
 
@@ -174,12 +177,18 @@ def bench_faiss(base: np.ndarray, queries: np.ndarray, exact: np.ndarray, args: 
             batch1 = time_batch(index, queries, 1, params)
             batch8 = time_batch(index, queries, args.threads, params)
             _, all_found = index.search(queries, K, params=params)
-            row = {"n": n, "index": factory, "param": None if value is None else
-                   (f"nprobe={value}" if "IVF" in name else f"efSearch={value}"),
-                   "build_s": round(seconds, 2), "size_mb": round(size / 2**20, 1),
-                   "ms_q_1t": round(ms1, 3), f"ms_q_{args.threads}t": round(ms8, 3),
-                   "batch_ms_q_1t": round(batch1, 4), f"batch_ms_q_{args.threads}t": round(batch8, 4),
-                   "recall@10": round(recall(all_found, exact), 4)}
+            row = {
+                "n": n,
+                "index": factory,
+                "param": None if value is None else (f"nprobe={value}" if "IVF" in name else f"efSearch={value}"),
+                "build_s": round(seconds, 2),
+                "size_mb": round(size / 2**20, 1),
+                "ms_q_1t": round(ms1, 3),
+                f"ms_q_{args.threads}t": round(ms8, 3),
+                "batch_ms_q_1t": round(batch1, 4),
+                f"batch_ms_q_{args.threads}t": round(batch8, 4),
+                "recall@10": round(recall(all_found, exact), 4),
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
         del index
@@ -193,7 +202,10 @@ def bench_milvus(base: np.ndarray, queries: np.ndarray, exact: np.ndarray, args:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         client = MilvusClient(str(Path(tmp) / "bench.db"))
-        for index_type, params, sweep in [("FLAT", {}, [None]), ("IVF_FLAT", {"nlist": args.milvus_nlist}, args.milvus_nprobe)]:
+        for index_type, params, sweep in [
+            ("FLAT", {}, [None]),
+            ("IVF_FLAT", {"nlist": args.milvus_nlist}, args.milvus_nprobe),
+        ]:
             name = f"bench_{index_type.lower()}"
             schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
             schema.add_field("id", DataType.INT64, is_primary=True)
@@ -203,7 +215,7 @@ def bench_milvus(base: np.ndarray, queries: np.ndarray, exact: np.ndarray, args:
             start = time.perf_counter()
             client.create_collection(name, schema=schema)
             for chunk in range(0, len(base), 5000):
-                block = base[chunk:chunk + 5000]
+                block = base[chunk : chunk + 5000]
                 client.insert(name, [{"id": chunk + i, "vector": v} for i, v in enumerate(block.tolist())])
             client.create_index(name, index_params)
             client.load_collection(name)
@@ -217,9 +229,14 @@ def bench_milvus(base: np.ndarray, queries: np.ndarray, exact: np.ndarray, args:
                     hits = client.search(name, data=[query.tolist()], limit=K, search_params=search_params)[0]
                     found[row, : len(hits)] = [h["id"] for h in hits]
                 ms = (time.perf_counter() - start) * 1000 / len(single)
-                row = {"n": len(base), "index": f"milvus-lite {index_type}" + (f" nlist={params['nlist']}" if params else ""),
-                       "param": None if value is None else f"nprobe={value}", "build_s": round(seconds, 2),
-                       "ms_q_1t": round(ms, 3), "recall@10": round(recall(found, exact[: len(single)]), 4)}
+                row = {
+                    "n": len(base),
+                    "index": f"milvus-lite {index_type}" + (f" nlist={params['nlist']}" if params else ""),
+                    "param": None if value is None else f"nprobe={value}",
+                    "build_s": round(seconds, 2),
+                    "ms_q_1t": round(ms, 3),
+                    "recall@10": round(recall(found, exact[: len(single)]), 4),
+                }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             client.drop_collection(name)
@@ -245,8 +262,15 @@ def bench_service(mixture, args: argparse.Namespace) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-ann-serve-") as tmp:
         folder = Path(tmp) / "index"
-        index = build_index(folder, model, paths, CATALOG / "attributes.jsonl", factory="Flat",
-                            cache_dir=REPO / "runs" / "bench-ann" / "cache", progress=False)
+        index = build_index(
+            folder,
+            model,
+            paths,
+            CATALOG / "attributes.jsonl",
+            factory="Flat",
+            cache_dir=REPO / "runs" / "bench-ann" / "cache",
+            progress=False,
+        )
         real_ids = list(index.ids)
         extra = args.serve - len(real_ids)
         ids = [f"sampled-{n:07d}" for n in range(extra)]
@@ -260,8 +284,9 @@ def bench_service(mixture, args: argparse.Namespace) -> list[dict]:
         server = start_server(folder, args.backbone, port)
         try:
             for clients in args.clients:
-                row = asyncio.run(load_test(f"http://127.0.0.1:{port}", real_ids + ids[:5000], [], clients,
-                                            args.requests, "id"))
+                row = asyncio.run(
+                    load_test(f"http://127.0.0.1:{port}", real_ids + ids[:5000], [], clients, args.requests, "id")
+                )
                 row["items"] = len(index)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -277,15 +302,18 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--single-queries", type=int, default=200, help="queries timed one at a time")
     parser.add_argument("--components", type=int, default=64)
-    parser.add_argument("--backbone", default=None, help="default: offline:runs/bench-ann/offline-backbone if present, else offline")
+    parser.add_argument(
+        "--backbone", default=None, help="default: offline:runs/bench-ann/offline-backbone if present, else offline"
+    )
     parser.add_argument("--indexes", default="Flat,IVF1024,IVF1024_SQ8,IVF1024_PQ64,HNSW32")
     parser.add_argument("--nprobe", type=int, nargs="+", default=[1, 4, 8, 16, 32, 64, 128])
     parser.add_argument("--ef-search", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     parser.add_argument("--train-cap", type=int, default=100_000, help="training sample for IVF/PQ")
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--skip-hnsw-at", type=int, default=10**9)
-    parser.add_argument("--cached-only", action="store_true",
-                        help="use only catalog images already in feature caches (no encoding)")
+    parser.add_argument(
+        "--cached-only", action="store_true", help="use only catalog images already in feature caches (no encoding)"
+    )
     parser.add_argument("--trunk-cache", nargs="*", default=[], help="more feature-cache roots to read (read only)")
     parser.add_argument("--milvus", action="store_true")
     parser.add_argument("--milvus-nlist", type=int, default=256)
@@ -308,9 +336,12 @@ def main() -> None:
     mixture = fit_mixture(real, args.components, args.seed)
     base = np.concatenate([real, sample(mixture, max(0, args.n - len(real)), rng)])
     queries = sample(mixture, args.queries, rng)
-    print(f"== {args.n:,} vectors ({len(real)} real + sampled from a {len(mixture[0])}-component mixture, "
-          f"{time.perf_counter() - start:.0f} s), {args.queries} queries, {faiss.omp_get_max_threads()} cores, "
-          f"backbone {args.backbone} ==", flush=True)
+    print(
+        f"== {args.n:,} vectors ({len(real)} real + sampled from a {len(mixture[0])}-component mixture, "
+        f"{time.perf_counter() - start:.0f} s), {args.queries} queries, {faiss.omp_get_max_threads()} cores, "
+        f"backbone {args.backbone} ==",
+        flush=True,
+    )
     flat = faiss.IndexFlatIP(base.shape[1])
     flat.add(base)
     exact = flat.search(queries, K)[1]
@@ -319,7 +350,9 @@ def main() -> None:
     real_index.add(real)
     real_sims = real_index.search(real[:500], 2)[0][:, 1].mean()
     sample_sims = real_index.search(queries[:500], 1)[0][:, 0].mean()
-    print(f"mean top-1 cosine to the real catalog: real items (excluding self) {real_sims:.3f}, samples {sample_sims:.3f}")
+    print(
+        f"mean top-1 cosine to the real catalog: real items (excluding self) {real_sims:.3f}, samples {sample_sims:.3f}"
+    )
     del flat
     rows = [] if args.skip_ann else bench_faiss(base, queries, exact, args)
     if args.milvus:

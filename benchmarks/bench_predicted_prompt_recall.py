@@ -39,13 +39,17 @@ KS = (10, 50)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="model folder with attribute heads")
-    parser.add_argument("--catalog", type=Path, default=Path("../shared/datasets/clothing-dataset"), help="clothing catalog folder")
+    parser.add_argument(
+        "--catalog", type=Path, default=Path("../shared/datasets/clothing-dataset"), help="clothing catalog folder"
+    )
     parser.add_argument("--cache-dir", type=Path, default=Path("runs/cache/features"), help="feature cache")
     parser.add_argument("--mode", default=None, help="query mode (default: the model's)")
     args = parser.parse_args()
     model = load_model(args.model)
     if model.attribute_heads is None:
-        raise SystemExit(f"{args.model} has no attribute heads: run `fashion-cir attributes train --model {args.model}`")
+        raise SystemExit(
+            f"{args.model} has no attribute heads: run `fashion-cir attributes train --model {args.model}`"
+        )
     catalog = load_clothing_catalog(args.catalog)
     records = catalog.attributes  # id -> the catalog's attribute record (with its "description")
     mode = args.mode or model.query_mode
@@ -56,8 +60,10 @@ def main() -> None:
     protocols = [SPLIT, catalog_protocol(list(dict.fromkeys(everything)))]
     cache = FeatureCache(args.cache_dir)
     matcher = model.matcher.config() if model.matcher is not None else None
-    print(f"model: {args.model}, query mode: {mode}, text template: {model.text_template}, matcher: {matcher}, "
-          f"fusion: {model.fusion.model_dump(mode='json')}")
+    print(
+        f"model: {args.model}, query mode: {mode}, text template: {model.text_template}, matcher: {matcher}, "
+        f"fusion: {model.fusion.model_dump(mode='json')}"
+    )
     parts = {"full model": model.fusion}
     if model.fusion != Fusion(composed=1.0):
         parts["composed part only"] = Fusion(composed=1.0)
@@ -80,17 +86,23 @@ def main() -> None:
                     value, low, high = recall_interval(ranks[protocol.name][source], k)
                     cells.append(f"{value:.2f} ({low:.1f}-{high:.1f})")
                 metrics = counts[protocol.name, source]
-                rows.append(f"| {protocol.name} | {part} | `--describe {source}` | {' | '.join(cells)} | "
-                            f"{metrics['n_queries']} | {metrics['n_gallery']} |")
+                rows.append(
+                    f"| {protocol.name} | {part} | `--describe {source}` | {' | '.join(cells)} | "
+                    f"{metrics['n_queries']} | {metrics['n_gallery']} |"
+                )
             for a, b in (("predicted", "catalog"), ("none", "catalog"), ("predicted", "none")):
                 cells = []
                 for k in KS:
                     diff, low, high = paired_difference(ranks[protocol.name][a], ranks[protocol.name][b], k)
                     cells.append(f"{diff:+.2f} ({low:+.1f} to {high:+.1f})")
                 diffs.append(f"| {protocol.name} | {part} | {a} - {b} | {' | '.join(cells)} |")
-    print("\n| protocol | scored by | prompt source | R@10 (95% CI) | R@50 (95% CI) | queries | gallery |\n|---|---|---|---|---|---|---|")
+    print(
+        "\n| protocol | scored by | prompt source | R@10 (95% CI) | R@50 (95% CI) | queries | gallery |\n|---|---|---|---|---|---|---|"
+    )
     print("\n".join(rows))
-    print("\n| protocol | scored by | paired difference | R@10 points (95% CI) | R@50 points (95% CI) |\n|---|---|---|---|---|")
+    print(
+        "\n| protocol | scored by | paired difference | R@10 points (95% CI) | R@50 points (95% CI) |\n|---|---|---|---|---|"
+    )
     print("\n".join(diffs))
 
 

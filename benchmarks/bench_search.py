@@ -28,8 +28,16 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CATALOG = (REPO / ".." / "shared" / "datasets" / "clothing-dataset").resolve()
-CAPTIONS = ["is red with long sleeves", "is darker and shorter", "has a floral print", "is a denim version",
-            "is black and sleeveless", "has a hood and a zip", "is white with a collar", "is more casual"]
+CAPTIONS = [
+    "is red with long sleeves",
+    "is darker and shorter",
+    "has a floral print",
+    "is a denim version",
+    "is black and sleeveless",
+    "has a hood and a zip",
+    "is white with a collar",
+    "is more casual",
+]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -46,10 +54,19 @@ def build_demo_index(folder: Path, args: argparse.Namespace) -> list[str]:
     paths = sorted((catalog / "images").glob("*.jpg"))[: args.images]
     metadata = [catalog / name for name in ("images.csv", "attributes.jsonl") if (catalog / name).is_file()]
     start = time.perf_counter()
-    index = build_index(folder, model, {p.stem: p for p in paths}, metadata, factory=args.factory,
-                        cache_dir=Path(args.cache_dir) if args.cache_dir else None, progress=False)
-    print(f"index: {len(index)} images, {args.factory}, built in {time.perf_counter() - start:.1f} s "
-          f"({index.report['computed']} encoded, {index.report['reused']} from cache)")
+    index = build_index(
+        folder,
+        model,
+        {p.stem: p for p in paths},
+        metadata,
+        factory=args.factory,
+        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        progress=False,
+    )
+    print(
+        f"index: {len(index)} images, {args.factory}, built in {time.perf_counter() - start:.1f} s "
+        f"({index.report['computed']} encoded, {index.report['reused']} from cache)"
+    )
     return index.ids
 
 
@@ -60,10 +77,15 @@ def free_port() -> int:
 
 
 def start_server(folder: Path, model: str, port: int) -> subprocess.Popen:
-    code = ("import sys; from fashion_cir.serving.app import serve; "
-            "serve(sys.argv[1], sys.argv[2], port=int(sys.argv[3]))")
-    process = subprocess.Popen([sys.executable, "-c", code, str(folder), model, str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    code = (
+        "import sys; from fashion_cir.serving.app import serve; serve(sys.argv[1], sys.argv[2], port=int(sys.argv[3]))"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, str(folder), model, str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     import httpx
 
     deadline = time.monotonic() + 120
@@ -108,8 +130,15 @@ async def load_test(url: str, ids: list[str], uploads: list[bytes], clients: int
         await asyncio.gather(*(worker(client, n) for n in share))
         wall = time.perf_counter() - start
     ms = [x * 1000 for x in latencies]
-    return {"mode": mode, "clients": clients, "requests": requests, "failures": failures,
-            "p50_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95), "throughput_rps": requests / wall}
+    return {
+        "mode": mode,
+        "clients": clients,
+        "requests": requests,
+        "failures": failures,
+        "p50_ms": percentile(ms, 50),
+        "p95_ms": percentile(ms, 95),
+        "throughput_rps": requests / wall,
+    }
 
 
 def bench_serving(args: argparse.Namespace) -> list[dict]:
@@ -126,8 +155,10 @@ def bench_serving(args: argparse.Namespace) -> list[dict]:
                 for clients in args.clients:
                     row = asyncio.run(load_test(f"http://127.0.0.1:{port}", ids, uploads, clients, args.requests, mode))
                     rows.append(row)
-                    print(f"{mode:>6} ref, {clients:>3} clients: p50 {row['p50_ms']:7.1f} ms  p95 {row['p95_ms']:7.1f} ms  "
-                          f"{row['throughput_rps']:7.1f} req/s  ({row['failures']} failed of {row['requests']})")
+                    print(
+                        f"{mode:>6} ref, {clients:>3} clients: p50 {row['p50_ms']:7.1f} ms  p95 {row['p95_ms']:7.1f} ms  "
+                        f"{row['throughput_rps']:7.1f} req/s  ({row['failures']} failed of {row['requests']})"
+                    )
         finally:
             server.terminate()
             server.wait(timeout=30)
@@ -160,8 +191,10 @@ def recall(found: np.ndarray, exact: np.ndarray) -> float:
 def bench_faiss(args: argparse.Namespace) -> list[dict]:
     import faiss
 
-    print(f"\n== FAISS vs numpy: {args.n:,} random unit vectors, d={args.dim}, {args.queries} queries, k=10, "
-          f"{faiss.omp_get_max_threads()} threads ==")
+    print(
+        f"\n== FAISS vs numpy: {args.n:,} random unit vectors, d={args.dim}, {args.queries} queries, k=10, "
+        f"{faiss.omp_get_max_threads()} threads =="
+    )
     rng = np.random.default_rng(0)
     start = time.perf_counter()
     base = unit_vectors(rng, args.n, args.dim)
@@ -171,13 +204,18 @@ def bench_faiss(args: argparse.Namespace) -> list[dict]:
     start = time.perf_counter()
     exact = numpy_topk(base, queries, 10)
     numpy_s = time.perf_counter() - start
-    rows = [{"method": "numpy brute force", "build_s": 0.0, "query_ms": numpy_s / args.queries * 1000, "recall@10": 1.0}]
+    rows = [
+        {"method": "numpy brute force", "build_s": 0.0, "query_ms": numpy_s / args.queries * 1000, "recall@10": 1.0}
+    ]
     print(f"{'method':<34}{'build s':>10}{'ms/query':>11}{'queries/s':>12}{'vs numpy':>10}{'recall@10':>11}")
     show(rows[0], rows[0])
 
-    nlist = args.nlist or max(1, int(round(args.n ** 0.5)))
-    configs = [("Flat", "Flat", {}), (f"IVF{nlist},Flat", f"IVF{nlist},Flat", {"nprobe": args.nprobe}),
-               (f"HNSW{args.hnsw_m}", f"HNSW{args.hnsw_m}", {"efSearch": args.ef_search})]
+    nlist = args.nlist or max(1, int(round(args.n**0.5)))
+    configs = [
+        ("Flat", "Flat", {}),
+        (f"IVF{nlist},Flat", f"IVF{nlist},Flat", {"nprobe": args.nprobe}),
+        (f"HNSW{args.hnsw_m}", f"HNSW{args.hnsw_m}", {"efSearch": args.ef_search}),
+    ]
     for name, factory, params in configs:
         index = faiss.index_factory(args.dim, factory, faiss.METRIC_INNER_PRODUCT)
         start = time.perf_counter()
@@ -192,8 +230,14 @@ def bench_faiss(args: argparse.Namespace) -> list[dict]:
         _, found = index.search(queries, 10)
         query_s = time.perf_counter() - start
         label = name + "".join(f" {k}={v}" for k, v in params.items())
-        rows.append({"method": f"faiss {label}", "build_s": build_s, "query_ms": query_s / args.queries * 1000,
-                     "recall@10": recall(found, exact)})
+        rows.append(
+            {
+                "method": f"faiss {label}",
+                "build_s": build_s,
+                "query_ms": query_s / args.queries * 1000,
+                "recall@10": recall(found, exact),
+            }
+        )
         show(rows[-1], rows[0])
         del index
     return rows
@@ -201,15 +245,22 @@ def bench_faiss(args: argparse.Namespace) -> list[dict]:
 
 def show(row: dict, baseline: dict) -> None:
     row["speedup_vs_numpy"] = baseline["query_ms"] / row["query_ms"]
-    print(f"{row['method']:<34}{row['build_s']:>10.1f}{row['query_ms']:>11.3f}{1000 / row['query_ms']:>12.0f}"
-          f"{row['speedup_vs_numpy']:>9.1f}x{row['recall@10']:>11.3f}", flush=True)
+    print(
+        f"{row['method']:<34}{row['build_s']:>10.1f}{row['query_ms']:>11.3f}{1000 / row['query_ms']:>12.0f}"
+        f"{row['speedup_vs_numpy']:>9.1f}x{row['recall@10']:>11.3f}",
+        flush=True,
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", help="trained model folder (default: zero-shot --backbone)")
     parser.add_argument("--backbone", default="tiny", help="backbone spec when no --model (default: tiny)")
-    parser.add_argument("--catalog", default=str(DEFAULT_CATALOG), help="catalog folder with images/ (+ attributes.jsonl)")
+    parser.add_argument(
+        "--catalog", default=str(DEFAULT_CATALOG), help="catalog folder with images/ (+ attributes.jsonl)"
+    )
     parser.add_argument("--images", type=int, default=500, help="catalog images to index (default 500)")
     parser.add_argument("--factory", default="Flat", help="FAISS factory string of the served index")
     parser.add_argument("--cache-dir", help="feature cache folder to reuse between runs")

@@ -44,8 +44,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # the live writer and the faults use the library in-process
 CATALOG = (REPO / ".." / "shared" / "datasets" / "clothing-dataset").resolve()
 ENV = {**os.environ, "PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-TEXTS = ["is red with long sleeves", "is darker and shorter", "has a floral pattern", "is blue", "is more casual",
-         "has a v-neck and no sleeves", "is black leather", "is white and looser", "has stripes", "is a dress instead"]
+TEXTS = [
+    "is red with long sleeves",
+    "is darker and shorter",
+    "has a floral pattern",
+    "is blue",
+    "is more casual",
+    "has a v-neck and no sleeves",
+    "is black leather",
+    "is white and looser",
+    "has stripes",
+    "is a dress instead",
+]
 MIX = {"id search": 0.5, "upload": 0.15, "items": 0.1, "item": 0.1, "image": 0.1, "probe": 0.05}
 DEEP = "(" * 330 + 'color == "red"' + ")" * 330
 PROBES = {  # issue 22: each must be answered with a 4xx (never a 5xx, never another item)
@@ -80,13 +90,15 @@ def uploads(max_pixels: int, max_bytes: int) -> list[tuple[str, bytes, str]]:
     rng = np.random.default_rng(0)
     photos = sorted((CATALOG / "images").glob("*.jpg"))[:6]
     out = [(p.name, p.read_bytes(), "image/jpeg") for p in photos]
-    side = int(max_pixels ** 0.5) - 1  # a PNG just under the pixel limit (decoded in full)
+    side = int(max_pixels**0.5) - 1  # a PNG just under the pixel limit (decoded in full)
     png = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(png, "PNG", compress_level=1)
     if len(png.getvalue()) <= max_bytes:
         out.append((f"limit-{side}x{side}.png", png.getvalue(), "image/png"))
     big = io.BytesIO()  # far above the pixel limit, but a JPEG: decoded at 1/8 scale
-    Image.fromarray(np.kron(rng.integers(0, 255, (250, 250, 3), dtype=np.uint8), np.ones((16, 16, 1), np.uint8))).save(big, "JPEG", quality=90)
+    Image.fromarray(np.kron(rng.integers(0, 255, (250, 250, 3), dtype=np.uint8), np.ones((16, 16, 1), np.uint8))).save(
+        big, "JPEG", quality=90
+    )
     out.append(("large-4000x4000.jpg", big.getvalue(), "image/jpeg"))
     quality, noisy = 95, b""  # a JPEG close to the byte limit
     noise = Image.fromarray(rng.integers(0, 255, (1800, 1800, 3), dtype=np.uint8))
@@ -108,8 +120,10 @@ def uploads(max_pixels: int, max_bytes: int) -> list[tuple[str, bytes, str]]:
 
 def png_claiming(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims ``width`` x ``height`` (a decompression bomb's shape)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     pixels = zlib.compress(b"\0" * 64)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
@@ -137,8 +151,10 @@ def client(base: str, ids: list[str], payloads, deadline: float, seed: int, log:
                     response = http.post("/search", data={"id": rng.choice(ids), "text": rng.choice(TEXTS), "k": "12"})
                 elif kind == "upload":
                     name, data, mime = rng.choice(payloads)
-                    response = http.post("/search", data={"text": rng.choice(TEXTS)}, files={"image": (name, data, mime)})
-                    special = name.startswith(('limit-', 'large-', 'noise-', 'thin-', 'huge-'))
+                    response = http.post(
+                        "/search", data={"text": rng.choice(TEXTS)}, files={"image": (name, data, mime)}
+                    )
+                    special = name.startswith(("limit-", "large-", "noise-", "thin-", "huge-"))
                     kind = f"upload {name.split('-')[0] if special else 'photo'}"
                 elif kind == "probe":
                     name, response = probe(http, rng, ids)
@@ -199,8 +215,13 @@ def manifest_faults(folder: Path, base: str, ids: list[str], deadline: float, ev
                 swap(folder, good)
             recovered = http.get("/health").json()["status"]
             name = ["malformed", "nested 100,000 deep"][number % 2]
-            log.append((f"fault: {name} index.json", f"health {status}, search {search}, then {recovered}",
-                        (time.perf_counter() - start) * 1000))
+            log.append(
+                (
+                    f"fault: {name} index.json",
+                    f"health {status}, search {search}, then {recovered}",
+                    (time.perf_counter() - start) * 1000,
+                )
+            )
 
 
 def swap(folder: Path, data: bytes) -> None:
@@ -223,8 +244,12 @@ def main() -> int:
     cli = [sys.executable, "-m", "fashion_cir.cli"]
     if not (args.index / "index.json").exists():
         start = time.perf_counter()
-        subprocess.run(cli + ["index", "build", str(args.index), "--images", str(args.images), "--backbone", args.backbone],
-                       env=ENV, cwd=REPO, check=True)
+        subprocess.run(
+            cli + ["index", "build", str(args.index), "--images", str(args.images), "--backbone", args.backbone],
+            env=ENV,
+            cwd=REPO,
+            check=True,
+        )
         print(f"built {args.index} in {time.perf_counter() - start:.0f} s", flush=True)
     port = free_port()
     serve = cli + ["serve", "--index", str(args.index), "--host", "127.0.0.1", "--port", str(port)]
@@ -247,17 +272,25 @@ def main() -> int:
         ids = [i["id"] for i in httpx.get(base + "/items", params={"n": 200, "seed": 1}).json()["items"]]
         limits = health["limits"]
         payloads = uploads(limits["max_pixels"], limits["max_upload_bytes"])
-        print(f"serving {health['items']} items ({health['backbone']}), limits {limits}; uploads: "
-              f"{[(n, len(d)) for n, d, _ in payloads]}; {args.clients} clients for {args.duration:.0f} s", flush=True)
+        print(
+            f"serving {health['items']} items ({health['backbone']}), limits {limits}; uploads: "
+            f"{[(n, len(d)) for n, d, _ in payloads]}; {args.clients} clients for {args.duration:.0f} s",
+            flush=True,
+        )
         log: list = []
         deadline = time.monotonic() + args.duration
-        threads = [threading.Thread(target=client, args=(base, ids, payloads, deadline, seed, log)) for seed in range(args.clients)]
+        threads = [
+            threading.Thread(target=client, args=(base, ids, payloads, deadline, seed, log))
+            for seed in range(args.clients)
+        ]
         if args.live_every:
-            threads.append(threading.Thread(target=live_writer,
-                                            args=(args.index, ids[0], deadline, args.live_every, log)))
+            threads.append(
+                threading.Thread(target=live_writer, args=(args.index, ids[0], deadline, args.live_every, log))
+            )
         if args.fault_every:
-            threads.append(threading.Thread(target=manifest_faults,
-                                            args=(args.index, base, ids, deadline, args.fault_every, log)))
+            threads.append(
+                threading.Thread(target=manifest_faults, args=(args.index, base, ids, deadline, args.fault_every, log))
+            )
         samples = []
         for thread in threads:
             thread.start()
@@ -274,19 +307,38 @@ def main() -> int:
     for kind, status, ms in log:
         by_kind[kind].append(ms)
         statuses[kind][status] += 1
-    refused = [(s, n) for kind, c in statuses.items() if kind.startswith(("probe:", "upload thin", "upload huge"))
-               for s, n in c.items()]
-    report = {"requests": len(log), "seconds": args.duration, "requests_per_second": round(len(log) / args.duration, 1),
-              "server_5xx": sum(n for c in statuses.values() for s, n in c.items() if isinstance(s, int) and s >= 500),
-              "client_errors": sum(n for kind, c in statuses.items() if not kind.startswith(("fault:", "live "))
-                                   for s, n in c.items() if not isinstance(s, int)),
-              "probes_not_4xx": sum(n for s, n in refused if not (isinstance(s, int) and 400 <= s < 500)),
-              "rss_start_mb": round(rss_start / 1024), "peak_rss_mb": round(peak_kb / 1024),
-              "load_average_1_5_15": [round(x, 1) for x in load], "cpus": os.cpu_count(), "kinds": {}}
+    refused = [
+        (s, n)
+        for kind, c in statuses.items()
+        if kind.startswith(("probe:", "upload thin", "upload huge"))
+        for s, n in c.items()
+    ]
+    report = {
+        "requests": len(log),
+        "seconds": args.duration,
+        "requests_per_second": round(len(log) / args.duration, 1),
+        "server_5xx": sum(n for c in statuses.values() for s, n in c.items() if isinstance(s, int) and s >= 500),
+        "client_errors": sum(
+            n
+            for kind, c in statuses.items()
+            if not kind.startswith(("fault:", "live "))
+            for s, n in c.items()
+            if not isinstance(s, int)
+        ),
+        "probes_not_4xx": sum(n for s, n in refused if not (isinstance(s, int) and 400 <= s < 500)),
+        "rss_start_mb": round(rss_start / 1024),
+        "peak_rss_mb": round(peak_kb / 1024),
+        "load_average_1_5_15": [round(x, 1) for x in load],
+        "cpus": os.cpu_count(),
+        "kinds": {},
+    }
     for kind in sorted(by_kind):
         values = np.array(by_kind[kind])
-        report["kinds"][kind] = {"n": len(values), **{f"p{q}_ms": round(float(np.percentile(values, q)), 1) for q in (50, 95, 99)},
-                                 "statuses": dict(statuses[kind])}
+        report["kinds"][kind] = {
+            "n": len(values),
+            **{f"p{q}_ms": round(float(np.percentile(values, q)), 1) for q in (50, 95, 99)},
+            "statuses": dict(statuses[kind]),
+        }
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

@@ -69,8 +69,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
 
-    train = load_triplet_set(args.data / "captions/cap.clothing.train.json", args.data / "image_splits/split.clothing.train.json",
-                             args.data / "images")
+    train = load_triplet_set(
+        args.data / "captions/cap.clothing.train.json",
+        args.data / "image_splits/split.clothing.train.json",
+        args.data / "images",
+    )
     triplets = train.triplets[: args.triplets]
     used = dict.fromkeys(i for t in triplets for i in (t.candidate, t.target))
     catalog_ids = list(dict.fromkeys([*used, *train.gallery_ids]))[: max(args.catalog, len(used))]
@@ -97,24 +100,31 @@ def main() -> None:
             images = model.backbone.encode_images(batch["pixels"])
         n = len(batch["target_ids"])
         queries = model.compose(images[:n], model.backbone.encode_texts(batch["tokens"]))
-        return in_batch(queries, F.normalize(images[n:2 * n], dim=-1),
-                        ignore=InBatchContrastiveLoss.duplicate_mask(batch["target_ids"], batch["target_ids"]))
+        return in_batch(
+            queries,
+            F.normalize(images[n : 2 * n], dim=-1),
+            ignore=InBatchContrastiveLoss.duplicate_mask(batch["target_ids"], batch["target_ids"]),
+        )
 
     reencode_seconds = run_epoch(model, reencode_step, pixel_data, Collate(model, bank.index, 0), batches)
     steps = len(batches)
     full_reencode = steps * bank_seconds + static_seconds  # static epoch ~ the text-encoder work
 
-    print(f"backbone {args.backbone} | catalog {len(ids)} images | {len(triplets)} triplets | batch {args.batch_size} | "
-          f"{steps} steps/epoch | {torch.get_num_threads()} CPU threads")
+    print(
+        f"backbone {args.backbone} | catalog {len(ids)} images | {len(triplets)} triplets | batch {args.batch_size} | "
+        f"{steps} steps/epoch | {torch.get_num_threads()} CPU threads"
+    )
     print(f"{'method':<38}{'epoch s':>10}{'negatives/query':>17}")
     print(f"{'static bank (SPN4CIR)':<38}{static_seconds:>10.2f}{len(ids) - 1:>17}")
     print(f"{'  + one-off bank encoding':<38}{bank_seconds:>10.2f}")
     print(f"{'re-encode batch images (CLIP4Cir)':<38}{reencode_seconds:>10.2f}{args.batch_size - 1:>17}")
     print(f"{'re-encode catalog each batch (est.)':<38}{full_reencode:>10.2f}{len(ids) - 1:>17}")
-    print(f"ratio re-encode / static epoch: {reencode_seconds / static_seconds:.2f}x time for "
-          f"{(args.batch_size - 1) / (len(ids) - 1):.3f}x the negatives; "
-          f"static incl. bank encoding: {(static_seconds + bank_seconds):.2f} s; "
-          f"same negatives by re-encoding: {full_reencode / static_seconds:.1f}x the static epoch")
+    print(
+        f"ratio re-encode / static epoch: {reencode_seconds / static_seconds:.2f}x time for "
+        f"{(args.batch_size - 1) / (len(ids) - 1):.3f}x the negatives; "
+        f"static incl. bank encoding: {(static_seconds + bank_seconds):.2f} s; "
+        f"same negatives by re-encoding: {full_reencode / static_seconds:.1f}x the static epoch"
+    )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,7 @@ from fashion_cir.data.images import open_image
 from fashion_cir.models.attributes import describe
 from fashion_cir.models.cir import load_model
 from fashion_cir.retrieval import build_index
-from fashion_cir.retrieval.query import encode_reference_image
-from fashion_cir.retrieval.query import composed_search
+from fashion_cir.retrieval.query import composed_search, encode_reference_image
 
 CAPTIONS = ["is red with long sleeves", "is black and sleeveless", "is shorter and has a floral print", "is blue denim"]
 
@@ -51,9 +50,13 @@ def quartiles(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="model folder with attribute heads")
-    parser.add_argument("--catalog", type=Path, default=Path("../shared/datasets/clothing-dataset"), help="clothing catalog folder")
+    parser.add_argument(
+        "--catalog", type=Path, default=Path("../shared/datasets/clothing-dataset"), help="clothing catalog folder"
+    )
     parser.add_argument("--cache-dir", type=Path, default=Path("runs/cache/features"), help="feature cache")
-    parser.add_argument("--n", type=int, default=200, help="uploads (val images, repeated if fewer), each timed both ways")
+    parser.add_argument(
+        "--n", type=int, default=200, help="uploads (val images, repeated if fewer), each timed both ways"
+    )
     parser.add_argument("--gallery", type=int, default=563, help="indexed val images")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = parser.parse_args()
@@ -64,14 +67,22 @@ def main() -> None:
     model.eval()
     heads = model.attribute_heads
     if heads is None:
-        raise SystemExit(f"{args.model} has no attribute heads: run `fashion-cir attributes train --model {args.model}`")
+        raise SystemExit(
+            f"{args.model} has no attribute heads: run `fashion-cir attributes train --model {args.model}`"
+        )
     catalog = load_clothing_catalog(args.catalog)
     val = list(catalog.split_paths("val").items())
     gallery = dict(val[: args.gallery])
     uploads = [open_image(val[i % len(val)][1]) for i in range(args.n)]
-    rows = ["upload search, caption only", "upload search, predicted prompt", "added by the predicted prompt (paired)",
-            "part: heads + description", "part: prompt fitted to the context", "part: text encode, caption only",
-            "part: text encode, prompt + caption"]
+    rows = [
+        "upload search, caption only",
+        "upload search, predicted prompt",
+        "added by the predicted prompt (paired)",
+        "part: heads + description",
+        "part: prompt fitted to the context",
+        "part: text encode, caption only",
+        "part: text encode, prompt + caption",
+    ]
     times: dict[str, dict[str, list[float]]] = {row: {"wall": [], "cpu": []} for row in rows}
 
     def record(row: str, took: dict[str, float]) -> None:
@@ -79,8 +90,14 @@ def main() -> None:
             times[row][clock].append(value)
 
     with tempfile.TemporaryDirectory() as tmp:
-        index = build_index(Path(tmp) / "index", model, gallery, {i: catalog.attributes.get(i, {}) for i in gallery},
-                            cache_dir=args.cache_dir, progress=False)
+        index = build_index(
+            Path(tmp) / "index",
+            model,
+            gallery,
+            {i: catalog.attributes.get(i, {}) for i in gallery},
+            cache_dir=args.cache_dir,
+            progress=False,
+        )
         print(f"index of {len(gallery)} items built; timing {len(uploads)} uploads", file=sys.stderr, flush=True)
         for image in uploads[:5]:  # warm-up
             composed_search(model, index, image=image, text=CAPTIONS[0], k=24)
@@ -89,9 +106,11 @@ def main() -> None:
             if number % 20 == 0:
                 print(f"upload {number}/{len(uploads)}", file=sys.stderr, flush=True)
             search = {}
-            for with_heads in ((False, True) if number % 2 else (True, False)):  # alternating order
+            for with_heads in (False, True) if number % 2 else (True, False):  # alternating order
                 model.attach_heads(heads if with_heads else None)
-                search[with_heads], result = timed(lambda: composed_search(model, index, image=image, text=caption, k=24))
+                search[with_heads], result = timed(
+                    lambda: composed_search(model, index, image=image, text=caption, k=24)
+                )
                 assert (result.prompt_source == "predicted") == with_heads, result.prompt_source
             model.attach_heads(heads)
             record(rows[0], search[False])
@@ -106,10 +125,14 @@ def main() -> None:
                 record(rows[5], timed(lambda: model.backbone.embed_texts([caption]))[0])
                 record(rows[6], timed(lambda: model.backbone.embed_texts([text]))[0])
     load_after = os.getloadavg()
-    print(f"model: {args.model}, backbone: {type(model.backbone).__name__}, matcher: "
-          f"{model.matcher.config() if model.matcher is not None else None}")
-    print(f"uploads: {len(uploads)}, gallery: {len(gallery)}, torch threads: {torch.get_num_threads()}, "
-          f"load average before {load_before[0]:.2f} / after {load_after[0]:.2f} (1 min), cpus: {os.cpu_count()}")
+    print(
+        f"model: {args.model}, backbone: {type(model.backbone).__name__}, matcher: "
+        f"{model.matcher.config() if model.matcher is not None else None}"
+    )
+    print(
+        f"uploads: {len(uploads)}, gallery: {len(gallery)}, torch threads: {torch.get_num_threads()}, "
+        f"load average before {load_before[0]:.2f} / after {load_after[0]:.2f} (1 min), cpus: {os.cpu_count()}"
+    )
     print(f"example prompt: {text!r}")
     print(f"medians (quartiles) over {len(uploads)} uploads; target: added < 10 ms")
     print(f"{'':<40} {'wall clock':<32} {'process CPU time':<32}")
@@ -117,7 +140,10 @@ def main() -> None:
         print(f"{row:<40} {quartiles(times[row]['wall']):<32} {quartiles(times[row]['cpu']):<32}")
     for clock in ("wall", "cpu"):
         plain, prompted = (statistics.median(times[row][clock]) for row in rows[:2])
-        print(f"{clock}: difference of the medians {prompted - plain:.2f} ms, ratio prompted / caption only {prompted / plain:.3f}")
+        print(
+            f"{clock}: difference of the medians {prompted - plain:.2f} ms, ratio prompted / caption only {prompted / plain:.3f}"
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -40,9 +40,14 @@ def vit_throughput(results: dict) -> None:
     backbone = create_backbone("openclip:ViT-B-32:random").cuda().eval()
     pixels = torch.randn(256, 3, 224, 224, device="cuda")
     for name, dtype in (("fp32", None), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
+
         def step():
-            with torch.inference_mode(), torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+            with (
+                torch.inference_mode(),
+                torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None),
+            ):
                 backbone.encode_images(pixels)
+
         seconds = timed(step, 3, 10)
         results[f"vit_b32_encode_{name}_img_per_s"] = round(256 / seconds, 1)
         print(f"ViT-B/32 encode {name} batch 256: {256 / seconds:,.0f} img/s", flush=True)
@@ -67,21 +72,51 @@ def llava_throughput(results: dict, batch: int = 16, new_tokens: int = 128) -> N
     words = " ".join(f"w{i}" for i in range(32000))
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([words], trainers.WordLevelTrainer(vocab_size=40000, special_tokens=["<pad>", "<unk>", "<s>", "</s>", "<image>"]))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                        eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
-    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
-                               tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
-                               num_additional_image_tokens=1)
+    tok.train_from_iterator(
+        [words],
+        trainers.WordLevelTrainer(vocab_size=40000, special_tokens=["<pad>", "<unk>", "<s>", "</s>", "<image>"]),
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                                       image_size=336, patch_size=14, projection_dim=768),
-        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-                                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                                eos_token_id=tokenizer.eos_token_id),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
-        vision_feature_layer=-2)
+        vision_config=CLIPVisionConfig(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+            projection_dim=768,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            max_position_embeddings=4096,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
     start = time.perf_counter()
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
@@ -107,8 +142,11 @@ def llava_throughput(results: dict, batch: int = 16, new_tokens: int = 128) -> N
     results["llava7b_caption_img_per_s"] = round(batch / seconds, 2)
     results["llava7b_generated_tok_per_s"] = round(batch * new_tokens / seconds, 0)
     results["llava7b_peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
-    print(f"LLaVA-7B-shaped bf16 batch {batch}, {new_tokens} new tokens: {batch / seconds:.2f} img/s "
-          f"({batch * new_tokens / seconds:,.0f} tok/s), answers are garbage as expected: {str(answers[0])[:40]!r}", flush=True)
+    print(
+        f"LLaVA-7B-shaped bf16 batch {batch}, {new_tokens} new tokens: {batch / seconds:.2f} img/s "
+        f"({batch * new_tokens / seconds:,.0f} tok/s), answers are garbage as expected: {str(answers[0])[:40]!r}",
+        flush=True,
+    )
     del model, captioner
     torch.cuda.empty_cache()
 
@@ -135,6 +173,7 @@ def stage1_steps(results: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+
         torch.cuda.reset_peak_memory_stats()
         seconds = timed(step, 2, 5)
         peak = torch.cuda.max_memory_allocated() / 2**30
@@ -165,6 +204,7 @@ def stage2_throughput(results: dict, bank_size: int = 100_000, batch: int = 256)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+
     torch.cuda.reset_peak_memory_stats()
     seconds = timed(step, 2, 10)
     results["stage2_bank_size"] = bank_size
@@ -172,8 +212,11 @@ def stage2_throughput(results: dict, bank_size: int = 100_000, batch: int = 256)
     results["stage2_ms_per_step"] = round(seconds * 1000, 1)
     results["stage2_queries_per_s"] = round(batch / seconds, 0)
     results["stage2_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    print(f"stage 2 text encoder vs {bank_size:,}-entry bank, batch {batch}: {seconds * 1000:.0f} ms/step, "
-          f"{batch / seconds:,.0f} queries/s, {bank_size - 1:,} negatives per query", flush=True)
+    print(
+        f"stage 2 text encoder vs {bank_size:,}-entry bank, batch {batch}: {seconds * 1000:.0f} ms/step, "
+        f"{batch / seconds:,.0f} queries/s, {bank_size - 1:,} negatives per query",
+        flush=True,
+    )
 
 
 def queries_on_gpu(results: dict) -> None:
@@ -189,7 +232,9 @@ def queries_on_gpu(results: dict) -> None:
     backbone = create_backbone("tiny")
     combined = CIRModel(backbone, "combiner", Combiner(backbone.feature_dim)).eval()
     offline = create_backbone("offline")
-    shared = CIRModel(offline, "sum", matcher=DescriptionMatcher(offline.towers.text, query_encoder=offline.text_tower)).eval()
+    shared = CIRModel(
+        offline, "sum", matcher=DescriptionMatcher(offline.towers.text, query_encoder=offline.text_tower)
+    ).eval()
     for name, model in (("combiner", combined), ("shared_matcher", shared)):
         reference = torch.randn(2, model.backbone.feature_dim)
         with torch.no_grad():
@@ -213,8 +258,13 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     print(results, flush=True)
     skip = set(args.skip.split(","))
-    for name, fn in (("vit", vit_throughput), ("stage1", stage1_steps), ("stage2", stage2_throughput),
-                     ("queries", queries_on_gpu), ("llava", llava_throughput)):
+    for name, fn in (
+        ("vit", vit_throughput),
+        ("stage1", stage1_steps),
+        ("stage2", stage2_throughput),
+        ("queries", queries_on_gpu),
+        ("llava", llava_throughput),
+    ):
         if name in skip:
             continue
         try:

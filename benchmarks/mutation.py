@@ -26,14 +26,20 @@ PACKAGE = "src/fashion_cir"
 # module (relative to src/fashion_cir) -> the fast tests that exercise it
 MODULES: dict[str, list[str]] = {
     "evaluation/metrics.py": ["tests/evaluation/test_metrics.py"],
-    "models/combiner.py": ["tests/models/test_combiner.py",
-                           "tests/training/test_losses.py::test_combiner_published_shapes"],
+    "models/combiner.py": [
+        "tests/models/test_combiner.py",
+        "tests/training/test_losses.py::test_combiner_published_shapes",
+    ],
     "models/cir.py": ["tests/models/test_cir.py"],
-    "training/losses.py": ["tests/training/test_losses.py",
-                           "tests/training/test_stages.py::test_stage2_step_is_infonce_on_the_target_row_with_its_duplicates_left_out"],
-    "training/stage2.py": ["tests/training/test_stage2.py",
-                           "tests/training/test_stages.py::test_stage2_step_is_infonce_on_the_target_row_with_its_duplicates_left_out",
-                           "tests/training/test_stages.py::test_stage2_trains_against_the_whole_bank"],
+    "training/losses.py": [
+        "tests/training/test_losses.py",
+        "tests/training/test_stages.py::test_stage2_step_is_infonce_on_the_target_row_with_its_duplicates_left_out",
+    ],
+    "training/stage2.py": [
+        "tests/training/test_stage2.py",
+        "tests/training/test_stages.py::test_stage2_step_is_infonce_on_the_target_row_with_its_duplicates_left_out",
+        "tests/training/test_stages.py::test_stage2_trains_against_the_whole_bank",
+    ],
     "triplets/negatives.py": ["tests/triplets/test_negatives.py"],
     "triplets/mining.py": ["tests/triplets/test_mining.py"],
     "retrieval/index.py": ["tests/retrieval/test_index.py"],
@@ -46,18 +52,27 @@ MODULES: dict[str, list[str]] = {
 
 def mutmut_section(module: str, tests: list[str], timeout_constant: float, timeout_multiplier: float) -> str:
     quoted = lambda items: "[" + ", ".join(f'"{i}"' for i in items) + "]"  # noqa: E731
-    return ("\n[tool.mutmut]\n"
-            f'source_paths = ["src/"]\n'
-            f"only_mutate = {quoted([f'{PACKAGE}/{module}'])}\n"
-            f"pytest_add_cli_args_test_selection = {quoted(tests)}\n"
-            'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x"]\n'
-            "also_copy = [\"tests/\"]\n"
-            f"timeout_constant = {timeout_constant}\n"
-            f"timeout_multiplier = {timeout_multiplier}\n")
+    return (
+        "\n[tool.mutmut]\n"
+        f'source_paths = ["src/"]\n'
+        f"only_mutate = {quoted([f'{PACKAGE}/{module}'])}\n"
+        f"pytest_add_cli_args_test_selection = {quoted(tests)}\n"
+        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x"]\n'
+        'also_copy = ["tests/"]\n'
+        f"timeout_constant = {timeout_constant}\n"
+        f"timeout_multiplier = {timeout_multiplier}\n"
+    )
 
 
-def run_module(module: str, tests: list[str], children: int, show_survivors: bool, timeout_constant: float,
-               timeout_multiplier: float, only: list[str]) -> dict:
+def run_module(
+    module: str,
+    tests: list[str],
+    children: int,
+    show_survivors: bool,
+    timeout_constant: float,
+    timeout_multiplier: float,
+    only: list[str],
+) -> dict:
     outer = Path(tempfile.mkdtemp(prefix="mutmut-"))
     scratch = outer / "repo"
     try:
@@ -75,11 +90,15 @@ def run_module(module: str, tests: list[str], children: int, show_survivors: boo
         env["HF_HUB_OFFLINE"] = "1"
         start = time.perf_counter()
         command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *only]
-        run = subprocess.run(command, cwd=scratch,
-                             env=env, capture_output=True, text=True)
+        run = subprocess.run(command, cwd=scratch, env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - start
-        listing = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=scratch, env=env,
-                                 capture_output=True, text=True).stdout
+        listing = subprocess.run(
+            [sys.executable, "-m", "mutmut", "results", "--all", "true"],
+            cwd=scratch,
+            env=env,
+            capture_output=True,
+            text=True,
+        ).stdout
         status = dict(re.findall(r"^\s*(\S+): (\w[\w ]*)$", listing, flags=re.M))
         if only:  # a re-check of named mutants: the others were not run
             status = {name: state for name, state in status.items() if name in only}
@@ -91,8 +110,13 @@ def run_module(module: str, tests: list[str], children: int, show_survivors: boo
         if show_survivors:
             for name, state in status.items():
                 if state in ("survived", "no tests"):
-                    diff = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=scratch, env=env,
-                                          capture_output=True, text=True).stdout
+                    diff = subprocess.run(
+                        [sys.executable, "-m", "mutmut", "show", name],
+                        cwd=scratch,
+                        env=env,
+                        capture_output=True,
+                        text=True,
+                    ).stdout
                     print(f"--- {state}: {name}\n{diff}")
         counts["seconds"] = round(seconds)
         return counts
@@ -105,24 +129,49 @@ def main() -> None:
     parser.add_argument("modules", nargs="*", default=list(MODULES), help="keys of MODULES, e.g. evaluation/metrics.py")
     parser.add_argument("--children", type=int, default=1, help="mutants tested in parallel")
     parser.add_argument("--survivors", action="store_true", help="print the diff of every surviving mutant")
-    parser.add_argument("--timeout-constant", type=float, default=10.0,
-                        help="seconds added to a mutant's test time before scaling (mutmut's default, 1, leaves no "
-                             "room for pytest start-up and fixture setup, which its estimate does not count)")
-    parser.add_argument("--mutants", nargs="+", default=[], metavar="NAME",
-                        help="run only these mutants (names as --survivors prints them), e.g. to re-check survivors")
-    parser.add_argument("--timeout-multiplier", type=float, default=5.0,
-                        help="wall limit = (test time + constant) x multiplier; CPU limit = twice that")
+    parser.add_argument(
+        "--timeout-constant",
+        type=float,
+        default=10.0,
+        help="seconds added to a mutant's test time before scaling (mutmut's default, 1, leaves no "
+        "room for pytest start-up and fixture setup, which its estimate does not count)",
+    )
+    parser.add_argument(
+        "--mutants",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="run only these mutants (names as --survivors prints them), e.g. to re-check survivors",
+    )
+    parser.add_argument(
+        "--timeout-multiplier",
+        type=float,
+        default=5.0,
+        help="wall limit = (test time + constant) x multiplier; CPU limit = twice that",
+    )
     args = parser.parse_args()
-    print(f"{'module':<24}{'mutants':>8}{'killed':>8}{'survived':>9}{'timeout':>8}{'no tests':>9}{'killed %':>9}{'s':>6}")
+    print(
+        f"{'module':<24}{'mutants':>8}{'killed':>8}{'survived':>9}{'timeout':>8}{'no tests':>9}{'killed %':>9}{'s':>6}"
+    )
     for module in args.modules:
-        c = run_module(module, MODULES[module], args.children, args.survivors, args.timeout_constant,
-                       args.timeout_multiplier, args.mutants)
+        c = run_module(
+            module,
+            MODULES[module],
+            args.children,
+            args.survivors,
+            args.timeout_constant,
+            args.timeout_multiplier,
+            args.mutants,
+        )
         if "error" in c:
             print(f"{module:<24} mutmut produced no results:\n{c['error']}")
             continue
         share = 100.0 * c["killed"] / max(1, c["mutants"])
-        print(f"{module:<24}{c['mutants']:>8}{c['killed']:>8}{c['survived']:>9}{c['timeout']:>8}{c['no tests']:>9}"
-              f"{share:>9.1f}{c['seconds']:>6}", flush=True)
+        print(
+            f"{module:<24}{c['mutants']:>8}{c['killed']:>8}{c['survived']:>9}{c['timeout']:>8}{c['no tests']:>9}"
+            f"{share:>9.1f}{c['seconds']:>6}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,10 @@ from collections import Counter
 # (cost centre, functions that mark it); the first match wins
 RULES = [
     ("image decode + preprocess", ("_ImageDataset.__getitem__", "open_image")),
-    ("image forward (trunk)", ("encode_image_trunk", "cnn_trunk", "trunk_engine.<locals>.<lambda>", "onnx_runner.<locals>.run")),
+    (
+        "image forward (trunk)",
+        ("encode_image_trunk", "cnn_trunk", "trunk_engine.<locals>.<lambda>", "onnx_runner.<locals>.run"),
+    ),
     ("alignment of the towers (text features + epochs)", ("align_offline_backbone",)),
     ("training: backward", ("Tensor.backward", "backward")),
     ("training: optimizer step", ("Optimizer.step", "AdamW.step", "GradScaler.step")),
@@ -38,7 +41,9 @@ def summarise(path: str, rate: float) -> list[tuple[str, float]]:
         for line in lines:
             stack, _, count = line.rstrip().rpartition(" ")
             functions = {frame.split(" (")[0] for frame in stack.split(";")}
-            short = functions | {f.rsplit(".", 1)[-1] for f in functions}  # "CIRModel.encode_queries" -> "encode_queries"
+            short = functions | {
+                f.rsplit(".", 1)[-1] for f in functions
+            }  # "CIRModel.encode_queries" -> "encode_queries"
             centre = next((name for name, marks in RULES if short & set(marks)), "other")
             seconds[centre] += int(count) / rate
     return seconds.most_common()

@@ -54,14 +54,29 @@ def main() -> None:
     parser.add_argument("--recipe", default="configs/demo_clothing.json")
     parser.add_argument("--out", type=Path, help="the recipe's run folder (default: the recipe's out)")
     parser.add_argument("--against", default="stage1", help="the run's published model every figure is paired with")
-    parser.add_argument("--set", dest="settings", action="append", type=setting, default=[], metavar="FIELD=VALUE",
-                        help="a Stage2Config field changed from the recipe's stage 2 (repeatable), e.g. epochs=3")
-    parser.add_argument("--model", type=Path, help="score this model folder (its fusion fitted again) instead of training one")
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        type=setting,
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a Stage2Config field changed from the recipe's stage 2 (repeatable), e.g. epochs=3",
+    )
+    parser.add_argument(
+        "--model", type=Path, help="score this model folder (its fusion fitted again) instead of training one"
+    )
     parser.add_argument("--as-is", action="store_true", help="with --model: keep its own fusion (no refit)")
-    parser.add_argument("--text-from", type=Path,
-                        help="with --model: use this model folder's backbone (text tower), keeping --model's matcher")
-    parser.add_argument("--confirm", action="store_true",
-                        help="also score the generated val triplets (catalog protocol) against stage 1")
+    parser.add_argument(
+        "--text-from",
+        type=Path,
+        help="with --model: use this model folder's backbone (text tower), keeping --model's matcher",
+    )
+    parser.add_argument(
+        "--confirm",
+        action="store_true",
+        help="also score the generated val triplets (catalog protocol) against stage 1",
+    )
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -80,15 +95,25 @@ def main() -> None:
             runner.fit_fusion(model)
     else:
         base = next(s for s in recipe.stages if s.kind == "stage2")
-        stage = StageSpec(name=f"sweep-{args.name}", kind="stage2", start=base.start, data=base.data,
-                          refit_fusion=base.refit_fusion, config={**base.config, **dict(args.settings)})
+        stage = StageSpec(
+            name=f"sweep-{args.name}",
+            kind="stage2",
+            start=base.start,
+            data=base.data,
+            refit_fusion=base.refit_fusion,
+            config={**base.config, **dict(args.settings)},
+        )
         runner.log(f"training {stage.name}: {stage.train_config().model_dump(exclude={'progress', 'cache_dir'})}")
         model = CIRModel.load(runner.train_stage(stage, runner.out / base.start))
 
     before, after = runner.score(args.against, stage1), runner.score(args.name, model)
-    result = {"settings": dict(args.settings), "model": str(args.model or runner.out / f"sweep-{args.name}"),
-              "against": args.against, "fusion": model.fusion.model_dump(mode="json"),
-              "against_fusion": stage1.fusion.model_dump(mode="json")}
+    result = {
+        "settings": dict(args.settings),
+        "model": str(args.model or runner.out / f"sweep-{args.name}"),
+        "against": args.against,
+        "fusion": model.fusion.model_dump(mode="json"),
+        "against_fusion": stage1.fusion.model_dump(mode="json"),
+    }
     weights = lambda m: {t: w for t, w in m.fusion.weights().items() if w}  # noqa: E731
     lines = [f"{args.name}: fusion {weights(model)} ({args.against} {weights(stage1)})"]
     for protocol in before:
@@ -97,26 +122,50 @@ def main() -> None:
                 continue
             b = before[protocol][stage1.query_mode][name]
             result.setdefault(protocol, {})[name] = {
-                "R@10": a["R@10"], "R@50": a["R@50"], "reliance": a.get("reliance"),
+                "R@10": a["R@10"],
+                "R@50": a["R@50"],
+                "reliance": a.get("reliance"),
                 args.against: {"R@10": b["R@10"], "R@50": b["R@50"]},
-                "paired": paired(a["ranks"], b["ranks"]), "ranks": a["ranks"]}
-            lines.append(f"  {protocol:8s} {name:14s} R@10 {a['R@10']:5.1f} ({args.against} {b['R@10']:5.1f}) "
-                         f"R@50 {a['R@50']:5.1f} ({args.against} {b['R@50']:5.1f}) | paired " + "  ".join(
-                             f"{k} {d:+.1f} [{lo:+.1f},{hi:+.1f}]"
-                             for k, (d, lo, hi) in result[protocol][name]["paired"].items()))
+                "paired": paired(a["ranks"], b["ranks"]),
+                "ranks": a["ranks"],
+            }
+            lines.append(
+                f"  {protocol:8s} {name:14s} R@10 {a['R@10']:5.1f} ({args.against} {b['R@10']:5.1f}) "
+                f"R@50 {a['R@50']:5.1f} ({args.against} {b['R@50']:5.1f}) | paired "
+                + "  ".join(
+                    f"{k} {d:+.1f} [{lo:+.1f},{hi:+.1f}]" for k, (d, lo, hi) in result[protocol][name]["paired"].items()
+                )
+            )
     if args.confirm:
         catalog = runner.catalog_
-        triplets = [t for t in parse_triplets(read_json(runner.out / "triplets" / "val.json", "generated val triplets"),
-                                              GENERATED_VAL)
-                    if t.candidate in catalog.image_paths and t.target in catalog.image_paths]
-        generated = TripletSet(GENERATED_VAL, triplets, list(catalog.split_paths("val")), dict(catalog.image_paths), [], 0)
-        held_out = Evaluator({GENERATED_VAL: generated}, runner.cache, catalog.attributes,
-                             EvalOptions(ks=KS, progress=False, keep_ranks=True), None, runner.out / "evaluations",
-                             [catalog_protocol(runner.all_ids())])
+        triplets = [
+            t
+            for t in parse_triplets(
+                read_json(runner.out / "triplets" / "val.json", "generated val triplets"), GENERATED_VAL
+            )
+            if t.candidate in catalog.image_paths and t.target in catalog.image_paths
+        ]
+        generated = TripletSet(
+            GENERATED_VAL, triplets, list(catalog.split_paths("val")), dict(catalog.image_paths), [], 0
+        )
+        held_out = Evaluator(
+            {GENERATED_VAL: generated},
+            runner.cache,
+            catalog.attributes,
+            EvalOptions(ks=KS, progress=False, keep_ranks=True),
+            None,
+            runner.out / "evaluations",
+            [catalog_protocol(runner.all_ids())],
+        )
         a, b = (held_out(m)["catalog"][m.query_mode][GENERATED_VAL]["ranks"] for m in (model, stage1))
         result["generated_catalog"] = {"paired": paired(a, b), "ranks": a}
-        lines.append("  generated val, catalog: paired " + "  ".join(
-            f"{k} {d:+.1f} [{lo:+.1f},{hi:+.1f}]" for k, (d, lo, hi) in result["generated_catalog"]["paired"].items()))
+        lines.append(
+            "  generated val, catalog: paired "
+            + "  ".join(
+                f"{k} {d:+.1f} [{lo:+.1f},{hi:+.1f}]"
+                for k, (d, lo, hi) in result["generated_catalog"]["paired"].items()
+            )
+        )
     result["seconds"] = round(time.perf_counter() - started, 1)
     write_json(runner.out / f"sweep-{args.name}.json", result)
     print("\n".join(lines), flush=True)

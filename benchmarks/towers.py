@@ -50,7 +50,8 @@ def tower_recipe(spec: str, stage1: bool, encoders: str) -> Recipe:
     stage["config"]["encoders"] = encoders
     data["stages"] = [stage] if stage1 else []
     data["evaluation"]["compare"] = [["zero-shot-fused", "zero-shot"]] + (
-        [["stage1", "zero-shot-fused"]] if stage1 else [])
+        [["stage1", "zero-shot-fused"]] if stage1 else []
+    )
     return Recipe.model_validate(data)
 
 
@@ -117,8 +118,14 @@ def run_tower(spec: str, stage1: bool, encoders: str) -> dict:
     runner.finish(published)
 
     align = read_json(runner.out / "offline-backbone" / "offline_backbone.json", "alignment")["align"]
-    result = {"spec": spec, "stage1": stage1, "encoders": encoders if stage1 else None, "seconds": seconds,
-              "align_val_image_to_text_R@10": round(align["best_val_image_to_text_R@10"], 1), "rows": {}}
+    result = {
+        "spec": spec,
+        "stage1": stage1,
+        "encoders": encoders if stage1 else None,
+        "seconds": seconds,
+        "align_val_image_to_text_R@10": round(align["best_val_image_to_text_R@10"], 1),
+        "rows": {},
+    }
     for row in runner.rows:
         if row["set"] == ANNOTATED and row["stage"] != "random":
             key = f"{row['stage']}/{row['mode']}|{row['protocol']}"
@@ -132,8 +139,12 @@ def run_tower(spec: str, stage1: bool, encoders: str) -> dict:
         if key.endswith(f"|{ANNOTATED}"):
             picked = [r for r, a in zip(ranks, asks) if a]
             name = key.removesuffix(f"|{ANNOTATED}")
-            result["rows"].setdefault(name, {})["colour R@10"] = round(100 * float(np.mean([r < 10 for r in picked])), 2)
-    result["ranks"] = {k.removesuffix(f"|{ANNOTATED}"): v for k, v in runner.ranks.items() if k.endswith(f"|{ANNOTATED}")}
+            result["rows"].setdefault(name, {})["colour R@10"] = round(
+                100 * float(np.mean([r < 10 for r in picked])), 2
+            )
+    result["ranks"] = {
+        k.removesuffix(f"|{ANNOTATED}"): v for k, v in runner.ranks.items() if k.endswith(f"|{ANNOTATED}")
+    }
     # the colour the image side carries: pooled tower features and aligned image vectors
     train, val = catalog.splits["train"], catalog.splits["val"]
     paths = {i: catalog.image_paths[i] for i in train + val if i in catalog.image_paths}
@@ -141,8 +152,10 @@ def run_tower(spec: str, stage1: bool, encoders: str) -> dict:
     backbone.project = False
     pooled = dict(zip(*runner.cache.encode(backbone, paths, on_error="skip", progress=False)))
     backbone.project = True
-    result["colour_probe"] = {"pooled": colour_probe(pooled, colour_of, train, val),
-                              "aligned": colour_probe(projected, colour_of, train, val)}
+    result["colour_probe"] = {
+        "pooled": colour_probe(pooled, colour_of, train, val),
+        "aligned": colour_probe(projected, colour_of, train, val),
+    }
     write_json(OUT / f"{spec}.json", result)
     return result
 
@@ -159,8 +172,11 @@ def table(baseline_spec: str = "offline") -> str:
     (colour-change queries, split) with the paired differences against ``baseline_spec``."""
     results = [read_json(p, "tower result") for p in sorted(OUT.glob("offline*.json"))]
     base = next((r for r in results if r["spec"] == baseline_spec), None)
-    columns = [("text-only zero-shot (text -> image)", "zero-shot-no-prompt/text"),
-               ("fused zero-shot", "zero-shot-fused/sum"), ("stage 1", "stage1/sum")]
+    columns = [
+        ("text-only zero-shot (text -> image)", "zero-shot-no-prompt/text"),
+        ("fused zero-shot", "zero-shot-fused/sum"),
+        ("stage 1", "stage1/sum"),
+    ]
     head = ["towers", "align i2t R@10", "colour kNN / probe: pooled", "colour kNN / probe: aligned"]
     for title, _ in columns:
         head += [f"{title}: split / catalog R@10 (colour changes, split)", "split / catalog vs offline (paired R@10)"]
@@ -168,32 +184,50 @@ def table(baseline_spec: str = "offline") -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         probe = r["colour_probe"]
-        cells = [r["spec"], f"{r['align_val_image_to_text_R@10']:.1f}",
-                 f"{probe['pooled']['knn10']:.1f} / {probe['pooled']['linear']:.1f}",
-                 f"{probe['aligned']['knn10']:.1f} / {probe['aligned']['linear']:.1f}"]
+        cells = [
+            r["spec"],
+            f"{r['align_val_image_to_text_R@10']:.1f}",
+            f"{probe['pooled']['knn10']:.1f} / {probe['pooled']['linear']:.1f}",
+            f"{probe['aligned']['knn10']:.1f} / {probe['aligned']['linear']:.1f}",
+        ]
         for _, key in columns:
             split, catalog = r["rows"].get(f"{key}|split"), r["rows"].get(f"{key}|catalog")
-            cells.append(f"{split['R@10']:.1f} / {catalog['R@10']:.1f} ({split['colour R@10']:.1f})" if split and catalog else "-")
-            cells.append(" / ".join(paired_against(r, base, f"{key}|{protocol}") for protocol in ("split", "catalog"))
-                         if base and r is not base else "-")
+            cells.append(
+                f"{split['R@10']:.1f} / {catalog['R@10']:.1f} ({split['colour R@10']:.1f})"
+                if split and catalog
+                else "-"
+            )
+            cells.append(
+                " / ".join(paired_against(r, base, f"{key}|{protocol}") for protocol in ("split", "catalog"))
+                if base and r is not base
+                else "-"
+            )
         cells.append(", ".join(f"{k} {v:.0f}" for k, v in r["seconds"].items()))
         lines.append("| " + " | ".join(cells) + " |")
     n = results[0]["colour_queries"] if results else 0
-    return "\n".join(lines) + f"\n\n(colour changes: the {n} of the 240 val queries whose target has another colour than the reference)"
+    return (
+        "\n".join(lines)
+        + f"\n\n(colour changes: the {n} of the 240 val queries whose target has another colour than the reference)"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("specs", nargs="*", help="offline[+OPTION...] tower specs")
     parser.add_argument("--stage1", action="store_true", help="also train stage 1 (the demo's settings)")
-    parser.add_argument("--encoders", default="text", help="stage 1 encoders (both: text + the image head with blocksN)")
+    parser.add_argument(
+        "--encoders", default="text", help="stage 1 encoders (both: text + the image head with blocksN)"
+    )
     parser.add_argument("--table", action="store_true", help="print the table of every finished run")
     args = parser.parse_args()
     for spec in args.specs:
         started = time.perf_counter()
         result = run_tower(spec, args.stage1, args.encoders)
-        print(f"{spec}: {json.dumps({k: v for k, v in result.items() if k not in ('ranks', 'rows')})} "
-              f"({time.perf_counter() - started:.0f} s)", flush=True)
+        print(
+            f"{spec}: {json.dumps({k: v for k, v in result.items() if k not in ('ranks', 'rows')})} "
+            f"({time.perf_counter() - started:.0f} s)",
+            flush=True,
+        )
     if args.table or not args.specs:
         print(table())
 

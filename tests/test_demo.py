@@ -38,8 +38,16 @@ def test_every_stage_is_published_and_reported(demo_run):
     for row in results["rows"]:
         assert 0 <= row["R@1"] <= row["R@5"] <= row["R@10"] <= row["R@50"] <= 100
     assert "| model | mode | protocol | set |" in stdout and "Paired differences" in stdout
-    for name in (*(f"examples-{s}.png" for s in VAL_SETS), "triplets.png", "training.png", "index/index.json", "run.json",
-                 "triplets/train.json", "train/stage2/curve.png", "timings.json"):
+    for name in (
+        *(f"examples-{s}.png" for s in VAL_SETS),
+        "triplets.png",
+        "training.png",
+        "index/index.json",
+        "run.json",
+        "triplets/train.json",
+        "train/stage2/curve.png",
+        "timings.json",
+    ):
         assert (out / name).is_file(), name
 
 
@@ -48,7 +56,9 @@ def test_warm_rerun_reuses_everything(demo_run):
     assert "reusing the aligned offline backbone" in rerun and "triplets from" not in rerun
     assert "attribute heads (trained)" in first and "attribute heads (reused)" in rerun
     for stage in STAGES[2:]:  # every training run started once; the re-run found them finished
-        events = [line for line in (out / "train" / stage / "metrics.jsonl").read_text().splitlines() if '"event"' in line]
+        events = [
+            line for line in (out / "train" / stage / "metrics.jsonl").read_text().splitlines() if '"event"' in line
+        ]
         assert sum('"event": "start"' in line for line in events) == 1, stage
         assert f"{stage} epoch 1/1: done" in first and f"{stage} epoch 1/1" not in rerun
     assert first.split("Results (val):")[1].split("\n[")[0] == rerun.split("Results (val):")[1].split("\n[")[0]
@@ -58,12 +68,31 @@ def test_published_models_load_in_evaluate(demo_run, shared_dir, tmp_path):
     out, _, _ = demo_run
     root = shared_dir / "clothing-dataset"
     metrics = tmp_path / "m.json"
-    result = subprocess.run([sys.executable, "-m", "fashion_cir.cli", "evaluate", "--model", str(out / "stage2"),
-                             "--captions", str(root / "captions" / "cap.clothing.val.json"),
-                             "--split-file", str(root / "image_splits" / "split.clothing.val.json"),
-                             "--images", str(root / "images"), "--cache-dir", str(out / "features"),
-                             "--descriptions", str(root / "attributes.jsonl"), "--json", str(metrics)],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fashion_cir.cli",
+            "evaluate",
+            "--model",
+            str(out / "stage2"),
+            "--captions",
+            str(root / "captions" / "cap.clothing.val.json"),
+            "--split-file",
+            str(root / "image_splits" / "split.clothing.val.json"),
+            "--images",
+            str(root / "images"),
+            "--cache-dir",
+            str(out / "features"),
+            "--descriptions",
+            str(root / "attributes.jsonl"),
+            "--json",
+            str(metrics),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(metrics.read_text())
     assert report["cap.clothing.val"]["n_queries"] == 240 and report["query_mode"] == "sum"
@@ -75,12 +104,18 @@ def test_stages_train_their_top_blocks_and_refit_their_fusion(demo_run):
     import torch
 
     out, _, _ = demo_run
-    start, stage1, stage2 = (json.loads((out / name / "model.json").read_text())
-                             for name in ("zero-shot-fused", "stage1", "stage2"))
-    assert stage1["saved_prefixes"] == ["backbone.text_tower.encoder.layer.4.", "backbone.text_tower.encoder.layer.5.",
-                                        "backbone.text_proj."]
-    before, after = (torch.load(out / name / "weights.pt", map_location="cpu", weights_only=True)
-                     for name in ("zero-shot-fused", "stage1"))
+    start, stage1, stage2 = (
+        json.loads((out / name / "model.json").read_text()) for name in ("zero-shot-fused", "stage1", "stage2")
+    )
+    assert stage1["saved_prefixes"] == [
+        "backbone.text_tower.encoder.layer.4.",
+        "backbone.text_tower.encoder.layer.5.",
+        "backbone.text_proj.",
+    ]
+    before, after = (
+        torch.load(out / name / "weights.pt", map_location="cpu", weights_only=True)
+        for name in ("zero-shot-fused", "stage1")
+    )
     assert not torch.equal(before["backbone.text_proj.weight"], after["backbone.text_proj.weight"])
     assert stage1["fusion"] != start["fusion"] and stage2["fusion"] != stage1["fusion"]
 

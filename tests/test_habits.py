@@ -1,4 +1,4 @@
-"""The habits that keep the code as it is (issue 21 item 6): lint (ruff), the import layers
+"""The habits that keep the code as it is (issue 21 item 6): lint and format (ruff), the import layers
 (import-linter) and the type checker (mypy), each configured in pyproject.toml. A violation fails
 the test suite, with the tool's report as the failure message."""
 
@@ -22,15 +22,21 @@ def _run(tool: str, *args: str, timeout: int = 600) -> None:
     env = dict(os.environ)
     # this checkout's package, whatever the environment has installed (lint-imports imports it)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), *filter(None, [env.get("PYTHONPATH")])])
-    result = subprocess.run([str(executable), *args], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=timeout)
+    result = subprocess.run(
+        [str(executable), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
     if result.returncode != 0:
-        pytest.fail(f"{tool} {' '.join(args)} failed (exit {result.returncode}):\n{result.stdout}{result.stderr}",
-                    pytrace=False)
+        pytest.fail(
+            f"{tool} {' '.join(args)} failed (exit {result.returncode}):\n{result.stdout}{result.stderr}", pytrace=False
+        )
 
 
 def test_ruff_finds_nothing():
     _run("ruff", "check", "--no-fix", "src", "tests", "benchmarks")
+
+
+def test_code_is_formatted():
+    _run("ruff", "format", "--check", "src", "tests", "benchmarks")
 
 
 def test_imports_keep_the_layers():

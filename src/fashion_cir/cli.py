@@ -14,13 +14,23 @@ import typer
 from .errors import DEFAULT_MAX_FAILED_SHARE, FashionCIRError
 
 PLAIN_HELP = {"rich_markup_mode": None}  # click's help: wraps at 80 columns and never cuts a spec example
-app = typer.Typer(add_completion=False, no_args_is_help=True, **PLAIN_HELP,
-                  help="Composed image retrieval for fashion: triplets, training, evaluation, search.")
-index_app = typer.Typer(no_args_is_help=True, **PLAIN_HELP, help="Build, grow, update and prune a searchable catalog index.")
-features_app = typer.Typer(no_args_is_help=True, **PLAIN_HELP, help="Fill a feature cache, split across processes (--shard I/N).")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    **PLAIN_HELP,
+    help="Composed image retrieval for fashion: triplets, training, evaluation, search.",
+)
+index_app = typer.Typer(
+    no_args_is_help=True, **PLAIN_HELP, help="Build, grow, update and prune a searchable catalog index."
+)
+features_app = typer.Typer(
+    no_args_is_help=True, **PLAIN_HELP, help="Fill a feature cache, split across processes (--shard I/N)."
+)
 app.add_typer(index_app, name="index")
 app.add_typer(features_app, name="features")
-attributes_app = typer.Typer(no_args_is_help=True, **PLAIN_HELP, help="Attribute heads: describe images that have no description.")
+attributes_app = typer.Typer(
+    no_args_is_help=True, **PLAIN_HELP, help="Attribute heads: describe images that have no description."
+)
 app.add_typer(attributes_app, name="attributes")
 
 
@@ -61,24 +71,36 @@ def _dump(path: Path | None, obj) -> None:
 @friendly
 def evaluate(
     model: Path | None = typer.Option(None, help="A trained model folder (model.json + weights.pt)."),
-    backbone: str | None = typer.Option(None, help="Zero-shot backbone spec: openclip:ViT-B-32:openai, tiny, offline:DIR."),
+    backbone: str | None = typer.Option(
+        None, help="Zero-shot backbone spec: openclip:ViT-B-32:openai, tiny, offline:DIR."
+    ),
     captions: Path | None = typer.Option(None, help="FashionIQ-format captions JSON of any catalog."),
     split_file: Path | None = typer.Option(None, help="Image split JSON (the gallery) for --captions."),
     gallery_split_file: list[Path] = typer.Option(
-        [], help="Catalog protocol: the gallery is the union of these id lists (repeat the option, e.g. "
-                 "train, val and test for the whole catalog), the reference is left out of its own ranking."),
+        [],
+        help="Catalog protocol: the gallery is the union of these id lists (repeat the option, e.g. "
+        "train, val and test for the whole catalog), the reference is left out of its own ranking.",
+    ),
     images: Path | None = typer.Option(None, help="Images folder ({id}.jpg or .png)."),
-    fashioniq: Path | None = typer.Option(None, help="FashionIQ root (captions/, image_splits/); evaluates dress, shirt, toptee."),
+    fashioniq: Path | None = typer.Option(
+        None, help="FashionIQ root (captions/, image_splits/); evaluates dress, shirt, toptee."
+    ),
     category: list[str] = typer.Option([], help="FashionIQ categories (default: all three)."),
     split: str = typer.Option("val", help="FashionIQ split."),
     mode: list[str] = typer.Option([], help="Query modes: image, text, sum, sum_raw, combiner (default: the model's)."),
     descriptions: Path | None = typer.Option(
-        None, help="attributes.jsonl: reference prompts (--describe catalog) and gallery descriptions (default: "
-                   "the file the model was trained with, else attributes.jsonl beside the images folder)."),
-    describe: str | None = typer.Option(None, help="Reference descriptions in the prompt: catalog (--descriptions FILE), predicted (the model's attribute heads) or none; default: what the model folder records (a backbone: catalog with --descriptions, else none)."),
+        None,
+        help="attributes.jsonl: reference prompts (--describe catalog) and gallery descriptions (default: "
+        "the file the model was trained with, else attributes.jsonl beside the images folder).",
+    ),
+    describe: str | None = typer.Option(
+        None,
+        help="Reference descriptions in the prompt: catalog (--descriptions FILE), predicted (the model's attribute heads) or none; default: what the model folder records (a backbone: catalog with --descriptions, else none).",
+    ),
     remove_reference: bool = typer.Option(False, help="CIRR protocol: drop the reference from its own ranking."),
-    reliance: bool = typer.Option(False, help="Also rank with shuffled references and report the drop in R@10 "
-                                              "(how much the reference counts)."),
+    reliance: bool = typer.Option(
+        False, help="Also rank with shuffled references and report the drop in R@10 (how much the reference counts)."
+    ),
     strict: bool = typer.Option(False, help="Fail when images are missing instead of skipping and counting them."),
     preprocess: str = typer.Option("clip", help="clip or targetpad (zero-shot backbones only)."),
     cache_dir: Path = typer.Option(Path("runs/cache/features"), help="Static feature cache."),
@@ -103,13 +125,20 @@ def evaluate(
         gallery_files = list(gallery_split_file) or [split_file]
         sets = {captions.stem: load_triplet_set(captions, gallery_files, images, strict=strict)}
         if gallery_split_file:
-            protocol = Protocol("catalog", tuple(dict.fromkeys(i for f in gallery_split_file for i in read_split(f))), True)
+            protocol = Protocol(
+                "catalog", tuple(dict.fromkeys(i for f in gallery_split_file for i in read_split(f))), True
+            )
     else:
-        raise FashionCIRError("give --fashioniq ROOT, or --captions FILE --split-file FILE (or --gallery-split-file) --images DIR")
+        raise FashionCIRError(
+            "give --fashioniq ROOT, or --captions FILE --split-file FILE (or --gallery-split-file) --images DIR"
+        )
     for name, triplet_set in sets.items():
         report = triplet_set.report()
-        typer.echo(f"{name}: {report['triplets']} queries, {report['gallery_images']} gallery images, "
-                   f"{report['missing_images']} images missing, {report['skipped_triplets']} triplets skipped", err=True)
+        typer.echo(
+            f"{name}: {report['triplets']} queries, {report['gallery_images']} gallery images, "
+            f"{report['missing_images']} images missing, {report['skipped_triplets']} triplets skipped",
+            err=True,
+        )
     if describe is not None and describe not in SOURCES:
         raise FashionCIRError(f"--describe must be one of {', '.join(SOURCES)}, got {describe!r}")
     cir = load_model(model, backbone, preprocess=preprocess)  # after the data checks: loading may download weights
@@ -121,24 +150,45 @@ def evaluate(
     if describe is None:  # a model folder: the source it was trained with; a bare backbone: what is given
         describe = cir.prompt_source if model is not None else ("catalog" if records else "none")
     if describe == "catalog" and records is None:
-        raise FashionCIRError("the prompts take catalog descriptions (--describe catalog, the model's default): pass "
-                              "--descriptions attributes.jsonl, or choose --describe predicted or --describe none")
+        raise FashionCIRError(
+            "the prompts take catalog descriptions (--describe catalog, the model's default): pass "
+            "--descriptions attributes.jsonl, or choose --describe predicted or --describe none"
+        )
     if describe == "predicted" and cir.attribute_heads is None:
-        raise FashionCIRError("--describe predicted needs a model folder with attribute heads: "
-                              "run `fashion-cir attributes train --model DIR` first")
+        raise FashionCIRError(
+            "--describe predicted needs a model folder with attribute heads: "
+            "run `fashion-cir attributes train --model DIR` first"
+        )
     if (cir.matcher is not None or cir.attribute_space is not None) and not records:
-        raise FashionCIRError("this model reads gallery descriptions and attributes: pass --descriptions attributes.jsonl")
-    options = EvalOptions(modes=tuple(mode) or (cir.query_mode,), batch_size=batch_size, num_workers=workers,
-                          describe=describe, reliance=reliance, keep_ranks=False)
+        raise FashionCIRError(
+            "this model reads gallery descriptions and attributes: pass --descriptions attributes.jsonl"
+        )
+    options = EvalOptions(
+        modes=tuple(mode) or (cir.query_mode,),
+        batch_size=batch_size,
+        num_workers=workers,
+        describe=describe,
+        reliance=reliance,
+        keep_ranks=False,
+    )
     report = evaluate_sets(cir, sets, FeatureCache(cache_dir), options, records, [protocol])
     typer.echo(format_table(report))
     first = report[protocol.name][options.modes[0]]
-    _dump(json_out, {**first, "query_mode": options.modes[0], "by_mode": report[protocol.name] if len(options.modes) > 1 else None,
-                     "protocol": protocol.name, "gallery_files": [str(f) for f in gallery_split_file] or None,
-                     "describe": describe, "descriptions": str(descriptions) if descriptions else None,
-                     "matcher": cir.matcher.config() if cir.matcher is not None else None,
-                     "fusion": cir.fusion.model_dump(mode="json"),
-                     "model": str(model) if model else backbone})
+    _dump(
+        json_out,
+        {
+            **first,
+            "query_mode": options.modes[0],
+            "by_mode": report[protocol.name] if len(options.modes) > 1 else None,
+            "protocol": protocol.name,
+            "gallery_files": [str(f) for f in gallery_split_file] or None,
+            "describe": describe,
+            "descriptions": str(descriptions) if descriptions else None,
+            "matcher": cir.matcher.config() if cir.matcher is not None else None,
+            "fusion": cir.fusion.model_dump(mode="json"),
+            "model": str(model) if model else backbone,
+        },
+    )
 
 
 @app.command()
@@ -156,8 +206,13 @@ def align(
     from .features.cache import FeatureCache
     from .training.align import AlignConfig, align_offline_backbone
 
-    backbone, summary = align_offline_backbone(load_clothing_catalog(catalog), out, FeatureCache(cache_dir),
-                                               AlignConfig(epochs=epochs, seed=seed), towers_spec=towers)
+    backbone, summary = align_offline_backbone(
+        load_clothing_catalog(catalog),
+        out,
+        FeatureCache(cache_dir),
+        AlignConfig(epochs=epochs, seed=seed),
+        towers_spec=towers,
+    )
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "versions"}, indent=2))
     typer.echo(f"use it as --backbone {backbone.spec}")
 
@@ -168,22 +223,32 @@ def caption(
     images: Path = typer.Option(..., help="Folder of catalog images."),
     out: Path = typer.Option(..., help="attributes.jsonl to write."),
     backend: str = typer.Option("llava-hf", help="llava-hf, openai or precomputed."),
-    model_name: str | None = typer.Option(None, "--model", help="HF id / local folder (llava-hf), served model (openai), JSONL (precomputed)."),
+    model_name: str | None = typer.Option(
+        None, "--model", help="HF id / local folder (llava-hf), served model (openai), JSONL (precomputed)."
+    ),
     split_file: Path | None = typer.Option(None, help="Only caption the ids in this split file."),
     cache_dir: Path = typer.Option(Path("runs/cache/captions"), help="Resumable answer cache."),
     vocab: Path | None = typer.Option(None, help="Vocabulary JSON overriding the default fashion attributes."),
     batch_size: int = typer.Option(8, help="llava-hf batch size."),
     device: str | None = typer.Option(None, help="llava-hf device (cuda, cpu); default: cuda when available."),
-    base_url: list[str] = typer.Option([], help="openai: e.g. http://127.0.0.1:8000/v1; repeat it to spread "
-                                                "requests over several servers (per-server backoff)."),
-    shard: str | None = typer.Option(None, help="I/N: caption every N-th sorted id from the I-th into this shard's "
-                                                   "cache file (default: torchrun's RANK/WORLD_SIZE); then run "
-                                                   "without --shard to merge them into --out."),
+    base_url: list[str] = typer.Option(
+        [],
+        help="openai: e.g. http://127.0.0.1:8000/v1; repeat it to spread "
+        "requests over several servers (per-server backoff).",
+    ),
+    shard: str | None = typer.Option(
+        None,
+        help="I/N: caption every N-th sorted id from the I-th into this shard's "
+        "cache file (default: torchrun's RANK/WORLD_SIZE); then run "
+        "without --shard to merge them into --out.",
+    ),
     api_key_env: str = typer.Option("OPENAI_API_KEY", help="openai: name of the env var holding the key."),
     concurrency: int = typer.Option(4, help="openai: parallel requests."),
     timeout: float = typer.Option(60.0, help="openai: seconds per request."),
     max_attempts: int = typer.Option(3, help="Attempts per image before recording a failure."),
-    max_failed_share: float = typer.Option(DEFAULT_MAX_FAILED_SHARE, help="Exit with an error when more than this share of the images fail."),
+    max_failed_share: float = typer.Option(
+        DEFAULT_MAX_FAILED_SHARE, help="Exit with an error when more than this share of the images fail."
+    ),
 ):
     """Describe catalog images with a multimodal LLM: attributes + a short description per image.
     Every failed image is listed with its reason; the run exits 2 when all of them, or more than
@@ -206,17 +271,27 @@ def caption(
         paths = {i: paths[i] for i in select_shard(paths, index, count)}
         out = out.with_name(f"{out.stem}.shard-{index}-of-{count}{out.suffix}")
     urls = base_url[0] if len(base_url) == 1 else base_url or None
-    options = {"llava-hf": {"batch_size": batch_size, "device": device},
-               "openai": {"base_url": urls, "api_key_env": api_key_env, "concurrency": concurrency, "timeout_s": timeout}}.get(backend, {})
-    captioner = build_captioner(backend, model_name, load_vocabulary(vocab), **{k: v for k, v in options.items() if v is not None})
+    options = {
+        "llava-hf": {"batch_size": batch_size, "device": device},
+        "openai": {"base_url": urls, "api_key_env": api_key_env, "concurrency": concurrency, "timeout_s": timeout},
+    }.get(backend, {})
+    captioner = build_captioner(
+        backend, model_name, load_vocabulary(vocab), **{k: v for k, v in options.items() if v is not None}
+    )
     attributes = run_captioning(paths, captioner, cache_dir, max_attempts=max_attempts, shard=(index, count))
     write_attributes(out, attributes)
     summary = summary_path(cache_dir, captioner, (index, count))
     failures = {i: f"image file not found in {images}" for i in ids if i not in available}
-    failures.update({i: record.get("error") or record.get("status", "failed")
-                     for i, record in read_json(summary, "captioning summary").get("failures", {}).items()})
+    failures.update(
+        {
+            i: record.get("error") or record.get("status", "failed")
+            for i, record in read_json(summary, "captioning summary").get("failures", {}).items()
+        }
+    )
     _report_failures(failures, str(summary))
-    typer.echo(f"captioned {len(attributes)} of {len(paths)} images ({len(ids) - len(paths)} files missing); wrote {out}")
+    typer.echo(
+        f"captioned {len(attributes)} of {len(paths)} images ({len(ids) - len(paths)} files missing); wrote {out}"
+    )
     check_failures(failures, len(ids), max_failed_share, "images")
 
 
@@ -253,10 +328,20 @@ def triplets(
     train_ids = read_split(train_split)
     paths = {i: p for i in train_ids if i in attrs and (p := find_image(images, i)) is not None}
     # settings first: a typo must not cost a model load and an encoding pass
-    config = TripletConfig.from_dict(dict(seed=seed, band=band, band_unit=band_unit, min_changes=min_changes,
-                                          max_changes=max_changes, targets_per_reference=targets_per_reference,
-                                          max_triplets=max_triplets, hard_negatives=hard_negatives, vocabulary=vocabulary),
-                                     "bad triplet settings")
+    config = TripletConfig.from_dict(
+        dict(
+            seed=seed,
+            band=band,
+            band_unit=band_unit,
+            min_changes=min_changes,
+            max_changes=max_changes,
+            targets_per_reference=targets_per_reference,
+            max_triplets=max_triplets,
+            hard_negatives=hard_negatives,
+            vocabulary=vocabulary,
+        ),
+        "bad triplet settings",
+    )
     cir = load_model(model, backbone or "openclip:ViT-B-32:openai")
     ids, features = FeatureCache(cache_dir).encode(cir.backbone, paths, on_error="skip")
     generated, stats = generate_triplets(attrs, features, ids, config, train_ids=train_ids)
@@ -276,8 +361,10 @@ def features_encode(
     images: Path = typer.Option(..., help="Folder of catalog images."),
     cache_dir: Path = typer.Option(..., help="The feature cache every shard writes into."),
     split: Path | None = typer.Option(None, help="Only the ids in this split file."),
-    shard: str | None = typer.Option(None, help="I/N: encode every N-th sorted id from the I-th (default: "
-                                                   "torchrun's RANK/WORLD_SIZE, else everything)."),
+    shard: str | None = typer.Option(
+        None,
+        help="I/N: encode every N-th sorted id from the I-th (default: torchrun's RANK/WORLD_SIZE, else everything).",
+    ),
     model: Path | None = typer.Option(None, help="Model folder giving the image features."),
     backbone: str | None = typer.Option(None, help="Backbone spec giving the image features."),
     batch_size: int = typer.Option(64, help="Images per encoding batch."),
@@ -296,11 +383,19 @@ def features_encode(
     wanted = read_split(split) if split else list(available)
     mine = select_shard([i for i in wanted if i in available], index, count)
     cache = FeatureCache(cache_dir)
-    ids, _ = cache.encode(_model(model, backbone).backbone, {i: available[i] for i in mine}, batch_size=batch_size,
-                          num_workers=workers, on_error="skip", progress=False)
+    ids, _ = cache.encode(
+        _model(model, backbone).backbone,
+        {i: available[i] for i in mine},
+        batch_size=batch_size,
+        num_workers=workers,
+        on_error="skip",
+        progress=False,
+    )
     stats = cache.last_stats
-    typer.echo(f"shard {index}/{count}: {len(mine)} images, {stats.computed} encoded, {stats.reused} reused, "
-               f"{stats.failed} failed")
+    typer.echo(
+        f"shard {index}/{count}: {len(mine)} images, {stats.computed} encoded, {stats.reused} reused, "
+        f"{stats.failed} failed"
+    )
 
 
 @features_app.command("merge")
@@ -327,11 +422,18 @@ def index_build(
     split: Path | None = typer.Option(None, help="Only index the ids in this split file."),
     model: Path | None = typer.Option(None, help="Trained model folder."),
     backbone: str | None = typer.Option(None, help="Zero-shot backbone spec (default openclip:ViT-B-32:openai)."),
-    store: str = typer.Option("faiss", help="faiss (in-process), milvus:PATH.db (embedded milvus-lite) or "
-                                            "milvus:http://host:19530 (a Milvus server or cluster)."),
-    factory: str = typer.Option("auto", help="FAISS factory string: auto (Flat below 200k items, else IVF), "
-                                             "Flat (exact), IVF1024,Flat, HNSW32, ..."),
-    milvus_index: str = typer.Option("FLAT", help="Milvus index: FLAT, IVF_FLAT,nlist=1024, HNSW,M=16,efConstruction=200, ..."),
+    store: str = typer.Option(
+        "faiss",
+        help="faiss (in-process), milvus:PATH.db (embedded milvus-lite) or "
+        "milvus:http://host:19530 (a Milvus server or cluster).",
+    ),
+    factory: str = typer.Option(
+        "auto",
+        help="FAISS factory string: auto (Flat below 200k items, else IVF), Flat (exact), IVF1024,Flat, HNSW32, ...",
+    ),
+    milvus_index: str = typer.Option(
+        "FLAT", help="Milvus index: FLAT, IVF_FLAT,nlist=1024, HNSW,M=16,efConstruction=200, ..."
+    ),
     milvus_collection: str | None = typer.Option(None, help="Milvus collection (default fashion_cir_<folder name>)."),
     nprobe: int = typer.Option(16, help="IVF lists probed per query."),
     ef_search: int = typer.Option(64, help="HNSW search depth."),
@@ -339,7 +441,9 @@ def index_build(
     batch_size: int = typer.Option(64, help="Images per encoding batch."),
     workers: int = typer.Option(0, help="Image decoding worker processes."),
     overwrite: bool = typer.Option(False, help="Replace an existing index."),
-    max_failed_share: float = typer.Option(DEFAULT_MAX_FAILED_SHARE, help="Fail (write nothing) when more than this share of the images cannot be read."),
+    max_failed_share: float = typer.Option(
+        DEFAULT_MAX_FAILED_SHARE, help="Fail (write nothing) when more than this share of the images cannot be read."
+    ),
 ):
     """Encode a catalog into a searchable index (resumable; saved with the model fingerprint).
     Metadata fields become filterable (`search --filter`). Unreadable images are left out and
@@ -347,11 +451,23 @@ def index_build(
     from .data.triplets import read_split
     from .retrieval.index import build_index
 
-    index = build_index(out, _model(model, backbone), images, list(metadata) or None,
-                        ids=read_split(split) if split else None, factory=factory, nprobe=nprobe, ef_search=ef_search,
-                        cache_dir=cache_dir, batch_size=batch_size, num_workers=workers, overwrite=overwrite,
-                        store=store, milvus={"index": milvus_index, "collection": milvus_collection},
-                        max_failed_share=max_failed_share)
+    index = build_index(
+        out,
+        _model(model, backbone),
+        images,
+        list(metadata) or None,
+        ids=read_split(split) if split else None,
+        factory=factory,
+        nprobe=nprobe,
+        ef_search=ef_search,
+        cache_dir=cache_dir,
+        batch_size=batch_size,
+        num_workers=workers,
+        overwrite=overwrite,
+        store=store,
+        milvus={"index": milvus_index, "collection": milvus_collection},
+        max_failed_share=max_failed_share,
+    )
     _report_failures(index.report["failures"])
     typer.echo(f"indexed {len(index)} images into {out} ({index.store_kind}): {json.dumps(index.report)}")
 
@@ -366,15 +482,24 @@ def index_add(
     model: Path | None = typer.Option(None, help="Model folder the index was built with."),
     backbone: str | None = typer.Option(None, help="Zero-shot backbone spec the index was built with."),
     cache_dir: Path | None = typer.Option(None, help="Feature cache (default INDEX/feature-cache)."),
-    max_failed_share: float = typer.Option(DEFAULT_MAX_FAILED_SHARE, help="Fail (add nothing) when more than this share of the new images cannot be read."),
+    max_failed_share: float = typer.Option(
+        DEFAULT_MAX_FAILED_SHARE, help="Fail (add nothing) when more than this share of the new images cannot be read."
+    ),
 ):
     """Add new catalog images to an index (refuses a model that does not match it; concurrent adds
     take turns). Unreadable images are left out and listed with their reasons."""
     from .data.triplets import read_split
     from .retrieval.index import add_to_index
 
-    index = add_to_index(index_dir, _model(model, backbone), images, list(metadata) or None,
-                         ids=read_split(split) if split else None, cache_dir=cache_dir, max_failed_share=max_failed_share)
+    index = add_to_index(
+        index_dir,
+        _model(model, backbone),
+        images,
+        list(metadata) or None,
+        ids=read_split(split) if split else None,
+        cache_dir=cache_dir,
+        max_failed_share=max_failed_share,
+    )
     _report_failures(index.report["failures"])
     typer.echo(f"index now holds {len(index)} images: {json.dumps(index.report)}")
 
@@ -384,12 +509,16 @@ def index_add(
 def index_upsert(
     index_dir: Path = typer.Argument(..., help="Existing index folder."),
     images: Path = typer.Option(..., help="Folder of images to insert or replace (changed files are re-encoded)."),
-    metadata: list[Path] = typer.Option([], help="Metadata of those images (replaces the stored metadata); repeatable."),
+    metadata: list[Path] = typer.Option(
+        [], help="Metadata of those images (replaces the stored metadata); repeatable."
+    ),
     split: Path | None = typer.Option(None, help="Only the ids in this split file."),
     model: Path | None = typer.Option(None, help="Model folder the index was built with."),
     backbone: str | None = typer.Option(None, help="Zero-shot backbone spec the index was built with."),
     cache_dir: Path | None = typer.Option(None, help="Feature cache (default INDEX/feature-cache)."),
-    max_failed_share: float = typer.Option(DEFAULT_MAX_FAILED_SHARE, help="Fail (change nothing) when more than this share of the images cannot be read."),
+    max_failed_share: float = typer.Option(
+        DEFAULT_MAX_FAILED_SHARE, help="Fail (change nothing) when more than this share of the images cannot be read."
+    ),
 ):
     """Insert or replace catalog items (features, metadata, image path); a running service sees them.
     Unreadable images are left out and listed with their reasons."""
@@ -398,8 +527,15 @@ def index_upsert(
     from .retrieval.manifest import read_manifest
 
     cir = _model(model, backbone or read_manifest(index_dir)["backbone"])
-    index = upsert_index(index_dir, cir, images, list(metadata) or None,
-                         ids=read_split(split) if split else None, cache_dir=cache_dir, max_failed_share=max_failed_share)
+    index = upsert_index(
+        index_dir,
+        cir,
+        images,
+        list(metadata) or None,
+        ids=read_split(split) if split else None,
+        cache_dir=cache_dir,
+        max_failed_share=max_failed_share,
+    )
     _report_failures(index.report["failures"])
     typer.echo(f"index now holds {len(index)} images: {json.dumps(index.report)}")
 
@@ -419,11 +555,16 @@ def index_remove(
     if ids_file is not None:
         if not ids_file.is_file():
             raise FashionCIRError(f"ids file not found: {ids_file}")
-        wanted += read_split(ids_file) if ids_file.suffix == ".json" else \
-            [line.strip() for line in ids_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        wanted += (
+            read_split(ids_file)
+            if ids_file.suffix == ".json"
+            else [line.strip() for line in ids_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        )
     index, removed, unknown = remove_from_index(index_dir, wanted)
-    typer.echo(f"removed {len(removed)} items; index now holds {len(index)}"
-               + (f"; {len(unknown)} ids were not in the index, first: {unknown[0]!r}" if unknown else ""))
+    typer.echo(
+        f"removed {len(removed)} items; index now holds {len(index)}"
+        + (f"; {len(unknown)} ids were not in the index, first: {unknown[0]!r}" if unknown else "")
+    )
 
 
 @app.command()
@@ -434,7 +575,9 @@ def search(
     item_id: str | None = typer.Option(None, "--id", help="Reference catalog id (left out of the results)."),
     text: str = typer.Option("", help='How the target differs, e.g. "is red with long sleeves".'),
     k: int = typer.Option(10, "-k", min=1, max=1000, help="Number of results."),
-    filter_text: str = typer.Option("", "--filter", help='Metadata filter, e.g. category == "dress" and color not in ["black", "grey"].'),
+    filter_text: str = typer.Option(
+        "", "--filter", help='Metadata filter, e.g. category == "dress" and color not in ["black", "grey"].'
+    ),
     category: list[str] = typer.Option([], help="Keep only this category (repeatable)."),
     color: list[str] = typer.Option([], help="Keep only this colour (repeatable)."),
     same_type: bool = typer.Option(False, help="Keep only the reference's category (predicted for an image)."),
@@ -448,8 +591,16 @@ def search(
     from .retrieval.manifest import read_manifest
     from .retrieval.query import SearchRequest
 
-    request = SearchRequest(text=text, k=k, item_id=item_id, image=image is not None, filter=filter_text,
-                            category=category, color=color, same_type=same_type)
+    request = SearchRequest(
+        text=text,
+        k=k,
+        item_id=item_id,
+        image=image is not None,
+        filter=filter_text,
+        category=category,
+        color=color,
+        same_type=same_type,
+    )
     manifest = read_manifest(index_dir)
     parsed = request.parsed_filter(manifest.get("fields"))  # before loading a model
     cir = index_model(index_dir, model or backbone)  # default: the model the index was built with
@@ -460,7 +611,9 @@ def search(
     if json_out:
         typer.echo(json.dumps([{"id": h.id, "score": h.score, "metadata": h.metadata} for h in result.hits], indent=2))
         return
-    typer.echo(f"query: {result.query_text or '(the reference image alone)'}  [prompt: {result.prompt_source}]", err=True)
+    typer.echo(
+        f"query: {result.query_text or '(the reference image alone)'}  [prompt: {result.prompt_source}]", err=True
+    )
     for rank, hit in enumerate(result.hits, 1):
         typer.echo(f"{rank:>3}  {hit.score:.4f}  {hit.id}  {hit.metadata.get('description', '')}")
 
@@ -482,8 +635,13 @@ def attributes_train(
     from .training.attribute_heads import fit_attribute_heads, format_report
 
     cir = load_model(model)
-    heads = fit_attribute_heads(cir, load_clothing_catalog(catalog, attributes), FeatureCache(cache_dir), progress=True,
-                                max_train_images=max_train_images)
+    heads = fit_attribute_heads(
+        cir,
+        load_clothing_catalog(catalog, attributes),
+        FeatureCache(cache_dir),
+        progress=True,
+        max_train_images=max_train_images,
+    )
     heads.save(model)
     table = format_report(heads)
     typer.echo(table)
@@ -523,9 +681,13 @@ def serve_command(
     upload_workers: int = typer.Option(2, help="Uploads decoded and encoded at once."),
     upload_queue: int = typer.Option(16, help="Uploads that may wait for a worker; beyond that: 503 + Retry-After."),
     search_timeout: float = typer.Option(15.0, help="Seconds the page waits for a search before offering a retry."),
-    sample_seed: int | None = typer.Option(None, min=0, max=999_999_999,
-                                              help="Seed of the page's catalog sample (default: a random sample "
-                                                   "on each visit; ?seed=N in the page's address wins)."),
+    sample_seed: int | None = typer.Option(
+        None,
+        min=0,
+        max=999_999_999,
+        help="Seed of the page's catalog sample (default: a random sample "
+        "on each visit; ?seed=N in the page's address wins).",
+    ),
 ):
     """Serve the search API and web page."""
     from .models.cir import load_model
@@ -533,9 +695,17 @@ def serve_command(
 
     cir = load_model(model, backbone) if model or backbone else None  # None: the backbone the index records
     typer.echo(f"serving http://{host}:{port}/")
-    serve(index_dir, cir, host=host, port=port, max_upload_bytes=max_upload_mb * 1024 * 1024,
-          upload_workers=upload_workers, upload_queue=upload_queue, search_timeout_s=search_timeout,
-          sample_seed=sample_seed)
+    serve(
+        index_dir,
+        cir,
+        host=host,
+        port=port,
+        max_upload_bytes=max_upload_mb * 1024 * 1024,
+        upload_workers=upload_workers,
+        upload_queue=upload_queue,
+        search_timeout_s=search_timeout,
+        sample_seed=sample_seed,
+    )
 
 
 EXIT_STOPPED = 75  # a training run stopped on purpose (stop_after_steps); re-running resumes it
@@ -557,10 +727,13 @@ def _run(recipe: Path, profile: str | None, overrides: list[str], serve: bool, p
 @app.command("run")
 @friendly
 def run_command(
-    recipe: Path = typer.Argument(..., help="Recipe JSON (see configs/): catalog, towers, triplets, stages, evaluation."),
+    recipe: Path = typer.Argument(
+        ..., help="Recipe JSON (see configs/): catalog, towers, triplets, stages, evaluation."
+    ),
     profile: str | None = typer.Option(None, help="A named override set of the recipe, e.g. fast."),
-    override: list[str] = typer.Option([], "--set", help="KEY=VALUE override (JSON value), e.g. out=runs/x or "
-                                                         "stages.0.config.epochs=2; repeatable."),
+    override: list[str] = typer.Option(
+        [], "--set", help="KEY=VALUE override (JSON value), e.g. out=runs/x or stages.0.config.epochs=2; repeatable."
+    ),
     serve: bool = typer.Option(False, help="Serve the index at the end."),
     port: int = typer.Option(8000, help="Port of the web page."),
 ):

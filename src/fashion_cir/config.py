@@ -17,7 +17,11 @@ def describe_validation_error(exc: ValidationError, source: str, what: str) -> s
     problems = []
     for error in exc.errors():
         where = ".".join(str(part) for part in error["loc"]) or "(top level)"
-        got = f" (got {error['input']!r})" if error["type"] not in ("missing",) and not isinstance(error["input"], dict) else ""
+        got = (
+            f" (got {error['input']!r})"
+            if error["type"] not in ("missing",) and not isinstance(error["input"], dict)
+            else ""
+        )
         problems.append(f"{where}: {error['msg']}{got}")
     return f"{source}: invalid {what}: " + "; ".join(problems)
 

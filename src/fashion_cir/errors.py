@@ -33,5 +33,6 @@ def check_failures(failures: Mapping[str, str], requested: int, max_share: float
     ``max_share`` of them, failed (``failures``: id -> reason)."""
     if failures and (len(failures) >= requested or len(failures) > max_share * requested):
         first = "; ".join(f"{key}: {reason}" for key, reason in list(failures.items())[:3])
-        raise DataError(f"{len(failures)} of {requested} {what} failed (more than the allowed "
-                        f"{max_share:.0%}); first: {first}")
+        raise DataError(
+            f"{len(failures)} of {requested} {what} failed (more than the allowed {max_share:.0%}); first: {first}"
+        )

@@ -12,8 +12,16 @@ class Progress:
     """``update(n)`` as work is done, ``close()`` (or a ``with`` block) when it ends; ``enabled``
     False prints nothing."""
 
-    def __init__(self, total: int, desc: str, unit: str = "it", enabled: bool = True, every: float = 30.0,
-                 stream: TextIO | None = None, initial: int = 0):
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        unit: str = "it",
+        enabled: bool = True,
+        every: float = 30.0,
+        stream: TextIO | None = None,
+        initial: int = 0,
+    ):
         self.total, self.desc, self.unit, self.every = total, desc, unit, every
         self.stream = stream or sys.stderr
         self.done = self.initial = initial
@@ -24,8 +32,9 @@ class Progress:
         if self.enabled and self.stream.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=self.stream, leave=False,
-                            dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total, initial=initial, desc=desc, unit=unit, file=self.stream, leave=False, dynamic_ncols=True
+            )
 
     def update(self, n: int = 1, postfix: str = "") -> None:
         self.done += n
@@ -43,8 +52,11 @@ class Progress:
         elapsed = time.perf_counter() - self.started
         rate = (self.done - self.initial) / elapsed if elapsed > 0 else 0.0
         extra = f", {self.postfix}" if self.postfix else ""
-        print(f"  {self.desc}: {self.done}/{self.total} {self.unit} ({rate:.1f} {self.unit}/s, {elapsed:.0f} s{extra})",
-              file=self.stream, flush=True)
+        print(
+            f"  {self.desc}: {self.done}/{self.total} {self.unit} ({rate:.1f} {self.unit}/s, {elapsed:.0f} s{extra})",
+            file=self.stream,
+            flush=True,
+        )
         self.last_line = time.perf_counter()
 
     def close(self) -> None:

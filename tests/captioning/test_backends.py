@@ -45,8 +45,11 @@ def server(tmp_path, images):
     behaviours = dict(zip(keys.values(), ["ok", "fenced", "slow_once", "error500_once", "garbage", "bad_body"]))
     (tmp_path / "behaviours.json").write_text(json.dumps(behaviours))
     log = tmp_path / "requests.jsonl"
-    process = subprocess.Popen([sys.executable, str(HELPERS / "fake_openai_server.py"), str(tmp_path / "behaviours.json"),
-                                SECRET, str(log)], stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, str(HELPERS / "fake_openai_server.py"), str(tmp_path / "behaviours.json"), SECRET, str(log)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     port = int(process.stdout.readline())
     yield f"http://127.0.0.1:{port}/v1", log
     process.terminate()
@@ -58,8 +61,16 @@ def test_openai_backend_against_real_http_server(tmp_path, images, server, monke
     base_url, log = server
     monkeypatch.setenv("FCIR_TEST_KEY", SECRET)
     caplog.set_level(logging.DEBUG)
-    captioner = build_captioner("openai", model="fake-vlm", base_url=base_url, api_key_env="FCIR_TEST_KEY",
-                                concurrency=3, timeout_s=1.0, max_retries=2, backoff_s=0.05)
+    captioner = build_captioner(
+        "openai",
+        model="fake-vlm",
+        base_url=base_url,
+        api_key_env="FCIR_TEST_KEY",
+        concurrency=3,
+        timeout_s=1.0,
+        max_retries=2,
+        backoff_s=0.05,
+    )
     result = run_captioning(paths, captioner, tmp_path / "cache", max_attempts=2, progress=False)
     assert set(result) == {"img0", "img1", "img2", "img3"}  # ok, fenced (repaired), slow once, 500 once
     assert result["img1"]["color"] == "grey" and result["img1"]["category"] == "t-shirt"
@@ -126,12 +137,32 @@ def test_tiny_llava_valid_answers_become_attributes(tmp_path, monkeypatch, cloth
     tiny_llava = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tiny_llava)
     records = [
-        {"category": "t-shirt", "color": "red", "secondary_color": None, "pattern": "solid", "sleeves": "short",
-         "neckline": "crew", "length": "hip", "material": "cotton", "closure": "none", "kids": False,
-         "description": "a plain red short-sleeve cotton t-shirt"},
-        {"category": "dress", "color": "black", "secondary_color": "white", "pattern": "striped", "sleeves": "long",
-         "neckline": "v-neck", "length": "knee", "material": "knit", "closure": "zip", "kids": False,
-         "description": "a black knee-length striped knit dress with a v-neck"},
+        {
+            "category": "t-shirt",
+            "color": "red",
+            "secondary_color": None,
+            "pattern": "solid",
+            "sleeves": "short",
+            "neckline": "crew",
+            "length": "hip",
+            "material": "cotton",
+            "closure": "none",
+            "kids": False,
+            "description": "a plain red short-sleeve cotton t-shirt",
+        },
+        {
+            "category": "dress",
+            "color": "black",
+            "secondary_color": "white",
+            "pattern": "striped",
+            "sleeves": "long",
+            "neckline": "v-neck",
+            "length": "knee",
+            "material": "knit",
+            "closure": "zip",
+            "kids": False,
+            "description": "a black knee-length striped knit dress with a v-neck",
+        },
     ]
     answers = [json.dumps(r) for r in records]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -176,7 +207,9 @@ class _EchoingUnauthorized(BaseHTTPRequestHandler):
 
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
-        body = json.dumps({"error": {"message": f"Incorrect API key provided: {self.headers.get('Authorization')}"}}).encode()
+        body = json.dumps(
+            {"error": {"message": f"Incorrect API key provided: {self.headers.get('Authorization')}"}}
+        ).encode()
         self.send_response(401)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -194,21 +227,43 @@ def unauthorized_server():
     server.server_close()
 
 
-def test_secrets_are_never_stored_and_a_run_where_all_failed_exits_2(tmp_path, make_jpeg, monkeypatch, unauthorized_server):
+def test_secrets_are_never_stored_and_a_run_where_all_failed_exits_2(
+    tmp_path, make_jpeg, monkeypatch, unauthorized_server
+):
     """Issue 12 items 13 and 14: a 401 body echoing the key was stored verbatim, credentials in base_url were
     kept, and a run where every image failed printed "captioned 0 of N" and exited 0."""
     key, password = "sk-test-0123456789abcdefXYZ", "hunter2-very-secret"
     monkeypatch.setenv("FCIR_HARDEN_KEY", key)
     for i in range(3):
         make_jpeg(tmp_path / "images" / f"img{i}.jpg", seed=i)
-    result = runner.invoke(app, ["caption", "--images", str(tmp_path / "images"), "--out", str(tmp_path / "attributes.jsonl"),
-                                 "--backend", "openai", "--model", "gpt", "--api-key-env", "FCIR_HARDEN_KEY",
-                                 "--base-url", f"http://alice:{password}@127.0.0.1:{unauthorized_server}/v1",
-                                 "--cache-dir", str(tmp_path / "cache"), "--max-attempts", "1"])
+    result = runner.invoke(
+        app,
+        [
+            "caption",
+            "--images",
+            str(tmp_path / "images"),
+            "--out",
+            str(tmp_path / "attributes.jsonl"),
+            "--backend",
+            "openai",
+            "--model",
+            "gpt",
+            "--api-key-env",
+            "FCIR_HARDEN_KEY",
+            "--base-url",
+            f"http://alice:{password}@127.0.0.1:{unauthorized_server}/v1",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--max-attempts",
+            "1",
+        ],
+    )
     assert result.exit_code == 2, result.output
     assert "3 of 3 images failed" in result.output and "HTTP 401" in result.output
     for i in range(3):
-        assert f"failed: img{i}: HTTP 401 from http://127.0.0.1:{unauthorized_server}/v1/chat/completions" in result.output
+        assert (
+            f"failed: img{i}: HTTP 401 from http://127.0.0.1:{unauthorized_server}/v1/chat/completions" in result.output
+        )
     written = [p for p in tmp_path.rglob("*") if p.is_file() and "images" not in p.parts]
     assert written and any(p.name.endswith(".summary.json") for p in written)
     summary = json.loads(next(p for p in written if p.name.endswith(".summary.json")).read_text())
@@ -221,6 +276,20 @@ def test_secrets_are_never_stored_and_a_run_where_all_failed_exits_2(tmp_path, m
 def test_the_openai_backend_needs_a_base_url(tmp_path, make_jpeg):
     """Issue 12 item 14: without --base-url it silently called the public OpenAI endpoint."""
     make_jpeg(tmp_path / "images" / "a.jpg")
-    result = runner.invoke(app, ["caption", "--images", str(tmp_path / "images"), "--out", str(tmp_path / "a.jsonl"),
-                                 "--backend", "openai", "--model", "gpt", "--cache-dir", str(tmp_path / "cache")])
+    result = runner.invoke(
+        app,
+        [
+            "caption",
+            "--images",
+            str(tmp_path / "images"),
+            "--out",
+            str(tmp_path / "a.jsonl"),
+            "--backend",
+            "openai",
+            "--model",
+            "gpt",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+    )
     assert result.exit_code == 2 and "needs --base-url" in result.output and "Traceback" not in result.output

@@ -25,9 +25,19 @@ from fashion_cir.captioning.precomputed import PrecomputedCaptioner
 from fashion_cir.errors import DataError, ModelError
 
 HELPERS = Path(__file__).resolve().parents[1] / "support"
-GOOD = {"category": "t-shirt", "color": "red", "secondary_color": None, "pattern": "solid", "sleeves": "short",
-        "neckline": "crew", "length": "hip", "material": "cotton", "closure": "none", "kids": False,
-        "description": "a plain red short-sleeve cotton t-shirt with a crew neck"}
+GOOD = {
+    "category": "t-shirt",
+    "color": "red",
+    "secondary_color": None,
+    "pattern": "solid",
+    "sleeves": "short",
+    "neckline": "crew",
+    "length": "hip",
+    "material": "cotton",
+    "closure": "none",
+    "kids": False,
+    "description": "a plain red short-sleeve cotton t-shirt with a crew neck",
+}
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +55,15 @@ def test_repairs_fenced_json_prose_case_and_synonyms():
     assert parse_answer("The answer is " + json.dumps(GOOD) + " as requested.", DEFAULT_VOCABULARY)["color"] == "red"
 
 
-@pytest.mark.parametrize("raw, reason", [
-    ("I cannot see a garment.", "no JSON object"),
-    (json.dumps(dict(GOOD, color="teal-ish")), "'color'"),
-    (json.dumps({k: v for k, v in GOOD.items() if k != "pattern"}), "missing 'pattern'"),
-    (json.dumps(dict(GOOD, description="")), "description"),
-])
+@pytest.mark.parametrize(
+    "raw, reason",
+    [
+        ("I cannot see a garment.", "no JSON object"),
+        (json.dumps(dict(GOOD, color="teal-ish")), "'color'"),
+        (json.dumps({k: v for k, v in GOOD.items() if k != "pattern"}), "missing 'pattern'"),
+        (json.dumps(dict(GOOD, description="")), "description"),
+    ],
+)
 def test_rejects_what_cannot_be_repaired(raw, reason):
     with pytest.raises(InvalidAnswer, match=reason):
         parse_answer(raw, DEFAULT_VOCABULARY)
@@ -144,8 +157,11 @@ def test_resume_after_sigkill_yields_one_record_per_image(tmp_path, clothing_dir
     listing.write_text(json.dumps({k: str(v) for k, v in images.items()}))
     cache_dir = tmp_path / "cache"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"))
-    worker = subprocess.Popen([sys.executable, str(HELPERS / "caption_worker.py"), str(attributes_file), str(listing),
-                               str(cache_dir), "0.5"], env=env, stderr=subprocess.PIPE)  # 0.5 s a batch of 8
+    worker = subprocess.Popen(
+        [sys.executable, str(HELPERS / "caption_worker.py"), str(attributes_file), str(listing), str(cache_dir), "0.5"],
+        env=env,
+        stderr=subprocess.PIPE,
+    )  # 0.5 s a batch of 8
     deadline = time.monotonic() + 300  # a cold interpreter on a busy machine
     while worker.poll() is None:
         files = list(cache_dir.glob("*.jsonl"))

@@ -35,7 +35,7 @@ def ok(args: list[str]):
 
 def json_in(text: str):
     """The JSON object a command printed among its other lines."""
-    return json.loads(text[text.index("{"): text.rindex("}") + 1])
+    return json.loads(text[text.index("{") : text.rindex("}") + 1])
 
 
 def one_line_error(args: list[str], *words: str) -> str:
@@ -55,8 +55,11 @@ def mini(clothing_dir, tmp_path_factory):
     """A clothing-format catalog of 24 real photos (symlinks into ../shared, which stays read-only):
     images/, attributes.jsonl, image_splits/ and a few hand-made FashionIQ-format captions."""
     root = tmp_path_factory.mktemp("mini") / "catalog"
-    records = {json.loads(line)["image"]: json.loads(line)
-               for line in (clothing_dir / "attributes.jsonl").read_text().splitlines() if line.strip()}
+    records = {
+        json.loads(line)["image"]: json.loads(line)
+        for line in (clothing_dir / "attributes.jsonl").read_text().splitlines()
+        if line.strip()
+    }
     splits = {}
     for split, n in (("train", N_TRAIN), ("val", N_VAL)):
         ids = json.loads((clothing_dir / "image_splits" / f"split.clothing.{split}.json").read_text())
@@ -71,15 +74,24 @@ def mini(clothing_dir, tmp_path_factory):
             handle.write(json.dumps(records[image_id]) + "\n")
     for split, ids in splits.items():
         (root / "image_splits" / f"split.clothing.{split}.json").write_text(json.dumps(ids))
-        captions = [{"candidate": a, "target": b, "captions": [f"is {records[b]['color']}", f"is a {records[b]['category']}"]}
-                    for a, b in zip(ids, ids[1:] + ids[:1])]
+        captions = [
+            {"candidate": a, "target": b, "captions": [f"is {records[b]['color']}", f"is a {records[b]['category']}"]}
+            for a, b in zip(ids, ids[1:] + ids[:1])
+        ]
         (root / "captions" / f"cap.clothing.{split}.json").write_text(json.dumps(captions))
     (root / "image_splits" / "all.json").write_text(json.dumps(splits["train"] + splits["val"]))
-    return {"root": root, "images": root / "images", "records": records, "train": splits["train"], "val": splits["val"],
-            "train_split": root / "image_splits" / "split.clothing.train.json",
-            "val_split": root / "image_splits" / "split.clothing.val.json", "all_split": root / "image_splits" / "all.json",
-            "train_captions": root / "captions" / "cap.clothing.train.json",
-            "val_captions": root / "captions" / "cap.clothing.val.json"}
+    return {
+        "root": root,
+        "images": root / "images",
+        "records": records,
+        "train": splits["train"],
+        "val": splits["val"],
+        "train_split": root / "image_splits" / "split.clothing.train.json",
+        "val_split": root / "image_splits" / "split.clothing.val.json",
+        "all_split": root / "image_splits" / "all.json",
+        "train_captions": root / "captions" / "cap.clothing.train.json",
+        "val_captions": root / "captions" / "cap.clothing.val.json",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +102,23 @@ def work(tmp_path_factory):
 @pytest.fixture(scope="module")
 def captioned(mini, clothing_dir, work):
     out = work / "attributes.jsonl"
-    result = ok(["caption", "--images", mini["images"], "--split-file", mini["train_split"], "--backend", "precomputed",
-                 "--model", clothing_dir / "attributes.jsonl", "--out", out, "--cache-dir", work / "caption-cache"])
+    result = ok(
+        [
+            "caption",
+            "--images",
+            mini["images"],
+            "--split-file",
+            mini["train_split"],
+            "--backend",
+            "precomputed",
+            "--model",
+            clothing_dir / "attributes.jsonl",
+            "--out",
+            out,
+            "--cache-dir",
+            work / "caption-cache",
+        ]
+    )
     return out, result.output
 
 
@@ -99,9 +126,30 @@ def captioned(mini, clothing_dir, work):
 def triplets_file(mini, captioned, work):
     attributes, _ = captioned
     out = work / "generated.json"
-    result = ok(["triplets", "--attributes", attributes, "--images", mini["images"], "--train-split", mini["train_split"],
-                 "--out", out, "--backbone", "tiny", "--cache-dir", work / "features", "--band", "0", "1",
-                 "--hard-negatives", "2", "--targets-per-reference", "2"])
+    result = ok(
+        [
+            "triplets",
+            "--attributes",
+            attributes,
+            "--images",
+            mini["images"],
+            "--train-split",
+            mini["train_split"],
+            "--out",
+            out,
+            "--backbone",
+            "tiny",
+            "--cache-dir",
+            work / "features",
+            "--band",
+            "0",
+            "1",
+            "--hard-negatives",
+            "2",
+            "--targets-per-reference",
+            "2",
+        ]
+    )
     return out, json_in(result.stdout)
 
 
@@ -109,18 +157,33 @@ def triplets_file(mini, captioned, work):
 def trained(mini, triplets_file, work):
     generated, _ = triplets_file
     source = lambda captions, split: {"captions": str(captions), "split": str(split)}  # noqa: E731
-    recipe = {"name": "mini", "out": str(work / "train"), "pictures": False,
-              "catalog": {"images": str(mini["images"]), "attributes": str(mini["root"] / "attributes.jsonl"),
-                          "splits": {"train": [str(mini["train_split"])], "val": [str(mini["val_split"])]}},
-              "towers": {"backbone": "tiny"}, "model": {"query_mode": "sum"},
-              "annotated": [source(mini["train_captions"], mini["train_split"])],
-              "generated": [source(generated, mini["train_split"])],
-              "baselines": [{"name": "zero-shot", "variants": [{"label": "zero-shot", "text_template": "prompt",
-                                                                "modes": ["sum"]}]}],
-              "stages": [{"name": "stage1", "kind": "stage1", "start": "zero-shot",
-                          "config": {"epochs": 1, "batch_size": 4, "encoders": "text"}},
-                         {"name": "stage2", "kind": "stage2", "start": "stage1", "config": {"epochs": 1, "batch_size": 4}}],
-              "evaluation": {"val": [{**source(mini["val_captions"], mini["val_split"]), "name": "val"}]}}
+    recipe = {
+        "name": "mini",
+        "out": str(work / "train"),
+        "pictures": False,
+        "catalog": {
+            "images": str(mini["images"]),
+            "attributes": str(mini["root"] / "attributes.jsonl"),
+            "splits": {"train": [str(mini["train_split"])], "val": [str(mini["val_split"])]},
+        },
+        "towers": {"backbone": "tiny"},
+        "model": {"query_mode": "sum"},
+        "annotated": [source(mini["train_captions"], mini["train_split"])],
+        "generated": [source(generated, mini["train_split"])],
+        "baselines": [
+            {"name": "zero-shot", "variants": [{"label": "zero-shot", "text_template": "prompt", "modes": ["sum"]}]}
+        ],
+        "stages": [
+            {
+                "name": "stage1",
+                "kind": "stage1",
+                "start": "zero-shot",
+                "config": {"epochs": 1, "batch_size": 4, "encoders": "text"},
+            },
+            {"name": "stage2", "kind": "stage2", "start": "stage1", "config": {"epochs": 1, "batch_size": 4}},
+        ],
+        "evaluation": {"val": [{**source(mini["val_captions"], mini["val_split"]), "name": "val"}]},
+    }
     (work / "recipe.json").write_text(json.dumps(recipe))
     result = ok(["run", work / "recipe.json"])
     return work / "train", result.output
@@ -130,13 +193,27 @@ def trained(mini, triplets_file, work):
 def index_dir(mini, captioned, work):
     attributes, _ = captioned
     folder = work / "index"
-    result = ok(["index", "build", folder, "--images", mini["images"], "--split", mini["train_split"],
-                 "--metadata", mini["root"] / "attributes.jsonl", "--backbone", "tiny"])
+    result = ok(
+        [
+            "index",
+            "build",
+            folder,
+            "--images",
+            mini["images"],
+            "--split",
+            mini["train_split"],
+            "--metadata",
+            mini["root"] / "attributes.jsonl",
+            "--backbone",
+            "tiny",
+        ]
+    )
     assert f"indexed {N_TRAIN} images into {folder}" in result.output
     return folder
 
 
 # -- caption ------------------------------------------------------------------------------------
+
 
 def test_caption_writes_one_validated_record_per_image(mini, captioned):
     out, output = captioned
@@ -151,16 +228,45 @@ def test_caption_writes_one_validated_record_per_image(mini, captioned):
 
 
 def test_caption_bad_inputs(mini, work, tmp_path):
-    one_line_error(["caption", "--images", tmp_path / "nowhere", "--out", tmp_path / "a.jsonl", "--backend", "precomputed",
-                    "--model", mini["root"] / "attributes.jsonl"], "images folder not found", "nowhere")
+    one_line_error(
+        [
+            "caption",
+            "--images",
+            tmp_path / "nowhere",
+            "--out",
+            tmp_path / "a.jsonl",
+            "--backend",
+            "precomputed",
+            "--model",
+            mini["root"] / "attributes.jsonl",
+        ],
+        "images folder not found",
+        "nowhere",
+    )
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"image": "x", "description": "ok"}\n{"image": \n')
-    one_line_error(["caption", "--images", mini["images"], "--out", tmp_path / "a.jsonl", "--backend", "precomputed",
-                    "--model", bad, "--cache-dir", tmp_path / "c"], "bad.jsonl", "line 2")
+    one_line_error(
+        [
+            "caption",
+            "--images",
+            mini["images"],
+            "--out",
+            tmp_path / "a.jsonl",
+            "--backend",
+            "precomputed",
+            "--model",
+            bad,
+            "--cache-dir",
+            tmp_path / "c",
+        ],
+        "bad.jsonl",
+        "line 2",
+    )
     assert not (tmp_path / "a.jsonl").exists()
 
 
 # -- triplets -----------------------------------------------------------------------------------
+
 
 def test_triplets_are_mined_inside_the_train_split(mini, triplets_file):
     out, stats = triplets_file
@@ -171,16 +277,32 @@ def test_triplets_are_mined_inside_the_train_split(mini, triplets_file):
         assert t["candidate"] in train and t["target"] in train and t["candidate"] != t["target"]
         assert len(t["captions"]) == 2 and all(isinstance(c, str) and c for c in t["captions"])
         assert set(t["hard_negatives"]) <= train - {t["candidate"], t["target"]}
-        changed = [a for a in ("category", "color", "pattern", "sleeves", "neckline", "length", "material")
-                   if mini["records"][t["candidate"]].get(a) != mini["records"][t["target"]].get(a)]
+        changed = [
+            a
+            for a in ("category", "color", "pattern", "sleeves", "neckline", "length", "material")
+            if mini["records"][t["candidate"]].get(a) != mini["records"][t["target"]].get(a)
+        ]
         assert changed  # a generated pair always differs in some attribute
     assert out.with_suffix(".stats.json").is_file() and out.with_suffix(".config.json").is_file()
 
 
 def test_triplets_bad_inputs(mini, captioned, tmp_path):
     attributes, _ = captioned
-    args = ["triplets", "--attributes", attributes, "--images", mini["images"], "--train-split", mini["train_split"],
-            "--out", tmp_path / "t.json", "--backbone", "tiny", "--cache-dir", tmp_path / "f"]
+    args = [
+        "triplets",
+        "--attributes",
+        attributes,
+        "--images",
+        mini["images"],
+        "--train-split",
+        mini["train_split"],
+        "--out",
+        tmp_path / "t.json",
+        "--backbone",
+        "tiny",
+        "--cache-dir",
+        tmp_path / "f",
+    ]
     one_line_error(args + ["--band-unit", "furlong"], "bad triplet settings", "furlong")
     one_line_error(["triplets", "--attributes", tmp_path / "none.jsonl", *args[3:]], "none.jsonl")
     assert not (tmp_path / "t.json").exists()
@@ -188,9 +310,12 @@ def test_triplets_bad_inputs(mini, captioned, tmp_path):
 
 # -- align --------------------------------------------------------------------------------------
 
+
 def test_align_writes_loadable_projections(mini, work):
     out = work / "offline"
-    result = ok(["align", "--catalog", mini["root"], "--out", out, "--cache-dir", work / "align-features", "--epochs", "2"])
+    result = ok(
+        ["align", "--catalog", mini["root"], "--out", out, "--cache-dir", work / "align-features", "--epochs", "2"]
+    )
     summary = json_in(result.stdout)
     assert summary["train_pairs"] == N_TRAIN and summary["val_pairs"] == N_VAL and 1 <= summary["best_epoch"] <= 2
     assert f"use it as --backbone offline:{out}" in result.output
@@ -201,13 +326,28 @@ def test_align_writes_loadable_projections(mini, work):
 def test_align_other_towers(mini, work):
     """``--towers`` picks the towers; the folder records them, so ``offline:DIR`` rebuilds the same."""
     out = work / "offline-hsv"
-    result = ok(["align", "--catalog", mini["root"], "--out", out, "--cache-dir", work / "align-features",
-                 "--epochs", "2", "--towers", "offline+blocks1+hsv"])
+    result = ok(
+        [
+            "align",
+            "--catalog",
+            mini["root"],
+            "--out",
+            out,
+            "--cache-dir",
+            work / "align-features",
+            "--epochs",
+            "2",
+            "--towers",
+            "offline+blocks1+hsv",
+        ]
+    )
     assert f"use it as --backbone offline+hsv+blocks1:{out.resolve()}" in result.output
     backbone = create_backbone(f"offline:{out}")
     assert backbone.spec.startswith("offline+hsv+blocks1:") and backbone.image_proj.in_features == 1280 + 192
-    one_line_error(["align", "--catalog", mini["root"], "--out", out, "--towers", "offline+lite9"],
-                   "unknown offline backbone option 'lite9'")
+    one_line_error(
+        ["align", "--catalog", mini["root"], "--out", out, "--towers", "offline+lite9"],
+        "unknown offline backbone option 'lite9'",
+    )
 
 
 def test_align_bad_inputs(tmp_path):
@@ -217,6 +357,7 @@ def test_align_bad_inputs(tmp_path):
 
 
 # -- run (a recipe), evaluate ----------------------------------------------------------------------
+
 
 def test_run_trains_both_stages_and_selects(trained, mini):
     out, output = trained
@@ -235,12 +376,27 @@ def test_run_trains_both_stages_and_selects(trained, mini):
 
 def test_run_bad_recipe(tmp_path):
     recipe = tmp_path / "recipe.json"
-    recipe.write_text(json.dumps({"name": "x", "out": str(tmp_path / "out"),
-                                  "catalog": {"images": "${NO_SUCH_VAR_13}/images", "splits": {"train": ["s"]}}}))
+    recipe.write_text(
+        json.dumps(
+            {
+                "name": "x",
+                "out": str(tmp_path / "out"),
+                "catalog": {"images": "${NO_SUCH_VAR_13}/images", "splits": {"train": ["s"]}},
+            }
+        )
+    )
     result = runner.invoke(app, ["run", str(recipe)])
     assert result.exit_code == 2 and "NO_SUCH_VAR_13" in result.output and "Traceback" not in result.output
-    recipe.write_text(json.dumps({"name": "x", "out": "o", "catalog": {"images": "i", "splits": {}}, "stages": [
-        {"name": "s1", "kind": "stage1", "start": "zero-shot", "config": {"batch_size": "big"}}]}))
+    recipe.write_text(
+        json.dumps(
+            {
+                "name": "x",
+                "out": "o",
+                "catalog": {"images": "i", "splits": {}},
+                "stages": [{"name": "s1", "kind": "stage1", "start": "zero-shot", "config": {"batch_size": "big"}}],
+            }
+        )
+    )
     result = runner.invoke(app, ["run", str(recipe)])
     assert result.exit_code == 2 and "batch_size" in result.output and "'big'" in result.output
 
@@ -248,9 +404,25 @@ def test_run_bad_recipe(tmp_path):
 def test_evaluate_a_trained_model_on_the_val_captions(trained, mini, work):
     out, _ = trained
     metrics_file = work / "metrics.json"
-    result = ok(["evaluate", "--model", out / "stage2", "--captions", mini["val_captions"], "--split-file",
-                 mini["val_split"], "--images", mini["images"], "--cache-dir", work / "features", "--json", metrics_file,
-                 "--descriptions", mini["root"] / "attributes.jsonl"])  # the prompts the model was trained with
+    result = ok(
+        [
+            "evaluate",
+            "--model",
+            out / "stage2",
+            "--captions",
+            mini["val_captions"],
+            "--split-file",
+            mini["val_split"],
+            "--images",
+            mini["images"],
+            "--cache-dir",
+            work / "features",
+            "--json",
+            metrics_file,
+            "--descriptions",
+            mini["root"] / "attributes.jsonl",
+        ]
+    )  # the prompts the model was trained with
     metrics = json.loads(metrics_file.read_text())
     row = metrics["cap.clothing.val"]
     assert row["n_queries"] == N_VAL and row["n_gallery"] == N_VAL and row["missing"] == 0
@@ -260,6 +432,7 @@ def test_evaluate_a_trained_model_on_the_val_captions(trained, mini, work):
 
 # -- index build / add, search ------------------------------------------------------------------
 
+
 def test_index_build_then_add_only_encodes_new_items(index_dir, mini, tmp_path):
     index = open_index(index_dir)
     assert sorted(index.ids) == sorted(mini["train"])
@@ -267,8 +440,23 @@ def test_index_build_then_add_only_encodes_new_items(index_dir, mini, tmp_path):
     # new metadata for an item already indexed: `index add` leaves indexed items as they are
     changed = tmp_path / "changed.jsonl"
     changed.write_text(json.dumps({"image": mini["train"][0], "description": "a completely new text"}) + "\n")
-    result = ok(["index", "add", index_dir, "--images", mini["images"], "--split", mini["all_split"],
-                 "--metadata", mini["root"] / "attributes.jsonl", "--metadata", changed, "--backbone", "tiny"])
+    result = ok(
+        [
+            "index",
+            "add",
+            index_dir,
+            "--images",
+            mini["images"],
+            "--split",
+            mini["all_split"],
+            "--metadata",
+            mini["root"] / "attributes.jsonl",
+            "--metadata",
+            changed,
+            "--backbone",
+            "tiny",
+        ]
+    )
     report = json_in(result.stdout)
     assert f"index now holds {N_TRAIN + N_VAL} images" in result.output
     assert report["already_indexed"] == N_TRAIN and report["added"] == N_VAL and report["computed"] == N_VAL
@@ -282,38 +470,72 @@ def test_index_build_then_add_only_encodes_new_items(index_dir, mini, tmp_path):
 
 def test_index_bad_inputs(index_dir, mini, tmp_path):
     one_line_error(["index", "build", index_dir, "--images", mini["images"], "--backbone", "tiny"], "already exists")
-    one_line_error(["index", "build", tmp_path / "i", "--images", tmp_path / "none", "--backbone", "tiny"],
-                   "catalog image folder not found")
+    one_line_error(
+        ["index", "build", tmp_path / "i", "--images", tmp_path / "none", "--backbone", "tiny"],
+        "catalog image folder not found",
+    )
     one_line_error(["index", "add", index_dir, "--images", mini["images"], "--backbone", "tiny:1"], "fingerprint")
 
 
 def test_search_by_id_and_by_image(index_dir, mini, tiny_model):
     reference = mini["train"][3]
-    result = ok(["search", "--index", index_dir, "--id", reference, "--text", "is red", "-k", "5", "--backbone", "tiny",
-                 "--json"])
+    result = ok(
+        [
+            "search",
+            "--index",
+            index_dir,
+            "--id",
+            reference,
+            "--text",
+            "is red",
+            "-k",
+            "5",
+            "--backbone",
+            "tiny",
+            "--json",
+        ]
+    )
     hits = json.loads(result.stdout)
     assert len(hits) == 5 and len({h["id"] for h in hits}) == 5
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
     assert all(h["metadata"]["description"] == mini["records"][h["id"]]["description"] for h in hits)
     # an image-only query with the catalog photo itself: that item first, cosine 1
-    by_image = json.loads(ok(["search", "--index", index_dir, "--image", mini["images"] / f"{reference}.jpg", "-k", "3",
-                              "--backbone", "tiny", "--json"]).stdout)
+    by_image = json.loads(
+        ok(
+            [
+                "search",
+                "--index",
+                index_dir,
+                "--image",
+                mini["images"] / f"{reference}.jpg",
+                "-k",
+                "3",
+                "--backbone",
+                "tiny",
+                "--json",
+            ]
+        ).stdout
+    )
     assert by_image[0]["id"] == reference and by_image[0]["score"] == pytest.approx(1.0, abs=5e-3)
     table = ok(["search", "--index", index_dir, "--id", reference, "--text", "is red", "-k", "2", "--backbone", "tiny"])
     assert len(table.stdout.strip().splitlines()) == 2 and hits[0]["id"] in table.stdout
 
 
 def test_search_bad_inputs(index_dir, tmp_path):
-    one_line_error(["search", "--index", index_dir, "--id", "no-such-item", "--text", "x", "--backbone", "tiny"],
-                   "no-such-item")
-    one_line_error(["search", "--index", tmp_path, "--id", "x", "--text", "x", "--backbone", "tiny"],
-                   "not a fashion-cir index folder")
+    one_line_error(
+        ["search", "--index", index_dir, "--id", "no-such-item", "--text", "x", "--backbone", "tiny"], "no-such-item"
+    )
+    one_line_error(
+        ["search", "--index", tmp_path, "--id", "x", "--text", "x", "--backbone", "tiny"],
+        "not a fashion-cir index folder",
+    )
     corrupt = tmp_path / "c.jpg"
     corrupt.write_bytes(b"not an image")
     one_line_error(["search", "--index", index_dir, "--image", corrupt, "--text", "x", "--backbone", "tiny"], "c.jpg")
 
 
 # -- serve --------------------------------------------------------------------------------------
+
 
 def listening_url(process: subprocess.Popen, limit_s: float = 300) -> str:
     """The address a `serve --port 0` process says it listens on ("Uvicorn running on http://..."),
@@ -341,9 +563,27 @@ def listening_url(process: subprocess.Popen, limit_s: float = 300) -> str:
 
 
 def test_serve_answers_searches(index_dir, mini):
-    process = subprocess.Popen([sys.executable, "-m", "fashion_cir.cli", "serve", "--index", str(index_dir),
-                                "--backbone", "tiny", "--host", "127.0.0.1", "--port", "0", "--sample-seed", "5"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fashion_cir.cli",
+            "serve",
+            "--index",
+            str(index_dir),
+            "--backbone",
+            "tiny",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--sample-seed",
+            "5",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         url = listening_url(process)
         health = httpx.get(f"{url}/health", timeout=30).json()
@@ -361,8 +601,9 @@ def test_serve_answers_searches(index_dir, mini):
 
 
 def test_serve_bad_index(tmp_path):
-    one_line_error(["serve", "--index", tmp_path, "--backbone", "tiny", "--port", "0"],
-                   "not a fashion-cir index folder")
+    one_line_error(
+        ["serve", "--index", tmp_path, "--backbone", "tiny", "--port", "0"], "not a fashion-cir index folder"
+    )
 
 
 # -- index build failures (issue 12) --
@@ -372,15 +613,19 @@ def test_index_build_lists_each_failure_with_its_reason_and_fails_past_the_share
     for i in range(5):
         make_jpeg(images / f"good{i}.jpg", seed=i)
     (images / "x.jpg").write_text("not an image")
-    result = runner.invoke(app, ["index", "build", str(tmp_path / "index"), "--images", str(images), "--backbone", "tiny"])
+    result = runner.invoke(
+        app, ["index", "build", str(tmp_path / "index"), "--images", str(images), "--backbone", "tiny"]
+    )
     assert result.exit_code == 0, result.output
     assert f"failed: x: {images / 'x.jpg'}: not a readable image" in result.output and "BytesIO" not in result.output
-    report = json.loads(result.output[result.output.index("{"):])
+    report = json.loads(result.output[result.output.index("{") :])
     assert report["failures"] == {"x": f"{images / 'x.jpg'}: not a readable image (JPEG, PNG or WebP expected)"}
 
     for i in range(2):
         (images / f"bad{i}.jpg").write_bytes(b"\xff\xd8 truncated")
-    result = runner.invoke(app, ["index", "build", str(tmp_path / "index2"), "--images", str(images), "--backbone", "tiny"])
+    result = runner.invoke(
+        app, ["index", "build", str(tmp_path / "index2"), "--images", str(images), "--backbone", "tiny"]
+    )
     assert result.exit_code == 2, result.output
     assert "3 of 8 catalog images failed (more than the allowed 20%); first: bad0: " in result.output
     assert not (tmp_path / "index2" / "index.json").exists()

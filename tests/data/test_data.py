@@ -38,6 +38,7 @@ def _json(path: Path, obj) -> Path:
 
 # -- real FashionIQ JSON ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("split,counts", [("train", TRAIN_COUNTS), ("val", VAL_COUNTS)])
 def test_fashioniq_with_no_images_skips_and_counts_every_triplet(fiq, tmp_path, split, counts):
     sets = load_fashioniq(fiq, split=split, images=tmp_path)
@@ -69,7 +70,8 @@ def test_fashioniq_with_some_images_keeps_those_triplets(fiq, tmp_path, make_jpe
     expected = [t for t in raw if t["candidate"] in present and t["target"] in present]
     assert 4 <= len(expected) < VAL_COUNTS["dress"]
     assert [(t.candidate, t.target, list(t.captions)) for t in dress.triplets] == [
-        (t["candidate"], t["target"], t["captions"]) for t in expected]
+        (t["candidate"], t["target"], t["captions"]) for t in expected
+    ]
     assert dress.skipped_triplets == VAL_COUNTS["dress"] - len(expected)
     assert dress.gallery_ids == [i for i in split_ids if i in present]  # split order
     assert dress.image_paths[raw[0]["target"]].suffix == ".png"
@@ -99,15 +101,19 @@ def test_fashioniq_missing_images_folder_and_bad_category(fiq, tmp_path):
 
 # -- generic triplet sets -----------------------------------------------------------------------
 
+
 def test_duplicate_gallery_ids_are_deduplicated_and_counted(tmp_path, make_jpeg):
     images = tmp_path / "images"
     for n, image_id in enumerate("abcd"):
         make_jpeg(images / f"{image_id}.jpg", seed=n)
-    captions = _json(tmp_path / "cap.json", [
-        {"candidate": "a", "target": "b", "captions": ["x", "y"]},
-        {"candidate": "c", "target": "d", "captions": ["x"], "reference_prompt": "a red top"},  # d not in split
-        {"candidate": "a", "target": "zz", "captions": ["x"]},  # target image missing
-    ])
+    captions = _json(
+        tmp_path / "cap.json",
+        [
+            {"candidate": "a", "target": "b", "captions": ["x", "y"]},
+            {"candidate": "c", "target": "d", "captions": ["x"], "reference_prompt": "a red top"},  # d not in split
+            {"candidate": "a", "target": "zz", "captions": ["x"]},  # target image missing
+        ],
+    )
     split = _json(tmp_path / "split.json", ["a", "b", "a", "c", "b", "gone"])
     ts = load_triplet_set(captions, split, images)
     assert ts.gallery_ids == ["a", "b", "c"]
@@ -117,8 +123,13 @@ def test_duplicate_gallery_ids_are_deduplicated_and_counted(tmp_path, make_jpeg)
     assert "d" in ts.image_paths and "d" not in ts.gallery_ids
     assert sorted(ts.missing_images) == ["gone", "zz"]
     assert ts.skipped_triplets == 1
-    assert ts.report() == {"triplets": 2, "gallery_images": 3, "missing_images": 2,
-                           "skipped_triplets": 1, "duplicate_gallery_ids": 2}
+    assert ts.report() == {
+        "triplets": 2,
+        "gallery_images": 3,
+        "missing_images": 2,
+        "skipped_triplets": 1,
+        "duplicate_gallery_ids": 2,
+    }
     with pytest.raises(DataError, match=r"^2 images referenced"):
         load_triplet_set(captions, split, images, strict=True)
 
@@ -138,22 +149,28 @@ def test_malformed_captions_json_names_file_and_line(tmp_path):
 
 
 def test_captions_entry_missing_target_names_index_and_field(tmp_path):
-    captions = _json(tmp_path / "cap.json", [
-        {"candidate": "a", "target": "b", "captions": ["x"]},
-        {"candidate": "a", "captions": ["x"]},
-    ])
+    captions = _json(
+        tmp_path / "cap.json",
+        [
+            {"candidate": "a", "target": "b", "captions": ["x"]},
+            {"candidate": "a", "captions": ["x"]},
+        ],
+    )
     with pytest.raises(DataError, match=r"cap\.json\[1\]: field 'target'.*None"):
         load_triplet_set(captions, _json(tmp_path / "split.json", []), tmp_path)
 
 
-@pytest.mark.parametrize("raw,pattern", [
-    ({"candidate": "a"}, "expected a JSON list"),
-    (["a"], r"\[0\]: expected an object"),
-    ([{"candidate": "", "target": "b", "captions": ["x"]}], r"\[0\]: field 'candidate'"),
-    ([{"candidate": "a", "target": "b", "captions": []}], r"\[0\]: field 'captions'"),
-    ([{"candidate": "a", "target": "b", "captions": "x"}], r"\[0\]: field 'captions'"),
-    ([{"candidate": "a", "target": "b", "captions": ["x", 3]}], r"\[0\]: field 'captions'"),
-])
+@pytest.mark.parametrize(
+    "raw,pattern",
+    [
+        ({"candidate": "a"}, "expected a JSON list"),
+        (["a"], r"\[0\]: expected an object"),
+        ([{"candidate": "", "target": "b", "captions": ["x"]}], r"\[0\]: field 'candidate'"),
+        ([{"candidate": "a", "target": "b", "captions": []}], r"\[0\]: field 'captions'"),
+        ([{"candidate": "a", "target": "b", "captions": "x"}], r"\[0\]: field 'captions'"),
+        ([{"candidate": "a", "target": "b", "captions": ["x", 3]}], r"\[0\]: field 'captions'"),
+    ],
+)
 def test_parse_triplets_rejects_bad_schema(raw, pattern):
     with pytest.raises(DataError, match=pattern):
         parse_triplets(raw, "src.json")
@@ -173,6 +190,7 @@ def test_split_file_must_be_a_list_of_ids(tmp_path):
 
 
 # -- images -------------------------------------------------------------------------------------
+
 
 def test_open_image_good_and_bad_files(tmp_path, make_jpeg):
     good = make_jpeg(tmp_path / "good.jpg", size=(30, 40))
@@ -220,8 +238,10 @@ def test_thin_uploads_are_refused_from_the_header():
     for width, height in ((100_000, 1), (1, 100_000), (1_048_576, 1), (641, 80)):
         with pytest.raises(ImageTooThin) as error:
             open_image(png(width, height), max_pixels=1 << 20, target_size=64, max_aspect=8)
-        assert str(error.value) == (f"uploaded image: image is {width}x{height} pixels, more elongated than 8:1 "
-                                    "(long side over short side); crop it")
+        assert str(error.value) == (
+            f"uploaded image: image is {width}x{height} pixels, more elongated than 8:1 "
+            "(long side over short side); crop it"
+        )
     assert open_image(png(640, 80), max_pixels=1 << 20, target_size=64, max_aspect=8).size == (640, 80)
     assert open_image(png(100_000, 1)).size == (100_000, 1)  # catalog files: no aspect limit unless asked
     with pytest.raises(ImageTooLarge, match="2000x1000 pixels, more than the limit of 1000000"):
@@ -253,14 +273,25 @@ def test_sixteen_bit_greys_convert_in_about_six_bytes_a_pixel():
 
 # -- ids ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("image_id, problem", [
-    ("a'b", None), ('x"] or id not in ["', None), ("robe été", None), ("x" * 255, None),
-    ("", "an id is a non-empty text"), ("../x", "an id is a file name without folders"),
-    ("x\\", "an id is a file name without folders"), (".hidden", "an id is a file name without folders"),
-    ("a\bb", "an id has no control characters"), ("a\0b", "an id has no control characters"),
-    ("a\x85", "an id has no control characters"), ("é" * 128, "an id is at most 255 bytes of UTF-8"),
-    ("bad\udcff", "an id is UTF-8 text"),
-])
+
+@pytest.mark.parametrize(
+    "image_id, problem",
+    [
+        ("a'b", None),
+        ('x"] or id not in ["', None),
+        ("robe été", None),
+        ("x" * 255, None),
+        ("", "an id is a non-empty text"),
+        ("../x", "an id is a file name without folders"),
+        ("x\\", "an id is a file name without folders"),
+        (".hidden", "an id is a file name without folders"),
+        ("a\bb", "an id has no control characters"),
+        ("a\0b", "an id has no control characters"),
+        ("a\x85", "an id has no control characters"),
+        ("é" * 128, "an id is at most 255 bytes of UTF-8"),
+        ("bad\udcff", "an id is UTF-8 text"),
+    ],
+)
 def test_one_id_grammar(image_id, problem):
     """Issue 22 item 2: one grammar for ids (build, add, remove, the API), control characters refused."""
     assert id_problem(image_id) == problem
@@ -277,6 +308,7 @@ def test_catalog_files_outside_the_id_grammar_are_named(tmp_path, make_jpeg):
 
 
 # -- io -----------------------------------------------------------------------------------------
+
 
 def test_io_helpers(tmp_path):
     path = tmp_path / "sub" / "out.json"

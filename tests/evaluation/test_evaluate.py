@@ -25,8 +25,11 @@ KS = (1, 5, 10, 50)
 
 @pytest.fixture(scope="module")
 def clothing_files(clothing_dir):
-    return {"captions": clothing_dir / "captions" / "cap.clothing.val.json",
-            "split": clothing_dir / "image_splits" / "split.clothing.val.json", "images": clothing_dir / "images"}
+    return {
+        "captions": clothing_dir / "captions" / "cap.clothing.val.json",
+        "split": clothing_dir / "image_splits" / "split.clothing.val.json",
+        "images": clothing_dir / "images",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +45,9 @@ def cache(tmp_path_factory):
 def _stable_ranks(scores: np.ndarray, target_index: np.ndarray) -> np.ndarray:
     """Reference implementation: position of the target after a stable sort of -score."""
     order = np.argsort(-scores, axis=1, kind="stable")
-    return np.array([np.where(order[q] == t)[0][0] if t >= 0 else np.iinfo(np.int64).max
-                     for q, t in enumerate(target_index)])
+    return np.array(
+        [np.where(order[q] == t)[0][0] if t >= 0 else np.iinfo(np.int64).max for q, t in enumerate(target_index)]
+    )
 
 
 def _near_ties(scores: np.ndarray, target_index: np.ndarray, tolerance: float = 1e-5) -> np.ndarray:
@@ -65,8 +69,13 @@ def _hand_query_text(captions: list[str]) -> str:
 
 
 def test_clothing_val_end_to_end(tiny_model, clothing, cache):
-    assert clothing.report() == {"triplets": 240, "gallery_images": 563, "missing_images": 0,
-                                 "skipped_triplets": 0, "duplicate_gallery_ids": 0}
+    assert clothing.report() == {
+        "triplets": 240,
+        "gallery_images": 563,
+        "missing_images": 0,
+        "skipped_triplets": 0,
+        "duplicate_gallery_ids": 0,
+    }
     options = EvalOptions(modes=("image", "text", "sum", "sum_raw"), ks=KS, progress=False)
     full = evaluate_sets(tiny_model, {"clothing": clothing}, cache, options)
     assert list(full) == ["split"]
@@ -89,7 +98,9 @@ def test_clothing_val_end_to_end(tiny_model, clothing, cache):
     assert "clothing" in text and "average" in text and len(text.splitlines()) == 2 + 2 * len(options.modes)
 
 
-def test_clothing_ranks_match_a_stable_sort_and_reference_removal_only_helps(tiny_model, clothing, clothing_files, cache):
+def test_clothing_ranks_match_a_stable_sort_and_reference_removal_only_helps(
+    tiny_model, clothing, clothing_files, cache
+):
     options = EvalOptions(modes=("image", "sum"), ks=KS, progress=False)
     cirr = Protocol("cirr", remove_reference=True)
     both = evaluate_sets(tiny_model, {"c": clothing}, cache, options, protocols=[SPLIT, cirr])
@@ -100,8 +111,9 @@ def test_clothing_ranks_match_a_stable_sort_and_reference_removal_only_helps(tin
     assert {mode: table["c"] for mode, table in alone.items()} == removed  # one pass for two protocols changes nothing
     # independent recomputation from the cached features: query texts joined and queries composed
     # here, from the captions file itself (no project code besides the encoders)
-    ids, gallery = cache.encode(tiny_model.backbone, {i: clothing.image_paths[i] for i in clothing.gallery_ids},
-                                progress=False)
+    ids, gallery = cache.encode(
+        tiny_model.backbone, {i: clothing.image_paths[i] for i in clothing.gallery_ids}, progress=False
+    )
     raw = json.loads(clothing_files["captions"].read_text())
     assert [(r["candidate"], r["target"]) for r in raw] == [(t.candidate, t.target) for t in clothing.triplets]
     position = {i: n for n, i in enumerate(ids)}
@@ -134,7 +146,9 @@ def test_partial_fashioniq_style_set(tiny_model, tmp_path, make_jpeg, cache):
         make_jpeg(images / f"g{n}.jpg", size=(40 + 4 * n, 60), seed=100 + n)
     make_jpeg(images / "outside.jpg", seed=7)  # an image that is not in the split
     (images / "g11.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    triplets = [{"candidate": f"g{n}", "target": f"g{n + 1}", "captions": ["is darker", "has stripes"]} for n in range(8)]
+    triplets = [
+        {"candidate": f"g{n}", "target": f"g{n + 1}", "captions": ["is darker", "has stripes"]} for n in range(8)
+    ]
     triplets += [
         {"candidate": "g0", "target": "outside", "captions": ["is another one"]},  # target not in gallery
         {"candidate": "g1", "target": "lost", "captions": ["x"]},  # image file missing -> skipped
@@ -144,7 +158,9 @@ def test_partial_fashioniq_style_set(tiny_model, tmp_path, make_jpeg, cache):
     (tmp_path / "cap.json").write_text(json.dumps(triplets))
     (tmp_path / "split.json").write_text(json.dumps([f"g{n}" for n in range(12)] + ["g3", "absent"]))
     ts = load_triplet_set(tmp_path / "cap.json", tmp_path / "split.json", images)
-    assert ts.duplicate_gallery_ids == 1 and ts.skipped_triplets == 1 and sorted(ts.missing_images) == ["absent", "lost"]
+    assert (
+        ts.duplicate_gallery_ids == 1 and ts.skipped_triplets == 1 and sorted(ts.missing_images) == ["absent", "lost"]
+    )
     options = EvalOptions(modes=("sum",), ks=(1, 5, 50, 100), progress=False)
     metrics = evaluate_sets(tiny_model, {"ts": ts}, cache, options)["split"]["sum"]["ts"]
     assert metrics["n_gallery"] == 11  # g11 failed to decode
@@ -173,7 +189,10 @@ def test_catalog_protocol_and_reliance_by_hand(tiny_model, clothing, clothing_fi
     raw = json.loads(clothing_files["captions"].read_text())
     order = shuffled_order(len(raw))
     assert sorted(order) == list(range(len(raw))) and not any(order == np.arange(len(raw)))
-    for shown, key in (([r["candidate"] for r in raw], "ranks"), ([raw[i]["candidate"] for i in order], "ranks_shuffled")):
+    for shown, key in (
+        ([r["candidate"] for r in raw], "ranks"),
+        ([raw[i]["candidate"] for i in order], "ranks_shuffled"),
+    ):
         scores = unit[[position[i] for i in shown]] @ unit.T
         for row, (reference, r) in enumerate(zip(shown, raw)):
             if reference != r["target"]:

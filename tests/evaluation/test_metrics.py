@@ -9,13 +9,15 @@ from fashion_cir.evaluation.metrics import add_overall, overall, recall_at_k, ta
 
 
 def test_ranks_by_hand_with_ties_and_missing_target():
-    scores = np.array([
-        [0.1, 0.9, 0.5, 0.9],  # target 3 ties with item 1, which comes first -> rank 1
-        [0.5, 0.5, 0.5, 0.5],  # all tied, target 2 -> items 0 and 1 come first -> rank 2
-        [0.2, 0.3, 0.1, 0.0],  # target not in the gallery
-        [0.9, 0.1, 0.8, 0.7],  # target 0 is the best -> rank 0
-        [0.3, 0.2, 0.1, 0.4],  # target 2 is the worst -> rank 3
-    ])
+    scores = np.array(
+        [
+            [0.1, 0.9, 0.5, 0.9],  # target 3 ties with item 1, which comes first -> rank 1
+            [0.5, 0.5, 0.5, 0.5],  # all tied, target 2 -> items 0 and 1 come first -> rank 2
+            [0.2, 0.3, 0.1, 0.0],  # target not in the gallery
+            [0.9, 0.1, 0.8, 0.7],  # target 0 is the best -> rank 0
+            [0.3, 0.2, 0.1, 0.4],  # target 2 is the worst -> rank 3
+        ]
+    )
     targets = np.array([3, 2, -1, 0, 2])
     ranks = target_ranks(scores, targets)
     assert ranks[[0, 1, 3, 4]].tolist() == [1, 2, 0, 3]
@@ -45,12 +47,14 @@ def test_missing_target_is_never_retrieved_even_when_k_exceeds_the_gallery():
 
 def test_reference_removal_cirr_vs_fashioniq():
     # the reference (index 0) scores highest, as it does in image-only retrieval
-    scores = np.array([
-        [1.0, 0.2, 0.8, 0.5],  # target 2: rank 1 with the reference kept, 0 without it
-        [0.1, 0.9, 0.95, 0.3],  # reference 3 scores below the target -> removal changes nothing
-        [0.7, 0.7, 0.1, 0.2],  # target 1 ties with reference 0 (earlier) -> rank 1 kept, 0 removed
-        [0.5, 0.4, 0.6, 0.3],  # reference == target: nothing removed, rank 2 either way
-    ])
+    scores = np.array(
+        [
+            [1.0, 0.2, 0.8, 0.5],  # target 2: rank 1 with the reference kept, 0 without it
+            [0.1, 0.9, 0.95, 0.3],  # reference 3 scores below the target -> removal changes nothing
+            [0.7, 0.7, 0.1, 0.2],  # target 1 ties with reference 0 (earlier) -> rank 1 kept, 0 removed
+            [0.5, 0.4, 0.6, 0.3],  # reference == target: nothing removed, rank 2 either way
+        ]
+    )
     targets = np.array([2, 2, 1, 1])
     references = np.array([0, 3, 0, 1])
     kept = target_ranks(scores, targets)  # FashionIQ: the reference stays in the gallery
@@ -66,7 +70,8 @@ def test_reference_removal_cirr_vs_fashioniq():
 def test_recall_values_and_empty_input():
     ranks = np.array([0, 4, 9, 10, 49, 50, 100, 3])
     assert recall_at_k(ranks, ks=(1, 5, 10, 50)) == pytest.approx(
-        {"R@1": 12.5, "R@5": 37.5, "R@10": 50.0, "R@50": 75.0})
+        {"R@1": 12.5, "R@5": 37.5, "R@10": 50.0, "R@50": 75.0}
+    )
     assert recall_at_k(np.array([], dtype=np.int64), ks=(1, 10)) == {"R@1": 0.0, "R@10": 0.0}
 
 

@@ -47,7 +47,7 @@ def test_paired_difference_counts_only_the_queries_that_changed():
 def test_a_tie_on_average_has_an_interval_around_zero():
     b = np.full(240, 30)
     a = b.copy()
-    a[:20] = 0   # a wins 20 queries
+    a[:20] = 0  # a wins 20 queries
     b[20:40] = 0  # b wins 20 others
     diff, low, high = paired_difference(a, b, 10)
     assert diff == 0 and low < 0 < high
@@ -55,8 +55,9 @@ def test_a_tie_on_average_has_an_interval_around_zero():
 
 def _binomial_coverage(low: float, high: float, n: int, p: float) -> float:
     """P(low <= X / n * 100 <= high) for X ~ Binomial(n, p), summed exactly."""
-    return sum(math.comb(n, x) * p**x * (1 - p) ** (n - x) for x in range(n + 1)
-               if low - 1e-9 <= 100 * x / n <= high + 1e-9)
+    return sum(
+        math.comb(n, x) * p**x * (1 - p) ** (n - x) for x in range(n + 1) if low - 1e-9 <= 100 * x / n <= high + 1e-9
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -98,8 +98,12 @@ def test_resume_after_sigkill_recomputes_only_what_was_not_saved(tiny_model, ima
     root = tmp_path / "cache"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     threads = str(torch.get_num_threads())
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_ENCODER, str(root), str(image_dir), threads],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_ENCODER, str(root), str(image_dir), threads],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     try:
         deadline = time.monotonic() + 300  # a cold interpreter loading torch on a busy machine
         while not list(root.glob("*/part-*.npz")):
@@ -161,6 +165,7 @@ def test_preprocessing_and_weights_are_part_of_the_key(tiny_model, image_dir, tm
     assert cache.last_stats.computed == 4  # nothing reused across preprocessing
     assert not np.allclose(pad_feats, clip_feats)  # these images are not square: padding changes them
     import json
+
     meta = json.loads((cache.folder(padded) / "meta.json").read_text())
     assert meta["preprocess"].startswith("targetpad") and meta["backbone"] == "tiny:0"
 
@@ -193,8 +198,12 @@ def test_same_spec_and_preprocessing_with_other_weights_is_not_reused(tiny_model
 def test_unreadable_and_missing_images(tiny_model, image_dir, tmp_path):
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(os.urandom(1000))
-    paths = {"a": image_dir / "img000.jpg", "bad": corrupt, "b": image_dir / "img001.jpg",
-             "gone": tmp_path / "gone.jpg"}
+    paths = {
+        "a": image_dir / "img000.jpg",
+        "bad": corrupt,
+        "b": image_dir / "img001.jpg",
+        "gone": tmp_path / "gone.jpg",
+    }
     cache = FeatureCache(tmp_path / "cache")
     ids, feats = cache.encode(tiny_model.backbone, paths, on_error="skip", progress=False)
     assert ids == ["a", "b"] and feats.shape[0] == 2

@@ -5,22 +5,42 @@ import pytest
 from fashion_cir.language.changes import read_changes, tokens
 
 
-@pytest.mark.parametrize("caption, wanted, unwanted, relative", [
-    ("is navy with grey stripes and no hood",
-     {"color": ["navy"], "secondary_color": ["grey"], "pattern": ["striped"]}, {"neckline": ["hood"]}, {}),
-    ("same but in maroon", {"color": ["red"]}, {}, {}),
-    ("has no graphic and a v-neck", {"neckline": ["v-neck"], "pattern": ["solid"]}, {"pattern": ["graphic print"]}, {}),
-    ("has a grey camo print", {"secondary_color": ["grey"], "pattern": ["camouflage"]}, {}, {}),
-    ("is white with buttons down the front", {"color": ["white"], "closure": ["buttons"]}, {}, {}),
-    ("green padded with no sleeves or leather", {"color": ["green"], "material": ["puffer"], "sleeves": ["sleeveless"]},
-     {"material": ["leather"]}, {}),
-    ("is shorter with short sleeves", {"sleeves": ["short"]}, {}, {"length": "<"}),
-    ("is darker blue and longer", {"color": ["navy"]}, {}, {"length": ">"}),
-    ("is red instead of white", {"color": ["red"]}, {"color": ["white"]}, {}),
-    ("is black and white", {"color": ["black"], "secondary_color": ["white"]}, {}, {}),
-    ("is a pink knit sweater without a collar", {"color": ["pink"], "material": ["knit"], "category": ["sweater"]},
-     {"neckline": ["collar"]}, {}),
-])
+@pytest.mark.parametrize(
+    "caption, wanted, unwanted, relative",
+    [
+        (
+            "is navy with grey stripes and no hood",
+            {"color": ["navy"], "secondary_color": ["grey"], "pattern": ["striped"]},
+            {"neckline": ["hood"]},
+            {},
+        ),
+        ("same but in maroon", {"color": ["red"]}, {}, {}),
+        (
+            "has no graphic and a v-neck",
+            {"neckline": ["v-neck"], "pattern": ["solid"]},
+            {"pattern": ["graphic print"]},
+            {},
+        ),
+        ("has a grey camo print", {"secondary_color": ["grey"], "pattern": ["camouflage"]}, {}, {}),
+        ("is white with buttons down the front", {"color": ["white"], "closure": ["buttons"]}, {}, {}),
+        (
+            "green padded with no sleeves or leather",
+            {"color": ["green"], "material": ["puffer"], "sleeves": ["sleeveless"]},
+            {"material": ["leather"]},
+            {},
+        ),
+        ("is shorter with short sleeves", {"sleeves": ["short"]}, {}, {"length": "<"}),
+        ("is darker blue and longer", {"color": ["navy"]}, {}, {"length": ">"}),
+        ("is red instead of white", {"color": ["red"]}, {"color": ["white"]}, {}),
+        ("is black and white", {"color": ["black"], "secondary_color": ["white"]}, {}, {}),
+        (
+            "is a pink knit sweater without a collar",
+            {"color": ["pink"], "material": ["knit"], "category": ["sweater"]},
+            {"neckline": ["collar"]},
+            {},
+        ),
+    ],
+)
 def test_changes_of_captions(caption, wanted, unwanted, relative):
     changes = read_changes(caption)
     assert changes.wanted == wanted

@@ -28,9 +28,19 @@ CATEGORIES = ["dress", "pants", "t-shirt"]
 
 
 def record(i: int) -> dict:
-    return {"category": CATEGORIES[i % 3], "color": COLORS[(i // 3) % 4], "secondary_color": None, "pattern": "solid",
-            "sleeves": "none", "neckline": "none", "length": None, "material": "cotton", "closure": "none",
-            "kids": False, "description": "x"}
+    return {
+        "category": CATEGORIES[i % 3],
+        "color": COLORS[(i // 3) % 4],
+        "secondary_color": None,
+        "pattern": "solid",
+        "sleeves": "none",
+        "neckline": "none",
+        "length": None,
+        "material": "cotton",
+        "closure": "none",
+        "kids": False,
+        "description": "x",
+    }
 
 
 def separable(n: int, dim: int = 16, seed: int = 0) -> tuple[np.ndarray, list[dict]]:
@@ -81,12 +91,37 @@ def test_heads_live_in_the_model_folder(heads, tmp_path):
 
 
 def test_descriptions_read_like_the_catalog():
-    plain = {"category": "t-shirt", "color": "white", "secondary_color": "multicolor", "pattern": "graphic print",
-             "sleeves": "short", "neckline": "crew", "length": "hip", "material": "cotton", "closure": "none", "kids": False}
+    plain = {
+        "category": "t-shirt",
+        "color": "white",
+        "secondary_color": "multicolor",
+        "pattern": "graphic print",
+        "sleeves": "short",
+        "neckline": "crew",
+        "length": "hip",
+        "material": "cotton",
+        "closure": "none",
+        "kids": False,
+    }
     assert describe(plain) == "a white short-sleeve cotton t-shirt with a graphic print"
-    assert describe({**plain, "category": "pants", "color": "grey", "pattern": "solid", "sleeves": "none"}) == "a pair of grey cotton pants"
-    assert describe({**plain, "category": "shirt", "color": "navy", "secondary_color": "white", "pattern": "striped",
-                     "sleeves": "long", "neckline": "collar"}) == "a navy and white striped long-sleeve cotton shirt with a collar"
+    assert (
+        describe({**plain, "category": "pants", "color": "grey", "pattern": "solid", "sleeves": "none"})
+        == "a pair of grey cotton pants"
+    )
+    assert (
+        describe(
+            {
+                **plain,
+                "category": "shirt",
+                "color": "navy",
+                "secondary_color": "white",
+                "pattern": "striped",
+                "sleeves": "long",
+                "neckline": "collar",
+            }
+        )
+        == "a navy and white striped long-sleeve cotton shirt with a collar"
+    )
     unsure = {name: {"value": value, "confidence": 0.3} for name, value in plain.items()}
     assert describe(unsure) == "a white t-shirt"  # uncertain attributes are left out, never category and colour
 
@@ -94,9 +129,13 @@ def test_descriptions_read_like_the_catalog():
 def test_an_unsure_kids_prediction_is_left_out_of_the_description():
     """Issue 24 item 8: a predicted ``kids=True`` below the confidence bar writes neither "child's"
     nor the child's article into an upload's description; at or above the bar it does both."""
+
     def predicted(category: str, color: str, kids: bool, confidence: float) -> dict:
-        return {"category": {"value": category, "confidence": 0.9}, "color": {"value": color, "confidence": 0.9},
-                "kids": {"value": kids, "confidence": confidence}}
+        return {
+            "category": {"value": category, "confidence": 0.9},
+            "color": {"value": color, "confidence": 0.9},
+            "kids": {"value": kids, "confidence": confidence},
+        }
 
     assert describe(predicted("t-shirt", "white", True, 0.3)) == "a white t-shirt"
     assert describe(predicted("pants", "grey", True, 0.49)) == "a pair of grey pants"
@@ -112,25 +151,41 @@ def test_query_texts_follow_the_prompt_source():
     model = load_model(backbone="tiny")
     x, labels = separable(150, dim=model.backbone.feature_dim)
     model.attach_heads(train_heads(x[:120], labels[:120], x[120:], labels[120:], config=HeadsConfig(steps=100)))
-    triplets = [Triplet("a", "b", ("is red", "has long sleeves")),
-                Triplet("c", "d", ("is blue",), {"reference_prompt": "a generated prompt"}),
-                Triplet("e", "f", ("is green",))]
-    records = {"a": {"category": "t-shirt", "color": "white", "description": "a white t-shirt"},
-               "c": {"category": "dress", "color": "black", "description": "a black dress"}}  # "e" has no record
+    triplets = [
+        Triplet("a", "b", ("is red", "has long sleeves")),
+        Triplet("c", "d", ("is blue",), {"reference_prompt": "a generated prompt"}),
+        Triplet("e", "f", ("is green",)),
+    ]
+    records = {
+        "a": {"category": "t-shirt", "color": "white", "description": "a white t-shirt"},
+        "c": {"category": "dress", "color": "black", "description": "a black dress"},
+    }  # "e" has no record
     image = torch.from_numpy(x[:3])
     predicted = [describe(p) for p in model.predict_attributes(image)]
     assert all(p.startswith("a ") for p in predicted)
 
     def query_texts(describe_as):
         captions = [join_captions_val(list(t.captions)) for t in triplets]
-        described, attributes = references(model, ReferencePolicy(describe_as), [t.candidate for t in triplets], image,
-                                           records, [t.reference_prompt for t in triplets])
+        described, attributes = references(
+            model,
+            ReferencePolicy(describe_as),
+            [t.candidate for t in triplets],
+            image,
+            records,
+            [t.reference_prompt for t in triplets],
+        )
         return list(model.encode_queries(image, captions, described, attributes).texts)
 
-    assert query_texts("catalog") == ["a white t-shirt, but is red and has long sleeves", "a generated prompt, but is blue",
-                                      f"{predicted[2]}, but is green"]
-    assert query_texts("predicted") == [f"{predicted[0]}, but is red and has long sleeves", f"{predicted[1]}, but is blue",
-                                        f"{predicted[2]}, but is green"]
+    assert query_texts("catalog") == [
+        "a white t-shirt, but is red and has long sleeves",
+        "a generated prompt, but is blue",
+        f"{predicted[2]}, but is green",
+    ]
+    assert query_texts("predicted") == [
+        f"{predicted[0]}, but is red and has long sleeves",
+        f"{predicted[1]}, but is blue",
+        f"{predicted[2]}, but is green",
+    ]
     assert query_texts("none") == ["Is red and has long sleeves", "Is blue", "Is green"]
     # without heads, a reference without a record has no description
     plain = load_model(backbone="tiny")
@@ -144,8 +199,11 @@ def test_requested_changes_and_why_a_result_matches():
     assert requested_changes("is beige instead of black and has a hood") == {"color": "beige", "neckline": "hood"}
     assert requested_changes("is red and much shorter") == {"color": "red", "length": "<"}
     reference = {"category": "skirt", "color": "black", "length": "knee", "pattern": "solid"}
-    why = explain(requested_changes("is red and much shorter"), reference,
-                  {"category": "skirt", "color": "red", "length": "thigh", "pattern": "solid"})
+    why = explain(
+        requested_changes("is red and much shorter"),
+        reference,
+        {"category": "skirt", "color": "red", "length": "thigh", "pattern": "solid"},
+    )
     assert why == {"satisfied": ["red", "shorter"], "missed": [], "kept": ["skirt", "solid"]}
     why = explain({"color": "red"}, reference, {"category": "pants", "color": "black", "length": "full"})
     assert why == {"satisfied": [], "missed": ["red"], "kept": []}
@@ -169,8 +227,19 @@ def test_evaluate_describe_choice_is_explicit_and_recorded(small_val, tmp_path):
     x, records = separable(60, dim=model.backbone.feature_dim)
     model.attach_heads(train_heads(x[:40], records[:40], x[40:], records[40:], config=HeadsConfig(steps=25)))
     model.save(tmp_path / "m")
-    base = ["evaluate", "--model", str(tmp_path / "m"), "--captions", str(folder / "cap.json"), "--split-file",
-            str(folder / "split.json"), "--images", str(root / "images"), "--cache-dir", str(tmp_path / "cache")]
+    base = [
+        "evaluate",
+        "--model",
+        str(tmp_path / "m"),
+        "--captions",
+        str(folder / "cap.json"),
+        "--split-file",
+        str(folder / "split.json"),
+        "--images",
+        str(root / "images"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     # the folder says "catalog" and no descriptions are given: the catalog's attributes.jsonl beside the images
     # folder is used, and said; an images folder without one is a one-line error asking for --descriptions
     result = runner.invoke(app, base + ["--json", str(tmp_path / "default.json")])

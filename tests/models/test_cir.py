@@ -21,6 +21,7 @@ from fashion_cir.models.fusion import AttributeSpace, Fusion, QueryParts
 
 # -- factory ------------------------------------------------------------------------------------
 
+
 def test_tiny_backbone_is_deterministic_per_seed(tiny_model):
     backbone = tiny_model.backbone
     assert backbone.spec == "tiny:0" and backbone.feature_dim == 32 and backbone.context_length == 77
@@ -28,15 +29,18 @@ def test_tiny_backbone_is_deterministic_per_seed(tiny_model):
     assert create_backbone("tiny:1").image_fingerprint() != backbone.image_fingerprint()
 
 
-@pytest.mark.parametrize("spec,pattern", [
-    ("bogus:1", r"unknown backbone 'bogus:1'.*openclip:MODEL"),
-    ("tiny:abc", r"tiny seed must be an integer"),
-    ("openclip:", r"bad backbone spec 'openclip:'"),
-    ("openclip:ViT-Nope-99:openai", r"unknown open_clip model 'ViT-Nope-99'"),
-    ("openclip:ViT-B-32:no_such_tag", r"unknown pretrained tag 'no_such_tag' for ViT-B-32; known tags: .*openai"),
-    ("openclip:ViT-B-32:/no/such/dir/vit-b-32.pt", r"checkpoint file not found: /no/such/dir/vit-b-32\.pt"),
-    ("openclip:ViT-B-32", r"needs a pretrained tag or checkpoint file.*:random"),
-])
+@pytest.mark.parametrize(
+    "spec,pattern",
+    [
+        ("bogus:1", r"unknown backbone 'bogus:1'.*openclip:MODEL"),
+        ("tiny:abc", r"tiny seed must be an integer"),
+        ("openclip:", r"bad backbone spec 'openclip:'"),
+        ("openclip:ViT-Nope-99:openai", r"unknown open_clip model 'ViT-Nope-99'"),
+        ("openclip:ViT-B-32:no_such_tag", r"unknown pretrained tag 'no_such_tag' for ViT-B-32; known tags: .*openai"),
+        ("openclip:ViT-B-32:/no/such/dir/vit-b-32.pt", r"checkpoint file not found: /no/such/dir/vit-b-32\.pt"),
+        ("openclip:ViT-B-32", r"needs a pretrained tag or checkpoint file.*:random"),
+    ],
+)
 def test_bad_backbone_specs_raise_model_error(spec, pattern):
     with pytest.raises(ModelError, match=pattern):
         create_backbone(spec)
@@ -60,6 +64,7 @@ def test_pretrained_weights_without_network_explain_the_local_file_route():
 
 
 # -- CIRModel -----------------------------------------------------------------------------------
+
 
 def _features(model: CIRModel, pixels: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
@@ -143,21 +148,24 @@ def test_load_errors(tmp_path):
 
 # -- query composition --------------------------------------------------------------------------
 
+
 def test_compose_query_modes():
     image = torch.tensor([[3.0, 0.0], [0.0, 2.0]])
     text = torch.tensor([[0.0, 1.0], [0.0, 10.0]])
     assert torch.allclose(compose_query("image", image, text), torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
     assert torch.allclose(compose_query("text", image, text), torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
-    root_half = 2 ** -0.5
+    root_half = 2**-0.5
     # sum normalises each side first: equal weight
     assert torch.allclose(compose_query("sum", image, text), torch.tensor([[root_half, root_half], [0.0, 1.0]]))
     # sum_raw adds raw features: the larger vector dominates
-    assert torch.allclose(compose_query("sum_raw", image, text), F.normalize(torch.tensor([[3.0, 1.0], [0.0, 12.0]]), dim=-1))
+    assert torch.allclose(
+        compose_query("sum_raw", image, text), F.normalize(torch.tensor([[3.0, 1.0], [0.0, 12.0]]), dim=-1)
+    )
     # non-unit text vectors that are not parallel to the image ones: both sides must be normalised
     image3 = torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.0, 0.5]])
     text3 = torch.tensor([[0.0, 4.0, 3.0], [6.0, 0.0, 8.0]])
     # by hand: [1, 0, 0] + [0, .8, .6] = [1, .8, .6], norm sqrt(2); [0, 0, 1] + [.6, 0, .8] = [.6, 0, 1.8], norm sqrt(3.6)
-    by_hand = torch.tensor([[1.0, 0.8, 0.6], [0.6, 0.0, 1.8]]) / torch.tensor([[2 ** 0.5], [3.6 ** 0.5]])
+    by_hand = torch.tensor([[1.0, 0.8, 0.6], [0.6, 0.0, 1.8]]) / torch.tensor([[2**0.5], [3.6**0.5]])
     assert torch.allclose(compose_query("sum", image3, text3), by_hand)
     assert torch.allclose(compose_query("sum", text3, image3), by_hand)  # symmetric in its two sides
     assert torch.allclose(compose_query("text", image3, text3), torch.tensor([[0.0, 0.8, 0.6], [0.6, 0.0, 0.8]]))
@@ -172,6 +180,7 @@ def test_compose_query_modes():
 
 
 # -- prompt fitting -----------------------------------------------------------------------------
+
 
 def test_fit_query_text_truncates_the_prompt_never_the_caption(tiny_model):
     backbone = tiny_model.backbone
@@ -197,6 +206,7 @@ def test_fit_query_text_truncates_the_prompt_never_the_caption(tiny_model):
 
 # -- model construction, vectors, fingerprint, save/load, publish, attributes ---------------------
 # Expectations below are computed by hand or by the plain helpers here, never by the functions under test.
+
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / (x * x).sum(-1, keepdim=True).sqrt()
@@ -368,13 +378,24 @@ def _fingerprint_by_hand(model: CIRModel) -> str:
 
     matcher = model.matcher
     space = model.attribute_space
-    settings = [("attributes", None if space is None else list(space.names)), ("backbone", model.backbone.spec),
-                ("fusion", {"attributes": dict(sorted(model.fusion.attributes.items())),
-                            **{t: getattr(model.fusion, t) for t in ("caption", "composed", "prompt", "reference",
-                                                                      "reference_description")}}),
-                ("image", model.backbone.image_fingerprint()),
-                ("matcher", None if matcher is None else dict(sorted(matcher.config().items()))),
-                ("query_mode", model.query_mode), ("text_template", model.text_template)]
+    settings = [
+        ("attributes", None if space is None else list(space.names)),
+        ("backbone", model.backbone.spec),
+        (
+            "fusion",
+            {
+                "attributes": dict(sorted(model.fusion.attributes.items())),
+                **{
+                    t: getattr(model.fusion, t)
+                    for t in ("caption", "composed", "prompt", "reference", "reference_description")
+                },
+            },
+        ),
+        ("image", model.backbone.image_fingerprint()),
+        ("matcher", None if matcher is None else dict(sorted(matcher.config().items()))),
+        ("query_mode", model.query_mode),
+        ("text_template", model.text_template),
+    ]
     blob = json.dumps(dict(settings)).encode()
     states = [model.state_dict()]
     if matcher is not None:
@@ -387,8 +408,13 @@ def _fingerprint_by_hand(model: CIRModel) -> str:
 
 def test_fingerprint_is_the_settings_and_every_weight(encoder):
     torch.manual_seed(0)
-    model = CIRModel(create_backbone("tiny"), "combiner", Combiner(32, 8, 16), matcher=_matcher(encoder),
-                     fusion=Fusion(composed=0.6, caption=0.4, attributes={"want:color": 0.2}))
+    model = CIRModel(
+        create_backbone("tiny"),
+        "combiner",
+        Combiner(32, 8, 16),
+        matcher=_matcher(encoder),
+        fusion=Fusion(composed=0.6, caption=0.4, attributes={"want:color": 0.2}),
+    )
     first = model.fingerprint()
     assert first == _fingerprint_by_hand(model) and len(first) == 40
     assert model.fingerprint() == first  # nothing changed
@@ -399,9 +425,14 @@ def test_fingerprint_is_the_settings_and_every_weight(encoder):
         return model.fingerprint() != first
 
     # every weight counts, trained or not (nothing is marked trained here)
-    for tensor in [model.backbone.clip.visual.conv1.weight, model.backbone.clip.token_embedding.weight, model.backbone.clip.logit_scale,
-                   next(model.combiner.parameters()), model.matcher.query_encoder.embeddings.word_embeddings.weight,
-                   model.matcher.item_encoder.embeddings.word_embeddings.weight]:
+    for tensor in [
+        model.backbone.clip.visual.conv1.weight,
+        model.backbone.clip.token_embedding.weight,
+        model.backbone.clip.logit_scale,
+        next(model.combiner.parameters()),
+        model.matcher.query_encoder.embeddings.word_embeddings.weight,
+        model.matcher.item_encoder.embeddings.word_embeddings.weight,
+    ]:
         with torch.no_grad():
             before = tensor.detach().clone()
             tensor.view(-1)[0] += 1e-3
@@ -409,11 +440,14 @@ def test_fingerprint_is_the_settings_and_every_weight(encoder):
             tensor.copy_(before)
         assert not changed()
     # every setting that decides scores counts; settings that do not, do not
-    for owner, name, value in [(model, "query_mode", "sum"), (model, "text_template", "caption"),
-                               (model, "fusion", Fusion(composed=0.5, caption=0.4, attributes={"want:color": 0.2})),
-                               (model, "fusion", Fusion(composed=0.6, prompt=0.4, attributes={"want:color": 0.2})),
-                               (model, "fusion", Fusion(composed=0.6, caption=0.4, attributes={"want:color": 0.3})),
-                               (model, "attribute_space", AttributeSpace(names=["color"]))]:
+    for owner, name, value in [
+        (model, "query_mode", "sum"),
+        (model, "text_template", "caption"),
+        (model, "fusion", Fusion(composed=0.5, caption=0.4, attributes={"want:color": 0.2})),
+        (model, "fusion", Fusion(composed=0.6, prompt=0.4, attributes={"want:color": 0.2})),
+        (model, "fusion", Fusion(composed=0.6, caption=0.4, attributes={"want:color": 0.3})),
+        (model, "attribute_space", AttributeSpace(names=["color"])),
+    ]:
         old = getattr(owner, name)
         setattr(owner, name, value)
         assert changed(), name
@@ -456,14 +490,28 @@ def saved(encoder, tmp_path_factory):
     torch.manual_seed(2)
     backbone = create_backbone("tiny")
     backbone.set_preprocess("targetpad")
-    model = CIRModel(backbone, "combiner", Combiner(32, 8, 16), ["backbone.clip.visual."], "caption", "predicted",
-                     matcher=_matcher(encoder), fusion=Fusion(composed=0.75, prompt=0.25, attributes={"keep:color": 0.1}),
-                     attribute_space=AttributeSpace(names=["color", "length"]))
+    model = CIRModel(
+        backbone,
+        "combiner",
+        Combiner(32, 8, 16),
+        ["backbone.clip.visual."],
+        "caption",
+        "predicted",
+        matcher=_matcher(encoder),
+        fusion=Fusion(composed=0.75, prompt=0.25, attributes={"keep:color": 0.1}),
+        attribute_space=AttributeSpace(names=["color", "length"]),
+    )
     model.mark_trained(["backbone.clip.transformer."])
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.startswith(("backbone.clip.visual.", "backbone.clip.transformer.", "backbone.clip.token_embedding.",
-                                "matcher.query_encoder.")):
+            if name.startswith(
+                (
+                    "backbone.clip.visual.",
+                    "backbone.clip.transformer.",
+                    "backbone.clip.token_embedding.",
+                    "matcher.query_encoder.",
+                )
+            ):
                 param.add_(0.05 * torch.randn_like(param))
     model.matcher_trained = True
     model.descriptions_source = "attributes.jsonl"
@@ -475,25 +523,49 @@ def saved(encoder, tmp_path_factory):
 
 def test_save_writes_every_field_and_only_trained_weights(saved):
     model, folder = saved
-    assert sorted(p.name for p in folder.iterdir()) == ["attributes.json", "attributes.pt", "matcher.pt", "model.json",
-                                                          "weights.pt"]  # no temporary file left
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "attributes.json",
+        "attributes.pt",
+        "matcher.pt",
+        "model.json",
+        "weights.pt",
+    ]  # no temporary file left
     meta = json.loads((folder / "model.json").read_text())
     versions = meta.pop("versions")
     assert isinstance(versions, dict) and versions
     assert meta == {
-        "format": "fashion-cir-model/1", "backbone": "tiny:0", "preprocess": "targetpad", "query_mode": "combiner",
-        "text_template": "caption", "prompt_source": "predicted", "combiner": {"projection_dim": 8, "hidden_dim": 16},
+        "format": "fashion-cir-model/1",
+        "backbone": "tiny:0",
+        "preprocess": "targetpad",
+        "query_mode": "combiner",
+        "text_template": "caption",
+        "prompt_source": "predicted",
+        "combiner": {"projection_dim": 8, "hidden_dim": 16},
         "matcher": {"spec": model.matcher.spec, "shared": False, "trained": True},
-        "matcher_sha1": _sha1(folder / "matcher.pt"), "descriptions": "attributes.jsonl",
-        "fusion": {"composed": 0.75, "reference": 0.0, "caption": 0.0, "prompt": 0.25, "reference_description": 0.0,
-                   "attributes": {"keep:color": 0.1}},
+        "matcher_sha1": _sha1(folder / "matcher.pt"),
+        "descriptions": "attributes.jsonl",
+        "fusion": {
+            "composed": 0.75,
+            "reference": 0.0,
+            "caption": 0.0,
+            "prompt": 0.25,
+            "reference_description": 0.0,
+            "attributes": {"keep:color": 0.1},
+        },
         "attributes": {"names": ["color", "length"]},
         "saved_prefixes": ["backbone.clip.visual.", "backbone.clip.transformer."],
-        "image_fingerprint": model.backbone.image_fingerprint(), "weights_sha1": _sha1(folder / "weights.pt"),
-        "stage": "stage2", "epochs": 3}
+        "image_fingerprint": model.backbone.image_fingerprint(),
+        "weights_sha1": _sha1(folder / "weights.pt"),
+        "stage": "stage2",
+        "epochs": 3,
+    }
     weights = torch.load(folder / "weights.pt", weights_only=True)
     state = model.state_dict()
-    wanted = [k for k in state if k.split(".")[0] == "combiner" or k.startswith(("backbone.clip.visual.", "backbone.clip.transformer."))]
+    wanted = [
+        k
+        for k in state
+        if k.split(".")[0] == "combiner" or k.startswith(("backbone.clip.visual.", "backbone.clip.transformer."))
+    ]
     assert sorted(weights) == sorted(wanted)
     assert all(torch.equal(weights[k], state[k]) for k in wanted)
     matcher = torch.load(folder / "matcher.pt", weights_only=True)
@@ -506,7 +578,10 @@ def test_load_restores_every_field_and_weight(saved):
     loaded = CIRModel.load(folder)
     assert not loaded.training and loaded.source == folder.resolve()
     assert (loaded.query_mode, loaded.text_template, loaded.prompt_source) == ("combiner", "caption", "predicted")
-    assert loaded.backbone.preprocess_mode == "targetpad" and loaded.combiner.config() == {"projection_dim": 8, "hidden_dim": 16}
+    assert loaded.backbone.preprocess_mode == "targetpad" and loaded.combiner.config() == {
+        "projection_dim": 8,
+        "hidden_dim": 16,
+    }
     assert loaded.matcher.config() == {"spec": model.matcher.spec, "shared": False}
     assert loaded.fusion == Fusion(composed=0.75, prompt=0.25, attributes={"keep:color": 0.1})
     assert loaded.attribute_space.names == ["color", "length"]
@@ -530,7 +605,10 @@ def test_predict_attributes_and_attach_heads():
     model = CIRModel(create_backbone("tiny"))
     with pytest.raises(ModelError) as info:
         model.predict_attributes(torch.zeros(1, 32))
-    assert _message(info) == "this model has no attribute heads: train them with `fashion-cir attributes train --model DIR`"
+    assert (
+        _message(info)
+        == "this model has no attribute heads: train them with `fashion-cir attributes train --model DIR`"
+    )
     from fashion_cir.models.attributes import AttributeHeads
 
     with pytest.raises(ModelError) as info:
@@ -541,10 +619,11 @@ def test_predict_attributes_and_attach_heads():
     # first row: u0 = 3/5 -> red with p = 1 / (1 + e^-12); second: u0 = -1/sqrt(2) -> blue, p = 1 / (1 + e^(-20/sqrt(2)))
     features = torch.tensor([[3.0, 4.0] + [0.0] * 30, [-1.0, 1.0] + [0.0] * 30])
     red = 1 / (1 + torch.exp(torch.tensor(-12.0))).item()
-    blue = 1 / (1 + torch.exp(torch.tensor(-20 / 2 ** 0.5))).item()
+    blue = 1 / (1 + torch.exp(torch.tensor(-20 / 2**0.5))).item()
     assert model.predict_attributes(features) == [
         {"colour": {"value": "red", "confidence": round(red, 4)}, "kids": {"value": True, "confidence": 0.75}},
-        {"colour": {"value": "blue", "confidence": round(blue, 4)}, "kids": {"value": True, "confidence": 0.75}}]
+        {"colour": {"value": "blue", "confidence": round(blue, 4)}, "kids": {"value": True, "confidence": 0.75}},
+    ]
     model.attach_heads(None)
     assert model.attribute_heads is None
 
@@ -612,8 +691,10 @@ def test_mismatched_missing_or_corrupt_weights_are_one_line_errors(saved, tmp_pa
                 (copy / name).write_bytes(b"other bytes")
             with pytest.raises(ModelError) as info:
                 CIRModel.load(copy)
-            assert _message(info) == (f"{copy / name} does not match {copy / 'model.json'} (sha1 {meta[key]}): a save "
-                                      "was interrupted or the files were mixed up; re-run the step that wrote the model")
+            assert _message(info) == (
+                f"{copy / name} does not match {copy / 'model.json'} (sha1 {meta[key]}): a save "
+                "was interrupted or the files were mixed up; re-run the step that wrote the model"
+            )
     # folders written before weights were hashed: the files are read as they are
     older = _copy(folder, tmp_path / "older")
     (older / "model.json").write_text(json.dumps({k: v for k, v in meta.items() if not k.endswith("sha1")}))
@@ -624,25 +705,33 @@ def test_mismatched_missing_or_corrupt_weights_are_one_line_errors(saved, tmp_pa
     torch.save({"not.a.bert.key": torch.zeros(2)}, older / "matcher.pt")  # torch's reason spans lines: one line here
     with pytest.raises(ModelError) as info:
         CIRModel.load(older)
-    assert _message(info).startswith(f"missing or corrupt matcher weights {older / 'matcher.pt'}: Error(s) in loading "
-                                     "state_dict for BertModel: Missing key(s) in state_dict: ")
+    assert _message(info).startswith(
+        f"missing or corrupt matcher weights {older / 'matcher.pt'}: Error(s) in loading "
+        "state_dict for BertModel: Missing key(s) in state_dict: "
+    )
     (older / "matcher.pt").unlink()
     with pytest.raises(ModelError) as info:
         CIRModel.load(older)
-    assert _message(info) == (f"missing or corrupt matcher weights {older / 'matcher.pt'}: [Errno 2] No such file or "
-                              f"directory: '{older / 'matcher.pt'}'")
+    assert _message(info) == (
+        f"missing or corrupt matcher weights {older / 'matcher.pt'}: [Errno 2] No such file or "
+        f"directory: '{older / 'matcher.pt'}'"
+    )
     (older / "matcher.pt").write_bytes((folder / "matcher.pt").read_bytes())
     (older / "weights.pt").write_bytes(b"garbage")
     with pytest.raises(ModelError) as info:
         CIRModel.load(older)
     assert _message(info) == f"corrupt weights file {older / 'weights.pt'}: " + REFUSED
-    (older / "weights.pt").unlink()  # no weights at all: the backbone as its spec builds it, which is not the trained one
+    (
+        older / "weights.pt"
+    ).unlink()  # no weights at all: the backbone as its spec builds it, which is not the trained one
     with pytest.raises(ModelError) as info:
         CIRModel.load(older)
-    assert _message(info) == (f"{older}: image encoder fingerprint mismatch after loading (expected "
-                              f"{meta['image_fingerprint']}); the backbone weights it was trained from are not the ones "
-                              "available here")
-    (older / "model.json").write_text("{\n  \"backbone\": \"tiny\",,\n}")
+    assert _message(info) == (
+        f"{older}: image encoder fingerprint mismatch after loading (expected "
+        f"{meta['image_fingerprint']}); the backbone weights it was trained from are not the ones "
+        "available here"
+    )
+    (older / "model.json").write_text('{\n  "backbone": "tiny",,\n}')
     with pytest.raises(DataError) as info:
         CIRModel.load(older)
     assert _message(info).startswith(f"malformed model file {older / 'model.json'}: ")
@@ -661,8 +750,10 @@ def test_foreign_weights_name_at_most_three_keys(tmp_path):
     torch.save({f"backbone.extra.{i}": torch.zeros(1) for i in range(5)}, tmp_path / "weights.pt")
     with pytest.raises(ModelError) as info:
         CIRModel.load(tmp_path)
-    assert _message(info) == (f"{tmp_path / 'weights.pt'} does not match backbone tiny: unexpected "
-                              "['backbone.extra.0', 'backbone.extra.1', 'backbone.extra.2']")
+    assert _message(info) == (
+        f"{tmp_path / 'weights.pt'} does not match backbone tiny: unexpected "
+        "['backbone.extra.0', 'backbone.extra.1', 'backbone.extra.2']"
+    )
     state = create_backbone("tiny").state_dict()
     wrong = {f"backbone.{k}": torch.zeros(3, 3, 3) for k in list(state)[:5]}
     torch.save(wrong, tmp_path / "weights.pt")
@@ -673,16 +764,22 @@ def test_foreign_weights_name_at_most_three_keys(tmp_path):
 
 
 def test_missing_optional_fields_load_their_defaults(encoder, tmp_path):
-    (tmp_path / "model.json").write_text(json.dumps({"backbone": "tiny", "query_mode": "image", "matcher": {"spec": encoder}}))
+    (tmp_path / "model.json").write_text(
+        json.dumps({"backbone": "tiny", "query_mode": "image", "matcher": {"spec": encoder}})
+    )
     model = CIRModel.load(tmp_path)
     assert (model.query_mode, model.text_template, model.prompt_source) == ("image", "prompt", "catalog")
     assert model.backbone.preprocess_mode == "clip" and model.combiner is None and model.saved_prefixes == []
     assert model.matcher.config() == {"spec": encoder, "shared": False} and model.attribute_space is None
-    assert model.fusion == Fusion(composed=0.5, caption=0.5)  # a folder from before fusions: the matcher's default weight
+    assert model.fusion == Fusion(
+        composed=0.5, caption=0.5
+    )  # a folder from before fusions: the matcher's default weight
     assert model.matcher_trained is False and model.descriptions_source is None and model.attribute_heads is None
     assert model.backbone.image_fingerprint() == create_backbone("tiny").image_fingerprint()
     # a matcher entry without a spec is the default encoder, all-MiniLM-L6-v2
-    (tmp_path / "model.json").write_text(json.dumps({"backbone": "tiny", "query_mode": "sum", "matcher": {"template": "prompt"}}))
+    (tmp_path / "model.json").write_text(
+        json.dumps({"backbone": "tiny", "query_mode": "sum", "matcher": {"template": "prompt"}})
+    )
     old = CIRModel.load(tmp_path)
     minilm = old.matcher
     assert minilm.config() == {"spec": "minilm", "shared": False} and minilm.dim == 384
@@ -690,7 +787,11 @@ def test_missing_optional_fields_load_their_defaults(encoder, tmp_path):
     (tmp_path / "model.json").write_text(json.dumps({"backbone": "tiny", "query_mode": "sum"}))
     assert CIRModel.load(tmp_path).fusion == Fusion(composed=1.0)
     zero_shot = load_model(backbone="tiny:1", query_mode="text", preprocess="targetpad")
-    assert (zero_shot.query_mode, zero_shot.backbone.spec, zero_shot.backbone.preprocess_mode) == ("text", "tiny:1", "targetpad")
+    assert (zero_shot.query_mode, zero_shot.backbone.spec, zero_shot.backbone.preprocess_mode) == (
+        "text",
+        "tiny:1",
+        "targetpad",
+    )
     assert not zero_shot.training and load_model(backbone="tiny").query_mode == "sum"
     assert load_model(backbone="tiny").backbone.preprocess_mode == "clip"
 
@@ -699,11 +800,24 @@ def test_a_zero_shot_model_saves_no_weights_and_no_optional_parts(tmp_path):
     model = CIRModel(create_backbone("tiny"), "sum_raw")
     model.save(tmp_path / "zero-shot")
     meta = json.loads((tmp_path / "zero-shot" / "model.json").read_text())
-    assert {k: meta[k] for k in ("combiner", "matcher", "matcher_sha1", "descriptions", "saved_prefixes", "attributes")} == {
-        "combiner": None, "matcher": None, "matcher_sha1": None, "descriptions": None, "saved_prefixes": [],
-        "attributes": None}
-    assert meta["fusion"] == {"composed": 1.0, "reference": 0.0, "caption": 0.0, "prompt": 0.0,
-                              "reference_description": 0.0, "attributes": {}}
+    assert {
+        k: meta[k] for k in ("combiner", "matcher", "matcher_sha1", "descriptions", "saved_prefixes", "attributes")
+    } == {
+        "combiner": None,
+        "matcher": None,
+        "matcher_sha1": None,
+        "descriptions": None,
+        "saved_prefixes": [],
+        "attributes": None,
+    }
+    assert meta["fusion"] == {
+        "composed": 1.0,
+        "reference": 0.0,
+        "caption": 0.0,
+        "prompt": 0.0,
+        "reference_description": 0.0,
+        "attributes": {},
+    }
     assert torch.load(tmp_path / "zero-shot" / "weights.pt", weights_only=True) == {}
     assert sorted(p.name for p in (tmp_path / "zero-shot").iterdir()) == ["model.json", "weights.pt"]
     loaded = CIRModel.load(tmp_path / "zero-shot")
@@ -797,7 +911,9 @@ def test_a_crash_while_saving_a_model_leaves_the_old_or_the_new_pair(tmp_path, m
 
     real_replace = Path.replace
     with monkeypatch.context() as patch:  # killed after model.json, before the weights' rename: the new one
-        patch.setattr(Path, "replace", lambda self, target: crash() if self.name.endswith(".tmp") else real_replace(self, target))
+        patch.setattr(
+            Path, "replace", lambda self, target: crash() if self.name.endswith(".tmp") else real_replace(self, target)
+        )
         with pytest.raises(RuntimeError):
             new.save(tmp_path / "m")
     loaded = CIRModel.load(tmp_path / "m")

@@ -22,8 +22,13 @@ WHITE = (255, 255, 255)
 #   1001x333: 1001 / 1.25 = 800.8; int((800.8 - 333) / 2) = int(233.9) = 233 top and bottom -> 1001x799
 #   100x300:  300 / 1.25 = 240;   int((240 - 100) / 2)   = 70                                -> 240x300
 #   301x100:  301 / 1.25 = 240.8; int((240.8 - 100) / 2) = int(70.4)  = 70                  -> 301x240
-CASES = {(401, 533): (425, 533, 12), (400, 534): (426, 534, 13), (1001, 333): (1001, 799, 233),
-         (100, 300): (240, 300, 70), (301, 100): (301, 240, 70)}
+CASES = {
+    (401, 533): (425, 533, 12),
+    (400, 534): (426, 534, 13),
+    (1001, 333): (1001, 799, 233),
+    (100, 300): (240, 300, 70),
+    (301, 100): (301, 240, 70),
+}
 
 
 @pytest.mark.parametrize("size", list(CASES))
@@ -34,11 +39,11 @@ def test_targetpad_matches_clip4cir(size):
     assert out.size == (out_width, out_height)
     pixels = np.asarray(out)
     if width < height:  # bars left and right, the original in between
-        assert (pixels[:, :pad] == 0).all() and (pixels[:, pad + width:] == 0).all()
-        assert (pixels[:, pad:pad + width] == 255).all()
+        assert (pixels[:, :pad] == 0).all() and (pixels[:, pad + width :] == 0).all()
+        assert (pixels[:, pad : pad + width] == 255).all()
     else:
-        assert (pixels[:pad] == 0).all() and (pixels[pad + height:] == 0).all()
-        assert (pixels[pad:pad + height] == 255).all()
+        assert (pixels[:pad] == 0).all() and (pixels[pad + height :] == 0).all()
+        assert (pixels[pad : pad + height] == 255).all()
 
 
 def test_images_within_the_ratio_pass_unchanged():
@@ -47,14 +52,17 @@ def test_images_within_the_ratio_pass_unchanged():
         assert TargetPad(1.25)(image) is image
 
 
-@pytest.mark.parametrize("captions, joined", [
-    (["is darker.", "has long sleeves?"], "Is darker and has long sleeves"),
-    (["", "is shorter"], " and is shorter"),  # an empty first caption: CLIP4Cir keeps the " and "
-    (["is red", ""], "Is red and "),
-    (["Is A T-Shirt", "Has a V-neck, "], "Is a t-shirt and Has a V-neck"),  # capitalize() lowers the rest
-    ([" is blue. ", "..."], "Is blue and "),
-    (["\tis blue.", "x"], "\tis blue and x"),  # strip('.?, ') keeps tabs, so capitalize() changes nothing
-])
+@pytest.mark.parametrize(
+    "captions, joined",
+    [
+        (["is darker.", "has long sleeves?"], "Is darker and has long sleeves"),
+        (["", "is shorter"], " and is shorter"),  # an empty first caption: CLIP4Cir keeps the " and "
+        (["is red", ""], "Is red and "),
+        (["Is A T-Shirt", "Has a V-neck, "], "Is a t-shirt and Has a V-neck"),  # capitalize() lowers the rest
+        ([" is blue. ", "..."], "Is blue and "),
+        (["\tis blue.", "x"], "\tis blue and x"),  # strip('.?, ') keeps tabs, so capitalize() changes nothing
+    ],
+)
 def test_val_caption_join_matches_clip4cir(captions, joined):
     assert join_captions_val(captions) == joined
     c1, c2 = captions

@@ -37,7 +37,7 @@ def test_the_dynamic_scalar_mixes_text_with_weight_lambda_and_image_with_one_min
             p.zero_()
         combiner.dynamic_scalar[3].bias.fill_(torch.logit(torch.tensor(0.25)).item())  # lambda = 0.25
         out = combiner(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]))
-    assert torch.allclose(out, torch.tensor([[0.75, 0.25]]) / (0.75 ** 2 + 0.25 ** 2) ** 0.5)
+    assert torch.allclose(out, torch.tensor([[0.75, 0.25]]) / (0.75**2 + 0.25**2) ** 0.5)
 
 
 def test_default_dims_and_config():

@@ -16,8 +16,17 @@ from fashion_cir.models.fusion import EFFECTS, AttributeSpace, Fusion, QueryPart
 from fashion_cir.models.matcher import DescriptionMatcher
 from support.matcher import tiny_encoder
 
-REFERENCE = {"category": "dress", "color": "blue", "secondary_color": None, "pattern": "solid", "sleeves": "none",
-             "neckline": "crew", "length": "knee", "material": "cotton", "closure": "unknown"}
+REFERENCE = {
+    "category": "dress",
+    "color": "blue",
+    "secondary_color": None,
+    "pattern": "solid",
+    "sleeves": "none",
+    "neckline": "crew",
+    "length": "knee",
+    "material": "cotton",
+    "closure": "unknown",
+}
 
 
 def slot(space: AttributeSpace, name: str, value) -> int:
@@ -63,24 +72,38 @@ def test_one_hot_of_items():
 @pytest.fixture(scope="module")
 def fused_model(tmp_path_factory):
     spec = tiny_encoder(tmp_path_factory.mktemp("encoder"))
-    return CIRModel(create_backbone("tiny:0"), "sum", matcher=DescriptionMatcher(spec), attribute_space=AttributeSpace())
+    return CIRModel(
+        create_backbone("tiny:0"), "sum", matcher=DescriptionMatcher(spec), attribute_space=AttributeSpace()
+    )
 
 
 def test_fused_vectors_score_the_weighted_sum_of_terms(fused_model):
     torch.manual_seed(0)
     model, space, n, g = fused_model, fused_model.attribute_space, 5, 7
     d, m = model.backbone.feature_dim, model.matcher.dim
-    parts = QueryParts(torch.randn(n, d), torch.randn(n, d), F.normalize(torch.randn(n, m), dim=-1),
-                       F.normalize(torch.randn(n, m), dim=-1), F.normalize(torch.randn(n, m), dim=-1),
-                       {t: torch.rand(n, space.dim) for t in space.terms()})
+    parts = QueryParts(
+        torch.randn(n, d),
+        torch.randn(n, d),
+        F.normalize(torch.randn(n, m), dim=-1),
+        F.normalize(torch.randn(n, m), dim=-1),
+        F.normalize(torch.randn(n, m), dim=-1),
+        {t: torch.rand(n, space.dim) for t in space.terms()},
+    )
     image, description, attributes = torch.randn(g, d), F.normalize(torch.randn(g, m), dim=-1), torch.rand(g, space.dim)
-    weights = {t: float(w) for t, w in zip(["composed", "reference", "caption", "prompt", "reference_description",
-                                            *space.terms()], torch.randn(5 + len(space.terms())))}
+    weights = {
+        t: float(w)
+        for t, w in zip(
+            ["composed", "reference", "caption", "prompt", "reference_description", *space.terms()],
+            torch.randn(5 + len(space.terms())),
+        )
+    }
     fusion = Fusion.from_weights(weights)
     fused = model.query_vectors(parts, fusion=fusion) @ model.item_vectors(image, description, attributes).T
     items = F.normalize(image, dim=-1)
     composed = F.normalize(F.normalize(parts.reference, dim=-1) + F.normalize(parts.text, dim=-1), dim=-1)
-    plain = weights["composed"] * composed @ items.T + weights["reference"] * F.normalize(parts.reference, dim=-1) @ items.T
+    plain = (
+        weights["composed"] * composed @ items.T + weights["reference"] * F.normalize(parts.reference, dim=-1) @ items.T
+    )
     for term in ("caption", "prompt", "reference_description"):
         plain = plain + weights[term] * getattr(parts, term) @ description.T
     for term in space.terms():
@@ -92,7 +115,9 @@ def test_items_without_descriptions_or_attributes_score_on_their_image(fused_mod
     model = fused_model
     image = torch.randn(2, model.backbone.feature_dim)
     vectors = model.item_vectors(image)
-    assert torch.equal(vectors[:, model.backbone.feature_dim:], torch.zeros(2, model.matcher.dim + model.attribute_space.dim))
+    assert torch.equal(
+        vectors[:, model.backbone.feature_dim :], torch.zeros(2, model.matcher.dim + model.attribute_space.dim)
+    )
 
 
 def test_fusion_and_attribute_space_are_saved_and_old_matcher_weights_load_as_a_fusion(fused_model, tmp_path):

@@ -132,13 +132,21 @@ def _jpeg(path: Path, colour) -> Path:
 
 
 def test_evaluation_ranks_the_described_target_first(model, tmp_path):
-    images = {i: _jpeg(tmp_path / f"{i}.jpg", c) for i, c in
-              [("a", (200, 10, 10)), ("b", (10, 10, 200)), ("c", (10, 200, 10)), ("d", (240, 240, 240))]}
-    descriptions = {"a": "a red short-sleeve cotton t-shirt", "b": "a navy blue knee-length pencil skirt",
-                    "c": "a green hooded zip-up sweatshirt", "d": "white canvas lace-up sneakers"}
-    triplets = [Triplet("a", "b", ("is a navy blue pencil skirt", "knee length")),
-                Triplet("b", "c", ("is a green hoodie with a zip", "has a hood")),
-                Triplet("c", "d", ("are white sneakers", "with laces"))]
+    images = {
+        i: _jpeg(tmp_path / f"{i}.jpg", c)
+        for i, c in [("a", (200, 10, 10)), ("b", (10, 10, 200)), ("c", (10, 200, 10)), ("d", (240, 240, 240))]
+    }
+    descriptions = {
+        "a": "a red short-sleeve cotton t-shirt",
+        "b": "a navy blue knee-length pencil skirt",
+        "c": "a green hooded zip-up sweatshirt",
+        "d": "white canvas lace-up sneakers",
+    }
+    triplets = [
+        Triplet("a", "b", ("is a navy blue pencil skirt", "knee length")),
+        Triplet("b", "c", ("is a green hoodie with a zip", "has a hood")),
+        Triplet("c", "d", ("are white sneakers", "with laces")),
+    ]
     triplet_set = TripletSet("toy", triplets, list(images), images, [], 0)
     records = {i: {"description": d} for i, d in descriptions.items()}
     cache = FeatureCache(tmp_path / "cache")
@@ -156,10 +164,15 @@ def test_index_search_uses_descriptions_fuses_at_query_time_and_refuses_other_it
     weights live on the query side); a model that reads items otherwise is refused."""
     from fashion_cir.retrieval import CatalogIndex, build_index, search
 
-    images = {i: _jpeg(tmp_path / f"{i}.jpg", c) for i, c in
-              [("a", (200, 10, 10)), ("b", (10, 10, 200)), ("c", (10, 200, 10))]}
-    metadata = {"a": {"description": "a red cotton t-shirt"}, "b": {"description": "a navy blue pencil skirt"},
-                "c": {"description": "a green zip-up hoodie"}}
+    images = {
+        i: _jpeg(tmp_path / f"{i}.jpg", c)
+        for i, c in [("a", (200, 10, 10)), ("b", (10, 10, 200)), ("c", (10, 200, 10))]
+    }
+    metadata = {
+        "a": {"description": "a red cotton t-shirt"},
+        "b": {"description": "a navy blue pencil skirt"},
+        "c": {"description": "a green zip-up hoodie"},
+    }
     model.fusion = Fusion(composed=0.1, caption=0.9)
     index = build_index(tmp_path / "index", model, images, metadata, progress=False)
     assert index.config["blocks"] == {"image": model.backbone.feature_dim, "description": model.matcher.dim}
@@ -171,12 +184,16 @@ def test_index_search_uses_descriptions_fuses_at_query_time_and_refuses_other_it
     model.fusion = Fusion(composed=0.0, caption=1.0)
     reopened = CatalogIndex.load(tmp_path / "index", model)
     hits = search(model, reopened, item_id="a", text="is a green hoodie with a zip", k=2, exclude_reference=True)
-    by_hand = model.matcher.embed(["is a green hoodie with a zip"], "query") @ \
-        model.matcher.embed(["a navy blue pencil skirt", "a green zip-up hoodie"], "item").T
+    by_hand = (
+        model.matcher.embed(["is a green hoodie with a zip"], "query")
+        @ model.matcher.embed(["a navy blue pencil skirt", "a green zip-up hoodie"], "item").T
+    )
     assert [h.id for h in hits] == ["c", "b"]
     assert [h.score for h in hits] == pytest.approx([float(by_hand[0, 1]), float(by_hand[0, 0])], abs=2e-3)  # fp16 bank
     with pytest.raises(ModelError, match="rebuild the index"):  # reads attributes too: other item rows
-        CatalogIndex.load(tmp_path / "index", CIRModel(model.backbone, matcher=model.matcher, attribute_space=AttributeSpace()))
+        CatalogIndex.load(
+            tmp_path / "index", CIRModel(model.backbone, matcher=model.matcher, attribute_space=AttributeSpace())
+        )
     with pytest.raises(ModelError, match="rebuild the index"):  # reads no descriptions
         CatalogIndex.load(tmp_path / "index", CIRModel(model.backbone))
 
@@ -204,8 +221,15 @@ def test_stage2_trains_the_query_encoder_towards_target_descriptions(tmp_path):
     cir.matcher = DescriptionMatcher("minilm")
     cir.fusion = Fusion(composed=0.0, prompt=1.0)
     before = _mean_target_rank(cir, triplets, ids, descriptions)
-    config = Stage2Config(epochs=3, batch_size=16, lr=5e-5, temperature=0.05, progress=False, encoders="none",
-                          cache_dir=str(tmp_path / "cache"))
+    config = Stage2Config(
+        epochs=3,
+        batch_size=16,
+        lr=5e-5,
+        temperature=0.05,
+        progress=False,
+        encoders="none",
+        cache_dir=str(tmp_path / "cache"),
+    )
     records = {i: {"description": d} for i, d in descriptions.items()}
     trained = train_stage2(config, cir, triplets, images, None, records, tmp_path / "run")
     after = _mean_target_rank(trained, triplets, ids, descriptions)
@@ -238,7 +262,9 @@ def test_stored_index_rows_give_the_models_item_vectors(model):
     rows = torch.cat([image, described], dim=1).numpy()
     config = {"feature_dim": d, "matcher": model.matcher.config(), "blocks": model.block_dims()}
     assert np.allclose(item_vectors(rows, config), model.item_vectors(image, described).numpy(), atol=1e-6)
-    by_hand = np.concatenate([F.normalize(image, dim=-1).numpy(), described.numpy()], axis=1)  # only the image block normalised
+    by_hand = np.concatenate(
+        [F.normalize(image, dim=-1).numpy(), described.numpy()], axis=1
+    )  # only the image block normalised
     assert np.allclose(item_vectors(rows, config), by_hand, atol=1e-6)
     plain = item_vectors(image.numpy(), {"feature_dim": d, "matcher": None})
     assert np.allclose(plain, F.normalize(image, dim=-1).numpy(), atol=1e-6)

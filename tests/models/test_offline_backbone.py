@@ -38,7 +38,7 @@ def image_to_text_r10(backbone, catalog, ids: list[str], cache_root) -> float:
 def small_catalog(shared_dir):
     catalog = load_clothing_catalog(shared_dir / "clothing-dataset")
     val = catalog.splits["val"]
-    catalog.held_apart = val[N_VAL:N_VAL + N_HELD]  # never seen by the alignment, not even to pick the epoch
+    catalog.held_apart = val[N_VAL : N_VAL + N_HELD]  # never seen by the alignment, not even to pick the epoch
     catalog.splits = {"train": catalog.splits["train"][:N_TRAIN], "val": val[:N_VAL]}
     return catalog
 
@@ -46,8 +46,13 @@ def small_catalog(shared_dir):
 @pytest.fixture(scope="module")
 def aligned(small_catalog, tmp_path_factory):
     root = tmp_path_factory.mktemp("offline")
-    backbone, summary = align_offline_backbone(small_catalog, root / "proj", FeatureCache(root / "features"),
-                                               AlignConfig(epochs=12, batch_size=16, lr=5e-3), progress=False)
+    backbone, summary = align_offline_backbone(
+        small_catalog,
+        root / "proj",
+        FeatureCache(root / "features"),
+        AlignConfig(epochs=12, batch_size=16, lr=5e-3),
+        progress=False,
+    )
     return backbone, summary, root
 
 
@@ -91,7 +96,8 @@ def test_aligned_space_matches_images_to_their_descriptions(aligned, small_catal
     chance = 100 * 10 / N_VAL
     val_ids = small_catalog.splits["val"]
     assert image_to_text_r10(backbone, small_catalog, val_ids, root / "features") == pytest.approx(
-        summary["best_val_image_to_text_R@10"], abs=1e-4)
+        summary["best_val_image_to_text_R@10"], abs=1e-4
+    )
     assert summary["best_val_image_to_text_R@10"] >= 2.4 * chance
     assert image_to_text_r10(backbone, small_catalog, small_catalog.held_apart, root / "features") >= 2.4 * chance
 
@@ -119,7 +125,10 @@ def test_missing_catalog_or_attributes_is_a_clear_error(tmp_path, shared_dir):
 def test_attribute_phrase_reads_like_a_product_title():
     record = {"color": "red", "pattern": "striped", "sleeves": "long", "material": "knit", "category": "sweater"}
     assert attribute_phrase(record) == "red striped long-sleeve knit sweater"
-    assert attribute_phrase({"color": "black", "pattern": "solid", "sleeves": "none", "category": "pants"}) == "black pants"
+    assert (
+        attribute_phrase({"color": "black", "pattern": "solid", "sleeves": "none", "category": "pants"})
+        == "black pants"
+    )
 
 
 def test_refused_projection_pickles_are_one_line(tmp_path):
@@ -128,8 +137,9 @@ def test_refused_projection_pickles_are_one_line(tmp_path):
     weights = crafted_checkpoint(tmp_path / "projection.pt", tmp_path / "ran")
     with pytest.raises(ModelError) as error:
         create_backbone(f"offline:{tmp_path}")
-    assert str(error.value) == (f"corrupt or mismatched offline projections {weights}: {REFUSED}; "
-                                "re-create them with `fashion-cir align`")
+    assert str(error.value) == (
+        f"corrupt or mismatched offline projections {weights}: {REFUSED}; re-create them with `fashion-cir align`"
+    )
     assert not (tmp_path / "ran").exists()
 
 

@@ -33,7 +33,9 @@ def test_query_modes_and_text_only_queries(tiny_model):
     text = tiny_model.backbone.embed_texts(["is red", "has long sleeves"])
     torch.testing.assert_close(tiny_model.query_vectors(parts, "text"), F.normalize(text, dim=-1), atol=1e-5, rtol=0)
     torch.testing.assert_close(tiny_model.query_vectors(parts, "image"), F.normalize(image, dim=-1), atol=1e-6, rtol=0)
-    torch.testing.assert_close(tiny_model.query_vectors(parts, "sum_raw"), F.normalize(image + text, dim=-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        tiny_model.query_vectors(parts, "sum_raw"), F.normalize(image + text, dim=-1), atol=1e-5, rtol=0
+    )
     text_only = tiny_model.encode_queries(None, ["is red", "has long sleeves"])  # no reference image
     assert text_only.reference is None
     torch.testing.assert_close(tiny_model.query_vectors(text_only), F.normalize(text, dim=-1), atol=1e-5, rtol=0)
@@ -70,23 +72,34 @@ def _pooled(encoder: torch.nn.Module, tokenizer, texts: list[str]) -> torch.Tens
 
 
 def test_each_term_is_read_by_its_encoder_and_training_mode_is_kept(encoder):
-    model = CIRModel(create_backbone("tiny:4"), "sum", matcher=_trained_matcher(encoder), attribute_space=AttributeSpace(),
-                     fusion=Fusion(composed=0.5, caption=0.2, prompt=0.3, reference_description=-0.1))
+    model = CIRModel(
+        create_backbone("tiny:4"),
+        "sum",
+        matcher=_trained_matcher(encoder),
+        attribute_space=AttributeSpace(),
+        fusion=Fusion(composed=0.5, caption=0.2, prompt=0.3, reference_description=-0.1),
+    )
     model.train()
     image = torch.randn(2, model.backbone.feature_dim)
     records = [{"color": "white", "category": "t-shirt"}, None]
     parts = model.encode_queries(image, ["is red", "is blue"], ["a white t-shirt", None], records)
     assert model.training  # encoding queries leaves a training model in training mode
     tokenizer = model.matcher.tokenizer
-    torch.testing.assert_close(parts.caption, _pooled(model.matcher.query_encoder, tokenizer, ["is red", "is blue"]),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        parts.caption, _pooled(model.matcher.query_encoder, tokenizer, ["is red", "is blue"]), atol=1e-5, rtol=0
+    )
     prompts = ["a white t-shirt, but is red", "is blue"]
-    torch.testing.assert_close(parts.prompt, _pooled(model.matcher.query_encoder, tokenizer, prompts), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        parts.prompt, _pooled(model.matcher.query_encoder, tokenizer, prompts), atol=1e-5, rtol=0
+    )
     described = _pooled(model.matcher.item_encoder, tokenizer, ["a white t-shirt"])  # the item side's encoder
     torch.testing.assert_close(parts.reference_description[0], described[0], atol=1e-5, rtol=0)
     assert not parts.reference_description[1].any()  # no description: zero
     space = model.attribute_space
-    assert parts.attributes["keep:category"][0, space.slices["category"].start + space.values["category"].index("t-shirt")] == 1
+    assert (
+        parts.attributes["keep:category"][0, space.slices["category"].start + space.values["category"].index("t-shirt")]
+        == 1
+    )
     assert parts.attributes["away:color"][0].sum() == 1 and not parts.attributes["keep:category"][1].any()
     # a fusion that does not weigh a term does not compute it, unless every term is asked for
     model.fusion = Fusion(composed=1.0, caption=0.5)

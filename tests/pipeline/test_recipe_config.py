@@ -19,7 +19,12 @@ def test_the_shipped_recipes_load_with_their_profiles():
     fast = load_recipe(REPO / "configs" / "demo_clothing.json", "fast")
     full = load_recipe(REPO / "configs" / "demo_clothing.json", "full")
     assert [s.name for s in demo.stages] == ["stage1", "stage2"]
-    assert [s.name for s in full.stages] == ["stage1", "stage2", "stage1-annotated-only", "stage1-annotated-and-generated"]
+    assert [s.name for s in full.stages] == [
+        "stage1",
+        "stage2",
+        "stage1-annotated-only",
+        "stage1-annotated-and-generated",
+    ]
     assert [s.refit_fusion for s in full.stages] == [True, True, False, False]
     assert demo.catalog.slice is None and fast.catalog.slice == {"train": 600, "val": 200, "test": 0}
     assert demo.stages[1].train_config().batch_size == 128 and fast.stages[1].train_config().batch_size == 32
@@ -38,8 +43,11 @@ def test_overrides_reach_nested_fields_and_list_items():
     assert parse_override("stages.0.config.epochs=3") == {"stages": {"0": {"config": {"epochs": 3}}}}
     assert parse_override("out=runs/x") == {"out": "runs/x"}
     assert parse_override('evaluation.protocols=["split"]') == {"evaluation": {"protocols": ["split"]}}
-    recipe = load_recipe(REPO / "configs" / "demo_clothing.json", "fast",
-                         ["stages.1.config.lr=0.001", "out=elsewhere", "catalog.slice.val=50"])
+    recipe = load_recipe(
+        REPO / "configs" / "demo_clothing.json",
+        "fast",
+        ["stages.1.config.lr=0.001", "out=elsewhere", "catalog.slice.val=50"],
+    )
     assert recipe.stages[1].train_config().lr == 0.001 and recipe.stages[0].train_config().lr == 3e-5
     assert recipe.out == "elsewhere" and recipe.catalog.slice == {"train": 600, "val": 50, "test": 0}
     with pytest.raises(DataError, match="not KEY=VALUE"):
@@ -58,7 +66,9 @@ def test_stage_defaults_and_the_recipe_seed_fill_what_a_step_leaves_unset(tmp_pa
     assert (second.seed, second.lr, second.epochs) == (3, 2e-5, 1)
     assert recipe.generate["train"].seed == 7 and recipe.towers.align.seed == 7
     raw["stages"][0]["config"].pop("lr")
-    assert load_recipe(write(tmp_path, **raw)).stages[0].train_config().lr == 0.5  # a default where the stage names none
+    assert (
+        load_recipe(write(tmp_path, **raw)).stages[0].train_config().lr == 0.5
+    )  # a default where the stage names none
 
 
 def write(tmp_path: Path, **change) -> Path:
@@ -69,16 +79,21 @@ def write(tmp_path: Path, **change) -> Path:
     return path
 
 
-@pytest.mark.parametrize("change, words", [
-    ({"towers": {"backbone": "offline", "align": {"epochs": "many"}}}, ["towers.align.epochs", "'many'"]),
-    ({"stages": [{"name": "s", "kind": "stage3", "start": "zero-shot"}]}, ["stages.0.kind", "'stage3'"]),
-    ({"stages": [{"name": "s", "kind": "stage1", "start": "nobody"}]}, ["starts from 'nobody'"]),
-    ({"stages": [{"name": "s", "kind": "stage2", "start": "zero-shot", "config": {"temperature": -1}}]},
-     ["stage 's' config", "temperature", "-1"]),
-    ({"generate": {}}, ["generated triplets"]),
-    ({"evaluation": {"compare": [["stage1", "stage7"]]}}, ["unknown model 'stage7'"]),
-    ({"colour": True}, ["colour", "Extra inputs are not permitted"]),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"towers": {"backbone": "offline", "align": {"epochs": "many"}}}, ["towers.align.epochs", "'many'"]),
+        ({"stages": [{"name": "s", "kind": "stage3", "start": "zero-shot"}]}, ["stages.0.kind", "'stage3'"]),
+        ({"stages": [{"name": "s", "kind": "stage1", "start": "nobody"}]}, ["starts from 'nobody'"]),
+        (
+            {"stages": [{"name": "s", "kind": "stage2", "start": "zero-shot", "config": {"temperature": -1}}]},
+            ["stage 's' config", "temperature", "-1"],
+        ),
+        ({"generate": {}}, ["generated triplets"]),
+        ({"evaluation": {"compare": [["stage1", "stage7"]]}}, ["unknown model 'stage7'"]),
+        ({"colour": True}, ["colour", "Extra inputs are not permitted"]),
+    ],
+)
 def test_bad_recipes_are_one_line_errors_naming_the_field(tmp_path, change, words):
     with pytest.raises(DataError) as error:
         load_recipe(write(tmp_path, **change))

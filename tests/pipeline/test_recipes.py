@@ -19,8 +19,14 @@ from PIL import Image, ImageDraw
 REPO = Path(__file__).resolve().parents[2]
 CATEGORIES = {"dress": "dress", "shirt": "shirt", "toptee": "t-shirt"}
 COLORS = ["red", "blue", "green", "black", "white", "yellow"]
-RGB = {"red": (200, 30, 30), "blue": (30, 30, 200), "green": (30, 160, 30), "black": (10, 10, 10),
-       "white": (240, 240, 240), "yellow": (230, 220, 40)}
+RGB = {
+    "red": (200, 30, 30),
+    "blue": (30, 30, 200),
+    "green": (30, 160, 30),
+    "black": (10, 10, 10),
+    "white": (240, 240, 240),
+    "yellow": (230, 220, 40),
+}
 
 
 def fashioniq_catalog(root: Path, n_train: int = 10, n_val: int = 6) -> dict[str, str]:
@@ -40,10 +46,22 @@ def fashioniq_catalog(root: Path, n_train: int = 10, n_val: int = 6) -> dict[str
                 image = Image.fromarray(noise)  # a distinct photo each (the caption cache keys by content)
                 ImageDraw.Draw(image).rectangle([6, 6, 26, 34], fill=RGB[color])
                 image.save(root / "images" / f"{image_id}.png")
-                records.append({"image": image_id, "category": label, "color": color, "secondary_color": None,
-                                "pattern": "solid", "sleeves": rng.choice(["short", "long"]), "neckline": "crew",
-                                "length": "hip", "material": "cotton", "closure": "none", "kids": False,
-                                "description": f"a {color} {label}"})
+                records.append(
+                    {
+                        "image": image_id,
+                        "category": label,
+                        "color": color,
+                        "secondary_color": None,
+                        "pattern": "solid",
+                        "sleeves": rng.choice(["short", "long"]),
+                        "neckline": "crew",
+                        "length": "hip",
+                        "material": "cotton",
+                        "closure": "none",
+                        "kids": False,
+                        "description": f"a {color} {label}",
+                    }
+                )
             triplets = []
             for _ in range(n):
                 a, b = rng.sample(ids, 2)
@@ -51,13 +69,22 @@ def fashioniq_catalog(root: Path, n_train: int = 10, n_val: int = 6) -> dict[str
             (root / "image_splits" / f"split.{category}.{split}.json").write_text(json.dumps(ids))
             (root / "captions" / f"cap.{category}.{split}.json").write_text(json.dumps(triplets))
     (root / "attributes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    return {"FASHIONIQ_ROOT": str(root), "FASHIONIQ_IMAGES": str(root / "images"),
-            "FASHIONIQ_ATTRIBUTES": str(root / "attributes.jsonl")}
+    return {
+        "FASHIONIQ_ROOT": str(root),
+        "FASHIONIQ_IMAGES": str(root / "images"),
+        "FASHIONIQ_ATTRIBUTES": str(root / "attributes.jsonl"),
+    }
 
 
 def run_cli(args: list[str], env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fashion_cir.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env={**os.environ, **env})
+    return subprocess.run(
+        [sys.executable, "-m", "fashion_cir.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, **env},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +120,19 @@ def test_the_paper_recipe_runs_every_step(paper_run):
     assert run["recipe"]["towers"]["backbone"] == "tiny" and run["git_commit"]
     assert any(name.endswith("cap.dress.train.json") for name in run["inputs"])
     assert all(len(sha) == 40 for sha in run["inputs"].values())
-    for picture in [f"examples-{name}.png" for name in CATEGORIES] + ["triplets.png", "training.png"]:  # one per val set
+    for picture in [f"examples-{name}.png" for name in CATEGORIES] + [
+        "triplets.png",
+        "training.png",
+    ]:  # one per val set
         assert (out / picture).stat().st_size > 1000, picture
     timings = json.loads((out / "timings.json").read_text())  # each step timed, in the order it ran
     steps = [t["step"] for t in timings["steps"]]
-    assert steps.index("baseline zero-shot") < steps.index("train stage1") < steps.index("train stage2") < steps.index("pictures")
+    assert (
+        steps.index("baseline zero-shot")
+        < steps.index("train stage1")
+        < steps.index("train stage2")
+        < steps.index("pictures")
+    )
     assert all(t["seconds"] >= 0 and t["peak_rss_mb"] > 0 for t in timings["steps"])
     assert timings["total_seconds"] >= sum(t["seconds"] for t in timings["steps"]) - 0.1 * len(steps)  # rounding
     assert "Time per step:" in stdout
@@ -116,14 +151,41 @@ def test_changed_training_data_trains_again(paper_run, tmp_path):
     out, env, _, _ = paper_run
     copy = tmp_path / "run"
     subprocess.run(["cp", "-r", str(out), str(copy)], check=True)
-    result = run_cli(["run", "configs/fashioniq_vitb32.json", "--profile", "tiny", "--set", f"out={copy}",
-                      "--set", "generate.train.seed=1"], env)
+    result = run_cli(
+        [
+            "run",
+            "configs/fashioniq_vitb32.json",
+            "--profile",
+            "tiny",
+            "--set",
+            f"out={copy}",
+            "--set",
+            "generate.train.seed=1",
+        ],
+        env,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "stage1: its start model, triplets or settings changed; training it again" in result.stdout
-    result = run_cli(["run", "configs/fashioniq_vitb32.json", "--profile", "tiny", "--set", f"out={copy}",
-                      "--set", "generate.train.seed=1", "--set", "stages.1.config.lr=0.0003"], env)
+    result = run_cli(
+        [
+            "run",
+            "configs/fashioniq_vitb32.json",
+            "--profile",
+            "tiny",
+            "--set",
+            f"out={copy}",
+            "--set",
+            "generate.train.seed=1",
+            "--set",
+            "stages.1.config.lr=0.0003",
+        ],
+        env,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "stage1: its start" not in result.stdout and "stage2: its start model, triplets or settings changed" in result.stdout
+    assert (
+        "stage1: its start" not in result.stdout
+        and "stage2: its start model, triplets or settings changed" in result.stdout
+    )
 
 
 def test_recipe_errors_name_the_field(tmp_path):
@@ -142,6 +204,8 @@ def test_a_caption_step_that_fails_for_most_images_stops_the_run(tmp_path):
     env = fashioniq_catalog(tmp_path / "data")
     attributes = Path(env["FASHIONIQ_ATTRIBUTES"])
     attributes.write_text("".join(attributes.read_text().splitlines(keepends=True)[:10]))  # 10 of 48 images described
-    result = run_cli(["run", "configs/fashioniq_vitb32.json", "--profile", "tiny", "--set", f"out={tmp_path / 'out'}"], env)
+    result = run_cli(
+        ["run", "configs/fashioniq_vitb32.json", "--profile", "tiny", "--set", f"out={tmp_path / 'out'}"], env
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "38 of 48 images failed" in result.stderr and "captioning: 38 images without attributes" in result.stdout

@@ -37,8 +37,10 @@ def test_the_catalog_protocol_ranks_every_split(in_repo, clothing_dir, tmp_path)
     """Issue 24 item 5: the catalog protocol's gallery is the whole (sliced) catalog, every split,
     as the service searches it; the split protocol keeps each set's val gallery."""
     runner = demo_runner(tmp_path / "run")
-    splits = {s: json.loads((clothing_dir / "image_splits" / f"split.clothing.{s}.json").read_text())[:n]
-              for s, n in SLICE.items()}
+    splits = {
+        s: json.loads((clothing_dir / "image_splits" / f"split.clothing.{s}.json").read_text())[:n]
+        for s, n in SLICE.items()
+    }
     on_disk = {p.stem for p in (clothing_dir / "images").glob("*.jpg")}
     expected = [i for s in ("train", "val", "test") for i in splits[s] if i in on_disk]
     assert len(expected) == sum(SLICE.values())  # every sliced id has its photo
@@ -90,5 +92,6 @@ def test_a_changed_start_model_trains_the_next_stage_again(in_repo, tmp_path, mo
     log, changed = run_stages("stages.0.config.lr=0.001")
     assert "stage1: its start model, triplets or settings changed; training it again" in log
     assert "stage2: its start model, triplets or settings changed; training it again" in log
-    assert changed["start"] != first["start"] and {k: v for k, v in changed.items() if k != "start"} == \
-        {k: v for k, v in first.items() if k != "start"}
+    assert changed["start"] != first["start"] and {k: v for k, v in changed.items() if k != "start"} == {
+        k: v for k, v in first.items() if k != "start"
+    }

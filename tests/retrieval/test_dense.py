@@ -13,9 +13,14 @@ def test_search_ranks_by_inner_product_with_exclusions_and_stable_ties():
     items = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.6, 0.8]], dtype=np.float32)
     gallery = DenseGallery(["a", "b", "c", "d"], items)
     query = np.array([[1.0, 0.0]], dtype=np.float32)
-    assert gallery.search(query, 3) == [[("a", 1.0), ("c", 1.0), ("d", pytest.approx(0.6))]]  # a before c: gallery order
+    assert gallery.search(query, 3) == [
+        [("a", 1.0), ("c", 1.0), ("d", pytest.approx(0.6))]
+    ]  # a before c: gallery order
     assert [i for i, _ in gallery.search(query, 3, exclude=[["a"]])[0]] == ["c", "d", "b"]
-    assert gallery.search(np.array([[0.0, 1.0], [1.0, 0.0]]), 1, exclude=[["b"], []]) == [[("d", pytest.approx(0.8))], [("a", 1.0)]]
+    assert gallery.search(np.array([[0.0, 1.0], [1.0, 0.0]]), 1, exclude=[["b"], []]) == [
+        [("d", pytest.approx(0.8))],
+        [("a", 1.0)],
+    ]
 
 
 def test_scores_are_float32_inner_products():

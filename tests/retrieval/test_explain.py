@@ -11,21 +11,32 @@ from fashion_cir.retrieval.explain import explain, requested_changes
 def test_shorter_and_longer_need_a_different_length():
     """Issue 24 item 9: "shorter"/"longer" were satisfied by the reference's own length."""
     reference = {"category": "skirt", "color": "black", "length": "knee"}
-    for text, length, satisfied in (("is shorter", "knee", False), ("is shorter", "thigh", True),
-                                    ("is shorter", "midi", False), ("is longer", "knee", False),
-                                    ("is longer", "midi", True), ("is longer", "hip", False)):
+    for text, length, satisfied in (
+        ("is shorter", "knee", False),
+        ("is shorter", "thigh", True),
+        ("is shorter", "midi", False),
+        ("is longer", "knee", False),
+        ("is longer", "midi", True),
+        ("is longer", "hip", False),
+    ):
         wanted = requested_changes(text)
         word = text.split()[1]
         assert wanted == {"length": "<" if word == "shorter" else ">"}
         why = explain(wanted, reference, {"category": "skirt", "color": "black", "length": length})
-        assert why == {"satisfied": [word] if satisfied else [], "missed": [] if satisfied else [word],
-                       "kept": ["skirt", "black"]}, (text, length)
+        assert why == {
+            "satisfied": [word] if satisfied else [],
+            "missed": [] if satisfied else [word],
+            "kept": ["skirt", "black"],
+        }, (text, length)
     # every pair of lengths, against their places in the order; an unknown length satisfies neither
     for ref, got in itertools.product([*LENGTH_ORDER, None, "unknown"], repeat=2):
         known = ref in LENGTH_ORDER and got in LENGTH_ORDER
         for wanted, word in (("<", "shorter"), (">", "longer")):
-            expected = known and (LENGTH_ORDER.index(got) < LENGTH_ORDER.index(ref) if wanted == "<"
-                                  else LENGTH_ORDER.index(got) > LENGTH_ORDER.index(ref))
+            expected = known and (
+                LENGTH_ORDER.index(got) < LENGTH_ORDER.index(ref)
+                if wanted == "<"
+                else LENGTH_ORDER.index(got) > LENGTH_ORDER.index(ref)
+            )
             why = explain({"length": wanted}, {"length": ref}, {"length": got})
             assert why["satisfied"] == ([word] if expected else []), (ref, got, wanted)
             assert why["missed"] == ([] if expected else [word]), (ref, got, wanted)

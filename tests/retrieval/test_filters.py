@@ -20,24 +20,27 @@ RECORDS = [
     {"category": "dress", "color": "red", "kids": False, "size": 38},
     {"category": "dress", "color": "black", "kids": True},
     {"category": "t-shirt", "color": None, "kids": False, "size": 2.5},
-    {"category": "pants", "color": "it's \"blue\""},
+    {"category": "pants", "color": 'it\'s "blue"'},
 ]
 
 
-@pytest.mark.parametrize("text, expected", [
-    ('category == "dress"', [0, 1]),
-    ('category == "dress" and color != "black"', [0]),
-    ('category == "dress" or category == "pants"', [0, 1, 3]),
-    ('not category == "dress"', [2, 3]),
-    ('not (category == "dress" and kids == true)', [0, 2, 3]),
-    ('category in ["pants", "t-shirt"] and not color in ["red"]', [2, 3]),
-    ("color not in ['red', 'black']", [2, 3]),
-    ('color == ""', [2]),  # null reads as empty text
-    ('kids == false', [0, 2]),
-    ('size == 38 or size == 2.5', [0, 2]),
-    ("color == 'it\\'s \"blue\"'", [3]),
-    ('CATEGORY_X == "a" or category == "dress" AND color == "red"', [0]),  # and binds tighter than or
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('category == "dress"', [0, 1]),
+        ('category == "dress" and color != "black"', [0]),
+        ('category == "dress" or category == "pants"', [0, 1, 3]),
+        ('not category == "dress"', [2, 3]),
+        ('not (category == "dress" and kids == true)', [0, 2, 3]),
+        ('category in ["pants", "t-shirt"] and not color in ["red"]', [2, 3]),
+        ("color not in ['red', 'black']", [2, 3]),
+        ('color == ""', [2]),  # null reads as empty text
+        ("kids == false", [0, 2]),
+        ("size == 38 or size == 2.5", [0, 2]),
+        ("color == 'it\\'s \"blue\"'", [3]),
+        ('CATEGORY_X == "a" or category == "dress" AND color == "red"', [0]),  # and binds tighter than or
+    ],
+)
 def test_semantics_on_records_and_columns(text, expected):
     parsed = parse_filter(text)
     assert [n for n, r in enumerate(RECORDS) if parsed.matches(r)] == expected
@@ -48,22 +51,29 @@ def test_semantics_on_records_and_columns(text, expected):
 
 def test_milvus_translation():
     parsed = parse_filter("""category == "dress" and (color not in ['black', "say \\"hi\\""] or not kids == true)""")
-    assert parsed.to_milvus("m_") == ('((m_category == "dress") and ((m_color not in ["black", "say \\"hi\\""]) '
-                                      'or (not (m_kids == "true"))))')
+    assert parsed.to_milvus("m_") == (
+        '((m_category == "dress") and ((m_color not in ["black", "say \\"hi\\""]) or (not (m_kids == "true"))))'
+    )
     assert parse_filter("size in [1, 1.50]").to_milvus() == '(size in ["1", "1.5"])'
 
 
-@pytest.mark.parametrize("text, message", [
-    ('category = "dress"', "unexpected character '=' at position 10"),
-    ('category == dress', "unexpected token 'dress', expected a quoted text"),
-    ('category == "dress" and', "unexpected end, expected a field name"),
-    ('(category == "dress"', "unexpected end, expected ')'"),
-    ('category == "dress" color == "red"', "unexpected token 'color', expected 'and', 'or' or the end at position 21"),
-    ('category in "dress"', "unexpected token '\"dress\"', expected '['"),
-    ('category like "d%"', "unexpected token 'like', expected '==', '!=', 'in' or 'not in'"),
-    ('== "x"', "unexpected token '==', expected a field name at position 1"),
-    ('   ', "it is empty"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('category = "dress"', "unexpected character '=' at position 10"),
+        ("category == dress", "unexpected token 'dress', expected a quoted text"),
+        ('category == "dress" and', "unexpected end, expected a field name"),
+        ('(category == "dress"', "unexpected end, expected ')'"),
+        (
+            'category == "dress" color == "red"',
+            "unexpected token 'color', expected 'and', 'or' or the end at position 21",
+        ),
+        ('category in "dress"', "unexpected token '\"dress\"', expected '['"),
+        ('category like "d%"', "unexpected token 'like', expected '==', '!=', 'in' or 'not in'"),
+        ('== "x"', "unexpected token '==', expected a field name at position 1"),
+        ("   ", "it is empty"),
+    ],
+)
 def test_errors_name_the_token(text, message):
     with pytest.raises(FilterError, match="bad filter") as error:
         parse_filter(text)
@@ -78,11 +88,14 @@ def test_fields_are_checked_and_listed():
         parse_filter('a == "' + "x" * 3000 + '"')
 
 
-@pytest.mark.parametrize("text, message", [
-    ("size == 042", "bad number '042' (write 42, -7 or 0.5: no leading zeros) at position 9"),
-    ("size == 00", "bad number '00'"),
-    ("size in [1, -01.5]", "bad number '-01.5' (write 42, -7 or 0.5: no leading zeros) at position 13"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("size == 042", "bad number '042' (write 42, -7 or 0.5: no leading zeros) at position 9"),
+        ("size == 00", "bad number '00'"),
+        ("size in [1, -01.5]", "bad number '-01.5' (write 42, -7 or 0.5: no leading zeros) at position 13"),
+    ],
+)
 def test_numbers_are_parsed_by_the_grammar(text, message):
     """Issue 22 item 3: ``042`` reached json.loads, whose JSONDecodeError was a 500."""
     with pytest.raises(FilterError) as error:
@@ -117,7 +130,7 @@ def test_control_characters_are_refused(character):
 
 def test_milvus_literals_escape_what_milvus_reads():
     """Issue 22 item 2: ids and values are quoted with the escapes milvus-lite and Milvus both read."""
-    assert milvus_literal("x'] or id not in ['") == '"x\'] or id not in [\'"'
+    assert milvus_literal("x'] or id not in ['") == "\"x'] or id not in ['\""
     assert milvus_literal('a\\"b\n\r\t\0') == '"a\\\\\\"b\\n\\r\\t\0"'
     assert milvus_list(["a", 'b"']) == '["a", "b\\""]'
 
@@ -154,13 +167,25 @@ def test_random_filters_follow_the_precedence_of_not_and_or():
     import random
 
     rng = random.Random(24)
-    records = [{f: rng.choice(vs) for f, vs in (("category", ["dress", "pants", "hat"]),
-                                                  ("color", ["red", "black", "blue", None]),
-                                                  ("kids", [True, False])) if rng.random() < 0.9}
-               for _ in range(40)]
-    columns = {f: np.array([field_text(r.get(f)) for r in records], dtype=object) for f in ("category", "color", "kids")}
-    texts = ['category == "dress" and color == "red" or kids == true',  # the hand-made cases first
-             'kids == true or category == "dress" and color == "red"']
+    records = [
+        {
+            f: rng.choice(vs)
+            for f, vs in (
+                ("category", ["dress", "pants", "hat"]),
+                ("color", ["red", "black", "blue", None]),
+                ("kids", [True, False]),
+            )
+            if rng.random() < 0.9
+        }
+        for _ in range(40)
+    ]
+    columns = {
+        f: np.array([field_text(r.get(f)) for r in records], dtype=object) for f in ("category", "color", "kids")
+    }
+    texts = [
+        'category == "dress" and color == "red" or kids == true',  # the hand-made cases first
+        'kids == true or category == "dress" and color == "red"',
+    ]
     texts += [_random_filter(rng, 3)[0] for _ in range(300)]
     for text in texts:
         parsed = parse_filter(text)
@@ -173,5 +198,11 @@ def test_random_filters_follow_the_precedence_of_not_and_or():
         expected_rows = [n for n in range(len(records)) if parsed.matches(records[n])]
         assert np.flatnonzero(parsed.mask(columns, len(records))).tolist() == expected_rows, text
     hand = parse_filter(texts[0])
-    assert [hand.matches(r) for r in ({"category": "hat", "kids": True}, {"category": "dress", "color": "red"},
-                                      {"category": "dress", "color": "blue", "kids": False})] == [True, True, False]
+    assert [
+        hand.matches(r)
+        for r in (
+            {"category": "hat", "kids": True},
+            {"category": "dress", "color": "red"},
+            {"category": "dress", "color": "blue", "kids": False},
+        )
+    ] == [True, True, False]

@@ -178,7 +178,9 @@ def test_search_with_own_features_ranks_the_item_first(flat_index, tiny_model, c
 def test_search_composes_with_the_reference_description(flat_index, tiny_model, monkeypatch):
     seen: list[str] = []
     embed = tiny_model.backbone.embed_texts
-    monkeypatch.setattr(tiny_model.backbone, "embed_texts", lambda texts, *args, **kw: seen.extend(texts) or embed(texts, *args, **kw))
+    monkeypatch.setattr(
+        tiny_model.backbone, "embed_texts", lambda texts, *args, **kw: seen.extend(texts) or embed(texts, *args, **kw)
+    )
     hits = search(tiny_model, flat_index, item_id="item-001", text="Is green", k=3)
     assert seen == ["a blue t-shirt, but is green"]
     assert len(hits) == 3 and hits[0].metadata == flat_index.metadata[hits[0].id]
@@ -227,7 +229,9 @@ def test_serving_defaults_to_the_trained_model_the_index_was_built_with(tmp_path
     build_index(tmp_path / "index", model, paths, metadata, progress=False)
     served = create_app(tmp_path / "index").state.model
     assert served.source == (tmp_path / "model").resolve() and served.query_mode == "text"
-    torch.testing.assert_close(served.backbone.embed_texts(["a red dress"]), model.backbone.embed_texts(["a red dress"]))
+    torch.testing.assert_close(
+        served.backbone.embed_texts(["a red dress"]), model.backbone.embed_texts(["a red dress"])
+    )
 
 
 def test_manifest_and_data_fields_are_checked_on_open(tmp_path, flat_index):
@@ -240,10 +244,13 @@ def test_manifest_and_data_fields_are_checked_on_open(tmp_path, flat_index):
     folder = tmp_path / "index"
     shutil.copytree(flat_index.folder, folder)
     good = json.loads((folder / "index.json").read_text())
-    bad_manifests = [({"root": "/"}, "field 'root' must be the absolute folder of the catalog images, not '/'"),
-                     ({"root": "//"}, "not '//'"), ({"root": "catalog"}, "not 'catalog'"),
-                     ({"fields": ["color", "a) or (b"]}, "field 'fields' must list metadata field names"),
-                     ({"store": ["faiss"]}, "field 'store' must be an object naming its kind")]
+    bad_manifests = [
+        ({"root": "/"}, "field 'root' must be the absolute folder of the catalog images, not '/'"),
+        ({"root": "//"}, "not '//'"),
+        ({"root": "catalog"}, "not 'catalog'"),
+        ({"fields": ["color", "a) or (b"]}, "field 'fields' must list metadata field names"),
+        ({"store": ["faiss"]}, "field 'store' must be an object naming its kind"),
+    ]
     for change, message in bad_manifests:
         (folder / "index.json").write_text(json.dumps({**good, **change}))
         with pytest.raises(DataError, match=re.escape(message)):
@@ -272,8 +279,13 @@ def test_index_files_are_readable_by_others_under_a_022_umask(tmp_path, tiny_mod
 
 @pytest.fixture(scope="module")
 def small_index(tmp_path_factory, tiny_model, drawings):
-    return build_index(tmp_path_factory.mktemp("small") / "index", tiny_model,
-                       dict(list(drawings[0].items())[:8]), drawings[1], progress=False).folder
+    return build_index(
+        tmp_path_factory.mktemp("small") / "index",
+        tiny_model,
+        dict(list(drawings[0].items())[:8]),
+        drawings[1],
+        progress=False,
+    ).folder
 
 
 def _manifest(folder: Path) -> dict:
@@ -295,21 +307,39 @@ def _data(folder: Path) -> Path:
 
 
 CORRUPTIONS = {
-    "truncated features.npy": (lambda f: (_data(f) / "features.npy").write_bytes((_data(f) / "features.npy").read_bytes()[:150]), "features.npy"),
+    "truncated features.npy": (
+        lambda f: (_data(f) / "features.npy").write_bytes((_data(f) / "features.npy").read_bytes()[:150]),
+        "features.npy",
+    ),
     "empty features.npy": (lambda f: (_data(f) / "features.npy").write_bytes(b""), "features.npy"),
-    "features.npy of the wrong dimension": (lambda f: np.save(_data(f) / "features.npy", np.zeros((8, 33), np.float32)), "features.npy"),
-    "features.npy of the wrong length": (lambda f: np.save(_data(f) / "features.npy", np.zeros((7, 32), np.float32)), "features.npy"),
+    "features.npy of the wrong dimension": (
+        lambda f: np.save(_data(f) / "features.npy", np.zeros((8, 33), np.float32)),
+        "features.npy",
+    ),
+    "features.npy of the wrong length": (
+        lambda f: np.save(_data(f) / "features.npy", np.zeros((7, 32), np.float32)),
+        "features.npy",
+    ),
     "manifest without count": (lambda f: _set_manifest(f, count=KeyError), "index.json"),
     "manifest without nprobe": (lambda f: _set_manifest(f, nprobe=KeyError), "index.json"),
-    "manifest with feature_dim wrong": (lambda f: _set_manifest(f, feature_dim=64, blocks={"image": 64}), "features.npy"),
+    "manifest with feature_dim wrong": (
+        lambda f: _set_manifest(f, feature_dim=64, blocks={"image": 64}),
+        "features.npy",
+    ),
     "manifest whose blocks disagree with feature_dim": (lambda f: _set_manifest(f, feature_dim=64), "index.json"),
-    "manifest with a block of no width": (lambda f: _set_manifest(f, blocks={"image": 32, "description": 0}), "index.json"),
+    "manifest with a block of no width": (
+        lambda f: _set_manifest(f, blocks={"image": 32, "description": 0}),
+        "index.json",
+    ),
     "manifest with blocks as a list": (lambda f: _set_manifest(f, blocks=[32]), "index.json"),
     "data: null": (lambda f: _set_manifest(f, data=None), "index.json"),
     "manifest as a list": (lambda f: (f / "index.json").write_text("[]"), "index.json"),
     "paths.json as a list": (lambda f: (_data(f) / "paths.json").write_text("[]"), "paths.json"),
     "ids.json as an object": (lambda f: (_data(f) / "ids.json").write_text("{}"), "ids.json"),
-    "ids.json with a duplicate": (lambda f: (_data(f) / "ids.json").write_text(json.dumps(["item-000"] * 8)), "ids.json"),
+    "ids.json with a duplicate": (
+        lambda f: (_data(f) / "ids.json").write_text(json.dumps(["item-000"] * 8)),
+        "ids.json",
+    ),
     "metadata.json as a list": (lambda f: (_data(f) / "metadata.json").write_text("[]"), "metadata.json"),
     "garbage faiss.index": (lambda f: (_data(f) / "faiss.index").write_bytes(b"junk"), "faiss.index"),
 }
@@ -333,9 +363,13 @@ def test_a_corrupt_index_is_exit_2_on_the_command_line(small_index, tmp_path):
     folder = tmp_path / "index"
     shutil.copytree(small_index, folder)
     (_data(folder) / "features.npy").write_bytes(b"")
-    result = runner.invoke(app, ["search", "--index", str(folder), "--id", "item-001", "--text", "is red", "--backbone", "tiny"])
+    result = runner.invoke(
+        app, ["search", "--index", str(folder), "--id", "item-001", "--text", "is red", "--backbone", "tiny"]
+    )
     assert result.exit_code == 2, result.output
-    assert "corrupt feature file" in result.output and "features.npy" in result.output and "Traceback" not in result.output
+    assert (
+        "corrupt feature file" in result.output and "features.npy" in result.output and "Traceback" not in result.output
+    )
 
 
 @pytest.mark.parametrize("entry", ["/etc/passwd", "../../../../../../etc/passwd", "sub/../../outside.jpg"])

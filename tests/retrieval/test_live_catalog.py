@@ -39,12 +39,39 @@ def test_cli_build_filter_remove_upsert(store, catalog, tmp_path):
     root, paths, metadata, attributes = catalog
     spec = "faiss" if store == "faiss" else f"milvus:{tmp_path / 'milvus.db'}"
     folder = tmp_path / "index"
-    cli("index", "build", str(folder), "--images", str(root / "images"), "--metadata", str(attributes),
-        "--backbone", "tiny", "--store", spec, "--cache-dir", str(root / "cache"))
-    out = cli("search", "--index", str(folder), "--id", "item-004", "--text", "is red", "-k", "4", "--json",
-              "--filter", 'category == "dress" and color != "black"')
+    cli(
+        "index",
+        "build",
+        str(folder),
+        "--images",
+        str(root / "images"),
+        "--metadata",
+        str(attributes),
+        "--backbone",
+        "tiny",
+        "--store",
+        spec,
+        "--cache-dir",
+        str(root / "cache"),
+    )
+    out = cli(
+        "search",
+        "--index",
+        str(folder),
+        "--id",
+        "item-004",
+        "--text",
+        "is red",
+        "-k",
+        "4",
+        "--json",
+        "--filter",
+        'category == "dress" and color != "black"',
+    )
     hits = json.loads(out)
-    assert len(hits) == 4 and all(h["metadata"]["category"] == "dress" and h["metadata"]["color"] != "black" for h in hits)
+    assert len(hits) == 4 and all(
+        h["metadata"]["category"] == "dress" and h["metadata"]["color"] != "black" for h in hits
+    )
     bad = runner.invoke(app, ["search", "--index", str(folder), "--id", "item-004", "--filter", 'category = "dress"'])
     assert bad.exit_code == 2 and "unexpected character '='" in bad.output and "Traceback" not in bad.output
     bad = runner.invoke(app, ["search", "--index", str(folder), "--id", "item-004", "--filter", 'colour == "red"'])
@@ -53,8 +80,9 @@ def test_cli_build_filter_remove_upsert(store, catalog, tmp_path):
     bad = runner.invoke(app, ["search", "--index", str(folder), "--id", "item-004", "--filter", deep])
     assert bad.exit_code == 2 and "nested more than 32 levels deep" in bad.output and "Traceback" not in bad.output
 
-    assert "removed 2 items; index now holds 38; 1 ids were not in the index, first: 'nope'" in \
-        cli("index", "remove", str(folder), "item-010", "item-011", "nope")
+    assert "removed 2 items; index now holds 38; 1 ids were not in the index, first: 'nope'" in cli(
+        "index", "remove", str(folder), "item-010", "item-011", "nope"
+    )
     ids_file = tmp_path / "ids.txt"
     ids_file.write_text("item-012\n\nitem-013\n")
     assert "removed 2 items; index now holds 36" in cli("index", "remove", str(folder), "--ids-file", str(ids_file))
@@ -63,8 +91,12 @@ def test_cli_build_filter_remove_upsert(store, catalog, tmp_path):
     shutil.copy(paths["item-010"], changed / "item-010.jpg")  # back again
     shutil.copy(paths["item-020"], changed / "item-004.jpg")  # a new picture for item-004
     update = tmp_path / "update.jsonl"
-    update.write_text(json.dumps({"image": "item-004", **metadata["item-020"], "color": "purple"}) + "\n"
-                      + json.dumps({"image": "item-010", **metadata["item-010"]}) + "\n")
+    update.write_text(
+        json.dumps({"image": "item-004", **metadata["item-020"], "color": "purple"})
+        + "\n"
+        + json.dumps({"image": "item-010", **metadata["item-010"]})
+        + "\n"
+    )
     out = cli("index", "upsert", str(folder), "--images", str(changed), "--metadata", str(update))
     assert "index now holds 37 images" in out and '"replaced": 1' in out
     index = open_index(folder)
@@ -80,7 +112,12 @@ def test_api_filter_and_live_changes(store, catalog, tiny_model, tmp_path):
     folder = tmp_path / "index"
     build_index(folder, tiny_model, paths, metadata, store=spec, cache_dir=root / "cache", progress=False)
     with running_server(create_app(folder, tiny_model)) as url, httpx.Client(base_url=url, timeout=60) as http:
-        form = {"id": "item-001", "text": "is red", "k": "5", "filter": 'category in ["dress", "pants"] and not color == "red"'}
+        form = {
+            "id": "item-001",
+            "text": "is red",
+            "k": "5",
+            "filter": 'category in ["dress", "pants"] and not color == "red"',
+        }
         answer = http.post("/search", data=form).json()
         assert len(answer["results"]) == 5 and answer["filter"] == form["filter"]
         for hit in answer["results"]:
@@ -103,8 +140,12 @@ def test_api_filter_and_live_changes(store, catalog, tiny_model, tmp_path):
         assert len(ranked) == 37 and not {"item-002", "item-003"} & {h["id"] for h in ranked}
         assert http.post("/search", data={"id": "item-002", "text": "x"}).status_code == 404
         index = open_index(folder, tiny_model)
-        index.upsert_features(["item-005"], index.vector("item-005")[None], {"item-005": {**metadata["item-005"], "color": "gold"}},
-                              {"item-005": paths["item-005"]})
+        index.upsert_features(
+            ["item-005"],
+            index.vector("item-005")[None],
+            {"item-005": {**metadata["item-005"], "color": "gold"}},
+            {"item-005": paths["item-005"]},
+        )
         index.save()
         assert http.get("/items/item-005").json()["metadata"]["color"] == "gold"
         gold = http.post("/search", data={"id": "item-001", "text": "x", "k": "3", "filter": 'color == "gold"'}).json()

@@ -29,7 +29,9 @@ def _pooled(matcher: DescriptionMatcher, texts: list[str]) -> torch.Tensor:
     """Normalised mean of the item encoder's last hidden states over real tokens, written out here."""
     tokens = matcher.tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
-        hidden = matcher.item_encoder(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
+        hidden = matcher.item_encoder(
+            input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+        ).last_hidden_state
     mask = tokens["attention_mask"].unsqueeze(-1).float()
     mean = (hidden * mask).sum(1) / mask.sum(1)
     return mean / mean.norm(dim=-1, keepdim=True)
@@ -51,8 +53,10 @@ def _sigmoid(x: float) -> float:
     return round(1 / (1 + math.exp(-x)), 4)
 
 
-RECORDS = {"a": {"category": "t-shirt", "color": "white", "description": "a white t-shirt"},
-           "b": {"category": "skirt", "color": "black"}}  # "b" has attributes but no description
+RECORDS = {
+    "a": {"category": "t-shirt", "color": "white", "description": "a white t-shirt"},
+    "b": {"category": "skirt", "color": "black"},
+}  # "b" has attributes but no description
 
 
 def test_references_follow_the_policy():
@@ -61,23 +65,35 @@ def test_references_follow_the_policy():
     # u = (0.6, 0.8): a red dress; u = (-0.6, -0.8): a pair of blue pants
     image = torch.zeros(4, 32)
     image[:, :2] = torch.tensor([[3.0, 4.0], [3.0, 4.0], [-3.0, -4.0], [-3.0, -4.0]])
-    red_dress = {"category": {"value": "dress", "confidence": _sigmoid(12.0)},
-                 "color": {"value": "red", "confidence": _sigmoid(16.0)}}
-    blue_pants = {"category": {"value": "pants", "confidence": _sigmoid(12.0)},
-                  "color": {"value": "blue", "confidence": _sigmoid(16.0)}}
+    red_dress = {
+        "category": {"value": "dress", "confidence": _sigmoid(12.0)},
+        "color": {"value": "red", "confidence": _sigmoid(16.0)},
+    }
+    blue_pants = {
+        "category": {"value": "pants", "confidence": _sigmoid(12.0)},
+        "color": {"value": "blue", "confidence": _sigmoid(16.0)},
+    }
     ids = ["a", "b", "zz", None]  # a catalog item, one without a description, one without a record, an upload
     catalog = resolve_references(model, ReferencePolicy("catalog"), ids, image, RECORDS)
     assert [(r.description, r.attributes, r.source) for r in catalog] == [
-        ("a white t-shirt", RECORDS["a"], "catalog"), (None, RECORDS["b"], "catalog"),
-        ("a pair of blue pants", blue_pants, "predicted"), ("a pair of blue pants", blue_pants, "predicted")]
+        ("a white t-shirt", RECORDS["a"], "catalog"),
+        (None, RECORDS["b"], "catalog"),
+        ("a pair of blue pants", blue_pants, "predicted"),
+        ("a pair of blue pants", blue_pants, "predicted"),
+    ]
     predicted = resolve_references(model, ReferencePolicy("predicted"), ids, image, RECORDS)
     assert [(r.description, r.attributes, r.source) for r in predicted] == [
-        ("a red dress", red_dress, "predicted"), ("a red dress", red_dress, "predicted"),
-        ("a pair of blue pants", blue_pants, "predicted"), ("a pair of blue pants", blue_pants, "predicted")]
+        ("a red dress", red_dress, "predicted"),
+        ("a red dress", red_dress, "predicted"),
+        ("a pair of blue pants", blue_pants, "predicted"),
+        ("a pair of blue pants", blue_pants, "predicted"),
+    ]
     for source, features in (("none", image), ("catalog", None)):  # no policy, or no reference image: nothing
         nothing = resolve_references(model, ReferencePolicy(source), ids, features, RECORDS)
         assert [(r.description, r.attributes, r.source) for r in nothing] == [(None, None, "none")] * 4
-    without_heads = resolve_references(CIRModel(create_backbone("tiny")), ReferencePolicy("catalog"), ids, image, RECORDS)
+    without_heads = resolve_references(
+        CIRModel(create_backbone("tiny")), ReferencePolicy("catalog"), ids, image, RECORDS
+    )
     assert [r.source for r in without_heads] == ["catalog", "catalog", "none", "none"]
     # a triplet's own prompt replaces the catalog's description (and only under the catalog policy)
     prompts = ["a generated prompt", None, "another prompt", None]
@@ -93,10 +109,15 @@ def test_references_follow_the_policy():
 def test_catalog_items_join_each_items_cached_description_and_attributes(encoder, tmp_path):
     image = torch.randn(3, 32, generator=torch.Generator().manual_seed(6)) * torch.tensor([[0.5], [2.0], [9.0]])
     unit = image / image.norm(dim=-1, keepdim=True)
-    records = {"a": {"description": "a red cotton dress", "color": "red"}, "c": {"description": "black leather boots"},
-               "zz": {"description": "not in this gallery"}}
+    records = {
+        "a": {"description": "a red cotton dress", "color": "red"},
+        "c": {"description": "black leather boots"},
+        "zz": {"description": "not in this gallery"},
+    }
     plain = CIRModel(create_backbone("tiny"))
-    torch.testing.assert_close(catalog_items(plain, image, ["a", "b", "c"], records, tmp_path / "x"), unit, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        catalog_items(plain, image, ["a", "b", "c"], records, tmp_path / "x"), unit, atol=1e-6, rtol=0
+    )
     assert item_parts(plain, ["a", "b", "c"], records, tmp_path / "x") == (None, None)
     assert not (tmp_path / "x").exists()  # no matcher: no description cache
     space = AttributeSpace(names=["color", "length"])

@@ -25,9 +25,10 @@ def test_more_is_true_only_when_a_further_page_has_results(small_index, tiny_mod
     order = [h.id for h in whole.hits]
     for k in (1, 4, 5, 6, 11, 12):
         for offset in (0, 5, 6, 7, 10, 11, 12):
-            page = composed_search(tiny_model, index, item_id="item-000", text="is blue", k=k, offset=offset,
-                                   exclude_reference=True)
-            assert [h.id for h in page.hits] == order[offset:offset + k], (k, offset)
+            page = composed_search(
+                tiny_model, index, item_id="item-000", text="is blue", k=k, offset=offset, exclude_reference=True
+            )
+            assert [h.id for h in page.hits] == order[offset : offset + k], (k, offset)
             assert page.more is (offset + k < 11), (k, offset)
             assert page.offset == offset
     shirts = parse_filter('category == "t-shirt"')

@@ -26,8 +26,14 @@ SECRET = "shard-test-key"
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "fashion_cir.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}, cwd=REPO)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fashion_cir.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=REPO,
+    )
 
 
 def finish(process: subprocess.Popen) -> str:
@@ -58,14 +64,27 @@ def test_shard_selection_and_errors(monkeypatch):
 def test_two_processes_fill_one_feature_cache_then_merge(images, tmp_path):
     folder = str(next(iter(images.values())).parent)
     cache = tmp_path / "cache"
-    common = ["features", "encode", "--images", folder, "--cache-dir", str(cache), "--backbone", "tiny", "--batch-size", "4"]
+    common = [
+        "features",
+        "encode",
+        "--images",
+        folder,
+        "--cache-dir",
+        str(cache),
+        "--backbone",
+        "tiny",
+        "--batch-size",
+        "4",
+    ]
     workers = [cli(*common, "--shard", "0/2"), cli(*common, env={"RANK": "1", "WORLD_SIZE": "2"})]
     outputs = [finish(w) for w in workers]
     assert "shard 0/2: 15 images, 15 encoded" in outputs[0] and "shard 1/2: 15 images, 15 encoded" in outputs[1]
     model = load_model(backbone="tiny")
     parts = list(FeatureCache(cache).folder(model.backbone).glob("part-*.npz"))
     assert len(parts) == 2
-    assert "merged 2 parts: 30 features (30 rows)" in finish(cli("features", "merge", "--cache-dir", str(cache), "--backbone", "tiny"))
+    assert "merged 2 parts: 30 features (30 rows)" in finish(
+        cli("features", "merge", "--cache-dir", str(cache), "--backbone", "tiny")
+    )
     assert len(list(FeatureCache(cache).folder(model.backbone).glob("part-*.npz"))) == 1
     merged = FeatureCache(cache)
     ids, features = merged.encode(model.backbone, images, progress=False)
@@ -81,8 +100,17 @@ def servers(tmp_path):
     running = []
     for number in range(2):
         log = tmp_path / f"requests-{number}.jsonl"
-        process = subprocess.Popen([sys.executable, str(HELPERS / "fake_openai_server.py"), str(tmp_path / "behaviours.json"),
-                                    SECRET, str(log)], stdout=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                str(HELPERS / "fake_openai_server.py"),
+                str(tmp_path / "behaviours.json"),
+                SECRET,
+                str(log),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         running.append((process, f"http://127.0.0.1:{int(process.stdout.readline())}/v1", log))
     yield [(url, log) for _, url, log in running]
     for process, _, _ in running:
@@ -97,8 +125,16 @@ def requests_in(log: Path) -> int:
 def test_requests_spread_over_two_servers_and_avoid_a_dead_one(images, servers, tmp_path, monkeypatch):
     monkeypatch.setenv("FCIR_TEST_KEY", SECRET)
     (first, first_log), (second, second_log) = servers
-    captioner = build_captioner("openai", model="fake-vlm", base_url=[first, second], api_key_env="FCIR_TEST_KEY",
-                                concurrency=4, timeout_s=5.0, max_retries=2, backoff_s=0.05)
+    captioner = build_captioner(
+        "openai",
+        model="fake-vlm",
+        base_url=[first, second],
+        api_key_env="FCIR_TEST_KEY",
+        concurrency=4,
+        timeout_s=5.0,
+        max_retries=2,
+        backoff_s=0.05,
+    )
     result = run_captioning(images, captioner, tmp_path / "cache", progress=False)
     assert len(result) == 30
     assert requests_in(first_log) >= 10 and requests_in(second_log) >= 10
@@ -107,8 +143,16 @@ def test_requests_spread_over_two_servers_and_avoid_a_dead_one(images, servers, 
     with socket.socket() as sock:  # bound and never listening: refused, and no other test worker can take the port
         sock.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-        captioner = build_captioner("openai", model="fake-vlm", base_url=[dead, second], api_key_env="FCIR_TEST_KEY",
-                                    concurrency=4, timeout_s=5.0, max_retries=2, backoff_s=0.5)
+        captioner = build_captioner(
+            "openai",
+            model="fake-vlm",
+            base_url=[dead, second],
+            api_key_env="FCIR_TEST_KEY",
+            concurrency=4,
+            timeout_s=5.0,
+            max_retries=2,
+            backoff_s=0.5,
+        )
         before = requests_in(second_log)
         result = run_captioning(images, captioner, tmp_path / "cache-2", progress=False)
     assert len(result) == 30 and requests_in(second_log) - before == 30
@@ -120,9 +164,25 @@ def test_two_caption_shards_then_an_unsharded_merge(images, servers, tmp_path):
     (first, first_log), (second, second_log) = servers
     folder = str(next(iter(images.values())).parent)
     out = tmp_path / "attributes.jsonl"
-    common = ["caption", "--images", folder, "--out", str(out), "--backend", "openai", "--model", "fake-vlm",
-              "--cache-dir", str(tmp_path / "cache"), "--base-url", first, "--base-url", second,
-              "--api-key-env", "FCIR_TEST_KEY"]
+    common = [
+        "caption",
+        "--images",
+        folder,
+        "--out",
+        str(out),
+        "--backend",
+        "openai",
+        "--model",
+        "fake-vlm",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--base-url",
+        first,
+        "--base-url",
+        second,
+        "--api-key-env",
+        "FCIR_TEST_KEY",
+    ]
     env = {"FCIR_TEST_KEY": SECRET}
     workers = [cli(*common, "--shard", f"{i}/2", env=env) for i in range(2)]
     outputs = [finish(w) for w in workers]

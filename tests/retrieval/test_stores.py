@@ -47,8 +47,17 @@ def make_index(kind, workdir, model, paths, metadata, **options):
     number = next(_names)
     store = "faiss" if kind == "faiss" else f"milvus:{workdir / 'milvus.db'}"
     milvus = {"collection": f"c{number}", **options.pop("milvus", {})}
-    return build_index(workdir / f"index-{number}", model, paths, metadata, progress=False, store=store,
-                       milvus=milvus, cache_dir=workdir / "feature-cache", **options)
+    return build_index(
+        workdir / f"index-{number}",
+        model,
+        paths,
+        metadata,
+        progress=False,
+        store=store,
+        milvus=milvus,
+        cache_dir=workdir / "feature-cache",
+        **options,
+    )
 
 
 def brute_force(features: dict[str, np.ndarray], query: np.ndarray, allowed, k: int) -> list[str]:
@@ -117,13 +126,22 @@ def test_filtered_search_matches_brute_force_and_returns_k(kind, workdir, tiny_m
     excluded = brute_force(raw_features, query, {i for i in paths if metadata[i]["category"] == "dress"}, 3)
     hits = index.search_vectors(query[None], 10, exclude=excluded, filter=parsed)[0]
     assert not set(excluded) & {h.id for h in hits} and len(hits) == 7  # 10 dresses, 3 excluded
-    composed = search(tiny_model, index, item_id="item-003", text="is green", k=4, filter=parsed, exclude_reference=True)
+    composed = search(
+        tiny_model, index, item_id="item-003", text="is green", k=4, filter=parsed, exclude_reference=True
+    )
     assert len(composed) == 4 and all(h.metadata["category"] == "dress" for h in composed)
 
 
-@pytest.mark.parametrize("kind, options", [("faiss", {"factory": "IVF8,Flat", "nprobe": 1}),
-                                           ("milvus", {"milvus": {"index": "IVF_FLAT,nlist=8"}, "nprobe": 1})])
-def test_selective_filter_on_an_approximate_index_still_returns_k(kind, options, workdir, tiny_model, catalog, raw_features):
+@pytest.mark.parametrize(
+    "kind, options",
+    [
+        ("faiss", {"factory": "IVF8,Flat", "nprobe": 1}),
+        ("milvus", {"milvus": {"index": "IVF_FLAT,nlist=8"}, "nprobe": 1}),
+    ],
+)
+def test_selective_filter_on_an_approximate_index_still_returns_k(
+    kind, options, workdir, tiny_model, catalog, raw_features
+):
     paths, metadata = catalog
     index = make_index(kind, workdir, tiny_model, paths, metadata, **options)
     parsed = parse_filter('category == "shoes" and in_stock == true', index.fields)
@@ -180,8 +198,9 @@ def test_milvus_store_spec_errors(tmp_path, tiny_model, catalog):
         build_index(tmp_path / "a", tiny_model, *catalog, store="milvus:somewhere", progress=False)
     with pytest.raises(DataError, match="unknown store 'pinecone'"):
         build_index(tmp_path / "b", tiny_model, *catalog, store="pinecone", progress=False)
-    folder = build_index(tmp_path / "c", tiny_model, *catalog, store=f"milvus:{tmp_path / 'x.db'}",
-                         progress=False).folder
+    folder = build_index(
+        tmp_path / "c", tiny_model, *catalog, store=f"milvus:{tmp_path / 'x.db'}", progress=False
+    ).folder
     manifest = json.loads((folder / "index.json").read_text())
     manifest["store"]["collection"] = "gone"
     (folder / "index.json").write_text(json.dumps(manifest))
@@ -214,15 +233,22 @@ def blocks_model(tmp_path_factory):
 
 
 # reference id, caption, filter, exclude the reference: image+text, text alone, image alone, filtered
-COMPOSED = [("item-003", "is red", None, False), ("item-011", "is a blue skirt", "in_stock == true", True),
-            ("item-020", "", None, False), (None, "a green hat", None, False),
-            ("item-033", "is black and longer", 'category in ["dress", "skirt", "pants"]', True),
-            ("item-044", "not pink", 'season != "winter"', True), ("item-005", "is purple", None, True)]
+COMPOSED = [
+    ("item-003", "is red", None, False),
+    ("item-011", "is a blue skirt", "in_stock == true", True),
+    ("item-020", "", None, False),
+    (None, "a green hat", None, False),
+    ("item-033", "is black and longer", 'category in ["dress", "skirt", "pants"]', True),
+    ("item-044", "not pink", 'season != "winter"', True),
+    ("item-005", "is purple", None, True),
+]
 
 
 def assert_same_hits(faiss_hits, milvus_hits, what) -> None:
     assert [h.id for h in milvus_hits] == [h.id for h in faiss_hits], what
-    np.testing.assert_allclose([h.score for h in milvus_hits], [h.score for h in faiss_hits], rtol=0, atol=1e-5, err_msg=str(what))
+    np.testing.assert_allclose(
+        [h.score for h in milvus_hits], [h.score for h in faiss_hits], rtol=0, atol=1e-5, err_msg=str(what)
+    )
     assert [h.metadata for h in milvus_hits] == [h.metadata for h in faiss_hits], what
 
 
@@ -239,23 +265,34 @@ def assert_stores_agree(model, faiss_index, milvus_index, metadata) -> None:
     for reference, text, expression, exclude in COMPOSED:
         for k in (10, 60):
             parsed = parse_filter(expression, faiss_index.fields) if expression else None
-            answers = [composed_search(model, index, item_id=reference, text=text, k=k, filter=parsed,
-                                       exclude_reference=exclude).hits for index in (faiss_index, milvus_index)]
-            allowed = {i for i in ids if (parsed is None or parsed.matches(metadata[i])) and not (exclude and i == reference)}
+            answers = [
+                composed_search(
+                    model, index, item_id=reference, text=text, k=k, filter=parsed, exclude_reference=exclude
+                ).hits
+                for index in (faiss_index, milvus_index)
+            ]
+            allowed = {
+                i for i in ids if (parsed is None or parsed.matches(metadata[i])) and not (exclude and i == reference)
+            }
             assert len(answers[0]) == min(k, len(allowed)), (reference, text, expression, k)
             assert_same_hits(*answers, (reference, text, expression, k))
     vectors = item_vectors(faiss_rows, faiss_index.config)
     queries = np.random.default_rng(3).standard_normal((4, vectors.shape[1])).astype(np.float32)
     parsed = parse_filter('color != "red" and in_stock == true', faiss_index.fields)
     allowed = np.array([parsed.matches(metadata[i]) for i in ids])
-    for query, faiss_hits, milvus_hits in zip(queries, faiss_index.search_vectors(queries, 8, filter=parsed),
-                                              milvus_index.search_vectors(queries, 8, filter=parsed)):
+    for query, faiss_hits, milvus_hits in zip(
+        queries,
+        faiss_index.search_vectors(queries, 8, filter=parsed),
+        milvus_index.search_vectors(queries, 8, filter=parsed),
+    ):
         scores = np.where(allowed, vectors @ query, -np.inf)
         assert [h.id for h in faiss_hits] == [ids[i] for i in np.argsort(-scores, kind="stable")[:8]]
         assert_same_hits(faiss_hits, milvus_hits, "random full-width query")
 
 
-def test_a_multi_block_model_builds_searches_and_changes_alike_on_both_stores(workdir, blocks_model, tiny_model, catalog):
+def test_a_multi_block_model_builds_searches_and_changes_alike_on_both_stores(
+    workdir, blocks_model, tiny_model, catalog
+):
     """Issue 23 item 1: the Milvus store refused models that read descriptions or attributes. Built,
     searched (composed, filtered, excluded), added to, upserted, removed from and reopened, a
     three-block index answers on Milvus (FLAT) exactly as on FAISS (Flat)."""
@@ -273,21 +310,37 @@ def test_a_multi_block_model_builds_searches_and_changes_alike_on_both_stores(wo
     changed["item-005"] = {**metadata["item-040"], "color": "purple", "description": "a purple dress"}
     for kind, index in built.items():
         folder = index.folder
-        added = add_to_index(folder, blocks_model, {i: paths[i] for i in list(paths)[45:52]}, metadata,
-                             cache_dir=workdir / "feature-cache", progress=False)
+        added = add_to_index(
+            folder,
+            blocks_model,
+            {i: paths[i] for i in list(paths)[45:52]},
+            metadata,
+            cache_dir=workdir / "feature-cache",
+            progress=False,
+        )
         assert added.report["added"] == 7, kind
-        upserted = upsert_index(folder, blocks_model, {"item-005": paths["item-040"], "item-055": paths["item-055"]},
-                                changed, cache_dir=workdir / "feature-cache", progress=False)
+        upserted = upsert_index(
+            folder,
+            blocks_model,
+            {"item-005": paths["item-040"], "item-055": paths["item-055"]},
+            changed,
+            cache_dir=workdir / "feature-cache",
+            progress=False,
+        )
         assert (upserted.report["replaced"], upserted.report["added"]) == (1, 1), kind
         _, removed, _ = remove_from_index(folder, ["item-001", "item-002"])
         assert removed == ["item-001", "item-002"], kind
     reopened = {kind: open_index(index.folder, blocks_model) for kind, index in built.items()}
     assert len(reopened["milvus"]) == 45 + 7 + 1 - 2 and reopened["milvus"].metadata["item-005"]["color"] == "purple"
-    np.testing.assert_allclose(reopened["milvus"].vector("item-005")[:32], reopened["faiss"].vector("item-040")[:32], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        reopened["milvus"].vector("item-005")[:32], reopened["faiss"].vector("item-040")[:32], rtol=1e-5, atol=1e-6
+    )
     assert_stores_agree(blocks_model, reopened["faiss"], reopened["milvus"], changed)
     purple = parse_filter('color == "purple"', reopened["milvus"].fields)
     for index in reopened.values():
-        assert [h.id for h in search(blocks_model, index, item_id="item-040", text="is purple", k=3, filter=purple)] == ["item-005"]
+        assert [
+            h.id for h in search(blocks_model, index, item_id="item-040", text="is purple", k=3, filter=purple)
+        ] == ["item-005"]
 
 
 @pytest.mark.parametrize("kind", STORES)

@@ -85,10 +85,14 @@ def client(base_url):
 
 def png_claiming(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims ``width`` x ``height`` (a decompression bomb's shape)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def assert_error(response: httpx.Response, status: int, *words: str) -> None:
@@ -179,7 +183,9 @@ def test_search_by_upload(client, catalog):
     assert len(body["results"]) == 40  # k is capped by the catalog size
     png = io.BytesIO()
     Image.open(paths[image_id]).save(png, "PNG")
-    response = client.post("/search", data={"text": "is blue"}, files={"image": ("ref.png", png.getvalue(), "image/png")})
+    response = client.post(
+        "/search", data={"text": "is blue"}, files={"image": ("ref.png", png.getvalue(), "image/png")}
+    )
     assert response.status_code == 200 and len(response.json()["results"]) == 10
 
 
@@ -195,29 +201,47 @@ def test_docs_and_page(client):
 def test_bad_uploads(client, catalog):
     paths, _ = catalog
     jpeg = paths[first_id(catalog)].read_bytes()
-    assert_error(client.post("/search", data={"text": "x"}, files={"image": ("a.jpg", b"not an image at all", "image/jpeg")}),
-                 415, "not an image")
-    assert_error(client.post("/search", data={"text": "x"}, files={"image": ("a.jpg", jpeg[: len(jpeg) // 2], "image/jpeg")}),
-                 400, "corrupt or truncated")
+    assert_error(
+        client.post("/search", data={"text": "x"}, files={"image": ("a.jpg", b"not an image at all", "image/jpeg")}),
+        415,
+        "not an image",
+    )
+    assert_error(
+        client.post("/search", data={"text": "x"}, files={"image": ("a.jpg", jpeg[: len(jpeg) // 2], "image/jpeg")}),
+        400,
+        "corrupt or truncated",
+    )
     bomb = png_claiming(20000, 20000)
     assert len(bomb) < 200
     start = time.perf_counter()
-    assert_error(client.post("/search", data={"text": "x"}, files={"image": ("bomb.png", bomb, "image/png")}),
-                 413, "too many pixels")
+    assert_error(
+        client.post("/search", data={"text": "x"}, files={"image": ("bomb.png", bomb, "image/png")}),
+        413,
+        "too many pixels",
+    )
     assert time.perf_counter() - start < 2  # rejected from the header, never decoded
-    assert_error(client.post("/search", data={"text": "x"}, files={"image": ("big.png", png_claiming(8000, 8000), "image/png")}),
-                 413, "8000x8000")
-    assert_error(client.post("/search", data={"text": "x"}, files={"image": ("empty.jpg", b"", "image/jpeg")}),
-                 400, "uploaded image is empty")
+    assert_error(
+        client.post("/search", data={"text": "x"}, files={"image": ("big.png", png_claiming(8000, 8000), "image/png")}),
+        413,
+        "8000x8000",
+    )
+    assert_error(
+        client.post("/search", data={"text": "x"}, files={"image": ("empty.jpg", b"", "image/jpeg")}),
+        400,
+        "uploaded image is empty",
+    )
 
 
 def test_oversized_bodies(client):
     eleven_mb = b"\xff" * (11 << 20)
-    assert_error(client.post("/search", data={"text": "x"}, files={"image": ("big.jpg", eleven_mb, "image/jpeg")}),
-                 413, "limited to 10 MB")
+    assert_error(
+        client.post("/search", data={"text": "x"}, files={"image": ("big.jpg", eleven_mb, "image/jpeg")}),
+        413,
+        "limited to 10 MB",
+    )
 
     def chunks():  # no Content-Length: the server must count the bytes itself
-        yield b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.jpg\"\r\n\r\n"
+        yield b'--b\r\nContent-Disposition: form-data; name="image"; filename="x.jpg"\r\n\r\n'
         for _ in range(12):
             yield b"\0" * (1 << 20)
 
@@ -248,27 +272,36 @@ def test_uploads_at_the_size_limit(client, catalog):
     limit = client.get("/health").json()["limits"]["max_upload_bytes"]
     assert limit == 10 << 20
     jpeg = catalog[0][first_id(catalog)].read_bytes()
-    response = client.post("/search", data={"text": "is darker", "k": 3},
-                           files={"image": ("ref.jpg", jpeg_of_size(jpeg, limit), "image/jpeg")})
+    response = client.post(
+        "/search",
+        data={"text": "is darker", "k": 3},
+        files={"image": ("ref.jpg", jpeg_of_size(jpeg, limit), "image/jpeg")},
+    )
     assert response.status_code == 200, response.text
     assert len(response.json()["results"]) == 3
     for over in (1, 2048):
-        response = client.post("/search", data={"text": "is darker"},
-                               files={"image": ("ref.jpg", jpeg_of_size(jpeg, limit + over), "image/jpeg")})
+        response = client.post(
+            "/search",
+            data={"text": "is darker"},
+            files={"image": ("ref.jpg", jpeg_of_size(jpeg, limit + over), "image/jpeg")},
+        )
         assert_error(response, 413, "uploaded image is larger than the limit of 10.0 MB")
 
 
-@pytest.mark.parametrize("form, status, words", [
-    ({"text": ""}, 422, ["text must not be empty"]),
-    ({"text": "   "}, 422, ["text must not be empty"]),
-    ({"text": "x" * 301}, 422, ["text", "300"]),
-    ({"text": "x", "k": 0}, 422, ["k", "greater than or equal to 1"]),
-    ({"text": "x", "k": 10**6}, 422, ["k", "less than or equal to 100"]),
-    ({"text": "x", "k": "ten"}, 422, ["k", "integer"]),
-    ({"text": "x", "id": "no-such-item"}, 404, ["unknown item id 'no-such-item'"]),
-    ({"text": "x", "id": "../../etc/passwd"}, 404, ["unknown item id"]),
-    ({"text": "x"}, 400, ["exactly one reference"]),
-])
+@pytest.mark.parametrize(
+    "form, status, words",
+    [
+        ({"text": ""}, 422, ["text must not be empty"]),
+        ({"text": "   "}, 422, ["text must not be empty"]),
+        ({"text": "x" * 301}, 422, ["text", "300"]),
+        ({"text": "x", "k": 0}, 422, ["k", "greater than or equal to 1"]),
+        ({"text": "x", "k": 10**6}, 422, ["k", "less than or equal to 100"]),
+        ({"text": "x", "k": "ten"}, 422, ["k", "integer"]),
+        ({"text": "x", "id": "no-such-item"}, 404, ["unknown item id 'no-such-item'"]),
+        ({"text": "x", "id": "../../etc/passwd"}, 404, ["unknown item id"]),
+        ({"text": "x"}, 400, ["exactly one reference"]),
+    ],
+)
 def test_bad_search_fields(client, catalog, form, status, words):
     form = {"id": first_id(catalog), **form} if status == 422 else form
     assert_error(client.post("/search", data=form), status, *words)
@@ -277,15 +310,25 @@ def test_bad_search_fields(client, catalog, form, status, words):
 def test_both_references_refused(client, catalog):
     paths, _ = catalog
     image_id = first_id(catalog)
-    response = client.post("/search", data={"text": "x", "id": image_id},
-                           files={"image": ("a.jpg", paths[image_id].read_bytes(), "image/jpeg")})
+    response = client.post(
+        "/search",
+        data={"text": "x", "id": image_id},
+        files={"image": ("a.jpg", paths[image_id].read_bytes(), "image/jpeg")},
+    )
     assert_error(response, 400, "exactly one reference")
 
 
-@pytest.mark.parametrize("path", [
-    "/images/..%2F..%2Fetc%2Fpasswd", "/images/%2e%2e%2f%2e%2e%2fetc%2fpasswd", "/items/..%2F..%2Fetc%2Fpasswd",
-    "/images/%2Fetc%2Fpasswd", "/images/no-such-item", "/items/no-such-item",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/images/..%2F..%2Fetc%2Fpasswd",
+        "/images/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+        "/items/..%2F..%2Fetc%2Fpasswd",
+        "/images/%2Fetc%2Fpasswd",
+        "/images/no-such-item",
+        "/items/no-such-item",
+    ],
+)
 def test_unknown_and_traversal_ids(client, path):
     response = client.get(path)
     assert_error(response, 404, "unknown item id")
@@ -411,8 +454,10 @@ def test_thin_uploads_are_422_before_any_resize(served):
     for width, height in ((20_000, 1), (1, 100_000), (1_048_576, 1), (513, 64)):
         response = upload(client, png_of(width, height), "thin.png", "image/png")
         assert response.status_code == 422, (width, height, response.text)
-        assert response.json()["detail"] == (f"uploaded image: image is {width}x{height} pixels, more elongated than "
-                                             "8:1 (long side over short side); crop it")
+        assert response.json()["detail"] == (
+            f"uploaded image: image is {width}x{height} pixels, more elongated than "
+            "8:1 (long side over short side); crop it"
+        )
     assert upload(client, png_of(512, 64), "wide.png", "image/png").status_code == 200
 
 
@@ -438,8 +483,10 @@ def test_a_500_says_connection_close_and_the_client_carries_on(served, caplog):
     embed = model.backbone.embed_texts
     model.backbone.embed_texts = broken
     body = b"text=is+red&id=item-001"
-    request = (b"POST /search HTTP/1.1\r\nHost: test\r\nContent-Type: application/x-www-form-urlencoded\r\n"
-               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    request = (
+        b"POST /search HTTP/1.1\r\nHost: test\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
     with caplog.at_level(logging.ERROR):
         answer = raw_exchange(str(client.base_url), request)
         assert client.post("/search", data={"text": "is red", "id": "item-001"}).status_code == 500
@@ -456,8 +503,15 @@ def test_a_500_says_connection_close_and_the_client_carries_on(served, caplog):
 def test_security_headers_on_every_answer(served):
     """Issue 22 item 10: no X-Content-Type-Options, X-Frame-Options/frame-ancestors or CSP on the page."""
     client, _, _ = served
-    answers = [client.get("/"), client.get("/static/app.js"), client.get("/health"), client.get("/items/nope"),
-               client.get("/images/item-002"), upload(client, b"not an image"), client.get("/docs")]
+    answers = [
+        client.get("/"),
+        client.get("/static/app.js"),
+        client.get("/health"),
+        client.get("/items/nope"),
+        client.get("/images/item-002"),
+        upload(client, b"not an image"),
+        client.get("/docs"),
+    ]
     assert [a.status_code for a in answers] == [200, 200, 200, 404, 200, 415, 200]
     for answer in answers:
         assert answer.headers["x-content-type-options"] == "nosniff", answer.url
@@ -523,7 +577,8 @@ def test_browsing_a_milvus_catalog_reads_it_once(milvus_served):
     assert calls == ["query_iterator", "query_iterator"]  # one scan per request, whatever the catalog size
     assert red["total"] == 40 and red["matched"] == 4
     assert sorted((i["id"], i["metadata"]["color"]) for i in red["items"]) == sorted(
-        (i, "red") for i, m in metadata.items() if m["color"] == "red")
+        (i, "red") for i, m in metadata.items() if m["color"] == "red"
+    )
     assert len(sample["items"]) == 5 and all(i["metadata"] == metadata[i["id"]] for i in sample["items"])
 
 
@@ -531,8 +586,8 @@ def test_a_three_block_milvus_index_serves_what_faiss_finds(tmp_path_factory):
     """Issue 23 item 1: a model that reads descriptions and attributes could not be indexed on
     Milvus. Its manifest (with blocks) reopens in the service, and /search answers with the ids and
     scores a FAISS index of the same model finds (filters, categories and the reference left out)."""
-    from fashion_cir.retrieval.query import composed_search
     from fashion_cir.retrieval.folder import open_index
+    from fashion_cir.retrieval.query import composed_search
     from support.matcher import multi_block_model
 
     root = tmp_path_factory.mktemp("milvus-blocks")
@@ -543,14 +598,22 @@ def test_a_three_block_milvus_index_serves_what_faiss_finds(tmp_path_factory):
     faiss_index = open_index(build_index(root / "faiss", model, paths, metadata, **options).folder, model)
     with running_server(create_app(folder, model)) as url, httpx.Client(base_url=url, timeout=60) as client:
         assert client.get("/health").json()["items"] == 40
-        for form, expression, categories in (({"id": "item-003", "text": "is red"}, "", []),
-                                              ({"id": "item-011", "text": "is a blue skirt"}, 'color != "black"', []),
-                                              ({"id": "item-020", "text": "is green", "category": ["dress", "hat"]}, "",
-                                               ["dress", "hat"])):
+        for form, expression, categories in (
+            ({"id": "item-003", "text": "is red"}, "", []),
+            ({"id": "item-011", "text": "is a blue skirt"}, 'color != "black"', []),
+            ({"id": "item-020", "text": "is green", "category": ["dress", "hat"]}, "", ["dress", "hat"]),
+        ):
             body = client.post("/search", data={**form, "k": 8, "filter": expression}).json()
-            expected = composed_search(model, faiss_index, item_id=form["id"], text=form["text"], k=8, exclude_reference=True,
-                                       filters={"category": categories},
-                                       filter=parse_filter(expression, faiss_index.fields) if expression else None).hits
+            expected = composed_search(
+                model,
+                faiss_index,
+                item_id=form["id"],
+                text=form["text"],
+                k=8,
+                exclude_reference=True,
+                filters={"category": categories},
+                filter=parse_filter(expression, faiss_index.fields) if expression else None,
+            ).hits
             assert [r["id"] for r in body["results"]] == [h.id for h in expected], form
             np.testing.assert_allclose([r["score"] for r in body["results"]], [h.score for h in expected], atol=2e-5)
 
@@ -565,12 +628,17 @@ def test_ids_from_the_api_are_never_expression_text(store, request):
     client = request.getfixturevalue("milvus_served" if store == "milvus" else "served")[0]
     for item_id in INJECTED_IDS:
         quoted = quote(item_id, safe="")
-        for response in (client.get(f"/items/{quoted}"), client.get(f"/images/{quoted}"),
-                         client.post("/search", data={"id": item_id, "text": "is red"})):
+        for response in (
+            client.get(f"/items/{quoted}"),
+            client.get(f"/images/{quoted}"),
+            client.post("/search", data={"id": item_id, "text": "is red"}),
+        ):
             assert response.status_code == 404, (item_id, response.text)
             assert response.json()["detail"].startswith(f"unknown item id {item_id!r}")  # '/' adds the reason
-    for item_id, problem in (("x\\", "an id is a file name without folders"),
-                             ("a\x08b", "an id has no control characters")):
+    for item_id, problem in (
+        ("x\\", "an id is a file name without folders"),
+        ("a\x08b", "an id has no control characters"),
+    ):
         response = client.get(f"/items/{quote(item_id, safe='')}")
         assert response.status_code == 404 and response.json()["detail"] == f"unknown item id {item_id!r} ({problem})"
     assert client.get("/items/item-001").status_code == 200
@@ -583,9 +651,11 @@ def test_same_type_and_an_explicit_category_are_refused_together(served):
     form = {"id": "item-001", "text": "is red", "k": "12"}
     response = client.post("/search", data={**form, "same_type": "true", "category": ["dress", "pants"]})
     assert response.status_code == 422
-    assert response.json()["detail"] == ("same type as the reference cannot be combined with category "
-                                         "['dress', 'pants']: it keeps only the reference's own category; "
-                                         "choose one of the two")
+    assert response.json()["detail"] == (
+        "same type as the reference cannot be combined with category "
+        "['dress', 'pants']: it keeps only the reference's own category; "
+        "choose one of the two"
+    )
     for extra, category in (({"same_type": "true"}, "t-shirt"), ({"category": "dress"}, "dress")):
         body = client.post("/search", data={**form, **extra}).json()
         assert body["filters"] == {"category": [category]}
@@ -604,13 +674,18 @@ def test_a_bad_new_manifest_leaves_the_last_good_index_serving(tmp_path, tiny_mo
     paths, metadata = synthetic_catalog(tmp_path / "images", 12)
     folder = build_index(tmp_path / "index", tiny_model, paths, metadata, progress=False).folder
     good = (folder / "index.json").read_text()
-    broken = {"not JSON": "{", "nested": "[" * 100_000 + "]" * 100_000,
-              "bad field": good.replace('"nprobe": 16', '"nprobe": -1'),
-              "another store": good.replace('"faiss"', '"pinecone"')}
-    reasons = {"not JSON": "malformed index manifest <index>/index.json: Expecting property name enclosed in double",
-               "nested": "malformed index manifest <index>/index.json: nested too deeply",
-               "bad field": "count, feature_dim, nprobe and ef_search must be positive",
-               "another store": "unknown store kind 'pinecone'"}
+    broken = {
+        "not JSON": "{",
+        "nested": "[" * 100_000 + "]" * 100_000,
+        "bad field": good.replace('"nprobe": 16', '"nprobe": -1'),
+        "another store": good.replace('"faiss"', '"pinecone"'),
+    }
+    reasons = {
+        "not JSON": "malformed index manifest <index>/index.json: Expecting property name enclosed in double",
+        "nested": "malformed index manifest <index>/index.json: nested too deeply",
+        "bad field": "count, feature_dim, nprobe and ef_search must be positive",
+        "another store": "unknown store kind 'pinecone'",
+    }
     with running_server(create_app(folder, tiny_model)) as url, httpx.Client(base_url=url, timeout=60) as client:
         assert client.get("/health").json()["status"] == "ok"
         for name, text in broken.items():
@@ -658,10 +733,12 @@ def test_a_repeated_search_field_is_refused(served):
     """Issue 22 item 10: a repeated id field silently took the last one."""
     client, _, _ = served
     photo = encoded(Image.new("RGB", (80, 100), (200, 30, 30)), "JPEG")
-    for form, files, name, times in [({"id": ["item-001", "item-002"], "text": "is red"}, None, "id", 2),
-                                     ({"id": "item-001", "text": ["is red", "is blue", "x"]}, None, "text", 3),
-                                     ({"id": "item-001", "text": "x", "k": ["5", "6"]}, None, "k", 2),
-                                     ({"text": "x"}, [("image", ("a.jpg", photo, "image/jpeg"))] * 2, "image", 2)]:
+    for form, files, name, times in [
+        ({"id": ["item-001", "item-002"], "text": "is red"}, None, "id", 2),
+        ({"id": "item-001", "text": ["is red", "is blue", "x"]}, None, "text", 3),
+        ({"id": "item-001", "text": "x", "k": ["5", "6"]}, None, "k", 2),
+        ({"text": "x"}, [("image", ("a.jpg", photo, "image/jpeg"))] * 2, "image", 2),
+    ]:
         response = client.post("/search", data=form, files=files)
         assert response.status_code == 422, response.text
         assert response.json()["detail"] == f"field {name!r} is given {times} times; give it once"
@@ -674,11 +751,15 @@ def test_filters_that_crashed_are_422(store, request, caplog):
     """Issue 22 item 3: `size == 042` and ~330 nested parentheses (500s, the latter with ~3,000 log
     lines), control characters and >~200 nested `not` on Milvus (500s)."""
     client = request.getfixturevalue("milvus_served" if store == "milvus" else "served")[0]
-    cases = [("color == 042", "bad number '042'"), ("color in [00]", "bad number '00'"),
-             ("(" * 330 + 'color == "red"' + ")" * 330, "nested more than 32 levels deep"),
-             ("not " * 250 + 'color == "red"', "nested more than 32 levels deep"),
-             ('color == "re\bd"', "control character U+0008"), ('color == "re\fd"', "control character U+000C"),
-             ('color == "re\0d"', "control character U+0000")]
+    cases = [
+        ("color == 042", "bad number '042'"),
+        ("color in [00]", "bad number '00'"),
+        ("(" * 330 + 'color == "red"' + ")" * 330, "nested more than 32 levels deep"),
+        ("not " * 250 + 'color == "red"', "nested more than 32 levels deep"),
+        ('color == "re\bd"', "control character U+0008"),
+        ('color == "re\fd"', "control character U+000C"),
+        ('color == "re\0d"', "control character U+0000"),
+    ]
     with caplog.at_level(logging.ERROR):
         for text, message in cases:
             response = client.post("/search", data={"id": "item-001", "text": "is red", "filter": text})

@@ -98,13 +98,33 @@ def test_catalog_words_match_in_any_order(client, served):
 def test_cli_search_leaves_the_reference_out_and_predicts_for_images(served):
     _, (paths, _), _, root = served
     image_id = sorted(paths)[0]
-    out = subprocess.run([sys.executable, "-m", "fashion_cir.cli", "search", "--index", str(root / "index"),
-                          "--id", image_id, "--text", "is red", "-k", "59", "--json"],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": "src"})
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fashion_cir.cli",
+            "search",
+            "--index",
+            str(root / "index"),
+            "--id",
+            image_id,
+            "--text",
+            "is red",
+            "-k",
+            "59",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": "src"},
+    )
     assert out.returncode == 0, out.stderr
     assert image_id not in [h["id"] for h in json.loads(out.stdout)] and len(json.loads(out.stdout)) == 59
-    result = CliRunner().invoke(cli_app, ["search", "--index", str(root / "index"), "--image", str(paths[image_id]),
-                                          "--text", "is red", "-k", "3"])
+    result = CliRunner().invoke(
+        cli_app,
+        ["search", "--index", str(root / "index"), "--image", str(paths[image_id]), "--text", "is red", "-k", "3"],
+    )
     assert result.exit_code == 0, result.output
     assert "[prompt: predicted]" in result.output and ", but is red" in result.output
 

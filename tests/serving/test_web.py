@@ -21,12 +21,20 @@ CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 SEED = 7  # the page's catalog sample (?seed=N): the same cards on every run
 PATIENCE_MS = 60_000  # the most any wait on a condition takes (a busy machine, two test workers)
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 if not CHROMIUM.is_file():  # a missing browser fails the run (`make test` installs it), never skips
-    raise RuntimeError("Debian chromium is not installed at /usr/bin/chromium: apt-get install -y chromium "
-                       "(make test does this when run as root)")
+    raise RuntimeError(
+        "Debian chromium is not installed at /usr/bin/chromium: apt-get install -y chromium "
+        "(make test does this when run as root)"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +70,7 @@ def slow_url(site):
 @pytest.fixture(scope="module")
 def browser():
     from playwright import sync_api
+
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
@@ -157,8 +166,11 @@ def test_the_catalog_sample_follows_the_seed(browser, site, tmp_path):
             assert catalog_ids(page) == server_sample and server_sample not in (first, other)
             with page.expect_response(lambda r: "/items?" in r.url):
                 page.click("#shuffle-btn")
-            page.wait_for_function("old => JSON.stringify([...document.querySelectorAll('#catalog-grid .item')]"
-                                   ".map(c => c.dataset.id)) !== JSON.stringify(old)", arg=server_sample)
+            page.wait_for_function(
+                "old => JSON.stringify([...document.querySelectorAll('#catalog-grid .item')]"
+                ".map(c => c.dataset.id)) !== JSON.stringify(old)",
+                arg=server_sample,
+            )
         finally:
             context.close()
     assert errors == []
@@ -238,7 +250,8 @@ def test_facet_chip_narrows_to_one_category(page, base_url):
     page.uncheck("#same-type")
     search(page, "is blue")
     categories = page.locator("#results-grid .item").evaluate_all(
-        "cards => cards.map(c => c.querySelector('.attrs').innerText.split(' · ')[0])")
+        "cards => cards.map(c => c.querySelector('.attrs').innerText.split(' · ')[0])"
+    )
     assert len(set(categories)) > 1
     chip = page.locator('#facets .chip[data-facet="category"]').nth(1)
     wanted, label = chip.get_attribute("data-value"), chip.inner_text()
@@ -279,7 +292,11 @@ def test_phone_screen_has_no_horizontal_overflow(browser, base_url):
         overflow = "document.documentElement.scrollWidth - window.innerWidth"
         assert page.evaluate(overflow) <= 0
         # reference and change come first, and the catalog starts within the first screen
-        assert page.locator("#change-text").bounding_box()["y"] < page.locator("#catalog-grid").bounding_box()["y"] < 844 * 1.2
+        assert (
+            page.locator("#change-text").bounding_box()["y"]
+            < page.locator("#catalog-grid").bounding_box()["y"]
+            < 844 * 1.2
+        )
         pick_catalog_item(page, 0)
         page.uncheck("#same-type")  # a full page of results, whatever the reference's type: a page that scrolls
         body = search(page, "is red with long sleeves and a hood")
@@ -346,8 +363,11 @@ def test_slow_server_shows_the_timeout_and_a_retry(page, slow_url):
 
 def test_word_filter_matches_words_in_any_order(page, base_url, site):
     _, (_, metadata), _ = site
-    record = next(m for m in metadata.values() if m["category"] == "t-shirt") if any(
-        m["category"] == "t-shirt" for m in metadata.values()) else next(iter(metadata.values()))
+    record = (
+        next(m for m in metadata.values() if m["category"] == "t-shirt")
+        if any(m["category"] == "t-shirt" for m in metadata.values())
+        else next(iter(metadata.values()))
+    )
     page.goto(seeded(base_url))
     page.wait_for_selector("#catalog-grid .item img")
     counts = []

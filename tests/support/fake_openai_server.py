@@ -16,9 +16,19 @@ EXPECTED_KEY = sys.argv[2]
 LOG = sys.argv[3]
 SEEN: dict[str, int] = {}
 LOCK = threading.Lock()
-GOOD = {"category": "t-shirt", "color": "red", "secondary_color": None, "pattern": "solid", "sleeves": "short",
-        "neckline": "crew", "length": "hip", "material": "cotton", "closure": "none", "kids": False,
-        "description": "a plain red short-sleeve cotton t-shirt with a crew neck"}
+GOOD = {
+    "category": "t-shirt",
+    "color": "red",
+    "secondary_color": None,
+    "pattern": "solid",
+    "sleeves": "short",
+    "neckline": "crew",
+    "length": "hip",
+    "material": "cotton",
+    "closure": "none",
+    "kids": False,
+    "description": "a plain red short-sleeve cotton t-shirt with a crew neck",
+}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -38,7 +48,12 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         with LOCK, open(LOG, "a") as log:
-            log.write(json.dumps({"path": self.path, "auth_ok": self.headers.get("Authorization") == f"Bearer {EXPECTED_KEY}"}) + "\n")
+            log.write(
+                json.dumps(
+                    {"path": self.path, "auth_ok": self.headers.get("Authorization") == f"Bearer {EXPECTED_KEY}"}
+                )
+                + "\n"
+            )
         content = request["messages"][0]["content"]
         if isinstance(content, str):
             return self._chat('Here you go: ["is a bright shade with a new look", "has the requested change now"]')
@@ -58,7 +73,9 @@ class Handler(BaseHTTPRequestHandler):
             return self._chat("I am sorry, I cannot describe this image.")
         if behaviour == "fenced":
             answer = dict(GOOD, category="Tee", color="Gray", kids="no")
-            return self._chat("Sure! Here is the JSON:\n```json\n" + json.dumps(answer) + "\n```\nLet me know if you need more.")
+            return self._chat(
+                "Sure! Here is the JSON:\n```json\n" + json.dumps(answer) + "\n```\nLet me know if you need more."
+            )
         return self._chat(json.dumps(GOOD))
 
 

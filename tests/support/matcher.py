@@ -17,8 +17,14 @@ def tiny_encoder(folder: Path) -> str:
     tokenizer = AutoTokenizer.from_pretrained(resolve_encoder_path("minilm"))
     tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=128)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=128,
+    )
     BertModel(config).save_pretrained(folder)
     return f"hf:{folder}"
 
@@ -32,7 +38,16 @@ def multi_block_model(folder: Path):
     from fashion_cir.models.fusion import AttributeSpace, Fusion
     from fashion_cir.models.matcher import DescriptionMatcher
 
-    fusion = Fusion(composed=0.5, reference=0.1, caption=0.3, reference_description=0.2,
-                    attributes={"want:color": 0.4, "keep:category": 0.3, "away:color": 0.2})
-    return CIRModel(create_backbone("tiny"), matcher=DescriptionMatcher(tiny_encoder(folder)), fusion=fusion,
-                    attribute_space=AttributeSpace(names=["category", "color"])).eval()
+    fusion = Fusion(
+        composed=0.5,
+        reference=0.1,
+        caption=0.3,
+        reference_description=0.2,
+        attributes={"want:color": 0.4, "keep:category": 0.3, "away:color": 0.2},
+    )
+    return CIRModel(
+        create_backbone("tiny"),
+        matcher=DescriptionMatcher(tiny_encoder(folder)),
+        fusion=fusion,
+        attribute_space=AttributeSpace(names=["category", "color"]),
+    ).eval()

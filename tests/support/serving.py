@@ -14,11 +14,33 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 CLOTHING = (Path(__file__).resolve().parents[2] / ".." / "shared" / "datasets" / "clothing-dataset").resolve()
-COLORS = {"red": (200, 40, 40), "blue": (40, 70, 190), "green": (40, 150, 70), "black": (25, 25, 25),
-          "yellow": (235, 200, 40), "pink": (235, 130, 170), "grey": (140, 140, 140), "beige": (215, 195, 160),
-          "navy": (25, 35, 90), "orange": (240, 130, 30)}
+COLORS = {
+    "red": (200, 40, 40),
+    "blue": (40, 70, 190),
+    "green": (40, 150, 70),
+    "black": (25, 25, 25),
+    "yellow": (235, 200, 40),
+    "pink": (235, 130, 170),
+    "grey": (140, 140, 140),
+    "beige": (215, 195, 160),
+    "navy": (25, 35, 90),
+    "orange": (240, 130, 30),
+}
 SHAPES = {
-    "t-shirt": [(20, 20), (44, 14), (52, 14), (76, 20), (92, 44), (78, 52), (72, 44), (72, 110), (24, 110), (24, 44), (18, 52), (4, 44)],
+    "t-shirt": [
+        (20, 20),
+        (44, 14),
+        (52, 14),
+        (76, 20),
+        (92, 44),
+        (78, 52),
+        (72, 44),
+        (72, 110),
+        (24, 110),
+        (24, 44),
+        (18, 52),
+        (4, 44),
+    ],
     "dress": [(36, 12), (60, 12), (64, 40), (86, 116), (10, 116), (32, 40)],
     "pants": [(24, 10), (72, 10), (80, 118), (58, 118), (48, 46), (38, 118), (16, 118)],
     "skirt": [(30, 30), (66, 30), (84, 100), (12, 100)],
@@ -97,8 +119,15 @@ def model_with_heads(folder: Path, catalog: tuple[dict[str, Path], dict[str, dic
     model = load_model(backbone="tiny")
     ids, features = FeatureCache(cache).encode(model.backbone, paths, progress=False)
     cut = len(ids) * 3 // 4
-    model.attach_heads(train_heads(features[:cut], [metadata[i] for i in ids[:cut]], features[cut:],
-                                   [metadata[i] for i in ids[cut:]], config=HeadsConfig(steps=50)))
+    model.attach_heads(
+        train_heads(
+            features[:cut],
+            [metadata[i] for i in ids[:cut]],
+            features[cut:],
+            [metadata[i] for i in ids[cut:]],
+            config=HeadsConfig(steps=50),
+        )
+    )
     model.save(folder)
     return load_model(folder)
 

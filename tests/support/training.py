@@ -16,7 +16,9 @@ from fashion_cir.data.triplets import load_triplet_set
 COLORS = ["red", "blue", "green", "black", "white", "yellow", "pink", "grey"]
 
 
-def make_dataset(root: Path, n_train: int = 16, n_val: int = 8, n_annotated: int = 12, n_generated: int = 20) -> dict[str, str]:
+def make_dataset(
+    root: Path, n_train: int = 16, n_val: int = 8, n_annotated: int = 12, n_generated: int = 20
+) -> dict[str, str]:
     """Random 40x32 images, FashionIQ-format annotated + generated triplets, splits; returns paths."""
     images = root / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -31,14 +33,25 @@ def make_dataset(root: Path, n_train: int = 16, n_val: int = 8, n_annotated: int
         out = []
         for _ in range(n):
             a, b = r.sample(pool, 2)
-            item = {"candidate": a, "target": b, "captions": [f"is {r.choice(COLORS)}", f"has a {r.choice(COLORS)} print"]}
+            item = {
+                "candidate": a,
+                "target": b,
+                "captions": [f"is {r.choice(COLORS)}", f"has a {r.choice(COLORS)} print"],
+            }
             if generated:
-                item.update(source="generated", reference_prompt=f"a {r.choice(COLORS)} shirt", hard_negatives=r.sample(pool, 3))
+                item.update(
+                    source="generated", reference_prompt=f"a {r.choice(COLORS)} shirt", hard_negatives=r.sample(pool, 3)
+                )
             out.append(item)
         return out
 
-    files = {"train": triplets(train, n_annotated, False), "generated": triplets(train, n_generated, True),
-             "val": triplets(val, 6, False), "split_train": train, "split_val": val}
+    files = {
+        "train": triplets(train, n_annotated, False),
+        "generated": triplets(train, n_generated, True),
+        "val": triplets(val, 6, False),
+        "split_train": train,
+        "split_val": val,
+    }
     paths = {name: str(root / f"{name}.json") for name in files}
     for name, content in files.items():
         Path(paths[name]).write_text(json.dumps(content))
@@ -72,17 +85,32 @@ def recipe(paths: dict[str, str], out: Path, stage1: dict | None = None, stage2:
     if stage1 is not None:
         stages.append({"name": "stage1", "kind": "stage1", "start": "zero-shot", "config": stage1})
     if stage2 is not None:
-        stages.append({"name": "stage2", "kind": "stage2", "start": stages[-1]["name"] if stages else "zero-shot",
-                       "config": stage2})
-    return {"name": "synthetic", "out": str(out), "pictures": False,
-            "catalog": {"images": paths["images"], "splits": {"train": [paths["split_train"]], "val": [paths["split_val"]]}},
-            "towers": {"backbone": "tiny"}, "model": {"query_mode": "sum_raw", "text_template": "prompt"},
-            "annotated": [{"captions": paths["train"], "split": paths["split_train"]}],
-            "generated": [{"captions": paths["generated"], "split": paths["split_train"]}],
-            "baselines": [{"name": "zero-shot", "variants": [{"label": "zero-shot", "text_template": "prompt",
-                                                              "modes": ["sum_raw"]}]}],
-            "stages": stages,
-            "evaluation": {"val": [{"captions": paths["val"], "split": paths["split_val"], "name": "val"}]}}
+        stages.append(
+            {
+                "name": "stage2",
+                "kind": "stage2",
+                "start": stages[-1]["name"] if stages else "zero-shot",
+                "config": stage2,
+            }
+        )
+    return {
+        "name": "synthetic",
+        "out": str(out),
+        "pictures": False,
+        "catalog": {
+            "images": paths["images"],
+            "splits": {"train": [paths["split_train"]], "val": [paths["split_val"]]},
+        },
+        "towers": {"backbone": "tiny"},
+        "model": {"query_mode": "sum_raw", "text_template": "prompt"},
+        "annotated": [{"captions": paths["train"], "split": paths["split_train"]}],
+        "generated": [{"captions": paths["generated"], "split": paths["split_train"]}],
+        "baselines": [
+            {"name": "zero-shot", "variants": [{"label": "zero-shot", "text_template": "prompt", "modes": ["sum_raw"]}]}
+        ],
+        "stages": stages,
+        "evaluation": {"val": [{"captions": paths["val"], "split": paths["split_val"], "name": "val"}]},
+    }
 
 
 def final_state(folder: Path) -> dict[str, torch.Tensor]:

@@ -54,6 +54,7 @@ def test_queries_without_target_are_left_out_and_removed_references_are_masked()
     assert summary["queries"] == 7
     # column 4 is masked: the reference term's only effect is gone, so it keeps its start (0); unmasked,
     # the fit pushes it down to rank the targets above the reference
-    unmasked, _ = fit_fusion({"s": TermScores({"reference": reference, "caption": caption}, targets, None)}, "p",
-                             FusionConfig(steps=10))
+    unmasked, _ = fit_fusion(
+        {"s": TermScores({"reference": reference, "caption": caption}, targets, None)}, "p", FusionConfig(steps=10)
+    )
     assert fusion.reference == 0.0 and unmasked.reference < -0.1

@@ -28,7 +28,9 @@ class _Payload:
 def training_data(tmp_path_factory):
     from support.training import load_data, make_dataset
 
-    return load_data(make_dataset(tmp_path_factory.mktemp("train-catalog"), n_train=8, n_val=4, n_annotated=8, n_generated=8))
+    return load_data(
+        make_dataset(tmp_path_factory.mktemp("train-catalog"), n_train=8, n_val=4, n_annotated=8, n_generated=8)
+    )
 
 
 def test_checkpoints_load_with_weights_only_and_a_crafted_one_runs_nothing(training_data, tmp_path):
@@ -43,10 +45,14 @@ def test_checkpoints_load_with_weights_only_and_a_crafted_one_runs_nothing(train
 
     marker = tmp_path / "code-ran"
     (tmp_path / "evil").mkdir()
-    torch.save({"format": "fashion-cir-checkpoint/1", "stage": "stage2", "x": _Payload(marker)},
-               tmp_path / "evil" / "checkpoint.pt")
+    torch.save(
+        {"format": "fashion-cir-checkpoint/1", "stage": "stage2", "x": _Payload(marker)},
+        tmp_path / "evil" / "checkpoint.pt",
+    )
     with pytest.raises(FashionCIRError, match="corrupt or unsafe checkpoint"):
-        train_stage2(config, CIRModel(create_backbone("tiny"), "sum"), triplets, paths, None, records, tmp_path / "evil")
+        train_stage2(
+            config, CIRModel(create_backbone("tiny"), "sum"), triplets, paths, None, records, tmp_path / "evil"
+        )
     assert not marker.exists()
 
 
@@ -57,8 +63,15 @@ def test_a_resumed_training_logs_each_step_once(training_data, tmp_path):
     triplets, paths, _, records = training_data
     config = Stage2Config(epochs=2, batch_size=4, lr=1e-3, progress=False, log_every=1, checkpoint_every=2)
     with pytest.raises(TrainingStopped):  # logs step 3, last checkpoint at step 2: like a kill after step 3
-        train_stage2(config.model_copy(update={"stop_after_steps": 3}), CIRModel(create_backbone("tiny"), "sum"),
-                     triplets, paths, None, records, tmp_path)
+        train_stage2(
+            config.model_copy(update={"stop_after_steps": 3}),
+            CIRModel(create_backbone("tiny"), "sum"),
+            triplets,
+            paths,
+            None,
+            records,
+            tmp_path,
+        )
     train_stage2(config, CIRModel(create_backbone("tiny"), "sum"), triplets, paths, None, records, tmp_path)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if "loss" in r]

@@ -75,8 +75,12 @@ def test_step_joins_the_matchers_query_features(tiny_encoder):
     described = model.matcher.embed(["a red shirt", "a blue dress", "green trousers", "a black coat", "a hat"], "item")
     bank = StaticBank(model, [f"i{n}" for n in range(5)], raw, ItemTables(described, None))
     captions = ["is red", "has long sleeves"]
-    batch = {"tokens": model.backbone.tokenize(captions), "caption_tokens": model.matcher.tokenize(captions),
-             "reference_ids": torch.tensor([1, 3]), "target_ids": torch.tensor([0, 2])}
+    batch = {
+        "tokens": model.backbone.tokenize(captions),
+        "caption_tokens": model.matcher.tokenize(captions),
+        "reference_ids": torch.tensor([1, 3]),
+        "target_ids": torch.tensor([0, 2]),
+    }
     loss, _ = Stage2Step(model, bank, BankInfoNCELoss(0.1))(batch)
     with torch.no_grad():
         text = model.backbone.encode_texts(batch["tokens"])
@@ -95,8 +99,14 @@ def test_build_bank_joins_each_items_description(tiny_encoder, data, tmp_path):
     ids = sorted(paths)[:6]
     known = {i: records[i] for i in ids[:4]}  # the last two have no description
     config = Stage2Config(**FAST)
-    bank = build_bank(model, {i: paths[i] for i in ids}, FeatureCache(tmp_path), config,
-                      DistContext(0, 1, 0, torch.device("cpu")), known)
+    bank = build_bank(
+        model,
+        {i: paths[i] for i in ids},
+        FeatureCache(tmp_path),
+        config,
+        DistContext(0, 1, 0, torch.device("cpu")),
+        known,
+    )
     assert bank.ids == ids
     with torch.no_grad():
         pixels = [model.backbone.preprocess(Image.open(paths[i]).convert("RGB")) for i in ids]
@@ -124,23 +134,47 @@ def test_train_stage2_freezes_skips_caches_and_reports(tiny_encoder, data, tmp_p
     records = {**records, **{i: {"description": f"a photo of val item {i}"} for i in val_sets["val"].image_paths}}
     model = _model(tiny_encoder, "combiner")
     last = f"backbone.clip.transformer.resblocks.{len(model.backbone.clip.transformer.resblocks) - 1}."
-    before = {part: _weights(model, prefix) for part, prefix in [
-        ("first block", "backbone.clip.transformer.resblocks.0."), ("last block", last),
-        ("image", "backbone.clip.visual."),
-        ("combiner", "combiner."), ("matcher", "matcher.query_encoder.")]}
+    before = {
+        part: _weights(model, prefix)
+        for part, prefix in [
+            ("first block", "backbone.clip.transformer.resblocks.0."),
+            ("last block", last),
+            ("image", "backbone.clip.visual."),
+            ("combiner", "combiner."),
+            ("matcher", "matcher.query_encoder."),
+        ]
+    }
     config = Stage2Config(encoders="text", last_n_blocks=1, train_combiner=False, train_matcher=True, **FAST)
-    trained = train_stage2(config, model, triplets, catalog, val_evaluator(val_sets, records, tmp_path / "cache"), records,
-                           tmp_path)
+    trained = train_stage2(
+        config, model, triplets, catalog, val_evaluator(val_sets, records, tmp_path / "cache"), records, tmp_path
+    )
     changed = {part: _changed(weights, trained) for part, weights in before.items()}
     assert changed == {"first block": False, "last block": True, "image": False, "combiner": False, "matcher": True}
 
     summary = json.loads((tmp_path / "summary.json").read_text())
     annotated = sum(t.extra.get("source") != "generated" for t in usable)
-    assert {k: summary[k] for k in ("annotated_triplets", "generated_triplets", "skipped_triplets", "bank_size",
-                                    "bank_duplicate_rows", "negatives_per_query", "query_mode", "text_template")} == {
-        "annotated_triplets": annotated, "generated_triplets": len(usable) - annotated,
-        "skipped_triplets": len(triplets) - len(usable), "bank_size": 15, "bank_duplicate_rows": 0,
-        "negatives_per_query": 14, "query_mode": "combiner", "text_template": model.text_template}
+    assert {
+        k: summary[k]
+        for k in (
+            "annotated_triplets",
+            "generated_triplets",
+            "skipped_triplets",
+            "bank_size",
+            "bank_duplicate_rows",
+            "negatives_per_query",
+            "query_mode",
+            "text_template",
+        )
+    } == {
+        "annotated_triplets": annotated,
+        "generated_triplets": len(usable) - annotated,
+        "skipped_triplets": len(triplets) - len(usable),
+        "bank_size": 15,
+        "bank_duplicate_rows": 0,
+        "negatives_per_query": 14,
+        "query_mode": "combiner",
+        "text_template": model.text_template,
+    }
     assert len(triplets) > len(usable) > annotated > 0
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in logged} == {"stage2"}
@@ -160,8 +194,14 @@ def test_train_stage2_freezes_skips_caches_and_reports(tiny_encoder, data, tmp_p
 def test_train_stage2_trains_only_the_combiner_when_the_encoders_are_frozen(tiny_encoder, data, tmp_path):
     triplets, paths, _, records = data
     model = _model(tiny_encoder, "combiner")
-    before = {part: _weights(model, prefix) for part, prefix in [
-        ("text", "backbone.clip.transformer."), ("combiner", "combiner."), ("matcher", "matcher.query_encoder.")]}
+    before = {
+        part: _weights(model, prefix)
+        for part, prefix in [
+            ("text", "backbone.clip.transformer."),
+            ("combiner", "combiner."),
+            ("matcher", "matcher.query_encoder."),
+        ]
+    }
     config = Stage2Config(encoders="none", train_combiner=True, train_matcher=False, **FAST)
     trained = train_stage2(config, model, triplets, paths, None, records, tmp_path)
     changed = {part: _changed(w, trained) for part, w in before.items()}
@@ -185,8 +225,15 @@ def _joined_by_hand(captions: list[str], rng: random.Random) -> str:
     ``random.Random(f"{seed}/{epoch}/{position}")`` picks "c1 and c2", "c2 and c1", "c1" or "c2"."""
     first, second = (c.strip(".?, ") for c in captions)
     choice = rng.random()
-    text = (f"{first} and {second}" if choice < 0.25 else f"{second} and {first}" if choice < 0.5
-            else first if choice < 0.75 else second)
+    text = (
+        f"{first} and {second}"
+        if choice < 0.25
+        else f"{second} and {first}"
+        if choice < 0.5
+        else first
+        if choice < 0.75
+        else second
+    )
     return text[:1].upper() + text[1:]
 
 

@@ -53,8 +53,9 @@ def test_stage1_text_only_lowers_loss_and_saves_loadable_model(data, tmp_path):
     model = CIRModel(create_backbone("tiny"), "sum_raw")
     image_before = {k: v.clone() for k, v in model.backbone.state_dict().items() if k.startswith("clip.visual.")}
     config = Stage1Config(encoders="text", epochs=3, **FAST)
-    trained = train_stage1(config, model, triplets, paths, val_evaluator(val_sets, records, tmp_path / "cache"), records,
-                           tmp_path)
+    trained = train_stage1(
+        config, model, triplets, paths, val_evaluator(val_sets, records, tmp_path / "cache"), records, tmp_path
+    )
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["image_features"] == "feature cache" and summary["annotated_triplets"] == 12
     steps = summary["global_step"] // 3
@@ -64,7 +65,9 @@ def test_stage1_text_only_lowers_loss_and_saves_loadable_model(data, tmp_path):
     loaded = CIRModel.load(tmp_path / "model")
     for name, value in trained.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value.cpu()), name
-    assert (tmp_path / "best" / "model.json").is_file() and json.loads((tmp_path / "config.json").read_text())["encoders"] == "text"
+    assert (tmp_path / "best" / "model.json").is_file() and json.loads((tmp_path / "config.json").read_text())[
+        "encoders"
+    ] == "text"
     validated = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "val" in r]
     assert len(validated) == 4  # before training and after each of the 3 epochs, {protocol: {set: metrics}}
     assert all(set(r["val"]) == {"split"} and r["val"]["split"]["val"]["n_queries"] == 6 for r in validated)
@@ -78,8 +81,9 @@ def test_stage2_trains_against_the_whole_bank(data, tmp_path):
     model = CIRModel(create_backbone("tiny"), "sum_raw")
     image_before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("backbone.clip.visual.")}
     config = Stage2Config(epochs=3, temperature=0.05, **FAST)
-    trained = train_stage2(config, model, triplets, paths, val_evaluator(val_sets, records, tmp_path / "cache"), records,
-                           tmp_path)
+    trained = train_stage2(
+        config, model, triplets, paths, val_evaluator(val_sets, records, tmp_path / "cache"), records, tmp_path
+    )
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["bank_size"] == 16 and summary["negatives_per_query"] == 15
     steps = summary["global_step"] // 3
@@ -100,7 +104,9 @@ def test_stage2_weights_in_the_triplets_hard_negatives(data, tmp_path):
         config = Stage2Config(epochs=1, stop_after_steps=1, **FAST, **settings)
         torch.manual_seed(0)
         with pytest.raises(TrainingStopped):
-            train_stage2(config, CIRModel(create_backbone("tiny"), "sum"), triplets, paths, None, records, tmp_path / name)
+            train_stage2(
+                config, CIRModel(create_backbone("tiny"), "sum"), triplets, paths, None, records, tmp_path / name
+            )
         return losses(tmp_path / name)[0]
 
     plain = first_loss("plain")
@@ -121,8 +127,11 @@ def test_stage2_step_is_infonce_on_the_target_row_with_its_duplicates_left_out()
     bank = StaticBank(model, [f"img{n}" for n in range(7)], raw)
     assert bank.duplicates == 2
     texts = ["is red with long sleeves", "has a v-neck"]
-    batch = {"tokens": model.backbone.tokenize(texts), "reference_ids": torch.tensor([0, 2]),
-             "target_ids": torch.tensor([1, 3])}
+    batch = {
+        "tokens": model.backbone.tokenize(texts),
+        "reference_ids": torch.tensor([0, 2]),
+        "target_ids": torch.tensor([1, 3]),
+    }
     temperature = 0.1
     loss, reported = Stage2Step(model, bank, BankInfoNCELoss(temperature))(batch)
     with torch.no_grad():
@@ -154,8 +163,12 @@ def test_stage2_resume_after_stop_is_exact(data, tmp_path):
     train_stage2(config, combiner_model(), triplets, paths, evaluator(tmp_path / "full"), records, tmp_path / "full")
     stopped = config.model_copy(update={"stop_after_steps": 3})
     with pytest.raises(TrainingStopped):
-        train_stage2(stopped, combiner_model(), triplets, paths, evaluator(tmp_path / "resumed"), records, tmp_path / "resumed")
-    train_stage2(config, combiner_model(), triplets, paths, evaluator(tmp_path / "resumed"), records, tmp_path / "resumed")
+        train_stage2(
+            stopped, combiner_model(), triplets, paths, evaluator(tmp_path / "resumed"), records, tmp_path / "resumed"
+        )
+    train_stage2(
+        config, combiner_model(), triplets, paths, evaluator(tmp_path / "resumed"), records, tmp_path / "resumed"
+    )
     full, resumed = final_state(tmp_path / "full" / "model"), final_state(tmp_path / "resumed" / "model")
     assert full.keys() == resumed.keys() and any(k.startswith("combiner.") for k in full)
     assert all(torch.equal(full[k], resumed[k]) for k in full)
@@ -167,8 +180,15 @@ def test_resume_refuses_a_changed_config(data, tmp_path):
     config = Stage2Config(epochs=1, **{**FAST, "batch_size": 16})
     train_stage2(config, CIRModel(create_backbone("tiny"), "sum"), triplets, paths, None, records, tmp_path)
     with pytest.raises(FashionCIRError, match="another config.*lr"):
-        train_stage2(config.model_copy(update={"lr": 0.5}), CIRModel(create_backbone("tiny"), "sum"),
-                     triplets, paths, None, records, tmp_path)
+        train_stage2(
+            config.model_copy(update={"lr": 0.5}),
+            CIRModel(create_backbone("tiny"), "sum"),
+            triplets,
+            paths,
+            None,
+            records,
+            tmp_path,
+        )
 
 
 def test_stage1_with_pixels_leaves_out_unreadable_images(tmp_path):
@@ -179,8 +199,15 @@ def test_stage1_with_pixels_leaves_out_unreadable_images(tmp_path):
     broken = triplets[0].candidate
     Path(image_paths[broken]).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     model = CIRModel(create_backbone("tiny"), "sum_raw")
-    train_stage1(Stage1Config(encoders="image", epochs=1, **FAST), model, triplets, image_paths,
-                 val_evaluator(val_sets, records, tmp_path / "out" / "cache"), records, tmp_path / "out")
+    train_stage1(
+        Stage1Config(encoders="image", epochs=1, **FAST),
+        model,
+        triplets,
+        image_paths,
+        val_evaluator(val_sets, records, tmp_path / "out" / "cache"),
+        records,
+        tmp_path / "out",
+    )
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     referencing = sum(broken in (t.candidate, t.target) for t in triplets)
     assert summary["unreadable_images"] == 1 and summary["skipped_triplets"] == referencing > 0

@@ -53,10 +53,16 @@ def test_stage1_resume_after_sigkill_matches_uninterrupted(tmp_path):
 
     run_recipe(Recipe.from_json(config))  # resumes from the checkpoint
     run_recipe(Recipe.from_dict(recipe(paths, tmp_path / "full", stage1)))
-    full, resumed = final_state(tmp_path / "full" / "train" / "stage1" / "model"), final_state(killed_out / "train" / "stage1" / "model")
+    full, resumed = (
+        final_state(tmp_path / "full" / "train" / "stage1" / "model"),
+        final_state(killed_out / "train" / "stage1" / "model"),
+    )
     assert any(k.startswith("backbone.clip.visual.") for k in full)
     assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
-    events = [json.loads(line).get("event") for line in (killed_out / "train" / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    events = [
+        json.loads(line).get("event")
+        for line in (killed_out / "train" / "stage1" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert events.count("resume") == 1
 
 
@@ -68,9 +74,24 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
     single = recipe(paths, tmp_path / "single", stage1, stage2)
     double = write(recipe(paths, tmp_path / "double", stage1, stage2), tmp_path / "double.json")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "fashion_cir.cli", "run", str(double)],
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "fashion_cir.cli",
+            "run",
+            str(double),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run_recipe(Recipe.from_dict(single))
     for stage in ("stage1", "stage2"):
@@ -81,7 +102,10 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
         for a, b in zip(one, two):
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
             assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
-        w1, w2 = final_state(tmp_path / "single" / "train" / stage / "model"), final_state(tmp_path / "double" / "train" / stage / "model")
+        w1, w2 = (
+            final_state(tmp_path / "single" / "train" / stage / "model"),
+            final_state(tmp_path / "double" / "train" / stage / "model"),
+        )
         assert w1.keys() == w2.keys()
         for key in w1:
             # Adam turns float noise on a near-zero gradient into a visible difference on a single

@@ -29,7 +29,9 @@ def trained(tmp_path_factory):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cache = root / "features"
     config = Stage1Config(encoders="image", epochs=3, cache_dir=str(cache), **FAST)
-    out = train_stage1(config, model, triplets, paths, val_evaluator(val_sets, records, cache), records, root / "stage1")
+    out = train_stage1(
+        config, model, triplets, paths, val_evaluator(val_sets, records, cache), records, root / "stage1"
+    )
     return out, before, root, (triplets, paths, val_sets, records)
 
 
@@ -40,8 +42,17 @@ def test_only_the_blocks_after_the_cache_train(trained):
     assert any(k.startswith("backbone.image_tower._blocks.15.") for k in changed)
     assert any(k.startswith("backbone.image_tower._conv_head.") for k in changed)
     assert any(k.startswith("backbone.image_proj.") for k in changed)
-    assert not any(k.startswith(("backbone.image_tower._blocks.14.", "backbone.image_tower._conv_stem.",
-                                 "backbone.text_tower.", "backbone.text_proj.")) for k in changed)
+    assert not any(
+        k.startswith(
+            (
+                "backbone.image_tower._blocks.14.",
+                "backbone.image_tower._conv_stem.",
+                "backbone.text_tower.",
+                "backbone.text_proj.",
+            )
+        )
+        for k in changed
+    )
     # batch norm keeps its ImageNet statistics while the blocks train
     assert not any("running_" in k for k in changed)
     summary = json.loads((root / "stage1" / "summary.json").read_text())
@@ -67,8 +78,9 @@ def test_training_reads_token_maps_from_the_cache_not_pixels(trained, monkeypatc
     monkeypatch.setattr(fresh.backbone, "encode_image_trunk", no_trunk)
     monkeypatch.setattr(fresh.backbone, "trunk_engine", lambda: no_trunk)  # what the feature cache runs (ONNX or torch)
     config = Stage1Config(encoders="image", epochs=1, cache_dir=str(root / "features"), **FAST)
-    out = train_stage1(config, fresh, triplets, paths, val_evaluator(val_sets, records, root / "features"), records,
-                       root / "again")
+    out = train_stage1(
+        config, fresh, triplets, paths, val_evaluator(val_sets, records, root / "features"), records, root / "again"
+    )
     block = "backbone.image_tower._blocks.15._project_conv.weight"
     assert not torch.equal(out.state_dict()[block], CIRModel(create_backbone("offline+blocks1")).state_dict()[block])
 
@@ -117,15 +129,33 @@ def test_a_tiny_clip_trains_its_last_vision_block_from_cached_tokens(tmp_path, m
     monkeypatch.setattr(model.backbone, "encode_image_trunk", no_trunk)
     monkeypatch.setattr(model.backbone, "trunk_engine", lambda: no_trunk)
     config = Stage1Config(encoders="both", epochs=2, cache_dir=str(tmp_path / "features"), **FAST)
-    trained = train_stage1(config, model, triplets, paths, val_evaluator(val_sets, records, tmp_path / "features"), records,
-                           tmp_path / "stage1")
+    trained = train_stage1(
+        config,
+        model,
+        triplets,
+        paths,
+        val_evaluator(val_sets, records, tmp_path / "features"),
+        records,
+        tmp_path / "stage1",
+    )
     monkeypatch.undo()
     changed = {k for k, v in trained.state_dict().items() if not torch.equal(before[k], v)}
     visual = {k for k in changed if k.startswith("backbone.clip.visual.")}
-    assert visual and all(k.startswith(("backbone.clip.visual.transformer.resblocks.1.", "backbone.clip.visual.ln_post.",
-                                        "backbone.clip.visual.proj")) for k in visual)
+    assert visual and all(
+        k.startswith(
+            (
+                "backbone.clip.visual.transformer.resblocks.1.",
+                "backbone.clip.visual.ln_post.",
+                "backbone.clip.visual.proj",
+            )
+        )
+        for k in visual
+    )
     assert any(k.startswith("backbone.clip.transformer.") for k in changed)  # the text side trains too ("both")
-    assert json.loads((tmp_path / "stage1" / "summary.json").read_text())["image_features"] == "feature cache (trunk; head trained)"
+    assert (
+        json.loads((tmp_path / "stage1" / "summary.json").read_text())["image_features"]
+        == "feature cache (trunk; head trained)"
+    )
     loaded = CIRModel.load(tmp_path / "stage1" / "model")
     assert loaded.backbone.spec == "tiny+blocks1:0"
     _, ours = cache.encode(trained.backbone.eval(), paths, progress=False)

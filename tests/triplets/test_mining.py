@@ -42,13 +42,16 @@ def _eligible(features, table, config, reference) -> set[int]:
     return out
 
 
-@pytest.mark.parametrize("band,unit,pool,expected", [
-    ((0.15, 0.42), "quantile", 11, (1, 5)),   # floor(1.5), ceil(4.2) among 10 others
-    ((0.0, 1.0), "quantile", 11, (0, 10)),
-    ((3, 50), "rank", 11, (3, 10)),           # capped at the 10 others
-    ((20, 50), "rank", 11, (10, 10)),
-    ((2, 4), "rank", 100, (2, 4)),
-])
+@pytest.mark.parametrize(
+    "band,unit,pool,expected",
+    [
+        ((0.15, 0.42), "quantile", 11, (1, 5)),  # floor(1.5), ceil(4.2) among 10 others
+        ((0.0, 1.0), "quantile", 11, (0, 10)),
+        ((3, 50), "rank", 11, (3, 10)),  # capped at the 10 others
+        ((20, 50), "rank", 11, (10, 10)),
+        ((2, 4), "rank", 100, (2, 4)),
+    ],
+)
 def test_band_ranks(band, unit, pool, expected):
     low, high = band_ranks(TripletConfig(band=band, band_unit=unit), pool)
     assert (low, high) == expected and type(low) is int and type(high) is int
@@ -65,15 +68,24 @@ def test_in_band_marks_the_ranks_low_to_high_minus_one_of_each_row():
         assert empty.dtype == bool and empty.shape == (5, 9) and not empty.any()
 
 
-@pytest.mark.parametrize("seed,band,changes,per_reference", [
-    (0, (2, 20), (1, 2), 2),
-    (1, (0, 10), (1, 3), 3),
-    (2, (5, 40), (2, 3), 1),
-])
+@pytest.mark.parametrize(
+    "seed,band,changes,per_reference",
+    [
+        (0, (2, 20), (1, 2), 2),
+        (1, (0, 10), (1, 3), 3),
+        (2, (5, 40), (2, 3), 1),
+    ],
+)
 def test_every_pair_is_in_band_in_group_and_names_its_real_differences(seed, band, changes, per_reference):
     features, table = _pool(48, seed)
-    config = TripletConfig(seed=seed, band=band, band_unit="rank", min_changes=changes[0], max_changes=changes[1],
-                           targets_per_reference=per_reference)
+    config = TripletConfig(
+        seed=seed,
+        band=band,
+        band_unit="rank",
+        min_changes=changes[0],
+        max_changes=changes[1],
+        targets_per_reference=per_reference,
+    )
     pairs, stats = mine_pairs(features, table, config)
     assert stats["band_ranks"] == list(band_ranks(config, 48))
     by_reference: dict[int, list[int]] = {}
@@ -95,8 +107,11 @@ def test_every_pair_is_in_band_in_group_and_names_its_real_differences(seed, ban
     mean_use = lambda names: sum(usage[n] for n in names) / len(names)  # noqa: E731
     for pair in pairs:
         done = taken.setdefault(pair.reference, set())
-        rivals = [j for j in _eligible(features, table, config, pair.reference) - done - {pair.target}
-                  if len(_differs(table, pair.reference, j)) == len(pair.changed)]
+        rivals = [
+            j
+            for j in _eligible(features, table, config, pair.reference) - done - {pair.target}
+            if len(_differs(table, pair.reference, j)) == len(pair.changed)
+        ]
         best = min((mean_use(_differs(table, pair.reference, j)) for j in rivals), default=np.inf)
         assert mean_use(pair.changed) <= best + 1e-3, (pair, best)
         done.add(pair.target)
@@ -136,7 +151,7 @@ def test_picks_balance_the_changed_attributes_and_the_number_of_changes():
     rng = np.random.default_rng(7)
     n = 150
     codes = np.zeros((n, 3), dtype=np.int16)
-    codes[:, 0] = rng.integers(0, 6, size=n)               # colour varies a lot
+    codes[:, 0] = rng.integers(0, 6, size=n)  # colour varies a lot
     codes[:, 1] = (rng.random(n) < 0.12).astype(np.int16)  # sleeves and neck rarely
     codes[:, 2] = (rng.random(n) < 0.12).astype(np.int16)
     table = AttributeTable(ATTRIBUTES, codes, np.zeros(n, dtype=np.int32))
@@ -148,7 +163,7 @@ def test_picks_balance_the_changed_attributes_and_the_number_of_changes():
     uses = {name: sum(name in p.changed for p in pairs) for name in ATTRIBUTES}
     sizes = {k: sum(len(p.changed) == k for p in pairs) for k in (1, 2, 3)}
     available = dict.fromkeys(ATTRIBUTES, 0)
-    uniform_draw = dict.fromkeys((1, 2, 3), 0.0)   # expected counts under the uniform draw of the number
+    uniform_draw = dict.fromkeys((1, 2, 3), 0.0)  # expected counts under the uniform draw of the number
     by_availability = dict.fromkeys((1, 2, 3), 0.0)  # expected counts for a target picked at random
     for i in range(n):
         per_size = dict.fromkeys((1, 2, 3), 0)
@@ -174,8 +189,11 @@ def test_ties_between_equally_used_targets_are_broken_at_random():
     lowest_index = 0
     for seed in range(20):
         (pair,), _ = mine_pairs(features, table, config.model_copy(update={"seed": seed}))
-        same_size = [j for j in _eligible(features, table, config, pair.reference)
-                     if len(_differs(table, pair.reference, j)) == len(pair.changed)]
+        same_size = [
+            j
+            for j in _eligible(features, table, config, pair.reference)
+            if len(_differs(table, pair.reference, j)) == len(pair.changed)
+        ]
         assert pair.target in same_size
         lowest_index += pair.target == min(same_size)
     assert lowest_index < 10

@@ -34,17 +34,20 @@ def _brute_force(pair: Pair, features: np.ndarray, table: AttributeTable, k: int
 
 def test_hand_made_catalog():
     # reference 0 -> target 1 changes the colour (0 -> 1); the target's neck is unknown
-    codes = np.array([
-        [0, 2, 1],   # 0 reference
-        [1, 2, W],   # 1 target
-        [0, 2, 3],   # 2 misses the colour, keeps sleeves (neck unknown on the target): negative
-        [2, 2, 1],   # 3 another colour, not the target's: negative
-        [1, 2, 0],   # 4 has the target's colour: not a negative
-        [W, 2, 1],   # 5 colour unknown: cannot be shown to miss it
-        [0, 1, 1],   # 6 misses the colour but changes the sleeves: not a negative
-        [0, W, 1],   # 7 misses the colour, sleeves unknown: negative
-        [0, 2, 1],   # 8 like 2 but another category group: not a negative
-    ], dtype=np.int16)
+    codes = np.array(
+        [
+            [0, 2, 1],  # 0 reference
+            [1, 2, W],  # 1 target
+            [0, 2, 3],  # 2 misses the colour, keeps sleeves (neck unknown on the target): negative
+            [2, 2, 1],  # 3 another colour, not the target's: negative
+            [1, 2, 0],  # 4 has the target's colour: not a negative
+            [W, 2, 1],  # 5 colour unknown: cannot be shown to miss it
+            [0, 1, 1],  # 6 misses the colour but changes the sleeves: not a negative
+            [0, W, 1],  # 7 misses the colour, sleeves unknown: negative
+            [0, 2, 1],  # 8 like 2 but another category group: not a negative
+        ],
+        dtype=np.int16,
+    )
     table = AttributeTable(ATTRIBUTES, codes, np.array([0, 0, 0, 0, 0, 0, 0, 0, 1], dtype=np.int32))
     features = np.eye(9)
     features[[2, 3, 7], 1] = [0.5, 0.9, 0.7]  # similarity to the target (row 1): 3 > 7 > 2
@@ -70,7 +73,7 @@ def test_many_equal_similarities_keep_catalog_order():
     codes[1, 0], codes[2:, 0] = 1, 2  # reference 0 -> target 1 changes colour; every other image has a third colour
     table = AttributeTable(ATTRIBUTES, codes, np.zeros(n, dtype=np.int32))
     levels = np.random.default_rng(0).integers(0, 6, size=n) / 10
-    features = np.stack([levels, np.sqrt(1 - levels ** 2)], axis=1)
+    features = np.stack([levels, np.sqrt(1 - levels**2)], axis=1)
     features[1] = [1.0, 0.0]  # similarity to the target = the level, exactly
     expected = sorted(range(2, n), key=lambda j: (-levels[j], j))
     assert hard_negatives(Pair(0, 1, ("color",)), features, table, 60).tolist() == expected

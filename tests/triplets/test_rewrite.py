@@ -14,7 +14,10 @@ HELPERS = Path(__file__).resolve().parents[1] / "support"
 
 
 def test_parse_rewrite_accepts_two_short_captions_only():
-    assert parse_rewrite('Sure: ["is red and plain.", "has no stripes at all"]') == ["is red and plain", "has no stripes at all"]
+    assert parse_rewrite('Sure: ["is red and plain.", "has no stripes at all"]') == [
+        "is red and plain",
+        "has no stripes at all",
+    ]
     assert parse_rewrite('["only one caption here"]') is None
     assert parse_rewrite("no list at all") is None
     assert parse_rewrite('["a", "b"]') is None
@@ -22,8 +25,17 @@ def test_parse_rewrite_accepts_two_short_captions_only():
 
 def test_rewrite_through_openai_backend(tmp_path, clothing_dir):
     (tmp_path / "b.json").write_text("{}")
-    server = subprocess.Popen([sys.executable, str(HELPERS / "fake_openai_server.py"), str(tmp_path / "b.json"), "k",
-                               str(tmp_path / "log.jsonl")], stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            str(HELPERS / "fake_openai_server.py"),
+            str(tmp_path / "b.json"),
+            "k",
+            str(tmp_path / "log.jsonl"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         port = int(server.stdout.readline())
         rewriter = build_captioner("openai", model="fake-llm", base_url=f"http://127.0.0.1:{port}/v1", concurrency=4)
@@ -31,8 +43,9 @@ def test_rewrite_through_openai_backend(tmp_path, clothing_dir):
         train = read_json(clothing_dir / "image_splits/split.clothing.train.json")[:600]
         ids = sorted(train)
         features = __import__("numpy").random.default_rng(0).normal(size=(len(ids), 16))
-        triplets, stats = generate_triplets(attributes, features, ids, TripletConfig(max_triplets=20, band=(0, 0.5)),
-                                            train_ids=train, rewriter=rewriter)
+        triplets, stats = generate_triplets(
+            attributes, features, ids, TripletConfig(max_triplets=20, band=(0, 0.5)), train_ids=train, rewriter=rewriter
+        )
     finally:
         server.terminate()
         server.wait(timeout=10)

@@ -14,48 +14,159 @@ from fashion_cir.errors import DataError
 from fashion_cir.io import read_json
 from fashion_cir.triplets import TripletConfig, generate_triplets, write_triplets
 
-WILDCARDS = {"sleeves": {"none"}, "neckline": {"none"}, "length": {None}, "material": {"unknown"}, "closure": {"unknown"}}
-GROUPS = [{"t-shirt", "longsleeve", "polo", "shirt", "top", "undershirt", "blouse"}, {"pants", "shorts"},
-          {"dress", "skirt"}, {"outwear", "blazer", "hoodie", "sweater"}]
+WILDCARDS = {
+    "sleeves": {"none"},
+    "neckline": {"none"},
+    "length": {None},
+    "material": {"unknown"},
+    "closure": {"unknown"},
+}
+GROUPS = [
+    {"t-shirt", "longsleeve", "polo", "shirt", "top", "undershirt", "blouse"},
+    {"pants", "shorts"},
+    {"dress", "skirt"},
+    {"outwear", "blazer", "hoodie", "sweater"},
+]
 SLEEVES = ["sleeveless", "short", "three-quarter", "long"]
 LENGTHS = ["cropped", "hip", "thigh", "knee", "midi", "ankle", "full"]
 
 # The checker's own lexicon: surface words -> (attribute, value). Written for this test, not imported.
 LEXICON = {
-    **{c: ("color", c) for c in ["black", "white", "grey", "beige", "brown", "red", "pink", "orange", "yellow", "green",
-                                  "olive", "blue", "navy", "light blue", "purple"]},
-    "gray": ("color", "grey"), "navy blue": ("color", "navy"), "dark blue": ("color", "navy"), "pale blue": ("color", "light blue"),
-    "sky blue": ("color", "light blue"), "multicolored": ("color", "multicolor"), "colorful": ("color", "multicolor"),
+    **{
+        c: ("color", c)
+        for c in [
+            "black",
+            "white",
+            "grey",
+            "beige",
+            "brown",
+            "red",
+            "pink",
+            "orange",
+            "yellow",
+            "green",
+            "olive",
+            "blue",
+            "navy",
+            "light blue",
+            "purple",
+        ]
+    },
+    "gray": ("color", "grey"),
+    "navy blue": ("color", "navy"),
+    "dark blue": ("color", "navy"),
+    "pale blue": ("color", "light blue"),
+    "sky blue": ("color", "light blue"),
+    "multicolored": ("color", "multicolor"),
+    "colorful": ("color", "multicolor"),
     "olive green": ("color", "olive"),
-    **{w: ("category", c) for c, ws in {
-        "t-shirt": ["t-shirt", "tee"], "longsleeve": ["long-sleeve top", "long-sleeved tee"], "shirt": ["shirt", "button-down shirt"],
-        "polo": ["polo shirt", "polo"], "blouse": ["blouse"], "top": ["top"], "undershirt": ["undershirt", "vest top"],
-        "dress": ["dress"], "skirt": ["skirt"], "pants": ["pants", "trousers"], "shorts": ["shorts"], "outwear": ["jacket", "coat"],
-        "blazer": ["blazer"], "hoodie": ["hoodie"], "sweater": ["sweater", "jumper", "pullover"], "hat": ["hat"],
-        "shoes": ["shoes"], "body": ["bodysuit", "onesie"], "bag": ["bag"]}.items() for w in ws},
-    **{w: ("pattern", p) for p, ws in {
-        "solid": ["solid", "plain"], "striped": ["striped", "stripes"], "checked": ["checked", "plaid", "check pattern", "plaid pattern"],
-        "floral": ["floral", "floral print", "flowers"], "dotted": ["polka dot", "polka dots", "dots", "dotted"],
-        "graphic print": ["graphic print", "printed graphic", "graphic"], "text print": ["lettering", "text print", "writing"],
-        "camouflage": ["camouflage", "camo", "camouflage pattern", "camo print"], "animal print": ["animal print"],
-        "other": ["patterned", "pattern"]}.items() for w in ws},
-    **{w: ("sleeves", s) for s, ws in {
-        "sleeveless": ["sleeveless", "no sleeves"], "short": ["short sleeves", "short-sleeved"],
-        "three-quarter": ["three-quarter sleeves", "three-quarter sleeved"], "long": ["long sleeves", "long-sleeved"]}.items() for w in ws},
-    **{w: ("neckline", n) for n, ws in {
-        "crew": ["crew neck", "round neck"], "v-neck": ["v-neck", "v neck"], "collar": ["collar"], "hood": ["hood"],
-        "turtleneck": ["turtleneck", "high neck"], "scoop": ["scoop neck"], "strapless": ["strapless", "no straps"]}.items() for w in ws},
-    **{f"{w} length": ("length", length) for length, w in [("hip", "hip"), ("thigh", "thigh"), ("thigh", "mini"), ("knee", "knee"),
-                                                  ("midi", "midi"), ("ankle", "ankle"), ("full", "full"), ("full", "floor")]},
+    **{
+        w: ("category", c)
+        for c, ws in {
+            "t-shirt": ["t-shirt", "tee"],
+            "longsleeve": ["long-sleeve top", "long-sleeved tee"],
+            "shirt": ["shirt", "button-down shirt"],
+            "polo": ["polo shirt", "polo"],
+            "blouse": ["blouse"],
+            "top": ["top"],
+            "undershirt": ["undershirt", "vest top"],
+            "dress": ["dress"],
+            "skirt": ["skirt"],
+            "pants": ["pants", "trousers"],
+            "shorts": ["shorts"],
+            "outwear": ["jacket", "coat"],
+            "blazer": ["blazer"],
+            "hoodie": ["hoodie"],
+            "sweater": ["sweater", "jumper", "pullover"],
+            "hat": ["hat"],
+            "shoes": ["shoes"],
+            "body": ["bodysuit", "onesie"],
+            "bag": ["bag"],
+        }.items()
+        for w in ws
+    },
+    **{
+        w: ("pattern", p)
+        for p, ws in {
+            "solid": ["solid", "plain"],
+            "striped": ["striped", "stripes"],
+            "checked": ["checked", "plaid", "check pattern", "plaid pattern"],
+            "floral": ["floral", "floral print", "flowers"],
+            "dotted": ["polka dot", "polka dots", "dots", "dotted"],
+            "graphic print": ["graphic print", "printed graphic", "graphic"],
+            "text print": ["lettering", "text print", "writing"],
+            "camouflage": ["camouflage", "camo", "camouflage pattern", "camo print"],
+            "animal print": ["animal print"],
+            "other": ["patterned", "pattern"],
+        }.items()
+        for w in ws
+    },
+    **{
+        w: ("sleeves", s)
+        for s, ws in {
+            "sleeveless": ["sleeveless", "no sleeves"],
+            "short": ["short sleeves", "short-sleeved"],
+            "three-quarter": ["three-quarter sleeves", "three-quarter sleeved"],
+            "long": ["long sleeves", "long-sleeved"],
+        }.items()
+        for w in ws
+    },
+    **{
+        w: ("neckline", n)
+        for n, ws in {
+            "crew": ["crew neck", "round neck"],
+            "v-neck": ["v-neck", "v neck"],
+            "collar": ["collar"],
+            "hood": ["hood"],
+            "turtleneck": ["turtleneck", "high neck"],
+            "scoop": ["scoop neck"],
+            "strapless": ["strapless", "no straps"],
+        }.items()
+        for w in ws
+    },
+    **{
+        f"{w} length": ("length", length)
+        for length, w in [
+            ("hip", "hip"),
+            ("thigh", "thigh"),
+            ("thigh", "mini"),
+            ("knee", "knee"),
+            ("midi", "midi"),
+            ("ankle", "ankle"),
+            ("full", "full"),
+            ("full", "floor"),
+        ]
+    },
     "cropped": ("length", "cropped"),
-    **{w: ("material", m) for m, ws in {
-        "denim": ["denim"], "knit": ["knit", "knitted"], "cotton": ["cotton"], "leather": ["leather"], "fleece": ["fleece"],
-        "wool": ["wool", "woolen"], "puffer": ["quilted", "padded"], "lace": ["lace"], "satin": ["satin"],
-        "synthetic": ["synthetic"]}.items() for w in ws},
-    **{w: ("closure", c) for c, ws in {"zip": ["zipper", "zip front"], "buttons": ["buttons", "button front"],
-                                        "laces": ["laces"]}.items() for w in ws},
-    "longer sleeves": ("sleeves", "longer"), "shorter sleeves": ("sleeves", "shorter"),
-    "longer": ("length", "longer"), "shorter": ("length", "shorter"),
+    **{
+        w: ("material", m)
+        for m, ws in {
+            "denim": ["denim"],
+            "knit": ["knit", "knitted"],
+            "cotton": ["cotton"],
+            "leather": ["leather"],
+            "fleece": ["fleece"],
+            "wool": ["wool", "woolen"],
+            "puffer": ["quilted", "padded"],
+            "lace": ["lace"],
+            "satin": ["satin"],
+            "synthetic": ["synthetic"],
+        }.items()
+        for w in ws
+    },
+    **{
+        w: ("closure", c)
+        for c, ws in {
+            "zip": ["zipper", "zip front"],
+            "buttons": ["buttons", "button front"],
+            "laces": ["laces"],
+        }.items()
+        for w in ws
+    },
+    "longer sleeves": ("sleeves", "longer"),
+    "shorter sleeves": ("sleeves", "shorter"),
+    "longer": ("length", "longer"),
+    "shorter": ("length", "shorter"),
 }
 PATTERN = re.compile(r"\b(" + "|".join(re.escape(w) for w in sorted(LEXICON, key=len, reverse=True)) + r")\b")
 NEGATION = re.compile(r"\b(instead of|rather than|not|no|unlike|without)\b")
@@ -105,10 +216,14 @@ def _caption_problems(caption: str, ref, tgt, changes: dict) -> list[str]:
             elif attr == "color":
                 side = ref if negated else tgt
                 if value not in (side["color"], side["secondary_color"]):
-                    problems.append(f"{'negated ' if negated else ''}{match.group(1)!r} is not a color of the {'reference' if negated else 'target'}")
+                    problems.append(
+                        f"{'negated ' if negated else ''}{match.group(1)!r} is not a color of the {'reference' if negated else 'target'}"
+                    )
             elif value != (ref if negated else tgt)[attr]:
-                problems.append(f"{'negated ' if negated else ''}{match.group(1)!r}: {attr} of the {'reference' if negated else 'target'} "
-                                f"is {(ref if negated else tgt)[attr]!r}")
+                problems.append(
+                    f"{'negated ' if negated else ''}{match.group(1)!r}: {attr} of the {'reference' if negated else 'target'} "
+                    f"is {(ref if negated else tgt)[attr]!r}"
+                )
     if not touches_change:
         problems.append("mentions none of the changes")
     return problems
@@ -146,7 +261,9 @@ def test_every_caption_is_consistent_with_the_attributes(generated, catalog):
         if ref["category"] != tgt["category"]:
             assert any({ref["category"], tgt["category"]} <= g for g in GROUPS)
         for caption in t["captions"]:
-            problems += [f"{caption!r} ({t['changes']}): {p}" for p in _caption_problems(caption, ref, tgt, t["changes"])]
+            problems += [
+                f"{caption!r} ({t['changes']}): {p}" for p in _caption_problems(caption, ref, tgt, t["changes"])
+            ]
     assert not problems, f"{len(problems)} problems, e.g. " + "\n".join(problems[:15])
 
 
@@ -213,11 +330,18 @@ def test_a_smaller_custom_vocabulary_generates_captions(catalog):
 
     attributes, train, ids, features = catalog
     default = DEFAULT_VOCABULARY.attributes
-    vocab = Vocabulary(attributes={"category": default["category"], "color": default["color"],
-                                   "sleeves": AttributeVocab(values=(*default["sleeves"].values, "cap"), wildcards=("none",))},
-                       compatible_categories=DEFAULT_VOCABULARY.compatible_categories)
-    small = {i: Attributes(values={k: a[k] for k in vocab.names}, kids=a.kids, description=a.description)
-             for i, a in attributes.items()}
+    vocab = Vocabulary(
+        attributes={
+            "category": default["category"],
+            "color": default["color"],
+            "sleeves": AttributeVocab(values=(*default["sleeves"].values, "cap"), wildcards=("none",)),
+        },
+        compatible_categories=DEFAULT_VOCABULARY.compatible_categories,
+    )
+    small = {
+        i: Attributes(values={k: a[k] for k in vocab.names}, kids=a.kids, description=a.description)
+        for i, a in attributes.items()
+    }
     for image_id in list(small)[:300:3]:
         small[image_id] = small[image_id].model_copy(update={"values": {**small[image_id].values, "sleeves": "cap"}})
     config = TripletConfig(seed=1, max_triplets=400, band=(5, 800), band_unit="rank", vocabulary=vocab)

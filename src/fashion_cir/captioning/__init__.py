@@ -8,7 +8,18 @@ from .schema import Attributes, InvalidAnswer
 from .vocab import DEFAULT_VOCABULARY, AttributeVocab, Vocabulary, load_vocabulary
 
 __all__ = [
-    "BACKENDS", "Attributes", "AttributeVocab", "CaptionRequest", "Captioner", "DEFAULT_VOCABULARY",
-    "InvalidAnswer", "RequestFailed", "Vocabulary", "build_captioner", "load_precomputed", "load_vocabulary",
-    "run_captioning", "write_attributes",
+    "BACKENDS",
+    "Attributes",
+    "AttributeVocab",
+    "CaptionRequest",
+    "Captioner",
+    "DEFAULT_VOCABULARY",
+    "InvalidAnswer",
+    "RequestFailed",
+    "Vocabulary",
+    "build_captioner",
+    "load_precomputed",
+    "load_vocabulary",
+    "run_captioning",
+    "write_attributes",
 ]

@@ -11,8 +11,9 @@ from .vocab import DEFAULT_VOCABULARY, Vocabulary
 BACKENDS = ("llava-hf", "openai", "precomputed")
 
 
-def build_captioner(backend: str, model: str | None = None, vocab: Vocabulary = DEFAULT_VOCABULARY,
-                    **options: Any) -> Captioner:
+def build_captioner(
+    backend: str, model: str | None = None, vocab: Vocabulary = DEFAULT_VOCABULARY, **options: Any
+) -> Captioner:
     """``model``: HF model id or folder (llava-hf), served model name (openai), attributes JSONL path
     (precomputed). ``options`` go to the backend's constructor (e.g. base_url, concurrency, batch_size)."""
     if backend == "llava-hf":

@@ -63,7 +63,9 @@ class CaptionCache:
                     if old is None or record["status"] in DONE_STATUSES or old["status"] not in DONE_STATUSES:
                         records[key] = record
                 except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise DataError(f"corrupt caption cache {path}, line {lineno}: {exc}; delete the line or the file") from exc
+                    raise DataError(
+                        f"corrupt caption cache {path}, line {lineno}: {exc}; delete the line or the file"
+                    ) from exc
         return records
 
     def append(self, records: list[dict]) -> None:

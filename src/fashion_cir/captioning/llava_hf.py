@@ -22,8 +22,11 @@ def _load(model_id: str, dtype, device_map):
         processor = AutoProcessor.from_pretrained(model_id)
         model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=dtype, device_map=device_map)
     except (OSError, ValueError) as exc:
-        where = (f"the folder {model_id} does not hold a complete model" if Path(model_id).exists()
-                 else f"{model_id!r} is not a local folder and could not be fetched from the Hugging Face hub")
+        where = (
+            f"the folder {model_id} does not hold a complete model"
+            if Path(model_id).exists()
+            else f"{model_id!r} is not a local folder and could not be fetched from the Hugging Face hub"
+        )
         raise ModelError(
             f"could not load the captioning model: {where} ({type(exc).__name__}: {str(exc)[:300]}). "
             f"Download it where the hub is reachable (huggingface-cli download {DEFAULT_MODEL} --local-dir DIR) "
@@ -58,8 +61,9 @@ class LlavaHFCaptioner(Captioner):
         self.processor.tokenizer.padding_side = "left"  # generation continues from the right end
 
     @classmethod
-    def from_components(cls, processor, model, vocab: Vocabulary = DEFAULT_VOCABULARY, batch_size: int = 8,
-                        max_new_tokens: int = 256) -> LlavaHFCaptioner:
+    def from_components(
+        cls, processor, model, vocab: Vocabulary = DEFAULT_VOCABULARY, batch_size: int = 8, max_new_tokens: int = 256
+    ) -> LlavaHFCaptioner:
         """A captioner around an already built processor and model (benchmarks, custom loading)."""
         captioner = cls.__new__(cls)
         Captioner.__init__(captioner, vocab)
@@ -96,9 +100,10 @@ class LlavaHFCaptioner(Captioner):
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         pad_id = self.processor.tokenizer.pad_token_id
         with torch.inference_mode():
-            output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                         pad_token_id=pad_id)
-        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+            output = self.model.generate(
+                **inputs, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad_id
+            )
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
         for index, text in zip(slots, self.processor.batch_decode(new_tokens, skip_special_tokens=True)):
             answers[index] = text.strip()
         return answers

@@ -29,16 +29,22 @@ from .vocab import DEFAULT_VOCABULARY, Vocabulary
 
 log = logging.getLogger(__name__)
 # API keys (sk-..., key_...) and bearer / basic credentials, wherever a server echoes them
-TOKEN = re.compile(r"\b(?:sk|pk|rk|key|tok|token|api[-_]?key)[-_][A-Za-z0-9_\-]{8,}|\b(?:bearer|basic)\s+[A-Za-z0-9._~+/=\-]{8,}",
-                   re.IGNORECASE)
+TOKEN = re.compile(
+    r"\b(?:sk|pk|rk|key|tok|token|api[-_]?key)[-_][A-Za-z0-9_\-]{8,}|\b(?:bearer|basic)\s+[A-Za-z0-9._~+/=\-]{8,}",
+    re.IGNORECASE,
+)
 
 
 def split_credentials(base_url: str) -> tuple[str, str, tuple[str, str] | None]:
     """``base_url`` as (root without ``user:password@`` or query, query, those credentials)."""
     parts = urlsplit(base_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ModelError(f"--base-url must be an http(s) URL such as http://127.0.0.1:8000/v1, got {redact_url(base_url)!r}")
-    credentials = (unquote(parts.username or ""), unquote(parts.password or "")) if parts.username or parts.password else None
+        raise ModelError(
+            f"--base-url must be an http(s) URL such as http://127.0.0.1:8000/v1, got {redact_url(base_url)!r}"
+        )
+    credentials = (
+        (unquote(parts.username or ""), unquote(parts.password or "")) if parts.username or parts.password else None
+    )
     host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
     netloc = host + (f":{parts.port}" if parts.port else "")
     return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", "")), parts.query, credentials
@@ -119,11 +125,17 @@ class OpenAICaptioner(Captioner):
         self.batch_size = 4 * concurrency
         bases = [base_url] if isinstance(base_url, str) else list(base_url or [])
         if not bases:
-            raise ModelError("the openai backend needs --base-url, the server's API root: e.g. http://127.0.0.1:8000/v1 "
-                             "for a local server, https://api.openai.com/v1 for OpenAI (no endpoint is assumed)")
+            raise ModelError(
+                "the openai backend needs --base-url, the server's API root: e.g. http://127.0.0.1:8000/v1 "
+                "for a local server, https://api.openai.com/v1 for OpenAI (no endpoint is assumed)"
+            )
         parsed = [split_credentials(base) for base in bases]
-        self.urls = [root + "/chat/completions" for root, _, _ in parsed]  # what messages show: no credentials, no query
-        self._request_urls = {url: url + (f"?{query}" if query else "") for url, (_, query, _) in zip(self.urls, parsed)}
+        self.urls = [
+            root + "/chat/completions" for root, _, _ in parsed
+        ]  # what messages show: no credentials, no query
+        self._request_urls = {
+            url: url + (f"?{query}" if query else "") for url, (_, query, _) in zip(self.urls, parsed)
+        }
         self.url = self.urls[0]
         self.endpoints = Endpoints(self.urls, backoff_s)
         self.concurrency, self.max_retries, self.backoff_s = concurrency, max_retries, backoff_s
@@ -136,8 +148,10 @@ class OpenAICaptioner(Captioner):
         else:
             log.warning("environment variable %s is not set: sending requests without an API key", api_key_env)
         # credentials in a base URL go as basic auth to that endpoint (the API key, when set, wins)
-        self._auth = {url: httpx.BasicAuth(*c) if c and not api_key else httpx.USE_CLIENT_DEFAULT
-                      for url, (_, _, c) in zip(self.urls, parsed)}
+        self._auth = {
+            url: httpx.BasicAuth(*c) if c and not api_key else httpx.USE_CLIENT_DEFAULT
+            for url, (_, _, c) in zip(self.urls, parsed)
+        }
         self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout_s))
 
     def __repr__(self) -> str:
@@ -145,8 +159,12 @@ class OpenAICaptioner(Captioner):
 
     def complete(self, content: str | list[dict]) -> str:
         """One user message -> the assistant's text. Retries transient failures; raises RequestFailed."""
-        payload = {"model": self.model, "messages": [{"role": "user", "content": content}],
-                   "max_tokens": self.max_tokens, "temperature": self.temperature}
+        payload = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+        }
         problem, url = "", self.url
         for _ in range(self.max_retries + 1):
             endpoint = self.endpoints.acquire()  # waits while every endpoint backs off
@@ -195,10 +213,12 @@ class OpenAICaptioner(Captioner):
             raise RequestFailed(str(exc)) from exc
         mime = mimetypes.guess_type(request.path.name)[0] or "image/jpeg"
         data = base64.b64encode(request.path.read_bytes()).decode("ascii")
-        return self.complete([
-            {"type": "text", "text": self.prompt(request)},
-            {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}},
-        ])
+        return self.complete(
+            [
+                {"type": "text", "text": self.prompt(request)},
+                {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}},
+            ]
+        )
 
     def _map(self, function, items: list) -> list:
         def guarded(item):

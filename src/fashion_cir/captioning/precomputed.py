@@ -45,7 +45,8 @@ class PrecomputedCaptioner(Captioner):
 
     def answer(self, requests: list[CaptionRequest]) -> list[str | RequestFailed]:
         return [
-            json.dumps(self._records[r.image_id]) if r.image_id in self._records
+            json.dumps(self._records[r.image_id])
+            if r.image_id in self._records
             else RequestFailed(f"no record for image {r.image_id!r} in {self.path}")
             for r in requests
         ]

@@ -27,25 +27,42 @@ def _attempt_all(captioner: Captioner, pending: list[CaptionRequest], max_attemp
         retry = []
         for request, answer in zip(pending, answers, strict=True):
             if isinstance(answer, RequestFailed):
-                results[request.image_id] = {"status": "error", "attributes": None, "raw": None,
-                                             "error": str(answer), "attempts": attempt}
+                results[request.image_id] = {
+                    "status": "error",
+                    "attributes": None,
+                    "raw": None,
+                    "error": str(answer),
+                    "attempts": attempt,
+                }
                 continue
             try:
                 attributes = parse_answer(answer, captioner.vocab)
             except InvalidAnswer as exc:
-                results[request.image_id] = {"status": "invalid", "attributes": None, "raw": answer,
-                                             "error": str(exc), "attempts": attempt}
+                results[request.image_id] = {
+                    "status": "invalid",
+                    "attributes": None,
+                    "raw": answer,
+                    "error": str(exc),
+                    "attempts": attempt,
+                }
                 retry.append(CaptionRequest(request.image_id, request.path, feedback=str(exc)[:300]))
                 continue
-            results[request.image_id] = {"status": "ok", "attributes": attributes.to_record(request.image_id),
-                                         "raw": answer, "error": None, "attempts": attempt}
+            results[request.image_id] = {
+                "status": "ok",
+                "attributes": attributes.to_record(request.image_id),
+                "raw": answer,
+                "error": None,
+                "attempts": attempt,
+            }
         pending = retry
     return results
 
 
 def summary_path(cache_dir: str | Path, captioner: Captioner, shard: tuple[int, int] = (0, 1)) -> Path:
     """Where :func:`run_captioning` writes its summary (counts, and every failure with its reason)."""
-    return CaptionCache(cache_dir, captioner.model_id, captioner.prompt_version, shard).path.with_suffix(".summary.json")
+    return CaptionCache(cache_dir, captioner.model_id, captioner.prompt_version, shard).path.with_suffix(
+        ".summary.json"
+    )
 
 
 def run_captioning(
@@ -85,8 +102,13 @@ def run_captioning(
             results = _attempt_all(captioner, requests, max_attempts)
             new = []
             for key, image_id in chunk:
-                record = {"key": key, "image": image_id, "model": captioner.model_id,
-                          "prompt_version": captioner.prompt_version, **results[image_id]}
+                record = {
+                    "key": key,
+                    "image": image_id,
+                    "model": captioner.model_id,
+                    "prompt_version": captioner.prompt_version,
+                    **results[image_id],
+                }
                 new.append(record)
                 records[key] = record
             cache.append(new)
@@ -101,11 +123,23 @@ def run_captioning(
         else:
             failures[image_id] = {k: record[k] for k in ("status", "error", "raw")}
     summary = {
-        "model": captioner.model_id, "prompt_version": captioner.prompt_version, "images": len(image_paths),
-        "ok": len(attributes), "failed": len(failures), "captioned_now": len(queue), "reused_from_cache": reused,
-        "seconds": round(elapsed, 3), "images_per_second": round(len(queue) / elapsed, 3) if elapsed > 0 else None,
+        "model": captioner.model_id,
+        "prompt_version": captioner.prompt_version,
+        "images": len(image_paths),
+        "ok": len(attributes),
+        "failed": len(failures),
+        "captioned_now": len(queue),
+        "reused_from_cache": reused,
+        "seconds": round(elapsed, 3),
+        "images_per_second": round(len(queue) / elapsed, 3) if elapsed > 0 else None,
         "failures": failures,
     }
     write_json(summary_path(cache_dir, captioner, shard), summary)
-    log.info("captioned %d images (%d from cache): %d ok, %d failed", len(image_paths), reused, len(attributes), len(failures))
+    log.info(
+        "captioned %d images (%d from cache): %d ok, %d failed",
+        len(image_paths),
+        reused,
+        len(attributes),
+        len(failures),
+    )
     return attributes

@@ -11,9 +11,19 @@ from pydantic import BaseModel, ConfigDict
 
 from .vocab import Vocabulary, canonical
 
-_KEY_SYNONYMS = {"colour": "color", "secondary colour": "secondary color", "second color": "secondary color",
-                 "type": "category", "sleeve": "sleeves", "sleeve length": "sleeves", "neck": "neckline",
-                 "fabric": "material", "for kids": "kids", "child": "kids", "children": "kids"}
+_KEY_SYNONYMS = {
+    "colour": "color",
+    "secondary colour": "secondary color",
+    "second color": "secondary color",
+    "type": "category",
+    "sleeve": "sleeves",
+    "sleeve length": "sleeves",
+    "neck": "neckline",
+    "fabric": "material",
+    "for kids": "kids",
+    "child": "kids",
+    "children": "kids",
+}
 _TRUE = {"true", "yes", "y", "1"}
 _FALSE = {"false", "no", "n", "0"}
 

@@ -58,6 +58,7 @@ class AttributeVocab(BaseModel):
 
 _NULL_WORDS = {"", "null", "none", "n/a", "na", "no"}
 
+
 class Vocabulary(BaseModel):
     """All attribute vocabularies of a catalog plus the category-compatibility groups used in mining."""
 
@@ -95,7 +96,9 @@ class Vocabulary(BaseModel):
         return value in self.attributes[attribute].wildcards
 
 
-DEFAULT_VOCABULARY = Vocabulary.model_validate_json((Path(__file__).parent / "fashion_vocabulary.json").read_text("utf-8"))
+DEFAULT_VOCABULARY = Vocabulary.model_validate_json(
+    (Path(__file__).parent / "fashion_vocabulary.json").read_text("utf-8")
+)
 """The fashion vocabulary of the clothing catalog and FashionIQ (data: ``fashion_vocabulary.json``)."""
 
 

@@ -12,8 +12,10 @@ from .images import scan_images
 from .triplets import read_split
 
 SPLITS = ("train", "val", "test")
-GET_DATA = ("get the images from the public 'clothing-dataset' repository by Alexey Grigorev "
-            "(images/, images.csv) and pass --catalog DIR")
+GET_DATA = (
+    "get the images from the public 'clothing-dataset' repository by Alexey Grigorev "
+    "(images/, images.csv) and pass --catalog DIR"
+)
 
 
 @dataclass
@@ -45,8 +47,10 @@ def read_attribute_records(path: str | Path) -> dict[str, tuple[int, dict]]:
         if not isinstance(image_id, str) or not image_id:
             raise DataError(f"malformed attributes file {path}, line {lineno}: expected a non-empty 'image' id")
         if image_id in records:
-            raise DataError(f"malformed attributes file {path}, line {lineno}: duplicate image id {image_id!r} "
-                            f"(first on line {records[image_id][0]})")
+            raise DataError(
+                f"malformed attributes file {path}, line {lineno}: duplicate image id {image_id!r} "
+                f"(first on line {records[image_id][0]})"
+            )
         records[image_id] = (lineno, record)
     return records
 
@@ -58,7 +62,9 @@ def read_attributes(path: str | Path) -> dict[str, dict]:
 
 def descriptions_of(records: dict[str, dict]) -> dict[str, str]:
     """id -> description for the attribute records that have a non-empty text description."""
-    return {i: r["description"] for i, r in records.items() if isinstance(r.get("description"), str) and r["description"]}
+    return {
+        i: r["description"] for i, r in records.items() if isinstance(r.get("description"), str) and r["description"]
+    }
 
 
 def read_descriptions(path: str | Path) -> dict[str, str]:
@@ -83,10 +89,15 @@ def load_clothing_catalog(root: str | Path, attributes: str | Path | None = None
         raise DataError(f"clothing catalog not found: {images} does not exist; {GET_DATA}")
     attributes_path = Path(attributes) if attributes is not None else root / "attributes.jsonl"
     if not attributes_path.is_file():
-        raise DataError(f"attributes file not found: {attributes_path}; run `fashion-cir caption` over the catalog "
-                        "to create it, or pass --attributes FILE")
+        raise DataError(
+            f"attributes file not found: {attributes_path}; run `fashion-cir caption` over the catalog "
+            "to create it, or pass --attributes FILE"
+        )
     image_paths = scan_images(images)
     labels = read_labels(root / "images.csv") if (root / "images.csv").is_file() else {}
-    splits = {s: read_split(root / "image_splits" / f"split.clothing.{s}.json")
-              for s in SPLITS if (root / "image_splits" / f"split.clothing.{s}.json").is_file()}
+    splits = {
+        s: read_split(root / "image_splits" / f"split.clothing.{s}.json")
+        for s in SPLITS
+        if (root / "image_splits" / f"split.clothing.{s}.json").is_file()
+    }
     return ClothingCatalog(root, image_paths, labels, read_attributes(attributes_path), splits, attributes_path)

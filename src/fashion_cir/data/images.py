@@ -118,8 +118,13 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None,
-               target_size: int | None = None, max_aspect: float | None = None) -> Image.Image:
+def open_image(
+    source: str | Path | bytes,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    name: str | None = None,
+    target_size: int | None = None,
+    max_aspect: float | None = None,
+) -> Image.Image:
     """Decode a JPEG, PNG or WebP image to RGB. Raises DataError naming the file for missing,
     corrupt, truncated, other-format or decompression-bomb input.
 
@@ -144,8 +149,10 @@ def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
             if width * height > max_pixels:
                 raise ImageTooLarge(f"{label}: image is {width}x{height} pixels, more than the limit of {max_pixels}")
             if max_aspect and max(width, height) > max_aspect * min(width, height):
-                raise ImageTooThin(f"{label}: image is {width}x{height} pixels, more elongated than {max_aspect:g}:1 "
-                                   "(long side over short side); crop it")
+                raise ImageTooThin(
+                    f"{label}: image is {width}x{height} pixels, more elongated than {max_aspect:g}:1 "
+                    "(long side over short side); crop it"
+                )
             image.load()
         image = _to_rgb(image)
         if target_size and min(image.size) >= 2 * target_size:

@@ -41,9 +41,11 @@ def read_metadata(path: str | Path) -> dict[str, dict]:
     return out
 
 
-def load_catalog(images: str | Path | Mapping[str, str | Path],
-                 metadata: str | Path | Iterable[str | Path] | Mapping[str, dict] | None = None,
-                 ids: Iterable[str] | None = None) -> tuple[dict[str, Path], dict[str, dict]]:
+def load_catalog(
+    images: str | Path | Mapping[str, str | Path],
+    metadata: str | Path | Iterable[str | Path] | Mapping[str, dict] | None = None,
+    ids: Iterable[str] | None = None,
+) -> tuple[dict[str, Path], dict[str, dict]]:
     """Resolve a catalog to (id -> image path, id -> metadata).
 
     ``images`` is a folder (ids are file stems of .jpg/.jpeg/.png/.webp files) or an id -> path map;

@@ -70,12 +70,10 @@ def parse_triplets(raw: Any, source: str, require_target: bool = True) -> list[T
             raise DataError(f"{source}[{index}]: field 'candidate' must be a non-empty string, got {candidate!r}")
         if require_target and (not isinstance(target, str) or not target):
             raise DataError(f"{source}[{index}]: field 'target' must be a non-empty string, got {target!r}")
-        if (
-            not isinstance(captions, list)
-            or not captions
-            or not all(isinstance(c, str) for c in captions)
-        ):
-            raise DataError(f"{source}[{index}]: field 'captions' must be a non-empty list of strings, got {captions!r}")
+        if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
+            raise DataError(
+                f"{source}[{index}]: field 'captions' must be a non-empty list of strings, got {captions!r}"
+            )
         extra = {k: v for k, v in item.items() if k not in ("candidate", "target", "captions")}
         triplets.append(Triplet(candidate, target, tuple(captions), extra))
     return triplets

@@ -73,33 +73,63 @@ class PreparedSet:
     """One set's queries composed and its galleries encoded once; :meth:`ranks` scores them under a
     protocol in a query mode with a fusion (the model's by default)."""
 
-    def __init__(self, model: CIRModel, triplet_set: TripletSet, cache: FeatureCache, options: EvalOptions,
-                 records: Mapping[str, Mapping[str, Any]] | None = None, protocols: Sequence[Protocol] = (SPLIT,),
-                 all_terms: bool = False, image_paths: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        model: CIRModel,
+        triplet_set: TripletSet,
+        cache: FeatureCache,
+        options: EvalOptions,
+        records: Mapping[str, Mapping[str, Any]] | None = None,
+        protocols: Sequence[Protocol] = (SPLIT,),
+        all_terms: bool = False,
+        image_paths: Mapping[str, Any] | None = None,
+    ):
         paths = {**triplet_set.image_paths, **(image_paths or {})}
-        wanted = list(dict.fromkeys([*triplet_set.gallery_ids, *(i for p in protocols for i in p.gallery_ids or ()),
-                                     *(t.candidate for t in triplet_set.triplets)]))
-        ids, features = cache.encode(model.backbone, {i: paths[i] for i in wanted if i in paths}, options.batch_size,
-                                     options.num_workers, on_error="skip", progress=options.progress)
+        wanted = list(
+            dict.fromkeys(
+                [
+                    *triplet_set.gallery_ids,
+                    *(i for p in protocols for i in p.gallery_ids or ()),
+                    *(t.candidate for t in triplet_set.triplets),
+                ]
+            )
+        )
+        ids, features = cache.encode(
+            model.backbone,
+            {i: paths[i] for i in wanted if i in paths},
+            options.batch_size,
+            options.num_workers,
+            on_error="skip",
+            progress=options.progress,
+        )
         failed = cache.last_stats.failed
         self.ids = ids
         self.position = {image_id: row for row, image_id in enumerate(ids)}
-        gallery_of = {p.name: [i for i in (p.gallery_ids or triplet_set.gallery_ids) if i in self.position]
-                      for p in protocols}
+        gallery_of = {
+            p.name: [i for i in (p.gallery_ids or triplet_set.gallery_ids) if i in self.position] for p in protocols
+        }
         own_gallery = set(triplet_set.gallery_ids)
         # a reference that failed to decode drops its query (counted); so does a target of the set's own
         # gallery that failed; a target outside the gallery stays, as a query that cannot succeed
-        self.triplets = [t for t in triplet_set.triplets
-                         if t.candidate in self.position and (t.target in self.position or t.target not in own_gallery)]
+        self.triplets = [
+            t
+            for t in triplet_set.triplets
+            if t.candidate in self.position and (t.target in self.position or t.target not in own_gallery)
+        ]
         self.model, self.options, self.protocols = model, options, {p.name: p for p in protocols}
-        self.columns = {name: np.array([self.position[i] for i in gallery], dtype=np.int64) for name, gallery in gallery_of.items()}
+        self.columns = {
+            name: np.array([self.position[i] for i in gallery], dtype=np.int64) for name, gallery in gallery_of.items()
+        }
         self.items = catalog_items(model, torch.from_numpy(features), ids, records, cache.root)
         self.described = self._described(records)
         self.queries = self._compose(features, records, None, all_terms)
         self.shuffle = shuffled_order(len(self.triplets)) if options.reliance else None
         self.shuffled = self._compose(features, records, self.shuffle, all_terms) if options.reliance else None
-        self.counts = {"n_queries": len(self.triplets), "missing": len(triplet_set.missing_images) + failed,
-                       "skipped_triplets": triplet_set.skipped_triplets + len(triplet_set.triplets) - len(self.triplets)}
+        self.counts = {
+            "n_queries": len(self.triplets),
+            "missing": len(triplet_set.missing_images) + failed,
+            "skipped_triplets": triplet_set.skipped_triplets + len(triplet_set.triplets) - len(self.triplets),
+        }
 
     def _described(self, records) -> dict[str, torch.Tensor]:
         """Catalog descriptions of the encoded images -> their item-side features (the description
@@ -107,7 +137,7 @@ class PreparedSet:
         if "description" not in self.model.block_dims():
             return {}
         start = self.model.backbone.feature_dim
-        block = self.items[:, start:start + self.model.block_dims()["description"]]
+        block = self.items[:, start : start + self.model.block_dims()["description"]]
         texts = {row: (records or {}).get(i, {}).get("description") for i, row in self.position.items()}
         return {text: block[row] for row, text in texts.items() if isinstance(text, str) and text}
 
@@ -118,11 +148,18 @@ class PreparedSet:
         rows = [self.position[i] for i in shown]
         image = torch.from_numpy(features[rows]) if rows else torch.zeros(0, features.shape[1])
         prompts = [t.reference_prompt for t in self.triplets] if order is None else None
-        descriptions, attributes = references(self.model, ReferencePolicy(self.options.describe), shown, image,
-                                              records, prompts)
-        return self.model.encode_queries(image, [join_captions_val(list(t.captions)) for t in self.triplets],
-                                         descriptions, attributes, all_terms=all_terms, described=self.described,
-                                         captions_encoded=None if order is None else self.queries.caption)
+        descriptions, attributes = references(
+            self.model, ReferencePolicy(self.options.describe), shown, image, records, prompts
+        )
+        return self.model.encode_queries(
+            image,
+            [join_captions_val(list(t.captions)) for t in self.triplets],
+            descriptions,
+            attributes,
+            all_terms=all_terms,
+            described=self.described,
+            captions_encoded=None if order is None else self.queries.caption,
+        )
 
     def _exclude(self, protocol: Protocol, shuffled: bool) -> np.ndarray | None:
         if not protocol.remove_reference:
@@ -133,8 +170,9 @@ class PreparedSet:
         column = {row: c for c, row in enumerate(self.columns[protocol.name])}
         return np.array([column.get(self.position[i], -1) for i in shown], dtype=np.int64)
 
-    def scores(self, protocol: str, mode: str | None = None, fusion: Fusion | None = None,
-               shuffled: bool = False) -> np.ndarray:
+    def scores(
+        self, protocol: str, mode: str | None = None, fusion: Fusion | None = None, shuffled: bool = False
+    ) -> np.ndarray:
         """[queries, gallery] fused scores under ``protocol``."""
         queries = self.shuffled if shuffled else self.queries
         if queries is None:
@@ -149,7 +187,7 @@ class PreparedSet:
         items = self.items[torch.from_numpy(self.columns[protocol])]
         blocks, start = {}, 0
         for name, dim in self.model.block_dims().items():
-            blocks[name], start = items[:, start:start + dim], start + dim
+            blocks[name], start = items[:, start : start + dim], start + dim
         with torch.no_grad():
             terms = self.model.query_terms(self.queries.to(self.model.backbone.device), mode)
             return {term: vector.float().cpu() @ blocks[term_block(term)].T for term, vector in terms.items()}
@@ -163,16 +201,21 @@ class PreparedSet:
         rows = [self.position.get(t.target, -1) if t.target is not None else -1 for t in self.triplets]
         return np.array([column.get(row, -1) for row in rows], dtype=np.int64)
 
-    def ranks(self, protocol: str, mode: str | None = None, fusion: Fusion | None = None,
-              shuffled: bool = False) -> np.ndarray:
+    def ranks(
+        self, protocol: str, mode: str | None = None, fusion: Fusion | None = None, shuffled: bool = False
+    ) -> np.ndarray:
         """0-based rank of each query's target (``NOT_RETRIEVED`` when it is outside the gallery)."""
-        return target_ranks(self.scores(protocol, mode, fusion, shuffled), self.target_columns(protocol),
-                            self._exclude(self.protocols[protocol], shuffled))
+        return target_ranks(
+            self.scores(protocol, mode, fusion, shuffled),
+            self.target_columns(protocol),
+            self._exclude(self.protocols[protocol], shuffled),
+        )
 
     def metrics(self, protocol: str, mode: str | None = None, fusion: Fusion | None = None) -> dict:
         ranks = self.ranks(protocol, mode, fusion)
-        result = add_overall({**recall_at_k(ranks, self.options.ks), **self.counts,
-                              "n_gallery": len(self.columns[protocol])})
+        result = add_overall(
+            {**recall_at_k(ranks, self.options.ks), **self.counts, "n_gallery": len(self.columns[protocol])}
+        )
         if self.options.keep_ranks:
             result["ranks"] = [int(r) for r in ranks]
         if self.shuffled is not None:
@@ -199,25 +242,41 @@ def average_table(table: dict[str, dict], ks: Sequence[int]) -> dict:
     return {**table, "average": add_overall(average)}
 
 
-def evaluate_sets(model: CIRModel, sets: Mapping[str, TripletSet], cache: FeatureCache, options: EvalOptions,
-                  records: Mapping[str, Mapping[str, Any]] | None = None,
-                  protocols: Sequence[Protocol] = (SPLIT,)) -> dict[str, dict[str, dict]]:
+def evaluate_sets(
+    model: CIRModel,
+    sets: Mapping[str, TripletSet],
+    cache: FeatureCache,
+    options: EvalOptions,
+    records: Mapping[str, Mapping[str, Any]] | None = None,
+    protocols: Sequence[Protocol] = (SPLIT,),
+) -> dict[str, dict[str, dict]]:
     """{protocol: {mode: {set: metrics, ..., "average": metrics}}}."""
     prepared = {name: PreparedSet(model, s, cache, options, records, protocols) for name, s in sets.items()}
     if not any(p.counts["n_queries"] for p in prepared.values()):
         raise DataError(f"no usable query in {', '.join(sets)}: every triplet lacks its reference or target image")
-    return {p.name: {mode: average_table({name: ps.metrics(p.name, mode) for name, ps in prepared.items()}, options.ks)
-                     for mode in options.modes} for p in protocols}
+    return {
+        p.name: {
+            mode: average_table({name: ps.metrics(p.name, mode) for name, ps in prepared.items()}, options.ks)
+            for mode in options.modes
+        }
+        for p in protocols
+    }
 
 
 def format_table(report: dict[str, dict[str, dict]], ks: Sequence[int] = DEFAULT_KS) -> str:
     """A plain-text table: one row per (protocol, mode, set)."""
-    header = (f"{'protocol':<10}{'mode':<10}{'set':<16}" + "".join(f"{'R@' + str(k):>8}" for k in ks)
-              + f"{'queries':>9}{'gallery':>9}{'missing':>9}")
+    header = (
+        f"{'protocol':<10}{'mode':<10}{'set':<16}"
+        + "".join(f"{'R@' + str(k):>8}" for k in ks)
+        + f"{'queries':>9}{'gallery':>9}{'missing':>9}"
+    )
     lines = [header, "-" * len(header)]
     for protocol, by_mode in report.items():
         for mode, table in by_mode.items():
             for name, metrics in table.items():
-                lines.append(f"{protocol:<10}{mode:<10}{name:<16}" + "".join(f"{metrics[f'R@{k}']:>8.2f}" for k in ks)
-                             + f"{metrics['n_queries']:>9}{metrics['n_gallery']:>9}{metrics['missing']:>9}")
+                lines.append(
+                    f"{protocol:<10}{mode:<10}{name:<16}"
+                    + "".join(f"{metrics[f'R@{k}']:>8.2f}" for k in ks)
+                    + f"{metrics['n_queries']:>9}{metrics['n_gallery']:>9}{metrics['missing']:>9}"
+                )
     return "\n".join(lines)

@@ -57,9 +57,16 @@ def _sets(table: Mapping[str, Any]) -> list[str]:
 class Evaluator:
     """Scores models on ``sets`` under ``protocols`` (the same galleries for every model)."""
 
-    def __init__(self, sets: dict[str, TripletSet], cache: FeatureCache, records: Mapping[str, Mapping] | None = None,
-                 options: EvalOptions | None = None, selection: Selection | None = None,
-                 results_dir: str | Path | None = None, protocols: Sequence[Protocol] = (SPLIT,)):
+    def __init__(
+        self,
+        sets: dict[str, TripletSet],
+        cache: FeatureCache,
+        records: Mapping[str, Mapping] | None = None,
+        options: EvalOptions | None = None,
+        selection: Selection | None = None,
+        results_dir: str | Path | None = None,
+        protocols: Sequence[Protocol] = (SPLIT,),
+    ):
         self.sets = sets
         self.cache = cache
         self.records = records
@@ -69,18 +76,30 @@ class Evaluator:
         unknown = [s for s in self.selection.sets or () if s not in sets]
         unknown += [p for p in self.selection.protocols or () if p not in {q.name for q in self.protocols}]
         if unknown:
-            raise FashionCIRError(f"selection names {unknown}, which are not validation sets ({sorted(sets)}) "
-                                  f"or protocols ({[p.name for p in self.protocols]})")
+            raise FashionCIRError(
+                f"selection names {unknown}, which are not validation sets ({sorted(sets)}) "
+                f"or protocols ({[p.name for p in self.protocols]})"
+            )
         self.results_dir = Path(results_dir) if results_dir is not None else None
         self.key = text_sha1(
-            *(f"{name}|{','.join(s.gallery_ids)}|" + ";".join(
-                f"{t.candidate}>{t.target}:{'|'.join(t.captions)}:{t.reference_prompt or ''}" for t in s.triplets)
-              for name, s in sorted(sets.items())),
+            *(
+                f"{name}|{','.join(s.gallery_ids)}|"
+                + ";".join(
+                    f"{t.candidate}>{t.target}:{'|'.join(t.captions)}:{t.reference_prompt or ''}" for t in s.triplets
+                )
+                for name, s in sorted(sets.items())
+            ),
             *(f"{k}={json.dumps(v, sort_keys=True)}" for k, v in sorted((records or {}).items())),
-            *(f"{p.name}:{p.remove_reference}:{','.join(p.gallery_ids or ())}" for p in self.protocols))
+            *(f"{p.name}:{p.remove_reference}:{','.join(p.gallery_ids or ())}" for p in self.protocols),
+        )
 
-    def __call__(self, model: CIRModel, modes: Sequence[str] | None = None, describe: str | None = None,
-                 reliance: bool | None = None) -> dict[str, dict[str, dict]]:
+    def __call__(
+        self,
+        model: CIRModel,
+        modes: Sequence[str] | None = None,
+        describe: str | None = None,
+        reliance: bool | None = None,
+    ) -> dict[str, dict[str, dict]]:
         """{protocol: {mode: {set: metrics, ..., "average": metrics}}} (default mode: the model's).
         Each (protocol, mode) table is cached on its own; what is missing is scored in one pass."""
         update: dict[str, Any] = {"modes": tuple(modes or (model.query_mode,))}
@@ -109,19 +128,24 @@ class Evaluator:
                 for mode in options.modes:
                     if mode in report[protocol.name]:
                         continue
-                    table = average_table({name: p.metrics(protocol.name, mode) for name, p in prepared.items()},
-                                          options.ks)
+                    table = average_table(
+                        {name: p.metrics(protocol.name, mode) for name, p in prepared.items()}, options.ks
+                    )
                     report[protocol.name][mode] = table
                     if (protocol.name, mode) in paths:
                         paths[protocol.name, mode].parent.mkdir(parents=True, exist_ok=True)
                         atomic_write_text(paths[protocol.name, mode], json.dumps(table))
         return report
 
-    def prepare(self, model: CIRModel, options: EvalOptions | None = None, all_terms: bool = False) -> dict[str, PreparedSet]:
+    def prepare(
+        self, model: CIRModel, options: EvalOptions | None = None, all_terms: bool = False
+    ) -> dict[str, PreparedSet]:
         """Every set's queries composed and galleries encoded (for scoring under several fusions)."""
         options = options or self.options
-        return {name: PreparedSet(model, s, self.cache, options, self.records, self.protocols, all_terms)
-                for name, s in self.sets.items()}
+        return {
+            name: PreparedSet(model, s, self.cache, options, self.records, self.protocols, all_terms)
+            for name, s in self.sets.items()
+        }
 
     def figure(self, report: Mapping[str, Mapping[str, Mapping]], mode: str) -> float:
         """The selection figure of ``mode`` in a report of :meth:`__call__`."""

@@ -114,8 +114,12 @@ class FeatureCache:
                 # torn or garbled (e.g. copied half-way): keep it for inspection, recompute its images
                 aside = shard.with_name(f"{shard.name}.{os.getpid()}.corrupt")
                 shard.replace(aside)
-                log.warning("feature cache shard %s is corrupt (%s): moved to %s; its images are recomputed",
-                            shard, exc, aside.name)
+                log.warning(
+                    "feature cache shard %s is corrupt (%s): moved to %s; its images are recomputed",
+                    shard,
+                    exc,
+                    aside.name,
+                )
                 continue
             except OSError as exc:
                 raise DataError(f"cannot read feature cache shard {shard}: {exc.strerror or exc}") from exc
@@ -149,8 +153,15 @@ class FeatureCache:
         folder = self.folder(backbone)
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / "meta.json").exists():
-            write_json(folder / "meta.json", {"backbone": backbone.spec, "preprocess": backbone.preprocess_description,
-                                               "feature_dim": backbone.feature_dim, "versions": environment_info()})
+            write_json(
+                folder / "meta.json",
+                {
+                    "backbone": backbone.spec,
+                    "preprocess": backbone.preprocess_description,
+                    "feature_dim": backbone.feature_dim,
+                    "versions": environment_info(),
+                },
+            )
         ids = list(image_paths)
         missing = [i for i in ids if not Path(image_paths[i]).is_file()]
         if missing and on_error == "raise":
@@ -166,8 +177,11 @@ class FeatureCache:
             was_training = backbone.training
             backbone.eval()
             dataset = _ImageDataset([Path(image_paths[i]) for i in todo], backbone.preprocess)
-            loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate) \
-                if num_workers else _prefetched(dataset, batch_size)
+            loader = (
+                DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+                if num_workers
+                else _prefetched(dataset, batch_size)
+            )
             engine = backbone.trunk_engine()
             pending: tuple[list, list, list] = ([], [], [])
             bar = Progress(len(todo), "encoding images", "img", enabled=progress)

@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from .lexicon import DETAIL_NOUNS, GENERIC_PATTERNS, NEGATIONS, PHRASES, RELATIVE_WORDS, SCOPE_ENDS
 
 _PUNCTUATION = re.compile(r"[,.;:!?()\"]")
-_PHRASES = sorted(((tuple(p.split()), name, value) for name, table in PHRASES.items() for p, value in table.items()),
-                  key=lambda entry: -len(entry[0]))
+_PHRASES = sorted(
+    ((tuple(p.split()), name, value) for name, table in PHRASES.items() for p, value in table.items()),
+    key=lambda entry: -len(entry[0]),
+)
 _NEGATIONS = sorted((tuple(n.split()) for n in NEGATIONS), key=len, reverse=True)
 _LONGEST = max(len(p) for p, _, _ in _PHRASES)
 
@@ -67,9 +69,9 @@ def _mentions(words: list[str]) -> tuple[list[_Mention], set[int]]:
             negated = False
             i += 1
             continue
-        window = tuple(words[i:i + _LONGEST])
-        match = next(((p, name, value) for p, name, value in _PHRASES if window[:len(p)] == p), None)
-        negation = next((n for n in _NEGATIONS if window[:len(n)] == n), None)
+        window = tuple(words[i : i + _LONGEST])
+        match = next(((p, name, value) for p, name, value in _PHRASES if window[: len(p)] == p), None)
+        negation = next((n for n in _NEGATIONS if window[: len(n)] == n), None)
         if match is None and negation is not None:  # a phrase that starts with one ("no sleeves") wins
             negated = True
             used.update(range(i, i + len(negation)))
@@ -89,7 +91,7 @@ def _mentions(words: list[str]) -> tuple[list[_Mention], set[int]]:
 def _is_detail_colour(mention: _Mention, words: list[str]) -> bool:
     """A colour followed (within two words of its clause) by a detail noun: "grey stripes", "white
     brand text", but not "white with buttons"."""
-    for word in words[mention.end:mention.end + 2]:
+    for word in words[mention.end : mention.end + 2]:
         if word == "," or word in SCOPE_ENDS:
             return False
         if word in DETAIL_NOUNS:
@@ -102,13 +104,19 @@ def read_changes(caption: str) -> Changes:
     words = tokens(caption)
     changes = Changes()
     mentions, used = _mentions(words)
-    specific_pattern = any(m.name == "pattern" and not m.negated and " ".join(words[m.start:m.end]) not in GENERIC_PATTERNS
-                           for m in mentions)
+    specific_pattern = any(
+        m.name == "pattern" and not m.negated and " ".join(words[m.start : m.end]) not in GENERIC_PATTERNS
+        for m in mentions
+    )
     main_colour_seen = False
     for mention in mentions:
         name, value = mention.name, mention.value
-        if name == "pattern" and specific_pattern and not mention.negated \
-                and " ".join(words[mention.start:mention.end]) in GENERIC_PATTERNS:
+        if (
+            name == "pattern"
+            and specific_pattern
+            and not mention.negated
+            and " ".join(words[mention.start : mention.end]) in GENERIC_PATTERNS
+        ):
             continue  # "camo print": the specific word says it
         if name == "color" and not mention.negated:
             if _is_detail_colour(mention, words) or main_colour_seen:

@@ -74,8 +74,15 @@ class AttributeHeads(nn.Module):
         tmp = folder / f".{HEADS_WEIGHTS}.tmp"
         torch.save({k: v.detach().cpu() for k, v in self.state_dict().items()}, tmp)
         tmp.replace(folder / HEADS_WEIGHTS)
-        write_json(folder / HEADS_FILE, {"format": "fashion-cir-attributes/1", "feature_dim": self.feature_dim,
-                                         "classes": self.classes, **self.info})
+        write_json(
+            folder / HEADS_FILE,
+            {
+                "format": "fashion-cir-attributes/1",
+                "feature_dim": self.feature_dim,
+                "classes": self.classes,
+                **self.info,
+            },
+        )
 
     @classmethod
     def load(cls, folder: str | Path) -> AttributeHeads:
@@ -92,8 +99,9 @@ class AttributeHeads(nn.Module):
         except FileNotFoundError as exc:
             raise ModelError(f"{folder}: {HEADS_FILE} without its weights file {HEADS_WEIGHTS}") from exc
         except Exception as exc:
-            raise ModelError(f"corrupt or mismatched attribute weights {folder / HEADS_WEIGHTS}: "
-                             f"{one_line(exc)}") from exc
+            raise ModelError(
+                f"corrupt or mismatched attribute weights {folder / HEADS_WEIGHTS}: {one_line(exc)}"
+            ) from exc
         return heads.eval()
 
 
@@ -133,9 +141,14 @@ def scores(true: np.ndarray, pred: np.ndarray, n_classes: int) -> dict[str, floa
     return {"accuracy": 100.0 * float(np.mean(true == pred)), "macro_f1": 100.0 * float(np.mean(f1s))}
 
 
-def train_heads(train_features: np.ndarray, train_records: list[Mapping[str, Any]],
-                val_features: np.ndarray, val_records: list[Mapping[str, Any]],
-                vocab: Vocabulary = DEFAULT_VOCABULARY, config: HeadsConfig | None = None) -> AttributeHeads:
+def train_heads(
+    train_features: np.ndarray,
+    train_records: list[Mapping[str, Any]],
+    val_features: np.ndarray,
+    val_records: list[Mapping[str, Any]],
+    vocab: Vocabulary = DEFAULT_VOCABULARY,
+    config: HeadsConfig | None = None,
+) -> AttributeHeads:
     """Full-batch logistic regression per attribute; each head keeps the weight decay and step
     count with its best val accuracy. All heads train together as one linear layer (the heads
     share no weights, so this equals training them one by one). ``info["val"]`` holds accuracy and
@@ -179,7 +192,10 @@ def train_heads(train_features: np.ndarray, train_records: list[Mapping[str, Any
                     pred = val_logits[:, slices[n]].argmax(-1).numpy()[keep]
                     metric = scores(y_val[n][keep], pred, len(classes[n]))
                     if n not in best or metric["accuracy"] > best[n][0]:
-                        state = {"weight": layer.weight[slices[n]].detach() * 10.0, "bias": layer.bias[slices[n]].detach() * 10.0}
+                        state = {
+                            "weight": layer.weight[slices[n]].detach() * 10.0,
+                            "bias": layer.bias[slices[n]].detach() * 10.0,
+                        }
                         best[n] = (metric["accuracy"], state, {**metric, "weight_decay": wd, "steps": step})
     finally:
         torch.set_num_threads(threads)
@@ -190,22 +206,55 @@ def train_heads(train_features: np.ndarray, train_records: list[Mapping[str, Any
         known_val = y_val[n][y_val[n] >= 0]
         majority = Counter(known_train.tolist()).most_common(1)[0][0]
         baseline = scores(known_val, np.full_like(known_val, majority), len(classes[n]))
-        report[n] = {**best[n][2], "majority": classes[n][majority], "majority_accuracy": baseline["accuracy"],
-                     "majority_macro_f1": baseline["macro_f1"], "n_train": len(known_train), "n_val": len(known_val)}
+        report[n] = {
+            **best[n][2],
+            "majority": classes[n][majority],
+            "majority_accuracy": baseline["accuracy"],
+            "majority_macro_f1": baseline["macro_f1"],
+            "n_train": len(known_train),
+            "n_val": len(known_val),
+        }
     heads.info = {"config": config.model_dump(mode="json"), "val": report}
     return heads.eval()
 
 
 # -- descriptions ----------------------------------------------------------------------------------
 PAIRS = {"pants", "shorts", "shoes"}
-NOUN = {"longsleeve": "long-sleeve top", "outwear": "jacket", "body": "bodysuit", "other": "garment", "undershirt": "vest top",
-        "polo": "polo shirt"}
-PATTERN_WORD = {"striped": "striped", "checked": "checked", "floral": "floral", "dotted": "polka dot",
-                "camouflage": "camouflage", "animal print": "animal print", "other": "patterned"}
+NOUN = {
+    "longsleeve": "long-sleeve top",
+    "outwear": "jacket",
+    "body": "bodysuit",
+    "other": "garment",
+    "undershirt": "vest top",
+    "polo": "polo shirt",
+}
+PATTERN_WORD = {
+    "striped": "striped",
+    "checked": "checked",
+    "floral": "floral",
+    "dotted": "polka dot",
+    "camouflage": "camouflage",
+    "animal print": "animal print",
+    "other": "patterned",
+}
 PRINT_WORD = {"graphic print": "a graphic print", "text print": "a text print"}
-SLEEVE_WORD = {"short": "short-sleeve", "long": "long-sleeve", "three-quarter": "three-quarter sleeve", "sleeveless": "sleeveless"}
-MATERIAL_WORD = {"denim": "denim", "knit": "knit", "cotton": "cotton", "leather": "leather", "fleece": "fleece",
-                 "wool": "wool", "puffer": "quilted", "lace": "lace", "satin": "satin"}
+SLEEVE_WORD = {
+    "short": "short-sleeve",
+    "long": "long-sleeve",
+    "three-quarter": "three-quarter sleeve",
+    "sleeveless": "sleeveless",
+}
+MATERIAL_WORD = {
+    "denim": "denim",
+    "knit": "knit",
+    "cotton": "cotton",
+    "leather": "leather",
+    "fleece": "fleece",
+    "wool": "wool",
+    "puffer": "quilted",
+    "lace": "lace",
+    "satin": "satin",
+}
 NECK_WORD = {"v-neck": "a v-neck", "collar": "a collar", "hood": "a hood", "turtleneck": "a turtleneck"}
 CLOSURE_WORD = {"zip": "zip-up", "buttons": "button-front"}
 SLEEVED = {"t-shirt", "shirt", "polo", "blouse", "top", "dress", "outwear", "blazer", "hoodie", "sweater", "body"}
@@ -215,6 +264,7 @@ def describe(attributes: Mapping[str, Any], min_confidence: float = DESCRIBE_MIN
     """A description from predicted attributes (``{name: {"value", "confidence"}}``) or plain
     values (``{name: value}``), e.g. "a navy and white striped long-sleeve cotton shirt with a collar".
     Uncertain attributes are left out; category and colour always appear."""
+
     def value(name: str, always: bool = False) -> Any:
         entry = attributes.get(name)
         if isinstance(entry, Mapping):

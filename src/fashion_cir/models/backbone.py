@@ -173,7 +173,11 @@ class Backbone(nn.Module, ABC):
         tensors = sorted((n, t) for n, t in self.state_dict().items() if n.startswith(prefixes))
         # tensors' version counters change on every in-place update (optimizer steps, load_state_dict),
         # so an unchanged model is hashed once, not on every cache lookup
-        key = (self.preprocess_description, self.trunk_variant, tuple((n, t.data_ptr(), t._version) for n, t in tensors))
+        key = (
+            self.preprocess_description,
+            self.trunk_variant,
+            tuple((n, t.data_ptr(), t._version) for n, t in tensors),
+        )
         memo = self.__dict__.setdefault("_fingerprint_memo", {})
         if memo.get(prefixes, (None,))[0] != key:
             digest = hashlib.sha1(self.preprocess_description.encode())

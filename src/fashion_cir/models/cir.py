@@ -31,7 +31,9 @@ WEIGHTS_FILE = "weights.pt"
 MATCHER_WEIGHTS_FILE = "matcher.pt"
 
 
-def compose_query(mode: str, image_features: torch.Tensor, text_features: torch.Tensor, combiner: Combiner | None = None) -> torch.Tensor:
+def compose_query(
+    mode: str, image_features: torch.Tensor, text_features: torch.Tensor, combiner: Combiner | None = None
+) -> torch.Tensor:
     """Normalised query vectors from unnormalised image and text features.
 
     ``sum`` normalises each side before adding (the usual zero-shot baseline); ``sum_raw`` adds the
@@ -58,10 +60,18 @@ class CIRModel(nn.Module):
     ``saved_prefixes`` lists the state-dict prefixes that differ from what the backbone spec builds
     (trained parts); only those are written to disk."""
 
-    def __init__(self, backbone: Backbone, query_mode: str = "sum", combiner: Combiner | None = None,
-                 saved_prefixes: list[str] | None = None, text_template: str = "prompt", prompt_source: str = "catalog",
-                 matcher: DescriptionMatcher | None = None, fusion: Fusion | None = None,
-                 attribute_space: AttributeSpace | None = None):
+    def __init__(
+        self,
+        backbone: Backbone,
+        query_mode: str = "sum",
+        combiner: Combiner | None = None,
+        saved_prefixes: list[str] | None = None,
+        text_template: str = "prompt",
+        prompt_source: str = "catalog",
+        matcher: DescriptionMatcher | None = None,
+        fusion: Fusion | None = None,
+        attribute_space: AttributeSpace | None = None,
+    ):
         super().__init__()
         if query_mode not in QUERY_MODES:
             raise ModelError(f"unknown query mode {query_mode!r}; choose one of {QUERY_MODES}")
@@ -81,7 +91,9 @@ class CIRModel(nn.Module):
         self.source: Path | None = None  # the model folder it was loaded from, if any
         self.descriptions_source: str | None = None  # the attributes file its prompts/descriptions came from
 
-    def compose(self, image_features: torch.Tensor, text_features: torch.Tensor, mode: str | None = None) -> torch.Tensor:
+    def compose(
+        self, image_features: torch.Tensor, text_features: torch.Tensor, mode: str | None = None
+    ) -> torch.Tensor:
         return compose_query(mode or self.query_mode, image_features, text_features, self.combiner)
 
     # -- the vectors a query and a catalog item become; their inner product is the score ----------
@@ -94,12 +106,21 @@ class CIRModel(nn.Module):
             dims["attributes"] = self.attribute_space.dim
         return dims
 
-    def item_vectors(self, image_features: torch.Tensor, description_features: torch.Tensor | None = None,
-                     attributes: torch.Tensor | None = None) -> torch.Tensor:
+    def item_vectors(
+        self,
+        image_features: torch.Tensor,
+        description_features: torch.Tensor | None = None,
+        attributes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Catalog items: their blocks joined (a block the model has but the items lack is zero)."""
         blocks = item_blocks(image_features, description_features, attributes)
-        return torch.cat([blocks.get(name, blocks["image"].new_zeros(len(image_features), dim))
-                          for name, dim in self.block_dims().items()], dim=-1)
+        return torch.cat(
+            [
+                blocks.get(name, blocks["image"].new_zeros(len(image_features), dim))
+                for name, dim in self.block_dims().items()
+            ],
+            dim=-1,
+        )
 
     def query_terms(self, parts: QueryParts, mode: str | None = None) -> dict[str, torch.Tensor]:
         """Each term of the queries (unweighted), as a vector in its block (see :mod:`.fusion`)."""
@@ -149,12 +170,17 @@ class CIRModel(nn.Module):
         return fusion is None or fusion.weight(term) != 0.0
 
     @torch.no_grad()
-    def encode_queries(self, reference_features: torch.Tensor | None, captions: Sequence[str],
-                       descriptions: Sequence[str | None] | None = None,
-                       reference_attributes: Sequence[Mapping[str, Any] | None] | None = None,
-                       batch_size: int = 256, all_terms: bool = False,
-                       described: Mapping[str, torch.Tensor] | None = None,
-                       captions_encoded: torch.Tensor | None = None) -> QueryParts:
+    def encode_queries(
+        self,
+        reference_features: torch.Tensor | None,
+        captions: Sequence[str],
+        descriptions: Sequence[str | None] | None = None,
+        reference_attributes: Sequence[Mapping[str, Any] | None] | None = None,
+        batch_size: int = 256,
+        all_terms: bool = False,
+        described: Mapping[str, torch.Tensor] | None = None,
+        captions_encoded: torch.Tensor | None = None,
+    ) -> QueryParts:
         """The parts of queries made of reference image features [n, d] (or None), captions (all
         empty: the reference alone, "more like this"), each reference's description and attributes
         (None: none). Only the terms the model's fusion weighs are computed unless ``all_terms``.
@@ -164,7 +190,9 @@ class CIRModel(nn.Module):
         descriptions = list(descriptions) if descriptions is not None else [None] * n
         attributes = list(reference_attributes) if reference_attributes is not None else [None] * n
         if len(descriptions) != n or len(attributes) != n:
-            raise ValueError(f"{n} captions but {len(descriptions)} descriptions and {len(attributes)} attribute records")
+            raise ValueError(
+                f"{n} captions but {len(descriptions)} descriptions and {len(attributes)} attribute records"
+            )
         fusion = None if all_terms else self.fusion
         was_training = self.training
         self.eval()
@@ -179,21 +207,28 @@ class CIRModel(nn.Module):
             parts.text = self.backbone.embed_texts(list(texts), batch_size)
         if self.matcher is not None:
             if has_text and self.needs("caption", fusion):
-                parts.caption = captions_encoded if captions_encoded is not None else \
-                    self.matcher.embed(list(captions), side="query")
+                parts.caption = (
+                    captions_encoded
+                    if captions_encoded is not None
+                    else self.matcher.embed(list(captions), side="query")
+                )
             if has_text and self.needs("prompt", fusion) and parts.prompt is None:
-                parts.prompt = self.matcher.embed([sentence_query(d, c) for c, d in zip(captions, descriptions)],
-                                                  side="query")
+                parts.prompt = self.matcher.embed(
+                    [sentence_query(d, c) for c, d in zip(captions, descriptions)], side="query"
+                )
             if reference_features is not None and self.needs("reference_description", fusion):
                 known = described or {}
                 parts.reference_description = self.matcher.embed_optional(
-                    [d if d not in known else None for d in descriptions], side="item")
+                    [d if d not in known else None for d in descriptions], side="item"
+                )
                 for row, description in enumerate(descriptions):
                     if description is not None and description in known:
                         parts.reference_description[row] = known[description]
         if self.attribute_space is not None:
-            rows = [self.attribute_space.query_rows(a if reference_features is not None else None, read_changes(c))
-                    for c, a in zip(captions, attributes)]
+            rows = [
+                self.attribute_space.query_rows(a if reference_features is not None else None, read_changes(c))
+                for c, a in zip(captions, attributes)
+            ]
             parts.attributes = {term: torch.stack([r[term] for r in rows]) for term in self.attribute_space.terms()}
         self.train(was_training)
         return parts
@@ -201,14 +236,18 @@ class CIRModel(nn.Module):
     def attach_heads(self, heads: AttributeHeads | None) -> None:
         """Attribute heads predicting descriptions of images that have none (uploads)."""
         if heads is not None and heads.feature_dim != self.backbone.feature_dim:
-            raise ModelError(f"attribute heads take {heads.feature_dim}-d features but the model's image features "
-                             f"are {self.backbone.feature_dim}-d")
+            raise ModelError(
+                f"attribute heads take {heads.feature_dim}-d features but the model's image features "
+                f"are {self.backbone.feature_dim}-d"
+            )
         self.attribute_heads = heads
 
     def predict_attributes(self, image_features: torch.Tensor) -> list[dict[str, dict[str, Any]]]:
         """Predicted attributes (value + confidence) per row of raw image features."""
         if self.attribute_heads is None:
-            raise ModelError("this model has no attribute heads: train them with `fashion-cir attributes train --model DIR`")
+            raise ModelError(
+                "this model has no attribute heads: train them with `fashion-cir attributes train --model DIR`"
+            )
         return self.attribute_heads.predict(image_features)
 
     def mark_trained(self, prefixes: list[str]) -> None:
@@ -228,12 +267,20 @@ class CIRModel(nn.Module):
         """sha1 of everything that decides this model's scores: its settings (JSON, sorted keys),
         then each weight's name and bytes in name order (the matcher's query encoder once more).
         Results caches key on it, so the definition is pinned by a test."""
-        digest = hashlib.sha1(json.dumps({"backbone": self.backbone.portable_spec()[0], "image": self.backbone.image_fingerprint(),
-                                          "query_mode": self.query_mode, "text_template": self.text_template,
-                                          "matcher": self.matcher.config() if self.matcher is not None else None,
-                                          "fusion": self.fusion.model_dump(mode="json"),
-                                          "attributes": self.attribute_space.names if self.attribute_space else None},
-                                         sort_keys=True).encode())
+        digest = hashlib.sha1(
+            json.dumps(
+                {
+                    "backbone": self.backbone.portable_spec()[0],
+                    "image": self.backbone.image_fingerprint(),
+                    "query_mode": self.query_mode,
+                    "text_template": self.text_template,
+                    "matcher": self.matcher.config() if self.matcher is not None else None,
+                    "fusion": self.fusion.model_dump(mode="json"),
+                    "attributes": self.attribute_space.names if self.attribute_space else None,
+                },
+                sort_keys=True,
+            ).encode()
+        )
         states = [self.state_dict()] + ([self.matcher.trained_state()] if self.matcher is not None else [])
         for state in states:
             for name in sorted(state):
@@ -257,26 +304,30 @@ class CIRModel(nn.Module):
         if self.matcher is not None and matcher_saved:
             torch.save(self.matcher.trained_state(), matcher_tmp)
             fsync_file(matcher_tmp)
-        write_json(folder / MODEL_FILE, {
-            "format": "fashion-cir-model/1",
-            "backbone": self.backbone.portable_spec()[0],
-            "preprocess": self.backbone.preprocess_mode,
-            "query_mode": self.query_mode,
-            "text_template": self.text_template,
-            "prompt_source": self.prompt_source,
-            "combiner": self.combiner.config() if self.combiner is not None else None,
-            "matcher": ({**self.matcher.config(), "trained": self.matcher_trained}
-                        if self.matcher is not None else None),
-            "matcher_sha1": file_sha1(matcher_tmp) if matcher_saved else None,
-            "fusion": self.fusion.model_dump(mode="json"),
-            "attributes": {"names": self.attribute_space.names} if self.attribute_space is not None else None,
-            "descriptions": self.descriptions_source,
-            "saved_prefixes": self.saved_prefixes,
-            "image_fingerprint": self.backbone.image_fingerprint(),
-            "versions": environment_info(),
-            "weights_sha1": file_sha1(weights_tmp),
-            **(metadata or {}),
-        })
+        write_json(
+            folder / MODEL_FILE,
+            {
+                "format": "fashion-cir-model/1",
+                "backbone": self.backbone.portable_spec()[0],
+                "preprocess": self.backbone.preprocess_mode,
+                "query_mode": self.query_mode,
+                "text_template": self.text_template,
+                "prompt_source": self.prompt_source,
+                "combiner": self.combiner.config() if self.combiner is not None else None,
+                "matcher": (
+                    {**self.matcher.config(), "trained": self.matcher_trained} if self.matcher is not None else None
+                ),
+                "matcher_sha1": file_sha1(matcher_tmp) if matcher_saved else None,
+                "fusion": self.fusion.model_dump(mode="json"),
+                "attributes": {"names": self.attribute_space.names} if self.attribute_space is not None else None,
+                "descriptions": self.descriptions_source,
+                "saved_prefixes": self.saved_prefixes,
+                "image_fingerprint": self.backbone.image_fingerprint(),
+                "versions": environment_info(),
+                "weights_sha1": file_sha1(weights_tmp),
+                **(metadata or {}),
+            },
+        )
         weights_tmp.replace(folder / WEIGHTS_FILE)
         if matcher_saved:
             matcher_tmp.replace(folder / MATCHER_WEIGHTS_FILE)
@@ -305,18 +356,32 @@ class CIRModel(nn.Module):
             if matcher_meta.get("shared"):
                 shared = getattr(backbone, "text_tower", None)
                 if not isinstance(shared, nn.Module):
-                    raise ModelError(f"{folder / MODEL_FILE}: a shared description matcher needs a backbone with a text "
-                                     f"tower; {backbone.spec} has none")
+                    raise ModelError(
+                        f"{folder / MODEL_FILE}: a shared description matcher needs a backbone with a text "
+                        f"tower; {backbone.spec} has none"
+                    )
             matcher = DescriptionMatcher(matcher_meta.get("spec", "minilm"), query_encoder=shared)
         space = AttributeSpace(names=meta["attributes"]["names"]) if meta.get("attributes") else None
-        model = cls(backbone, meta["query_mode"], combiner, meta.get("saved_prefixes"), meta.get("text_template", "prompt"),
-                    meta.get("prompt_source", "catalog"), matcher=matcher, fusion=_recorded_fusion(meta, folder),
-                    attribute_space=space)
+        model = cls(
+            backbone,
+            meta["query_mode"],
+            combiner,
+            meta.get("saved_prefixes"),
+            meta.get("text_template", "prompt"),
+            meta.get("prompt_source", "catalog"),
+            matcher=matcher,
+            fusion=_recorded_fusion(meta, folder),
+            attribute_space=space,
+        )
         if matcher is not None and matcher_meta.get("trained"):
             # a folder older than weight hashes names the file even when it is missing
-            matcher_path = _weights_file(folder, meta.get("matcher_sha1"), MATCHER_WEIGHTS_FILE) or folder / MATCHER_WEIGHTS_FILE
+            matcher_path = (
+                _weights_file(folder, meta.get("matcher_sha1"), MATCHER_WEIGHTS_FILE) or folder / MATCHER_WEIGHTS_FILE
+            )
             try:
-                matcher.query_encoder.load_state_dict(torch.load(matcher_path, map_location=map_location, weights_only=True))
+                matcher.query_encoder.load_state_dict(
+                    torch.load(matcher_path, map_location=map_location, weights_only=True)
+                )
             except Exception as exc:
                 raise ModelError(f"missing or corrupt matcher weights {matcher_path}: {one_line(exc)}") from exc
             model.matcher_trained = True
@@ -329,16 +394,25 @@ class CIRModel(nn.Module):
             own_state = model.state_dict()
             missing_keys = [k for k in state if k not in own_state]
             if missing_keys:
-                raise ModelError(f"{weights_path} does not match backbone {meta['backbone']}: unexpected {missing_keys[:3]}")
-            wrong_shapes = [f"{k} {tuple(v.shape)} vs {tuple(own_state[k].shape)}" for k, v in state.items()
-                            if tuple(v.shape) != tuple(own_state[k].shape)]
+                raise ModelError(
+                    f"{weights_path} does not match backbone {meta['backbone']}: unexpected {missing_keys[:3]}"
+                )
+            wrong_shapes = [
+                f"{k} {tuple(v.shape)} vs {tuple(own_state[k].shape)}"
+                for k, v in state.items()
+                if tuple(v.shape) != tuple(own_state[k].shape)
+            ]
             if wrong_shapes:
-                raise ModelError(f"{weights_path} does not match backbone {meta['backbone']}: shape mismatch {wrong_shapes[:3]}")
+                raise ModelError(
+                    f"{weights_path} does not match backbone {meta['backbone']}: shape mismatch {wrong_shapes[:3]}"
+                )
             model.load_state_dict(state, strict=False)
         expected = meta.get("image_fingerprint")
         if expected and expected != backbone.image_fingerprint():
-            raise ModelError(f"{folder}: image encoder fingerprint mismatch after loading (expected {expected}); "
-                             "the backbone weights it was trained from are not the ones available here")
+            raise ModelError(
+                f"{folder}: image encoder fingerprint mismatch after loading (expected {expected}); "
+                "the backbone weights it was trained from are not the ones available here"
+            )
         model.attach_heads(load_heads(folder))
         model.source = folder.resolve()
         model.descriptions_source = meta.get("descriptions")
@@ -372,12 +446,15 @@ def _weights_file(folder: Path, expected_sha1: str | None, name: str = WEIGHTS_F
             return path
         except OSError:
             return pending
-    raise ModelError(f"{path} does not match {folder / MODEL_FILE} (sha1 {expected_sha1}): a save was interrupted "
-                     "or the files were mixed up; re-run the step that wrote the model")
+    raise ModelError(
+        f"{path} does not match {folder / MODEL_FILE} (sha1 {expected_sha1}): a save was interrupted "
+        "or the files were mixed up; re-run the step that wrote the model"
+    )
 
 
-def load_model(model_dir: str | Path | None = None, backbone: str | None = None, query_mode: str = "sum",
-               preprocess: str = "clip") -> CIRModel:
+def load_model(
+    model_dir: str | Path | None = None, backbone: str | None = None, query_mode: str = "sum", preprocess: str = "clip"
+) -> CIRModel:
     """A trained model folder, or a zero-shot model from a backbone spec."""
     if model_dir is not None:
         return CIRModel.load(model_dir)

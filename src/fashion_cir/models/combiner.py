@@ -12,7 +12,9 @@ class Combiner(nn.Module):
     Linear(h->d); a dynamic scalar lambda from a parallel Linear(2p->h)->ReLU->Dropout->Linear(h->1)
     ->Sigmoid branch mixes in the raw inputs: normalize(out + lambda*text + (1-lambda)*image)."""
 
-    def __init__(self, feature_dim: int, projection_dim: int | None = None, hidden_dim: int | None = None, dropout: float = 0.5):
+    def __init__(
+        self, feature_dim: int, projection_dim: int | None = None, hidden_dim: int | None = None, dropout: float = 0.5
+    ):
         super().__init__()
         self.feature_dim = feature_dim
         self.projection_dim = projection_dim or 4 * feature_dim
@@ -22,7 +24,9 @@ class Combiner(nn.Module):
         self.image_projection = nn.Linear(feature_dim, p)
         self.combiner_layer = nn.Linear(2 * p, h)
         self.output_layer = nn.Linear(h, feature_dim)
-        self.dynamic_scalar = nn.Sequential(nn.Linear(2 * p, h), nn.ReLU(), nn.Dropout(dropout), nn.Linear(h, 1), nn.Sigmoid())
+        self.dynamic_scalar = nn.Sequential(
+            nn.Linear(2 * p, h), nn.ReLU(), nn.Dropout(dropout), nn.Linear(h, 1), nn.Sigmoid()
+        )
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
         self.dropout3 = nn.Dropout(dropout)

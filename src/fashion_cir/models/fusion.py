@@ -34,8 +34,17 @@ from ..language.lexicon import LENGTH_ORDER
 IMAGE_TERMS = ("composed", "reference")
 DESCRIPTION_TERMS = ("caption", "prompt", "reference_description")
 EFFECTS = ("want", "unwanted", "keep", "away")
-MATCHED_ATTRIBUTES = ("category", "color", "secondary_color", "pattern", "sleeves", "neckline", "length", "material",
-                      "closure")
+MATCHED_ATTRIBUTES = (
+    "category",
+    "color",
+    "secondary_color",
+    "pattern",
+    "sleeves",
+    "neckline",
+    "length",
+    "material",
+    "closure",
+)
 RELATIVE = {"length": LENGTH_ORDER}  # attributes whose values are ordered ("shorter", "longer")
 
 
@@ -164,13 +173,19 @@ class QueryParts:
 
     def to(self, device: torch.device | str) -> QueryParts:
         """The parts on ``device`` (where the model composes them)."""
+
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
 
-        return QueryParts(move(self.reference), move(self.text), move(self.caption), move(self.prompt),
-                          move(self.reference_description),
-                          None if self.attributes is None else {k: v.to(device) for k, v in self.attributes.items()},
-                          self.texts)
+        return QueryParts(
+            move(self.reference),
+            move(self.text),
+            move(self.caption),
+            move(self.prompt),
+            move(self.reference_description),
+            None if self.attributes is None else {k: v.to(device) for k, v in self.attributes.items()},
+            self.texts,
+        )
 
     def select(self, rows: torch.Tensor | list[int]) -> QueryParts:
         """The parts of a subset of the queries."""
@@ -179,13 +194,20 @@ class QueryParts:
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t[index]
 
-        return QueryParts(pick(self.reference), pick(self.text), pick(self.caption), pick(self.prompt),
-                          pick(self.reference_description),
-                          None if self.attributes is None else {k: v[index] for k, v in self.attributes.items()},
-                          tuple(self.texts[i] for i in index.tolist()) if self.texts else ())
+        return QueryParts(
+            pick(self.reference),
+            pick(self.text),
+            pick(self.caption),
+            pick(self.prompt),
+            pick(self.reference_description),
+            None if self.attributes is None else {k: v[index] for k, v in self.attributes.items()},
+            tuple(self.texts[i] for i in index.tolist()) if self.texts else (),
+        )
 
 
-def item_blocks(image: torch.Tensor, description: torch.Tensor | None, attributes: torch.Tensor | None) -> dict[str, torch.Tensor]:
+def item_blocks(
+    image: torch.Tensor, description: torch.Tensor | None, attributes: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
     """The item side, per block: normalised image features, then (when given) description and
     attribute features as they are."""
     blocks = {"image": F.normalize(image.float(), dim=-1)}
@@ -202,8 +224,9 @@ def term_block(term: str) -> str:
     return "description" if term in DESCRIPTION_TERMS else "attributes"
 
 
-def fuse_terms(terms: Mapping[str, torch.Tensor], fusion: Fusion, dims: Mapping[str, int], n: int,
-               like: torch.Tensor) -> torch.Tensor:
+def fuse_terms(
+    terms: Mapping[str, torch.Tensor], fusion: Fusion, dims: Mapping[str, int], n: int, like: torch.Tensor
+) -> torch.Tensor:
     """One query vector per row: per block (in ``dims``' order), the weighted sum of its terms."""
     blocks = {name: like.new_zeros(n, dim) for name, dim in dims.items()}
     for term, vector in terms.items():

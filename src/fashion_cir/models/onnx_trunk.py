@@ -31,7 +31,9 @@ def onnxruntime_available() -> bool:
     return True
 
 
-def onnx_runner(module: nn.Module, key: str, image_size: int, folder: Path | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+def onnx_runner(
+    module: nn.Module, key: str, image_size: int, folder: Path | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """``pixels [N, 3, S, S] -> module(pixels)`` run by ONNX Runtime, with as many threads as torch
     uses; ``key`` names the exported graph (the weights' fingerprint)."""
     import onnxruntime as ort
@@ -47,9 +49,16 @@ def onnx_runner(module: nn.Module, key: str, image_size: int, folder: Path | Non
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the exporter's notes on constant folding
-                torch.onnx.export(module, (torch.zeros(2, 3, image_size, image_size),), str(tmp), input_names=["pixels"],
-                                  output_names=["features"], dynamic_axes={"pixels": {0: "n"}, "features": {0: "n"}},
-                                  opset_version=17, dynamo=False)
+                torch.onnx.export(
+                    module,
+                    (torch.zeros(2, 3, image_size, image_size),),
+                    str(tmp),
+                    input_names=["pixels"],
+                    output_names=["features"],
+                    dynamic_axes={"pixels": {0: "n"}, "features": {0: "n"}},
+                    opset_version=17,
+                    dynamo=False,
+                )
             tmp.replace(path)
         finally:
             tmp.unlink(missing_ok=True)

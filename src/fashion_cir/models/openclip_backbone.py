@@ -46,15 +46,18 @@ class OpenClipBackbone(Backbone):
         self.tokenizer = tokenizer
         self.spec = spec
         self.context_length = int(getattr(model, "context_length", 77))
-        self.feature_dim = int(model.text_projection.shape[1] if model.text_projection is not None else model.visual.output_dim)
+        self.feature_dim = int(
+            model.text_projection.shape[1] if model.text_projection is not None else model.visual.output_dim
+        )
         self.head_blocks = head_blocks
         if head_blocks:
             visual = model.visual
             if not hasattr(visual, "_embeds") or not hasattr(getattr(visual, "transformer", None), "resblocks"):
                 raise ModelError(f"{spec}: +blocks{head_blocks} needs a ViT image tower")
             if head_blocks >= len(visual.transformer.resblocks):
-                raise ModelError(f"{spec}: +blocks{head_blocks}, but the image tower has "
-                                 f"{len(visual.transformer.resblocks)} blocks")
+                raise ModelError(
+                    f"{spec}: +blocks{head_blocks}, but the image tower has {len(visual.transformer.resblocks)} blocks"
+                )
             self.trunk_variant = f"blocks{head_blocks}"
             size = self.image_size
             with torch.no_grad():
@@ -102,7 +105,11 @@ class OpenClipBackbone(Backbone):
         if not self.head_blocks:
             return []
         return [f"clip.visual.transformer.resblocks.{i}." for i in range(self._split, self._depth)] + [
-            "clip.visual.ln_post.", "clip.visual.proj", "clip.visual.attn_pool.", "clip.visual.ln_pool."]
+            "clip.visual.ln_post.",
+            "clip.visual.proj",
+            "clip.visual.attn_pool.",
+            "clip.visual.ln_pool.",
+        ]
 
     def trunk_prefixes(self) -> list[str]:
         if not self.head_blocks:
@@ -116,15 +123,23 @@ class OpenClipBackbone(Backbone):
     def encoder_prefixes(self, encoder: str) -> list[str]:
         if encoder == "image":
             return ["clip.visual."]
-        return ["clip.transformer.", "clip.token_embedding.", "clip.ln_final.", "clip.text.",
-                "clip.positional_embedding", "clip.text_projection"]
+        return [
+            "clip.transformer.",
+            "clip.token_embedding.",
+            "clip.ln_final.",
+            "clip.text.",
+            "clip.positional_embedding",
+            "clip.text_projection",
+        ]
 
     def trainable_prefixes(self, encoder: str, last_n_blocks: int | None) -> list[str]:
         """With ``+blocksN`` the image side trains what runs after the cache (its last N blocks)."""
         if encoder == "image" and self.head_blocks:
             if last_n_blocks is not None and last_n_blocks > self.head_blocks:
-                raise ModelError(f"cannot train the last {last_n_blocks} image blocks of {self.spec}: the feature "
-                                 f"cache holds the tokens before the last {self.head_blocks}; use +blocks{last_n_blocks}")
+                raise ModelError(
+                    f"cannot train the last {last_n_blocks} image blocks of {self.spec}: the feature "
+                    f"cache holds the tokens before the last {self.head_blocks}; use +blocks{last_n_blocks}"
+                )
             return self.head_prefixes()
         if last_n_blocks is None:
             return self.encoder_prefixes(encoder)
@@ -135,7 +150,11 @@ class OpenClipBackbone(Backbone):
         first = max(depth - last_n_blocks, 0)
         base = "clip.visual.transformer" if encoder == "image" else "clip.transformer"
         blocks = [f"{base}.resblocks.{i}." for i in range(first, depth)]
-        tail = ["clip.visual.ln_post.", "clip.visual.proj"] if encoder == "image" else ["clip.ln_final.", "clip.text_projection"]
+        tail = (
+            ["clip.visual.ln_post.", "clip.visual.proj"]
+            if encoder == "image"
+            else ["clip.ln_final.", "clip.text_projection"]
+        )
         return blocks + tail
 
 
@@ -169,12 +188,18 @@ def build_openclip(model_name: str, pretrained: str | None, head_blocks: int = 0
     kind = f"openclip+blocks{head_blocks}" if head_blocks else "openclip"
     is_hub = model_name.startswith("hf-hub:")
     if not is_hub and not pretrained:
-        raise ModelError(f"openclip:{model_name} needs a pretrained tag or checkpoint file, e.g. openclip:{model_name}:openai "
-                         f"(or openclip:{model_name}:random for random weights, useful only for speed tests)")
+        raise ModelError(
+            f"openclip:{model_name} needs a pretrained tag or checkpoint file, e.g. openclip:{model_name}:openai "
+            f"(or openclip:{model_name}:random for random weights, useful only for speed tests)"
+        )
     if pretrained == "random":
         model = open_clip.create_model(model_name, pretrained=None)
-        return OpenClipBackbone(model.eval(), open_clip.get_tokenizer(model_name), spec=f"{kind}:{model_name}:random",
-                                head_blocks=head_blocks)
+        return OpenClipBackbone(
+            model.eval(),
+            open_clip.get_tokenizer(model_name),
+            spec=f"{kind}:{model_name}:random",
+            head_blocks=head_blocks,
+        )
     if not is_hub and model_name not in open_clip.list_models():
         raise ModelError(
             f"unknown open_clip model {model_name!r}; see open_clip.list_models() (e.g. ViT-B-32, ViT-B-16, RN50x4)"
@@ -186,14 +211,17 @@ def build_openclip(model_name: str, pretrained: str | None, head_blocks: int = 0
         if pretrained not in tags:
             raise ModelError(f"unknown pretrained tag {pretrained!r} for {model_name}; known tags: {tags}")
     try:
-        model = open_clip.create_model(model_name, pretrained=None if is_hub else pretrained, require_pretrained=bool(pretrained))
+        model = open_clip.create_model(
+            model_name, pretrained=None if is_hub else pretrained, require_pretrained=bool(pretrained)
+        )
     except ModelError:
         raise
     except Exception as exc:  # network, hub or file errors all mean: weights unavailable
         if pretrained and not is_hub and Path(pretrained).is_file():
             raise ModelError(f"cannot load checkpoint file {pretrained} into {model_name}: {one_line(exc)}") from exc
-        raise ModelError(f"could not load weights for {model_name} ({pretrained or 'hf-hub'}): {one_line(exc)}. "
-                         f"{WEIGHTS_HELP}") from exc
+        raise ModelError(
+            f"could not load weights for {model_name} ({pretrained or 'hf-hub'}): {one_line(exc)}. {WEIGHTS_HELP}"
+        ) from exc
     tokenizer = open_clip.get_tokenizer(model_name)
     spec = f"{kind}:{model_name}" + (f":{pretrained}" if pretrained else "")
     return OpenClipBackbone(model.eval(), tokenizer, spec=spec, head_blocks=head_blocks)

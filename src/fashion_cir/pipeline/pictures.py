@@ -28,14 +28,22 @@ def _pyplot():
     return plt
 
 
-def example_picture(model: CIRModel, triplet_set: TripletSet, records: Mapping[str, Mapping[str, Any]],
-                    cache: FeatureCache, out: Path, n_queries: int = 4, k: int = 5) -> Path:
+def example_picture(
+    model: CIRModel,
+    triplet_set: TripletSet,
+    records: Mapping[str, Mapping[str, Any]],
+    cache: FeatureCache,
+    out: Path,
+    n_queries: int = 4,
+    k: int = 5,
+) -> Path:
     """A PNG: per row the reference, its caption, the top-k results (reference left out), the
     target outlined in green."""
     plt = _pyplot()
     chosen = triplet_set.triplets[:: max(1, len(triplet_set.triplets) // n_queries)][:n_queries]
-    prepared = PreparedSet(model, dataclasses.replace(triplet_set, triplets=chosen), cache, EvalOptions(progress=False),
-                           records)
+    prepared = PreparedSet(
+        model, dataclasses.replace(triplet_set, triplets=chosen), cache, EvalOptions(progress=False), records
+    )
     triplets = prepared.triplets
     scores = prepared.scores("split")
     gallery_ids = [prepared.ids[c] for c in prepared.columns["split"]]
@@ -45,7 +53,9 @@ def example_picture(model: CIRModel, triplet_set: TripletSet, records: Mapping[s
         results.append([(gallery_ids[c], float(row[c])) for c in order])
     fig, axes = plt.subplots(len(triplets), k + 1, figsize=(2.2 * (k + 1), 3.7 * len(triplets)), squeeze=False)
     for row, (triplet, hits) in enumerate(zip(triplets, results)):
-        cells = [(triplet.candidate, "reference")] + [(image_id, f"#{n + 1}  {score:.2f}") for n, (image_id, score) in enumerate(hits)]
+        cells = [(triplet.candidate, "reference")] + [
+            (image_id, f"#{n + 1}  {score:.2f}") for n, (image_id, score) in enumerate(hits)
+        ]
         for col, (image_id, label) in enumerate(cells):
             ax = axes[row][col]
             ax.imshow(open_image(triplet_set.image_paths[image_id]).resize((160, 213)))
@@ -56,8 +66,9 @@ def example_picture(model: CIRModel, triplet_set: TripletSet, records: Mapping[s
                 spine.set_edgecolor("green" if is_target else "#bbbbbb")
                 spine.set_linewidth(4 if is_target else 1)
         axes[row][0].set_xlabel(textwrap.fill(" / ".join(triplet.captions), 34), fontsize=8)
-    fig.suptitle(f"{triplet_set.name} queries: reference + caption -> top-{k}, reference left out (target in green)",
-                 fontsize=10)
+    fig.suptitle(
+        f"{triplet_set.name} queries: reference + caption -> top-{k}, reference left out (target in green)", fontsize=10
+    )
     fig.tight_layout(rect=(0, 0, 1, 0.97), h_pad=2.5)
     fig.savefig(out, dpi=80)
     plt.close(fig)
@@ -69,8 +80,9 @@ def triplet_picture(triplets: list[dict], image_paths: dict[str, Path], out: Pat
     attribute changes and the reference prompt."""
     plt = _pyplot()
     chosen = triplets[:: max(1, len(triplets) // n)][:n]
-    fig, axes = plt.subplots(len(chosen), 3, figsize=(10, 2.9 * len(chosen)), squeeze=False,
-                             gridspec_kw={"width_ratios": [1, 1, 2.6]})
+    fig, axes = plt.subplots(
+        len(chosen), 3, figsize=(10, 2.9 * len(chosen)), squeeze=False, gridspec_kw={"width_ratios": [1, 1, 2.6]}
+    )
     for row, triplet in enumerate(chosen):
         for col, key in enumerate(("candidate", "target")):
             ax = axes[row][col]
@@ -78,8 +90,12 @@ def triplet_picture(triplets: list[dict], image_paths: dict[str, Path], out: Pat
             ax.set_xticks([]), ax.set_yticks([])
             ax.set_title("reference" if key == "candidate" else "target", fontsize=9)
         changes = ", ".join(f"{a}: {v[0]} -> {v[1]}" for a, v in triplet.get("changes", {}).items())
-        lines = [f"caption 1: {triplet['captions'][0]}", f"caption 2: {triplet['captions'][-1]}",
-                 f"changes: {changes}", f"reference prompt: {triplet.get('reference_prompt', '')}"]
+        lines = [
+            f"caption 1: {triplet['captions'][0]}",
+            f"caption 2: {triplet['captions'][-1]}",
+            f"changes: {changes}",
+            f"reference prompt: {triplet.get('reference_prompt', '')}",
+        ]
         text = "\n".join(textwrap.fill(line, 62, subsequent_indent="    ") for line in lines)
         axes[row][2].axis("off")
         axes[row][2].text(0, 0.5, text, fontsize=9, va="center", family="monospace")
@@ -129,4 +145,3 @@ def stage_curves(metrics_files: list[Path], out: Path) -> Path:
     fig.savefig(out, dpi=80)
     plt.close(fig)
     return out
-

@@ -60,7 +60,9 @@ class CaptionSpec(Config):
     model: str | None = None
     options: dict[str, Any] = Field(default_factory=dict, description="backend options (batch_size, base_url, ...)")
     max_attempts: int = Field(3, ge=1)
-    max_failed_share: float = Field(DEFAULT_MAX_FAILED_SHARE, ge=0, le=1, description="stop when more than this share of the images fail")
+    max_failed_share: float = Field(
+        DEFAULT_MAX_FAILED_SHARE, ge=0, le=1, description="stop when more than this share of the images fail"
+    )
 
 
 class TowerSpec(Config):
@@ -115,8 +117,11 @@ class StageSpec(Config):
     kind: Literal["stage1", "stage2"]
     start: str = Field(description="the published model it starts from (a baseline or an earlier stage)")
     data: list[Literal["annotated", "generated"]] = Field(default_factory=lambda: ["annotated", "generated"])
-    refit_fusion: bool = Field(False, description="fit the trained model's fusion weights again (on the annotated "
-                                                  "training captions: train on generated data alone then)")
+    refit_fusion: bool = Field(
+        False,
+        description="fit the trained model's fusion weights again (on the annotated "
+        "training captions: train on generated data alone then)",
+    )
     config: dict[str, Any] = Field(default_factory=dict, description="Stage1Config / Stage2Config fields")
 
     @model_validator(mode="after")
@@ -138,8 +143,9 @@ class EvaluationSpec(Config):
     protocols: list[Literal["split", "catalog"]] = Field(default_factory=lambda: ["split"])
     selection: Selection = Field(default_factory=Selection)
     reliance: bool = Field(False, description="also score every model with shuffled references (reference reliance)")
-    compare: list[tuple[str, str]] = Field(default_factory=list, description="paired differences (a - b); "
-                                           "'best-baseline' names the best untrained model")
+    compare: list[tuple[str, str]] = Field(
+        default_factory=list, description="paired differences (a - b); 'best-baseline' names the best untrained model"
+    )
 
 
 class IndexSpec(Config):
@@ -157,7 +163,9 @@ class Recipe(Config):
     model: ModelSpec = Field(default_factory=ModelSpec)
     annotated: list[TripletSource] = Field(default_factory=list, description="annotated training triplets")
     generate: dict[str, TripletConfig] = Field(default_factory=dict, description="split -> triplet generation settings")
-    generated: list[TripletSource] = Field(default_factory=list, description="generated training triplets made elsewhere")
+    generated: list[TripletSource] = Field(
+        default_factory=list, description="generated training triplets made elsewhere"
+    )
     baselines: list[BaselineSpec] = Field(default_factory=list)
     stage_defaults: dict[str, Any] = Field(default_factory=dict, description="config fields every stage shares")
     stages: list[StageSpec] = Field(default_factory=list)
@@ -194,7 +202,9 @@ class Recipe(Config):
         known = [b.name for b in self.baselines]
         for stage in self.stages:
             if stage.start not in known:
-                raise ValueError(f"stage {stage.name!r} starts from {stage.start!r}, which is not an earlier model ({known})")
+                raise ValueError(
+                    f"stage {stage.name!r} starts from {stage.start!r}, which is not an earlier model ({known})"
+                )
             known.append(stage.name)
         if len(set(known)) != len(known):
             raise ValueError(f"model names must be unique: {known}")
@@ -202,8 +212,14 @@ class Recipe(Config):
             for name in (a, b):
                 if name not in known and name != "best-baseline":
                     raise ValueError(f"compare names unknown model {name!r} ({known})")
-        if "generated" in {d for s in self.stages for d in s.data} and "train" not in self.generate and not self.generated:
-            raise ValueError("a stage trains on generated triplets but there is no 'generate.train' entry nor 'generated' file")
+        if (
+            "generated" in {d for s in self.stages for d in s.data}
+            and "train" not in self.generate
+            and not self.generated
+        ):
+            raise ValueError(
+                "a stage trains on generated triplets but there is no 'generate.train' entry nor 'generated' file"
+            )
         return self
 
 

@@ -48,8 +48,12 @@ def git_commit() -> str | None:
     root = Path(__file__).resolve().parents[3]
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     if head.returncode != 0:
@@ -107,14 +111,27 @@ class Runner:
     def record_run(self) -> None:
         """run.json: the resolved recipe, every input file with its sha1, versions, the git commit."""
         spec = self.recipe.catalog
-        files = [*(f for files in spec.splits.values() for f in files), spec.attributes, spec.labels,
-                 *(s.captions for s in self.recipe.annotated), *(s.captions for s in self.recipe.evaluation.val)]
+        files = [
+            *(f for files in spec.splits.values() for f in files),
+            spec.attributes,
+            spec.labels,
+            *(s.captions for s in self.recipe.annotated),
+            *(s.captions for s in self.recipe.evaluation.val),
+        ]
         inputs = {}
         for name in files:
             if name is not None and Path(expand_path(name)).is_file():
                 inputs[name] = file_sha1(Path(expand_path(name)))
-        write_json(self.out / "run.json", {"source": self.source, "recipe": self.recipe.model_dump(mode="json"),
-                                           "inputs": inputs, "versions": environment_info(), "git_commit": git_commit()})
+        write_json(
+            self.out / "run.json",
+            {
+                "source": self.source,
+                "recipe": self.recipe.model_dump(mode="json"),
+                "inputs": inputs,
+                "versions": environment_info(),
+                "git_commit": git_commit(),
+            },
+        )
 
     def catalog(self) -> ClothingCatalog:
         spec = self.recipe.catalog
@@ -149,18 +166,34 @@ class Runner:
             model = expand_path(caption.model) if caption.model and "$" in caption.model else caption.model
             captioner = build_captioner(caption.backend, model, load_vocabulary(None), **caption.options)
         except TypeError as exc:
-            raise DataError(f"recipe caption.options {caption.options} do not fit the {caption.backend} backend: {exc}") from None
+            raise DataError(
+                f"recipe caption.options {caption.options} do not fit the {caption.backend} backend: {exc}"
+            ) from None
         attributes = run_captioning(wanted, captioner, self.out / "captions", max_attempts=caption.max_attempts)
         write_attributes(out, attributes)
-        failures = {i: f"image file not found in {images}" for ids in splits.values() for i in ids if i not in image_paths}
-        failures.update({i: record.get("error") or record.get("status", "failed") for i, record in
-                         read_json(summary_path(self.out / "captions", captioner), "captioning summary").get("failures", {}).items()})
+        failures = {
+            i: f"image file not found in {images}" for ids in splits.values() for i in ids if i not in image_paths
+        }
+        failures.update(
+            {
+                i: record.get("error") or record.get("status", "failed")
+                for i, record in read_json(summary_path(self.out / "captions", captioner), "captioning summary")
+                .get("failures", {})
+                .items()
+            }
+        )
         if failures:
             first = next(iter(failures.items()))
-            self.log(f"captioning: {len(failures)} images without attributes (first: {first[0]}: {first[1]}); "
-                     f"the list is in {summary_path(self.out / 'captions', captioner)}")
-        check_failures(failures, len(wanted) + sum(i not in image_paths for ids in splits.values() for i in ids),
-                       caption.max_failed_share, "images")
+            self.log(
+                f"captioning: {len(failures)} images without attributes (first: {first[0]}: {first[1]}); "
+                f"the list is in {summary_path(self.out / 'captions', captioner)}"
+            )
+        check_failures(
+            failures,
+            len(wanted) + sum(i not in image_paths for ids in splits.values() for i in ids),
+            caption.max_failed_share,
+            "images",
+        )
         return out
 
     def towers(self, catalog: ClothingCatalog):
@@ -169,10 +202,13 @@ class Runner:
             return create_backbone(spec.backbone, preprocess=spec.preprocess)
         from ..training.align import align_offline_backbone
 
-        backbone, summary = align_offline_backbone(catalog, self.out / "offline-backbone", self.cache, spec.align,
-                                                   progress=True, towers_spec=spec.backbone)
-        self.log(("reusing the aligned offline backbone" if summary.get("reused") else "aligned the offline backbone")
-                 + f" (val image->text R@10 {summary['best_val_image_to_text_R@10']:.1f})")
+        backbone, summary = align_offline_backbone(
+            catalog, self.out / "offline-backbone", self.cache, spec.align, progress=True, towers_spec=spec.backbone
+        )
+        self.log(
+            ("reusing the aligned offline backbone" if summary.get("reused") else "aligned the offline backbone")
+            + f" (val image->text R@10 {summary['best_val_image_to_text_R@10']:.1f})"
+        )
         return backbone
 
     def generated_triplets(self, model: CIRModel, catalog: ClothingCatalog, split: str) -> list[dict]:
@@ -182,13 +218,18 @@ class Runner:
 
         config = self.recipe.generate[split]
         path = self.out / "triplets" / f"{split}.json"
-        key = text_sha1(model.backbone.image_fingerprint(), config.model_dump_json(),
-                        *(f"{i}:{catalog.attributes.get(i, {}).get('description', '')}" for i in catalog.splits[split]))
+        key = text_sha1(
+            model.backbone.image_fingerprint(),
+            config.model_dump_json(),
+            *(f"{i}:{catalog.attributes.get(i, {}).get('description', '')}" for i in catalog.splits[split]),
+        )
         stats_file = path.with_suffix(".stats.json")
         if path.is_file() and stats_file.is_file() and read_json(stats_file, "triplet stats").get("inputs_sha1") == key:
             return read_json(path, "generated triplets")
         if not catalog.attributes:
-            raise DataError("recipe 'generate' needs the catalog's MLLM attributes: set catalog.attributes or a caption step")
+            raise DataError(
+                "recipe 'generate' needs the catalog's MLLM attributes: set catalog.attributes or a caption step"
+            )
         from ..captioning import load_precomputed
 
         attributes = load_precomputed(catalog.attributes_file)
@@ -201,8 +242,12 @@ class Runner:
 
     def load_source(self, source: TripletSource, split: str) -> TripletSet:
         """An annotated set restricted to the (possibly sliced) catalog split."""
-        loaded = load_triplet_set(expand_path(source.captions), expand_path(source.split),
-                                  Path(expand_path(self.recipe.catalog.images)), name=source_name(source))
+        loaded = load_triplet_set(
+            expand_path(source.captions),
+            expand_path(source.split),
+            Path(expand_path(self.recipe.catalog.images)),
+            name=source_name(source),
+        )
         allowed = set(self.catalog_.splits.get(split, []))
         loaded.image_paths = {**self.catalog_.image_paths, **loaded.image_paths}  # for whole-catalog galleries
         loaded.gallery_ids = [i for i in loaded.gallery_ids if i in allowed]
@@ -218,18 +263,29 @@ class Runner:
         spec = self.recipe.evaluation
         sets = {source_name(s): self.load_source(s, "val") for s in spec.val}
         if spec.generated_val and "val" in self.generated:
-            triplets = [t for t in parse_triplets(self.generated["val"], GENERATED_VAL)
-                        if t.candidate in self.catalog_.image_paths and t.target in self.catalog_.image_paths]
-            sets[GENERATED_VAL] = TripletSet(GENERATED_VAL, triplets, list(self.catalog_.split_paths("val")),
-                                             dict(self.catalog_.image_paths), [], 0)
+            triplets = [
+                t
+                for t in parse_triplets(self.generated["val"], GENERATED_VAL)
+                if t.candidate in self.catalog_.image_paths and t.target in self.catalog_.image_paths
+            ]
+            sets[GENERATED_VAL] = TripletSet(
+                GENERATED_VAL, triplets, list(self.catalog_.split_paths("val")), dict(self.catalog_.image_paths), [], 0
+            )
         protocols = [SPLIT if p == "split" else catalog_protocol(self.all_ids()) for p in spec.protocols]
         options = EvalOptions(ks=KS, progress=False, keep_ranks=True)
-        return Evaluator(sets, self.cache, self.catalog_.attributes, options, spec.selection, self.out / "evaluations",
-                         protocols)
+        return Evaluator(
+            sets, self.cache, self.catalog_.attributes, options, spec.selection, self.out / "evaluations", protocols
+        )
 
     # -- scoring ----------------------------------------------------------------------------------
-    def score(self, label: str, model: CIRModel, modes: tuple[str, ...] | None = None, describe: str = "catalog",
-              reliance: bool | None = None) -> dict:
+    def score(
+        self,
+        label: str,
+        model: CIRModel,
+        modes: tuple[str, ...] | None = None,
+        describe: str = "catalog",
+        reliance: bool | None = None,
+    ) -> dict:
         """Rows (with 95% intervals and, with reliance, the drop with shuffled references) for
         ``model`` under every protocol; returns the evaluator's report."""
         reliance = self.recipe.evaluation.reliance if reliance is None else reliance
@@ -241,14 +297,21 @@ class Runner:
                         continue
                     key = f"{label}/{mode}|{protocol}|{set_name}"
                     self.ranks[key] = metrics["ranks"]
-                    row = {"stage": label, "mode": mode, "protocol": protocol, "set": set_name,
-                           **{f"R@{k}": metrics[f"R@{k}"] for k in KS},
-                           **{f"R@{k}_ci": recall_interval(metrics["ranks"], k)[1:] for k in (10, 50)},
-                           "n_queries": metrics["n_queries"], "n_gallery": metrics["n_gallery"]}
+                    row = {
+                        "stage": label,
+                        "mode": mode,
+                        "protocol": protocol,
+                        "set": set_name,
+                        **{f"R@{k}": metrics[f"R@{k}"] for k in KS},
+                        **{f"R@{k}_ci": recall_interval(metrics["ranks"], k)[1:] for k in (10, 50)},
+                        "n_queries": metrics["n_queries"],
+                        "n_gallery": metrics["n_gallery"],
+                    }
                     if "ranks_shuffled" in metrics:
                         self.ranks[key + "|shuffled"] = metrics["ranks_shuffled"]
-                        row["reliance"], *row["reliance_ci"] = paired_difference(metrics["ranks"],
-                                                                                 metrics["ranks_shuffled"], 10)
+                        row["reliance"], *row["reliance_ci"] = paired_difference(
+                            metrics["ranks"], metrics["ranks_shuffled"], 10
+                        )
                     self.rows.append(row)
         return report
 
@@ -262,9 +325,17 @@ class Runner:
         for protocol in self.evaluator_.protocols:
             for set_name, triplet_set in self.evaluator_.sets.items():
                 g = len(protocol.gallery_ids or triplet_set.gallery_ids) - protocol.remove_reference
-                self.rows.append({"stage": "random", "mode": "-", "protocol": protocol.name, "set": set_name,
-                                  **{f"R@{k}": 100.0 * min(k, g) / max(g, 1) for k in KS},
-                                  "n_queries": len(triplet_set.triplets), "n_gallery": g})
+                self.rows.append(
+                    {
+                        "stage": "random",
+                        "mode": "-",
+                        "protocol": protocol.name,
+                        "set": set_name,
+                        **{f"R@{k}": 100.0 * min(k, g) / max(g, 1) for k in KS},
+                        "n_queries": len(triplet_set.triplets),
+                        "n_gallery": g,
+                    }
+                )
 
     # -- models -----------------------------------------------------------------------------------
     def new_model(self, backbone, text_template: str, reads_items: bool) -> CIRModel:
@@ -277,15 +348,20 @@ class Runner:
         matcher = None
         if reads_items and spec.matcher and spec.matcher.spec == "backbone":
             if not hasattr(backbone, "text_tower"):
-                raise DataError("recipe model.matcher.spec 'backbone' shares the offline towers' text tower; "
-                                f"{backbone.spec} has none: name a sentence encoder (minilm, mpnet, hf:DIR)")
+                raise DataError(
+                    "recipe model.matcher.spec 'backbone' shares the offline towers' text tower; "
+                    f"{backbone.spec} has none: name a sentence encoder (minilm, mpnet, hf:DIR)"
+                )
             matcher = DescriptionMatcher(backbone.towers.text, query_encoder=backbone.text_tower)
         elif reads_items and spec.matcher:
             matcher = DescriptionMatcher(spec.matcher.spec)
         space = AttributeSpace() if reads_items and spec.attributes else None
-        model = CIRModel(backbone, spec.query_mode, combiner, text_template=text_template, matcher=matcher,
-                         attribute_space=space)
-        model.descriptions_source = str(self.catalog_.attributes_file.resolve()) if self.catalog_.attributes_file else None
+        model = CIRModel(
+            backbone, spec.query_mode, combiner, text_template=text_template, matcher=matcher, attribute_space=space
+        )
+        model.descriptions_source = (
+            str(self.catalog_.attributes_file.resolve()) if self.catalog_.attributes_file else None
+        )
         return model
 
     def fit_fusion(self, model: CIRModel) -> None:
@@ -310,8 +386,10 @@ class Runner:
         fusion, summary = fit_fusion(fitter.prepare(model, all_terms=True), "train", spec.config)
         model.fusion = fusion
         write_json(path, {"fusion": fusion.model_dump(mode="json"), **summary})
-        self.log(f"fusion fitted on {summary['queries']} training captions ({summary['terms']} terms): "
-                 f"loss {summary['loss_plain_composed']} -> {summary['loss']}")
+        self.log(
+            f"fusion fitted on {summary['queries']} training captions ({summary['terms']} terms): "
+            f"loss {summary['loss_plain_composed']} -> {summary['loss']}"
+        )
 
     def baseline(self, spec: BaselineSpec, backbone) -> Path:
         """Every variant x mode scored; the best (on the selection figure) is published."""
@@ -320,7 +398,9 @@ class Runner:
             model = self.new_model(backbone, variant.text_template, spec.matcher)
             if spec.fused:
                 self.fit_fusion(model)
-            self.score(variant.label, model, tuple(variant.modes), reliance=spec.matcher and self.recipe.evaluation.reliance)
+            self.score(
+                variant.label, model, tuple(variant.modes), reliance=spec.matcher and self.recipe.evaluation.reliance
+            )
             for mode in variant.modes:
                 scores[f"{variant.label}/{mode}"] = self.selection_figure(model, mode)
                 choices[f"{variant.label}/{mode}"] = (model, mode)
@@ -355,10 +435,12 @@ class Runner:
         batch = max(2, min(stage.train_config().batch_size, len(triplets) // 2 * 2))  # small slices
         config = stage.train_config(batch_size=batch, cache_dir=str(self.out / "features"), progress=True)
         run_dir = self.out / "train" / stage.name
-        inputs = {"start": model.fingerprint(),
-                  "triplets": text_sha1(*(f"{t.candidate}>{t.target}:{'|'.join(t.captions)}" for t in triplets)),
-                  "config": {k: v for k, v in config.model_dump(mode="json").items() if k not in RESUMABLE_FIELDS},
-                  "selection": self.recipe.evaluation.selection.model_dump(mode="json")}
+        inputs = {
+            "start": model.fingerprint(),
+            "triplets": text_sha1(*(f"{t.candidate}>{t.target}:{'|'.join(t.captions)}" for t in triplets)),
+            "config": {k: v for k, v in config.model_dump(mode="json").items() if k not in RESUMABLE_FIELDS},
+            "selection": self.recipe.evaluation.selection.model_dump(mode="json"),
+        }
         inputs_file = run_dir / "inputs.json"
         if self.is_main and inputs_file.is_file() and read_json(inputs_file, "stage inputs") != inputs:
             self.log(f"{stage.name}: its start model, triplets or settings changed; training it again")
@@ -399,8 +481,9 @@ class Runner:
                 self.catalog_ = self.catalog()
         with self.step("image features and towers"):
             backbone = self.towers(self.catalog_)
-            self.cache.encode(backbone, {i: self.catalog_.image_paths[i] for i in self.all_ids()}, on_error="skip",
-                              progress=True)
+            self.cache.encode(
+                backbone, {i: self.catalog_.image_paths[i] for i in self.all_ids()}, on_error="skip", progress=True
+            )
         with self.step("triplets"):
             plain = CIRModel(backbone, query_mode=recipe.model.query_mode)
             self.generated = {split: self.generated_triplets(plain, self.catalog_, split) for split in recipe.generate}
@@ -429,22 +512,37 @@ class Runner:
             scores = {name: self.selection_figure(CIRModel.load(folder)) for name, folder in published.items()}
             best = Selection.best(scores)
             publish_model(published[best], self.out / "best")
-            write_json(self.out / "best" / "selected.json", {"stage": best, "scores": scores,
-                                                             "selection": recipe.evaluation.selection.model_dump(mode="json")})
+            write_json(
+                self.out / "best" / "selected.json",
+                {"stage": best, "scores": scores, "selection": recipe.evaluation.selection.model_dump(mode="json")},
+            )
             self.log(f"best on val: {best} ({recipe.evaluation.selection.metric} {scores[best]:.2f})")
         if recipe.attribute_heads:
             with self.step("attribute heads"):
                 self.attribute_heads()
         baselines = [b.name for b in recipe.baselines]
         best_baseline = Selection.best({b: scores[b] for b in baselines}) if baselines else None
-        pairs = [(best_baseline if a == "best-baseline" else a, best_baseline if b == "best-baseline" else b)
-                 for a, b in recipe.evaluation.compare]
+        pairs = [
+            (best_baseline if a == "best-baseline" else a, best_baseline if b == "best-baseline" else b)
+            for a, b in recipe.evaluation.compare
+        ]
         table = self.table()
-        differences = self.differences([(self.labels[a], self.labels[b]) for a, b in pairs
-                                        if a in self.labels and b in self.labels])
-        atomic_write_text(self.out / "results.md", table + "\n\nPaired differences (R@10, R@50):\n\n" + differences + "\n")
-        write_json(self.out / "results.json", {"rows": self.rows, "best": best, "labels": self.labels,
-                                               "seconds": time.perf_counter() - self.started, "ranks": self.ranks})
+        differences = self.differences(
+            [(self.labels[a], self.labels[b]) for a, b in pairs if a in self.labels and b in self.labels]
+        )
+        atomic_write_text(
+            self.out / "results.md", table + "\n\nPaired differences (R@10, R@50):\n\n" + differences + "\n"
+        )
+        write_json(
+            self.out / "results.json",
+            {
+                "rows": self.rows,
+                "best": best,
+                "labels": self.labels,
+                "seconds": time.perf_counter() - self.started,
+                "ranks": self.ranks,
+            },
+        )
         print("\nResults (val):\n" + table + "\n\nPaired differences:\n" + differences, flush=True)
         if recipe.pictures:
             with self.step("pictures"):
@@ -462,11 +560,16 @@ class Runner:
 
     def write_timings(self) -> None:
         total = time.perf_counter() - self.started
-        write_json(self.out / "timings.json", {"steps": self.timings, "total_seconds": round(total, 1),
-                                               "peak_rss_mb": round(peak_rss_mb())})
+        write_json(
+            self.out / "timings.json",
+            {"steps": self.timings, "total_seconds": round(total, 1), "peak_rss_mb": round(peak_rss_mb())},
+        )
         lines = [f"  {t['step']:<40}{t['seconds']:>8.0f} s" for t in self.timings]
-        print("\nTime per step:\n" + "\n".join(lines) + f"\n  {'total':<40}{total:>8.0f} s  (peak RSS "
-              f"{peak_rss_mb():.0f} MB; timings.json)", flush=True)
+        print(
+            "\nTime per step:\n" + "\n".join(lines) + f"\n  {'total':<40}{total:>8.0f} s  (peak RSS "
+            f"{peak_rss_mb():.0f} MB; timings.json)",
+            flush=True,
+        )
 
     def attribute_heads(self) -> None:
         from ..models.attributes import load_heads
@@ -474,8 +577,14 @@ class Runner:
 
         best = CIRModel.load(self.out / "best")
         # heads see image features only: reused while the image tower and the train/val attributes stay
-        key = text_sha1(best.backbone.image_fingerprint(), *(json.dumps(self.catalog_.attributes.get(i), sort_keys=True)
-                                                              for s in ("train", "val") for i in self.catalog_.splits.get(s, [])))
+        key = text_sha1(
+            best.backbone.image_fingerprint(),
+            *(
+                json.dumps(self.catalog_.attributes.get(i), sort_keys=True)
+                for s in ("train", "val")
+                for i in self.catalog_.splits.get(s, [])
+            ),
+        )
         heads = load_heads(self.out / "attribute-heads")
         reused = heads is not None and heads.info.get("inputs_sha1") == key
         if not reused:
@@ -486,24 +595,36 @@ class Runner:
         heads.save(self.out / "best")
         atomic_write_text(self.out / "attributes.md", format_report(heads) + "\n")
         val = heads.info["val"]
-        self.log(f"attribute heads ({'reused' if reused else 'trained'}) on val: mean accuracy "
-                 f"{sum(r['accuracy'] for r in val.values()) / len(val):.1f}% (majority class "
-                 f"{sum(r['majority_accuracy'] for r in val.values()) / len(val):.1f}%); table in attributes.md")
+        self.log(
+            f"attribute heads ({'reused' if reused else 'trained'}) on val: mean accuracy "
+            f"{sum(r['accuracy'] for r in val.values()) / len(val):.1f}% (majority class "
+            f"{sum(r['majority_accuracy'] for r in val.values()) / len(val):.1f}%); table in attributes.md"
+        )
         self.score("best-predicted-prompt", best, (best.query_mode,), describe="predicted")
 
     def table(self) -> str:
-        header = ("| model | mode | protocol | set | " + " | ".join(f"R@{k}" for k in KS)
-                  + " | R@10 95% CI | R@50 95% CI | reliance (R@10 true - shuffled, 95% CI) | queries | gallery |")
+        header = (
+            "| model | mode | protocol | set | "
+            + " | ".join(f"R@{k}" for k in KS)
+            + " | R@10 95% CI | R@50 95% CI | reliance (R@10 true - shuffled, 95% CI) | queries | gallery |"
+        )
         lines = [header, "|" + "---|" * (len(KS) + 9)]
         order = list(self.evaluator_.sets)
         protocols = [p.name for p in self.evaluator_.protocols]
         for row in sorted(self.rows, key=lambda r: (protocols.index(r["protocol"]), order.index(r["set"]))):
-            ci = [f"{row[f'R@{k}_ci'][0]:.1f}-{row[f'R@{k}_ci'][1]:.1f}" if f"R@{k}_ci" in row else "-" for k in (10, 50)]
-            reliance = (f"{row['reliance']:+.1f} ({row['reliance_ci'][0]:+.1f} to {row['reliance_ci'][1]:+.1f})"
-                        if "reliance" in row else "-")
-            lines.append(f"| {row['stage']} | {row['mode']} | {row['protocol']} | {row['set']} | "
-                         + " | ".join(f"{row[f'R@{k}']:.2f}" for k in KS)
-                         + f" | {ci[0]} | {ci[1]} | {reliance} | {row['n_queries']} | {row['n_gallery']} |")
+            ci = [
+                f"{row[f'R@{k}_ci'][0]:.1f}-{row[f'R@{k}_ci'][1]:.1f}" if f"R@{k}_ci" in row else "-" for k in (10, 50)
+            ]
+            reliance = (
+                f"{row['reliance']:+.1f} ({row['reliance_ci'][0]:+.1f} to {row['reliance_ci'][1]:+.1f})"
+                if "reliance" in row
+                else "-"
+            )
+            lines.append(
+                f"| {row['stage']} | {row['mode']} | {row['protocol']} | {row['set']} | "
+                + " | ".join(f"{row[f'R@{k}']:.2f}" for k in KS)
+                + f" | {ci[0]} | {ci[1]} | {reliance} | {row['n_queries']} | {row['n_gallery']} |"
+            )
         return "\n".join(lines)
 
     def differences(self, pairs: list[tuple[str, str]]) -> str:
@@ -517,8 +638,11 @@ class Runner:
                     if ra is None or rb is None:
                         continue
                     cells = [paired_difference(ra, rb, k) for k in (10, 50)]
-                    lines.append(f"| {a} - {b} | {protocol.name} | {set_name} | "
-                                 + " | ".join(f"{d:+.1f} ({lo:+.1f} to {hi:+.1f})" for d, lo, hi in cells) + " |")
+                    lines.append(
+                        f"| {a} - {b} | {protocol.name} | {set_name} | "
+                        + " | ".join(f"{d:+.1f} ({lo:+.1f} to {hi:+.1f})" for d, lo, hi in cells)
+                        + " |"
+                    )
         return "\n".join(lines)
 
     def pictures(self) -> None:
@@ -527,9 +651,13 @@ class Runner:
         best = CIRModel.load(self.out / "best")
         for name, triplet_set in self.evaluator_.sets.items():
             out = self.out / f"examples-{name}.png"
-            self.log(f"example queries: {example_picture(best, triplet_set, self.catalog_.attributes, self.cache, out)}")
+            self.log(
+                f"example queries: {example_picture(best, triplet_set, self.catalog_.attributes, self.cache, out)}"
+            )
         if "train" in self.generated and self.generated["train"]:
-            self.log(f"example triplets: {triplet_picture(self.generated['train'], self.catalog_.image_paths, self.out / 'triplets.png')}")
+            self.log(
+                f"example triplets: {triplet_picture(self.generated['train'], self.catalog_.image_paths, self.out / 'triplets.png')}"
+            )
         curves = [self.out / "train" / s.name / "metrics.jsonl" for s in self.recipe.stages]
         if any(c.is_file() for c in curves):
             self.log(f"training curves: {stage_curves(curves, self.out / 'training.png')}")
@@ -539,11 +667,22 @@ class Runner:
 
         spec = self.recipe.index
         paths = {i: p for s in spec.splits for i, p in self.catalog_.split_paths(s).items()}
-        metadata = {i: {k: v for k, v in self.catalog_.attributes.get(i, {}).items() if k != "image"}
-                    | ({"label": self.catalog_.labels[i]} if i in self.catalog_.labels else {}) for i in paths}
+        metadata = {
+            i: {k: v for k, v in self.catalog_.attributes.get(i, {}).items() if k != "image"}
+            | ({"label": self.catalog_.labels[i]} if i in self.catalog_.labels else {})
+            for i in paths
+        }
         best = CIRModel.load(self.out / "best")
-        index = build_index(self.out / "index", best, paths, metadata, factory=spec.factory, cache_dir=self.out / "features",
-                            overwrite=True, progress=True)
+        index = build_index(
+            self.out / "index",
+            best,
+            paths,
+            metadata,
+            factory=spec.factory,
+            cache_dir=self.out / "features",
+            overwrite=True,
+            progress=True,
+        )
         self.log(f"index: {len(index)} catalog images in {self.out / 'index'}")
 
 

@@ -9,6 +9,19 @@ from .index import add_to_index, build_index, remove_from_index, upsert_index
 from .query import search
 from .store import CatalogStore, SearchHit, parse_store_spec
 
-__all__ = ["CatalogIndex", "CatalogStore", "Filter", "FilterError", "SearchHit", "add_to_index", "build_index",
-           "load_catalog", "open_index", "parse_filter", "parse_store_spec", "remove_from_index", "search",
-           "upsert_index"]
+__all__ = [
+    "CatalogIndex",
+    "CatalogStore",
+    "Filter",
+    "FilterError",
+    "SearchHit",
+    "add_to_index",
+    "build_index",
+    "load_catalog",
+    "open_index",
+    "parse_filter",
+    "parse_store_spec",
+    "remove_from_index",
+    "search",
+    "upsert_index",
+]

@@ -24,8 +24,9 @@ class DenseGallery(Generic[ItemId]):
         queries = queries.numpy() if isinstance(queries, torch.Tensor) else np.asarray(queries)
         return queries.astype(np.float32) @ self.vectors.astype(np.float32).T
 
-    def search(self, queries: torch.Tensor | np.ndarray, k: int,
-               exclude: Iterable[Iterable[ItemId]] | None = None) -> list[list[tuple[ItemId, float]]]:
+    def search(
+        self, queries: torch.Tensor | np.ndarray, k: int, exclude: Iterable[Iterable[ItemId]] | None = None
+    ) -> list[list[tuple[ItemId, float]]]:
         """Top ``k`` (id, score) per query, each query's ``exclude`` ids left out."""
         scores = self.scores(queries)
         excluded = list(exclude) if exclude is not None else [()] * len(scores)

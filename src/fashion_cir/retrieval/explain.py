@@ -39,14 +39,21 @@ def phrase(name: str, value: Any) -> str:
     return PHRASE_NAMES.get(name, "{}").format(value)
 
 
-def explain(requested: Mapping[str, str], reference: Mapping[str, Any] | None, item: Mapping[str, Any]) -> dict[str, list[str]]:
+def explain(
+    requested: Mapping[str, str], reference: Mapping[str, Any] | None, item: Mapping[str, Any]
+) -> dict[str, list[str]]:
     """``satisfied``/``missed``: requested changes the item has or lacks; ``kept``: key attributes
     not asked to change on which the item equals the reference (wildcards such as "none" skipped)."""
     reference = reference or {}
     satisfied = [phrase(n, v) for n, v in requested.items() if _satisfied(n, v, item, reference)]
     missed = [phrase(n, v) for n, v in requested.items() if not _satisfied(n, v, item, reference)]
-    kept = [phrase(n, item.get(n)) for n in KEY_ATTRIBUTES
-            if n not in requested and item.get(n) not in (None, "none", "unknown", "other") and item.get(n) == reference.get(n)]
+    kept = [
+        phrase(n, item.get(n))
+        for n in KEY_ATTRIBUTES
+        if n not in requested
+        and item.get(n) not in (None, "none", "unknown", "other")
+        and item.get(n) == reference.get(n)
+    ]
     return {"satisfied": satisfied, "missed": missed, "kept": kept}
 
 

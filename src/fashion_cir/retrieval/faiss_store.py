@@ -51,13 +51,17 @@ def _new_faiss_index(factory: str, vectors: np.ndarray) -> faiss.Index:
     try:
         index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
-        raise DataError(f"bad FAISS factory string {factory!r} (e.g. 'Flat', 'IVF256,Flat', 'HNSW32'): "
-                        f"{str(exc).strip().splitlines()[-1]}") from exc
+        raise DataError(
+            f"bad FAISS factory string {factory!r} (e.g. 'Flat', 'IVF256,Flat', 'HNSW32'): "
+            f"{str(exc).strip().splitlines()[-1]}"
+        ) from exc
     if not index.is_trained:
         ivf = faiss.try_extract_index_ivf(index)
         if ivf is not None and len(vectors) < ivf.nlist:
-            raise DataError(f"index {factory!r} has {ivf.nlist} lists but the catalog has only {len(vectors)} "
-                            f"images to train them; use fewer lists (about sqrt(N), e.g. 'IVF{max(1, int(len(vectors) ** 0.5))},Flat') or 'Flat'")
+            raise DataError(
+                f"index {factory!r} has {ivf.nlist} lists but the catalog has only {len(vectors)} "
+                f"images to train them; use fewer lists (about sqrt(N), e.g. 'IVF{max(1, int(len(vectors) ** 0.5))},Flat') or 'Flat'"
+            )
         try:
             index.train(vectors)
         except RuntimeError as exc:
@@ -74,7 +78,6 @@ def _set_search_params(index: faiss.Index, nprobe: int, ef_search: int) -> None:
         inner.hnsw.efSearch = ef_search
 
 
-
 def _within(path: str, root: str) -> bool:
     path, root = os.path.normpath(path), os.path.normpath(root)
     return os.path.commonpath([path, root]) == root
@@ -83,7 +86,9 @@ def _within(path: str, root: str) -> bool:
 def _read_data_json(path: Path, what: str, kind: type) -> Any:
     value = read_json(path, what)
     if not isinstance(value, kind):
-        raise DataError(f"{path}: expected a JSON {'list' if kind is list else 'object'}, got {type(value).__name__}; rebuild the index")
+        raise DataError(
+            f"{path}: expected a JSON {'list' if kind is list else 'object'}, got {type(value).__name__}; rebuild the index"
+        )
     return value
 
 
@@ -94,8 +99,10 @@ def _load_features(path: Path, count: int, dim: int) -> np.ndarray:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"corrupt feature file {path}: {reason}; rebuild the index") from exc
     if not isinstance(features, np.ndarray) or features.dtype.kind != "f" or features.shape != (count, dim):
-        raise DataError(f"{path}: expected {count} x {dim} float features, got shape {getattr(features, 'shape', None)} "
-                        f"({getattr(features, 'dtype', '?')}); rebuild the index")
+        raise DataError(
+            f"{path}: expected {count} x {dim} float features, got shape {getattr(features, 'shape', None)} "
+            f"({getattr(features, 'dtype', '?')}); rebuild the index"
+        )
     return features.astype(np.float32, copy=False)
 
 
@@ -120,8 +127,16 @@ class CatalogIndex(CatalogStore):
     metadata: dict[str, dict]  # the base's read-only mappings, held (and changed) in memory here
     paths: dict[str, Path]
 
-    def __init__(self, folder: Path, config: dict[str, Any], ids: list[str], metadata: dict[str, dict],
-                 paths: dict[str, Path], features: np.ndarray, faiss_index: faiss.Index):
+    def __init__(
+        self,
+        folder: Path,
+        config: dict[str, Any],
+        ids: list[str],
+        metadata: dict[str, dict],
+        paths: dict[str, Path],
+        features: np.ndarray,
+        faiss_index: faiss.Index,
+    ):
         self.folder = Path(folder)
         self.config = config
         self.ids = ids
@@ -149,7 +164,9 @@ class CatalogIndex(CatalogStore):
         """An empty index for a new folder whose FAISS index (``config["factory"]``) is trained on
         the item vectors of ``rows``; add the rows with :meth:`add_features`, then :meth:`save`."""
         empty = np.zeros((0, rows.shape[1]), dtype=np.float32)
-        return cls(Path(folder), config, [], {}, {}, empty, _new_faiss_index(config["factory"], item_vectors(rows, config)))
+        return cls(
+            Path(folder), config, [], {}, {}, empty, _new_faiss_index(config["factory"], item_vectors(rows, config))
+        )
 
     @classmethod
     def load(cls, folder: str | Path, model: CIRModel | None = None) -> CatalogIndex:
@@ -165,16 +182,20 @@ class CatalogIndex(CatalogStore):
         count, dim, root = config["count"], config["feature_dim"], config["root"]
         ids = _read_data_json(data / "ids.json", "index ids", list)
         if len(ids) != count or not all(isinstance(i, str) for i in ids) or len(set(ids)) != len(ids):
-            raise DataError(f"{data / 'ids.json'}: expected {count} distinct id strings (the manifest's count), "
-                            f"got {len(ids)} entries; rebuild the index")
+            raise DataError(
+                f"{data / 'ids.json'}: expected {count} distinct id strings (the manifest's count), "
+                f"got {len(ids)} entries; rebuild the index"
+            )
         raw_paths = _read_data_json(data / "paths.json", "index paths", dict)
         paths: dict[str, Path] = {}
         for image_id in ids:
             value = raw_paths.get(image_id)
             full = value if isinstance(value, str) and os.path.isabs(value) else os.path.join(root, str(value))
             if not isinstance(value, str) or not value or not _within(full, root):
-                raise DataError(f"{data / 'paths.json'}: the path of {image_id!r} ({value!r}) is not inside the "
-                                f"catalog root {root}; rebuild the index")
+                raise DataError(
+                    f"{data / 'paths.json'}: the path of {image_id!r} ({value!r}) is not inside the "
+                    f"catalog root {root}; rebuild the index"
+                )
             paths[image_id] = Path(os.path.normpath(full))
         metadata = _read_data_json(data / "metadata.json", "index metadata", dict)
         row_dim = row_width(config)
@@ -184,12 +205,16 @@ class CatalogIndex(CatalogStore):
         except RuntimeError as exc:
             raise DataError(f"corrupt FAISS file {data / 'faiss.index'}: {str(exc).strip().splitlines()[-1]}") from exc
         if faiss_index.ntotal != count or faiss_index.d != row_dim:
-            raise DataError(f"{data / 'faiss.index'}: {faiss_index.ntotal} vectors of dimension {faiss_index.d}, "
-                            f"but the manifest says {count} of dimension {row_dim}; rebuild the index")
+            raise DataError(
+                f"{data / 'faiss.index'}: {faiss_index.ntotal} vectors of dimension {faiss_index.d}, "
+                f"but the manifest says {count} of dimension {row_dim}; rebuild the index"
+            )
         index = cls(folder, config, ids, metadata, paths, features, faiss_index)
         if model is not None and model.backbone.feature_dim != dim:
-            raise ModelError(f"index {folder} holds {dim}-d features but the model {model.backbone.spec} makes "
-                             f"{model.backbone.feature_dim}-d ones; use the model it was built with")
+            raise ModelError(
+                f"index {folder} holds {dim}-d features but the model {model.backbone.spec} makes "
+                f"{model.backbone.feature_dim}-d ones; use the model it was built with"
+            )
         if model is not None:
             index.check_model(model)
         return index
@@ -208,8 +233,9 @@ class CatalogIndex(CatalogStore):
         root = self.config["root"] = catalog_root(self.paths.values(), self.config.get("root"))
         (tmp / "ids.json").write_text(json.dumps(self.ids), encoding="utf-8")
         (tmp / "metadata.json").write_text(json.dumps(self.metadata, default=str), encoding="utf-8")
-        (tmp / "paths.json").write_text(json.dumps({k: os.path.relpath(v, root) for k, v in self.paths.items()}),
-                                        encoding="utf-8")
+        (tmp / "paths.json").write_text(
+            json.dumps({k: os.path.relpath(v, root) for k, v in self.paths.items()}), encoding="utf-8"
+        )
         np.save(tmp / "features.npy", self.features)
         faiss.write_index(self.faiss_index, str(tmp / "faiss.index"))
         for file in tmp.iterdir():
@@ -223,8 +249,9 @@ class CatalogIndex(CatalogStore):
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
 
-    def add_features(self, ids: list[str], features: np.ndarray, metadata: Mapping[str, dict],
-                     paths: Mapping[str, Path]) -> None:
+    def add_features(
+        self, ids: list[str], features: np.ndarray, metadata: Mapping[str, dict], paths: Mapping[str, Path]
+    ) -> None:
         """Append items (raw image features) in memory; call :meth:`save` to persist."""
         if not ids:
             return
@@ -248,8 +275,9 @@ class CatalogIndex(CatalogStore):
         self.rows = {image_id: row for row, image_id in enumerate(self.ids)}
         self._columns = None
 
-    def upsert_features(self, ids: list[str], features: np.ndarray, metadata: Mapping[str, dict],
-                        paths: Mapping[str, Path]) -> None:
+    def upsert_features(
+        self, ids: list[str], features: np.ndarray, metadata: Mapping[str, dict], paths: Mapping[str, Path]
+    ) -> None:
         """Replace the features, metadata and path of known ids and append the new ones (in memory)."""
         features = np.asarray(features, dtype=np.float32)
         position = {image_id: n for n, image_id in enumerate(ids)}
@@ -280,15 +308,20 @@ class CatalogIndex(CatalogStore):
     def _filter_columns(self) -> dict[str, np.ndarray]:
         """Metadata as text columns (built once per change) for vectorised filter evaluation."""
         if self._columns is None:
-            self._columns = {field: np.array([field_text(self.metadata.get(i, {}).get(field)) for i in self.ids], dtype=object)
-                             for field in self.fields}
+            self._columns = {
+                field: np.array([field_text(self.metadata.get(i, {}).get(field)) for i in self.ids], dtype=object)
+                for field in self.fields
+            }
         return self._columns
 
     def _hits(self, scores: np.ndarray, rows: np.ndarray) -> list[SearchHit]:
-        return [SearchHit(self.ids[r], float(s), self.metadata.get(self.ids[r], {})) for s, r in zip(scores, rows) if r >= 0]
+        return [
+            SearchHit(self.ids[r], float(s), self.metadata.get(self.ids[r], {})) for s, r in zip(scores, rows) if r >= 0
+        ]
 
-    def search_vectors(self, queries: np.ndarray, k: int, exclude: Iterable[str] = (),
-                       filter: Filter | None = None) -> list[list[SearchHit]]:
+    def search_vectors(
+        self, queries: np.ndarray, k: int, exclude: Iterable[str] = (), filter: Filter | None = None
+    ) -> list[list[SearchHit]]:
         """Top ``k`` items per normalised query among the rows that match ``filter`` and are not in
         ``exclude``: FAISS pre-filters with an id selector; when an approximate index finds fewer
         than ``k`` of the allowed rows (a selective filter), those are ranked exactly."""
@@ -300,7 +333,9 @@ class CatalogIndex(CatalogStore):
                 return [[] for _ in range(len(queries))]
             scores, rows = self.faiss_index.search(queries, k)
             return [self._hits(s, r) for s, r in zip(scores, rows)]
-        allowed = filter.mask(self._filter_columns(), len(self.ids)) if filter is not None else np.ones(len(self.ids), bool)
+        allowed = (
+            filter.mask(self._filter_columns(), len(self.ids)) if filter is not None else np.ones(len(self.ids), bool)
+        )
         allowed[excluded] = False
         allowed_rows = np.flatnonzero(allowed)
         k = min(k, len(allowed_rows))
@@ -316,4 +351,3 @@ class CatalogIndex(CatalogStore):
                 score_row, id_row = np.array([s for _, s in ranked]), np.array([r for r, _ in ranked])
             results.append(self._hits(score_row, id_row))
         return results
-

@@ -28,8 +28,10 @@ import numpy as np
 from ..errors import DataError
 
 FIELD_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-_TOKEN = re.compile(r"""\s*(?:(?P<string>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')|(?P<number>-?\d+(?:\.\d+)?)|"""
-                    r"""(?P<op>==|!=|\(|\)|\[|\]|,)|(?P<word>[A-Za-z_][A-Za-z0-9_]*)|(?P<bad>\S))""")
+_TOKEN = re.compile(
+    r"""\s*(?:(?P<string>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')|(?P<number>-?\d+(?:\.\d+)?)|"""
+    r"""(?P<op>==|!=|\(|\)|\[|\]|,)|(?P<word>[A-Za-z_][A-Za-z0-9_]*)|(?P<bad>\S))"""
+)
 NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?\Z")
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 KEYWORDS = {"and", "or", "not", "in", "true", "false"}
@@ -272,21 +274,25 @@ def parse_filter(text: str, fields: Iterable[str] | None = None) -> Filter:
         raise FilterError(f"filter is too long ({len(text)} characters; at most {MAX_FILTER_CHARS})")
     control = CONTROL.search(text)
     if control:
-        raise FilterError(f"bad filter {_shown(text)!r}: control character U+{ord(control.group()):04X} at position "
-                          f"{control.start() + 1}; a filter is plain text")
+        raise FilterError(
+            f"bad filter {_shown(text)!r}: control character U+{ord(control.group()):04X} at position "
+            f"{control.start() + 1}; a filter is plain text"
+        )
     parsed = Filter(text, _Parser(text).parse())
     if fields is not None:
         known = set(fields)
         unknown = sorted(parsed.fields - known)
         if unknown:
-            raise FilterError(f"bad filter {_shown(text)!r}: unknown field {unknown[0]!r} (filterable fields: "
-                              f"{', '.join(sorted(known)) or 'none'})")
+            raise FilterError(
+                f"bad filter {_shown(text)!r}: unknown field {unknown[0]!r} (filterable fields: "
+                f"{', '.join(sorted(known)) or 'none'})"
+            )
     return parsed
 
 
 def _shown(text: str) -> str:
     """The filter as error messages quote it: its first :data:`SHOWN_CHARS` characters."""
-    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
 
 
 def filterable_fields(metadata: Iterable[Mapping[str, Any]]) -> list[str]:

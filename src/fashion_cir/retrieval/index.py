@@ -27,33 +27,58 @@ from .policy import item_parts
 from .store import CatalogStore, StoreSpec, parse_store_spec
 
 
-def _encode(model: CIRModel, paths: dict[str, Path], cache_dir: Path, batch_size: int, num_workers: int,
-            progress: bool) -> tuple[list[str], np.ndarray, dict[str, Any]]:
+def _encode(
+    model: CIRModel, paths: dict[str, Path], cache_dir: Path, batch_size: int, num_workers: int, progress: bool
+) -> tuple[list[str], np.ndarray, dict[str, Any]]:
     cache = FeatureCache(cache_dir)
-    ids, features = cache.encode(model.backbone, paths, batch_size=batch_size, num_workers=num_workers,
-                                 on_error="skip", progress=progress)
+    ids, features = cache.encode(
+        model.backbone, paths, batch_size=batch_size, num_workers=num_workers, on_error="skip", progress=progress
+    )
     stats = cache.last_stats
     encoded = set(ids)
     failures = {i: stats.errors.get(i, "not encoded") for i in paths if i not in encoded}
-    return ids, features, {"requested": stats.requested, "computed": stats.computed, "reused": stats.reused,
-                           "failed": len(failures), "failures": failures, "encode_seconds": round(stats.seconds, 3)}
+    return (
+        ids,
+        features,
+        {
+            "requested": stats.requested,
+            "computed": stats.computed,
+            "reused": stats.reused,
+            "failed": len(failures),
+            "failures": failures,
+            "encode_seconds": round(stats.seconds, 3),
+        },
+    )
 
 
-def _stored_rows(model: CIRModel, ids: list[str], features: np.ndarray, metadata: Mapping[str, dict],
-                 cache_dir: Path) -> np.ndarray:
+def _stored_rows(
+    model: CIRModel, ids: list[str], features: np.ndarray, metadata: Mapping[str, dict], cache_dir: Path
+) -> np.ndarray:
     """The rows an index stores (see :func:`~fashion_cir.retrieval.store.item_vectors`): raw image
     features, then the item's description features and attributes where the model reads them."""
     parts = [p.numpy() for p in item_parts(model, ids, metadata, cache_dir) if p is not None]
     return np.concatenate([features.astype(np.float32), *parts], axis=1) if parts else features
 
 
-def build_index(folder: str | Path, model: CIRModel, images: str | Path | Mapping[str, str | Path],
-                metadata: str | Path | Iterable[str | Path] | Mapping[str, dict] | None = None, *,
-                ids: Iterable[str] | None = None, factory: str = DEFAULT_FACTORY, nprobe: int = 16,
-                ef_search: int = 64, cache_dir: str | Path | None = None, batch_size: int = 64,
-                num_workers: int = 0, overwrite: bool = False, progress: bool = True,
-                store: str | StoreSpec = "faiss", milvus: Mapping[str, Any] | None = None,
-                max_failed_share: float = DEFAULT_MAX_FAILED_SHARE) -> CatalogStore:
+def build_index(
+    folder: str | Path,
+    model: CIRModel,
+    images: str | Path | Mapping[str, str | Path],
+    metadata: str | Path | Iterable[str | Path] | Mapping[str, dict] | None = None,
+    *,
+    ids: Iterable[str] | None = None,
+    factory: str = DEFAULT_FACTORY,
+    nprobe: int = 16,
+    ef_search: int = 64,
+    cache_dir: str | Path | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+    store: str | StoreSpec = "faiss",
+    milvus: Mapping[str, Any] | None = None,
+    max_failed_share: float = DEFAULT_MAX_FAILED_SHARE,
+) -> CatalogStore:
     """Encode a catalog with ``model`` and write a new index folder.
 
     Images that cannot be decoded are left out and listed with their reasons in
@@ -67,26 +92,41 @@ def build_index(folder: str | Path, model: CIRModel, images: str | Path | Mappin
     spec = parse_store_spec(store) if isinstance(store, str) else store
     with folder_lock(folder):
         if (folder / INDEX_FILE).exists() and not overwrite:
-            raise DataError(f"an index already exists in {folder}; add images with `fashion-cir index add`, "
-                            "or rebuild with --overwrite")
+            raise DataError(
+                f"an index already exists in {folder}; add images with `fashion-cir index add`, "
+                "or rebuild with --overwrite"
+            )
         paths, meta = load_catalog(images, metadata, ids)
-        encoded, features, report = _encode(model, paths, Path(cache_dir or folder / "feature-cache"),
-                                            batch_size, num_workers, progress)
+        encoded, features, report = _encode(
+            model, paths, Path(cache_dir or folder / "feature-cache"), batch_size, num_workers, progress
+        )
         check_failures(report["failures"], len(paths), max_failed_share, "catalog images")
         start = time.perf_counter()
         rows = _stored_rows(model, encoded, features, meta, Path(cache_dir or folder / "feature-cache"))
         backbone = model.backbone
         factory = resolve_factory(factory, len(encoded))
-        config = {"format": FORMAT, "store": spec.to_config(), "fields": filterable_fields(meta.values()),
-                  "factory": factory, "metric": "inner_product", "feature_dim": int(features.shape[1]),
-                  "matcher": model.matcher.config() if model.matcher is not None else None,
-                  "attributes": model.attribute_space.names if model.attribute_space is not None else None,
-                  "blocks": model.block_dims(),
-                  "nprobe": nprobe, "ef_search": ef_search, "backbone": backbone.spec,
-                  "model_dir": str(model.source) if model.source else None,
-                  "preprocess": backbone.preprocess_description, "image_fingerprint": backbone.image_fingerprint(),
-                  "count": 0, "data": None, "root": catalog_root(paths[i] for i in encoded),
-                  "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": environment_info()}
+        config = {
+            "format": FORMAT,
+            "store": spec.to_config(),
+            "fields": filterable_fields(meta.values()),
+            "factory": factory,
+            "metric": "inner_product",
+            "feature_dim": int(features.shape[1]),
+            "matcher": model.matcher.config() if model.matcher is not None else None,
+            "attributes": model.attribute_space.names if model.attribute_space is not None else None,
+            "blocks": model.block_dims(),
+            "nprobe": nprobe,
+            "ef_search": ef_search,
+            "backbone": backbone.spec,
+            "model_dir": str(model.source) if model.source else None,
+            "preprocess": backbone.preprocess_description,
+            "image_fingerprint": backbone.image_fingerprint(),
+            "count": 0,
+            "data": None,
+            "root": catalog_root(paths[i] for i in encoded),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "versions": environment_info(),
+        }
         if spec.kind == "milvus":
             index: CatalogStore = MilvusIndex.create(folder, config, dict(milvus or {}), overwrite=overwrite)
         else:
@@ -101,11 +141,20 @@ def build_index(folder: str | Path, model: CIRModel, images: str | Path | Mappin
     return index
 
 
-def add_to_index(folder: str | Path, model: CIRModel, images: str | Path | Mapping[str, str | Path],
-                 metadata: str | Path | Iterable[str | Path] | Mapping[str, dict] | None = None, *,
-                 replace: bool = False, ids: Iterable[str] | None = None, cache_dir: str | Path | None = None,
-                 batch_size: int = 64, num_workers: int = 0, progress: bool = True,
-                 max_failed_share: float = DEFAULT_MAX_FAILED_SHARE) -> CatalogStore:
+def add_to_index(
+    folder: str | Path,
+    model: CIRModel,
+    images: str | Path | Mapping[str, str | Path],
+    metadata: str | Path | Iterable[str | Path] | Mapping[str, dict] | None = None,
+    *,
+    replace: bool = False,
+    ids: Iterable[str] | None = None,
+    cache_dir: str | Path | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    progress: bool = True,
+    max_failed_share: float = DEFAULT_MAX_FAILED_SHARE,
+) -> CatalogStore:
     """Add catalog images to an index: the ids not in it yet (only those are encoded), or with
     ``replace`` every given image, whose features, metadata and path then replace the stored ones
     (the feature cache, keyed by file content, reuses unchanged images). Refuses a model whose
@@ -122,7 +171,9 @@ def add_to_index(folder: str | Path, model: CIRModel, images: str | Path | Mappi
         if todo:
             cache = Path(cache_dir or index.folder / "feature-cache")
             encoded, features, report = _encode(model, todo, cache, batch_size, num_workers, progress)
-            check_failures(report["failures"], len(todo), max_failed_share, "catalog images" if replace else "new catalog images")
+            check_failures(
+                report["failures"], len(todo), max_failed_share, "catalog images" if replace else "new catalog images"
+            )
             index.config["root"] = catalog_root((todo[i] for i in encoded), index.config.get("root"))
             replaced = sum(1 for i in encoded if i in index)
             write = index.upsert_features if replace else index.add_features
@@ -131,13 +182,22 @@ def add_to_index(folder: str | Path, model: CIRModel, images: str | Path | Mappi
     if replace:
         index.report = {**report, "replaced": replaced, "added": len(encoded) - replaced}
     else:
-        index.report = {**report, "requested": len(paths), "already_indexed": len(paths) - len(todo),
-                        "added": report["computed"] + report["reused"]}
+        index.report = {
+            **report,
+            "requested": len(paths),
+            "already_indexed": len(paths) - len(todo),
+            "added": report["computed"] + report["reused"],
+        }
     return index
 
 
-def upsert_index(folder: str | Path, model: CIRModel, images: str | Path | Mapping[str, str | Path],
-                 metadata: str | Path | Iterable[str | Path] | Mapping[str, dict] | None = None, **options: Any) -> CatalogStore:
+def upsert_index(
+    folder: str | Path,
+    model: CIRModel,
+    images: str | Path | Mapping[str, str | Path],
+    metadata: str | Path | Iterable[str | Path] | Mapping[str, dict] | None = None,
+    **options: Any,
+) -> CatalogStore:
     """Insert or replace catalog items: :func:`add_to_index` with ``replace=True``."""
     return add_to_index(folder, model, images, metadata, replace=True, **options)
 

@@ -34,8 +34,10 @@ def catalog_root(paths: Iterable[str | Path], root: str | None = None) -> str:
     folders = sorted({str(Path(p).resolve().parent) for p in paths} | ({root} if root else set()))
     common = os.path.commonpath(folders) if folders else os.sep
     if _filesystem_root(common):
-        raise DataError(f"the catalog images share no folder below the filesystem root ({' and '.join(folders[:2])}); "
-                        "keep a catalog's images under one folder")
+        raise DataError(
+            f"the catalog images share no folder below the filesystem root ({' and '.join(folders[:2])}); "
+            "keep a catalog's images under one folder"
+        )
     return common
 
 
@@ -91,8 +93,9 @@ class IndexManifest(BaseModel):
                 raise ValueError(f"field 'data' must be str, got {self.data!r}{REBUILD}")
             if not DATA_NAME.fullmatch(self.data):
                 raise ValueError(f"field 'data' must name a data-NNNNNN folder inside the index, got {self.data!r}")
-        if self.blocks is not None and not (self.blocks.get("image") == self.feature_dim
-                                            and all(v > 0 for v in self.blocks.values())):
+        if self.blocks is not None and not (
+            self.blocks.get("image") == self.feature_dim and all(v > 0 for v in self.blocks.values())
+        ):
             raise ValueError(_MESSAGES["blocks"])
         return self
 
@@ -103,8 +106,16 @@ _MESSAGES = {
     "fields": f"field 'fields' must list metadata field names (identifiers){REBUILD}",
     "blocks": f"field 'blocks' must map block names to widths, the image block's being feature_dim{REBUILD}",
 }
-_TYPED = {"feature_dim": "int", "backbone": "str", "image_fingerprint": "str", "root": "str", "count": "int",
-          "nprobe": "int", "ef_search": "int", "factory": "str"}
+_TYPED = {
+    "feature_dim": "int",
+    "backbone": "str",
+    "image_fingerprint": "str",
+    "root": "str",
+    "count": "int",
+    "nprobe": "int",
+    "ef_search": "int",
+    "factory": "str",
+}
 _POSITIVE = f"count, feature_dim, nprobe and ef_search must be positive{REBUILD}"
 
 
@@ -142,7 +153,9 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     path = folder / INDEX_FILE
     if not path.is_file():
-        raise DataError(f"not a fashion-cir index folder (no {INDEX_FILE}): {folder}; build one with `fashion-cir index build`")
+        raise DataError(
+            f"not a fashion-cir index folder (no {INDEX_FILE}): {folder}; build one with `fashion-cir index build`"
+        )
     config = read_json(path, "index manifest")
     check_manifest(config, path)
     return config

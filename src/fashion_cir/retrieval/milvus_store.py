@@ -34,7 +34,12 @@ MAX_TEXT = 65535
 BATCH = 1000
 COLLECTION = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 PENDING = ".milvus-build.json"  # names the collection of a build that has not written index.json yet
-DEFAULT_INDEX = {"FLAT": {}, "IVF_FLAT": {"nlist": 1024}, "IVF_SQ8": {"nlist": 1024}, "HNSW": {"M": 16, "efConstruction": 200}}
+DEFAULT_INDEX = {
+    "FLAT": {},
+    "IVF_FLAT": {"nlist": 1024},
+    "IVF_SQ8": {"nlist": 1024},
+    "HNSW": {"M": 16, "efConstruction": 200},
+}
 _clients: dict[str, Any] = {}
 _clients_lock = threading.Lock()
 
@@ -43,8 +48,9 @@ def _pymilvus():
     try:
         import pymilvus
     except ImportError as exc:
-        raise FashionCIRError("the milvus store needs pymilvus (and milvus-lite for .db files): "
-                              "pip install 'fashion-cir[milvus]'") from exc
+        raise FashionCIRError(
+            "the milvus store needs pymilvus (and milvus-lite for .db files): pip install 'fashion-cir[milvus]'"
+        ) from exc
     return pymilvus
 
 
@@ -59,9 +65,11 @@ def client_for(uri: str):
                 _clients[uri] = pymilvus.MilvusClient(uri, timeout=30)
             except pymilvus.exceptions.MilvusException as exc:
                 if uri.endswith(".db"):
-                    raise DataError(f"cannot open the milvus-lite file {uri} ({exc.message}): milvus-lite lets one "
-                                    "process use a file at a time; stop the other one (e.g. `fashion-cir serve`) "
-                                    "or use a Milvus server (milvus:http://host:19530)") from exc
+                    raise DataError(
+                        f"cannot open the milvus-lite file {uri} ({exc.message}): milvus-lite lets one "
+                        "process use a file at a time; stop the other one (e.g. `fashion-cir serve`) "
+                        "or use a Milvus server (milvus:http://host:19530)"
+                    ) from exc
                 raise DataError(f"cannot connect to Milvus at {uri}: {exc.message}") from exc
         return _clients[uri]
 
@@ -166,13 +174,17 @@ class MilvusIndex(CatalogStore):
 
     # -- creation and opening --------------------------------------------------------------------
     @classmethod
-    def create(cls, folder: Path, config: dict[str, Any], options: Mapping[str, Any], overwrite: bool = False) -> MilvusIndex:
+    def create(
+        cls, folder: Path, config: dict[str, Any], options: Mapping[str, Any], overwrite: bool = False
+    ) -> MilvusIndex:
         """Create the collection (schema from ``config['fields']``) for a new index folder."""
         pymilvus = _pymilvus()
         folder = Path(folder)
         name = options.get("collection") or "fashion_cir_" + re.sub(r"\W", "_", folder.resolve().name)
         if not COLLECTION.fullmatch(name):
-            raise DataError(f"bad Milvus collection name {name!r}: letters, digits and underscores, not starting with a digit")
+            raise DataError(
+                f"bad Milvus collection name {name!r}: letters, digits and underscores, not starting with a digit"
+            )
         index = dict(parse_index_option(options.get("index", "FLAT")))
         config["store"] = {**config["store"], "collection": name, **index}
         store = cls(folder, config)
@@ -180,8 +192,10 @@ class MilvusIndex(CatalogStore):
         uri = config["store"]["uri"]
         if client.has_collection(name):
             if not (overwrite or _interrupted_build(folder, uri, name)):
-                raise DataError(f"Milvus collection {name!r} already exists at {uri}; "
-                                "choose another with --milvus-collection, or rebuild with --overwrite")
+                raise DataError(
+                    f"Milvus collection {name!r} already exists at {uri}; "
+                    "choose another with --milvus-collection, or rebuild with --overwrite"
+                )
             client.drop_collection(name)
         write_json(folder / PENDING, {"uri": uri, "collection": name})
         schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -194,14 +208,18 @@ class MilvusIndex(CatalogStore):
         for field in config["fields"]:
             schema.add_field(FIELD_PREFIX + field, DataType.VARCHAR, max_length=MAX_TEXT)
         params = client.prepare_index_params()
-        params.add_index(field_name="vector", index_type=index["index_type"], metric_type="IP", params=index["index_params"])
+        params.add_index(
+            field_name="vector", index_type=index["index_type"], metric_type="IP", params=index["index_params"]
+        )
         try:
             with _quiet():
                 client.create_collection(name, schema=schema, index_params=params, consistency_level="Strong")
         except pymilvus.exceptions.MilvusException as exc:
             (folder / PENDING).unlink(missing_ok=True)
-            raise DataError(f"cannot create Milvus collection {name!r} with index {index['index_type']} "
-                            f"{index['index_params']}: {exc.message}") from exc
+            raise DataError(
+                f"cannot create Milvus collection {name!r} with index {index['index_type']} "
+                f"{index['index_params']}: {exc.message}"
+            ) from exc
         return store
 
     @classmethod
@@ -211,13 +229,17 @@ class MilvusIndex(CatalogStore):
         _check_store(folder, config["store"])
         store = cls(folder, config)
         if not store.client.has_collection(store.collection):
-            raise DataError(f"index {folder}: Milvus collection {store.collection!r} is missing at "
-                            f"{config['store']['uri']}; rebuild the index")
+            raise DataError(
+                f"index {folder}: Milvus collection {store.collection!r} is missing at "
+                f"{config['store']['uri']}; rebuild the index"
+            )
         fields = {f["name"]: f for f in store.client.describe_collection(store.collection)["fields"]}
         dim = int((fields.get("vector") or {}).get("params", {}).get("dim", -1))
         if dim != row_width(config):
-            raise DataError(f"index {folder}: Milvus collection {store.collection!r} holds {dim}-value vectors but the "
-                            f"manifest's blocks {config.get('blocks')} make {row_width(config)}; rebuild the index")
+            raise DataError(
+                f"index {folder}: Milvus collection {store.collection!r} holds {dim}-value vectors but the "
+                f"manifest's blocks {config.get('blocks')} make {row_width(config)}; rebuild the index"
+            )
         store.client.load_collection(store.collection)
         return store
 
@@ -227,7 +249,7 @@ class MilvusIndex(CatalogStore):
         ``get``/``delete`` by ids quote them without escaping)."""
         rows: list[dict] = []
         for start in range(0, len(ids), BATCH):
-            batch = ids[start:start + BATCH]
+            batch = ids[start : start + BATCH]
             rows.extend(self.client.query(self.collection, filter=_id_in(batch), output_fields=fields))
         return rows
 
@@ -240,7 +262,9 @@ class MilvusIndex(CatalogStore):
     def _scan(self, expression: str, fields: list[str]) -> list[dict]:
         """Every row matching ``expression`` (through a query iterator)."""
         with _quiet():
-            iterator = self.client.query_iterator(self.collection, batch_size=BATCH, filter=expression, output_fields=fields)
+            iterator = self.client.query_iterator(
+                self.collection, batch_size=BATCH, filter=expression, output_fields=fields
+            )
             rows: list[dict] = []
             while batch := iterator.next():
                 rows.extend(batch)
@@ -269,12 +293,18 @@ class MilvusIndex(CatalogStore):
 
     def _search_params(self) -> dict[str, Any]:
         kind = self.milvus["index_type"]
-        params = {"nprobe": self.config["nprobe"]} if kind.startswith("IVF") else \
-            {"ef": self.config["ef_search"]} if kind == "HNSW" else {}
+        params = (
+            {"nprobe": self.config["nprobe"]}
+            if kind.startswith("IVF")
+            else {"ef": self.config["ef_search"]}
+            if kind == "HNSW"
+            else {}
+        )
         return {"metric_type": "IP", "params": params}
 
-    def search_vectors(self, queries: np.ndarray, k: int, exclude: Iterable[str] = (),
-                       filter: Filter | None = None) -> list[list[SearchHit]]:
+    def search_vectors(
+        self, queries: np.ndarray, k: int, exclude: Iterable[str] = (), filter: Filter | None = None
+    ) -> list[list[SearchHit]]:
         """Filtered search in Milvus; when an approximate index returns fewer than ``k`` of the
         allowed items (a selective filter), the allowed items are ranked exactly here."""
         clauses = [filter.to_milvus(FIELD_PREFIX)] if filter is not None else []
@@ -283,15 +313,23 @@ class MilvusIndex(CatalogStore):
             clauses.append(f"(id not in {milvus_list(excluded)})")
         expression = " and ".join(clauses)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        answers = self.client.search(self.collection, data=queries.tolist(), filter=expression, limit=k,
-                                     output_fields=["meta"], search_params=self._search_params())
+        answers = self.client.search(
+            self.collection,
+            data=queries.tolist(),
+            filter=expression,
+            limit=k,
+            output_fields=["meta"],
+            search_params=self._search_params(),
+        )
         results = []
         allowed: int | None = None
         for query, answer in zip(queries, answers):
             hits = [SearchHit(hit["id"], float(hit["distance"]), json.loads(hit["entity"]["meta"])) for hit in answer]
             if len(hits) < k:
                 if allowed is None:
-                    allowed = int(self.client.query(self.collection, filter=expression, output_fields=["count(*)"])[0]["count(*)"])
+                    allowed = int(
+                        self.client.query(self.collection, filter=expression, output_fields=["count(*)"])[0]["count(*)"]
+                    )
                 if allowed > len(hits):
                     hits = self._exact(query, k, expression)
             results.append(hits)
@@ -304,13 +342,16 @@ class MilvusIndex(CatalogStore):
         return [SearchHit(rows[i]["id"], float(scores[i]), json.loads(rows[i]["meta"])) for i in top]
 
     # -- writing ---------------------------------------------------------------------------------
-    def _rows(self, ids: list[str], features: np.ndarray, metadata: Mapping[str, dict],
-              paths: Mapping[str, Path]) -> list[dict]:
+    def _rows(
+        self, ids: list[str], features: np.ndarray, metadata: Mapping[str, dict], paths: Mapping[str, Path]
+    ) -> list[dict]:
         features = np.asarray(features, dtype=np.float32)
         width = row_width(self.config)
         if features.ndim != 2 or features.shape[1] != width:
-            raise DataError(f"index {self.folder} stores rows of {width} values ({self.config.get('blocks')}), "
-                            f"got {features.shape[-1] if features.ndim else 0}; use the model the index was built with")
+            raise DataError(
+                f"index {self.folder} stores rows of {width} values ({self.config.get('blocks')}), "
+                f"got {features.shape[-1] if features.ndim else 0}; use the model the index was built with"
+            )
         dim = int(self.config["feature_dim"])
         norms = np.maximum(np.linalg.norm(features[:, :dim], axis=1), 1e-12)
         vectors = item_vectors(features, self.config)
@@ -319,15 +360,23 @@ class MilvusIndex(CatalogStore):
             meta = dict(metadata.get(image_id, {}))
             encoded = json.dumps(meta, default=str, ensure_ascii=False)
             if len(encoded.encode("utf-8")) > MAX_TEXT:
-                raise DataError(f"metadata of item {image_id!r} is {len(encoded)} characters of JSON; the Milvus store keeps at most {MAX_TEXT} bytes")
-            row = {"id": image_id, "vector": feature.tolist(), "norm": float(norm),
-                   "path": str(Path(paths[image_id]).resolve()), "meta": encoded}
-            row.update({FIELD_PREFIX + f: field_text(meta.get(f))[:MAX_TEXT // 4] for f in self.fields})
+                raise DataError(
+                    f"metadata of item {image_id!r} is {len(encoded)} characters of JSON; the Milvus store keeps at most {MAX_TEXT} bytes"
+                )
+            row = {
+                "id": image_id,
+                "vector": feature.tolist(),
+                "norm": float(norm),
+                "path": str(Path(paths[image_id]).resolve()),
+                "meta": encoded,
+            }
+            row.update({FIELD_PREFIX + f: field_text(meta.get(f))[: MAX_TEXT // 4] for f in self.fields})
             rows.append(row)
         return rows
 
-    def add_features(self, ids: list[str], features: np.ndarray, metadata: Mapping[str, dict],
-                     paths: Mapping[str, Path]) -> None:
+    def add_features(
+        self, ids: list[str], features: np.ndarray, metadata: Mapping[str, dict], paths: Mapping[str, Path]
+    ) -> None:
         if not ids:
             return
         already = [row["id"] for row in self._get(list(ids), ["id"])]
@@ -335,20 +384,21 @@ class MilvusIndex(CatalogStore):
             raise DataError(f"{len(already)} ids are already in index {self.folder}, first: {already[0]!r}; use upsert")
         rows = self._rows(ids, features, metadata, paths)
         for start in range(0, len(rows), BATCH):
-            self.client.insert(self.collection, rows[start:start + BATCH])
+            self.client.insert(self.collection, rows[start : start + BATCH])
 
-    def upsert_features(self, ids: list[str], features: np.ndarray, metadata: Mapping[str, dict],
-                        paths: Mapping[str, Path]) -> None:
+    def upsert_features(
+        self, ids: list[str], features: np.ndarray, metadata: Mapping[str, dict], paths: Mapping[str, Path]
+    ) -> None:
         rows = self._rows(ids, features, metadata, paths)
         for start in range(0, len(rows), BATCH):
-            self.client.upsert(self.collection, rows[start:start + BATCH])
+            self.client.upsert(self.collection, rows[start : start + BATCH])
 
     def remove(self, ids: Iterable[str]) -> list[str]:
         wanted = list(dict.fromkeys(ids))
         present = {row["id"] for row in self._get(wanted, ["id"])}
         gone = [i for i in wanted if i in present]
         for start in range(0, len(gone), BATCH):
-            self.client.delete(self.collection, filter=_id_in(gone[start:start + BATCH]))
+            self.client.delete(self.collection, filter=_id_in(gone[start : start + BATCH]))
         return gone
 
     def save(self) -> None:

@@ -42,9 +42,13 @@ class Reference:
     source: str  # catalog | predicted | none
 
 
-def resolve_references(model: CIRModel, policy: ReferencePolicy, ids: Sequence[str | None],
-                       image_features: torch.Tensor | None,
-                       records: Mapping[str, Mapping[str, Any]] | None) -> list[Reference]:
+def resolve_references(
+    model: CIRModel,
+    policy: ReferencePolicy,
+    ids: Sequence[str | None],
+    image_features: torch.Tensor | None,
+    records: Mapping[str, Mapping[str, Any]] | None,
+) -> list[Reference]:
     """One :class:`Reference` per query: ``ids`` are catalog ids (None: an upload), ``image_features``
     the references' raw features [n, d] (None: queries without a reference)."""
     records = records or {}
@@ -68,9 +72,14 @@ def resolve_references(model: CIRModel, policy: ReferencePolicy, ids: Sequence[s
     return [r for r in out if r is not None]
 
 
-def references(model: CIRModel, policy: ReferencePolicy, ids: Sequence[str | None], image_features: torch.Tensor | None,
-               records: Mapping[str, Mapping[str, Any]] | None,
-               prompts: Sequence[str | None] | None = None) -> tuple[list[str | None], list[dict | None]]:
+def references(
+    model: CIRModel,
+    policy: ReferencePolicy,
+    ids: Sequence[str | None],
+    image_features: torch.Tensor | None,
+    records: Mapping[str, Mapping[str, Any]] | None,
+    prompts: Sequence[str | None] | None = None,
+) -> tuple[list[str | None], list[dict | None]]:
     """(descriptions, attributes) of the queries' references; ``prompts`` (a triplet's own
     ``reference_prompt``) replace catalog descriptions where given."""
     resolved = resolve_references(model, policy, ids, image_features, records)
@@ -80,22 +89,30 @@ def references(model: CIRModel, policy: ReferencePolicy, ids: Sequence[str | Non
     return descriptions, [r.attributes for r in resolved]
 
 
-def item_parts(model: CIRModel, ids: Sequence[str], records: Mapping[str, Mapping[str, Any]] | None,
-               cache_root: str | Path | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def item_parts(
+    model: CIRModel, ids: Sequence[str], records: Mapping[str, Mapping[str, Any]] | None, cache_root: str | Path | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """What items are besides their pixels, as the model reads them: description features (cached
     under ``cache_root``) and attribute one-hots, from ``records`` (None where the model reads neither)."""
     records = records or {}
     described = attributes = None
     if model.matcher is not None:
         texts = [records.get(i, {}).get("description") for i in ids]
-        described = DescriptionBank(cache_root).features(model.matcher, [t if isinstance(t, str) else None for t in texts])
+        described = DescriptionBank(cache_root).features(
+            model.matcher, [t if isinstance(t, str) else None for t in texts]
+        )
     if model.attribute_space is not None:
         attributes = model.attribute_space.one_hot([records.get(i) for i in ids])
     return described, attributes
 
 
-def catalog_items(model: CIRModel, image_features: torch.Tensor, ids: Sequence[str],
-                  records: Mapping[str, Mapping[str, Any]] | None, cache_root: str | Path | None) -> torch.Tensor:
+def catalog_items(
+    model: CIRModel,
+    image_features: torch.Tensor,
+    ids: Sequence[str],
+    records: Mapping[str, Mapping[str, Any]] | None,
+    cache_root: str | Path | None,
+) -> torch.Tensor:
     """Item vectors of catalog items (see :func:`item_parts`)."""
     with torch.no_grad():
         return model.item_vectors(image_features.float(), *item_parts(model, ids, records, cache_root))

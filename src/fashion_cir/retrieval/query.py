@@ -44,7 +44,9 @@ def encode_reference_image(model: CIRModel, image: Image.Image) -> torch.Tensor:
 
 def attribute_filter(values: Mapping[str, list[str]], base: Filter | None = None) -> Filter | None:
     """``base`` and, per attribute, "one of these values" (e.g. {"category": ["dress"]})."""
-    parts: list[Node] = [Compare(name, False, tuple(dict.fromkeys(str(v) for v in vals))) for name, vals in values.items() if vals]
+    parts: list[Node] = [
+        Compare(name, False, tuple(dict.fromkeys(str(v) for v in vals))) for name, vals in values.items() if vals
+    ]
     if base is not None:
         parts.insert(0, base.root)
     if not parts:
@@ -54,10 +56,19 @@ def attribute_filter(values: Mapping[str, list[str]], base: Filter | None = None
     return Filter(text, parts[0] if len(parts) == 1 else BoolOp("and", tuple(parts)))
 
 
-def composed_search(model: CIRModel, index: CatalogStore, image: Image.Image | None = None, item_id: str | None = None,
-                    text: str = "", k: int = 10, offset: int = 0, exclude_reference: bool = False,
-                    filters: Mapping[str, list[str]] | None = None, same_type: bool = False,
-                    filter: Filter | None = None) -> SearchResult:
+def composed_search(
+    model: CIRModel,
+    index: CatalogStore,
+    image: Image.Image | None = None,
+    item_id: str | None = None,
+    text: str = "",
+    k: int = 10,
+    offset: int = 0,
+    exclude_reference: bool = False,
+    filters: Mapping[str, list[str]] | None = None,
+    same_type: bool = False,
+    filter: Filter | None = None,
+) -> SearchResult:
     """Reference (an uploaded ``image`` or a catalog ``item_id``) + relative ``text`` -> results
     ``offset`` .. ``offset + k`` that pass ``filter`` (a parsed expression), ``filters``
     (attribute -> allowed values) and, with ``same_type``, share the reference's category (the
@@ -66,8 +77,10 @@ def composed_search(model: CIRModel, index: CatalogStore, image: Image.Image | N
     categories is refused (FilterError): one of the two would silently override the other."""
     categories = [v for v in (filters or {}).get("category", []) if v]
     if same_type and categories:
-        raise FilterError(f"same type as the reference cannot be combined with category {categories}: "
-                          "it keeps only the reference's own category; choose one of the two")
+        raise FilterError(
+            f"same type as the reference cannot be combined with category {categories}: "
+            "it keeps only the reference's own category; choose one of the two"
+        )
     if image is not None and item_id is not None:
         raise DataError("give a reference image or a catalog id, not both")
     if item_id is not None and item_id not in index:
@@ -96,14 +109,31 @@ def composed_search(model: CIRModel, index: CatalogStore, image: Image.Image | N
             wanted["category"] = [str(category)]
     exclude = [item_id] if exclude_reference and item_id is not None else []
     # one extra hit says whether a further page exists
-    hits = index.search_vectors(query.float().cpu().numpy(), offset + k + 1, exclude, attribute_filter(wanted, filter))[0]
-    return SearchResult(hits[offset:offset + k], query_text, reference.description, reference.source, attributes, wanted, offset,
-                        len(hits) > offset + k)
+    hits = index.search_vectors(query.float().cpu().numpy(), offset + k + 1, exclude, attribute_filter(wanted, filter))[
+        0
+    ]
+    return SearchResult(
+        hits[offset : offset + k],
+        query_text,
+        reference.description,
+        reference.source,
+        attributes,
+        wanted,
+        offset,
+        len(hits) > offset + k,
+    )
 
 
-def search(model: CIRModel, index: CatalogStore, image: Image.Image | None = None, item_id: str | None = None,
-           text: str = "", k: int = 10, exclude_reference: bool = False,
-           filter: Filter | None = None) -> list[SearchHit]:
+def search(
+    model: CIRModel,
+    index: CatalogStore,
+    image: Image.Image | None = None,
+    item_id: str | None = None,
+    text: str = "",
+    k: int = 10,
+    exclude_reference: bool = False,
+    filter: Filter | None = None,
+) -> list[SearchHit]:
     """Composed search: reference (an uploaded ``image`` or a catalog ``item_id``) + relative ``text``
     -> the top ``k`` hits (see :func:`fashion_cir.retrieval.query.composed_search`, which also
     pages, applies attribute filters and reports the prompt used). The text side is
@@ -111,8 +141,9 @@ def search(model: CIRModel, index: CatalogStore, image: Image.Image | None = Non
     for an upload the one its attribute heads predict. ``exclude_reference`` drops the reference
     item from the results; ``filter`` (:func:`~fashion_cir.retrieval.filters.parse_filter`) keeps
     only matching items."""
-    return composed_search(model, index, image, item_id, text, k, exclude_reference=exclude_reference,
-                           filter=filter).hits
+    return composed_search(
+        model, index, image, item_id, text, k, exclude_reference=exclude_reference, filter=filter
+    ).hits
 
 
 class RequestError(DataError):
@@ -177,12 +208,21 @@ class SearchRequest(BaseModel):
         """The filter expression parsed against ``fields`` (FilterError names what is wrong)."""
         return parse_filter(self.filter, fields) if self.filter.strip() else None
 
-    def run(self, model: CIRModel, index: CatalogStore, image: Image.Image | None = None,
-            filter: Filter | None = None) -> SearchResult:
+    def run(
+        self, model: CIRModel, index: CatalogStore, image: Image.Image | None = None, filter: Filter | None = None
+    ) -> SearchResult:
         """:func:`composed_search` for this request; ``image`` is the reference image when
         :attr:`image` says there is one, ``filter`` the parsed :attr:`filter`."""
-        return composed_search(model, index, image=image if self.image else None, item_id=self.item_id,
-                               text=self.query_text, k=self.k, offset=self.offset,
-                               exclude_reference=self.exclude_reference,
-                               filters={"category": self.category, "color": self.color}, same_type=self.same_type,
-                               filter=filter)
+        return composed_search(
+            model,
+            index,
+            image=image if self.image else None,
+            item_id=self.item_id,
+            text=self.query_text,
+            k=self.k,
+            offset=self.offset,
+            exclude_reference=self.exclude_reference,
+            filters={"category": self.category, "color": self.color},
+            same_type=self.same_type,
+            filter=filter,
+        )

@@ -24,6 +24,7 @@ from .filters import Filter
 if TYPE_CHECKING:
     from ..models.cir import CIRModel
 
+
 @dataclass
 class SearchHit:
     id: str
@@ -40,7 +41,11 @@ class StoreSpec:
 
     @property
     def embedded(self) -> bool:
-        return self.kind == "milvus" and self.uri is not None and not self.uri.startswith(("http://", "https://", "tcp://", "unix:"))
+        return (
+            self.kind == "milvus"
+            and self.uri is not None
+            and not self.uri.startswith(("http://", "https://", "tcp://", "unix:"))
+        )
 
     def to_config(self) -> dict[str, Any]:
         return {"kind": self.kind, "uri": self.uri}
@@ -57,11 +62,15 @@ def parse_store_spec(spec: str) -> StoreSpec:
         if uri.startswith(("http://", "https://", "tcp://", "unix:")):
             return StoreSpec("milvus", uri)
         if not uri.endswith(".db"):
-            raise DataError(f"bad store {spec!r}: a milvus-lite file must end in .db (milvus:runs/x/milvus.db), "
-                            "a server is a URI (milvus:http://host:19530)")
+            raise DataError(
+                f"bad store {spec!r}: a milvus-lite file must end in .db (milvus:runs/x/milvus.db), "
+                "a server is a URI (milvus:http://host:19530)"
+            )
         return StoreSpec("milvus", str(Path(uri).resolve()))
-    raise DataError(f"unknown store {spec!r}: use faiss, milvus:PATH.db (embedded milvus-lite) or "
-                    "milvus:http://host:19530 (a Milvus server or cluster)")
+    raise DataError(
+        f"unknown store {spec!r}: use faiss, milvus:PATH.db (embedded milvus-lite) or "
+        "milvus:http://host:19530 (a Milvus server or cluster)"
+    )
 
 
 class CatalogStore(ABC):
@@ -88,20 +97,23 @@ class CatalogStore(ABC):
         values), then its description features when the index was built with a matcher."""
 
     @abstractmethod
-    def search_vectors(self, queries: np.ndarray, k: int, exclude: Iterable[str] = (),
-                       filter: Filter | None = None) -> list[list[SearchHit]]:
+    def search_vectors(
+        self, queries: np.ndarray, k: int, exclude: Iterable[str] = (), filter: Filter | None = None
+    ) -> list[list[SearchHit]]:
         """Top ``k`` items per normalised query among those that match ``filter`` and are not in
         ``exclude``; ``k`` of them whenever that many match."""
 
     # -- writing ---------------------------------------------------------------------------------
     @abstractmethod
-    def add_features(self, ids: list[str], features: np.ndarray, metadata: Mapping[str, dict],
-                     paths: Mapping[str, Path]) -> None:
+    def add_features(
+        self, ids: list[str], features: np.ndarray, metadata: Mapping[str, dict], paths: Mapping[str, Path]
+    ) -> None:
         """Insert new items (their ids must not be in the store)."""
 
     @abstractmethod
-    def upsert_features(self, ids: list[str], features: np.ndarray, metadata: Mapping[str, dict],
-                        paths: Mapping[str, Path]) -> None:
+    def upsert_features(
+        self, ids: list[str], features: np.ndarray, metadata: Mapping[str, dict], paths: Mapping[str, Path]
+    ) -> None:
         """Insert items, replacing the features, metadata and path of ids already there."""
 
     @abstractmethod
@@ -143,13 +155,18 @@ class CatalogStore(ABC):
             raise ModelError(
                 f"index {self.folder} was built with image encoder {self.config['backbone']} (fingerprint "
                 f"{self.fingerprint}) but the model given has {model.backbone.spec} (fingerprint {actual}); "
-                "use the model the index was built with, or rebuild the index with this model")
-        wanted = {"matcher": (model.matcher.config() if model.matcher is not None else {}).get("spec"),
-                  "attributes": model.attribute_space.names if model.attribute_space is not None else None}
+                "use the model the index was built with, or rebuild the index with this model"
+            )
+        wanted = {
+            "matcher": (model.matcher.config() if model.matcher is not None else {}).get("spec"),
+            "attributes": model.attribute_space.names if model.attribute_space is not None else None,
+        }
         built = {"matcher": (self.config.get("matcher") or {}).get("spec"), "attributes": self.config.get("attributes")}
         if wanted != built:
-            raise ModelError(f"index {self.folder} holds items for {built} but the model reads {wanted}; use the "
-                             "model the index was built with, or rebuild the index")
+            raise ModelError(
+                f"index {self.folder} holds items for {built} but the model reads {wanted}; use the "
+                "model the index was built with, or rebuild the index"
+            )
 
 
 def row_width(config: Mapping[str, Any]) -> int:

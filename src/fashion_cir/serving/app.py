@@ -50,8 +50,10 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     raise FashionCIRError("serving needs FastAPI and uvicorn: pip install 'fashion-cir[serve]'") from exc
 
 STATIC = Path(__file__).parent / "static"
-PAGE_POLICY = ("default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; "
-               "form-action 'self'; frame-ancestors 'none'")
+PAGE_POLICY = (
+    "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; "
+    "form-action 'self'; frame-ancestors 'none'"
+)
 DOCS_POLICY = "frame-ancestors 'none'"
 DOCS_PATHS = ("/docs", "/redoc")
 SEARCH_FIELDS = ("text", "k", "offset", "id", "image", "filter", "same_type", "similar")  # one value each
@@ -171,8 +173,9 @@ def _decode_upload(raw: bytes, max_pixels: int, target_size: int) -> Image.Image
     """Decode an uploaded reference image or raise the HTTP error that says what is wrong with it;
     the pixel limit and the aspect ratio are checked from the header, before the pixels are decoded."""
     try:
-        return open_image(raw, max_pixels=max_pixels, name="uploaded image", target_size=target_size,
-                          max_aspect=MAX_ASPECT)
+        return open_image(
+            raw, max_pixels=max_pixels, name="uploaded image", target_size=target_size, max_aspect=MAX_ASPECT
+        )
     except ImageTooLarge as exc:
         raise HTTPException(413, str(exc)) from exc
     except ImageTooThin as exc:
@@ -180,17 +183,30 @@ def _decode_upload(raw: bytes, max_pixels: int, target_size: int) -> Image.Image
     except DataError as exc:
         cause = exc.__cause__
         if isinstance(cause, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-            raise HTTPException(413, f"uploaded image has too many pixels: the limit is {max_pixels:,} pixels "
-                                     "(width x height)") from exc
+            raise HTTPException(
+                413, f"uploaded image has too many pixels: the limit is {max_pixels:,} pixels (width x height)"
+            ) from exc
         if isinstance(cause, UnidentifiedImageError):
-            raise HTTPException(415, "the uploaded file is not an image this service reads (JPEG, PNG or WebP)") from exc
+            raise HTTPException(
+                415, "the uploaded file is not an image this service reads (JPEG, PNG or WebP)"
+            ) from exc
         raise HTTPException(400, f"the uploaded image is corrupt or truncated ({cause})") from exc
 
 
-def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = None, *,
-               max_upload_bytes: int = 10 * MB, max_pixels: int | None = None, max_k: int = 100,
-               max_text_chars: int = 300, exclude_reference: bool = True, upload_workers: int = 2,
-               upload_queue: int = 16, search_timeout_s: float = 15.0, sample_seed: int | None = None) -> FastAPI:
+def create_app(
+    index_folder: str | Path,
+    model: CIRModel | str | Path | None = None,
+    *,
+    max_upload_bytes: int = 10 * MB,
+    max_pixels: int | None = None,
+    max_k: int = 100,
+    max_text_chars: int = 300,
+    exclude_reference: bool = True,
+    upload_workers: int = 2,
+    upload_queue: int = 16,
+    search_timeout_s: float = 15.0,
+    sample_seed: int | None = None,
+) -> FastAPI:
     """The app for ``index_folder``. ``model``: a CIRModel, a model folder, a backbone spec, or
     None for the zero-shot backbone the index records; its image fingerprint must match the index.
     ``exclude_reference`` leaves a catalog reference out of its own results (the UI default).
@@ -206,9 +222,12 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
     input_size = cir.backbone.image_size
     max_pixels = max_pixels or upload_pixel_limit(input_size)
     uploads = ConcurrencyLimit(upload_workers, upload_queue)
-    app = FastAPI(title="fashion-cir search", version="1",
-                  description="Composed image retrieval: a reference image (upload or catalog id) plus a "
-                              "relative caption such as 'is red with long sleeves' -> ranked catalog items.")
+    app = FastAPI(
+        title="fashion-cir search",
+        version="1",
+        description="Composed image retrieval: a reference image (upload or catalog id) plus a "
+        "relative caption such as 'is red with long sleeves' -> ranked catalog items.",
+    )
     app.add_middleware(BodyLimit, upload_limit=max_upload_bytes)
     app.add_middleware(InternalErrors)  # outside BodyLimit, whose own exception ends inside it
     app.add_middleware(SecurityHeaders)  # outermost: on every answer, 413s and 500s included
@@ -219,7 +238,9 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
         parts = []
         for error in exc.errors():
             where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body", "query", "path", "form"))
-            parts.append(f"{where}: {error.get('msg', 'invalid value')}" if where else error.get("msg", "invalid value"))
+            parts.append(
+                f"{where}: {error.get('msg', 'invalid value')}" if where else error.get("msg", "invalid value")
+            )
         return _json_error(422, "; ".join(parts) or "invalid request")
 
     @app.exception_handler(FashionCIRError)
@@ -240,11 +261,15 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
             message = message.replace(folder, "<index>")
         return _SERVER_PATH.sub("<path>", message)
 
-    def item_view(image_id: str, metadata: dict[str, Any], score: float | None = None,
-                  rank: int | None = None) -> dict[str, Any]:
+    def item_view(
+        image_id: str, metadata: dict[str, Any], score: float | None = None, rank: int | None = None
+    ) -> dict[str, Any]:
         """An item as the API shows it; ``metadata`` comes from the same index version as the id."""
-        view: dict[str, Any] = {"id": image_id, "metadata": metadata,
-                                "image_url": f"/images/{quote(image_id, safe='')}"}
+        view: dict[str, Any] = {
+            "id": image_id,
+            "metadata": metadata,
+            "image_url": f"/images/{quote(image_id, safe='')}",
+        }
         if score is not None:
             view.update(rank=rank, score=round(score, 5))
         return view
@@ -269,16 +294,29 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
     def health() -> dict[str, Any]:
         current, problem = index.current(), index.problem  # (read once: another request may change it)
         state = {"status": "degraded", "problem": public(problem)} if problem else {"status": "ok"}
-        return {**state, "items": len(current), "backbone": current.config["backbone"],
-                "fingerprint": current.fingerprint, "store": current.store_kind, "factory": current.config["factory"],
-                "filter_fields": current.fields,
-                "query_mode": cir.query_mode, "attribute_heads": cir.attribute_heads is not None,
-                "page": {"search_timeout_ms": int(search_timeout_s * 1000), "sample_seed": sample_seed},
-                "limits": {"max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels,
-                           "max_k": max_k, "max_text_chars": max_text_chars}}
+        return {
+            **state,
+            "items": len(current),
+            "backbone": current.config["backbone"],
+            "fingerprint": current.fingerprint,
+            "store": current.store_kind,
+            "factory": current.config["factory"],
+            "filter_fields": current.fields,
+            "query_mode": cir.query_mode,
+            "attribute_heads": cir.attribute_heads is not None,
+            "page": {"search_timeout_ms": int(search_timeout_s * 1000), "sample_seed": sample_seed},
+            "limits": {
+                "max_upload_bytes": max_upload_bytes,
+                "max_pixels": max_pixels,
+                "max_k": max_k,
+                "max_text_chars": max_text_chars,
+            },
+        }
 
     @app.get("/items", summary="Browse the catalog: a random sample, optionally filtered by words (any order)")
-    def items(n: int = Query(24, ge=1, le=200), seed: int = Query(0), q: str = Query("", max_length=100)) -> dict[str, Any]:
+    def items(
+        n: int = Query(24, ge=1, le=200), seed: int = Query(0), q: str = Query("", max_length=100)
+    ) -> dict[str, Any]:
         records = list(index.current().metadata.items())  # one read of the store, whatever the catalog size
         words = q.lower().split()
         matched = [(i, m) for i, m in records if all(word in catalog_text(m) for word in words)]
@@ -295,7 +333,9 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
         current = index.current()
         path = Path(current.paths[known(current, item_id)])
         root = os.path.normpath(current.config.get("root") or "/nonexistent")
-        if path.suffix.lower() not in IMAGE_EXTENSIONS or not os.path.normpath(path).startswith(root.rstrip(os.sep) + os.sep):
+        if path.suffix.lower() not in IMAGE_EXTENSIONS or not os.path.normpath(path).startswith(
+            root.rstrip(os.sep) + os.sep
+        ):
             raise HTTPException(404, f"item {item_id!r} has no image file inside the catalog")
         if not path.is_file():
             raise HTTPException(404, f"the image file of item {item_id!r} is missing on the server")
@@ -311,25 +351,42 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
             if times > 1:
                 raise HTTPException(422, f"field {name!r} is given {times} times; give it once")
 
-    @app.post("/search", summary="Composed search: reference image (upload or catalog id) + relative caption",
-              dependencies=[Depends(given_once)])
+    @app.post(
+        "/search",
+        summary="Composed search: reference image (upload or catalog id) + relative caption",
+        dependencies=[Depends(given_once)],
+    )
     def search_endpoint(
         text: str = Form("", max_length=max_text_chars, description="the change, e.g. 'is red with long sleeves'"),
         k: int = Form(10, ge=1, le=max_k, description="number of results"),
         offset: int = Form(0, ge=0, le=10_000, description="results to skip (load more)"),
         id: str | None = Form(None, description="a catalog item id as the reference"),
         image: UploadFile | None = File(None, description=f"a reference image (at most {max_upload_bytes // MB} MB)"),
-        filter: str = Form("", max_length=2000, description='metadata filter, e.g. category == "dress" and color != "black"'),
+        filter: str = Form(
+            "", max_length=2000, description='metadata filter, e.g. category == "dress" and color != "black"'
+        ),
         category: list[str] = Form([], description="keep only these categories (repeatable)"),
         color: list[str] = Form([], description="keep only these colours (repeatable)"),
         same_type: bool = Form(False, description="keep only the reference's category (predicted for an upload)"),
         similar: bool = Form(False, description="more like this: the reference image alone, no text"),
     ) -> dict[str, Any]:
         has_upload = image is not None and bool(image.filename or image.size)
-        request = SearchRequest(text=text, k=k, offset=offset, item_id=id or None, image=has_upload, filter=filter,
-                                category=category, color=color, same_type=same_type, similar=similar,
-                                exclude_reference=exclude_reference, reference_required=True, text_required=True,
-                                max_text_chars=max_text_chars)
+        request = SearchRequest(
+            text=text,
+            k=k,
+            offset=offset,
+            item_id=id or None,
+            image=has_upload,
+            filter=filter,
+            category=category,
+            color=color,
+            same_type=same_type,
+            similar=similar,
+            exclude_reference=exclude_reference,
+            reference_required=True,
+            text_required=True,
+            max_text_chars=max_text_chars,
+        )
         current = index.current()
         parsed = request.parsed_filter(current.fields)
         reference = None
@@ -348,9 +405,12 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
                     reference = _decode_upload(raw, max_pixels, input_size)
                 result = request.run(cir, current, reference, parsed)
         except Busy:
-            raise HTTPException(503, f"too many uploads are being processed ({uploads.workers} at once, "
-                                     f"{uploads.queue} waiting); retry in a moment",
-                                headers={"Retry-After": "1"}) from None
+            raise HTTPException(
+                503,
+                f"too many uploads are being processed ({uploads.workers} at once, "
+                f"{uploads.queue} waiting); retry in a moment",
+                headers={"Retry-After": "1"},
+            ) from None
         took = round((time.perf_counter() - start) * 1000, 2)
         requested = requested_changes(result.query_text and request.text)
         reference_values = attribute_values(result.reference_attributes)
@@ -363,19 +423,32 @@ def create_app(index_folder: str | Path, model: CIRModel | str | Path | None = N
             reference_view: dict[str, Any] = {"id": None, "upload": image.filename}
         else:
             reference_view = item_view(request.item_id, current.metadata.get(request.item_id, {}))
-        return {"reference": reference_view,
-                "reference_attributes": result.reference_attributes,
-                "prompt": {"source": result.prompt_source, "description": result.description},
-                "text": request.query_text, "query_text": result.query_text,
-                "requested": {name: phrase(name, value) for name, value in requested.items()},
-                "filter": filter.strip() or None, "filters": result.filters,
-                "k": k, "offset": offset, "more": result.more, "took_ms": took, "results": results}
+        return {
+            "reference": reference_view,
+            "reference_attributes": result.reference_attributes,
+            "prompt": {"source": result.prompt_source, "description": result.description},
+            "text": request.query_text,
+            "query_text": result.query_text,
+            "requested": {name: phrase(name, value) for name, value in requested.items()},
+            "filter": filter.strip() or None,
+            "filters": result.filters,
+            "k": k,
+            "offset": offset,
+            "more": result.more,
+            "took_ms": took,
+            "results": results,
+        }
 
     return app
 
 
-def serve(index_folder: str | Path, model: CIRModel | str | Path | None = None, host: str = "127.0.0.1",
-          port: int = 8000, **app_options: Any) -> None:
+def serve(
+    index_folder: str | Path,
+    model: CIRModel | str | Path | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    **app_options: Any,
+) -> None:
     """Run the app with uvicorn until interrupted (``app_options`` go to :func:`create_app`)."""
     import uvicorn
 

@@ -8,5 +8,14 @@ from .losses import BankInfoNCELoss, InBatchContrastiveLoss, duplicate_groups
 from .stage1 import train_stage1
 from .stage2 import train_stage2
 
-__all__ = ["Stage1Config", "Stage2Config", "TrainConfig", "BankInfoNCELoss", "InBatchContrastiveLoss",
-           "duplicate_groups", "TrainingStopped", "train_stage1", "train_stage2"]
+__all__ = [
+    "Stage1Config",
+    "Stage2Config",
+    "TrainConfig",
+    "BankInfoNCELoss",
+    "InBatchContrastiveLoss",
+    "duplicate_groups",
+    "TrainingStopped",
+    "train_stage1",
+    "train_stage2",
+]

@@ -72,13 +72,23 @@ def image_to_text_recall(image: torch.Tensor, text: torch.Tensor, k: int = 10) -
 
 def catalog_key(catalog: ClothingCatalog) -> str:
     """What an alignment learns from: the train and val ids with their descriptions."""
-    return text_sha1(*(f"{i}:{catalog.attributes.get(i, {}).get('description', '')}"
-                       for split in ("train", "val") for i in catalog.splits.get(split, [])))
+    return text_sha1(
+        *(
+            f"{i}:{catalog.attributes.get(i, {}).get('description', '')}"
+            for split in ("train", "val")
+            for i in catalog.splits.get(split, [])
+        )
+    )
 
 
-def align_offline_backbone(catalog: ClothingCatalog, out_dir: str | Path, cache: FeatureCache,
-                           config: AlignConfig = AlignConfig(), progress: bool = True,
-                           towers_spec: str = "offline") -> tuple[OfflineBackbone, dict]:
+def align_offline_backbone(
+    catalog: ClothingCatalog,
+    out_dir: str | Path,
+    cache: FeatureCache,
+    config: AlignConfig = AlignConfig(),
+    progress: bool = True,
+    towers_spec: str = "offline",
+) -> tuple[OfflineBackbone, dict]:
     """Train the projections of the ``towers_spec`` backbone (``offline[+OPTION...]``), save them to
     ``out_dir`` (loadable as ``offline:out_dir``) and return the aligned backbone with a summary. A
     finished alignment of the same towers and catalog with the same config in ``out_dir`` is loaded
@@ -89,8 +99,11 @@ def align_offline_backbone(catalog: ClothingCatalog, out_dir: str | Path, cache:
     if saved.is_file():
         recorded = read_json(saved, "aligned offline backbone")
         previous = recorded.get("align", {})
-        if (previous.get("config") == config.model_dump(mode="json") and previous.get("catalog") == catalog_key(catalog)
-                and recorded.get("towers", "offline") == choice.spec):
+        if (
+            previous.get("config") == config.model_dump(mode="json")
+            and previous.get("catalog") == catalog_key(catalog)
+            and recorded.get("towers", "offline") == choice.spec
+        ):
             from ..models.factory import create_backbone
 
             return create_backbone(f"offline:{out_dir}"), {**previous, "reused": True}
@@ -98,19 +111,26 @@ def align_offline_backbone(catalog: ClothingCatalog, out_dir: str | Path, cache:
     towers = OfflineBackbone(dim=config.dim, seed=config.seed, project=False, towers=choice).eval()
     splits = {}
     for split in ("train", "val"):
-        paths = {i: p for i, p in catalog.split_paths(split).items() if catalog.attributes.get(i, {}).get("description")}
+        paths = {
+            i: p for i, p in catalog.split_paths(split).items() if catalog.attributes.get(i, {}).get("description")
+        }
         limit = config.max_train_images if split == "train" else config.max_val_images
         if limit:
             paths = dict(list(paths.items())[:limit])
         ids, image_feats = cache.encode(towers, paths, batch_size=32, on_error="skip", progress=progress)
         if len(ids) < 2:
-            raise DataError(f"alignment needs at least 2 described, readable images in the {split} split of "
-                            f"{catalog.root}; found {len(ids)}")
+            raise DataError(
+                f"alignment needs at least 2 described, readable images in the {split} split of "
+                f"{catalog.root}; found {len(ids)}"
+            )
         descriptions = [catalog.attributes[i]["description"] for i in ids]
         phrases = [attribute_phrase(catalog.attributes[i]) or catalog.attributes[i]["description"] for i in ids]
         text_feats = _text_tower_features(towers, descriptions + phrases, cache.root)
-        splits[split] = (torch.from_numpy(image_feats), torch.from_numpy(text_feats[: len(ids)]),
-                         torch.from_numpy(text_feats[len(ids):]))
+        splits[split] = (
+            torch.from_numpy(image_feats),
+            torch.from_numpy(text_feats[: len(ids)]),
+            torch.from_numpy(text_feats[len(ids) :]),
+        )
 
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
@@ -130,7 +150,7 @@ def align_offline_backbone(catalog: ClothingCatalog, out_dir: str | Path, cache:
         rng.shuffle(order)
         losses = []
         for start in range(0, n, config.batch_size):
-            batch = torch.tensor(order[start:start + config.batch_size])
+            batch = torch.tensor(order[start : start + config.batch_size])
             if len(batch) < 2:
                 continue
             use_phrase = torch.rand(len(batch)) < 0.3
@@ -143,8 +163,14 @@ def align_offline_backbone(catalog: ClothingCatalog, out_dir: str | Path, cache:
         with torch.no_grad():
             val_r10 = image_to_text_recall(image_proj(val_img), text_proj(val_desc))
             towers.logit_scale.copy_(logit_scale)
-        history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_image_to_text_R@10": val_r10,
-                        "temperature": float(1 / logit_scale.detach().exp())})
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": float(np.mean(losses)),
+                "val_image_to_text_R@10": val_r10,
+                "temperature": float(1 / logit_scale.detach().exp()),
+            }
+        )
         if val_r10 > best[0]:
             best = (val_r10, {k: v.clone() for k, v in towers.projection_state().items()}, epoch + 1)
     towers.load_state_dict(best[1], strict=False)

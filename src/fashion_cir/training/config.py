@@ -9,8 +9,19 @@ from pydantic import Field, model_validator
 from ..config import Config
 
 # Fields that may change between a run and its resumption (they do not change the result).
-RESUMABLE_FIELDS = frozenset({"stop_after_steps", "progress", "num_workers", "log_every", "resume", "device",
-                              "eval_batch_size", "cache_dir", "checkpoint_every"})
+RESUMABLE_FIELDS = frozenset(
+    {
+        "stop_after_steps",
+        "progress",
+        "num_workers",
+        "log_every",
+        "resume",
+        "device",
+        "eval_batch_size",
+        "cache_dir",
+        "checkpoint_every",
+    }
+)
 
 
 class TrainConfig(Config):
@@ -24,17 +35,28 @@ class TrainConfig(Config):
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-7
-    warmup_ratio: float = Field(0.0, ge=0, le=1, description="linear warm-up over this fraction of all steps, then cosine")
+    warmup_ratio: float = Field(
+        0.0, ge=0, le=1, description="linear warm-up over this fraction of all steps, then cosine"
+    )
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine floor as a fraction of lr")
     max_grad_norm: float | None = 1.0
-    amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="CUDA only: auto = bf16 where supported, else fp16")
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field(
+        "auto", description="CUDA only: auto = bf16 where supported, else fp16"
+    )
     annotated_ratio: float | None = Field(
-        None, ge=0, le=1,
+        None,
+        ge=0,
+        le=1,
         description="share of each batch drawn from annotated triplets (the smaller pool is oversampled); "
-                    "None = one shuffled pool")
+        "None = one shuffled pool",
+    )
     train_combiner: bool = Field(True, description="train the Combiner head when the model has one")
-    train_matcher: bool = Field(True, description="train the description matcher's query encoder when the model has one")
-    last_n_blocks: int | None = Field(None, ge=1, description="unfreeze only the last N transformer blocks of each trained encoder")
+    train_matcher: bool = Field(
+        True, description="train the description matcher's query encoder when the model has one"
+    )
+    last_n_blocks: int | None = Field(
+        None, ge=1, description="unfreeze only the last N transformer blocks of each trained encoder"
+    )
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints (also written at each epoch end)")
     eval_batch_size: int = 64
     num_workers: int = 0
@@ -43,12 +65,16 @@ class TrainConfig(Config):
     cache_dir: str | None = Field(None, description="FeatureCache root (default <out>/cache)")
     resume: bool = Field(True, description="continue from <out>/checkpoint.pt when it exists")
     device: str | None = Field(None, description="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
-    stop_after_steps: int | None = Field(None, ge=1, description="testing aid: stop (as if killed) right after this global step")
+    stop_after_steps: int | None = Field(
+        None, ge=1, description="testing aid: stop (as if killed) right after this global step"
+    )
 
     @model_validator(mode="after")
     def _check_batch(self):
         if self.batch_size % self.grad_accum_steps:
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum_steps {self.grad_accum_steps}")
+            raise ValueError(
+                f"batch_size {self.batch_size} is not divisible by grad_accum_steps {self.grad_accum_steps}"
+            )
         return self
 
 
@@ -58,7 +84,9 @@ class Stage1Config(TrainConfig):
 
     encoders: Literal["text", "image", "both"] = "both"
     scale: float = Field(100.0, gt=0, description="logit scale (1 / temperature)")
-    hard_negatives_per_query: int = Field(1, ge=0, description="hard negatives taken from each triplet as extra columns")
+    hard_negatives_per_query: int = Field(
+        1, ge=0, description="hard negatives taken from each triplet as extra columns"
+    )
 
 
 class Stage2Config(TrainConfig):

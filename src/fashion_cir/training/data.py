@@ -35,8 +35,9 @@ def order_pools(triplets: list[Triplet]) -> tuple[list[Triplet], int]:
     return annotated + [t for t in triplets if is_generated(t)], len(annotated)
 
 
-def epoch_batches(n_annotated: int, n_generated: int, batch_size: int, annotated_ratio: float | None,
-                  seed: int, epoch: int) -> list[list[int]]:
+def epoch_batches(
+    n_annotated: int, n_generated: int, batch_size: int, annotated_ratio: float | None, seed: int, epoch: int
+) -> list[list[int]]:
     """Global batches of one epoch as indices into [annotated..., generated...].
 
     Without ``annotated_ratio`` (or with one pool empty): one shuffled pool, incomplete last batch
@@ -47,7 +48,7 @@ def epoch_batches(n_annotated: int, n_generated: int, batch_size: int, annotated
     n_ann = round(annotated_ratio * batch_size) if annotated_ratio is not None else 0
     if annotated_ratio is None or n_annotated == 0 or n_generated == 0:
         order = rng.permutation(n_annotated + n_generated)
-        return [order[i:i + batch_size].tolist() for i in range(0, len(order) - batch_size + 1, batch_size)]
+        return [order[i : i + batch_size].tolist() for i in range(0, len(order) - batch_size + 1, batch_size)]
     n_gen = batch_size - n_ann
     steps = max(math.ceil(n_annotated / n_ann) if n_ann else 0, math.ceil(n_generated / n_gen) if n_gen else 0)
 
@@ -57,12 +58,15 @@ def epoch_batches(n_annotated: int, n_generated: int, batch_size: int, annotated
         return np.concatenate(passes)[:need] + offset
 
     ann, gen = stream(n_annotated, n_ann, 0), stream(n_generated, n_gen, n_annotated)
-    return [rng.permutation(np.concatenate([ann[s * n_ann:(s + 1) * n_ann], gen[s * n_gen:(s + 1) * n_gen]])).tolist()
-            for s in range(steps)]
+    return [
+        rng.permutation(np.concatenate([ann[s * n_ann : (s + 1) * n_ann], gen[s * n_gen : (s + 1) * n_gen]])).tolist()
+        for s in range(steps)
+    ]
 
 
-def rank_micro_batches(batches: list[list[int]], start_step: int, epoch: int, grad_accum_steps: int,
-                       ctx: DistContext) -> list[list[tuple[int, int, int]]]:
+def rank_micro_batches(
+    batches: list[list[int]], start_step: int, epoch: int, grad_accum_steps: int, ctx: DistContext
+) -> list[list[tuple[int, int, int]]]:
     """This rank's micro-batches from ``start_step`` on, as (epoch, position, example) items; the
     position (index in the epoch's sample stream) seeds per-sample randomness."""
     out = []
@@ -87,9 +91,16 @@ class TripletExamples(Dataset):
     reference, target, up to ``hard_negatives`` hard-negative image ids, and with ``load_pixels``
     the preprocessed images."""
 
-    def __init__(self, model: CIRModel, triplets: list[Triplet], image_paths: dict[str, Path],
-                 records: Mapping[str, Mapping[str, Any]] | None, seed: int, hard_negatives: int = 0,
-                 load_pixels: bool = False):
+    def __init__(
+        self,
+        model: CIRModel,
+        triplets: list[Triplet],
+        image_paths: dict[str, Path],
+        records: Mapping[str, Mapping[str, Any]] | None,
+        seed: int,
+        hard_negatives: int = 0,
+        load_pixels: bool = False,
+    ):
         self.model = model
         self.triplets = triplets
         self.image_paths = image_paths
@@ -110,13 +121,21 @@ class TripletExamples(Dataset):
         prompt = triplet.reference_prompt or (record or {}).get("description")
         pool = [h for h in dict.fromkeys(triplet.hard_negatives) if h in self.image_paths and h != triplet.target]
         hard = rng.sample(pool, min(self.hard_negatives, len(pool)))
-        example = {"text": self.model.query_text(caption, prompt), "reference": triplet.candidate,
-                   "target": triplet.target, "hard": hard, "caption": caption, "prompt": sentence_query(prompt, caption)}
+        example = {
+            "text": self.model.query_text(caption, prompt),
+            "reference": triplet.candidate,
+            "target": triplet.target,
+            "hard": hard,
+            "caption": caption,
+            "prompt": sentence_query(prompt, caption),
+        }
         if self.model.attribute_space is not None:
             example["attributes"] = self.model.attribute_space.query_rows(record, read_changes(caption))
         if self.load_pixels:
             preprocess = self.model.backbone.preprocess
-            example["pixels"] = [preprocess(open_image(self.image_paths[i])) for i in [triplet.candidate, triplet.target, *hard]]
+            example["pixels"] = [
+                preprocess(open_image(self.image_paths[i])) for i in [triplet.candidate, triplet.target, *hard]
+            ]
         return example
 
 
@@ -148,10 +167,15 @@ class Collate:
             if matcher is not None and self.model.needs(term, self.model.fusion):
                 batch[f"{term}_tokens"] = matcher.tokenize([ex[term] for ex in examples])
         if examples and "attributes" in examples[0]:
-            batch["attributes"] = {t: torch.stack([ex["attributes"][t] for ex in examples]) for t in examples[0]["attributes"]}
+            batch["attributes"] = {
+                t: torch.stack([ex["attributes"][t] for ex in examples]) for t in examples[0]["attributes"]
+            }
         if examples and "pixels" in examples[0]:
-            batch["pixels"] = torch.stack([ex["pixels"][0] for ex in examples] + [ex["pixels"][1] for ex in examples]
-                                          + [p for ex in examples for p in ex["pixels"][2:]])
+            batch["pixels"] = torch.stack(
+                [ex["pixels"][0] for ex in examples]
+                + [ex["pixels"][1] for ex in examples]
+                + [p for ex in examples for p in ex["pixels"][2:]]
+            )
         return batch
 
 
@@ -166,17 +190,23 @@ def to_device(batch: dict, model: CIRModel, device: torch.device) -> dict:
     return moved
 
 
-def epoch_loader(dataset: TripletExamples, collate: Collate, n_annotated: int, n_generated: int, config,
-                 ctx: DistContext) -> Callable[[int, int], Iterator[dict]]:
+def epoch_loader(
+    dataset: TripletExamples, collate: Collate, n_annotated: int, n_generated: int, config, ctx: DistContext
+) -> Callable[[int, int], Iterator[dict]]:
     """``(epoch, start_step) -> this rank's micro-batches on its device``, in a fixed order (workers
     decode images in parallel)."""
 
     def micro_batches(epoch: int, start_step: int) -> Iterator[dict]:
         batches = epoch_batches(n_annotated, n_generated, config.batch_size, config.annotated_ratio, config.seed, epoch)
         plan = rank_micro_batches(batches, start_step, epoch, config.grad_accum_steps, ctx)
-        loader = DataLoader(dataset, batch_sampler=plan, collate_fn=collate, num_workers=config.num_workers,
-                            generator=torch.Generator().manual_seed(config.seed * 1000 + epoch),
-                            pin_memory=ctx.device.type == "cuda")
+        loader = DataLoader(
+            dataset,
+            batch_sampler=plan,
+            collate_fn=collate,
+            num_workers=config.num_workers,
+            generator=torch.Generator().manual_seed(config.seed * 1000 + epoch),
+            pin_memory=ctx.device.type == "cuda",
+        )
         return (to_device(batch, dataset.model, ctx.device) for batch in loader)
 
     return micro_batches

@@ -65,15 +65,30 @@ def mean_over_ranks(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return value / ctx.world_size
 
 
-def shared_image_features(backbone: Backbone, image_paths: dict[str, Path], cache: FeatureCache, ctx: DistContext,
-                          batch_size: int = 64, num_workers: int = 0, progress: bool = True,
-                          head: bool = True) -> tuple[list[str], torch.Tensor]:
+def shared_image_features(
+    backbone: Backbone,
+    image_paths: dict[str, Path],
+    cache: FeatureCache,
+    ctx: DistContext,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    progress: bool = True,
+    head: bool = True,
+) -> tuple[list[str], torch.Tensor]:
     """Unnormalised image features [N, d] (with ``head=False`` the cached trunk features) on
     ``ctx.device``, identical on every rank: rank 0 encodes (or reuses) them through the FeatureCache
     and broadcasts ids and features. Unreadable images are skipped (absent from the returned ids)."""
     if ctx.is_main:
-        ids, features = cache.encode(backbone, image_paths, batch_size, num_workers, on_error="skip",
-                                     progress=progress, device=ctx.device, head=head)
+        ids, features = cache.encode(
+            backbone,
+            image_paths,
+            batch_size,
+            num_workers,
+            on_error="skip",
+            progress=progress,
+            device=ctx.device,
+            head=head,
+        )
         table = torch.from_numpy(features).to(ctx.device)
     else:
         ids, table = [], None

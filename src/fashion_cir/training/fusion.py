@@ -23,8 +23,9 @@ class FusionConfig(Config):
     initial_scale: float = 20.0
 
 
-def fit_fusion(prepared: Mapping[str, PreparedSet], protocol: str, config: FusionConfig = FusionConfig(),
-               mode: str | None = None) -> tuple[Fusion, dict]:
+def fit_fusion(
+    prepared: Mapping[str, PreparedSet], protocol: str, config: FusionConfig = FusionConfig(), mode: str | None = None
+) -> tuple[Fusion, dict]:
     """The fusion whose fused scores best rank each query's target within ``protocol``'s gallery
     (sets prepared with every term), and a summary (loss before and after, queries used)."""
     scores, targets, masks = [], [], []
@@ -62,6 +63,7 @@ def fit_fusion(prepared: Mapping[str, PreparedSet], protocol: str, config: Fusio
         if "composed" in names:  # start from the plain composed query
             weights[names.index("composed")] = 1.0
         start = float(loss())
+
     def closure() -> torch.Tensor:
         optimiser.zero_grad()
         value = loss()
@@ -72,5 +74,10 @@ def fit_fusion(prepared: Mapping[str, PreparedSet], protocol: str, config: Fusio
     fitted = {n: round(float(w), 4) for n, w in zip(names, weights.detach())}
     with torch.no_grad():
         final = float(loss())
-    return Fusion.from_weights(fitted), {"queries": count, "terms": len(names), "loss_plain_composed": round(start, 4),
-                                         "loss": round(final, 4), "scale": round(float(log_scale.detach().exp()), 3)}
+    return Fusion.from_weights(fitted), {
+        "queries": count,
+        "terms": len(names),
+        "loss_plain_composed": round(start, 4),
+        "loss": round(final, 4),
+        "scale": round(float(log_scale.detach().exp()), 3),
+    }

@@ -53,16 +53,20 @@ def start_stage(config: TrainConfig, out_dir: str | Path) -> tuple[DistContext, 
     seed_everything(config.seed + ctx.rank)
     micro = config.batch_size // config.grad_accum_steps
     if micro % ctx.world_size:
-        raise FashionCIRError(f"micro-batch {micro} (batch_size / grad_accum_steps) is not divisible by {ctx.world_size} ranks")
+        raise FashionCIRError(
+            f"micro-batch {micro} (batch_size / grad_accum_steps) is not divisible by {ctx.world_size} ranks"
+        )
     return ctx, out_dir
 
 
 def rng_state() -> dict:
     """Every RNG's state in types ``torch.load(weights_only=True)`` reads (no pickled numpy arrays)."""
     kind, keys, position, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(position),
-                                                      int(has_gauss), float(cached)],
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -117,8 +121,11 @@ class Position:
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
-    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
-            if k not in RESUMABLE_FIELDS and saved.get(k) != current.get(k)]
+    return [
+        f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"
+        for k in sorted(set(saved) | set(current))
+        if k not in RESUMABLE_FIELDS and saved.get(k) != current.get(k)
+    ]
 
 
 @dataclass
@@ -147,9 +154,12 @@ class Trainer:
         if not self.params:
             raise FashionCIRError(f"{run.name}: nothing to train (every parameter is frozen)")
         self.total_steps = cfg.epochs * run.steps_per_epoch
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(self.total_steps, cfg.warmup_ratio, cfg.min_lr_ratio))
+            self.optimizer, warmup_cosine(self.total_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
+        )
         self.dtype = amp_dtype(cfg.amp, run.ctx.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
         if run.ctx.world_size > 1:
@@ -176,11 +186,15 @@ class Trainer:
             states = [rng_state()]
         if ctx.is_main:
             payload = {
-                "format": CHECKPOINT_FORMAT, "stage": self.run.name,
+                "format": CHECKPOINT_FORMAT,
+                "stage": self.run.name,
                 "config": self.run.config.model_dump(mode="json"),
-                "progress": self.progress.__dict__, "params": self.trained_state(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "rng": states,
+                "progress": self.progress.__dict__,
+                "params": self.trained_state(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": states,
             }
             buffer = io.BytesIO()
             torch.save(payload, buffer)
@@ -195,16 +209,21 @@ class Trainer:
             payload = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
         except Exception as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise FashionCIRError(f"corrupt or unsafe checkpoint {self.checkpoint_path}: {reason}; "
-                                  "delete it to start over") from exc
+            raise FashionCIRError(
+                f"corrupt or unsafe checkpoint {self.checkpoint_path}: {reason}; delete it to start over"
+            ) from exc
         if not isinstance(payload, dict):
             raise FashionCIRError(f"{self.checkpoint_path} is not a fashion-cir checkpoint; delete it to start over")
         if payload.get("format") != CHECKPOINT_FORMAT or payload.get("stage") != self.run.name:
-            raise FashionCIRError(f"{self.checkpoint_path} is not a {self.run.name} checkpoint; use another output folder")
+            raise FashionCIRError(
+                f"{self.checkpoint_path} is not a {self.run.name} checkpoint; use another output folder"
+            )
         changed = config_differences(payload["config"], self.run.config.model_dump(mode="json"))
         if changed:
-            raise FashionCIRError(f"{self.checkpoint_path} was written with another config ({'; '.join(changed)}); "
-                                  "use another output folder, restore the config, or set resume=false")
+            raise FashionCIRError(
+                f"{self.checkpoint_path} was written with another config ({'; '.join(changed)}); "
+                "use another output folder, restore the config, or set resume=false"
+            )
         names = {**dict(self.run.model.named_parameters()), **dict(self.run.model.named_buffers())}
         with torch.no_grad():
             for name, value in payload["params"].items():
@@ -240,8 +259,15 @@ class Trainer:
             return None, None
         evaluator = run.evaluator
         if run.image_encoder_trains:  # features of a moving encoder are never reused
-            evaluator = Evaluator(evaluator.sets, FeatureCache(run.out_dir / ".val_cache"), evaluator.records,
-                                  evaluator.options, evaluator.selection, None, evaluator.protocols)
+            evaluator = Evaluator(
+                evaluator.sets,
+                FeatureCache(run.out_dir / ".val_cache"),
+                evaluator.records,
+                evaluator.options,
+                evaluator.selection,
+                None,
+                evaluator.protocols,
+            )
         report = evaluator(run.model)
         if run.image_encoder_trains:
             shutil.rmtree(run.out_dir / ".val_cache", ignore_errors=True)
@@ -255,17 +281,25 @@ class Trainer:
         self.drop_metrics_after(self.progress.global_step)
         if ctx.is_main:
             cfg.to_json(run.out_dir / "config.json")
-        self.log({"event": "resume" if resumed else "start", **self.progress.__dict__, **run.summary,
-                  "world_size": ctx.world_size, "steps_per_epoch": run.steps_per_epoch,
-                  "trainable_parameters": sum(p.numel() for p in self.params),
-                  "amp": str(self.dtype) if self.dtype else "off"})
+        self.log(
+            {
+                "event": "resume" if resumed else "start",
+                **self.progress.__dict__,
+                **run.summary,
+                "world_size": ctx.world_size,
+                "steps_per_epoch": run.steps_per_epoch,
+                "trainable_parameters": sum(p.numel() for p in self.params),
+                "amp": str(self.dtype) if self.dtype else "off",
+            }
+        )
         if not resumed:  # the starting point of the validation curve (the start model's scores: cached)
             report, metric = self.validate()
             if report is not None:
                 self.log({"epoch": -1, "step": 0, "val": report, "selection_metric": metric, "before_training": True})
                 self.report_validation("before training", report, metric, False)
-        bar = Progress(self.total_steps, run.name, "step", enabled=cfg.progress and ctx.is_main,
-                       initial=self.progress.global_step)
+        bar = Progress(
+            self.total_steps, run.name, "step", enabled=cfg.progress and ctx.is_main, initial=self.progress.global_step
+        )
         autocast = (lambda: torch.autocast("cuda", dtype=self.dtype)) if self.dtype else contextlib.nullcontext
         try:
             while self.progress.epoch < cfg.epochs:
@@ -277,19 +311,34 @@ class Trainer:
                     self.progress.global_step += 1
                     bar.update(1, f"loss {loss:.4f}, epoch {self.progress.epoch + 1}")
                     if self.progress.global_step % cfg.log_every == 0 or self.progress.global_step == 1:
-                        self.log({"epoch": self.progress.epoch, "step": self.progress.global_step, "loss": loss,
-                                  "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]})
+                        self.log(
+                            {
+                                "epoch": self.progress.epoch,
+                                "step": self.progress.global_step,
+                                "loss": loss,
+                                "grad_norm": grad_norm,
+                                "lr": self.scheduler.get_last_lr()[0],
+                            }
+                        )
                     if self.progress.global_step % cfg.checkpoint_every == 0:
                         self.save_checkpoint()
                     if cfg.stop_after_steps == self.progress.global_step:
-                        raise TrainingStopped(f"{run.name}: stopped after step {self.progress.global_step} (stop_after_steps)")
+                        raise TrainingStopped(
+                            f"{run.name}: stopped after step {self.progress.global_step} (stop_after_steps)"
+                        )
                 self.end_epoch()
         finally:
             bar.close()
         if ctx.is_main:
-            run.model.save(run.out_dir / "model", {"stage": run.name, "config": cfg.model_dump(mode="json"),
-                                                    "global_step": self.progress.global_step,
-                                                    "best_metric": self.progress.best_metric})
+            run.model.save(
+                run.out_dir / "model",
+                {
+                    "stage": run.name,
+                    "config": cfg.model_dump(mode="json"),
+                    "global_step": self.progress.global_step,
+                    "best_metric": self.progress.best_metric,
+                },
+            )
             write_json(run.out_dir / "summary.json", {"stage": run.name, **self.progress.__dict__, **run.summary})
         ctx.barrier()
         return run.model.eval()
@@ -317,28 +366,49 @@ class Trainer:
     def report_validation(self, when: str, report: dict, metric: float, improved: bool) -> None:
         """One console line per validation, as the training runs (R@10 averaged over the val sets)."""
         recalls = ", ".join(f"{protocol} {table['average']['R@10']:.1f}" for protocol, table in report.items())
-        print(f"{self.run.out_dir.name} {when}: val R@10 {recalls}; selection figure {metric:.2f}"
-              f"{' (best so far)' if improved else ''}", flush=True)
+        print(
+            f"{self.run.out_dir.name} {when}: val R@10 {recalls}; selection figure {metric:.2f}"
+            f"{' (best so far)' if improved else ''}",
+            flush=True,
+        )
 
     def end_epoch(self) -> None:
         run, cfg = self.run, self.run.config
         report, metric = self.validate()
         improved = metric is not None and Selection.improves(metric, self.progress.best_metric)
         if run.ctx.is_main and (improved or run.evaluator is None):
-            run.model.save(run.out_dir / "best", {"stage": run.name, "epoch": self.progress.epoch,
-                                                   "global_step": self.progress.global_step,
-                                                   "selection": {**(run.evaluator.selection.model_dump(mode="json")
-                                                                    if run.evaluator else {}), "value": metric}})
+            run.model.save(
+                run.out_dir / "best",
+                {
+                    "stage": run.name,
+                    "epoch": self.progress.epoch,
+                    "global_step": self.progress.global_step,
+                    "selection": {
+                        **(run.evaluator.selection.model_dump(mode="json") if run.evaluator else {}),
+                        "value": metric,
+                    },
+                },
+            )
         if improved:
             self.progress.best_metric = metric
         if report is not None:
-            self.log({"epoch": self.progress.epoch, "step": self.progress.global_step, "val": report,
-                      "selection_metric": metric, "best": improved})
+            self.log(
+                {
+                    "epoch": self.progress.epoch,
+                    "step": self.progress.global_step,
+                    "val": report,
+                    "selection_metric": metric,
+                    "best": improved,
+                }
+            )
             self.report_validation(f"epoch {self.progress.epoch + 1}/{cfg.epochs}", report, metric, improved)
             self.progress.history.append({"epoch": self.progress.epoch, "metric": metric})
         elif run.ctx.is_main:
-            print(f"{run.out_dir.name} epoch {self.progress.epoch + 1}/{cfg.epochs}: done at step "
-                  f"{self.progress.global_step} (no validation: the last epoch is kept)", flush=True)
+            print(
+                f"{run.out_dir.name} epoch {self.progress.epoch + 1}/{cfg.epochs}: done at step "
+                f"{self.progress.global_step} (no validation: the last epoch is kept)",
+                flush=True,
+            )
         self.progress.epoch += 1
         self.progress.step = 0
         self.save_checkpoint()

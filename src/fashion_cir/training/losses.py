@@ -36,9 +36,16 @@ class InBatchContrastiveLoss(nn.Module):
         super().__init__()
         self.scale = scale
 
-    def forward(self, queries: torch.Tensor, targets: torch.Tensor, hard_negatives: torch.Tensor | None = None,
-                ignore: torch.Tensor | None = None) -> torch.Tensor:
-        columns = targets if hard_negatives is None or len(hard_negatives) == 0 else torch.cat([targets, hard_negatives])
+    def forward(
+        self,
+        queries: torch.Tensor,
+        targets: torch.Tensor,
+        hard_negatives: torch.Tensor | None = None,
+        ignore: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        columns = (
+            targets if hard_negatives is None or len(hard_negatives) == 0 else torch.cat([targets, hard_negatives])
+        )
         logits = self.scale * queries @ columns.T
         positives = torch.arange(len(queries), device=queries.device)
         return _masked_cross_entropy(logits, positives, ignore)
@@ -71,8 +78,14 @@ class BankInfoNCELoss(nn.Module):
         self.temperature = temperature
         self.hard_weight = hard_weight
 
-    def forward(self, queries: torch.Tensor, bank: torch.Tensor, positives: torch.Tensor,
-                groups: torch.Tensor | None = None, hard_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        queries: torch.Tensor,
+        bank: torch.Tensor,
+        positives: torch.Tensor,
+        groups: torch.Tensor | None = None,
+        hard_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         logits = queries @ bank.T / self.temperature
         if hard_ids is not None and hard_ids.numel() and self.hard_weight != 1.0:
             n = logits.shape[1]  # padding (-1) goes to an extra column that is dropped

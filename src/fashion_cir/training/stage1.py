@@ -34,8 +34,9 @@ from .losses import InBatchContrastiveLoss
 ENCODER_CHOICES = {"text": ["text"], "image": ["image"], "both": ["image", "text"]}
 
 
-def set_trainable(model: CIRModel, encoders: list[str], last_n_blocks: int | None, train_combiner: bool,
-                  train_matcher: bool = True) -> None:
+def set_trainable(
+    model: CIRModel, encoders: list[str], last_n_blocks: int | None, train_combiner: bool, train_matcher: bool = True
+) -> None:
     """Freeze everything but ``encoders`` (optionally their last N blocks), the Combiner and the
     matcher's query encoder; record the trained backbone prefixes on the model so that ``model.save``
     writes those weights. The Combiner trains only when the model composes queries with it."""
@@ -48,8 +49,9 @@ def set_trainable(model: CIRModel, encoders: list[str], last_n_blocks: int | Non
     model.mark_trained([f"backbone.{p}" for e in encoders for p in model.backbone.trainable_prefixes(e, last_n_blocks)])
 
 
-def query_parts(model: CIRModel, batch: dict, reference: torch.Tensor,
-                description_table: torch.Tensor | None) -> QueryParts:
+def query_parts(
+    model: CIRModel, batch: dict, reference: torch.Tensor, description_table: torch.Tensor | None
+) -> QueryParts:
     """A training batch's query parts, with gradients through the text encoders that train."""
     matcher = model.matcher
     parts = QueryParts(reference, None, attributes=batch.get("attributes"))
@@ -90,8 +92,16 @@ class Stage1Step(nn.Module):
     """One micro-batch -> (loss * world_size for backward, loss). Image features come from
     ``image_table`` (rows = integer image ids) when given, else from the pixels in the batch."""
 
-    def __init__(self, model: CIRModel, loss: InBatchContrastiveLoss, ctx: DistContext, hard_per_query: int,
-                 image_table: torch.Tensor | None, tables: ItemTables, table_is_trunk: bool = False):
+    def __init__(
+        self,
+        model: CIRModel,
+        loss: InBatchContrastiveLoss,
+        ctx: DistContext,
+        hard_per_query: int,
+        image_table: torch.Tensor | None,
+        tables: ItemTables,
+        table_is_trunk: bool = False,
+    ):
         super().__init__()
         self.model = model
         self.loss = loss
@@ -111,8 +121,8 @@ class Stage1Step(nn.Module):
         b = len(batch["target_ids"])
         features = self.model.backbone.encode_images(batch["pixels"])
         valid = (batch["hard_ids"] >= 0).nonzero().squeeze(1)
-        hard = features.new_zeros(len(batch["hard_ids"]), features.shape[1]).index_copy(0, valid, features[2 * b:])
-        return features[:b], features[b:2 * b], hard
+        hard = features.new_zeros(len(batch["hard_ids"]), features.shape[1]).index_copy(0, valid, features[2 * b :])
+        return features[:b], features[b : 2 * b], hard
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         reference, target, hard = self.image_features(batch)
@@ -130,9 +140,15 @@ class Stage1Step(nn.Module):
         return loss * self.ctx.world_size, loss.detach()
 
 
-def train_stage1(config: Stage1Config, model: CIRModel, train_triplets: list[Triplet], image_paths: dict[str, Path],
-                 evaluator: Evaluator | None, records: Mapping[str, Mapping[str, Any]] | None,
-                 out_dir: str | Path) -> CIRModel:
+def train_stage1(
+    config: Stage1Config,
+    model: CIRModel,
+    train_triplets: list[Triplet],
+    image_paths: dict[str, Path],
+    evaluator: Evaluator | None,
+    records: Mapping[str, Mapping[str, Any]] | None,
+    out_dir: str | Path,
+) -> CIRModel:
     """Fine-tune ``model`` on ``train_triplets`` (annotated and generated, told apart by the
     generator's ``source`` field and mixed per ``config.annotated_ratio``); ``image_paths`` must hold
     every reference, target and hard-negative image. Validates each epoch on ``val_sets``, keeps
@@ -158,30 +174,65 @@ def train_stage1(config: Stage1Config, model: CIRModel, train_triplets: list[Tri
     if not load_pixels:  # frozen image encoder (or only its head trains): encode every image the triplets use once
         needed = {i for t in triplets for i in (t.candidate, t.target, *t.hard_negatives) if i in image_paths}
         cache = FeatureCache(config.cache_dir or out_dir / "cache")
-        ids, features = shared_image_features(model.backbone, {i: image_paths[i] for i in image_paths if i in needed},
-                                              cache, ctx, config.eval_batch_size, config.num_workers, config.progress,
-                                              head=not from_trunk)
+        ids, features = shared_image_features(
+            model.backbone,
+            {i: image_paths[i] for i in image_paths if i in needed},
+            cache,
+            ctx,
+            config.eval_batch_size,
+            config.num_workers,
+            config.progress,
+            head=not from_trunk,
+        )
         image_index = {image_id: i for i, image_id in enumerate(ids)}
         table = features
-        triplets, n_annotated = order_pools([t for t in usable if t.candidate in image_index and t.target in image_index])
+        triplets, n_annotated = order_pools(
+            [t for t in usable if t.candidate in image_index and t.target in image_index]
+        )
     n_generated = len(triplets) - n_annotated
     steps = len(epoch_batches(n_annotated, n_generated, config.batch_size, config.annotated_ratio, config.seed, 0))
     if steps == 0:
-        raise FashionCIRError(f"stage1: {len(triplets)} usable training triplets, fewer than one batch of {config.batch_size}")
+        raise FashionCIRError(
+            f"stage1: {len(triplets)} usable training triplets, fewer than one batch of {config.batch_size}"
+        )
     valid_paths = {i: image_paths[i] for i in image_index}
-    dataset = TripletExamples(model, triplets, valid_paths, records, config.seed, config.hard_negatives_per_query, load_pixels)
+    dataset = TripletExamples(
+        model, triplets, valid_paths, records, config.seed, config.hard_negatives_per_query, load_pixels
+    )
     collate = Collate(model, image_index, config.hard_negatives_per_query)
     tables = ItemTables(*item_parts(model, list(image_index), records, config.cache_dir or out_dir / "cache"))
-    step_module = Stage1Step(model, InBatchContrastiveLoss(config.scale), ctx, config.hard_negatives_per_query, table,
-                             tables, table_is_trunk=from_trunk)
+    step_module = Stage1Step(
+        model,
+        InBatchContrastiveLoss(config.scale),
+        ctx,
+        config.hard_negatives_per_query,
+        table,
+        tables,
+        table_is_trunk=from_trunk,
+    )
 
-    run = StageRun("stage1", config, model, step_module, epoch_loader(dataset, collate, n_annotated, n_generated, config, ctx),
-                   steps, evaluator, out_dir, ctx,
-                   image_encoder_trains=load_pixels,
-                   summary={"annotated_triplets": n_annotated, "generated_triplets": n_generated,
-                            "skipped_triplets": len(train_triplets) - len(triplets),
-                            "unreadable_images": len(unreadable), "query_mode": model.query_mode,
-                            "text_template": model.text_template, "encoders": encoders,
-                            "image_features": ("pixels" if load_pixels else
-                                               "feature cache (trunk; head trained)" if from_trunk else "feature cache")})
+    run = StageRun(
+        "stage1",
+        config,
+        model,
+        step_module,
+        epoch_loader(dataset, collate, n_annotated, n_generated, config, ctx),
+        steps,
+        evaluator,
+        out_dir,
+        ctx,
+        image_encoder_trains=load_pixels,
+        summary={
+            "annotated_triplets": n_annotated,
+            "generated_triplets": n_generated,
+            "skipped_triplets": len(train_triplets) - len(triplets),
+            "unreadable_images": len(unreadable),
+            "query_mode": model.query_mode,
+            "text_template": model.text_template,
+            "encoders": encoders,
+            "image_features": (
+                "pixels" if load_pixels else "feature cache (trunk; head trained)" if from_trunk else "feature cache"
+            ),
+        },
+    )
     return Trainer(run).fit()

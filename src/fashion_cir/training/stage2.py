@@ -67,43 +67,80 @@ class Stage2Step(nn.Module):
         return loss, loss.detach()
 
 
-def build_bank(model: CIRModel, image_paths: dict[str, Path], cache: FeatureCache, config: Stage2Config, ctx,
-               records: Mapping[str, Mapping[str, Any]] | None = None) -> StaticBank:
+def build_bank(
+    model: CIRModel,
+    image_paths: dict[str, Path],
+    cache: FeatureCache,
+    config: Stage2Config,
+    ctx,
+    records: Mapping[str, Mapping[str, Any]] | None = None,
+) -> StaticBank:
     """Encode (or reuse from the cache) every catalog image with the model's image encoder, and
     each item's description and attributes as the model reads them."""
-    ids, features = shared_image_features(model.backbone, image_paths, cache, ctx, config.eval_batch_size,
-                                          config.num_workers, config.progress)
+    ids, features = shared_image_features(
+        model.backbone, image_paths, cache, ctx, config.eval_batch_size, config.num_workers, config.progress
+    )
     if not ids:
         raise FashionCIRError("stage2: no catalog image could be encoded for the bank")
     return StaticBank(model, ids, features.float(), ItemTables(*item_parts(model, ids, records, cache.root)))
 
 
-def train_stage2(config: Stage2Config, model: CIRModel, train_triplets: list[Triplet], image_paths: dict[str, Path],
-                 evaluator: Evaluator | None, records: Mapping[str, Mapping[str, Any]] | None,
-                 out_dir: str | Path) -> CIRModel:
+def train_stage2(
+    config: Stage2Config,
+    model: CIRModel,
+    train_triplets: list[Triplet],
+    image_paths: dict[str, Path],
+    evaluator: Evaluator | None,
+    records: Mapping[str, Mapping[str, Any]] | None,
+    out_dir: str | Path,
+) -> CIRModel:
     """Train the text encoder (``encoders='text'``) and/or Combiner of ``model`` (normally the stage-1
     model) against a static bank of every image in ``image_paths`` (the training catalog). Same
     outputs, checkpoints, resume and torchrun support as :func:`train_stage1`."""
     ctx, out_dir = start_stage(config, out_dir)
-    set_trainable(model, ["text"] if config.encoders == "text" else [], config.last_n_blocks, config.train_combiner,
-                  config.train_matcher)
+    set_trainable(
+        model,
+        ["text"] if config.encoders == "text" else [],
+        config.last_n_blocks,
+        config.train_combiner,
+        config.train_matcher,
+    )
     model.to(ctx.device)
     bank = build_bank(model, image_paths, FeatureCache(config.cache_dir or out_dir / "cache"), config, ctx, records)
-    triplets, n_annotated = order_pools([t for t in train_triplets if t.candidate in bank.index and t.target in bank.index])
+    triplets, n_annotated = order_pools(
+        [t for t in train_triplets if t.candidate in bank.index and t.target in bank.index]
+    )
     n_generated = len(triplets) - n_annotated
     steps = len(epoch_batches(n_annotated, n_generated, config.batch_size, config.annotated_ratio, config.seed, 0))
     if steps == 0:
-        raise FashionCIRError(f"stage2: {len(triplets)} usable training triplets, fewer than one batch of {config.batch_size}")
+        raise FashionCIRError(
+            f"stage2: {len(triplets)} usable training triplets, fewer than one batch of {config.batch_size}"
+        )
     hard = config.hard_negatives_per_query
     dataset = TripletExamples(model, triplets, {i: image_paths[i] for i in bank.ids}, records, config.seed, hard)
     collate = Collate(model, bank.index, hard)
     step_module = Stage2Step(model, bank, BankInfoNCELoss(config.temperature, config.hard_negative_weight))
 
-    run = StageRun("stage2", config, model, step_module, epoch_loader(dataset, collate, n_annotated, n_generated, config, ctx),
-                   steps, evaluator, out_dir, ctx,
-                   image_encoder_trains=False,
-                   summary={"annotated_triplets": n_annotated, "generated_triplets": n_generated,
-                            "skipped_triplets": len(train_triplets) - len(triplets), "bank_size": len(bank.ids),
-                            "bank_duplicate_rows": bank.duplicates, "negatives_per_query": len(bank.ids) - 1,
-                            "query_mode": model.query_mode, "text_template": model.text_template})
+    run = StageRun(
+        "stage2",
+        config,
+        model,
+        step_module,
+        epoch_loader(dataset, collate, n_annotated, n_generated, config, ctx),
+        steps,
+        evaluator,
+        out_dir,
+        ctx,
+        image_encoder_trains=False,
+        summary={
+            "annotated_triplets": n_annotated,
+            "generated_triplets": n_generated,
+            "skipped_triplets": len(train_triplets) - len(triplets),
+            "bank_size": len(bank.ids),
+            "bank_duplicate_rows": bank.duplicates,
+            "negatives_per_query": len(bank.ids) - 1,
+            "query_mode": model.query_mode,
+            "text_template": model.text_template,
+        },
+    )
     return Trainer(run).fit()

@@ -25,11 +25,14 @@ from .table import AttributeTable
 SOURCE = "mllm-attributes+templates"
 
 
-def _pool(attributes: dict[str, Attributes], features: np.ndarray, ids: list[str],
-          train_ids: Iterable[str] | None) -> tuple[list[int], dict]:
+def _pool(
+    attributes: dict[str, Attributes], features: np.ndarray, ids: list[str], train_ids: Iterable[str] | None
+) -> tuple[list[int], dict]:
     """Rows of ``features`` usable for mining (in the training ids, captioned), and what was skipped."""
     if features.ndim != 2 or len(features) != len(ids):
-        raise DataError(f"features must be an [N, d] array aligned with ids; got shape {features.shape} for {len(ids)} ids")
+        raise DataError(
+            f"features must be an [N, d] array aligned with ids; got shape {features.shape} for {len(ids)} ids"
+        )
     if len(set(ids)) != len(ids):
         raise DataError("ids contain duplicates")
     train = set(train_ids) if train_ids is not None else None
@@ -63,7 +66,9 @@ def generate_triplets(
     started = time.perf_counter()
     rows, skipped = _pool(attributes, np.asarray(features), ids, train_ids)
     if len(rows) < 2:
-        raise DataError(f"only {len(rows)} usable images (captioned, in the training ids, with features); skipped: {skipped}")
+        raise DataError(
+            f"only {len(rows)} usable images (captioned, in the training ids, with features); skipped: {skipped}"
+        )
     pool_ids = [ids[r] for r in rows]
     pool = np.asarray(features, dtype=np.float32)[rows]
     pool /= np.linalg.norm(pool, axis=1, keepdims=True)
@@ -76,16 +81,18 @@ def generate_triplets(
         reference, target = records[pair.reference], records[pair.target]
         changes = {name: [reference[name], target[name]] for name in pair.changed}
         negatives = hard_negatives(pair, pool, table, config.hard_negatives)
-        triplets.append({
-            "candidate": pool_ids[pair.reference],
-            "target": pool_ids[pair.target],
-            "captions": relative_captions(reference, target, {k: tuple(v) for k, v in changes.items()}, rng),
-            "reference_prompt": reference.description,
-            "target_prompt": target.description,
-            "changes": changes,
-            "hard_negatives": [pool_ids[n] for n in negatives],
-            "source": SOURCE,
-        })
+        triplets.append(
+            {
+                "candidate": pool_ids[pair.reference],
+                "target": pool_ids[pair.target],
+                "captions": relative_captions(reference, target, {k: tuple(v) for k, v in changes.items()}, rng),
+                "reference_prompt": reference.description,
+                "target_prompt": target.description,
+                "changes": changes,
+                "hard_negatives": [pool_ids[n] for n in negatives],
+                "source": SOURCE,
+            }
+        )
     rewritten = rewrite_captions(triplets, rewriter) if rewriter is not None and triplets else 0
     negatives_count = np.array([len(t["hard_negatives"]) for t in triplets]) if triplets else np.zeros(1)
     stats = {
@@ -95,9 +102,15 @@ def generate_triplets(
         **mining_stats,
         "changes_histogram": dict(Counter(n for t in triplets for n in t["changes"]).most_common()),
         "changes_per_triplet": dict(sorted(Counter(len(t["changes"]) for t in triplets).items())),
-        "category_changes": dict(Counter("->".join(t["changes"]["category"]) for t in triplets if "category" in t["changes"]).most_common()),
-        "hard_negatives_per_triplet": {"mean": round(float(negatives_count.mean()), 3), "min": int(negatives_count.min()),
-                                       "max": int(negatives_count.max()), "zero": int((negatives_count == 0).sum())},
+        "category_changes": dict(
+            Counter("->".join(t["changes"]["category"]) for t in triplets if "category" in t["changes"]).most_common()
+        ),
+        "hard_negatives_per_triplet": {
+            "mean": round(float(negatives_count.mean()), 3),
+            "min": int(negatives_count.min()),
+            "max": int(negatives_count.max()),
+            "zero": int((negatives_count == 0).sum()),
+        },
         "distinct_captions": len({c for t in triplets for c in t["captions"]}),
         "rewritten": rewritten,
         "seconds": round(time.perf_counter() - started, 3),

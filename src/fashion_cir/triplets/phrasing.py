@@ -13,30 +13,93 @@ from ..captioning.schema import Attributes
 
 PLURAL_CATEGORIES = {"pants", "shorts", "shoes"}
 NOUNS = {
-    "t-shirt": ["t-shirt", "tee"], "longsleeve": ["long-sleeve top", "long-sleeved tee"], "shirt": ["shirt", "button-down shirt"],
-    "polo": ["polo shirt", "polo"], "blouse": ["blouse"], "top": ["top"], "undershirt": ["undershirt", "vest top"],
-    "dress": ["dress"], "skirt": ["skirt"], "pants": ["pants", "trousers"], "shorts": ["shorts"],
-    "outwear": ["jacket", "coat"], "blazer": ["blazer"], "hoodie": ["hoodie"], "sweater": ["sweater", "jumper", "pullover"],
-    "hat": ["hat"], "shoes": ["shoes"], "body": ["bodysuit", "onesie"], "bag": ["bag"], "other": ["piece"],
+    "t-shirt": ["t-shirt", "tee"],
+    "longsleeve": ["long-sleeve top", "long-sleeved tee"],
+    "shirt": ["shirt", "button-down shirt"],
+    "polo": ["polo shirt", "polo"],
+    "blouse": ["blouse"],
+    "top": ["top"],
+    "undershirt": ["undershirt", "vest top"],
+    "dress": ["dress"],
+    "skirt": ["skirt"],
+    "pants": ["pants", "trousers"],
+    "shorts": ["shorts"],
+    "outwear": ["jacket", "coat"],
+    "blazer": ["blazer"],
+    "hoodie": ["hoodie"],
+    "sweater": ["sweater", "jumper", "pullover"],
+    "hat": ["hat"],
+    "shoes": ["shoes"],
+    "body": ["bodysuit", "onesie"],
+    "bag": ["bag"],
+    "other": ["piece"],
 }
-COLORS = {"grey": ["grey", "gray"], "navy": ["navy", "navy blue", "dark blue"], "light blue": ["light blue", "pale blue", "sky blue"],
-          "multicolor": ["multicolored", "colorful"], "olive": ["olive", "olive green"]}
-PATTERN_ADJ = {"solid": ["solid", "plain"], "striped": ["striped"], "checked": ["checked", "plaid"], "floral": ["floral"],
-               "dotted": ["polka dot", "dotted"], "camouflage": ["camouflage", "camo"], "animal print": ["animal print"],
-               "other": ["patterned"]}
-PATTERN_NOUN = {"striped": ["stripes"], "checked": ["a check pattern", "a plaid pattern"], "floral": ["a floral print", "flowers"],
-                "dotted": ["polka dots", "dots"], "graphic print": ["a graphic print", "a printed graphic", "a graphic"],
-                "text print": ["lettering", "a text print", "writing"], "camouflage": ["a camouflage pattern", "a camo print"],
-                "animal print": ["an animal print"], "other": ["a pattern"]}
-SLEEVE_ADJ = {"sleeveless": ["sleeveless"], "short": ["short-sleeved"], "three-quarter": ["three-quarter sleeved"], "long": ["long-sleeved"]}
-SLEEVE_NOUN = {"sleeveless": ["no sleeves"], "short": ["short sleeves"], "three-quarter": ["three-quarter sleeves"], "long": ["long sleeves"]}
+COLORS = {
+    "grey": ["grey", "gray"],
+    "navy": ["navy", "navy blue", "dark blue"],
+    "light blue": ["light blue", "pale blue", "sky blue"],
+    "multicolor": ["multicolored", "colorful"],
+    "olive": ["olive", "olive green"],
+}
+PATTERN_ADJ = {
+    "solid": ["solid", "plain"],
+    "striped": ["striped"],
+    "checked": ["checked", "plaid"],
+    "floral": ["floral"],
+    "dotted": ["polka dot", "dotted"],
+    "camouflage": ["camouflage", "camo"],
+    "animal print": ["animal print"],
+    "other": ["patterned"],
+}
+PATTERN_NOUN = {
+    "striped": ["stripes"],
+    "checked": ["a check pattern", "a plaid pattern"],
+    "floral": ["a floral print", "flowers"],
+    "dotted": ["polka dots", "dots"],
+    "graphic print": ["a graphic print", "a printed graphic", "a graphic"],
+    "text print": ["lettering", "a text print", "writing"],
+    "camouflage": ["a camouflage pattern", "a camo print"],
+    "animal print": ["an animal print"],
+    "other": ["a pattern"],
+}
+SLEEVE_ADJ = {
+    "sleeveless": ["sleeveless"],
+    "short": ["short-sleeved"],
+    "three-quarter": ["three-quarter sleeved"],
+    "long": ["long-sleeved"],
+}
+SLEEVE_NOUN = {
+    "sleeveless": ["no sleeves"],
+    "short": ["short sleeves"],
+    "three-quarter": ["three-quarter sleeves"],
+    "long": ["long sleeves"],
+}
 SLEEVE_ORDER = ["sleeveless", "short", "three-quarter", "long"]
-NECK_NOUN = {"crew": ["a crew neck", "a round neck"], "v-neck": ["a v-neck", "a v neck"], "collar": ["a collar"], "hood": ["a hood"],
-             "turtleneck": ["a turtleneck", "a high neck"], "scoop": ["a scoop neck"], "strapless": ["no straps"]}
-LENGTH_ADJ = {"cropped": ["cropped"], "hip": ["hip length"], "thigh": ["thigh length", "mini length"], "knee": ["knee length"],
-              "midi": ["midi length"], "ankle": ["ankle length"], "full": ["full length", "floor length"]}
+NECK_NOUN = {
+    "crew": ["a crew neck", "a round neck"],
+    "v-neck": ["a v-neck", "a v neck"],
+    "collar": ["a collar"],
+    "hood": ["a hood"],
+    "turtleneck": ["a turtleneck", "a high neck"],
+    "scoop": ["a scoop neck"],
+    "strapless": ["no straps"],
+}
+LENGTH_ADJ = {
+    "cropped": ["cropped"],
+    "hip": ["hip length"],
+    "thigh": ["thigh length", "mini length"],
+    "knee": ["knee length"],
+    "midi": ["midi length"],
+    "ankle": ["ankle length"],
+    "full": ["full length", "floor length"],
+}
 LENGTH_ORDER = ["cropped", "hip", "thigh", "knee", "midi", "ankle", "full"]
-MATERIAL_ADJ = {"knit": ["knitted", "knit"], "wool": ["wool", "woolen"], "puffer": ["quilted", "padded"], "satin": ["satin", "shiny satin"]}
+MATERIAL_ADJ = {
+    "knit": ["knitted", "knit"],
+    "wool": ["wool", "woolen"],
+    "puffer": ["quilted", "padded"],
+    "satin": ["satin", "shiny satin"],
+}
 MADE_OF = {"denim", "cotton", "leather", "fleece", "wool", "lace", "satin"}
 CLOSURE_NOUN = {"zip": ["a zipper", "a zip front"], "buttons": ["buttons", "a button front"], "laces": ["laces"]}
 CONTRAST = ["instead of", "rather than"]
@@ -50,13 +113,14 @@ def _bare(noun: str) -> str:
     """'a hood' -> 'hood' (for "no hood")."""
     for article in ("a ", "an "):
         if noun.startswith(article):
-            return noun[len(article):]
+            return noun[len(article) :]
     return noun
 
 
 def _have_instead(s, new: str, old: str, contrast: str, rng, *more: str) -> str:
     """ "has a hood", "has a hood instead of a collar", or one of ``more``."""
     return rng.choice([f"{s.have} {new}", f"{s.have} {new} {contrast} {old}", *more])
+
 
 def _article(phrase: str) -> str:
     return ("an " if phrase[:1] in "aeiou" else "a ") + phrase
@@ -75,13 +139,22 @@ def _clause(name: str, old: str | None, new: str | None, target: Attributes, s: 
     contrast = rng.choice(CONTRAST)
     if name == "color":
         t, f = _pick(COLORS, new, rng), _pick(COLORS, old, rng)
-        return rng.choice([f"{s.be} {t}", f"{s.be} {t} {contrast} {f}", f"{s.be} {t}, not {f}", f"{s.be} in {t}",
-                           f"comes in {t} {contrast} {f}" if s.be == "is" else f"come in {t} {contrast} {f}"])
+        return rng.choice(
+            [
+                f"{s.be} {t}",
+                f"{s.be} {t} {contrast} {f}",
+                f"{s.be} {t}, not {f}",
+                f"{s.be} in {t}",
+                f"comes in {t} {contrast} {f}" if s.be == "is" else f"come in {t} {contrast} {f}",
+            ]
+        )
     if name == "secondary_color":
         if new is None and old == target["color"]:
             return f"{s.be} all {_pick(COLORS, old, rng)}"
         if new is None:
-            return rng.choice([f"{s.have} no {_pick(COLORS, old, rng)} details", f"{s.have} no {_pick(COLORS, old, rng)} on {s.it}"])
+            return rng.choice(
+                [f"{s.have} no {_pick(COLORS, old, rng)} details", f"{s.have} no {_pick(COLORS, old, rng)} on {s.it}"]
+            )
         t = _pick(COLORS, new, rng)
         options = [f"{s.have} {t} details", f"{s.have} {t} accents", f"{s.have} some {t} on {s.it}"]
         if old is not None:
@@ -90,15 +163,29 @@ def _clause(name: str, old: str | None, new: str | None, target: Attributes, s: 
     if name == "pattern":
         if new == "solid":
             f_noun = _bare(_pick(PATTERN_NOUN, old, rng))
-            return rng.choice([f"{s.be} {_pick(PATTERN_ADJ, 'solid', rng)}", f"{s.have} no {f_noun}",
-                               f"{s.be} plain with no {f_noun}", f"{s.be} solid {contrast} {_pick(PATTERN_ADJ, old, rng)}" if old in PATTERN_ADJ else f"{s.be} plain"])
+            return rng.choice(
+                [
+                    f"{s.be} {_pick(PATTERN_ADJ, 'solid', rng)}",
+                    f"{s.have} no {f_noun}",
+                    f"{s.be} plain with no {f_noun}",
+                    f"{s.be} solid {contrast} {_pick(PATTERN_ADJ, old, rng)}"
+                    if old in PATTERN_ADJ
+                    else f"{s.be} plain",
+                ]
+            )
         t_noun = _pick(PATTERN_NOUN, new, rng)
         if old == "solid":
             options = [f"{s.have} {t_noun}", f"{s.have} {t_noun} instead of being plain"]
             if new in PATTERN_ADJ:
-                options += [f"{s.be} {_pick(PATTERN_ADJ, new, rng)}", f"{s.be} {_pick(PATTERN_ADJ, new, rng)} {contrast} plain"]
+                options += [
+                    f"{s.be} {_pick(PATTERN_ADJ, new, rng)}",
+                    f"{s.be} {_pick(PATTERN_ADJ, new, rng)} {contrast} plain",
+                ]
             return rng.choice(options)
-        options = [f"{s.have} {t_noun} {contrast} {_pick(PATTERN_NOUN, old, rng)}", f"{s.have} {t_noun} and no {_bare(_pick(PATTERN_NOUN, old, rng))}"]
+        options = [
+            f"{s.have} {t_noun} {contrast} {_pick(PATTERN_NOUN, old, rng)}",
+            f"{s.have} {t_noun} and no {_bare(_pick(PATTERN_NOUN, old, rng))}",
+        ]
         if new in PATTERN_ADJ and old in PATTERN_ADJ:
             options.append(f"{s.be} {_pick(PATTERN_ADJ, new, rng)} {contrast} {_pick(PATTERN_ADJ, old, rng)}")
         return rng.choice(options)
@@ -107,9 +194,18 @@ def _clause(name: str, old: str | None, new: str | None, target: Attributes, s: 
         if new == "sleeveless":
             return rng.choice([f"{s.be} sleeveless", f"{s.have} no sleeves"])
         if old == "sleeveless":
-            return rng.choice([f"{s.have} {t_noun}", f"{s.have} {t_noun} instead of being sleeveless", f"{s.be} {_pick(SLEEVE_ADJ, new, rng)}"])
-        options = [f"{s.have} {t_noun}", f"{s.be} {_pick(SLEEVE_ADJ, new, rng)}",
-                   f"{s.have} {t_noun} {contrast} {_pick(SLEEVE_NOUN, old, rng)}"]
+            return rng.choice(
+                [
+                    f"{s.have} {t_noun}",
+                    f"{s.have} {t_noun} instead of being sleeveless",
+                    f"{s.be} {_pick(SLEEVE_ADJ, new, rng)}",
+                ]
+            )
+        options = [
+            f"{s.have} {t_noun}",
+            f"{s.be} {_pick(SLEEVE_ADJ, new, rng)}",
+            f"{s.have} {t_noun} {contrast} {_pick(SLEEVE_NOUN, old, rng)}",
+        ]
         if new in SLEEVE_ORDER and old in SLEEVE_ORDER:  # custom vocabularies may hold other lengths
             longer = "longer" if SLEEVE_ORDER.index(new) > SLEEVE_ORDER.index(old) else "shorter"
             options.append(f"{s.have} {longer} sleeves")
@@ -125,8 +221,14 @@ def _clause(name: str, old: str | None, new: str | None, target: Attributes, s: 
     if name == "length":
         if new in LENGTH_ORDER and old in LENGTH_ORDER:
             longer = "longer" if LENGTH_ORDER.index(new) > LENGTH_ORDER.index(old) else "shorter"
-            return rng.choice([f"{s.be} {longer}", f"{s.be} {_pick(LENGTH_ADJ, new, rng)}", f"{s.be} {longer} and {_pick(LENGTH_ADJ, new, rng)}",
-                               f"{s.be} {_pick(LENGTH_ADJ, new, rng)} {contrast} {_pick(LENGTH_ADJ, old, rng)}"])
+            return rng.choice(
+                [
+                    f"{s.be} {longer}",
+                    f"{s.be} {_pick(LENGTH_ADJ, new, rng)}",
+                    f"{s.be} {longer} and {_pick(LENGTH_ADJ, new, rng)}",
+                    f"{s.be} {_pick(LENGTH_ADJ, new, rng)} {contrast} {_pick(LENGTH_ADJ, old, rng)}",
+                ]
+            )
         return f"{s.be} {_pick(LENGTH_ADJ, new, rng)}"
     if name == "material":
         t, f = _pick(MATERIAL_ADJ, new, rng), _pick(MATERIAL_ADJ, old, rng)
@@ -145,15 +247,22 @@ def _clause(name: str, old: str | None, new: str | None, target: Attributes, s: 
         t_np = t if new in PLURAL_CATEGORIES else _article(t)
         f_np = f if old in PLURAL_CATEGORIES else _article(f)
         return rng.choice([f"{s.be} {t_np}", f"{s.be} {t_np} {contrast} {f_np}", f"{s.be} {t_np}, not {f_np}"])
-    return rng.choice([f"{s.have} {name.replace('_', ' ')} {new}", f"{s.have} {name.replace('_', ' ')} {new} {contrast} {old}"])
+    return rng.choice(
+        [f"{s.have} {name.replace('_', ' ')} {new}", f"{s.have} {name.replace('_', ' ')} {new} {contrast} {old}"]
+    )
 
 
 def _join(clauses: list[str], rng: random.Random) -> str:
-    """"is red and striped" / "has long sleeves and a hood": a repeated leading verb is dropped."""
+    """ "is red and striped" / "has long sleeves and a hood": a repeated leading verb is dropped."""
     parts = [clauses[0]]
     for clause in clauses[1:]:
         previous_verb, verb = parts[-1].split(" ", 1)[0], clause.split(" ", 1)
-        merge = verb[0] == previous_verb and verb[0] in ("is", "are", "has", "have") and "," not in parts[-1] and rng.random() < 0.7
+        merge = (
+            verb[0] == previous_verb
+            and verb[0] in ("is", "are", "has", "have")
+            and "," not in parts[-1]
+            and rng.random() < 0.7
+        )
         parts.append(verb[1] if merge and len(verb) > 1 else clause)
     if len(parts) == 1:
         return parts[0]
@@ -161,8 +270,9 @@ def _join(clauses: list[str], rng: random.Random) -> str:
 
 
 def _noun_phrase(item: Attributes, changes: dict, rng: random.Random, only_changed: bool = False) -> str:
-    """"a red striped long-sleeved polo shirt": every changed attribute of ``item`` that has a positive
+    """ "a red striped long-sleeved polo shirt": every changed attribute of ``item`` that has a positive
     adjective, plus (unless ``only_changed``) a random few unchanged ones; wildcards never appear."""
+
     def wanted(name: str) -> bool:
         return name in changes or (not only_changed and rng.random() < 0.35)
 
@@ -185,14 +295,18 @@ def _noun_phrase(item: Attributes, changes: dict, rng: random.Random, only_chang
 def _expressed_by_noun_phrase(name: str, item: Attributes) -> bool:
     value = item[name]
     return {
-        "category": True, "color": True,
+        "category": True,
+        "color": True,
         "pattern": value in PATTERN_ADJ,
-        "length": value == "cropped", "material": value not in ("unknown", "synthetic"),
+        "length": value == "cropped",
+        "material": value not in ("unknown", "synthetic"),
         "sleeves": value in SLEEVE_ADJ and item["category"] != "longsleeve",
     }.get(name, False)
 
 
-def relative_captions(reference: Attributes, target: Attributes, changes: dict[str, tuple], rng: random.Random) -> list[str]:
+def relative_captions(
+    reference: Attributes, target: Attributes, changes: dict[str, tuple], rng: random.Random
+) -> list[str]:
     """Two different captions for reference -> target; the first states every change."""
     s = _Subject(target)
     names = list(changes)
@@ -204,7 +318,9 @@ def relative_captions(reference: Attributes, target: Attributes, changes: dict[s
     def noun_phrase(contrast: bool) -> str:
         leftover = [n for n in names if not _expressed_by_noun_phrase(n, target)]
         text = f"{s.be} {_noun_phrase(target, changes, rng)}"
-        if contrast and any(_expressed_by_noun_phrase(n, reference) and _expressed_by_noun_phrase(n, target) for n in names):
+        if contrast and any(
+            _expressed_by_noun_phrase(n, reference) and _expressed_by_noun_phrase(n, target) for n in names
+        ):
             text += f" {rng.choice(CONTRAST)} {_noun_phrase(reference, changes, rng, only_changed=True)}"
         if leftover:
             text += " and " + clauses(leftover)
@@ -218,13 +334,27 @@ def relative_captions(reference: Attributes, target: Attributes, changes: dict[s
         old, new = changes[name]
         if name == "pattern" and (old not in PATTERN_ADJ or new not in PATTERN_ADJ):
             return None
-        return rng.choice([f"Unlike the {_pick(table, old, rng)} one, I want {_pick(table, new, rng)}",
-                           f"I want it {_pick(table, new, rng)} instead of {_pick(table, old, rng)}"])
+        return rng.choice(
+            [
+                f"Unlike the {_pick(table, old, rng)} one, I want {_pick(table, new, rng)}",
+                f"I want it {_pick(table, new, rng)} instead of {_pick(table, old, rng)}",
+            ]
+        )
 
-    full = [lambda: clauses(names), lambda: clauses(names), lambda: noun_phrase(False), lambda: noun_phrase(True), unlike]
-    partial = [lambda: clauses(rng.sample(names, rng.randint(1, len(names)))), lambda: noun_phrase(False),
-               lambda: f"is {target.description}" if target.description.startswith(("a ", "an ")) else None,
-               lambda: noun_phrase(True), unlike]
+    full = [
+        lambda: clauses(names),
+        lambda: clauses(names),
+        lambda: noun_phrase(False),
+        lambda: noun_phrase(True),
+        unlike,
+    ]
+    partial = [
+        lambda: clauses(rng.sample(names, rng.randint(1, len(names)))),
+        lambda: noun_phrase(False),
+        lambda: f"is {target.description}" if target.description.startswith(("a ", "an ")) else None,
+        lambda: noun_phrase(True),
+        unlike,
+    ]
     first = None
     while first is None:
         first = rng.choice(full)()

@@ -10,12 +10,12 @@ from ..captioning.parse import loads_lenient
 
 PROMPT = (
     "You write relative captions for a fashion image retrieval dataset, like human annotators do: short "
-    "phrases saying how the TARGET differs from the REFERENCE, e.g. \"is grey with an all-over dark star print\", "
-    "\"has short sleeves and a v neck instead of straps\", \"is solid black with no contrast collar\".\n"
+    'phrases saying how the TARGET differs from the REFERENCE, e.g. "is grey with an all-over dark star print", '
+    '"has short sleeves and a v neck instead of straps", "is solid black with no contrast collar".\n'
     "REFERENCE: {reference}\nTARGET: {target}\nDIFFERENCES: {differences}\n"
     "DRAFT CAPTIONS: {drafts}\n"
     "Rewrite the drafts into two different natural captions of 3 to 15 words, each starting with a verb such as "
-    "\"is\", \"has\" or \"are\". Mention only the listed differences and facts about the TARGET. "
+    '"is", "has" or "are". Mention only the listed differences and facts about the TARGET. '
     "Answer with a JSON list of two strings and nothing else."
 )
 
@@ -28,8 +28,12 @@ class TextGenerator(Protocol):
 
 def rewrite_prompt(triplet: dict) -> str:
     differences = "; ".join(f"{name}: {old} -> {new}" for name, (old, new) in triplet["changes"].items())
-    return PROMPT.format(reference=triplet["reference_prompt"], target=triplet["target_prompt"],
-                         differences=differences, drafts=" | ".join(triplet["captions"]))
+    return PROMPT.format(
+        reference=triplet["reference_prompt"],
+        target=triplet["target_prompt"],
+        differences=differences,
+        drafts=" | ".join(triplet["captions"]),
+    )
 
 
 def parse_rewrite(answer: str) -> list[str] | None:

@@ -34,8 +34,12 @@ class AttributeTable:
         categories = vocab.attributes["category"].values
         group_of = {c: vocab.category_group(c) for c in categories}
         groups = np.array(
-            [g if (g := group_of[r["category"]]) is not None else len(categories) + categories.index(r["category"])
-             for r in records], dtype=np.int32)
+            [
+                g if (g := group_of[r["category"]]) is not None else len(categories) + categories.index(r["category"])
+                for r in records
+            ],
+            dtype=np.int32,
+        )
         return cls(attributes, codes, groups)
 
     def differences(self, rows: np.ndarray, cols: np.ndarray | slice = slice(None)) -> np.ndarray:
