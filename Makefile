@@ -31,7 +31,7 @@ demo: venv
 	$(VENV)/bin/fashion-cir demo $(DEMO_ARGS)
 
 test: venv browser
-	$(VENV)/bin/pytest -q -p no:cacheprovider -n 2
+	$(VENV)/bin/pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 bench: venv
 	$(VENV)/bin/python benchmarks/bench_features.py

@@ -14,6 +14,12 @@ import pytest
 from PIL import Image, ImageDraw
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``slow`` first, so that on several workers (``-n 2 --dist loadfile``) the long
+    files start at once instead of ending the run alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """``../shared/datasets`` next to the repository (read-only; never copy it into the repo)."""

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # scheduled first (conftest)
+
 STAGES = ("zero-shot", "zero-shot-fused", "stage1", "stage2")
 VAL_SETS = ("annotated-val", "relative-val", "minpairs-val")
 

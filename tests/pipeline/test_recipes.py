@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+pytestmark = pytest.mark.slow  # scheduled first (conftest)
+
 REPO = Path(__file__).resolve().parents[2]
 CATEGORIES = {"dress": "dress", "shirt": "shirt", "toptee": "t-shirt"}
 COLORS = ["red", "blue", "green", "black", "white", "yellow"]
