@@ -2,8 +2,8 @@
 
 Trains the demo recipe's stage 2 with some of its settings changed, from the recipe's published
 ``stage1`` model, exactly as ``fashion-cir run`` does (the runner's ``train_stage``: the start model's
-fusion weights while training, the best epoch by the recipe's selection on val, then the fusion
-weights fitted again on the annotated training captions when the stage says ``refit_fusion``),
+fusion weights while training; a stage that says ``refit_fusion`` keeps its last epoch and has its
+fusion weights fitted again on the annotated training captions),
 then scores every val set of the recipe under each of its protocols (split: the val split's 563
 images; catalog: all 5,756 images, reference removed) and prints the paired bootstrap difference
 against stage 1 (or ``--against``, another published model of the run) on the same queries.
