@@ -429,8 +429,16 @@ def index_build(
     ),
     factory: str = typer.Option(
         "auto",
-        help="FAISS factory string: auto (Flat below 200k items, else IVF), Flat (exact), IVF1024,Flat, HNSW32, ...",
+        help="FAISS factory string: auto (Flat below 200k items, else IVF), Flat (exact), IVF1024,Flat, HNSW32; "
+        "compact codes: SQfp16 (float16), SQ8 (int8), IVF1024,SQ8, ...",
     ),
+    candidates: int | None = typer.Option(
+        None,
+        min=1,
+        help="Two-stage search by default: the store finds this many items, the exact score from the "
+        "stored float32 rows orders them (for IVF / SQ8 / fp16 indexes).",
+    ),
+    mmap: bool = typer.Option(False, help="Readers (search, serve) memory-map the FAISS index and the stored rows."),
     milvus_index: str = typer.Option(
         "FLAT", help="Milvus index: FLAT, IVF_FLAT,nlist=1024, HNSW,M=16,efConstruction=200, ..."
     ),
@@ -460,6 +468,8 @@ def index_build(
         factory=factory,
         nprobe=nprobe,
         ef_search=ef_search,
+        candidates=candidates,
+        mmap=mmap,
         cache_dir=cache_dir,
         batch_size=batch_size,
         num_workers=workers,
@@ -540,6 +550,16 @@ def index_upsert(
     typer.echo(f"index now holds {len(index)} images: {json.dumps(index.report)}")
 
 
+@index_app.command("info")
+@friendly
+def index_info_command(index_dir: Path = typer.Argument(..., help="Existing index folder.")):
+    """What an index holds and needs: store, factory, items, row width, two-stage setting, bytes of
+    the searched vectors and of the stored rows on disk, whether readers memory-map them (JSON)."""
+    from .retrieval.folder import index_info
+
+    typer.echo(json.dumps(index_info(index_dir), indent=2))
+
+
 @index_app.command("remove")
 @friendly
 def index_remove(
@@ -581,6 +601,11 @@ def search(
     category: list[str] = typer.Option([], help="Keep only this category (repeatable)."),
     color: list[str] = typer.Option([], help="Keep only this colour (repeatable)."),
     same_type: bool = typer.Option(False, help="Keep only the reference's category (predicted for an image)."),
+    candidates: int | None = typer.Option(
+        None,
+        min=0,
+        help="Two-stage search: re-score this many store candidates exactly (default: the index's; 0: off).",
+    ),
     model: Path | None = typer.Option(None, help="Model folder (default: the index's)."),
     backbone: str | None = typer.Option(None, help="Zero-shot backbone spec instead of a model."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
@@ -600,11 +625,12 @@ def search(
         category=category,
         color=color,
         same_type=same_type,
+        candidates=candidates,
     )
     manifest = read_manifest(index_dir)
     parsed = request.parsed_filter(manifest.get("fields"))  # before loading a model
     cir = index_model(index_dir, model or backbone)  # default: the model the index was built with
-    index = open_index(index_dir, cir)
+    index = open_index(index_dir, cir, read_only=True)
     if parsed is not None and "fields" not in manifest:  # an index from before filters: fields from its metadata
         parsed = request.parsed_filter(index.fields)
     result = request.run(cir, index, open_image(image) if image else None, parsed)

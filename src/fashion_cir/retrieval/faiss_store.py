@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 DEFAULT_FACTORY = "auto"
 AUTO_EXACT_BELOW = 200_000  # BENCHMARKS.md, ANN section: exact search stays fast enough below this
 DATA_FILES = ("ids.json", "metadata.json", "paths.json", "features.npy", "faiss.index")
+# how a reader opens a manifest's ``mmap`` index: the codes of flat, SQ, PQ and IVF indexes (and
+# HNSW's storage) are mapped from faiss.index, not read; faiss >= 1.11 (the HNSW graph is read)
+MMAP_FLAGS = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
 
 
 def resolve_factory(factory: str, count: int) -> str:
@@ -92,9 +95,9 @@ def _read_data_json(path: Path, what: str, kind: type) -> Any:
     return value
 
 
-def _load_features(path: Path, count: int, dim: int) -> np.ndarray:
+def _load_features(path: Path, count: int, dim: int, mmap: bool = False) -> np.ndarray:
     try:
-        features = np.load(path, allow_pickle=False)
+        features = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except (ValueError, EOFError, OSError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"corrupt feature file {path}: {reason}; rebuild the index") from exc
@@ -136,8 +139,10 @@ class CatalogIndex(CatalogStore):
         paths: dict[str, Path],
         features: np.ndarray,
         faiss_index: faiss.Index,
+        mapped: bool = False,
     ):
         self.folder = Path(folder)
+        self.mapped = mapped  # features and faiss_index are memory-mapped, read only
         self.config = config
         self.ids = ids
         self.metadata = metadata
@@ -159,6 +164,9 @@ class CatalogIndex(CatalogStore):
     def vector(self, image_id: str) -> np.ndarray:
         return self.features[self.rows[image_id]]
 
+    def stored_rows(self, ids: list[str]) -> np.ndarray:
+        return np.asarray(self.features[[self.rows[i] for i in ids]], dtype=np.float32)
+
     @classmethod
     def create(cls, folder: str | Path, config: dict[str, Any], rows: np.ndarray) -> CatalogIndex:
         """An empty index for a new folder whose FAISS index (``config["factory"]``) is trained on
@@ -169,8 +177,10 @@ class CatalogIndex(CatalogStore):
         )
 
     @classmethod
-    def load(cls, folder: str | Path, model: CIRModel | None = None) -> CatalogIndex:
-        """Open an index folder; with ``model``, refuse it unless its image fingerprint matches."""
+    def load(cls, folder: str | Path, model: CIRModel | None = None, read_only: bool = False) -> CatalogIndex:
+        """Open an index folder; with ``model``, refuse it unless its image fingerprint matches.
+        ``read_only`` (a reader: search, the service) maps the FAISS index and the stored rows
+        from disk when the manifest says ``mmap``, so opening reads neither into memory."""
         folder = Path(folder)
         config = read_manifest(folder)
         if config.get("store", {}).get("kind", "faiss") != "faiss":
@@ -199,9 +209,10 @@ class CatalogIndex(CatalogStore):
             paths[image_id] = Path(os.path.normpath(full))
         metadata = _read_data_json(data / "metadata.json", "index metadata", dict)
         row_dim = row_width(config)
-        features = _load_features(data / "features.npy", count, row_dim)
+        mapped = read_only and bool(config.get("mmap"))
+        features = _load_features(data / "features.npy", count, row_dim, mapped)
         try:
-            faiss_index = faiss.read_index(str(data / "faiss.index"))
+            faiss_index = faiss.read_index(str(data / "faiss.index"), MMAP_FLAGS if mapped else 0)
         except RuntimeError as exc:
             raise DataError(f"corrupt FAISS file {data / 'faiss.index'}: {str(exc).strip().splitlines()[-1]}") from exc
         if faiss_index.ntotal != count or faiss_index.d != row_dim:
@@ -209,7 +220,7 @@ class CatalogIndex(CatalogStore):
                 f"{data / 'faiss.index'}: {faiss_index.ntotal} vectors of dimension {faiss_index.d}, "
                 f"but the manifest says {count} of dimension {row_dim}; rebuild the index"
             )
-        index = cls(folder, config, ids, metadata, paths, features, faiss_index)
+        index = cls(folder, config, ids, metadata, paths, features, faiss_index, mapped)
         if model is not None and model.backbone.feature_dim != dim:
             raise ModelError(
                 f"index {folder} holds {dim}-d features but the model {model.backbone.spec} makes "
@@ -222,6 +233,7 @@ class CatalogIndex(CatalogStore):
     def save(self) -> None:
         """Write a new data folder (files and folder fsynced), then point the manifest at it, then
         drop older data folders and leftovers of killed saves. Callers hold :func:`folder_lock`."""
+        self._check_writable()
         self.folder.mkdir(parents=True, exist_ok=True)
         for stale in self.folder.glob(".data-*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -253,6 +265,7 @@ class CatalogIndex(CatalogStore):
         self, ids: list[str], features: np.ndarray, metadata: Mapping[str, dict], paths: Mapping[str, Path]
     ) -> None:
         """Append items (raw image features) in memory; call :meth:`save` to persist."""
+        self._check_writable()
         if not ids:
             return
         already = [i for i in ids if i in self.rows]
@@ -279,6 +292,7 @@ class CatalogIndex(CatalogStore):
         self, ids: list[str], features: np.ndarray, metadata: Mapping[str, dict], paths: Mapping[str, Path]
     ) -> None:
         """Replace the features, metadata and path of known ids and append the new ones (in memory)."""
+        self._check_writable()
         features = np.asarray(features, dtype=np.float32)
         position = {image_id: n for n, image_id in enumerate(ids)}
         known = [i for i in ids if i in self.rows]
@@ -293,6 +307,7 @@ class CatalogIndex(CatalogStore):
 
     def remove(self, ids: Iterable[str]) -> list[str]:
         """Drop items in memory (call :meth:`save`); returns the ids that were in the index."""
+        self._check_writable()
         gone = [i for i in dict.fromkeys(ids) if i in self.rows]
         if gone:
             keep = np.ones(len(self.ids), dtype=bool)
@@ -304,6 +319,13 @@ class CatalogIndex(CatalogStore):
                 self.paths.pop(image_id, None)
             self._rebuild_vectors()
         return gone
+
+    def _check_writable(self) -> None:
+        """A mapped index is read only (FAISS aborts the process on changing mapped codes)."""
+        if self.mapped:
+            raise DataError(
+                f"index {self.folder} is open memory-mapped (read only); open it without read_only to change it"
+            )
 
     def _filter_columns(self) -> dict[str, np.ndarray]:
         """Metadata as text columns (built once per change) for vectorised filter evaluation."""

@@ -10,20 +10,21 @@ from typing import Any
 
 from ..errors import DataError, FashionCIRError, one_line
 from ..models.cir import MODEL_FILE, CIRModel, load_model
-from .faiss_store import CatalogIndex
+from .faiss_store import DATA_FILES, CatalogIndex
 from .manifest import INDEX_FILE, read_manifest
 from .milvus_store import MilvusIndex
-from .store import CatalogStore
+from .store import CatalogStore, row_width
 
 log = logging.getLogger(__name__)
 
 
-def open_index(folder: str | Path, model: CIRModel | None = None) -> CatalogStore:
-    """Open an index folder with the store its manifest names; with ``model``, check its fingerprint."""
+def open_index(folder: str | Path, model: CIRModel | None = None, read_only: bool = False) -> CatalogStore:
+    """Open an index folder with the store its manifest names; with ``model``, check its fingerprint.
+    ``read_only``: a reader, which memory-maps a FAISS index whose manifest says ``mmap``."""
     config = read_manifest(folder)
     kind = config.get("store", {}).get("kind", "faiss")
     if kind == "faiss":
-        return CatalogIndex.load(folder, model)
+        return CatalogIndex.load(folder, model, read_only)
     if kind == "milvus":
         index = MilvusIndex.open(Path(folder), config)
         if model is not None:
@@ -61,7 +62,7 @@ class LiveIndex:
         self.problem: str | None = None
         self._lock = threading.Lock()
         self._stamp = self._manifest_stamp()
-        self._index = open_index(self.folder, model)
+        self._index = open_index(self.folder, model, read_only=True)
 
     def _manifest_stamp(self) -> tuple[int, int, int] | None:
         try:
@@ -85,7 +86,7 @@ class LiveIndex:
         try:
             if stamp is None:
                 raise DataError(f"{self.folder / INDEX_FILE} is missing")
-            self._index = open_index(self.folder, self.model)
+            self._index = open_index(self.folder, self.model, read_only=True)
             self.problem = None
         except Exception as exc:  # whatever is wrong with the new version, the last good one still answers
             self.problem = f"the index changed but cannot be opened, the previous version is served: {one_line(exc)}"
@@ -100,3 +101,29 @@ class LiveIndex:
 
     def __contains__(self, image_id: object) -> bool:
         return image_id in self.current()
+
+
+def index_info(folder: str | Path) -> dict[str, Any]:
+    """What an index folder holds and needs: store, factory, items, row width, two-stage setting
+    and (FAISS) the bytes on disk of the searched vectors (``faiss.index``) and of the stored
+    float32 rows a second stage re-scores (``features.npy``), and whether readers map them."""
+    config = read_manifest(folder)
+    info: dict[str, Any] = {
+        "store": config.get("store", {"kind": "faiss"}),
+        "factory": config["factory"],
+        "count": config["count"],
+        "blocks": config.get("blocks") or {"image": config["feature_dim"]},
+        "row_width": row_width(config),
+        "candidates": config.get("candidates"),
+        "mmap": bool(config.get("mmap")),
+    }
+    if info["store"].get("kind", "faiss") == "faiss":
+        data = Path(folder) / config["data"]
+        sizes = {name: (data / name).stat().st_size for name in DATA_FILES if (data / name).is_file()}
+        info["files"] = {f"{config['data']}/{name}": size for name, size in sizes.items()}
+        mapped = sizes.get("faiss.index", 0) + sizes.get("features.npy", 0)
+        info["vectors_bytes"] = sizes.get("faiss.index", 0)
+        info["rows_bytes"] = sizes.get("features.npy", 0)
+        # ids, metadata and paths are read into memory either way (Python objects: several times their JSON)
+        info["read_into_memory_bytes"] = sum(sizes.values()) - (mapped if info["mmap"] else 0)
+    return info

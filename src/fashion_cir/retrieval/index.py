@@ -70,6 +70,8 @@ def build_index(
     factory: str = DEFAULT_FACTORY,
     nprobe: int = 16,
     ef_search: int = 64,
+    candidates: int | None = None,
+    mmap: bool = False,
     cache_dir: str | Path | None = None,
     batch_size: int = 64,
     num_workers: int = 0,
@@ -85,11 +87,16 @@ def build_index(
     ``index.report["failures"]``; when all of them, or more than ``max_failed_share``, fail, nothing
     is written and DataError names the first reasons. Encoding goes through a feature cache
     (default ``folder/feature-cache``), so an interrupted build resumes.
-    ``factory`` is a FAISS factory string; ``nprobe`` / ``ef_search`` tune IVF / HNSW searches.
+    ``factory`` is a FAISS factory string (``SQ8`` / ``SQfp16`` / ``IVF1024,SQ8``: int8 or float16
+    codes); ``nprobe`` / ``ef_search`` tune IVF / HNSW searches. ``candidates`` makes searches
+    two-stage by default (the store finds that many, the exact fused score from the stored rows
+    orders them); ``mmap``: readers map the FAISS index and the rows from disk.
     ``store`` is ``faiss`` or a Milvus spec (``milvus:PATH.db``, ``milvus:http://host:19530``);
     ``milvus`` holds its options (``collection``, ``index_type``, ``index_params``)."""
     folder = Path(folder)
     spec = parse_store_spec(store) if isinstance(store, str) else store
+    if candidates is not None and candidates < 1:
+        raise DataError(f"candidates must be a positive number of items (or None: one-stage search), got {candidates}")
     with folder_lock(folder):
         if (folder / INDEX_FILE).exists() and not overwrite:
             raise DataError(
@@ -117,6 +124,8 @@ def build_index(
             "blocks": model.block_dims(),
             "nprobe": nprobe,
             "ef_search": ef_search,
+            "candidates": candidates,
+            "mmap": mmap,
             "backbone": backbone.spec,
             "model_dir": str(model.source) if model.source else None,
             "preprocess": backbone.preprocess_description,

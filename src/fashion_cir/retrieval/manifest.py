@@ -60,6 +60,8 @@ class IndexManifest(BaseModel):
     data: Any = None  # str, checked below for a FAISS index only
     fields: list[str] = Field(default_factory=list)
     blocks: dict[str, int] | None = None
+    candidates: int | None = Field(None, ge=1)  # two-stage search by default (retrieval/rescore.py)
+    mmap: bool = False  # readers memory-map the FAISS index and the stored rows
 
     @property
     def store_kind(self) -> str:
@@ -115,8 +117,10 @@ _TYPED = {
     "nprobe": "int",
     "ef_search": "int",
     "factory": "str",
+    "candidates": "a positive int or null",
+    "mmap": "true or false",
 }
-_POSITIVE = f"count, feature_dim, nprobe and ef_search must be positive{REBUILD}"
+_POSITIVE = f"count, feature_dim, nprobe, ef_search and candidates must be positive{REBUILD}"
 
 
 def _problem(error: ValidationError, config: dict[str, Any]) -> str:

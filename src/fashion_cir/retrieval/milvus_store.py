@@ -291,6 +291,16 @@ class MilvusIndex(CatalogStore):
         row[: int(self.config["feature_dim"])] *= np.float32(rows[0]["norm"])  # the other blocks are stored raw
         return row
 
+    def stored_rows(self, ids: list[str]) -> np.ndarray:
+        """The raw rows of these items from one query per thousand ids (not one per item)."""
+        found = {row["id"]: row for row in self._get(list(dict.fromkeys(ids)), ["id", "vector", "norm"])}
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise DataError(f"unknown catalog id {missing[0]!r}")
+        rows = np.array([found[i]["vector"] for i in ids], dtype=np.float32)
+        rows[:, : int(self.config["feature_dim"])] *= np.array([[found[i]["norm"]] for i in ids], dtype=np.float32)
+        return rows
+
     def _search_params(self) -> dict[str, Any]:
         kind = self.milvus["index_type"]
         params = (

@@ -19,6 +19,7 @@ from ..errors import DataError
 from ..models.cir import CIRModel
 from .filters import BoolOp, Compare, Filter, FilterError, Node, parse_filter
 from .policy import ReferencePolicy, resolve_references
+from .rescore import RescoreQuery, Rescorer, check_candidates, two_stage_search
 from .store import CatalogStore, SearchHit
 
 
@@ -68,13 +69,21 @@ def composed_search(
     filters: Mapping[str, list[str]] | None = None,
     same_type: bool = False,
     filter: Filter | None = None,
+    candidates: int | None = None,
+    rescorer: Rescorer | None = None,
 ) -> SearchResult:
     """Reference (an uploaded ``image`` or a catalog ``item_id``) + relative ``text`` -> results
     ``offset`` .. ``offset + k`` that pass ``filter`` (a parsed expression), ``filters``
     (attribute -> allowed values) and, with ``same_type``, share the reference's category (the
     catalog's, or the predicted one for an upload). Without text the query is the reference image
     alone ("more like this"); without a reference, the text alone. ``same_type`` with explicit
-    categories is refused (FilterError): one of the two would silently override the other."""
+    categories is refused (FilterError): one of the two would silently override the other.
+    ``candidates`` (None: the index's ``candidates`` setting; 0: off) makes it a two-stage search:
+    the store finds that many items (at least the page and one more), ``rescorer`` (default: the
+    exact fused score from the stored rows, :mod:`~fashion_cir.retrieval.rescore`) orders them."""
+    pool = index.config.get("candidates") if candidates is None else candidates
+    if pool:
+        check_candidates(pool, k)
     categories = [v for v in (filters or {}).get("category", []) if v]
     if same_type and categories:
         raise FilterError(
@@ -109,9 +118,19 @@ def composed_search(
             wanted["category"] = [str(category)]
     exclude = [item_id] if exclude_reference and item_id is not None else []
     # one extra hit says whether a further page exists
-    hits = index.search_vectors(query.float().cpu().numpy(), offset + k + 1, exclude, attribute_filter(wanted, filter))[
-        0
-    ]
+    vector, wanted_filter = query.float().cpu().numpy(), attribute_filter(wanted, filter)
+    if pool:
+        hits = two_stage_search(
+            index,
+            RescoreQuery(vector[0], parts),
+            offset + k + 1,
+            max(pool, offset + k + 1),
+            exclude,
+            wanted_filter,
+            rescorer,
+        )
+    else:
+        hits = index.search_vectors(vector, offset + k + 1, exclude, wanted_filter)[0]
     return SearchResult(
         hits[offset : offset + k],
         query_text,
@@ -175,6 +194,7 @@ class SearchRequest(BaseModel):
     same_type: bool = False
     similar: bool = False  # more like this: the reference alone, the text is not used
     exclude_reference: bool = True
+    candidates: int | None = Field(None, ge=0)  # two-stage search: None the index's setting, 0 off
     reference_required: bool = False
     text_required: bool = False
     max_text_chars: int | None = None
@@ -225,4 +245,5 @@ class SearchRequest(BaseModel):
             filters={"category": self.category, "color": self.color},
             same_type=self.same_type,
             filter=filter,
+            candidates=self.candidates,
         )
