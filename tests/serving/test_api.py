@@ -618,6 +618,43 @@ def test_a_three_block_milvus_index_serves_what_faiss_finds(tmp_path_factory):
             np.testing.assert_allclose([r["score"] for r in body["results"]], [h.score for h in expected], atol=2e-5)
 
 
+def test_a_two_stage_memory_mapped_int8_index_serves_exact_scores(tmp_path, tiny_model):
+    """Issue 23 items 3-4: an int8 (SQ8) index built with candidates and mmap is served memory-mapped,
+    and /search re-scores its candidates: the ids and scores an exact Flat index finds."""
+    from fashion_cir.retrieval.folder import open_index
+    from fashion_cir.retrieval.query import composed_search
+
+    paths, metadata = synthetic_catalog(tmp_path / "images", 40)
+    options = {"progress": False, "cache_dir": tmp_path / "cache"}
+    two_stage = build_index(
+        tmp_path / "sq8", tiny_model, paths, metadata, factory="SQ8", candidates=20, mmap=True, **options
+    )
+    exact = open_index(build_index(tmp_path / "flat", tiny_model, paths, metadata, **options).folder, tiny_model)
+    with (
+        running_server(create_app(two_stage.folder, tiny_model)) as url,
+        httpx.Client(base_url=url, timeout=60) as client,
+    ):
+        health = client.get("/health").json()
+        assert (health["factory"], health["candidates"], health["mmap"]) == ("SQ8", 20, True)
+        for form in (
+            {"id": "item-003", "text": "is red"},
+            {"id": "item-011", "text": "is blue", "filter": 'color != "red"'},
+        ):
+            body = client.post("/search", data={**form, "k": 8}).json()
+            expected = composed_search(
+                tiny_model,
+                exact,
+                item_id=form["id"],
+                text=form["text"],
+                k=8,
+                exclude_reference=True,
+                filter=parse_filter(form["filter"], exact.fields) if "filter" in form else None,
+            ).hits
+            assert [r["id"] for r in body["results"]] == [h.id for h in expected], form
+            np.testing.assert_allclose([r["score"] for r in body["results"]], [h.score for h in expected], atol=2e-5)
+        assert_error(client.post("/search", data={"id": "item-003", "text": "is red", "k": 30}), 400, "candidates (20)")
+
+
 INJECTED_IDS = ["x'] or id not in ['", "x'] or path like '/%' and id not in ['", "x'", 'x"', "item-001' or 'a'=='a"]
 
 

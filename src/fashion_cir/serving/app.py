@@ -301,6 +301,8 @@ def create_app(
             "fingerprint": current.fingerprint,
             "store": current.store_kind,
             "factory": current.config["factory"],
+            "candidates": current.config.get("candidates"),  # two-stage search (retrieval/rescore.py)
+            "mmap": bool(getattr(current, "mapped", False)),
             "filter_fields": current.fields,
             "query_mode": cir.query_mode,
             "attribute_heads": cir.attribute_heads is not None,
