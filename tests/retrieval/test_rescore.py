@@ -96,6 +96,8 @@ def test_the_index_setting_makes_every_search_two_stage_and_zero_turns_it_off(wo
         truth = run(world, world["exact"], query).hits
         assert_same(run(world, index, query).hits, truth, str(query))
         assert not np.allclose([h.score for h in run(world, index, query, candidates=0).hits], [h.score for h in truth])
+    wide = run(world, index, QUERIES[0], k=40).hits  # more than the setting: the candidates grow to the page
+    assert_same(wide, run(world, world["exact"], QUERIES[0], k=40).hits, "k above the setting")
     request = SearchRequest(item_id=world["ids"][3], text="is red", k=5, candidates=40)
     assert_same(request.run(model, index).hits, run(world, world["exact"], QUERIES[0], k=5).hits, "request")
 
@@ -105,6 +107,15 @@ def test_fewer_candidates_than_results_is_refused(world):
         run(world, world["compact"], QUERIES[0], candidates=5)
     with pytest.raises(DataError, match="candidates must be a positive number"):
         build_index(world["root"] / "x", world["model"], world["paths"], world["metadata"], candidates=0)
+    manifest = world["exact"].folder / "index.json"
+    good = manifest.read_text()
+    try:
+        for bad in ("0", "true", '"100"'):
+            manifest.write_text(good.replace('"candidates": null', f'"candidates": {bad}'))
+            with pytest.raises(DataError, match="field 'candidates' must be a positive int or null"):
+                open_index(world["exact"].folder)
+    finally:
+        manifest.write_text(good)
 
 
 class Reversed:

@@ -120,7 +120,7 @@ _TYPED = {
     "candidates": "a positive int or null",
     "mmap": "true or false",
 }
-_POSITIVE = f"count, feature_dim, nprobe, ef_search and candidates must be positive{REBUILD}"
+_POSITIVE = f"count, feature_dim, nprobe and ef_search must be positive{REBUILD}"
 
 
 def _problem(error: ValidationError, config: dict[str, Any]) -> str:
@@ -134,7 +134,7 @@ def _problem(error: ValidationError, config: dict[str, Any]) -> str:
     if field in _MESSAGES:
         return _MESSAGES[field]
     if first["type"] in ("greater_than_equal", "greater_than"):
-        return _POSITIVE
+        return f"field 'candidates' must be {_TYPED['candidates']}{REBUILD}" if field == "candidates" else _POSITIVE
     value = config.get(field)
     hint = "; it was written by an older fashion-cir, rebuild it with --overwrite" if field == "root" else REBUILD
     return f"field {field!r} must be {_TYPED.get(field, 'valid')}, got {value!r}{hint}"

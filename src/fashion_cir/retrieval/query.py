@@ -78,12 +78,13 @@ def composed_search(
     catalog's, or the predicted one for an upload). Without text the query is the reference image
     alone ("more like this"); without a reference, the text alone. ``same_type`` with explicit
     categories is refused (FilterError): one of the two would silently override the other.
-    ``candidates`` (None: the index's ``candidates`` setting; 0: off) makes it a two-stage search:
-    the store finds that many items (at least the page and one more), ``rescorer`` (default: the
-    exact fused score from the stored rows, :mod:`~fashion_cir.retrieval.rescore`) orders them."""
+    ``candidates`` (0: off) makes it a two-stage search: the store finds that many items, ``rescorer``
+    (default: the exact fused score from the stored rows, :mod:`~fashion_cir.retrieval.rescore`)
+    orders them; fewer than ``k`` is refused. None: the index's ``candidates`` setting, grown to
+    the page asked for. Either way the store is asked for at least the page and one more."""
     pool = index.config.get("candidates") if candidates is None else candidates
-    if pool:
-        check_candidates(pool, k)
+    if candidates:
+        check_candidates(candidates, k)
     categories = [v for v in (filters or {}).get("category", []) if v]
     if same_type and categories:
         raise FilterError(
