@@ -11,7 +11,8 @@ kinds side by side, two-stage search, memory-mapped opening, milvus-lite and the
 3. Queries: real composed queries of the index's model (``--queries``): random catalog items as
    references with captions, encoded exactly as ``composed_search`` does (reference description
    and attributes, text tower, matcher, fusion). Ground truth: exact inner products (numpy).
-4. Per FAISS index (``--indexes``, ``_`` for ``,``): build s (train + add), file MB, RSS added by
+4. Per FAISS index (``--indexes``, ``_`` for ``,``): build s (train + add; an IVF index with as
+   many lists as an earlier one reuses its centroids, ``centroids_reused``), file MB, RSS added by
    a memory-mapped open (``IO_FLAG_MMAP_IFC | IO_FLAG_READ_ONLY``, checked to answer as the
    in-memory index), recall@10, p50/p95 ms per query, one query per call, 1 thread (full-scan
    indexes, Flat and SQ, time the first ``--scan-queries`` queries only).
@@ -179,14 +180,24 @@ def timed(search, queries: np.ndarray) -> tuple[np.ndarray, dict]:
 
 
 # -- FAISS -------------------------------------------------------------------------------------
-def build(factory: str, base: np.ndarray, train_cap: int, threads: int) -> tuple[faiss.Index, float]:
+def build(
+    factory: str, base: np.ndarray, train_cap: int, threads: int, centroids: dict[int, np.ndarray]
+) -> tuple[faiss.Index, float, bool]:
+    """The index, its build seconds, and whether it reused the IVF centroids an earlier index of the
+    same list count trained (``centroids``: nlist -> centroids; FAISS then skips the k-means)."""
     faiss.omp_set_num_threads(threads)
     index = faiss.index_factory(base.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.try_extract_index_ivf(index)
+    reused = ivf is not None and ivf.nlist in centroids
     start = time.perf_counter()
+    if reused:
+        ivf.quantizer.add(centroids[ivf.nlist])
     if not index.is_trained:
         index.train(base[np.random.default_rng(0).permutation(len(base))[:train_cap]])
     index.add(base)
-    return index, time.perf_counter() - start
+    if ivf is not None:
+        centroids[ivf.nlist] = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    return index, time.perf_counter() - start, reused
 
 
 def mapped_open(path: Path, index: faiss.Index, queries: np.ndarray) -> tuple[float, bool]:
@@ -246,12 +257,13 @@ def bench_faiss(base: np.ndarray, queries: np.ndarray, exact: np.ndarray, args) 
     rows = []
     base_file = Path(args.tmp) / "rows.npy"
     np.save(base_file, base)
+    centroids: dict[int, np.ndarray] = {}
     for name in args.indexes:
         factory = name.replace("_", ",")
         if name.startswith("HNSW") and len(base) > args.skip_hnsw_at:
             print(f"skip {factory} at n={len(base)} (--skip-hnsw-at {args.skip_hnsw_at})", flush=True)
             continue
-        index, seconds = build(factory, base, args.train_cap, args.threads)
+        index, seconds, reused = build(factory, base, args.train_cap, args.threads, centroids)
         path = Path(args.tmp) / "index.faiss"
         faiss.write_index(index, str(path))
         mmap_mb, same = mapped_open(path, index, queries[:20])
@@ -271,6 +283,7 @@ def bench_faiss(base: np.ndarray, queries: np.ndarray, exact: np.ndarray, args) 
                 "index": factory,
                 "param": f"{param}={value}" if value is not None else None,
                 "build_s": round(seconds, 1),
+                "centroids_reused": reused,
                 "file_mb": round(path.stat().st_size / 2**20, 1),
                 "mmap_open_rss_mb": mmap_mb,
                 "mmap_same_answers": same,
