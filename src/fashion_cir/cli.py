@@ -597,8 +597,7 @@ def search(
         item_id=item_id,
         image=image is not None,
         filter=filter_text,
-        category=category,
-        color=color,
+        filters={"category": category, "color": color},
         same_type=same_type,
     )
     manifest = read_manifest(index_dir)

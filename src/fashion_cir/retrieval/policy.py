@@ -33,6 +33,9 @@ class ReferencePolicy:
             raise ModelError(f"unknown reference description source {self.source!r}; choose one of {SOURCES}")
 
 
+CATALOG = ReferencePolicy("catalog")  # what search uses: the catalog's record, predicted for an upload
+
+
 @dataclass
 class Reference:
     """What a query knows of its reference besides the pixels."""
