@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -472,72 +473,85 @@ def index_build(
     typer.echo(f"indexed {len(index)} images into {out} ({index.store_kind}): {json.dumps(index.report)}")
 
 
-@index_app.command("add")
-@friendly
-def index_add(
-    index_dir: Path = typer.Argument(..., help="Existing index folder."),
-    images: Path = typer.Option(..., help="Folder of images; only ids not yet indexed are encoded."),
-    metadata: list[Path] = typer.Option([], help="Metadata files for the new images; repeatable."),
-    split: Path | None = typer.Option(None, help="Only add the ids in this split file."),
-    model: Path | None = typer.Option(None, help="Model folder the index was built with."),
-    backbone: str | None = typer.Option(None, help="Zero-shot backbone spec the index was built with."),
-    cache_dir: Path | None = typer.Option(None, help="Feature cache (default INDEX/feature-cache)."),
-    max_failed_share: float = typer.Option(
-        DEFAULT_MAX_FAILED_SHARE, help="Fail (add nothing) when more than this share of the new images cannot be read."
-    ),
-):
-    """Add new catalog images to an index (refuses a model that does not match it; concurrent adds
-    take turns). Unreadable images are left out and listed with their reasons."""
+IndexFolder = Annotated[Path, typer.Argument(help="Existing index folder.")]
+UpdateSplit = Annotated[Path | None, typer.Option(help="Only the ids in this split file.")]
+IndexModel = Annotated[Path | None, typer.Option(help="Model folder the index was built with.")]
+IndexBackbone = Annotated[
+    str | None,
+    typer.Option(help="Zero-shot backbone spec the index was built with (default: the index's)."),
+]
+UpdateCache = Annotated[Path | None, typer.Option(help="Feature cache (default INDEX/feature-cache).")]
+
+
+def _update_index(
+    index_dir: Path,
+    images: Path,
+    metadata: list[Path] | None,
+    split: Path | None,
+    model: Path | None,
+    backbone: str | None,
+    cache_dir: Path | None,
+    max_failed_share: float,
+    replace: bool,
+) -> None:
+    """``index add`` (``replace`` False) and ``index upsert``: encode the images with the index's
+    model and write them into the index, then list failures and the report."""
     from .data.triplets import read_split
     from .retrieval.index import add_to_index
+    from .retrieval.manifest import read_manifest
 
     index = add_to_index(
         index_dir,
-        _model(model, backbone),
+        _model(model, backbone or read_manifest(index_dir)["backbone"]),
         images,
-        list(metadata) or None,
+        metadata or None,
+        replace=replace,
         ids=read_split(split) if split else None,
         cache_dir=cache_dir,
         max_failed_share=max_failed_share,
     )
     _report_failures(index.report["failures"])
     typer.echo(f"index now holds {len(index)} images: {json.dumps(index.report)}")
+
+
+@index_app.command("add")
+@friendly
+def index_add(
+    index_dir: IndexFolder,
+    images: Annotated[Path, typer.Option(help="Folder of images; only ids not yet indexed are encoded.")],
+    metadata: Annotated[list[Path] | None, typer.Option(help="Metadata files for the new images; repeatable.")] = None,
+    split: UpdateSplit = None,
+    model: IndexModel = None,
+    backbone: IndexBackbone = None,
+    cache_dir: UpdateCache = None,
+    max_failed_share: Annotated[
+        float, typer.Option(help="Fail (add nothing) when more than this share of the new images cannot be read.")
+    ] = DEFAULT_MAX_FAILED_SHARE,
+):
+    """Add new catalog images to an index (refuses a model that does not match it; concurrent adds
+    take turns). Unreadable images are left out and listed with their reasons."""
+    _update_index(index_dir, images, metadata, split, model, backbone, cache_dir, max_failed_share, replace=False)
 
 
 @index_app.command("upsert")
 @friendly
 def index_upsert(
-    index_dir: Path = typer.Argument(..., help="Existing index folder."),
-    images: Path = typer.Option(..., help="Folder of images to insert or replace (changed files are re-encoded)."),
-    metadata: list[Path] = typer.Option(
-        [], help="Metadata of those images (replaces the stored metadata); repeatable."
-    ),
-    split: Path | None = typer.Option(None, help="Only the ids in this split file."),
-    model: Path | None = typer.Option(None, help="Model folder the index was built with."),
-    backbone: str | None = typer.Option(None, help="Zero-shot backbone spec the index was built with."),
-    cache_dir: Path | None = typer.Option(None, help="Feature cache (default INDEX/feature-cache)."),
-    max_failed_share: float = typer.Option(
-        DEFAULT_MAX_FAILED_SHARE, help="Fail (change nothing) when more than this share of the images cannot be read."
-    ),
+    index_dir: IndexFolder,
+    images: Annotated[Path, typer.Option(help="Folder of images to insert or replace (changed files are re-encoded).")],
+    metadata: Annotated[
+        list[Path] | None, typer.Option(help="Metadata of those images (replaces the stored metadata); repeatable.")
+    ] = None,
+    split: UpdateSplit = None,
+    model: IndexModel = None,
+    backbone: IndexBackbone = None,
+    cache_dir: UpdateCache = None,
+    max_failed_share: Annotated[
+        float, typer.Option(help="Fail (change nothing) when more than this share of the images cannot be read.")
+    ] = DEFAULT_MAX_FAILED_SHARE,
 ):
     """Insert or replace catalog items (features, metadata, image path); a running service sees them.
     Unreadable images are left out and listed with their reasons."""
-    from .data.triplets import read_split
-    from .retrieval.index import upsert_index
-    from .retrieval.manifest import read_manifest
-
-    cir = _model(model, backbone or read_manifest(index_dir)["backbone"])
-    index = upsert_index(
-        index_dir,
-        cir,
-        images,
-        list(metadata) or None,
-        ids=read_split(split) if split else None,
-        cache_dir=cache_dir,
-        max_failed_share=max_failed_share,
-    )
-    _report_failures(index.report["failures"])
-    typer.echo(f"index now holds {len(index)} images: {json.dumps(index.report)}")
+    _update_index(index_dir, images, metadata, split, model, backbone, cache_dir, max_failed_share, replace=True)
 
 
 @index_app.command("remove")
