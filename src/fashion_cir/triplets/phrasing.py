@@ -7,101 +7,27 @@ Values without a phrase here (a custom vocabulary) are described by their vocabu
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 from ..captioning.schema import Attributes
+from ..language.lexicon import LENGTH_ORDER, SLEEVE_ORDER
 
 PLURAL_CATEGORIES = {"pants", "shorts", "shoes"}
-NOUNS = {
-    "t-shirt": ["t-shirt", "tee"],
-    "longsleeve": ["long-sleeve top", "long-sleeved tee"],
-    "shirt": ["shirt", "button-down shirt"],
-    "polo": ["polo shirt", "polo"],
-    "blouse": ["blouse"],
-    "top": ["top"],
-    "undershirt": ["undershirt", "vest top"],
-    "dress": ["dress"],
-    "skirt": ["skirt"],
-    "pants": ["pants", "trousers"],
-    "shorts": ["shorts"],
-    "outwear": ["jacket", "coat"],
-    "blazer": ["blazer"],
-    "hoodie": ["hoodie"],
-    "sweater": ["sweater", "jumper", "pullover"],
-    "hat": ["hat"],
-    "shoes": ["shoes"],
-    "body": ["bodysuit", "onesie"],
-    "bag": ["bag"],
-    "other": ["piece"],
-}
-COLORS = {
-    "grey": ["grey", "gray"],
-    "navy": ["navy", "navy blue", "dark blue"],
-    "light blue": ["light blue", "pale blue", "sky blue"],
-    "multicolor": ["multicolored", "colorful"],
-    "olive": ["olive", "olive green"],
-}
-PATTERN_ADJ = {
-    "solid": ["solid", "plain"],
-    "striped": ["striped"],
-    "checked": ["checked", "plaid"],
-    "floral": ["floral"],
-    "dotted": ["polka dot", "dotted"],
-    "camouflage": ["camouflage", "camo"],
-    "animal print": ["animal print"],
-    "other": ["patterned"],
-}
-PATTERN_NOUN = {
-    "striped": ["stripes"],
-    "checked": ["a check pattern", "a plaid pattern"],
-    "floral": ["a floral print", "flowers"],
-    "dotted": ["polka dots", "dots"],
-    "graphic print": ["a graphic print", "a printed graphic", "a graphic"],
-    "text print": ["lettering", "a text print", "writing"],
-    "camouflage": ["a camouflage pattern", "a camo print"],
-    "animal print": ["an animal print"],
-    "other": ["a pattern"],
-}
-SLEEVE_ADJ = {
-    "sleeveless": ["sleeveless"],
-    "short": ["short-sleeved"],
-    "three-quarter": ["three-quarter sleeved"],
-    "long": ["long-sleeved"],
-}
-SLEEVE_NOUN = {
-    "sleeveless": ["no sleeves"],
-    "short": ["short sleeves"],
-    "three-quarter": ["three-quarter sleeves"],
-    "long": ["long sleeves"],
-}
-SLEEVE_ORDER = ["sleeveless", "short", "three-quarter", "long"]
-NECK_NOUN = {
-    "crew": ["a crew neck", "a round neck"],
-    "v-neck": ["a v-neck", "a v neck"],
-    "collar": ["a collar"],
-    "hood": ["a hood"],
-    "turtleneck": ["a turtleneck", "a high neck"],
-    "scoop": ["a scoop neck"],
-    "strapless": ["no straps"],
-}
-LENGTH_ADJ = {
-    "cropped": ["cropped"],
-    "hip": ["hip length"],
-    "thigh": ["thigh length", "mini length"],
-    "knee": ["knee length"],
-    "midi": ["midi length"],
-    "ankle": ["ankle length"],
-    "full": ["full length", "floor length"],
-}
-LENGTH_ORDER = ["cropped", "hip", "thigh", "knee", "midi", "ankle", "full"]
-MATERIAL_ADJ = {
-    "knit": ["knitted", "knit"],
-    "wool": ["wool", "woolen"],
-    "puffer": ["quilted", "padded"],
-    "satin": ["satin", "shiny satin"],
-}
+# value -> the words a caption may use for it, per table (data: ``wording.json``, read once)
+WORDING: dict[str, dict[str, list[str]]] = json.loads((Path(__file__).parent / "wording.json").read_text("utf-8"))
+NOUNS = WORDING["nouns"]
+COLORS = WORDING["colors"]
+PATTERN_ADJ = WORDING["pattern_adjectives"]
+PATTERN_NOUN = WORDING["pattern_nouns"]
+SLEEVE_ADJ = WORDING["sleeve_adjectives"]
+SLEEVE_NOUN = WORDING["sleeve_nouns"]
+NECK_NOUN = WORDING["neckline_nouns"]
+LENGTH_ADJ = WORDING["length_adjectives"]
+MATERIAL_ADJ = WORDING["material_adjectives"]
+CLOSURE_NOUN = WORDING["closure_nouns"]
 MADE_OF = {"denim", "cotton", "leather", "fleece", "wool", "lace", "satin"}
-CLOSURE_NOUN = {"zip": ["a zipper", "a zip front"], "buttons": ["buttons", "a button front"], "laces": ["laces"]}
 CONTRAST = ["instead of", "rather than"]
 
 
