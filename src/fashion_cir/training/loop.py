@@ -29,6 +29,7 @@ from ..io import append_jsonl, atomic_write_bytes, atomic_write_text, write_json
 from ..models.cir import CIRModel
 from ..progress import Progress
 from .config import RESUMABLE_FIELDS, TrainConfig
+from .data import Collate, TrainingTriplets, TripletExamples, epoch_loader
 from .distributed import DistContext, mean_over_ranks, setup_distributed
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -412,3 +413,42 @@ class Trainer:
         self.progress.epoch += 1
         self.progress.step = 0
         self.save_checkpoint()
+
+
+def fit_stage(
+    name: str,
+    config: TrainConfig,
+    model: CIRModel,
+    step_module: nn.Module,
+    plan: TrainingTriplets,
+    examples: tuple[TripletExamples, Collate],
+    evaluator: Evaluator | None,
+    out_dir: Path,
+    ctx: DistContext,
+    image_encoder_trains: bool,
+    summary: dict,
+) -> CIRModel:
+    """Train a stage on ``plan``'s triplets, read by ``examples`` (dataset, collate), with a
+    :class:`Trainer`; the run's summary starts with the triplet counts and ends with the model's
+    query mode and text template, ``summary`` (the stage's own figures) in between."""
+    run = StageRun(
+        name,
+        config,
+        model,
+        step_module,
+        epoch_loader(*examples, plan.n_annotated, plan.n_generated, config, ctx),
+        plan.steps,
+        evaluator,
+        out_dir,
+        ctx,
+        image_encoder_trains,
+        {
+            "annotated_triplets": plan.n_annotated,
+            "generated_triplets": plan.n_generated,
+            "skipped_triplets": plan.skipped,
+            **summary,
+            "query_mode": model.query_mode,
+            "text_template": model.text_template,
+        },
+    )
+    return Trainer(run).fit()

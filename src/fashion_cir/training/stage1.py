@@ -18,7 +18,6 @@ from torch import nn
 
 from ..data.images import readable_images
 from ..data.triplets import Triplet
-from ..errors import FashionCIRError
 from ..evaluation.evaluator import Evaluator
 from ..features.cache import FeatureCache
 from ..models.cir import CIRModel
@@ -26,9 +25,9 @@ from ..models.fusion import QueryParts
 from ..models.sentence_encoder import mean_pool
 from ..retrieval.policy import item_parts
 from .config import Stage1Config
-from .data import Collate, TripletExamples, epoch_batches, epoch_loader, order_pools
+from .data import Collate, TripletExamples, training_triplets
 from .distributed import DistContext, gather_with_local_grad, shared_image_features
-from .loop import StageRun, Trainer, start_stage
+from .loop import fit_stage, start_stage
 from .losses import InBatchContrastiveLoss
 
 ENCODER_CHOICES = {"text": ["text"], "image": ["image"], "both": ["image", "text"]}
@@ -156,7 +155,6 @@ def train_stage1(
     model to ``<out>/model``. Works under torchrun (DDP). Returns the trained model (final weights)."""
     ctx, out_dir = start_stage(config, out_dir)
     usable = [t for t in train_triplets if t.candidate in image_paths and t.target in image_paths]
-    triplets, n_annotated = order_pools(usable)
     encoders = ENCODER_CHOICES[config.encoders]
     set_trainable(model, encoders, config.last_n_blocks, config.train_combiner, config.train_matcher)
     model.to(ctx.device)
@@ -166,13 +164,12 @@ def train_stage1(
     load_pixels = "image" in encoders and not from_trunk
     unreadable: list[str] = []
     if load_pixels:  # the loader decodes images at every step: leave out unreadable ones now, not mid-epoch
-        needed = {i for t in triplets for i in (t.candidate, t.target, *t.hard_negatives) if i in image_paths}
+        needed = {i for t in usable for i in (t.candidate, t.target, *t.hard_negatives) if i in image_paths}
         image_paths, unreadable = readable_images({i: image_paths[i] for i in image_paths if i in needed})
         usable = [t for t in usable if t.candidate in image_paths and t.target in image_paths]
-        triplets, n_annotated = order_pools(usable)
         image_index = {image_id: i for i, image_id in enumerate(image_paths)}
     if not load_pixels:  # frozen image encoder (or only its head trains): encode every image the triplets use once
-        needed = {i for t in triplets for i in (t.candidate, t.target, *t.hard_negatives) if i in image_paths}
+        needed = {i for t in usable for i in (t.candidate, t.target, *t.hard_negatives) if i in image_paths}
         cache = FeatureCache(config.cache_dir or out_dir / "cache")
         ids, features = shared_image_features(
             model.backbone,
@@ -186,18 +183,11 @@ def train_stage1(
         )
         image_index = {image_id: i for i, image_id in enumerate(ids)}
         table = features
-        triplets, n_annotated = order_pools(
-            [t for t in usable if t.candidate in image_index and t.target in image_index]
-        )
-    n_generated = len(triplets) - n_annotated
-    steps = len(epoch_batches(n_annotated, n_generated, config.batch_size, config.annotated_ratio, config.seed, 0))
-    if steps == 0:
-        raise FashionCIRError(
-            f"stage1: {len(triplets)} usable training triplets, fewer than one batch of {config.batch_size}"
-        )
+        usable = [t for t in usable if t.candidate in image_index and t.target in image_index]
+    plan = training_triplets("stage1", usable, len(train_triplets), config)
     valid_paths = {i: image_paths[i] for i in image_index}
     dataset = TripletExamples(
-        model, triplets, valid_paths, records, config.seed, config.hard_negatives_per_query, load_pixels
+        model, plan.triplets, valid_paths, records, config.seed, config.hard_negatives_per_query, load_pixels
     )
     collate = Collate(model, image_index, config.hard_negatives_per_query)
     tables = ItemTables(*item_parts(model, list(image_index), records, config.cache_dir or out_dir / "cache"))
@@ -210,29 +200,10 @@ def train_stage1(
         tables,
         table_is_trunk=from_trunk,
     )
-
-    run = StageRun(
-        "stage1",
-        config,
-        model,
-        step_module,
-        epoch_loader(dataset, collate, n_annotated, n_generated, config, ctx),
-        steps,
-        evaluator,
-        out_dir,
-        ctx,
-        image_encoder_trains=load_pixels,
-        summary={
-            "annotated_triplets": n_annotated,
-            "generated_triplets": n_generated,
-            "skipped_triplets": len(train_triplets) - len(triplets),
-            "unreadable_images": len(unreadable),
-            "query_mode": model.query_mode,
-            "text_template": model.text_template,
-            "encoders": encoders,
-            "image_features": (
-                "pixels" if load_pixels else "feature cache (trunk; head trained)" if from_trunk else "feature cache"
-            ),
-        },
+    image_features = (
+        "pixels" if load_pixels else "feature cache (trunk; head trained)" if from_trunk else "feature cache"
     )
-    return Trainer(run).fit()
+    summary = {"unreadable_images": len(unreadable), "encoders": encoders, "image_features": image_features}
+    return fit_stage(
+        "stage1", config, model, step_module, plan, (dataset, collate), evaluator, out_dir, ctx, load_pixels, summary
+    )

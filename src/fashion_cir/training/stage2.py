@@ -20,9 +20,9 @@ from ..features.cache import FeatureCache
 from ..models.cir import CIRModel
 from ..retrieval.policy import item_parts
 from .config import Stage2Config
-from .data import Collate, TripletExamples, epoch_batches, epoch_loader, order_pools
+from .data import Collate, TripletExamples, training_triplets
 from .distributed import shared_image_features
-from .loop import StageRun, Trainer, start_stage
+from .loop import fit_stage, start_stage
 from .losses import BankInfoNCELoss, duplicate_groups
 from .stage1 import ItemTables, query_parts, set_trainable
 
@@ -107,40 +107,17 @@ def train_stage2(
     )
     model.to(ctx.device)
     bank = build_bank(model, image_paths, FeatureCache(config.cache_dir or out_dir / "cache"), config, ctx, records)
-    triplets, n_annotated = order_pools(
-        [t for t in train_triplets if t.candidate in bank.index and t.target in bank.index]
-    )
-    n_generated = len(triplets) - n_annotated
-    steps = len(epoch_batches(n_annotated, n_generated, config.batch_size, config.annotated_ratio, config.seed, 0))
-    if steps == 0:
-        raise FashionCIRError(
-            f"stage2: {len(triplets)} usable training triplets, fewer than one batch of {config.batch_size}"
-        )
+    usable = [t for t in train_triplets if t.candidate in bank.index and t.target in bank.index]
+    plan = training_triplets("stage2", usable, len(train_triplets), config)
     hard = config.hard_negatives_per_query
-    dataset = TripletExamples(model, triplets, {i: image_paths[i] for i in bank.ids}, records, config.seed, hard)
+    dataset = TripletExamples(model, plan.triplets, {i: image_paths[i] for i in bank.ids}, records, config.seed, hard)
     collate = Collate(model, bank.index, hard)
     step_module = Stage2Step(model, bank, BankInfoNCELoss(config.temperature, config.hard_negative_weight))
-
-    run = StageRun(
-        "stage2",
-        config,
-        model,
-        step_module,
-        epoch_loader(dataset, collate, n_annotated, n_generated, config, ctx),
-        steps,
-        evaluator,
-        out_dir,
-        ctx,
-        image_encoder_trains=False,
-        summary={
-            "annotated_triplets": n_annotated,
-            "generated_triplets": n_generated,
-            "skipped_triplets": len(train_triplets) - len(triplets),
-            "bank_size": len(bank.ids),
-            "bank_duplicate_rows": bank.duplicates,
-            "negatives_per_query": len(bank.ids) - 1,
-            "query_mode": model.query_mode,
-            "text_template": model.text_template,
-        },
+    summary = {
+        "bank_size": len(bank.ids),
+        "bank_duplicate_rows": bank.duplicates,
+        "negatives_per_query": len(bank.ids) - 1,
+    }
+    return fit_stage(
+        "stage2", config, model, step_module, plan, (dataset, collate), evaluator, out_dir, ctx, False, summary
     )
-    return Trainer(run).fit()
