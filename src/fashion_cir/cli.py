@@ -1,6 +1,6 @@
-"""The ``fashion-cir`` command line: a thin layer over the library."""
-
-from __future__ import annotations
+"""The ``fashion-cir`` command line: a thin layer over the library. (No ``from __future__ import
+annotations``: ``index add`` and ``upsert`` are one command whose option texts are evaluated when it
+is registered.)"""
 
 import functools
 import json
@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -35,21 +35,31 @@ attributes_app = typer.Typer(
 app.add_typer(attributes_app, name="attributes")
 
 
-def friendly(func: Callable) -> Callable:
-    """Report FashionCIRError as one clear line (no traceback) and exit with status 2."""
+def command(group: typer.Typer, name: str | None = None, **options: Any) -> Callable[[Callable], Callable]:
+    """Register a command of ``group`` (``options`` go to ``Typer.command``) that reports
+    FashionCIRError as one clear line (no traceback) and exits with status 2."""
 
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except FashionCIRError as exc:
-            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            typer.secho("interrupted: finished work is saved; re-run the same command to resume", err=True)
-            raise typer.Exit(130) from None
+    def register(func: Callable) -> Callable:
+        @functools.wraps(func)
+        def friendly(*args, **kwargs):
+            try:
+                return func(*args, **kwargs)
+            except FashionCIRError as exc:
+                typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+                raise typer.Exit(2) from None
+            except KeyboardInterrupt:
+                typer.secho("interrupted: finished work is saved; re-run the same command to resume", err=True)
+                raise typer.Exit(130) from None
 
-    return wrapper
+        return group.command(name, **options)(friendly)
+
+    return register
+
+
+def _options(context: typer.Context, *names: str) -> dict[str, Any]:
+    """The command's options ``names`` by name, for a library call or config whose keywords are the
+    options' names (each name is stated once)."""
+    return {name: context.params[name] for name in names}
 
 
 def _report_failures(failures: dict[str, str], where: str = "", limit: int = 50) -> None:
@@ -68,8 +78,7 @@ def _dump(path: Path | None, obj) -> None:
         typer.echo(f"wrote {path}")
 
 
-@app.command()
-@friendly
+@command(app)
 def evaluate(
     model: Path | None = typer.Option(None, help="A trained model folder (model.json + weights.pt)."),
     backbone: str | None = typer.Option(
@@ -192,8 +201,7 @@ def evaluate(
     )
 
 
-@app.command()
-@friendly
+@command(app)
 def align(
     catalog: Path = typer.Option(Path("../shared/datasets/clothing-dataset"), help="Clothing catalog folder."),
     out: Path = typer.Option(Path("runs/offline-backbone"), help="Where the aligned projections go."),
@@ -218,8 +226,7 @@ def align(
     typer.echo(f"use it as --backbone {backbone.spec}")
 
 
-@app.command()
-@friendly
+@command(app)
 def caption(
     images: Path = typer.Option(..., help="Folder of catalog images."),
     out: Path = typer.Option(..., help="attributes.jsonl to write."),
@@ -296,9 +303,9 @@ def caption(
     check_failures(failures, len(ids), max_failed_share, "images")
 
 
-@app.command()
-@friendly
+@command(app)
 def triplets(
+    context: typer.Context,
     attributes: Path = typer.Option(..., help="attributes.jsonl from `fashion-cir caption` (or the precomputed one)."),
     images: Path = typer.Option(..., help="Images folder."),
     train_split: Path = typer.Option(..., help="Split file of the training images: pairs are mined only here."),
@@ -329,20 +336,18 @@ def triplets(
     train_ids = read_split(train_split)
     paths = {i: p for i in train_ids if i in attrs and (p := find_image(images, i)) is not None}
     # settings first: a typo must not cost a model load and an encoding pass
-    config = TripletConfig.from_dict(
-        dict(
-            seed=seed,
-            band=band,
-            band_unit=band_unit,
-            min_changes=min_changes,
-            max_changes=max_changes,
-            targets_per_reference=targets_per_reference,
-            max_triplets=max_triplets,
-            hard_negatives=hard_negatives,
-            vocabulary=vocabulary,
-        ),
-        "bad triplet settings",
+    settings = _options(
+        context,
+        "seed",
+        "band",
+        "band_unit",
+        "min_changes",
+        "max_changes",
+        "targets_per_reference",
+        "max_triplets",
+        "hard_negatives",
     )
+    config = TripletConfig.from_dict({**settings, "vocabulary": vocabulary}, "bad triplet settings")
     cir = load_model(model, backbone or "openclip:ViT-B-32:openai")
     ids, features = FeatureCache(cache_dir).encode(cir.backbone, paths, on_error="skip")
     generated, stats = generate_triplets(attrs, features, ids, config, train_ids=train_ids)
@@ -356,8 +361,7 @@ def _model(model: Path | None, backbone: str | None):
     return load_model(model, backbone or "openclip:ViT-B-32:openai")
 
 
-@features_app.command("encode")
-@friendly
+@command(features_app, "encode")
 def features_encode(
     images: Path = typer.Option(..., help="Folder of catalog images."),
     cache_dir: Path = typer.Option(..., help="The feature cache every shard writes into."),
@@ -399,8 +403,7 @@ def features_encode(
     )
 
 
-@features_app.command("merge")
-@friendly
+@command(features_app, "merge")
 def features_merge(
     cache_dir: Path = typer.Option(..., help="The feature cache the shards wrote."),
     model: Path | None = typer.Option(None, help="Model folder the cache was filled with."),
@@ -414,9 +417,9 @@ def features_merge(
     typer.echo(f"merged {counts['parts']} parts: {counts['unique']} features ({counts['rows']} rows)")
 
 
-@index_app.command("build")
-@friendly
+@command(index_app, "build")
 def index_build(
+    context: typer.Context,
     out: Path = typer.Argument(..., help="Index folder to create."),
     images: Path = typer.Option(..., help="Folder of catalog images (ids are file stems)."),
     metadata: list[Path] = typer.Option([], help="CSV (image/id column), JSON or JSONL metadata; repeatable."),
@@ -458,16 +461,19 @@ def index_build(
         images,
         list(metadata) or None,
         ids=read_split(split) if split else None,
-        factory=factory,
-        nprobe=nprobe,
-        ef_search=ef_search,
-        cache_dir=cache_dir,
-        batch_size=batch_size,
         num_workers=workers,
-        overwrite=overwrite,
-        store=store,
         milvus={"index": milvus_index, "collection": milvus_collection},
-        max_failed_share=max_failed_share,
+        **_options(
+            context,
+            "factory",
+            "nprobe",
+            "ef_search",
+            "cache_dir",
+            "batch_size",
+            "overwrite",
+            "store",
+            "max_failed_share",
+        ),
     )
     _report_failures(index.report["failures"])
     typer.echo(f"indexed {len(index)} images into {out} ({index.store_kind}): {json.dumps(index.report)}")
@@ -483,79 +489,60 @@ IndexBackbone = Annotated[
 UpdateCache = Annotated[Path | None, typer.Option(help="Feature cache (default INDEX/feature-cache).")]
 
 
-def _update_index(
-    index_dir: Path,
-    images: Path,
-    metadata: list[Path] | None,
-    split: Path | None,
-    model: Path | None,
-    backbone: str | None,
-    cache_dir: Path | None,
-    max_failed_share: float,
-    replace: bool,
-) -> None:
-    """``index add`` (``replace`` False) and ``index upsert``: encode the images with the index's
-    model and write them into the index, then list failures and the report."""
-    from .data.triplets import read_split
-    from .retrieval.index import add_to_index
-    from .retrieval.manifest import read_manifest
+def _index_update_command(name: str, replace: bool, summary: str, images: str, metadata: str, fail: str) -> None:
+    """Register ``index add`` (``replace`` False: only new ids) or ``index upsert`` (insert or
+    replace): one command with its own help texts, encoding the images with the index's model."""
 
-    index = add_to_index(
-        index_dir,
-        _model(model, backbone or read_manifest(index_dir)["backbone"]),
-        images,
-        metadata or None,
-        replace=replace,
-        ids=read_split(split) if split else None,
-        cache_dir=cache_dir,
-        max_failed_share=max_failed_share,
-    )
-    _report_failures(index.report["failures"])
-    typer.echo(f"index now holds {len(index)} images: {json.dumps(index.report)}")
+    @command(index_app, name, help=summary)
+    def update(
+        index_dir: IndexFolder,
+        images_dir: Annotated[Path, typer.Option("--images", help=images)],
+        metadata_files: Annotated[list[Path] | None, typer.Option("--metadata", help=metadata)] = None,
+        split: UpdateSplit = None,
+        model: IndexModel = None,
+        backbone: IndexBackbone = None,
+        cache_dir: UpdateCache = None,
+        max_failed_share: Annotated[float, typer.Option(help=fail)] = DEFAULT_MAX_FAILED_SHARE,
+    ) -> None:
+        from .data.triplets import read_split
+        from .retrieval.index import add_to_index
+        from .retrieval.manifest import read_manifest
 
-
-@index_app.command("add")
-@friendly
-def index_add(
-    index_dir: IndexFolder,
-    images: Annotated[Path, typer.Option(help="Folder of images; only ids not yet indexed are encoded.")],
-    metadata: Annotated[list[Path] | None, typer.Option(help="Metadata files for the new images; repeatable.")] = None,
-    split: UpdateSplit = None,
-    model: IndexModel = None,
-    backbone: IndexBackbone = None,
-    cache_dir: UpdateCache = None,
-    max_failed_share: Annotated[
-        float, typer.Option(help="Fail (add nothing) when more than this share of the new images cannot be read.")
-    ] = DEFAULT_MAX_FAILED_SHARE,
-):
-    """Add new catalog images to an index (refuses a model that does not match it; concurrent adds
-    take turns). Unreadable images are left out and listed with their reasons."""
-    _update_index(index_dir, images, metadata, split, model, backbone, cache_dir, max_failed_share, replace=False)
+        index = add_to_index(
+            index_dir,
+            _model(model, backbone or read_manifest(index_dir)["backbone"]),
+            images_dir,
+            metadata_files or None,
+            replace=replace,
+            ids=read_split(split) if split else None,
+            cache_dir=cache_dir,
+            max_failed_share=max_failed_share,
+        )
+        _report_failures(index.report["failures"])
+        typer.echo(f"index now holds {len(index)} images: {json.dumps(index.report)}")
 
 
-@index_app.command("upsert")
-@friendly
-def index_upsert(
-    index_dir: IndexFolder,
-    images: Annotated[Path, typer.Option(help="Folder of images to insert or replace (changed files are re-encoded).")],
-    metadata: Annotated[
-        list[Path] | None, typer.Option(help="Metadata of those images (replaces the stored metadata); repeatable.")
-    ] = None,
-    split: UpdateSplit = None,
-    model: IndexModel = None,
-    backbone: IndexBackbone = None,
-    cache_dir: UpdateCache = None,
-    max_failed_share: Annotated[
-        float, typer.Option(help="Fail (change nothing) when more than this share of the images cannot be read.")
-    ] = DEFAULT_MAX_FAILED_SHARE,
-):
-    """Insert or replace catalog items (features, metadata, image path); a running service sees them.
-    Unreadable images are left out and listed with their reasons."""
-    _update_index(index_dir, images, metadata, split, model, backbone, cache_dir, max_failed_share, replace=True)
+_index_update_command(
+    "add",
+    False,
+    "Add new catalog images to an index (refuses a model that does not match it; concurrent adds take turns). "
+    "Unreadable images are left out and listed with their reasons.",
+    images="Folder of images; only ids not yet indexed are encoded.",
+    metadata="Metadata files for the new images; repeatable.",
+    fail="Fail (add nothing) when more than this share of the new images cannot be read.",
+)
+_index_update_command(
+    "upsert",
+    True,
+    "Insert or replace catalog items (features, metadata, image path); a running service sees them. "
+    "Unreadable images are left out and listed with their reasons.",
+    images="Folder of images to insert or replace (changed files are re-encoded).",
+    metadata="Metadata of those images (replaces the stored metadata); repeatable.",
+    fail="Fail (change nothing) when more than this share of the images cannot be read.",
+)
 
 
-@index_app.command("remove")
-@friendly
+@command(index_app, "remove")
 def index_remove(
     index_dir: Path = typer.Argument(..., help="Existing index folder."),
     ids: list[str] = typer.Argument(None, help="Item ids to delete."),
@@ -581,8 +568,7 @@ def index_remove(
     )
 
 
-@app.command()
-@friendly
+@command(app)
 def search(
     index_dir: Path = typer.Option(..., "--index", help="Index folder."),
     image: Path | None = typer.Option(None, help="Reference image file (its description is predicted)."),
@@ -631,8 +617,7 @@ def search(
         typer.echo(f"{rank:>3}  {hit.score:.4f}  {hit.id}  {hit.metadata.get('description', '')}")
 
 
-@attributes_app.command("train")
-@friendly
+@command(attributes_app, "train")
 def attributes_train(
     model: Path = typer.Option(..., help="Model folder; the heads are saved into it."),
     catalog: Path = typer.Option(Path("../shared/datasets/clothing-dataset"), help="Clothing catalog folder."),
@@ -665,8 +650,7 @@ def attributes_train(
     typer.echo(f"saved attribute heads into {model}")
 
 
-@attributes_app.command("predict")
-@friendly
+@command(attributes_app, "predict")
 def attributes_predict(
     model: Path = typer.Option(..., help="Model folder with attribute heads."),
     image: Path = typer.Option(..., help="Image file to describe."),
@@ -682,8 +666,7 @@ def attributes_predict(
     typer.echo(json.dumps({"description": describe(predicted), "attributes": predicted}, indent=2))
 
 
-@app.command("serve")
-@friendly
+@command(app, "serve")
 def serve_command(
     index_dir: Path = typer.Option(..., "--index", help="Index folder."),
     model: Path | None = typer.Option(None, help="Model folder (default: the model the index was built with)."),
@@ -737,8 +720,7 @@ def _run(recipe: Path, profile: str | None, overrides: list[str], serve: bool, p
         raise typer.Exit(EXIT_STOPPED) from None
 
 
-@app.command("run")
-@friendly
+@command(app, "run")
 def run_command(
     recipe: Path = typer.Argument(
         ..., help="Recipe JSON (see configs/): catalog, towers, triplets, stages, evaluation."
@@ -755,8 +737,7 @@ def run_command(
     _run(recipe, profile, override, serve, port)
 
 
-@app.command()
-@friendly
+@command(app)
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Where every output of the demo goes."),
     fast: bool = typer.Option(False, help="A small, quick run (tests, CI): the recipe's 'fast' profile."),
