@@ -151,7 +151,7 @@ class TripletExamples(Dataset):
         prompt = triplet.reference_prompt or (record or {}).get("description")
         pool = [h for h in dict.fromkeys(triplet.hard_negatives) if h in self.image_paths and h != triplet.target]
         hard = rng.sample(pool, min(self.hard_negatives, len(pool)))
-        example = {
+        example: dict[str, Any] = {
             "text": self.model.query_text(caption, prompt),
             "reference": triplet.candidate,
             "target": triplet.target,
@@ -164,7 +164,7 @@ class TripletExamples(Dataset):
         if self.load_pixels:
             preprocess = self.model.backbone.preprocess
             example["pixels"] = [
-                preprocess(open_image(self.image_paths[i])) for i in [triplet.candidate, triplet.target, *hard]
+                preprocess(open_image(self.image_paths[i])) for i in [triplet.candidate, str(triplet.target), *hard]
             ]
         return example
 

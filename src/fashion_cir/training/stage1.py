@@ -8,17 +8,13 @@ only its head trains (``offline+blocksN``), the cached trunk features go through
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..data.images import readable_images
-from ..data.triplets import Triplet
-from ..evaluation.evaluator import Evaluator
 from ..features.cache import FeatureCache
 from ..models.cir import CIRModel
 from ..models.fusion import QueryParts
@@ -27,7 +23,7 @@ from ..retrieval.policy import item_parts
 from .config import Stage1Config
 from .data import Collate, TripletExamples, training_triplets
 from .distributed import DistContext, gather_with_local_grad, shared_image_features
-from .loop import fit_stage, start_stage
+from .loop import StageSetup, StageStart
 from .losses import InBatchContrastiveLoss
 
 ENCODER_CHOICES = {"text": ["text"], "image": ["image"], "both": ["image", "text"]}
@@ -55,7 +51,7 @@ def query_parts(
     matcher = model.matcher
     parts = QueryParts(reference, None, attributes=batch.get("attributes"))
     if model.shares_text:
-        pooled = mean_pool(model.backbone.text_tower, batch["tokens"])
+        pooled = mean_pool(cast(nn.Module, model.backbone.text_tower), batch["tokens"])  # shares_text: it has one
         parts.text, parts.prompt = model.backbone.project_text(pooled), F.normalize(pooled, dim=-1)
     else:
         parts.text = model.backbone.encode_texts(batch["tokens"])
@@ -71,6 +67,9 @@ def query_parts(
 class ItemTables(nn.Module):
     """The item side of the images training touches (rows = integer image ids): description
     features and attribute one-hots, as the model reads items."""
+
+    descriptions: torch.Tensor | None
+    attributes: torch.Tensor | None
 
     def __init__(self, descriptions: torch.Tensor | None, attributes: torch.Tensor | None):
         super().__init__()
@@ -90,6 +89,8 @@ class ItemTables(nn.Module):
 class Stage1Step(nn.Module):
     """One micro-batch -> (loss * world_size for backward, loss). Image features come from
     ``image_table`` (rows = integer image ids) when given, else from the pixels in the batch."""
+
+    image_table: torch.Tensor | None
 
     def __init__(
         self,
@@ -114,9 +115,11 @@ class Stage1Step(nn.Module):
         if self.image_table is not None:
             ids = [batch["reference_ids"], batch["target_ids"], batch["hard_ids"].clamp(min=0)]
             if not self.table_is_trunk:
-                return tuple(self.image_table[i] for i in ids)
+                reference, target, hard = (self.image_table[i] for i in ids)
+                return reference, target, hard
             features = self.model.backbone.image_head(self.image_table[torch.cat(ids)])
-            return tuple(features.split([len(i) for i in ids]))
+            reference, target, hard = features.split([len(i) for i in ids])
+            return reference, target, hard
         b = len(batch["target_ids"])
         features = self.model.backbone.encode_images(batch["pixels"])
         valid = (batch["hard_ids"] >= 0).nonzero().squeeze(1)
@@ -139,21 +142,14 @@ class Stage1Step(nn.Module):
         return loss * self.ctx.world_size, loss.detach()
 
 
-def train_stage1(
-    config: Stage1Config,
-    model: CIRModel,
-    train_triplets: list[Triplet],
-    image_paths: dict[str, Path],
-    evaluator: Evaluator | None,
-    records: Mapping[str, Mapping[str, Any]] | None,
-    out_dir: str | Path,
-) -> CIRModel:
-    """Fine-tune ``model`` on ``train_triplets`` (annotated and generated, told apart by the
-    generator's ``source`` field and mixed per ``config.annotated_ratio``); ``image_paths`` must hold
-    every reference, target and hard-negative image. Validates each epoch on ``val_sets``, keeps
-    ``<out>/best``, checkpoints to ``<out>/checkpoint.pt`` (resumed automatically) and writes the final
-    model to ``<out>/model``. Works under torchrun (DDP). Returns the trained model (final weights)."""
-    ctx, out_dir = start_stage(config, out_dir)
+def prepare_stage1(config: Stage1Config, start: StageStart) -> StageSetup:
+    """Stage 1 (see :func:`fashion_cir.training.stages.train_stage`): the given triplets mixed per
+    ``config.annotated_ratio`` (annotated and generated, told apart by the generator's ``source``
+    field), in-batch negatives plus hard negatives; ``start.image_paths`` must hold every reference,
+    target and hard-negative image. The image encoder trains from pixels, from the cached trunk
+    features (only its head trains) or not at all, as ``config.encoders`` and the backbone allow."""
+    model, image_paths, records, ctx, out_dir = start.model, start.image_paths, start.records, start.ctx, start.out_dir
+    train_triplets = start.triplets
     usable = [t for t in train_triplets if t.candidate in image_paths and t.target in image_paths]
     encoders = ENCODER_CHOICES[config.encoders]
     set_trainable(model, encoders, config.last_n_blocks, config.train_combiner, config.train_matcher)
@@ -204,6 +200,4 @@ def train_stage1(
         "pixels" if load_pixels else "feature cache (trunk; head trained)" if from_trunk else "feature cache"
     )
     summary = {"unreadable_images": len(unreadable), "encoders": encoders, "image_features": image_features}
-    return fit_stage(
-        "stage1", config, model, step_module, plan, (dataset, collate), evaluator, out_dir, ctx, load_pixels, summary
-    )
+    return StageSetup("stage1", step_module, plan, (dataset, collate), load_pixels, summary)

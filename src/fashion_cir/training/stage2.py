@@ -13,16 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.triplets import Triplet
 from ..errors import FashionCIRError
-from ..evaluation.evaluator import Evaluator
 from ..features.cache import FeatureCache
 from ..models.cir import CIRModel
 from ..retrieval.policy import item_parts
 from .config import Stage2Config
 from .data import Collate, TripletExamples, training_triplets
 from .distributed import shared_image_features
-from .loop import fit_stage, start_stage
+from .loop import StageSetup, StageStart
 from .losses import BankInfoNCELoss, duplicate_groups
 from .stage1 import ItemTables, query_parts, set_trainable
 
@@ -31,6 +29,10 @@ class StaticBank(nn.Module):
     """The catalog from the frozen encoders: image features ``raw`` [N, d] (references are composed
     from these, as at evaluation), the item side ``tables`` (descriptions, attributes), the item
     vectors ``items`` and duplicate ``groups`` (identical image rows)."""
+
+    raw: torch.Tensor
+    items: torch.Tensor
+    groups: torch.Tensor
 
     def __init__(self, model: CIRModel, ids: list[str], raw: torch.Tensor, tables: ItemTables | None = None):
         super().__init__()
@@ -85,19 +87,12 @@ def build_bank(
     return StaticBank(model, ids, features.float(), ItemTables(*item_parts(model, ids, records, cache.root)))
 
 
-def train_stage2(
-    config: Stage2Config,
-    model: CIRModel,
-    train_triplets: list[Triplet],
-    image_paths: dict[str, Path],
-    evaluator: Evaluator | None,
-    records: Mapping[str, Mapping[str, Any]] | None,
-    out_dir: str | Path,
-) -> CIRModel:
-    """Train the text encoder (``encoders='text'``) and/or Combiner of ``model`` (normally the stage-1
-    model) against a static bank of every image in ``image_paths`` (the training catalog). Same
-    outputs, checkpoints, resume and torchrun support as :func:`train_stage1`."""
-    ctx, out_dir = start_stage(config, out_dir)
+def prepare_stage2(config: Stage2Config, start: StageStart) -> StageSetup:
+    """Stage 2 (see :func:`fashion_cir.training.stages.train_stage`): the text encoder
+    (``encoders='text'``) and/or Combiner of the model (normally the stage-1 model) against a static
+    bank of every image in ``start.image_paths`` (the training catalog)."""
+    model, image_paths, records, ctx, out_dir = start.model, start.image_paths, start.records, start.ctx, start.out_dir
+    train_triplets = start.triplets
     set_trainable(
         model,
         ["text"] if config.encoders == "text" else [],
@@ -118,6 +113,4 @@ def train_stage2(
         "bank_duplicate_rows": bank.duplicates,
         "negatives_per_query": len(bank.ids) - 1,
     }
-    return fit_stage(
-        "stage2", config, model, step_module, plan, (dataset, collate), evaluator, out_dir, ctx, False, summary
-    )
+    return StageSetup("stage2", step_module, plan, (dataset, collate), False, summary)
