@@ -5,7 +5,6 @@ is registered.)"""
 import functools
 import json
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,7 +13,9 @@ import typer
 
 from .errors import DEFAULT_MAX_FAILED_SHARE, FashionCIRError
 
-PLAIN_HELP = {"rich_markup_mode": None}  # click's help: wraps at 80 columns and never cuts a spec example
+PLAIN_HELP: dict[str, Any] = {
+    "rich_markup_mode": None
+}  # click's help: wraps at 80 columns and never cuts a spec example
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -132,7 +133,7 @@ def evaluate(
     if fashioniq is not None:
         sets = load_fashioniq(fashioniq, split, tuple(category) or FASHIONIQ_CATEGORIES, images, strict)
     elif captions and (split_file or gallery_split_file) and images:
-        gallery_files = list(gallery_split_file) or [split_file]
+        gallery_files: list[str | Path] = [*gallery_split_file] or ([split_file] if split_file else [])
         sets = {captions.stem: load_triplet_set(captions, gallery_files, images, strict=strict)}
         if gallery_split_file:
             protocol = Protocol(
@@ -181,15 +182,15 @@ def evaluate(
         reliance=reliance,
         keep_ranks=False,
     )
-    report = evaluate_sets(cir, sets, FeatureCache(cache_dir), options, records, [protocol])
-    typer.echo(format_table(report))
-    first = report[protocol.name][options.modes[0]]
+    results = evaluate_sets(cir, sets, FeatureCache(cache_dir), options, records, [protocol])
+    typer.echo(format_table(results))
+    first = results[protocol.name][options.modes[0]]
     _dump(
         json_out,
         {
             **first,
             "query_mode": options.modes[0],
-            "by_mode": report[protocol.name] if len(options.modes) > 1 else None,
+            "by_mode": results[protocol.name] if len(options.modes) > 1 else None,
             "protocol": protocol.name,
             "gallery_files": [str(f) for f in gallery_split_file] or None,
             "describe": describe,
@@ -279,10 +280,11 @@ def caption(
         paths = {i: paths[i] for i in select_shard(paths, index, count)}
         out = out.with_name(f"{out.stem}.shard-{index}-of-{count}{out.suffix}")
     urls = base_url[0] if len(base_url) == 1 else base_url or None
-    options = {
+    backend_options: dict[str, dict[str, Any]] = {
         "llava-hf": {"batch_size": batch_size, "device": device},
         "openai": {"base_url": urls, "api_key_env": api_key_env, "concurrency": concurrency, "timeout_s": timeout},
-    }.get(backend, {})
+    }
+    options = backend_options.get(backend, {})
     captioner = build_captioner(
         backend, model_name, load_vocabulary(vocab), **{k: v for k, v in options.items() if v is not None}
     )
@@ -754,4 +756,4 @@ def main() -> None:  # pragma: no cover
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

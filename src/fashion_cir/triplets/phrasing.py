@@ -29,10 +29,12 @@ MATERIAL_ADJ = WORDING["material_adjectives"]
 CLOSURE_NOUN = WORDING["closure_nouns"]
 MADE_OF = {"denim", "cotton", "leather", "fleece", "wool", "lace", "satin"}
 CONTRAST = ["instead of", "rather than"]
+Changes = dict[str, tuple[str | None, str | None]]  # attribute -> (reference value, target value)
 
 
-def _pick(table: dict[str, list[str]], value: str, rng: random.Random) -> str:
-    return rng.choice(table.get(value, [value]))
+def _pick(table: dict[str, list[str]], value: str | None, rng: random.Random) -> str:
+    """One of the words for ``value`` (the value itself when the table has none)."""
+    return rng.choice(table.get(str(value), [str(value)]))
 
 
 def _bare(noun: str) -> str:
@@ -137,9 +139,9 @@ def _clause(name: str, old: str | None, new: str | None, target: Attributes, s: 
             options.append(f"{s.have} {longer} sleeves")
         return rng.choice(options)
     if name == "neckline":
-        t = None if new == "strapless" else _pick(NECK_NOUN, new, rng)
-        if t is None:
+        if new == "strapless":
             return f"{s.be} strapless"
+        t = _pick(NECK_NOUN, new, rng)
         if old == "strapless":
             return rng.choice([f"{s.have} {t}", f"{s.have} {t} instead of being strapless"])
         f = _pick(NECK_NOUN, old, rng)
@@ -195,7 +197,7 @@ def _join(clauses: list[str], rng: random.Random) -> str:
     return ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def _noun_phrase(item: Attributes, changes: dict, rng: random.Random, only_changed: bool = False) -> str:
+def _noun_phrase(item: Attributes, changes: Changes, rng: random.Random, only_changed: bool = False) -> str:
     """ "a red striped long-sleeved polo shirt": every changed attribute of ``item`` that has a positive
     adjective, plus (unless ``only_changed``) a random few unchanged ones; wildcards never appear."""
 
@@ -230,9 +232,7 @@ def _expressed_by_noun_phrase(name: str, item: Attributes) -> bool:
     }.get(name, False)
 
 
-def relative_captions(
-    reference: Attributes, target: Attributes, changes: dict[str, tuple], rng: random.Random
-) -> list[str]:
+def relative_captions(reference: Attributes, target: Attributes, changes: Changes, rng: random.Random) -> list[str]:
     """Two different captions for reference -> target; the first states every change."""
     s = _Subject(target)
     names = list(changes)
