@@ -139,13 +139,13 @@ def _clause(name: str, old: str | None, new: str | None, target: Attributes, s: 
             options.append(f"{s.have} {longer} sleeves")
         return rng.choice(options)
     if name == "neckline":
-        if new == "strapless":
+        neck = None if new == "strapless" else _pick(NECK_NOUN, new, rng)
+        if neck is None:
             return f"{s.be} strapless"
-        t = _pick(NECK_NOUN, new, rng)
         if old == "strapless":
-            return rng.choice([f"{s.have} {t}", f"{s.have} {t} instead of being strapless"])
+            return rng.choice([f"{s.have} {neck}", f"{s.have} {neck} instead of being strapless"])
         f = _pick(NECK_NOUN, old, rng)
-        return _have_instead(s, t, f, contrast, rng, f"{s.have} {t} and no {_bare(f)}")
+        return _have_instead(s, neck, f, contrast, rng, f"{s.have} {neck} and no {_bare(f)}")
     if name == "length":
         if new in LENGTH_ORDER and old in LENGTH_ORDER:
             longer = "longer" if LENGTH_ORDER.index(new) > LENGTH_ORDER.index(old) else "shorter"
