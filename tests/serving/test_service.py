@@ -3,6 +3,11 @@ called directly on a real index of drawings and the tiny model, and the same ans
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import httpx
 import numpy as np
 import pytest
@@ -151,3 +156,16 @@ def test_status_and_public_messages(service, index_folder):
     assert service.public(f"cannot read {index_folder}/index.json or /etc/hosts") == (
         "cannot read <index>/index.json or <path>"
     )
+
+
+def test_the_service_imports_no_web_framework():
+    """FastAPI, Starlette and uvicorn are optional: the service (and the CLI) import without them."""
+    src = Path(__file__).resolve().parents[2] / "src"
+    code = (
+        "import sys, fashion_cir.serving.service, fashion_cir.cli; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'fastapi', 'starlette', 'uvicorn'}))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
