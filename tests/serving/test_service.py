@@ -106,6 +106,9 @@ def test_requests_follow_the_service_rules(service):
     assert refused.value.status == 400
     with pytest.raises(RequestError, match="text must not be empty: describe the change in 1 to 300 characters"):
         service.request(item_id="item-001")
+    with pytest.raises(RequestError, match="k is 101: at most 100 results are served at once") as refused:
+        service.request(item_id="item-001", text="is red", k=101)
+    assert refused.value.status == 422 and service.request(item_id="item-001", text="is red", k=100).k == 100
     similar = service.search(service.request(item_id="item-001", similar=True, k=3))
     assert similar["text"] == similar["query_text"] == "" and len(similar["results"]) == 3
 

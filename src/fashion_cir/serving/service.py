@@ -35,7 +35,7 @@ from ..models.cir import CIRModel
 from ..retrieval.explain import attribute_values, explain, phrase, requested_changes
 from ..retrieval.folder import LiveIndex, index_model
 from ..retrieval.policy import CATALOG, ReferencePolicy
-from ..retrieval.query import SearchRequest
+from ..retrieval.query import RequestError, SearchRequest
 from ..retrieval.store import CatalogStore
 from .limits import Busy, ConcurrencyLimit
 
@@ -146,7 +146,10 @@ class SearchService:
 
     def request(self, **fields: Any) -> SearchRequest:
         """A :class:`SearchRequest` under this service's rules: exactly one reference, a text unless
-        ``similar``, at most ``max_text_chars``, a catalog reference left out as configured."""
+        ``similar``, at most ``max_text_chars``, at most ``max_k`` results, a catalog reference left
+        out as configured."""
+        if fields.get("k", 0) > self.limits.max_k:
+            raise RequestError(f"k is {fields['k']}: at most {self.limits.max_k} results are served at once", 422)
         return SearchRequest(
             **fields,
             exclude_reference=self.exclude_reference,
