@@ -1,19 +1,21 @@
-"""The ``fashion-cir`` command line: a thin layer over the library."""
-
-from __future__ import annotations
+"""The ``fashion-cir`` command line: a thin layer over the library. (No ``from __future__ import
+annotations``: ``index add`` and ``upsert`` are one command whose option texts are evaluated when it
+is registered.)"""
 
 import functools
 import json
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
 from .errors import DEFAULT_MAX_FAILED_SHARE, FashionCIRError
 
-PLAIN_HELP = {"rich_markup_mode": None}  # click's help: wraps at 80 columns and never cuts a spec example
+PLAIN_HELP: dict[str, Any] = {
+    "rich_markup_mode": None
+}  # click's help: wraps at 80 columns and never cuts a spec example
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -34,21 +36,31 @@ attributes_app = typer.Typer(
 app.add_typer(attributes_app, name="attributes")
 
 
-def friendly(func: Callable) -> Callable:
-    """Report FashionCIRError as one clear line (no traceback) and exit with status 2."""
+def command(group: typer.Typer, name: str | None = None, **options: Any) -> Callable[[Callable], Callable]:
+    """Register a command of ``group`` (``options`` go to ``Typer.command``) that reports
+    FashionCIRError as one clear line (no traceback) and exits with status 2."""
 
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except FashionCIRError as exc:
-            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            typer.secho("interrupted: finished work is saved; re-run the same command to resume", err=True)
-            raise typer.Exit(130) from None
+    def register(func: Callable) -> Callable:
+        @functools.wraps(func)
+        def friendly(*args, **kwargs):
+            try:
+                return func(*args, **kwargs)
+            except FashionCIRError as exc:
+                typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+                raise typer.Exit(2) from None
+            except KeyboardInterrupt:
+                typer.secho("interrupted: finished work is saved; re-run the same command to resume", err=True)
+                raise typer.Exit(130) from None
 
-    return wrapper
+        return group.command(name, **options)(friendly)
+
+    return register
+
+
+def _options(context: typer.Context, *names: str) -> dict[str, Any]:
+    """The command's options ``names`` by name, for a library call or config whose keywords are the
+    options' names (each name is stated once)."""
+    return {name: context.params[name] for name in names}
 
 
 def _report_failures(failures: dict[str, str], where: str = "", limit: int = 50) -> None:
@@ -67,8 +79,7 @@ def _dump(path: Path | None, obj) -> None:
         typer.echo(f"wrote {path}")
 
 
-@app.command()
-@friendly
+@command(app)
 def evaluate(
     model: Path | None = typer.Option(None, help="A trained model folder (model.json + weights.pt)."),
     backbone: str | None = typer.Option(
@@ -122,7 +133,7 @@ def evaluate(
     if fashioniq is not None:
         sets = load_fashioniq(fashioniq, split, tuple(category) or FASHIONIQ_CATEGORIES, images, strict)
     elif captions and (split_file or gallery_split_file) and images:
-        gallery_files = list(gallery_split_file) or [split_file]
+        gallery_files: list[str | Path] = [*gallery_split_file] or ([split_file] if split_file else [])
         sets = {captions.stem: load_triplet_set(captions, gallery_files, images, strict=strict)}
         if gallery_split_file:
             protocol = Protocol(
@@ -171,15 +182,15 @@ def evaluate(
         reliance=reliance,
         keep_ranks=False,
     )
-    report = evaluate_sets(cir, sets, FeatureCache(cache_dir), options, records, [protocol])
-    typer.echo(format_table(report))
-    first = report[protocol.name][options.modes[0]]
+    results = evaluate_sets(cir, sets, FeatureCache(cache_dir), options, records, [protocol])
+    typer.echo(format_table(results))
+    first = results[protocol.name][options.modes[0]]
     _dump(
         json_out,
         {
             **first,
             "query_mode": options.modes[0],
-            "by_mode": report[protocol.name] if len(options.modes) > 1 else None,
+            "by_mode": results[protocol.name] if len(options.modes) > 1 else None,
             "protocol": protocol.name,
             "gallery_files": [str(f) for f in gallery_split_file] or None,
             "describe": describe,
@@ -191,8 +202,7 @@ def evaluate(
     )
 
 
-@app.command()
-@friendly
+@command(app)
 def align(
     catalog: Path = typer.Option(Path("../shared/datasets/clothing-dataset"), help="Clothing catalog folder."),
     out: Path = typer.Option(Path("runs/offline-backbone"), help="Where the aligned projections go."),
@@ -217,8 +227,7 @@ def align(
     typer.echo(f"use it as --backbone {backbone.spec}")
 
 
-@app.command()
-@friendly
+@command(app)
 def caption(
     images: Path = typer.Option(..., help="Folder of catalog images."),
     out: Path = typer.Option(..., help="attributes.jsonl to write."),
@@ -271,10 +280,11 @@ def caption(
         paths = {i: paths[i] for i in select_shard(paths, index, count)}
         out = out.with_name(f"{out.stem}.shard-{index}-of-{count}{out.suffix}")
     urls = base_url[0] if len(base_url) == 1 else base_url or None
-    options = {
+    backend_options: dict[str, dict[str, Any]] = {
         "llava-hf": {"batch_size": batch_size, "device": device},
         "openai": {"base_url": urls, "api_key_env": api_key_env, "concurrency": concurrency, "timeout_s": timeout},
-    }.get(backend, {})
+    }
+    options = backend_options.get(backend, {})
     captioner = build_captioner(
         backend, model_name, load_vocabulary(vocab), **{k: v for k, v in options.items() if v is not None}
     )
@@ -295,9 +305,9 @@ def caption(
     check_failures(failures, len(ids), max_failed_share, "images")
 
 
-@app.command()
-@friendly
+@command(app)
 def triplets(
+    context: typer.Context,
     attributes: Path = typer.Option(..., help="attributes.jsonl from `fashion-cir caption` (or the precomputed one)."),
     images: Path = typer.Option(..., help="Images folder."),
     train_split: Path = typer.Option(..., help="Split file of the training images: pairs are mined only here."),
@@ -328,20 +338,18 @@ def triplets(
     train_ids = read_split(train_split)
     paths = {i: p for i in train_ids if i in attrs and (p := find_image(images, i)) is not None}
     # settings first: a typo must not cost a model load and an encoding pass
-    config = TripletConfig.from_dict(
-        dict(
-            seed=seed,
-            band=band,
-            band_unit=band_unit,
-            min_changes=min_changes,
-            max_changes=max_changes,
-            targets_per_reference=targets_per_reference,
-            max_triplets=max_triplets,
-            hard_negatives=hard_negatives,
-            vocabulary=vocabulary,
-        ),
-        "bad triplet settings",
+    settings = _options(
+        context,
+        "seed",
+        "band",
+        "band_unit",
+        "min_changes",
+        "max_changes",
+        "targets_per_reference",
+        "max_triplets",
+        "hard_negatives",
     )
+    config = TripletConfig.from_dict({**settings, "vocabulary": vocabulary}, "bad triplet settings")
     cir = load_model(model, backbone or "openclip:ViT-B-32:openai")
     ids, features = FeatureCache(cache_dir).encode(cir.backbone, paths, on_error="skip")
     generated, stats = generate_triplets(attrs, features, ids, config, train_ids=train_ids)
@@ -355,8 +363,7 @@ def _model(model: Path | None, backbone: str | None):
     return load_model(model, backbone or "openclip:ViT-B-32:openai")
 
 
-@features_app.command("encode")
-@friendly
+@command(features_app, "encode")
 def features_encode(
     images: Path = typer.Option(..., help="Folder of catalog images."),
     cache_dir: Path = typer.Option(..., help="The feature cache every shard writes into."),
@@ -398,8 +405,7 @@ def features_encode(
     )
 
 
-@features_app.command("merge")
-@friendly
+@command(features_app, "merge")
 def features_merge(
     cache_dir: Path = typer.Option(..., help="The feature cache the shards wrote."),
     model: Path | None = typer.Option(None, help="Model folder the cache was filled with."),
@@ -413,9 +419,9 @@ def features_merge(
     typer.echo(f"merged {counts['parts']} parts: {counts['unique']} features ({counts['rows']} rows)")
 
 
-@index_app.command("build")
-@friendly
+@command(index_app, "build")
 def index_build(
+    context: typer.Context,
     out: Path = typer.Argument(..., help="Index folder to create."),
     images: Path = typer.Option(..., help="Folder of catalog images (ids are file stems)."),
     metadata: list[Path] = typer.Option([], help="CSV (image/id column), JSON or JSONL metadata; repeatable."),
@@ -465,93 +471,90 @@ def index_build(
         images,
         list(metadata) or None,
         ids=read_split(split) if split else None,
-        factory=factory,
-        nprobe=nprobe,
-        ef_search=ef_search,
-        candidates=candidates,
-        mmap=mmap,
-        cache_dir=cache_dir,
-        batch_size=batch_size,
         num_workers=workers,
-        overwrite=overwrite,
-        store=store,
         milvus={"index": milvus_index, "collection": milvus_collection},
-        max_failed_share=max_failed_share,
+        **_options(
+            context,
+            "factory",
+            "nprobe",
+            "ef_search",
+            "candidates",
+            "mmap",
+            "cache_dir",
+            "batch_size",
+            "overwrite",
+            "store",
+            "max_failed_share",
+        ),
     )
     _report_failures(index.report["failures"])
     typer.echo(f"indexed {len(index)} images into {out} ({index.store_kind}): {json.dumps(index.report)}")
 
 
-@index_app.command("add")
-@friendly
-def index_add(
-    index_dir: Path = typer.Argument(..., help="Existing index folder."),
-    images: Path = typer.Option(..., help="Folder of images; only ids not yet indexed are encoded."),
-    metadata: list[Path] = typer.Option([], help="Metadata files for the new images; repeatable."),
-    split: Path | None = typer.Option(None, help="Only add the ids in this split file."),
-    model: Path | None = typer.Option(None, help="Model folder the index was built with."),
-    backbone: str | None = typer.Option(None, help="Zero-shot backbone spec the index was built with."),
-    cache_dir: Path | None = typer.Option(None, help="Feature cache (default INDEX/feature-cache)."),
-    max_failed_share: float = typer.Option(
-        DEFAULT_MAX_FAILED_SHARE, help="Fail (add nothing) when more than this share of the new images cannot be read."
-    ),
-):
-    """Add new catalog images to an index (refuses a model that does not match it; concurrent adds
-    take turns). Unreadable images are left out and listed with their reasons."""
-    from .data.triplets import read_split
-    from .retrieval.index import add_to_index
-
-    index = add_to_index(
-        index_dir,
-        _model(model, backbone),
-        images,
-        list(metadata) or None,
-        ids=read_split(split) if split else None,
-        cache_dir=cache_dir,
-        max_failed_share=max_failed_share,
-    )
-    _report_failures(index.report["failures"])
-    typer.echo(f"index now holds {len(index)} images: {json.dumps(index.report)}")
+IndexFolder = Annotated[Path, typer.Argument(help="Existing index folder.")]
+UpdateSplit = Annotated[Path | None, typer.Option(help="Only the ids in this split file.")]
+IndexModel = Annotated[Path | None, typer.Option(help="Model folder the index was built with.")]
+IndexBackbone = Annotated[
+    str | None,
+    typer.Option(help="Zero-shot backbone spec the index was built with (default: the index's)."),
+]
+UpdateCache = Annotated[Path | None, typer.Option(help="Feature cache (default INDEX/feature-cache).")]
 
 
-@index_app.command("upsert")
-@friendly
-def index_upsert(
-    index_dir: Path = typer.Argument(..., help="Existing index folder."),
-    images: Path = typer.Option(..., help="Folder of images to insert or replace (changed files are re-encoded)."),
-    metadata: list[Path] = typer.Option(
-        [], help="Metadata of those images (replaces the stored metadata); repeatable."
-    ),
-    split: Path | None = typer.Option(None, help="Only the ids in this split file."),
-    model: Path | None = typer.Option(None, help="Model folder the index was built with."),
-    backbone: str | None = typer.Option(None, help="Zero-shot backbone spec the index was built with."),
-    cache_dir: Path | None = typer.Option(None, help="Feature cache (default INDEX/feature-cache)."),
-    max_failed_share: float = typer.Option(
-        DEFAULT_MAX_FAILED_SHARE, help="Fail (change nothing) when more than this share of the images cannot be read."
-    ),
-):
-    """Insert or replace catalog items (features, metadata, image path); a running service sees them.
-    Unreadable images are left out and listed with their reasons."""
-    from .data.triplets import read_split
-    from .retrieval.index import upsert_index
-    from .retrieval.manifest import read_manifest
+def _index_update_command(name: str, replace: bool, summary: str, images: str, metadata: str, fail: str) -> None:
+    """Register ``index add`` (``replace`` False: only new ids) or ``index upsert`` (insert or
+    replace): one command with its own help texts, encoding the images with the index's model."""
 
-    cir = _model(model, backbone or read_manifest(index_dir)["backbone"])
-    index = upsert_index(
-        index_dir,
-        cir,
-        images,
-        list(metadata) or None,
-        ids=read_split(split) if split else None,
-        cache_dir=cache_dir,
-        max_failed_share=max_failed_share,
-    )
-    _report_failures(index.report["failures"])
-    typer.echo(f"index now holds {len(index)} images: {json.dumps(index.report)}")
+    @command(index_app, name, help=summary)
+    def update(
+        index_dir: IndexFolder,
+        images_dir: Annotated[Path, typer.Option("--images", help=images)],
+        metadata_files: Annotated[list[Path] | None, typer.Option("--metadata", help=metadata)] = None,
+        split: UpdateSplit = None,
+        model: IndexModel = None,
+        backbone: IndexBackbone = None,
+        cache_dir: UpdateCache = None,
+        max_failed_share: Annotated[float, typer.Option(help=fail)] = DEFAULT_MAX_FAILED_SHARE,
+    ) -> None:
+        from .data.triplets import read_split
+        from .retrieval.index import add_to_index
+        from .retrieval.manifest import read_manifest
+
+        index = add_to_index(
+            index_dir,
+            _model(model, backbone or read_manifest(index_dir)["backbone"]),
+            images_dir,
+            metadata_files or None,
+            replace=replace,
+            ids=read_split(split) if split else None,
+            cache_dir=cache_dir,
+            max_failed_share=max_failed_share,
+        )
+        _report_failures(index.report["failures"])
+        typer.echo(f"index now holds {len(index)} images: {json.dumps(index.report)}")
 
 
-@index_app.command("info")
-@friendly
+_index_update_command(
+    "add",
+    False,
+    "Add new catalog images to an index (refuses a model that does not match it; concurrent adds take turns). "
+    "Unreadable images are left out and listed with their reasons.",
+    images="Folder of images; only ids not yet indexed are encoded.",
+    metadata="Metadata files for the new images; repeatable.",
+    fail="Fail (add nothing) when more than this share of the new images cannot be read.",
+)
+_index_update_command(
+    "upsert",
+    True,
+    "Insert or replace catalog items (features, metadata, image path); a running service sees them. "
+    "Unreadable images are left out and listed with their reasons.",
+    images="Folder of images to insert or replace (changed files are re-encoded).",
+    metadata="Metadata of those images (replaces the stored metadata); repeatable.",
+    fail="Fail (change nothing) when more than this share of the images cannot be read.",
+)
+
+
+@command(index_app, "info")
 def index_info_command(index_dir: Path = typer.Argument(..., help="Existing index folder.")):
     """What an index holds and needs: store, factory, items, row width, two-stage setting, bytes of
     the searched vectors and of the stored rows on disk, whether readers memory-map them (JSON)."""
@@ -560,8 +563,7 @@ def index_info_command(index_dir: Path = typer.Argument(..., help="Existing inde
     typer.echo(json.dumps(index_info(index_dir), indent=2))
 
 
-@index_app.command("remove")
-@friendly
+@command(index_app, "remove")
 def index_remove(
     index_dir: Path = typer.Argument(..., help="Existing index folder."),
     ids: list[str] = typer.Argument(None, help="Item ids to delete."),
@@ -587,8 +589,7 @@ def index_remove(
     )
 
 
-@app.command()
-@friendly
+@command(app)
 def search(
     index_dir: Path = typer.Option(..., "--index", help="Index folder."),
     image: Path | None = typer.Option(None, help="Reference image file (its description is predicted)."),
@@ -622,8 +623,7 @@ def search(
         item_id=item_id,
         image=image is not None,
         filter=filter_text,
-        category=category,
-        color=color,
+        filters={"category": category, "color": color},
         same_type=same_type,
         candidates=candidates,
     )
@@ -644,8 +644,7 @@ def search(
         typer.echo(f"{rank:>3}  {hit.score:.4f}  {hit.id}  {hit.metadata.get('description', '')}")
 
 
-@attributes_app.command("train")
-@friendly
+@command(attributes_app, "train")
 def attributes_train(
     model: Path = typer.Option(..., help="Model folder; the heads are saved into it."),
     catalog: Path = typer.Option(Path("../shared/datasets/clothing-dataset"), help="Clothing catalog folder."),
@@ -678,8 +677,7 @@ def attributes_train(
     typer.echo(f"saved attribute heads into {model}")
 
 
-@attributes_app.command("predict")
-@friendly
+@command(attributes_app, "predict")
 def attributes_predict(
     model: Path = typer.Option(..., help="Model folder with attribute heads."),
     image: Path = typer.Option(..., help="Image file to describe."),
@@ -695,8 +693,7 @@ def attributes_predict(
     typer.echo(json.dumps({"description": describe(predicted), "attributes": predicted}, indent=2))
 
 
-@app.command("serve")
-@friendly
+@command(app, "serve")
 def serve_command(
     index_dir: Path = typer.Option(..., "--index", help="Index folder."),
     model: Path | None = typer.Option(None, help="Model folder (default: the model the index was built with)."),
@@ -750,8 +747,7 @@ def _run(recipe: Path, profile: str | None, overrides: list[str], serve: bool, p
         raise typer.Exit(EXIT_STOPPED) from None
 
 
-@app.command("run")
-@friendly
+@command(app, "run")
 def run_command(
     recipe: Path = typer.Argument(
         ..., help="Recipe JSON (see configs/): catalog, towers, triplets, stages, evaluation."
@@ -768,8 +764,7 @@ def run_command(
     _run(recipe, profile, override, serve, port)
 
 
-@app.command()
-@friendly
+@command(app)
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Where every output of the demo goes."),
     fast: bool = typer.Option(False, help="A small, quick run (tests, CI): the recipe's 'fast' profile."),
@@ -786,4 +781,4 @@ def main() -> None:  # pragma: no cover
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -19,7 +19,7 @@ from fashion_cir.errors import ModelError
 from fashion_cir.models.attributes import HEADS_FILE, HeadsConfig, attribute_classes, describe, train_heads
 from fashion_cir.models.cir import CIRModel, load_model
 from fashion_cir.retrieval.explain import explain, requested_changes
-from fashion_cir.retrieval.policy import ReferencePolicy, references
+from fashion_cir.retrieval.policy import ReferencePolicy, resolve_references
 from support.pickles import REFUSED, crafted_checkpoint
 
 runner = CliRunner()
@@ -166,7 +166,7 @@ def test_query_texts_follow_the_prompt_source():
 
     def query_texts(describe_as):
         captions = [join_captions_val(list(t.captions)) for t in triplets]
-        described, attributes = references(
+        resolved = resolve_references(
             model,
             ReferencePolicy(describe_as),
             [t.candidate for t in triplets],
@@ -174,6 +174,7 @@ def test_query_texts_follow_the_prompt_source():
             records,
             [t.reference_prompt for t in triplets],
         )
+        described, attributes = [r.description for r in resolved], [r.attributes for r in resolved]
         return list(model.encode_queries(image, captions, described, attributes).texts)
 
     assert query_texts("catalog") == [
@@ -189,8 +190,9 @@ def test_query_texts_follow_the_prompt_source():
     assert query_texts("none") == ["Is red and has long sleeves", "Is blue", "Is green"]
     # without heads, a reference without a record has no description
     plain = load_model(backbone="tiny")
-    described, attributes = references(plain, ReferencePolicy("catalog"), ["a", "e"], image[:2], records)
-    assert described == ["a white t-shirt", None] and attributes == [records["a"], None]
+    resolved = resolve_references(plain, ReferencePolicy("catalog"), ["a", "e"], image[:2], records)
+    assert [r.description for r in resolved] == ["a white t-shirt", None]
+    assert [r.attributes for r in resolved] == [records["a"], None]
 
 
 def test_requested_changes_and_why_a_result_matches():

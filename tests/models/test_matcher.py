@@ -201,7 +201,7 @@ def test_index_search_uses_descriptions_fuses_at_query_time_and_refuses_other_it
 def test_stage2_trains_the_query_encoder_towards_target_descriptions(tmp_path):
     """A matcher-only objective (the prompt term alone): after stage 2 on captions that name an attribute of the
     target's description in other words, the trained query side ranks train targets higher."""
-    from fashion_cir.training import Stage2Config, train_stage2
+    from fashion_cir.training import Stage2Config, train_stage
 
     colours = ["crimson", "navy", "emerald", "ivory", "charcoal", "mustard", "blush", "olive"]
     plain = ["red", "dark blue", "green", "off-white", "dark grey", "yellow", "light pink", "khaki"]
@@ -231,7 +231,7 @@ def test_stage2_trains_the_query_encoder_towards_target_descriptions(tmp_path):
         cache_dir=str(tmp_path / "cache"),
     )
     records = {i: {"description": d} for i, d in descriptions.items()}
-    trained = train_stage2(config, cir, triplets, images, None, records, tmp_path / "run")
+    trained = train_stage(config, cir, triplets, images, None, records, tmp_path / "run")
     after = _mean_target_rank(trained, triplets, ids, descriptions)
     assert after < before - 1.0, (before, after)
     saved = json.loads((tmp_path / "run" / "model" / "model.json").read_text())

@@ -68,8 +68,7 @@ def test_a_changed_start_model_trains_the_next_stage_again(in_repo, tmp_path, mo
     """Issue 24 item 6: stage 2's retrain key holds its start model's content, not its folder:
     training stage 1 again (a new learning rate) retrains stage 2 from the same
     folder, and an unchanged re-run retrains neither."""
-    monkeypatch.setattr(fashion_cir.training, "train_stage1", fake_train)
-    monkeypatch.setattr(fashion_cir.training, "train_stage2", fake_train)
+    monkeypatch.setattr(fashion_cir.training, "train_stage", fake_train)
     monkeypatch.setattr("fashion_cir.pipeline.pictures.stage_curves", lambda files, out: out)
     out = tmp_path / "run"
     zero = load_model(backbone="tiny").save(out / "zero-shot")

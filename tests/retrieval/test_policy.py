@@ -15,7 +15,7 @@ from fashion_cir.models.cir import CIRModel
 from fashion_cir.models.factory import create_backbone
 from fashion_cir.models.fusion import AttributeSpace
 from fashion_cir.models.matcher import DescriptionMatcher
-from fashion_cir.retrieval.policy import ReferencePolicy, catalog_items, item_parts, references, resolve_references
+from fashion_cir.retrieval.policy import ReferencePolicy, catalog_items, item_parts, resolve_references
 
 
 @pytest.fixture(scope="module")
@@ -97,11 +97,16 @@ def test_references_follow_the_policy():
     assert [r.source for r in without_heads] == ["catalog", "catalog", "none", "none"]
     # a triplet's own prompt replaces the catalog's description (and only under the catalog policy)
     prompts = ["a generated prompt", None, "another prompt", None]
-    described, attributes = references(model, ReferencePolicy("catalog"), ids, image, RECORDS, prompts)
-    assert described == ["a generated prompt", None, "another prompt", "a pair of blue pants"]
-    assert attributes == [RECORDS["a"], RECORDS["b"], blue_pants, blue_pants]
-    described, _ = references(model, ReferencePolicy("predicted"), ids, image, RECORDS, prompts)
-    assert described == ["a red dress", "a red dress", "a pair of blue pants", "a pair of blue pants"]
+    prompted = resolve_references(model, ReferencePolicy("catalog"), ids, image, RECORDS, prompts)
+    assert [r.description for r in prompted] == ["a generated prompt", None, "another prompt", "a pair of blue pants"]
+    assert [r.attributes for r in prompted] == [RECORDS["a"], RECORDS["b"], blue_pants, blue_pants]
+    unprompted = resolve_references(model, ReferencePolicy("predicted"), ids, image, RECORDS, prompts)
+    assert [r.description for r in unprompted] == [
+        "a red dress",
+        "a red dress",
+        "a pair of blue pants",
+        "a pair of blue pants",
+    ]
     with pytest.raises(ModelError, match="unknown reference description source 'guessed'"):
         ReferencePolicy("guessed")
 

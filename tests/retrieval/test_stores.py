@@ -12,7 +12,7 @@ import pytest
 
 from fashion_cir.errors import DataError, ModelError
 from fashion_cir.models.cir import load_model
-from fashion_cir.retrieval import build_index, open_index, parse_filter, remove_from_index, search, upsert_index
+from fashion_cir.retrieval import build_index, open_index, parse_filter, remove_from_index, search
 from fashion_cir.retrieval.faiss_store import resolve_factory
 from fashion_cir.retrieval.filters import FilterError
 from fashion_cir.retrieval.index import add_to_index
@@ -169,7 +169,9 @@ def test_remove_and_upsert_persist(kind, workdir, tiny_model, catalog, raw_featu
     changed = {"item-005": paths["item-040"], **{i: paths[i] for i in list(paths)[50:55]}}
     new_meta = {i: metadata[i] for i in changed}
     new_meta["item-005"] = {**metadata["item-040"], "color": "purple"}
-    updated = upsert_index(folder, tiny_model, changed, new_meta, cache_dir=workdir / "feature-cache", progress=False)
+    updated = add_to_index(
+        folder, tiny_model, changed, new_meta, replace=True, cache_dir=workdir / "feature-cache", progress=False
+    )
     assert updated.report["replaced"] == 1 and updated.report["added"] == 5
     assert updated.paths["item-005"] == paths["item-040"].resolve()  # issue 24 item 2: /images served the old photo
     index = open_index(folder, tiny_model)
@@ -319,11 +321,12 @@ def test_a_multi_block_model_builds_searches_and_changes_alike_on_both_stores(
             progress=False,
         )
         assert added.report["added"] == 7, kind
-        upserted = upsert_index(
+        upserted = add_to_index(
             folder,
             blocks_model,
             {"item-005": paths["item-040"], "item-055": paths["item-055"]},
             changed,
+            replace=True,
             cache_dir=workdir / "feature-cache",
             progress=False,
         )

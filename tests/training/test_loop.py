@@ -35,11 +35,11 @@ def training_data(tmp_path_factory):
 
 def test_checkpoints_load_with_weights_only_and_a_crafted_one_runs_nothing(training_data, tmp_path):
     """Issue 12 item 3: resume used torch.load(weights_only=False), so a crafted checkpoint.pt ran code."""
-    from fashion_cir.training import Stage2Config, train_stage2
+    from fashion_cir.training import Stage2Config, train_stage
 
     triplets, paths, _, records = training_data
     config = Stage2Config(epochs=1, batch_size=8, lr=1e-3, progress=False)
-    train_stage2(config, CIRModel(create_backbone("tiny"), "sum"), triplets, paths, None, records, tmp_path / "ok")
+    train_stage(config, CIRModel(create_backbone("tiny"), "sum"), triplets, paths, None, records, tmp_path / "ok")
     saved = torch.load(tmp_path / "ok" / "checkpoint.pt", weights_only=True)  # every state is plain data
     assert saved["format"] == "fashion-cir-checkpoint/1" and saved["progress"]["epoch"] == 1
 
@@ -50,20 +50,18 @@ def test_checkpoints_load_with_weights_only_and_a_crafted_one_runs_nothing(train
         tmp_path / "evil" / "checkpoint.pt",
     )
     with pytest.raises(FashionCIRError, match="corrupt or unsafe checkpoint"):
-        train_stage2(
-            config, CIRModel(create_backbone("tiny"), "sum"), triplets, paths, None, records, tmp_path / "evil"
-        )
+        train_stage(config, CIRModel(create_backbone("tiny"), "sum"), triplets, paths, None, records, tmp_path / "evil")
     assert not marker.exists()
 
 
 def test_a_resumed_training_logs_each_step_once(training_data, tmp_path):
     """Kill loop finding: steps logged after the last checkpoint were logged again on resume."""
-    from fashion_cir.training import Stage2Config, TrainingStopped, train_stage2
+    from fashion_cir.training import Stage2Config, TrainingStopped, train_stage
 
     triplets, paths, _, records = training_data
     config = Stage2Config(epochs=2, batch_size=4, lr=1e-3, progress=False, log_every=1, checkpoint_every=2)
     with pytest.raises(TrainingStopped):  # logs step 3, last checkpoint at step 2: like a kill after step 3
-        train_stage2(
+        train_stage(
             config.model_copy(update={"stop_after_steps": 3}),
             CIRModel(create_backbone("tiny"), "sum"),
             triplets,
@@ -72,7 +70,7 @@ def test_a_resumed_training_logs_each_step_once(training_data, tmp_path):
             records,
             tmp_path,
         )
-    train_stage2(config, CIRModel(create_backbone("tiny"), "sum"), triplets, paths, None, records, tmp_path)
+    train_stage(config, CIRModel(create_backbone("tiny"), "sum"), triplets, paths, None, records, tmp_path)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if "loss" in r]
     summary = json.loads((tmp_path / "summary.json").read_text())

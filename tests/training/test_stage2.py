@@ -1,5 +1,5 @@
 """Stage 2 pieces on the synthetic catalog: the static bank, the step with a description matcher
-(a tiny random BERT, no download), and what train_stage2 freezes, skips, caches and reports."""
+(a tiny random BERT, no download), and what stage 2 (train_stage with a Stage2Config) freezes, skips, caches and reports."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from fashion_cir.models.combiner import Combiner
 from fashion_cir.models.factory import create_backbone
 from fashion_cir.models.fusion import Fusion
 from fashion_cir.models.matcher import DescriptionMatcher
-from fashion_cir.training import Stage2Config, train_stage2
+from fashion_cir.training import Stage2Config, train_stage
 from fashion_cir.training.data import epoch_batches
 from fashion_cir.training.distributed import DistContext
 from fashion_cir.training.losses import BankInfoNCELoss
@@ -145,7 +145,7 @@ def test_train_stage2_freezes_skips_caches_and_reports(tiny_encoder, data, tmp_p
         ]
     }
     config = Stage2Config(encoders="text", last_n_blocks=1, train_combiner=False, train_matcher=True, **FAST)
-    trained = train_stage2(
+    trained = train_stage(
         config, model, triplets, catalog, val_evaluator(val_sets, records, tmp_path / "cache"), records, tmp_path
     )
     changed = {part: _changed(weights, trained) for part, weights in before.items()}
@@ -203,7 +203,7 @@ def test_train_stage2_trains_only_the_combiner_when_the_encoders_are_frozen(tiny
         ]
     }
     config = Stage2Config(encoders="none", train_combiner=True, train_matcher=False, **FAST)
-    trained = train_stage2(config, model, triplets, paths, None, records, tmp_path)
+    trained = train_stage(config, model, triplets, paths, None, records, tmp_path)
     changed = {part: _changed(w, trained) for part, w in before.items()}
     assert changed == {"text": False, "combiner": True, "matcher": False}
 
@@ -212,11 +212,11 @@ def test_train_stage2_needs_a_bank_and_one_batch(data, tmp_path):
     triplets, paths, _, records = data
     model = CIRModel(create_backbone("tiny"), "sum")
     with pytest.raises(FashionCIRError, match=r"^stage2: no catalog image could be encoded for the bank$"):
-        train_stage2(Stage2Config(**FAST), model, triplets, {}, None, records, tmp_path / "empty")
+        train_stage(Stage2Config(**FAST), model, triplets, {}, None, records, tmp_path / "empty")
     annotated = [t for t in triplets if t.extra.get("source") != "generated"][:8]
     with pytest.raises(FashionCIRError, match=r"^stage2: 7 usable training triplets, fewer than one batch of 8$"):
-        train_stage2(Stage2Config(**FAST), model, annotated[:7], paths, None, records, tmp_path / "seven")
-    train_stage2(Stage2Config(**FAST), model, annotated, paths, None, records, tmp_path / "eight")  # one step
+        train_stage(Stage2Config(**FAST), model, annotated[:7], paths, None, records, tmp_path / "seven")
+    train_stage(Stage2Config(**FAST), model, annotated, paths, None, records, tmp_path / "eight")  # one step
     assert json.loads((tmp_path / "eight" / "summary.json").read_text())["global_step"] == 1
 
 
@@ -251,7 +251,7 @@ def test_train_stage2_queries_carry_the_reference_description_and_the_seeded_cap
     tokenize = model.backbone.tokenize
     monkeypatch.setattr(model.backbone, "tokenize", lambda texts: seen.append(list(texts)) or tokenize(texts))
     config = Stage2Config(**{**FAST, "seed": 3})
-    train_stage2(config, model, annotated, paths, None, records, tmp_path)  # one step: the 8 triplets, shuffled
+    train_stage(config, model, annotated, paths, None, records, tmp_path)  # one step: the 8 triplets, shuffled
 
     (texts,) = seen
     (batch,) = epoch_batches(8, 0, 8, None, 3, 0)  # position in the epoch -> triplet (the order is tested elsewhere)

@@ -14,7 +14,7 @@ from fashion_cir.errors import FashionCIRError
 from fashion_cir.models.cir import CIRModel
 from fashion_cir.models.combiner import Combiner
 from fashion_cir.models.factory import create_backbone
-from fashion_cir.training import Stage1Config, Stage2Config, TrainingStopped, train_stage1, train_stage2
+from fashion_cir.training import Stage1Config, Stage2Config, TrainingStopped, train_stage
 from fashion_cir.training.data import epoch_batches, rank_micro_batches
 from fashion_cir.training.distributed import DistContext
 from fashion_cir.training.losses import BankInfoNCELoss
@@ -53,7 +53,7 @@ def test_stage1_text_only_lowers_loss_and_saves_loadable_model(data, tmp_path):
     model = CIRModel(create_backbone("tiny"), "sum_raw")
     image_before = {k: v.clone() for k, v in model.backbone.state_dict().items() if k.startswith("clip.visual.")}
     config = Stage1Config(encoders="text", epochs=3, **FAST)
-    trained = train_stage1(
+    trained = train_stage(
         config, model, triplets, paths, val_evaluator(val_sets, records, tmp_path / "cache"), records, tmp_path
     )
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -81,7 +81,7 @@ def test_stage2_trains_against_the_whole_bank(data, tmp_path):
     model = CIRModel(create_backbone("tiny"), "sum_raw")
     image_before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("backbone.clip.visual.")}
     config = Stage2Config(epochs=3, temperature=0.05, **FAST)
-    trained = train_stage2(
+    trained = train_stage(
         config, model, triplets, paths, val_evaluator(val_sets, records, tmp_path / "cache"), records, tmp_path
     )
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -104,7 +104,7 @@ def test_stage2_weights_in_the_triplets_hard_negatives(data, tmp_path):
         config = Stage2Config(epochs=1, stop_after_steps=1, **FAST, **settings)
         torch.manual_seed(0)
         with pytest.raises(TrainingStopped):
-            train_stage2(
+            train_stage(
                 config, CIRModel(create_backbone("tiny"), "sum"), triplets, paths, None, records, tmp_path / name
             )
         return losses(tmp_path / name)[0]
@@ -160,13 +160,13 @@ def test_stage2_resume_after_stop_is_exact(data, tmp_path):
     def evaluator(out):
         return val_evaluator(val_sets, records, out / "cache")
 
-    train_stage2(config, combiner_model(), triplets, paths, evaluator(tmp_path / "full"), records, tmp_path / "full")
+    train_stage(config, combiner_model(), triplets, paths, evaluator(tmp_path / "full"), records, tmp_path / "full")
     stopped = config.model_copy(update={"stop_after_steps": 3})
     with pytest.raises(TrainingStopped):
-        train_stage2(
+        train_stage(
             stopped, combiner_model(), triplets, paths, evaluator(tmp_path / "resumed"), records, tmp_path / "resumed"
         )
-    train_stage2(
+    train_stage(
         config, combiner_model(), triplets, paths, evaluator(tmp_path / "resumed"), records, tmp_path / "resumed"
     )
     full, resumed = final_state(tmp_path / "full" / "model"), final_state(tmp_path / "resumed" / "model")
@@ -178,9 +178,9 @@ def test_stage2_resume_after_stop_is_exact(data, tmp_path):
 def test_resume_refuses_a_changed_config(data, tmp_path):
     triplets, paths, val_sets, records = data
     config = Stage2Config(epochs=1, **{**FAST, "batch_size": 16})
-    train_stage2(config, CIRModel(create_backbone("tiny"), "sum"), triplets, paths, None, records, tmp_path)
+    train_stage(config, CIRModel(create_backbone("tiny"), "sum"), triplets, paths, None, records, tmp_path)
     with pytest.raises(FashionCIRError, match="another config.*lr"):
-        train_stage2(
+        train_stage(
             config.model_copy(update={"lr": 0.5}),
             CIRModel(create_backbone("tiny"), "sum"),
             triplets,
@@ -199,7 +199,7 @@ def test_stage1_with_pixels_leaves_out_unreadable_images(tmp_path):
     broken = triplets[0].candidate
     Path(image_paths[broken]).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     model = CIRModel(create_backbone("tiny"), "sum_raw")
-    train_stage1(
+    train_stage(
         Stage1Config(encoders="image", epochs=1, **FAST),
         model,
         triplets,

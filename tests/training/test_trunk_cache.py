@@ -13,7 +13,7 @@ import torch
 from fashion_cir.features.cache import FeatureCache
 from fashion_cir.models.cir import CIRModel
 from fashion_cir.models.factory import create_backbone
-from fashion_cir.training import Stage1Config, Stage2Config, train_stage1
+from fashion_cir.training import Stage1Config, Stage2Config, train_stage
 from fashion_cir.training.distributed import DistContext
 from fashion_cir.training.stage2 import build_bank
 from support.training import load_data, losses, make_dataset, val_evaluator
@@ -29,9 +29,7 @@ def trained(tmp_path_factory):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cache = root / "features"
     config = Stage1Config(encoders="image", epochs=3, cache_dir=str(cache), **FAST)
-    out = train_stage1(
-        config, model, triplets, paths, val_evaluator(val_sets, records, cache), records, root / "stage1"
-    )
+    out = train_stage(config, model, triplets, paths, val_evaluator(val_sets, records, cache), records, root / "stage1")
     return out, before, root, (triplets, paths, val_sets, records)
 
 
@@ -78,7 +76,7 @@ def test_training_reads_token_maps_from_the_cache_not_pixels(trained, monkeypatc
     monkeypatch.setattr(fresh.backbone, "encode_image_trunk", no_trunk)
     monkeypatch.setattr(fresh.backbone, "trunk_engine", lambda: no_trunk)  # what the feature cache runs (ONNX or torch)
     config = Stage1Config(encoders="image", epochs=1, cache_dir=str(root / "features"), **FAST)
-    out = train_stage1(
+    out = train_stage(
         config, fresh, triplets, paths, val_evaluator(val_sets, records, root / "features"), records, root / "again"
     )
     block = "backbone.image_tower._blocks.15._project_conv.weight"
@@ -129,7 +127,7 @@ def test_a_tiny_clip_trains_its_last_vision_block_from_cached_tokens(tmp_path, m
     monkeypatch.setattr(model.backbone, "encode_image_trunk", no_trunk)
     monkeypatch.setattr(model.backbone, "trunk_engine", lambda: no_trunk)
     config = Stage1Config(encoders="both", epochs=2, cache_dir=str(tmp_path / "features"), **FAST)
-    trained = train_stage1(
+    trained = train_stage(
         config,
         model,
         triplets,

@@ -24,7 +24,7 @@ from ..errors import DataError
 from ..features.cache import FeatureCache
 from ..models.cir import CIRModel
 from ..models.fusion import Fusion, term_block
-from ..retrieval.policy import ReferencePolicy, catalog_items, references
+from ..retrieval.policy import ReferencePolicy, catalog_items, resolve_references
 from .metrics import DEFAULT_KS, add_overall, recall_at_k, target_ranks
 
 SHUFFLE_SEED = 0
@@ -148,9 +148,10 @@ class PreparedSet:
         rows = [self.position[i] for i in shown]
         image = torch.from_numpy(features[rows]) if rows else torch.zeros(0, features.shape[1])
         prompts = [t.reference_prompt for t in self.triplets] if order is None else None
-        descriptions, attributes = references(
+        resolved = resolve_references(
             self.model, ReferencePolicy(self.options.describe), shown, image, records, prompts
         )
+        descriptions, attributes = [r.description for r in resolved], [r.attributes for r in resolved]
         return self.model.encode_queries(
             image,
             [join_captions_val(list(t.captions)) for t in self.triplets],

@@ -116,7 +116,7 @@ class StageSpec(Config):
     name: str
     kind: Literal["stage1", "stage2"]
     start: str = Field(description="the published model it starts from (a baseline or an earlier stage)")
-    data: list[Literal["annotated", "generated"]] = Field(default_factory=lambda: ["annotated", "generated"])
+    data: list[Literal["annotated", "generated"]] = Field(default=["annotated", "generated"])  # copied per instance
     refit_fusion: bool = Field(
         False,
         description="fit the trained model's fusion weights again (on the annotated "
@@ -140,7 +140,7 @@ class StageSpec(Config):
 class EvaluationSpec(Config):
     val: list[TripletSource] = Field(default_factory=list, description="annotated validation sets")
     generated_val: bool = Field(False, description="also score the generated val triplets (set 'generated-val')")
-    protocols: list[Literal["split", "catalog"]] = Field(default_factory=lambda: ["split"])
+    protocols: list[Literal["split", "catalog"]] = Field(default=["split"])  # copied per instance
     selection: Selection = Field(default_factory=Selection)
     reliance: bool = Field(False, description="also score every model with shuffled references (reference reliance)")
     compare: list[tuple[str, str]] = Field(

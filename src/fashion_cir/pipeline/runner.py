@@ -37,7 +37,7 @@ from ..models.factory import create_backbone
 from ..models.fusion import AttributeSpace
 from ..models.matcher import DescriptionMatcher
 from ..training.config import RESUMABLE_FIELDS
-from .recipe import BaselineSpec, Recipe, StageSpec, TripletSource, expand_path
+from .recipe import BaselineSpec, IndexSpec, Recipe, StageSpec, TripletSource, expand_path
 
 KS = (1, 5, 10, 50)
 GENERATED_VAL = "generated-val"
@@ -226,7 +226,7 @@ class Runner:
         stats_file = path.with_suffix(".stats.json")
         if path.is_file() and stats_file.is_file() and read_json(stats_file, "triplet stats").get("inputs_sha1") == key:
             return read_json(path, "generated triplets")
-        if not catalog.attributes:
+        if not catalog.attributes or catalog.attributes_file is None:
             raise DataError(
                 "recipe 'generate' needs the catalog's MLLM attributes: set catalog.attributes or a caption step"
             )
@@ -428,7 +428,7 @@ class Runner:
     def train_stage(self, stage: StageSpec, start: Path) -> Path:
         """Train ``stage`` from the published model ``start`` into ``train/<name>`` (the training
         checkpoint resumes it; other inputs start it over), then publish it."""
-        from ..training import train_stage1, train_stage2
+        from ..training import train_stage
 
         triplets = self.stage_triplets(stage)
         model = CIRModel.load(start)
@@ -449,11 +449,12 @@ class Runner:
         if self.is_main:
             write_json(inputs_file, inputs)
         self.log(f"{stage.name}: {len(triplets)} triplets, {config.epochs} epoch(s), batch {config.batch_size}")
-        train = train_stage1 if stage.kind == "stage1" else train_stage2
         # a stage whose fusion is fitted again afterwards keeps its last epoch: scores under the start
         # model's fusion would pick nothing the published model has
         evaluator = self.evaluator_ if self.is_main and not stage.refit_fusion else None
-        train(config, model, triplets, self.catalog_.split_paths("train"), evaluator, self.catalog_.attributes, run_dir)
+        train_stage(
+            config, model, triplets, self.catalog_.split_paths("train"), evaluator, self.catalog_.attributes, run_dir
+        )
         if self.is_main:
             best = run_dir / "best" if (run_dir / "best" / "model.json").is_file() else run_dir / "model"
             publish_model(best, self.out / stage.name)
@@ -549,7 +550,7 @@ class Runner:
                 self.pictures()
         if recipe.index is not None:
             with self.step("index"):
-                self.build_index()
+                self.build_index(recipe.index)
         self.write_timings()
         if self.serve and recipe.index is not None:
             from ..serving.app import serve
@@ -587,7 +588,7 @@ class Runner:
         )
         heads = load_heads(self.out / "attribute-heads")
         reused = heads is not None and heads.info.get("inputs_sha1") == key
-        if not reused:
+        if heads is None or not reused:
             heads = fit_attribute_heads(best, self.catalog_, self.cache)
             heads.info["inputs_sha1"] = key
             heads.save(self.out / "attribute-heads")
@@ -662,10 +663,9 @@ class Runner:
         if any(c.is_file() for c in curves):
             self.log(f"training curves: {stage_curves(curves, self.out / 'training.png')}")
 
-    def build_index(self) -> None:
+    def build_index(self, spec: IndexSpec) -> None:
         from ..retrieval.index import build_index
 
-        spec = self.recipe.index
         paths = {i: p for s in spec.splits for i, p in self.catalog_.split_paths(s).items()}
         metadata = {
             i: {k: v for k, v in self.catalog_.attributes.get(i, {}).items() if k != "image"}

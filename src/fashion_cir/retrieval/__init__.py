@@ -5,7 +5,7 @@ from ..data.metadata import load_catalog
 from .faiss_store import CatalogIndex
 from .filters import Filter, FilterError, parse_filter
 from .folder import open_index
-from .index import add_to_index, build_index, remove_from_index, upsert_index
+from .index import add_to_index, build_index, remove_from_index
 from .query import search
 from .store import CatalogStore, SearchHit, parse_store_spec
 
@@ -23,5 +23,4 @@ __all__ = [
     "parse_store_spec",
     "remove_from_index",
     "search",
-    "upsert_index",
 ]

@@ -200,17 +200,6 @@ def add_to_index(
     return index
 
 
-def upsert_index(
-    folder: str | Path,
-    model: CIRModel,
-    images: str | Path | Mapping[str, str | Path],
-    metadata: str | Path | Iterable[str | Path] | Mapping[str, dict] | None = None,
-    **options: Any,
-) -> CatalogStore:
-    """Insert or replace catalog items: :func:`add_to_index` with ``replace=True``."""
-    return add_to_index(folder, model, images, metadata, replace=True, **options)
-
-
 def remove_from_index(folder: str | Path, ids: Iterable[str]) -> tuple[CatalogStore, list[str], list[str]]:
     """Delete items by id; returns (index, removed ids, ids that were not in the index)."""
     wanted = [check_image_id(i) for i in dict.fromkeys(str(i) for i in ids)]

@@ -33,6 +33,9 @@ class ReferencePolicy:
             raise ModelError(f"unknown reference description source {self.source!r}; choose one of {SOURCES}")
 
 
+CATALOG = ReferencePolicy("catalog")  # what search uses: the catalog's record, predicted for an upload
+
+
 @dataclass
 class Reference:
     """What a query knows of its reference besides the pixels."""
@@ -48,9 +51,11 @@ def resolve_references(
     ids: Sequence[str | None],
     image_features: torch.Tensor | None,
     records: Mapping[str, Mapping[str, Any]] | None,
+    prompts: Sequence[str | None] | None = None,
 ) -> list[Reference]:
     """One :class:`Reference` per query: ``ids`` are catalog ids (None: an upload), ``image_features``
-    the references' raw features [n, d] (None: queries without a reference)."""
+    the references' raw features [n, d] (None: queries without a reference). Under the ``catalog``
+    policy, ``prompts`` (a triplet's own ``reference_prompt``) replace descriptions where given."""
     records = records or {}
     out: list[Reference | None] = [None] * len(ids)
     predict: list[int] = []
@@ -69,24 +74,10 @@ def resolve_references(
         predicted = model.predict_attributes(image_features[predict])
         for row, attributes in zip(predict, predicted):
             out[row] = Reference(describe(attributes), attributes, "predicted")
-    return [r for r in out if r is not None]
-
-
-def references(
-    model: CIRModel,
-    policy: ReferencePolicy,
-    ids: Sequence[str | None],
-    image_features: torch.Tensor | None,
-    records: Mapping[str, Mapping[str, Any]] | None,
-    prompts: Sequence[str | None] | None = None,
-) -> tuple[list[str | None], list[dict | None]]:
-    """(descriptions, attributes) of the queries' references; ``prompts`` (a triplet's own
-    ``reference_prompt``) replace catalog descriptions where given."""
-    resolved = resolve_references(model, policy, ids, image_features, records)
-    descriptions = [r.description for r in resolved]
+    resolved = [r for r in out if r is not None]
     if prompts is not None and policy.source == "catalog":
-        descriptions = [p or d for p, d in zip(prompts, descriptions)]
-    return descriptions, [r.attributes for r in resolved]
+        resolved = [Reference(p or r.description, r.attributes, r.source) for p, r in zip(prompts, resolved)]
+    return resolved
 
 
 def item_parts(

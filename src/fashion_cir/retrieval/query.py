@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ..errors import DataError
 from ..models.cir import CIRModel
 from .filters import BoolOp, Compare, Filter, FilterError, Node, parse_filter
-from .policy import ReferencePolicy, resolve_references
+from .policy import CATALOG, ReferencePolicy, resolve_references
 from .rescore import RescoreQuery, Rescorer, check_candidates, two_stage_search
 from .store import CatalogStore, SearchHit
 
@@ -69,6 +69,7 @@ def composed_search(
     filters: Mapping[str, list[str]] | None = None,
     same_type: bool = False,
     filter: Filter | None = None,
+    policy: ReferencePolicy = CATALOG,
     candidates: int | None = None,
     rescorer: Rescorer | None = None,
 ) -> SearchResult:
@@ -76,94 +77,31 @@ def composed_search(
     ``offset`` .. ``offset + k`` that pass ``filter`` (a parsed expression), ``filters``
     (attribute -> allowed values) and, with ``same_type``, share the reference's category (the
     catalog's, or the predicted one for an upload). Without text the query is the reference image
-    alone ("more like this"); without a reference, the text alone. ``same_type`` with explicit
-    categories is refused (FilterError): one of the two would silently override the other.
-    ``candidates`` (0: off) makes it a two-stage search: the store finds that many items, ``rescorer``
-    (default: the exact fused score from the stored rows, :mod:`~fashion_cir.retrieval.rescore`)
-    orders them; fewer than ``k`` is refused. None: the index's ``candidates`` setting, grown to
-    the page asked for. Either way the store is asked for at least the page and one more."""
-    pool = index.config.get("candidates") if candidates is None else candidates
-    if candidates:
-        check_candidates(candidates, k)
-    categories = [v for v in (filters or {}).get("category", []) if v]
-    if same_type and categories:
-        raise FilterError(
-            f"same type as the reference cannot be combined with category {categories}: "
-            "it keeps only the reference's own category; choose one of the two"
-        )
-    if image is not None and item_id is not None:
-        raise DataError("give a reference image or a catalog id, not both")
-    if item_id is not None and item_id not in index:
-        raise DataError(f"unknown catalog id {item_id!r}")
-    text = text.strip()
-    if image is None and item_id is None and not text:
-        raise DataError("a query needs a reference (image or catalog id), a text, or both")
-    if image is not None:
-        image_features = encode_reference_image(model, image)
-    elif item_id is not None:
-        row = np.array(index.vector(item_id), dtype=np.float32)[: int(index.config["feature_dim"])]
-        image_features = torch.from_numpy(row[None])
-    else:
-        image_features = None
-    reference = resolve_references(model, ReferencePolicy("catalog"), [item_id], image_features, index.metadata)[0]
-    attributes = reference.attributes or dict(index.metadata.get(item_id, {}) if item_id is not None else {})
-    parts = model.encode_queries(image_features, [text], [reference.description], [reference.attributes])
-    with torch.no_grad():
-        query = model.query_vectors(parts)
-    query_text = parts.texts[0] if text else ""
-    wanted = {name: [v for v in vals if v] for name, vals in (filters or {}).items() if any(vals)}
-    if same_type:
-        category = attributes.get("category")
-        category = category.get("value") if isinstance(category, Mapping) else category
-        if category:
-            wanted["category"] = [str(category)]
-    exclude = [item_id] if exclude_reference and item_id is not None else []
-    # one extra hit says whether a further page exists
-    vector, wanted_filter = query.float().cpu().numpy(), attribute_filter(wanted, filter)
-    if pool:
-        hits = two_stage_search(
-            index,
-            RescoreQuery(vector[0], parts),
-            offset + k + 1,
-            max(pool, offset + k + 1),
-            exclude,
-            wanted_filter,
-            rescorer,
-        )
-    else:
-        hits = index.search_vectors(vector, offset + k + 1, exclude, wanted_filter)[0]
-    return SearchResult(
-        hits[offset : offset + k],
-        query_text,
-        reference.description,
-        reference.source,
-        attributes,
-        wanted,
-        offset,
-        len(hits) > offset + k,
+    alone ("more like this"); without a reference, the text alone. ``candidates`` (0: off) makes it a
+    two-stage search: the store finds that many items, ``rescorer`` (default: the exact fused score
+    from the stored rows, :mod:`~fashion_cir.retrieval.rescore`) orders them; fewer than ``k`` is
+    refused. None: the index's ``candidates`` setting, grown to the page asked for. The request is
+    checked by :class:`SearchRequest` (RequestError), and run by :meth:`SearchRequest.run`."""
+    request = SearchRequest(
+        text=text,
+        k=k,
+        offset=offset,
+        item_id=item_id,
+        image=image is not None,
+        filters=dict(filters or {}),
+        same_type=same_type,
+        exclude_reference=exclude_reference,
+        candidates=candidates,
     )
+    return request.run(model, index, image, filter, policy, rescorer)
 
 
-def search(
-    model: CIRModel,
-    index: CatalogStore,
-    image: Image.Image | None = None,
-    item_id: str | None = None,
-    text: str = "",
-    k: int = 10,
-    exclude_reference: bool = False,
-    filter: Filter | None = None,
-) -> list[SearchHit]:
-    """Composed search: reference (an uploaded ``image`` or a catalog ``item_id``) + relative ``text``
-    -> the top ``k`` hits (see :func:`fashion_cir.retrieval.query.composed_search`, which also
-    pages, applies attribute filters and reports the prompt used). The text side is
-    ``model.query_text(text, the reference description)``: the catalog item's ``description``, or
-    for an upload the one its attribute heads predict. ``exclude_reference`` drops the reference
-    item from the results; ``filter`` (:func:`~fashion_cir.retrieval.filters.parse_filter`) keeps
-    only matching items."""
-    return composed_search(
-        model, index, image, item_id, text, k, exclude_reference=exclude_reference, filter=filter
-    ).hits
+def search(model: CIRModel, index: CatalogStore, **options: Any) -> list[SearchHit]:
+    """The hits of :func:`composed_search` (which also pages, applies attribute filters and reports
+    the prompt used): e.g. ``search(model, index, item_id="a", text="is red", k=5)``. The text side
+    is ``model.query_text(text, the reference description)``: the catalog item's ``description``,
+    or for an upload the one its attribute heads predict."""
+    return composed_search(model, index, **options).hits
 
 
 class RequestError(DataError):
@@ -190,8 +128,7 @@ class SearchRequest(BaseModel):
     item_id: str | None = None  # a catalog item as the reference
     image: bool = False  # an image is the reference
     filter: str = ""  # a filter expression (parse_filter; blank: none)
-    category: list[str] = Field(default_factory=list)
-    color: list[str] = Field(default_factory=list)
+    filters: dict[str, list[str]] = Field(default_factory=dict)  # attribute -> allowed values, e.g. category
     same_type: bool = False
     similar: bool = False  # more like this: the reference alone, the text is not used
     exclude_reference: bool = True
@@ -230,21 +167,65 @@ class SearchRequest(BaseModel):
         return parse_filter(self.filter, fields) if self.filter.strip() else None
 
     def run(
-        self, model: CIRModel, index: CatalogStore, image: Image.Image | None = None, filter: Filter | None = None
+        self,
+        model: CIRModel,
+        index: CatalogStore,
+        image: Image.Image | None = None,
+        filter: Filter | None = None,
+        policy: ReferencePolicy = CATALOG,
+        rescorer: Rescorer | None = None,
     ) -> SearchResult:
-        """:func:`composed_search` for this request; ``image`` is the reference image when
-        :attr:`image` says there is one, ``filter`` the parsed :attr:`filter`."""
-        return composed_search(
-            model,
-            index,
-            image=image if self.image else None,
-            item_id=self.item_id,
-            text=self.query_text,
-            k=self.k,
-            offset=self.offset,
-            exclude_reference=self.exclude_reference,
-            filters={"category": self.category, "color": self.color},
-            same_type=self.same_type,
-            filter=filter,
-            candidates=self.candidates,
+        """This search on ``index``: ``image`` is the reference image when :attr:`image` says there
+        is one, ``filter`` the parsed :attr:`filter`, ``policy`` where the reference description
+        comes from. ``same_type`` with explicit categories is refused (FilterError): one of the
+        two would silently override the other; an id not in ``index`` is a DataError. ``rescorer``
+        orders a two-stage search's candidates (see :func:`composed_search`)."""
+        if self.candidates:
+            check_candidates(self.candidates, self.k)
+        categories = [v for v in self.filters.get("category", []) if v]
+        if self.same_type and categories:
+            raise FilterError(
+                f"same type as the reference cannot be combined with category {categories}: "
+                "it keeps only the reference's own category; choose one of the two"
+            )
+        item_id, text = self.item_id, self.query_text
+        if item_id is not None and item_id not in index:
+            raise DataError(f"unknown catalog id {item_id!r}")
+        if image is not None and self.image:
+            image_features = encode_reference_image(model, image)
+        elif item_id is not None:
+            row = np.array(index.vector(item_id), dtype=np.float32)[: int(index.config["feature_dim"])]
+            image_features = torch.from_numpy(row[None])
+        else:
+            image_features = None
+        reference = resolve_references(model, policy, [item_id], image_features, index.metadata)[0]
+        attributes = reference.attributes or dict(index.metadata.get(item_id, {}) if item_id is not None else {})
+        parts = model.encode_queries(image_features, [text], [reference.description], [reference.attributes])
+        with torch.no_grad():
+            query = model.query_vectors(parts)
+        wanted = {name: [v for v in vals if v] for name, vals in self.filters.items() if any(vals)}
+        if self.same_type:
+            category = attributes.get("category")
+            category = category.get("value") if isinstance(category, Mapping) else category
+            if category:
+                wanted["category"] = [str(category)]
+        exclude = [item_id] if self.exclude_reference and item_id is not None else []
+        end = self.offset + self.k
+        # one extra hit says whether a further page exists
+        vector, wanted_filter = query.float().cpu().numpy(), attribute_filter(wanted, filter)
+        pool = index.config.get("candidates") if self.candidates is None else self.candidates
+        if pool:
+            query_of = RescoreQuery(vector[0], parts)
+            hits = two_stage_search(index, query_of, end + 1, max(pool, end + 1), exclude, wanted_filter, rescorer)
+        else:
+            hits = index.search_vectors(vector, end + 1, exclude, wanted_filter)[0]
+        return SearchResult(
+            hits[self.offset : end],
+            parts.texts[0] if text else "",
+            reference.description,
+            reference.source,
+            attributes,
+            wanted,
+            self.offset,
+            len(hits) > end,
         )

@@ -1,44 +1,24 @@
-"""HTTP search service over a catalog index: ``POST /search``, item metadata and images, health,
-OpenAPI docs at ``/docs`` and the web page at ``/``. Every error is JSON ``{"detail": "..."}``, an
-unexpected one too (500, logged once, answered with ``Connection: close``). Uploads are decoded at
-reduced size within a pixel limit sized to the model's input and an aspect ratio of at most 8:1,
-and at most a few decode and encode at once (503 + Retry-After beyond that); ``/images`` serves
-only image files inside the index's catalog root. Every answer carries nosniff, no-framing and
-content-security-policy headers; a request is answered from one version of the index."""
+"""The HTTP face of :class:`~fashion_cir.serving.service.SearchService`: ``POST /search``, item
+metadata and images, health, OpenAPI docs at ``/docs`` and the web page at ``/``. The routes parse
+HTTP, call the service and map its errors to statuses. Every error is JSON ``{"detail": "..."}``,
+an unexpected one too (500, logged once, answered with ``Connection: close``); bodies over the
+upload limit are 413; every answer carries nosniff, no-framing and content-security-policy headers."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import mimetypes
-import os
-import random
-import re
-import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
-from PIL import Image, UnidentifiedImageError
-
-from ..data.images import (
-    IMAGE_EXTENSIONS,
-    MAX_ASPECT,
-    ImageTooLarge,
-    ImageTooThin,
-    id_problem,
-    open_image,
-    upload_pixel_limit,
-)
-from ..errors import DataError, FashionCIRError
+from ..errors import FashionCIRError
 from ..models.cir import CIRModel
-from ..retrieval.explain import attribute_values, explain, phrase, requested_changes
 from ..retrieval.filters import FilterError
-from ..retrieval.folder import LiveIndex, index_model
-from ..retrieval.query import RequestError, SearchRequest
-from ..retrieval.store import CatalogStore
-from .limits import Busy, ConcurrencyLimit
+from ..retrieval.query import RequestError
+from .service import MB, Limits, SearchService, ServiceError
 
 try:
     from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
@@ -57,8 +37,6 @@ PAGE_POLICY = (
 DOCS_POLICY = "frame-ancestors 'none'"
 DOCS_PATHS = ("/docs", "/redoc")
 SEARCH_FIELDS = ("text", "k", "offset", "id", "image", "filter", "same_type", "similar")  # one value each
-_SERVER_PATH = re.compile(r"(?<![\w.~<>-])/[^\s'\"/:,;()]+(?:/[^\s'\"/:,;()]+)*/?")
-MB = 1 << 20
 log = logging.getLogger(__name__)
 
 
@@ -169,30 +147,6 @@ class InternalErrors(HTTPMiddleware):
             await response(scope, receive, send)
 
 
-def _decode_upload(raw: bytes, max_pixels: int, target_size: int) -> Image.Image:
-    """Decode an uploaded reference image or raise the HTTP error that says what is wrong with it;
-    the pixel limit and the aspect ratio are checked from the header, before the pixels are decoded."""
-    try:
-        return open_image(
-            raw, max_pixels=max_pixels, name="uploaded image", target_size=target_size, max_aspect=MAX_ASPECT
-        )
-    except ImageTooLarge as exc:
-        raise HTTPException(413, str(exc)) from exc
-    except ImageTooThin as exc:
-        raise HTTPException(422, str(exc)) from exc
-    except DataError as exc:
-        cause = exc.__cause__
-        if isinstance(cause, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-            raise HTTPException(
-                413, f"uploaded image has too many pixels: the limit is {max_pixels:,} pixels (width x height)"
-            ) from exc
-        if isinstance(cause, UnidentifiedImageError):
-            raise HTTPException(
-                415, "the uploaded file is not an image this service reads (JPEG, PNG or WebP)"
-            ) from exc
-        raise HTTPException(400, f"the uploaded image is corrupt or truncated ({cause})") from exc
-
-
 def create_app(
     index_folder: str | Path,
     model: CIRModel | str | Path | None = None,
@@ -207,31 +161,37 @@ def create_app(
     search_timeout_s: float = 15.0,
     sample_seed: int | None = None,
 ) -> FastAPI:
-    """The app for ``index_folder``. ``model``: a CIRModel, a model folder, a backbone spec, or
-    None for the zero-shot backbone the index records; its image fingerprint must match the index.
-    ``exclude_reference`` leaves a catalog reference out of its own results (the UI default).
-    The index is followed live: ``fashion-cir index add/upsert/remove`` show up without a restart.
-    ``max_pixels`` (default: 16x the model's input on each side) bounds the pixels an upload
-    decodes to; ``upload_workers`` uploads decode and encode at once, ``upload_queue`` more wait
-    (holding only their raw bytes), and further uploads get 503 + Retry-After.
-    ``search_timeout_s`` is how long the page waits for a search before offering a retry.
-    ``sample_seed`` fixes the page's catalog sample (a ``?seed=N`` in the page's address wins;
-    None: a random sample on each visit)."""
-    cir = index_model(index_folder, model)
-    index = LiveIndex(index_folder, cir)
-    input_size = cir.backbone.image_size
-    max_pixels = max_pixels or upload_pixel_limit(input_size)
-    uploads = ConcurrencyLimit(upload_workers, upload_queue)
+    """The app for ``index_folder``: the routes over a :class:`SearchService` (see
+    :meth:`SearchService.open` for ``model``, and the service for the limits and
+    ``exclude_reference``). The index is followed live: ``fashion-cir index add/upsert/remove``
+    show up without a restart. ``search_timeout_s`` is how long the page waits for a search before
+    offering a retry. ``sample_seed`` fixes the page's catalog sample (a ``?seed=N`` in the page's
+    address wins; None: a random sample on each visit)."""
+    limits = Limits(max_upload_bytes, max_pixels, max_k, max_text_chars)
+    service = SearchService.open(
+        index_folder,
+        model,
+        limits=limits,
+        exclude_reference=exclude_reference,
+        upload_workers=upload_workers,
+        upload_queue=upload_queue,
+    )
+    return search_app(service, search_timeout_s, sample_seed)
+
+
+def search_app(service: SearchService, search_timeout_s: float = 15.0, sample_seed: int | None = None) -> FastAPI:
+    """The FastAPI app over ``service``: parses requests, calls the service, maps its errors."""
+    limits = service.limits
     app = FastAPI(
         title="fashion-cir search",
         version="1",
         description="Composed image retrieval: a reference image (upload or catalog id) plus a "
         "relative caption such as 'is red with long sleeves' -> ranked catalog items.",
     )
-    app.add_middleware(BodyLimit, upload_limit=max_upload_bytes)
+    app.add_middleware(BodyLimit, upload_limit=limits.max_upload_bytes)
     app.add_middleware(InternalErrors)  # outside BodyLimit, whose own exception ends inside it
     app.add_middleware(SecurityHeaders)  # outermost: on every answer, 413s and 500s included
-    app.state.index, app.state.model = index, cir
+    app.state.service, app.state.index, app.state.model = service, service.index, service.model
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -245,44 +205,22 @@ def create_app(
 
     @app.exception_handler(FashionCIRError)
     async def input_error(request: Request, exc: FashionCIRError) -> JSONResponse:
-        return _json_error(400, public(str(exc)))
+        return _json_error(400, service.public(str(exc)))
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError) -> JSONResponse:
-        return _json_error(exc.status, public(str(exc)))
+        return _json_error(exc.status, service.public(str(exc)))
 
     @app.exception_handler(FilterError)
     async def filter_error(request: Request, exc: FilterError) -> JSONResponse:
         return _json_error(422, str(exc))
 
-    def public(message: str) -> str:
-        """``message`` without server paths: the index folder reads ``<index>``, any other ``<path>``."""
-        for folder in sorted({str(index.folder), str(index.folder.resolve())}, key=len, reverse=True):
-            message = message.replace(folder, "<index>")
-        return _SERVER_PATH.sub("<path>", message)
-
-    def item_view(
-        image_id: str, metadata: dict[str, Any], score: float | None = None, rank: int | None = None
-    ) -> dict[str, Any]:
-        """An item as the API shows it; ``metadata`` comes from the same index version as the id."""
-        view: dict[str, Any] = {
-            "id": image_id,
-            "metadata": metadata,
-            "image_url": f"/images/{quote(image_id, safe='')}",
-        }
-        if score is not None:
-            view.update(rank=rank, score=round(score, 5))
-        return view
-
-    def catalog_text(metadata: dict[str, Any]) -> str:
-        return " ".join(str(v) for v in metadata.values()).lower()
-
-    def known(current: CatalogStore, item_id: str) -> str:
-        """``item_id`` when it is in ``current``; ids outside the id grammar never reach the store."""
-        problem = id_problem(item_id)
-        if problem or item_id not in current:
-            raise HTTPException(404, f"unknown item id {item_id!r}" + (f" ({problem})" if problem else ""))
-        return item_id
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        response = _json_error(exc.status, str(exc))
+        if exc.retry_after is not None:
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -292,55 +230,25 @@ def create_app(
 
     @app.get("/health", summary="Service and index status")
     def health() -> dict[str, Any]:
-        current, problem = index.current(), index.problem  # (read once: another request may change it)
-        state = {"status": "degraded", "problem": public(problem)} if problem else {"status": "ok"}
         return {
-            **state,
-            "items": len(current),
-            "backbone": current.config["backbone"],
-            "fingerprint": current.fingerprint,
-            "store": current.store_kind,
-            "factory": current.config["factory"],
-            "candidates": current.config.get("candidates"),  # two-stage search (retrieval/rescore.py)
-            "mmap": bool(getattr(current, "mapped", False)),
-            "filter_fields": current.fields,
-            "query_mode": cir.query_mode,
-            "attribute_heads": cir.attribute_heads is not None,
+            **service.status(),
             "page": {"search_timeout_ms": int(search_timeout_s * 1000), "sample_seed": sample_seed},
-            "limits": {
-                "max_upload_bytes": max_upload_bytes,
-                "max_pixels": max_pixels,
-                "max_k": max_k,
-                "max_text_chars": max_text_chars,
-            },
+            "limits": asdict(limits),
         }
 
     @app.get("/items", summary="Browse the catalog: a random sample, optionally filtered by words (any order)")
     def items(
         n: int = Query(24, ge=1, le=200), seed: int = Query(0), q: str = Query("", max_length=100)
     ) -> dict[str, Any]:
-        records = list(index.current().metadata.items())  # one read of the store, whatever the catalog size
-        words = q.lower().split()
-        matched = [(i, m) for i, m in records if all(word in catalog_text(m) for word in words)]
-        chosen = random.Random(seed).sample(matched, min(n, len(matched)))
-        return {"total": len(records), "matched": len(matched), "items": [item_view(i, m) for i, m in chosen]}
+        return service.browse(n, seed, q)
 
     @app.get("/items/{item_id:path}", summary="Metadata of one catalog item")
     def item(item_id: str) -> dict[str, Any]:
-        current = index.current()
-        return item_view(known(current, item_id), current.metadata.get(item_id, {}))
+        return service.item(item_id)
 
     @app.get("/images/{item_id:path}", summary="The image of one catalog item", response_class=FileResponse)
     def image(item_id: str) -> FileResponse:
-        current = index.current()
-        path = Path(current.paths[known(current, item_id)])
-        root = os.path.normpath(current.config.get("root") or "/nonexistent")
-        if path.suffix.lower() not in IMAGE_EXTENSIONS or not os.path.normpath(path).startswith(
-            root.rstrip(os.sep) + os.sep
-        ):
-            raise HTTPException(404, f"item {item_id!r} has no image file inside the catalog")
-        if not path.is_file():
-            raise HTTPException(404, f"the image file of item {item_id!r} is missing on the server")
+        path = service.image_file(item_id)
         media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         return FileResponse(path, media_type=media_type, headers={"Cache-Control": "public, max-age=3600"})
 
@@ -359,11 +267,15 @@ def create_app(
         dependencies=[Depends(given_once)],
     )
     def search_endpoint(
-        text: str = Form("", max_length=max_text_chars, description="the change, e.g. 'is red with long sleeves'"),
-        k: int = Form(10, ge=1, le=max_k, description="number of results"),
+        text: str = Form(
+            "", max_length=limits.max_text_chars, description="the change, e.g. 'is red with long sleeves'"
+        ),
+        k: int = Form(10, ge=1, le=limits.max_k, description="number of results"),
         offset: int = Form(0, ge=0, le=10_000, description="results to skip (load more)"),
         id: str | None = Form(None, description="a catalog item id as the reference"),
-        image: UploadFile | None = File(None, description=f"a reference image (at most {max_upload_bytes // MB} MB)"),
+        image: UploadFile | None = File(
+            None, description=f"a reference image (at most {limits.max_upload_bytes // MB} MB)"
+        ),
         filter: str = Form(
             "", max_length=2000, description='metadata filter, e.g. category == "dress" and color != "black"'
         ),
@@ -372,74 +284,21 @@ def create_app(
         same_type: bool = Form(False, description="keep only the reference's category (predicted for an upload)"),
         similar: bool = Form(False, description="more like this: the reference image alone, no text"),
     ) -> dict[str, Any]:
-        has_upload = image is not None and bool(image.filename or image.size)
-        request = SearchRequest(
+        upload = image if image is not None and (image.filename or image.size) else None
+        request = service.request(
             text=text,
             k=k,
             offset=offset,
             item_id=id or None,
-            image=has_upload,
+            image=upload is not None,
             filter=filter,
-            category=category,
-            color=color,
+            filters={"category": category, "color": color},
             same_type=same_type,
             similar=similar,
-            exclude_reference=exclude_reference,
-            reference_required=True,
-            text_required=True,
-            max_text_chars=max_text_chars,
         )
-        current = index.current()
-        parsed = request.parsed_filter(current.fields)
-        reference = None
-        if has_upload:
-            raw = image.file.read(max_upload_bytes + 1)
-            if len(raw) > max_upload_bytes:
-                raise HTTPException(413, f"uploaded image is larger than the limit of {max_upload_bytes / MB:.1f} MB")
-            if not raw:
-                raise HTTPException(400, "uploaded image is empty")
-        else:
-            known(current, request.item_id)
-        start = time.perf_counter()
-        try:
-            with uploads.slot() if has_upload else contextlib.nullcontext():
-                if has_upload:
-                    reference = _decode_upload(raw, max_pixels, input_size)
-                result = request.run(cir, current, reference, parsed)
-        except Busy:
-            raise HTTPException(
-                503,
-                f"too many uploads are being processed ({uploads.workers} at once, "
-                f"{uploads.queue} waiting); retry in a moment",
-                headers={"Retry-After": "1"},
-            ) from None
-        took = round((time.perf_counter() - start) * 1000, 2)
-        requested = requested_changes(result.query_text and request.text)
-        reference_values = attribute_values(result.reference_attributes)
-        results = []
-        for rank, hit in enumerate(result.hits, offset + 1):
-            view = item_view(hit.id, hit.metadata, hit.score, rank)  # not the live index's: it may have changed
-            view["match"] = explain(requested, reference_values, hit.metadata)
-            results.append(view)
-        if has_upload:
-            reference_view: dict[str, Any] = {"id": None, "upload": image.filename}
-        else:
-            reference_view = item_view(request.item_id, current.metadata.get(request.item_id, {}))
-        return {
-            "reference": reference_view,
-            "reference_attributes": result.reference_attributes,
-            "prompt": {"source": result.prompt_source, "description": result.description},
-            "text": request.query_text,
-            "query_text": result.query_text,
-            "requested": {name: phrase(name, value) for name, value in requested.items()},
-            "filter": filter.strip() or None,
-            "filters": result.filters,
-            "k": k,
-            "offset": offset,
-            "more": result.more,
-            "took_ms": took,
-            "results": results,
-        }
+        if upload is None:
+            return service.search(request)
+        return service.search(request, upload.file.read(limits.max_upload_bytes + 1), upload.filename)
 
     return app
 

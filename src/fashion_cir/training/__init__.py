@@ -5,8 +5,7 @@ static-representation bank negatives), their losses and configs; recipes run the
 from .config import Stage1Config, Stage2Config, TrainConfig
 from .loop import TrainingStopped
 from .losses import BankInfoNCELoss, InBatchContrastiveLoss, duplicate_groups
-from .stage1 import train_stage1
-from .stage2 import train_stage2
+from .stages import train_stage
 
 __all__ = [
     "Stage1Config",
@@ -16,6 +15,5 @@ __all__ = [
     "InBatchContrastiveLoss",
     "duplicate_groups",
     "TrainingStopped",
-    "train_stage1",
-    "train_stage2",
+    "train_stage",
 ]

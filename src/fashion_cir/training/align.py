@@ -10,6 +10,7 @@ import io
 import random
 import time
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -106,7 +107,8 @@ def align_offline_backbone(
         ):
             from ..models.factory import create_backbone
 
-            return create_backbone(f"offline:{out_dir}"), {**previous, "reused": True}
+            aligned = cast(OfflineBackbone, create_backbone(f"offline:{out_dir}"))  # an offline: spec builds one
+            return aligned, {**previous, "reused": True}
     started = time.perf_counter()
     towers = OfflineBackbone(dim=config.dim, seed=config.seed, project=False, towers=choice).eval()
     splits = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.captions import join_captions_train, sentence_query
 from ..data.images import open_image
 from ..data.triplets import Triplet
+from ..errors import FashionCIRError
 from ..language.changes import read_changes
 from ..models.cir import CIRModel
 from .distributed import DistContext
@@ -33,6 +35,34 @@ def order_pools(triplets: list[Triplet]) -> tuple[list[Triplet], int]:
     """Annotated triplets first, then generated ones; returns the list and the annotated count."""
     annotated = [t for t in triplets if not is_generated(t)]
     return annotated + [t for t in triplets if is_generated(t)], len(annotated)
+
+
+@dataclass
+class TrainingTriplets:
+    """A stage's usable triplets, annotated first, and how many global batches an epoch has."""
+
+    triplets: list[Triplet]
+    n_annotated: int
+    skipped: int  # of the given triplets, those left out (an image missing or unreadable)
+    steps: int
+
+    @property
+    def n_generated(self) -> int:
+        return len(self.triplets) - self.n_annotated
+
+
+def training_triplets(stage: str, usable: list[Triplet], given: int, config: Any) -> TrainingTriplets:
+    """``usable`` (of ``given`` triplets) ordered into pools and counted in batches of ``config``
+    (``batch_size``, ``annotated_ratio``, ``seed``); FashionCIRError when they fill no batch."""
+    triplets, n_annotated = order_pools(usable)
+    batches = epoch_batches(
+        n_annotated, len(triplets) - n_annotated, config.batch_size, config.annotated_ratio, config.seed, 0
+    )
+    if not batches:
+        raise FashionCIRError(
+            f"{stage}: {len(triplets)} usable training triplets, fewer than one batch of {config.batch_size}"
+        )
+    return TrainingTriplets(triplets, n_annotated, given - len(triplets), len(batches))
 
 
 def epoch_batches(
@@ -121,7 +151,7 @@ class TripletExamples(Dataset):
         prompt = triplet.reference_prompt or (record or {}).get("description")
         pool = [h for h in dict.fromkeys(triplet.hard_negatives) if h in self.image_paths and h != triplet.target]
         hard = rng.sample(pool, min(self.hard_negatives, len(pool)))
-        example = {
+        example: dict[str, Any] = {
             "text": self.model.query_text(caption, prompt),
             "reference": triplet.candidate,
             "target": triplet.target,
@@ -134,7 +164,7 @@ class TripletExamples(Dataset):
         if self.load_pixels:
             preprocess = self.model.backbone.preprocess
             example["pixels"] = [
-                preprocess(open_image(self.image_paths[i])) for i in [triplet.candidate, triplet.target, *hard]
+                preprocess(open_image(self.image_paths[i])) for i in [triplet.candidate, str(triplet.target), *hard]
             ]
         return example
 

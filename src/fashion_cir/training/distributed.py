@@ -97,6 +97,8 @@ def shared_image_features(
         dist.broadcast_object_list(box, src=0)
         ids, width = box[0]
         if table is None:
-            table = torch.empty(len(ids), width, device=ctx.device)
+            table = torch.empty(len(ids), width or 0, device=ctx.device)
         dist.broadcast(table, src=0)
+    if table is None:  # only rank 0 encodes; with one process it is rank 0
+        raise RuntimeError("image features were neither encoded nor received")
     return ids, table

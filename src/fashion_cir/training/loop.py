@@ -12,9 +12,10 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..data.triplets import Triplet
 from ..errors import FashionCIRError
 from ..evaluation.evaluator import Evaluator, Selection
 from ..features.cache import FeatureCache
@@ -29,6 +31,7 @@ from ..io import append_jsonl, atomic_write_bytes, atomic_write_text, write_json
 from ..models.cir import CIRModel
 from ..progress import Progress
 from .config import RESUMABLE_FIELDS, TrainConfig
+from .data import Collate, TrainingTriplets, TripletExamples, epoch_loader
 from .distributed import DistContext, mean_over_ranks, setup_distributed
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -61,7 +64,9 @@ def start_stage(config: TrainConfig, out_dir: str | Path) -> tuple[DistContext, 
 
 def rng_state() -> dict:
     """Every RNG's state in types ``torch.load(weights_only=True)`` reads (no pickled numpy arrays)."""
-    kind, keys, position, has_gauss, cached = np.random.get_state()
+    # the legacy state is this tuple (numpy's stubs type it as tuple or dict)
+    legacy = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
+    kind, keys, position, has_gauss, cached = legacy
     state = {
         "python": random.getstate(),
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)],
@@ -164,7 +169,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
         if run.ctx.world_size > 1:
             ids = [run.ctx.device.index] if run.ctx.device.type == "cuda" else None
-            self.module = DistributedDataParallel(run.step_module, device_ids=ids, broadcast_buffers=False)
+            self.module: nn.Module = DistributedDataParallel(run.step_module, device_ids=ids, broadcast_buffers=False)
         else:
             self.module = run.step_module
         self.progress = Position()
@@ -179,7 +184,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         ctx = self.run.ctx
-        states = [None] * ctx.world_size
+        states: list[Any] = [None] * ctx.world_size
         if ctx.world_size > 1:
             dist.all_gather_object(states, rng_state())
         else:
@@ -294,7 +299,7 @@ class Trainer:
         )
         if not resumed:  # the starting point of the validation curve (the start model's scores: cached)
             report, metric = self.validate()
-            if report is not None:
+            if report is not None and metric is not None:
                 self.log({"epoch": -1, "step": 0, "val": report, "selection_metric": metric, "before_training": True})
                 self.report_validation("before training", report, metric, False)
         bar = Progress(
@@ -350,7 +355,9 @@ class Trainer:
         for micro in range(cfg.grad_accum_steps):
             batch = next(batches)
             last = micro == cfg.grad_accum_steps - 1
-            sync = contextlib.nullcontext() if last or ctx.world_size == 1 else self.module.no_sync()
+            # with several ranks the module is the DistributedDataParallel wrapper
+            ddp = cast(DistributedDataParallel, self.module)
+            sync = contextlib.nullcontext() if last or ctx.world_size == 1 else ddp.no_sync()
             with sync:
                 with autocast():
                     loss, report = self.module(batch)
@@ -391,7 +398,7 @@ class Trainer:
             )
         if improved:
             self.progress.best_metric = metric
-        if report is not None:
+        if report is not None and metric is not None:
             self.log(
                 {
                     "epoch": self.progress.epoch,
@@ -412,3 +419,57 @@ class Trainer:
         self.progress.epoch += 1
         self.progress.step = 0
         self.save_checkpoint()
+
+
+@dataclass
+class StageStart:
+    """What a stage starts from: the model, the given triplets, their images and catalog records
+    (descriptions, attributes), the processes it runs on and its output folder."""
+
+    model: CIRModel
+    triplets: list[Triplet]
+    image_paths: dict[str, Path]
+    records: Mapping[str, Mapping[str, Any]] | None
+    ctx: DistContext
+    out_dir: Path
+
+
+@dataclass
+class StageSetup:
+    """What a stage trains: ``step_module`` on ``plan``'s triplets as ``examples`` (dataset,
+    collate) read them; ``summary`` holds the stage's own figures."""
+
+    name: str
+    step_module: nn.Module
+    plan: TrainingTriplets
+    examples: tuple[TripletExamples, Collate]
+    image_encoder_trains: bool
+    summary: dict
+
+
+def fit_stage(config: TrainConfig, start: StageStart, setup: StageSetup, evaluator: Evaluator | None) -> CIRModel:
+    """Train a stage set up from ``start`` with a :class:`Trainer`; the run's summary starts with
+    the triplet counts and ends with the model's query mode and text template, the stage's own
+    figures in between."""
+    plan, model = setup.plan, start.model
+    run = StageRun(
+        setup.name,
+        config,
+        model,
+        setup.step_module,
+        epoch_loader(*setup.examples, plan.n_annotated, plan.n_generated, config, start.ctx),
+        plan.steps,
+        evaluator,
+        start.out_dir,
+        start.ctx,
+        setup.image_encoder_trains,
+        {
+            "annotated_triplets": plan.n_annotated,
+            "generated_triplets": plan.n_generated,
+            "skipped_triplets": plan.skipped,
+            **setup.summary,
+            "query_mode": model.query_mode,
+            "text_template": model.text_template,
+        },
+    )
+    return Trainer(run).fit()

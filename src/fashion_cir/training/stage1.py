@@ -8,27 +8,22 @@ only its head trains (``offline+blocksN``), the cached trunk features go through
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..data.images import readable_images
-from ..data.triplets import Triplet
-from ..errors import FashionCIRError
-from ..evaluation.evaluator import Evaluator
 from ..features.cache import FeatureCache
 from ..models.cir import CIRModel
 from ..models.fusion import QueryParts
 from ..models.sentence_encoder import mean_pool
 from ..retrieval.policy import item_parts
 from .config import Stage1Config
-from .data import Collate, TripletExamples, epoch_batches, epoch_loader, order_pools
+from .data import Collate, TripletExamples, training_triplets
 from .distributed import DistContext, gather_with_local_grad, shared_image_features
-from .loop import StageRun, Trainer, start_stage
+from .loop import StageSetup, StageStart
 from .losses import InBatchContrastiveLoss
 
 ENCODER_CHOICES = {"text": ["text"], "image": ["image"], "both": ["image", "text"]}
@@ -56,7 +51,7 @@ def query_parts(
     matcher = model.matcher
     parts = QueryParts(reference, None, attributes=batch.get("attributes"))
     if model.shares_text:
-        pooled = mean_pool(model.backbone.text_tower, batch["tokens"])
+        pooled = mean_pool(cast(nn.Module, model.backbone.text_tower), batch["tokens"])  # shares_text: it has one
         parts.text, parts.prompt = model.backbone.project_text(pooled), F.normalize(pooled, dim=-1)
     else:
         parts.text = model.backbone.encode_texts(batch["tokens"])
@@ -72,6 +67,9 @@ def query_parts(
 class ItemTables(nn.Module):
     """The item side of the images training touches (rows = integer image ids): description
     features and attribute one-hots, as the model reads items."""
+
+    descriptions: torch.Tensor | None
+    attributes: torch.Tensor | None
 
     def __init__(self, descriptions: torch.Tensor | None, attributes: torch.Tensor | None):
         super().__init__()
@@ -91,6 +89,8 @@ class ItemTables(nn.Module):
 class Stage1Step(nn.Module):
     """One micro-batch -> (loss * world_size for backward, loss). Image features come from
     ``image_table`` (rows = integer image ids) when given, else from the pixels in the batch."""
+
+    image_table: torch.Tensor | None
 
     def __init__(
         self,
@@ -115,9 +115,11 @@ class Stage1Step(nn.Module):
         if self.image_table is not None:
             ids = [batch["reference_ids"], batch["target_ids"], batch["hard_ids"].clamp(min=0)]
             if not self.table_is_trunk:
-                return tuple(self.image_table[i] for i in ids)
+                reference, target, hard = (self.image_table[i] for i in ids)
+                return reference, target, hard
             features = self.model.backbone.image_head(self.image_table[torch.cat(ids)])
-            return tuple(features.split([len(i) for i in ids]))
+            reference, target, hard = features.split([len(i) for i in ids])
+            return reference, target, hard
         b = len(batch["target_ids"])
         features = self.model.backbone.encode_images(batch["pixels"])
         valid = (batch["hard_ids"] >= 0).nonzero().squeeze(1)
@@ -140,23 +142,15 @@ class Stage1Step(nn.Module):
         return loss * self.ctx.world_size, loss.detach()
 
 
-def train_stage1(
-    config: Stage1Config,
-    model: CIRModel,
-    train_triplets: list[Triplet],
-    image_paths: dict[str, Path],
-    evaluator: Evaluator | None,
-    records: Mapping[str, Mapping[str, Any]] | None,
-    out_dir: str | Path,
-) -> CIRModel:
-    """Fine-tune ``model`` on ``train_triplets`` (annotated and generated, told apart by the
-    generator's ``source`` field and mixed per ``config.annotated_ratio``); ``image_paths`` must hold
-    every reference, target and hard-negative image. Validates each epoch on ``val_sets``, keeps
-    ``<out>/best``, checkpoints to ``<out>/checkpoint.pt`` (resumed automatically) and writes the final
-    model to ``<out>/model``. Works under torchrun (DDP). Returns the trained model (final weights)."""
-    ctx, out_dir = start_stage(config, out_dir)
+def prepare_stage1(config: Stage1Config, start: StageStart) -> StageSetup:
+    """Stage 1 (see :func:`fashion_cir.training.stages.train_stage`): the given triplets mixed per
+    ``config.annotated_ratio`` (annotated and generated, told apart by the generator's ``source``
+    field), in-batch negatives plus hard negatives; ``start.image_paths`` must hold every reference,
+    target and hard-negative image. The image encoder trains from pixels, from the cached trunk
+    features (only its head trains) or not at all, as ``config.encoders`` and the backbone allow."""
+    model, image_paths, records, ctx, out_dir = start.model, start.image_paths, start.records, start.ctx, start.out_dir
+    train_triplets = start.triplets
     usable = [t for t in train_triplets if t.candidate in image_paths and t.target in image_paths]
-    triplets, n_annotated = order_pools(usable)
     encoders = ENCODER_CHOICES[config.encoders]
     set_trainable(model, encoders, config.last_n_blocks, config.train_combiner, config.train_matcher)
     model.to(ctx.device)
@@ -166,13 +160,12 @@ def train_stage1(
     load_pixels = "image" in encoders and not from_trunk
     unreadable: list[str] = []
     if load_pixels:  # the loader decodes images at every step: leave out unreadable ones now, not mid-epoch
-        needed = {i for t in triplets for i in (t.candidate, t.target, *t.hard_negatives) if i in image_paths}
+        needed = {i for t in usable for i in (t.candidate, t.target, *t.hard_negatives) if i in image_paths}
         image_paths, unreadable = readable_images({i: image_paths[i] for i in image_paths if i in needed})
         usable = [t for t in usable if t.candidate in image_paths and t.target in image_paths]
-        triplets, n_annotated = order_pools(usable)
         image_index = {image_id: i for i, image_id in enumerate(image_paths)}
     if not load_pixels:  # frozen image encoder (or only its head trains): encode every image the triplets use once
-        needed = {i for t in triplets for i in (t.candidate, t.target, *t.hard_negatives) if i in image_paths}
+        needed = {i for t in usable for i in (t.candidate, t.target, *t.hard_negatives) if i in image_paths}
         cache = FeatureCache(config.cache_dir or out_dir / "cache")
         ids, features = shared_image_features(
             model.backbone,
@@ -186,18 +179,11 @@ def train_stage1(
         )
         image_index = {image_id: i for i, image_id in enumerate(ids)}
         table = features
-        triplets, n_annotated = order_pools(
-            [t for t in usable if t.candidate in image_index and t.target in image_index]
-        )
-    n_generated = len(triplets) - n_annotated
-    steps = len(epoch_batches(n_annotated, n_generated, config.batch_size, config.annotated_ratio, config.seed, 0))
-    if steps == 0:
-        raise FashionCIRError(
-            f"stage1: {len(triplets)} usable training triplets, fewer than one batch of {config.batch_size}"
-        )
+        usable = [t for t in usable if t.candidate in image_index and t.target in image_index]
+    plan = training_triplets("stage1", usable, len(train_triplets), config)
     valid_paths = {i: image_paths[i] for i in image_index}
     dataset = TripletExamples(
-        model, triplets, valid_paths, records, config.seed, config.hard_negatives_per_query, load_pixels
+        model, plan.triplets, valid_paths, records, config.seed, config.hard_negatives_per_query, load_pixels
     )
     collate = Collate(model, image_index, config.hard_negatives_per_query)
     tables = ItemTables(*item_parts(model, list(image_index), records, config.cache_dir or out_dir / "cache"))
@@ -210,29 +196,8 @@ def train_stage1(
         tables,
         table_is_trunk=from_trunk,
     )
-
-    run = StageRun(
-        "stage1",
-        config,
-        model,
-        step_module,
-        epoch_loader(dataset, collate, n_annotated, n_generated, config, ctx),
-        steps,
-        evaluator,
-        out_dir,
-        ctx,
-        image_encoder_trains=load_pixels,
-        summary={
-            "annotated_triplets": n_annotated,
-            "generated_triplets": n_generated,
-            "skipped_triplets": len(train_triplets) - len(triplets),
-            "unreadable_images": len(unreadable),
-            "query_mode": model.query_mode,
-            "text_template": model.text_template,
-            "encoders": encoders,
-            "image_features": (
-                "pixels" if load_pixels else "feature cache (trunk; head trained)" if from_trunk else "feature cache"
-            ),
-        },
+    image_features = (
+        "pixels" if load_pixels else "feature cache (trunk; head trained)" if from_trunk else "feature cache"
     )
-    return Trainer(run).fit()
+    summary = {"unreadable_images": len(unreadable), "encoders": encoders, "image_features": image_features}
+    return StageSetup("stage1", step_module, plan, (dataset, collate), load_pixels, summary)

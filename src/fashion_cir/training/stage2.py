@@ -13,16 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.triplets import Triplet
 from ..errors import FashionCIRError
-from ..evaluation.evaluator import Evaluator
 from ..features.cache import FeatureCache
 from ..models.cir import CIRModel
 from ..retrieval.policy import item_parts
 from .config import Stage2Config
-from .data import Collate, TripletExamples, epoch_batches, epoch_loader, order_pools
+from .data import Collate, TripletExamples, training_triplets
 from .distributed import shared_image_features
-from .loop import StageRun, Trainer, start_stage
+from .loop import StageSetup, StageStart
 from .losses import BankInfoNCELoss, duplicate_groups
 from .stage1 import ItemTables, query_parts, set_trainable
 
@@ -31,6 +29,10 @@ class StaticBank(nn.Module):
     """The catalog from the frozen encoders: image features ``raw`` [N, d] (references are composed
     from these, as at evaluation), the item side ``tables`` (descriptions, attributes), the item
     vectors ``items`` and duplicate ``groups`` (identical image rows)."""
+
+    raw: torch.Tensor
+    items: torch.Tensor
+    groups: torch.Tensor
 
     def __init__(self, model: CIRModel, ids: list[str], raw: torch.Tensor, tables: ItemTables | None = None):
         super().__init__()
@@ -85,19 +87,12 @@ def build_bank(
     return StaticBank(model, ids, features.float(), ItemTables(*item_parts(model, ids, records, cache.root)))
 
 
-def train_stage2(
-    config: Stage2Config,
-    model: CIRModel,
-    train_triplets: list[Triplet],
-    image_paths: dict[str, Path],
-    evaluator: Evaluator | None,
-    records: Mapping[str, Mapping[str, Any]] | None,
-    out_dir: str | Path,
-) -> CIRModel:
-    """Train the text encoder (``encoders='text'``) and/or Combiner of ``model`` (normally the stage-1
-    model) against a static bank of every image in ``image_paths`` (the training catalog). Same
-    outputs, checkpoints, resume and torchrun support as :func:`train_stage1`."""
-    ctx, out_dir = start_stage(config, out_dir)
+def prepare_stage2(config: Stage2Config, start: StageStart) -> StageSetup:
+    """Stage 2 (see :func:`fashion_cir.training.stages.train_stage`): the text encoder
+    (``encoders='text'``) and/or Combiner of the model (normally the stage-1 model) against a static
+    bank of every image in ``start.image_paths`` (the training catalog)."""
+    model, image_paths, records, ctx, out_dir = start.model, start.image_paths, start.records, start.ctx, start.out_dir
+    train_triplets = start.triplets
     set_trainable(
         model,
         ["text"] if config.encoders == "text" else [],
@@ -107,40 +102,15 @@ def train_stage2(
     )
     model.to(ctx.device)
     bank = build_bank(model, image_paths, FeatureCache(config.cache_dir or out_dir / "cache"), config, ctx, records)
-    triplets, n_annotated = order_pools(
-        [t for t in train_triplets if t.candidate in bank.index and t.target in bank.index]
-    )
-    n_generated = len(triplets) - n_annotated
-    steps = len(epoch_batches(n_annotated, n_generated, config.batch_size, config.annotated_ratio, config.seed, 0))
-    if steps == 0:
-        raise FashionCIRError(
-            f"stage2: {len(triplets)} usable training triplets, fewer than one batch of {config.batch_size}"
-        )
+    usable = [t for t in train_triplets if t.candidate in bank.index and t.target in bank.index]
+    plan = training_triplets("stage2", usable, len(train_triplets), config)
     hard = config.hard_negatives_per_query
-    dataset = TripletExamples(model, triplets, {i: image_paths[i] for i in bank.ids}, records, config.seed, hard)
+    dataset = TripletExamples(model, plan.triplets, {i: image_paths[i] for i in bank.ids}, records, config.seed, hard)
     collate = Collate(model, bank.index, hard)
     step_module = Stage2Step(model, bank, BankInfoNCELoss(config.temperature, config.hard_negative_weight))
-
-    run = StageRun(
-        "stage2",
-        config,
-        model,
-        step_module,
-        epoch_loader(dataset, collate, n_annotated, n_generated, config, ctx),
-        steps,
-        evaluator,
-        out_dir,
-        ctx,
-        image_encoder_trains=False,
-        summary={
-            "annotated_triplets": n_annotated,
-            "generated_triplets": n_generated,
-            "skipped_triplets": len(train_triplets) - len(triplets),
-            "bank_size": len(bank.ids),
-            "bank_duplicate_rows": bank.duplicates,
-            "negatives_per_query": len(bank.ids) - 1,
-            "query_mode": model.query_mode,
-            "text_template": model.text_template,
-        },
-    )
-    return Trainer(run).fit()
+    summary = {
+        "bank_size": len(bank.ids),
+        "bank_duplicate_rows": bank.duplicates,
+        "negatives_per_query": len(bank.ids) - 1,
+    }
+    return StageSetup("stage2", step_module, plan, (dataset, collate), False, summary)

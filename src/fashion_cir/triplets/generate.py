@@ -8,6 +8,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -36,7 +37,8 @@ def _pool(
     if len(set(ids)) != len(ids):
         raise DataError("ids contain duplicates")
     train = set(train_ids) if train_ids is not None else None
-    rows, skipped = [], Counter()
+    rows: list[int] = []
+    skipped: Counter[str] = Counter()
     for row, image_id in enumerate(ids):
         if train is not None and image_id not in train:
             skipped["not_in_train"] += 1
@@ -76,7 +78,7 @@ def generate_triplets(
     table = AttributeTable.build(records, config.compared_attributes, config.vocabulary)
     pairs, mining_stats = mine_pairs(pool, table, config)
     rng = random.Random(config.seed)
-    triplets = []
+    triplets: list[dict[str, Any]] = []
     for pair in pairs:
         reference, target = records[pair.reference], records[pair.target]
         changes = {name: [reference[name], target[name]] for name in pair.changed}
@@ -85,7 +87,9 @@ def generate_triplets(
             {
                 "candidate": pool_ids[pair.reference],
                 "target": pool_ids[pair.target],
-                "captions": relative_captions(reference, target, {k: tuple(v) for k, v in changes.items()}, rng),
+                "captions": relative_captions(
+                    reference, target, {k: (old, new) for k, (old, new) in changes.items()}, rng
+                ),
                 "reference_prompt": reference.description,
                 "target_prompt": target.description,
                 "changes": changes,

@@ -7,106 +7,34 @@ Values without a phrase here (a custom vocabulary) are described by their vocabu
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 from ..captioning.schema import Attributes
+from ..language.lexicon import LENGTH_ORDER, SLEEVE_ORDER
 
 PLURAL_CATEGORIES = {"pants", "shorts", "shoes"}
-NOUNS = {
-    "t-shirt": ["t-shirt", "tee"],
-    "longsleeve": ["long-sleeve top", "long-sleeved tee"],
-    "shirt": ["shirt", "button-down shirt"],
-    "polo": ["polo shirt", "polo"],
-    "blouse": ["blouse"],
-    "top": ["top"],
-    "undershirt": ["undershirt", "vest top"],
-    "dress": ["dress"],
-    "skirt": ["skirt"],
-    "pants": ["pants", "trousers"],
-    "shorts": ["shorts"],
-    "outwear": ["jacket", "coat"],
-    "blazer": ["blazer"],
-    "hoodie": ["hoodie"],
-    "sweater": ["sweater", "jumper", "pullover"],
-    "hat": ["hat"],
-    "shoes": ["shoes"],
-    "body": ["bodysuit", "onesie"],
-    "bag": ["bag"],
-    "other": ["piece"],
-}
-COLORS = {
-    "grey": ["grey", "gray"],
-    "navy": ["navy", "navy blue", "dark blue"],
-    "light blue": ["light blue", "pale blue", "sky blue"],
-    "multicolor": ["multicolored", "colorful"],
-    "olive": ["olive", "olive green"],
-}
-PATTERN_ADJ = {
-    "solid": ["solid", "plain"],
-    "striped": ["striped"],
-    "checked": ["checked", "plaid"],
-    "floral": ["floral"],
-    "dotted": ["polka dot", "dotted"],
-    "camouflage": ["camouflage", "camo"],
-    "animal print": ["animal print"],
-    "other": ["patterned"],
-}
-PATTERN_NOUN = {
-    "striped": ["stripes"],
-    "checked": ["a check pattern", "a plaid pattern"],
-    "floral": ["a floral print", "flowers"],
-    "dotted": ["polka dots", "dots"],
-    "graphic print": ["a graphic print", "a printed graphic", "a graphic"],
-    "text print": ["lettering", "a text print", "writing"],
-    "camouflage": ["a camouflage pattern", "a camo print"],
-    "animal print": ["an animal print"],
-    "other": ["a pattern"],
-}
-SLEEVE_ADJ = {
-    "sleeveless": ["sleeveless"],
-    "short": ["short-sleeved"],
-    "three-quarter": ["three-quarter sleeved"],
-    "long": ["long-sleeved"],
-}
-SLEEVE_NOUN = {
-    "sleeveless": ["no sleeves"],
-    "short": ["short sleeves"],
-    "three-quarter": ["three-quarter sleeves"],
-    "long": ["long sleeves"],
-}
-SLEEVE_ORDER = ["sleeveless", "short", "three-quarter", "long"]
-NECK_NOUN = {
-    "crew": ["a crew neck", "a round neck"],
-    "v-neck": ["a v-neck", "a v neck"],
-    "collar": ["a collar"],
-    "hood": ["a hood"],
-    "turtleneck": ["a turtleneck", "a high neck"],
-    "scoop": ["a scoop neck"],
-    "strapless": ["no straps"],
-}
-LENGTH_ADJ = {
-    "cropped": ["cropped"],
-    "hip": ["hip length"],
-    "thigh": ["thigh length", "mini length"],
-    "knee": ["knee length"],
-    "midi": ["midi length"],
-    "ankle": ["ankle length"],
-    "full": ["full length", "floor length"],
-}
-LENGTH_ORDER = ["cropped", "hip", "thigh", "knee", "midi", "ankle", "full"]
-MATERIAL_ADJ = {
-    "knit": ["knitted", "knit"],
-    "wool": ["wool", "woolen"],
-    "puffer": ["quilted", "padded"],
-    "satin": ["satin", "shiny satin"],
-}
+# value -> the words a caption may use for it, per table (data: ``wording.json``, read once)
+WORDING: dict[str, dict[str, list[str]]] = json.loads((Path(__file__).parent / "wording.json").read_text("utf-8"))
+NOUNS = WORDING["nouns"]
+COLORS = WORDING["colors"]
+PATTERN_ADJ = WORDING["pattern_adjectives"]
+PATTERN_NOUN = WORDING["pattern_nouns"]
+SLEEVE_ADJ = WORDING["sleeve_adjectives"]
+SLEEVE_NOUN = WORDING["sleeve_nouns"]
+NECK_NOUN = WORDING["neckline_nouns"]
+LENGTH_ADJ = WORDING["length_adjectives"]
+MATERIAL_ADJ = WORDING["material_adjectives"]
+CLOSURE_NOUN = WORDING["closure_nouns"]
 MADE_OF = {"denim", "cotton", "leather", "fleece", "wool", "lace", "satin"}
-CLOSURE_NOUN = {"zip": ["a zipper", "a zip front"], "buttons": ["buttons", "a button front"], "laces": ["laces"]}
 CONTRAST = ["instead of", "rather than"]
+Changes = dict[str, tuple[str | None, str | None]]  # attribute -> (reference value, target value)
 
 
-def _pick(table: dict[str, list[str]], value: str, rng: random.Random) -> str:
-    return rng.choice(table.get(value, [value]))
+def _pick(table: dict[str, list[str]], value: str | None, rng: random.Random) -> str:
+    """One of the words for ``value`` (the value itself when the table has none)."""
+    return rng.choice(table.get(str(value), [str(value)]))
 
 
 def _bare(noun: str) -> str:
@@ -211,13 +139,13 @@ def _clause(name: str, old: str | None, new: str | None, target: Attributes, s: 
             options.append(f"{s.have} {longer} sleeves")
         return rng.choice(options)
     if name == "neckline":
-        t = None if new == "strapless" else _pick(NECK_NOUN, new, rng)
-        if t is None:
+        neck = None if new == "strapless" else _pick(NECK_NOUN, new, rng)
+        if neck is None:
             return f"{s.be} strapless"
         if old == "strapless":
-            return rng.choice([f"{s.have} {t}", f"{s.have} {t} instead of being strapless"])
+            return rng.choice([f"{s.have} {neck}", f"{s.have} {neck} instead of being strapless"])
         f = _pick(NECK_NOUN, old, rng)
-        return _have_instead(s, t, f, contrast, rng, f"{s.have} {t} and no {_bare(f)}")
+        return _have_instead(s, neck, f, contrast, rng, f"{s.have} {neck} and no {_bare(f)}")
     if name == "length":
         if new in LENGTH_ORDER and old in LENGTH_ORDER:
             longer = "longer" if LENGTH_ORDER.index(new) > LENGTH_ORDER.index(old) else "shorter"
@@ -269,7 +197,7 @@ def _join(clauses: list[str], rng: random.Random) -> str:
     return ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def _noun_phrase(item: Attributes, changes: dict, rng: random.Random, only_changed: bool = False) -> str:
+def _noun_phrase(item: Attributes, changes: Changes, rng: random.Random, only_changed: bool = False) -> str:
     """ "a red striped long-sleeved polo shirt": every changed attribute of ``item`` that has a positive
     adjective, plus (unless ``only_changed``) a random few unchanged ones; wildcards never appear."""
 
@@ -304,9 +232,7 @@ def _expressed_by_noun_phrase(name: str, item: Attributes) -> bool:
     }.get(name, False)
 
 
-def relative_captions(
-    reference: Attributes, target: Attributes, changes: dict[str, tuple], rng: random.Random
-) -> list[str]:
+def relative_captions(reference: Attributes, target: Attributes, changes: Changes, rng: random.Random) -> list[str]:
     """Two different captions for reference -> target; the first states every change."""
     s = _Subject(target)
     names = list(changes)

@@ -26,13 +26,13 @@ class AttributeTable:
         codes = np.full((len(records), len(attributes)), WILDCARD, dtype=np.int16)
         for a, name in enumerate(attributes):
             spec = vocab.attributes[name]
-            index = {v: k for k, v in enumerate((*spec.values, None))}
+            index: dict[str | None, int] = {v: k for k, v in enumerate((*spec.values, None))}
             for i, record in enumerate(records):
                 value = record[name]
                 if not vocab.is_wildcard(name, value):
                     codes[i, a] = index[value]
         categories = vocab.attributes["category"].values
-        group_of = {c: vocab.category_group(c) for c in categories}
+        group_of: dict[str | None, int | None] = {c: vocab.category_group(c) for c in categories}
         groups = np.array(
             [
                 g if (g := group_of[r["category"]]) is not None else len(categories) + categories.index(r["category"])
