@@ -31,6 +31,12 @@ from fashion_cir.language.changes import read_changes, tokens
         ),
         ("is shorter with short sleeves", {"sleeves": ["short"]}, {}, {"length": "<"}),
         ("is darker blue and longer", {"color": ["navy"]}, {}, {"length": ">"}),
+        ("same but darker", {}, {}, {"color": "<"}),
+        ("lighter and shorter", {}, {}, {"color": ">", "length": "<"}),
+        ("paler with no print", {"pattern": ["solid"]}, {"pattern": ["graphic print"]}, {"color": ">"}),
+        ("has longer sleeves", {}, {}, {"sleeves": ">"}),
+        ("shorter sleeved and longer", {}, {}, {"sleeves": "<", "length": ">"}),
+        ("darker, in navy", {"color": ["navy"]}, {}, {}),
         ("is red instead of white", {"color": ["red"]}, {"color": ["white"]}, {}),
         ("is black and white", {"color": ["black"], "secondary_color": ["white"]}, {}, {}),
         (

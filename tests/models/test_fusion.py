@@ -51,6 +51,24 @@ def test_query_rows_by_hand():
         assert torch.equal(rows[term], expected[term]), term
 
 
+def test_darker_and_longer_sleeves_want_every_value_beyond_the_reference():
+    space = AttributeSpace()
+    reference = {**REFERENCE, "sleeves": "short"}
+    rows = space.query_rows(reference, read_changes("darker with longer sleeves"))
+    darker = {slot(space, "color", c) for c in ("black", "navy", "brown")}  # levels below blue's
+    assert set(rows["want:color"].nonzero().flatten().tolist()) == darker
+    assert rows["away:color"].nonzero().flatten().tolist() == [slot(space, "color", "blue")]
+    longer = {slot(space, "sleeves", s) for s in ("three-quarter", "long")}
+    assert set(rows["want:sleeves"].nonzero().flatten().tolist()) == longer
+    assert rows["away:sleeves"].nonzero().flatten().tolist() == [slot(space, "sleeves", "short")]
+    assert not rows["keep:color"].any() and not rows["keep:sleeves"].any()
+    assert rows["keep:length"][slot(space, "length", "knee")] == 1
+    # a reference colour without a lightness (multicolor) wants nothing darker and still moves away
+    rows = space.query_rows({**REFERENCE, "color": "multicolor"}, read_changes("darker"))
+    assert not rows["want:color"].any()
+    assert rows["away:color"][slot(space, "color", "multicolor")] == 1
+
+
 def test_predicted_references_are_kept_by_their_confidence_and_uploads_without_one_keep_nothing():
     space = AttributeSpace()
     rows = space.query_rows({"color": {"value": "green", "confidence": 0.25}}, read_changes("with long sleeves"))

@@ -1,10 +1,11 @@
-"""Why a result matches (retrieval/explain.py): relative lengths count only strictly."""
+"""Why a result matches (retrieval/explain.py): relative moves (lengths, sleeves, lightness) count
+only strictly."""
 
 from __future__ import annotations
 
 import itertools
 
-from fashion_cir.language.lexicon import LENGTH_ORDER
+from fashion_cir.language.lexicon import LENGTH_ORDER, LIGHTNESS
 from fashion_cir.retrieval.explain import explain, requested_changes
 
 
@@ -40,3 +41,23 @@ def test_shorter_and_longer_need_a_different_length():
             why = explain({"length": wanted}, {"length": ref}, {"length": got})
             assert why["satisfied"] == ([word] if expected else []), (ref, got, wanted)
             assert why["missed"] == ([] if expected else [word]), (ref, got, wanted)
+
+
+def test_darker_lighter_and_sleeve_moves():
+    reference = {"category": "shirt", "color": "blue", "sleeves": "short"}
+    for text, item, satisfied, missed in (
+        ("darker", {"color": "navy"}, ["darker"], []),
+        ("darker", {"color": "red"}, [], ["darker"]),  # the same lightness as blue
+        ("lighter", {"color": "white"}, ["lighter"], []),
+        ("lighter", {"color": "black"}, [], ["lighter"]),
+        ("longer sleeves", {"sleeves": "long"}, ["longer sleeves"], []),
+        ("shorter sleeves", {"sleeves": "sleeveless"}, ["shorter sleeves"], []),
+        ("shorter sleeves", {"sleeves": "long"}, [], ["shorter sleeves"]),
+    ):
+        why = explain(requested_changes(text), reference, {"category": "shirt", **item})
+        assert (why["satisfied"], why["missed"]) == (satisfied, missed), (text, item)
+    # every pair of colours against their lightness levels
+    for ref, got in itertools.product([*LIGHTNESS, "multicolor"], repeat=2):
+        known = ref in LIGHTNESS and got in LIGHTNESS
+        darker = known and LIGHTNESS[got] < LIGHTNESS[ref]
+        assert explain({"color": "<"}, {"color": ref}, {"color": got})["satisfied"] == (["darker"] if darker else [])

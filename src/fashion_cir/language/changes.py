@@ -1,7 +1,8 @@
 """Reading a relative caption as attribute changes: "is navy with grey stripes and no hood" ->
 wanted color navy, secondary_color grey, pattern striped; unwanted neckline hood. Values named
 after a negation ("no", "without", "instead of", "not") are unwanted; a colour right before a
-detail noun ("grey stripes") is the secondary colour; "shorter"/"longer" are relative lengths.
+detail noun ("grey stripes") is the secondary colour; "shorter"/"longer" are relative lengths (of
+the sleeves before "sleeves") and "darker"/"lighter" relative colours.
 The words are :mod:`.lexicon`'s."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .lexicon import DETAIL_NOUNS, GENERIC_PATTERNS, NEGATIONS, PHRASES, RELATIVE_WORDS, SCOPE_ENDS
+from .lexicon import DETAIL_NOUNS, GENERIC_PATTERNS, NEGATIONS, PHRASES, RELATIVE_WORDS, SCOPE_ENDS, SLEEVE_WORDS
 
 _PUNCTUATION = re.compile(r"[,.;:!?()\"]")
 _PHRASES = sorted(
@@ -23,7 +24,7 @@ _LONGEST = max(len(p) for p, _, _ in _PHRASES)
 @dataclass
 class Changes:
     """What a caption asks of the target, per attribute: values wanted, values unwanted, and a
-    relation to the reference's value ("<" shorter, ">" longer)."""
+    relation to the reference's value ("<": a lower level, shorter or darker; ">": longer or lighter)."""
 
     wanted: dict[str, list[str]] = field(default_factory=dict)
     unwanted: dict[str, list[str]] = field(default_factory=dict)
@@ -128,6 +129,8 @@ def read_changes(caption: str) -> Changes:
     for position, word in enumerate(words):
         if word in RELATIVE_WORDS and position not in used:
             name, relation = RELATIVE_WORDS[word]
+            if name == "length" and position + 1 < len(words) and words[position + 1] in SLEEVE_WORDS:
+                name = "sleeves"  # "longer sleeves"
             if name not in changes.wanted:
                 changes.relative[name] = relation
     return changes

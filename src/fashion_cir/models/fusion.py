@@ -29,7 +29,7 @@ from pydantic import Field
 from ..captioning.vocab import DEFAULT_VOCABULARY, Vocabulary
 from ..config import Config
 from ..language.changes import Changes
-from ..language.lexicon import LENGTH_ORDER
+from ..language.lexicon import LEVELS, moved
 
 IMAGE_TERMS = ("composed", "reference")
 DESCRIPTION_TERMS = ("caption", "prompt", "reference_description")
@@ -45,7 +45,6 @@ MATCHED_ATTRIBUTES = (
     "material",
     "closure",
 )
-RELATIVE = {"length": LENGTH_ORDER}  # attributes whose values are ordered ("shorter", "longer")
 
 
 class Fusion(Config):
@@ -119,11 +118,9 @@ class AttributeSpace:
                 self._set(rows[f"want:{name}"], name, wanted, 1.0)
             for unwanted in changes.unwanted.get(name, []):
                 self._set(rows[f"unwanted:{name}"], name, unwanted, 1.0)
-            order = RELATIVE.get(name)
-            if name in changes.relative and order is not None and value in order:
-                here = order.index(value)
-                for other in order:
-                    if (order.index(other) < here) if changes.relative[name] == "<" else (order.index(other) > here):
+            if name in changes.relative:  # "shorter", "darker": every value beyond the reference's
+                for other in LEVELS.get(name, {}):
+                    if moved(name, changes.relative[name], value, other):
                         self._set(rows[f"want:{name}"], name, other, confidence)
             if wildcard:
                 continue

@@ -1,5 +1,5 @@
 """Why a result matches: the attribute changes a caption asks for ("is red with long sleeves" ->
-color=red, sleeves=long; "is shorter" -> length below the reference's), and per result which of
+color=red, sleeves=long; "is shorter" -> length below the reference's, "darker" -> a darker colour), and per result which of
 them it satisfies and which attributes of the reference it kept."""
 
 from __future__ import annotations
@@ -8,14 +8,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..language.changes import read_changes
-from ..language.lexicon import LENGTH_ORDER
+from ..language.lexicon import RELATIVE_PHRASES, moved
 
 KEY_ATTRIBUTES = ("category", "color", "pattern", "sleeves", "neckline", "length", "material")
 PHRASE_NAMES = {"sleeves": "{} sleeves", "length": "{} length", "neckline": "{}", "pattern": "{}", "material": "{}"}
 
 
 def requested_changes(text: str) -> dict[str, str]:
-    """Attribute -> value (or "<"/">" for a relative length) that ``text`` asks for: the first value
+    """Attribute -> value (or "<"/">" for a relative move: shorter, darker) that ``text`` asks for: the first value
     :func:`~fashion_cir.language.changes.read_changes` reads for each attribute."""
     changes = read_changes(text)
     return {**{name: values[0] for name, values in changes.wanted.items()}, **changes.relative}
@@ -24,18 +24,14 @@ def requested_changes(text: str) -> dict[str, str]:
 def _satisfied(name: str, wanted: str, item: Mapping[str, Any], reference: Mapping[str, Any]) -> bool:
     value = item.get(name)
     if wanted in ("<", ">"):
-        ref, got = reference.get(name), value
-        if ref not in LENGTH_ORDER or got not in LENGTH_ORDER:
-            return False
-        delta = LENGTH_ORDER.index(got) - LENGTH_ORDER.index(ref)
-        return delta < 0 if wanted == "<" else delta > 0
+        return moved(name, wanted, reference.get(name), value)
     return value == wanted
 
 
 def phrase(name: str, value: Any) -> str:
-    """'long sleeves', 'knee length', 'red', 'shorter'."""
+    """'long sleeves', 'knee length', 'red', 'shorter', 'darker'."""
     if value in ("<", ">"):
-        return "shorter" if value == "<" else "longer"
+        return RELATIVE_PHRASES[name, value]
     return PHRASE_NAMES.get(name, "{}").format(value)
 
 
