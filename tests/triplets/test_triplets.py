@@ -167,7 +167,16 @@ LEXICON = {
     "shorter sleeves": ("sleeves", "shorter"),
     "longer": ("length", "longer"),
     "shorter": ("length", "shorter"),
+    "darker": ("color", "darker"),
+    "lighter": ("color", "lighter"),
 }
+# the checker's own lightness levels (coarse): "darker" must go down at least one level
+LIGHT = {"black": 0, "navy": 1, "brown": 1, "purple": 2, "olive": 2, "green": 2, "blue": 2, "red": 2, "grey": 3}
+LIGHT |= {"orange": 4, "pink": 4, "light blue": 4, "yellow": 5, "beige": 5, "white": 6}
+GARMENT_WORDS = re.compile(
+    r"\b(t-shirt|tee|shirt|polo|blouse|top|undershirt|vest|dress|skirt|pants|trousers|shorts|jacket|coat|blazer|"
+    r"hoodie|sweater|jumper|pullover|hat|shoes|bodysuit|onesie|bag|piece)\b"
+)
 PATTERN = re.compile(r"\b(" + "|".join(re.escape(w) for w in sorted(LEXICON, key=len, reverse=True)) + r")\b")
 NEGATION = re.compile(r"\b(instead of|rather than|not|no|unlike|without)\b")
 
@@ -208,7 +217,13 @@ def _caption_problems(caption: str, ref, tgt, changes: dict) -> list[str]:
             attr, value = LEXICON[match.group(1)]
             negated = bool(NEGATION.search(segment[: match.start()]))
             touches_change |= attr in changes or (attr == "color" and "secondary_color" in changes)
-            if value in ("longer", "shorter"):
+            if value in ("darker", "lighter"):
+                old, new = changes.get("color", (None, None))
+                if old not in LIGHT or new not in LIGHT or (LIGHT[new] < LIGHT[old]) != (value == "darker"):
+                    problems.append(f"{value!r} does not match the color change {changes.get('color')}")
+                if old in LIGHT and new in LIGHT and LIGHT[new] == LIGHT[old]:
+                    problems.append(f"{value!r} for colours of one lightness {changes.get('color')}")
+            elif value in ("longer", "shorter"):
                 order = SLEEVES if attr == "sleeves" else LENGTHS
                 old, new = changes.get(attr, (None, None))
                 if old is None or (order.index(new) > order.index(old)) != (value == "longer"):
@@ -265,6 +280,40 @@ def test_every_caption_is_consistent_with_the_attributes(generated, catalog):
                 f"{caption!r} ({t['changes']}): {p}" for p in _caption_problems(caption, ref, tgt, t["changes"])
             ]
     assert not problems, f"{len(problems)} problems, e.g. " + "\n".join(problems[:15])
+
+
+def test_change_only_captions_say_only_what_changes(catalog):
+    """Issue 19 item 3: captions a shopper types to refine a result ("same but darker"): consistent
+    with the attributes, no garment type unless the category changes, comparatives in the right
+    direction; the share of such triplets follows the config and the pairs do not change."""
+    attributes, train, ids, features = catalog
+    config = TripletConfig(max_triplets=600, hard_negatives=2)
+    plain, _ = generate_triplets(attributes, features, ids, config, train_ids=train)
+    mixed, stats = generate_triplets(
+        attributes, features, ids, config.model_copy(update={"change_only_share": 0.5}), train_ids=train
+    )
+    strip = lambda t: (t["candidate"], t["target"], t["changes"], t["hard_negatives"])  # noqa: E731
+    assert [strip(t) for t in mixed] == [strip(t) for t in plain]
+    change_only = [t for t in mixed if t["source"].endswith("/change-only")]
+    assert stats["change_only"] == len(change_only) and 240 <= len(change_only) <= 360
+    assert not any(t["source"].endswith("/change-only") for t in plain)
+    problems, comparatives = [], 0
+    for t in change_only:
+        ref, tgt = attributes[t["candidate"]], attributes[t["target"]]
+        assert len(t["captions"]) == 2 and t["captions"][0] != t["captions"][1], t
+        for caption in t["captions"]:
+            comparatives += bool(re.search(r"\b(darker|lighter|longer|shorter)\b", caption))
+            problems += [
+                f"{caption!r} ({t['changes']}): {p}" for p in _caption_problems(caption, ref, tgt, t["changes"])
+            ]
+            if "category" not in t["changes"] and GARMENT_WORDS.search(caption.lower()):
+                problems.append(f"{caption!r} names a garment type that does not change")
+            if tgt.description.lower() in caption.lower():
+                problems.append(f"{caption!r} copies the target's description")
+    assert not problems, f"{len(problems)} problems, e.g. " + "\n".join(problems[:15])
+    assert comparatives > 50
+    with pytest.raises(ValueError, match="change_only_share"):
+        TripletConfig(change_only_share=1.5)
 
 
 def test_hard_negatives_miss_a_change_and_keep_the_rest(generated, catalog):

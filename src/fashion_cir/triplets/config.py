@@ -17,7 +17,8 @@ class TripletConfig(Config):
     ``band_unit`` = "quantile" (fractions of the pool, e.g. (0.005, 0.3)) or "rank" (e.g. (10, 1500));
     SPN4CIR used ranks 10,000-20,000 of 46k. Within the band a target must differ from the reference in
     ``min_changes``..``max_changes`` of ``attributes`` (None: all vocabulary attributes), changing category
-    only inside a ``vocabulary.compatible_categories`` group."""
+    only inside a ``vocabulary.compatible_categories`` group. ``change_only_share`` of the triplets get
+    change-only captions ("same but darker", no garment type unless it changes) instead of relative ones."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -30,6 +31,7 @@ class TripletConfig(Config):
     max_triplets: int | None = None
     attributes: tuple[str, ...] | None = None
     hard_negatives: int = 10
+    change_only_share: float = 0.0
     vocabulary: Vocabulary = DEFAULT_VOCABULARY
 
     @model_validator(mode="after")
@@ -39,6 +41,8 @@ class TripletConfig(Config):
             raise ValueError(f"band must be 0 <= low < high (<= 1 for quantiles), got {self.band}")
         if not 1 <= self.min_changes <= self.max_changes:
             raise ValueError("need 1 <= min_changes <= max_changes")
+        if not 0 <= self.change_only_share <= 1:
+            raise ValueError(f"change_only_share must be within [0, 1], got {self.change_only_share}")
         if self.targets_per_reference < 1 or self.hard_negatives < 0:
             raise ValueError("targets_per_reference must be >= 1 and hard_negatives >= 0")
         unknown = set(self.attributes or ()) - set(self.vocabulary.names)

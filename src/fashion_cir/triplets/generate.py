@@ -19,7 +19,7 @@ from ..io import environment_info, write_json
 from .config import TripletConfig
 from .mining import mine_pairs
 from .negatives import hard_negatives
-from .phrasing import relative_captions
+from .phrasing import change_only_captions, relative_captions
 from .rewrite import TextGenerator, rewrite_captions
 from .table import AttributeTable
 
@@ -78,23 +78,24 @@ def generate_triplets(
     table = AttributeTable.build(records, config.compared_attributes, config.vocabulary)
     pairs, mining_stats = mine_pairs(pool, table, config)
     rng = random.Random(config.seed)
+    style_rng = random.Random(f"{config.seed}/style")  # its own stream: a share of 0 changes nothing
     triplets: list[dict[str, Any]] = []
     for pair in pairs:
         reference, target = records[pair.reference], records[pair.target]
         changes = {name: [reference[name], target[name]] for name in pair.changed}
         negatives = hard_negatives(pair, pool, table, config.hard_negatives)
+        change_only = config.change_only_share > 0 and style_rng.random() < config.change_only_share
+        phrase = change_only_captions if change_only else relative_captions
         triplets.append(
             {
                 "candidate": pool_ids[pair.reference],
                 "target": pool_ids[pair.target],
-                "captions": relative_captions(
-                    reference, target, {k: (old, new) for k, (old, new) in changes.items()}, rng
-                ),
+                "captions": phrase(reference, target, {k: (old, new) for k, (old, new) in changes.items()}, rng),
                 "reference_prompt": reference.description,
                 "target_prompt": target.description,
                 "changes": changes,
                 "hard_negatives": [pool_ids[n] for n in negatives],
-                "source": SOURCE,
+                "source": SOURCE + ("/change-only" if change_only else ""),
             }
         )
     rewritten = rewrite_captions(triplets, rewriter) if rewriter is not None and triplets else 0
@@ -116,6 +117,7 @@ def generate_triplets(
             "zero": int((negatives_count == 0).sum()),
         },
         "distinct_captions": len({c for t in triplets for c in t["captions"]}),
+        "change_only": sum("/change-only" in t["source"] for t in triplets),
         "rewritten": rewritten,
         "seconds": round(time.perf_counter() - started, 3),
     }

@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 
 from ..captioning.schema import Attributes
-from ..language.lexicon import LENGTH_ORDER, SLEEVE_ORDER
+from ..language.lexicon import LENGTH_ORDER, LIGHTNESS, SLEEVE_ORDER
 
 PLURAL_CATEGORIES = {"pants", "shorts", "shoes"}
 # value -> the words a caption may use for it, per table (data: ``wording.json``, read once)
@@ -289,3 +289,106 @@ def relative_captions(reference: Attributes, target: Attributes, changes: Change
         if second is not None and second != first:
             return [first, second]
     return [first, clauses(names)]
+
+
+CHANGE_FRAMES = [
+    "same but {}",
+    "same one but {}",
+    "{}",
+    "{}",
+    "make it {}",
+    "I want it {}",
+    "similar but {}",
+    "{}, otherwise the same",
+    "same style, {}",
+]
+
+
+def _lightness_move(old: str | None, new: str | None) -> str | None:
+    """ "darker" / "lighter" when the colours are two or more lightness levels apart."""
+    if old not in LIGHTNESS or new not in LIGHTNESS or abs(LIGHTNESS[new] - LIGHTNESS[old]) < 2:
+        return None
+    return "darker" if LIGHTNESS[new] < LIGHTNESS[old] else "lighter"
+
+
+def _change(name: str, old, new, target: Attributes, rng: random.Random) -> str:
+    """One change without a subject or verb ("in red", "with longer sleeves", "without the hood")."""
+    contrast = rng.choice(CONTRAST)
+    if name == "color":
+        t, f = _pick(COLORS, new, rng), _pick(COLORS, old, rng)
+        options = [f"in {t}", t, f"{t} {contrast} {f}", f"in {t}, not {f}"]
+        move = _lightness_move(old, new)
+        if move:
+            options += [move, f"{move}, in {t}", f"in a {move} colour", f"{move} {t}"]
+        return rng.choice(options)
+    if name == "secondary_color":
+        if new is None:
+            return rng.choice([f"all {_pick(COLORS, target['color'], rng)}", f"without the {_pick(COLORS, old, rng)}"])
+        t = _pick(COLORS, new, rng)
+        return rng.choice([f"with {t} details", f"with {t} accents" if new == "multicolor" else f"with some {t}"])
+    if name == "pattern":
+        if new == "solid":
+            return rng.choice(["plain", "solid", f"without the {_bare(_pick(PATTERN_NOUN, old, rng))}"])
+        options = [f"with {_pick(PATTERN_NOUN, new, rng)}"]
+        if new in PATTERN_ADJ:
+            options.append(_pick(PATTERN_ADJ, new, rng))
+            if old in PATTERN_ADJ:
+                options.append(f"{_pick(PATTERN_ADJ, new, rng)} {contrast} {_pick(PATTERN_ADJ, old, rng)}")
+        return rng.choice(options)
+    if name == "sleeves":
+        if new == "sleeveless":
+            return rng.choice(["sleeveless", "with no sleeves"])
+        options = [f"with {_pick(SLEEVE_NOUN, new, rng)}"]
+        if new in SLEEVE_ORDER and old in SLEEVE_ORDER:
+            longer = "longer" if SLEEVE_ORDER.index(new) > SLEEVE_ORDER.index(old) else "shorter"
+            options += [f"with {longer} sleeves", f"{longer} sleeves"]
+        return rng.choice(options)
+    if name == "neckline":
+        if new == "strapless":
+            return "strapless"
+        options = [f"with {_pick(NECK_NOUN, new, rng)}"]
+        if old != "strapless":
+            options += [
+                f"with {_pick(NECK_NOUN, new, rng)} {contrast} {_pick(NECK_NOUN, old, rng)}",
+                f"without the {_bare(_pick(NECK_NOUN, old, rng))}",
+            ]
+        return rng.choice(options)
+    if name == "length":
+        if new in LENGTH_ORDER and old in LENGTH_ORDER:
+            longer = "longer" if LENGTH_ORDER.index(new) > LENGTH_ORDER.index(old) else "shorter"
+            return rng.choice([longer, f"{longer}, {_pick(LENGTH_ADJ, new, rng)}", f"a bit {longer}", f"much {longer}"])
+        return _pick(LENGTH_ADJ, new, rng)
+    if name == "material":
+        t = _pick(MATERIAL_ADJ, new, rng)
+        options = [t, f"in {t}", f"{t} {contrast} {_pick(MATERIAL_ADJ, old, rng)}"]
+        return rng.choice(options)
+    if name == "closure":
+        if new == "none":
+            return f"without the {_bare(_pick(CLOSURE_NOUN, old, rng))}"
+        return f"with {_pick(CLOSURE_NOUN, new, rng)}"
+    if name == "category":
+        noun = _pick(NOUNS, new, rng)
+        phrase = noun if new in PLURAL_CATEGORIES else _article(noun)
+        return rng.choice([f"as {phrase}", f"{phrase} instead"])
+    return f"with {name.replace('_', ' ')} {new}"
+
+
+def change_only_captions(
+    reference: Attributes, target: Attributes, changes: dict[str, tuple], rng: random.Random
+) -> list[str]:
+    """Two captions that say only what changes, the way a shopper refines a result ("same but
+    darker", "with longer sleeves and no hood"): no garment type unless it changes, comparatives
+    for ordered attributes (length, sleeves, colour lightness). The first states every change."""
+    names = list(changes)
+
+    def caption(subset: list[str]) -> str:
+        parts = [_change(n, *changes[n], target, rng) for n in rng.sample(subset, len(subset))]
+        body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+        return rng.choice(CHANGE_FRAMES).format(body)
+
+    first = caption(names)
+    for _ in range(20):
+        second = caption(rng.sample(names, rng.randint(1, len(names))))
+        if second != first:
+            return [first, second]
+    return [first, first]
