@@ -323,6 +323,9 @@ def triplets(
     targets_per_reference: int = typer.Option(2, help="Targets mined per reference image."),
     max_triplets: int | None = typer.Option(None, help="Cap on the number of triplets (default: no cap)."),
     hard_negatives: int = typer.Option(10, help="Hard negatives per triplet."),
+    change_only_share: float = typer.Option(
+        0.0, help='Share of triplets captioned change-only ("same but darker", no garment type unless it changes).'
+    ),
     vocab: Path | None = typer.Option(None, help="Vocabulary JSON overriding the default fashion attributes."),
 ):
     """Mine attribute-aware triplets with relative captions and hard negatives."""
@@ -348,6 +351,7 @@ def triplets(
         "targets_per_reference",
         "max_triplets",
         "hard_negatives",
+        "change_only_share",
     )
     config = TripletConfig.from_dict({**settings, "vocabulary": vocabulary}, "bad triplet settings")
     cir = load_model(model, backbone or "openclip:ViT-B-32:openai")

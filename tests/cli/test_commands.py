@@ -148,6 +148,8 @@ def triplets_file(mini, captioned, work):
             "2",
             "--targets-per-reference",
             "2",
+            "--change-only-share",
+            "0.5",
         ]
     )
     return out, json_in(result.stdout)
@@ -284,6 +286,9 @@ def test_triplets_are_mined_inside_the_train_split(mini, triplets_file):
         ]
         assert changed  # a generated pair always differs in some attribute
     assert out.with_suffix(".stats.json").is_file() and out.with_suffix(".config.json").is_file()
+    change_only = sum(t["source"].endswith("/change-only") for t in triplets)
+    assert stats["change_only"] == change_only and 0 < change_only < len(triplets)
+    assert json.loads(out.with_suffix(".config.json").read_text())["config"]["change_only_share"] == 0.5
 
 
 def test_triplets_bad_inputs(mini, captioned, tmp_path):
@@ -304,6 +309,7 @@ def test_triplets_bad_inputs(mini, captioned, tmp_path):
         tmp_path / "f",
     ]
     one_line_error(args + ["--band-unit", "furlong"], "bad triplet settings", "furlong")
+    one_line_error(args + ["--change-only-share", "1.5"], "bad triplet settings", "change_only_share")
     one_line_error(["triplets", "--attributes", tmp_path / "none.jsonl", *args[3:]], "none.jsonl")
     assert not (tmp_path / "t.json").exists()
 
