@@ -5,12 +5,14 @@ those of the default vocabulary (:mod:`fashion_cir.captioning.vocab`)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 LENGTH_ORDER = ("cropped", "hip", "thigh", "knee", "midi", "ankle", "full")
 SLEEVE_ORDER = ("sleeveless", "short", "three-quarter", "long")
 # how light a colour is, 0 (black) to 6 (white): "darker" asks for a lower level, "lighter" for a higher one
-LIGHTNESS = {
+LIGHTNESS: dict[str, float] = {
     "black": 0,
     "navy": 1,
     "brown": 1,
@@ -28,7 +30,7 @@ LIGHTNESS = {
     "white": 6,
 }
 # attribute -> value -> level, for the attributes a relative word moves
-LEVELS: dict[str, dict[str, float]] = {
+LEVELS: dict[str, Mapping[str, float]] = {
     "length": {v: i for i, v in enumerate(LENGTH_ORDER)},
     "sleeves": {v: i for i, v in enumerate(SLEEVE_ORDER)},
     "color": LIGHTNESS,
@@ -119,11 +121,11 @@ RELATIVE_PHRASES = {
 }
 
 
-def moved(name: str, relation: str, reference: object, value: object) -> bool:
+def moved(name: str, relation: str, reference: Any, value: Any) -> bool:
     """Whether ``value`` of attribute ``name`` lies on ``relation``'s side of the reference's value
     ("<": lower level, e.g. shorter or darker); False where either has no level."""
     levels = LEVELS.get(name, {})
     if reference not in levels or value not in levels:
         return False
-    here, there = levels[reference], levels[value]  # type: ignore[index]
+    here, there = levels[reference], levels[value]
     return there < here if relation == "<" else there > here

@@ -373,16 +373,14 @@ def _change(name: str, old, new, target: Attributes, rng: random.Random) -> str:
     return f"with {name.replace('_', ' ')} {new}"
 
 
-def change_only_captions(
-    reference: Attributes, target: Attributes, changes: dict[str, tuple], rng: random.Random
-) -> list[str]:
+def change_only_captions(reference: Attributes, target: Attributes, changes: Changes, rng: random.Random) -> list[str]:
     """Two captions that say only what changes, the way a shopper refines a result ("same but
     darker", "with longer sleeves and no hood"): no garment type unless it changes, comparatives
     for ordered attributes (length, sleeves, colour lightness). The first states every change."""
     names = list(changes)
 
     def caption(subset: list[str]) -> str:
-        parts = [_change(n, *changes[n], target, rng) for n in rng.sample(subset, len(subset))]
+        parts = [_change(n, changes[n][0], changes[n][1], target, rng) for n in rng.sample(subset, len(subset))]
         body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
         return rng.choice(CHANGE_FRAMES).format(body)
 
