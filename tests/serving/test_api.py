@@ -717,7 +717,7 @@ def test_a_bad_new_manifest_leaves_the_last_good_index_serving(tmp_path, tiny_mo
     broken = {
         "not JSON": "{",
         "nested": "[" * 100_000 + "]" * 100_000,
-        "bad field": good.replace('"nprobe": 16', '"nprobe": -1'),
+        "bad field": json.dumps({**json.loads(good), "nprobe": -1}),
         "another store": good.replace('"faiss"', '"pinecone"'),
     }
     reasons = {

@@ -68,7 +68,7 @@ def build_index(
     *,
     ids: Iterable[str] | None = None,
     factory: str = DEFAULT_FACTORY,
-    nprobe: int = 16,
+    nprobe: int = 64,
     ef_search: int = 64,
     candidates: int | None = None,
     mmap: bool = False,
