@@ -47,6 +47,16 @@ MODULES: dict[str, list[str]] = {
     "retrieval/policy.py": ["tests/retrieval/test_policy.py"],
     "models/fusion.py": ["tests/models/test_fusion.py", "tests/models/test_queries.py"],
     "training/fusion.py": ["tests/training/test_fusion_fit.py"],
+    # issue 24: the modules of the last two rounds (the sharding subprocess tests are left out: too slow)
+    "sharding.py": [
+        "tests/retrieval/test_sharding.py::test_shard_selection_and_errors",
+        "tests/retrieval/test_sharding.py::test_shard_parsing_edges",
+        "tests/retrieval/test_sharding.py::test_merge_keeps_the_first_row_per_id_and_sha_and_removes_the_inputs",
+        "tests/retrieval/test_sharding.py::test_merge_errors_leave_the_parts_in_place",
+        "tests/retrieval/test_sharding.py::test_merge_tolerates_a_part_removed_by_a_concurrent_merge",
+    ],
+    "evaluation/stats.py": ["tests/evaluation/test_stats.py"],
+    "retrieval/explain.py": ["tests/retrieval/test_explain.py"],
 }
 
 
