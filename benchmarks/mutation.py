@@ -57,6 +57,10 @@ MODULES: dict[str, list[str]] = {
     ],
     "evaluation/stats.py": ["tests/evaluation/test_stats.py"],
     "retrieval/explain.py": ["tests/retrieval/test_explain.py"],
+    "retrieval/filters.py": ["tests/retrieval/test_filters.py"],
+    "retrieval/manifest.py": ["tests/retrieval/test_manifest.py"],
+    "retrieval/query.py": ["tests/retrieval/test_query.py"],
+    "retrieval/store.py": ["tests/retrieval/test_store.py"],
 }
 
 

@@ -69,6 +69,10 @@ def test_satisfied_missed_and_kept_phrases_by_hand():
     }
     assert explain({"length": ">"}, reference, {"length": "full"})["satisfied"] == ["longer"]
     assert explain({"length": "midi"}, reference, {"length": "knee"})["missed"] == ["midi length"]
+    assert explain({"sleeves": "long", "length": "midi"}, None, {"sleeves": "long", "length": "midi"})["satisfied"] == [
+        "long sleeves",
+        "midi length",
+    ]
 
 
 def test_kept_lists_every_key_attribute_equal_to_the_reference_except_wildcards_and_asked_ones():
