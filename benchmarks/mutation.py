@@ -62,7 +62,7 @@ MODULES: dict[str, list[str]] = {
     "retrieval/query.py": ["tests/retrieval/test_query.py"],
     "retrieval/store.py": ["tests/retrieval/test_store.py"],
     "retrieval/folder.py": ["tests/retrieval/test_folder.py"],
-    "retrieval/faiss_store.py": ["tests/retrieval/test_index.py"],
+    "retrieval/faiss_store.py": ["tests/retrieval/test_faiss_store.py"],
     "models/attributes.py": ["tests/models/test_attributes.py"],
     "models/matcher.py": [  # the stage-2 training test (~100 s) is left out
         f"tests/models/test_matcher.py::{name}"

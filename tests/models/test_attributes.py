@@ -12,11 +12,22 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from fashion_cir.captioning.vocab import DEFAULT_VOCABULARY
 from fashion_cir.cli import app
 from fashion_cir.data.captions import join_captions_val
 from fashion_cir.data.triplets import Triplet
 from fashion_cir.errors import ModelError
-from fashion_cir.models.attributes import HEADS_FILE, HeadsConfig, attribute_classes, describe, train_heads
+from fashion_cir.models.attributes import (
+    HEADS_FILE,
+    AttributeHeads,
+    HeadsConfig,
+    _labels,
+    attribute_classes,
+    describe,
+    load_heads,
+    scores,
+    train_heads,
+)
 from fashion_cir.models.cir import CIRModel, load_model
 from fashion_cir.retrieval.explain import explain, requested_changes
 from fashion_cir.retrieval.policy import ReferencePolicy, references
@@ -279,3 +290,100 @@ def test_refused_attribute_weights_are_one_line(tmp_path):
         load_model(tmp_path / "m")
     assert str(error.value) == f"corrupt or mismatched attribute weights {weights}: {REFUSED}"
     assert not (tmp_path / "ran").exists()
+
+
+def test_classes_scores_and_labels_by_hand():
+    classes = attribute_classes()
+    assert list(classes) == [*DEFAULT_VOCABULARY.attributes, "kids"] and classes["kids"] == [False, True]
+    assert classes["length"] == ["cropped", "hip", "thigh", "knee", "midi", "ankle", "full", None]
+    assert classes["category"][-1] == "other" and None not in classes["category"]
+    # accuracy 2/4; F1 per class present: 0 -> 2/3, 1 -> 1/2, 2 -> 0 (class 3 absent: not averaged)
+    got = scores(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 1]), 4)
+    assert got == pytest.approx({"accuracy": 50.0, "macro_f1": 100 * (2 / 3 + 1 / 2 + 0) / 3})
+    assert scores(np.array([], dtype=np.int64), np.array([], dtype=np.int64), 3) == {"accuracy": 0.0, "macro_f1": 0.0}
+    assert scores(np.array([1, 1]), np.array([1, 1]), 2) == {"accuracy": 100.0, "macro_f1": 100.0}
+    records = {"a": {"length": "knee"}, "b": {}, "c": {"length": "huge"}, "d": {"length": None}}
+    assert _labels(records, ["d", "c", "b", "a"], "length", classes["length"]).tolist() == [7, -1, 7, 3]
+    assert _labels(records, ["a", "b"], "category", classes["category"]).tolist() == [-1, -1]
+    assert _labels(records, ["a"], "length", classes["length"]).dtype == np.int64
+
+
+def test_predict_by_hand_and_the_saved_files(tmp_path):
+    heads = AttributeHeads(2, {"color": ["red", "blue", None], "kids": [False, True]}, {"note": 1})
+    with torch.no_grad():
+        heads.heads["color"].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+        heads.heads["color"].bias.copy_(torch.tensor([0.0, 0.0, 0.5]))
+        heads.heads["kids"].weight.copy_(torch.tensor([[0.0, 0.0], [2.0, 0.0]]))
+        heads.heads["kids"].bias.zero_()
+    features = np.array([[3.0, 4.0], [0.0, -2.0]])  # normalised: (0.6, 0.8), (0, -1)
+
+    def softmax(logits):
+        e = np.exp(np.array(logits) - max(logits))
+        return e / e.sum()
+
+    first_color, first_kids = softmax([0.6, 0.8, 0.5]), softmax([0.0, 1.2])
+    second_color = softmax([0.0, -1.0, 0.5])  # kids: logits 0 and 0, the first class on the tie
+    assert heads.predict(features) == [
+        {
+            "color": {"value": "blue", "confidence": round(float(first_color[1]), 4)},
+            "kids": {"value": True, "confidence": round(float(first_kids[1]), 4)},
+        },
+        {
+            "color": {"value": None, "confidence": round(float(second_color[2]), 4)},
+            "kids": {"value": False, "confidence": 0.5},
+        },
+    ]
+    assert heads.predict(torch.tensor([3.0, 4.0])) == heads.predict(features[:1])  # one image, any shape
+    heads.save(tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / HEADS_FILE).read_text())
+    assert saved == {
+        "format": "fashion-cir-attributes/1",
+        "feature_dim": 2,
+        "classes": {"color": ["red", "blue", None], "kids": [False, True]},
+        "note": 1,
+    }
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["attributes.json", "attributes.pt"]
+    loaded = load_heads(tmp_path / "m")
+    assert loaded.info == {"note": 1} and not loaded.training and loaded.feature_dim == 2
+    assert loaded.predict(features) == heads.predict(features)
+    assert load_heads(tmp_path) is None
+    for missing in ("feature_dim", "classes"):
+        (tmp_path / "m" / HEADS_FILE).write_text(json.dumps({k: v for k, v in saved.items() if k != missing}))
+        with pytest.raises(ModelError) as error:
+            AttributeHeads.load(tmp_path / "m")
+        assert str(error.value) == f"{tmp_path / 'm' / HEADS_FILE}: missing field {missing!r}"
+    (tmp_path / "m" / HEADS_FILE).write_text(json.dumps(saved))
+    (tmp_path / "m" / "attributes.pt").unlink()
+    with pytest.raises(ModelError) as error:
+        AttributeHeads.load(tmp_path / "m")
+    assert str(error.value) == f"{tmp_path / 'm'}: attributes.json without its weights file attributes.pt"
+    other = AttributeHeads(2, {"color": ["red", "blue"], "kids": [False, True]})
+    other.save(tmp_path / "o")
+    (tmp_path / "m" / "attributes.pt").write_bytes((tmp_path / "o" / "attributes.pt").read_bytes())
+    with pytest.raises(ModelError, match=r"^corrupt or mismatched attribute weights .*attributes\.pt: .*size mismatch"):
+        AttributeHeads.load(tmp_path / "m")
+
+
+def test_training_report_and_refusals():
+    x, records = separable(60, seed=3)
+    config = HeadsConfig(steps=20, check_every=10, weight_decays=(0.0, 1e-3))
+    heads = train_heads(x[:45], records[:45], x[45:], records[45:], config=config)
+    val = heads.info["val"]
+    assert heads.info["config"] == config.model_dump(mode="json") and not heads.training
+    category = val["category"]
+    assert category["n_train"] == 45 and category["n_val"] == 15 and category["steps"] in (10, 20)
+    assert category["weight_decay"] in (0.0, 1e-3)
+    train_counts = {c: sum(r["category"] == c for r in records[:45]) for c in CATEGORIES}
+    assert category["majority"] == max(train_counts, key=train_counts.get)
+    share = sum(r["category"] == category["majority"] for r in records[45:]) / 15
+    assert category["majority_accuracy"] == pytest.approx(100 * share)
+    assert val["length"]["majority"] is None and val["length"]["n_val"] == 15 and val["kids"]["majority"] is False
+    again = train_heads(x[:45], records[:45], x[45:], records[45:], config=config)
+    assert again.predict(x) == heads.predict(x)  # seeded
+    unlabelled = [{**r, "pattern": "paisley"} for r in records]
+    with pytest.raises(ModelError) as error:
+        train_heads(x[:45], unlabelled[:45], x[45:], records[45:], config=config)
+    assert str(error.value) == "no usable 'pattern' labels in the training or validation attributes"
+    with pytest.raises(ModelError, match="^no usable 'pattern' labels"):
+        train_heads(x[:45], records[:45], x[45:], unlabelled[45:], config=config)
+    assert HeadsConfig() == HeadsConfig(weight_decays=(0.0, 1e-4, 1e-3), steps=300, check_every=25, lr=0.05, seed=0)

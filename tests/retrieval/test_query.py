@@ -8,6 +8,8 @@ import torch
 from PIL import Image
 
 from fashion_cir.errors import DataError
+from fashion_cir.models.attributes import AttributeHeads, attribute_classes, describe
+from fashion_cir.models.cir import load_model
 from fashion_cir.retrieval import build_index, parse_filter
 from fashion_cir.retrieval.filters import BoolOp, Compare, Filter, FilterError
 from fashion_cir.retrieval.query import (
@@ -16,6 +18,7 @@ from fashion_cir.retrieval.query import (
     attribute_filter,
     composed_search,
     encode_reference_image,
+    search,
 )
 from fashion_cir.retrieval.store import item_vectors
 from support.serving import synthetic_catalog
@@ -203,3 +206,63 @@ def test_search_request_validation_and_its_run(small_index, tiny_model):
     ]
     filtered = SearchRequest(text="a shirt", k=20).run(tiny_model, index, filter=parse_filter('color == "red"'))
     assert {h.metadata["color"] for h in filtered.hits} == {"red"}
+
+
+def test_search_is_the_first_page_of_composed_search(small_index, tiny_model):
+    index, _ = small_index
+    red = parse_filter('color == "red" or category == "dress"')
+    photo = Image.open(index.paths["item-007"])
+    for kwargs in (
+        {"item_id": "item-001", "text": "is red", "k": 3, "exclude_reference": True},
+        {"item_id": "item-001", "k": 12},
+        {"image": photo, "text": "is blue", "k": 5, "filter": red},
+        {"text": "a dress", "k": 2},
+    ):
+        expected = composed_search(tiny_model, index, **kwargs).hits
+        assert [(h.id, h.score) for h in search(tiny_model, index, **kwargs)] == [(h.id, h.score) for h in expected]
+    assert "item-001" in [h.id for h in search(tiny_model, index, item_id="item-001", k=12)]
+    assert "item-001" not in [h.id for h in search(tiny_model, index, item_id="item-001", k=12, exclude_reference=True)]
+
+
+def test_defaults_keep_the_reference_and_give_ten(small_index, tiny_model):
+    index, _ = small_index
+    reference = torch.from_numpy(np.array(index.vector("item-003"), dtype=np.float32)[None])
+    result = composed_search(tiny_model, index, item_id="item-003")  # k=10, the reference kept
+    expected, _ = brute_force(tiny_model, index, reference, "", "a black t-shirt", lambda m: True)
+    assert [h.id for h in result.hits] == expected[:10] and expected[0] == "item-003" and result.more
+    photo = Image.open(index.paths["item-005"])
+    with torch.no_grad():
+        uploaded = encode_reference_image(tiny_model, photo)
+    expected, _ = brute_force(tiny_model, index, uploaded, "is red", None, lambda m: True)
+    assert [h.id for h in composed_search(tiny_model, index, image=photo, text="is red", k=12).hits] == expected
+
+
+def test_same_type_for_an_upload_reads_the_predicted_category(small_index):
+    """An upload's reference is what the attribute heads predict: its description in the prompt,
+    its category for "same type"."""
+    index, metadata = small_index
+    model = load_model(backbone="tiny")
+    classes = attribute_classes()
+    heads = AttributeHeads(model.backbone.feature_dim, classes)
+    with torch.no_grad():
+        for name, head in heads.heads.items():
+            head.weight.zero_()
+            head.bias.zero_()
+            wanted = {"category": "dress", "color": "red"}.get(name)
+            head.bias[classes[name].index(wanted) if wanted else 0] = 10.0
+    model.attach_heads(heads)
+    photo = Image.open(index.paths["item-004"])
+    result = composed_search(model, index, image=photo, text="is blue", k=20, same_type=True)
+    assert result.prompt_source == "predicted" and result.filters == {"category": ["dress"]}
+    assert result.reference_attributes["category"]["value"] == "dress"
+    assert result.description == describe(result.reference_attributes) and result.description.startswith("a red")
+    dresses = {i for i, m in metadata.items() if m["category"] == "dress"}
+    assert {h.id for h in result.hits} == dresses and dresses
+    assert result.query_text == model.query_text("is blue", result.description)
+
+
+def test_search_request_passes_its_categories(small_index, tiny_model):
+    index, _ = small_index
+    request = SearchRequest(text="a shirt", k=20, category=["dress"], color=[])
+    result = request.run(tiny_model, index)
+    assert result.filters == {"category": ["dress"]} and {h.metadata["category"] for h in result.hits} == {"dress"}
