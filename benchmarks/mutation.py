@@ -76,6 +76,10 @@ MODULES: dict[str, list[str]] = {
             "test_evaluation_ranks_the_described_target_first",
             "test_index_search_uses_descriptions_fuses_at_query_time_and_refuses_other_items",
             "test_stored_index_rows_give_the_models_item_vectors",
+            "test_matcher_sides_trainable_parts_and_modes",
+            "test_matcher_embeddings_by_hand",
+            "test_a_shared_matcher_reads_queries_with_the_given_encoder",
+            "test_description_bank_by_hand",
         )
     ],
     "models/offline_backbone.py": ["tests/models/test_offline_backbone.py"],

@@ -4,8 +4,10 @@ removes, the saved folder, and every refusal on load as its one-line message."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import re
 from pathlib import Path
 
 import faiss
@@ -371,3 +373,102 @@ def test_rows_wider_than_the_image_block(tmp_path):
     expected, scores = brute_force(ids, rows, metadata, query, 20)
     assert [h.id for h in hits] == expected
     assert CatalogIndex.load(index.folder).features.shape == (20, DIM + 4)
+
+
+def test_factory_boundaries_and_messages():
+    # 4 sqrt(397,000) = 2520 lists -> 2^11.30 -> 2048 (5 sqrt(N) would round up to 4096)
+    assert resolve_factory("auto", 397_000) == "IVF2048,Flat"
+    vectors = unit(np.random.default_rng(1).normal(size=(40, DIM)).astype(np.float32))
+    assert _new_faiss_index("IVF4,Flat", vectors[:4]).is_trained  # as many images as lists is enough
+    with pytest.raises(DataError) as error:
+        _new_faiss_index("Flatt", vectors)
+    reason = str(error.value).split("'HNSW32'): ", 1)[1]
+    assert reason and reason != "None" and "Flatt" in reason
+
+
+def test_saved_folder_details(tmp_path):
+    ids, rows, metadata, paths = catalog(tmp_path / "a", 4)
+    metadata["i000"]["added"] = datetime.date(2024, 1, 2)  # not JSON: stored as its text
+    del metadata["i003"]
+    cfg = config(tmp_path / "a")
+    index = CatalogIndex.create(tmp_path / "index", cfg, rows.astype(np.float64))
+    assert index.features.dtype == np.float32 and index.report == {}
+    index.add_features(ids, rows.astype(np.float64), metadata, paths)
+    assert index.features.dtype == np.float32 and index.metadata["i003"] == {}
+    # an image outside the recorded root widens it
+    index.add_features(["far"], rows[:1], {}, {"far": tmp_path / "b" / "far.jpg"})
+    (tmp_path / "index").mkdir()
+    (tmp_path / "index" / ".data-000004.tmp").write_text("a file, not a folder")
+    (tmp_path / "index" / "data-notes").write_text("not a data folder")
+    (tmp_path / "index" / "data-120000").mkdir()
+    index.save()
+    manifest = json.loads((tmp_path / "index" / "index.json").read_text())
+    assert manifest["root"] == str(tmp_path) and manifest["data"] == "data-120001"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", manifest["updated"])
+    saved = json.loads((tmp_path / "index" / "data-120001" / "metadata.json").read_text(encoding="utf-8"))
+    assert saved["i000"]["added"] == "2024-01-02"
+    loaded = CatalogIndex.load(tmp_path / "index")
+    assert loaded.paths["far"] == tmp_path / "b" / "far.jpg" and loaded.report == {}
+    hits = loaded.search_vectors(unit(rows[3:4]), 5, filter=parse_filter('color != "red"'))[0]
+    assert hits[0].id == "i003" and hits[0].metadata == {}
+    assert [h.id for h in loaded.search_vectors(unit(rows[3:4]), 5, filter=parse_filter('season == ""'))[0]][
+        0
+    ] == "i003"
+    assert loaded.remove(["i003"]) == ["i003"] and "i003" not in loaded.metadata
+
+
+def test_manifest_fields_store_and_search_settings_on_load(tmp_path):
+    index, (ids, rows, metadata, _) = built(tmp_path, 40, "IVF4,Flat")
+    manifest = json.loads((index.folder / "index.json").read_text())
+    del manifest["fields"], manifest["store"]
+    manifest["nprobe"] = 2
+    (index.folder / "index.json").write_text(json.dumps(manifest))
+    loaded = CatalogIndex.load(index.folder)
+    assert loaded.fields == ["color", "kids", "size"] and loaded.store_kind == "faiss"
+    assert faiss.extract_index_ivf(loaded.faiss_index).nprobe == 2
+    manifest["store"] = {}
+    manifest["nprobe"] = 4  # every list: a filtered IVF search is then exact
+    (index.folder / "index.json").write_text(json.dumps(manifest))
+    loaded = CatalogIndex.load(index.folder)
+    query = unit(np.random.default_rng(5).normal(size=(1, DIM)).astype(np.float32))[0]
+    keep = parse_filter("kids == false")
+    for k in (3, 8):
+        expected, _ = brute_force(ids, rows, metadata, query, k, lambda m: not m["kids"])
+        assert [h.id for h in loaded.search_vectors(query[None], k, filter=keep)[0]] == expected
+
+
+def test_more_refusals_on_load(tmp_path, monkeypatch):
+    index, (ids, rows, _, _) = built(tmp_path, 6)
+    data = index.folder / "data-000001"
+    pristine = {p.name: p.read_bytes() for p in data.iterdir()}
+    for name, what in (("ids.json", "index ids"), ("paths.json", "index paths"), ("metadata.json", "index metadata")):
+        (data / name).write_text("{")
+        with pytest.raises(DataError, match=rf"^malformed {what} {re.escape(str(data / name))}: "):
+            CatalogIndex.load(index.folder)
+        (data / name).write_bytes(pristine[name])
+    np.save(data / "features.npy", np.array([object()] * 6), allow_pickle=True)
+    with pytest.raises(DataError) as error:
+        CatalogIndex.load(index.folder)
+    assert str(error.value).startswith(f"corrupt feature file {data / 'features.npy'}: Object arrays cannot be loaded")
+    with open(data / "features.npy", "wb") as handle:
+        np.savez(handle, x=rows)  # a zip archive, not an array
+    with pytest.raises(DataError) as error:
+        CatalogIndex.load(index.folder)
+    assert str(error.value) == (
+        f"{data / 'features.npy'}: expected 6 x 8 float features, got shape None (?); rebuild the index"
+    )
+    np.save(data / "features.npy", rows.astype(np.float64))
+    assert CatalogIndex.load(index.folder).features.dtype == np.float32
+    (data / "faiss.index").write_bytes(b"junk")
+    with pytest.raises(DataError) as error:
+        CatalogIndex.load(index.folder)
+    assert not str(error.value).endswith(": None") and len(str(error.value)) > len(f"corrupt FAISS file {data}") + 20
+    (data / "faiss.index").write_bytes(pristine["faiss.index"])
+
+    def silent_failure(*args, **kwargs):
+        raise EOFError()
+
+    monkeypatch.setattr(np, "load", silent_failure)
+    with pytest.raises(DataError) as error:
+        CatalogIndex.load(index.folder)
+    assert str(error.value) == f"corrupt feature file {data / 'features.npy'}: EOFError; rebuild the index"
