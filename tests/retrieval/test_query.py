@@ -220,6 +220,9 @@ def test_search_is_the_first_page_of_composed_search(small_index, tiny_model):
     ):
         expected = composed_search(tiny_model, index, **kwargs).hits
         assert [(h.id, h.score) for h in search(tiny_model, index, **kwargs)] == [(h.id, h.score) for h in expected]
+    assert [h.id for h in search(tiny_model, index, item_id="item-001")] == [
+        h.id for h in composed_search(tiny_model, index, item_id="item-001").hits
+    ]  # ten by default
     assert "item-001" in [h.id for h in search(tiny_model, index, item_id="item-001", k=12)]
     assert "item-001" not in [h.id for h in search(tiny_model, index, item_id="item-001", k=12, exclude_reference=True)]
 
