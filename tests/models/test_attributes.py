@@ -387,3 +387,67 @@ def test_training_report_and_refusals():
     with pytest.raises(ModelError, match="^no usable 'pattern' labels"):
         train_heads(x[:45], records[:45], x[45:], unlabelled[45:], config=config)
     assert HeadsConfig() == HeadsConfig(weight_decays=(0.0, 1e-4, 1e-3), steps=300, check_every=25, lr=0.05, seed=0)
+
+
+@pytest.mark.parametrize(
+    "attributes, text",
+    [
+        ({}, "a garment"),  # no category: "other"
+        ({"category": "outwear", "color": "olive", "closure": "zip"}, "a zip-up olive jacket"),
+        ({"category": "dress", "color": "red", "closure": "zip"}, "a red dress"),  # closures only on tops worn open
+        (
+            {"category": "shirt", "color": "white", "closure": "buttons", "sleeves": "three-quarter"},
+            "a button-front white three-quarter sleeve shirt",
+        ),
+        ({"category": "skirt", "color": "navy", "sleeves": "long", "neckline": "v-neck"}, "a navy skirt"),
+        (
+            {"category": "hoodie", "color": "grey", "neckline": "hood", "material": "fleece"},
+            "a grey fleece hoodie with a hood",
+        ),
+        (
+            {"category": "top", "color": "orange", "pattern": "text print", "neckline": "turtleneck"},
+            "an orange top with a text print and a turtleneck",
+        ),
+        ({"category": "undershirt", "color": "", "pattern": "dotted"}, "a polka dot vest top"),
+        (
+            {"category": "longsleeve", "color": "black", "secondary_color": "black", "pattern": "striped"},
+            "a black striped long-sleeve top",
+        ),
+        (
+            {"category": "polo", "color": "blue", "secondary_color": "multicolor", "pattern": "checked"},
+            "a blue checked polo shirt",
+        ),
+        ({"category": "body", "color": "pink", "secondary_color": "white", "pattern": "solid"}, "a pink bodysuit"),
+        (
+            {"category": "shorts", "color": "beige", "secondary_color": "brown", "pattern": "camouflage"},
+            "a pair of beige and brown camouflage shorts",
+        ),
+        ({"category": "shoes", "color": "white", "kids": True, "material": "leather"}, "a child's white leather shoes"),
+        (
+            {"category": "bag", "color": "yellow", "pattern": "animal print", "material": "synthetic"},
+            "a yellow animal print bag",
+        ),
+        (
+            {"category": "sweater", "color": "green", "pattern": "other", "material": "puffer"},
+            "a green patterned quilted sweater",
+        ),
+        ({"category": "blazer", "color": None, "pattern": "floral", "material": "wool"}, "a floral wool blazer"),
+        ({"category": "hat", "color": "orange", "pattern": "graphic print"}, "an orange hat with a graphic print"),
+    ],
+)
+def test_descriptions_by_hand(attributes, text):
+    assert describe(attributes) == text
+
+
+def test_descriptions_weigh_confidence():
+    sure = {"value": "striped", "confidence": 0.5}
+    unsure = {"value": "striped", "confidence": 0.4999}
+    base = {"category": {"value": "shirt", "confidence": 0.1}, "color": {"value": "red", "confidence": 0.1}}
+    assert describe({**base, "pattern": sure}) == "a red striped shirt"
+    assert describe({**base, "pattern": unsure}) == "a red shirt"
+    assert describe({**base, "pattern": {"value": "striped"}}) == "a red striped shirt"  # no confidence: sure
+    assert describe({**base, "pattern": unsure}, min_confidence=0.4) == "a red striped shirt"
+    assert describe({**base, "secondary_color": {"value": "white", "confidence": 0.9}, "pattern": sure}) == (
+        "a red and white striped shirt"
+    )
+    assert describe({"category": {"value": None, "confidence": 0.9}, "color": {"value": "red"}}) == "a red garment"

@@ -430,11 +430,11 @@ def test_manifest_fields_store_and_search_settings_on_load(tmp_path):
     manifest["nprobe"] = 4  # every list: a filtered IVF search is then exact
     (index.folder / "index.json").write_text(json.dumps(manifest))
     loaded = CatalogIndex.load(index.folder)
-    query = unit(np.random.default_rng(5).normal(size=(1, DIM)).astype(np.float32))[0]
     keep = parse_filter("kids == false")
-    for k in (3, 8):
-        expected, _ = brute_force(ids, rows, metadata, query, k, lambda m: not m["kids"])
-        assert [h.id for h in loaded.search_vectors(query[None], k, filter=keep)[0]] == expected
+    for query in unit(np.random.default_rng(5).normal(size=(10, DIM)).astype(np.float32)):
+        for k in (3, 5, 8):
+            expected, _ = brute_force(ids, rows, metadata, query, k, lambda m: not m["kids"])
+            assert [h.id for h in loaded.search_vectors(query[None], k, filter=keep)[0]] == expected
 
 
 def test_more_refusals_on_load(tmp_path, monkeypatch):
@@ -472,3 +472,20 @@ def test_more_refusals_on_load(tmp_path, monkeypatch):
     with pytest.raises(DataError) as error:
         CatalogIndex.load(index.folder)
     assert str(error.value) == f"corrupt feature file {data / 'features.npy'}: EOFError; rebuild the index"
+
+
+def test_items_without_metadata(tmp_path):
+    """metadata.json may lack an item (written by hand): it reads as no fields, and upserts and
+    removals of items given without metadata keep working."""
+    index, (ids, rows, _, _) = built(tmp_path, 6)
+    data = index.folder / "data-000001"
+    stored = json.loads((data / "metadata.json").read_text())
+    del stored["i002"]
+    (data / "metadata.json").write_text(json.dumps(stored))
+    loaded = CatalogIndex.load(index.folder)
+    hits = loaded.search_vectors(unit(rows[2:3]), 6, filter=parse_filter('color == ""'))[0]
+    assert [h.id for h in hits][0] == "i002" and hits[0].metadata == {}
+    assert loaded.search_vectors(unit(rows[2:3]), 1)[0][0].metadata == {}
+    loaded.upsert_features(["i003"], rows[3:4] * 2, {}, {"i003": tmp_path / "img" / "i003.jpg"})
+    assert loaded.metadata["i003"] == {}
+    assert loaded.remove(["i002"]) == ["i002"] and len(loaded) == 5

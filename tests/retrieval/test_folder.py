@@ -110,3 +110,36 @@ def test_live_index_logs_an_unexpected_error_with_its_traceback(folder, tiny_mod
         assert len(live) == 4
     assert live.problem.endswith("served: division by zero")
     assert caplog.records[0].exc_info[0] is ZeroDivisionError
+
+
+def test_a_manifest_without_a_store_is_faiss(folder):
+    manifest = json.loads((folder / "index.json").read_text())
+    del manifest["store"]
+    (folder / "index.json").write_text(json.dumps(manifest))
+    assert isinstance(open_index(folder), CatalogIndex)
+    (folder / "index.json").write_text(json.dumps({**manifest, "store": {}}))
+    assert isinstance(open_index(folder), CatalogIndex)
+
+
+def test_live_index_opens_once_and_checks_its_model_on_every_open(folder, tiny_model, monkeypatch):
+    with pytest.raises(ModelError, match="fingerprint"):
+        LiveIndex(folder, load_model(backbone="tiny:1"))
+    opened = []
+    load = CatalogIndex.load.__func__
+
+    def counted(cls, *args):
+        opened.append(args)
+        return load(cls, *args)
+
+    monkeypatch.setattr(CatalogIndex, "load", classmethod(counted))
+    live = LiveIndex(folder, tiny_model)
+    assert live.model is tiny_model
+    for _ in range(3):
+        live.current()
+    assert len(opened) == 1 and opened[0][1] is tiny_model
+    manifest = json.loads((folder / "index.json").read_text())
+    _rewrite_manifest(folder, image_fingerprint="another")
+    assert len(live) == 4 and len(opened) == 2 and opened[1][1] is tiny_model
+    assert "fingerprint another" in live.problem
+    (folder / "index.json").write_text(json.dumps(manifest))
+    assert len(live) == 4 and live.problem is None
