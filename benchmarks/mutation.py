@@ -75,6 +75,11 @@ MODULES: dict[str, list[str]] = {
             "test_training_report_and_refusals",
             "test_descriptions_by_hand",
             "test_descriptions_weigh_confidence",
+            "test_closures_belong_to_tops_worn_open",
+            "test_scores_skip_only_classes_absent_from_both",
+            "test_training_report_matches_the_saved_heads_and_the_settings",
+            "test_every_step_counts_and_ties_keep_the_first_check",
+            "test_heads_save_into_new_nested_folders_and_name_a_malformed_file",
         )
     ],
     "models/matcher.py": [  # the stage-2 training test (~100 s) is left out

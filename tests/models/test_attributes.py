@@ -16,7 +16,7 @@ from fashion_cir.captioning.vocab import DEFAULT_VOCABULARY
 from fashion_cir.cli import app
 from fashion_cir.data.captions import join_captions_val
 from fashion_cir.data.triplets import Triplet
-from fashion_cir.errors import ModelError
+from fashion_cir.errors import DataError, ModelError
 from fashion_cir.models.attributes import (
     HEADS_FILE,
     AttributeHeads,
@@ -451,3 +451,76 @@ def test_descriptions_weigh_confidence():
         "a red and white striped shirt"
     )
     assert describe({"category": {"value": None, "confidence": 0.9}, "color": {"value": "red"}}) == "a red garment"
+
+
+def test_closures_belong_to_tops_worn_open():
+    for category, closure, text in (
+        ("hoodie", "zip", "a zip-up black hoodie"),
+        ("sweater", "buttons", "a button-front black sweater"),
+        ("blazer", "buttons", "a button-front black blazer"),
+        ("pants", "zip", "a pair of black pants"),
+    ):
+        assert describe({"category": category, "color": "black", "closure": closure}) == text
+
+
+def test_scores_skip_only_classes_absent_from_both():
+    # each class once in true and once in pred, never matched: both count with F1 0
+    assert scores(np.array([0, 1]), np.array([1, 0]), 3) == {"accuracy": 0.0, "macro_f1": 0.0}
+
+
+def _val_accuracy(heads, features, records, name):
+    classes = heads.classes[name]
+    known = [(row, r[name]) for row, r in zip(heads.predict(features), records) if r.get(name, -1) in classes]
+    return 100.0 * sum(row[name]["value"] == value for row, value in known) / len(known), len(known)
+
+
+def test_training_report_matches_the_saved_heads_and_the_settings():
+    x, records = separable(60, seed=4)
+    for r in records[:6]:
+        r["pattern"] = "paisley"  # no usable label: left out of the loss and of the scores
+    for r in records[50:53]:
+        r["pattern"] = "paisley"
+    config = HeadsConfig(steps=30, check_every=10)
+    heads = train_heads(x[:45], records[:45], x[45:], records[45:], config=config)
+    for name in ("category", "color", "pattern", "length"):
+        accuracy, known = _val_accuracy(heads, x[45:], records[45:], name)
+        assert (
+            heads.info["val"][name]["accuracy"] == pytest.approx(accuracy) and heads.info["val"][name]["n_val"] == known
+        )
+    pattern = heads.info["val"]["pattern"]
+    assert pattern["n_train"] == 39 and pattern["n_val"] == 12
+    category = heads.info["val"]["category"]
+    majority = [r["category"] == category["majority"] for r in records[45:]]
+    hand = scores(np.array([CATEGORIES.index(r["category"]) for r in records[45:]]), np.zeros(15, np.int64), 3)
+    assert category["majority_accuracy"] == pytest.approx(100 * sum(majority) / 15)
+    if category["majority"] == CATEGORIES[0]:
+        assert category["majority_macro_f1"] == pytest.approx(hand["macro_f1"])
+    assert 0 < category["majority_macro_f1"] < 100
+    # float64 features are fine; the heads read each row's direction, not its length
+    scale = np.random.default_rng(1).uniform(0.2, 5.0, size=(60, 1))
+    scaled = train_heads((x * scale)[:45], records[:45], (x * scale)[45:], records[45:], config=config)
+    assert scaled.info["val"] == heads.info["val"] and scaled.predict(x) == heads.predict(x)
+    # weight decay is applied: a large one shrinks the weights
+    decayed = train_heads(
+        x[:45], records[:45], x[45:], records[45:], config=HeadsConfig(steps=30, weight_decays=(5.0,))
+    )
+    plain = train_heads(x[:45], records[:45], x[45:], records[45:], config=HeadsConfig(steps=30, weight_decays=(0.0,)))
+    norm = lambda h: float(h.heads["category"].weight.detach().norm())  # noqa: E731
+    assert norm(decayed) < 0.5 * norm(plain)
+
+
+def test_every_step_counts_and_ties_keep_the_first_check():
+    x, records = separable(30, seed=5)
+    # lr 0: every check scores the same, so the first check is kept, after exactly one step
+    still = train_heads(x[:20], records[:20], x[20:], records[20:], config=HeadsConfig(steps=3, check_every=1, lr=0.0))
+    assert {v["steps"] for v in still.info["val"].values()} == {1}
+    once = train_heads(x[:20], records[:20], x[20:], records[20:], config=HeadsConfig(steps=1, check_every=1))
+    assert {v["steps"] for v in once.info["val"].values()} == {1}
+
+
+def test_heads_save_into_new_nested_folders_and_name_a_malformed_file(tmp_path):
+    heads = AttributeHeads(2, {"kids": [False, True]})
+    heads.save(tmp_path / "a" / "b")
+    (tmp_path / "a" / "b" / HEADS_FILE).write_text("{")
+    with pytest.raises(DataError, match=r"^malformed attribute heads file .*attributes\.json: "):
+        AttributeHeads.load(tmp_path / "a" / "b")
