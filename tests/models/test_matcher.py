@@ -71,6 +71,7 @@ def test_item_without_description_scores_on_its_image_alone(model):
 def test_a_model_with_a_matcher_defaults_to_an_even_fusion(matcher):
     from fashion_cir.models.factory import create_backbone
 
+    assert DescriptionMatcher().config() == {"spec": "minilm", "shared": False}  # the default encoder
     assert CIRModel(create_backbone("tiny:0"), matcher=matcher).fusion == Fusion(composed=0.5, caption=0.5)
     assert CIRModel(create_backbone("tiny:0")).fusion == Fusion(composed=1.0)
 
@@ -399,3 +400,22 @@ def test_description_bank_by_hand(small_matcher, tmp_path, monkeypatch):
     in_memory = DescriptionBank(None).features(m, ["a skirt", None])
     assert len(list(tmp_path.iterdir())) == 1 and in_memory[1].abs().sum() == 0
     assert DescriptionBank(None).features(m, []).shape == (0, 16)
+
+
+def test_query_side_methods_read_the_query_encoder(small_matcher):
+    """Trained, the query encoder differs from the item encoder: pool, embed and embed_optional
+    of the query side read it, the item side reads the frozen copy."""
+    m = DescriptionMatcher(small_matcher.spec)
+    weight = m.query_encoder.encoder.layer[0].output.dense.weight
+    with torch.no_grad():
+        weight.add_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(2)))
+    texts = ["a red dress", "black jeans"]
+    tokens = m.tokenize(texts)
+    with torch.no_grad():
+        query, item = mean_pool(m.query_encoder, tokens), mean_pool(m.item_encoder, tokens)
+    assert not torch.allclose(query, item, atol=1e-3)
+    torch.testing.assert_close(m.pool(texts), query, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        m.embed_optional([None, *texts], "query")[1:], F.normalize(query, dim=-1), atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(m.embed_optional(texts, "item"), F.normalize(item, dim=-1), atol=1e-5, rtol=0)
