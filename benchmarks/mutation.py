@@ -49,6 +49,8 @@ MODULES: dict[str, list[str]] = {
             "test_add_upsert_and_remove_by_hand",
             "test_adding_images_from_another_folder_widens_the_recorded_root",
             "test_concurrent_index_adds_take_turns_and_lose_nothing",
+            "test_rows_of_a_model_that_reads_descriptions_and_attributes",
+            "test_build_and_add_options",
         )
     ],
     "retrieval/dense.py": ["tests/retrieval/test_dense.py"],

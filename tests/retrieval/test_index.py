@@ -567,3 +567,94 @@ def test_add_upsert_and_remove_by_hand(tmp_path, tiny_model, drawings):
         add_to_index(folder, tiny_model, {"broken": broken}, progress=False)
     with pytest.raises(DataError, match=r"^1 of 1 catalog images failed"):
         upsert_index(folder, tiny_model, {"broken": broken}, progress=False)
+
+
+def test_rows_of_a_model_that_reads_descriptions_and_attributes(tmp_path, drawings):
+    """An index stores [image | description | attributes] rows for a model that reads all three:
+    the blocks rebuilt here from the model's own parts; the description bank under the cache."""
+    from fashion_cir.models.matcher import DescriptionBank
+    from support.matcher import multi_block_model
+
+    model = multi_block_model(tmp_path / "encoder")
+    ids = ["item-000", "item-001", "item-002"]
+    shop = _copy_drawings(drawings, tmp_path / "shop", ids)
+    metadata = {i: dict(drawings[1][i]) for i in ids}
+    index = build_index(tmp_path / "index", model, shop, metadata, progress=False)
+    config = index.config
+    assert config["matcher"] == model.matcher.config() and config["attributes"] == ["category", "color"]
+    assert config["blocks"] == model.block_dims()
+    dim = config["feature_dim"]
+    described = DescriptionBank(None).features(model.matcher, [metadata[i]["description"] for i in ids])
+    attributes = model.attribute_space.one_hot([metadata[i] for i in ids])
+    stored = np.stack([index.vector(i) for i in ids])
+    np.testing.assert_allclose(stored[:, dim : dim + described.shape[1]], described.numpy(), atol=2e-3)
+    np.testing.assert_array_equal(stored[:, dim + described.shape[1] :], attributes.numpy())
+    assert list((tmp_path / "index" / "feature-cache").glob("descriptions-*.npz"))
+    more = _copy_drawings(drawings, tmp_path / "shop", ["item-003"])
+    added = add_to_index(tmp_path / "index", model, more, {"item-003": dict(drawings[1]["item-003"])}, progress=False)
+    row = added.vector("item-003")
+    expected = model.attribute_space.one_hot([drawings[1]["item-003"]]).numpy()[0]
+    np.testing.assert_array_equal(row[dim + described.shape[1] :], expected)
+    assert row[dim : dim + described.shape[1]].any()
+
+
+def test_build_and_add_options(tmp_path, tiny_model, drawings):
+    from fashion_cir.retrieval.store import StoreSpec
+
+    shop = _copy_drawings(drawings, tmp_path / "shop", ["item-000", "item-001", "item-002", "item-003"])
+    folder = tmp_path / "index"
+    index = build_index(
+        folder, tiny_model, shop, ids=["item-002", "item-000"], store=StoreSpec("faiss"), progress=False
+    )
+    assert index.ids == ["item-002", "item-000"]
+    assert set(index.config) == {
+        "format",
+        "store",
+        "fields",
+        "factory",
+        "metric",
+        "feature_dim",
+        "matcher",
+        "attributes",
+        "blocks",
+        "nprobe",
+        "ef_search",
+        "backbone",
+        "model_dir",
+        "preprocess",
+        "image_fingerprint",
+        "count",
+        "data",
+        "root",
+        "created",
+        "versions",
+        "updated",
+    }
+    for name in ("encode_seconds", "index_seconds"):
+        value = index.report[name]
+        assert isinstance(value, float) and 0 <= value < 600 and round(value, 3) == value
+    broken = tmp_path / "shop" / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    report = build_index(tmp_path / "b", tiny_model, {**shop, "broken": broken}, progress=False).report
+    assert report["failures"]["broken"] != "not encoded" and "broken" in report["failures"]
+    added = add_to_index(folder, tiny_model, shop, ids=["item-001"], progress=False)
+    assert added.ids == ["item-002", "item-000", "item-001"] and set(added.config) == set(index.config)
+    with pytest.raises(ModelError, match="fingerprint"):
+        add_to_index(folder, load_model(backbone="tiny:1"), shop, progress=False)
+    remove_from_index(folder, ["item-001"])
+    again = add_to_index(folder, tiny_model, shop, ids=["item-001"], progress=False)  # in the folder's cache
+    assert again.report["reused"] == 1 and again.report["computed"] == 0 and again.report["added"] == 1
+    upserted = upsert_index(
+        folder,
+        tiny_model,
+        {i: shop[i] for i in ["item-000", "item-002", "item-003"]},
+        cache_dir=tmp_path / "c",
+        progress=False,
+    )
+    assert upserted.report["replaced"] == 2 and upserted.report["added"] == 1 and (tmp_path / "c").is_dir()
+    # a model folder is recorded, to search the index with it later
+    saved = load_model(backbone="tiny")
+    saved.save(tmp_path / "model")
+    from_folder = load_model(tmp_path / "model")
+    built = build_index(tmp_path / "m", from_folder, {"item-000": shop["item-000"]}, progress=False)
+    assert built.config["model_dir"] == str(from_folder.source) and from_folder.source
