@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from fashion_cir.evaluation.stats import paired_difference, recall_interval
+from fashion_cir.evaluation.stats import bootstrap_mean, paired_difference, recall_interval
 
 
 def test_interval_brackets_the_recall_and_matches_the_normal_approximation():
@@ -82,3 +82,46 @@ def test_the_95_percent_interval_covers_95_percent_of_the_bootstrap_distribution
 def test_paired_difference_needs_the_same_queries():
     with pytest.raises(ValueError, match="same queries"):
         paired_difference([1, 2, 3], [1, 2], 10)
+
+
+def _bootstrap_by_hand(values: list[float], resamples: int, seed: int, level: float) -> tuple[float, float, float]:
+    """A second implementation: the same draws from the same generator, quantiles by linear interpolation."""
+    draws = np.random.default_rng(seed).integers(0, len(values), size=(resamples, len(values)))
+    means = sorted(sum(values[i] for i in row) / len(values) for row in draws)
+
+    def quantile(q: float) -> float:
+        position = q * (resamples - 1)
+        below = math.floor(position)
+        above = min(below + 1, resamples - 1)
+        return means[below] + (means[above] - means[below]) * (position - below)
+
+    tail = (1 - level) / 2
+    return 100 * sum(values) / len(values), 100 * quantile(tail), 100 * quantile(1 - tail)
+
+
+def test_intervals_match_a_bootstrap_written_out_by_hand():
+    ranks_a = [0, 12, 3, 40, 9, 9, 10, 2, 77, 5, 1, 30]
+    ranks_b = [4, 2, 50, 40, 11, 8, 10, 60, 0, 5, 20, 1]
+    hits_a = [float(r < 10) for r in ranks_a]
+    hits_b = [float(r < 10) for r in ranks_b]
+    for seed, level in ((0, 0.95), (3, 0.8)):
+        expected = _bootstrap_by_hand(hits_a, 300, seed, level)
+        assert recall_interval(ranks_a, 10, resamples=300, seed=seed, level=level) == pytest.approx(expected)
+        difference = [x - y for x, y in zip(hits_a, hits_b)]
+        expected = _bootstrap_by_hand(difference, 300, seed, level)
+        assert paired_difference(ranks_a, ranks_b, 10, resamples=300, seed=seed, level=level) == pytest.approx(expected)
+    # the defaults: 2,000 resamples, seed 0, a 95% interval
+    assert recall_interval(ranks_a, 10) == pytest.approx(_bootstrap_by_hand(hits_a, 2000, 0, 0.95))
+    difference = [x - y for x, y in zip(hits_a, hits_b)]
+    assert paired_difference(ranks_a, ranks_b, 10) == pytest.approx(_bootstrap_by_hand(difference, 2000, 0, 0.95))
+    assert recall_interval(ranks_a, 9) != recall_interval(ranks_a, 10)  # k reaches the hits
+    # defaults again on data whose interval moves with the seed (13 queries, 0/1 hits; 13 real values)
+    ranks_a, ranks_b = np.random.default_rng(13).integers(0, 20, 13), np.random.default_rng(113).integers(0, 20, 13)
+    hits_a, hits_b = (ranks_a < 10).astype(float).tolist(), (ranks_b < 10).astype(float).tolist()
+    assert recall_interval(ranks_a, 10) == pytest.approx(_bootstrap_by_hand(hits_a, 2000, 0, 0.95))
+    assert recall_interval(ranks_a, 10) != recall_interval(ranks_a, 10, seed=1)
+    difference = [x - y for x, y in zip(hits_a, hits_b)]
+    assert paired_difference(ranks_a, ranks_b, 10) == pytest.approx(_bootstrap_by_hand(difference, 2000, 0, 0.95))
+    assert paired_difference(ranks_a, ranks_b, 10) != paired_difference(ranks_a, ranks_b, 10, seed=1)
+    values = np.random.default_rng(5).normal(size=13)
+    assert bootstrap_mean(values) == pytest.approx(_bootstrap_by_hand(values.tolist(), 2000, 0, 0.95))

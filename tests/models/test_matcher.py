@@ -5,6 +5,7 @@ target's description. Real MiniLM weights."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -18,10 +19,11 @@ from fashion_cir.data.triplets import Triplet, TripletSet
 from fashion_cir.errors import DataError, ModelError
 from fashion_cir.evaluation.evaluate import EvalOptions, evaluate_sets
 from fashion_cir.features.cache import FeatureCache
+from fashion_cir.io import text_sha1
 from fashion_cir.models.cir import CIRModel, load_model
 from fashion_cir.models.fusion import AttributeSpace, Fusion, QueryParts
 from fashion_cir.models.matcher import DescriptionBank, DescriptionMatcher
-from fashion_cir.models.sentence_encoder import resolve_encoder_path
+from fashion_cir.models.sentence_encoder import mean_pool, resolve_encoder_path
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +71,7 @@ def test_item_without_description_scores_on_its_image_alone(model):
 def test_a_model_with_a_matcher_defaults_to_an_even_fusion(matcher):
     from fashion_cir.models.factory import create_backbone
 
+    assert DescriptionMatcher().config() == {"spec": "minilm", "shared": False}  # the default encoder
     assert CIRModel(create_backbone("tiny:0"), matcher=matcher).fusion == Fusion(composed=0.5, caption=0.5)
     assert CIRModel(create_backbone("tiny:0")).fusion == Fusion(composed=1.0)
 
@@ -268,3 +271,151 @@ def test_stored_index_rows_give_the_models_item_vectors(model):
     assert np.allclose(item_vectors(rows, config), by_hand, atol=1e-6)
     plain = item_vectors(image.numpy(), {"feature_dim": d, "matcher": None})
     assert np.allclose(plain, F.normalize(image, dim=-1).numpy(), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def small_matcher(tmp_path_factory) -> DescriptionMatcher:
+    """A random 3-layer, 16-wide BERT with MiniLM's tokenizer (fast; layers to freeze and train)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("encoder")
+    AutoTokenizer.from_pretrained(resolve_encoder_path("minilm")).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=160,
+    )
+    BertModel(config).save_pretrained(folder)
+    return DescriptionMatcher(f"hf:{folder}")
+
+
+def _trainable(module) -> set[str]:
+    return {name for name, p in module.named_parameters() if p.requires_grad}
+
+
+def test_matcher_sides_trainable_parts_and_modes(small_matcher):
+    m = small_matcher
+    assert m.dim == 16 and m.config() == {"spec": m.spec, "shared": False} and m.context_length == 128
+    assert m.item_encoder is not m.query_encoder and not m.item_encoder.training
+    assert all(not p.requires_grad for p in m.item_encoder.parameters())
+    query_names = {n for n, _ in m.query_encoder.named_parameters()}
+    try:
+        m.set_trainable(True)
+        assert _trainable(m) == {f"query_encoder.{n}" for n in query_names}
+        m.set_trainable(True, last_n_blocks=1)
+        assert _trainable(m) == {f"query_encoder.{n}" for n in query_names if n.startswith("encoder.layer.2.")}
+        m.set_trainable(True, last_n_blocks=2)
+        assert {n.split(".")[3] for n in _trainable(m)} == {"1", "2"}
+        m.set_trainable(True, last_n_blocks=9)  # more than there are: all layers, not the embeddings
+        assert {n.split(".")[3] for n in _trainable(m)} == {"0", "1", "2"}
+        m.set_trainable(False)
+        assert _trainable(m) == set()
+        m.train()
+        assert m.query_encoder.training and not m.item_encoder.training
+        assert m.train(False) is m and not m.query_encoder.training
+    finally:
+        m.set_trainable(False)
+        m.eval()
+    assert set(m.trained_state()) == set(m.query_encoder.state_dict())
+    assert all(not v.requires_grad for v in m.trained_state().values())
+
+
+def test_matcher_embeddings_by_hand(small_matcher):
+    m = small_matcher
+    texts = ["a red dress", "black jeans with a very long description " * 40, "x"]
+    tokens = m.tokenize(texts)
+    assert set(tokens) == {"input_ids", "attention_mask"} and tokens["input_ids"].shape == (3, 128)  # truncated
+    with torch.no_grad():
+        query = mean_pool(m.query_encoder, tokens)
+        item = mean_pool(m.item_encoder, tokens)
+    torch.testing.assert_close(m.pool(texts), query, atol=1e-5, rtol=0)
+    torch.testing.assert_close(m.embed(texts, "query"), F.normalize(query, dim=-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(m.embed(texts, "item", batch_size=1), F.normalize(item, dim=-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(m.encode_queries(tokens), F.normalize(query, dim=-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(m.embed(texts, "query", normalize=False, batch_size=2), query, atol=1e-5, rtol=0)
+    assert m.embed([], "query").shape == (0, 16)
+    m.query_encoder.train()
+    try:
+        m.embed(texts, "query")  # no dropout while embedding, and the mode is given back
+        assert m.query_encoder.training
+    finally:
+        m.eval()
+    optional = m.embed_optional([None, "a red dress", "", "x"], "item")
+    assert optional[[0, 2]].abs().sum() == 0
+    torch.testing.assert_close(optional[[1, 3]], m.embed(["a red dress", "x"], "item"), atol=1e-6, rtol=0)
+    assert m.embed_optional([None], "item").shape == (1, 16) and m.embed_optional([], "query").shape == (0, 16)
+
+
+def test_a_shared_matcher_reads_queries_with_the_given_encoder(small_matcher):
+    """The query side is the module given (e.g. the backbone's text tower); the item side is the
+    pretrained encoder, frozen."""
+    tower = copy.deepcopy(small_matcher.query_encoder)
+    with torch.no_grad():
+        weight = tower.encoder.layer[0].output.dense.weight
+        weight.add_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)))
+    shared = DescriptionMatcher(small_matcher.spec, query_encoder=tower)
+    assert shared.shared and shared.config() == {"spec": small_matcher.spec, "shared": True}
+    assert shared.query_encoder is tower and shared.item_encoder is not tower and not shared.item_encoder.training
+    assert all(not p.requires_grad for p in shared.item_encoder.parameters())
+    torch.testing.assert_close(shared.embed(["a hat"], "item"), small_matcher.embed(["a hat"], "item"))
+    assert not torch.allclose(shared.embed(["a hat"], "query"), small_matcher.embed(["a hat"], "query"), atol=1e-3)
+
+
+def test_description_bank_by_hand(small_matcher, tmp_path, monkeypatch):
+    m = small_matcher
+    embedded: list[list[str]] = []
+    embed = m.embed
+
+    def counting(texts, side, *args, **kwargs):
+        embedded.append(list(texts))
+        assert side == "item"
+        return embed(texts, side, *args, **kwargs)
+
+    monkeypatch.setattr(m, "embed", counting)
+    bank = DescriptionBank(tmp_path)
+    texts = ["b dress", None, "a skirt", "b dress", ""]
+    first = bank.features(m, texts)
+    file = tmp_path / f"descriptions-{text_sha1(m.spec)[:12]}.npz"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [file.name]
+    assert len(embedded) == 1 and sorted(embedded[0]) == ["a skirt", "b dress"]  # once each
+    expected = embed(["b dress", "a skirt"], "item").numpy().astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(first[[0, 2, 3]].numpy(), expected[[0, 1, 0]])
+    assert first[[1, 4]].abs().sum() == 0 and first.dtype == torch.float32
+    with np.load(file) as data:
+        assert sorted(data["keys"].tolist()) == sorted([text_sha1("b dress"), text_sha1("a skirt")])
+        assert data["features"].dtype == np.float16
+    again = DescriptionBank(str(tmp_path)).features(m, ["a skirt", "c hat"])
+    assert embedded[1:] == [["c hat"]]  # only the new one
+    np.testing.assert_array_equal(again[0].numpy(), first[2].numpy())
+    assert DescriptionBank(tmp_path).features(m, ["c hat", "b dress"]).shape == (2, 16) and len(embedded) == 2
+    with np.load(file) as data:
+        assert len(data["keys"]) == 3
+    np.savez(file, keys=np.array(["k"]))  # a foreign file without features: rebuilt
+    DescriptionBank(tmp_path).features(m, ["a skirt"])
+    assert embedded[-1] == ["a skirt"]
+    in_memory = DescriptionBank(None).features(m, ["a skirt", None])
+    assert len(list(tmp_path.iterdir())) == 1 and in_memory[1].abs().sum() == 0
+    assert DescriptionBank(None).features(m, []).shape == (0, 16)
+
+
+def test_query_side_methods_read_the_query_encoder(small_matcher):
+    """Trained, the query encoder differs from the item encoder: pool, embed and embed_optional
+    of the query side read it, the item side reads the frozen copy."""
+    m = DescriptionMatcher(small_matcher.spec)
+    weight = m.query_encoder.encoder.layer[0].output.dense.weight
+    with torch.no_grad():
+        weight.add_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(2)))
+    texts = ["a red dress", "black jeans"]
+    tokens = m.tokenize(texts)
+    with torch.no_grad():
+        query, item = mean_pool(m.query_encoder, tokens), mean_pool(m.item_encoder, tokens)
+    assert not torch.allclose(query, item, atol=1e-3)
+    torch.testing.assert_close(m.pool(texts), query, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        m.embed_optional([None, *texts], "query")[1:], F.normalize(query, dim=-1), atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(m.embed_optional(texts, "item"), F.normalize(item, dim=-1), atol=1e-5, rtol=0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 
 from fashion_cir.language.lexicon import LENGTH_ORDER, LIGHTNESS
-from fashion_cir.retrieval.explain import explain, requested_changes
+from fashion_cir.retrieval.explain import attribute_values, explain, requested_changes
 
 
 def test_shorter_and_longer_need_a_different_length():
@@ -61,3 +61,93 @@ def test_darker_lighter_and_sleeve_moves():
         known = ref in LIGHTNESS and got in LIGHTNESS
         darker = known and LIGHTNESS[got] < LIGHTNESS[ref]
         assert explain({"color": "<"}, {"color": ref}, {"color": got})["satisfied"] == (["darker"] if darker else [])
+
+
+def test_satisfied_missed_and_kept_phrases_by_hand():
+    wanted = requested_changes("is a floral v-neck dress in silk with long sleeves and shorter")
+    assert wanted == {
+        "pattern": "floral",
+        "neckline": "v-neck",
+        "category": "dress",
+        "material": "satin",
+        "sleeves": "long",
+        "length": "<",
+    }
+    reference = {"category": "skirt", "color": "red", "pattern": "solid", "length": "knee", "closure": "zip"}
+    item = {
+        "category": "dress",
+        "color": "red",
+        "pattern": "floral",
+        "neckline": "round",
+        "material": "satin",
+        "sleeves": "short",
+        "length": "thigh",
+    }
+    assert explain(wanted, reference, item) == {
+        "satisfied": ["floral", "dress", "satin", "shorter"],
+        "missed": ["v-neck", "long sleeves"],
+        "kept": ["red"],
+    }
+    assert explain({"length": ">"}, reference, {"length": "full"})["satisfied"] == ["longer"]
+    assert explain({"length": "midi"}, reference, {"length": "knee"})["missed"] == ["midi length"]
+    assert explain({"sleeves": "long", "length": "midi"}, None, {"sleeves": "long", "length": "midi"})["satisfied"] == [
+        "long sleeves",
+        "midi length",
+    ]
+
+
+def test_kept_lists_every_key_attribute_equal_to_the_reference_except_wildcards_and_asked_ones():
+    both = {
+        "category": "dress",
+        "color": "none",
+        "pattern": "unknown",
+        "sleeves": "other",
+        "neckline": "v-neck",
+        "length": "knee",
+        "material": "cotton",
+        "closure": "zip",  # not a key attribute
+    }
+    assert explain({}, both, dict(both))["kept"] == ["dress", "v-neck", "knee length", "cotton"]
+    assert explain({"color": "red"}, {**both, "color": "red"}, {**both, "color": "red"})["kept"] == [
+        "dress",
+        "v-neck",
+        "knee length",
+        "cotton",
+    ]
+    assert explain({}, {**both, "sleeves": "long"}, {**both, "sleeves": "long"})["kept"] == [
+        "dress",
+        "long sleeves",
+        "v-neck",
+        "knee length",
+        "cotton",
+    ]
+    # no reference (an uploaded photo): nothing is kept, relative lengths are missed, absolute ones judged
+    assert explain({"length": "<", "color": "red"}, None, {"color": "red", "length": "hip"}) == {
+        "satisfied": ["red"],
+        "missed": ["shorter"],
+        "kept": [],
+    }
+    assert explain({}, {"category": None}, {})["kept"] == []
+
+
+def test_attribute_values_reads_plain_and_predicted_entries():
+    metadata = {
+        "category": "dress",
+        "color": {"value": "red", "confidence": 0.9},
+        "secondary_color": {"value": "blue"},
+        "closure": "zip",
+        "kids": {"value": True, "confidence": 0.4},
+        "brand": "ignored",
+    }
+    assert attribute_values(metadata) == {
+        "category": "dress",
+        "color": "red",
+        "pattern": None,
+        "sleeves": None,
+        "neckline": None,
+        "length": None,
+        "material": None,
+        "secondary_color": "blue",
+        "closure": "zip",
+        "kids": True,
+    }

@@ -206,3 +206,87 @@ def test_random_filters_follow_the_precedence_of_not_and_or():
             {"category": "dress", "color": "blue", "kids": False},
         )
     ] == [True, True, False]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("color", "unexpected end, expected '==', '!=', 'in' or 'not in'"),
+        ("color ==", "unexpected end, expected a value"),
+        ("color not", "unexpected end, expected 'in'"),
+        ("color in", "unexpected end, expected '['"),
+        ('color in ["red"', "unexpected end, expected ']'"),
+        ("", "it is empty"),
+        ('(color == "red"]', "unexpected token ']', expected ')' at position 16"),
+        ('color in ("red")', "unexpected token '(', expected '[' at position 10"),
+        ('color [ "red"', "unexpected token '[', expected '==', '!=', 'in' or 'not in' at position 7"),
+        ('color or ["red"]', "unexpected token 'or', expected '==', '!=', 'in' or 'not in' at position 7"),
+        ('color not == "red"', "unexpected token '==', expected '==', '!=', 'in' or 'not in' at position 11"),
+        ("color == not", "unexpected token 'not', expected a quoted text, a number, true or false at position 10"),
+        ("color == and", "unexpected token 'and', expected a quoted text, a number, true or false at position 10"),
+        ("color in [red]", "unexpected token 'red', expected a quoted text, a number, true or false at position 11"),
+    ],
+)
+def test_errors_in_full(text, message):
+    """The whole one-line message: the filter as written, the reason, the 1-based position."""
+    with pytest.raises(FilterError) as error:
+        parse_filter(text)
+    assert str(error.value) == f"bad filter {text!r}: {message}"
+
+
+def test_long_filters_are_shown_cut_to_100_characters():
+    exactly = 'color == "' + "x" * 86 + '" or'  # 100 characters
+    with pytest.raises(FilterError) as error:
+        parse_filter(exactly)
+    assert str(error.value) == f"bad filter {exactly!r}: unexpected end, expected a field name"
+    longer = exactly + " "
+    assert len(exactly) == 100
+    with pytest.raises(FilterError) as error:
+        parse_filter(longer)
+    assert str(error.value) == f"bad filter {longer[:97] + '...'!r}: unexpected end, expected a field name"
+    deep = "(" * 60 + 'color == "red"' + ")" * 60
+    with pytest.raises(FilterError) as error:
+        parse_filter(deep)
+    assert str(error.value) == (
+        f"bad filter {deep[:97] + '...'!r}: nested more than 32 levels deep (parentheses and 'not') at position 33"
+    )
+    controlled = exactly[:-2] + "\x01r "
+    with pytest.raises(FilterError) as error:
+        parse_filter(controlled)
+    assert str(error.value) == (
+        f"bad filter {longer[:97] + '...'!r}: control character U+0001 at position 99; a filter is plain text"
+    )
+
+
+def test_parsed_filter_keeps_its_text_and_fields():
+    text = 'not colour == "red" and (size == 1 or not kids in [true]) '  # trailing spaces are fine
+    parsed = parse_filter(text)
+    assert parsed.text == text and parsed.fields == {"colour", "size", "kids"}
+    with pytest.raises(FilterError) as error:
+        parse_filter(text, ["size", "kids"])
+    assert str(error.value) == f"bad filter {text!r}: unknown field 'colour' (filterable fields: kids, size)"
+    with pytest.raises(FilterError) as error:
+        parse_filter("not (size == 1 or kids == true)", [])
+    assert str(error.value).endswith("unknown field 'kids' (filterable fields: none)")
+    assert parse_filter("not (size == 1 or kids == true)", ["kids", "size"]).fields == {"kids", "size"}
+
+
+def test_field_text_of_nested_values_is_sorted_unescaped_json():
+    assert field_text({"b": [1, 2], "a": "é"}) == '{"a": "é", "b": [1, 2]}'
+    assert field_text(["ü", None, True]) == '["ü", null, true]'
+    assert parse_filter("tags == '[\"ü\", null, true]'").matches({"tags": ["ü", None, True]})
+
+
+def test_a_field_no_record_has_reads_as_empty_text_on_columns():
+    for text, expected in (
+        ('season == ""', [0, 1, 2]),
+        ('season != ""', []),
+        ('season in ["", "x"] and color == "red"', [0]),
+        ('not season == "winter"', [0, 1, 2]),
+        ('color == "blue" or season == "winter"', [1]),
+    ):
+        parsed = parse_filter(text)
+        columns = {"color": np.array(["red", "blue", ""], dtype=object)}
+        assert np.flatnonzero(parsed.mask(columns, 3)).tolist() == expected, text
+        records = [{"color": "red"}, {"color": "blue"}, {}]
+        assert [n for n, r in enumerate(records) if parsed.matches(r)] == expected, text

@@ -23,7 +23,14 @@ from fashion_cir.cli import app
 from fashion_cir.data.metadata import read_metadata
 from fashion_cir.errors import DataError, ModelError
 from fashion_cir.models.cir import CIRModel, load_model
-from fashion_cir.retrieval import CatalogIndex, add_to_index, build_index, load_catalog, search
+from fashion_cir.retrieval import (
+    CatalogIndex,
+    add_to_index,
+    build_index,
+    load_catalog,
+    remove_from_index,
+    search,
+)
 from support.serving import synthetic_catalog
 
 runner = CliRunner()
@@ -446,3 +453,211 @@ def test_concurrent_index_adds_take_turns_and_lose_nothing(tmp_path, drawings):
     loaded = CatalogIndex.load(tmp_path / "index", model)
     assert sorted(loaded.ids) == sorted(items_id for items_id, _ in items) and len(set(loaded.ids)) == 30
     assert [p.name for p in (tmp_path / "index").glob("data-*")] == [loaded.config["data"]]
+
+
+# -- building and updating by hand, on a few drawings (issue 24) --
+def _copy_drawings(drawings, folder: Path, ids: list[str]) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    return {i: Path(shutil.copy(drawings[0][i], folder / f"{i}.jpg")) for i in ids}
+
+
+def test_build_records_the_manifest_and_the_report(tmp_path, tiny_model, drawings):
+    paths = _copy_drawings(drawings, tmp_path / "shop", ["item-000", "item-001", "item-002"])
+    paths["broken"] = tmp_path / "shop" / "broken.jpg"
+    paths["broken"].write_bytes(b"not a jpeg")
+    metadata = {i: dict(drawings[1][i]) for i in paths if i != "broken"}
+    metadata["item-001"]["in stock"] = True  # not an identifier: not filterable
+    index = build_index(tmp_path / "index", tiny_model, paths, metadata, progress=False, max_failed_share=0.5)
+    config = json.loads((tmp_path / "index" / "index.json").read_text())
+    assert config["fields"] == ["category", "color", "description"] and config["factory"] == "Flat"
+    assert config["store"] == {"kind": "faiss", "uri": None} and config["metric"] == "inner_product"
+    assert config["feature_dim"] == tiny_model.backbone.feature_dim and config["count"] == 3
+    assert config["matcher"] is None and config["attributes"] is None and config["model_dir"] is None
+    assert config["blocks"] == tiny_model.block_dims() and config["nprobe"] == 64 and config["ef_search"] == 64
+    assert config["backbone"] == tiny_model.backbone.spec and config["root"] == str((tmp_path / "shop").resolve())
+    assert config["image_fingerprint"] == tiny_model.backbone.image_fingerprint()
+    assert config["preprocess"] == tiny_model.backbone.preprocess_description
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", config["created"]) and "python" in config["versions"]
+    report = index.report
+    assert report["requested"] == 4 and report["computed"] == 3 and report["reused"] == 0 and report["added"] == 3
+    assert report["failed"] == 1 and list(report["failures"]) == ["broken"] and report["index_seconds"] >= 0
+    assert (tmp_path / "index" / "feature-cache").is_dir()  # the default cache, inside the index folder
+    assert index.ids == ["item-000", "item-001", "item-002"]
+    with pytest.raises(DataError) as error:
+        build_index(tmp_path / "index", tiny_model, paths, metadata, progress=False)
+    assert str(error.value) == (
+        f"an index already exists in {tmp_path / 'index'}; add images with `fashion-cir index add`, "
+        "or rebuild with --overwrite"
+    )
+    again = build_index(
+        tmp_path / "index",
+        tiny_model,
+        paths,
+        metadata,
+        progress=False,
+        overwrite=True,
+        max_failed_share=0.5,
+        factory="HNSW8",
+        nprobe=3,
+        ef_search=9,
+        cache_dir=tmp_path / "cache",
+    )
+    assert again.report["reused"] == 0 and again.report["computed"] == 3 and (tmp_path / "cache").is_dir()
+    assert (again.config["factory"], again.config["nprobe"], again.config["ef_search"]) == ("HNSW8", 3, 9)
+    with pytest.raises(DataError, match=r"^1 of 4 catalog images failed \(more than the allowed 20%\)"):
+        build_index(tmp_path / "other", tiny_model, paths, metadata, progress=False)
+    assert not (tmp_path / "other" / "index.json").exists()
+
+
+def test_add_upsert_and_remove_by_hand(tmp_path, tiny_model, drawings):
+    shop = _copy_drawings(drawings, tmp_path / "shop", ["item-000", "item-001", "item-002", "item-003"])
+    metadata = {i: dict(drawings[1][i]) for i in shop}
+    folder = tmp_path / "index"
+    build_index(folder, tiny_model, {i: shop[i] for i in ["item-000", "item-001"]}, metadata, progress=False)
+    added = add_to_index(folder, tiny_model, shop, metadata, progress=False)
+    assert added.report == {
+        **{k: added.report[k] for k in ("failures", "encode_seconds")},
+        "requested": 4,
+        "computed": 2,  # only the two new images are encoded
+        "reused": 0,
+        "failed": 0,
+        "already_indexed": 2,
+        "added": 2,
+    }
+    nothing = add_to_index(folder, tiny_model, {"item-000": shop["item-000"]}, metadata, progress=False)
+    assert nothing.report == {
+        "requested": 1,
+        "computed": 0,
+        "reused": 0,
+        "failed": 0,
+        "failures": {},
+        "already_indexed": 1,
+        "added": 0,
+    }
+    # upsert: item-001 gets another photo (a new file elsewhere) and new metadata; item-009 is new
+    moved = _copy_drawings(drawings, tmp_path / "shop" / "new", ["item-005", "item-009"])
+    replaced = add_to_index(
+        folder,
+        tiny_model,
+        {"item-001": moved["item-005"], "item-009": moved["item-009"]},
+        {"item-001": {"color": "gold"}, "item-009": dict(drawings[1]["item-009"])},
+        replace=True,
+        progress=False,
+    )
+    assert replaced.report["replaced"] == 1 and replaced.report["added"] == 1 and replaced.report["requested"] == 2
+    loaded = CatalogIndex.load(folder, tiny_model)
+    assert loaded.paths["item-001"] == moved["item-005"].resolve() and loaded.metadata["item-001"] == {"color": "gold"}
+    fresh = build_index(tmp_path / "fresh", tiny_model, {"x": moved["item-005"]}, progress=False)
+    np.testing.assert_allclose(loaded.vector("item-001"), fresh.vector("x"), atol=1e-6)
+    assert loaded.ids == ["item-000", "item-001", "item-002", "item-003", "item-009"]
+    index, removed, missing = remove_from_index(folder, ["item-002", "nope", "item-002", "item-000"])
+    assert removed == ["item-002", "item-000"] and missing == ["nope"] and len(index) == 3
+    data = CatalogIndex.load(folder).config["data"]
+    _, removed, missing = remove_from_index(folder, ["nope"])
+    assert removed == [] and missing == ["nope"] and CatalogIndex.load(folder).config["data"] == data  # not rewritten
+    with pytest.raises(DataError, match="^no ids to remove$"):
+        remove_from_index(folder, [])
+    with pytest.raises(DataError, match="not a fashion-cir index folder"):
+        remove_from_index(tmp_path / "none", ["x"])
+    with pytest.raises(DataError, match="not a fashion-cir index folder"):
+        add_to_index(tmp_path / "none", tiny_model, shop, progress=False)
+    broken = tmp_path / "shop" / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match=r"^1 of 1 new catalog images failed"):
+        add_to_index(folder, tiny_model, {"broken": broken}, progress=False)
+    with pytest.raises(DataError, match=r"^1 of 1 catalog images failed"):
+        add_to_index(folder, tiny_model, {"broken": broken}, replace=True, progress=False)
+
+
+def test_rows_of_a_model_that_reads_descriptions_and_attributes(tmp_path, drawings):
+    """An index stores [image | description | attributes] rows for a model that reads all three:
+    the blocks rebuilt here from the model's own parts; the description bank under the cache."""
+    from fashion_cir.models.matcher import DescriptionBank
+    from support.matcher import multi_block_model
+
+    model = multi_block_model(tmp_path / "encoder")
+    ids = ["item-000", "item-001", "item-002"]
+    shop = _copy_drawings(drawings, tmp_path / "shop", ids)
+    metadata = {i: dict(drawings[1][i]) for i in ids}
+    index = build_index(tmp_path / "index", model, shop, metadata, progress=False)
+    config = index.config
+    assert config["matcher"] == model.matcher.config() and config["attributes"] == ["category", "color"]
+    assert config["blocks"] == model.block_dims()
+    dim = config["feature_dim"]
+    described = DescriptionBank(None).features(model.matcher, [metadata[i]["description"] for i in ids])
+    attributes = model.attribute_space.one_hot([metadata[i] for i in ids])
+    stored = np.stack([index.vector(i) for i in ids])
+    np.testing.assert_allclose(stored[:, dim : dim + described.shape[1]], described.numpy(), atol=2e-3)
+    np.testing.assert_array_equal(stored[:, dim + described.shape[1] :], attributes.numpy())
+    assert list((tmp_path / "index" / "feature-cache").glob("descriptions-*.npz"))
+    more = _copy_drawings(drawings, tmp_path / "shop", ["item-003"])
+    added = add_to_index(tmp_path / "index", model, more, {"item-003": dict(drawings[1]["item-003"])}, progress=False)
+    row = added.vector("item-003")
+    expected = model.attribute_space.one_hot([drawings[1]["item-003"]]).numpy()[0]
+    np.testing.assert_array_equal(row[dim + described.shape[1] :], expected)
+    assert row[dim : dim + described.shape[1]].any()
+
+
+def test_build_and_add_options(tmp_path, tiny_model, drawings):
+    from fashion_cir.retrieval.store import StoreSpec
+
+    shop = _copy_drawings(drawings, tmp_path / "shop", ["item-000", "item-001", "item-002", "item-003"])
+    folder = tmp_path / "index"
+    index = build_index(
+        folder, tiny_model, shop, ids=["item-002", "item-000"], store=StoreSpec("faiss"), progress=False
+    )
+    assert index.ids == ["item-002", "item-000"]
+    assert set(index.config) == {
+        "format",
+        "store",
+        "fields",
+        "factory",
+        "metric",
+        "feature_dim",
+        "matcher",
+        "attributes",
+        "blocks",
+        "nprobe",
+        "ef_search",
+        "candidates",
+        "mmap",
+        "backbone",
+        "model_dir",
+        "preprocess",
+        "image_fingerprint",
+        "count",
+        "data",
+        "root",
+        "created",
+        "versions",
+        "updated",
+    }
+    for name in ("encode_seconds", "index_seconds"):
+        value = index.report[name]
+        assert isinstance(value, float) and 0 <= value < 600 and round(value, 3) == value
+    broken = tmp_path / "shop" / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    report = build_index(tmp_path / "b", tiny_model, {**shop, "broken": broken}, progress=False).report
+    assert report["failures"]["broken"] != "not encoded" and "broken" in report["failures"]
+    added = add_to_index(folder, tiny_model, shop, ids=["item-001"], progress=False)
+    assert added.ids == ["item-002", "item-000", "item-001"] and set(added.config) == set(index.config)
+    with pytest.raises(ModelError, match="fingerprint"):
+        add_to_index(folder, load_model(backbone="tiny:1"), shop, progress=False)
+    remove_from_index(folder, ["item-001"])
+    again = add_to_index(folder, tiny_model, shop, ids=["item-001"], progress=False)  # in the folder's cache
+    assert again.report["reused"] == 1 and again.report["computed"] == 0 and again.report["added"] == 1
+    upserted = add_to_index(
+        folder,
+        tiny_model,
+        {i: shop[i] for i in ["item-000", "item-002", "item-003"]},
+        cache_dir=tmp_path / "c",
+        replace=True,
+        progress=False,
+    )
+    assert upserted.report["replaced"] == 2 and upserted.report["added"] == 1 and (tmp_path / "c").is_dir()
+    # a model folder is recorded, to search the index with it later
+    saved = load_model(backbone="tiny")
+    saved.save(tmp_path / "model")
+    from_folder = load_model(tmp_path / "model")
+    built = build_index(tmp_path / "m", from_folder, {"item-000": shop["item-000"]}, progress=False)
+    assert built.config["model_dir"] == str(from_folder.source) and from_folder.source

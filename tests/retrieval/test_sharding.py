@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -13,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fashion_cir import sharding
 from fashion_cir.captioning import build_captioner, run_captioning
 from fashion_cir.errors import DataError
 from fashion_cir.features.cache import FeatureCache
 from fashion_cir.models.cir import load_model
-from fashion_cir.sharding import parse_shard, select_shard
+from fashion_cir.sharding import merge_feature_parts, parse_shard, select_shard
 from support.serving import synthetic_catalog
 
 HELPERS = Path(__file__).resolve().parents[1] / "support"
@@ -59,6 +61,72 @@ def test_shard_selection_and_errors(monkeypatch):
     for bad in ("4/4", "1", "a/b", "-1/2", "1/0"):
         with pytest.raises(DataError, match="bad shard"):
             parse_shard(bad)
+
+
+def test_shard_parsing_edges(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert parse_shard(None) == (0, 1)  # no torchrun: the whole list
+    assert parse_shard(" 2 / 3 ") == (2, 3) and parse_shard("0/1") == (0, 1)
+    assert select_shard(["c", "a", "e", "b", "d"], 1, 2) == ["b", "d"]
+    assert select_shard(["c", "a", "b"], 0, 1) == ["a", "b", "c"]
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(DataError, match=r"^bad RANK/WORLD_SIZE in the environment: .*'two'"):
+        parse_shard(None)
+    with pytest.raises(DataError, match=r"^bad shard '3/3': need 0 <= I < N$"):
+        parse_shard("3/3")
+    with pytest.raises(DataError, match=r"^bad shard '1-2': expected I/N, e.g. 0/4 \(the first of four\)$"):
+        parse_shard("1-2")
+
+
+def write_part(folder: Path, name: str, ids: list[str], shas: list[str], features: np.ndarray) -> None:
+    np.savez(folder / name, ids=np.array(ids), sha1=np.array(shas), features=features.astype(np.float16))
+
+
+def test_merge_keeps_the_first_row_per_id_and_sha_and_removes_the_inputs(tmp_path):
+    rng = np.random.default_rng(0)
+    a, b, c = rng.normal(size=(3, 4)).astype(np.float16)
+    write_part(tmp_path, "part-1.npz", ["x", "y"], ["s1", "s2"], np.stack([a, b]))
+    # a duplicate of (x, s1) with other values, and x again with a new image (another sha1)
+    write_part(tmp_path, "part-2.npz", ["x", "x"], ["s1", "s3"], np.stack([c, c]))
+    (tmp_path / "other.npz").write_bytes(b"not a part")
+    assert merge_feature_parts(str(tmp_path)) == {"parts": 2, "rows": 4, "unique": 3}
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert len(left) == 2 and left[0] == "other.npz"
+    assert re.fullmatch(r"part-merged-\d{20}-\d+-[0-9a-f]{8}\.npz", left[1])
+    with np.load(tmp_path / left[1], allow_pickle=False) as merged:
+        assert merged["ids"].tolist() == ["x", "y", "x"] and merged["sha1"].tolist() == ["s1", "s2", "s3"]
+        assert merged["features"].dtype == np.float16
+        np.testing.assert_array_equal(merged["features"], np.stack([a, b, c]))
+
+
+def test_merge_tolerates_a_part_removed_by_a_concurrent_merge(tmp_path, monkeypatch):
+    write_part(tmp_path, "part-1.npz", ["x"], ["s1"], np.ones((1, 2)))
+    write_part(tmp_path, "part-2.npz", ["y"], ["s2"], np.zeros((1, 2)))
+    write = sharding.atomic_write_bytes
+
+    def write_then_lose_a_part(path, data):
+        write(path, data)
+        (tmp_path / "part-1.npz").unlink()  # another merge got there first
+
+    monkeypatch.setattr(sharding, "atomic_write_bytes", write_then_lose_a_part)
+    assert merge_feature_parts(tmp_path) == {"parts": 2, "rows": 2, "unique": 2}
+    assert [p.name.startswith("part-merged-") for p in tmp_path.iterdir()] == [True]
+
+
+def test_merge_errors_leave_the_parts_in_place(tmp_path):
+    with pytest.raises(DataError, match=r"^no feature cache parts \(part-\*\.npz\) in "):
+        merge_feature_parts(tmp_path)
+    write_part(tmp_path, "part-1.npz", ["x"], ["s1"], np.ones((1, 2)))
+    np.savez(tmp_path / "part-2.npz", ids=np.array(["y"]), features=np.ones((1, 2)))  # no sha1
+    with pytest.raises(
+        DataError, match=r"^cannot read feature cache part .*part-2\.npz: .*move it aside and merge again$"
+    ):
+        merge_feature_parts(tmp_path)
+    (tmp_path / "part-2.npz").write_bytes(b"torn")
+    with pytest.raises(DataError, match=r"^cannot read feature cache part .*part-2\.npz"):
+        merge_feature_parts(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["part-1.npz", "part-2.npz"]
 
 
 def test_two_processes_fill_one_feature_cache_then_merge(images, tmp_path):

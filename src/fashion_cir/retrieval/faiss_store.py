@@ -346,7 +346,8 @@ class CatalogIndex(CatalogStore):
     ) -> list[list[SearchHit]]:
         """Top ``k`` items per normalised query among the rows that match ``filter`` and are not in
         ``exclude``: FAISS pre-filters with an id selector; when an approximate index finds fewer
-        than ``k`` of the allowed rows (a selective filter), those are ranked exactly."""
+        than ``k`` of the allowed rows (a selective filter, or a deep page past what ``nprobe``
+        lists hold), those are ranked exactly."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         excluded = [self.rows[i] for i in set(exclude) if i in self.rows]
         if filter is None and not excluded:
@@ -354,7 +355,8 @@ class CatalogIndex(CatalogStore):
             if k <= 0:
                 return [[] for _ in range(len(queries))]
             scores, rows = self.faiss_index.search(queries, k)
-            return [self._hits(s, r) for s, r in zip(scores, rows)]
+            if (rows >= 0).all():
+                return [self._hits(s, r) for s, r in zip(scores, rows)]
         allowed = (
             filter.mask(self._filter_columns(), len(self.ids)) if filter is not None else np.ones(len(self.ids), bool)
         )
