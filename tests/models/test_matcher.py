@@ -24,6 +24,7 @@ from fashion_cir.models.cir import CIRModel, load_model
 from fashion_cir.models.fusion import AttributeSpace, Fusion, QueryParts
 from fashion_cir.models.matcher import DescriptionBank, DescriptionMatcher
 from fashion_cir.models.sentence_encoder import mean_pool, resolve_encoder_path
+from support.matcher import tiny_encoder
 
 
 @pytest.fixture(scope="module")
@@ -276,21 +277,7 @@ def test_stored_index_rows_give_the_models_item_vectors(model):
 @pytest.fixture(scope="module")
 def small_matcher(tmp_path_factory) -> DescriptionMatcher:
     """A random 3-layer, 16-wide BERT with MiniLM's tokenizer (fast; layers to freeze and train)."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    folder = tmp_path_factory.mktemp("encoder")
-    AutoTokenizer.from_pretrained(resolve_encoder_path("minilm")).save_pretrained(folder)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=16,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=160,
-    )
-    BertModel(config).save_pretrained(folder)
-    return DescriptionMatcher(f"hf:{folder}")
+    return DescriptionMatcher(tiny_encoder(tmp_path_factory.mktemp("encoder"), layers=3, max_positions=160))
 
 
 def _trainable(module) -> set[str]:

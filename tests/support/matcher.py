@@ -1,4 +1,4 @@
-"""A tiny description-matcher encoder for fast tests: a random 1-layer, 16-wide BERT with
+"""A tiny description-matcher encoder for fast tests: a random 16-wide BERT (1 layer by default) with
 MiniLM's real tokenizer (from the installed package, no download), saved as an ``hf:`` folder."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from fashion_cir.models.sentence_encoder import resolve_encoder_path
 
 
-def tiny_encoder(folder: Path) -> str:
+def tiny_encoder(folder: Path, layers: int = 1, max_positions: int = 128) -> str:
     """Write the encoder into ``folder``; returns its matcher spec ``hf:<folder>``."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
@@ -20,10 +20,10 @@ def tiny_encoder(folder: Path) -> str:
     config = BertConfig(
         vocab_size=tokenizer.vocab_size,
         hidden_size=16,
-        num_hidden_layers=1,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         intermediate_size=32,
-        max_position_embeddings=128,
+        max_position_embeddings=max_positions,
     )
     BertModel(config).save_pretrained(folder)
     return f"hf:{folder}"
