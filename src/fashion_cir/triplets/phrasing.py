@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 
 from ..captioning.schema import Attributes
-from ..language.lexicon import LENGTH_ORDER, LIGHTNESS, SLEEVE_ORDER
+from ..language.lexicon import LENGTH_ORDER, LIGHTNESS, SLEEVE_ORDER, moved
 
 PLURAL_CATEGORIES = {"pants", "shorts", "shoes"}
 # value -> the words a caption may use for it, per table (data: ``wording.json``, read once)
@@ -48,6 +48,11 @@ def _bare(noun: str) -> str:
 def _have_instead(s, new: str, old: str, contrast: str, rng, *more: str) -> str:
     """ "has a hood", "has a hood instead of a collar", or one of ``more``."""
     return rng.choice([f"{s.have} {new}", f"{s.have} {new} {contrast} {old}", *more])
+
+
+def _comparative(name: str, old: str | None, new: str | None) -> str:
+    """ "longer" or "shorter": where ``new`` lies from ``old`` in ``name``'s order (both in it)."""
+    return "longer" if moved(name, ">", old, new) else "shorter"
 
 
 def _article(phrase: str) -> str:
@@ -135,7 +140,7 @@ def _clause(name: str, old: str | None, new: str | None, target: Attributes, s: 
             f"{s.have} {t_noun} {contrast} {_pick(SLEEVE_NOUN, old, rng)}",
         ]
         if new in SLEEVE_ORDER and old in SLEEVE_ORDER:  # custom vocabularies may hold other lengths
-            longer = "longer" if SLEEVE_ORDER.index(new) > SLEEVE_ORDER.index(old) else "shorter"
+            longer = _comparative("sleeves", old, new)
             options.append(f"{s.have} {longer} sleeves")
         return rng.choice(options)
     if name == "neckline":
@@ -148,7 +153,7 @@ def _clause(name: str, old: str | None, new: str | None, target: Attributes, s: 
         return _have_instead(s, neck, f, contrast, rng, f"{s.have} {neck} and no {_bare(f)}")
     if name == "length":
         if new in LENGTH_ORDER and old in LENGTH_ORDER:
-            longer = "longer" if LENGTH_ORDER.index(new) > LENGTH_ORDER.index(old) else "shorter"
+            longer = _comparative("length", old, new)
             return rng.choice(
                 [
                     f"{s.be} {longer}",
@@ -340,7 +345,7 @@ def _change(name: str, old, new, target: Attributes, rng: random.Random) -> str:
             return rng.choice(["sleeveless", "with no sleeves"])
         options = [f"with {_pick(SLEEVE_NOUN, new, rng)}"]
         if new in SLEEVE_ORDER and old in SLEEVE_ORDER:
-            longer = "longer" if SLEEVE_ORDER.index(new) > SLEEVE_ORDER.index(old) else "shorter"
+            longer = _comparative("sleeves", old, new)
             options += [f"with {longer} sleeves", f"{longer} sleeves"]
         return rng.choice(options)
     if name == "neckline":
@@ -355,7 +360,7 @@ def _change(name: str, old, new, target: Attributes, rng: random.Random) -> str:
         return rng.choice(options)
     if name == "length":
         if new in LENGTH_ORDER and old in LENGTH_ORDER:
-            longer = "longer" if LENGTH_ORDER.index(new) > LENGTH_ORDER.index(old) else "shorter"
+            longer = _comparative("length", old, new)
             return rng.choice([longer, f"{longer}, {_pick(LENGTH_ADJ, new, rng)}", f"a bit {longer}", f"much {longer}"])
         return _pick(LENGTH_ADJ, new, rng)
     if name == "material":
