@@ -23,21 +23,10 @@ from fashion_cir.captioning.cache import CaptionCache
 from fashion_cir.captioning.parse import parse_answer
 from fashion_cir.captioning.precomputed import PrecomputedCaptioner
 from fashion_cir.errors import DataError, ModelError
+from support.records import RED_TSHIRT
 
 HELPERS = Path(__file__).resolve().parents[1] / "support"
-GOOD = {
-    "category": "t-shirt",
-    "color": "red",
-    "secondary_color": None,
-    "pattern": "solid",
-    "sleeves": "short",
-    "neckline": "crew",
-    "length": "hip",
-    "material": "cotton",
-    "closure": "none",
-    "kids": False,
-    "description": "a plain red short-sleeve cotton t-shirt with a crew neck",
-}
+GOOD = RED_TSHIRT
 
 
 @pytest.fixture(scope="module")

@@ -10,25 +10,15 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from records import RED_TSHIRT  # beside this script (its folder is first on sys.path)
+
 with open(sys.argv[1]) as behaviours:
     BEHAVIOURS = json.load(behaviours)
 EXPECTED_KEY = sys.argv[2]
 LOG = sys.argv[3]
 SEEN: dict[str, int] = {}
 LOCK = threading.Lock()
-GOOD = {
-    "category": "t-shirt",
-    "color": "red",
-    "secondary_color": None,
-    "pattern": "solid",
-    "sleeves": "short",
-    "neckline": "crew",
-    "length": "hip",
-    "material": "cotton",
-    "closure": "none",
-    "kids": False,
-    "description": "a plain red short-sleeve cotton t-shirt with a crew neck",
-}
+GOOD = RED_TSHIRT
 
 
 class Handler(BaseHTTPRequestHandler):
