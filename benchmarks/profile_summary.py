@@ -16,7 +16,7 @@ RULES = [
     ("image decode + preprocess", ("_ImageDataset.__getitem__", "open_image")),
     (
         "image forward (trunk)",
-        ("encode_image_trunk", "cnn_trunk", "trunk_engine.<locals>.<lambda>", "onnx_runner.<locals>.run"),
+        ("encode_image_trunk", "cnn_trunk", "trunk_engine.<locals>.<lambda>", "onnx_engine.<locals>.run"),
     ),
     ("alignment of the towers (text features + epochs)", ("align_offline_backbone",)),
     ("training: backward", ("Tensor.backward", "backward")),

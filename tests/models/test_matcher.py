@@ -406,3 +406,39 @@ def test_query_side_methods_read_the_query_encoder(small_matcher):
         m.embed_optional([None, *texts], "query")[1:], F.normalize(query, dim=-1), atol=1e-5, rtol=0
     )
     torch.testing.assert_close(m.embed_optional(texts, "item"), F.normalize(item, dim=-1), atol=1e-5, rtol=0)
+
+
+def test_onnx_engines_give_pytorchs_features_until_the_matcher_trains(small_matcher, tmp_path, monkeypatch):
+    """use_onnx: both sides encode through ONNX Runtime (one graph per weights), with PyTorch's
+    features; once the matcher trains, its changed weights are read by PyTorch again."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    m = DescriptionMatcher(small_matcher.spec).eval()
+    weight = m.query_encoder.encoder.layer[0].output.dense.weight
+    with torch.no_grad():
+        weight.add_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(3)))
+    texts = ["a red dress", "black jeans with a very long description " * 20, "x"]
+    tokens = m.tokenize(texts)
+    with torch.no_grad():
+        query, item = mean_pool(m.query_encoder, tokens), mean_pool(m.item_encoder, tokens)
+    assert m.use_onnx()
+    assert len(list((tmp_path / "xdg" / "fashion-cir" / "onnx").glob("text-*.onnx"))) == 2
+    with monkeypatch.context() as patched:
+        patched.setattr("fashion_cir.models.matcher.mean_pool", lambda *a: pytest.fail("PyTorch ran"))
+        torch.testing.assert_close(m.pool(texts), query, atol=1e-5, rtol=0)
+        torch.testing.assert_close(m.embed(texts, "item", batch_size=2), F.normalize(item, dim=-1), atol=1e-5, rtol=0)
+    m.set_trainable(True)
+    with torch.no_grad():
+        weight.add_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(4)))  # a training step
+    m.set_trainable(False)
+    with torch.no_grad():
+        trained = mean_pool(m.query_encoder, tokens)
+    assert not torch.allclose(trained, query, atol=1e-3)
+    torch.testing.assert_close(m.pool(texts), trained, atol=1e-5, rtol=0)
+    assert m.use_onnx()
+    m.train()
+    with torch.no_grad():
+        weight.add_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(5)))  # another step
+        stepped = mean_pool(m.eval().query_encoder, tokens)
+    torch.testing.assert_close(m.pool(texts), stepped, atol=1e-5, rtol=0)
+    monkeypatch.setenv("FASHION_CIR_ONNX", "0")
+    assert not m.use_onnx()

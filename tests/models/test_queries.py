@@ -106,3 +106,30 @@ def test_each_term_is_read_by_its_encoder_and_training_mode_is_kept(encoder):
     lean = model.encode_queries(image, ["is red", "is blue"], ["a white t-shirt", None])
     assert lean.prompt is None and lean.reference_description is None and lean.caption is not None
     assert model.encode_queries(image, ["is red", "is blue"], all_terms=True).prompt is not None
+
+
+def test_a_shared_text_tower_reads_prompts_and_captions_in_one_pass(monkeypatch):
+    """With the demo's layout (the matcher shares the offline backbone's MiniLM text tower, prompt
+    template), one pass of the tower gives the text term (projected), the prompt term and the
+    caption term; each equals that text encoded alone."""
+    backbone = create_backbone("offline")
+    model = CIRModel(
+        backbone,
+        matcher=DescriptionMatcher("minilm", query_encoder=backbone.text_tower),
+        fusion=Fusion(composed=0.5, caption=0.3, prompt=0.2),
+    ).eval()
+    assert model.shares_text
+    passes: list[list[str]] = []
+    embed = model.matcher.embed
+    monkeypatch.setattr(
+        model.matcher, "embed", lambda texts, *a, **k: passes.append(list(texts)) or embed(texts, *a, **k)
+    )
+    captions = ["is red", "same but shorter and without the hood"]
+    parts = model.encode_queries(torch.randn(2, backbone.feature_dim), captions, ["a white t-shirt", None])
+    prompts = ["a white t-shirt, but is red", "same but shorter and without the hood"]
+    assert passes == [prompts + captions]
+    tokenizer = model.matcher.tokenizer
+    torch.testing.assert_close(parts.caption, _pooled(backbone.text_tower, tokenizer, captions), atol=1e-5, rtol=0)
+    torch.testing.assert_close(parts.prompt, _pooled(backbone.text_tower, tokenizer, prompts), atol=1e-5, rtol=0)
+    alone = model.backbone.embed_texts(prompts)
+    torch.testing.assert_close(parts.text, alone, atol=1e-5, rtol=0)

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from fashion_cir.retrieval import build_index
@@ -156,9 +157,58 @@ def test_status_and_public_messages(service, index_folder):
     status = service.status()
     assert status["status"] == "ok" and status["items"] == 12 and status["backbone"] == "tiny:0"
     assert status["store"] == "faiss" and status["filter_fields"] == ["category", "color", "description"]
+    assert status["text_engine"] == "pytorch"  # the tiny model has no description matcher
     assert service.public(f"cannot read {index_folder}/index.json or /etc/hosts") == (
         "cannot read <index>/index.json or <path>"
     )
+
+
+def test_a_matcher_is_served_through_onnx_runtime_with_pytorchs_answers(tmp_path, monkeypatch):
+    """Issue 23: the service encodes a search's texts with ONNX Runtime (status says so) and answers
+    what PyTorch finds; a catalog reference's description is read from its stored row, not encoded
+    again, so a search encodes only its caption with the matcher."""
+    from fashion_cir.retrieval.folder import open_index
+    from fashion_cir.retrieval.store import item_vectors
+    from support.matcher import multi_block_model
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    model = multi_block_model(tmp_path / "tiny-bert")
+    paths, metadata = synthetic_catalog(tmp_path / "images", 20)
+    folder = build_index(
+        tmp_path / "index", model, paths, metadata, progress=False, cache_dir=tmp_path / "cache"
+    ).folder
+    queries = [("item-003", "is red"), ("item-011", "same but in blue"), ("item-016", "is a longer skirt")]
+    index = open_index(folder, model)
+    expected = [composed_search(model, index, item_id=i, text=t, k=8, exclude_reference=True).hits for i, t in queries]
+    service = SearchService.open(folder, model)
+    assert service.status()["text_engine"] == "onnxruntime"
+    assert (
+        len(list((tmp_path / "xdg" / "fashion-cir" / "onnx").glob("text-*.onnx"))) == 1
+    )  # untrained: both sides' weights
+    encoded: list[list[str]] = []
+    embed = model.matcher.embed
+    monkeypatch.setattr(
+        model.matcher, "embed", lambda texts, *a, **k: encoded.append(list(texts)) or embed(texts, *a, **k)
+    )
+    monkeypatch.setattr("fashion_cir.models.matcher.mean_pool", lambda *a: pytest.fail("PyTorch ran the matcher"))
+    for (item_id, text), hits in zip(queries, expected):
+        body = service.search(service.request(item_id=item_id, text=text, k=8))
+        assert [r["id"] for r in body["results"]] == [h.id for h in hits]
+        np.testing.assert_allclose([r["score"] for r in body["results"]], [h.score for h in hits], atol=1e-5)
+    assert encoded == [[text] for _, text in queries]
+    # by hand: the reference description encoded afresh (float32; the stored rows hold float16)
+    ids = list(index.ids)
+    items = item_vectors(index.stored_rows(ids), index.config)
+    dim = int(index.config["feature_dim"])
+    monkeypatch.undo()
+    for (item_id, text), hits in zip(queries, expected):
+        record = metadata[item_id]
+        image = torch.from_numpy(index.stored_rows([item_id])[:, :dim])
+        parts = model.encode_queries(image, [text], [record["description"]], [record])
+        scores = dict(zip(ids, items @ model.query_vectors(parts)[0].numpy()))
+        del scores[item_id]
+        assert all(abs(scores[h.id] - h.score) < 2e-3 for h in hits)
+        assert sorted(scores.values())[-8] <= hits[-1].score + 2e-3
 
 
 def test_the_service_imports_no_web_framework():

@@ -22,7 +22,7 @@ from .backbone import Backbone
 from .combiner import Combiner
 from .factory import create_backbone
 from .fusion import DESCRIPTION_TERMS, AttributeSpace, Fusion, QueryParts, fuse_terms, item_blocks
-from .matcher import DescriptionMatcher
+from .matcher import DescriptionMatcher, hash_state
 
 QUERY_MODES = ("image", "text", "sum", "sum_raw", "combiner")
 PROMPT_SOURCES = ("catalog", "predicted", "none")
@@ -195,18 +195,24 @@ class CIRModel(nn.Module):
             )
         fusion = None if all_terms else self.fusion
         was_training = self.training
-        self.eval()
+        if was_training:
+            self.eval()
         has_text = any(c.strip() for c in captions)
         texts = tuple(self.query_text(c, d) for c, d in zip(captions, descriptions)) if has_text else ()
         parts = QueryParts(reference_features, None, texts=texts)
+        caption_term = self.matcher is not None and has_text and self.needs("caption", fusion)
         if has_text and self.shares_text and self.matcher is not None:
-            pooled = self.matcher.pool(list(texts), batch_size)
+            # one pass of the query encoder over the query texts and (when needed) the captions
+            with_captions = caption_term and captions_encoded is None
+            pooled = self.matcher.pool(list(texts) + (list(captions) if with_captions else []), batch_size)
+            if with_captions:
+                pooled, captions_encoded = pooled[:n], F.normalize(pooled[n:], dim=-1)
             text = self.backbone.project_text(pooled.to(self.backbone.device)).float().cpu()
             parts.text, parts.prompt = text, F.normalize(pooled, dim=-1)
         elif has_text:
             parts.text = self.backbone.embed_texts(list(texts), batch_size)
         if self.matcher is not None:
-            if has_text and self.needs("caption", fusion):
+            if caption_term:
                 parts.caption = (
                     captions_encoded
                     if captions_encoded is not None
@@ -230,7 +236,8 @@ class CIRModel(nn.Module):
                 for c, a in zip(captions, attributes)
             ]
             parts.attributes = {term: torch.stack([r[term] for r in rows]) for term in self.attribute_space.terms()}
-        self.train(was_training)
+        if was_training:
+            self.train()
         return parts
 
     def attach_heads(self, heads: AttributeHeads | None) -> None:
@@ -283,9 +290,7 @@ class CIRModel(nn.Module):
         )
         states = [self.state_dict()] + ([self.matcher.trained_state()] if self.matcher is not None else [])
         for state in states:
-            for name in sorted(state):
-                digest.update(name.encode())
-                digest.update(state[name].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            hash_state(digest, state)
         return digest.hexdigest()
 
     def save(self, folder: str | Path, metadata: dict[str, Any] | None = None) -> Path:

@@ -14,6 +14,8 @@ Encoders (``spec``, see :mod:`.sentence_encoder`): ``minilm`` (all-MiniLM-L6-v2,
 from __future__ import annotations
 
 import copy
+import hashlib
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..io import atomic_write_bytes, text_sha1
+from .onnx_engine import onnx_engine, onnxruntime_available
 from .sentence_encoder import HFEncoder, load_encoder, mean_pool
 
 
@@ -41,6 +44,7 @@ class DescriptionMatcher(nn.Module):
         self.query_encoder: HFEncoder = query_encoder if query_encoder is not None else encoder
         self.item_encoder: HFEncoder = (encoder if self.shared else copy.deepcopy(encoder)).requires_grad_(False).eval()
         self.dim = int(self.item_encoder.config.hidden_size)
+        self._engines: dict[int, Callable[..., torch.Tensor]] = {}  # id(encoder) -> ONNX Runtime engine
 
     def config(self) -> dict[str, Any]:
         return {"spec": self.spec, "shared": self.shared}
@@ -51,6 +55,7 @@ class DescriptionMatcher(nn.Module):
         self.requires_grad_(False)
         if not train:
             return
+        self._engines.clear()
         layers = self.query_encoder.encoder.layer
         first = 0 if last_n_blocks is None else max(len(layers) - last_n_blocks, 0)
         for layer in list(layers)[first:]:
@@ -61,7 +66,22 @@ class DescriptionMatcher(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode)
         self.item_encoder.eval()  # the item side is a static bank: never dropout
+        if mode:
+            self._engines.clear()  # weights may change: back to PyTorch
         return self
+
+    def use_onnx(self) -> bool:
+        """Encode texts through ONNX Runtime from now on (the same features within float rounding,
+        faster for the few short texts of a search), until the matcher trains again; False (and
+        nothing changes) when onnxruntime is missing, switched off or the encoders are not on the CPU."""
+        if next(self.parameters()).device.type != "cpu" or not onnxruntime_available():
+            return False
+        example = self.tokenize(["a red dress", "same but shorter and in navy"])
+        varying = {"input_ids": [0, 1], "attention_mask": [0, 1]}
+        for encoder in {id(e): e for e in (self.query_encoder, self.item_encoder)}.values():
+            name = f"text-{self.spec.split(':')[0]}-{state_sha1(encoder.state_dict())[:16]}"
+            self._engines[id(encoder)] = onnx_engine(_Pooled(encoder), name, example, varying)
+        return True
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         encoded = self.tokenizer(
@@ -87,13 +107,16 @@ class DescriptionMatcher(nn.Module):
         encoder = self.query_encoder if side == "query" else self.item_encoder
         device = next(self.parameters()).device
         was_training = encoder.training
-        encoder.eval()
+        if was_training:
+            encoder.eval()
         out = []
         for start in range(0, len(texts), batch_size):
             tokens = {k: v.to(device) for k, v in self.tokenize(texts[start : start + batch_size]).items()}
-            pooled = mean_pool(encoder, tokens)
+            engine = self._engines.get(id(encoder))
+            pooled = engine(**tokens) if engine is not None else mean_pool(encoder, tokens)
             out.append((F.normalize(pooled, dim=-1) if normalize else pooled).float().cpu())
-        encoder.train(was_training)
+        if was_training:
+            encoder.train()
         return torch.cat(out) if out else torch.empty(0, self.dim)
 
     def embed_optional(self, texts: list[str | None], side: str) -> torch.Tensor:
@@ -106,6 +129,30 @@ class DescriptionMatcher(nn.Module):
 
     def trained_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.query_encoder.state_dict().items()}
+
+
+class _Pooled(nn.Module):
+    """A sentence encoder's mean-pooled features as a module of its own (what ONNX exports)."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return mean_pool(self.encoder, {"input_ids": input_ids, "attention_mask": attention_mask})
+
+
+def hash_state(digest: Any, state: Mapping[str, torch.Tensor]) -> None:
+    """Feed a state dict to a hashlib ``digest``: each tensor's name and bytes, in name order."""
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+
+
+def state_sha1(state: Mapping[str, torch.Tensor]) -> str:
+    digest = hashlib.sha1()
+    hash_state(digest, state)
+    return digest.hexdigest()
 
 
 class DescriptionBank:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ..errors import DataError
 from ..models.cir import CIRModel
 from .filters import BoolOp, Compare, Filter, FilterError, Node, parse_filter
-from .policy import CATALOG, ReferencePolicy, resolve_references
+from .policy import CATALOG, Reference, ReferencePolicy, resolve_references
 from .rescore import RescoreQuery, Rescorer, check_candidates, two_stage_search
 from .store import CatalogStore, SearchHit
 
@@ -102,6 +102,16 @@ def search(model: CIRModel, index: CatalogStore, **options: Any) -> list[SearchH
     is ``model.query_text(text, the reference description)``: the catalog item's ``description``,
     or for an upload the one its attribute heads predict."""
     return composed_search(model, index, **options).hits
+
+
+def _stored_description(index: CatalogStore, row: np.ndarray, reference: Reference) -> dict[str, torch.Tensor] | None:
+    """A catalog reference's description features as its stored ``row`` holds them (the index
+    encoded the same catalog description), so a search does not encode it again."""
+    blocks = index.config.get("blocks") or {}
+    if reference.source != "catalog" or not reference.description or "description" not in blocks:
+        return None
+    start = int(blocks["image"])
+    return {reference.description: torch.from_numpy(row[start : start + int(blocks["description"])].copy())}
 
 
 class RequestError(DataError):
@@ -191,16 +201,20 @@ class SearchRequest(BaseModel):
         item_id, text = self.item_id, self.query_text
         if item_id is not None and item_id not in index:
             raise DataError(f"unknown catalog id {item_id!r}")
+        row = None  # a catalog reference's stored row
         if image is not None and self.image:
             image_features = encode_reference_image(model, image)
         elif item_id is not None:
-            row = np.array(index.vector(item_id), dtype=np.float32)[: int(index.config["feature_dim"])]
-            image_features = torch.from_numpy(row[None])
+            row = np.array(index.vector(item_id), dtype=np.float32)
+            image_features = torch.from_numpy(row[None, : int(index.config["feature_dim"])])
         else:
             image_features = None
         reference = resolve_references(model, policy, [item_id], image_features, index.metadata)[0]
         attributes = reference.attributes or dict(index.metadata.get(item_id, {}) if item_id is not None else {})
-        parts = model.encode_queries(image_features, [text], [reference.description], [reference.attributes])
+        described = _stored_description(index, row, reference) if row is not None else None
+        parts = model.encode_queries(
+            image_features, [text], [reference.description], [reference.attributes], described=described
+        )
         with torch.no_grad():
             query = model.query_vectors(parts)
         wanted = {name: [v for v in vals if v] for name, vals in self.filters.items() if any(vals)}

@@ -84,6 +84,8 @@ class SearchService:
         self.limits = replace(limits, max_pixels=limits.max_pixels or upload_pixel_limit(self.input_size))
         self.exclude_reference = exclude_reference
         self.uploads = ConcurrencyLimit(upload_workers, upload_queue)
+        # a search encodes a few short texts: ONNX Runtime does that faster than PyTorch on a CPU
+        self.text_engine = "onnxruntime" if model.matcher is not None and model.matcher.use_onnx() else "pytorch"
 
     @classmethod
     def open(
@@ -104,7 +106,7 @@ class SearchService:
     def status(self) -> dict[str, Any]:
         """Whether the index answers (``degraded`` with the problem when a change could not be
         opened), its size, backbone, store, two-stage and memory-map settings, filterable fields,
-        and the model's query mode."""
+        the model's query mode and what runs its description matcher's encoders."""
         current, problem = self.index.current(), self.index.problem  # read once: a request may change them
         state = {"status": "degraded", "problem": self.public(problem)} if problem else {"status": "ok"}
         return {
@@ -119,6 +121,7 @@ class SearchService:
             "filter_fields": current.fields,
             "query_mode": self.model.query_mode,
             "attribute_heads": self.model.attribute_heads is not None,
+            "text_engine": self.text_engine,
         }
 
     def browse(self, n: int = 24, seed: int = 0, words: str = "") -> dict[str, Any]:
