@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..io import atomic_write_bytes, text_sha1
+from .batching import Coalescer
 from .onnx_engine import onnx_engine, onnxruntime_available
 from .sentence_encoder import HFEncoder, load_encoder, mean_pool
 
@@ -44,7 +45,7 @@ class DescriptionMatcher(nn.Module):
         self.query_encoder: HFEncoder = query_encoder if query_encoder is not None else encoder
         self.item_encoder: HFEncoder = (encoder if self.shared else copy.deepcopy(encoder)).requires_grad_(False).eval()
         self.dim = int(self.item_encoder.config.hidden_size)
-        self._engines: dict[int, Callable[..., torch.Tensor]] = {}  # id(encoder) -> ONNX Runtime engine
+        self._engines: dict[int, Coalescer] = {}  # id(encoder) -> its ONNX Runtime engine, shared by threads
 
     def config(self) -> dict[str, Any]:
         return {"spec": self.spec, "shared": self.shared}
@@ -72,7 +73,8 @@ class DescriptionMatcher(nn.Module):
 
     def use_onnx(self) -> bool:
         """Encode texts through ONNX Runtime from now on (the same features within float rounding,
-        faster for the few short texts of a search), until the matcher trains again; False (and
+        faster for the few short texts of a search), until the matcher trains again; threads that
+        encode at once share passes (:class:`~fashion_cir.models.batching.Coalescer`). False (and
         nothing changes) when onnxruntime is missing, switched off or the encoders are not on the CPU."""
         if next(self.parameters()).device.type != "cpu" or not onnxruntime_available():
             return False
@@ -80,8 +82,13 @@ class DescriptionMatcher(nn.Module):
         varying = {"input_ids": [0, 1], "attention_mask": [0, 1]}
         for encoder in {id(e): e for e in (self.query_encoder, self.item_encoder)}.values():
             name = f"text-{self.spec.split(':')[0]}-{state_sha1(encoder.state_dict())[:16]}"
-            self._engines[id(encoder)] = onnx_engine(_Pooled(encoder), name, example, varying)
+            self._engines[id(encoder)] = Coalescer(
+                self._tokenized(onnx_engine(_Pooled(encoder), name, example, varying, spin=False))
+            )
         return True
+
+    def _tokenized(self, run: Callable[..., torch.Tensor]) -> Callable[[list[str]], torch.Tensor]:
+        return lambda texts: run(**self.tokenize(texts))
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         encoded = self.tokenizer(
@@ -111,9 +118,12 @@ class DescriptionMatcher(nn.Module):
             encoder.eval()
         out = []
         for start in range(0, len(texts), batch_size):
-            tokens = {k: v.to(device) for k, v in self.tokenize(texts[start : start + batch_size]).items()}
+            chunk = texts[start : start + batch_size]
             engine = self._engines.get(id(encoder))
-            pooled = engine(**tokens) if engine is not None else mean_pool(encoder, tokens)
+            if engine is not None:
+                pooled = engine(chunk)
+            else:
+                pooled = mean_pool(encoder, {k: v.to(device) for k, v in self.tokenize(chunk).items()})
             out.append((F.normalize(pooled, dim=-1) if normalize else pooled).float().cpu())
         if was_training:
             encoder.train()

@@ -38,11 +38,13 @@ def onnx_engine(
     example: Mapping[str, torch.Tensor],
     varying: Mapping[str, Sequence[int]],
     folder: Path | None = None,
+    spin: bool = True,
 ) -> Callable[..., torch.Tensor]:
     """``module(**inputs) -> one tensor`` run by ONNX Runtime with as many threads as torch uses;
     ``name`` names the exported graph (kind and weights' fingerprint), ``example`` gives the inputs
     (in ``module``'s argument order), ``varying`` each input's axes whose size may change (the
-    output's first axis always may). The engine takes the same keyword tensors."""
+    output's first axis always may). The engine takes the same keyword tensors. ``spin=False``: its
+    threads sleep between runs instead of spinning (a server doing other work between short runs)."""
     import onnxruntime as ort
 
     folder = folder or onnx_cache_dir()
@@ -77,6 +79,8 @@ def onnx_engine(
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def run(**inputs: torch.Tensor) -> torch.Tensor:
