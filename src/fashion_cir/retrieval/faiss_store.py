@@ -350,13 +350,14 @@ class CatalogIndex(CatalogStore):
         lists hold), those are ranked exactly."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         excluded = [self.rows[i] for i in set(exclude) if i in self.rows]
-        if filter is None and not excluded:
-            k = min(k, len(self.ids))
-            if k <= 0:
+        if filter is None:  # a few excluded rows are dropped from a deeper search, not selected out
+            wanted = min(k, len(self.ids) - len(excluded))
+            if wanted <= 0:
                 return [[] for _ in range(len(queries))]
-            scores, rows = self.faiss_index.search(queries, k)
-            if (rows >= 0).all():
-                return [self._hits(s, r) for s, r in zip(scores, rows)]
+            scores, rows = self.faiss_index.search(queries, wanted + len(excluded))
+            kept = ~np.isin(rows, excluded)
+            if (rows >= 0).all() and (kept.sum(axis=1) >= wanted).all():
+                return [self._hits(s[keep][:wanted], r[keep][:wanted]) for s, r, keep in zip(scores, rows, kept)]
         allowed = (
             filter.mask(self._filter_columns(), len(self.ids)) if filter is not None else np.ones(len(self.ids), bool)
         )
@@ -365,7 +366,8 @@ class CatalogIndex(CatalogStore):
         k = min(k, len(allowed_rows))
         if k <= 0:
             return [[] for _ in range(len(queries))]
-        selector = faiss.IDSelectorBatch(allowed_rows.astype(np.int64))
+        bitmap = np.packbits(allowed, bitorder="little")  # row r is bit r % 8 of byte r // 8, as FAISS reads it
+        selector = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
         scores, rows = self.faiss_index.search(queries, k, params=_search_parameters(self.faiss_index, selector))
         results = []
         for query, score_row, id_row in zip(queries, scores, rows):
