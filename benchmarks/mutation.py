@@ -66,6 +66,12 @@ MODULES: dict[str, list[str]] = {
         "tests/retrieval/test_sharding.py::test_merge_tolerates_a_part_removed_by_a_concurrent_merge",
     ],
     "evaluation/stats.py": ["tests/evaluation/test_stats.py"],
+    "evaluation/evaluate.py": [
+        "tests/evaluation/test_evaluate.py",
+        "tests/evaluation/test_evaluator.py::test_results_cache_follows_the_weights",
+        "tests/evaluation/test_evaluator.py::"
+        "test_prepared_sets_score_every_fusion_as_the_evaluator_does_and_the_fit_improves_on_composed",
+    ],
     "retrieval/explain.py": ["tests/retrieval/test_explain.py"],
     "retrieval/filters.py": ["tests/retrieval/test_filters.py"],
     "retrieval/manifest.py": ["tests/retrieval/test_manifest.py"],

@@ -204,3 +204,33 @@ def test_catalog_protocol_and_reliance_by_hand(tiny_model, clothing, clothing_fi
         assert all(abs(ours - theirs) <= near for ours, theirs, near in zip(metrics[key], ranks.tolist(), slack)), key
         assert sum(ours != theirs for ours, theirs in zip(metrics[key], ranks.tolist())) <= 2, key
     assert metrics["reliance"] == pytest.approx(metrics["R@10"] - metrics["R@10_shuffled"])
+
+
+def test_the_shuffled_order_is_one_fixed_cycle():
+    """Every query is shown another query's reference: the permutation is one cycle through all n
+    queries (not several shorter ones), the same for a seed, another for another seed."""
+    for n in (2, 5, 6, 240):
+        order = shuffled_order(n)
+        seen, at = [], 0
+        while at not in seen:
+            seen.append(at)
+            at = int(order[at])
+        assert len(seen) == n and sorted(order.tolist()) == list(range(n))
+        np.testing.assert_array_equal(order, shuffled_order(n))
+    assert shuffled_order(240, seed=1).tolist() != shuffled_order(240).tolist()
+
+
+def test_the_text_table_by_hand():
+    report = {
+        "split": {"sum": {"annotated-val": {"R@1": 12.5, "R@10": 50.0, "n_queries": 8, "n_gallery": 20, "missing": 0}}},
+        "catalog": {
+            "text": {"minpairs-val": {"R@1": 0.0, "R@10": 100.0, "n_queries": 200, "n_gallery": 5756, "missing": 3}}
+        },
+    }
+    header = "protocol  mode      set" + " " * 18 + "R@1    R@10  queries  gallery  missing"
+    assert format_table(report, ks=(1, 10)).split("\n") == [
+        header,
+        "-" * len(header),
+        "split     sum       annotated-val      12.50   50.00        8       20        0",
+        "catalog   text      minpairs-val        0.00  100.00      200     5756        3",
+    ]
