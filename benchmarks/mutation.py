@@ -118,7 +118,6 @@ MODULES: dict[str, list[str]] = {
         )
     ],
     "models/offline_backbone.py": ["tests/models/test_offline_backbone.py"],
-    "evaluation/evaluate.py": ["tests/evaluation/test_evaluate.py"],
 }
 
 
