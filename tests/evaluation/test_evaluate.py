@@ -12,6 +12,7 @@ from fashion_cir.data.triplets import load_triplet_set
 from fashion_cir.evaluation.evaluate import (
     SPLIT,
     EvalOptions,
+    PreparedSet,
     Protocol,
     catalog_protocol,
     evaluate_sets,
@@ -234,3 +235,17 @@ def test_the_text_table_by_hand():
         "split     sum       annotated-val      12.50   50.00        8       20        0",
         "catalog   text      minpairs-val        0.00  100.00      200     5756        3",
     ]
+
+
+def test_reference_columns_are_the_true_references_also_when_reliance_is_measured(tiny_model, clothing, cache):
+    """What the fusion fit removes from each query's gallery is its own reference, never the shuffled
+    one that reliance shows it (the same prepared set holds both); a protocol that keeps the
+    reference removes none."""
+    gallery = tuple(clothing.gallery_ids)
+    options = EvalOptions(modes=("image",), progress=False, reliance=True)
+    prepared = PreparedSet(tiny_model, clothing, cache, options, protocols=[SPLIT, catalog_protocol(gallery)])
+    column = {image_id: c for c, image_id in enumerate(gallery)}
+    by_hand = [column[t.candidate] for t in prepared.triplets]
+    assert prepared.reference_columns("catalog").tolist() == by_hand
+    assert [prepared.triplets[i].candidate for i in prepared.shuffle] != [t.candidate for t in prepared.triplets]
+    assert prepared.reference_columns("split") is None

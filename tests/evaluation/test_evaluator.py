@@ -143,6 +143,9 @@ def test_prepared_sets_score_every_fusion_as_the_evaluator_does_and_the_fit_impr
                     protocol,
                 )
                 terms = prepared_set.term_scores(protocol, "sum")
+                image_mode = prepared_set.term_scores(protocol, "image")  # the mode asked for, not the model's
+                np.testing.assert_allclose(image_mode["composed"].numpy(), terms["reference"].numpy(), atol=1e-5)
+                assert not np.allclose(terms["composed"].numpy(), terms["reference"].numpy(), atol=1e-3)
                 assert {"composed", "reference", "caption", "prompt", "reference_description", "want:color"} <= set(
                     terms
                 )
