@@ -442,3 +442,18 @@ def test_onnx_engines_give_pytorchs_features_until_the_matcher_trains(small_matc
     torch.testing.assert_close(m.pool(texts), stepped, atol=1e-5, rtol=0)
     monkeypatch.setenv("FASHION_CIR_ONNX", "0")
     assert not m.use_onnx()
+
+
+def test_a_graph_that_cannot_be_written_leaves_the_matcher_on_pytorch(small_matcher, tmp_path, monkeypatch, caplog):
+    """No room or no right to write the ONNX graph (here: the cache folder's parent is a file): a
+    warning says why, the matcher keeps encoding with PyTorch, the service still starts."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    m = DescriptionMatcher(small_matcher.spec).eval()
+    with caplog.at_level("WARNING", logger="fashion_cir.models.matcher"):
+        assert not m.use_onnx()
+    assert "stays on PyTorch: cannot export its ONNX graph" in caplog.text and str(blocker) in caplog.text
+    with torch.no_grad():
+        expected = mean_pool(m.query_encoder, m.tokenize(["a red dress"]))
+    torch.testing.assert_close(m.pool(["a red dress"]), expected, atol=1e-6, rtol=0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from ..io import atomic_write_bytes, text_sha1
 from .batching import Coalescer
 from .onnx_engine import onnx_engine, onnxruntime_available
 from .sentence_encoder import HFEncoder, load_encoder, mean_pool
+
+log = logging.getLogger(__name__)
 
 
 class DescriptionMatcher(nn.Module):
@@ -75,16 +78,22 @@ class DescriptionMatcher(nn.Module):
         """Encode texts through ONNX Runtime from now on (the same features within float rounding,
         faster for the few short texts of a search), until the matcher trains again; threads that
         encode at once share passes (:class:`~fashion_cir.models.batching.Coalescer`). False (and
-        nothing changes) when onnxruntime is missing, switched off or the encoders are not on the CPU."""
+        nothing changes) when onnxruntime is missing, switched off, the encoders are not on the CPU
+        or the graph cannot be written (a warning says why)."""
         if next(self.parameters()).device.type != "cpu" or not onnxruntime_available():
             return False
         example = self.tokenize(["a red dress", "same but shorter and in navy"])
         varying = {"input_ids": [0, 1], "attention_mask": [0, 1]}
+        engines = {}
         for encoder in {id(e): e for e in (self.query_encoder, self.item_encoder)}.values():
             name = f"text-{self.spec.split(':')[0]}-{state_sha1(encoder.state_dict())[:16]}"
-            self._engines[id(encoder)] = Coalescer(
-                self._tokenized(onnx_engine(_Pooled(encoder), name, example, varying, spin=False))
-            )
+            try:
+                run = onnx_engine(_Pooled(encoder), name, example, varying, spin=False)
+            except OSError as exc:  # no room or no right to write the graph: PyTorch still answers
+                log.warning("the description matcher stays on PyTorch: cannot export its ONNX graph (%s)", exc)
+                return False
+            engines[id(encoder)] = Coalescer(self._tokenized(run))
+        self._engines.update(engines)
         return True
 
     def _tokenized(self, run: Callable[..., torch.Tensor]) -> Callable[[list[str]], torch.Tensor]:
