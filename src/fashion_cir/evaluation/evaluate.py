@@ -23,7 +23,7 @@ from ..data.triplets import TripletSet
 from ..errors import DataError
 from ..features.cache import FeatureCache
 from ..models.cir import CIRModel
-from ..models.fusion import Fusion, term_block
+from ..models.fusion import Fusion, block_slices, term_block
 from ..retrieval.policy import ReferencePolicy, catalog_items, resolve_references
 from .metrics import DEFAULT_KS, add_overall, recall_at_k, target_ranks
 
@@ -134,10 +134,10 @@ class PreparedSet:
     def _described(self, records) -> dict[str, torch.Tensor]:
         """Catalog descriptions of the encoded images -> their item-side features (the description
         block of the items), so queries need not encode their references' descriptions again."""
-        if "description" not in self.model.block_dims():
+        span = block_slices(self.model.block_dims()).get("description")
+        if span is None:
             return {}
-        start = self.model.backbone.feature_dim
-        block = self.items[:, start : start + self.model.block_dims()["description"]]
+        block = self.items[:, span]
         texts = {row: (records or {}).get(i, {}).get("description") for i, row in self.position.items()}
         return {text: block[row] for row, text in texts.items() if isinstance(text, str) and text}
 
@@ -186,9 +186,7 @@ class PreparedSet:
     def term_scores(self, protocol: str, mode: str | None = None) -> dict[str, torch.Tensor]:
         """[queries, gallery] scores of each unweighted query term (see :mod:`~fashion_cir.models.fusion`)."""
         items = self.items[torch.from_numpy(self.columns[protocol])]
-        blocks, start = {}, 0
-        for name, dim in self.model.block_dims().items():
-            blocks[name], start = items[:, start : start + dim], start + dim
+        blocks = {name: items[:, span] for name, span in block_slices(self.model.block_dims()).items()}
         with torch.no_grad():
             terms = self.model.query_terms(self.queries.to(self.model.backbone.device), mode)
             return {term: vector.float().cpu() @ blocks[term_block(term)].T for term, vector in terms.items()}

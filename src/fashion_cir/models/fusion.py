@@ -202,6 +202,14 @@ class QueryParts:
         )
 
 
+def block_slices(dims: Mapping[str, int]) -> dict[str, slice]:
+    """Where each block lies in an item row whose blocks have these widths, in this order."""
+    out, start = {}, 0
+    for name, dim in dims.items():
+        out[name], start = slice(start, start + int(dim)), start + int(dim)
+    return out
+
+
 def item_blocks(
     image: torch.Tensor, description: torch.Tensor | None, attributes: torch.Tensor | None
 ) -> dict[str, torch.Tensor]:

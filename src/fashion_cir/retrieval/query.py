@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ..errors import DataError
 from ..models.cir import CIRModel
+from ..models.fusion import block_slices
 from .filters import BoolOp, Compare, Filter, FilterError, Node, parse_filter
 from .policy import CATALOG, Reference, ReferencePolicy, resolve_references
 from .rescore import RescoreQuery, Rescorer, check_candidates, two_stage_search
@@ -107,11 +108,10 @@ def search(model: CIRModel, index: CatalogStore, **options: Any) -> list[SearchH
 def _stored_description(index: CatalogStore, row: np.ndarray, reference: Reference) -> dict[str, torch.Tensor] | None:
     """A catalog reference's description features as its stored ``row`` holds them (the index
     encoded the same catalog description), so a search does not encode it again."""
-    blocks = index.config.get("blocks") or {}
-    if reference.source != "catalog" or not reference.description or "description" not in blocks:
+    span = block_slices(index.config.get("blocks") or {}).get("description")
+    if reference.source != "catalog" or not reference.description or span is None:
         return None
-    start = int(blocks["image"])
-    return {reference.description: torch.from_numpy(row[start : start + int(blocks["description"])].copy())}
+    return {reference.description: torch.from_numpy(row[span].copy())}
 
 
 class RequestError(DataError):
