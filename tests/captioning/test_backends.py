@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from fashion_cir.captioning import build_captioner, run_captioning
 from fashion_cir.cli import app
 from fashion_cir.errors import ModelError
+from support.records import RED_TSHIRT
 
 HELPERS = Path(__file__).resolve().parents[1] / "support"
 SECRET = "sk-test-never-log-me"
@@ -137,19 +138,7 @@ def test_tiny_llava_valid_answers_become_attributes(tmp_path, monkeypatch, cloth
     tiny_llava = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tiny_llava)
     records = [
-        {
-            "category": "t-shirt",
-            "color": "red",
-            "secondary_color": None,
-            "pattern": "solid",
-            "sleeves": "short",
-            "neckline": "crew",
-            "length": "hip",
-            "material": "cotton",
-            "closure": "none",
-            "kids": False,
-            "description": "a plain red short-sleeve cotton t-shirt",
-        },
+        {**RED_TSHIRT, "description": "a plain red short-sleeve cotton t-shirt"},
         {
             "category": "dress",
             "color": "black",
