@@ -125,6 +125,11 @@ MODULES: dict[str, list[str]] = {
         "tests/retrieval/test_milvus_store.py::test_filter_values_with_every_escape_round_trip",
         "tests/retrieval/test_milvus_store.py::test_a_manifest_cannot_make_milvus_create_files",
         "tests/retrieval/test_milvus_store.py::test_a_manifest_whose_blocks_the_collection_does_not_hold_is_refused",
+        "tests/retrieval/test_milvus_store.py::test_each_index_type_searches_with_its_own_parameters",
+        "tests/retrieval/test_milvus_store.py::test_exact_ranking_and_stored_rows_by_hand",
+        "tests/retrieval/test_milvus_store.py::test_writes_go_in_batches",
+        "tests/retrieval/test_milvus_store.py::test_interrupted_builds_are_told_by_their_marker",
+        "tests/retrieval/test_milvus_store.py::test_a_new_milvus_lite_file_gets_its_folders_and_a_missing_pymilvus_is_named",
         *(
             f"tests/retrieval/test_stores.py::{name}[milvus]"
             for name in (

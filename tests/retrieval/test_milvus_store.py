@@ -16,10 +16,10 @@ import pytest
 from typer.testing import CliRunner
 
 from fashion_cir.cli import app
-from fashion_cir.errors import DataError
-from fashion_cir.retrieval import build_index, open_index, parse_filter, remove_from_index
+from fashion_cir.errors import DataError, FashionCIRError
+from fashion_cir.retrieval import build_index, milvus_store, open_index, parse_filter, remove_from_index
 from fashion_cir.retrieval.filters import MAX_DEPTH
-from fashion_cir.retrieval.milvus_store import PENDING, client_for
+from fashion_cir.retrieval.milvus_store import PENDING, _interrupted_build, client_for
 from support.serving import synthetic_catalog
 
 runner = CliRunner()
@@ -210,7 +210,8 @@ def test_a_manifest_whose_blocks_the_collection_does_not_hold_is_refused(tmp_pat
     manifest["blocks"] = {"image": 32, "attributes": 36}
     (folder / "index.json").write_text(json.dumps(manifest))
     with pytest.raises(
-        DataError, match="holds 32-value vectors but the manifest's blocks .* make 68; rebuild the index"
+        DataError,
+        match=r"holds 32-value vectors but the manifest's blocks \{'image': 32, 'attributes': 36\} make 68; rebuild",
     ):
         open_index(folder)
     manifest["blocks"] = {"image": 32}
@@ -219,3 +220,122 @@ def test_a_manifest_whose_blocks_the_collection_does_not_hold_is_refused(tmp_pat
     with pytest.raises(DataError, match="stores rows of 32 values .* got 48"):  # a writer given rows of another width
         index.add_features(["x"], np.ones((1, 48), np.float32), {}, {"x": catalog[0]["item-004"]})
     assert len(index) == 12
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    return rows / np.linalg.norm(rows, axis=-1, keepdims=True)
+
+
+def test_each_index_type_searches_with_its_own_parameters(tmp_path, catalog, tiny_model):
+    """IVF indexes search ``nprobe`` lists, HNSW with ``ef`` = the manifest's ef_search, FLAT with
+    none; all by inner product. With every list probed, IVF answers exactly what brute force does."""
+    paths, metadata = catalog
+    built = {
+        kind: build_index(
+            tmp_path / kind,
+            tiny_model,
+            paths,
+            metadata,
+            store=f"milvus:{tmp_path / 'm.db'}",
+            milvus={"index": option},
+            nprobe=4,
+            ef_search=20,
+            progress=False,
+        )
+        for kind, option in (("flat", "FLAT"), ("ivf", "IVF_FLAT,nlist=4"), ("hnsw", "HNSW,M=8"))
+    }
+    assert built["flat"]._search_params() == {"metric_type": "IP", "params": {}}
+    assert built["ivf"]._search_params() == {"metric_type": "IP", "params": {"nprobe": 4}}
+    assert built["hnsw"]._search_params() == {"metric_type": "IP", "params": {"ef": 20}}
+    ids = sorted(paths)
+    rows = _unit(built["ivf"].stored_rows(ids))
+    queries = _unit(np.random.default_rng(0).standard_normal((3, rows.shape[1])).astype(np.float32))
+    for query, hits in zip(queries, built["ivf"].search_vectors(queries, 5)):
+        order = np.argsort(-(rows @ query), kind="stable")[:5]
+        assert [h.id for h in hits] == [ids[i] for i in order]
+        np.testing.assert_allclose([h.score for h in hits], (rows @ query)[order], atol=1e-5)
+
+
+def test_exact_ranking_and_stored_rows_by_hand(tmp_path, catalog, tiny_model):
+    """The exact fallback ranks the allowed rows by inner product, best first, k of them, each
+    with its metadata; stored rows come back in the order asked (repeats too) as float32, with
+    the image block's norm restored, and an unknown id is named."""
+    paths, metadata = catalog
+    index = build_index(
+        tmp_path / "index", tiny_model, paths, metadata, store=f"milvus:{tmp_path / 'm.db'}", progress=False
+    )
+    ids = sorted(paths)
+    rows = index.stored_rows(ids)
+    assert rows.dtype == np.float32 and index.vector(ids[0]).dtype == np.float32
+    np.testing.assert_allclose(rows, np.stack([index.vector(i) for i in ids]), rtol=1e-6)
+    asked = [ids[3], ids[0], ids[3]]
+    np.testing.assert_array_equal(index.stored_rows(asked), rows[[3, 0, 3]])
+    with pytest.raises(DataError, match="unknown catalog id 'nope'"):
+        index.stored_rows([ids[1], "nope"])
+    query = _unit(rows[5])
+    scores = _unit(rows) @ query
+    parsed = parse_filter('color != "red"', index.fields)
+    allowed = np.array([parsed.matches(metadata[i]) for i in ids])
+    for expression, mask in (("", np.ones(len(ids), bool)), (parsed.to_milvus(milvus_store.FIELD_PREFIX), allowed)):
+        hits = index._exact(query, 4, expression)
+        order = np.argsort(-np.where(mask, scores, -np.inf), kind="stable")[:4]
+        assert [h.id for h in hits] == [ids[i] for i in order], expression
+        np.testing.assert_allclose([h.score for h in hits], scores[order], atol=1e-5)
+        assert [h.metadata for h in hits] == [metadata[ids[i]] for i in order]
+    with pytest.raises(KeyError) as unknown:
+        index.metadata["nope"]
+    assert unknown.value.args == ("nope",)
+
+
+def test_writes_go_in_batches(tmp_path, catalog, tiny_model, monkeypatch):
+    """Inserts, upserts and deletes send at most BATCH rows a call (here 2), every row once."""
+    paths, metadata = catalog
+    index = build_index(
+        tmp_path / "index", tiny_model, paths, metadata, store=f"milvus:{tmp_path / 'm.db'}", progress=False
+    )
+    ids = sorted(paths)[:5]
+    rows = index.stored_rows(ids)
+    monkeypatch.setattr(milvus_store, "BATCH", 2)
+    sent: dict[str, list[int]] = {"upsert": [], "delete": []}
+    client = index.client
+    for name in sent:
+        method = getattr(client, name)
+
+        def counted(*args, _name=name, _method=method, **options):
+            batch = args[1] if len(args) > 1 else options.get("data", options.get("filter"))
+            sent[_name].append(len(batch) if _name == "upsert" else batch.count(",") + 1)
+            return _method(*args, **options)
+
+        monkeypatch.setattr(client, name, counted)
+    index.upsert_features(ids, rows, metadata, paths)
+    assert index.remove(ids + ["nope"]) == ids
+    assert sent == {"upsert": [2, 2, 1], "delete": [2, 2, 1]}
+    assert len(index) == len(paths) - 5
+
+
+def test_interrupted_builds_are_told_by_their_marker(tmp_path):
+    """Only a folder without a manifest whose pending marker names this very uri and collection was
+    left by a killed build (a re-run may drop that collection); anything else is not."""
+    folder = tmp_path / "index"
+    folder.mkdir()
+    assert not _interrupted_build(folder, "/m.db", "c1")  # no marker
+    (folder / PENDING).write_text(json.dumps({"uri": "/m.db", "collection": "c1"}), encoding="utf-8")
+    assert _interrupted_build(folder, "/m.db", "c1")
+    assert not _interrupted_build(folder, "/m.db", "c2") and not _interrupted_build(folder, "/other.db", "c1")
+    (folder / PENDING).write_text("{torn", encoding="utf-8")
+    assert not _interrupted_build(folder, "/m.db", "c1")
+    (folder / PENDING).write_text(json.dumps({"uri": "/m.db", "collection": "c1"}), encoding="utf-8")
+    (folder / "index.json").write_text("{}")
+    assert not _interrupted_build(folder, "/m.db", "c1")  # the build finished
+
+
+def test_a_new_milvus_lite_file_gets_its_folders_and_a_missing_pymilvus_is_named(tmp_path, monkeypatch):
+    path = tmp_path / "deep" / "er" / "m.db"
+    assert client_for(str(path)) is client_for(str(path))
+    assert path.parent.is_dir()
+    monkeypatch.setitem(sys.modules, "pymilvus", None)
+    with pytest.raises(FashionCIRError) as missing:
+        client_for(str(tmp_path / "other.db"))
+    assert str(missing.value) == (
+        "the milvus store needs pymilvus (and milvus-lite for .db files): pip install 'fashion-cir[milvus]'"
+    )
