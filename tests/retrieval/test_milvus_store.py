@@ -1,6 +1,7 @@
 """The Milvus store on a real milvus-lite file: ids are data, never expression text (quotes,
 backslashes and brackets in ids), a failed or killed `index build --store milvus` leaves nothing a
-re-run trips over, and filter values with every escape Milvus reads round-trip."""
+re-run trips over, filter values with every escape Milvus reads round-trip, and the store's parts
+by hand: search parameters, the exact fallback, stored rows, batched writes."""
 
 from __future__ import annotations
 
