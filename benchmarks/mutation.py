@@ -130,6 +130,8 @@ MODULES: dict[str, list[str]] = {
         "tests/retrieval/test_milvus_store.py::test_writes_go_in_batches",
         "tests/retrieval/test_milvus_store.py::test_interrupted_builds_are_told_by_their_marker",
         "tests/retrieval/test_milvus_store.py::test_a_new_milvus_lite_file_gets_its_folders_and_a_missing_pymilvus_is_named",
+        "tests/retrieval/test_milvus_store.py::test_index_options_fill_in_the_defaults_of_their_type",
+        "tests/retrieval/test_milvus_store.py::test_collections_are_named_after_their_folder_and_never_taken_over",
         *(
             f"tests/retrieval/test_stores.py::{name}[milvus]"
             for name in (

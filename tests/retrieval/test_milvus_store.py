@@ -20,7 +20,7 @@ from fashion_cir.cli import app
 from fashion_cir.errors import DataError, FashionCIRError
 from fashion_cir.retrieval import build_index, milvus_store, open_index, parse_filter, remove_from_index
 from fashion_cir.retrieval.filters import MAX_DEPTH
-from fashion_cir.retrieval.milvus_store import PENDING, _interrupted_build, client_for
+from fashion_cir.retrieval.milvus_store import PENDING, _interrupted_build, client_for, parse_index_option
 from support.serving import synthetic_catalog
 
 runner = CliRunner()
@@ -339,4 +339,42 @@ def test_a_new_milvus_lite_file_gets_its_folders_and_a_missing_pymilvus_is_named
         client_for(str(tmp_path / "other.db"))
     assert str(missing.value) == (
         "the milvus store needs pymilvus (and milvus-lite for .db files): pip install 'fashion-cir[milvus]'"
+    )
+
+
+def test_index_options_fill_in_the_defaults_of_their_type():
+    assert parse_index_option("flat") == {"index_type": "FLAT", "index_params": {}}
+    assert parse_index_option(" ivf_flat ") == {"index_type": "IVF_FLAT", "index_params": {"nlist": 1024}}
+    assert parse_index_option("IVF_FLAT, nlist = 256") == {"index_type": "IVF_FLAT", "index_params": {"nlist": 256}}
+    assert parse_index_option("HNSW,M=32") == {"index_type": "HNSW", "index_params": {"M": 32, "efConstruction": 200}}
+    with pytest.raises(DataError) as bad:
+        parse_index_option("HNSW,M=big")
+    assert str(bad.value) == "bad Milvus index option 'M=big' in 'HNSW,M=big': expected NAME=INTEGER"
+
+
+def test_collections_are_named_after_their_folder_and_never_taken_over(tmp_path, catalog, tiny_model):
+    """Without --milvus-collection a build's collection is ``fashion_cir_`` + the folder's name
+    (other characters as ``_``); a second build into the same collection is refused, naming it."""
+    paths, metadata = catalog
+    store = f"milvus:{tmp_path / 'm.db'}"
+    index = build_index(tmp_path / "my-index.v2", tiny_model, paths, metadata, store=store, progress=False)
+    assert index.config["store"]["collection"] == "fashion_cir_my_index_v2"
+    assert sorted(index.metadata) == sorted(paths) and len(index.metadata) == len(paths)
+    with pytest.raises(DataError) as taken:
+        build_index(
+            tmp_path / "other",
+            tiny_model,
+            paths,
+            metadata,
+            store=store,
+            milvus={"collection": "fashion_cir_my_index_v2"},
+        )
+    assert str(taken.value) == (
+        f"Milvus collection 'fashion_cir_my_index_v2' already exists at {tmp_path / 'm.db'}; "
+        "choose another with --milvus-collection, or rebuild with --overwrite"
+    )
+    with pytest.raises(DataError) as bad:
+        build_index(tmp_path / "third", tiny_model, paths, metadata, store=store, milvus={"collection": "9lives"})
+    assert str(bad.value) == (
+        "bad Milvus collection name '9lives': letters, digits and underscores, not starting with a digit"
     )
