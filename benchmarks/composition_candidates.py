@@ -6,11 +6,14 @@
 - ``uploads``: a fusion fitted with *predicted* reference attributes (cross-fitted attribute heads:
   each half of the training images is described by heads trained on the other half), for uploads;
 - ``rerank``: a learned second stage (a small MLP over the fusion's per-term scores and the fused
-  score) re-ordering the first stage's top 100, trained listwise on the training captions.
+  score) re-ordering the first stage's top 100, trained listwise on the training captions;
+- ``upload-losses`` (a diagnostic, not a candidate): which of an upload's predicted attributes are
+  wrong where the best model finds the target with the catalog's description and not without it.
 
     nice -n 5 .venv/bin/python benchmarks/composition_candidates.py fit-sources --out runs/demo
     nice -n 5 .venv/bin/python benchmarks/composition_candidates.py uploads --out runs/demo
     nice -n 5 .venv/bin/python benchmarks/composition_candidates.py rerank --out runs/demo
+    nice -n 5 .venv/bin/python benchmarks/composition_candidates.py upload-losses --out runs/demo
 
 Needs a finished demo run (its ``zero-shot-fused`` and ``best`` folders, feature cache and aligned
 towers). Training data is the train split only; the test split is never read."""
@@ -153,6 +156,44 @@ def uploads(args) -> None:
     report(runner, model, fusions, "demo", describe="catalog")
 
 
+ATTRIBUTES = ("category", "color", "pattern", "sleeves", "neckline", "length", "material", "closure")
+
+
+def upload_losses(args) -> None:
+    """Per val set (catalog protocol, R@10): queries found with the catalog's description of the
+    reference but not with the predicted one ("lost"), found with both ("kept"), and the share of
+    each group whose reference has each attribute predicted wrong."""
+    runner = setup(args)
+    model = CIRModel.load(runner.out / "best")
+    if model.attribute_heads is None:
+        raise SystemExit(f"{runner.out / 'best'} has no attribute heads (run the demo to the end)")
+    catalog = runner.catalog_
+    ranks, triplets = {}, {}
+    for describe in ("catalog", "predicted"):
+        prepared = runner.evaluator_.prepare(model, EvalOptions(progress=False, describe=describe))
+        ranks[describe] = {name: p.ranks("catalog") for name, p in prepared.items()}
+        triplets = {name: p.triplets for name, p in prepared.items()}
+    for name, queries in triplets.items():
+        references = sorted({t.candidate for t in queries})
+        ids, features = runner.cache.encode(model.backbone, {i: catalog.image_paths[i] for i in references})
+        predicted = dict(zip(ids, model.predict_attributes(torch.from_numpy(features))))
+        found = {d: ranks[d][name] < 10 for d in ranks}
+        groups = {"lost": found["catalog"] & ~found["predicted"], "kept": found["catalog"] & found["predicted"]}
+        groups["won"] = ~found["catalog"] & found["predicted"]
+        groups["all"] = np.ones_like(found["catalog"])
+        print(
+            f"{name}: R@10 catalog {100 * found['catalog'].mean():.1f}, predicted {100 * found['predicted'].mean():.1f}"
+        )
+        for group, mask in groups.items():
+            chosen = [t.candidate for t, m in zip(queries, mask) if m]
+            wrong = {
+                a: np.mean([str(predicted[i][a]["value"]) != str(catalog.attributes[i].get(a)) for i in chosen])
+                for a in ATTRIBUTES
+            }
+            shares = " ".join(f"{a} {100 * w:3.0f}" for a, w in wrong.items()) if chosen else "-"
+            print(f"  {group:5s} {len(chosen):4d} queries, % with the attribute predicted wrong: {shares}", flush=True)
+
+
 class Reranker(nn.Module):
     """fused score x a learned scale + an MLP of the standardised term scores and the fused score."""
 
@@ -236,14 +277,16 @@ def rerank(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("candidate", choices=["fit-sources", "uploads", "rerank"])
+    parser.add_argument("candidate", choices=["fit-sources", "uploads", "rerank", "upload-losses"])
     parser.add_argument("--recipe", default="configs/demo_clothing.json")
     parser.add_argument("--out", help="the demo run's folder (default: the recipe's out)")
     parser.add_argument("--candidates", type=int, default=100, help="rerank: first-stage candidates per query")
     parser.add_argument("--steps", type=int, nargs="+", default=[0, 200, 500], help="rerank: training steps tried")
     args = parser.parse_args()
     started = time.perf_counter()
-    {"fit-sources": fit_sources, "uploads": uploads, "rerank": rerank}[args.candidate](args)
+    {"fit-sources": fit_sources, "uploads": uploads, "rerank": rerank, "upload-losses": upload_losses}[args.candidate](
+        args
+    )
     print(f"{time.perf_counter() - started:.0f} s", flush=True)
 
 
