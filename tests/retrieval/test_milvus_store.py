@@ -378,3 +378,31 @@ def test_collections_are_named_after_their_folder_and_never_taken_over(tmp_path,
     assert str(bad.value) == (
         "bad Milvus collection name '9lives': letters, digits and underscores, not starting with a digit"
     )
+
+
+def test_any_metadata_is_kept_and_the_manifest_counts_what_is_saved(tmp_path, catalog, tiny_model):
+    """An item without metadata stores ``{}``, a value JSON cannot hold (a date) its text (and
+    filters as that text; it was a traceback), a long
+    filter field is cut at a quarter of Milvus's text limit (its metadata stays whole); the manifest
+    counts the items after every save, and the metadata mapping iterates over every id."""
+    import datetime
+
+    paths, metadata = catalog
+    metadata = {i: dict(m) for i, m in metadata.items()}
+    bare, dated, long_text = sorted(paths)[:3]
+    del metadata[bare]
+    metadata[dated]["sold"] = datetime.date(2026, 12, 7)
+    metadata[long_text]["color"] = "é" * 20_000  # 40,000 bytes of UTF-8: under the limit, over a quarter of it
+    index = build_index(
+        tmp_path / "index", tiny_model, paths, metadata, store=f"milvus:{tmp_path / 'm.db'}", progress=False
+    )
+    assert index.metadata[bare] == {} and index.metadata[dated]["sold"] == "2026-12-07"
+    assert index.metadata[long_text]["color"] == "é" * 20_000
+    stored = index.client.get(index.collection, ids=[long_text], output_fields=[milvus_store.FIELD_PREFIX + "color"])
+    assert stored[0][milvus_store.FIELD_PREFIX + "color"] == "é" * (milvus_store.MAX_TEXT // 4)
+    assert sorted(index.metadata) == sorted(paths)
+    sold = parse_filter('sold == "2026-12-07"', index.fields)
+    assert [h.id for h in index.search_vectors(index.stored_rows([dated])[:, :32], 5, filter=sold)[0]] == [dated]
+    assert json.loads((index.folder / "index.json").read_text())["count"] == len(paths)
+    remove_from_index(index.folder, [bare, dated])
+    assert json.loads((index.folder / "index.json").read_text())["count"] == len(paths) - 2

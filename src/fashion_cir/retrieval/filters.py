@@ -47,7 +47,8 @@ class FilterError(DataError):
 
 def field_text(value: Any) -> str:
     """The text a metadata value is compared as: strings as they are, ``true``/``false``, numbers
-    in JSON form, ``""`` for missing/null, JSON for lists and objects."""
+    in JSON form, ``""`` for missing/null, JSON for lists and objects, and any other value (a date)
+    as its text, which is what the stores save of it."""
     if value is None:
         return ""
     if isinstance(value, str):
@@ -56,7 +57,9 @@ def field_text(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return json.dumps(value)
-    return json.dumps(value, sort_keys=True, ensure_ascii=False)
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+    return str(value)
 
 
 @dataclass(frozen=True)
