@@ -132,6 +132,7 @@ MODULES: dict[str, list[str]] = {
         "tests/retrieval/test_milvus_store.py::test_a_new_milvus_lite_file_gets_its_folders_and_a_missing_pymilvus_is_named",
         "tests/retrieval/test_milvus_store.py::test_index_options_fill_in_the_defaults_of_their_type",
         "tests/retrieval/test_milvus_store.py::test_collections_are_named_after_their_folder_and_never_taken_over",
+        "tests/retrieval/test_milvus_store.py::test_any_metadata_is_kept_and_the_manifest_counts_what_is_saved",
         *(
             f"tests/retrieval/test_stores.py::{name}[milvus]"
             for name in (
