@@ -80,14 +80,11 @@ class AttributeSpace:
         self.vocabulary = vocabulary
         self.names = [n for n in names if n in vocabulary.attributes]
         self.values: dict[str, list[str | None]] = {}
-        self.slices: dict[str, slice] = {}
-        start = 0
         for name in self.names:
             spec = vocabulary.attributes[name]
             self.values[name] = [*spec.values, *([None] if spec.nullable else [])]
-            self.slices[name] = slice(start, start + len(self.values[name]))
-            start += len(self.values[name])
-        self.dim = start
+        self.slices = block_slices({name: len(values) for name, values in self.values.items()})
+        self.dim = sum(len(values) for values in self.values.values())
 
     def terms(self) -> list[str]:
         return [f"{effect}:{name}" for name in self.names for effect in EFFECTS]
