@@ -168,12 +168,12 @@ def upload_losses(args) -> None:
     if model.attribute_heads is None:
         raise SystemExit(f"{runner.out / 'best'} has no attribute heads (run the demo to the end)")
     catalog = runner.catalog_
-    ranks, triplets = {}, {}
+    ranks = {}
     for describe in ("catalog", "predicted"):
         prepared = runner.evaluator_.prepare(model, EvalOptions(progress=False, describe=describe))
         ranks[describe] = {name: p.ranks("catalog") for name, p in prepared.items()}
-        triplets = {name: p.triplets for name, p in prepared.items()}
-    for name, queries in triplets.items():
+    for name, p in prepared.items():  # the same queries under either description
+        queries = p.triplets
         references = sorted({t.candidate for t in queries})
         ids, features = runner.cache.encode(model.backbone, {i: catalog.image_paths[i] for i in references})
         predicted = dict(zip(ids, model.predict_attributes(torch.from_numpy(features))))
