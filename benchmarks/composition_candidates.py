@@ -7,6 +7,9 @@
   each half of the training images is described by heads trained on the other half), for uploads;
 - ``rerank``: a learned second stage (a small MLP over the fusion's per-term scores and the fused
   score) re-ordering the first stage's top 100, trained listwise on the training captions;
+- ``soft-rows``: the attribute block's ``want`` (and ``keep``) rows spread over how often a
+  target has each value when a training caption asks for (keeps) a value, counted on the training
+  captions, instead of one slot; the fusion refitted;
 - ``upload-losses`` (a diagnostic, not a candidate): which of an upload's predicted attributes are
   wrong where the best model finds the target with the catalog's description and not without it.
 
@@ -14,6 +17,7 @@
     nice -n 5 .venv/bin/python benchmarks/composition_candidates.py uploads --out runs/demo
     nice -n 5 .venv/bin/python benchmarks/composition_candidates.py rerank --out runs/demo
     nice -n 5 .venv/bin/python benchmarks/composition_candidates.py upload-losses --out runs/demo
+    nice -n 5 .venv/bin/python benchmarks/composition_candidates.py soft-rows --out runs/demo --effects want keep
 
 Needs a finished demo run (its ``zero-shot-fused`` and ``best`` folders, feature cache and aligned
 towers). Training data is the train split only; the test split is never read."""
@@ -37,9 +41,10 @@ from fashion_cir.data.triplets import TripletSet, parse_triplets
 from fashion_cir.evaluation.evaluate import EvalOptions, PreparedSet, Protocol
 from fashion_cir.evaluation.evaluator import Evaluator
 from fashion_cir.evaluation.stats import paired_difference
+from fashion_cir.language.changes import read_changes
 from fashion_cir.models.attributes import train_heads
 from fashion_cir.models.cir import CIRModel
-from fashion_cir.models.fusion import Fusion
+from fashion_cir.models.fusion import AttributeSpace, Fusion
 from fashion_cir.pipeline.recipe import load_recipe
 from fashion_cir.pipeline.runner import Runner, source_name
 from fashion_cir.training.fusion import fit_fusion
@@ -275,18 +280,90 @@ def rerank(args) -> None:
                 )
 
 
+class SpreadRows(AttributeSpace):
+    """An attribute space whose rows of ``effects`` are spread by ``spread`` [dim, dim]: row @ spread."""
+
+    def __init__(self, space: AttributeSpace, spread: dict[str, torch.Tensor]):
+        super().__init__(space.vocabulary, space.names)
+        self.spread = spread
+
+    def query_rows(self, reference, changes):
+        rows = super().query_rows(reference, changes)
+        return {
+            t: row @ self.spread[t.split(":")[0]] if t.split(":")[0] in self.spread else row for t, row in rows.items()
+        }
+
+
+def value_spread(space: AttributeSpace, sets: Mapping[str, TripletSet], records, smoothing: float) -> dict:
+    """Per effect (want, keep), [dim, dim]: per attribute, P(target's value | the value a training
+    caption asks for / the reference's value of an attribute it does not mention), with
+    ``smoothing`` added to the value itself."""
+    counts = {e: torch.zeros(space.dim, space.dim) for e in ("want", "keep")}
+    for s in sets.values():
+        for t in s.triplets:
+            reference, target = records.get(t.candidate), records.get(t.target)
+            if not reference or not target:
+                continue
+            for caption in t.captions:
+                changes = read_changes(caption)
+                for name in space.names:
+                    to = space._slot(name, target.get(name))
+                    asked = [space._slot(name, v) for v in changes.wanted.get(name, [])]
+                    kept = [] if name in changes.mentioned else [space._slot(name, reference.get(name))]
+                    for effect, slots in (("want", asked), ("keep", kept)):
+                        for slot in slots:
+                            if slot is not None and to is not None:
+                                counts[effect][slot, to] += 1
+    out = {}
+    for effect, c in counts.items():
+        c = c + smoothing * torch.eye(space.dim)
+        out[effect] = c / c.sum(1, keepdim=True)  # each value's row lies in its own attribute's slots
+    return out
+
+
+def soft_rows(args) -> None:
+    runner = setup(args)
+    model = CIRModel.load(runner.out / "best")
+    space, records, annotated = model.attribute_space, runner.catalog_.attributes, annotated_train(runner)
+    spread = value_spread(space, annotated, records, args.smoothing)
+    options = EvalOptions(progress=False, keep_ranks=True, reliance=True)
+    ranks = {}
+    for label, rows in (("one-slot", space), ("spread", SpreadRows(space, {e: spread[e] for e in args.effects}))):
+        model.attribute_space = rows
+        fusion = fit(runner, model, annotated)
+        for name, p in runner.evaluator_.prepare(model, options).items():
+            for protocol in ("split", "catalog"):
+                ranks[label, name, protocol] = (p.ranks(protocol, None, fusion), p.ranks(protocol, None, fusion, True))
+    for (label, name, protocol), (true, shuffled) in ranks.items():
+        if label == "spread":
+            base = ranks["one-slot", name, protocol][0]
+            d, r = paired_difference(true, base, 10), paired_difference(true, shuffled, 10)
+            print(
+                f"{protocol:7s} {name:13s} R@10 one slot {100 * np.mean(base < 10):5.1f} spread "
+                f"{100 * np.mean(true < 10):5.1f} paired {d[0]:+.1f} [{d[1]:+.1f}, {d[2]:+.1f}] reliance {r[0]:+.1f}",
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("candidate", choices=["fit-sources", "uploads", "rerank", "upload-losses"])
+    candidates = {
+        "fit-sources": fit_sources,
+        "uploads": uploads,
+        "rerank": rerank,
+        "upload-losses": upload_losses,
+        "soft-rows": soft_rows,
+    }
+    parser.add_argument("candidate", choices=list(candidates))
     parser.add_argument("--recipe", default="configs/demo_clothing.json")
     parser.add_argument("--out", help="the demo run's folder (default: the recipe's out)")
     parser.add_argument("--candidates", type=int, default=100, help="rerank: first-stage candidates per query")
     parser.add_argument("--steps", type=int, nargs="+", default=[0, 200, 500], help="rerank: training steps tried")
+    parser.add_argument("--effects", nargs="+", default=["want"], help="soft-rows: the effects spread (want, keep)")
+    parser.add_argument("--smoothing", type=float, default=2.0, help="soft-rows: counts added to the value itself")
     args = parser.parse_args()
     started = time.perf_counter()
-    {"fit-sources": fit_sources, "uploads": uploads, "rerank": rerank, "upload-losses": upload_losses}[args.candidate](
-        args
-    )
+    candidates[args.candidate](args)
     print(f"{time.perf_counter() - started:.0f} s", flush=True)
 
 
