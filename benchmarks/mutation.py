@@ -150,7 +150,31 @@ MODULES: dict[str, list[str]] = {
         "tests/retrieval/test_stores.py::test_a_multi_block_model_builds_searches_and_changes_alike_on_both_stores",
         "tests/serving/test_api.py::test_browsing_a_milvus_catalog_reads_it_once",
     ],
+    "serving/app.py": [  # the browser tests left out
+        "tests/serving/test_middleware.py",
+        "tests/serving/test_api.py",
+        "tests/serving/test_search_prompts.py",
+    ],
 }
+
+# modules whose functions run inside module-scoped fixtures (an app built once per test file): mutmut
+# credits such a call to the first test only, so in these runs every test is credited with all that
+# the tests before it reached, and a mutant runs every test that may see it
+FIXTURE_BUILT = {"serving/app.py"}
+
+CARRY_HITS = """
+
+import pytest as _pytest
+
+
+@_pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item):  # mutation.py: credit each test with every function reached so far
+    from mutmut.state import state
+
+    reached = item.session.__dict__.setdefault("_mutation_reached", set())
+    reached |= state()._stats
+    state()._stats |= reached
+"""
 
 
 def mutmut_section(module: str, tests: list[str], timeout_constant: float, timeout_multiplier: float) -> str:
@@ -185,6 +209,9 @@ def run_module(
             (parent / "shared").symlink_to(ROOT.parent / "shared")
         shutil.copytree(ROOT / "src", scratch / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         shutil.copytree(ROOT / "tests", scratch / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+        if module in FIXTURE_BUILT:
+            with open(scratch / "tests" / "conftest.py", "a") as conftest:
+                conftest.write(CARRY_HITS)
         pyproject = (ROOT / "pyproject.toml").read_text()
         pyproject = re.sub(r"\n\[tool\.mutmut\][^\[]*", "\n", pyproject)
         section = mutmut_section(module, tests, timeout_constant, timeout_multiplier)

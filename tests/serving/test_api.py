@@ -26,9 +26,11 @@ import pytest
 import torch
 from PIL import Image
 
+from fashion_cir.data.images import upload_pixel_limit
 from fashion_cir.models.cir import CIRModel, load_model
 from fashion_cir.retrieval import build_index, parse_filter, remove_from_index
 from fashion_cir.serving.app import create_app
+from fashion_cir.serving.service import MB
 from support.images import encoded
 from support.serving import demo_catalog, running_server, synthetic_catalog
 
@@ -807,3 +809,41 @@ def test_filters_that_crashed_are_422(store, request, caplog):
     assert not caplog.records
     deepest = "not (" * 16 + 'color == "red"' + ")" * 16  # 32 levels: allowed, and run by the store
     assert client.post("/search", data={"id": "item-001", "text": "is red", "filter": deepest}).status_code == 200
+
+
+def test_the_apps_options_reach_the_service_the_page_and_the_docs(drawings_index):
+    model = load_model(backbone="tiny")
+    default = create_app(drawings_index, model)
+    assert (default.state.service.uploads.workers, default.state.service.uploads.queue) == (2, 16)
+    with running_server(default) as url, httpx.Client(base_url=url, timeout=30) as client:
+        health = client.get("/health").json()
+        assert health["page"] == {"search_timeout_ms": 15000, "sample_seed": None}
+        pixels = upload_pixel_limit(model.backbone.image_size)
+        assert health["limits"] == {
+            "max_upload_bytes": 10 * MB,
+            "max_pixels": pixels,
+            "max_k": 100,
+            "max_text_chars": 300,
+        }
+        info = client.get("/openapi.json").json()["info"]
+        assert (info["title"], info["version"]) == ("fashion-cir search", "1")
+        assert info["description"] == (
+            "Composed image retrieval: a reference image (upload or catalog id) plus a relative caption such as "
+            "'is red with long sleeves' -> ranked catalog items."
+        )
+        reference = client.get("/items", params={"n": 1}).json()["items"][0]["id"]
+        found = client.post("/search", data={"id": reference, "text": "is red", "k": 12}).json()["results"]
+        assert reference not in {r["id"] for r in found} and len(found) == 11
+    options = dict(max_upload_bytes=2 * MB, max_pixels=5000, max_k=12, max_text_chars=20, exclude_reference=False)
+    app = create_app(
+        drawings_index, model, **options, upload_workers=3, upload_queue=5, search_timeout_s=2.5, sample_seed=11
+    )
+    assert (app.state.service.uploads.workers, app.state.service.uploads.queue) == (3, 5)
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        health = client.get("/health").json()
+        assert health["page"] == {"search_timeout_ms": 2500, "sample_seed": 11}
+        assert health["limits"] == {k: v for k, v in options.items() if k.startswith("max")}
+        found = client.post("/search", data={"id": reference, "text": "is red", "k": 12}).json()["results"]
+        assert reference in {r["id"] for r in found} and len(found) == 12
+        assert_error(client.post("/search", data={"id": reference, "k": 13}), 422, "k")
+        assert_error(client.post("/search", data={"id": reference, "text": "x" * 21}), 422, "text")
