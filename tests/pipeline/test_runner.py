@@ -1,19 +1,29 @@
-"""Pieces of the recipe runner (pipeline/runner.py) without a whole run: the catalog protocol's
-gallery and the key that decides whether a stage trains again. The clothing catalog is read from
-../shared (a small slice); training is replaced by a stub that shifts the start model's text weights."""
+"""The recipe runner (pipeline/runner.py) in-process, step by step and in one small run: the
+catalog and its protocols, run.json, timings, scored rows and the results tables, generated
+triplets and fitted fusions reused by content, the baseline's selection, and the key that decides
+whether a stage trains again. The clothing catalog is read from ../shared (a small slice) with the
+tiny towers; stage training is replaced by a stub that shifts the start model's text weights."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import platform
+import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import fashion_cir.training
-from fashion_cir.models.cir import load_model
+from fashion_cir.errors import DataError
+from fashion_cir.evaluation.stats import paired_difference, recall_interval
+from fashion_cir.models.cir import CIRModel, load_model
+from fashion_cir.pipeline import runner as runner_module
 from fashion_cir.pipeline.recipe import load_recipe
 from fashion_cir.pipeline.runner import Runner
+from fashion_cir.retrieval import open_index
 
 REPO = Path(__file__).resolve().parents[2]
 SLICE = {"train": 30, "val": 20, "test": 10}
@@ -94,3 +104,384 @@ def test_a_changed_start_model_trains_the_next_stage_again(in_repo, tmp_path, mo
     assert changed["start"] != first["start"] and {k: v for k, v in changed.items() if k != "start"} == {
         k: v for k, v in first.items() if k != "start"
     }
+
+
+class Clock:
+    """A stand-in for the runner's ``time`` module: perf_counter reads ``now``."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_steps_are_logged_timed_and_written(tmp_path, monkeypatch, capsys):
+    clock = Clock()
+    monkeypatch.setattr(runner_module, "time", clock)
+    monkeypatch.setattr(runner_module, "peak_rss_mb", lambda: 1234.4)
+    runner = Runner(load_recipe(REPO / "configs" / "demo_clothing.json", None, [f"out={tmp_path}"]))
+    clock.now += 3.0
+    with runner.step("catalog"):
+        clock.now += 12.34
+    clock.now += 0.5
+    with runner.step("image features and towers"):
+        clock.now += 100.06
+    assert runner.timings == [
+        {"step": "catalog", "seconds": 12.3, "peak_rss_mb": 1234},
+        {"step": "image features and towers", "seconds": 100.1, "peak_rss_mb": 1234},
+    ]
+    assert capsys.readouterr().out.splitlines() == [
+        "[     3s] catalog ...",
+        "[    15s] catalog: 12 s",
+        "[    16s] image features and towers ...",
+        "[   116s] image features and towers: 100 s",
+    ]
+    runner.write_timings()
+    assert json.loads((tmp_path / "timings.json").read_text()) == {
+        "steps": runner.timings,
+        "total_seconds": 115.9,
+        "peak_rss_mb": 1234,
+    }
+    assert capsys.readouterr().out == (
+        "\nTime per step:\n"
+        f"  {'catalog':<40}{12:>8} s\n"
+        f"  {'image features and towers':<40}{100:>8} s\n"
+        f"  {'total':<40}{116:>8} s  (peak RSS 1234 MB; timings.json)\n"
+    )
+    monkeypatch.setenv("RANK", "1")
+    other = Runner(load_recipe(REPO / "configs" / "demo_clothing.json", None, [f"out={tmp_path}"]))
+    other.log("only rank 0 speaks")
+    assert not other.is_main and capsys.readouterr().out == ""
+
+
+def test_run_json_records_every_input_file_the_versions_and_the_commit(in_repo, clothing_dir, tmp_path):
+    runner = Runner(load_recipe(REPO / "configs" / "demo_clothing.json", None, [f"out={tmp_path}"]), source="demo.json")
+    runner.record_run()
+    run = json.loads((tmp_path / "run.json").read_text())
+    shared = "../shared/datasets/clothing-dataset/"
+    files = [
+        *(f"image_splits/split.clothing.{s}.json" for s in ("train", "val", "test")),
+        "attributes.jsonl",
+        "images.csv",
+        *(f"captions/cap.clothing.{s}{kind}.json" for s in ("train", "val") for kind in ("", ".relative", ".minpairs")),
+    ]
+    assert run["inputs"] == {shared + f: hashlib.sha1((clothing_dir / f).read_bytes()).hexdigest() for f in files}
+    assert run["source"] == "demo.json" and run["recipe"] == runner.recipe.model_dump(mode="json")
+    assert run["versions"]["python"].split()[0] == platform.python_version()
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert run["git_commit"] in (head, head + "-dirty")
+    missing = Runner(
+        load_recipe(REPO / "configs" / "demo_clothing.json", None, [f"out={tmp_path}", "catalog.labels=nowhere.csv"])
+    )
+    missing.record_run()
+    assert "nowhere.csv" not in json.loads((tmp_path / "run.json").read_text())["inputs"]
+
+
+def test_a_catalog_without_its_images_folder_is_named(in_repo, tmp_path):
+    runner = Runner(
+        load_recipe(
+            REPO / "configs" / "demo_clothing.json", None, [f"out={tmp_path}", f"catalog.images={tmp_path / 'none'}"]
+        )
+    )
+    with pytest.raises(DataError, match=f"^recipe catalog.images: {tmp_path / 'none'} is not a folder of images$"):
+        runner.catalog()
+
+
+def test_labels_and_attributes_are_read_for_the_sliced_catalog(in_repo, clothing_dir, tmp_path):
+    catalog = demo_runner(tmp_path / "run").catalog_
+    first = catalog.splits["train"][0]
+    row = next(line for line in (clothing_dir / "images.csv").read_text().splitlines() if line.startswith(first))
+    assert catalog.labels[first] in row.split(",")
+    assert (
+        catalog.attributes[first]["image"] == first
+        and catalog.attributes_file.resolve() == clothing_dir / "attributes.jsonl"
+    )
+    assert [len(catalog.splits[s]) for s in ("train", "val", "test")] == [SLICE[s] for s in ("train", "val", "test")]
+
+
+def test_random_rows_are_k_over_the_gallery(in_repo, tmp_path):
+    runner = demo_runner(tmp_path / "run")
+    runner.evaluator_ = runner.evaluator()
+    runner.random_rows()
+    sets = ["annotated-val", "relative-val", "minpairs-val"]
+    split_gallery, catalog_gallery = SLICE["val"], sum(SLICE.values()) - 1  # the reference left out
+    expected = [
+        ("split", split_gallery, {1: 5.0, 5: 25.0, 10: 50.0, 50: 100.0}),
+        ("catalog", catalog_gallery, {k: 100.0 * k / catalog_gallery for k in (1, 5, 10)} | {50: 5000 / 59}),
+    ]
+    rows = [(r["protocol"], r["set"], r["n_gallery"], {k: r[f"R@{k}"] for k in (1, 5, 10, 50)}) for r in runner.rows]
+    assert rows == [(p, s, g, recalls) for p, g, recalls in expected for s in sets]
+    assert all(r["stage"] == "random" and r["mode"] == "-" and r["n_queries"] == 0 for r in runner.rows)
+
+
+def scored_runner(out: Path) -> Runner:
+    """The slice with 60 val images (two queries per val set), towers that need no download."""
+    runner = demo_runner(out, "catalog.slice.val=60", "towers.backbone=tiny", "towers.align=null")
+    runner.evaluator_ = runner.evaluator()
+    return runner
+
+
+def test_scored_rows_follow_the_ranks_and_the_tables_read_them(in_repo, tmp_path):
+    runner = scored_runner(tmp_path / "run")
+    model = load_model(backbone="tiny")
+    runner.score("zero-shot", model, ("image", "sum"))
+    assert [(r["protocol"], r["set"], r["mode"]) for r in runner.rows] == [
+        (p, s, m)
+        for p in ("split", "catalog")
+        for m in ("image", "sum")
+        for s in ("annotated-val", "relative-val", "minpairs-val")
+    ]
+    for row in runner.rows:
+        key = f"zero-shot/{row['mode']}|{row['protocol']}|{row['set']}"
+        ranks, shuffled = runner.ranks[key], runner.ranks[key + "|shuffled"]
+        assert row["n_queries"] == len(ranks) == 2 and row["n_gallery"] == (60 if row["protocol"] == "split" else 100)
+        assert [row[f"R@{k}"] for k in (1, 5, 10, 50)] == [100.0 * np.mean(np.array(ranks) < k) for k in (1, 5, 10, 50)]
+        assert row["R@10_ci"] == recall_interval(ranks, 10)[1:] and row["R@50_ci"] == (recall_interval(ranks, 50)[1:])
+        assert [row["reliance"], *row["reliance_ci"]] == list(paired_difference(ranks, shuffled, 10))
+    assert len({r["R@50"] for r in runner.rows}) > 1 and any(r["reliance"] for r in runner.rows)  # not vacuous
+    assert runner.selection_figure(model, "sum") == runner.evaluator_.figure(runner.evaluator_(model, ("sum",)), "sum")
+    plain = scored_runner(tmp_path / "plain")  # its own evaluations (the cache keeps shuffled ranks once scored)
+    plain.score("other", model, ("sum",), reliance=False)
+    assert "reliance" not in plain.rows[-1] and not any(k.endswith("shuffled") for k in plain.ranks)
+    runner.rows.append(plain.rows[-1])
+    table = runner.table().splitlines()
+    assert table[0].startswith("| model | mode | protocol | set | R@1 | R@5 | R@10 | R@50 | R@10 95% CI |")
+    assert table[1] == "|" + "---|" * 13
+    first = next(r for r in runner.rows if r["protocol"] == "split" and r["set"] == "annotated-val")
+    assert table[2] == (
+        f"| zero-shot | image | split | annotated-val | {first['R@1']:.2f} | {first['R@5']:.2f} | {first['R@10']:.2f} | "
+        f"{first['R@50']:.2f} | {first['R@10_ci'][0]:.1f}-{first['R@10_ci'][1]:.1f} | "
+        f"{first['R@50_ci'][0]:.1f}-{first['R@50_ci'][1]:.1f} | {first['reliance']:+.1f} "
+        f"({first['reliance_ci'][0]:+.1f} to {first['reliance_ci'][1]:+.1f}) | 2 | 60 |"
+    )
+    order = [(line.split(" | ")[2], line.split(" | ")[3]) for line in table[2:]]
+    assert order == sorted(
+        order,
+        key=lambda ps: (
+            ["split", "catalog"].index(ps[0]),
+            ["annotated-val", "relative-val", "minpairs-val"].index(ps[1]),
+        ),
+    )
+    assert table[-1].endswith("| - | 2 | 100 |")  # a row scored without reliance
+    runner.rows.append({k: v for k, v in first.items() if k not in ("R@10_ci", "R@50_ci")} | {"stage": "no intervals"})
+    line = next(line for line in runner.table().splitlines() if line.startswith("| no intervals |"))
+    low, high = first["reliance_ci"]
+    assert line.endswith(
+        f"| {first['R@50']:.2f} | - | - | {first['reliance']:+.1f} ({low:+.1f} to {high:+.1f}) | 2 | 60 |"
+    )
+
+
+def test_differences_pair_the_same_queries_per_protocol_and_set(in_repo, tmp_path):
+    runner = scored_runner(tmp_path / "run")
+    a, b = [0, 20], [30, 3]
+    runner.ranks = {
+        "x/sum|split|annotated-val": a,
+        "y/sum|split|annotated-val": b,
+        "x/sum|catalog|minpairs-val": b,
+        "y/sum|catalog|minpairs-val": a,
+        "x/sum|catalog|relative-val": a,  # y has no ranks here: no line
+    }
+    lines = runner.differences([("x/sum", "y/sum")]).splitlines()
+    assert lines[:2] == [
+        "| comparison | protocol | set | R@10 diff (95% CI) | R@50 diff (95% CI) |",
+        "|---|---|---|---|---|",
+    ]
+
+    def cells(first, second):
+        return " | ".join("{:+.1f} ({:+.1f} to {:+.1f})".format(*paired_difference(first, second, k)) for k in (10, 50))
+
+    assert lines[2:] == [
+        f"| x/sum - y/sum | split | annotated-val | {cells(a, b)} |",
+        f"| x/sum - y/sum | catalog | minpairs-val | {cells(b, a)} |",
+    ]
+    assert cells(a, b).startswith("+0.0 (") and cells(b, a).startswith("+0.0 (")  # R@10: one found in each
+
+
+def test_stage_triplets_are_training_pairs_only(in_repo, tmp_path):
+    runner = demo_runner(tmp_path / "run")
+    train, val = runner.catalog_.splits["train"], runner.catalog_.splits["val"]
+    runner.generated = {
+        "train": [
+            {"candidate": train[0], "target": train[1], "captions": ["is red", "red"]},
+            {"candidate": train[2], "target": val[0], "captions": ["is blue", "blue"]},
+        ]
+    }
+    stage1 = runner.recipe.stages[0]
+    assert [(t.candidate, t.target) for t in runner.stage_triplets(stage1)] == [(train[0], train[1])]
+    annotated = stage1.model_copy(update={"data": ["annotated"]})
+    pairs = {(t.candidate, t.target) for s in runner.recipe.annotated for t in runner.load_source(s, "train").triplets}
+    assert [(t.candidate, t.target) for t in runner.stage_triplets(annotated)] == [
+        (t.candidate, t.target) for s in runner.recipe.annotated for t in runner.load_source(s, "train").triplets
+    ]
+    assert all(c in train and t in train for c, t in pairs)
+
+
+def test_new_models_read_items_as_the_recipe_says(in_repo, tmp_path):
+    runner = demo_runner(tmp_path / "run")
+    tiny = load_model(backbone="tiny").backbone
+    plain = runner.new_model(tiny, "caption", reads_items=False)
+    assert (plain.matcher, plain.attribute_space, plain.text_template, plain.query_mode) == (
+        None,
+        None,
+        "caption",
+        "sum",
+    )
+    assert plain.descriptions_source == str((runner.catalog_.attributes_file).resolve())
+    with pytest.raises(
+        DataError, match="recipe model.matcher.spec 'backbone' shares the offline towers' text tower; tiny"
+    ):
+        runner.new_model(tiny, "prompt", reads_items=True)
+    combined = demo_runner(tmp_path / "run", "model.combiner=true", "model.matcher=null")
+    model = combined.new_model(tiny, "prompt", reads_items=True)
+    assert model.combiner is not None and model.matcher is None and model.attribute_space is not None
+    no_attributes = demo_runner(tmp_path / "run", "model.matcher=null", "model.attributes=false")
+    assert no_attributes.new_model(tiny, "prompt", reads_items=True).attribute_space is None
+
+
+def test_generated_triplets_are_reused_while_their_inputs_stay_the_same(in_repo, tmp_path, monkeypatch):
+    runner = scored_runner(tmp_path / "run")
+    plain = load_model(backbone="tiny")
+    first = runner.generated_triplets(plain, runner.catalog_, "train")
+    train = set(runner.catalog_.splits["train"])
+    assert first and all(t["candidate"] in train and t["target"] in train for t in first)
+    stats = json.loads((tmp_path / "run" / "triplets" / "train.stats.json").read_text())
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("generated again")
+
+    monkeypatch.setattr("fashion_cir.triplets.generate_triplets", refuse)
+    assert runner.generated_triplets(plain, runner.catalog_, "train") == first
+    with pytest.raises(AssertionError, match="generated again"):  # other image features: generated again
+        runner.generated_triplets(load_model(backbone="tiny:1"), runner.catalog_, "train")
+    changed = scored_runner(tmp_path / "run")
+    changed.recipe.generate["train"] = changed.recipe.generate["train"].model_copy(update={"change_only_share": 1.0})
+    with pytest.raises(AssertionError, match="generated again"):  # new settings: generated again
+        changed.generated_triplets(plain, changed.catalog_, "train")
+    described = scored_runner(tmp_path / "run")
+    first_id = described.catalog_.splits["train"][0]
+    described.catalog_.attributes[first_id] = {**described.catalog_.attributes[first_id], "description": "new words"}
+    with pytest.raises(AssertionError, match="generated again"):  # a changed description: generated again
+        described.generated_triplets(plain, described.catalog_, "train")
+    bare = scored_runner(tmp_path / "bare")
+    bare.catalog_.attributes_file = None
+    with pytest.raises(
+        DataError, match="^recipe 'generate' needs the catalog's MLLM attributes: set catalog.attributes"
+    ):
+        bare.generated_triplets(plain, bare.catalog_, "train")
+    assert (
+        stats["inputs_sha1"]
+        == json.loads((tmp_path / "run" / "triplets" / "train.stats.json").read_text())["inputs_sha1"]
+    )
+
+
+def own_captions(runner: Runner, folder: Path) -> list[str]:
+    """Six annotated training pairs among the slice's train images, as a recipe source override."""
+    train = runner.catalog_.splits["train"]
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = [
+        {"candidate": train[i], "target": train[i + 1], "captions": ["is darker", "has a print"]} for i in range(6)
+    ]
+    (folder / "cap.json").write_text(json.dumps(pairs))
+    (folder / "split.json").write_text(json.dumps(train))
+    source = {"captions": str(folder / "cap.json"), "split": str(folder / "split.json"), "name": "own-train"}
+    return [f"annotated={json.dumps([source])}"]
+
+
+def test_fusion_weights_are_fitted_once_per_model_and_captions(in_repo, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    overrides = own_captions(demo_runner(out), tmp_path / "captions")
+    runner = demo_runner(out, "towers.backbone=tiny", "towers.align=null", *overrides)
+    model = runner.new_model(load_model(backbone="tiny").backbone, "prompt", reads_items=False)
+    runner.fit_fusion(model)
+    files = list((out / "fusion").glob("*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["fusion"] == model.fusion.model_dump(mode="json")
+    saved = json.loads(files[0].read_text())
+    assert saved["queries"] == 6 and "fusion fitted on 6 training captions" in capsys.readouterr().out
+    monkeypatch.setattr("fashion_cir.training.fusion.fit_fusion", lambda *a, **k: pytest.fail("fitted again"))
+    again = runner.new_model(load_model(backbone="tiny").backbone, "prompt", reads_items=False)
+    runner.fit_fusion(again)
+    assert again.fusion == model.fusion and capsys.readouterr().out == ""
+    unknown = demo_runner(out, "towers.backbone=tiny", "towers.align=null", *overrides, 'fusion.sets=["nothing"]')
+    with pytest.raises(DataError, match="^recipe: a fused baseline needs annotated training captions to fit on$"):
+        unknown.fit_fusion(again)
+
+
+def test_a_baseline_publishes_its_best_variant_and_mode(in_repo, tmp_path):
+    runner = scored_runner(tmp_path / "run")
+    tiny = load_model(backbone="tiny").backbone
+    spec = runner.recipe.baselines[0]  # zero-shot: prompt x (image, text, sum), caption x (text, sum)
+    folder = runner.baseline(spec, tiny)
+    figures = {}
+    for variant in spec.variants:
+        model = runner.new_model(tiny, variant.text_template, reads_items=False)
+        for mode in variant.modes:
+            figures[f"{variant.label}/{mode}"] = runner.evaluator_.figure(runner.evaluator_(model, (mode,)), mode)
+    best = max(figures, key=figures.get)
+    assert (
+        len(set(figures.values())) > 1
+        and runner.labels["zero-shot"] == best
+        and folder == tmp_path / "run" / "zero-shot"
+    )
+    published = json.loads((folder / "model.json").read_text())
+    assert published["query_mode"] == best.split("/")[1] and published["text_template"] == (
+        "prompt" if best.startswith("zero-shot/") else "caption"
+    )
+    assert {(r["stage"], r["mode"]) for r in runner.rows} == {tuple(name.split("/")) for name in figures}
+
+
+def test_a_small_run_end_to_end_in_process(in_repo, tmp_path, capsys):
+    """``Runner.run`` on the slice with one baseline and no stages: selection, attribute heads,
+    results, pictures and the index."""
+    out = tmp_path / "run"
+    first = load_recipe(REPO / "configs" / "demo_clothing.json").baselines[0].model_dump(mode="json")
+    runner = demo_runner(
+        out,
+        "catalog.slice.val=60",
+        "towers.backbone=tiny",
+        "towers.align=null",
+        f"baselines={json.dumps([first])}",
+        "stages=[]",
+        'evaluation.compare=[["zero-shot", "best-baseline"]]',
+    )
+    result = runner.run()
+    steps = [t["step"] for t in runner.timings]
+    assert steps == [
+        "catalog",
+        "image features and towers",
+        "triplets",
+        "baseline zero-shot",
+        "select",
+        "attribute heads",
+        "pictures",
+        "index",
+    ]
+    selected = json.loads((out / "best" / "selected.json").read_text())
+    assert result["best"] == selected["stage"] == "zero-shot" and result["rows"] == runner.rows
+    best = CIRModel.load(out / "best")
+    assert selected["scores"]["zero-shot"] == runner.selection_figure(best)
+    assert f"best on val: zero-shot (overall {selected['scores']['zero-shot']:.2f})" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert (
+        results["best"] == "zero-shot"
+        and results["labels"] == runner.labels
+        and len(results["rows"]) == len(runner.rows)
+    )
+    assert {r["stage"] for r in results["rows"]} == {
+        "random",
+        "zero-shot",
+        "zero-shot-no-prompt",
+        "best-predicted-prompt",
+    }
+    assert best.attribute_heads is not None and (out / "attribute-heads").is_dir() and (out / "attributes.md").is_file()
+    pictures = ["examples-annotated-val.png", "examples-relative-val.png", "examples-minpairs-val.png", "triplets.png"]
+    assert all((out / name).stat().st_size > 0 for name in pictures)
+    index = open_index(out / "index")
+    assert sorted(index.ids) == sorted(runner.all_ids()) and len(index) == 100  # every split of the slice
+    differences = runner.differences([(runner.labels["zero-shot"], runner.labels["zero-shot"])])
+    assert (
+        out / "results.md"
+    ).read_text() == runner.table() + "\n\nPaired differences (R@10, R@50):\n\n" + differences + "\n"
+    assert differences.count("+0.0 (+0.0 to +0.0) | +0.0 (+0.0 to +0.0)") == 6  # a model against itself
+    assert (out / "run.json").is_file() and (out / "timings.json").is_file()
+    assert len(runner.generated["train"]) == len(json.loads((out / "triplets" / "train.json").read_text()))
