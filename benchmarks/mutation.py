@@ -150,6 +150,7 @@ MODULES: dict[str, list[str]] = {
         "tests/retrieval/test_stores.py::test_a_multi_block_model_builds_searches_and_changes_alike_on_both_stores",
         "tests/serving/test_api.py::test_browsing_a_milvus_catalog_reads_it_once",
     ],
+    "pipeline/runner.py": ["tests/pipeline/test_runner.py"],  # whole recipe runs (subprocesses) left out
     "serving/app.py": [  # the browser tests left out
         "tests/serving/test_middleware.py",
         "tests/serving/test_api.py",

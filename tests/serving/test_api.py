@@ -847,3 +847,21 @@ def test_the_apps_options_reach_the_service_the_page_and_the_docs(drawings_index
         assert reference in {r["id"] for r in found} and len(found) == 12
         assert_error(client.post("/search", data={"id": reference, "k": 13}), 422, "k")
         assert_error(client.post("/search", data={"id": reference, "text": "x" * 21}), 422, "text")
+
+
+def test_serve_hands_uvicorn_the_app_built_from_its_options(drawings_index, monkeypatch):
+    """`serve` blocks in uvicorn.run (the command-line test runs it for real, in a subprocess); here
+    uvicorn.run only records what it is given."""
+    import uvicorn
+
+    from fashion_cir.serving.app import serve
+
+    given = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: given.update(app=app, **options))
+    model = load_model(backbone="tiny")
+    serve(drawings_index, model, max_k=7)
+    assert (given["host"], given["port"], given["log_level"]) == ("127.0.0.1", 8000, "info")
+    service = given["app"].state.service
+    assert service.model is model and service.index.folder == drawings_index and service.limits.max_k == 7
+    serve(drawings_index, model, host="0.0.0.0", port=9001)
+    assert (given["host"], given["port"]) == ("0.0.0.0", 9001)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import pytest
 
@@ -109,11 +110,14 @@ def test_a_chunked_body_is_counted_to_the_exact_byte():
     assert len(inner.body) == UPLOAD_LIMIT + ROOM  # it read up to the byte that went over
 
 
-def test_an_error_before_the_response_is_a_500_and_after_it_is_the_servers():
+def test_an_error_before_the_response_is_a_500_and_after_it_is_the_servers(caplog):
     async def fails_first(scope, receive, send):
         raise RuntimeError("boom")
 
-    sent, _ = call(InternalErrors(fails_first), http_scope(), [b""])
+    with caplog.at_level(logging.ERROR, logger="fashion_cir.serving.app"):
+        sent, _ = call(InternalErrors(fails_first), http_scope(), [b""])
+    [record] = caplog.records  # logged once, with the exception
+    assert record.getMessage() == "POST /search failed" and str(record.exc_info[1]) == "boom"
     status, body = status_and_detail(sent)
     assert status == 500 and json.loads(body)["detail"].startswith("internal error (RuntimeError)")
     assert (b"connection", b"close") in sent[0]["headers"]
