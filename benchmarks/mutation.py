@@ -186,7 +186,7 @@ def mutmut_section(module: str, tests: list[str], timeout_constant: float, timeo
         f"only_mutate = {quoted([f'{PACKAGE}/{module}'])}\n"
         f"pytest_add_cli_args_test_selection = {quoted(tests)}\n"
         'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x"]\n'
-        'also_copy = ["tests/"]\n'
+        'also_copy = ["tests/", "configs/"]\n'
         f"timeout_constant = {timeout_constant}\n"
         f"timeout_multiplier = {timeout_multiplier}\n"
     )
@@ -210,6 +210,7 @@ def run_module(
             (parent / "shared").symlink_to(ROOT.parent / "shared")
         shutil.copytree(ROOT / "src", scratch / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         shutil.copytree(ROOT / "tests", scratch / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(ROOT / "configs", scratch / "configs")  # the recipes the runner's tests read
         if module in FIXTURE_BUILT:
             with open(scratch / "tests" / "conftest.py", "a") as conftest:
                 conftest.write(CARRY_HITS)
