@@ -300,22 +300,27 @@ def test_differences_pair_the_same_queries_per_protocol_and_set(in_repo, tmp_pat
 
 
 def test_stage_triplets_are_training_pairs_only(in_repo, tmp_path):
-    runner = demo_runner(tmp_path / "run")
+    out = tmp_path / "run"
+    runner = demo_runner(out, *own_captions(demo_runner(out), tmp_path / "captions"))
     train, val = runner.catalog_.splits["train"], runner.catalog_.splits["val"]
     runner.generated = {
         "train": [
-            {"candidate": train[0], "target": train[1], "captions": ["is red", "red"]},
-            {"candidate": train[2], "target": val[0], "captions": ["is blue", "blue"]},
+            {"candidate": train[10], "target": train[11], "captions": ["is red", "red"]},
+            {"candidate": train[12], "target": val[0], "captions": ["is blue", "blue"]},
         ]
     }
-    stage1 = runner.recipe.stages[0]
-    assert [(t.candidate, t.target) for t in runner.stage_triplets(stage1)] == [(train[0], train[1])]
-    annotated = stage1.model_copy(update={"data": ["annotated"]})
-    pairs = {(t.candidate, t.target) for s in runner.recipe.annotated for t in runner.load_source(s, "train").triplets}
-    assert [(t.candidate, t.target) for t in runner.stage_triplets(annotated)] == [
-        (t.candidate, t.target) for s in runner.recipe.annotated for t in runner.load_source(s, "train").triplets
-    ]
-    assert all(c in train and t in train for c, t in pairs)
+    own = [(train[i], train[i + 1]) for i in range(6)]
+
+    def pairs(data: list[str]) -> list[tuple[str, str]]:
+        stage = runner.recipe.stages[0].model_copy(update={"data": data})
+        return [(t.candidate, t.target) for t in runner.stage_triplets(stage)]
+
+    assert pairs(["generated"]) == [(train[10], train[11])]
+    assert pairs(["annotated"]) == own
+    assert pairs(["annotated", "generated"]) == [*own, (train[10], train[11])]
+    runner.recipe.generated = list(runner.recipe.annotated)  # generated triplets from files come before the run's own
+    assert pairs(["generated"]) == [*own, (train[10], train[11])]
+    assert pairs([]) == []
 
 
 def test_new_models_read_items_as_the_recipe_says(in_repo, tmp_path):
@@ -431,19 +436,23 @@ def test_a_baseline_publishes_its_best_variant_and_mode(in_repo, tmp_path):
     assert {(r["stage"], r["mode"]) for r in runner.rows} == {tuple(name.split("/")) for name in figures}
 
 
-def test_a_small_run_end_to_end_in_process(in_repo, tmp_path, capsys):
-    """``Runner.run`` on the slice with one baseline and no stages: selection, attribute heads,
-    results, pictures and the index."""
+def test_a_small_run_end_to_end_in_process(in_repo, tmp_path, monkeypatch, capsys):
+    """``Runner.run`` on the slice with one baseline and one stage (training stubbed): scores,
+    selection, attribute heads, results, pictures and the index."""
+    monkeypatch.setattr(fashion_cir.training, "train_stage", fake_train)
+    monkeypatch.setattr("fashion_cir.pipeline.pictures.stage_curves", lambda files, image: image)  # no curves
     out = tmp_path / "run"
-    first = load_recipe(REPO / "configs" / "demo_clothing.json").baselines[0].model_dump(mode="json")
+    demo = load_recipe(REPO / "configs" / "demo_clothing.json")
+    first = demo.baselines[0].model_dump(mode="json")
+    stage = demo.stages[0].model_dump(mode="json") | {"start": "zero-shot", "refit_fusion": False}
     runner = demo_runner(
         out,
         "catalog.slice.val=60",
         "towers.backbone=tiny",
         "towers.align=null",
         f"baselines={json.dumps([first])}",
-        "stages=[]",
-        'evaluation.compare=[["zero-shot", "best-baseline"]]',
+        f"stages={json.dumps([stage])}",
+        'evaluation.compare=[["stage1", "best-baseline"]]',
     )
     result = runner.run()
     steps = [t["step"] for t in runner.timings]
@@ -452,37 +461,176 @@ def test_a_small_run_end_to_end_in_process(in_repo, tmp_path, capsys):
         "image features and towers",
         "triplets",
         "baseline zero-shot",
+        "train stage1",
+        "score stage1",
         "select",
         "attribute heads",
         "pictures",
         "index",
     ]
     selected = json.loads((out / "best" / "selected.json").read_text())
-    assert result["best"] == selected["stage"] == "zero-shot" and result["rows"] == runner.rows
+    assert set(selected["scores"]) == {"zero-shot", "stage1"} and result["best"] == selected["stage"]
+    assert selected["scores"] == {
+        name: runner.selection_figure(CIRModel.load(out / name)) for name in ("zero-shot", "stage1")
+    }
+    assert selected["stage"] == max(selected["scores"], key=selected["scores"].get) and result["rows"] == runner.rows
+    assert selected["selection"] == runner.recipe.evaluation.selection.model_dump(mode="json")
     best = CIRModel.load(out / "best")
-    assert selected["scores"]["zero-shot"] == runner.selection_figure(best)
-    assert f"best on val: zero-shot (overall {selected['scores']['zero-shot']:.2f})" in capsys.readouterr().out
+    score = selected["scores"][selected["stage"]]
+    assert f"best on val: {selected['stage']} (overall {score:.2f})" in capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
-    assert (
-        results["best"] == "zero-shot"
-        and results["labels"] == runner.labels
-        and len(results["rows"]) == len(runner.rows)
-    )
+    assert results["best"] == selected["stage"] and results["labels"] == runner.labels == {
+        "zero-shot": runner.labels["zero-shot"],
+        "stage1": "stage1/" + runner.labels["zero-shot"].split("/")[1],  # the mode it starts with
+    }
+    assert results["rows"] == json.loads(json.dumps(runner.rows)) and results["ranks"] == runner.ranks
     assert {r["stage"] for r in results["rows"]} == {
         "random",
         "zero-shot",
         "zero-shot-no-prompt",
+        "stage1",
         "best-predicted-prompt",
     }
     assert best.attribute_heads is not None and (out / "attribute-heads").is_dir() and (out / "attributes.md").is_file()
+    pairs = [(runner.labels["stage1"], runner.labels["zero-shot"])]
+    differences = runner.differences(pairs)
+    assert (
+        out / "results.md"
+    ).read_text() == runner.table() + "\n\nPaired differences (R@10, R@50):\n\n" + differences + "\n"
+    assert len(differences.splitlines()) == 2 + 6  # both protocols x three val sets
     pictures = ["examples-annotated-val.png", "examples-relative-val.png", "examples-minpairs-val.png", "triplets.png"]
     assert all((out / name).stat().st_size > 0 for name in pictures)
     index = open_index(out / "index")
     assert sorted(index.ids) == sorted(runner.all_ids()) and len(index) == 100  # every split of the slice
-    differences = runner.differences([(runner.labels["zero-shot"], runner.labels["zero-shot"])])
-    assert (
-        out / "results.md"
-    ).read_text() == runner.table() + "\n\nPaired differences (R@10, R@50):\n\n" + differences + "\n"
-    assert differences.count("+0.0 (+0.0 to +0.0) | +0.0 (+0.0 to +0.0)") == 6  # a model against itself
     assert (out / "run.json").is_file() and (out / "timings.json").is_file()
     assert len(runner.generated["train"]) == len(json.loads((out / "triplets" / "train.json").read_text()))
+
+
+def test_a_stage_trains_on_its_triplets_and_publishes_its_best_epoch(in_repo, tmp_path, monkeypatch, capsys):
+    """What ``train_stage`` hands the trainer (batch fitted to a small set, the feature cache, the
+    evaluator only when the fusion is not fitted again), what it publishes and what it records."""
+    out = tmp_path / "run"
+    overrides = [*own_captions(demo_runner(out), tmp_path / "captions"), "towers.backbone=tiny", "towers.align=null"]
+    calls, curves = [], []
+
+    def recording_train(config, model, triplets, paths, evaluator, records, run_dir):
+        calls.append(dict(config=config, triplets=triplets, paths=paths, evaluator=evaluator, records=records))
+        model.save(Path(run_dir) / "model", {"stage": "last epoch"})
+        if config.lr > 0.001:
+            model.save(Path(run_dir) / "best", {"stage": "best epoch"})
+
+    monkeypatch.setattr(fashion_cir.training, "train_stage", recording_train)
+    monkeypatch.setattr(
+        "fashion_cir.pipeline.pictures.stage_curves", lambda files, image: curves.append((files, image))
+    )
+    zero = load_model(backbone="tiny").save(out / "zero-shot")
+    runner = demo_runner(out, *overrides, 'stages.0.data=["annotated"]', "stages.0.config.lr=0.01")
+    runner.evaluator_ = runner.evaluator()
+    stage = runner.recipe.stages[0]
+    assert runner.train_stage(stage, zero) == out / "stage1"
+    [call] = calls
+    triplets = runner.stage_triplets(stage)
+    assert len(triplets) == 6 and call["triplets"] == triplets
+    assert (call["config"].batch_size, call["config"].cache_dir, call["config"].progress) == (
+        6,
+        str(out / "features"),
+        True,
+    )
+    assert call["paths"] == runner.catalog_.split_paths("train") and call["records"] is runner.catalog_.attributes
+    assert call["evaluator"] is None  # the fusion is fitted again: no selection by the start model's fusion
+    assert "stage1: 6 triplets, 1 epoch(s), batch 6" in capsys.readouterr().out
+    published = json.loads((out / "stage1" / "model.json").read_text())
+    assert (
+        published["stage"] == "stage1"
+        and published["fusion"] != json.loads((out / "zero-shot" / "model.json").read_text())["fusion"]
+    )
+    assert curves == [([out / "train" / "stage1" / "metrics.jsonl"], out / "train" / "stage1" / "curve.png")]
+    assert runner.labels["stage1"] == "stage1/sum"
+    inputs = json.loads((out / "train" / "stage1" / "inputs.json").read_text())
+    assert set(inputs) == {"start", "triplets", "config", "selection"} and inputs[
+        "selection"
+    ] == runner.recipe.evaluation.selection.model_dump(mode="json")
+    assert inputs["config"]["batch_size"] == 6 and inputs["config"]["lr"] == 0.01
+    seven = demo_runner(
+        out, *overrides, 'stages.0.data=["annotated"]', "stages.0.config.lr=0.01", "stages.0.refit_fusion=false"
+    )
+    seven.evaluator_ = seven.evaluator()
+    first = seven.recipe.annotated[0]
+    extra = seven.load_source(first, "train")
+    monkeypatch.setattr(seven, "stage_triplets", lambda stage: [*triplets, extra.triplets[0]])
+    seven.train_stage(seven.recipe.stages[0], zero)
+    assert calls[-1]["config"].batch_size == 6 and calls[-1]["evaluator"] is seven.evaluator_  # 7 triplets: an even 6
+    assert json.loads((out / "stage1" / "model.json").read_text())["stage"] == "best epoch"
+    last = demo_runner(
+        out, *overrides, 'stages.0.data=["annotated"]', "stages.0.config.lr=0.001", "stages.0.refit_fusion=false"
+    )
+    last.evaluator_ = None
+    last.train_stage(last.recipe.stages[0], zero)
+    assert json.loads((out / "stage1" / "model.json").read_text())["stage"] == "last epoch"  # no best/: the last
+    (out / "train" / "stage1" / "inputs.json").write_text("{")
+    with pytest.raises(DataError, match="stage inputs"):
+        seven.train_stage(seven.recipe.stages[0], zero)
+
+
+def test_towers_are_built_or_aligned_as_the_recipe_says(in_repo, tmp_path, monkeypatch, capsys):
+    runner = demo_runner(tmp_path / "run", "towers.backbone=tiny", "towers.align=null", "towers.preprocess=targetpad")
+    built = runner.towers(runner.catalog_)
+    assert built.spec == "tiny:0" and built.preprocess_mode == "targetpad"
+    calls = []
+    tiny = load_model(backbone="tiny").backbone
+
+    def recording_align(catalog, out, cache, config, progress, towers_spec):
+        calls.append((catalog, out, cache, config, progress, towers_spec))
+        return tiny, {"reused": len(calls) > 1, "best_val_image_to_text_R@10": 12.345}
+
+    monkeypatch.setattr("fashion_cir.training.align.align_offline_backbone", recording_align)
+    aligned = demo_runner(tmp_path / "run")
+    capsys.readouterr()
+    assert aligned.towers(aligned.catalog_) is tiny and aligned.towers(aligned.catalog_) is tiny
+    spec = aligned.recipe.towers
+    assert calls[0] == (
+        aligned.catalog_,
+        tmp_path / "run" / "offline-backbone",
+        aligned.cache,
+        spec.align,
+        True,
+        "offline+hsv",
+    )
+    assert [line.split("] ")[1] for line in capsys.readouterr().out.splitlines()] == [
+        "aligned the offline backbone (val image->text R@10 12.3)",
+        "reusing the aligned offline backbone (val image->text R@10 12.3)",
+    ]
+
+
+def test_run_recipe_runs_a_runner_of_the_recipe(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(
+        Runner, "run", lambda self: seen.append((self.recipe, self.source, self.serve, self.port)) or {"ran": 1}
+    )
+    recipe = load_recipe(REPO / "configs" / "demo_clothing.json", None, [f"out={tmp_path}"])
+    assert runner_module.run_recipe(recipe, "a.json", serve=True, port=8123) == {"ran": 1}
+    assert runner_module.run_recipe(recipe) == {"ran": 1}
+    assert seen == [(recipe, "a.json", True, 8123), (recipe, "recipe", False, 8000)]
+
+
+def test_the_runners_fusion_is_the_fit_on_its_training_gallery(in_repo, tmp_path):
+    """The fusion ``fit_fusion`` fits, by a second route: the evaluator and fit called directly on
+    the training split's gallery with the reference left out; a changed model or setting fits anew."""
+    from fashion_cir.evaluation.evaluate import EvalOptions, Protocol
+    from fashion_cir.evaluation.evaluator import Evaluator
+    from fashion_cir.training.fusion import fit_fusion
+
+    out = tmp_path / "run"
+    overrides = [*own_captions(demo_runner(out), tmp_path / "captions"), "towers.backbone=tiny", "towers.align=null"]
+    runner = demo_runner(out, *overrides, "fusion.config.steps=7")
+    model = runner.new_model(load_model(backbone="tiny").backbone, "prompt", reads_items=False)
+    runner.fit_fusion(model)
+    sets = {"own-train": runner.load_source(runner.recipe.annotated[0], "train")}
+    train = Protocol("train", tuple(runner.catalog_.splits["train"]), remove_reference=True)
+    fitter = Evaluator(sets, runner.cache, runner.catalog_.attributes, EvalOptions(progress=False), None, None, [train])
+    expected, _ = fit_fusion(fitter.prepare(model, all_terms=True), "train", runner.recipe.fusion.config)
+    assert model.fusion == expected and expected != fit_fusion(fitter.prepare(model, all_terms=True), "train")[0]
+    other = runner.new_model(load_model(backbone="tiny:1").backbone, "prompt", reads_items=False)
+    runner.fit_fusion(other)
+    demo_runner(out, *overrides, "fusion.config.steps=8").fit_fusion(model)
+    assert len(list((out / "fusion").glob("*.json"))) == 3  # one per model and settings
