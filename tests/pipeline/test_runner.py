@@ -299,6 +299,27 @@ def test_differences_pair_the_same_queries_per_protocol_and_set(in_repo, tmp_pat
     assert cells(a, b).startswith("+0.0 (") and cells(b, a).startswith("+0.0 (")  # R@10: one found in each
 
 
+def test_git_commit_names_the_checkout_and_its_uncommitted_changes(tmp_path, monkeypatch):
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+
+    assert runner_module.git_commit(tmp_path) is None  # not a checkout
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "empty")
+    (tmp_path / "a.txt").write_text("a")
+    git("add", "a.txt")
+    assert runner_module.git_commit(tmp_path) == git("rev-parse", "HEAD") + "-dirty"  # staged, not committed
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "a")
+    head = git("rev-parse", "HEAD")
+    (tmp_path / "new.txt").write_text("untracked")
+    assert runner_module.git_commit(tmp_path) == head  # untracked files are not changes to the code
+    (tmp_path / "a.txt").write_text("b")
+    assert runner_module.git_commit(tmp_path) == head + "-dirty"
+    monkeypatch.setenv("PATH", str(tmp_path / "no-git-here"))
+    assert runner_module.git_commit(tmp_path) is None
+
+
 def test_stage_triplets_are_training_pairs_only(in_repo, tmp_path):
     out = tmp_path / "run"
     runner = demo_runner(out, *own_captions(demo_runner(out), tmp_path / "captions"))

@@ -43,9 +43,12 @@ KS = (1, 5, 10, 50)
 GENERATED_VAL = "generated-val"
 
 
-def git_commit() -> str | None:
-    """The commit of the code that runs (with ``-dirty`` for uncommitted changes), when it is a checkout."""
-    root = Path(__file__).resolve().parents[3]
+CODE_ROOT = Path(__file__).resolve().parents[3]
+
+
+def git_commit(root: Path = CODE_ROOT) -> str | None:
+    """The commit checked out at ``root`` (the code that runs), with ``-dirty`` for uncommitted changes
+    to tracked files; None outside a checkout."""
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(
