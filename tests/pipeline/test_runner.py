@@ -11,6 +11,7 @@ import json
 import platform
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -655,3 +656,80 @@ def test_the_runners_fusion_is_the_fit_on_its_training_gallery(in_repo, tmp_path
     runner.fit_fusion(other)
     demo_runner(out, *overrides, "fusion.config.steps=8").fit_fusion(model)
     assert len(list((out / "fusion").glob("*.json"))) == 3  # one per model and settings
+
+
+def test_finish_selects_compares_writes_and_serves(in_repo, tmp_path, monkeypatch, capsys):
+    """``finish`` with its model loading, index and server recorded: the best model on val, the best
+    baseline standing in for ``best-baseline`` on either side of a comparison, comparisons of
+    unscored models left out, the results written and printed, and the index served."""
+    clock = Clock()
+    monkeypatch.setattr(runner_module, "time", clock)
+    monkeypatch.setattr(
+        runner_module.CIRModel, "load", staticmethod(lambda folder: Path(folder))
+    )  # a model = its folder
+    served, indexed = [], []
+    monkeypatch.setattr("fashion_cir.serving.app.serve", lambda *args, **kwargs: served.append((args, kwargs)))
+    figures = {"zero-shot": 10.0, "zero-shot-fused": 30.0, "stage1": 40.0, "stage2": 20.0}
+    compare = [["best-baseline", "stage1"], ["stage2", "stage1"], ["zero-shot", "best-baseline"]]
+    out = tmp_path / "run"
+    runner = Runner(
+        load_recipe(
+            REPO / "configs" / "demo_clothing.json",
+            None,
+            [f"out={out}", "pictures=false", f"evaluation.compare={json.dumps(compare)}"],
+        ),
+        serve=True,
+        port=8123,
+    )
+    monkeypatch.setattr(runner, "selection_figure", lambda folder: figures[folder.name])
+    monkeypatch.setattr(runner, "build_index", indexed.append)
+    monkeypatch.setattr(runner, "table", lambda: "| the results table |")  # its own test reads it
+    for name in figures:
+        (out / name).mkdir(parents=True)
+        (out / name / "weights").write_text(name)
+    labels = {name: f"{name}/sum" for name in ("zero-shot", "zero-shot-fused", "stage1")}  # stage2 not scored
+    ranks = {"zero-shot": [0, 40], "zero-shot-fused": [3, 12], "stage1": [60, 1]}
+    runner.labels = labels
+    runner.ranks = {f"{labels[name]}|split|annotated-val": r for name, r in ranks.items()}
+    runner.rows = [{"stage": name, "mode": "sum"} for name in labels]
+    runner.recipe.attribute_heads = False
+    runner.evaluator_ = SimpleNamespace(protocols=[SimpleNamespace(name="split")], sets={"annotated-val": None})
+    clock.now += 42.5
+
+    result = runner.finish({name: out / name for name in figures})
+
+    assert result == {"rows": runner.rows, "best": "stage1"}
+    assert (out / "best" / "weights").read_text() == "stage1"
+    assert json.loads((out / "best" / "selected.json").read_text()) == {
+        "stage": "stage1",
+        "scores": figures,
+        "selection": runner.recipe.evaluation.selection.model_dump(mode="json"),
+    }
+    expected = runner.differences([("zero-shot-fused/sum", "stage1/sum"), ("zero-shot/sum", "zero-shot-fused/sum")])
+    assert len(expected.splitlines()) == 4  # header, rule and the two comparisons that were scored
+    table = "| the results table |"
+    assert (out / "results.md").read_text() == table + "\n\nPaired differences (R@10, R@50):\n\n" + expected + "\n"
+    results = json.loads((out / "results.json").read_text())
+    assert results == {"rows": runner.rows, "best": "stage1", "labels": labels, "seconds": 42.5, "ranks": runner.ranks}
+    printed = capsys.readouterr().out
+    assert "\nResults (val):\n" + table + "\n\nPaired differences:\n" + expected + "\n" in printed
+    assert "best on val: stage1 (overall 40.00)" in printed
+    assert indexed == [runner.recipe.index] and [t["step"] for t in runner.timings] == ["select", "index"]
+    assert "\nServing the catalog at http://127.0.0.1:8123/  (Ctrl+C to stop)\n" in printed
+    assert served == [((out / "index", out / "best"), {"host": "127.0.0.1", "port": 8123})]
+    assert json.loads((out / "timings.json").read_text())["total_seconds"] == 42.5
+
+    alone = Runner(
+        load_recipe(
+            REPO / "configs" / "demo_clothing.json",
+            None,
+            [f"out={out}", "pictures=false", "baselines=[]", "stages=[]", "evaluation.compare=[]", "index=null"],
+        ),
+        serve=True,
+    )
+    monkeypatch.setattr(alone, "selection_figure", lambda folder: figures[folder.name])
+    monkeypatch.setattr(alone, "table", lambda: "| the results table |")
+    alone.recipe.attribute_heads = False
+    alone.evaluator_ = runner.evaluator_
+    assert alone.finish({"stage2": out / "stage2"})["best"] == "stage2"  # no baselines: no best baseline
+    assert len(served) == 1  # no index: nothing to serve
