@@ -643,19 +643,41 @@ def test_the_runners_fusion_is_the_fit_on_its_training_gallery(in_repo, tmp_path
     from fashion_cir.training.fusion import fit_fusion
 
     out = tmp_path / "run"
-    overrides = [*own_captions(demo_runner(out), tmp_path / "captions"), "towers.backbone=tiny", "towers.align=null"]
+    captions = tmp_path / "captions"
+    overrides = [*own_captions(demo_runner(out), captions), "towers.backbone=tiny", "towers.align=null"]
+    train_ids = json.loads((captions / "split.json").read_text())
+    (captions / "split.json").write_text(json.dumps(train_ids[:14]))  # the captions' own gallery: part of train
     runner = demo_runner(out, *overrides, "fusion.config.steps=7")
     model = runner.new_model(load_model(backbone="tiny").backbone, "prompt", reads_items=False)
     runner.fit_fusion(model)
     sets = {"own-train": runner.load_source(runner.recipe.annotated[0], "train")}
-    train = Protocol("train", tuple(runner.catalog_.splits["train"]), remove_reference=True)
-    fitter = Evaluator(sets, runner.cache, runner.catalog_.attributes, EvalOptions(progress=False), None, None, [train])
-    expected, _ = fit_fusion(fitter.prepare(model, all_terms=True), "train", runner.recipe.fusion.config)
-    assert model.fusion == expected and expected != fit_fusion(fitter.prepare(model, all_terms=True), "train")[0]
+
+    def fitted(gallery, config=runner.recipe.fusion.config):
+        train = Protocol("train", gallery, remove_reference=True)
+        options = EvalOptions(progress=False)
+        fitter = Evaluator(sets, runner.cache, runner.catalog_.attributes, options, None, None, [train])
+        return fit_fusion(fitter.prepare(model, all_terms=True), "train", config)[0]
+
+    expected = fitted(tuple(runner.catalog_.splits["train"]))
+    assert model.fusion == expected and expected != fitted(None)  # the whole train split, not the captions' gallery
+    default = type(runner.recipe.fusion.config)()
+    assert expected != fitted(tuple(runner.catalog_.splits["train"]), default)  # the recipe's settings count
     other = runner.new_model(load_model(backbone="tiny:1").backbone, "prompt", reads_items=False)
     runner.fit_fusion(other)
-    demo_runner(out, *overrides, "fusion.config.steps=8").fit_fusion(model)
+
+    def unfitted() -> CIRModel:
+        return runner.new_model(load_model(backbone="tiny").backbone, "prompt", reads_items=False)
+
+    demo_runner(out, *overrides, "fusion.config.steps=8").fit_fusion(unfitted())
     assert len(list((out / "fusion").glob("*.json"))) == 3  # one per model and settings
+    pairs = json.loads((captions / "cap.json").read_text())
+    (captions / "cap.json").write_text(json.dumps([p | {"captions": ["is lighter", "is plain"]} for p in pairs]))
+    demo_runner(out, *overrides, "fusion.config.steps=7").fit_fusion(unfitted())
+    files = sorted((out / "fusion").glob("*.json"), key=lambda f: f.stat().st_mtime_ns)
+    assert len(files) == 4  # other captions: fitted anew
+    files[-1].write_text("{")
+    with pytest.raises(DataError, match=f"malformed fitted fusion {files[-1]}"):
+        demo_runner(out, *overrides, "fusion.config.steps=7").fit_fusion(unfitted())
 
 
 def test_finish_selects_compares_writes_and_serves(in_repo, tmp_path, monkeypatch, capsys):
