@@ -463,7 +463,7 @@ def test_a_small_run_end_to_end_in_process(in_repo, tmp_path, monkeypatch, capsy
     selection, attribute heads, results, pictures and the index."""
     monkeypatch.setattr(fashion_cir.training, "train_stage", fake_train)
     monkeypatch.setattr("fashion_cir.pipeline.pictures.stage_curves", lambda files, image: image)  # no curves
-    out = tmp_path / "run"
+    out = tmp_path / "runs" / "small"  # made with its parents
     demo = load_recipe(REPO / "configs" / "demo_clothing.json")
     first = demo.baselines[0].model_dump(mode="json")
     stage = demo.stages[0].model_dump(mode="json") | {"start": "zero-shot", "refit_fusion": False}
