@@ -755,3 +755,49 @@ def test_finish_selects_compares_writes_and_serves(in_repo, tmp_path, monkeypatc
     alone.evaluator_ = runner.evaluator_
     assert alone.finish({"stage2": out / "stage2"})["best"] == "stage2"  # no baselines: no best baseline
     assert len(served) == 1  # no index: nothing to serve
+
+
+def test_attribute_heads_are_fitted_once_per_image_tower_and_labels(in_repo, tmp_path, monkeypatch, capsys):
+    """The best model's heads: fitted, reported, scored with predicted descriptions; reused while the
+    image tower and the train/val labels stay; fitted again when a train or a val label changes."""
+    import fashion_cir.training.attribute_heads as heads_module
+    from fashion_cir.models.attributes import load_heads
+
+    out = tmp_path / "run"
+    runner = demo_runner(out, "towers.backbone=tiny", "towers.align=null")
+    load_model(backbone="tiny").save(out / "best")
+    scored, fits = [], []
+    monkeypatch.setattr(runner, "score", lambda *args, **kwargs: scored.append((args, kwargs)))
+    fit = heads_module.fit_attribute_heads
+    monkeypatch.setattr(heads_module, "fit_attribute_heads", lambda *args: fits.append(args) or fit(*args))
+
+    def fitted_again() -> bool:
+        before = len(fits)
+        capsys.readouterr()
+        runner.attribute_heads()
+        return len(fits) > before
+
+    assert fitted_again()
+    heads = load_heads(out / "attribute-heads")
+    val = heads.info["val"]
+    mean, majority = (sum(r[key] for r in val.values()) / len(val) for key in ("accuracy", "majority_accuracy"))
+    assert mean != majority
+    assert (
+        f"attribute heads (trained) on val: mean accuracy {mean:.1f}% (majority class {majority:.1f}%); "
+        "table in attributes.md" in capsys.readouterr().out
+    )
+    assert (out / "attributes.md").read_text() == heads_module.format_report(heads) + "\n"
+    assert CIRModel.load(out / "best").attribute_heads.info == heads.info
+    [(args, kwargs)] = scored
+    assert (args[0], args[2], kwargs) == ("best-predicted-prompt", (args[1].query_mode,), {"describe": "predicted"})
+    assert args[1].attribute_heads is not None
+    assert not fitted_again()
+    assert (
+        f"attribute heads (reused) on val: mean accuracy {mean:.1f}% (majority class {majority:.1f}%); "
+        "table in attributes.md" in capsys.readouterr().out
+    )
+    for split in ("train", "val"):
+        image = runner.catalog_.splits[split][0]
+        runner.catalog_.attributes[image] = runner.catalog_.attributes[image] | {"color": "a new colour"}
+        assert fitted_again(), split
+        assert not fitted_again()
