@@ -801,3 +801,70 @@ def test_attribute_heads_are_fitted_once_per_image_tower_and_labels(in_repo, tmp
         runner.catalog_.attributes[image] = runner.catalog_.attributes[image] | {"color": "a new colour"}
         assert fitted_again(), split
         assert not fitted_again()
+
+
+def test_pictures_and_index_get_what_the_run_has(in_repo, tmp_path, monkeypatch, capsys):
+    """What ``pictures`` and ``build_index`` hand their makers (recorded): every val set's examples
+    with the catalog's attributes, the generated training triplets when there are any, the stages'
+    curves when one was written; the index of the recipe's splits with each item's attributes
+    (not its image path) and label."""
+    import fashion_cir.pipeline.pictures as pictures_module
+    import fashion_cir.retrieval.index as index_module
+
+    out = tmp_path / "run"
+    runner = scored_runner(out)
+    load_model(backbone="tiny").save(out / "best")
+    calls = []
+
+    def recorder(name):
+        return lambda *args, **kwargs: calls.append((name, args, kwargs)) or f"<{name}>"
+
+    for name in ("example_picture", "triplet_picture", "stage_curves"):
+        monkeypatch.setattr(pictures_module, name, recorder(name))
+    monkeypatch.setattr(index_module, "build_index", recorder("build_index"))
+    runner.pictures()  # nothing generated, no curves
+    examples = [c for c in calls if c[0] == "example_picture"]
+    assert [c[1][1] for c in examples] == list(runner.evaluator_.sets.values()) and len(calls) == len(examples) == 3
+    assert all(c[1][2] is runner.catalog_.attributes and c[1][3] is runner.cache for c in examples)
+    assert [c[1][4] for c in examples] == [out / f"examples-{name}.png" for name in runner.evaluator_.sets]
+    calls.clear()
+    runner.generated = {"val": ["v"], "train": []}
+    runner.pictures()
+    assert [c[0] for c in calls] == ["example_picture"] * 3  # no generated training triplets: no picture
+    calls.clear()
+    runner.generated = {"train": ["t"]}
+    curve = out / "train" / runner.recipe.stages[1].name / "metrics.jsonl"
+    curve.parent.mkdir(parents=True)
+    curve.write_text("{}\n")
+    runner.pictures()
+    assert calls[3:] == [
+        ("triplet_picture", (["t"], runner.catalog_.image_paths, out / "triplets.png"), {}),
+        (
+            "stage_curves",
+            ([out / "train" / s.name / "metrics.jsonl" for s in runner.recipe.stages], out / "training.png"),
+            {},
+        ),
+    ]
+    assert "training curves: <stage_curves>" in capsys.readouterr().out
+
+    calls.clear()
+    runner.catalog_.labels.pop(runner.catalog_.splits["test"][0])  # an item without a label
+    spec = runner.recipe.index.model_copy(update={"splits": ["val", "test"], "factory": "Flat"})
+    runner.build_index(spec)
+    [(_, (folder, model, paths, metadata), kwargs)] = calls
+    ids = runner.catalog_.splits["val"] + runner.catalog_.splits["test"]
+    assert folder == out / "index" and isinstance(model, CIRModel) and list(paths) == ids
+    assert paths == {i: runner.catalog_.image_paths[i] for i in ids}
+    for i in ids:
+        expected = {k: v for k, v in runner.catalog_.attributes[i].items() if k != "image"}
+        if i in runner.catalog_.labels:
+            expected["label"] = runner.catalog_.labels[i]
+        assert metadata[i] == expected
+    assert "image" in runner.catalog_.attributes[ids[0]] and "label" in metadata[ids[0]]
+    assert "label" not in metadata[runner.catalog_.splits["test"][0]]
+    assert kwargs == {
+        "factory": "Flat",
+        "cache_dir": out / "features",
+        "overwrite": True,
+        "progress": True,
+    }
