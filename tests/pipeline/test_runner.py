@@ -821,7 +821,9 @@ def test_pictures_and_index_get_what_the_run_has(in_repo, tmp_path, monkeypatch,
 
     for name in ("example_picture", "triplet_picture", "stage_curves"):
         monkeypatch.setattr(pictures_module, name, recorder(name))
-    monkeypatch.setattr(index_module, "build_index", recorder("build_index"))
+    monkeypatch.setattr(  # the index it returns: its items
+        index_module, "build_index", lambda *args, **kwargs: calls.append(("build_index", args, kwargs)) or args[2]
+    )
     runner.pictures()  # nothing generated, no curves
     examples = [c for c in calls if c[0] == "example_picture"]
     assert [c[1][1] for c in examples] == list(runner.evaluator_.sets.values()) and len(calls) == len(examples) == 3
@@ -862,6 +864,7 @@ def test_pictures_and_index_get_what_the_run_has(in_repo, tmp_path, monkeypatch,
         assert metadata[i] == expected
     assert "image" in runner.catalog_.attributes[ids[0]] and "label" in metadata[ids[0]]
     assert "label" not in metadata[runner.catalog_.splits["test"][0]]
+    assert f"index: {len(ids)} catalog images in {out / 'index'}" in capsys.readouterr().out
     assert kwargs == {
         "factory": "Flat",
         "cache_dir": out / "features",
