@@ -871,3 +871,44 @@ def test_pictures_and_index_get_what_the_run_has(in_repo, tmp_path, monkeypatch,
         "overwrite": True,
         "progress": True,
     }
+
+
+def test_without_an_attributes_file_the_catalog_is_captioned(in_repo, clothing_dir, tmp_path, monkeypatch, capsys):
+    """The caption step (precomputed answers named through an environment variable): the sliced
+    catalog's photos described, a split id without a photo and an image without an answer both
+    reported, and a later run of the main process captioning again (its cache is per image) while
+    another rank reads what the main one wrote."""
+    splits = clothing_dir / "image_splits"
+    test_ids = ["no-such-image", *json.loads((splits / "split.clothing.test.json").read_text())[:9]]
+    (tmp_path / "test.json").write_text(json.dumps(test_ids))
+    first_val = json.loads((splits / "split.clothing.val.json").read_text())[0]
+    answers = [json.loads(line) for line in (clothing_dir / "attributes.jsonl").read_text().splitlines()]
+    (tmp_path / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers if a["image"] != first_val))
+    monkeypatch.setenv("ANSWERS_DIR", str(tmp_path))
+    out = tmp_path / "run"
+    caption = {"backend": "precomputed", "model": "${ANSWERS_DIR}/answers.jsonl"}
+    overrides = [
+        f"out={out}",
+        *(f"catalog.slice.{split}={n}" for split, n in SLICE.items()),
+        "catalog.attributes=null",
+        f"catalog.splits.test={json.dumps([str(tmp_path / 'test.json')])}",
+        f"caption={json.dumps(caption)}",
+    ]
+
+    def catalog(rank: str = "0"):
+        monkeypatch.setenv("RANK", rank)
+        capsys.readouterr()
+        return Runner(load_recipe(REPO / "configs" / "demo_clothing.json", None, overrides)).catalog()
+
+    captioned = catalog()
+    log = capsys.readouterr().out
+    assert captioned.attributes_file == out / "attributes.jsonl"
+    described = [i for ids in captioned.splits.values() for i in ids if i not in (first_val, "no-such-image")]
+    assert len(described) == sum(SLICE.values()) - 2 and set(captioned.attributes) == set(described)
+    by_image = {a["image"]: a for a in answers}
+    assert all(captioned.attributes[i]["description"] == by_image[i]["description"] for i in described)
+    assert f"captioning {sum(SLICE.values()) - 1} images with precomputed ${{ANSWERS_DIR}}/answers.jsonl" in log
+    assert "captioning: 2 images without attributes (first: no-such-image: image file not found in " in log
+    (tmp_path / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
+    assert catalog(rank="1").attributes == captioned.attributes  # another rank reads the main one's file
+    assert first_val in catalog().attributes  # the main process captions again: the new answer is read
