@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from fnmatch import fnmatch
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,8 +233,8 @@ def run_module(
             text=True,
         ).stdout
         status = dict(re.findall(r"^\s*(\S+): (\w[\w ]*)$", listing, flags=re.M))
-        if only:  # a re-check of named mutants: the others were not run
-            status = {name: state for name, state in status.items() if name in only}
+        if only:  # a re-check of named mutants (or fnmatch patterns, as mutmut takes them): the others were not run
+            status = {name: state for name, state in status.items() if any(fnmatch(name, p) for p in only)}
         counts = {"mutants": len(status)}
         for name in ("killed", "survived", "timeout", "no tests", "suspicious", "skipped"):
             counts[name] = sum(1 for s in status.values() if s == name)
@@ -273,7 +274,8 @@ def main() -> None:
         nargs="+",
         default=[],
         metavar="NAME",
-        help="run only these mutants (names as --survivors prints them), e.g. to re-check survivors",
+        help="run only these mutants (names as --survivors prints them, or fnmatch patterns such as "
+        "'fashion_cir.pipeline.runner.x_git_commit__mutmut_*'), e.g. to re-check survivors",
     )
     parser.add_argument(
         "--timeout-multiplier",
