@@ -66,6 +66,40 @@ def test_the_catalog_protocol_ranks_every_split(in_repo, clothing_dir, tmp_path)
         assert triplet_set.gallery_ids == splits["val"], name
 
 
+def test_the_evaluator_scores_generated_val_triplets_when_asked(in_repo, tmp_path):
+    """The evaluator's wiring (K values, kept ranks, no progress bars, the catalog's attributes, the
+    recipe's selection, results under evaluations/) and the generated val set: only triplets whose
+    photos the catalog has, searched in the val split."""
+    from fashion_cir.pipeline.runner import GENERATED_VAL, KS
+
+    runner = demo_runner(tmp_path / "run", "evaluation.generated_val=true")
+    evaluator = runner.evaluator()
+    assert GENERATED_VAL not in evaluator.sets  # asked for, but nothing generated
+    assert (evaluator.options.ks, evaluator.options.progress, evaluator.options.keep_ranks) == (KS, False, True)
+    assert evaluator.records is runner.catalog_.attributes and evaluator.results_dir == tmp_path / "run" / "evaluations"
+    assert evaluator.selection == runner.recipe.evaluation.selection
+    val = runner.catalog_.splits["val"]
+    runner.generated = {
+        "val": [
+            {"candidate": val[0], "target": val[1], "captions": ["is red", "red"]},
+            {"candidate": "unknown", "target": val[1], "captions": ["is blue", "blue"]},
+            {"candidate": val[2], "target": "unknown", "captions": ["is green", "green"]},
+            {"candidate": val[3], "target": val[4], "captions": ["is long", "long"]},
+        ]
+    }
+    generated = runner.evaluator().sets[GENERATED_VAL]
+    assert generated.name == GENERATED_VAL
+    assert [(t.candidate, t.target, t.captions) for t in generated.triplets] == [
+        (val[0], val[1], ("is red", "red")),
+        (val[3], val[4], ("is long", "long")),
+    ]
+    assert generated.gallery_ids == val and generated.image_paths == runner.catalog_.image_paths
+    assert (generated.missing_images, generated.skipped_triplets) == ([], 0)
+    plain = demo_runner(tmp_path / "other")
+    plain.generated = runner.generated
+    assert GENERATED_VAL not in plain.evaluator().sets  # generated, not asked for
+
+
 def fake_train(config, model, triplets, paths, evaluator, records, run_dir):
     """A training stub: the start model's text projection shifted by the stage's learning rate (the
     image encoder stays as it is, like the recipes' text-only training)."""
