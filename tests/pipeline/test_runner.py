@@ -709,6 +709,9 @@ def test_the_runners_fusion_is_the_fit_on_its_training_gallery(in_repo, tmp_path
     demo_runner(out, *overrides, "fusion.config.steps=7").fit_fusion(unfitted())
     files = sorted((out / "fusion").glob("*.json"), key=lambda f: f.stat().st_mtime_ns)
     assert len(files) == 4  # other captions: fitted anew
+    files[-1].write_text('{"fusion": {"composed": "heavy"}}')
+    with pytest.raises(DataError, match=f"{files[-1]}.*composed"):  # a bad weight: the file is named
+        demo_runner(out, *overrides, "fusion.config.steps=7").fit_fusion(unfitted())
     files[-1].write_text("{")
     with pytest.raises(DataError, match=f"malformed fitted fusion {files[-1]}"):
         demo_runner(out, *overrides, "fusion.config.steps=7").fit_fusion(unfitted())
@@ -835,6 +838,8 @@ def test_attribute_heads_are_fitted_once_per_image_tower_and_labels(in_repo, tmp
         runner.catalog_.attributes[image] = runner.catalog_.attributes[image] | {"color": "a new colour"}
         assert fitted_again(), split
         assert not fitted_again()
+    load_model(backbone="tiny:1").save(out / "best")  # another image tower
+    assert fitted_again() and not fitted_again()
 
 
 def test_pictures_and_index_get_what_the_run_has(in_repo, tmp_path, monkeypatch, capsys):
@@ -885,6 +890,8 @@ def test_pictures_and_index_get_what_the_run_has(in_repo, tmp_path, monkeypatch,
 
     calls.clear()
     runner.catalog_.labels.pop(runner.catalog_.splits["test"][0])  # an item without a label
+    bare = next(i for i in runner.catalog_.splits["test"][1:] if i in runner.catalog_.labels)
+    runner.catalog_.attributes.pop(bare)  # and one without attributes
     spec = runner.recipe.index.model_copy(update={"splits": ["val", "test"], "factory": "Flat"})
     runner.build_index(spec)
     [(_, (folder, model, paths, metadata), kwargs)] = calls
@@ -892,12 +899,13 @@ def test_pictures_and_index_get_what_the_run_has(in_repo, tmp_path, monkeypatch,
     assert folder == out / "index" and isinstance(model, CIRModel) and list(paths) == ids
     assert paths == {i: runner.catalog_.image_paths[i] for i in ids}
     for i in ids:
-        expected = {k: v for k, v in runner.catalog_.attributes[i].items() if k != "image"}
+        expected = {k: v for k, v in runner.catalog_.attributes.get(i, {}).items() if k != "image"}
         if i in runner.catalog_.labels:
             expected["label"] = runner.catalog_.labels[i]
         assert metadata[i] == expected
     assert "image" in runner.catalog_.attributes[ids[0]] and "label" in metadata[ids[0]]
     assert "label" not in metadata[runner.catalog_.splits["test"][0]]
+    assert metadata[bare] == {"label": runner.catalog_.labels[bare]}
     assert f"index: {len(ids)} catalog images in {out / 'index'}" in capsys.readouterr().out
     assert kwargs == {
         "factory": "Flat",
