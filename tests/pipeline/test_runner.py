@@ -492,6 +492,51 @@ def test_a_baseline_publishes_its_best_variant_and_mode(in_repo, tmp_path):
     assert {(r["stage"], r["mode"]) for r in runner.rows} == {tuple(name.split("/")) for name in figures}
 
 
+def test_a_baseline_hands_each_variant_its_settings(in_repo, tmp_path, monkeypatch, capsys):
+    """What ``baseline`` asks of the runner (recorded around the real methods): a model reading items
+    only for a matcher baseline, the fusion fitted only when fused, reliance measured only with a
+    matcher, each mode's own selection figure; the published model names its baseline."""
+    runner = scored_runner(tmp_path / "run")
+    tiny = load_model(backbone="tiny").backbone
+    calls = []
+    for name in ("new_model", "fit_fusion", "score", "selection_figure"):
+        real = getattr(runner, name)
+        monkeypatch.setattr(
+            runner,
+            name,
+            lambda *args, _real=real, _name=name, **kwargs: (
+                calls.append((_name, args, kwargs)) or _real(*args, **kwargs)
+            ),
+        )
+    monkeypatch.setattr(runner, "fit_fusion", lambda model: calls.append(("fit_fusion", (model,), {})))
+    plain, fused = runner.recipe.baselines
+    runner.baseline(plain, tiny)
+    brief = {"new_model": lambda args: args[1:], "score": lambda args: (args[0], args[2])}  # no models
+    assert [(c[0], brief[c[0]](c[1]), c[2]) for c in calls if c[0] != "selection_figure"] == [
+        ("new_model", ("prompt", False), {}),
+        ("score", ("zero-shot", ("image", "text", "sum")), {"reliance": False}),
+        ("new_model", ("caption", False), {}),
+        ("score", ("zero-shot-no-prompt", ("text", "sum")), {"reliance": False}),
+    ]
+    assert [c[1][1] for c in calls if c[0] == "selection_figure"] == ["image", "text", "sum", "text", "sum"]
+    published = json.loads((tmp_path / "run" / "zero-shot" / "model.json").read_text())
+    assert published["stage"] == "zero-shot"
+    assert f"zero-shot: best variant {runner.labels['zero-shot']}" in capsys.readouterr().out
+    calls.clear()
+    monkeypatch.setattr(
+        runner,
+        "new_model",
+        lambda backbone, template, reads_items: (
+            calls.append(("new_model", (backbone, template, reads_items), {})) or load_model(backbone="tiny")
+        ),
+    )
+    runner.baseline(fused, tiny)
+    assert [c[0] for c in calls] == ["new_model", "fit_fusion", "score", "selection_figure"]
+    assert calls[0][1][2] is True and calls[1][1][0] is calls[2][1][1]  # the fitted model is the one scored
+    assert calls[2][2] == {"reliance": True}
+    assert json.loads((tmp_path / "run" / "zero-shot-fused" / "model.json").read_text())["stage"] == "zero-shot-fused"
+
+
 def test_a_small_run_end_to_end_in_process(in_repo, tmp_path, monkeypatch, capsys):
     """``Runner.run`` on the slice with one baseline and one stage (training stubbed): scores,
     selection, attribute heads, results, pictures and the index."""
