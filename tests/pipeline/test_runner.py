@@ -376,6 +376,9 @@ def test_stage_triplets_are_training_pairs_only(in_repo, tmp_path):
     assert pairs(["annotated", "generated"]) == [*own, (train[10], train[11])]
     runner.recipe.generated = list(runner.recipe.annotated)  # generated triplets from files come before the run's own
     assert pairs(["generated"]) == [*own, (train[10], train[11])]
+    assert pairs(["annotated", "generated"]) == [*own, *own, (train[10], train[11])]
+    runner.recipe.annotated = [*runner.recipe.annotated, *runner.recipe.annotated]  # every source counts
+    assert pairs(["annotated"]) == [*own, *own]
     assert pairs([]) == []
 
 
