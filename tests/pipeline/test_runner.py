@@ -404,6 +404,18 @@ def test_new_models_read_items_as_the_recipe_says(in_repo, tmp_path):
     assert no_attributes.new_model(tiny, "prompt", reads_items=True).attribute_space is None
 
 
+def test_a_backbone_matcher_shares_the_offline_towers_text_tower(in_repo, tmp_path):
+    from fashion_cir.models.factory import create_backbone
+
+    offline = create_backbone("offline")
+    shared = demo_runner(tmp_path / "run").new_model(offline, "prompt", reads_items=True)
+    assert shared.matcher.shared and shared.matcher.query_encoder is offline.text_tower
+    assert shared.matcher.spec == offline.towers.text and shared.matcher in shared.modules()
+    named = demo_runner(tmp_path / "run", 'model.matcher={"spec": "minilm"}').new_model(offline, "prompt", True)
+    assert not named.matcher.shared and named.matcher.spec == "minilm" and named.matcher.query_encoder is not None
+    assert named.matcher.query_encoder is not offline.text_tower
+
+
 def test_generated_triplets_are_reused_while_their_inputs_stay_the_same(in_repo, tmp_path, monkeypatch):
     runner = scored_runner(tmp_path / "run")
     plain = load_model(backbone="tiny")
