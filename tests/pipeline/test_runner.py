@@ -450,6 +450,13 @@ def test_generated_triplets_are_reused_while_their_inputs_stay_the_same(in_repo,
         stats["inputs_sha1"]
         == json.loads((tmp_path / "run" / "triplets" / "train.stats.json").read_text())["inputs_sha1"]
     )
+    triplets_file = tmp_path / "run" / "triplets" / "train.json"
+    triplets_file.write_text("[")
+    with pytest.raises(DataError, match=f"malformed generated triplets {triplets_file}"):
+        runner.generated_triplets(plain, runner.catalog_, "train")
+    triplets_file.with_suffix(".stats.json").write_text("{")
+    with pytest.raises(DataError, match="malformed triplet stats"):
+        runner.generated_triplets(plain, runner.catalog_, "train")
 
 
 def own_captions(runner: Runner, folder: Path) -> list[str]:
