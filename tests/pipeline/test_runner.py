@@ -1018,6 +1018,25 @@ def test_without_an_attributes_file_the_catalog_is_captioned(in_repo, clothing_d
     assert all(captioned.attributes[i]["description"] == by_image[i]["description"] for i in described)
     assert f"captioning {sum(SLICE.values()) - 1} images with precomputed ${{ANSWERS_DIR}}/answers.jsonl" in log
     assert "captioning: 2 images without attributes (first: no-such-image: image file not found in " in log
+    summary = next((out / "captions").glob("*.summary.json"))
+    reason = json.loads(summary.read_text())["failures"][first_val]["error"]
+    assert f"the list is in {summary}" in log and reason
+    overrides.append("caption.max_failed_share=0.01")  # 2 of 60 is more than 1%
+    with pytest.raises(DataError) as failed:
+        catalog()
+    assert str(failed.value) == (
+        f"2 of {sum(SLICE.values())} images failed (more than the allowed 1%); first: no-such-image: image file "
+        f"not found in {Path(load_recipe(REPO / 'configs' / 'demo_clothing.json').catalog.images)}; "
+        f"{first_val}: {reason}"
+    )
+    overrides.pop()
     (tmp_path / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
     assert catalog(rank="1").attributes == captioned.attributes  # another rank reads the main one's file
     assert first_val in catalog().attributes  # the main process captions again: the new answer is read
+
+
+def test_a_catalog_may_come_without_attributes_or_labels(in_repo, tmp_path):
+    runner = demo_runner(tmp_path / "run", "catalog.attributes=null", "catalog.labels=null")
+    assert runner.recipe.caption is None  # nothing to caption with either
+    assert (runner.catalog_.attributes_file, runner.catalog_.attributes, runner.catalog_.labels) == (None, {}, {})
+    assert len(runner.all_ids()) == sum(SLICE.values())
