@@ -436,7 +436,7 @@ class Runner:
         triplets = self.stage_triplets(stage)
         model = CIRModel.load(start)
         batch = max(2, min(stage.train_config().batch_size, len(triplets) // 2 * 2))  # small slices
-        config = stage.train_config(batch_size=batch, cache_dir=str(self.out / "features"), progress=True)
+        config = stage.train_config(batch_size=batch, cache_dir=str(self.cache.root), progress=True)
         run_dir = self.out / "train" / stage.name
         inputs = {
             "start": model.fingerprint(),
@@ -682,7 +682,7 @@ class Runner:
             paths,
             metadata,
             factory=spec.factory,
-            cache_dir=self.out / "features",
+            cache_dir=self.cache.root,
             overwrite=True,
             progress=True,
         )
