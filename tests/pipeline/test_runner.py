@@ -1040,3 +1040,4 @@ def test_a_catalog_may_come_without_attributes_or_labels(in_repo, tmp_path):
     assert runner.recipe.caption is None  # nothing to caption with either
     assert (runner.catalog_.attributes_file, runner.catalog_.attributes, runner.catalog_.labels) == (None, {}, {})
     assert len(runner.all_ids()) == sum(SLICE.values())
+    assert runner.new_model(load_model(backbone="tiny").backbone, "caption", False).descriptions_source is None
