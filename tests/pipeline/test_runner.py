@@ -22,7 +22,7 @@ from fashion_cir.errors import DataError
 from fashion_cir.evaluation.stats import paired_difference, recall_interval
 from fashion_cir.models.cir import CIRModel, load_model
 from fashion_cir.pipeline import runner as runner_module
-from fashion_cir.pipeline.recipe import load_recipe
+from fashion_cir.pipeline.recipe import TripletSource, load_recipe
 from fashion_cir.pipeline.runner import Runner
 from fashion_cir.retrieval import open_index
 
@@ -282,7 +282,10 @@ def test_scored_rows_follow_the_ranks_and_the_tables_read_them(in_repo, tmp_path
     assert "reliance" not in plain.rows[-1] and not any(k.endswith("shuffled") for k in plain.ranks)
     runner.rows.append(plain.rows[-1])
     table = runner.table().splitlines()
-    assert table[0].startswith("| model | mode | protocol | set | R@1 | R@5 | R@10 | R@50 | R@10 95% CI |")
+    assert table[0] == (
+        "| model | mode | protocol | set | R@1 | R@5 | R@10 | R@50 | R@10 95% CI | R@50 95% CI "
+        "| reliance (R@10 true - shuffled, 95% CI) | queries | gallery |"
+    )
     assert table[1] == "|" + "---|" * 13
     first = next(r for r in runner.rows if r["protocol"] == "split" and r["set"] == "annotated-val")
     assert table[2] == (
@@ -310,7 +313,7 @@ def test_scored_rows_follow_the_ranks_and_the_tables_read_them(in_repo, tmp_path
 
 def test_differences_pair_the_same_queries_per_protocol_and_set(in_repo, tmp_path):
     runner = scored_runner(tmp_path / "run")
-    a, b = [0, 20], [30, 3]
+    a, b = [0, 10], [50, 3]  # ranks 10 and 50: just outside R@10 and R@50
     runner.ranks = {
         "x/sum|split|annotated-val": a,
         "y/sum|split|annotated-val": b,
@@ -332,6 +335,7 @@ def test_differences_pair_the_same_queries_per_protocol_and_set(in_repo, tmp_pat
         f"| x/sum - y/sum | catalog | minpairs-val | {cells(b, a)} |",
     ]
     assert cells(a, b).startswith("+0.0 (") and cells(b, a).startswith("+0.0 (")  # R@10: one found in each
+    assert " | +50.0 (" in cells(a, b)  # R@50: both of a's, one of b's
 
 
 def test_git_commit_names_the_checkout_and_its_uncommitted_changes(tmp_path, monkeypatch):
@@ -1041,3 +1045,18 @@ def test_a_catalog_may_come_without_attributes_or_labels(in_repo, tmp_path):
     assert (runner.catalog_.attributes_file, runner.catalog_.attributes, runner.catalog_.labels) == (None, {}, {})
     assert len(runner.all_ids()) == sum(SLICE.values())
     assert runner.new_model(load_model(backbone="tiny").backbone, "caption", False).descriptions_source is None
+
+
+def test_a_source_without_a_name_is_named_by_its_caption_file():
+    assert runner_module.source_name(TripletSource(captions="x/cap.dress.val.json", split="s.json")) == "cap.dress.val"
+    assert runner_module.source_name(TripletSource(captions="x/c.json", split="s.json", name="mine")) == "mine"
+
+
+def test_peak_rss_is_the_kernels_high_water_mark_in_mb():
+    def high_water_kb() -> int:  # the same figure, read another way
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("VmHWM:")).split()[1])
+
+    before = high_water_kb()
+    peak = runner_module.peak_rss_mb()
+    assert before / 1024 <= peak <= high_water_kb() / 1024 and peak > 10
