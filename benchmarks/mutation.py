@@ -76,9 +76,9 @@ MODULES: dict[str, list[str]] = {
     "retrieval/explain.py": ["tests/retrieval/test_explain.py"],
     "retrieval/filters.py": ["tests/retrieval/test_filters.py"],
     "retrieval/manifest.py": ["tests/retrieval/test_manifest.py"],
-    "retrieval/query.py": ["tests/retrieval/test_query.py"],
+    "retrieval/query.py": ["tests/retrieval/test_query.py", "tests/retrieval/test_rescore.py"],  # + two-stage
     "retrieval/store.py": ["tests/retrieval/test_store.py"],
-    "retrieval/folder.py": ["tests/retrieval/test_folder.py"],
+    "retrieval/folder.py": ["tests/retrieval/test_folder.py", "tests/retrieval/test_rescore.py"],  # + index_info, mmap
     "retrieval/faiss_store.py": ["tests/retrieval/test_faiss_store.py"],
     "models/attributes.py": [  # the command-line and model-folder tests (~4-8 s each) are left out
         f"tests/models/test_attributes.py::{name}"
