@@ -13,7 +13,8 @@ import torch
 from fashion_cir.errors import DataError, ModelError
 from fashion_cir.models.cir import CIRModel, load_model
 from fashion_cir.retrieval import CatalogIndex, add_to_index, build_index
-from fashion_cir.retrieval.folder import LiveIndex, index_model, open_index
+from fashion_cir.retrieval.faiss_store import DATA_FILES
+from fashion_cir.retrieval.folder import LiveIndex, index_info, index_model, open_index
 from support.serving import synthetic_catalog
 
 
@@ -119,6 +120,35 @@ def test_a_manifest_without_a_store_is_faiss(folder):
     assert isinstance(open_index(folder), CatalogIndex)
     (folder / "index.json").write_text(json.dumps({**manifest, "store": {}}))
     assert isinstance(open_index(folder), CatalogIndex)
+
+
+def test_index_info_of_a_manifest_without_store_or_blocks_and_of_missing_files(folder):
+    """What ``index_info`` reports, worked out from the files: a manifest written before stores and
+    blocks were recorded is a FAISS one with one image block; a file that is not there counts 0
+    bytes; only a mapped index keeps its vectors and rows out of memory; a Milvus folder lists none."""
+    manifest = json.loads((folder / "index.json").read_text())
+    for key in ("store", "blocks"):
+        manifest.pop(key, None)
+    (folder / "index.json").write_text(json.dumps(manifest))
+    data = folder / manifest["data"]
+    sizes = {f.name: f.stat().st_size for f in data.iterdir() if f.name in DATA_FILES}
+    info = index_info(folder)
+    assert info["store"] == {"kind": "faiss"} and info["blocks"] == {"image": manifest["feature_dim"]}
+    assert info["files"] == {f"{manifest['data']}/{name}": size for name, size in sizes.items()}
+    assert (info["vectors_bytes"], info["rows_bytes"]) == (sizes["faiss.index"], sizes["features.npy"])
+    assert info["read_into_memory_bytes"] == sum(sizes.values()) and info["mmap"] is False
+    _rewrite_manifest(folder, mmap=True)
+    mapped = index_info(folder)
+    assert mapped["read_into_memory_bytes"] == sum(sizes.values()) - sizes["faiss.index"] - sizes["features.npy"]
+    (data / "features.npy").unlink()
+    (data / "faiss.index").unlink()
+    bare = index_info(folder)
+    assert (bare["vectors_bytes"], bare["rows_bytes"]) == (0, 0)
+    assert bare["read_into_memory_bytes"] == sum(
+        v for k, v in sizes.items() if k not in ("faiss.index", "features.npy")
+    )
+    _rewrite_manifest(folder, store={"kind": "milvus", "uri": "x.db", "collection": "c"})
+    assert "files" not in index_info(folder) and index_info(folder)["store"]["kind"] == "milvus"
 
 
 def test_live_index_opens_once_and_checks_its_model_on_every_open(folder, tiny_model, monkeypatch):
