@@ -147,6 +147,8 @@ def test_index_info_of_a_manifest_without_store_or_blocks_and_of_missing_files(f
     assert bare["read_into_memory_bytes"] == sum(
         v for k, v in sizes.items() if k not in ("faiss.index", "features.npy")
     )
+    _rewrite_manifest(folder, store={})  # a store without a kind is FAISS, as for open_index
+    assert index_info(folder)["vectors_bytes"] == 0 and "files" in index_info(folder)
     _rewrite_manifest(folder, store={"kind": "milvus", "uri": "x.db", "collection": "c"})
     assert "files" not in index_info(folder) and index_info(folder)["store"]["kind"] == "milvus"
 
