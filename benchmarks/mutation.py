@@ -76,7 +76,11 @@ MODULES: dict[str, list[str]] = {
     "retrieval/explain.py": ["tests/retrieval/test_explain.py"],
     "retrieval/filters.py": ["tests/retrieval/test_filters.py"],
     "retrieval/manifest.py": ["tests/retrieval/test_manifest.py"],
-    "retrieval/query.py": ["tests/retrieval/test_query.py", "tests/retrieval/test_rescore.py"],  # + two-stage
+    "retrieval/query.py": [  # + the two-stage path; a catalog reference's stored description (the service)
+        "tests/retrieval/test_query.py",
+        "tests/retrieval/test_rescore.py",
+        "tests/serving/test_service.py",
+    ],
     "retrieval/store.py": ["tests/retrieval/test_store.py"],
     "retrieval/folder.py": ["tests/retrieval/test_folder.py", "tests/retrieval/test_rescore.py"],  # + index_info, mmap
     "retrieval/faiss_store.py": ["tests/retrieval/test_faiss_store.py"],
