@@ -83,7 +83,7 @@ MODULES: dict[str, list[str]] = {
     ],
     "retrieval/store.py": ["tests/retrieval/test_store.py"],
     "retrieval/folder.py": ["tests/retrieval/test_folder.py", "tests/retrieval/test_rescore.py"],  # + index_info, mmap
-    "retrieval/faiss_store.py": ["tests/retrieval/test_faiss_store.py"],
+    "retrieval/faiss_store.py": ["tests/retrieval/test_faiss_store.py", "tests/retrieval/test_rescore.py"],  # + mmap
     "models/attributes.py": [  # the command-line and model-folder tests (~4-8 s each) are left out
         f"tests/models/test_attributes.py::{name}"
         for name in (
