@@ -30,10 +30,15 @@ REPO = Path(__file__).resolve().parents[2]
 SLICE = {"train": 30, "val": 20, "test": 10}
 
 
+def demo_recipe(*overrides: str):
+    """The demo recipe (configs/demo_clothing.json) with ``key=value`` overrides."""
+    return load_recipe(REPO / "configs" / "demo_clothing.json", None, list(overrides))
+
+
 def demo_runner(out: Path, *overrides: str) -> Runner:
     """The demo recipe on a slice of the clothing catalog, its catalog read, nothing generated."""
     sliced = [f"catalog.slice.{split}={n}" for split, n in SLICE.items()]
-    runner = Runner(load_recipe(REPO / "configs" / "demo_clothing.json", None, [f"out={out}", *sliced, *overrides]))
+    runner = Runner(demo_recipe(f"out={out}", *sliced, *overrides))
     runner.catalog_ = runner.catalog()
     runner.generated = {}
     return runner
@@ -155,7 +160,7 @@ def test_steps_are_logged_timed_and_written(tmp_path, monkeypatch, capsys):
     clock = Clock()
     monkeypatch.setattr(runner_module, "time", clock)
     monkeypatch.setattr(runner_module, "peak_rss_mb", lambda: 1234.4)
-    runner = Runner(load_recipe(REPO / "configs" / "demo_clothing.json", None, [f"out={tmp_path}"]))
+    runner = Runner(demo_recipe(f"out={tmp_path}"))
     clock.now += 3.0
     with runner.step("catalog"):
         clock.now += 12.34
@@ -185,13 +190,13 @@ def test_steps_are_logged_timed_and_written(tmp_path, monkeypatch, capsys):
         f"  {'total':<40}{116:>8} s  (peak RSS 1234 MB; timings.json)\n"
     )
     monkeypatch.setenv("RANK", "1")
-    other = Runner(load_recipe(REPO / "configs" / "demo_clothing.json", None, [f"out={tmp_path}"]))
+    other = Runner(demo_recipe(f"out={tmp_path}"))
     other.log("only rank 0 speaks")
     assert not other.is_main and capsys.readouterr().out == ""
 
 
 def test_run_json_records_every_input_file_the_versions_and_the_commit(in_repo, clothing_dir, tmp_path):
-    runner = Runner(load_recipe(REPO / "configs" / "demo_clothing.json", None, [f"out={tmp_path}"]), source="demo.json")
+    runner = Runner(demo_recipe(f"out={tmp_path}"), source="demo.json")
     runner.record_run()
     run = json.loads((tmp_path / "run.json").read_text())
     shared = "../shared/datasets/clothing-dataset/"
@@ -207,19 +212,13 @@ def test_run_json_records_every_input_file_the_versions_and_the_commit(in_repo, 
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
     commit = head.stdout.strip()  # None outside a checkout (a copy of the tree, as mutmut's)
     assert run["git_commit"] in ((commit, commit + "-dirty") if head.returncode == 0 else (None,))
-    missing = Runner(
-        load_recipe(REPO / "configs" / "demo_clothing.json", None, [f"out={tmp_path}", "catalog.labels=nowhere.csv"])
-    )
+    missing = Runner(demo_recipe(f"out={tmp_path}", "catalog.labels=nowhere.csv"))
     missing.record_run()
     assert "nowhere.csv" not in json.loads((tmp_path / "run.json").read_text())["inputs"]
 
 
 def test_a_catalog_without_its_images_folder_is_named(in_repo, tmp_path):
-    runner = Runner(
-        load_recipe(
-            REPO / "configs" / "demo_clothing.json", None, [f"out={tmp_path}", f"catalog.images={tmp_path / 'none'}"]
-        )
-    )
+    runner = Runner(demo_recipe(f"out={tmp_path}", f"catalog.images={tmp_path / 'none'}"))
     with pytest.raises(DataError, match=f"^recipe catalog.images: {tmp_path / 'none'} is not a folder of images$"):
         runner.catalog()
 
@@ -569,7 +568,7 @@ def test_a_small_run_end_to_end_in_process(in_repo, tmp_path, monkeypatch, capsy
     monkeypatch.setattr(fashion_cir.training, "train_stage", fake_train)
     monkeypatch.setattr("fashion_cir.pipeline.pictures.stage_curves", lambda files, image: image)  # no curves
     out = tmp_path / "runs" / "small"  # made with its parents
-    demo = load_recipe(REPO / "configs" / "demo_clothing.json")
+    demo = demo_recipe()
     first = demo.baselines[0].model_dump(mode="json")
     stage = demo.stages[0].model_dump(mode="json") | {"start": "zero-shot", "refit_fusion": False}
     runner = demo_runner(
@@ -734,7 +733,7 @@ def test_run_recipe_runs_a_runner_of_the_recipe(monkeypatch, tmp_path):
     monkeypatch.setattr(
         Runner, "run", lambda self: seen.append((self.recipe, self.source, self.serve, self.port)) or {"ran": 1}
     )
-    recipe = load_recipe(REPO / "configs" / "demo_clothing.json", None, [f"out={tmp_path}"])
+    recipe = demo_recipe(f"out={tmp_path}")
     assert runner_module.run_recipe(recipe, "a.json", serve=True, port=8123) == {"ran": 1}
     assert runner_module.run_recipe(recipe) == {"ran": 1}
     assert seen == [(recipe, "a.json", True, 8123), (recipe, "recipe", False, 8000)]
@@ -803,13 +802,7 @@ def test_finish_selects_compares_writes_and_serves(in_repo, tmp_path, monkeypatc
     compare = [["best-baseline", "stage1"], ["stage2", "stage1"], ["zero-shot", "best-baseline"]]
     out = tmp_path / "run"
     runner = Runner(
-        load_recipe(
-            REPO / "configs" / "demo_clothing.json",
-            None,
-            [f"out={out}", "pictures=false", f"evaluation.compare={json.dumps(compare)}"],
-        ),
-        serve=True,
-        port=8123,
+        demo_recipe(f"out={out}", "pictures=false", f"evaluation.compare={json.dumps(compare)}"), serve=True, port=8123
     )
     monkeypatch.setattr(runner, "selection_figure", lambda folder: figures[folder.name])
     monkeypatch.setattr(runner, "build_index", indexed.append)
@@ -850,11 +843,7 @@ def test_finish_selects_compares_writes_and_serves(in_repo, tmp_path, monkeypatc
     assert json.loads((out / "timings.json").read_text())["total_seconds"] == 42.5
 
     alone = Runner(
-        load_recipe(
-            REPO / "configs" / "demo_clothing.json",
-            None,
-            [f"out={out}", "pictures=false", "baselines=[]", "stages=[]", "evaluation.compare=[]", "index=null"],
-        ),
+        demo_recipe(f"out={out}", "pictures=false", "baselines=[]", "stages=[]", "evaluation.compare=[]", "index=null"),
         serve=True,
     )
     monkeypatch.setattr(alone, "selection_figure", lambda folder: figures[folder.name])
@@ -1011,7 +1000,7 @@ def test_without_an_attributes_file_the_catalog_is_captioned(in_repo, clothing_d
     def catalog(rank: str = "0"):
         monkeypatch.setenv("RANK", rank)
         capsys.readouterr()
-        return Runner(load_recipe(REPO / "configs" / "demo_clothing.json", None, overrides)).catalog()
+        return Runner(demo_recipe(*overrides)).catalog()
 
     captioned = catalog()
     log = capsys.readouterr().out
@@ -1030,7 +1019,7 @@ def test_without_an_attributes_file_the_catalog_is_captioned(in_repo, clothing_d
         catalog()
     assert str(failed.value) == (
         f"2 of {sum(SLICE.values())} images failed (more than the allowed 1%); first: no-such-image: image file "
-        f"not found in {Path(load_recipe(REPO / 'configs' / 'demo_clothing.json').catalog.images)}; "
+        f"not found in {Path(demo_recipe().catalog.images)}; "
         f"{first_val}: {reason}"
     )
     overrides.pop()
