@@ -43,7 +43,7 @@ MODULES: dict[str, list[str]] = {
     ],
     "triplets/negatives.py": ["tests/triplets/test_negatives.py"],
     "triplets/mining.py": ["tests/triplets/test_mining.py"],
-    "retrieval/index.py": [  # round 3: the few-drawings tests (the 60-item fixtures cost ~10 s a mutant)
+    "retrieval/index.py": [  # the few-drawings tests (the 60-item fixtures cost ~10 s a mutant); Milvus too
         f"tests/retrieval/test_index.py::{name}"
         for name in (
             "test_build_records_the_manifest_and_the_report",
@@ -52,6 +52,7 @@ MODULES: dict[str, list[str]] = {
             "test_concurrent_index_adds_take_turns_and_lose_nothing",
             "test_rows_of_a_model_that_reads_descriptions_and_attributes",
             "test_build_and_add_options",
+            "test_builds_and_adds_show_progress_unless_told_not_to",
         )
     ],
     "retrieval/dense.py": ["tests/retrieval/test_dense.py"],

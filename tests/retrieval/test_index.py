@@ -409,15 +409,29 @@ def test_an_index_without_a_catalog_root_asks_for_a_rebuild(small_index, tmp_pat
         CatalogIndex.load(folder, tiny_model)
 
 
-def test_adding_images_from_another_folder_widens_the_recorded_root(tmp_path, tiny_model, make_jpeg):
+@pytest.mark.parametrize("store", ["faiss", "milvus"])
+def test_adding_images_from_another_folder_widens_the_recorded_root(tmp_path, tiny_model, make_jpeg, store):
+    """On both stores (the service serves images from inside the root only); a rebuild with
+    --overwrite starts again, Milvus in the collection named by the options."""
+    from fashion_cir.retrieval.folder import open_index
+
+    spec = "faiss" if store == "faiss" else f"milvus:{tmp_path / 'milvus' / 'shop.db'}"
+    options = {"collection": "summer_shop"} if store == "milvus" else None
     first = {f"a{i}": make_jpeg(tmp_path / "shop" / "summer" / f"a{i}.jpg", seed=i) for i in range(3)}
     second = {f"b{i}": make_jpeg(tmp_path / "shop" / "winter" / f"b{i}.jpg", seed=10 + i) for i in range(2)}
-    build_index(tmp_path / "index", tiny_model, first, progress=False)
+    build_index(tmp_path / "index", tiny_model, first, store=spec, milvus=options, progress=False)
     assert _manifest(tmp_path / "index")["root"] == str((tmp_path / "shop" / "summer").resolve())
     index = add_to_index(tmp_path / "index", tiny_model, second, progress=False)
     assert index.config["root"] == str((tmp_path / "shop").resolve())
-    loaded = CatalogIndex.load(tmp_path / "index", tiny_model)
-    assert loaded.paths == {i: p.resolve() for i, p in {**first, **second}.items()}
+    assert _manifest(tmp_path / "index")["root"] == str((tmp_path / "shop").resolve())
+    loaded = open_index(tmp_path / "index", tiny_model)
+    assert {i: loaded.paths[i] for i in loaded.ids} == {i: p.resolve() for i, p in {**first, **second}.items()}
+    assert loaded.config["store"].get("collection") == (options or {}).get("collection")
+    rebuilt = build_index(
+        tmp_path / "index", tiny_model, second, store=spec, milvus=options, overwrite=True, progress=False
+    )
+    assert sorted(rebuilt.ids) == ["b0", "b1"]
+    assert _manifest(tmp_path / "index")["root"] == str((tmp_path / "shop" / "winter").resolve())
 
 
 def test_concurrent_index_adds_take_turns_and_lose_nothing(tmp_path, drawings):
@@ -474,6 +488,7 @@ def test_build_records_the_manifest_and_the_report(tmp_path, tiny_model, drawing
     assert config["feature_dim"] == tiny_model.backbone.feature_dim and config["count"] == 3
     assert config["matcher"] is None and config["attributes"] is None and config["model_dir"] is None
     assert config["blocks"] == tiny_model.block_dims() and config["nprobe"] == 64 and config["ef_search"] == 64
+    assert config["mmap"] is False and config["candidates"] is None  # one-stage search, read into memory
     assert config["backbone"] == tiny_model.backbone.spec and config["root"] == str((tmp_path / "shop").resolve())
     assert config["image_fingerprint"] == tiny_model.backbone.image_fingerprint()
     assert config["preprocess"] == tiny_model.backbone.preprocess_description
@@ -514,6 +529,18 @@ def test_add_upsert_and_remove_by_hand(tmp_path, tiny_model, drawings):
     metadata = {i: dict(drawings[1][i]) for i in shop}
     folder = tmp_path / "index"
     build_index(folder, tiny_model, {i: shop[i] for i in ["item-000", "item-001"]}, metadata, progress=False)
+    same = add_to_index(folder, tiny_model, {"item-000": shop["item-000"]}, metadata, replace=True, progress=False)
+    assert same.report["reused"] == 1 and same.report["computed"] == 0  # the build's cache, in the index folder
+    empty = add_to_index(folder, tiny_model, {}, replace=True, progress=False)
+    assert empty.report == {
+        "requested": 0,
+        "computed": 0,
+        "reused": 0,
+        "failed": 0,
+        "failures": {},
+        "replaced": 0,
+        "added": 0,
+    }
     added = add_to_index(folder, tiny_model, shop, metadata, progress=False)
     assert added.report == {
         **{k: added.report[k] for k in ("failures", "encode_seconds")},
@@ -592,6 +619,8 @@ def test_rows_of_a_model_that_reads_descriptions_and_attributes(tmp_path, drawin
     assert list((tmp_path / "index" / "feature-cache").glob("descriptions-*.npz"))
     more = _copy_drawings(drawings, tmp_path / "shop", ["item-003"])
     added = add_to_index(tmp_path / "index", model, more, {"item-003": dict(drawings[1]["item-003"])}, progress=False)
+    with np.load(next((tmp_path / "index" / "feature-cache").glob("descriptions-*.npz"))) as bank:
+        assert len(bank["keys"]) == 4  # the added item's description joined the build's in the index's cache
     row = added.vector("item-003")
     expected = model.attribute_space.one_hot([drawings[1]["item-003"]]).numpy()[0]
     np.testing.assert_array_equal(row[dim + described.shape[1] :], expected)
@@ -641,6 +670,10 @@ def test_build_and_add_options(tmp_path, tiny_model, drawings):
     assert report["failures"]["broken"] != "not encoded" and "broken" in report["failures"]
     added = add_to_index(folder, tiny_model, shop, ids=["item-001"], progress=False)
     assert added.ids == ["item-002", "item-000", "item-001"] and set(added.config) == set(index.config)
+    with pytest.raises(DataError) as error:
+        build_index(tmp_path / "c0", tiny_model, shop, candidates=0, progress=False)
+    assert str(error.value) == "candidates must be a positive number of items (or None: one-stage search), got 0"
+    assert build_index(tmp_path / "c1", tiny_model, shop, candidates=1, progress=False).config["candidates"] == 1
     with pytest.raises(ModelError, match="fingerprint"):
         add_to_index(folder, load_model(backbone="tiny:1"), shop, progress=False)
     remove_from_index(folder, ["item-001"])
@@ -661,3 +694,14 @@ def test_build_and_add_options(tmp_path, tiny_model, drawings):
     from_folder = load_model(tmp_path / "model")
     built = build_index(tmp_path / "m", from_folder, {"item-000": shop["item-000"]}, progress=False)
     assert built.config["model_dir"] == str(from_folder.source) and from_folder.source
+
+
+def test_builds_and_adds_show_progress_unless_told_not_to(tmp_path, tiny_model, drawings, capsys):
+    shop = _copy_drawings(drawings, tmp_path / "shop", ["item-000", "item-001", "item-002"])
+    build_index(tmp_path / "index", tiny_model, {i: shop[i] for i in ["item-000", "item-001"]})
+    assert "encoding images: 2/2 img" in capsys.readouterr().err
+    add_to_index(tmp_path / "index", tiny_model, shop)
+    assert "encoding images: 1/1 img" in capsys.readouterr().err
+    build_index(tmp_path / "quiet", tiny_model, {i: shop[i] for i in ["item-000", "item-001"]}, progress=False)
+    add_to_index(tmp_path / "quiet", tiny_model, shop, progress=False)
+    assert "encoding images" not in capsys.readouterr().err
