@@ -19,6 +19,7 @@ from fashion_cir.retrieval.faiss_store import (
     AUTO_EXACT_BELOW,
     CatalogIndex,
     _new_faiss_index,
+    _search_parameters,
     _set_search_params,
     resolve_factory,
 )
@@ -100,6 +101,9 @@ def test_faiss_indexes_from_factory_strings():
     hnsw = _new_faiss_index("HNSW8", vectors)
     _set_search_params(hnsw, 16, 77)
     assert faiss.downcast_index(hnsw).hnsw.efSearch == 77
+    selector = faiss.IDSelectorRange(0, 10)  # a filtered search keeps the index's own settings
+    assert _search_parameters(ivf, selector).nprobe == 3 and _search_parameters(hnsw, selector).efSearch == 77
+    assert type(_search_parameters(flat, selector)) is faiss.SearchParameters
     with pytest.raises(DataError) as error:
         _new_faiss_index("Flatt", vectors)
     assert str(error.value).startswith("bad FAISS factory string 'Flatt' (e.g. 'Flat', 'IVF256,Flat', 'HNSW32'): ")

@@ -7,6 +7,7 @@ the same index read into memory."""
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 
@@ -161,6 +162,18 @@ def test_two_stage_on_milvus_finds_what_exact_faiss_finds(world):
     np.testing.assert_allclose(index.stored_rows(ids), world["exact"].stored_rows(ids), rtol=1e-5, atol=1e-6)
 
 
+def _codes_mapped(index: faiss.Index) -> bool:
+    """Whether FAISS reads the index's codes from the mapped file (vectors it does not own)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        lists = faiss.downcast_InvertedLists(ivf.invlists)
+        largest = max(range(ivf.nlist), key=ivf.get_list_size)
+        return not lists.codes.at(largest).is_owned
+    inner = faiss.downcast_index(index)
+    storage = faiss.downcast_index(inner.storage) if hasattr(inner, "storage") else inner
+    return not storage.codes.is_owned
+
+
 @pytest.mark.parametrize("factory", ["Flat", "SQfp16", "IVF4,SQ8", "HNSW8"])
 def test_a_memory_mapped_index_answers_as_the_one_read_into_memory(world, factory):
     model, metadata = world["model"], world["metadata"]
@@ -170,6 +183,10 @@ def test_a_memory_mapped_index_answers_as_the_one_read_into_memory(world, factor
     assert isinstance(loaded, CatalogIndex) and isinstance(mapped, CatalogIndex)
     assert not loaded.mapped and mapped.mapped and isinstance(mapped.features, np.memmap)
     assert isinstance(LiveIndex(folder, model).current().features, np.memmap)  # the service maps it
+    built = folder / read_manifest(folder)["data"]
+    assert mapped.features.filename == (built / "features.npy").resolve()  # rows read from the file, not copied
+    assert _codes_mapped(mapped.faiss_index) and not _codes_mapped(loaded.faiss_index)
+    assert not CatalogIndex.load(folder, model).mapped  # opened by default as a writer does
     ids = world["ids"]
     np.testing.assert_array_equal(mapped.stored_rows(ids), loaded.stored_rows(ids))
     queries = np.random.default_rng(0).standard_normal((6, loaded.faiss_index.d)).astype(np.float32)

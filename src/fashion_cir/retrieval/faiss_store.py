@@ -95,7 +95,7 @@ def _read_data_json(path: Path, what: str, kind: type) -> Any:
     return value
 
 
-def _load_features(path: Path, count: int, dim: int, mmap: bool = False) -> np.ndarray:
+def _load_features(path: Path, count: int, dim: int, mmap: bool) -> np.ndarray:
     try:
         features = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except (ValueError, EOFError, OSError) as exc:
