@@ -3,6 +3,8 @@ errors that name the offending token."""
 
 from __future__ import annotations
 
+import datetime
+
 import numpy as np
 import pytest
 
@@ -274,6 +276,9 @@ def test_parsed_filter_keeps_its_text_and_fields():
 def test_field_text_of_nested_values_is_sorted_unescaped_json():
     assert field_text({"b": [1, 2], "a": "é"}) == '{"a": "é", "b": [1, 2]}'
     assert field_text(["ü", None, True]) == '["ü", null, true]'
+    # values JSON has no type for (a date) compare as their text, also inside lists and objects
+    assert field_text(datetime.date(2024, 5, 1)) == "2024-05-01"
+    assert field_text({"made": datetime.date(2024, 5, 1), "sizes": ["s"]}) == '{"made": "2024-05-01", "sizes": ["s"]}'
     assert parse_filter("tags == '[\"ü\", null, true]'").matches({"tags": ["ü", None, True]})
 
 

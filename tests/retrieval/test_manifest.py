@@ -92,12 +92,23 @@ POSITIVE = "count, feature_dim, nprobe and ef_search must be positive; rebuild t
             {"blocks": [32]},
             "field 'blocks' must map block names to widths, the image block's being feature_dim" + REBUILD,
         ),
+        ({"candidates": 0}, "field 'candidates' must be a positive int or null" + REBUILD),
+        ({"candidates": "100"}, "field 'candidates' must be a positive int or null, got '100'" + REBUILD),
+        ({"mmap": "yes"}, "field 'mmap' must be true or false, got 'yes'" + REBUILD),
     ],
 )
 def test_each_bad_field_is_one_line_naming_the_file(change, message):
     with pytest.raises(DataError) as error:
         check_manifest({**GOOD, **change}, "/idx/index.json")
     assert str(error.value) == "/idx/index.json: " + message
+
+
+def test_every_field_has_its_message():
+    """A field that can fail names its type (``_TYPED``) or has a message (``_MESSAGES``)."""
+    from fashion_cir.retrieval.manifest import _MESSAGES, _TYPED
+
+    assert set(IndexManifest.model_fields) == {"format", "data", *_TYPED, *_MESSAGES}
+    assert not set(_TYPED) & set(_MESSAGES)
 
 
 @pytest.mark.parametrize(

@@ -74,6 +74,9 @@ class MemoryStore(CatalogStore):
     def vector(self, image_id):
         raise KeyError(image_id)
 
+    def stored_rows(self, ids):
+        raise KeyError(ids[0])
+
     def search_vectors(self, queries, k, exclude=(), filter=None):
         return []
 

@@ -102,7 +102,8 @@ class IndexManifest(BaseModel):
         return self
 
 
-# the one-line message per field when its value has the wrong shape (types are named by _TYPED)
+# the one-line message per field when its value has the wrong shape (types are named by _TYPED;
+# between them every field but format and data, which have messages of their own)
 _MESSAGES = {
     "store": f"field 'store' must be an object naming its kind{REBUILD}",
     "fields": f"field 'fields' must list metadata field names (identifiers){REBUILD}",
@@ -128,16 +129,16 @@ def _problem(error: ValidationError, config: dict[str, Any]) -> str:
     first = error.errors()[0]
     if first["type"] == "value_error":  # one of the validators above: its own message
         return str(first["ctx"]["error"])
-    field = str(first["loc"][0]) if first["loc"] else ""
+    field = str(first["loc"][0])  # a field's own error (the model's checks are value errors, above)
     if field == "format":
         return f"unsupported format {config.get('format')!r} (expected {FORMAT})"
     if field in _MESSAGES:
         return _MESSAGES[field]
-    if first["type"] in ("greater_than_equal", "greater_than"):
+    if first["type"] == "greater_than_equal":
         return f"field 'candidates' must be {_TYPED['candidates']}{REBUILD}" if field == "candidates" else _POSITIVE
     value = config.get(field)
     hint = "; it was written by an older fashion-cir, rebuild it with --overwrite" if field == "root" else REBUILD
-    return f"field {field!r} must be {_TYPED.get(field, 'valid')}, got {value!r}{hint}"
+    return f"field {field!r} must be {_TYPED[field]}, got {value!r}{hint}"
 
 
 def check_manifest(config: Any, path: str | Path) -> IndexManifest:

@@ -96,9 +96,9 @@ class CatalogStore(ABC):
         """The stored row of one item: its raw (unnormalised) image features (``config["feature_dim"]``
         values), then its description features when the index was built with a matcher."""
 
+    @abstractmethod
     def stored_rows(self, ids: list[str]) -> np.ndarray:
         """The stored rows of these items [len(ids), width] (float32): what a second stage re-scores."""
-        return np.stack([np.asarray(self.vector(i), dtype=np.float32) for i in ids])
 
     @abstractmethod
     def search_vectors(
