@@ -22,7 +22,9 @@ kinds side by side, two-stage search, memory-mapped opening, milvus-lite and the
 6. ``--milvus``: milvus-lite FLAT / IVF_FLAT (``bench_ann.bench_milvus``; mean ms per query).
 7. ``--serve N --clients 1 4 16``: the real service (uvicorn, the index's model, text encoding
    included) over an N-item index (the real items + samples; ``--serve-factory``,
-   ``--serve-candidates``, ``--serve-mmap``), ``POST /search`` by catalog id with a caption.
+   ``--serve-candidates``, ``--serve-mmap``), ``POST /search`` by catalog id with a caption;
+   ``--serve-engines fp32 int8 --serve-rounds 2``: the exact and the int8 query encoder side by
+   side, a fresh server each, their order alternating by round.
 
     PYTHONPATH=src OPENBLAS_NUM_THREADS=1 nice -n 10 python benchmarks/bench_scale.py \\
         --index /work/lead/after-demo/index --n 20000 --queries 100 --json runs/bench-scale/20k.json
@@ -333,26 +335,31 @@ def bench_service(model, real, mixture: Mixture, args) -> list[dict]:
     built = round(time.perf_counter() - start, 1)
     del index, rows
     print(f"service index: {args.serve:,} items, {config['factory']}, built in {built} s", flush=True)
-    port = free_port()
-    server = start_server(folder, str(model.source), port)
     out = []
-    try:
-        server_rss = psutil.Process(server.pid).memory_info().rss / 2**20
-        for clients in args.clients:
-            row = asyncio.run(load_test(f"http://127.0.0.1:{port}", real_ids, [], clients, args.requests, "id"))
-            row.update(
-                items=args.serve,
-                factory=config["factory"],
-                candidates=config["candidates"],
-                mmap=args.serve_mmap,
-                server_rss_mb=round(psutil.Process(server.pid).memory_info().rss / 2**20),
-                server_rss_at_start_mb=round(server_rss),
-            )
-            log(row)
-            out.append(row)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    for round_ in range(args.serve_rounds):  # engines alternate, a fresh server each time
+        for engine in args.serve_engines if round_ % 2 == 0 else args.serve_engines[::-1]:
+            port = free_port()
+            server = start_server(folder, str(model.source), port, int8_queries=engine == "int8")
+            try:
+                server_rss = psutil.Process(server.pid).memory_info().rss / 2**20
+                for clients in args.clients:
+                    url = f"http://127.0.0.1:{port}"
+                    row = asyncio.run(load_test(url, real_ids, [], clients, args.requests, "id"))
+                    row.update(
+                        items=args.serve,
+                        factory=config["factory"],
+                        candidates=config["candidates"],
+                        mmap=args.serve_mmap,
+                        engine=engine,
+                        round=round_,
+                        server_rss_mb=round(psutil.Process(server.pid).memory_info().rss / 2**20),
+                        server_rss_at_start_mb=round(server_rss),
+                    )
+                    log(row)
+                    out.append(row)
+            finally:
+                server.terminate()
+                server.wait(timeout=30)
     return out
 
 
@@ -384,6 +391,10 @@ def main() -> None:
     parser.add_argument("--serve-factory", default="auto")
     parser.add_argument("--serve-candidates", type=int, default=0, help="two-stage in the service (0: off)")
     parser.add_argument("--serve-mmap", action="store_true")
+    parser.add_argument(
+        "--serve-engines", nargs="+", choices=["fp32", "int8"], default=["fp32"], help="the query encoder's weights"
+    )
+    parser.add_argument("--serve-rounds", type=int, default=1, help="rounds over the engines, alternating their order")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--skip-faiss", action="store_true")

@@ -76,12 +76,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(folder: Path, model: str, port: int) -> subprocess.Popen:
+def start_server(folder: Path, model: str, port: int, **options) -> subprocess.Popen:
+    """``serve`` in a process of its own; ``options`` (JSON values) go to the app."""
     code = (
-        "import sys; from fashion_cir.serving.app import serve; serve(sys.argv[1], sys.argv[2], port=int(sys.argv[3]))"
+        "import json, sys; from fashion_cir.serving.app import serve; "
+        "serve(sys.argv[1], sys.argv[2], port=int(sys.argv[3]), **json.loads(sys.argv[4]))"
     )
     process = subprocess.Popen(
-        [sys.executable, "-c", code, str(folder), model, str(port)],
+        [sys.executable, "-c", code, str(folder), model, str(port), json.dumps(options)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

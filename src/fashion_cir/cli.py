@@ -715,6 +715,12 @@ def serve_command(
         help="Seed of the page's catalog sample (default: a random sample "
         "on each visit; ?seed=N in the page's address wins).",
     ),
+    int8_queries: bool = typer.Option(
+        False,
+        "--int8-queries",
+        help="Read queries with an int8 copy of the description matcher (faster on a CPU; rankings "
+        "change a little, see BENCHMARKS.md).",
+    ),
 ):
     """Serve the search API and web page."""
     from .models.cir import load_model
@@ -732,6 +738,7 @@ def serve_command(
         upload_queue=upload_queue,
         search_timeout_s=search_timeout,
         sample_seed=sample_seed,
+        int8_queries=int8_queries,
     )
 
 

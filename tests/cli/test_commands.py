@@ -606,6 +606,21 @@ def test_serve_answers_searches(index_dir, mini):
         process.wait(timeout=30)
 
 
+def test_serve_options_reach_the_app(index_dir, monkeypatch):
+    """What `serve` hands the app (the subprocess test above serves for real)."""
+    given: list[dict] = []
+    monkeypatch.setattr("fashion_cir.serving.app.serve", lambda folder, model, **options: given.append(options))
+    for flags in ([], ["--int8-queries", "--sample-seed", "3", "--max-upload-mb", "2"]):
+        result = runner.invoke(app, ["serve", "--index", str(index_dir), "--backbone", "tiny", *flags])
+        assert result.exit_code == 0, result.output
+    assert (given[0]["int8_queries"], given[0]["sample_seed"], given[0]["max_upload_bytes"]) == (
+        False,
+        None,
+        10 * 2**20,
+    )
+    assert (given[1]["int8_queries"], given[1]["sample_seed"], given[1]["max_upload_bytes"]) == (True, 3, 2 * 2**20)
+
+
 def test_serve_bad_index(tmp_path):
     one_line_error(
         ["serve", "--index", tmp_path, "--backbone", "tiny", "--port", "0"], "not a fashion-cir index folder"

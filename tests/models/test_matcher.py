@@ -444,6 +444,37 @@ def test_onnx_engines_give_pytorchs_features_until_the_matcher_trains(small_matc
     assert not m.use_onnx()
 
 
+def test_int8_queries_move_the_query_side_only(small_matcher, tmp_path, monkeypatch):
+    """use_onnx(query_int8=True): queries through an int8 copy of the query encoder's graph (written
+    once beside it), close to PyTorch's features and not equal to them; the item side, which the
+    stored bank was encoded with, stays exact. A shared matcher (one encoder for both sides) gets
+    two engines: int8 for queries, exact for items."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    texts = ["a red dress with long sleeves", "same but shorter and in navy", "black jeans"]
+    from fashion_cir.models.sentence_encoder import load_encoder
+
+    shared = DescriptionMatcher(small_matcher.spec, query_encoder=load_encoder(small_matcher.spec)[0]).eval()
+    for m in (DescriptionMatcher(small_matcher.spec).eval(), shared):
+        for encoder in (m.query_encoder, m.item_encoder):  # weights that make the products count (both alike)
+            weight = encoder.encoder.layer[0].output.dense.weight
+            with torch.no_grad():
+                weight.add_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(3)))
+        tokens = m.tokenize(texts)
+        with torch.no_grad():
+            query, item = (F.normalize(mean_pool(e, tokens), dim=-1) for e in (m.query_encoder, m.item_encoder))
+        assert m.use_onnx(query_int8=True)
+        graphs = sorted(p.name for p in (tmp_path / "xdg" / "fashion-cir" / "onnx").glob("text-*.onnx"))
+        assert len(graphs) == 2 and graphs[0] == graphs[1].replace(".onnx", ".int8.onnx")
+        with monkeypatch.context() as patched:
+            patched.setattr("fashion_cir.models.matcher.mean_pool", lambda *a: pytest.fail("PyTorch ran"))
+            got = m.embed(texts, "query")
+            torch.testing.assert_close(m.embed(texts, "item"), item, atol=1e-5, rtol=0)
+        cosine = (got * query).sum(1)
+        assert (cosine > 0.9).all() and (cosine < 1 - 1e-6).any(), cosine
+        assert m.use_onnx()  # back to the exact graph
+        torch.testing.assert_close(m.embed(texts, "query"), query, atol=1e-5, rtol=0)
+
+
 def test_a_graph_that_cannot_be_written_leaves_the_matcher_on_pytorch(small_matcher, tmp_path, monkeypatch, caplog):
     """No room or no right to write the ONNX graph (here: the cache folder's parent is a file): a
     warning says why, the matcher keeps encoding with PyTorch, the service still starts."""

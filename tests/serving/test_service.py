@@ -209,6 +209,12 @@ def test_a_matcher_is_served_through_onnx_runtime_with_pytorchs_answers(tmp_path
         del scores[item_id]
         assert all(abs(scores[h.id] - h.score) < 2e-3 for h in hits)
         assert sorted(scores.values())[-8] <= hits[-1].score + 2e-3
+    # int8 queries (app and command line: --int8-queries): the service says so and still answers
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    int8 = SearchService.open(folder, model, int8_queries=True)
+    assert int8.status()["text_engine"] == "onnxruntime-int8"
+    assert len(list((tmp_path / "xdg" / "fashion-cir" / "onnx").glob("text-*.int8.onnx"))) == 1
+    assert len(int8.search(int8.request(item_id="item-003", text="is red", k=8))["results"]) == 8
 
 
 def test_the_service_imports_no_web_framework():

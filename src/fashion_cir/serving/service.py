@@ -66,7 +66,9 @@ class Limits:
 class SearchService:
     """Composed search over ``index`` with ``model``. ``exclude_reference`` leaves a catalog
     reference out of its own results; ``upload_workers`` uploads decode and encode at once,
-    ``upload_queue`` more wait (holding only their raw bytes), further ones are refused (503)."""
+    ``upload_queue`` more wait (holding only their raw bytes), further ones are refused (503).
+    ``int8_queries``: the description matcher reads queries with int8 weights (faster; rankings
+    change a little: BENCHMARKS.md, "int8 query encoder")."""
 
     def __init__(
         self,
@@ -78,6 +80,7 @@ class SearchService:
         exclude_reference: bool = True,
         upload_workers: int = 2,
         upload_queue: int = 16,
+        int8_queries: bool = False,
     ):
         self.index, self.model, self.policy = index, model, policy
         self.input_size = model.backbone.image_size
@@ -85,7 +88,8 @@ class SearchService:
         self.exclude_reference = exclude_reference
         self.uploads = ConcurrencyLimit(upload_workers, upload_queue)
         # a search encodes a few short texts: ONNX Runtime does that faster than PyTorch on a CPU
-        self.text_engine = "onnxruntime" if model.matcher is not None and model.matcher.use_onnx() else "pytorch"
+        onnx = model.matcher is not None and model.matcher.use_onnx(query_int8=int8_queries)
+        self.text_engine = ("onnxruntime-int8" if int8_queries else "onnxruntime") if onnx else "pytorch"
 
     @classmethod
     def open(
