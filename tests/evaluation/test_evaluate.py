@@ -7,9 +7,11 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from fashion_cir.data.triplets import load_triplet_set
 from fashion_cir.evaluation.evaluate import (
+    SHUFFLE_SEED,
     SPLIT,
     EvalOptions,
     PreparedSet,
@@ -219,6 +221,8 @@ def test_the_shuffled_order_is_one_fixed_cycle():
         assert len(seen) == n and sorted(order.tolist()) == list(range(n))
         np.testing.assert_array_equal(order, shuffled_order(n))
     assert shuffled_order(240, seed=1).tolist() != shuffled_order(240).tolist()
+    cycle = np.random.default_rng(SHUFFLE_SEED).permutation(7)  # each query shows the next one's reference
+    assert [int(shuffled_order(7)[cycle[i]]) for i in range(7)] == [int(cycle[(i + 1) % 7]) for i in range(7)]
 
 
 def test_the_text_table_by_hand():
@@ -249,3 +253,78 @@ def test_reference_columns_are_the_true_references_also_when_reliance_is_measure
     assert prepared.reference_columns("catalog").tolist() == by_hand
     assert [prepared.triplets[i].candidate for i in prepared.shuffle] != [t.candidate for t in prepared.triplets]
     assert prepared.reference_columns("split") is None
+
+
+def test_a_model_that_reads_descriptions_scores_as_its_queries_composed_one_by_one(
+    tmp_path, clothing, clothing_dir, cache
+):
+    """The three-block model ([image | description | attributes]) on real captions: each query
+    composed alone from its reference's catalog record (or the triplet's own reference prompt) and
+    scored against the rows an index stores for the gallery gives the prepared set's ranks, under
+    the split protocol and under a catalog protocol whose gallery lacks some references (those
+    stay); shuffled references take the shown reference's record, never the prompt."""
+    import dataclasses
+
+    from fashion_cir.data.captions import join_captions_val
+    from fashion_cir.data.catalog import read_attributes
+    from fashion_cir.retrieval import build_index
+    from fashion_cir.retrieval.store import item_vectors
+    from support.matcher import multi_block_model
+
+    model = multi_block_model(tmp_path / "encoder")
+    records = read_attributes(clothing_dir / "attributes.jsonl")
+    triplets = clothing.triplets[:24]
+    prompted = {0: "a plain white cotton shirt", 5: "a pair of black leather boots"}
+    triplets = [
+        dataclasses.replace(t, extra={**t.extra, "reference_prompt": prompted[n]}) if n in prompted else t
+        for n, t in enumerate(triplets)
+    ]
+    subset = dataclasses.replace(clothing, triplets=triplets)
+    gallery = list(clothing.gallery_ids)
+    targets_ = {t.target for t in triplets}
+    lacking = [n for n, t in enumerate(triplets) if t.candidate not in targets_][:2]
+    missing = {triplets[n].candidate for n in lacking}  # references the catalog protocol's gallery lacks
+    catalog = catalog_protocol(tuple(i for i in gallery if i not in missing))
+    options = EvalOptions(progress=False, reliance=True)
+    prepared = PreparedSet(model, subset, cache, options, records=records, protocols=[SPLIT, catalog])
+    assert len(prepared.triplets) == 24 and prepared.reference_columns("catalog")[lacking].tolist() == [-1, -1]
+    index = build_index(
+        tmp_path / "index",
+        model,
+        {i: clothing.image_paths[i] for i in gallery},
+        records,
+        cache_dir=cache.root,
+        progress=False,
+    )
+    rows = index.stored_rows(gallery)
+    items = item_vectors(rows, index.config).astype(np.float64)
+    dim = int(index.config["feature_dim"])
+    position = {i: n for n, i in enumerate(gallery)}
+    for shuffled in (False, True):
+        shown = [t.candidate for t in triplets]
+        if shuffled:
+            shown = [shown[i] for i in prepared.shuffle]
+        queries = []
+        for t, reference in zip(triplets, shown):
+            description = (
+                t.reference_prompt if not shuffled and t.reference_prompt else records[reference]["description"]
+            )
+            image = torch.from_numpy(rows[[position[reference]], :dim])
+            parts = model.encode_queries(
+                image, [join_captions_val(list(t.captions))], [description], [records[reference]]
+            )
+            queries.append(model.query_vectors(parts)[0].double().numpy())
+        targets = np.array([position[t.target] for t in triplets])
+        for protocol in ("split", "catalog"):
+            columns = [position[i] for i in (gallery if protocol == "split" else catalog.gallery_ids)]
+            scores = np.stack(queries) @ items[columns].T
+            column = {row: c for c, row in enumerate(columns)}
+            if protocol == "catalog":
+                for q, reference in enumerate(shown):
+                    if position[reference] in column and reference != triplets[q].target:
+                        scores[q, column[position[reference]]] = -np.inf
+            want = _stable_ranks(scores, np.array([column[r] for r in targets]))
+            got = prepared.ranks(protocol, shuffled=shuffled)
+            slack = _near_ties(scores, np.array([column[r] for r in targets]), tolerance=2e-3)
+            assert all(abs(a - b) <= s for a, b, s in zip(got.tolist(), want.tolist(), slack)), (protocol, shuffled)
+            assert sum(a != b for a, b in zip(got.tolist(), want.tolist())) <= 3, (protocol, shuffled)
