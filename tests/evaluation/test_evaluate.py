@@ -3,6 +3,7 @@ FashionIQ-format set with missing, corrupt and out-of-gallery images."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -173,6 +174,13 @@ def test_partial_fashioniq_style_set(tiny_model, tmp_path, make_jpeg, cache):
     # 8 queries have their target in the 11-image gallery; 'outside' is never retrieved,
     # even at K = 50 or 100, more than the gallery holds
     assert metrics["R@50"] == metrics["R@100"] == pytest.approx(800 / 9)
+    kept = PreparedSet(tiny_model, ts, cache, options).triplets  # which 9: a target outside the split stays
+    assert [(t.candidate, t.target) for t in kept] == [(f"g{n}", f"g{n + 1}") for n in range(8)] + [("g0", "outside")]
+    empty = PreparedSet(
+        tiny_model, dataclasses.replace(ts, triplets=[]), cache, EvalOptions(progress=False, reliance=True)
+    )
+    assert empty.ranks("split").shape == (0,) and empty.ranks("split", shuffled=True).shape == (0,)
+    assert empty.metrics("split")["n_queries"] == 0
 
 
 def test_catalog_protocol_and_reliance_by_hand(tiny_model, clothing, clothing_files, cache):
@@ -263,8 +271,6 @@ def test_a_model_that_reads_descriptions_scores_as_its_queries_composed_one_by_o
     scored against the rows an index stores for the gallery gives the prepared set's ranks, under
     the split protocol and under a catalog protocol whose gallery lacks some references (those
     stay); shuffled references take the shown reference's record, never the prompt."""
-    import dataclasses
-
     from fashion_cir.data.captions import join_captions_val
     from fashion_cir.data.catalog import read_attributes
     from fashion_cir.retrieval import build_index
