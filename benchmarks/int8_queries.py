@@ -63,6 +63,7 @@ def main() -> None:
         for t in s.triplets[:40]
         for caption in [" and ".join(t.captions)]
     ]
+    matcher._engines.clear()  # PyTorch: the exact features
     exact = torch.cat([matcher.embed(pair, "query") for pair in texts])
     engines = {}
     for label, int8 in (("fp32", False), ("int8", True)):
