@@ -48,7 +48,7 @@ def onnx_engine(
     output's first axis always may). The engine takes the same keyword tensors. ``spin=False``: its
     threads sleep between runs instead of spinning (a server doing other work between short runs).
     ``int8``: the graph's matrix products with int8 weights (dynamic quantization, one scale per
-    output channel; :func:`int8_graph`): about 1.7x faster for a sentence encoder here, not the
+    output channel; :func:`int8_graph`): about 1.5x faster for a search's texts here, not the
     same features (BENCHMARKS.md, "int8 query encoder")."""
     import onnxruntime as ort
 
