@@ -107,12 +107,15 @@ def int8_graph(path: Path) -> Path:
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".onnx.tmp", delete=False) as handle:
             tmp = Path(handle.name)
         root = logging.getLogger()
-        level = root.level
-        root.setLevel(logging.ERROR)  # its advice to run ONNX Runtime's pre-processing first: not needed here
+        root.addFilter(_no_preprocessing_advice)  # the quantizer logs it on the root logger; not needed here
         try:
             quantize_dynamic(path, tmp, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"])
             tmp.replace(out)
         finally:
-            root.setLevel(level)
+            root.removeFilter(_no_preprocessing_advice)
             tmp.unlink(missing_ok=True)
     return out
+
+
+def _no_preprocessing_advice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Please consider to run pre-processing before quantization")
