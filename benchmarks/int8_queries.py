@@ -19,7 +19,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from composition_candidates import setup
 from fashion_cir.evaluation.evaluate import EvalOptions
@@ -39,6 +38,14 @@ def main() -> None:
     matcher = model.matcher
     if matcher is None:
         raise SystemExit(f"{runner.out / 'best'} has no description matcher: nothing to quantize")
+    records = runner.catalog_.attributes
+    texts = [  # what a search's one pass reads: the query text (description joined with the caption), the caption
+        [model.query_text(caption, records.get(t.candidate, {}).get("description")), caption]
+        for s in runner.evaluator_.sets.values()
+        for t in s.triplets[:40]
+        for caption in [" and ".join(t.captions)]
+    ]
+    exact_features = torch.cat([matcher.embed(pair, "query") for pair in texts])  # PyTorch: no engine yet
     options = EvalOptions(progress=False, keep_ranks=True)
     ranks = {}
     for engine in ("exact", "int8"):
@@ -56,29 +63,20 @@ def main() -> None:
                 f" paired {d[0]:+.1f} [{d[1]:+.1f}, {d[2]:+.1f}] ({len(got)} queries)",
                 flush=True,
             )
-    records = runner.catalog_.attributes
-    texts = [  # what a search's one pass reads: the query text (description joined with the caption), the caption
-        [model.query_text(caption, records.get(t.candidate, {}).get("description")), caption]
-        for s in runner.evaluator_.sets.values()
-        for t in s.triplets[:40]
-        for caption in [" and ".join(t.captions)]
-    ]
-    matcher._engines.clear()  # PyTorch: the exact features
-    exact = torch.cat([matcher.embed(pair, "query") for pair in texts])
-    engines = {}
-    for label, int8 in (("fp32", False), ("int8", True)):
+    labels = {"fp32": False, "int8": True}
+    cosine = {}
+    for label, int8 in labels.items():
         matcher.use_onnx(query_int8=int8)
-        engines[label] = matcher._engines["query"]
-    cosine = {
-        label: float((torch.cat([F.normalize(engine(pair), dim=-1) for pair in texts]) * exact).sum(1).min())
-        for label, engine in engines.items()
-    }
-    times: dict[str, list[float]] = {label: [] for label in engines}
+        cosine[label] = float(
+            (torch.cat([matcher.embed(pair, "query") for pair in texts]) * exact_features).sum(1).min()
+        )
+    times: dict[str, list[float]] = {label: [] for label in labels}
     for r in range(args.rounds):
-        for label in list(engines)[:: 1 if r % 2 == 0 else -1]:
+        for label in list(labels)[:: 1 if r % 2 == 0 else -1]:
+            matcher.use_onnx(query_int8=labels[label])  # a fresh session, outside the timed part
             start = time.perf_counter()
             for pair in texts:
-                engines[label](pair)
+                matcher.embed(pair, "query")
             times[label].append((time.perf_counter() - start) / len(texts) * 1000)
     fp32, int8 = (float(np.median(times[label])) for label in ("fp32", "int8"))
     print(
