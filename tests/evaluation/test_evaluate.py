@@ -287,8 +287,8 @@ def test_a_model_that_reads_descriptions_scores_as_its_queries_composed_one_by_o
     ]
     subset = dataclasses.replace(clothing, triplets=triplets)
     gallery = list(clothing.gallery_ids)
-    targets_ = {t.target for t in triplets}
-    lacking = [n for n, t in enumerate(triplets) if t.candidate not in targets_][:2]
+    target_ids = {t.target for t in triplets}
+    lacking = [n for n, t in enumerate(triplets) if t.candidate not in target_ids][:2]
     missing = {triplets[n].candidate for n in lacking}  # references the catalog protocol's gallery lacks
     catalog = catalog_protocol(tuple(i for i in gallery if i not in missing))
     options = EvalOptions(progress=False, reliance=True)
