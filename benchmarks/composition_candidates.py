@@ -11,7 +11,10 @@
   target has each value when a training caption asks for (keeps) a value, counted on the training
   captions, instead of one slot; the fusion refitted;
 - ``upload-losses`` (a diagnostic, not a candidate): which of an upload's predicted attributes are
-  wrong where the best model finds the target with the catalog's description and not without it.
+  wrong where the best model finds the target with the catalog's description and not without it;
+  what each attribute would be worth read right (the catalog's value of that one attribute put into
+  the predicted reference); whether averaging the heads over the photo and its mirror image reads
+  the attributes better.
 
     nice -n 5 .venv/bin/python benchmarks/composition_candidates.py fit-sources --out runs/demo
     nice -n 5 .venv/bin/python benchmarks/composition_candidates.py uploads --out runs/demo
@@ -29,20 +32,23 @@ import dataclasses
 import hashlib
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from unittest import mock
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageOps
 from torch import nn
 
 from fashion_cir.captioning import load_precomputed
 from fashion_cir.data.triplets import TripletSet, parse_triplets
+from fashion_cir.evaluation import evaluate
 from fashion_cir.evaluation.evaluate import EvalOptions, PreparedSet, Protocol
 from fashion_cir.evaluation.evaluator import Evaluator
 from fashion_cir.evaluation.stats import paired_difference
 from fashion_cir.language.changes import read_changes
-from fashion_cir.models.attributes import train_heads
+from fashion_cir.models.attributes import describe, train_heads
 from fashion_cir.models.cir import CIRModel
 from fashion_cir.models.fusion import AttributeSpace, Fusion
 from fashion_cir.pipeline.recipe import load_recipe
@@ -174,9 +180,9 @@ def upload_losses(args) -> None:
         raise SystemExit(f"{runner.out / 'best'} has no attribute heads (run the demo to the end)")
     catalog = runner.catalog_
     ranks = {}
-    for describe in ("catalog", "predicted"):
-        prepared = runner.evaluator_.prepare(model, EvalOptions(progress=False, describe=describe))
-        ranks[describe] = {name: p.ranks("catalog") for name, p in prepared.items()}
+    for source in ("catalog", "predicted"):
+        prepared = runner.evaluator_.prepare(model, EvalOptions(progress=False, describe=source))
+        ranks[source] = {name: p.ranks("catalog") for name, p in prepared.items()}
     for name, p in prepared.items():  # the same queries under either description
         queries = p.triplets
         references = sorted({t.candidate for t in queries})
@@ -197,6 +203,70 @@ def upload_losses(args) -> None:
             }
             shares = " ".join(f"{a} {100 * w:3.0f}" for a, w in wrong.items()) if chosen else "-"
             print(f"  {group:5s} {len(chosen):4d} queries, % with the attribute predicted wrong: {shares}", flush=True)
+    catalog_values(runner, model)
+    mirrored_heads(runner, model)
+
+
+def with_catalog_values(names: Sequence[str], records: Mapping[str, Mapping]):
+    """``resolve_references`` whose predicted references take the catalog's value of ``names``
+    (confidence 1) and are described again from the result."""
+    resolve = evaluate.resolve_references
+
+    def resolved(model, policy, ids, *rest, **options):
+        out = resolve(model, policy, ids, *rest, **options)
+        for item_id, reference in zip(ids, out):
+            if reference.source == "predicted" and item_id in records:
+                for name in names:
+                    reference.attributes[name] = {"value": records[item_id].get(name), "confidence": 1.0}
+                reference.description = describe(reference.attributes)
+        return out
+
+    return resolved
+
+
+def catalog_values(runner: Runner, model: CIRModel) -> None:
+    """R@10 of predicted references with one attribute (then all) read right, paired with predicted."""
+
+    def ranks() -> dict[tuple[str, str], np.ndarray]:
+        prepared = runner.evaluator_.prepare(model, EvalOptions(progress=False, describe="predicted"))
+        return {
+            (name, protocol): p.ranks(protocol) for name, p in prepared.items() for protocol in ("split", "catalog")
+        }
+
+    predicted = ranks()
+    print("predicted references with the catalog's value of ... (R@10, minus predicted):")
+    for names in [[a] for a in ATTRIBUTES] + [list(ATTRIBUTES)]:
+        with mock.patch.object(evaluate, "resolve_references", with_catalog_values(names, runner.catalog_.attributes)):
+            read_right = ranks()
+        cells = []
+        for (name, protocol), found in read_right.items():
+            d = paired_difference(found, predicted[name, protocol], 10)
+            cells.append(f"{name} {protocol} {100 * np.mean(found < 10):.1f} ({d[0]:+.1f} [{d[1]:+.1f}, {d[2]:+.1f}])")
+        print(f"  {'all' if len(names) > 1 else names[0]:9s} " + "; ".join(cells), flush=True)
+
+
+@torch.no_grad()
+def mirrored_heads(runner: Runner, model: CIRModel, batch: int = 32) -> None:
+    """The heads' val accuracy per attribute on the photo, and on the mean of the photo's and its
+    mirror image's class probabilities."""
+    catalog, heads = runner.catalog_, model.attribute_heads
+    ids = [i for i in catalog.splits["val"] if i in catalog.attributes]
+    right = {name: [0, 0] for name in ATTRIBUTES}
+    for start in range(0, len(ids), batch):
+        chunk = ids[start : start + batch]
+        photos = [Image.open(catalog.image_paths[i]).convert("RGB") for i in chunk]
+        plain, mirrored = (
+            heads(model.backbone.encode_images(torch.stack([model.backbone.preprocess(f(p)) for p in photos])))
+            for f in (lambda p: p, ImageOps.mirror)
+        )
+        for name in ATTRIBUTES:
+            classes = [str(c) for c in heads.classes[name]]
+            for row, item_id in enumerate(chunk):
+                true = str(catalog.attributes[item_id].get(name))
+                right[name][0] += classes[int(plain[name][row].argmax())] == true
+                right[name][1] += classes[int((plain[name][row] + mirrored[name][row]).argmax())] == true
+    shares = ", ".join(f"{n} {100 * a / len(ids):.1f} -> {100 * b / len(ids):.1f}" for n, (a, b) in right.items())
+    print(f"heads' val accuracy ({len(ids)} photos), photo -> photo and mirror image: {shares}", flush=True)
 
 
 class Reranker(nn.Module):
