@@ -29,7 +29,7 @@ import torch
 from fashion_cir.captioning import load_precomputed
 from fashion_cir.data.captions import join_captions_val
 from fashion_cir.models.cir import CIRModel
-from fashion_cir.models.matcher import _Pooled
+from fashion_cir.models.matcher import PooledEncoder
 from fashion_cir.models.onnx_engine import int8_graph
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "clothing-dataset"
@@ -37,7 +37,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "clothing
 
 def export(encoder: torch.nn.Module, example: dict, path: Path) -> Path:
     torch.onnx.export(
-        _Pooled(encoder),
+        PooledEncoder(encoder),
         tuple(example.values()),
         str(path),
         input_names=list(example),

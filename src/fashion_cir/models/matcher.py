@@ -93,7 +93,7 @@ class DescriptionMatcher(nn.Module):
             if key not in built:
                 name = f"text-{self.spec.split(':')[0]}-{state_sha1(encoder.state_dict())[:16]}"
                 try:
-                    run = onnx_engine(_Pooled(encoder), name, example, varying, spin=False, int8=key[1])
+                    run = onnx_engine(PooledEncoder(encoder), name, example, varying, spin=False, int8=key[1])
                 except OSError as exc:  # no room or no right to write the graph: PyTorch still answers
                     log.warning("the description matcher stays on PyTorch: cannot export its ONNX graph (%s)", exc)
                     return False
@@ -156,7 +156,7 @@ class DescriptionMatcher(nn.Module):
         return {k: v.detach().cpu() for k, v in self.query_encoder.state_dict().items()}
 
 
-class _Pooled(nn.Module):
+class PooledEncoder(nn.Module):
     """A sentence encoder's mean-pooled features as a module of its own (what ONNX exports)."""
 
     def __init__(self, encoder: nn.Module):
