@@ -721,12 +721,31 @@ def serve_command(
         help="Read queries with an int8 copy of the description matcher (faster on a CPU; rankings "
         "change a little, see BENCHMARKS.md).",
     ),
+    describe_uploads: str | None = typer.Option(
+        None,
+        help="Describe uploaded photos with this MLLM backend (openai, llava-hf), as the catalog was "
+        "described; the attribute heads answer when it fails.",
+    ),
+    caption_model: str | None = typer.Option(None, help="--describe-uploads: the served model name or HF id."),
+    caption_base_url: list[str] = typer.Option([], help="--describe-uploads openai: the server's API root."),
+    caption_api_key_env: str = typer.Option("OPENAI_API_KEY", help="--describe-uploads openai: env var of the key."),
+    caption_timeout: float = typer.Option(30.0, help="--describe-uploads openai: seconds per request."),
 ):
     """Serve the search API and web page."""
+    from .captioning import build_captioner
     from .models.cir import load_model
     from .serving.app import serve
 
     cir = load_model(model, backbone) if model or backbone else None  # None: the backbone the index records
+    captioner = None
+    if describe_uploads:
+        urls = caption_base_url[0] if len(caption_base_url) == 1 else caption_base_url or None
+        options: dict[str, Any] = (
+            {"base_url": urls, "api_key_env": caption_api_key_env, "timeout_s": caption_timeout, "max_retries": 1}
+            if describe_uploads == "openai"
+            else {}
+        )
+        captioner = build_captioner(describe_uploads, caption_model, **options)
     typer.echo(f"serving http://{host}:{port}/")
     serve(
         index_dir,
@@ -739,6 +758,7 @@ def serve_command(
         search_timeout_s=search_timeout,
         sample_seed=sample_seed,
         int8_queries=int8_queries,
+        upload_captioner=captioner,
     )
 
 

@@ -58,6 +58,12 @@ def _attempt_all(captioner: Captioner, pending: list[CaptionRequest], max_attemp
     return results
 
 
+def caption_one(captioner: Captioner, image_id: str, path: Path, max_attempts: int = 2) -> dict:
+    """One image asked as a catalog run asks (an invalid answer is asked again with the reason):
+    ``status`` ok (with ``attributes``, the attributes.jsonl record), invalid or error (with ``error``)."""
+    return _attempt_all(captioner, [CaptionRequest(image_id, path)], max_attempts)[image_id]
+
+
 def summary_path(cache_dir: str | Path, captioner: Captioner, shard: tuple[int, int] = (0, 1)) -> Path:
     """Where :func:`run_captioning` writes its summary (counts, and every failure with its reason)."""
     return CaptionCache(cache_dir, captioner.model_id, captioner.prompt_version, shard).path.with_suffix(

@@ -2,9 +2,10 @@
 catalog item is made of. Training data, evaluation, pictures, the command line and the service
 all resolve references here.
 
-A reference's description and attributes are ``catalog`` (the item's own MLLM record; an item
-without one, or an upload, falls back to the model's attribute heads when it has them),
-``predicted`` (always the attribute heads': what an upload gets) or ``none``."""
+A reference's description and attributes are ``catalog`` (the item's own MLLM record; an upload
+the MLLM described at search time has its own record too, source ``captioned``; an item without
+one, or an upload without one, falls back to the model's attribute heads when it has them),
+``predicted`` (always the attribute heads') or ``none``."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ class Reference:
 
     description: str | None
     attributes: dict[str, Any] | None  # catalog values, or predicted {"value", "confidence"}
-    source: str  # catalog | predicted | none
+    source: str  # catalog | captioned | predicted | none
 
 
 def resolve_references(
@@ -52,20 +53,22 @@ def resolve_references(
     image_features: torch.Tensor | None,
     records: Mapping[str, Mapping[str, Any]] | None,
     prompts: Sequence[str | None] | None = None,
+    uploads: Sequence[Mapping[str, Any] | None] | None = None,
 ) -> list[Reference]:
     """One :class:`Reference` per query: ``ids`` are catalog ids (None: an upload), ``image_features``
     the references' raw features [n, d] (None: queries without a reference). Under the ``catalog``
-    policy, ``prompts`` (a triplet's own ``reference_prompt``) replace descriptions where given."""
+    policy, ``prompts`` (a triplet's own ``reference_prompt``) replace descriptions where given, and
+    ``uploads`` holds per query the record the MLLM gave an upload at search time (or None)."""
     records = records or {}
     out: list[Reference | None] = [None] * len(ids)
     predict: list[int] = []
     for row, item_id in enumerate(ids):
-        record = records.get(item_id) if item_id is not None else None
+        record = records.get(item_id) if item_id is not None else (uploads[row] if uploads else None)
         if image_features is None or policy.source == "none":
             out[row] = Reference(None, None, "none")
         elif policy.source == "catalog" and record:
             description = record.get("description") if isinstance(record.get("description"), str) else None
-            out[row] = Reference(description or None, dict(record), "catalog")
+            out[row] = Reference(description or None, dict(record), "catalog" if item_id is not None else "captioned")
         elif model.attribute_heads is not None:
             predict.append(row)
         else:

@@ -184,10 +184,12 @@ class SearchRequest(BaseModel):
         filter: Filter | None = None,
         policy: ReferencePolicy = CATALOG,
         rescorer: Rescorer | None = None,
+        upload_record: Mapping[str, Any] | None = None,
     ) -> SearchResult:
         """This search on ``index``: ``image`` is the reference image when :attr:`image` says there
         is one, ``filter`` the parsed :attr:`filter`, ``policy`` where the reference description
-        comes from. ``same_type`` with explicit categories is refused (FilterError): one of the
+        comes from, ``upload_record`` what the MLLM said of the uploaded ``image`` (see
+        :func:`~fashion_cir.retrieval.policy.resolve_references`). ``same_type`` with explicit categories is refused (FilterError): one of the
         two would silently override the other; an id not in ``index`` is a DataError. ``rescorer``
         orders a two-stage search's candidates (see :func:`composed_search`)."""
         if self.candidates:
@@ -209,7 +211,9 @@ class SearchRequest(BaseModel):
             image_features = torch.from_numpy(row[None, : int(index.config["feature_dim"])])
         else:
             image_features = None
-        reference = resolve_references(model, policy, [item_id], image_features, index.metadata)[0]
+        reference = resolve_references(
+            model, policy, [item_id], image_features, index.metadata, uploads=[upload_record if self.image else None]
+        )[0]
         attributes = reference.attributes or dict(index.metadata.get(item_id, {}) if item_id is not None else {})
         described = _stored_description(index, row, reference) if row is not None else None
         parts = model.encode_queries(

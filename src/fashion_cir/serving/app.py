@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..captioning.base import Captioner
 from ..errors import FashionCIRError
 from ..models.cir import CIRModel
 from ..retrieval.filters import FilterError
@@ -161,13 +162,15 @@ def create_app(
     search_timeout_s: float = 15.0,
     sample_seed: int | None = None,
     int8_queries: bool = False,
+    upload_captioner: Captioner | None = None,
 ) -> FastAPI:
     """The app for ``index_folder``: the routes over a :class:`SearchService` (see
     :meth:`SearchService.open` for ``model``, and the service for the limits and
     ``exclude_reference``). The index is followed live: ``fashion-cir index add/upsert/remove``
     show up without a restart. ``search_timeout_s`` is how long the page waits for a search before
     offering a retry. ``sample_seed`` fixes the page's catalog sample (a ``?seed=N`` in the page's
-    address wins; None: a random sample on each visit). ``int8_queries``: see the service."""
+    address wins; None: a random sample on each visit). ``int8_queries``, ``upload_captioner``: see
+    the service."""
     limits = Limits(max_upload_bytes, max_pixels, max_k, max_text_chars)
     service = SearchService.open(
         index_folder,
@@ -177,6 +180,7 @@ def create_app(
         upload_workers=upload_workers,
         upload_queue=upload_queue,
         int8_queries=int8_queries,
+        upload_captioner=upload_captioner,
     )
     return search_app(service, search_timeout_s, sample_seed)
 

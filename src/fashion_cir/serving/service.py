@@ -21,6 +21,7 @@ from urllib.parse import quote
 
 from PIL import Image, UnidentifiedImageError
 
+from ..captioning.base import Captioner
 from ..data.images import (
     IMAGE_EXTENSIONS,
     MAX_ASPECT,
@@ -37,6 +38,7 @@ from ..retrieval.folder import LiveIndex, index_model
 from ..retrieval.policy import CATALOG, ReferencePolicy
 from ..retrieval.query import RequestError, SearchRequest
 from ..retrieval.store import CatalogStore
+from .describer import UploadDescriber
 from .limits import Busy, ConcurrencyLimit
 
 MB = 1 << 20
@@ -68,7 +70,9 @@ class SearchService:
     reference out of its own results; ``upload_workers`` uploads decode and encode at once,
     ``upload_queue`` more wait (holding only their raw bytes), further ones are refused (503).
     ``int8_queries``: the description matcher reads queries with int8 weights (faster; rankings
-    change a little: BENCHMARKS.md, "int8 query encoder")."""
+    change a little: BENCHMARKS.md, "int8 query encoder"). ``upload_captioner``: the MLLM that
+    describes an uploaded reference (:class:`~fashion_cir.serving.describer.UploadDescriber`;
+    None: the attribute heads do)."""
 
     def __init__(
         self,
@@ -81,8 +85,10 @@ class SearchService:
         upload_workers: int = 2,
         upload_queue: int = 16,
         int8_queries: bool = False,
+        upload_captioner: Captioner | None = None,
     ):
         self.index, self.model, self.policy = index, model, policy
+        self.describer = UploadDescriber(upload_captioner) if upload_captioner is not None else None
         self.input_size = model.backbone.image_size
         self.limits = replace(limits, max_pixels=limits.max_pixels or upload_pixel_limit(self.input_size))
         self.exclude_reference = exclude_reference
@@ -110,7 +116,8 @@ class SearchService:
     def status(self) -> dict[str, Any]:
         """Whether the index answers (``degraded`` with the problem when a change could not be
         opened), its size, backbone, store, two-stage and memory-map settings, filterable fields,
-        the model's query mode and what runs its description matcher's encoders."""
+        the model's query mode, what runs its description matcher's encoders and which MLLM (if
+        any) describes uploads."""
         current, problem = self.index.current(), self.index.problem  # read once: a request may change them
         state = {"status": "degraded", "problem": self.public(problem)} if problem else {"status": "ok"}
         return {
@@ -126,6 +133,7 @@ class SearchService:
             "query_mode": self.model.query_mode,
             "attribute_heads": self.model.attribute_heads is not None,
             "text_engine": self.text_engine,
+            "upload_captioner": self.describer.model_id if self.describer else None,
         }
 
     def browse(self, n: int = 24, seed: int = 0, words: str = "") -> dict[str, Any]:
@@ -179,7 +187,8 @@ class SearchService:
         try:
             with self.uploads.slot() if request.image else contextlib.nullcontext():
                 reference = self._decode_upload(raw) if request.image else None
-                result = request.run(self.model, current, reference, parsed, self.policy)
+                record, problem = self._describe_upload(raw) if reference is not None else (None, None)
+                result = request.run(self.model, current, reference, parsed, self.policy, upload_record=record)
         except Busy:
             raise ServiceError(
                 f"too many uploads are being processed ({self.uploads.workers} at once, "
@@ -202,7 +211,11 @@ class SearchService:
         return {
             "reference": reference_view,
             "reference_attributes": result.reference_attributes,
-            "prompt": {"source": result.prompt_source, "description": result.description},
+            "prompt": {
+                "source": result.prompt_source,
+                "description": result.description,
+                **({"problem": self.public(problem)} if problem else {}),
+            },
             "text": request.query_text,
             "query_text": result.query_text,
             "requested": {name: phrase(name, value) for name, value in requested.items()},
@@ -214,6 +227,12 @@ class SearchService:
             "took_ms": took,
             "results": results,
         }
+
+    def _describe_upload(self, raw: bytes) -> tuple[dict[str, Any] | None, str | None]:
+        """The MLLM's record of an uploaded reference (when one describes uploads under this policy)."""
+        if self.describer is None or self.policy.source != "catalog":
+            return None, None
+        return self.describer.describe(raw)
 
     def _checked_upload(self, raw: bytes | None) -> bytes:
         limit = self.limits.max_upload_bytes

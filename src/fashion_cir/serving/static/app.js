@@ -477,7 +477,7 @@ function showResults(step, data, offset) {
   } else {
     summary.append(document.createTextNode(" that look like the reference"));
   }
-  if (data.prompt && data.prompt.source === "predicted") summary.append(el("span", "muted", " (your photo described automatically)"));
+  if (data.prompt && ["predicted", "captioned"].includes(data.prompt.source)) summary.append(el("span", "muted", " (your photo described automatically)"));
   const cards = data.results.map((item) => itemCard(item, { rank: item.rank, score: item.score, match: item.match, chooseLabel: "Refine from this", moreLike: true }));
   if (offset) $("results-grid").append(...cards);
   else $("results-grid").replaceChildren(...cards);
