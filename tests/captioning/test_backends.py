@@ -7,8 +7,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import subprocess
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,6 +19,7 @@ from typer.testing import CliRunner
 from fashion_cir.captioning import build_captioner, run_captioning
 from fashion_cir.cli import app
 from fashion_cir.errors import ModelError
+from support.mllm import fake_mllm
 from support.records import RED_TSHIRT
 
 HELPERS = Path(__file__).resolve().parents[1] / "support"
@@ -44,17 +43,8 @@ def images(tmp_path):
 def server(tmp_path, images):
     _, keys = images
     behaviours = dict(zip(keys.values(), ["ok", "fenced", "slow_once", "error500_once", "garbage", "bad_body"]))
-    (tmp_path / "behaviours.json").write_text(json.dumps(behaviours))
-    log = tmp_path / "requests.jsonl"
-    process = subprocess.Popen(
-        [sys.executable, str(HELPERS / "fake_openai_server.py"), str(tmp_path / "behaviours.json"), SECRET, str(log)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    port = int(process.stdout.readline())
-    yield f"http://127.0.0.1:{port}/v1", log
-    process.terminate()
-    process.wait(timeout=10)
+    with fake_mllm(tmp_path, behaviours, SECRET) as running:
+        yield running
 
 
 def test_openai_backend_against_real_http_server(tmp_path, images, server, monkeypatch, caplog):

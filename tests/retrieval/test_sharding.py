@@ -20,9 +20,9 @@ from fashion_cir.errors import DataError
 from fashion_cir.features.cache import FeatureCache
 from fashion_cir.models.cir import load_model
 from fashion_cir.sharding import merge_feature_parts, parse_shard, select_shard
+from support.mllm import fake_mllm
 from support.serving import synthetic_catalog
 
-HELPERS = Path(__file__).resolve().parents[1] / "support"
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "shard-test-key"
 
@@ -164,26 +164,11 @@ def test_two_processes_fill_one_feature_cache_then_merge(images, tmp_path):
 @pytest.fixture()
 def servers(tmp_path):
     """Two fake chat-completions servers on loopback: [(base_url, request log)]."""
-    (tmp_path / "behaviours.json").write_text("{}")
-    running = []
-    for number in range(2):
-        log = tmp_path / f"requests-{number}.jsonl"
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                str(HELPERS / "fake_openai_server.py"),
-                str(tmp_path / "behaviours.json"),
-                SECRET,
-                str(log),
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        running.append((process, f"http://127.0.0.1:{int(process.stdout.readline())}/v1", log))
-    yield [(url, log) for _, url, log in running]
-    for process, _, _ in running:
-        process.terminate()
-        process.wait(timeout=10)
+    with (
+        fake_mllm(tmp_path, key=SECRET, name="requests-0") as first,
+        fake_mllm(tmp_path, key=SECRET, name="requests-1") as second,
+    ):
+        yield [first, second]
 
 
 def requests_in(log: Path) -> int:

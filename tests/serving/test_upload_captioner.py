@@ -10,8 +10,6 @@ import base64
 import hashlib
 import json
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -24,10 +22,10 @@ from fashion_cir.cli import app as cli_app
 from fashion_cir.errors import ModelError
 from fashion_cir.models.attributes import describe
 from fashion_cir.serving.app import create_app
+from support.mllm import fake_mllm
 from support.records import RED_TSHIRT
 from support.serving import indexed_demo_catalog, running_server
 
-HELPERS = Path(__file__).resolve().parents[1] / "support"
 CAPTION = "is red with long sleeves"
 
 
@@ -47,17 +45,8 @@ def catalog(tmp_path_factory):
 def mllm(catalog):
     """The chat-completions server: the first photo is described (RED_TSHIRT), the second gets garbage."""
     root, *_, described, garbled = catalog
-    (root / "behaviours.json").write_text(json.dumps({_key(described): "ok", _key(garbled): "garbage"}))
-    log = root / "mllm-requests.jsonl"
-    process = subprocess.Popen(
-        [sys.executable, str(HELPERS / "fake_openai_server.py"), str(root / "behaviours.json"), "key", str(log)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    port = int(process.stdout.readline())
-    yield f"http://127.0.0.1:{port}/v1", log
-    process.terminate()
-    process.wait(timeout=10)
+    with fake_mllm(root, {_key(described): "ok", _key(garbled): "garbage"}) as server:
+        yield server
 
 
 def _captioner(base_url: str):

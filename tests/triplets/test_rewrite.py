@@ -1,16 +1,11 @@
 """LLM rewrite of template captions through the openai backend (text-only chat completions) against
 a real HTTP server process; invalid rewrites keep the template captions."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 from fashion_cir.captioning import build_captioner, load_precomputed
 from fashion_cir.io import read_json
 from fashion_cir.triplets import TripletConfig, generate_triplets
 from fashion_cir.triplets.rewrite import parse_rewrite
-
-HELPERS = Path(__file__).resolve().parents[1] / "support"
+from support.mllm import fake_mllm
 
 
 def test_parse_rewrite_accepts_two_short_captions_only():
@@ -24,21 +19,8 @@ def test_parse_rewrite_accepts_two_short_captions_only():
 
 
 def test_rewrite_through_openai_backend(tmp_path, clothing_dir):
-    (tmp_path / "b.json").write_text("{}")
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            str(HELPERS / "fake_openai_server.py"),
-            str(tmp_path / "b.json"),
-            "k",
-            str(tmp_path / "log.jsonl"),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        port = int(server.stdout.readline())
-        rewriter = build_captioner("openai", model="fake-llm", base_url=f"http://127.0.0.1:{port}/v1", concurrency=4)
+    with fake_mllm(tmp_path, name="log") as (url, log):
+        rewriter = build_captioner("openai", model="fake-llm", base_url=url, concurrency=4)
         attributes = load_precomputed(clothing_dir / "attributes.jsonl")
         train = read_json(clothing_dir / "image_splits/split.clothing.train.json")[:600]
         ids = sorted(train)
@@ -46,9 +28,6 @@ def test_rewrite_through_openai_backend(tmp_path, clothing_dir):
         triplets, stats = generate_triplets(
             attributes, features, ids, TripletConfig(max_triplets=20, band=(0, 0.5)), train_ids=train, rewriter=rewriter
         )
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
     assert stats["rewritten"] == len(triplets) == 20
     assert all(t["captions"] == ["is a bright shade with a new look", "has the requested change now"] for t in triplets)
     assert all(len(t["template_captions"]) == 2 and t["source"].endswith("+rewrite:openai:fake-llm") for t in triplets)
