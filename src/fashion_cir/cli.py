@@ -723,29 +723,26 @@ def serve_command(
     ),
     describe_uploads: str | None = typer.Option(
         None,
-        help="Describe uploaded photos with this MLLM backend (openai, llava-hf), as the catalog was "
-        "described; the attribute heads answer when it fails.",
+        help="Describe uploaded photos with this MLLM backend (openai or llava-hf), as the catalog was "
+        "described; the attribute heads answer when it gives no record.",
     ),
     caption_model: str | None = typer.Option(None, help="--describe-uploads: the served model name or HF id."),
     caption_base_url: list[str] = typer.Option([], help="--describe-uploads openai: the server's API root."),
     caption_api_key_env: str = typer.Option("OPENAI_API_KEY", help="--describe-uploads openai: env var of the key."),
-    caption_timeout: float = typer.Option(30.0, help="--describe-uploads openai: seconds per request."),
+    caption_timeout: float = typer.Option(10.0, help="--describe-uploads openai: seconds per request."),
 ):
     """Serve the search API and web page."""
-    from .captioning import build_captioner
     from .models.cir import load_model
     from .serving.app import serve
 
     cir = load_model(model, backbone) if model or backbone else None  # None: the backbone the index records
     captioner = None
-    if describe_uploads:
-        urls = caption_base_url[0] if len(caption_base_url) == 1 else caption_base_url or None
-        options: dict[str, Any] = (
-            {"base_url": urls, "api_key_env": caption_api_key_env, "timeout_s": caption_timeout, "max_retries": 1}
-            if describe_uploads == "openai"
-            else {}
+    if describe_uploads is not None:
+        captioner = _upload_captioner(
+            describe_uploads, caption_model, caption_base_url, caption_api_key_env, caption_timeout
         )
-        captioner = build_captioner(describe_uploads, caption_model, **options)
+    elif caption_model or caption_base_url:
+        raise FashionCIRError("--caption-model and --caption-base-url name the MLLM of --describe-uploads: give it too")
     typer.echo(f"serving http://{host}:{port}/")
     serve(
         index_dir,
@@ -759,6 +756,30 @@ def serve_command(
         sample_seed=sample_seed,
         int8_queries=int8_queries,
         upload_captioner=captioner,
+    )
+
+
+def _upload_captioner(backend: str, model: str | None, base_url: list[str], api_key_env: str, timeout: float):
+    """The MLLM that describes uploads, from ``serve``'s options: one try per request with a short
+    timeout (a shopper is waiting; the heads answer when it fails)."""
+    from .captioning import build_captioner
+
+    if backend == "llava-hf":
+        if base_url:
+            raise FashionCIRError("--caption-base-url is for --describe-uploads openai; llava-hf runs in this process")
+        return build_captioner(backend, model)
+    if backend != "openai":
+        raise FashionCIRError(
+            f"--describe-uploads {backend!r}: uploads are described by a served MLLM: openai or llava-hf"
+        )
+    if not model or not base_url:
+        raise FashionCIRError(
+            "--describe-uploads openai needs --caption-model (the name the server serves) and --caption-base-url "
+            "(its API root, e.g. http://127.0.0.1:8001/v1)"
+        )
+    urls = base_url[0] if len(base_url) == 1 else base_url
+    return build_captioner(
+        backend, model, base_url=urls, api_key_env=api_key_env, timeout_s=timeout, max_retries=0, concurrency=1
     )
 
 

@@ -2,12 +2,11 @@
 uvicorn server and a real chat-completions server (tests/support/fake_openai_server.py): the MLLM's
 record becomes the upload's description, attributes and same-type category, asked once per photo;
 when the MLLM fails the attribute heads describe the photo and the answer says so without naming
-the MLLM's address; stored answers (precomputed) are refused for uploads."""
+the MLLM's address; stored answers (precomputed) and options that do not fit are refused; the MLLM
+sees the decoded photo, reduced; one that raises or stays silent is left alone for a while."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import socket
 from pathlib import Path
@@ -15,22 +14,21 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+from PIL import Image
 from typer.testing import CliRunner
 
-from fashion_cir.captioning import build_captioner
+from fashion_cir.captioning import Captioner, build_captioner
 from fashion_cir.cli import app as cli_app
 from fashion_cir.errors import ModelError
 from fashion_cir.models.attributes import describe
+from fashion_cir.models.cir import load_model
 from fashion_cir.serving.app import create_app
+from fashion_cir.serving.describer import UploadDescriber
 from support.mllm import fake_mllm
 from support.records import RED_TSHIRT
 from support.serving import indexed_demo_catalog, running_server
 
 CAPTION = "is red with long sleeves"
-
-
-def _key(raw: bytes) -> str:
-    return hashlib.sha1(base64.b64encode(raw)).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +41,8 @@ def catalog(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mllm(catalog):
-    """The chat-completions server: the first photo is described (RED_TSHIRT), the second gets garbage."""
-    root, *_, described, garbled = catalog
-    with fake_mllm(root, {_key(described): "ok", _key(garbled): "garbage"}) as server:
+    """The chat-completions server: every photo is a red t-shirt (RED_TSHIRT)."""
+    with fake_mllm(catalog[0]) as server:
         yield server
 
 
@@ -88,19 +85,23 @@ def test_the_mllm_describes_an_upload_once_and_its_record_drives_the_query(serve
     assert served.get("/health").json()["upload_captioner"] == "openai:fake-vlm"
 
 
-def test_when_the_mllm_gives_no_record_the_heads_describe_the_upload(served, catalog, mllm):
-    *_, garbled = catalog
-    asked_before = _requests(mllm[1])
-    body = _search(served, garbled)
+def test_when_the_mllm_gives_no_record_the_heads_describe_the_upload(catalog, tmp_path):
+    _, _, _, model, index, _, photo = catalog
+    with fake_mllm(tmp_path, {"default": "garbage"}) as (url, log):
+        app = create_app(index, model, upload_captioner=_captioner(url))
+        with running_server(app) as served, httpx.Client(base_url=served, timeout=60) as client:
+            body = _search(client, photo)
+            again = _search(client, photo, text="is darker")
     predicted = body["reference_attributes"]
     assert all(0 < entry["confidence"] <= 1 for entry in predicted.values())
     assert body["prompt"] == {
         "source": "predicted",
         "description": describe(predicted),
         "problem": "the MLLM (openai:fake-vlm) gave no answer in the attribute format; "
-        "the attribute heads described the photo",
+        "the attribute heads described it",
     }
-    assert _requests(mllm[1]) - asked_before == 2  # asked again with the reason, then given up
+    assert again["prompt"]["problem"] == body["prompt"]["problem"]
+    assert _requests(log) == 2  # asked again once with the reason, then kept as invalid for this photo
 
 
 def test_an_unreachable_mllm_is_reported_without_its_address(catalog):
@@ -113,11 +114,17 @@ def test_an_unreachable_mllm_is_reported_without_its_address(catalog):
         body = _search(client, described)
         by_id = client.post("/search", data={"text": CAPTION, "id": sorted(catalog[1])[2]}).json()
     assert body["prompt"]["source"] == "predicted"
-    assert body["prompt"]["problem"] == (
-        "the MLLM (openai:fake-vlm) gave no answer; the attribute heads described the photo"
-    )
+    assert body["prompt"]["problem"] == ("the MLLM (openai:fake-vlm) gave no answer; the attribute heads described it")
     assert "127.0.0.1" not in json.dumps(body)
     assert by_id["prompt"]["source"] == "catalog"  # a catalog reference never asks the MLLM
+    headless = create_app(index, load_model(backbone="tiny"), upload_captioner=_captioner(closed))
+    with running_server(headless) as url, httpx.Client(base_url=url, timeout=60) as client:
+        body = _search(client, described)
+    assert body["prompt"] == {
+        "source": "none",
+        "description": None,
+        "problem": "the MLLM (openai:fake-vlm) gave no answer; it has no description",
+    }
 
 
 def test_stored_answers_cannot_describe_uploads(catalog):
@@ -137,7 +144,67 @@ def test_serve_builds_the_upload_captioner_from_its_options(catalog, monkeypatch
     assert result.exit_code == 0, result.output
     captioner = given["app"].state.service.describer.captioner
     assert (captioner.model_id, captioner.urls) == ("openai:vlm-7b", ["http://mllm.internal:8000/v1/chat/completions"])
-    assert captioner.max_retries == 1  # a shopper waits: one retry, not three
+    assert captioner.max_retries == 0  # a shopper waits: one try, then the heads
     given.clear()
     result = CliRunner().invoke(cli_app, ["serve", "--index", str(index)])
     assert result.exit_code == 0 and given["app"].state.service.describer is None
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--describe-uploads", "precomputed", "--caption-model", "a.jsonl"], "openai or llava-hf"),
+        (["--describe-uploads", "openai", "--caption-base-url", "http://h/v1"], "needs --caption-model"),
+        (["--describe-uploads", "openai", "--caption-model", "m"], "--caption-base-url (its API root"),
+        (["--describe-uploads", "llava-hf", "--caption-base-url", "http://h/v1"], "is for --describe-uploads openai"),
+        (["--caption-model", "m"], "give it too"),
+    ],
+)
+def test_serve_refuses_upload_captioner_options_that_do_not_fit(catalog, monkeypatch, options, message):
+    monkeypatch.setattr(uvicorn, "run", lambda app, **_: pytest.fail("served despite bad options"))
+    result = CliRunner().invoke(cli_app, ["serve", "--index", str(catalog[4]), *options])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+class _Recording(Captioner):
+    """Answers RED_TSHIRT (or raises ``error``) and records the size and format of each photo it is shown."""
+
+    model_id = "recording"
+
+    def __init__(self, error: Exception | None = None):
+        super().__init__()
+        self.error, self.shown = error, []
+
+    def answer(self, requests):
+        for request in requests:
+            with Image.open(request.path) as photo:
+                self.shown.append((photo.format, photo.size))
+        if self.error is not None:
+            raise self.error
+        return [json.dumps(RED_TSHIRT) for _ in requests]
+
+
+def test_the_mllm_sees_the_decoded_photo_at_most_1024_pixels_on_its_long_side():
+    captioner = _Recording()
+    photo = Image.new("RGB", (2000, 1500), (200, 30, 30))
+    record, problem = UploadDescriber(captioner).describe(b"raw upload bytes", photo)
+    assert (record, problem) == (RED_TSHIRT, None)
+    assert captioner.shown == [("JPEG", (1024, 768))]
+
+
+def test_an_mllm_that_raises_or_stays_silent_is_left_alone_for_a_while(caplog):
+    now = [0.0]
+    captioner = _Recording(error=RuntimeError("CUDA out of memory"))
+    describer = UploadDescriber(captioner, pause_s=30, clock=lambda: now[0])
+    photo = Image.new("RGB", (64, 64))
+    silent = (None, "the MLLM (recording) gave no answer")
+    assert describer.describe(b"first", photo) == silent
+    assert "CUDA out of memory" in caplog.text  # the details go to the log
+    now[0] = 29.0
+    assert describer.describe(b"second", photo) == silent
+    assert len(captioner.shown) == 1  # not asked while it is left alone
+    now[0] = 31.0
+    captioner.error = None
+    assert describer.describe(b"second", photo) == (RED_TSHIRT, None)
+    assert describer.describe(b"second", photo) == (RED_TSHIRT, None)
+    assert len(captioner.shown) == 2  # the record is kept by content

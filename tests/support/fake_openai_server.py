@@ -1,6 +1,6 @@
 """A chat-completions server for tests (stdlib only). Behaviour per image is looked up by the sha1 of
-the image's base64 data in a JSON file given as argv[1]: ok, fenced, slow_once, error500_once,
-garbage, bad_body. Text-only requests get two rewritten captions. Prints the port, then serves;
+the image's base64 data in a JSON file given as argv[1] (its "default" entry for other images, else
+ok): ok, fenced, slow_once, error500_once, garbage, bad_body. Text-only requests get two rewritten captions. Prints the port, then serves;
 every request's path and whether it carried "Authorization: Bearer <argv[2]>" goes to argv[3] (JSONL)."""
 
 import hashlib
@@ -49,7 +49,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._chat('Here you go: ["is a bright shade with a new look", "has the requested change now"]')
         data = next(p["image_url"]["url"] for p in content if p["type"] == "image_url").split(",", 1)[1]
         key = hashlib.sha1(data.encode()).hexdigest()
-        behaviour = BEHAVIOURS.get(key, "ok")
+        behaviour = BEHAVIOURS.get(key, BEHAVIOURS.get("default", "ok"))
         with LOCK:
             SEEN[key] = SEEN.get(key, 0) + 1
             first = SEEN[key] == 1

@@ -18,8 +18,9 @@ def fake_mllm(
     folder: Path, behaviours: Mapping[str, str] | None = None, key: str = "key", name: str = "requests"
 ) -> Iterator[tuple[str, Path]]:
     """Yields (the server's API root, ending in /v1; ``folder/name.jsonl``, the log of its requests).
-    ``behaviours`` maps the sha1 of an image's base64 payload to ok, fenced, slow_once,
-    error500_once, garbage or bad_body (default ok); ``key`` is the API key it expects."""
+    ``behaviours`` maps the sha1 of an image's base64 payload (or "default": any other image) to ok,
+    fenced, slow_once, error500_once, garbage or bad_body (default ok); ``key`` is the API key it
+    expects."""
     behaviours_file = folder / f"{name}.behaviours.json"
     behaviours_file.write_text(json.dumps(dict(behaviours or {})))
     log = folder / f"{name}.jsonl"

@@ -26,10 +26,12 @@ class RequestFailed(Exception):
 
 class Captioner(ABC):
     """A backend that answers the attribute prompt for images. ``model_id`` and ``prompt_version``
-    key the cache; ``batch_size`` is how many requests the runner hands over at once."""
+    key the cache; ``batch_size`` is how many requests the runner hands over at once;
+    ``thread_safe``: threads may call :meth:`answer` at once (a server's uploads)."""
 
     model_id: str
     batch_size: int = 8
+    thread_safe: bool = False
 
     def __init__(self, vocab: Vocabulary = DEFAULT_VOCABULARY):
         self.vocab = vocab

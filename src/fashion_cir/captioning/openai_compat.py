@@ -104,6 +104,8 @@ class OpenAICaptioner(Captioner):
     ``api_key_env`` (the key itself is never stored in configs or logged); without it no
     Authorization header is sent (fine for local servers)."""
 
+    thread_safe = True  # one HTTP client, shared by threads
+
     def __init__(
         self,
         model: str,

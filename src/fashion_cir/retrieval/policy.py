@@ -34,7 +34,7 @@ class ReferencePolicy:
             raise ModelError(f"unknown reference description source {self.source!r}; choose one of {SOURCES}")
 
 
-CATALOG = ReferencePolicy("catalog")  # what search uses: the catalog's record, predicted for an upload
+CATALOG = ReferencePolicy("catalog")  # what search uses: the catalog's record; the MLLM's or predicted for an upload
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """One composed search, end to end: the reference's features and description (the catalog's for
-an item, predicted by the model's attribute heads for an upload), the sentence-level query text,
+an item; for an upload the MLLM's when the service has one describe it, else predicted by the
+model's attribute heads), the sentence-level query text,
 the query vector, attribute filters (incl. "same type as the reference", combined with a filter
 expression) run by the store, and one page of results with an exact "more" flag."""
 
@@ -29,8 +30,8 @@ class SearchResult:
     hits: list[SearchHit]
     query_text: str
     description: str | None  # the reference description in the prompt (None: no prompt)
-    prompt_source: str  # catalog | predicted | none
-    reference_attributes: dict[str, Any]  # catalog values, or predicted {"value", "confidence"}
+    prompt_source: str  # catalog | captioned | predicted | none
+    reference_attributes: dict[str, Any]  # catalog or captioned values, or predicted {"value", "confidence"}
     filters: dict[str, list[str]] = field(default_factory=dict)
     offset: int = 0
     more: bool = False
@@ -77,7 +78,7 @@ def composed_search(
     """Reference (an uploaded ``image`` or a catalog ``item_id``) + relative ``text`` -> results
     ``offset`` .. ``offset + k`` that pass ``filter`` (a parsed expression), ``filters``
     (attribute -> allowed values) and, with ``same_type``, share the reference's category (the
-    catalog's, or the predicted one for an upload). Without text the query is the reference image
+    catalog's, or an upload's: the MLLM's or the predicted one). Without text the query is the reference image
     alone ("more like this"); without a reference, the text alone. ``candidates`` (0: off) makes it a
     two-stage search: the store finds that many items, ``rescorer`` (default: the exact fused score
     from the stored rows, :mod:`~fashion_cir.retrieval.rescore`) orders them; fewer than ``k`` is
@@ -101,7 +102,7 @@ def search(model: CIRModel, index: CatalogStore, **options: Any) -> list[SearchH
     """The hits of :func:`composed_search` (which also pages, applies attribute filters and reports
     the prompt used): e.g. ``search(model, index, item_id="a", text="is red", k=5)``. The text side
     is ``model.query_text(text, the reference description)``: the catalog item's ``description``,
-    or for an upload the one its attribute heads predict."""
+    or for an upload the one its attribute heads predict (the service can ask the MLLM instead)."""
     return composed_search(model, index, **options).hits
 
 

@@ -287,7 +287,9 @@ def search_app(service: SearchService, search_timeout_s: float = 15.0, sample_se
         ),
         category: list[str] = Form([], description="keep only these categories (repeatable)"),
         color: list[str] = Form([], description="keep only these colours (repeatable)"),
-        same_type: bool = Form(False, description="keep only the reference's category (predicted for an upload)"),
+        same_type: bool = Form(
+            False, description="keep only the reference's category (an upload's: the MLLM's or predicted)"
+        ),
         similar: bool = Form(False, description="more like this: the reference image alone, no text"),
     ) -> dict[str, Any]:
         upload = image if image is not None and (image.filename or image.size) else None

@@ -187,7 +187,7 @@ class SearchService:
         try:
             with self.uploads.slot() if request.image else contextlib.nullcontext():
                 reference = self._decode_upload(raw) if request.image else None
-                record, problem = self._describe_upload(raw) if reference is not None else (None, None)
+                record, problem = self._describe_upload(raw, reference) if reference is not None else (None, None)
                 result = request.run(self.model, current, reference, parsed, self.policy, upload_record=record)
         except Busy:
             raise ServiceError(
@@ -197,6 +197,11 @@ class SearchService:
                 retry_after=1,
             ) from None
         took = round((time.perf_counter() - start) * 1000, 2)
+        if problem:  # the MLLM gave no record: say what described the photo instead
+            fallback = (
+                "the attribute heads described it" if result.prompt_source == "predicted" else "it has no description"
+            )
+            problem = f"{problem}; {fallback}"
         requested = requested_changes(result.query_text and request.text)
         reference_values = attribute_values(result.reference_attributes)
         results = []
@@ -228,11 +233,11 @@ class SearchService:
             "results": results,
         }
 
-    def _describe_upload(self, raw: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    def _describe_upload(self, raw: bytes, photo: Image.Image) -> tuple[dict[str, Any] | None, str | None]:
         """The MLLM's record of an uploaded reference (when one describes uploads under this policy)."""
         if self.describer is None or self.policy.source != "catalog":
             return None, None
-        return self.describer.describe(raw)
+        return self.describer.describe(raw, photo)
 
     def _checked_upload(self, raw: bytes | None) -> bytes:
         limit = self.limits.max_upload_bytes
