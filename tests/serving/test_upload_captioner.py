@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -208,3 +210,32 @@ def test_an_mllm_that_raises_or_stays_silent_is_left_alone_for_a_while(caplog):
     assert describer.describe(b"second", photo) == (RED_TSHIRT, None)
     assert describer.describe(b"second", photo) == (RED_TSHIRT, None)
     assert len(captioner.shown) == 2  # the record is kept by content
+
+
+class _Held(_Recording):
+    """Answers only once ``release`` is set."""
+
+    def __init__(self):
+        super().__init__()
+        self.release = threading.Event()
+
+    def answer(self, requests):
+        assert self.release.wait(timeout=120), "never released"
+        return super().answer(requests)
+
+
+def test_searches_of_one_new_photo_wait_for_one_answer():
+    captioner, photo, answers = _Held(), Image.new("RGB", (64, 64)), []
+    describer = UploadDescriber(captioner)
+    searches = [threading.Thread(target=lambda: answers.append(describer.describe(b"same", photo))) for _ in range(3)]
+    for search in searches:
+        search.start()
+    deadline = time.monotonic() + 120
+    while describer.waiting < 2:  # one search asks, two wait for its answer
+        assert time.monotonic() < deadline, "the other searches never waited"
+        time.sleep(0.01)
+    captioner.release.set()
+    for search in searches:
+        search.join(timeout=120)
+    assert answers == [(RED_TSHIRT, None)] * 3
+    assert len(captioner.shown) == 1 and describer.waiting == 0

@@ -4,7 +4,8 @@ instead of one the attribute heads predict (which costs 11 R@10 on change-only c
 "Round 9: what each attribute of an upload is worth").
 
 A search must not wait on a failing MLLM: a photo is asked once (its record, or that its answers
-did not fit the attribute format, is kept by content); when the MLLM gives no answer at all it is
+did not fit the attribute format, is kept by content; searches of a photo being asked about wait
+for that answer instead of asking again); when the MLLM gives no answer at all it is
 left alone for ``pause_s`` and searches fall back at once; the MLLM sees the decoded photo, at most
 ``max_side`` pixels on its long side, not the raw upload."""
 
@@ -54,7 +55,9 @@ class UploadDescriber:
         self.captioner, self.max_attempts, self.cache_size = captioner, max_attempts, cache_size
         self.pause_s, self.max_side, self.clock = pause_s, max_side, clock
         self._outcomes: OrderedDict[str, dict[str, Any] | str] = OrderedDict()  # record, or INVALID
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()  # guards the outcomes; says when an asked photo has one
+        self._asking_now: set[str] = set()
+        self.waiting = 0  # searches waiting for another's outcome about their photo
         self._asking = threading.Lock() if not captioner.thread_safe else None  # one model, one caller
         self._silent_until = float("-inf")
 
@@ -64,24 +67,38 @@ class UploadDescriber:
 
     def describe(self, raw: bytes, photo: Image.Image) -> tuple[dict[str, Any] | None, str | None]:
         key = hashlib.sha1(raw).hexdigest()
-        with self._lock:
+        with self._changed:
+            while key in self._asking_now:  # another search asks about this photo: wait for its outcome
+                self.waiting += 1
+                self._changed.wait()
+                self.waiting -= 1
             outcome = self._outcomes.get(key)
             if outcome is not None:
                 self._outcomes.move_to_end(key)
             elif self.clock() < self._silent_until:
                 outcome = NO_ANSWER
+            else:
+                self._asking_now.add(key)
         if outcome is None:
-            outcome = self._ask(key, photo)
-            with self._lock:
-                if outcome == NO_ANSWER:
-                    self._silent_until = self.clock() + self.pause_s
-                else:
-                    self._outcomes[key] = outcome
-                    while len(self._outcomes) > self.cache_size:
-                        self._outcomes.popitem(last=False)
+            outcome = NO_ANSWER
+            try:
+                outcome = self._ask(key, photo)
+            finally:
+                self._settle(key, outcome)
         if isinstance(outcome, str):
             return None, f"the MLLM ({self.model_id}) {outcome}"
         return outcome, None
+
+    def _settle(self, key: str, outcome: dict[str, Any] | str) -> None:
+        with self._changed:
+            self._asking_now.discard(key)
+            if outcome == NO_ANSWER:
+                self._silent_until = self.clock() + self.pause_s
+            else:
+                self._outcomes[key] = outcome
+                while len(self._outcomes) > self.cache_size:
+                    self._outcomes.popitem(last=False)
+            self._changed.notify_all()
 
     def _ask(self, key: str, photo: Image.Image) -> dict[str, Any] | str:
         try:
