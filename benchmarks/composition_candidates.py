@@ -203,7 +203,7 @@ def upload_losses(args) -> None:
             }
             shares = " ".join(f"{a} {100 * w:3.0f}" for a, w in wrong.items()) if chosen else "-"
             print(f"  {group:5s} {len(chosen):4d} queries, % with the attribute predicted wrong: {shares}", flush=True)
-    catalog_values(runner, model)
+    catalog_values(runner, model, prepared)  # prepared: the predicted references' sets
     mirrored_heads(runner, model)
 
 
@@ -224,20 +224,19 @@ def with_catalog_values(names: Sequence[str], records: Mapping[str, Mapping]):
     return resolved
 
 
-def catalog_values(runner: Runner, model: CIRModel) -> None:
+def protocol_ranks(prepared: Mapping[str, PreparedSet]) -> dict[tuple[str, str], np.ndarray]:
+    return {(name, protocol): p.ranks(protocol) for name, p in prepared.items() for protocol in ("split", "catalog")}
+
+
+def catalog_values(runner: Runner, model: CIRModel, predicted_sets: Mapping[str, PreparedSet]) -> None:
     """R@10 of predicted references with one attribute (then all) read right, paired with predicted."""
-
-    def ranks() -> dict[tuple[str, str], np.ndarray]:
-        prepared = runner.evaluator_.prepare(model, EvalOptions(progress=False, describe="predicted"))
-        return {
-            (name, protocol): p.ranks(protocol) for name, p in prepared.items() for protocol in ("split", "catalog")
-        }
-
-    predicted = ranks()
+    predicted = protocol_ranks(predicted_sets)
     print("predicted references with the catalog's value of ... (R@10, minus predicted):")
     for names in [[a] for a in ATTRIBUTES] + [list(ATTRIBUTES)]:
         with mock.patch.object(evaluate, "resolve_references", with_catalog_values(names, runner.catalog_.attributes)):
-            read_right = ranks()
+            read_right = protocol_ranks(
+                runner.evaluator_.prepare(model, EvalOptions(progress=False, describe="predicted"))
+            )
         cells = []
         for (name, protocol), found in read_right.items():
             d = paired_difference(found, predicted[name, protocol], 10)

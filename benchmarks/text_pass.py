@@ -30,23 +30,14 @@ from fashion_cir.captioning import load_precomputed
 from fashion_cir.data.captions import join_captions_val
 from fashion_cir.models.cir import CIRModel
 from fashion_cir.models.matcher import PooledEncoder
-from fashion_cir.models.onnx_engine import int8_graph
+from fashion_cir.models.onnx_engine import export_graph, int8_graph
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "clothing-dataset"
 
 
-def export(encoder: torch.nn.Module, example: dict, path: Path) -> Path:
-    torch.onnx.export(
-        PooledEncoder(encoder),
-        tuple(example.values()),
-        str(path),
-        input_names=list(example),
-        output_names=["output"],
-        dynamic_axes={"input_ids": {0: "b", 1: "t"}, "attention_mask": {0: "b", 1: "t"}, "output": {0: "n"}},
-        opset_version=17,
-        dynamo=False,
-    )
-    return path
+def export(encoder: torch.nn.Module, example: dict, folder: Path, name: str) -> Path:
+    """The graph the service exports (:func:`export_graph` of the pooled encoder), into ``folder``."""
+    return export_graph(PooledEncoder(encoder), name, example, {"input_ids": [0, 1], "attention_mask": [0, 1]}, folder)
 
 
 def fused(encoder: torch.nn.Module, example: dict, folder: Path) -> Path:
@@ -56,7 +47,7 @@ def fused(encoder: torch.nn.Module, example: dict, folder: Path) -> Path:
     attention = encoder.config._attn_implementation
     encoder.config._attn_implementation = "eager"
     try:
-        raw = export(encoder, example, folder / "eager.onnx")
+        raw = export(encoder, example, folder, "eager")
     finally:
         encoder.config._attn_implementation = attention
     config = encoder.config
@@ -119,7 +110,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         example = matcher.tokenize(["a red dress", "same but shorter and in navy"])
-        today = export(encoder, example, folder / "today.onnx")
+        today = export(encoder, example, folder, "today")
         graphs = {
             "today (float32, 2 threads, sleeping)": (today, 2, False),
             "threads spinning": (today, 2, True),

@@ -52,6 +52,32 @@ def onnx_engine(
     same features (BENCHMARKS.md, "int8 query encoder")."""
     import onnxruntime as ort
 
+    path = export_graph(module, name, example, varying, folder)
+    if int8:
+        path = int8_graph(path)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def run(**inputs: torch.Tensor) -> torch.Tensor:
+        feed = {key: value.detach().cpu().contiguous().numpy() for key, value in inputs.items()}
+        return torch.from_numpy(session.run(None, feed)[0])
+
+    return run
+
+
+def export_graph(
+    module: nn.Module,
+    name: str,
+    example: Mapping[str, torch.Tensor],
+    varying: Mapping[str, Sequence[int]],
+    folder: Path | None = None,
+) -> Path:
+    """``module``'s ONNX graph (see :func:`onnx_engine` for the arguments), exported once into
+    ``folder`` (default: :func:`onnx_cache_dir`) as ``NAME.onnx`` and reused; ``module``'s modes stay."""
     folder = folder or onnx_cache_dir()
     path = folder / f"{name}.onnx"
     if not path.is_file():
@@ -81,20 +107,7 @@ def onnx_engine(
             tmp.unlink(missing_ok=True)
             for part, training in modes.items():
                 part.training = training
-    if int8:
-        path = int8_graph(path)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    if not spin:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    def run(**inputs: torch.Tensor) -> torch.Tensor:
-        feed = {key: value.detach().cpu().contiguous().numpy() for key, value in inputs.items()}
-        return torch.from_numpy(session.run(None, feed)[0])
-
-    return run
+    return path
 
 
 def int8_graph(path: Path) -> Path:

@@ -213,7 +213,7 @@ class SearchRequest(BaseModel):
         else:
             image_features = None
         reference = resolve_references(
-            model, policy, [item_id], image_features, index.metadata, uploads=[upload_record if self.image else None]
+            model, policy, [item_id], image_features, index.metadata, uploads=[upload_record]
         )[0]
         attributes = reference.attributes or dict(index.metadata.get(item_id, {}) if item_id is not None else {})
         described = _stored_description(index, row, reference) if row is not None else None
