@@ -27,7 +27,7 @@ from torch import nn
 
 from ..io import atomic_write_bytes, text_sha1
 from .batching import Coalescer
-from .onnx_engine import onnx_engine, onnxruntime_available
+from .onnx_engine import export_graph, onnx_engine, onnxruntime_available
 from .sentence_encoder import HFEncoder, load_encoder, mean_pool
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,8 @@ class DescriptionMatcher(nn.Module):
             if key not in built:
                 name = f"text-{self.spec.split(':')[0]}-{state_sha1(encoder.state_dict())[:16]}"
                 try:
-                    run = onnx_engine(PooledEncoder(encoder), name, example, varying, spin=False, int8=key[1])
+                    graph = export_graph(PooledEncoder(encoder), name, example, varying)
+                    run = onnx_engine(graph, spin=False, int8=key[1])
                 except OSError as exc:  # no room or no right to write the graph: PyTorch still answers
                     log.warning("the description matcher stays on PyTorch: cannot export its ONNX graph (%s)", exc)
                     return False

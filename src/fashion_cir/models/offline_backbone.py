@@ -32,7 +32,7 @@ from torch import nn
 from ..errors import ModelError, one_line
 from ..io import read_json
 from .backbone import Backbone, blocks_option
-from .onnx_engine import onnx_engine, onnxruntime_available
+from .onnx_engine import export_graph, onnx_engine, onnxruntime_available
 from .sentence_encoder import load_encoder, mean_pool
 
 IMAGE_TOWERS = {"lite0": 224, "lite1": 240, "lite2": 260}  # name -> input size
@@ -221,7 +221,7 @@ class OfflineBackbone(Backbone):
         if self.device.type != "cpu" or not onnxruntime_available():
             return self.encode_image_trunk
         example = {"pixels": torch.zeros(2, 3, self.image_size, self.image_size)}
-        cnn = onnx_engine(_CNNTrunk(self), f"trunk-{self.trunk_fingerprint()}", example, {"pixels": [0]})
+        cnn = onnx_engine(export_graph(_CNNTrunk(self), f"trunk-{self.trunk_fingerprint()}", example, {"pixels": [0]}))
         return lambda pixels: self.with_colour(cnn(pixels=pixels.float()), pixels)
 
     def image_head(self, trunk_features: torch.Tensor) -> torch.Tensor:

@@ -33,28 +33,16 @@ def onnxruntime_available() -> bool:
     return True
 
 
-def onnx_engine(
-    module: nn.Module,
-    name: str,
-    example: Mapping[str, torch.Tensor],
-    varying: Mapping[str, Sequence[int]],
-    folder: Path | None = None,
-    spin: bool = True,
-    int8: bool = False,
-) -> Callable[..., torch.Tensor]:
-    """``module(**inputs) -> one tensor`` run by ONNX Runtime with as many threads as torch uses;
-    ``name`` names the exported graph (kind and weights' fingerprint), ``example`` gives the inputs
-    (in ``module``'s argument order), ``varying`` each input's axes whose size may change (the
-    output's first axis always may). The engine takes the same keyword tensors. ``spin=False``: its
-    threads sleep between runs instead of spinning (a server doing other work between short runs).
-    ``int8``: the graph's matrix products with int8 weights (dynamic quantization, one scale per
-    output channel; :func:`int8_graph`): about 1.5x faster for a search's texts here, not the
+def onnx_engine(graph: Path, spin: bool = True, int8: bool = False) -> Callable[..., torch.Tensor]:
+    """The exported ``graph`` (:func:`export_graph`) run by ONNX Runtime with as many threads as
+    torch uses: it takes the module's keyword tensors and returns its one tensor. ``spin=False``:
+    its threads sleep between runs instead of spinning (a server doing other work between short
+    runs). ``int8``: the graph's matrix products with int8 weights (dynamic quantization, one scale
+    per output channel; :func:`int8_graph`): about 1.5x faster for a search's texts here, not the
     same features (BENCHMARKS.md, "int8 query encoder")."""
     import onnxruntime as ort
 
-    path = export_graph(module, name, example, varying, folder)
-    if int8:
-        path = int8_graph(path)
+    path = int8_graph(graph) if int8 else graph
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
@@ -76,8 +64,10 @@ def export_graph(
     varying: Mapping[str, Sequence[int]],
     folder: Path | None = None,
 ) -> Path:
-    """``module``'s ONNX graph (see :func:`onnx_engine` for the arguments), exported once into
-    ``folder`` (default: :func:`onnx_cache_dir`) as ``NAME.onnx`` and reused; ``module``'s modes stay."""
+    """``module``'s ONNX graph, exported once into ``folder`` (default: :func:`onnx_cache_dir`) as
+    ``NAME.onnx`` and reused; ``module``'s modes stay. ``name`` names the graph (kind and weights'
+    fingerprint), ``example`` gives the inputs (in ``module``'s argument order), ``varying`` each
+    input's axes whose size may change (the output's first axis always may)."""
     folder = folder or onnx_cache_dir()
     path = folder / f"{name}.onnx"
     if not path.is_file():
